@@ -1,0 +1,251 @@
+"""Frozen dataclass configs. Hugging Face `config.json` fields are mapped here, once."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any
+
+import jax.numpy as jnp
+
+SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+
+DTYPES = {
+    "float32": jnp.float32,
+    "bfloat16": jnp.bfloat16,
+    "float16": jnp.float16,
+}
+
+
+def dtype_from_name(name: str):
+    if name not in DTYPES:
+        raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
+    return DTYPES[name]
+
+
+@dataclasses.dataclass(frozen=True)
+class Llama3RopeScaling:
+    """`rope_scaling` / `rope_parameters` of rope_type "llama3" (Llama 3.1+)."""
+
+    factor: float
+    low_freq_factor: float
+    high_freq_factor: float
+    original_max_position_embeddings: int
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    model_type: str
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    rms_norm_eps: float
+    rope_theta: float
+    max_position_embeddings: int
+    tie_word_embeddings: bool = False
+    qkv_bias: bool = False  # qwen2 always; llama/qwen3 when attention_bias
+    o_bias: bool = False  # llama/qwen3 when attention_bias
+    qk_norm: bool = False  # qwen3: RMSNorm over head_dim on q and k before RoPE
+    rope_scaling: Llama3RopeScaling | None = None
+    eos_token_ids: tuple[int, ...] = ()
+    pad_token_id: int = 0
+    dtype: str = "float32"  # parameter dtype as stored in the checkpoint
+
+    def __post_init__(self):
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_attention_heads ({self.num_heads}) must be a multiple of "
+                f"num_key_value_heads ({self.num_kv_heads})"
+            )
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        dtype_from_name(self.dtype)
+
+    @property
+    def param_dtype(self):
+        return dtype_from_name(self.dtype)
+
+    def replace(self, **changes) -> ModelConfig:
+        return dataclasses.replace(self, **changes)
+
+    @classmethod
+    def from_hf_dict(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
+        """Map a Hugging Face config.json (transformers 4.x or 5.x field names) to a ModelConfig.
+
+        Anything this decoder does not implement raises ValueError naming the field.
+        """
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"unsupported model_type {model_type!r} in config.json; supported: {SUPPORTED_MODEL_TYPES}"
+            )
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is implemented")
+        if hf.get("use_sliding_window"):
+            raise ValueError("unsupported option use_sliding_window=true: only full attention is implemented")
+        layer_types = hf.get("layer_types") or []
+        if any(t != "full_attention" for t in layer_types):
+            raise ValueError(f"unsupported layer_types {sorted(set(layer_types))}: only full_attention")
+        if hf.get("mlp_bias"):
+            raise ValueError("unsupported option mlp_bias=true")
+        if hf.get("pretraining_tp", 1) not in (1, None):
+            pass  # only affects training-time slicing in HF; the math is the same
+
+        # transformers 5 nests rope settings in rope_parameters; 4.x has rope_theta + rope_scaling.
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy_scaling = hf.get("rope_scaling") or {}
+        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
+        rope_type = rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type")
+        scaling_src = rope if rope.get("rope_type") not in (None, "default") else legacy_scaling
+        rope_scaling = None
+        if rope_type in (None, "default"):
+            pass
+        elif rope_type == "llama3":
+            try:
+                rope_scaling = Llama3RopeScaling(
+                    factor=float(scaling_src["factor"]),
+                    low_freq_factor=float(scaling_src["low_freq_factor"]),
+                    high_freq_factor=float(scaling_src["high_freq_factor"]),
+                    original_max_position_embeddings=int(scaling_src["original_max_position_embeddings"]),
+                )
+            except KeyError as e:
+                raise ValueError(f"llama3 rope scaling is missing field {e.args[0]!r}") from None
+        else:
+            raise ValueError(f"unsupported rope scaling type {rope_type!r}: only default and 'llama3'")
+        if hf.get("partial_rotary_factor", 1.0) != 1.0:
+            raise ValueError("unsupported option partial_rotary_factor != 1")
+
+        num_heads = int(hf["num_attention_heads"])
+        hidden = int(hf["hidden_size"])
+        head_dim = hf.get("head_dim") or hidden // num_heads
+        attention_bias = bool(hf.get("attention_bias", False))
+        eos = _as_id_tuple(hf.get("eos_token_id"))
+        if generation_config:
+            eos = tuple(dict.fromkeys(eos + _as_id_tuple(generation_config.get("eos_token_id"))))
+        pad = hf.get("pad_token_id")
+        if pad is None and generation_config:
+            pad = generation_config.get("pad_token_id")
+        if pad is None:
+            pad = eos[0] if eos else 0
+        dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        if dtype not in DTYPES:
+            raise ValueError(f"unsupported checkpoint dtype {dtype!r}; expected one of {sorted(DTYPES)}")
+        return cls(
+            model_type=model_type,
+            vocab_size=int(hf["vocab_size"]),
+            hidden_size=hidden,
+            intermediate_size=int(hf["intermediate_size"]),
+            num_layers=int(hf["num_hidden_layers"]),
+            num_heads=num_heads,
+            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
+            head_dim=int(head_dim),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=float(rope_theta),
+            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            qkv_bias=model_type == "qwen2" or attention_bias,
+            o_bias=model_type != "qwen2" and attention_bias,
+            qk_norm=model_type == "qwen3",
+            rope_scaling=rope_scaling,
+            eos_token_ids=eos,
+            pad_token_id=int(pad),
+            dtype=dtype,
+        )
+
+    @classmethod
+    def from_pretrained_dir(cls, path: str) -> ModelConfig:
+        """Read config.json (and generation_config.json when present) from a directory."""
+        cfg_path = os.path.join(path, "config.json")
+        if not os.path.isfile(cfg_path):
+            raise ValueError(f"no config.json in {path!r}")
+        with open(cfg_path) as f:
+            hf = json.load(f)
+        gen = None
+        gen_path = os.path.join(path, "generation_config.json")
+        if os.path.isfile(gen_path):
+            with open(gen_path) as f:
+                gen = json.load(f)
+        return cls.from_hf_dict(hf, gen)
+
+
+def _as_id_tuple(value) -> tuple[int, ...]:
+    if value is None:
+        return ()
+    if isinstance(value, int):
+        return (value,)
+    return tuple(int(v) for v in value)
+
+
+POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random")
+
+
+@dataclasses.dataclass(frozen=True)
+class CompressionConfig:
+    """How the KV buffer is kept.
+
+    policy: "full" (no eviction; capacity = prompt + new tokens), "longflow" (LONGFLOW.md), or a
+      baseline: "streaming" (StreamingLLM, Xiao et al. 2023: attention sinks + recent window),
+      "h2o" (Zhang et al. 2023: accumulated attention + recent window), "tova" (Oren et al. 2024:
+      the current query's attention alone), "random" (a uniformly random victim: the floor).
+    budget: slots per layer per sequence (C). Ignored for "full".
+    granularity: "sequence" (one evict slot per sequence per layer, the paper's) or "kv_head".
+    snapkv_window / snapkv_pool: SnapKV prefill compression when a prompt exceeds budget - 1.
+    num_sinks: first positions "streaming" never evicts.
+    recent_window: newest positions "h2o" never evicts (None: budget // 2, as in the H2O paper).
+    """
+
+    policy: str = "longflow"
+    budget: int = 2048
+    granularity: str = "sequence"
+    snapkv_window: int = 32
+    snapkv_pool: int = 5
+    num_sinks: int = 4
+    recent_window: int | None = None
+
+    def __post_init__(self):
+        if self.policy not in POLICIES:
+            raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
+        if self.granularity not in ("sequence", "kv_head"):
+            raise ValueError(f"granularity must be 'sequence' or 'kv_head', got {self.granularity!r}")
+        if self.policy != "full" and self.budget < 2:
+            raise ValueError(f"budget must be >= 2 slots (one for the new token), got {self.budget}")
+        if self.snapkv_window < 1 or self.snapkv_pool < 1 or self.snapkv_pool % 2 == 0:
+            raise ValueError(
+                f"snapkv_window must be >= 1 and snapkv_pool odd >= 1, got "
+                f"{self.snapkv_window}, {self.snapkv_pool}"
+            )
+        if self.num_sinks < 0:
+            raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
+        if self.recent_window is not None and not 0 <= self.recent_window < self.budget:
+            raise ValueError(f"recent_window must be in [0, budget), got {self.recent_window}")
+
+    @property
+    def h2o_recent(self) -> int:
+        return self.budget // 2 if self.recent_window is None else self.recent_window
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingConfig:
+    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+
+    temperature: float = 0.0
+    top_k: int = 0
+    top_p: float = 1.0
+
+    def __post_init__(self):
+        if self.temperature < 0:
+            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")

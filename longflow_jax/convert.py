@@ -1,0 +1,298 @@
+"""Hugging Face safetensors checkpoint -> orbax-checkpoint directory, and the loader back.
+
+Layout of a converted directory:
+  config.json, generation_config.json, tokenizer files   copied from the HF directory
+  params/                                                 orbax checkpoint of the params pytree
+  longflow_checkpoint.json                                written last: marks the conversion complete
+The directory is assembled under a temporary name and renamed into place at the end, so a failed or
+interrupted conversion never leaves something that looks complete.
+
+Memory: tensors are read one at a time from memory-mapped safetensors files and converted straight into
+the output params (one copy of the model in the target dtype, plus one tensor in flight).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import struct
+import sys
+
+import jax
+import ml_dtypes
+import numpy as np
+
+from .config import DTYPES, ModelConfig
+from .model import param_shapes
+
+MARKER = "longflow_checkpoint.json"
+FORMAT_VERSION = 1
+TOKENIZER_FILES = (
+    "generation_config.json",
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "tokenizer.model",
+    "chat_template.jinja",
+    "chat_template.json",
+)
+_SAFETENSORS_DTYPES = {
+    "F64": np.float64,
+    "F32": np.float32,
+    "F16": np.float16,
+    "BF16": ml_dtypes.bfloat16,
+}
+_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+# Buffers some older exports carry that are not weights (recomputed from the config here).
+_IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
+
+_LAYER_NAMES = {
+    "input_layernorm.weight": ("input_norm", False),
+    "self_attn.q_proj.weight": ("wq", True),
+    "self_attn.k_proj.weight": ("wk", True),
+    "self_attn.v_proj.weight": ("wv", True),
+    "self_attn.o_proj.weight": ("wo", True),
+    "self_attn.q_proj.bias": ("bq", False),
+    "self_attn.k_proj.bias": ("bk", False),
+    "self_attn.v_proj.bias": ("bv", False),
+    "self_attn.o_proj.bias": ("bo", False),
+    "self_attn.q_norm.weight": ("q_norm", False),
+    "self_attn.k_norm.weight": ("k_norm", False),
+    "post_attention_layernorm.weight": ("post_norm", False),
+    "mlp.gate_proj.weight": ("w_gate", True),
+    "mlp.up_proj.weight": ("w_up", True),
+    "mlp.down_proj.weight": ("w_down", True),
+}
+_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that does not match its config (missing, unexpected or mis-shaped tensors)."""
+
+
+def hf_name_to_param(name: str, config: ModelConfig):
+    """HF tensor name -> (path tuple into params, transpose?), or None for an unknown tensor."""
+    if name == "model.embed_tokens.weight":
+        return ("embed",), False
+    if name == "model.norm.weight":
+        return ("final_norm",), False
+    if name == "lm_head.weight":
+        return ("lm_head",), True
+    m = _LAYER_RE.match(name)
+    if m and m.group(2) in _LAYER_NAMES:
+        layer = int(m.group(1))
+        if layer >= config.num_layers:
+            return None
+        key, transpose = _LAYER_NAMES[m.group(2)]
+        return ("layers", layer, key), transpose
+    return None
+
+
+def _get(tree, path):
+    for p in path:
+        tree = tree[p]
+    return tree
+
+
+def _set(tree, path, value):
+    for p in path[:-1]:
+        tree = tree[p]
+    tree[path[-1]] = value
+
+
+def iter_safetensors(path: str):
+    """Yield (name, array view) from one .safetensors file, memory-mapped (no full read)."""
+    with open(path, "rb") as f:
+        (header_len,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(header_len))
+    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+    for name, meta in header.items():
+        if name == "__metadata__":
+            continue
+        if meta["dtype"] not in _SAFETENSORS_DTYPES:
+            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {meta['dtype']}")
+        start, end = meta["data_offsets"]
+        arr = data[start:end].view(_SAFETENSORS_DTYPES[meta["dtype"]]).reshape(meta["shape"])
+        yield name, arr
+
+
+def safetensors_files(hf_dir: str) -> list[str]:
+    index = os.path.join(hf_dir, "model.safetensors.index.json")
+    if os.path.isfile(index):
+        with open(index) as f:
+            weight_map = json.load(f)["weight_map"]
+        files = sorted(set(weight_map.values()))
+        missing = [fn for fn in files if not os.path.isfile(os.path.join(hf_dir, fn))]
+        if missing:
+            raise CheckpointError(f"shards listed in {index} are missing: {missing}")
+        return [os.path.join(hf_dir, fn) for fn in files]
+    single = os.path.join(hf_dir, "model.safetensors")
+    if os.path.isfile(single):
+        return [single]
+    found = sorted(fn for fn in os.listdir(hf_dir) if fn.endswith(".safetensors"))
+    if not found:
+        raise CheckpointError(f"no *.safetensors files in {hf_dir!r} (only safetensors checkpoints are supported)")
+    return [os.path.join(hf_dir, fn) for fn in found]
+
+
+def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
+    """Stream every tensor of the HF checkpoint into a params pytree of numpy arrays in `dtype`."""
+    np_dtype = _NUMPY_DTYPES[dtype]
+    expected = param_shapes(config)
+    params = {
+        "embed": None,
+        "layers": [dict.fromkeys(layer) for layer in expected["layers"]],
+        "final_norm": None,
+        **({"lm_head": None} if "lm_head" in expected else {}),
+    }
+    seen = set()
+    for path in safetensors_files(hf_dir):
+        for name, arr in iter_safetensors(path):
+            if _IGNORED.match(name):
+                continue
+            mapped = hf_name_to_param(name, config)
+            if mapped is None:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r} in {os.path.basename(path)}: it has no place in a "
+                    f"{config.model_type} model with this config"
+                )
+            target, transpose = mapped
+            if target == ("lm_head",) and config.tie_word_embeddings:
+                continue  # tied: the embedding serves as the head; some exports still save a copy
+            try:
+                want = _get(expected, target)
+            except KeyError:
+                raise CheckpointError(
+                    f"unexpected tensor {name!r}: config has no such parameter "
+                    f"(e.g. a bias with attention_bias=false)"
+                ) from None
+            shape = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
+            if shape != want.shape:
+                hf_shape = want.shape[::-1] if transpose else want.shape
+                raise CheckpointError(
+                    f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(hf_shape)} from config.json"
+                )
+            if name in seen:
+                raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
+            seen.add(name)
+            value = np.ascontiguousarray(arr.T if transpose else arr).astype(np_dtype)
+            _set(params, target, value)
+    missing = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]:
+        if leaf is None:
+            missing.append(_hf_name_for(path))
+    if missing:
+        raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
+    return params
+
+
+def _hf_name_for(path) -> str:
+    keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
+    if keys[0] == "layers":
+        inverse = {v[0]: k for k, v in _LAYER_NAMES.items()}
+        return f"model.layers.{keys[1]}.{inverse[keys[2]]}"
+    return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}[
+        keys[0]
+    ]
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
+    """Convert a HF checkpoint directory; returns the config of the written checkpoint."""
+    import orbax.checkpoint as ocp
+
+    hf_dir = os.path.abspath(hf_dir)
+    out_dir = os.path.abspath(out_dir)
+    if not os.path.isdir(hf_dir):
+        raise ValueError(f"HF checkpoint directory {hf_dir!r} does not exist")
+    if os.path.exists(out_dir) and not overwrite:
+        raise ValueError(f"output {out_dir!r} already exists (pass overwrite=True / --overwrite)")
+    config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
+    with open(os.path.join(hf_dir, "config.json")) as f:
+        hf_config = json.load(f)
+    if dtype == "auto":
+        dtype = config.dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
+    config = config.replace(dtype=dtype)
+
+    params = read_params(hf_dir, config, dtype)
+
+    staging = f"{out_dir}.partial-{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    try:
+        checkpointer = ocp.StandardCheckpointer()
+        checkpointer.save(os.path.join(staging, "params"), params)
+        checkpointer.wait_until_finished()
+        del params
+        hf_config = dict(hf_config, dtype=dtype)
+        hf_config.pop("torch_dtype", None)
+        with open(os.path.join(staging, "config.json"), "w") as f:
+            json.dump(hf_config, f, indent=2)
+        for name in TOKENIZER_FILES:
+            src = os.path.join(hf_dir, name)
+            if os.path.isfile(src):
+                shutil.copy2(src, os.path.join(staging, name))
+        with open(os.path.join(staging, MARKER), "w") as f:
+            json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": hf_dir}, f)
+        if os.path.exists(out_dir):
+            shutil.rmtree(out_dir)
+        os.rename(staging, out_dir)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return config
+
+
+def load(ckpt_dir: str, dtype: str | None = None):
+    """Load a converted checkpoint: returns (ModelConfig, params pytree of jax arrays).
+
+    dtype: cast the params on load (e.g. "bfloat16"); default keeps the converted dtype.
+    """
+    import orbax.checkpoint as ocp
+
+    ckpt_dir = os.path.abspath(ckpt_dir)
+    if not os.path.isfile(os.path.join(ckpt_dir, MARKER)):
+        raise ValueError(
+            f"{ckpt_dir!r} is not a complete longflow-jax checkpoint (no {MARKER}); "
+            f"convert a Hugging Face directory with `longflow-convert HF_DIR OUT_DIR`"
+        )
+    config = ModelConfig.from_pretrained_dir(ckpt_dir)
+    target = param_shapes(config)
+    params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)
+    if dtype is not None and dtype != config.dtype:
+        cast = DTYPES[dtype] if dtype in DTYPES else None
+        if cast is None:
+            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        params = jax.tree_util.tree_map(lambda x: x.astype(cast), params)
+        config = config.replace(dtype=dtype)
+    return config, params
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="longflow-convert",
+        description="Convert a Hugging Face Llama/Qwen2/Qwen3 safetensors checkpoint to a longflow-jax "
+        "(orbax) checkpoint.",
+    )
+    parser.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
+    parser.add_argument("--overwrite", action="store_true")
+    args = parser.parse_args(argv)
+    try:
+        config = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
+    except ValueError as e:
+        print(f"longflow-convert: error: {e}", file=sys.stderr)
+        return 2
+    print(
+        f"converted {config.model_type} ({config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.dtype}) -> {args.out_dir}"
+    )
+    return 0
