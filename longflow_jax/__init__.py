@@ -1,1 +1,26 @@
 """longflow-jax: decode-time KV cache compression (LongFlow) for reasoning models in JAX."""
+
+from .config import CompressionConfig, ModelConfig, SamplingConfig
+from .convert import CheckpointError, convert, load
+from .generate import GenerationOutput, decode_step, generate, prefill
+from .kv_cache import KVCache, LayerCache
+from .model import init_random_params, param_shapes
+from .reference import longflow_decode_attention_reference
+
+__all__ = [
+    "CheckpointError",
+    "CompressionConfig",
+    "GenerationOutput",
+    "KVCache",
+    "LayerCache",
+    "ModelConfig",
+    "SamplingConfig",
+    "convert",
+    "decode_step",
+    "generate",
+    "init_random_params",
+    "load",
+    "longflow_decode_attention_reference",
+    "param_shapes",
+    "prefill",
+]

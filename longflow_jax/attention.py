@@ -1,0 +1,66 @@
+"""Decode attention: dispatch between the jnp reference and the fused kernels, then the policy.
+
+attention_impl:
+  "reference"  plain jnp (longflow_jax/reference.py) + policies.py; supports every policy.
+  "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
+  "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, through jax-triton).
+The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
+(scoring switched off); the baselines need the probabilities and run on the reference path.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from .config import CompressionConfig
+from .kv_cache import LayerCache, kv_valid
+from .policies import select_evict_slot
+from .reference import decode_attention_probs
+
+ATTENTION_IMPLS = ("reference", "pallas", "triton")
+KERNEL_POLICIES = ("full", "longflow")
+
+
+def check_attention_impl(attention_impl: str, compression: CompressionConfig) -> None:
+    if attention_impl not in ATTENTION_IMPLS:
+        raise ValueError(f"attention_impl must be one of {ATTENTION_IMPLS}, got {attention_impl!r}")
+    if attention_impl != "reference" and compression.policy not in KERNEL_POLICIES:
+        raise ValueError(
+            f"attention_impl={attention_impl!r} fuses only the policies {KERNEL_POLICIES}; "
+            f"policy {compression.policy!r} needs attention_impl='reference'"
+        )
+
+
+def _kernel(attention_impl: str):
+    if attention_impl == "pallas":
+        from pallas_kernels import longflow_decode_attention
+
+        return longflow_decode_attention
+    from cuda_triton_bridge import longflow_decode_attention_triton
+
+    return longflow_decode_attention_triton
+
+
+def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionConfig, attention_impl, key):
+    """q [B, Hq, D] of the token already written into `layer`; returns (out [B, Hq, D], new layer).
+
+    The new layer carries the slot the next token will overwrite (and the policy's score state).
+    """
+    valid = kv_valid(layer)
+    policy = compression.policy
+    granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
+    if attention_impl != "reference":
+        out, evict = _kernel(attention_impl)(
+            q, layer.k, layer.v, valid, scale=scale, granularity=granularity,
+            compute_evict=policy == "longflow",
+        )
+        if policy == "full":
+            return out, layer.replace(evict_slot=layer.evict_slot + 1)
+        return out, layer.replace(evict_slot=evict.reshape(layer.evict_slot.shape))
+    out, probs = decode_attention_probs(q, layer.k, layer.v, valid, scale)
+    out = out.astype(q.dtype)
+    if policy == "full":
+        # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
+        return out, layer.replace(evict_slot=layer.evict_slot + 1)
+    evict, score = select_evict_slot(probs, layer, valid, pos, compression, key)
+    return out, layer.replace(evict_slot=evict, score=score)

@@ -1,0 +1,202 @@
+"""Batched prefill, then a decode loop (`lax.while_loop`) inside one jit, over the slot buffer.
+
+Prompts are right-padded [B, P] with per-row lengths, so a token's position is its index. Generation
+stops per row at an EOS id (its later tokens are pad) and the loop ends when every row has stopped or
+`max_new_tokens` were produced. Everything whose shape matters (batch, P, max_new_tokens, the configs)
+is static: one compile per shape, and the loop body (the decode step) is traced once per compile.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import check_attention_impl, decode_attention
+from .config import CompressionConfig, ModelConfig, SamplingConfig
+from .kv_cache import KVCache, evicted_positions, layer_from_kept, occupancy, write_token
+from .model import attention_scale, forward, logits_from_hidden, mlp, project_out, project_qkv, rms_norm
+from .reference import num_score_groups
+from .sampling import sample_next
+from .snapkv import prefill_keep_positions
+
+FULL = CompressionConfig(policy="full")
+
+
+@flax.struct.dataclass
+class GenerationOutput:
+    tokens: jax.Array  # [B, max_new_tokens] int32; pad_token_id after a row stops
+    lengths: jax.Array  # [B] int32: tokens generated per row, its EOS included
+    cache_occupancy: jax.Array  # [B] int32: filled slots per row at the end (layer 0)
+    # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that
+    # token t's write overwrote in each layer (-1: the slot was empty; row 0 is the prefill: all -1).
+    evicted_positions: jax.Array | None = None
+
+
+def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tokens: int) -> int:
+    """Slots per layer per sequence: the budget, or room for the whole generation under "full"."""
+    if compression.policy == "full":
+        return prompt_len + max_new_tokens
+    return compression.budget
+
+
+def prefill(params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int):
+    """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32)."""
+    groups = num_score_groups(config.num_kv_heads, compression.granularity)
+
+    def build_layer(_, q, k, v):
+        kept = prefill_keep_positions(
+            q, k, prompt_lengths, capacity, compression.snapkv_window, compression.snapkv_pool, groups
+        )
+        return layer_from_kept(k, v, kept, capacity)
+
+    hidden, layers = forward(params, config, prompt_ids, layer_hook=build_layer)
+    last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
+    return KVCache(layers=layers), logits_from_hidden(params, config, last)
+
+
+def decode_step(params, config: ModelConfig, cache: KVCache, tokens, positions, key, *,
+                compression: CompressionConfig, attention_impl: str = "reference"):
+    """One token per row: tokens [B] at true positions [B].
+
+    Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]).
+    """
+    x = params["embed"][tokens]  # [B, Dm]
+    scale = attention_scale(config)
+    new_layers, evicted = [], []
+    for i, (layer, lc) in enumerate(zip(params["layers"], cache.layers)):
+        h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+        q, k, v = project_qkv(layer, config, h[:, None], positions[:, None])
+        evicted.append(evicted_positions(lc))
+        lc = write_token(lc, k[:, 0], v[:, 0], positions)
+        attn, lc = decode_attention(
+            q[:, 0], lc, positions, scale, compression, attention_impl, jax.random.fold_in(key, i)
+        )
+        x = x + project_out(layer, config, attn)
+        x = x + mlp(layer, rms_norm(x, layer["post_norm"], config.rms_norm_eps))
+        new_layers.append(lc)
+    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    return logits_from_hidden(params, config, x), KVCache(layers=new_layers), jnp.stack(evicted)
+
+
+def _is_concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)
+
+
+def check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling,
+                          attention_impl):
+    """Every user-facing check, before anything is traced. Values are checked when they are concrete."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
+    if not isinstance(compression, CompressionConfig):
+        raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
+    if not isinstance(sampling, SamplingConfig):
+        raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
+    check_attention_impl(attention_impl, compression)
+    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+        raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if jnp.ndim(prompt_ids) != 2:
+        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {jnp.shape(prompt_ids)}")
+    ids_dtype = jnp.result_type(prompt_ids if hasattr(prompt_ids, "dtype") else np.asarray(prompt_ids))
+    if not jnp.issubdtype(ids_dtype, jnp.integer):
+        raise ValueError(f"prompt_ids must be integer token ids, got dtype {ids_dtype}")
+    batch, prompt_len = jnp.shape(prompt_ids)
+    if jnp.shape(prompt_lengths) != (batch,):
+        raise ValueError(f"prompt_lengths must have shape ({batch},), got {jnp.shape(prompt_lengths)}")
+    limit = config.max_position_embeddings
+    if prompt_len > limit:
+        raise ValueError(f"prompt length {prompt_len} exceeds the model's max_position_embeddings {limit}")
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+            f"exceeds the model's max_position_embeddings {limit}"
+        )
+    if compression.policy != "full" and compression.budget > limit:
+        raise ValueError(
+            f"budget {compression.budget} is larger than the model's max length {limit}: "
+            f"use policy='full' (no compression is needed)"
+        )
+    if compression.policy == "streaming" and compression.num_sinks > compression.budget - 2:
+        raise ValueError(
+            f"streaming needs num_sinks <= budget - 2 (room for a recent window), got "
+            f"num_sinks={compression.num_sinks}, budget={compression.budget}"
+        )
+    if _is_concrete(prompt_lengths):
+        lengths = np.asarray(prompt_lengths)
+        bad = np.flatnonzero((lengths < 1) | (lengths > prompt_len))
+        if bad.size:
+            raise ValueError(
+                f"prompt_lengths must be in [1, {prompt_len}]; row {int(bad[0])} has {int(lengths[bad[0]])}"
+                + (" (zero-length prompts cannot be generated from)" if lengths[bad[0]] == 0 else "")
+            )
+    if _is_concrete(prompt_ids):
+        ids = np.asarray(prompt_ids)
+        if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
+            raise ValueError(f"prompt_ids must be in [0, {config.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+
+
+def generate(params, config: ModelConfig, prompt_ids, prompt_lengths, *, max_new_tokens: int,
+             compression: CompressionConfig | None = None, sampling: SamplingConfig | None = None,
+             attention_impl: str = "reference", seed=0, return_debug: bool = False) -> GenerationOutput:
+    """Generate up to max_new_tokens per row from right-padded prompts.
+
+    params/config: from `longflow_jax.load` (or `init_random_params`). prompt_ids [B, P] int,
+    prompt_lengths [B] int in [1, P]. compression: None is the full cache; CompressionConfig(
+    policy="longflow", budget=2048) is LongFlow. seed: an int or a PRNG key (sampling and "random").
+    Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there).
+    """
+    compression = FULL if compression is None else compression
+    sampling = SamplingConfig() if sampling is None else sampling
+    check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling,
+                          attention_impl)
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+    return _generate(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
+                     config=config, max_new_tokens=int(max_new_tokens), compression=compression,
+                     sampling=sampling, attention_impl=attention_impl, return_debug=return_debug)
+
+
+@functools.partial(jax.jit, static_argnames=(
+    "config", "max_new_tokens", "compression", "sampling", "attention_impl", "return_debug"))
+def _generate(params, prompt_ids, prompt_lengths, key, *, config, max_new_tokens, compression, sampling,
+              attention_impl, return_debug):
+    batch, prompt_len = prompt_ids.shape
+    capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
+    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+    pad = jnp.int32(config.pad_token_id)
+
+    cache, logits = prefill(params, config, prompt_ids, prompt_lengths, compression, capacity)
+    first = sample_next(logits, jax.random.fold_in(key, 0), sampling)
+    tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    groups = cache.layers[0].slot_pos.shape[1]
+    debug = (
+        jnp.full((max_new_tokens, config.num_layers, batch, groups), -1, jnp.int32) if return_debug else None
+    )
+    state = (jnp.int32(1), tokens, first, jnp.isin(first, eos), jnp.ones((batch,), jnp.int32), cache, debug)
+
+    def cond(state):
+        step, _, _, done, *_ = state
+        return (step < max_new_tokens) & ~jnp.all(done)
+
+    def body(state):
+        step, tokens, current, done, lengths, cache, debug = state
+        step_key = jax.random.fold_in(key, step)
+        positions = prompt_lengths + step - 1  # the position of `current`, whose KV is written now
+        logits, cache, evicted = decode_step(
+            params, config, cache, current, positions, jax.random.fold_in(step_key, 1),
+            compression=compression, attention_impl=attention_impl,
+        )
+        nxt = jnp.where(done, pad, sample_next(logits, step_key, sampling))
+        tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
+        lengths = lengths + (~done).astype(jnp.int32)
+        done = done | jnp.isin(nxt, eos)
+        if debug is not None:
+            debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
+        return step + 1, tokens, nxt, done, lengths, cache, debug
+
+    _, tokens, _, _, lengths, cache, debug = jax.lax.while_loop(cond, body, state)
+    return GenerationOutput(
+        tokens=tokens, lengths=lengths, cache_occupancy=occupancy(cache.layers[0]), evicted_positions=debug
+    )
