@@ -1,0 +1,621 @@
+"""Fused LongFlow decode kernel: attention + importance + eviction from one pass over K and V.
+
+One program reads the K/V rows of one (sequence, KV head, split) once and serves every query head of
+the GQA group with them. While it runs the online softmax it writes, per slot, the raw scaled logits of
+its query heads and ||v||_1 (a [Hq, C] + [Hkv, C] float32 side output, about 8% of the K/V bytes at
+D=128). A short jnp epilogue inside the same jit merges the split partials (log-sum-exp) and turns the
+logits into probabilities with the final softmax statistics, alpha = exp(logit - m) / l, then
+importance = sum_h alpha * ||v||_1 and the argmin: no second pass over K/V, no atomics, no host sync.
+
+Two kernel bodies share the math (`_softmax_block`) and the epilogue:
+  * "triton" (Pallas' Triton backend, GPU): grid (B, Hkv, splits); each program loops over its slots
+    in `block_c` rows; the query group is padded to 16 rows in registers (tl.dot needs M >= 16);
+    slot tails are masked loads/stores.
+  * "mosaic" (TPU): grid (B, Hkv, splits, blocks) with the block axis sequential and the softmax state in
+    VMEM scratch; 2D dots with the transposed-RHS form; m and l kept lane-replicated ([G, 128]) as
+    the TPU flash kernels do; a ragged last block is masked with iotas (its padding is garbage).
+Both run in interpret mode on CPU for tests.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from longflow_jax.reference import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity
+
+BACKENDS = ("triton", "mosaic")
+_BACKEND_ALIASES = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic"}
+
+# Finite "minus infinity": a split or row with no valid slot then gives m = MASK_VALUE, l = 0, out = 0
+# instead of NaN (exp(-inf - -inf)), matching the reference's all-invalid row.
+MASK_VALUE = -1e30
+_LANES = 128  # TPU lane width: m and l are stored lane-replicated.
+_MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
+
+# GPU defaults, chosen by scripts/bench_kernels.py on an H100 (docs/KERNEL_NOTES_pallas.md).
+TRITON_BLOCK_C = 64
+TRITON_NUM_WARPS = 4
+TRITON_NUM_STAGES = 3
+TRITON_PROGRAMS_PER_CORE = 4  # split-K until B * Hkv * splits reaches this many programs per SM
+TRITON_MIN_SLOTS_PER_SPLIT = 256
+MOSAIC_BLOCK_C = 512
+
+
+def _is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def _next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def resolve_backend(backend: str | None) -> str:
+    """"triton" or "mosaic"; None picks from the default device (CPU runs the Triton body interpreted)."""
+    if backend is None:
+        return "mosaic" if jax.default_backend() == "tpu" else "triton"
+    backend = _BACKEND_ALIASES.get(backend, backend)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS} (or gpu/tpu), got {backend!r}")
+    return backend
+
+
+def _core_count() -> int:
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
+    except RuntimeError:
+        return 132
+
+
+def _default_block_c(backend: str, num_slots: int) -> int:
+    if backend == "triton":
+        return max(_MIN_DOT, min(TRITON_BLOCK_C, _next_pow2(num_slots)))
+    return num_slots if num_slots <= MOSAIC_BLOCK_C else MOSAIC_BLOCK_C
+
+
+def _check_block_c(backend: str, block_c, num_slots: int) -> None:
+    if not isinstance(block_c, int) or block_c <= 0:
+        raise ValueError(f"block_c must be a positive int, got {block_c!r}")
+    if backend == "triton" and not (_is_pow2(block_c) and block_c >= _MIN_DOT):
+        raise ValueError(
+            f"block_c={block_c}: the Triton backend needs a power of two >= {_MIN_DOT} "
+            f"(the slot count C={num_slots} need not be a multiple of it; the tail is masked)"
+        )
+    if backend == "mosaic" and block_c % _LANES and block_c != num_slots:
+        raise ValueError(
+            f"block_c={block_c}: the Mosaic (TPU) backend needs a multiple of {_LANES} or exactly "
+            f"C={num_slots} (TPU blocks tile by (8, 128))"
+        )
+
+
+def _default_num_splits(backend: str, batch: int, num_kv_heads: int, num_blocks: int, block_c: int) -> int:
+    """Flash-decoding split-K: give long buffers at small batch enough programs to fill the chip.
+
+    Only splits that divide the block count are used, so no program owns a block past the end.
+    """
+    if backend == "mosaic":
+        target = 2  # a parallel grid of >= 2 keeps both TensorCores of a megacore chip busy
+    else:
+        target = TRITON_PROGRAMS_PER_CORE * _core_count()
+    min_blocks = max(1, TRITON_MIN_SLOTS_PER_SPLIT // block_c)
+    splits = 1
+    while (
+        batch * num_kv_heads * splits < target
+        and num_blocks % (2 * splits) == 0
+        and num_blocks // (2 * splits) >= min_blocks
+    ):
+        splits *= 2
+    return splits
+
+
+def _softmax_block(s, valid, m_prev, l_prev, acc_prev, v, pv_dot):
+    """One online-softmax step over a block of slots (shared by both kernel bodies).
+
+    s [G, N] scaled logits (already MASK_VALUE where invalid), valid [1|G, N] bool, m/l [G, 1]-broadcastable
+    running max and sum, acc [G, D]. Returns (m_new, l_new, acc_new) with shapes of the inputs.
+    """
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    # Invalid slots are zeroed explicitly: with m_new still MASK_VALUE (nothing valid yet) exp(0) = 1.
+    p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
+    correction = jnp.exp(m_prev - m_new)
+    l_new = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    acc_new = correction * acc_prev + pv_dot(p.astype(v.dtype), v)
+    return m_new, l_new, acc_new
+
+
+def _dot_precision(dtype):
+    # f32 inputs: full-precision products (Triton would use tf32, TPU bf16 passes); the evict argmin is
+    # compared for exact equality with the f32 reference.
+    return lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+
+# --------------------------------------------------------------------------------------------------
+# Triton (GPU) body
+# --------------------------------------------------------------------------------------------------
+
+
+def _triton_kernel(
+    q_ref,  # [Hq, D]          this sequence's queries
+    k_ref,  # [C, D]           this (sequence, KV head)'s keys
+    v_ref,  # [C, D]
+    valid_ref,  # [C] bool
+    *out_refs,
+    scale: float,
+    block_c: int,
+    blocks_per_split: int,
+    group: int,
+    group_pad: int,
+    num_slots: int,
+    compute_evict: bool,
+    finalize: bool,
+    precision,
+):
+    if compute_evict:
+        o_ref, m_ref, l_ref, logit_ref, vn_ref = out_refs
+    elif finalize:
+        (o_ref,) = out_refs
+        m_ref = l_ref = None
+    else:
+        o_ref, m_ref, l_ref = out_refs
+    kv_head, split = pl.program_id(1), pl.program_id(2)
+    head_dim = q_ref.shape[-1]
+    # The GQA group's rows, padded to a tl.dot-sized tile; padded rows load zeros and are never stored.
+    rows = pl.ds(kv_head * group, group_pad)
+    row_ok = (jnp.arange(group_pad) < group)[:, None]
+    q = _gpu_load(q_ref.at[rows, :], mask=row_ok, other=0.0)
+    ragged = num_slots % block_c != 0
+    first_slot = split * (blocks_per_split * block_c)
+
+    def dot_t(a, b):  # a @ b.T, f32 accumulation
+        return _gpu_dot(a, b, trans_b=True, precision=precision)
+
+    def pv_dot(p, v):
+        return _gpu_dot(p, v, precision=precision)
+
+    def body(j, carry):
+        m, l, acc = carry
+        start = first_slot + j * block_c
+        slots = pl.ds(start, block_c)
+        in_range = (start + jnp.arange(block_c)) < num_slots if ragged else None
+        row_mask = in_range[:, None] if ragged else None
+        k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
+        v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
+        valid = _gpu_load(valid_ref.at[slots], mask=in_range, other=False)[None, :]
+        s = dot_t(q, k) * scale
+        s = jnp.where(valid, s, MASK_VALUE)
+        m, l, acc = _softmax_block(s, valid, m, l, acc, v, pv_dot)
+        if compute_evict:
+            out_mask = row_ok if not ragged else row_ok & in_range[None, :]
+            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
+
+            vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
+            _gpu_store(vn_ref.at[slots], vnorm, mask=in_range)
+
+        return m, l, acc
+
+    m0 = jnp.full((group_pad, 1), MASK_VALUE, jnp.float32)
+    l0 = jnp.zeros((group_pad, 1), jnp.float32)
+    acc0 = jnp.zeros((group_pad, head_dim), jnp.float32)
+    m, l, acc = lax.fori_loop(0, blocks_per_split, body, (m0, l0, acc0))
+    if finalize:
+        out = acc / jnp.where(l > 0.0, l, 1.0)
+        _gpu_store(o_ref.at[rows, :], out.astype(o_ref.dtype), mask=row_ok)
+    else:
+        _gpu_store(o_ref.at[rows, :], acc, mask=row_ok)
+    if m_ref is not None:
+        _gpu_store(m_ref.at[rows], m[:, 0], mask=row_ok[:, 0])
+        _gpu_store(l_ref.at[rows], l[:, 0], mask=row_ok[:, 0])
+
+
+def _gpu_load(ref, *, mask=None, other=None):
+    from jax.experimental.pallas import triton as plgpu
+
+    if mask is None:
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=other)
+
+
+def _gpu_store(ref, val, *, mask=None):
+    from jax.experimental.pallas import triton as plgpu
+
+    if mask is None:
+        return plgpu.store(ref, val)
+    return plgpu.store(ref, val, mask=mask)
+
+
+def _gpu_dot(a, b, *, trans_b=False, precision=None):
+    dims = (((1,), (1 if trans_b else 0,)), ((), ()))
+    prec = None if precision is None else (precision, precision)
+    return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
+
+
+def _triton_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret, num_warps,
+                 num_stages):
+    batch, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, num_slots, _ = k.shape
+    group = num_q_heads // num_kv_heads
+    group_pad = max(_MIN_DOT, _next_pow2(group))
+    num_blocks = pl.cdiv(num_slots, block_c)
+    blocks_per_split = num_blocks // num_splits
+    finalize = num_splits == 1
+    f32 = jnp.float32
+
+    per_seq_q = pl.BlockSpec((None, num_q_heads, head_dim), lambda b, h, s: (b, 0, 0))
+    in_specs = [
+        per_seq_q,
+        pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, num_slots), lambda b, h, s: (b, 0)),
+    ]
+    if finalize:
+        out_shape = [jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)]
+        out_specs = [per_seq_q]
+    else:
+        out_shape = [jax.ShapeDtypeStruct((num_splits, batch, num_q_heads, head_dim), f32)]
+        out_specs = [pl.BlockSpec((None, None, num_q_heads, head_dim), lambda b, h, s: (s, b, 0, 0))]
+    if compute_evict or not finalize:
+        stat_spec = pl.BlockSpec((None, None, num_q_heads), lambda b, h, s: (s, b, 0))
+        out_shape += [jax.ShapeDtypeStruct((num_splits, batch, num_q_heads), f32)] * 2
+        out_specs += [stat_spec, stat_spec]
+    if compute_evict:
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, num_q_heads, num_slots), f32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, num_slots), f32),
+        ]
+        out_specs += [
+            pl.BlockSpec((None, num_q_heads, num_slots), lambda b, h, s: (b, 0, 0)),
+            pl.BlockSpec((None, None, num_slots), lambda b, h, s: (b, h, 0)),
+        ]
+
+    kernel = functools.partial(
+        _triton_kernel,
+        scale=scale,
+        block_c=block_c,
+        blocks_per_split=blocks_per_split,
+        group=group,
+        group_pad=group_pad,
+        num_slots=num_slots,
+        compute_evict=compute_evict,
+        finalize=finalize,
+        precision=_dot_precision(q.dtype),
+    )
+    from jax.experimental.pallas import triton as plgpu
+
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_splits),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
+        interpret=interpret,
+        name="longflow_decode_triton",
+    )(q, k, v, kv_valid)
+    out = outs[0]
+    stats = logits = vnorm = None
+    if compute_evict or not finalize:
+        stats = (outs[1], outs[2])
+    if compute_evict:
+        logits, vnorm = outs[3], outs[4]
+    return out, stats, logits, vnorm
+
+
+# --------------------------------------------------------------------------------------------------
+# Mosaic (TPU) body
+# --------------------------------------------------------------------------------------------------
+
+_TRANS_B = (((1,), (1,)), ((), ()))
+
+
+def _lane_fit(x, width: int):
+    """A lane-replicated [G, 128] value as [G, width]."""
+    if width == _LANES:
+        return x
+    if width % _LANES == 0:
+        return jnp.tile(x, (1, width // _LANES))
+    if width < _LANES:
+        return x[:, :width]
+    return jnp.broadcast_to(x[:, :1], (x.shape[0], width))
+
+
+def _mosaic_kernel(
+    q_ref,  # [G, D]
+    k_ref,  # [block_c, D]
+    v_ref,  # [block_c, D]
+    valid_ref,  # [1, block_c] int32
+    *refs,
+    scale: float,
+    block_c: int,
+    blocks_per_split: int,
+    num_slots: int,
+    compute_evict: bool,
+    precision,
+):
+    if compute_evict:
+        o_ref, m_ref, l_ref, logit_ref, vn_ref, m_sc, l_sc, acc_sc = refs
+    else:
+        o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc = refs
+    split, j = pl.program_id(2), pl.program_id(3)
+    head_dim = q_ref.shape[-1]
+
+    @pl.when(j == 0)
+    def _init():
+        m_sc[...] = jnp.full(m_sc.shape, MASK_VALUE, jnp.float32)
+        l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
+        acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
+
+    q = q_ref[...]
+    k = k_ref[...]
+    v = v_ref[...]
+    valid = valid_ref[...] != 0
+    if num_slots % block_c:
+        # The last block runs past C; Pallas pads it with whatever was in VMEM (possibly NaN), so mask
+        # the logits by slot index and zero the value rows.
+        start = (split * blocks_per_split + j) * block_c
+        lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
+        valid = valid & (lane_slot < num_slots)
+        row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, head_dim), 0)
+        v = jnp.where(row_slot < num_slots, v, jnp.zeros_like(v))
+
+    s = lax.dot_general(q, k, _TRANS_B, precision=precision, preferred_element_type=jnp.float32)
+    s = jnp.where(valid, s * scale, MASK_VALUE)
+    m_prev = m_sc[...]  # [G, 128], lane-replicated
+    l_prev = l_sc[...]
+    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+    p = jnp.where(valid, jnp.exp(s - _lane_fit(m_new, block_c)), 0.0)
+    correction = jnp.exp(m_prev - m_new)
+    l_sc[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
+    m_sc[...] = m_new
+    pv = lax.dot_general(
+        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+        preferred_element_type=jnp.float32,
+    )
+    acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
+
+    if compute_evict:
+        logit_ref[...] = s
+        # ||v||_1 per slot as a lane vector: a ones-row matmul against |v| (transposed RHS) lands it in
+        # the [1, block_c] layout of the output without a sublane->lane relayout.
+        ones = jnp.ones((8, head_dim), v.dtype)
+        vnorm = lax.dot_general(
+            ones, jnp.abs(v), _TRANS_B, precision=precision, preferred_element_type=jnp.float32
+        )
+        vn_ref[...] = vnorm[:1, :]
+
+    @pl.when(j == blocks_per_split - 1)
+    def _finish():
+        o_ref[...] = acc_sc[...]
+        m_ref[...] = m_sc[...]
+        l_ref[...] = l_sc[...]
+
+
+def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret):
+    from jax.experimental.pallas import tpu as pltpu
+
+    batch, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, num_slots, _ = k.shape
+    group = num_q_heads // num_kv_heads
+    num_blocks = pl.cdiv(num_slots, block_c)
+    bps = num_blocks // num_splits
+    f32 = jnp.float32
+    qg = q.reshape(batch, num_kv_heads, group, head_dim)
+    valid_i32 = kv_valid.astype(jnp.int32).reshape(batch, 1, num_slots)
+
+    kv_spec = pl.BlockSpec((None, None, block_c, head_dim), lambda b, h, s, j: (b, h, s * bps + j, 0))
+    in_specs = [
+        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, j: (b, h, 0, 0)),
+        kv_spec,
+        kv_spec,
+        pl.BlockSpec((None, 1, block_c), lambda b, h, s, j: (b, 0, s * bps + j)),
+    ]
+    stat_spec = pl.BlockSpec((None, None, None, group, _LANES), lambda b, h, s, j: (b, h, s, 0, 0))
+    out_shape = [
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, head_dim), f32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
+    ]
+    out_specs = [
+        pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s, j: (b, h, s, 0, 0)),
+        stat_spec,
+        stat_spec,
+    ]
+    if compute_evict:
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, num_kv_heads, group, num_slots), f32),
+            jax.ShapeDtypeStruct((batch, num_kv_heads, 1, num_slots), f32),
+        ]
+        out_specs += [
+            pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
+            pl.BlockSpec((None, None, 1, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
+        ]
+    params_cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    kernel = functools.partial(
+        _mosaic_kernel,
+        scale=scale,
+        block_c=block_c,
+        blocks_per_split=bps,
+        num_slots=num_slots,
+        compute_evict=compute_evict,
+        precision=_dot_precision(q.dtype),
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, num_kv_heads, num_splits, bps),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        scratch_shapes=[
+            pltpu.VMEM((group, _LANES), f32),
+            pltpu.VMEM((group, _LANES), f32),
+            pltpu.VMEM((group, head_dim), f32),
+        ],
+        compiler_params=params_cls(
+            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
+        ),
+        interpret=interpret,
+        name="longflow_decode_mosaic",
+    )(qg, k, v, valid_i32)
+    # To the Triton body's layouts: partials [S, B, Hq, D], stats [S, B, Hq], logits [B, Hq, C].
+    o_part = outs[0].transpose(2, 0, 1, 3, 4).reshape(num_splits, batch, num_q_heads, head_dim)
+
+    def stat(x):
+        return x[..., 0].transpose(2, 0, 1, 3).reshape(num_splits, batch, num_q_heads)
+
+    stats = (stat(outs[1]), stat(outs[2]))
+    logits = vnorm = None
+    if compute_evict:
+        logits = outs[3].reshape(batch, num_q_heads, num_slots)
+        vnorm = outs[4].reshape(batch, num_kv_heads, num_slots)
+    return o_part, stats, logits, vnorm
+
+
+# --------------------------------------------------------------------------------------------------
+# Epilogue (jnp, fused by XLA into the caller's jit)
+# --------------------------------------------------------------------------------------------------
+
+
+def _merge_splits(o_part, m_part, l_part):
+    """Log-sum-exp merge of split partials: [S, B, Hq, D], [S, B, Hq] -> (out f32, m, l)."""
+    m = jnp.max(m_part, axis=0)
+    weight = jnp.exp(m_part - m)
+    l = jnp.sum(l_part * weight, axis=0)
+    out = jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(l > 0.0, l, 1.0)[..., None]
+    return out, m, l
+
+
+def _evict_from_logits(logits, m, l, vnorm, kv_valid, granularity):
+    """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32."""
+    batch, num_q_heads, num_slots = logits.shape
+    num_kv_heads = vnorm.shape[1]
+    mask = kv_valid[:, None, :]
+    probs = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
+    probs = probs / jnp.where(l > 0.0, l, 1.0)[..., None]
+    contrib = probs.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, num_slots)
+    importance = jnp.sum(contrib * vnorm[:, :, None, :], axis=2)
+    if granularity == "sequence":
+        importance = jnp.sum(importance, axis=1, keepdims=True)
+    importance = jnp.where(mask, importance, EMPTY_SLOT_SCORE)
+    return jnp.argmin(importance, axis=-1).astype(jnp.int32)
+
+
+# --------------------------------------------------------------------------------------------------
+# Entry point
+# --------------------------------------------------------------------------------------------------
+
+
+@functools.partial(
+    jax.jit,
+    static_argnames=(
+        "scale",
+        "granularity",
+        "compute_evict",
+        "block_c",
+        "num_splits",
+        "backend",
+        "interpret",
+        "num_warps",
+        "num_stages",
+    ),
+)
+def longflow_decode_attention(
+    q,
+    k_cache,
+    v_cache,
+    kv_valid,
+    *,
+    scale,
+    granularity="sequence",
+    compute_evict=True,
+    block_c=None,
+    num_splits=None,
+    backend=None,
+    interpret=None,
+    num_warps=None,
+    num_stages=None,
+):
+    """Decode attention + LongFlow importance + evict slot in one pass over the KV buffer.
+
+    Args:
+      q: [B, Hq, D] current token's queries (post-RoPE), float32/bfloat16/float16.
+      k_cache, v_cache: [B, Hkv, C, D] slot buffers (post-RoPE keys); Hq a multiple of Hkv, query head h
+        reads KV head h // (Hq // Hkv).
+      kv_valid: [B, C] bool, filled slots.
+      scale: softmax scale (a Python float; static).
+      granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
+        "kv_head" (one slot per KV head, summed over its query-head group).
+      compute_evict: False skips all scoring work and returns evict_slot filled with -1.
+      block_c: slots per block. Triton: power of two >= 16 (default 64). Mosaic: multiple of 128 or C
+        (default min(512, C)). C need not be a multiple of it: the tail is masked.
+      num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
+        Default: enough to give the GPU about 4 programs per SM (TPU: 1, or 2 for B * Hkv == 1).
+      backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
+      interpret: run the kernel in Pallas interpret mode; None means True on CPU.
+      num_warps, num_stages: Triton launch parameters (GPU only).
+
+    Returns:
+      out [B, Hq, D] in q's dtype (float32 accumulation inside), and evict_slot int32 [B] ("sequence")
+      or [B, Hkv] ("kv_head"): argmin of the importance, invalid slots scoring EMPTY_SLOT_SCORE (-1),
+      ties to the lowest slot, exactly as `longflow_decode_attention_reference`.
+
+    Raises:
+      ValueError: shapes/dtypes off the contract, unknown granularity/backend, bad block_c/num_splits.
+    """
+    check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    check_granularity(granularity)
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python float, got {scale!r}")
+    scale = float(scale)
+    backend = resolve_backend(backend)
+    if interpret is None:
+        interpret = jax.default_backend() == "cpu"
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads, num_slots = k_cache.shape[1], k_cache.shape[2]
+    if k_cache.dtype != v_cache.dtype:
+        raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
+    if q.dtype != k_cache.dtype:
+        raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
+    if backend == "triton" and not (_is_pow2(head_dim) and head_dim >= _MIN_DOT):
+        raise ValueError(f"head dim D={head_dim}: the Triton backend needs a power of two >= {_MIN_DOT}")
+    if block_c is None:
+        block_c = _default_block_c(backend, num_slots)
+    _check_block_c(backend, block_c, num_slots)
+    num_blocks = pl.cdiv(num_slots, block_c)
+    if num_splits is None:
+        num_splits = _default_num_splits(backend, batch, num_kv_heads, num_blocks, block_c)
+    if not isinstance(num_splits, int) or num_splits <= 0 or num_blocks % num_splits:
+        raise ValueError(
+            f"num_splits={num_splits!r} must be a positive divisor of the block count "
+            f"cdiv(C={num_slots}, block_c={block_c}) = {num_blocks}"
+        )
+
+    if backend == "triton":
+        out, stats, logits, vnorm = _triton_call(
+            q, k_cache, v_cache, kv_valid, scale=scale, block_c=block_c, num_splits=num_splits,
+            compute_evict=compute_evict, interpret=interpret,
+            num_warps=num_warps or TRITON_NUM_WARPS, num_stages=num_stages or TRITON_NUM_STAGES,
+        )
+        if num_splits == 1:
+            m, l = (None, None) if stats is None else (stats[0][0], stats[1][0])
+        else:
+            out, m, l = _merge_splits(out, *stats)
+    else:
+        o_part, stats, logits, vnorm = _mosaic_call(
+            q, k_cache, v_cache, kv_valid, scale=scale, block_c=block_c, num_splits=num_splits,
+            compute_evict=compute_evict, interpret=interpret,
+        )
+        out, m, l = _merge_splits(o_part, *stats)
+    out = out.astype(q.dtype)
+
+    num_groups = 1 if granularity == "sequence" else num_kv_heads
+    if compute_evict:
+        evict = _evict_from_logits(logits, m, l, vnorm, kv_valid, granularity)
+    else:
+        evict = jnp.full((batch, num_groups), -1, jnp.int32)
+    if granularity == "sequence":
+        evict = evict[:, 0]
+    return out, evict
