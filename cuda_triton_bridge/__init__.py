@@ -1,0 +1,98 @@
+"""Fused LongFlow decode kernel (attention + importance + eviction) in native Triton, called from JAX.
+
+Importing this package needs neither triton nor jax-triton: they are imported when the kernel is first
+called. `triton_available()` says whether it can run here.
+"""
+
+from __future__ import annotations
+
+import functools
+
+from cuda_triton_bridge.config import LaunchConfig, resolve_config
+
+__all__ = ["LaunchConfig", "longflow_decode_attention_triton", "resolve_config", "triton_available"]
+
+
+@functools.cache
+def triton_available() -> bool:
+    """True when triton and jax_triton import and JAX's default backend is a CUDA GPU."""
+    try:
+        import jax
+        import jax_triton  # noqa: F401
+        import triton  # noqa: F401
+    except Exception:  # ImportError, or a jax-triton built against another jaxlib
+        return False
+    try:
+        return len(jax.devices("cuda")) > 0
+    except RuntimeError:  # no CUDA backend
+        return False
+
+
+def longflow_decode_attention_triton(
+    q,
+    k_cache,
+    v_cache,
+    kv_valid,
+    *,
+    scale,
+    granularity="sequence",
+    compute_evict=True,
+    block_c=None,
+    num_splits=None,
+    num_warps=None,
+    num_stages=None,
+    final_reduce="atomic",
+):
+    """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
+
+    Args:
+      q: [B, Hq, D] post-RoPE queries; float32, bfloat16 or float16 (the same dtype as the cache).
+      k_cache, v_cache: [B, Hkv, C, D] post-RoPE keys and values; query head h reads KV head
+        h // (Hq // Hkv). D must be a power of two in [16, 256]; any C >= 1.
+      kv_valid: [B, C] bool, the filled slots.
+      scale: the softmax scale (a Python float; it is baked into the launch).
+      granularity: "sequence" (one evict slot per sequence, importance summed over all query heads) or
+        "kv_head" (one per KV head, summed over its query-head group).
+      compute_evict: False skips all importance work and returns evict_slot filled with -1.
+      block_c: slots per loop iteration (power of two in [16, 512]); None: tuned default.
+      num_splits: split-K programs per (sequence, KV head) in [1, ceil(C / block_c)]; rounded to whole
+        blocks per split. None: enough to fill the GPU.
+      num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
+      final_reduce: "atomic" (the last combine program of a sequence reduces the chunk minima, one
+        launch) or "xla" (a jnp argmin over the chunk minima; a fallback and a cross-check).
+
+    Returns:
+      (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
+      `longflow_jax.reference.longflow_decode_attention_reference` up to float rounding. Invalid slots
+      score -1 and ties go to the lowest slot, as there.
+
+    Raises:
+      ValueError: shapes, dtypes, scale or a launch parameter outside the contract (checked before any
+        triton import).
+    """
+    from cuda_triton_bridge.config import check_triton_inputs
+
+    shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
+    resolve_config(shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    try:
+        from cuda_triton_bridge import decode  # triton + jax_triton from here on
+    except ImportError as e:
+        raise ImportError(
+            "longflow_decode_attention_triton needs triton>=3.6 and jax-triton>=0.3.1 "
+            "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
+        ) from e
+
+    return decode.longflow_decode_attention_triton(
+        q,
+        k_cache,
+        v_cache,
+        kv_valid,
+        scale=scale,
+        granularity=granularity,
+        compute_evict=compute_evict,
+        block_c=block_c,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        final_reduce=final_reduce,
+    )

@@ -1,0 +1,173 @@
+"""Launch configuration and input checks for the Triton decode kernel (no triton import here).
+
+Everything in this module runs on any machine, so a bad block size or shape raises the same ValueError
+with or without a GPU, and CPU tests can check it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from longflow_jax.reference import check_decode_inputs, check_granularity, num_score_groups
+
+MIN_DOT = 16  # tl.dot needs every dimension >= 16: query rows are padded up to this.
+MAX_BLOCK_C = 512
+MAX_SPLITS = 256
+HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; one register row per query head.
+
+# Defaults tuned on an H100 80GB HBM3 (docs/KERNEL_NOTES_triton.md). The split count aims at
+# PROGRAMS_PER_SM programs per SM, but never below MIN_SLOTS_PER_SPLIT slots per program.
+BLOCK_C = 64
+NUM_WARPS = 4
+NUM_STAGES = 3
+# float32 (tests, not speed): fp32 tiles are twice as wide; these keep the kernel free of spills.
+F32_BLOCK_C = 32
+F32_NUM_WARPS = 8
+F32_NUM_STAGES = 2
+PROGRAMS_PER_SM = 4
+MIN_SLOTS_PER_SPLIT = 128
+# The epilogue kernel: slots per importance program, and its warps.
+COMBINE_CHUNK = 256
+COMBINE_NUM_WARPS = 4
+DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
+
+
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class DecodeShape:
+    batch: int
+    num_q_heads: int
+    num_kv_heads: int
+    num_slots: int
+    head_dim: int
+    itemsize: int = 2
+
+    @property
+    def group(self) -> int:
+        return self.num_q_heads // self.num_kv_heads
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchConfig:
+    """Resolved launch parameters; `num_splits` is the effective count (whole blocks per split)."""
+
+    block_c: int
+    num_splits: int
+    blocks_per_split: int
+    num_warps: int
+    num_stages: int
+    query_rows: int  # the GQA group padded to a tl.dot-able power of two
+    combine_chunk: int
+    combine_num_warps: int
+
+
+def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{name} must be an int in [{lo}, {hi}], got {value!r}")
+
+
+def check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) -> DecodeShape:
+    """The reference's shape/dtype contract plus what the kernel itself needs."""
+    check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    check_granularity(granularity)
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise ValueError(
+            f"q, k_cache, v_cache must share one dtype (tl.dot takes equal operand types), got "
+            f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
+        )
+    batch, num_q_heads, head_dim = q.shape
+    _, num_kv_heads, num_slots, _ = k_cache.shape
+    if head_dim not in HEAD_DIMS:
+        raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    if min(batch, num_q_heads, num_slots) < 1:
+        raise ValueError(f"empty input: q {q.shape}, k_cache {k_cache.shape}")
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+        raise ValueError(f"scale must be a finite Python float (a static softmax scale), got {scale!r}")
+    if batch > 65535 or num_kv_heads > 65535:
+        raise ValueError(f"batch ({batch}) and num_kv_heads ({num_kv_heads}) must be <= 65535 (grid limit)")
+    return DecodeShape(batch, num_q_heads, num_kv_heads, num_slots, head_dim, q.dtype.itemsize)
+
+
+def num_sms() -> int:
+    try:
+        import jax
+
+        return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_NUM_SMS)
+    except Exception:  # no backend at all: only the split heuristic uses this
+        return DEFAULT_NUM_SMS
+
+
+def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None) -> int:
+    """Split the slot axis until B * Hkv * splits fills the chip, keeping >= MIN_SLOTS_PER_SPLIT each."""
+    sms = sms or num_sms()
+    num_blocks = cdiv(shape.num_slots, block_c)
+    want = cdiv(PROGRAMS_PER_SM * sms, shape.batch * shape.num_kv_heads)
+    most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
+    return max(1, min(want, most, MAX_SPLITS))
+
+
+def resolve_config(
+    shape: DecodeShape,
+    *,
+    block_c=None,
+    num_splits=None,
+    num_warps=None,
+    num_stages=None,
+    sms: int | None = None,
+) -> LaunchConfig:
+    """Fill in defaults and check explicit values; raises ValueError naming the bad value."""
+    wide = shape.itemsize > 2
+    if block_c is None:
+        block_c = max(MIN_DOT, min(F32_BLOCK_C if wide else BLOCK_C, next_pow2(shape.num_slots)))
+    _check_positive_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C)
+    if not is_pow2(block_c):
+        raise ValueError(f"block_c must be a power of two in [{MIN_DOT}, {MAX_BLOCK_C}], got {block_c}")
+    num_blocks = cdiv(shape.num_slots, block_c)
+    if num_splits is None:
+        num_splits = default_num_splits(shape, block_c, sms)
+    _check_positive_int("num_splits", num_splits, 1, MAX_SPLITS)
+    if num_splits > num_blocks:
+        raise ValueError(
+            f"num_splits={num_splits} exceeds the {num_blocks} blocks of block_c={block_c} slots in "
+            f"C={shape.num_slots}; expected num_splits <= {num_blocks}"
+        )
+    # Whole blocks per split; a requested count that does not divide the blocks is rounded to the number
+    # of splits actually needed (e.g. 7 blocks in 3 requested splits -> 3 blocks each, 3 splits).
+    blocks_per_split = cdiv(num_blocks, num_splits)
+    num_splits = cdiv(num_blocks, blocks_per_split)
+    if num_warps is None:
+        num_warps = F32_NUM_WARPS if wide else NUM_WARPS
+    _check_positive_int("num_warps", num_warps, 1, 16)
+    if not is_pow2(num_warps):
+        raise ValueError(f"num_warps must be a power of two in [1, 16], got {num_warps}")
+    if num_stages is None:
+        num_stages = F32_NUM_STAGES if wide else NUM_STAGES
+    _check_positive_int("num_stages", num_stages, 1, 8)
+    return LaunchConfig(
+        block_c=block_c,
+        num_splits=num_splits,
+        blocks_per_split=blocks_per_split,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        query_rows=max(MIN_DOT, next_pow2(shape.group)),
+        combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
+        combine_num_warps=COMBINE_NUM_WARPS,
+    )
+
+
+def score_groups(shape: DecodeShape, granularity: str) -> tuple[int, int]:
+    """(number of score groups, query heads per group): (1, Hq) or (Hkv, Hq // Hkv)."""
+    groups = num_score_groups(shape.num_kv_heads, granularity)
+    return groups, shape.num_q_heads // groups

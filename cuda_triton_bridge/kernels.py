@@ -1,0 +1,220 @@
+"""The two Triton kernels of the fused LongFlow decode step (imported only where triton is installed).
+
+`decode_split_kernel`: one program per (split of the slot axis, KV head, sequence). It reads each K/V
+block of its split once and serves all query heads of the GQA group with it (the group is padded to
+`QROWS` >= 16 rows so tl.dot applies; padded rows read zeros and are never stored). Online softmax in
+the log2 domain. For eviction it also stores, per query head and slot, t = logit*log2(e) + log2||v||_1:
+the slot's importance term is then exp2(t - m) / l once the final softmax statistics (m, l) are known,
+so the epilogue needs no second pass over K/V.
+
+`decode_combine_kernel`: one program per (chunk, sequence). Program j < Hq merges head j's split
+partials (log-sum-exp); program j < NUM_CHUNKS scores slot chunk j, takes its argmin per score group,
+and the last program of the sequence to finish (an atomic counter, zeroed by the split kernel) reduces
+the chunk minima to the evict slot: one launch, no host round trip, deterministic (no float atomics).
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr,  # [B, HQ, D]
+    k_ptr,  # [B, HKV, C, D]
+    v_ptr,  # [B, HKV, C, D]
+    valid_ptr,  # [B, C] bool
+    qk_scale,  # softmax scale * log2(e), f32
+    out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
+    acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
+    m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
+    l_ptr,  # [B, HQ, S] f32 softmax denominators
+    t_ptr,  # [B, HQ, C] f32 logit*log2e + log2||v||_1 (when EVICT)
+    counter_ptr,  # [B] i32 zeroed here for the combine kernel (when EVICT)
+    no_evict_ptr,  # [B, NG] i32 filled with -1 (when not EVICT)
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    QROWS: tl.constexpr,
+    NG: tl.constexpr,
+    NG_P: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    EVICT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    G: tl.constexpr = HQ // HKV
+
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < G
+    head = kvh * G + rows  # query heads of this KV head's group
+    bh = (b * HQ + head).to(tl.int64)
+    d = tl.arange(0, D)
+    q = tl.load(q_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+
+    kv_off = (b * HKV + kvh).to(tl.int64) * (C * D)
+    k_head = k_ptr + kv_off
+    v_head = v_ptr + kv_off
+    valid_row = valid_ptr + b.to(tl.int64) * C
+    first = split * (BLOCKS_PER_SPLIT * BLOCK_C)
+
+    m_i = tl.full([QROWS], float("-inf"), tl.float32)
+    l_i = tl.zeros([QROWS], tl.float32)
+    acc = tl.zeros([QROWS, D], tl.float32)
+    for blk in range(BLOCKS_PER_SPLIT):
+        c = first + blk * BLOCK_C + tl.arange(0, BLOCK_C)
+        in_range = c < C
+        kv_idx = c[:, None] * D + d[None, :]
+        k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
+        valid = tl.load(valid_row + c, mask=in_range, other=0) != 0
+
+        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [QROWS, BLOCK_C]
+        s = tl.where(valid[None, :], s, float("-inf"))
+        if EVICT:
+            # log2||v||_1 rides along with the logit: exp2(t - m) / l = alpha * ||v||_1 later.
+            vnorm = tl.sum(tl.abs(v.to(tl.float32)), axis=1)
+            t = s + tl.log2(vnorm)[None, :]
+            tl.store(
+                t_ptr + bh[:, None] * C + c[None, :],
+                t,
+                mask=row_ok[:, None] & in_range[None, :],
+            )
+        m_new = tl.maximum(m_i, tl.max(s, axis=1))
+        # A block (or split) with no valid slot keeps m = -inf; subtracting 0 instead avoids inf - inf.
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
+        l_i = l_i * alpha + tl.sum(p, axis=1)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        m_i = m_new
+
+    if DIRECT_OUT:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
+    if EVICT or not DIRECT_OUT:
+        tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
+        tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+    if (split == 0) & (kvh == 0):
+        if EVICT:
+            tl.store(counter_ptr + b, 0)
+        else:
+            g = tl.arange(0, NG_P)
+            tl.store(no_evict_ptr + b * NG + g, tl.full([NG_P], -1, tl.int32), mask=g < NG)
+
+
+@triton.jit
+def decode_combine_kernel(
+    valid_ptr,  # [B, C] bool
+    acc_ptr,  # [B, HQ, S, D] f32
+    m_ptr,  # [B, HQ, S] f32
+    l_ptr,  # [B, HQ, S] f32
+    t_ptr,  # [B, HQ, C] f32
+    counter_in_ptr,  # [B] i32, aliased to counter_ptr
+    out_ptr,  # [B, HQ, D] q dtype (when COMBINE_OUT)
+    evict_ptr,  # [B, NG] i32 (when EVICT)
+    part_val_ptr,  # [B, NG, NUM_CHUNKS] f32 chunk minima
+    part_idx_ptr,  # [B, NG, NUM_CHUNKS] i32 their slots
+    counter_ptr,  # [B] i32
+    HQ: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S_P: tl.constexpr,
+    NG: tl.constexpr,
+    NG_P: tl.constexpr,
+    HPG: tl.constexpr,
+    HPG_P: tl.constexpr,
+    CHUNK: tl.constexpr,
+    NUM_CHUNKS: tl.constexpr,
+    NCH_P: tl.constexpr,
+    COMBINE_OUT: tl.constexpr,
+    EVICT: tl.constexpr,
+    ATOMIC_FINAL: tl.constexpr,
+):
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    s = tl.arange(0, S_P)
+    s_ok = s < NUM_SPLITS
+
+    if COMBINE_OUT:
+        if j < HQ:
+            oh = (b * HQ + j).to(tl.int64)
+            om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
+            ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0)
+            om_max = tl.max(om, axis=0)
+            ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
+            odenom = tl.sum(ol * ow, axis=0)
+            od = tl.arange(0, D)
+            oacc = tl.load(
+                acc_ptr + (oh * NUM_SPLITS + s[:, None]) * D + od[None, :], mask=s_ok[:, None], other=0.0
+            )
+            o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
+            tl.store(out_ptr + oh * D + od, o.to(out_ptr.dtype.element_ty))
+
+    if EVICT:
+        if j < NUM_CHUNKS:
+            # Final softmax statistics of every query head, as [group, head-in-group].
+            g = tl.arange(0, NG_P)
+            r = tl.arange(0, HPG_P)
+            head_ok = (g[:, None] < NG) & (r[None, :] < HPG)
+            bh = (b * HQ + g[:, None] * HPG + r[None, :]).to(tl.int64)  # [NG_P, HPG_P]
+            stat_idx = bh[:, :, None] * NUM_SPLITS + s[None, None, :]
+            stat_ok = head_ok[:, :, None] & s_ok[None, None, :]
+            m = tl.load(m_ptr + stat_idx, mask=stat_ok, other=float("-inf"))
+            ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0)
+            m_max = tl.max(m, axis=2)
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+            denom = tl.sum(ell * tl.exp2(m - m_use[:, :, None]), axis=2)
+            inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+
+            c = j * CHUNK + tl.arange(0, CHUNK)
+            c_ok = c < C
+            t = tl.load(
+                t_ptr + bh[:, :, None] * C + c[None, None, :],
+                mask=head_ok[:, :, None] & c_ok[None, None, :],
+                other=float("-inf"),
+            )
+            contrib = tl.exp2(t - m_use[:, :, None]) * inv_denom[:, :, None]
+            score = tl.sum(contrib, axis=1)  # [NG_P, CHUNK]
+            valid = tl.load(valid_ptr + b.to(tl.int64) * C + c, mask=c_ok, other=0) != 0
+            score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
+            score = tl.where(c_ok[None, :], score, float("inf"))
+            best, best_at = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            slot = j * CHUNK + best_at
+            g_ok = g < NG
+            if NUM_CHUNKS == 1:
+                tl.store(evict_ptr + b * NG + g, slot, mask=g_ok)
+            else:
+                part = (b * NG + g) * NUM_CHUNKS + j
+                tl.store(part_val_ptr + part, best, mask=g_ok)
+                tl.store(part_idx_ptr + part, slot, mask=g_ok)
+                if ATOMIC_FINAL:
+                    # Every thread's partial store precedes the barrier; the acq_rel atomic then
+                    # publishes them (the pattern of CUDA's grid sync), and the last program sees all.
+                    tl.debug_barrier()
+                    done = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
+                    if done == NUM_CHUNKS - 1:
+                        jj = tl.arange(0, NCH_P)
+                        all_idx = (b * NG + g[:, None]) * NUM_CHUNKS + jj[None, :]
+                        all_ok = g_ok[:, None] & (jj[None, :] < NUM_CHUNKS)
+                        vals = tl.load(
+                            part_val_ptr + all_idx, mask=all_ok, other=float("inf"), cache_modifier=".cg"
+                        )
+                        idxs = tl.load(part_idx_ptr + all_idx, mask=all_ok, other=0, cache_modifier=".cg")
+                        # Chunks are in slot order, so the lowest chunk among equal minima holds the
+                        # lowest slot: ties still go to the lowest index, as jnp.argmin does.
+                        _, best_chunk = tl.min(
+                            vals, axis=1, return_indices=True, return_indices_tie_break_left=True
+                        )
+                        pick = tl.sum(tl.where(jj[None, :] == best_chunk[:, None], idxs, 0), axis=1)
+                        tl.store(evict_ptr + b * NG + g, pick, mask=g_ok)

@@ -1,0 +1,310 @@
+"""The Triton decode kernel (cuda_triton_bridge) against the jnp reference.
+
+CPU: the package imports without triton and rejects bad inputs before touching triton.
+GPU (marked `gpu`, skipped without a CUDA GPU, triton and jax-triton): random inputs, fresh per test
+(a key from the test's parameters; never zeros), against `longflow_jax.reference` computed in float32 on
+the same rounded inputs.
+
+Evict slot: must equal the reference argmin. For float32 exactly. For bf16/fp16 the kernel's importance
+is computed in float32 from the same rounded inputs, so it differs from the reference only by the order
+of the float32 sums (tensor-core vs XLA dot): two slots whose importances agree to ~1e-6 relative can
+swap. There the chosen slot's reference importance must be within IMPORTANCE_RTOL of the minimum.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import cuda_triton_bridge as ctb
+from longflow_jax.reference import (
+    decode_attention_probs,
+    longflow_decode_attention_reference,
+    longflow_importance,
+)
+
+IMPORTANCE_RTOL = 1e-5
+# ||out - ref|| / ||ref||: fp32 runs exact (ieee) dots; 16-bit rounds p for the PV product and the output.
+OUT_RTOL = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3}
+
+needs_triton = pytest.mark.skipif(
+    not ctb.triton_available(), reason="needs triton, jax-triton and a CUDA GPU (triton_available() is False)"
+)
+
+
+def gpu(test):
+    return pytest.mark.gpu(needs_triton(test))
+
+
+def _key(*params):
+    return jax.random.key(zlib.crc32(repr(params).encode()))
+
+
+def make_inputs(key, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dtype, valid="mixed"):
+    """q, k, v ~ N(0, 1) in `dtype`; kv_valid rows cycle through: all valid, ~half valid, 3 valid slots,
+    and only the last slot valid (all-but-one invalid)."""
+    kq, kk, kv, km, kf = jax.random.split(key, 5)
+    q = jax.random.normal(kq, (batch, num_q_heads, head_dim), jnp.float32).astype(dtype)
+    k = jax.random.normal(kk, (batch, num_kv_heads, num_slots, head_dim), jnp.float32).astype(dtype)
+    v = jax.random.normal(kv, (batch, num_kv_heads, num_slots, head_dim), jnp.float32).astype(dtype)
+    if valid == "all":
+        return q, k, v, jnp.ones((batch, num_slots), bool)
+    half = jax.random.bernoulli(km, 0.5, (batch, num_slots))
+    few_at = jax.random.choice(kf, num_slots, (3,), replace=False)
+    few = jnp.zeros((num_slots,), bool).at[few_at].set(True)
+    one = jnp.arange(num_slots) == num_slots - 1
+    rows = [jnp.ones((num_slots,), bool), half[1], few, one]
+    return q, k, v, jnp.stack([rows[i % 4] for i in range(batch)])
+
+
+def reference_importance(q, k, v, kv_valid, scale, granularity):
+    _, probs = decode_attention_probs(q, k, v, kv_valid, scale)
+    return longflow_importance(probs, v, kv_valid, granularity)  # [B, G, C] f32
+
+
+def assert_matches_reference(q, k, v, kv_valid, out, evict_slot, *, scale, granularity):
+    ref_out, _ = decode_attention_probs(q, k, v, kv_valid, scale)
+    _, ref_evict = longflow_decode_attention_reference(
+        q, k, v, kv_valid, scale=scale, granularity=granularity
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out32 = np.asarray(out.astype(jnp.float32))
+    ref32 = np.asarray(ref_out)
+    assert np.isfinite(out32).all()
+    rel = np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32)
+    tol = OUT_RTOL[jnp.dtype(q.dtype).name]
+    assert rel <= tol, f"out rel err {rel:.2e} > {tol}"
+
+    assert evict_slot.shape == ref_evict.shape and evict_slot.dtype == jnp.int32
+    got, want = np.asarray(evict_slot), np.asarray(ref_evict)
+    if q.dtype == jnp.float32:
+        np.testing.assert_array_equal(got, want)
+        return
+    scores = np.asarray(reference_importance(q, k, v, kv_valid, scale, granularity))  # [B, G, C]
+    got_g = got.reshape(scores.shape[:2])
+    chosen = np.take_along_axis(scores, got_g[..., None], axis=-1)[..., 0]
+    best = scores.min(axis=-1)
+    np.testing.assert_array_less(chosen, best + IMPORTANCE_RTOL * np.abs(best) + 1e-30)
+    # Empty slots (-1) never tie with valid ones (>= 0): where the minimum is an empty slot, exact match.
+    np.testing.assert_array_equal(got_g[best < 0], want.reshape(got_g.shape)[best < 0])
+
+
+# ---------------------------------------------------------------- CPU: import and argument checks
+
+
+def test_package_imports_and_reports_availability():
+    assert isinstance(ctb.triton_available(), bool)
+
+
+def _small(dtype=jnp.bfloat16, head_dim=64, num_slots=100):
+    q = jnp.ones((1, 4, head_dim), dtype)
+    k = jnp.ones((1, 2, num_slots, head_dim), dtype)
+    return q, k, k, jnp.ones((1, num_slots), bool)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(block_c=48), "block_c must be a power of two"),
+        (dict(block_c=8), "block_c must be an int in"),
+        (dict(num_splits=10), "num_splits=10 exceeds the 2 blocks"),
+        (dict(num_splits=0), "num_splits must be an int in"),
+        (dict(num_warps=3), "num_warps must be a power of two"),
+        (dict(num_stages=0), "num_stages must be an int in"),
+        (dict(granularity="head"), "granularity must be one of"),
+        (dict(scale=float("nan")), "scale must be a finite"),
+    ],
+)
+def test_rejects_bad_launch_arguments(kwargs, match):
+    kwargs = {"scale": 0.125, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        ctb.longflow_decode_attention_triton(*_small(), **kwargs)
+
+
+def test_rejects_mixed_dtypes():
+    q, k, v, valid = _small()
+    with pytest.raises(ValueError, match="share one dtype"):
+        ctb.longflow_decode_attention_triton(q.astype(jnp.float32), k, v, valid, scale=0.125)
+
+
+def test_rejects_head_dim_that_is_not_a_power_of_two():
+    with pytest.raises(ValueError, match="head_dim must be one of"):
+        ctb.longflow_decode_attention_triton(*_small(head_dim=96), scale=0.125)
+
+
+def test_rejects_reference_contract_violations():
+    q, k, v, valid = _small()
+    with pytest.raises(ValueError, match="kv_valid must be bool"):
+        ctb.longflow_decode_attention_triton(q, k, v, valid.astype(jnp.int32), scale=0.125)
+
+
+def test_splits_round_to_whole_blocks():
+    shape = ctb.config.DecodeShape(1, 4, 2, 7 * 64, 64)
+    cfg = ctb.resolve_config(shape, block_c=64, num_splits=3)
+    assert (cfg.num_splits, cfg.blocks_per_split) == (3, 3)
+    cfg = ctb.resolve_config(shape, block_c=64, num_splits=6)
+    assert (cfg.num_splits, cfg.blocks_per_split) == (4, 2)
+
+
+def test_default_splits_fill_the_chip_but_keep_long_splits():
+    small = ctb.resolve_config(ctb.config.DecodeShape(1, 32, 8, 8192, 128), sms=132)
+    big = ctb.resolve_config(ctb.config.DecodeShape(64, 32, 8, 8192, 128), sms=132)
+    assert small.num_splits > big.num_splits >= 1
+    for cfg in (small, big):
+        assert cfg.blocks_per_split * cfg.block_c >= ctb.config.MIN_SLOTS_PER_SPLIT
+
+
+# ---------------------------------------------------------------- GPU: against the reference
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("group", [1, 4, 8])
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@gpu
+def test_matches_reference(dtype, head_dim, group, granularity):
+    num_kv_heads, num_slots = 2, 300  # 300: not a multiple of any block size
+    q, k, v, valid = make_inputs(
+        _key(dtype, head_dim, group, granularity),
+        4,
+        num_kv_heads * group,
+        num_kv_heads,
+        num_slots,
+        head_dim,
+        dtype,
+    )
+    scale = 1.0 / math.sqrt(head_dim)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=scale, granularity=granularity
+    )
+    assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity=granularity)
+
+
+@pytest.mark.parametrize("block_c, num_splits", [(16, 1), (32, 3), (64, 16), (128, 2), (256, 1), (32, 32)])
+@gpu
+def test_block_and_split_choices(block_c, num_splits):
+    q, k, v, valid = make_inputs(_key("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits
+    )
+    assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@gpu
+def test_without_eviction_returns_minus_one(granularity, num_splits):
+    q, k, v, valid = make_inputs(_key("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=0.088, granularity=granularity, compute_evict=False, num_splits=num_splits
+    )
+    ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
+    rel = jnp.linalg.norm(out.astype(jnp.float32) - ref_out) / jnp.linalg.norm(ref_out)
+    assert rel <= OUT_RTOL["bfloat16"]
+    assert evict_slot.shape == ((3,) if granularity == "sequence" else (3, 2))
+    assert (np.asarray(evict_slot) == -1).all()
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@gpu
+def test_atomic_and_xla_final_reduce_agree(granularity):
+    q, k, v, valid = make_inputs(_key("final", granularity), 4, 16, 4, 3000, 128, jnp.bfloat16, valid="all")
+    kw = dict(scale=0.088, granularity=granularity, num_splits=8)
+    out_a, ev_a = ctb.longflow_decode_attention_triton(q, k, v, valid, final_reduce="atomic", **kw)
+    out_x, ev_x = ctb.longflow_decode_attention_triton(q, k, v, valid, final_reduce="xla", **kw)
+    np.testing.assert_array_equal(np.asarray(ev_a), np.asarray(ev_x))
+    np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_x))
+    assert_matches_reference(q, k, v, valid, out_a, ev_a, scale=0.088, granularity=granularity)
+
+
+@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048)])
+@gpu
+def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots):
+    # Qwen3-8B's attention (32 query / 8 KV heads, D 128), bf16, all slots valid: the importance argmin
+    # is over real scores, not over empty slots.
+    q, k, v, valid = make_inputs(
+        _key("bench", batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
+    )
+    fn = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, scale=1 / math.sqrt(128)))
+    out, evict_slot = fn(q, k, v, valid)
+    assert_matches_reference(
+        q, k, v, valid, out, evict_slot, scale=1 / math.sqrt(128), granularity="sequence"
+    )
+    for _ in range(3):
+        out2, evict2 = fn(q, k, v, valid)
+        np.testing.assert_array_equal(np.asarray(evict2), np.asarray(evict_slot))
+        np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+
+
+# ---------------------------------------------------------------- GPU: inside a jitted decode loop
+
+
+def _decode_loop(attention, steps, scale):
+    """Per step: write the new token's K/V into the evict slot, mark it valid, attend, pick the next slot."""
+
+    def loop(k_cache, v_cache, kv_valid, evict_slot, q_seq, k_seq, v_seq):
+        batch = k_cache.shape[0]
+        rows = jnp.arange(batch)
+
+        def body(carry):
+            i, k_cache, v_cache, kv_valid, slot, outs, slots = carry
+            k_cache = k_cache.at[rows, :, slot].set(k_seq[i])
+            v_cache = v_cache.at[rows, :, slot].set(v_seq[i])
+            kv_valid = kv_valid.at[rows, slot].set(True)
+            out, slot = attention(q_seq[i], k_cache, v_cache, kv_valid, scale=scale)
+            return i + 1, k_cache, v_cache, kv_valid, slot, outs.at[i].set(out), slots.at[i].set(slot)
+
+        outs = jnp.zeros((steps,) + q_seq.shape[1:], q_seq.dtype)
+        slots = jnp.zeros((steps, batch), jnp.int32)
+        carry = (0, k_cache, v_cache, kv_valid, evict_slot, outs, slots)
+        _, k_cache, v_cache, kv_valid, _, outs, slots = jax.lax.while_loop(
+            lambda c: c[0] < steps, body, carry
+        )
+        return k_cache, v_cache, kv_valid, outs, slots
+
+    return jax.jit(loop, donate_argnums=(0, 1, 2))
+
+
+@gpu
+def test_decode_loop_under_jit_while_loop_with_donated_cache():
+    batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
+    dtype = jnp.float32  # exact argmin, so the two trajectories must agree step by step
+    key = _key("loop")
+    q, k, v, _ = make_inputs(key, batch, hq, hkv, slots_, d, dtype)
+    valid = jnp.broadcast_to(jnp.arange(slots_) < prompt, (batch, slots_))
+    ks = jax.random.split(jax.random.fold_in(key, 1), 3)
+    q_seq = jax.random.normal(ks[0], (steps, batch, hq, d), dtype)
+    k_seq = jax.random.normal(ks[1], (steps, batch, hkv, d), dtype)
+    v_seq = jax.random.normal(ks[2], (steps, batch, hkv, d), dtype)
+    first = jnp.full((batch,), prompt, jnp.int32)
+    scale = 1 / math.sqrt(d)
+
+    triton_loop = _decode_loop(ctb.longflow_decode_attention_triton, steps, scale)
+    ref_loop = _decode_loop(longflow_decode_attention_reference, steps, scale)
+
+    args = (k, v, valid, first, q_seq, k_seq, v_seq)
+    compiled = triton_loop.lower(*args).compile()
+    hlo = compiled.as_text()
+    cache_type = f"f32[{batch},{hkv},{slots_},{d}]"
+    copies = [line for line in hlo.splitlines() if re.search(rf"= {re.escape(cache_type)}\S* copy\(", line)]
+    assert not copies, "cache copied inside the decode loop:\n" + "\n".join(copies)
+    mem = compiled.memory_analysis()
+    cache_bytes = k.size * k.dtype.itemsize
+    if mem is not None:
+        assert mem.alias_size_in_bytes >= 2 * cache_bytes  # both caches updated in place
+        assert mem.temp_size_in_bytes < cache_bytes  # no cache-sized scratch
+
+    ref = ref_loop(jnp.copy(k), jnp.copy(v), jnp.copy(valid), first, q_seq, k_seq, v_seq)
+    k_in = jnp.copy(k)
+    got = triton_loop(k_in, jnp.copy(v), jnp.copy(valid), first, q_seq, k_seq, v_seq)
+    assert k_in.is_deleted()  # donated
+    np.testing.assert_array_equal(np.asarray(got[4]), np.asarray(ref[4]))  # evict slot per step
+    np.testing.assert_allclose(np.asarray(got[3]), np.asarray(ref[3]), rtol=1e-4, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(got[0]), np.asarray(ref[0]))  # same slots overwritten
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(ref[2]))
