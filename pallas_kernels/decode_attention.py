@@ -56,7 +56,7 @@ def _next_pow2(n: int) -> int:
 
 
 def resolve_backend(backend: str | None) -> str:
-    """"triton" or "mosaic"; None picks from the default device (CPU runs the Triton body interpreted)."""
+    """ "triton" or "mosaic"; None picks from the default device (CPU runs the Triton body interpreted)."""
     if backend is None:
         return "mosaic" if jax.default_backend() == "tpu" else "triton"
     backend = _BACKEND_ALIASES.get(backend, backend)
@@ -178,7 +178,7 @@ def _triton_kernel(
         return _gpu_dot(p, v, precision=precision)
 
     def body(j, carry):
-        m, l, acc = carry
+        m, denom, acc = carry
         start = first_slot + j * block_c
         slots = pl.ds(start, block_c)
         in_range = (start + jnp.arange(block_c)) < num_slots if ragged else None
@@ -188,7 +188,7 @@ def _triton_kernel(
         valid = _gpu_load(valid_ref.at[slots], mask=in_range, other=False)[None, :]
         s = dot_t(q, k) * scale
         s = jnp.where(valid, s, MASK_VALUE)
-        m, l, acc = _softmax_block(s, valid, m, l, acc, v, pv_dot)
+        m, denom, acc = _softmax_block(s, valid, m, denom, acc, v, pv_dot)
         if compute_evict:
             out_mask = row_ok if not ragged else row_ok & in_range[None, :]
             _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
@@ -196,20 +196,20 @@ def _triton_kernel(
             vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
             _gpu_store(vn_ref.at[slots], vnorm, mask=in_range)
 
-        return m, l, acc
+        return m, denom, acc
 
     m0 = jnp.full((group_pad, 1), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((group_pad, 1), jnp.float32)
     acc0 = jnp.zeros((group_pad, head_dim), jnp.float32)
-    m, l, acc = lax.fori_loop(0, blocks_per_split, body, (m0, l0, acc0))
+    m, denom, acc = lax.fori_loop(0, blocks_per_split, body, (m0, l0, acc0))
     if finalize:
-        out = acc / jnp.where(l > 0.0, l, 1.0)
+        out = acc / jnp.where(denom > 0.0, denom, 1.0)
         _gpu_store(o_ref.at[rows, :], out.astype(o_ref.dtype), mask=row_ok)
     else:
         _gpu_store(o_ref.at[rows, :], acc, mask=row_ok)
     if m_ref is not None:
         _gpu_store(m_ref.at[rows], m[:, 0], mask=row_ok[:, 0])
-        _gpu_store(l_ref.at[rows], l[:, 0], mask=row_ok[:, 0])
+        _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
 
 
 def _gpu_load(ref, *, mask=None, other=None):
@@ -234,8 +234,9 @@ def _gpu_dot(a, b, *, trans_b=False, precision=None):
     return lax.dot_general(a, b, dims, precision=prec, preferred_element_type=jnp.float32)
 
 
-def _triton_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret, num_warps,
-                 num_stages):
+def _triton_call(
+    q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages
+):
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_slots, _ = k.shape
     group = num_q_heads // num_kv_heads
@@ -372,7 +373,10 @@ def _mosaic_kernel(
     l_sc[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
     m_sc[...] = m_new
     pv = lax.dot_general(
-        p.astype(v.dtype), v, (((1,), (0,)), ((), ())), precision=precision,
+        p.astype(v.dtype),
+        v,
+        (((1,), (0,)), ((), ())),
+        precision=precision,
         preferred_element_type=jnp.float32,
     )
     acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
@@ -433,7 +437,7 @@ def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict
             pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
             pl.BlockSpec((None, None, 1, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
         ]
-    params_cls = getattr(pltpu, "CompilerParams", None) or getattr(pltpu, "TPUCompilerParams")
+    params_cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     kernel = functools.partial(
         _mosaic_kernel,
         scale=scale,
@@ -454,9 +458,7 @@ def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict
             pltpu.VMEM((group, _LANES), f32),
             pltpu.VMEM((group, head_dim), f32),
         ],
-        compiler_params=params_cls(
-            dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")
-        ),
+        compiler_params=params_cls(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="longflow_decode_mosaic",
     )(qg, k, v, valid_i32)
@@ -483,18 +485,18 @@ def _merge_splits(o_part, m_part, l_part):
     """Log-sum-exp merge of split partials: [S, B, Hq, D], [S, B, Hq] -> (out f32, m, l)."""
     m = jnp.max(m_part, axis=0)
     weight = jnp.exp(m_part - m)
-    l = jnp.sum(l_part * weight, axis=0)
-    out = jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(l > 0.0, l, 1.0)[..., None]
-    return out, m, l
+    denom = jnp.sum(l_part * weight, axis=0)
+    out = jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(denom > 0.0, denom, 1.0)[..., None]
+    return out, m, denom
 
 
-def _evict_from_logits(logits, m, l, vnorm, kv_valid, granularity):
+def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
     """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32."""
     batch, num_q_heads, num_slots = logits.shape
     num_kv_heads = vnorm.shape[1]
     mask = kv_valid[:, None, :]
     probs = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
-    probs = probs / jnp.where(l > 0.0, l, 1.0)[..., None]
+    probs = probs / jnp.where(denom > 0.0, denom, 1.0)[..., None]
     contrib = probs.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, num_slots)
     importance = jnp.sum(contrib * vnorm[:, :, None, :], axis=2)
     if granularity == "sequence":
@@ -595,25 +597,40 @@ def longflow_decode_attention(
 
     if backend == "triton":
         out, stats, logits, vnorm = _triton_call(
-            q, k_cache, v_cache, kv_valid, scale=scale, block_c=block_c, num_splits=num_splits,
-            compute_evict=compute_evict, interpret=interpret,
-            num_warps=num_warps or TRITON_NUM_WARPS, num_stages=num_stages or TRITON_NUM_STAGES,
+            q,
+            k_cache,
+            v_cache,
+            kv_valid,
+            scale=scale,
+            block_c=block_c,
+            num_splits=num_splits,
+            compute_evict=compute_evict,
+            interpret=interpret,
+            num_warps=num_warps or TRITON_NUM_WARPS,
+            num_stages=num_stages or TRITON_NUM_STAGES,
         )
         if num_splits == 1:
-            m, l = (None, None) if stats is None else (stats[0][0], stats[1][0])
+            m, denom = (None, None) if stats is None else (stats[0][0], stats[1][0])
         else:
-            out, m, l = _merge_splits(out, *stats)
+            out, m, denom = _merge_splits(out, *stats)
     else:
         o_part, stats, logits, vnorm = _mosaic_call(
-            q, k_cache, v_cache, kv_valid, scale=scale, block_c=block_c, num_splits=num_splits,
-            compute_evict=compute_evict, interpret=interpret,
+            q,
+            k_cache,
+            v_cache,
+            kv_valid,
+            scale=scale,
+            block_c=block_c,
+            num_splits=num_splits,
+            compute_evict=compute_evict,
+            interpret=interpret,
         )
-        out, m, l = _merge_splits(o_part, *stats)
+        out, m, denom = _merge_splits(o_part, *stats)
     out = out.astype(q.dtype)
 
     num_groups = 1 if granularity == "sequence" else num_kv_heads
     if compute_evict:
-        evict = _evict_from_logits(logits, m, l, vnorm, kv_valid, granularity)
+        evict = _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity)
     else:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
     if granularity == "sequence":

@@ -1,0 +1,476 @@
+"""The Pallas fused decode kernel against the plain-jnp reference.
+
+On CPU both kernel bodies run in Pallas interpret mode ("triton" is the GPU body, "mosaic" the TPU one),
+on small shapes. Inputs are fresh normal draws per test (seeded by the test's name, never zeros).
+
+Tolerances:
+  * out: ||out - ref|| / ||ref|| <= 1e-5 for float32 inputs, <= 1e-2 for bfloat16 (the kernel feeds the
+    probabilities to the P.V product in the input dtype, as flash kernels do; the output is bf16 too).
+  * evict_slot: float32 -> exactly the reference argmin. bfloat16 -> the reference is computed on the
+    same bf16 values upcast to f32, and the kernel's logits are f32 sums of the same exact bf16 products,
+    so the importances agree to f32 summation-order rounding (~1e-6 relative). Two slots whose
+    importances are that close make "the" argmin ill-posed, so for bf16 we accept the reference argmin
+    or a slot whose reference importance is within 1e-5 (relative) of the minimum.
+"""
+
+from __future__ import annotations
+
+import functools
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from longflow_jax.reference import (
+    decode_attention_probs,
+    longflow_decode_attention_reference,
+    longflow_importance,
+)
+from pallas_kernels import longflow_decode_attention as _kernel
+
+ON_CPU = jax.devices()[0].platform == "cpu"
+# Interpret-mode kernels are large XLA programs; on CPU a low backend optimisation level halves their
+# compile time, which is most of this file's run time.
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+
+
+def longflow_decode_attention(*args, **kwargs):
+    fn = functools.partial(_kernel, **kwargs)
+    return jax.jit(fn, compiler_options=_FAST_COMPILE if ON_CPU else None)(*args)
+
+
+OUT_RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
+BF16_EVICT_RTOL = 1e-5
+
+
+def _seed(request) -> int:
+    return zlib.crc32(request.node.name.encode())
+
+
+def make_inputs(seed, *, batch, num_q_heads, num_kv_heads, slots, head_dim, dtype, valid="all"):
+    rng = np.random.default_rng(seed)
+    q = rng.standard_normal((batch, num_q_heads, head_dim))
+    k = rng.standard_normal((batch, num_kv_heads, slots, head_dim))
+    # Spread the value norms so the importance has a clear minimum (still never zero).
+    v = rng.standard_normal((batch, num_kv_heads, slots, head_dim)) * rng.uniform(
+        0.2, 2.0, (batch, num_kv_heads, slots, 1)
+    )
+    if valid == "all":
+        kv_valid = np.ones((batch, slots), bool)
+    elif valid == "random":
+        kv_valid = rng.uniform(size=(batch, slots)) < 0.7
+        kv_valid[:, -1] = True
+    elif valid == "few":
+        kv_valid = np.zeros((batch, slots), bool)
+        for b in range(batch):
+            kv_valid[b, rng.choice(slots, size=3, replace=False)] = True
+    elif valid == "one":
+        kv_valid = np.zeros((batch, slots), bool)
+        kv_valid[np.arange(batch), rng.integers(0, slots, batch)] = True
+    elif valid == "none":
+        kv_valid = np.zeros((batch, slots), bool)
+    else:
+        raise ValueError(valid)
+    cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
+    return cast(q), cast(k), cast(v), jnp.asarray(kv_valid)
+
+
+def reference_importance(q, k, v, kv_valid, scale, granularity):
+    _, probs = decode_attention_probs(q, k, v, kv_valid, scale)
+    return np.asarray(longflow_importance(probs, v, kv_valid, granularity))
+
+
+def assert_matches_reference(q, k, v, kv_valid, out, evict, *, scale, granularity):
+    ref_out, ref_evict = longflow_decode_attention_reference(
+        q, k, v, kv_valid, scale=scale, granularity=granularity
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    assert evict.shape == ref_evict.shape and evict.dtype == jnp.int32
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    assert np.all(np.isfinite(out32))
+    denom = max(np.linalg.norm(ref32), 1e-30)
+    rel = np.linalg.norm(out32 - ref32) / denom
+    assert rel <= OUT_RTOL[q.dtype.type], f"out rel err {rel:.2e} > {OUT_RTOL[q.dtype.type]}"
+    evict, ref_evict = np.asarray(evict), np.asarray(ref_evict)
+    if q.dtype == jnp.float32 or np.array_equal(evict, ref_evict):
+        np.testing.assert_array_equal(evict, ref_evict)
+        return
+    importance = reference_importance(q, k, v, kv_valid, scale, granularity)  # [B, G, C]
+    chosen = np.take_along_axis(importance, evict.reshape(importance.shape[:2])[..., None], -1)[..., 0]
+    best = importance.min(axis=-1)
+    np.testing.assert_allclose(chosen, best, rtol=BF16_EVICT_RTOL, atol=0)
+
+
+def run_and_check(
+    seed,
+    *,
+    batch=2,
+    num_q_heads,
+    num_kv_heads,
+    slots,
+    head_dim,
+    dtype,
+    valid="all",
+    granularities=("sequence", "kv_head"),
+    **kernel_kwargs,
+):
+    q, k, v, kv_valid = make_inputs(
+        seed,
+        batch=batch,
+        num_q_heads=num_q_heads,
+        num_kv_heads=num_kv_heads,
+        slots=slots,
+        head_dim=head_dim,
+        dtype=dtype,
+        valid=valid,
+    )
+    scale = head_dim**-0.5
+    for granularity in granularities:
+        out, evict = longflow_decode_attention(
+            q, k, v, kv_valid, scale=scale, granularity=granularity, **kernel_kwargs
+        )
+        assert_matches_reference(q, k, v, kv_valid, out, evict, scale=scale, granularity=granularity)
+
+
+# ---- the main matrix: dtype x head dim x GQA ratio, both granularities (Triton body, interpreted) ----
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_matches_reference(request, dtype, head_dim, ratio):
+    # Each (dtype, ratio) pair sees both granularities across the two head dims (keeps CPU time down).
+    run_and_check(
+        _seed(request),
+        num_q_heads=2 * ratio,
+        num_kv_heads=2,
+        slots=96,
+        head_dim=head_dim,
+        dtype=dtype,
+        block_c=32,
+        granularities=("sequence",) if head_dim == 64 else ("kv_head",),
+    )
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("ratio", [1, 4, 8])
+def test_mosaic_body_matches_reference(request, dtype, ratio):
+    run_and_check(
+        _seed(request),
+        num_q_heads=2 * ratio,
+        num_kv_heads=2,
+        slots=256,
+        head_dim=128,
+        dtype=dtype,
+        backend="mosaic",
+        block_c=128,
+        granularities=("sequence",) if dtype == jnp.float32 else ("kv_head",),
+    )
+
+
+# ---- slot counts that are not a multiple of the block: the tail is masked ----
+
+
+@pytest.mark.parametrize(
+    "backend,slots,block_c", [("triton", 100, 32), ("triton", 40, 64), ("mosaic", 300, 128)]
+)
+def test_ragged_tail_is_masked(request, backend, slots, block_c):
+    run_and_check(
+        _seed(request),
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=slots,
+        head_dim=64,
+        dtype=jnp.float32,
+        backend=backend,
+        block_c=block_c,
+    )
+
+
+# ---- split-K (flash-decoding) partials merged in the epilogue ----
+
+
+@pytest.mark.parametrize(
+    "backend,slots,block_c,num_splits",
+    [("triton", 100, 16, 7), ("triton", 128, 16, 4), ("mosaic", 512, 128, 2), ("mosaic", 300, 128, 3)],
+)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_split_k_matches_reference(request, backend, slots, block_c, num_splits, dtype):
+    run_and_check(
+        _seed(request),
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=slots,
+        head_dim=64,
+        dtype=dtype,
+        backend=backend,
+        block_c=block_c,
+        num_splits=num_splits,
+    )
+
+
+# ---- validity masks ----
+
+
+@pytest.mark.parametrize("valid", ["random", "few", "one", "none"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_masks_match_reference(request, valid, backend):
+    block_c, num_splits = (32, 2) if backend == "triton" else (128, 1)
+    run_and_check(
+        _seed(request),
+        batch=3,
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=128,
+        head_dim=64,
+        dtype=jnp.float32,
+        valid=valid,
+        backend=backend,
+        block_c=block_c,
+        num_splits=num_splits,
+    )
+
+
+def test_all_but_one_invalid_returns_that_value(request):
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=2,
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=64,
+        head_dim=64,
+        dtype=jnp.float32,
+        valid="one",
+    )
+    out, evict = longflow_decode_attention(q, k, v, kv_valid, scale=0.125, block_c=16, num_splits=2)
+    kept = np.argmax(np.asarray(kv_valid), axis=1)
+    expected = np.repeat(np.asarray(v)[np.arange(2), :, kept], 4, axis=1)  # [B, Hq, D]
+    np.testing.assert_allclose(np.asarray(out), expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(evict), np.where(kept == 0, 1, 0))
+
+
+def test_exact_ties_go_to_lowest_slot(request):
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=1,
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=64,
+        head_dim=64,
+        dtype=jnp.float32,
+    )
+    # Slots 37 and 5 hold the same key and a tiny value: identical, smallest importance.
+    k = k.at[:, :, 37].set(k[:, :, 5])
+    v = v.at[:, :, 5].multiply(1e-3).at[:, :, 37].set(v[:, :, 5] * 1e-3)
+    for granularity, want in (("sequence", [5]), ("kv_head", [[5, 5]])):
+        _, ref_evict = longflow_decode_attention_reference(
+            q, k, v, kv_valid, scale=0.125, granularity=granularity
+        )
+        np.testing.assert_array_equal(np.asarray(ref_evict), want)
+        for num_splits in (1, 4):  # the tied slots in one split, and in different splits
+            _, evict = longflow_decode_attention(
+                q,
+                k,
+                v,
+                kv_valid,
+                scale=0.125,
+                granularity=granularity,
+                block_c=16,
+                num_splits=num_splits,
+            )
+            np.testing.assert_array_equal(np.asarray(evict), want)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_compute_evict_false_skips_scoring(request, backend):
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=2,
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=256,
+        head_dim=64,
+        dtype=jnp.bfloat16,
+        valid="random",
+    )
+    block_c = 32 if backend == "triton" else 128
+    for granularity, shape in (("sequence", (2,)), ("kv_head", (2, 2))):
+        out, evict = longflow_decode_attention(
+            q,
+            k,
+            v,
+            kv_valid,
+            scale=0.125,
+            granularity=granularity,
+            compute_evict=False,
+            backend=backend,
+            block_c=block_c,
+        )
+        np.testing.assert_array_equal(np.asarray(evict), np.full(shape, -1, np.int32))
+        ref_out, _ = longflow_decode_attention_reference(q, k, v, kv_valid, scale=0.125)
+        rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out, np.float32))
+        assert rel / np.linalg.norm(np.asarray(ref_out, np.float32)) <= OUT_RTOL[jnp.bfloat16]
+
+
+def test_runs_inside_jitted_while_loop(request):
+    """A miniature decode loop: write the new token into the evict slot, attend, pick the next slot."""
+    batch, heads, kv_heads, slots, dim, steps = 2, 8, 2, 64, 64, 5
+    q0, k0, v0, _ = make_inputs(
+        _seed(request),
+        batch=batch,
+        num_q_heads=heads,
+        num_kv_heads=kv_heads,
+        slots=slots,
+        head_dim=dim,
+        dtype=jnp.float32,
+    )
+    valid0 = jnp.arange(slots)[None, :] < jnp.array([[40], [64]])
+    scale = dim**-0.5
+
+    def loop(attend):
+        def body(i, state):
+            k, v, valid, slot, acc = state
+            rows = jnp.arange(batch)
+            k = k.at[rows, :, slot].set(jnp.roll(k0[:, :, 3], i, axis=-1))
+            v = v.at[rows, :, slot].set(jnp.roll(v0[:, :, 7], i, axis=-1))
+            valid = valid.at[rows, slot].set(True)
+            out, slot = attend(jnp.roll(q0, i, axis=-1), k, v, valid)
+            return k, v, valid, slot, acc + out
+
+        init = (k0, v0, valid0, jnp.array([40, 0], jnp.int32), jnp.zeros_like(q0))
+        return jax.jit(lambda s: jax.lax.fori_loop(0, steps, body, s))(init)
+
+    got = loop(functools.partial(_kernel, scale=scale, block_c=16, num_splits=2))
+    want = loop(functools.partial(longflow_decode_attention_reference, scale=scale))
+    np.testing.assert_array_equal(np.asarray(got[3]), np.asarray(want[3]))
+    np.testing.assert_array_equal(np.asarray(got[2]), np.asarray(want[2]))
+    np.testing.assert_allclose(np.asarray(got[4]), np.asarray(want[4]), rtol=1e-5, atol=1e-5)
+
+
+# ---- errors ----
+
+
+def _small(dtype=jnp.float32, slots=64):
+    return make_inputs(0, batch=1, num_q_heads=4, num_kv_heads=2, slots=slots, head_dim=64, dtype=dtype)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(block_c=24), "block_c=24"),
+        (dict(block_c=8), "block_c=8"),
+        (dict(backend="mosaic", block_c=100), "block_c=100"),
+        (dict(block_c=16, num_splits=3), "num_splits=3"),
+        (dict(granularity="token"), "granularity"),
+        (dict(backend="cuda_graph"), "backend"),
+        (dict(scale=float("nan")), "scale"),
+    ],
+)
+def test_bad_arguments_raise_value_error(kwargs, match):
+    q, k, v, kv_valid = _small()
+    kwargs = {"scale": 0.125, **kwargs}
+    with pytest.raises(ValueError, match=match):
+        longflow_decode_attention(q, k, v, kv_valid, **kwargs)
+
+
+def test_bad_shapes_raise_value_error():
+    q, k, v, kv_valid = _small()
+    with pytest.raises(ValueError, match="kv_valid"):
+        longflow_decode_attention(q, k, v, kv_valid.astype(jnp.int32), scale=0.125)
+    with pytest.raises(ValueError, match="multiple of KV heads"):
+        longflow_decode_attention(q[:, :3], k, v, kv_valid, scale=0.125)
+    with pytest.raises(ValueError, match="share a dtype"):
+        longflow_decode_attention(q.astype(jnp.bfloat16), k, v, kv_valid, scale=0.125)
+
+
+# ---- lowering for the real targets at Qwen3-8B-like shapes (no accelerator needed) ----
+
+QWEN3_8B = dict(batch=8, num_q_heads=32, num_kv_heads=8, slots=2048, head_dim=128)
+
+
+def _abstract_inputs(batch, num_q_heads, num_kv_heads, slots, head_dim, dtype=jnp.bfloat16):
+    sds = jax.ShapeDtypeStruct
+    return (
+        sds((batch, num_q_heads, head_dim), dtype),
+        sds((batch, num_kv_heads, slots, head_dim), dtype),
+        sds((batch, num_kv_heads, slots, head_dim), dtype),
+        sds((batch, slots), jnp.bool_),
+    )
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("compute_evict", [True, False], ids=["evict", "no_evict"])
+def test_lowers_for_tpu(granularity, compute_evict):
+    fn = functools.partial(
+        _kernel,
+        scale=128**-0.5,
+        granularity=granularity,
+        compute_evict=compute_evict,
+        backend="mosaic",
+        interpret=False,
+    )
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*_abstract_inputs(**QWEN3_8B))
+    assert "tpu_custom_call" in exported.mlir_module()
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+def test_lowers_for_gpu(granularity, num_splits):
+    fn = functools.partial(
+        _kernel,
+        scale=128**-0.5,
+        granularity=granularity,
+        num_splits=num_splits,
+        backend="triton",
+        interpret=False,
+    )
+    # Pallas-Triton kernels are a custom call without export compatibility guarantees; we only check
+    # that the kernel lowers to Triton IR (shapes, dtypes, masks), not that the artifact is portable.
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    exported = jax.export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=checks)(
+        *_abstract_inputs(**QWEN3_8B)
+    )
+    assert "xla.gpu.triton" in exported.mlir_module()
+
+
+# ---- on a GPU: compiled, at realistic shapes ----
+
+on_gpu = pytest.mark.skipif(
+    jax.devices()[0].platform != "gpu", reason="needs a CUDA GPU (Pallas Triton backend)"
+)
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16], ids=["f32", "bf16", "f16"])
+@pytest.mark.parametrize("slots,num_splits", [(2048, None), (2000, None), (4096, 8)])
+@pytest.mark.parametrize("valid", ["all", "random"])
+def test_gpu_matches_reference(request, dtype, slots, num_splits, valid):
+    run_and_check(
+        _seed(request),
+        batch=4,
+        num_q_heads=32,
+        num_kv_heads=8,
+        slots=slots,
+        head_dim=128,
+        dtype=dtype,
+        valid=valid,
+        num_splits=num_splits,
+    )
+
+
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("ratio,head_dim", [(1, 64), (8, 128), (16, 64)])
+def test_gpu_gqa_ratios(request, ratio, head_dim):
+    run_and_check(
+        _seed(request),
+        batch=2,
+        num_q_heads=4 * ratio,
+        num_kv_heads=4,
+        slots=1000,
+        head_dim=head_dim,
+        dtype=jnp.bfloat16,
+    )
