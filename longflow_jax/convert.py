@@ -250,10 +250,12 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     return config
 
 
-def load(ckpt_dir: str, dtype: str | None = None):
+def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Sharding | None = None):
     """Load a converted checkpoint: returns (ModelConfig, params pytree of jax arrays).
 
     dtype: cast the params on load (e.g. "bfloat16"); default keeps the converted dtype.
+    sharding: where the params go (default: the first device); e.g. a replicated NamedSharding for
+    data-parallel generation. Tensors are restored straight onto it.
     """
     import orbax.checkpoint as ocp
 
@@ -264,7 +266,10 @@ def load(ckpt_dir: str, dtype: str | None = None):
             f"convert a Hugging Face directory with `longflow-convert HF_DIR OUT_DIR`"
         )
     config = ModelConfig.from_pretrained_dir(ckpt_dir)
-    target = param_shapes(config)
+    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    target = jax.tree_util.tree_map(
+        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), param_shapes(config)
+    )
     params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)
     if dtype is not None and dtype != config.dtype:
         cast = DTYPES[dtype] if dtype in DTYPES else None

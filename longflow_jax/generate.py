@@ -86,6 +86,10 @@ def _is_concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
 
 
+def _shape(x) -> tuple:
+    return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
+
+
 def check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling,
                           attention_impl):
     """Every user-facing check, before anything is traced. Values are checked when they are concrete."""
@@ -98,14 +102,14 @@ def check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, co
     check_attention_impl(attention_impl, compression)
     if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-    if jnp.ndim(prompt_ids) != 2:
-        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {jnp.shape(prompt_ids)}")
+    if len(_shape(prompt_ids)) != 2:
+        raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {_shape(prompt_ids)}")
     ids_dtype = jnp.result_type(prompt_ids if hasattr(prompt_ids, "dtype") else np.asarray(prompt_ids))
     if not jnp.issubdtype(ids_dtype, jnp.integer):
         raise ValueError(f"prompt_ids must be integer token ids, got dtype {ids_dtype}")
-    batch, prompt_len = jnp.shape(prompt_ids)
-    if jnp.shape(prompt_lengths) != (batch,):
-        raise ValueError(f"prompt_lengths must have shape ({batch},), got {jnp.shape(prompt_lengths)}")
+    batch, prompt_len = _shape(prompt_ids)
+    if _shape(prompt_lengths) != (batch,):
+        raise ValueError(f"prompt_lengths must have shape ({batch},), got {_shape(prompt_lengths)}")
     limit = config.max_position_embeddings
     if prompt_len > limit:
         raise ValueError(f"prompt length {prompt_len} exceeds the model's max_position_embeddings {limit}")

@@ -1,0 +1,39 @@
+import os
+
+import jax
+import pytest
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def on_gpu() -> bool:
+    return jax.devices()[0].platform == "gpu"
+
+
+def pytest_collection_modifyitems(config, items):
+    if on_gpu():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU (jax.devices()[0].platform != 'gpu')")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory):
+    """(hf_dir, converted_dir) per model family, built once per test session."""
+    from longflow_jax.convert import convert
+    from longflow_jax.tiny_models import make_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("tiny")
+    out = {}
+    for family, extra in [
+        ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        ("qwen2", {}),
+        ("qwen3", {}),
+    ]:
+        hf_dir = make_tiny_hf_checkpoint(str(root / f"hf_{family}"), family, **extra)
+        convert(hf_dir, str(root / f"lf_{family}"))
+        out[family] = (hf_dir, str(root / f"lf_{family}"))
+    return out

@@ -1,0 +1,150 @@
+"""generate(): compile-once decode loop, stopping, sampling, use inside user jit, input errors."""
+
+import functools
+import importlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import longflow_jax as lf
+from longflow_jax.config import CompressionConfig, SamplingConfig
+
+# the package re-exports the function `generate`, which shadows the submodule as an attribute
+gen_mod = importlib.import_module("longflow_jax.generate")
+
+
+@pytest.fixture(scope="module")
+def qwen3(tiny_checkpoints):
+    return lf.load(tiny_checkpoints["qwen3"][1])
+
+
+def _prompts(config, lengths, seed=None):
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1, config.vocab_size, n)
+    return ids, np.asarray(lengths, np.int32)
+
+
+def _count_decode_traces(monkeypatch):
+    calls = {"n": 0}
+    original = gen_mod.decode_step
+
+    @functools.wraps(original)
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(gen_mod, "decode_step", counting)
+    return calls
+
+
+def test_decode_step_traced_once_per_shape(qwen3, monkeypatch):
+    config, params = qwen3
+    calls = _count_decode_traces(monkeypatch)
+    ids, lengths = _prompts(config, [5, 11])
+    comp = CompressionConfig(policy="longflow", budget=8)
+    # a configuration no other test compiles, so the jit cache starts empty for it
+    out = lf.generate(params, config, ids, lengths, max_new_tokens=37, compression=comp)
+    assert int(out.lengths.min()) == 37
+    assert calls["n"] == 1, "the decode loop body must be traced once for the whole generation"
+    ids2, lengths2 = _prompts(config, [3, 11])  # same shapes, other values: no retrace
+    lf.generate(params, config, ids2, lengths2, max_new_tokens=37, compression=comp)
+    assert calls["n"] == 1
+
+
+def test_rows_stop_at_eos_and_pad_after(qwen3):
+    config, params = qwen3
+    ids, lengths = _prompts(config, [6, 9, 4], seed=3)
+    free = lf.generate(params, config, ids, lengths, max_new_tokens=24)
+    tokens = np.asarray(free.tokens)
+    eos = int(tokens[0, 5])  # make row 0's sixth token the EOS id
+    first_hit = [int(np.argmax(r == eos)) if (r == eos).any() else None for r in tokens]
+    stopped = lf.generate(params, config.replace(eos_token_ids=(eos,), pad_token_id=0), ids, lengths,
+                          max_new_tokens=24)
+    for row in range(3):
+        n = 24 if first_hit[row] is None else first_hit[row] + 1
+        assert int(stopped.lengths[row]) == n
+        np.testing.assert_array_equal(np.asarray(stopped.tokens[row, :n]), tokens[row, :n])
+        assert (np.asarray(stopped.tokens[row, n:]) == 0).all()
+
+
+def test_sampling_is_seeded_and_respects_top_k(qwen3):
+    config, params = qwen3
+    ids, lengths = _prompts(config, [7, 7])
+    s = SamplingConfig(temperature=1.0, top_k=1)
+    greedy = lf.generate(params, config, ids, lengths, max_new_tokens=12)
+    top1 = lf.generate(params, config, ids, lengths, max_new_tokens=12, sampling=s, seed=5)
+    np.testing.assert_array_equal(np.asarray(top1.tokens), np.asarray(greedy.tokens))
+    s = SamplingConfig(temperature=1.5, top_p=0.9)
+    a = lf.generate(params, config, ids, lengths, max_new_tokens=12, sampling=s, seed=1)
+    b = lf.generate(params, config, ids, lengths, max_new_tokens=12, sampling=s, seed=1)
+    c = lf.generate(params, config, ids, lengths, max_new_tokens=12, sampling=s, seed=2)
+    np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
+    assert not np.array_equal(np.asarray(a.tokens), np.asarray(c.tokens))
+
+
+def test_top_p_keeps_the_smallest_nucleus():
+    from longflow_jax.sampling import sample_next
+
+    logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
+    draws = np.asarray(sample_next(logits, jax.random.PRNGKey(0), SamplingConfig(temperature=1.0, top_p=0.75)))
+    assert set(np.unique(draws)) == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 are cut
+    assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
+
+
+def test_generate_inside_user_jit(qwen3):
+    config, params = qwen3
+    ids, lengths = _prompts(config, [5, 8])
+    comp = CompressionConfig(policy="longflow", budget=6)
+
+    @jax.jit
+    def user_fn(params, ids, lengths):
+        out = lf.generate(params, config, ids, lengths, max_new_tokens=10, compression=comp)
+        return out.tokens, out.lengths
+
+    tokens, _ = user_fn(params, jnp.asarray(ids), jnp.asarray(lengths))
+    direct = lf.generate(params, config, ids, lengths, max_new_tokens=10, compression=comp)
+    np.testing.assert_array_equal(np.asarray(tokens), np.asarray(direct.tokens))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(lengths=[4, 0]), r"row 1 has 0 \(zero-length"),
+        (dict(lengths=[4, 9]), r"prompt_lengths must be in \[1, 6\]"),
+        (dict(max_new_tokens=600), "exceeds the model's max_position_embeddings 512"),
+        (dict(prompt_len=513), "prompt length 513 exceeds"),
+        (dict(compression=CompressionConfig(policy="longflow", budget=1024)), "budget 1024 is larger"),
+        (dict(compression=CompressionConfig(policy="streaming", budget=6, num_sinks=5)), "num_sinks"),
+        (dict(attention_impl="cuda"), "attention_impl must be one of"),
+        (dict(attention_impl="pallas", compression=CompressionConfig(policy="h2o", budget=8)), "needs attention_impl='reference'"),
+        (dict(float_ids=True), "integer token ids"),
+        (dict(max_new_tokens=0), "positive int"),
+    ],
+)
+def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
+    config, params = qwen3
+    prompt_len = kwargs.pop("prompt_len", 6)
+    ids = np.ones((2, prompt_len), np.int32)
+    if kwargs.pop("float_ids", False):
+        ids = ids.astype(np.float32)
+    lengths = kwargs.pop("lengths", [prompt_len, 3])
+    kwargs.setdefault("max_new_tokens", 4)
+    with pytest.raises(ValueError, match=match):
+        lf.generate(params, config, ids, lengths, **kwargs)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(policy="snap"), "unknown policy 'snap'"),
+        (dict(policy="longflow", budget=1), "budget must be >= 2"),
+        (dict(granularity="layer"), "granularity"),
+    ],
+)
+def test_bad_compression_config(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        CompressionConfig(**kwargs)
