@@ -556,7 +556,9 @@ def longflow_decode_attention(
       num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
         Default: enough to give the GPU about 4 programs per SM (TPU: 1, or 2 for B * Hkv == 1).
       backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
-      interpret: run the kernel in Pallas interpret mode; None means True on CPU.
+      interpret: run the kernel in Pallas interpret mode. None: unless the default device is the
+        backend's hardware (GPU for "triton", TPU for "mosaic"); pass False to lower for another
+        platform (e.g. `jax.export(..., platforms=["tpu"])` from a CPU host).
       num_warps, num_stages: Triton launch parameters (GPU only).
 
     Returns:
@@ -573,8 +575,8 @@ def longflow_decode_attention(
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
     scale = float(scale)
     backend = resolve_backend(backend)
-    if interpret is None:
-        interpret = jax.default_backend() == "cpu"
+    if interpret is None:  # interpret unless the default device is the backend's own hardware
+        interpret = jax.default_backend() != ("gpu" if backend == "triton" else "tpu")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_slots = k_cache.shape[1], k_cache.shape[2]
     if k_cache.dtype != v_cache.dtype:

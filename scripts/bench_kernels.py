@@ -1,0 +1,332 @@
+"""Benchmark the fused LongFlow decode kernels on a GPU (correctness first, then median latency).
+
+Columns, for B in {1, 16, 64}, C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, a full buffer (all slots valid,
+the steady state of LongFlow decoding):
+  pallas          pallas_kernels.longflow_decode_attention (attention + importance + evict slot)
+  pallas_noevict  the same kernel with compute_evict=False (attention only: the eviction overhead is the
+                  difference)
+  xla_attn        plain decode attention through XLA (jnp einsums + softmax, jitted, no scoring)
+  xla_longflow    the jnp reference (attention + importance + argmin through XLA)
+  triton          cuda_triton_bridge.longflow_decode_attention_triton, when that package imports and
+                  triton + jax_triton are there (the TRITON HOOK below); otherwise omitted
+  copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
+
+Method: every column is first checked against the jnp reference on the same inputs (out by relative
+L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
+one program that calls the column once on each of several input sets (distinct buffers, together well
+over the 50 MB L2, so no call finds its K/V in cache); the per-call time is the median over repetitions
+of that program's wall time (after jax.block_until_ready) divided by the number of sets. Achieved
+bandwidth = bytes of K + V read / time.
+
+  python3 scripts/bench_kernels.py [--out FILE.md] [--sweep] [--deadline SECONDS]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import functools
+import json
+import math
+import statistics
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from longflow_jax.reference import (
+    decode_attention_probs,
+    longflow_decode_attention_reference,
+    longflow_importance,
+)
+from pallas_kernels import decode_attention as pk
+from pallas_kernels import longflow_decode_attention
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
+SIZES = [(b, c) for b in (1, 16, 64) for c in (2048, 8192)]
+L2_BYTES = 50e6
+ROTATE_BYTES = 8 * L2_BYTES  # input sets per size span at least this many bytes
+MAX_SETS = 32
+
+# ---- TRITON HOOK: the native-Triton column (cuda_triton_bridge), omitted when it cannot run ----
+try:
+    from cuda_triton_bridge import longflow_decode_attention_triton
+
+    try:
+        from cuda_triton_bridge import triton_available
+    except ImportError:  # an older bridge without the probe: try it and let the check below decide
+        triton_available = lambda: True  # noqa: E731
+except ImportError:
+    longflow_decode_attention_triton = None
+    triton_available = lambda: False  # noqa: E731
+
+
+def xla_attention(q, k, v, kv_valid, *, scale):
+    """Plain decode attention over the slot buffer through XLA: no scoring."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qg = q.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    s = jnp.einsum("bkgd,bkcd->bkgc", qg, k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(kv_valid[:, None, None, :], s, -jnp.inf)
+    p = jax.nn.softmax(s, axis=-1)
+    out = jnp.einsum("bkgc,bkcd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype), None
+
+
+def columns(scale, granularity="sequence", extra=None):
+    cols = {
+        "pallas": functools.partial(
+            longflow_decode_attention, scale=scale, granularity=granularity, **(extra or {})
+        ),
+        "pallas_noevict": functools.partial(
+            longflow_decode_attention,
+            scale=scale,
+            granularity=granularity,
+            compute_evict=False,
+            **(extra or {}),
+        ),
+        "xla_attn": functools.partial(xla_attention, scale=scale),
+        "xla_longflow": functools.partial(
+            longflow_decode_attention_reference, scale=scale, granularity=granularity
+        ),
+    }
+    if longflow_decode_attention_triton is not None and triton_available():
+        cols["triton"] = functools.partial(
+            longflow_decode_attention_triton, scale=scale, granularity=granularity
+        )
+    return cols
+
+
+def make_sets(batch, slots, n_sets, seed=0):
+    sets = []
+    key = jax.random.PRNGKey(seed)
+    for _ in range(n_sets):
+        key, kq, kk, kv = jax.random.split(key, 4)
+        q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.float32).astype(DTYPE)
+        k = jax.random.normal(kk, (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.float32).astype(DTYPE)
+        v = jax.random.normal(kv, (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.float32).astype(DTYPE)
+        sets.append((q, k, v, jnp.ones((batch, slots), bool)))
+    return jax.block_until_ready(sets)
+
+
+def kv_bytes(batch, slots):
+    return 2 * batch * NUM_KV_HEADS * slots * HEAD_DIM * jnp.dtype(DTYPE).itemsize
+
+
+def check_column(name, fn, inputs, scale, granularity="sequence"):
+    """Raise if the column disagrees with the reference on these inputs; return a short summary."""
+    q, k, v, kv_valid = inputs
+    out, evict = jax.jit(fn)(*inputs)
+    ref_out, ref_evict = jax.jit(
+        functools.partial(longflow_decode_attention_reference, scale=scale, granularity=granularity)
+    )(*inputs)
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    rel = float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
+    if not np.all(np.isfinite(out32)) or rel > 2e-2:
+        raise AssertionError(f"{name}: out rel err {rel:.2e}")
+    if evict is None:
+        return f"out rel {rel:.1e}"
+    if name.endswith("noevict"):  # compute_evict=False: the contract's placeholder, -1 everywhere
+        if not np.all(np.asarray(evict) == -1):
+            raise AssertionError(f"{name}: evict_slot should be all -1, got {evict}")
+        return f"out rel {rel:.1e}, evict -1"
+    evict, ref_evict = np.asarray(evict), np.asarray(ref_evict)
+    if np.array_equal(evict, ref_evict):
+        return f"out rel {rel:.1e}, evict equal"
+    _, probs = decode_attention_probs(q, k, v, kv_valid, scale)
+    imp = np.asarray(longflow_importance(probs, v, kv_valid, granularity))
+    chosen = np.take_along_axis(imp, evict.reshape(imp.shape[:2])[..., None], -1)[..., 0]
+    gap = float(np.max((chosen - imp.min(-1)) / np.abs(imp.min(-1))))
+    if gap > 1e-5:
+        raise AssertionError(f"{name}: evict {evict} vs reference {ref_evict}, importance gap {gap:.1e}")
+    return f"out rel {rel:.1e}, evict within {gap:.0e} of min (near-tie)"
+
+
+def time_column(fn, sets, reps):
+    """Median seconds per call, the call repeated over distinct input sets inside one program."""
+    program = jax.jit(lambda sets: [fn(*s) for s in sets])
+    jax.block_until_ready(program(sets))
+    jax.block_until_ready(program(sets))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(program(sets))
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) / len(sets), (min(times) / len(sets), max(times) / len(sets))
+
+
+def measure_copy_bandwidth(nbytes=4 << 30, reps=20):
+    x = jax.random.normal(jax.random.PRNGKey(1), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
+    neg = jax.jit(lambda x: -x)  # read once, write once; a copy XLA cannot elide
+    jax.block_until_ready(neg(x))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(neg(x))
+        times.append(time.perf_counter() - t0)
+    del x
+    return 2 * nbytes / statistics.median(times)
+
+
+def measure_matmul_rate(n=8192, reps=10):
+    a = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32).astype(jnp.bfloat16)
+    b = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.float32).astype(jnp.bfloat16)
+    mm = jax.jit(lambda a, b: a @ b)
+    jax.block_until_ready(mm(a, b))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(mm(a, b))
+        times.append(time.perf_counter() - t0)
+    return 2 * n**3 / statistics.median(times)
+
+
+def n_sets_for(batch, slots):
+    return int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots)))))
+
+
+def sweep(sizes, scale, reps, deadline, log):
+    """Tuning sweep of the Pallas kernel's launch parameters (block_c, warps, stages, splits)."""
+    results = []
+    for batch, slots in sizes:
+        n_sets = n_sets_for(batch, slots)
+        sets = make_sets(batch, slots, n_sets, seed=7)
+        configs = []
+        for block_c, warps, stages in [
+            (64, 4, 3),
+            (32, 4, 3),
+            (128, 4, 3),
+            (128, 8, 3),
+            (64, 4, 2),
+            (64, 4, 4),
+            (64, 8, 3),
+            (128, 4, 2),
+            (32, 2, 4),
+        ]:
+            auto = pk._default_num_splits("triton", batch, NUM_KV_HEADS, math.ceil(slots / block_c), block_c)
+            for splits in sorted({auto, max(1, auto // 2), min(auto * 2, slots // block_c)}):
+                configs.append(dict(block_c=block_c, num_warps=warps, num_stages=stages, num_splits=splits))
+        for cfg in configs:
+            if time.time() > deadline:
+                log(f"sweep: deadline reached, skipping the rest at B={batch} C={slots}")
+                break
+            fn = functools.partial(longflow_decode_attention, scale=scale, **cfg)
+            try:
+                t, _ = time_column(fn, sets, reps)
+            except Exception as e:  # a config Triton cannot compile: record it, go on
+                log(f"sweep B={batch} C={slots} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+                continue
+            bw = kv_bytes(batch, slots) / t
+            results.append(dict(batch=batch, slots=slots, **cfg, us=t * 1e6, tbps=bw / 1e12))
+            log(f"sweep B={batch:3d} C={slots:5d} {cfg} {t * 1e6:9.1f} us {bw / 1e12:5.2f} TB/s")
+        del sets
+    return results
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--out", help="write the table as markdown here")
+    parser.add_argument("--reps", type=int, default=30)
+    parser.add_argument("--sweep", action="store_true", help="also sweep the Pallas launch parameters")
+    parser.add_argument("--sweep-sizes", default="1x8192,16x8192,64x2048")
+    parser.add_argument("--deadline", type=float, default=1e9, help="seconds from start for the sweep")
+    parser.add_argument("--sizes", default=",".join(f"{b}x{c}" for b, c in SIZES))
+    parser.add_argument("--copy-mb", type=int, default=4096, help="buffer size for the copy ceiling")
+    parser.add_argument("--matmul-n", type=int, default=8192)
+    args = parser.parse_args(argv)
+    start = time.time()
+    log = functools.partial(print, flush=True)
+    dev = jax.devices()[0]
+    if dev.platform != "gpu":
+        log(f"warning: running on {dev.platform}, not a GPU: the numbers mean nothing")
+    stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
+    header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}"
+    log(header)
+    log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
+    scale = HEAD_DIM**-0.5
+    copy_bw = measure_copy_bandwidth(args.copy_mb << 20)
+    mm_rate = measure_matmul_rate(args.matmul_n)
+    log(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
+
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    rows = []
+    for batch, slots in sizes:
+        n_sets = n_sets_for(batch, slots)
+        sets = make_sets(batch, slots, n_sets)
+        cols = columns(scale)
+        nbytes = kv_bytes(batch, slots)
+        flops = 4 * batch * NUM_Q_HEADS * slots * HEAD_DIM
+        row = dict(
+            batch=batch,
+            slots=slots,
+            kv_mb=nbytes / 1e6,
+            n_sets=n_sets,
+            bytes_floor_us=nbytes / copy_bw * 1e6,
+            flop_floor_us=flops / mm_rate * 1e6,
+        )
+        for name, fn in cols.items():
+            try:
+                summary = check_column(name, fn, sets[0], scale)
+                t, (tmin, tmax) = time_column(fn, sets, args.reps)
+            except Exception as e:  # report and keep going: one broken column must not hide the rest
+                log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+                row[name] = None
+                continue
+            row[name] = t * 1e6
+            row[name + "_tbps"] = nbytes / t / 1e12
+            log(
+                f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
+                f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s  [{summary}]"
+            )
+        rows.append(row)
+        del sets
+
+    sweep_rows = []
+    if args.sweep:
+        sweep_sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_sizes.split(",")]
+        sweep_rows = sweep(sweep_sizes, scale, max(10, args.reps // 2), start + args.deadline, log)
+
+    names = [
+        n
+        for n in ("pallas", "pallas_noevict", "xla_attn", "xla_longflow", "triton")
+        if any(n in r for r in rows)
+    ]
+    lines = [
+        f"{header}; copy ceiling {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
+        "",
+        "Hq/Hkv 32/8, D 128, bf16, all slots valid; median us per call (TB/s of K+V read); "
+        "% ceil = pallas bandwidth / copy ceiling",
+        "",
+        "| B | C | K+V MB | bytes floor us | flop floor us | "
+        + " | ".join(names)
+        + " | pallas % ceil | pallas vs xla_attn |",
+        "|" + "---|" * (7 + len(names)),
+    ]
+    for r in rows:
+        cells = []
+        for n in names:
+            cells.append("n/a" if r.get(n) is None else f"{r[n]:.1f} ({r[n + '_tbps']:.2f})")
+        pct = "n/a" if r.get("pallas") is None else f"{100 * r['pallas_tbps'] * 1e12 / copy_bw:.0f}%"
+        vs = (
+            "n/a"
+            if r.get("pallas") is None or r.get("xla_attn") is None
+            else f"{r['xla_attn'] / r['pallas']:.2f}x"
+        )
+        lines.append(
+            f"| {r['batch']} | {r['slots']} | {r['kv_mb']:.0f} | {r['bytes_floor_us']:.1f} | "
+            f"{r['flop_floor_us']:.1f} | " + " | ".join(cells) + f" | {pct} | {vs} |"
+        )
+    table = "\n".join(lines)
+    log("\n" + table)
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(table + "\n")
+            if sweep_rows:
+                f.write("\n<!-- sweep\n" + json.dumps(sweep_rows, indent=0) + "\n-->\n")
+    log(f"total {time.time() - start:.0f} s")
+
+
+if __name__ == "__main__":
+    main()
