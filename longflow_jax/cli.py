@@ -1,0 +1,201 @@
+"""`longflow-generate`: generate from a converted checkpoint, or `--demo` on a tiny model it builds itself.
+
+--demo writes a random Qwen3-style Hugging Face checkpoint (a transformers config plus safetensors
+weights drawn with numpy: no torch, no download), converts it with `longflow-convert`'s code, and
+generates a batch with LongFlow and with the full cache, printing tokens/s and KV-cache bytes.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+import time
+
+import jax
+import numpy as np
+
+from .config import POLICIES, CompressionConfig, SamplingConfig
+from .convert import _LAYER_NAMES, convert, load
+from .generate import buffer_capacity, generate
+from .kv_cache import kv_bytes_for
+from .model import param_shapes
+
+DEMO_MODEL = dict(
+    vocab_size=512,
+    hidden_size=128,
+    intermediate_size=384,
+    num_hidden_layers=4,
+    num_attention_heads=8,
+    num_key_value_heads=2,
+    head_dim=32,
+    max_position_embeddings=8192,
+    rms_norm_eps=1e-6,
+    tie_word_embeddings=True,
+    eos_token_id=None,
+    pad_token_id=0,
+)
+
+
+def write_random_qwen3_checkpoint(out_dir: str, seed: int = 0, **overrides) -> str:
+    """A Hugging Face-format Qwen3 checkpoint with random weights, written without torch."""
+    import transformers
+    from safetensors.numpy import save_file
+
+    from .config import ModelConfig
+
+    hf_config = transformers.Qwen3Config(**{**DEMO_MODEL, **overrides})
+    hf_config.save_pretrained(out_dir)
+    config = ModelConfig.from_pretrained_dir(out_dir).replace(dtype="float32")
+    rng = np.random.default_rng(seed)
+    inverse = {key: (hf, transpose) for hf, (key, transpose) in _LAYER_NAMES.items()}
+    tensors = {}
+    shapes = param_shapes(config)
+
+    def draw(shape, is_norm):
+        if is_norm:
+            return (1.0 + 0.02 * rng.standard_normal(shape)).astype(np.float32)
+        return (0.08 * rng.standard_normal(shape)).astype(np.float32)
+
+    tensors["model.embed_tokens.weight"] = draw(shapes["embed"].shape, False)
+    tensors["model.norm.weight"] = draw(shapes["final_norm"].shape, True)
+    if "lm_head" in shapes:
+        tensors["lm_head.weight"] = draw(shapes["lm_head"].shape[::-1], False)
+    for i, layer in enumerate(shapes["layers"]):
+        for key, sd in layer.items():
+            hf_name, transpose = inverse[key]
+            shape = sd.shape[::-1] if transpose else sd.shape
+            tensors[f"model.layers.{i}.{hf_name}"] = draw(shape, len(shape) == 1)
+    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
+    return out_dir
+
+
+def _timed_generate(params, config, ids, lengths, **kwargs):
+    """Compile once, then time a second run of the same shapes."""
+    jax.block_until_ready(generate(params, config, ids, lengths, **kwargs).tokens)
+    start = time.perf_counter()
+    out = generate(params, config, ids, lengths, **kwargs)
+    jax.block_until_ready(out.tokens)
+    return out, time.perf_counter() - start
+
+
+def _compression(args) -> CompressionConfig:
+    return CompressionConfig(policy=args.policy, budget=args.budget, granularity=args.granularity)
+
+
+def run_demo(args) -> int:
+    with tempfile.TemporaryDirectory() as tmp:
+        hf_dir = write_random_qwen3_checkpoint(os.path.join(tmp, "hf"), seed=args.seed)
+        convert(hf_dir, os.path.join(tmp, "ckpt"))
+        config, params = load(os.path.join(tmp, "ckpt"))
+    print(
+        f"demo model: random Qwen3-style, {config.num_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_heads}/{config.num_kv_heads} heads, head_dim {config.head_dim}, on {jax.devices()[0]}"
+    )
+    rng = np.random.default_rng(args.seed)
+    batch, prompt_len = args.batch, args.prompt_len
+    lengths = rng.integers(prompt_len // 2, prompt_len + 1, batch).astype(np.int32)
+    ids = rng.integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    runs = [_compression(args)]
+    if args.policy != "full":
+        runs.append(CompressionConfig(policy="full"))
+    rows = []
+    for comp in runs:
+        out, seconds = _timed_generate(
+            params, config, ids, lengths, max_new_tokens=args.max_new_tokens, compression=comp,
+            sampling=sampling, attention_impl=args.attention_impl if comp.policy in ("full", "longflow")
+            else "reference", seed=args.seed,
+        )
+        tokens = int(np.asarray(out.lengths).sum())
+        capacity = buffer_capacity(comp, prompt_len, args.max_new_tokens)
+        kv = kv_bytes_for(config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim,
+                          config.param_dtype)
+        name = comp.policy if comp.policy == "full" else f"{comp.policy} C={comp.budget}"
+        rows.append((name, tokens, seconds, kv, np.asarray(out.cache_occupancy)))
+        print(f"  {name}: first row's tokens {np.asarray(out.tokens[0, :16]).tolist()} ...")
+    print(f"\nbatch {batch}, prompts of {lengths.min()}-{lengths.max()} tokens, "
+          f"{args.max_new_tokens} new tokens per row")
+    print(f"{'cache':<18}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}{'KV bytes':>14}{'slots used/row':>16}")
+    for name, tokens, seconds, kv, occ in rows:
+        print(f"{name:<18}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}{int(occ.max()):>16}")
+    if len(rows) == 2:
+        saved = 1 - rows[0][3] / rows[1][3]
+        print(f"\nLongFlow's KV buffer is {rows[0][3]:,} bytes against {rows[1][3]:,} for the full cache: "
+              f"{saved:.1%} saved ({rows[1][3] / rows[0][3]:.1f}x smaller).")
+    return 0
+
+
+def run_checkpoint(args) -> int:
+    from transformers import AutoTokenizer
+
+    config, params = load(args.ckpt)
+    tokenizer = AutoTokenizer.from_pretrained(args.ckpt)
+    texts = args.prompt
+    if tokenizer.chat_template and not args.no_chat_template:
+        texts = [
+            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            for t in texts
+        ]
+    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
+    lengths = np.asarray([len(e) for e in encoded], np.int32)
+    ids = np.full((len(encoded), int(lengths.max())), config.pad_token_id, np.int32)
+    for row, e in enumerate(encoded):
+        ids[row, : len(e)] = e
+    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    start = time.perf_counter()
+    out = generate(params, config, ids, lengths, max_new_tokens=args.max_new_tokens,
+                   compression=_compression(args), sampling=sampling, attention_impl=args.attention_impl,
+                   seed=args.seed)
+    jax.block_until_ready(out.tokens)
+    seconds = time.perf_counter() - start
+    for row in range(len(encoded)):
+        n = int(out.lengths[row])
+        print(f"--- [{row}] {n} tokens")
+        print(tokenizer.decode(np.asarray(out.tokens[row, :n]), skip_special_tokens=True))
+    print(f"\n{int(np.asarray(out.lengths).sum())} tokens in {seconds:.1f} s (compile included)")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="longflow-generate", description=__doc__.splitlines()[0])
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--demo", action="store_true", help="build a tiny random model and generate with it")
+    src.add_argument("--ckpt", help="a converted checkpoint directory (longflow-convert)")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); with --ckpt")
+    p.add_argument("--no-chat-template", action="store_true")
+    p.add_argument("--policy", default="longflow", choices=POLICIES)
+    p.add_argument("--budget", type=int, default=None, help="KV slots per layer per sequence")
+    p.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
+    p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
+    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--batch", type=int, default=4, help="demo batch size")
+    p.add_argument("--prompt-len", type=int, default=64, help="demo prompt length")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.demo:
+        args.budget = 128 if args.budget is None else args.budget
+        args.max_new_tokens = 512 if args.max_new_tokens is None else args.max_new_tokens
+    else:
+        args.budget = 2048 if args.budget is None else args.budget
+        args.max_new_tokens = 1024 if args.max_new_tokens is None else args.max_new_tokens
+        if not args.prompt:
+            print("longflow-generate: error: --ckpt needs at least one --prompt", file=sys.stderr)
+            return 2
+    try:
+        return run_demo(args) if args.demo else run_checkpoint(args)
+    except ValueError as e:
+        print(f"longflow-generate: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Decode throughput of a random-weight model of real shape: full cache vs LongFlow (GPU).
+
+Runs prefill, then decodes in chunks of `--chunk` steps (a `lax.fori_loop` over the library's
+`decode_step` inside one jit, cache donated), timing each chunk: tokens/s overall and as a function of
+generated length (for the plot). Greedy; weights are random (speed does not depend on their values) and
+no EOS is set, so every row decodes every step. Each configuration is compiled ahead of time so the
+timed chunks exclude compilation; the first chunk is also reported separately.
+
+  python scripts/benchmark_generate.py --model qwen3-4b --runs full:16:8192 longflow:16:8192:2048 \
+      --out runs/gen.jsonl
+
+A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]], e.g. longflow:16:8192:2048:pallas.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+
+from longflow_jax import CompressionConfig, ModelConfig, decode_step, init_random_params, prefill  # noqa: E402
+from longflow_jax.generate import buffer_capacity  # noqa: E402
+from longflow_jax.kv_cache import cache_bytes  # noqa: E402
+
+MODELS = {
+    # Qwen3-4B: 36 layers, hidden 2560, 32 q heads, 8 KV heads, head_dim 128, tied embeddings.
+    "qwen3-4b": ModelConfig(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                            rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True,
+                            qk_norm=True, dtype="bfloat16"),
+    # DeepSeek-R1-Distill-Qwen-7B (Qwen2 architecture): 28 layers, hidden 3584, 28/4 heads, qkv bias.
+    "r1-distill-qwen-7b": ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584,
+                                      intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
+                                      head_dim=128, rms_norm_eps=1e-6, rope_theta=1e4,
+                                      max_position_embeddings=131072, qkv_bias=True, dtype="bfloat16"),
+    "tiny": ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=128, intermediate_size=384,
+                        num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6,
+                        rope_theta=1e6, max_position_embeddings=65536, tie_word_embeddings=True,
+                        qk_norm=True, dtype="bfloat16"),
+}
+
+
+def parse_run(spec: str):
+    parts = spec.split(":")
+    if len(parts) < 3:
+        raise ValueError(f"run {spec!r}: expected POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]]")
+    policy, batch, new = parts[0], int(parts[1]), int(parts[2])
+    budget = int(parts[3]) if len(parts) > 3 and parts[3] else 2048
+    impl = parts[4] if len(parts) > 4 else "reference"
+    return policy, batch, new, budget, impl
+
+
+def peak_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("peak_bytes_in_use")
+
+
+def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len, chunk, seed):
+    comp = CompressionConfig(policy=policy, budget=budget)
+    capacity = buffer_capacity(comp, prompt_len, new_tokens)
+    rng = np.random.default_rng(seed)
+    ids = jnp.asarray(rng.integers(1, config.vocab_size, (batch, prompt_len)), jnp.int32)
+    lengths = jnp.full((batch,), prompt_len, jnp.int32)
+
+    prefill_fn = jax.jit(lambda p, i, n: prefill(p, config, i, n, comp, capacity))
+
+    def chunk_body(p, cache, token, start):
+        def body(i, carry):
+            cache, token = carry
+            logits, cache, _ = decode_step(p, config, cache, token, lengths + start + i, jax.random.PRNGKey(0),
+                                           compression=comp, attention_impl=impl)
+            return cache, jnp.argmax(logits, -1).astype(jnp.int32)
+
+        return jax.lax.fori_loop(0, chunk, body, (cache, token))
+
+    chunk_fn = jax.jit(chunk_body, donate_argnums=(1,))
+
+    t0 = time.perf_counter()
+    cache, logits = jax.block_until_ready(prefill_fn(params, ids, lengths))
+    prefill_s = time.perf_counter() - t0  # includes compile: informational only
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    t0 = time.perf_counter()
+    compiled = chunk_fn.lower(params, cache, token, jnp.int32(0)).compile()
+    compile_s = time.perf_counter() - t0
+
+    chunk_seconds = []
+    steps = new_tokens // chunk  # one KV write per step: the buffer holds prompt + new_tokens
+    for c in range(steps):
+        t0 = time.perf_counter()
+        cache, token = compiled(params, cache, token, jnp.int32(c * chunk))
+        token.block_until_ready()
+        chunk_seconds.append(time.perf_counter() - t0)
+    decoded = steps * chunk
+    steady = chunk_seconds[1:] or chunk_seconds
+    return {
+        "policy": policy, "impl": impl, "batch": batch, "new_tokens": new_tokens, "decoded_steps": decoded,
+        "budget": budget if policy != "full" else None, "capacity": capacity, "prompt_len": prompt_len,
+        "kv_cache_bytes": cache_bytes(cache), "peak_bytes": peak_bytes(),
+        "decode_tokens_per_s": batch * decoded / sum(chunk_seconds),
+        "decode_tokens_per_s_after_first_chunk": batch * chunk * len(steady) / sum(steady),
+        "ms_per_step": 1e3 * sum(chunk_seconds) / decoded,
+        "chunk": chunk, "chunk_tokens_per_s": [batch * chunk / s for s in chunk_seconds],
+        "compile_s": compile_s, "prefill_s_incl_compile": prefill_s,
+    }
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="qwen3-4b", choices=sorted(MODELS))
+    ap.add_argument("--runs", nargs="+", required=True, help="POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]]")
+    ap.add_argument("--prompt-len", type=int, default=128)
+    ap.add_argument("--chunk", type=int, default=512)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--out", help="append one JSON line per run")
+    args = ap.parse_args(argv)
+    config = MODELS[args.model]
+    device = jax.devices()[0]
+    print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; model {args.model}")
+    params = init_random_params(config, seed=args.seed)
+    jax.block_until_ready(params)
+    results = []
+    for spec in args.runs:
+        policy, batch, new, budget, impl = parse_run(spec)
+        res = run_one(params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed)
+        res.update(model=args.model, device=device.device_kind, jax=jax.__version__,
+                   date=datetime.date.today().isoformat(), command=" ".join(sys.argv))
+        results.append(res)
+        print(f"  {spec}: {res['decode_tokens_per_s']:.0f} tok/s, {res['ms_per_step']:.2f} ms/step, "
+              f"KV {res['kv_cache_bytes'] / 2**30:.2f} GiB, compile {res['compile_s']:.0f}s", flush=True)
+        if args.out:
+            os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
+            with open(args.out, "a") as f:
+                f.write(json.dumps(res) + "\n")
+        del res
+    print(f"\n| policy | impl | batch | new tokens | KV GiB | peak GiB | ms/step | decode tok/s |")
+    print("|---|---|---|---|---|---|---|---|")
+    for r in results:
+        name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
+        peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
+        print(f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['kv_cache_bytes'] / 2**30:.2f} | "
+              f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
