@@ -10,8 +10,6 @@ The kernels fuse attention with LongFlow's scoring and argmin, so they serve "lo
 
 from __future__ import annotations
 
-import jax.numpy as jnp
-
 from .config import CompressionConfig
 from .kv_cache import LayerCache, kv_valid
 from .policies import select_evict_slot
@@ -51,7 +49,12 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
     granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
     if attention_impl != "reference":
         out, evict = _kernel(attention_impl)(
-            q, layer.k, layer.v, valid, scale=scale, granularity=granularity,
+            q,
+            layer.k,
+            layer.v,
+            valid,
+            scale=scale,
+            granularity=granularity,
             compute_evict=policy == "longflow",
         )
         if policy == "full":

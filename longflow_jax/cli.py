@@ -104,26 +104,37 @@ def run_demo(args) -> int:
     rows = []
     for comp in runs:
         out, seconds = _timed_generate(
-            params, config, ids, lengths, max_new_tokens=args.max_new_tokens, compression=comp,
-            sampling=sampling, attention_impl=args.attention_impl if comp.policy in ("full", "longflow")
-            else "reference", seed=args.seed,
+            params,
+            config,
+            ids,
+            lengths,
+            max_new_tokens=args.max_new_tokens,
+            compression=comp,
+            sampling=sampling,
+            attention_impl=args.attention_impl if comp.policy in ("full", "longflow") else "reference",
+            seed=args.seed,
         )
         tokens = int(np.asarray(out.lengths).sum())
         capacity = buffer_capacity(comp, prompt_len, args.max_new_tokens)
-        kv = kv_bytes_for(config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim,
-                          config.param_dtype)
+        kv = kv_bytes_for(
+            config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim, config.param_dtype
+        )
         name = comp.policy if comp.policy == "full" else f"{comp.policy} C={comp.budget}"
         rows.append((name, tokens, seconds, kv, np.asarray(out.cache_occupancy)))
         print(f"  {name}: first row's tokens {np.asarray(out.tokens[0, :16]).tolist()} ...")
-    print(f"\nbatch {batch}, prompts of {lengths.min()}-{lengths.max()} tokens, "
-          f"{args.max_new_tokens} new tokens per row")
+    print(
+        f"\nbatch {batch}, prompts of {lengths.min()}-{lengths.max()} tokens, "
+        f"{args.max_new_tokens} new tokens per row"
+    )
     print(f"{'cache':<18}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}{'KV bytes':>14}{'slots used/row':>16}")
     for name, tokens, seconds, kv, occ in rows:
         print(f"{name:<18}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}{int(occ.max()):>16}")
     if len(rows) == 2:
         saved = 1 - rows[0][3] / rows[1][3]
-        print(f"\nLongFlow's KV buffer is {rows[0][3]:,} bytes against {rows[1][3]:,} for the full cache: "
-              f"{saved:.1%} saved ({rows[1][3] / rows[0][3]:.1f}x smaller).")
+        print(
+            f"\nLongFlow's KV buffer is {rows[0][3]:,} bytes against {rows[1][3]:,} for the full cache: "
+            f"{saved:.1%} saved ({rows[1][3] / rows[0][3]:.1f}x smaller)."
+        )
     return 0
 
 
@@ -135,7 +146,9 @@ def run_checkpoint(args) -> int:
     texts = args.prompt
     if tokenizer.chat_template and not args.no_chat_template:
         texts = [
-            tokenizer.apply_chat_template([{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True)
+            tokenizer.apply_chat_template(
+                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
+            )
             for t in texts
         ]
     encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
@@ -145,9 +158,17 @@ def run_checkpoint(args) -> int:
         ids[row, : len(e)] = e
     sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
     start = time.perf_counter()
-    out = generate(params, config, ids, lengths, max_new_tokens=args.max_new_tokens,
-                   compression=_compression(args), sampling=sampling, attention_impl=args.attention_impl,
-                   seed=args.seed)
+    out = generate(
+        params,
+        config,
+        ids,
+        lengths,
+        max_new_tokens=args.max_new_tokens,
+        compression=_compression(args),
+        sampling=sampling,
+        attention_impl=args.attention_impl,
+        seed=args.seed,
+    )
     jax.block_until_ready(out.tokens)
     seconds = time.perf_counter() - start
     for row in range(len(encoded)):

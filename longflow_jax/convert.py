@@ -137,7 +137,9 @@ def safetensors_files(hf_dir: str) -> list[str]:
         return [single]
     found = sorted(fn for fn in os.listdir(hf_dir) if fn.endswith(".safetensors"))
     if not found:
-        raise CheckpointError(f"no *.safetensors files in {hf_dir!r} (only safetensors checkpoints are supported)")
+        raise CheckpointError(
+            f"no *.safetensors files in {hf_dir!r} (only safetensors checkpoints are supported)"
+        )
     return [os.path.join(hf_dir, fn) for fn in found]
 
 
@@ -176,7 +178,8 @@ def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
             if shape != want.shape:
                 hf_shape = want.shape[::-1] if transpose else want.shape
                 raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(arr.shape)}, expected {tuple(hf_shape)} from config.json"
+                    f"tensor {name!r} has shape {tuple(arr.shape)}, "
+                    f"expected {tuple(hf_shape)} from config.json"
                 )
             if name in seen:
                 raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
@@ -197,9 +200,11 @@ def _hf_name_for(path) -> str:
     if keys[0] == "layers":
         inverse = {v[0]: k for k, v in _LAYER_NAMES.items()}
         return f"model.layers.{keys[1]}.{inverse[keys[2]]}"
-    return {"embed": "model.embed_tokens.weight", "final_norm": "model.norm.weight", "lm_head": "lm_head.weight"}[
-        keys[0]
-    ]
+    return {
+        "embed": "model.embed_tokens.weight",
+        "final_norm": "model.norm.weight",
+        "lm_head": "lm_head.weight",
+    }[keys[0]]
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:

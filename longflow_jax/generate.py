@@ -43,7 +43,9 @@ def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tok
     return compression.budget
 
 
-def prefill(params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int):
+def prefill(
+    params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int
+):
     """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32)."""
     groups = num_score_groups(config.num_kv_heads, compression.granularity)
 
@@ -58,8 +60,17 @@ def prefill(params, config: ModelConfig, prompt_ids, prompt_lengths, compression
     return KVCache(layers=layers), logits_from_hidden(params, config, last)
 
 
-def decode_step(params, config: ModelConfig, cache: KVCache, tokens, positions, key, *,
-                compression: CompressionConfig, attention_impl: str = "reference"):
+def decode_step(
+    params,
+    config: ModelConfig,
+    cache: KVCache,
+    tokens,
+    positions,
+    key,
+    *,
+    compression: CompressionConfig,
+    attention_impl: str = "reference",
+):
     """One token per row: tokens [B] at true positions [B].
 
     Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]).
@@ -90,8 +101,9 @@ def _shape(x) -> tuple:
     return tuple(x.shape) if hasattr(x, "shape") else np.shape(x)
 
 
-def check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling,
-                          attention_impl):
+def check_generate_inputs(
+    config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
+):
     """Every user-facing check, before anything is traced. Values are checked when they are concrete."""
     if not isinstance(config, ModelConfig):
         raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
@@ -139,12 +151,24 @@ def check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, co
     if _is_concrete(prompt_ids):
         ids = np.asarray(prompt_ids)
         if ids.size and (ids.min() < 0 or ids.max() >= config.vocab_size):
-            raise ValueError(f"prompt_ids must be in [0, {config.vocab_size}), got range [{ids.min()}, {ids.max()}]")
+            raise ValueError(
+                f"prompt_ids must be in [0, {config.vocab_size}), got range [{ids.min()}, {ids.max()}]"
+            )
 
 
-def generate(params, config: ModelConfig, prompt_ids, prompt_lengths, *, max_new_tokens: int,
-             compression: CompressionConfig | None = None, sampling: SamplingConfig | None = None,
-             attention_impl: str = "reference", seed=0, return_debug: bool = False) -> GenerationOutput:
+def generate(
+    params,
+    config: ModelConfig,
+    prompt_ids,
+    prompt_lengths,
+    *,
+    max_new_tokens: int,
+    compression: CompressionConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    attention_impl: str = "reference",
+    seed=0,
+    return_debug: bool = False,
+) -> GenerationOutput:
     """Generate up to max_new_tokens per row from right-padded prompts.
 
     params/config: from `longflow_jax.load` (or `init_random_params`). prompt_ids [B, P] int,
@@ -154,18 +178,41 @@ def generate(params, config: ModelConfig, prompt_ids, prompt_lengths, *, max_new
     """
     compression = FULL if compression is None else compression
     sampling = SamplingConfig() if sampling is None else sampling
-    check_generate_inputs(config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling,
-                          attention_impl)
+    check_generate_inputs(
+        config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
+    )
     key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
-    return _generate(params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), key,
-                     config=config, max_new_tokens=int(max_new_tokens), compression=compression,
-                     sampling=sampling, attention_impl=attention_impl, return_debug=return_debug)
+    return _generate(
+        params,
+        jnp.asarray(prompt_ids, jnp.int32),
+        jnp.asarray(prompt_lengths, jnp.int32),
+        key,
+        config=config,
+        max_new_tokens=int(max_new_tokens),
+        compression=compression,
+        sampling=sampling,
+        attention_impl=attention_impl,
+        return_debug=return_debug,
+    )
 
 
-@functools.partial(jax.jit, static_argnames=(
-    "config", "max_new_tokens", "compression", "sampling", "attention_impl", "return_debug"))
-def _generate(params, prompt_ids, prompt_lengths, key, *, config, max_new_tokens, compression, sampling,
-              attention_impl, return_debug):
+@functools.partial(
+    jax.jit,
+    static_argnames=("config", "max_new_tokens", "compression", "sampling", "attention_impl", "return_debug"),
+)
+def _generate(
+    params,
+    prompt_ids,
+    prompt_lengths,
+    key,
+    *,
+    config,
+    max_new_tokens,
+    compression,
+    sampling,
+    attention_impl,
+    return_debug,
+):
     batch, prompt_len = prompt_ids.shape
     capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
@@ -189,8 +236,14 @@ def _generate(params, prompt_ids, prompt_lengths, key, *, config, max_new_tokens
         step_key = jax.random.fold_in(key, step)
         positions = prompt_lengths + step - 1  # the position of `current`, whose KV is written now
         logits, cache, evicted = decode_step(
-            params, config, cache, current, positions, jax.random.fold_in(step_key, 1),
-            compression=compression, attention_impl=attention_impl,
+            params,
+            config,
+            cache,
+            current,
+            positions,
+            jax.random.fold_in(step_key, 1),
+            compression=compression,
+            attention_impl=attention_impl,
         )
         nxt = jnp.where(done, pad, sample_next(logits, step_key, sampling))
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))

@@ -47,9 +47,7 @@ def decode_attention_probs(q, k, v, kv_valid, scale):
     num_kv_heads = k.shape[1]
     group = num_q_heads // num_kv_heads
     qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
-    logits = jnp.einsum(
-        "bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    logits = jnp.einsum("bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     logits = logits * scale
     mask = kv_valid[:, None, None, :]
     logits = jnp.where(mask, logits, -jnp.inf)
@@ -60,9 +58,7 @@ def decode_attention_probs(q, k, v, kv_valid, scale):
     unnorm = jnp.where(mask, jnp.exp(logits - row_max), 0.0)
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     probs = unnorm / jnp.where(denom > 0, denom, 1.0)
-    out = jnp.einsum(
-        "bkgc,bkcd->bkgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST
-    )
+    out = jnp.einsum("bkgc,bkcd->bkgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return (
         out.reshape(batch, num_q_heads, head_dim),
         probs.reshape(batch, num_q_heads, -1),

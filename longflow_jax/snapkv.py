@@ -23,7 +23,9 @@ def observation_scores(q, k, lengths, window: int, groups: int):
     q_win = jnp.take_along_axis(q, q_pos[:, :, None, None], axis=1)  # [B, W, Hq, D]
     q_win = q_win.reshape(batch, window, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
     logits = jnp.einsum(
-        "bwkgd,bpkd->bkgwp", q_win.astype(jnp.float32), k.astype(jnp.float32),
+        "bwkgd,bpkd->bkgwp",
+        q_win.astype(jnp.float32),
+        k.astype(jnp.float32),
         precision=jax.lax.Precision.HIGHEST,
     ) * (head_dim**-0.5)
     key_pos = jnp.arange(seq)

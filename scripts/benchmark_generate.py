@@ -9,7 +9,10 @@ timed chunks exclude compilation; the first chunk is also reported separately.
   python scripts/benchmark_generate.py --model qwen3-4b --runs full:16:8192 longflow:16:8192:2048 \
       --out runs/gen.jsonl
 
-A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]], e.g. longflow:16:8192:2048:pallas.
+A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]], e.g. longflow:16:8192:2048:pallas. BATCH may be
+`max`: the largest batch whose KV buffer, plus the params and a per-row working-set allowance, fits in
+`--memory-gib` (default: 90% of the device's memory limit), so full cache and LongFlow can be compared
+at equal memory. `--plot FILE.png` draws decode tokens/s against generated length for every run.
 """
 
 from __future__ import annotations
@@ -33,19 +36,54 @@ from longflow_jax.kv_cache import cache_bytes  # noqa: E402
 
 MODELS = {
     # Qwen3-4B: 36 layers, hidden 2560, 32 q heads, 8 KV heads, head_dim 128, tied embeddings.
-    "qwen3-4b": ModelConfig(model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-                            num_layers=36, num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6,
-                            rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=True,
-                            qk_norm=True, dtype="bfloat16"),
+    "qwen3-4b": ModelConfig(
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=2560,
+        intermediate_size=9728,
+        num_layers=36,
+        num_heads=32,
+        num_kv_heads=8,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=40960,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        dtype="bfloat16",
+    ),
     # DeepSeek-R1-Distill-Qwen-7B (Qwen2 architecture): 28 layers, hidden 3584, 28/4 heads, qkv bias.
-    "r1-distill-qwen-7b": ModelConfig(model_type="qwen2", vocab_size=152064, hidden_size=3584,
-                                      intermediate_size=18944, num_layers=28, num_heads=28, num_kv_heads=4,
-                                      head_dim=128, rms_norm_eps=1e-6, rope_theta=1e4,
-                                      max_position_embeddings=131072, qkv_bias=True, dtype="bfloat16"),
-    "tiny": ModelConfig(model_type="qwen3", vocab_size=512, hidden_size=128, intermediate_size=384,
-                        num_layers=4, num_heads=8, num_kv_heads=2, head_dim=32, rms_norm_eps=1e-6,
-                        rope_theta=1e6, max_position_embeddings=65536, tie_word_embeddings=True,
-                        qk_norm=True, dtype="bfloat16"),
+    "r1-distill-qwen-7b": ModelConfig(
+        model_type="qwen2",
+        vocab_size=152064,
+        hidden_size=3584,
+        intermediate_size=18944,
+        num_layers=28,
+        num_heads=28,
+        num_kv_heads=4,
+        head_dim=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1e4,
+        max_position_embeddings=131072,
+        qkv_bias=True,
+        dtype="bfloat16",
+    ),
+    "tiny": ModelConfig(
+        model_type="qwen3",
+        vocab_size=512,
+        hidden_size=128,
+        intermediate_size=384,
+        num_layers=4,
+        num_heads=8,
+        num_kv_heads=2,
+        head_dim=32,
+        rms_norm_eps=1e-6,
+        rope_theta=1e6,
+        max_position_embeddings=65536,
+        tie_word_embeddings=True,
+        qk_norm=True,
+        dtype="bfloat16",
+    ),
 }
 
 
@@ -53,10 +91,36 @@ def parse_run(spec: str):
     parts = spec.split(":")
     if len(parts) < 3:
         raise ValueError(f"run {spec!r}: expected POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]]")
-    policy, batch, new = parts[0], int(parts[1]), int(parts[2])
+    policy, batch, new = parts[0], parts[1] if parts[1] == "max" else int(parts[1]), int(parts[2])
     budget = int(parts[3]) if len(parts) > 3 and parts[3] else 2048
     impl = parts[4] if len(parts) > 4 else "reference"
     return policy, batch, new, budget, impl
+
+
+def params_bytes(params) -> int:
+    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
+
+
+def row_bytes(config: ModelConfig, capacity: int) -> int:
+    """Device bytes one more row costs: its KV buffer plus float32 logits and activations per step."""
+    itemsize = jnp.dtype(config.param_dtype).itemsize
+    kv = 2 * config.num_layers * config.num_kv_heads * capacity * config.head_dim * itemsize
+    work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
+    return kv + work
+
+
+def max_batch(config, params, policy, new_tokens, budget, prompt_len, memory_bytes) -> int:
+    capacity = buffer_capacity(CompressionConfig(policy=policy, budget=budget), prompt_len, new_tokens)
+    free = memory_bytes - params_bytes(params)
+    batch = int(free // row_bytes(config, capacity))
+    if batch < 1:
+        raise ValueError(f"{policy}: not even one row fits in {memory_bytes / 2**30:.1f} GiB")
+    return batch
+
+
+def device_memory_bytes():
+    stats = jax.devices()[0].memory_stats() or {}
+    return stats.get("bytes_limit")
 
 
 def peak_bytes():
@@ -76,8 +140,16 @@ def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len,
     def chunk_body(p, cache, token, start):
         def body(i, carry):
             cache, token = carry
-            logits, cache, _ = decode_step(p, config, cache, token, lengths + start + i, jax.random.PRNGKey(0),
-                                           compression=comp, attention_impl=impl)
+            logits, cache, _ = decode_step(
+                p,
+                config,
+                cache,
+                token,
+                lengths + start + i,
+                jax.random.PRNGKey(0),
+                compression=comp,
+                attention_impl=impl,
+            )
             return cache, jnp.argmax(logits, -1).astype(jnp.int32)
 
         return jax.lax.fori_loop(0, chunk, body, (cache, token))
@@ -102,15 +174,46 @@ def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len,
     decoded = steps * chunk
     steady = chunk_seconds[1:] or chunk_seconds
     return {
-        "policy": policy, "impl": impl, "batch": batch, "new_tokens": new_tokens, "decoded_steps": decoded,
-        "budget": budget if policy != "full" else None, "capacity": capacity, "prompt_len": prompt_len,
-        "kv_cache_bytes": cache_bytes(cache), "peak_bytes": peak_bytes(),
+        "policy": policy,
+        "impl": impl,
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "decoded_steps": decoded,
+        "budget": budget if policy != "full" else None,
+        "capacity": capacity,
+        "prompt_len": prompt_len,
+        "kv_cache_bytes": cache_bytes(cache),
+        "peak_bytes": peak_bytes(),
         "decode_tokens_per_s": batch * decoded / sum(chunk_seconds),
         "decode_tokens_per_s_after_first_chunk": batch * chunk * len(steady) / sum(steady),
         "ms_per_step": 1e3 * sum(chunk_seconds) / decoded,
-        "chunk": chunk, "chunk_tokens_per_s": [batch * chunk / s for s in chunk_seconds],
-        "compile_s": compile_s, "prefill_s_incl_compile": prefill_s,
+        "chunk": chunk,
+        "chunk_tokens_per_s": [batch * chunk / s for s in chunk_seconds],
+        "compile_s": compile_s,
+        "prefill_s_incl_compile": prefill_s,
     }
+
+
+def plot(results, path):
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for r in results:
+        x = [(i + 1) * r["chunk"] for i in range(len(r["chunk_tokens_per_s"]))]
+        name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
+        ax.plot(x, r["chunk_tokens_per_s"], marker=".", label=f"{name}, batch {r['batch']} ({r['impl']})")
+    ax.set_xlabel("generated tokens per row")
+    ax.set_ylabel("decode tokens/s (all rows)")
+    first = results[0]
+    ax.set_title(f"{first['model']} on {first['device']}, {first['date']}")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=120)
 
 
 def main(argv=None) -> int:
@@ -121,6 +224,8 @@ def main(argv=None) -> int:
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", help="append one JSON line per run")
+    ap.add_argument("--memory-gib", type=float, help="memory for BATCH=max (default: 90%% of the device's)")
+    ap.add_argument("--plot", help="PNG: decode tokens/s vs generated length, one line per run")
     args = ap.parse_args(argv)
     config = MODELS[args.model]
     device = jax.devices()[0]
@@ -130,24 +235,45 @@ def main(argv=None) -> int:
     results = []
     for spec in args.runs:
         policy, batch, new, budget, impl = parse_run(spec)
-        res = run_one(params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed)
-        res.update(model=args.model, device=device.device_kind, jax=jax.__version__,
-                   date=datetime.date.today().isoformat(), command=" ".join(sys.argv))
+        if batch == "max":
+            limit = args.memory_gib * 2**30 if args.memory_gib else 0.9 * (device_memory_bytes() or 0)
+            if not limit:
+                raise ValueError("BATCH=max needs --memory-gib on a device that reports no memory limit")
+            batch = max_batch(config, params, policy, new, budget, args.prompt_len, limit)
+            print(f"  {spec}: largest batch in {limit / 2**30:.1f} GiB is {batch}", flush=True)
+        res = run_one(
+            params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed
+        )
+        res.update(
+            model=args.model,
+            device=device.device_kind,
+            jax=jax.__version__,
+            date=datetime.date.today().isoformat(),
+            command=" ".join(sys.argv),
+        )
         results.append(res)
-        print(f"  {spec}: {res['decode_tokens_per_s']:.0f} tok/s, {res['ms_per_step']:.2f} ms/step, "
-              f"KV {res['kv_cache_bytes'] / 2**30:.2f} GiB, compile {res['compile_s']:.0f}s", flush=True)
+        print(
+            f"  {spec}: {res['decode_tokens_per_s']:.0f} tok/s, {res['ms_per_step']:.2f} ms/step, "
+            f"KV {res['kv_cache_bytes'] / 2**30:.2f} GiB, compile {res['compile_s']:.0f}s",
+            flush=True,
+        )
         if args.out:
             os.makedirs(os.path.dirname(os.path.abspath(args.out)), exist_ok=True)
             with open(args.out, "a") as f:
                 f.write(json.dumps(res) + "\n")
         del res
-    print(f"\n| policy | impl | batch | new tokens | KV GiB | peak GiB | ms/step | decode tok/s |")
+    if args.plot:
+        plot(results, args.plot)
+    print("\n| policy | impl | batch | new tokens | KV GiB | peak GiB | ms/step | decode tok/s |")
     print("|---|---|---|---|---|---|---|---|")
     for r in results:
         name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
         peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
-        print(f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['kv_cache_bytes'] / 2**30:.2f} | "
-              f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |")
+        print(
+            f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | "
+            f"{r['kv_cache_bytes'] / 2**30:.2f} | "
+            f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |"
+        )
     return 0
 
 

@@ -28,8 +28,18 @@ def tiny_checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("tiny")
     out = {}
     for family, extra in [
-        ("llama", dict(rope_scaling={"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
-                                     "high_freq_factor": 4.0, "original_max_position_embeddings": 32})),
+        (
+            "llama",
+            dict(
+                rope_scaling={
+                    "rope_type": "llama3",
+                    "factor": 8.0,
+                    "low_freq_factor": 1.0,
+                    "high_freq_factor": 4.0,
+                    "original_max_position_embeddings": 32,
+                }
+            ),
+        ),
         ("qwen2", {}),
         ("qwen3", {}),
     ]:

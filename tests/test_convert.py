@@ -27,7 +27,11 @@ def _write_safetensors(path, tensors):
     header, blobs, offset = {}, [], 0
     for name, arr in tensors.items():
         data = np.ascontiguousarray(arr, np.float32).tobytes()
-        header[name] = {"dtype": "F32", "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": "F32",
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         blobs.append(data)
         offset += len(data)
     raw = json.dumps(header).encode()
@@ -67,7 +71,9 @@ def _expect_failure(hf_dir, out_dir, match):
     with pytest.raises(ValueError, match=match):
         lf.convert(str(hf_dir), str(out_dir))
     assert not os.path.exists(out_dir), "a failed conversion must not leave an output directory"
-    assert not any(p.name.startswith(os.path.basename(out_dir) + ".partial") for p in out_dir.parent.iterdir())
+    assert not any(
+        p.name.startswith(os.path.basename(out_dir) + ".partial") for p in out_dir.parent.iterdir()
+    )
 
 
 def test_missing_tensor_is_named(hf_copy, tmp_path):
@@ -81,7 +87,9 @@ def test_extra_tensor_is_named(hf_copy, tmp_path):
     hf_dir, tensors = hf_copy
     tensors["model.layers.0.self_attn.q_proj.bias"] = np.ones(64, np.float32)
     _write_safetensors(hf_dir / "model.safetensors", tensors)
-    _expect_failure(hf_dir, tmp_path / "out", r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'")
+    _expect_failure(
+        hf_dir, tmp_path / "out", r"unexpected tensor 'model\.layers\.0\.self_attn\.q_proj\.bias'"
+    )
 
 
 def test_tensor_for_a_layer_beyond_config_is_unexpected(hf_copy, tmp_path):
@@ -95,7 +103,9 @@ def test_wrong_shape_is_named(hf_copy, tmp_path):
     hf_dir, tensors = hf_copy
     tensors["model.layers.0.self_attn.k_proj.weight"] = np.ones((8, 64), np.float32)
     _write_safetensors(hf_dir / "model.safetensors", tensors)
-    _expect_failure(hf_dir, tmp_path / "out", r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(8, 64\)")
+    _expect_failure(
+        hf_dir, tmp_path / "out", r"'model\.layers\.0\.self_attn\.k_proj\.weight' has shape \(8, 64\)"
+    )
 
 
 def test_unknown_model_type(hf_copy, tmp_path):
@@ -110,7 +120,10 @@ def test_unknown_model_type(hf_copy, tmp_path):
     "change, match",
     [
         ({"use_sliding_window": True}, "use_sliding_window"),
-        ({"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}}, "rope scaling type 'yarn'"),
+        (
+            {"rope_parameters": {"rope_type": "yarn", "rope_theta": 1e4, "factor": 4.0}},
+            "rope scaling type 'yarn'",
+        ),
         ({"hidden_act": "gelu"}, "hidden_act 'gelu'"),
         ({"num_key_value_heads": 3}, "multiple of num_key_value_heads"),
     ],
@@ -127,7 +140,9 @@ def test_no_weights_and_missing_shard(hf_copy, tmp_path):
     hf_dir, _ = hf_copy
     os.remove(hf_dir / "model.safetensors")
     _expect_failure(hf_dir, tmp_path / "out", r"no \*\.safetensors")
-    (hf_dir / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {"x": "part-1.safetensors"}}))
+    (hf_dir / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": {"x": "part-1.safetensors"}})
+    )
     _expect_failure(hf_dir, tmp_path / "out2", r"missing: \['part-1\.safetensors'\]")
 
 

@@ -62,8 +62,9 @@ def test_rows_stop_at_eos_and_pad_after(qwen3):
     tokens = np.asarray(free.tokens)
     eos = int(tokens[0, 5])  # make row 0's sixth token the EOS id
     first_hit = [int(np.argmax(r == eos)) if (r == eos).any() else None for r in tokens]
-    stopped = lf.generate(params, config.replace(eos_token_ids=(eos,), pad_token_id=0), ids, lengths,
-                          max_new_tokens=24)
+    stopped = lf.generate(
+        params, config.replace(eos_token_ids=(eos,), pad_token_id=0), ids, lengths, max_new_tokens=24
+    )
     for row in range(3):
         n = 24 if first_hit[row] is None else first_hit[row] + 1
         assert int(stopped.lengths[row]) == n
@@ -90,7 +91,9 @@ def test_top_p_keeps_the_smallest_nucleus():
     from longflow_jax.sampling import sample_next
 
     logits = jnp.log(jnp.asarray([[0.5, 0.3, 0.15, 0.05]] * 4000))
-    draws = np.asarray(sample_next(logits, jax.random.PRNGKey(0), SamplingConfig(temperature=1.0, top_p=0.75)))
+    draws = np.asarray(
+        sample_next(logits, jax.random.PRNGKey(0), SamplingConfig(temperature=1.0, top_p=0.75))
+    )
     assert set(np.unique(draws)) == {0, 1}  # 0.5 + 0.3 >= 0.75: tokens 2 and 3 are cut
     assert abs((draws == 0).mean() - 0.5 / 0.8) < 0.03
 
@@ -120,7 +123,10 @@ def test_generate_inside_user_jit(qwen3):
         (dict(compression=CompressionConfig(policy="longflow", budget=1024)), "budget 1024 is larger"),
         (dict(compression=CompressionConfig(policy="streaming", budget=6, num_sinks=5)), "num_sinks"),
         (dict(attention_impl="cuda"), "attention_impl must be one of"),
-        (dict(attention_impl="pallas", compression=CompressionConfig(policy="h2o", budget=8)), "needs attention_impl='reference'"),
+        (
+            dict(attention_impl="pallas", compression=CompressionConfig(policy="h2o", budget=8)),
+            "needs attention_impl='reference'",
+        ),
         (dict(float_ids=True), "integer token ids"),
         (dict(max_new_tokens=0), "positive int"),
     ],

@@ -77,8 +77,9 @@ def _numpy_longflow_evict(q, k, v, valid, scale, granularity):
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
 def test_evicted_slot_matches_numpy_float64(tmp_path, monkeypatch, granularity, heads, kv_heads):
-    hf = make_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen3", num_attention_heads=heads,
-                                 num_key_value_heads=kv_heads, seed=heads)
+    hf = make_tiny_hf_checkpoint(
+        str(tmp_path / "hf"), "qwen3", num_attention_heads=heads, num_key_value_heads=kv_heads, seed=heads
+    )
     lf.convert(hf, str(tmp_path / "lf"))
     config, params = lf.load(str(tmp_path / "lf"))
     records = []
@@ -138,8 +139,9 @@ def test_long_run_keeps_exactly_budget_slots(qwen3, monkeypatch, granularity):
     budget = 8
     comp = CompressionConfig(policy="longflow", budget=budget, granularity=granularity)
     ids, lengths = _prompts(config, [3, 10])
-    out = lf.generate(params, config, ids, lengths, max_new_tokens=4 * budget + 1, compression=comp,
-                      return_debug=True)
+    out = lf.generate(
+        params, config, ids, lengths, max_new_tokens=4 * budget + 1, compression=comp, return_debug=True
+    )
     assert calls["n"] == 1
     np.testing.assert_array_equal(np.asarray(out.cache_occupancy), [budget, budget])
     ev = np.asarray(out.evicted_positions)  # [T, L, B, G]

@@ -45,7 +45,12 @@ def test_greedy_generate_matches_transformers(tiny_checkpoints, family):
     model = hf_model(hf_dir)
     for row, n in enumerate(lengths):
         with torch.no_grad():
-            ref = model.generate(torch.tensor(prompt[row : row + 1, :n]).long(), max_new_tokens=new,
-                                 do_sample=False, eos_token_id=None, pad_token_id=0)
+            ref = model.generate(
+                torch.tensor(prompt[row : row + 1, :n]).long(),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
         np.testing.assert_array_equal(np.asarray(out.tokens[row]), ref[0, n:].numpy(), err_msg=f"row {row}")
     np.testing.assert_array_equal(np.asarray(out.lengths), [new] * 3)
