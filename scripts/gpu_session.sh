@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# Every GPU acceptance run of the project, in stages that each fit one 10-minute device call.
+#   bash scripts/gpu_session.sh STAGE      (on the GPU machine, in the repo root; logs under $OUT)
+# Stages:
+#   tests     the GPU test suite: HF parity on GPU, both kernels vs the jnp reference, generate
+#             through the kernels vs the reference path                                   (~3 min)
+#   kernels   scripts/bench_kernels.py: B {1,16,64} x C {2048,8192}, all columns, ceiling  (~4 min)
+#   gen       scripts/benchmark_generate.py, Qwen3-4B shape: full B=1 and B=16, full vs LongFlow
+#             C=2048 at B=16 over 8192 tokens (reference path and kernels)                 (~8 min)
+#   maxbatch  equal memory: full vs LongFlow at the largest batch that fits, 8192 tokens   (~9 min)
+# Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
+set -uo pipefail
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch}
+OUT=${OUT:-runs/gpu}
+mkdir -p "$OUT"
+if compgen -G ".whl/*.whl" >/dev/null; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    && export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+fi
+export PYTHONPATH=.${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+date -u | tee "$OUT/date.txt"
+nvidia-smi --query-gpu=name,memory.total,clocks.sm,clocks.mem --format=csv | tee "$OUT/gpu.txt"
+case "$stage" in
+  tests)
+    timeout 480 python3 -m pytest -q -p no:cacheprovider tests/test_model_parity.py tests/test_kernel_generate.py \
+      tests/test_pallas_kernel.py tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+  kernels)
+    timeout 540 python3 scripts/bench_kernels.py --out "$OUT/bench_kernels.md" 2>&1 | tee "$OUT/bench_kernels.log" ;;
+  gen)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b \
+      --runs full:1:2048 full:16:8192 longflow:16:8192:2048 longflow:16:8192:2048:pallas \
+      longflow:16:8192:2048:triton --out "$OUT/gen.jsonl" --plot "$OUT/gen.png" 2>&1 | tee "$OUT/gen.log" ;;
+  maxbatch)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b \
+      --runs full:max:8192 longflow:max:8192:2048:triton --out "$OUT/maxbatch.jsonl" \
+      --plot "$OUT/maxbatch.png" 2>&1 | tee "$OUT/maxbatch.log" ;;
+  *) echo "unknown stage $stage" >&2; exit 2 ;;
+esac
