@@ -1,6 +1,9 @@
 """The Triton decode kernel (cuda_triton_bridge) against the jnp reference.
 
-CPU: the package imports without triton and rejects bad inputs before touching triton.
+CPU: the package imports without triton and rejects bad inputs before touching triton. Where triton and
+torch are installed (no GPU needed), the kernels also run in Triton's interpreter, through the same
+config and launch plan (cuda_triton_bridge/interpret.py), float32 and float16 only: the Triton 3.6
+interpreter computes a bf16 tl.dot on the raw bits.
 GPU (marked `gpu`, skipped without a CUDA GPU, triton and jax-triton): random inputs, fresh per test
 (a key from the test's parameters; never zeros), against `longflow_jax.reference` computed in float32 on
 the same rounded inputs.
@@ -13,8 +16,12 @@ swap. There the chosen slot's reference importance must be within IMPORTANCE_RTO
 
 from __future__ import annotations
 
+import json
 import math
+import os
 import re
+import subprocess
+import sys
 import zlib
 
 import jax
@@ -158,6 +165,117 @@ def test_default_splits_fill_the_chip_but_keep_long_splits():
     assert small.num_splits > big.num_splits >= 1
     for cfg in (small, big):
         assert cfg.blocks_per_split * cfg.block_c >= ctb.config.MIN_SLOTS_PER_SPLIT
+
+
+# ---------------------------------------------------------------- CPU: Triton interpreter
+
+# (name, dtype, B, Hq, Hkv, C, D, valid, kwargs); the reference is jnp on the same rounded inputs.
+INTERPRETER_CASES = [
+    ("f32-mha", "float32", 4, 2, 2, 300, 64, "mixed", dict(block_c=32)),
+    ("f32-gqa4", "float32", 4, 8, 2, 300, 64, "mixed", dict(block_c=32, num_splits=3)),
+    ("f32-gqa8", "float32", 4, 16, 2, 300, 64, "mixed", dict(block_c=64)),
+    ("f32-kvhead", "float32", 4, 8, 2, 300, 64, "mixed", dict(block_c=32, granularity="kv_head")),
+    (
+        "f32-kvhead-1split",
+        "float32",
+        4,
+        8,
+        2,
+        200,
+        64,
+        "all",
+        dict(block_c=64, num_splits=1, granularity="kv_head"),
+    ),
+    ("f32-xla-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4, final_reduce="xla")),
+    ("f32-atomic-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4)),
+    ("f32-block16", "float32", 2, 4, 1, 77, 16, "mixed", dict(block_c=16, num_splits=5)),
+    ("f16-gqa4-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(block_c=64, num_splits=2)),
+    ("f16-kvhead-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(granularity="kv_head")),
+    (
+        "noevict-1split",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=64, num_splits=1, compute_evict=False),
+    ),
+    (
+        "noevict-splits",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=32, num_splits=4, compute_evict=False),
+    ),
+    (
+        "noevict-kvhead",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(num_splits=2, compute_evict=False, granularity="kv_head"),
+    ),
+]
+
+
+@pytest.fixture(scope="module")
+def interpreted(tmp_path_factory):
+    """Run every INTERPRETER_CASES entry in one TRITON_INTERPRET=1 subprocess (it must import triton)."""
+    pytest.importorskip("triton", reason="the interpreter tests need triton (no GPU)")
+    pytest.importorskip("torch", reason="the interpreter tests need torch (CPU)")
+    tmp = tmp_path_factory.mktemp("interp")
+    arrays, cases, inputs = {}, [], []
+    for i, (name, dtype, b, hq, hkv, c, d, valid, kwargs) in enumerate(INTERPRETER_CASES):
+        q, k, v, kv_valid = make_inputs(_key("interp", name), b, hq, hkv, c, d, jnp.dtype(dtype), valid)
+        inputs.append((q, k, v, kv_valid))
+        for n, x in zip("qkv", (q, k, v)):
+            arrays[f"{n}_{i}"] = np.asarray(x, np.float32)
+        arrays[f"valid_{i}"] = np.asarray(kv_valid)
+        cases.append({"dtype": dtype, "kwargs": {"scale": 1 / math.sqrt(d), "sms": 4, **kwargs}})
+    np.savez(tmp / "cases.npz", cases=json.dumps(cases), **arrays)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    proc = subprocess.run(
+        [sys.executable, "-m", "cuda_triton_bridge.interpret", str(tmp / "cases.npz"), str(tmp / "out.npz")],
+        env=env,
+        cwd=root,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    results = np.load(tmp / "out.npz")
+    return {
+        case[0]: (inputs[i], cases[i]["kwargs"], results[f"out_{i}"], results[f"evict_{i}"])
+        for i, case in enumerate(INTERPRETER_CASES)
+    }
+
+
+@pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
+def test_interpreter_matches_reference(interpreted, name):
+    (q, k, v, kv_valid), kwargs, out, evict_slot = interpreted[name]
+    granularity = kwargs.get("granularity", "sequence")
+    out = jnp.asarray(out).astype(q.dtype)
+    evict_slot = jnp.asarray(evict_slot, jnp.int32)
+    if kwargs.get("compute_evict", True):
+        assert_matches_reference(
+            q, k, v, kv_valid, out, evict_slot, scale=kwargs["scale"], granularity=granularity
+        )
+    else:
+        ref_out, _ = decode_attention_probs(q, k, v, kv_valid, kwargs["scale"])
+        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-4, atol=1e-5)
+        assert evict_slot.shape == ((q.shape[0],) if granularity == "sequence" else (q.shape[0], k.shape[1]))
+        assert (np.asarray(evict_slot) == -1).all()
 
 
 # ---------------------------------------------------------------- GPU: against the reference

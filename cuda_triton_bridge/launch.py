@@ -1,0 +1,141 @@
+"""The launch plan of one decode call: grids, output buffers and constexprs of both kernels.
+
+Pure Python (no triton, no jax_triton), shared by the jax_triton launcher (decode.py) and the Triton
+interpreter runner (interpret.py), so the CPU interpreter tests exercise exactly the plumbing that runs
+on the GPU.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups
+
+FINAL_REDUCES = ("atomic", "xla")
+LOG2E = math.log2(math.e)
+# Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
+COMBINE_TILE_ELEMS = 8192
+
+
+@dataclasses.dataclass(frozen=True)
+class Buffer:
+    """An output buffer: `dtype` is "q" (the input dtype), "f32" or "i32"; unused ones are (1,)."""
+
+    shape: tuple[int, ...]
+    dtype: str
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelLaunch:
+    grid: tuple[int, ...]
+    outputs: tuple[Buffer, ...]
+    meta: dict  # the kernel's constexprs
+    num_warps: int
+    num_stages: int
+
+
+@dataclasses.dataclass(frozen=True)
+class LaunchPlan:
+    split: KernelLaunch
+    combine: KernelLaunch | None  # None: the split kernel writes the final output (1 split, no eviction)
+    num_chunks: int  # slot chunks of the combine kernel's argmin (0 without eviction)
+    final_reduce: str
+    granularity: str
+
+    @property
+    def reduce_in_xla(self) -> bool:
+        """Chunk minima reduced by a jnp argmin after the combine kernel."""
+        return self.num_chunks > 1 and self.final_reduce == "xla"
+
+
+def _buf(shape, dtype, used=True):
+    return Buffer(tuple(shape) if used else (1,), dtype)
+
+
+def plan_launch(
+    shape: DecodeShape,
+    cfg: LaunchConfig,
+    *,
+    granularity: str,
+    compute_evict: bool,
+    final_reduce: str,
+    is_f32: bool,
+) -> LaunchPlan:
+    if final_reduce not in FINAL_REDUCES:
+        raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
+    b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
+    num_groups, heads_per_group = score_groups(shape, granularity)
+    splits = cfg.num_splits
+    direct = splits == 1
+    evict = bool(compute_evict)
+    stats = evict or not direct
+
+    split = KernelLaunch(
+        grid=(splits, hkv, b),
+        # Order = the kernel's output pointers: out, acc, m, l, t, counter, no_evict.
+        outputs=(
+            _buf((b, hq, d), "q", direct),
+            _buf((b, hq, splits, d), "f32", not direct),
+            _buf((b, hq, splits), "f32", stats),
+            _buf((b, hq, splits), "f32", stats),
+            _buf((b, hq, c), "f32", evict),
+            _buf((b,), "i32", evict),
+            _buf((b, num_groups), "i32", not evict),
+        ),
+        meta=dict(
+            HQ=hq,
+            HKV=hkv,
+            C=c,
+            D=d,
+            NUM_SPLITS=splits,
+            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
+            BLOCK_C=cfg.block_c,
+            QROWS=cfg.query_rows,
+            NG=num_groups,
+            NG_P=next_pow2(num_groups),
+            DIRECT_OUT=direct,
+            EVICT=evict,
+            DOT_PRECISION="ieee" if is_f32 else "tf32",
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+    )
+    if direct and not evict:
+        return LaunchPlan(split, None, 0, final_reduce, granularity)
+
+    ng_p, hpg_p = next_pow2(num_groups), next_pow2(heads_per_group)
+    chunk = max(16, min(cfg.combine_chunk, COMBINE_TILE_ELEMS // (ng_p * hpg_p)))
+    num_chunks = cdiv(c, chunk) if evict else 0
+    partials = evict and num_chunks > 1
+    combine = KernelLaunch(
+        grid=(max(0 if direct else hq, num_chunks), b),
+        # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
+        outputs=(
+            _buf((b, hq, d), "q", not direct),
+            _buf((b, num_groups), "i32", evict),
+            _buf((b, num_groups, num_chunks), "f32", partials),
+            _buf((b, num_groups, num_chunks), "i32", partials),
+            _buf((b,), "i32", evict),
+        ),
+        meta=dict(
+            HQ=hq,
+            C=c,
+            D=d,
+            NUM_SPLITS=splits,
+            S_P=next_pow2(splits),
+            NG=num_groups,
+            NG_P=ng_p,
+            HPG=heads_per_group,
+            HPG_P=hpg_p,
+            CHUNK=chunk,
+            NUM_CHUNKS=max(num_chunks, 1),
+            NCH_P=next_pow2(max(num_chunks, 1)),
+            COMBINE_OUT=not direct,
+            EVICT=evict,
+            ATOMIC_FINAL=final_reduce == "atomic",
+        ),
+        num_warps=cfg.combine_num_warps,
+        num_stages=1,
+    )
+    return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
