@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import numbers
 
 from longflow_jax.reference import check_decode_inputs, check_granularity, num_score_groups
 
@@ -93,7 +94,8 @@ def check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) 
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
     if min(batch, num_q_heads, num_slots) < 1:
         raise ValueError(f"empty input: q {q.shape}, k_cache {k_cache.shape}")
-    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
+    # A static number (Python or numpy scalar), not a traced array: it is baked into the launch.
+    if isinstance(scale, bool) or not isinstance(scale, numbers.Real) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float (a static softmax scale), got {scale!r}")
     if batch > 65535 or num_kv_heads > 65535:
         raise ValueError(f"batch ({batch}) and num_kv_heads ({num_kv_heads}) must be <= 65535 (grid limit)")

@@ -68,13 +68,19 @@ def decode_split_kernel(
     m_i = tl.full([QROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QROWS], tl.float32)
     acc = tl.zeros([QROWS, D], tl.float32)
+    # The mask is too narrow (one byte a slot) for the cp.async pipeline that carries K and V, so it is
+    # prefetched by hand one block ahead: its load latency hides behind the current block's math.
+    c_first = first + tl.arange(0, BLOCK_C)
+    valid_next = tl.load(valid_row + c_first, mask=c_first < C, other=0)
     for blk in range(BLOCKS_PER_SPLIT):
         c = first + blk * BLOCK_C + tl.arange(0, BLOCK_C)
         in_range = c < C
+        valid = valid_next != 0
+        c_next = c + BLOCK_C
+        valid_next = tl.load(valid_row + c_next, mask=(c_next < C) & (blk + 1 < BLOCKS_PER_SPLIT), other=0)
         kv_idx = c[:, None] * D + d[None, :]
         k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
         v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
-        valid = tl.load(valid_row + c, mask=in_range, other=0) != 0
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [QROWS, BLOCK_C]
         s = tl.where(valid[None, :], s, float("-inf"))
