@@ -189,6 +189,8 @@ INTERPRETER_CASES = [
     ("f32-xla-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4, final_reduce="xla")),
     ("f32-atomic-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4)),
     ("f32-block16", "float32", 2, 4, 1, 77, 16, "mixed", dict(block_c=16, num_splits=5)),
+    ("f32-gqa3-kvhead", "float32", 2, 9, 3, 150, 32, "mixed", dict(block_c=16, granularity="kv_head")),
+    ("f16-mqa32", "float16", 2, 32, 1, 130, 64, "all", dict(block_c=32, num_splits=2)),
     ("f16-gqa4-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(block_c=64, num_splits=2)),
     ("f16-kvhead-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(granularity="kv_head")),
     (
@@ -281,13 +283,20 @@ def test_interpreter_matches_reference(interpreted, name):
 # ---------------------------------------------------------------- GPU: against the reference
 
 
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32, jnp.float16])
-@pytest.mark.parametrize("head_dim", [64, 128])
-@pytest.mark.parametrize("group", [1, 4, 8])
-@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+# bf16 and fp32 over every head dim x GQA ratio ("sequence"); "kv_head" in bf16; fp16 spot checks.
+# Each case compiles its own kernels (shapes are constexprs), so the cross product is kept to 20.
+MATCH_CASES = (
+    [(dt, d, g, "sequence") for dt in ("bfloat16", "float32") for d in (64, 128) for g in (1, 4, 8)]
+    + [("bfloat16", d, g, "kv_head") for d in (64, 128) for g in (1, 4, 8)]
+    + [("float16", 128, 4, "sequence"), ("float16", 64, 8, "kv_head")]
+)
+
+
+@pytest.mark.parametrize("dtype, head_dim, group, granularity", MATCH_CASES)
 @gpu
 def test_matches_reference(dtype, head_dim, group, granularity):
     num_kv_heads, num_slots = 2, 300  # 300: not a multiple of any block size
+    dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
         _key(dtype, head_dim, group, granularity),
         4,
