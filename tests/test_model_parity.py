@@ -54,3 +54,19 @@ def test_greedy_generate_matches_transformers(tiny_checkpoints, family):
             )
         np.testing.assert_array_equal(np.asarray(out.tokens[row]), ref[0, n:].numpy(), err_msg=f"row {row}")
     np.testing.assert_array_equal(np.asarray(out.lengths), [new] * 3)
+
+
+@pytest.mark.parametrize("dtype, tolerance", [("bfloat16", 3e-2), ("float16", 5e-3)])
+def test_half_precision_params_track_float32(tiny_checkpoints, dtype, tolerance):
+    _, lf_dir = tiny_checkpoints["qwen2"]
+    config32, params32 = lf.load(lf_dir)
+    config, params = lf.load(lf_dir, dtype=dtype)
+    tokens = jnp.asarray(np.random.default_rng().integers(0, config.vocab_size, (2, 32)), jnp.int32)
+    want = logits_from_hidden(params32, config32, forward(params32, config32, tokens)[0])
+    got = logits_from_hidden(params, config, forward(params, config, tokens)[0])
+    assert float(jnp.linalg.norm(got - want) / jnp.linalg.norm(want)) <= tolerance
+    comp = lf.CompressionConfig(policy="longflow", budget=12)
+    cache, _ = lf.prefill(params, config, tokens, jnp.asarray([32, 20]), comp, 12)
+    assert cache.layers[0].k.dtype == jnp.dtype(dtype) and cache.layers[0].v.dtype == jnp.dtype(dtype)
+    out = lf.generate(params, config, np.asarray(tokens), [32, 20], max_new_tokens=8, compression=comp)
+    assert out.tokens.shape == (2, 8) and (np.asarray(out.cache_occupancy) == 12).all()
