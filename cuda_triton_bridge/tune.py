@@ -90,6 +90,65 @@ def time_per_call(fn, sets, target_s=0.08):
     return statistics.median(times), (max(times) - min(times)) / statistics.median(times)
 
 
+def kernel_times(fn, sets, reps=5):
+    """GPU time per call from a profiler trace: {kernel name: us per call} plus the busy span per call."""
+    import glob
+    import gzip
+    import tempfile
+
+    n = len(sets)
+    jf = jax.jit(lambda *flat: [fn(*flat[4 * i : 4 * i + 4]) for i in range(n)])
+    flat = [x for s in sets for x in s]
+    jax.block_until_ready(jf(*flat))
+    logdir = tempfile.mkdtemp()
+    jax.profiler.start_trace(logdir, create_perfetto_trace=True)
+    res = None
+    for _ in range(reps):
+        res = jf(*flat)
+    jax.block_until_ready(res)
+    jax.profiler.stop_trace()
+    path = glob.glob(os.path.join(logdir, "**", "*.json.gz"), recursive=True)[0]
+    data = json.load(gzip.open(path))
+    events = data["traceEvents"] if isinstance(data, dict) else data
+    pnames = {
+        e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
+    }
+    gpu = {p for p, name in pnames.items() if "GPU" in name or "gpu" in name}
+    kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    per = {}
+    for e in kern:
+        per[e["name"]] = per.get(e["name"], 0.0) + e["dur"] / (reps * n)
+    span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) / (reps * n) if kern else 0.0
+    return per, span, sorted({pnames[p] for p in gpu})
+
+
+def launch_overhead():
+    """Wall time per call of an empty jax-triton kernel, 64 calls in one jit (host launch cost)."""
+    import jax_triton as jt
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _touch(x_ptr, o_ptr):
+        tl.store(o_ptr, tl.load(x_ptr) + 1)
+
+    xs = [jnp.full((1,), i, jnp.int32) for i in range(64)]
+    call = lambda x: jt.triton_call(
+        x, kernel=_touch, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32), grid=(1,)
+    )
+    jf = jax.jit(lambda *a: [call(x) for x in a])
+    jax.block_until_ready(jf(*xs))
+    ts = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        for _ in range(20):
+            r = jf(*xs)
+        jax.block_until_ready(r)
+        ts.append((time.perf_counter() - t0) / (20 * 64))
+    per, span, _ = kernel_times(lambda *a: call(a[0]), [(x, x, x, x) for x in xs[:32]])
+    return statistics.median(ts), per, span
+
+
 def copy_ceiling():
     x = jax.random.normal(jax.random.key(0), (2**29,), jnp.bfloat16)  # 1 GiB
     out = {}
@@ -122,6 +181,9 @@ def main():
     ap.add_argument("--budget", type=float, default=240.0, help="seconds; stop starting new timings after")
     ap.add_argument("--phases", default="ab")
     ap.add_argument("--configs", default="", help="phase A configs 'bc:w:st,...' (default: built-in list)")
+    ap.add_argument(
+        "--diag", default="", help="phase d: 'B:C:block_c:warps:stages:splits,...' traced with the profiler"
+    )
     args = ap.parse_args()
     os.makedirs(args.out, exist_ok=True)
     deadline = time.time() + args.budget
@@ -168,6 +230,47 @@ def main():
             flush=True,
         )
         return row
+
+    if "d" in args.phases:
+        wall, per, span = launch_overhead()
+        print(
+            f"empty jax-triton kernel: {wall * 1e6:.1f} us wall per call; GPU {per} span {span:.1f} us",
+            flush=True,
+        )
+        log.write(json.dumps({"empty_kernel_wall_us": wall * 1e6, "gpu": per, "span_us": span}) + "\n")
+        for spec in filter(None, args.diag.split(",")):
+            batch, slots, bc, w, st, sp = (int(x) for x in spec.split(":"))
+            sets = sets_for((batch, slots))
+            for ev in (True, False):
+                kw = dict(block_c=bc, num_warps=w, num_stages=st, num_splits=sp, compute_evict=ev)
+                fn = lambda *a, kw=kw: longflow_decode_attention_triton(*a, scale=scale, **kw)  # noqa: E731
+                try:
+                    wall_t, _ = time_per_call(fn, sets)
+                    per, span, devs = kernel_times(fn, sets)
+                except Exception as e:
+                    print(f"  diag {spec} ev={ev}: FAILED {type(e).__name__}: {str(e)[:300]}", flush=True)
+                    continue
+                gpu_total = sum(per.values())
+                row = dict(
+                    B=batch,
+                    C=slots,
+                    tag="D",
+                    wall_us=wall_t * 1e6,
+                    gpu_us=gpu_total,
+                    span_us=span,
+                    kernels=per,
+                    devices=devs,
+                    **kw,
+                )
+                log.write(json.dumps(row) + "\n")
+                log.flush()
+                ks = ", ".join(f"{k[:40]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4])
+                print(
+                    f"  diag B={batch:3d} C={slots:5d} {kw}: wall {wall_t * 1e6:.1f} us, GPU kernels "
+                    f"{gpu_total:.1f} us ({floor_bytes(batch, slots) / gpu_total / 1e6:.2f} TB/s), span "
+                    f"{span:.1f} us [{ks}]",
+                    flush=True,
+                )
 
     best_cfg = (64, 4, 3)
     if "a" in args.phases:

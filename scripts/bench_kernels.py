@@ -96,6 +96,9 @@ def columns(scale, granularity="sequence", extra=None):
         cols["triton"] = functools.partial(
             longflow_decode_attention_triton, scale=scale, granularity=granularity
         )
+        cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
+        )
     return cols
 
 
@@ -290,7 +293,7 @@ def main(argv=None):
 
     names = [
         n
-        for n in ("pallas", "pallas_noevict", "xla_attn", "xla_longflow", "triton")
+        for n in ("pallas", "pallas_noevict", "xla_attn", "xla_longflow", "triton", "triton_noevict")
         if any(n in r for r in rows)
     ]
     lines = [
