@@ -87,12 +87,15 @@ def id_key(record_id) -> str:
     return json.dumps(record_id, sort_keys=True)
 
 
-def read_jsonl_records(path: str, validate: Callable[[dict], Any], id_field: str = "id"):
+def read_jsonl_records(
+    path: str, validate: Callable[[dict], Any], id_field: str = "id", id_from_line: bool = False
+):
     """Parse a JSONL file: returns (records in file order, skipped).
 
     validate(obj) returns the record's data or raises ValueError with the reason. Blank lines are not
-    records. Bad JSON, a non-object, a missing/null id, a failed validation and a repeated id (its
-    second and later occurrences) are skipped, each with its 1-based line number.
+    records. Bad JSON, a non-object, a missing/null id (unless id_from_line: then the line number is
+    the id), a failed validation and a repeated id (its second and later occurrences) are skipped, each
+    with its 1-based line number.
     """
     records, skipped, seen = [], [], set()
     with open(path, encoding="utf-8") as f:
@@ -108,6 +111,8 @@ def read_jsonl_records(path: str, validate: Callable[[dict], Any], id_field: str
                 skipped.append(Skipped(number, None, f"expected a JSON object, got {type(obj).__name__}"))
                 continue
             record_id = obj.get(id_field)
+            if record_id is None and id_from_line:
+                record_id = number
             if record_id is None:
                 skipped.append(Skipped(number, None, f"missing {id_field!r}"))
                 continue
@@ -376,9 +381,13 @@ def encode(tokenizer, kind: str, content, chat_template: bool, template_kwargs: 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_records(tokenizer, records, chat_template, template_kwargs, max_prompt_len):
-    """Returns (records kept, their token ids, skipped: template errors, empty and too-long prompts)."""
-    needs_template = any(chat_template or r.data[0] == "messages" for r in records)
+def encode_records(tokenizer, records, chat_template, template_kwargs, max_prompt_len, prompt_of=None):
+    """Returns (records kept, their token ids, skipped: template errors, empty and too-long prompts).
+
+    prompt_of(record) -> ("prompt", text) or ("messages", list); default: the record's data.
+    """
+    prompt_of = prompt_of or (lambda r: r.data)
+    needs_template = any(chat_template or prompt_of(r)[0] == "messages" for r in records)
     if needs_template and not tokenizer.chat_template:
         raise ValueError(
             "the checkpoint's tokenizer has no chat template: 'messages' records cannot be formatted "
@@ -387,7 +396,7 @@ def encode_records(tokenizer, records, chat_template, template_kwargs, max_promp
     kept, ids, skipped = [], [], []
     for r in records:
         try:
-            tokens = encode(tokenizer, *r.data, chat_template, template_kwargs)
+            tokens = encode(tokenizer, *prompt_of(r), chat_template, template_kwargs)
         except Exception as e:  # a template that raises on this record's messages (jinja errors vary)
             skipped.append(Skipped(r.line, r.id, f"chat template failed: {e}"))
             continue
@@ -413,6 +422,20 @@ def batch_seed(seed: int, first_id) -> int:
     return (seed * 1_000_003 + zlib.crc32(id_key(first_id).encode())) % (2**31)
 
 
+def generate_batches(generator, records, prompts, batches, *, seed: int, **generate_kwargs):
+    """Yield (batch, completions, seconds) for each planned batch, in order."""
+    for b in batches:
+        start = time.perf_counter()
+        completions = generator.generate(
+            [prompts[i] for i in b.indices],
+            b.prompt_len,
+            b.rows,
+            seed=batch_seed(seed, records[b.indices[0]].id),
+            **generate_kwargs,
+        )
+        yield b, completions, time.perf_counter() - start
+
+
 # ------------------------------------------------------------------------------------------- CLI
 
 
@@ -436,7 +459,6 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
         help="JSON object passed to apply_chat_template, e.g. '{\"enable_thinking\": false}'",
     )
     p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
-    p.add_argument("--distributed", action="store_true", help="multi-host: jax.distributed.initialize()")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
@@ -445,6 +467,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     p.add_argument("--output", required=True, help="JSONL results, appended to (resumable)")
     add_generation_args(p)
+    p.add_argument(
+        "--distributed",
+        action="store_true",
+        help="multi-host: jax.distributed.initialize(), then each process takes its share of the input",
+    )
     p.add_argument("--policy", default="longflow", choices=POLICIES)
     p.add_argument("--budget", type=int, default=2048, help="KV slots per layer per sequence")
     p.add_argument("--no-chat-template", action="store_true", help="tokenize 'prompt' records raw")
@@ -461,8 +488,8 @@ def start_processes(args) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def report(message: str) -> None:
-    print(f"{PROG}: {message}", file=sys.stderr, flush=True)
+def report(message: str, prog: str = PROG) -> None:
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
 
 
 def check_args(args) -> None:
@@ -483,9 +510,9 @@ def max_prompt_len(config, max_new_tokens: int) -> int:
     return limit
 
 
-def handle_skipped(skipped: list[Skipped], source: str, strict: bool) -> None:
+def handle_skipped(skipped: list[Skipped], source: str, strict: bool, prog: str = PROG) -> None:
     for s in skipped:
-        report(f"{source}: {'error' if strict else 'skipped'}: {s}")
+        report(f"{source}: {'error' if strict else 'skipped'}: {s}", prog)
     if strict and skipped:
         raise InputError(f"{len(skipped)} input record(s) cannot be generated for (--strict)")
 
@@ -536,19 +563,17 @@ def run(args) -> dict:
         open(out_path, "ab") as f,
         tqdm(total=len(todo), unit="prompt", disable=args.quiet, dynamic_ncols=True) as bar,
     ):
-        for batch in batches:
-            t0 = time.perf_counter()
-            completions = generator.generate(
-                [prompts[i] for i in batch.indices],
-                batch.prompt_len,
-                batch.rows,
-                max_new_tokens=args.max_new_tokens,
-                compression=compression,
-                sampling=sampling,
-                attention_impl=args.attention_impl,
-                seed=batch_seed(args.seed, todo[batch.indices[0]].id),
-            )
-            seconds = time.perf_counter() - t0
+        for batch, completions, seconds in generate_batches(
+            generator,
+            todo,
+            prompts,
+            batches,
+            seed=args.seed,
+            max_new_tokens=args.max_new_tokens,
+            compression=compression,
+            sampling=sampling,
+            attention_impl=args.attention_impl,
+        ):
             rows = []
             for i, c in zip(batch.indices, completions):
                 rows.append(

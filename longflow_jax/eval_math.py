@@ -1,0 +1,420 @@
+"""`longflow-eval`: math accuracy (GSM8K / MATH style) of one checkpoint under several KV-cache policies.
+
+Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("solution" stands in for a
+missing "answer"; a missing id becomes the line number). The reference is the text after the last
+"#### " (GSM8K), else the last \\boxed{...} (a MATH solution), else the whole answer.
+
+Each (policy, budget) run generates for every problem (the full cache runs once: budgets do not apply
+to it), extracts the model's final answer (the last \\boxed{...}, else "#### x", else "the answer is x",
+else the last number) and scores it with `answers_match`. Prints one accuracy table (policy x budget)
+and writes a JSONL row per problem and run.
+
+Scoring is deliberately exact: numbers compare as rationals (1,000 = 1000.0 = $1000; 0.5 = 1/2 =
+\\frac{1}{2}; but 0.33 != \\frac{1}{3}), everything else as normalised LaTeX strings (spaces, \\left/
+\\right, \\text{}, \\dfrac, ^\\circ, \\%, $ and units after a number removed); tuples and intervals
+compare element by element with the same brackets.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from fractions import Fraction
+
+from .batch import (
+    DataParallelGenerator,
+    add_generation_args,
+    append_lines,
+    check_args,
+    encode_records,
+    generate_batches,
+    handle_skipped,
+    max_prompt_len,
+    plan_batches,
+    read_jsonl_records,
+    report,
+    round_up,
+    sampling_from,
+)
+from .config import POLICIES, CompressionConfig
+
+PROG = "longflow-eval"
+DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
+
+# ------------------------------------------------------------------------------------ extraction
+
+
+def _braced(text: str, open_at: int) -> tuple[str, int] | None:
+    """text[open_at] == "{": (content up to its matching "}", index after it), or None if unclosed.
+    Escaped braces (\\{ \\}) do not count."""
+    depth, i = 0, open_at
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return text[open_at + 1 : i], i + 1
+        i += 1
+    return None
+
+
+_BOXED = re.compile(r"\\(?:boxed|fbox)\b")
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last complete \\boxed{...} or \\fbox{...} (nested braces), or of `\\boxed 5`."""
+    for m in reversed(list(_BOXED.finditer(text))):
+        i = m.end()
+        while i < len(text) and text[i] == " ":
+            i += 1
+        if i < len(text) and text[i] == "{":
+            found = _braced(text, i)
+            if found is not None:
+                return found[0].strip()
+        elif i > m.end():  # "\boxed 5": up to the next space or $
+            word = re.match(r"[^\s$]+", text[i:])
+            if word:
+                return word.group(0)
+    return None
+
+
+_NUMBER = r"-?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?|-?\.\d+"
+_LAST_NUMBER = re.compile(rf"(?:{_NUMBER})(?:/(?:\d+))?")
+_ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
+
+
+def extract_answer(text: str) -> tuple[str | None, str]:
+    """The model's final answer and how it was found: "boxed", "####", "answer_is", "last_number" or
+    "none"."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed, "boxed"
+    if "####" in text:
+        after = text.rsplit("####", 1)[1].strip().splitlines()
+        if after and after[0].strip():
+            return after[0].strip(), "####"
+    matches = list(_ANSWER_IS.finditer(text))
+    if matches:
+        sentence = re.split(r"\.\s|\n", matches[-1].group(1))[0].strip().rstrip(".").strip()
+        if sentence:
+            return sentence, "answer_is"
+    numbers = _LAST_NUMBER.findall(text)
+    if numbers:
+        return numbers[-1], "last_number"
+    return None, "none"
+
+
+def reference_answer(answer: str) -> str:
+    """GSM8K "... #### 42" -> "42"; a MATH solution -> its last \\boxed{}; else the answer itself."""
+    answer = str(answer)
+    if "####" in answer:
+        return answer.rsplit("####", 1)[1].strip()
+    boxed = last_boxed(answer)
+    return boxed if boxed is not None else answer.strip()
+
+
+# --------------------------------------------------------------------------------------- scoring
+
+_TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*(?=\{)")
+_SPACING = re.compile(r"\\[!,;: ]|\\q?quad(?![a-zA-Z])|~|\\displaystyle(?![a-zA-Z])")
+
+
+def _unwrap(s: str, pattern: re.Pattern) -> str:
+    """\\text{abc} -> abc, with nested braces."""
+    while True:
+        m = pattern.search(s)
+        if not m:
+            return s
+        found = _braced(s, m.end())
+        if found is None:
+            return s[: m.start()] + s[m.end() :]
+        s = s[: m.start()] + found[0] + s[found[1] :]
+
+
+def normalize_answer(answer: str) -> str:
+    """A canonical string for an answer: no spaces, units, $ or %, \\dfrac -> \\frac, and so on."""
+    s = str(answer).strip()
+    s = s.replace("\u2212", "-").replace("\u2013", "-").replace("\u00b0", "")
+    s = re.sub(r"\\(?:left|right)\.", "", s)
+    s = re.sub(r"\\(?:left|right|big|Big|bigg|Bigg)(?![a-zA-Z])", "", s)
+    s = _unwrap(s, _TEXT_WRAPPERS)
+    s = re.sub(r"\\[dt]frac(?![a-zA-Z])", r"\\frac", s)
+    s = re.sub(r"\^\s*\{?\\circ\}?|\\circ(?![a-zA-Z])|\\degree(?![a-zA-Z])", "", s)
+    s = s.replace("\\%", "").replace("%", "").replace("\\$", "").replace("$", "")
+    s = s.replace("\\{", "{").replace("\\}", "}")
+    s = _SPACING.sub(" ", s)
+    s = s.strip().rstrip(".").strip()
+    # A variable being assigned: "x = 5" -> "5" (only a single letter on the left of one "=").
+    m = re.fullmatch(r"[a-zA-Z]\s*=\s*([^=]+)", s)
+    if m:
+        s = m.group(1).strip()
+    # Units after a number: "18 dollars", "5 cm^2", "3 square feet" -> the number.
+    m = re.fullmatch(rf"({_NUMBER})\s+[a-zA-Z]+(?:\s+[a-zA-Z]+)*(?:\^\{{?\d\}}?)?", s)
+    if m:
+        s = m.group(1)
+    s = re.sub(r"\s+", "", s)
+    # Shorthand LaTeX: \frac12 -> \frac{1}{2}, \frac{1}2 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}.
+    s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
+    s = re.sub(r"\\frac(\{[^{}]*\})(\d)", r"\\frac\1{\2}", s)
+    s = re.sub(r"\\frac(\d)(\{)", r"\\frac{\1}\2", s)
+    s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
+    # A multiple-choice letter in parentheses: "(B)" -> "B".
+    m = re.fullmatch(r"\(([A-Za-z])\)", s)
+    if m:
+        s = m.group(1)
+    return s
+
+
+_PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[-+]?\.\d+")
+
+
+def to_number(s: str) -> Fraction | None:
+    """A normalised answer as an exact rational, or None: 1,000 / 2.50 / -3 / 1/2 / \\frac{-1}{2} /
+    -\\frac{3}{4} (no other expressions)."""
+    if _PLAIN_NUMBER.fullmatch(s):
+        return Fraction(s.replace(",", "").rstrip(".") or "0")
+    if s[:1] in ("-", "+") and len(s) > 1:
+        value = to_number(s[1:])
+        return None if value is None else (-value if s[0] == "-" else value)
+    m = re.fullmatch(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(r"([^/]+)/([^/]+)", s)
+    if not m:
+        return None
+    num, den = (to_number(part) for part in m.groups())
+    if num is None or den is None or den == 0:
+        return None
+    return num / den
+
+
+def _split_top_level(s: str) -> list[str]:
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(s):
+        if c in "([{":
+            depth += 1
+        elif c in ")]}":
+            depth -= 1
+        elif c == "," and depth == 0:
+            parts.append(s[start:i])
+            start = i + 1
+    return parts + [s[start:]]
+
+
+def _normalized_match(a: str, b: str) -> bool:
+    if not a or not b:
+        return False
+    if a == b:
+        return True
+    x, y = to_number(a), to_number(b)
+    if x is not None and y is not None:
+        return x == y
+    # Tuples and intervals: same brackets, same length, elements equal.
+    if len(a) > 2 and len(b) > 2 and a[0] + a[-1] == b[0] + b[-1] and a[0] in "([{" and a[-1] in ")]}":
+        xs, ys = _split_top_level(a[1:-1]), _split_top_level(b[1:-1])
+        if len(xs) == len(ys) > 1:
+            return all(_normalized_match(u, v) for u, v in zip(xs, ys))
+    return False
+
+
+def answers_match(prediction: str | None, reference: str) -> bool:
+    """Whether an extracted answer equals the reference, after normalisation (see module docstring)."""
+    if prediction is None:
+        return False
+    return _normalized_match(normalize_answer(prediction), normalize_answer(reference))
+
+
+# ------------------------------------------------------------------------------------ the harness
+
+
+def validate_problem(obj: dict) -> tuple[str, str]:
+    question = obj.get("question", obj.get("problem"))
+    if not isinstance(question, str) or not question.strip():
+        raise ValueError("needs a non-empty string 'question' (or 'problem')")
+    answer = obj.get("answer", obj.get("solution"))
+    if isinstance(answer, int | float) and not isinstance(answer, bool):
+        answer = str(answer)
+    if not isinstance(answer, str) or not answer.strip():
+        raise ValueError("needs a non-empty 'answer' (or 'solution')")
+    reference = reference_answer(answer)
+    if not reference:
+        raise ValueError(f"no final answer found in {answer[-60:]!r}")
+    return question, reference
+
+
+def parse_list(text: str, kind):
+    items = [t.strip() for t in text.split(",") if t.strip()]
+    if not items:
+        raise ValueError(f"expected a comma-separated list, got {text!r}")
+    return [kind(t) for t in items]
+
+
+def runs_for(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
+    """(policy, budget) pairs; the full cache once with budget None."""
+    for p in policies:
+        if p not in POLICIES:
+            raise ValueError(f"unknown policy {p!r}; expected some of {POLICIES}")
+    runs = []
+    for p in dict.fromkeys(policies):
+        runs += [(p, None)] if p == "full" else [(p, b) for b in dict.fromkeys(budgets)]
+    return runs
+
+
+def accuracy_table(results: dict, policies: list[str], budgets: list[int], n: int) -> str:
+    """Markdown: a row per policy, a column per budget; cells "accuracy % (correct/n)"."""
+    budgets = list(dict.fromkeys(budgets))
+    lines = [
+        "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
+        "|---|" + "---:|" * len(budgets),
+    ]
+    for p in dict.fromkeys(policies):
+        cells = []
+        for b in budgets:
+            correct = results[(p, None if p == "full" else b)]
+            cells.append(f"{100 * correct / n:.1f} ({correct}/{n})" if n else "-")
+        lines.append(f"| {p} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help='JSONL: {"id", "question"|"problem", "answer"} per line')
+    p.add_argument("--output", required=True, help="per-problem JSONL rows (overwritten)")
+    p.add_argument("--table", default=None, help="also write the markdown accuracy table here")
+    add_generation_args(p)
+    p.add_argument("--policies", default="full,longflow", help=f"comma-separated, from {POLICIES}")
+    p.add_argument("--budgets", default="2048", help="comma-separated KV budgets (slots per layer)")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument(
+        "--prompt-template",
+        default=DEFAULT_PROMPT,
+        help="the user message; {question} is replaced by the problem",
+    )
+    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
+    return p
+
+
+def run(args) -> dict:
+    from tqdm import tqdm
+
+    check_args(args)
+    policies = parse_list(args.policies, str)
+    budgets = parse_list(args.budgets, int)
+    runs = runs_for(policies, budgets)
+    sampling = sampling_from(args)
+
+    problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
+    handle_skipped(skipped, args.input, args.strict, PROG)
+    if args.limit is not None:
+        problems = problems[: args.limit]
+    generator = DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
+    limit = max_prompt_len(generator.config, args.max_new_tokens)
+    template = args.prompt_template
+    problems, prompts, too_long = encode_records(
+        generator.tokenizer,
+        problems,
+        not args.no_chat_template,
+        args.chat_template_kwargs,
+        limit,
+        prompt_of=lambda r: ("prompt", template.replace("{question}", r.data[0])),
+    )
+    handle_skipped(too_long, args.input, args.strict, PROG)
+    if not problems:
+        raise ValueError(f"no problems to evaluate in {args.input}")
+    batch_size = round_up(args.batch_size, generator.num_devices)
+    batches = plan_batches([len(p) for p in prompts], batch_size, generator.num_devices, limit)
+    report(
+        f"{len(problems)} problems ({len(skipped) + len(too_long)} skipped), runs {runs}, "
+        f"{len(batches)} batches each, data parallel over {generator.num_devices} device(s)",
+        PROG,
+    )
+
+    results, tokens = {}, {}
+    start = time.perf_counter()
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with (
+        open(args.output, "wb") as f,
+        tqdm(total=len(problems) * len(runs), unit="problem", disable=args.quiet) as bar,
+    ):
+        for policy, budget in runs:
+            compression = CompressionConfig(
+                policy=policy, budget=budget or 2048, granularity=args.granularity
+            )
+            results[(policy, budget)] = tokens[(policy, budget)] = 0
+            for b, completions, _ in generate_batches(
+                generator,
+                problems,
+                prompts,
+                batches,
+                seed=args.seed,
+                max_new_tokens=args.max_new_tokens,
+                compression=compression,
+                sampling=sampling,
+                attention_impl=args.attention_impl,
+            ):
+                rows = []
+                for i, c in zip(b.indices, completions):
+                    text = generator.tokenizer.decode(c.tokens, skip_special_tokens=True)
+                    prediction, how = extract_answer(text)
+                    correct = answers_match(prediction, problems[i].data[1])
+                    results[(policy, budget)] += correct
+                    tokens[(policy, budget)] += len(c.tokens)
+                    rows.append(
+                        {
+                            "policy": policy,
+                            "budget": budget,
+                            "id": problems[i].id,
+                            "reference": problems[i].data[1],
+                            "prediction": prediction,
+                            "extracted_by": how,
+                            "correct": correct,
+                            "completion_tokens": len(c.tokens),
+                            "finish_reason": c.finish_reason,
+                            "text": text,
+                        }
+                    )
+                append_lines(f, rows)
+                bar.update(len(rows))
+    seconds = time.perf_counter() - start
+    n = len(problems)
+    table = accuracy_table(results, policies, budgets, n)
+    notes = [
+        f"{n} problems from {args.input}, max_new_tokens {args.max_new_tokens}, "
+        f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}, "
+        f"{seconds:.1f} s; accuracy % (correct/n)"
+    ]
+    if "full" in policies:
+        notes.append("full: the full cache, one run (the budget does not apply)")
+    if skipped or too_long:
+        notes.append(f"{len(skipped) + len(too_long)} input problem(s) skipped (reported above)")
+    text = table + "\n\n" + "\n".join(notes)
+    print(text)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    return {
+        "problems": n,
+        "accuracy": {f"{p}@{b}" if b else p: results[(p, b)] / n for p, b in runs},
+        "completion_tokens": {f"{p}@{b}" if b else p: tokens[(p, b)] for p, b in runs},
+        "seconds": seconds,
+        "table": table,
+    }
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        run(args)
+    except (ValueError, OSError) as e:
+        report(f"error: {e}", PROG)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,221 @@
+"""longflow-eval: answer extraction and scoring on hand-written cases, and the harness end to end."""
+
+import json
+import shutil
+from fractions import Fraction
+
+import pytest
+
+from longflow_jax import eval_math
+from longflow_jax.eval_math import answers_match, extract_answer, last_boxed, reference_answer, to_number
+from longflow_jax.tiny_models import make_tiny_tokenizer
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        (r"so the answer is \boxed{42}.", "42"),
+        (r"first \boxed{1} then \boxed{2}", "2"),
+        (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+        (r"\boxed{x^{2} + \frac{a}{b_{1}}}", r"x^{2} + \frac{a}{b_{1}}"),
+        (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),  # escaped braces do not close it
+        (r"$\boxed{\left( 3, \frac{\pi}{2} \right)}$", r"\left( 3, \frac{\pi}{2} \right)"),
+        (r"\boxed 7$", "7"),
+        (r"\fbox{B}", "B"),
+        (r"\boxed{3} and then a cut-off \boxed{\frac{1}{", "3"),  # the unclosed last one is skipped
+        (r"\boxed{}", ""),
+    ],
+)
+def test_last_boxed(text, expected):
+    assert last_boxed(text) == expected
+
+
+def test_last_boxed_none():
+    assert last_boxed("no box here") is None
+    assert last_boxed(r"\boxed{never closed") is None
+    assert last_boxed(r"\boxedx{1}") is None  # another command
+
+
+@pytest.mark.parametrize(
+    "text, answer, how",
+    [
+        (r"Reasoning... \boxed{-3} #### 5", "-3", "boxed"),
+        ("Natalia sold 48 + 24 = 72 clips.\n#### 72", "72", "####"),
+        ("#### 1,234\nThat's it.", "1,234", "####"),
+        ("So the answer is 18.", "18", "answer_is"),
+        (r"The final answer is: \frac{3}{4}. Done", r"\frac{3}{4}", "answer_is"),
+        ("She has 3 apples, eats 1, so -2.5 remain", "-2.5", "last_number"),
+        ("costs $1,250.75 total", "1,250.75", "last_number"),
+        ("half is 1/2", "1/2", "last_number"),
+        ("no digits at all", None, "none"),
+        ("", None, "none"),
+    ],
+)
+def test_extract_answer(text, answer, how):
+    assert extract_answer(text) == (answer, how)
+
+
+@pytest.mark.parametrize(
+    "answer, reference",
+    [
+        ("Janet sells 16 - 3 - 4 = 9 eggs.\nShe makes 9 * 2 = $18.\n#### 18", "18"),
+        ("#### 1,000", "1,000"),
+        (r"The area is $\pi r^2 = \boxed{4\pi}$.", r"4\pi"),
+        (r"\frac{\sqrt{3}}{2}", r"\frac{\sqrt{3}}{2}"),
+        (" 5 ", "5"),
+        (12, "12"),
+    ],
+)
+def test_reference_answer(answer, reference):
+    assert reference_answer(answer) == reference
+
+
+@pytest.mark.parametrize(
+    "prediction, reference",
+    [
+        ("42", "42"),
+        ("42.0", "42"),
+        ("42.", "42"),
+        ("1,000", "1000"),
+        ("$1,000", "1000"),
+        (r"\$1,000.00", "1000"),
+        ("18 dollars", "18"),
+        (r"5 \text{ cm}^2", "5"),
+        (r"5\text{ inches}", "5"),
+        (r"90^\circ", "90"),
+        (r"90^{\circ}", "90"),
+        ("90°", "90"),
+        (r"25\%", "25"),
+        ("25%", "25"),
+        ("-7", "-7"),
+        ("\u22127", "-7"),  # unicode minus
+        ("0.5", r"\frac{1}{2}"),
+        (".5", r"\frac12"),
+        (r"\dfrac{1}{2}", r"\frac{1}{2}"),
+        (r"\tfrac{3}{4}", "0.75"),
+        ("3/4", r"\frac{3}{4}"),
+        ("-1/2", r"-\frac{1}{2}"),
+        (r"\frac{-1}{2}", r"-\frac{1}{2}"),
+        (r"\frac{6}{4}", "1.5"),
+        (r"\frac{1}{2}", r"\frac12"),
+        (r"\left( 1, 2 \right)", "(1,2)"),
+        ("(1, 2.0)", "(1,2)"),
+        (r"\left[ -1, \frac{1}{2} \right)", "[-1, 0.5)"),
+        (r"\text{(B)}", "B"),
+        ("(C)", r"\text{C}"),
+        ("x = 5", "5"),
+        (r"2 \sqrt{3}", r"2\sqrt3"),
+        (r"\frac{\sqrt{3}}{2}", r"\dfrac{\sqrt3}{2}"),
+        (r"3\pi", r"3 \pi"),
+        (r"\{1, 2\}", r"\{1,2\}"),
+        (r"10\,000", "10000"),
+        ("x^2 + 2x + 1", "x^2+2x+1"),
+    ],
+)
+def test_equal_answers_match(prediction, reference):
+    assert answers_match(prediction, reference)
+    assert answers_match(reference, prediction)
+
+
+@pytest.mark.parametrize(
+    "prediction, reference",
+    [
+        ("12", "21"),
+        ("-5", "5"),
+        ("5", "-5"),
+        ("0.5", "5"),
+        ("1/2", "2"),
+        (r"\frac{1}{2}", r"\frac{2}{1}"),
+        (r"\frac{1}{3}", "0.33"),  # scoring is exact: a rounded decimal is not the fraction
+        (r"\frac{1}{3}", "0.333333"),
+        ("2x", "2"),
+        (r"2\sqrt{3}", "2"),
+        (r"\sqrt{2}", "2"),
+        ("(1, 2)", "(2, 1)"),
+        ("[1, 2]", "(1, 2)"),
+        ("(1, 2)", "(1, 2, 3)"),
+        ("1,2", "12"),  # a list, not a thousands separator
+        ("10", "100"),
+        ("25%", "0.25"),
+        ("A", "B"),
+        (r"3\pi", r"3"),
+        ("x^2+1", "x^2-1"),
+        (None, "5"),
+        ("", "5"),
+        ("5", ""),
+    ],
+)
+def test_different_answers_do_not_match(prediction, reference):
+    assert not answers_match(prediction, reference)
+    if prediction is not None:
+        assert not answers_match(reference, prediction)
+
+
+def test_extract_then_score_gsm8k_style():
+    reference = reference_answer("16 - 3 - 4 = 9 eggs, 9 * 2 = 18 dollars.\n#### 18")
+    assert answers_match(extract_answer(r"She makes $18 a day. \boxed{\$18}")[0], reference)
+    assert answers_match(extract_answer("... so she earns 18 dollars every day.")[0], reference)
+    assert not answers_match(extract_answer("... 9 * 2 = 19. She makes 19.")[0], reference)
+
+
+def test_to_number():
+    assert to_number("1,234.5") == Fraction(2469, 2)
+    assert to_number(r"-\frac{3}{4}") == -0.75
+    assert to_number(r"\frac{1}{0}") is None
+    assert to_number(r"\sqrt{2}") is None and to_number("x") is None and to_number("1,23") is None
+
+
+def test_runs_and_table():
+    runs = eval_math.runs_for(["full", "longflow", "h2o"], [64, 128])
+    assert runs == [("full", None), ("longflow", 64), ("longflow", 128), ("h2o", 64), ("h2o", 128)]
+    with pytest.raises(ValueError, match="unknown policy"):
+        eval_math.runs_for(["snap"], [64])
+    results = {("full", None): 3, ("longflow", 64): 1, ("longflow", 128): 2}
+    table = eval_math.accuracy_table(results, ["full", "longflow"], [64, 128], 4)
+    assert table.splitlines() == [
+        "| policy | budget 64 | budget 128 |",
+        "|---|---:|---:|",
+        "| full | 75.0 (3/4) | 75.0 (3/4) |",
+        "| longflow | 25.0 (1/4) | 50.0 (2/4) |",
+    ]
+
+
+PROBLEMS = [
+    {"id": "g1", "question": "Tom has 3 apples and buys 4 more. How many?", "answer": "3 + 4 = 7\n#### 7"},
+    {
+        "id": "m1",
+        "problem": "What is $\\frac{1}{2} + \\frac{1}{4}$?",
+        "solution": "It is $\\boxed{\\frac34}$.",
+    },
+    {"question": "No id: 2 + 2?", "answer": "4"},
+    {"id": "bad", "question": "no answer"},
+]
+
+
+@pytest.fixture(scope="module")
+def chat_ckpt(tiny_checkpoints, tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("chat_eval") / "ckpt")
+    shutil.copytree(tiny_checkpoints["qwen3"][1], path)
+    make_tiny_tokenizer(path, vocab_size=128)
+    return path
+
+
+def test_harness_end_to_end(chat_ckpt, tmp_path, capsys):
+    inp = tmp_path / "problems.jsonl"
+    inp.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    out, table = tmp_path / "rows.jsonl", tmp_path / "table.md"
+    argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--table", str(table)]
+    argv += ["--policies", "full,longflow", "--budgets", "32,64", "--max-new-tokens", "6", "--quiet"]
+    assert eval_math.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "line 4 (id 'bad'): needs a non-empty 'answer'" in captured.err
+    assert "| policy | budget 32 | budget 64 |" in captured.out and "| longflow |" in captured.out
+    assert table.read_text().startswith("| policy | budget 32 | budget 64 |")
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 3  # 3 problems x (full, longflow@32, longflow@64)
+    assert {(r["policy"], r["budget"]) for r in rows} == {("full", None), ("longflow", 32), ("longflow", 64)}
+    refs = {r["id"]: r["reference"] for r in rows}
+    assert refs == {"g1": "7", "m1": r"\frac34", 3: "4"}  # the id-less problem is named by its line
+    for r in rows:
+        assert r["completion_tokens"] <= 6 and r["correct"] == answers_match(r["prediction"], r["reference"])
+        assert r["extracted_by"] in ("boxed", "####", "answer_is", "last_number", "none")
