@@ -42,6 +42,7 @@ def longflow_decode_attention_triton(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
+    epilogue="fused",
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -58,8 +59,11 @@ def longflow_decode_attention_triton(
       num_splits: split-K programs per (sequence, KV head) in [1, ceil(C / block_c)]; rounded to whole
         blocks per split. None: enough to fill the GPU.
       num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
-      final_reduce: "atomic" (the last combine program of a sequence reduces the chunk minima, one
-        launch) or "xla" (a jnp argmin over the chunk minima; a fallback and a cross-check).
+      epilogue: "fused" (one launch: the last program of each KV head, then of each sequence, merges
+        the splits and scores the slots, coordinated by atomic tickets) or "separate" (a second,
+        combine kernel over (chunk, sequence) programs).
+      final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
+        the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
@@ -95,4 +99,5 @@ def longflow_decode_attention_triton(
         num_warps=num_warps,
         num_stages=num_stages,
         final_reduce=final_reduce,
+        epilogue=epilogue,
     )

@@ -41,6 +41,7 @@ def longflow_decode_attention_triton(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
+    epilogue="fused",
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
@@ -54,7 +55,10 @@ def longflow_decode_attention_triton(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         is_f32=q.dtype == jnp.float32,
+        epilogue=epilogue,
     )
+    if plan.fused:
+        return _launch_fused(q, k_cache, v_cache, kv_valid, scale, plan)
     split = plan.split
     out, acc, m, ell, t, counter, no_evict = jt.triton_call(
         q,
@@ -99,6 +103,26 @@ def longflow_decode_attention_triton(
     else:
         evict_slot = comb_evict
     return out, _squeeze_groups(evict_slot, granularity)
+
+
+def _launch_fused(q, k_cache, v_cache, kv_valid, scale, plan):
+    launch = plan.split
+    out, _, _, _, _, _, evict_slot, _ = jt.triton_call(
+        q,
+        k_cache,
+        v_cache,
+        kv_valid,
+        np.float32(float(scale) * LOG2E),
+        kernel=kernels.decode_fused_kernel,
+        out_shape=_out_shapes(launch, q.dtype),
+        zeroed_outputs=launch.zeroed,  # the tickets
+        grid=launch.grid,
+        num_warps=launch.num_warps,
+        num_stages=launch.num_stages,
+        name="longflow_decode_fused",
+        **launch.meta,
+    )
+    return out, _squeeze_groups(evict_slot, plan.granularity)
 
 
 def _squeeze_groups(evict_slot, granularity):

@@ -68,6 +68,7 @@ def longflow_decode_attention_interpret(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
+    epilogue="fused",
     sms=None,
 ):
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
@@ -85,10 +86,21 @@ def longflow_decode_attention_interpret(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         is_f32=dtype == "float32",
+        epilogue=epilogue,
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
     split_out = _alloc(plan.split, _TORCH[dtype])
+    for i in plan.split.zeroed:
+        split_out[i].zero_()
+    if plan.fused:
+        kernels.decode_fused_kernel[plan.split.grid](
+            tq, tk, tv, tvalid, float(scale) * LOG2E, *split_out, **plan.split.meta
+        )
+        evict_slot = split_out[6].numpy()
+        if granularity == "sequence":
+            evict_slot = evict_slot.reshape(evict_slot.shape[0])
+        return _to_numpy(split_out[0]), evict_slot
     kernels.decode_split_kernel[plan.split.grid](
         tq, tk, tv, tvalid, float(scale) * LOG2E, *split_out, **plan.split.meta
     )

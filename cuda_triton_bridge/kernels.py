@@ -20,38 +20,28 @@ import triton.language as tl
 
 
 @triton.jit
-def decode_split_kernel(
-    q_ptr,  # [B, HQ, D]
-    k_ptr,  # [B, HKV, C, D]
-    v_ptr,  # [B, HKV, C, D]
-    valid_ptr,  # [B, C] bool
-    qk_scale,  # softmax scale * log2(e), f32
-    out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
-    acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
-    m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
-    l_ptr,  # [B, HQ, S] f32 softmax denominators
-    t_ptr,  # [B, HQ, C] f32 logit*log2e + log2||v||_1 (when EVICT)
-    counter_ptr,  # [B] i32 zeroed here for the combine kernel (when EVICT)
-    no_evict_ptr,  # [B, NG] i32 filled with -1 (when not EVICT)
+def _attend_split(
+    q_ptr,
+    k_ptr,
+    v_ptr,
+    valid_ptr,
+    t_ptr,
+    qk_scale,
+    split,
+    kvh,
+    b,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,
     D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
     BLOCKS_PER_SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr,
     QROWS: tl.constexpr,
-    NG: tl.constexpr,
-    NG_P: tl.constexpr,
-    DIRECT_OUT: tl.constexpr,
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
 ):
-    split = tl.program_id(0)
-    kvh = tl.program_id(1)
-    b = tl.program_id(2)
+    """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
     G: tl.constexpr = HQ // HKV
-
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
     head = kvh * G + rows  # query heads of this KV head's group
@@ -102,6 +92,50 @@ def decode_split_kernel(
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
 
+    return m_i, l_i, acc
+
+
+@triton.jit
+def decode_split_kernel(
+    q_ptr,  # [B, HQ, D]
+    k_ptr,  # [B, HKV, C, D]
+    v_ptr,  # [B, HKV, C, D]
+    valid_ptr,  # [B, C] bool
+    qk_scale,  # softmax scale * log2(e), f32
+    out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
+    acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
+    m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
+    l_ptr,  # [B, HQ, S] f32 softmax denominators
+    t_ptr,  # [B, HQ, C] f32 logit*log2e + log2||v||_1 (when EVICT)
+    counter_ptr,  # [B] i32 zeroed here for the combine kernel (when EVICT)
+    no_evict_ptr,  # [B, NG] i32 filled with -1 (when not EVICT)
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    QROWS: tl.constexpr,
+    NG: tl.constexpr,
+    NG_P: tl.constexpr,
+    DIRECT_OUT: tl.constexpr,
+    EVICT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    G: tl.constexpr = HQ // HKV
+
+    m_i, l_i, acc = _attend_split(
+        q_ptr, k_ptr, v_ptr, valid_ptr, t_ptr, qk_scale, split, kvh, b,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+    )  # fmt: skip
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < G
+    bh = (b * HQ + kvh * G + rows).to(tl.int64)
+    d = tl.arange(0, D)
     if DIRECT_OUT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -224,3 +258,166 @@ def decode_combine_kernel(
                         )
                         pick = tl.sum(tl.where(jj[None, :] == best_chunk[:, None], idxs, 0), axis=1)
                         tl.store(evict_ptr + b * NG + g, pick, mask=g_ok)
+
+
+@triton.jit
+def decode_fused_kernel(
+    q_ptr,  # [B, HQ, D]
+    k_ptr,  # [B, HKV, C, D]
+    v_ptr,  # [B, HKV, C, D]
+    valid_ptr,  # [B, C] bool
+    qk_scale,  # softmax scale * log2(e), f32
+    out_ptr,  # [B, HQ, D] q dtype
+    acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
+    m_ptr,  # [B, HQ, S] f32
+    l_ptr,  # [B, HQ, S] f32
+    t_ptr,  # [B, HQ, C] f32 (when EVICT)
+    imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when EVICT and NG < HKV)
+    evict_ptr,  # [B, NG] i32
+    count_ptr,  # [B * HKV + B] i32, zeroed before launch: split tickets, then KV-head tickets
+    B: tl.constexpr,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    QROWS: tl.constexpr,
+    G_P: tl.constexpr,  # next_pow2(G): the finisher's head tile
+    S_CHUNK: tl.constexpr,  # splits merged per step by the finisher
+    HKV_P: tl.constexpr,
+    NG: tl.constexpr,
+    ECHUNK: tl.constexpr,  # slots per step of the KV-head finisher
+    SCHUNK: tl.constexpr,  # slots per step of the sequence finisher
+    EVICT: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):
+    """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
+    to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
+    the last KV head of the sequence sums the per-KV-head scores and takes the argmin."""
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    G: tl.constexpr = HQ // HKV
+    m_i, l_i, acc = _attend_split(
+        q_ptr, k_ptr, v_ptr, valid_ptr, t_ptr, qk_scale, split, kvh, b,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+    )  # fmt: skip
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < G
+    bh = (b * HQ + kvh * G + rows).to(tl.int64)
+    d = tl.arange(0, D)
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
+    tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+    # Every thread's stores precede the barrier; the acq_rel ticket then publishes them to whichever
+    # program finishes last (the pattern of CUDA's grid sync), which reads them back through L2 (.cg).
+    tl.debug_barrier()
+    if NUM_SPLITS > 1:
+        ticket = tl.atomic_add(count_ptr + b * HKV + kvh, 1, sem="acq_rel", scope="gpu")
+        head_last = ticket == NUM_SPLITS - 1
+    else:
+        head_last = True
+
+    if head_last:
+        g = tl.arange(0, G_P)
+        g_ok = g < G
+        fh = (b * HQ + kvh * G + g).to(tl.int64)  # [G_P] this group's query heads
+        sp = tl.arange(0, S_CHUNK)
+        m_max = tl.full([G_P], float("-inf"), tl.float32)
+        for s0 in range(0, NUM_SPLITS, S_CHUNK):
+            s_ok = (s0 + sp) < NUM_SPLITS
+            ms = tl.load(
+                m_ptr + fh[:, None] * NUM_SPLITS + s0 + sp[None, :],
+                mask=g_ok[:, None] & s_ok[None, :],
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )
+            m_max = tl.maximum(m_max, tl.max(ms, axis=1))
+        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+        denom = tl.zeros([G_P], tl.float32)
+        o_sum = tl.zeros([G_P, D], tl.float32)
+        for s0 in range(0, NUM_SPLITS, S_CHUNK):
+            s_ok = (s0 + sp) < NUM_SPLITS
+            st_ok = g_ok[:, None] & s_ok[None, :]
+            st_idx = fh[:, None] * NUM_SPLITS + s0 + sp[None, :]
+            ms = tl.load(m_ptr + st_idx, mask=st_ok, other=float("-inf"), cache_modifier=".cg")
+            ls = tl.load(l_ptr + st_idx, mask=st_ok, other=0.0, cache_modifier=".cg")
+            w = tl.exp2(ms - m_use[:, None])  # [G_P, S_CHUNK]
+            denom += tl.sum(ls * w, axis=1)
+            if NUM_SPLITS > 1:
+                accs = tl.load(
+                    acc_ptr + st_idx[:, :, None] * D + d[None, None, :],
+                    mask=st_ok[:, :, None],
+                    other=0.0,
+                    cache_modifier=".cg",
+                )
+                o_sum += tl.sum(accs * w[:, :, None], axis=1)
+        inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+        if NUM_SPLITS > 1:
+            o = o_sum * inv_denom[:, None]
+            tl.store(
+                out_ptr + fh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None]
+            )
+
+        if EVICT:
+            valid_row = valid_ptr + b.to(tl.int64) * C
+            ec = tl.arange(0, ECHUNK)
+            best_val = float("inf")
+            best_slot = 0
+            for c0 in range(0, C, ECHUNK):
+                c = c0 + ec
+                c_ok = c < C
+                t = tl.load(
+                    t_ptr + fh[:, None] * C + c[None, :],
+                    mask=g_ok[:, None] & c_ok[None, :],
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
+                if NG == HKV:  # one score group per KV head: this program has everything
+                    valid = tl.load(valid_row + c, mask=c_ok, other=0) != 0
+                    score = tl.where(c_ok, tl.where(valid, imp, -1.0), float("inf"))
+                    cmin, cat = tl.min(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+                    take = cmin < best_val  # strict: an earlier chunk keeps ties (lowest slot)
+                    best_slot = tl.where(take, c0 + cat, best_slot)
+                    best_val = tl.where(take, cmin, best_val)
+                else:
+                    tl.store(imp_ptr + (b * HKV + kvh).to(tl.int64) * C + c, imp, mask=c_ok)
+            if NG == HKV:
+                tl.store(evict_ptr + b * NG + kvh, best_slot)
+            else:
+                tl.debug_barrier()
+                seq_ticket = tl.atomic_add(count_ptr + B * HKV + b, 1, sem="acq_rel", scope="gpu")
+                if seq_ticket == HKV - 1:
+                    hk = tl.arange(0, HKV_P)
+                    sc = tl.arange(0, SCHUNK)
+                    imp_rows = imp_ptr + (b * HKV + hk).to(tl.int64)[:, None] * C
+                    seq_val = float("inf")
+                    seq_slot = 0
+                    for c0 in range(0, C, SCHUNK):
+                        c = c0 + sc
+                        c_ok = c < C
+                        part = tl.load(
+                            imp_rows + c[None, :],
+                            mask=(hk[:, None] < HKV) & c_ok[None, :],
+                            other=0.0,
+                            cache_modifier=".cg",
+                        )
+                        valid = tl.load(valid_row + c, mask=c_ok, other=0) != 0
+                        score = tl.where(c_ok, tl.where(valid, tl.sum(part, axis=0), -1.0), float("inf"))
+                        cmin, cat = tl.min(
+                            score, axis=0, return_indices=True, return_indices_tie_break_left=True
+                        )
+                        take = cmin < seq_val
+                        seq_slot = tl.where(take, c0 + cat, seq_slot)
+                        seq_val = tl.where(take, cmin, seq_val)
+                    tl.store(evict_ptr + b, seq_slot)
+        else:
+            if kvh < NG:
+                tl.store(evict_ptr + b * NG + kvh, -1)

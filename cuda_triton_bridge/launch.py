@@ -13,9 +13,12 @@ import math
 from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups
 
 FINAL_REDUCES = ("atomic", "xla")
+EPILOGUES = ("fused", "separate")
 LOG2E = math.log2(math.e)
 # Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
 COMBINE_TILE_ELEMS = 8192
+# The fused kernel's finisher tiles (it runs after the main loop, in the same registers budget).
+FINISH_TILE_ELEMS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -33,15 +36,17 @@ class KernelLaunch:
     meta: dict  # the kernel's constexprs
     num_warps: int
     num_stages: int
+    zeroed: tuple[int, ...] = ()  # outputs memset to 0 before the launch
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    split: KernelLaunch
-    combine: KernelLaunch | None  # None: the split kernel writes the final output (1 split, no eviction)
+    split: KernelLaunch  # the main kernel: decode_split_kernel, or decode_fused_kernel when fused
+    combine: KernelLaunch | None  # None: one launch (fused, or 1 split without eviction)
     num_chunks: int  # slot chunks of the combine kernel's argmin (0 without eviction)
     final_reduce: str
     granularity: str
+    fused: bool = False
 
     @property
     def reduce_in_xla(self) -> bool:
@@ -61,15 +66,20 @@ def plan_launch(
     compute_evict: bool,
     final_reduce: str,
     is_f32: bool,
+    epilogue: str = "fused",
 ) -> LaunchPlan:
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     num_groups, heads_per_group = score_groups(shape, granularity)
     splits = cfg.num_splits
     direct = splits == 1
     evict = bool(compute_evict)
     stats = evict or not direct
+    if epilogue == "fused":
+        return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce)
 
     split = KernelLaunch(
         grid=(splits, hkv, b),
@@ -139,3 +149,47 @@ def plan_launch(
         num_stages=1,
     )
     return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
+
+
+def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce) -> LaunchPlan:
+    b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
+    splits = cfg.num_splits
+    g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
+    per_kv_head_scores = evict and num_groups < hkv
+    launch = KernelLaunch(
+        grid=(splits, hkv, b),
+        # Order = the kernel's output pointers: out, acc, m, l, t, imp, evict, count.
+        outputs=(
+            _buf((b, hq, d), "q"),
+            _buf((b, hq, splits, d), "f32", splits > 1),
+            _buf((b, hq, splits), "f32"),
+            _buf((b, hq, splits), "f32"),
+            _buf((b, hq, c), "f32", evict),
+            _buf((b, hkv, c), "f32", per_kv_head_scores),
+            _buf((b, num_groups), "i32"),
+            _buf((b * hkv + b,), "i32"),
+        ),
+        meta=dict(
+            B=b,
+            HQ=hq,
+            HKV=hkv,
+            C=c,
+            D=d,
+            NUM_SPLITS=splits,
+            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
+            BLOCK_C=cfg.block_c,
+            QROWS=cfg.query_rows,
+            G_P=g_p,
+            S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
+            HKV_P=hkv_p,
+            NG=num_groups,
+            ECHUNK=max(16, min(next_pow2(c), FINISH_TILE_ELEMS // g_p)),
+            SCHUNK=max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p)),
+            EVICT=evict,
+            DOT_PRECISION="ieee" if is_f32 else "tf32",
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        zeroed=(7,),
+    )
+    return LaunchPlan(launch, None, 0, final_reduce, granularity, fused=True)

@@ -239,10 +239,16 @@ def main():
         )
         log.write(json.dumps({"empty_kernel_wall_us": wall * 1e6, "gpu": per, "span_us": span}) + "\n")
         for spec in filter(None, args.diag.split(",")):
-            batch, slots, bc, w, st, sp = (int(x) for x in spec.split(":"))
+            # B:C:block_c:warps:stages:splits[:f|s[:e|n|en]] (epilogue fused/separate; evict, no-evict, both)
+            fields = spec.split(":")
+            batch, slots, bc, w, st, sp = (int(x) for x in fields[:6])
+            epilogue = {"f": "fused", "s": "separate"}[fields[6] if len(fields) > 6 else "f"]
+            evicts = [{"e": True, "n": False}[x] for x in (fields[7] if len(fields) > 7 else "en")]
             sets = sets_for((batch, slots))
-            for ev in (True, False):
-                kw = dict(block_c=bc, num_warps=w, num_stages=st, num_splits=sp, compute_evict=ev)
+            for ev in evicts:
+                kw = dict(
+                    block_c=bc, num_warps=w, num_stages=st, num_splits=sp, compute_evict=ev, epilogue=epilogue
+                )
                 fn = lambda *a, kw=kw: longflow_decode_attention_triton(*a, scale=scale, **kw)  # noqa: E731
                 try:
                     wall_t, _ = time_per_call(fn, sets)

@@ -169,7 +169,9 @@ def test_default_splits_fill_the_chip_but_keep_long_splits():
 
 # ---------------------------------------------------------------- CPU: Triton interpreter
 
+SEPARATE = dict(epilogue="separate")
 # (name, dtype, B, Hq, Hkv, C, D, valid, kwargs); the reference is jnp on the same rounded inputs.
+# The default epilogue is the fused one; SEPARATE cases run the two-kernel path.
 INTERPRETER_CASES = [
     ("f32-mha", "float32", 4, 2, 2, 300, 64, "mixed", dict(block_c=32)),
     ("f32-gqa4", "float32", 4, 8, 2, 300, 64, "mixed", dict(block_c=32, num_splits=3)),
@@ -186,8 +188,53 @@ INTERPRETER_CASES = [
         "all",
         dict(block_c=64, num_splits=1, granularity="kv_head"),
     ),
-    ("f32-xla-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4, final_reduce="xla")),
-    ("f32-atomic-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4)),
+    (
+        "f32-xla-final",
+        "float32",
+        2,
+        8,
+        2,
+        700,
+        64,
+        "all",
+        dict(block_c=64, num_splits=4, **SEPARATE, final_reduce="xla"),
+    ),
+    ("f32-atomic-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4, **SEPARATE)),
+    (
+        "f32-separate-kvhead",
+        "float32",
+        4,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=32, granularity="kv_head", **SEPARATE),
+    ),
+    ("f16-separate-1split", "float16", 4, 8, 2, 300, 128, "mixed", dict(num_splits=1, **SEPARATE)),
+    (
+        "noevict-separate",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(num_splits=3, compute_evict=False, **SEPARATE),
+    ),
+    (
+        "f32-fused-splits-kvhead",
+        "float32",
+        2,
+        8,
+        2,
+        700,
+        64,
+        "all",
+        dict(block_c=32, num_splits=7, granularity="kv_head"),
+    ),
+    ("f32-fused-many-splits", "float32", 2, 8, 4, 600, 32, "mixed", dict(block_c=16, num_splits=37)),
     ("f32-block16", "float32", 2, 4, 1, 77, 16, "mixed", dict(block_c=16, num_splits=5)),
     ("f32-gqa3-kvhead", "float32", 2, 9, 3, 150, 32, "mixed", dict(block_c=16, granularity="kv_head")),
     ("f16-mqa32", "float16", 2, 32, 1, 130, 64, "all", dict(block_c=32, num_splits=2)),
@@ -314,22 +361,32 @@ def test_matches_reference(dtype, head_dim, group, granularity):
 
 
 @pytest.mark.parametrize("block_c, num_splits", [(16, 1), (32, 3), (64, 16), (128, 2), (256, 1), (32, 32)])
+@pytest.mark.parametrize("epilogue", ["fused", "separate"])
 @gpu
-def test_block_and_split_choices(block_c, num_splits):
+def test_block_and_split_choices(block_c, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits
+        q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("epilogue", ["fused", "separate"])
 @gpu
-def test_without_eviction_returns_minus_one(granularity, num_splits):
+def test_without_eviction_returns_minus_one(granularity, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.088, granularity=granularity, compute_evict=False, num_splits=num_splits
+        q,
+        k,
+        v,
+        valid,
+        scale=0.088,
+        granularity=granularity,
+        compute_evict=False,
+        num_splits=num_splits,
+        epilogue=epilogue,
     )
     ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
     rel = jnp.linalg.norm(out.astype(jnp.float32) - ref_out) / jnp.linalg.norm(ref_out)
@@ -340,14 +397,22 @@ def test_without_eviction_returns_minus_one(granularity, num_splits):
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @gpu
-def test_atomic_and_xla_final_reduce_agree(granularity):
+def test_fused_and_separate_epilogues_agree(granularity):
     q, k, v, valid = make_inputs(_key("final", granularity), 4, 16, 4, 3000, 128, jnp.bfloat16, valid="all")
     kw = dict(scale=0.088, granularity=granularity, num_splits=8)
-    out_a, ev_a = ctb.longflow_decode_attention_triton(q, k, v, valid, final_reduce="atomic", **kw)
-    out_x, ev_x = ctb.longflow_decode_attention_triton(q, k, v, valid, final_reduce="xla", **kw)
-    np.testing.assert_array_equal(np.asarray(ev_a), np.asarray(ev_x))
-    np.testing.assert_array_equal(np.asarray(out_a), np.asarray(out_x))
-    assert_matches_reference(q, k, v, valid, out_a, ev_a, scale=0.088, granularity=granularity)
+    results = [
+        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="fused", **kw),
+        ctb.longflow_decode_attention_triton(
+            q, k, v, valid, epilogue="separate", final_reduce="atomic", **kw
+        ),
+        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="separate", final_reduce="xla", **kw),
+    ]
+    for out, ev in results[1:]:
+        np.testing.assert_array_equal(np.asarray(ev), np.asarray(results[0][1]))
+        np.testing.assert_allclose(
+            np.asarray(out, np.float32), np.asarray(results[0][0], np.float32), rtol=1e-2, atol=1e-2
+        )
+    assert_matches_reference(q, k, v, valid, *results[0], scale=0.088, granularity=granularity)
 
 
 @pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048)])
