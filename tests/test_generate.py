@@ -1,18 +1,13 @@
 """generate(): compile-once decode loop, stopping, sampling, use inside user jit, input errors."""
 
-import functools
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import count_decode_step_traces, make_prompts
 
 import longflow_jax as lf
 from longflow_jax.config import CompressionConfig, SamplingConfig
-
-# the package re-exports the function `generate`, which shadows the submodule as an attribute
-gen_mod = importlib.import_module("longflow_jax.generate")
 
 
 @pytest.fixture(scope="module")
@@ -20,44 +15,23 @@ def qwen3(tiny_checkpoints):
     return lf.load(tiny_checkpoints["qwen3"][1])
 
 
-def _prompts(config, lengths, seed=None):
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, config.vocab_size, n)
-    return ids, np.asarray(lengths, np.int32)
-
-
-def _count_decode_traces(monkeypatch):
-    calls = {"n": 0}
-    original = gen_mod.decode_step
-
-    @functools.wraps(original)
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gen_mod, "decode_step", counting)
-    return calls
-
-
 def test_decode_step_traced_once_per_shape(qwen3, monkeypatch):
     config, params = qwen3
-    calls = _count_decode_traces(monkeypatch)
-    ids, lengths = _prompts(config, [5, 11])
+    calls = count_decode_step_traces(monkeypatch)
+    ids, lengths = make_prompts(config, [5, 11])
     comp = CompressionConfig(policy="longflow", budget=8)
     # a configuration no other test compiles, so the jit cache starts empty for it
     out = lf.generate(params, config, ids, lengths, max_new_tokens=37, compression=comp)
     assert int(out.lengths.min()) == 37
     assert calls["n"] == 1, "the decode loop body must be traced once for the whole generation"
-    ids2, lengths2 = _prompts(config, [3, 11])  # same shapes, other values: no retrace
+    ids2, lengths2 = make_prompts(config, [3, 11])  # same shapes, other values: no retrace
     lf.generate(params, config, ids2, lengths2, max_new_tokens=37, compression=comp)
     assert calls["n"] == 1
 
 
 def test_rows_stop_at_eos_and_pad_after(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [6, 9, 4], seed=3)
+    ids, lengths = make_prompts(config, [6, 9, 4], seed=3)
     free = lf.generate(params, config, ids, lengths, max_new_tokens=24)
     tokens = np.asarray(free.tokens)
     eos = int(tokens[0, 5])  # make row 0's sixth token the EOS id
@@ -74,7 +48,7 @@ def test_rows_stop_at_eos_and_pad_after(qwen3):
 
 def test_sampling_is_seeded_and_respects_top_k(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [7, 7])
+    ids, lengths = make_prompts(config, [7, 7])
     s = SamplingConfig(temperature=1.0, top_k=1)
     greedy = lf.generate(params, config, ids, lengths, max_new_tokens=12)
     top1 = lf.generate(params, config, ids, lengths, max_new_tokens=12, sampling=s, seed=5)
@@ -100,7 +74,7 @@ def test_top_p_keeps_the_smallest_nucleus():
 
 def test_generate_inside_user_jit(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [5, 8])
+    ids, lengths = make_prompts(config, [5, 8])
     comp = CompressionConfig(policy="longflow", budget=6)
 
     @jax.jit

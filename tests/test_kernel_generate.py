@@ -7,6 +7,7 @@ GPU or TPU; the Triton kernel needs a CUDA GPU with triton and jax-triton.
 import jax
 import numpy as np
 import pytest
+from helpers import make_prompts
 
 import longflow_jax as lf
 from longflow_jax.config import CompressionConfig
@@ -17,16 +18,8 @@ def qwen3(tiny_checkpoints):
     return lf.load(tiny_checkpoints["qwen3"][1])
 
 
-def _prompts(config, lengths):
-    rng = np.random.default_rng()
-    ids = np.zeros((len(lengths), max(lengths)), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, config.vocab_size, n)
-    return ids, np.asarray(lengths, np.int32)
-
-
 def _same_tokens(params, config, impl, comp):
-    ids, lengths = _prompts(config, [5, 14, 9])
+    ids, lengths = make_prompts(config, [5, 14, 9])
     with jax.default_matmul_precision("highest"):
         want = lf.generate(params, config, ids, lengths, max_new_tokens=24, compression=comp)
         got = lf.generate(

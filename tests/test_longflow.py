@@ -1,18 +1,16 @@
 """LongFlow and the baseline policies on the reference path, against independent numpy math."""
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import count_decode_step_traces, generate_module, make_prompts
 
 import longflow_jax as lf
 from longflow_jax.config import CompressionConfig
 from longflow_jax.snapkv import prefill_keep_positions
 from longflow_jax.tiny_models import make_tiny_hf_checkpoint
 
-gen_mod = importlib.import_module("longflow_jax.generate")
 POLICIES = ["longflow", "tova", "h2o", "streaming", "random"]
 
 
@@ -21,17 +19,9 @@ def qwen3(tiny_checkpoints):
     return lf.load(tiny_checkpoints["qwen3"][1])
 
 
-def _prompts(config, lengths, seed=None):
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, config.vocab_size, n)
-    return ids, np.asarray(lengths, np.int32)
-
-
 def _run_steps(params, config, ids, lengths, comp, steps):
     """Prefill + `steps` greedy decode steps through the public pieces; returns the final cache."""
-    capacity = gen_mod.buffer_capacity(comp, ids.shape[1], steps + 1)
+    capacity = generate_module.buffer_capacity(comp, ids.shape[1], steps + 1)
     cache, logits = lf.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
     step = jax.jit(lambda c, t, p, k: lf.decode_step(params, config, c, t, p, k, compression=comp))
     token = jnp.argmax(logits, -1).astype(jnp.int32)
@@ -45,7 +35,7 @@ def _run_steps(params, config, ids, lengths, comp, steps):
 @pytest.mark.parametrize("policy", POLICIES)
 def test_budget_covering_everything_equals_full(qwen3, policy, granularity):
     config, params = qwen3
-    ids, lengths = _prompts(config, [6, 13, 9])
+    ids, lengths = make_prompts(config, [6, 13, 9])
     new = 20
     full = lf.generate(params, config, ids, lengths, max_new_tokens=new)
     comp = CompressionConfig(policy=policy, budget=ids.shape[1] + new, granularity=granularity)
@@ -83,15 +73,15 @@ def test_evicted_slot_matches_numpy_float64(tmp_path, monkeypatch, granularity, 
     lf.convert(hf, str(tmp_path / "lf"))
     config, params = lf.load(str(tmp_path / "lf"))
     records = []
-    original = gen_mod.decode_attention
+    original = generate_module.decode_attention
 
     def recording(q, layer, pos, scale, compression, impl, key):
         out, new_layer = original(q, layer, pos, scale, compression, impl, key)
         records.append((q, layer, pos, scale, new_layer.evict_slot))
         return out, new_layer
 
-    monkeypatch.setattr(gen_mod, "decode_attention", recording)
-    ids, lengths = _prompts(config, [3, 9, 5])  # row 1 is SnapKV-compressed at prefill, the others not
+    monkeypatch.setattr(generate_module, "decode_attention", recording)
+    ids, lengths = make_prompts(config, [3, 9, 5])  # row 1 is SnapKV-compressed at prefill, the others not
     comp = CompressionConfig(policy="longflow", budget=7, granularity=granularity)
     with jax.disable_jit():
         _run_steps(params, config, ids, lengths, comp, steps=10)
@@ -114,8 +104,8 @@ def test_evicted_slot_matches_numpy_float64(tmp_path, monkeypatch, granularity, 
 
 def test_rows_are_independent(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [7, 12, 5], seed=11)
-    other, _ = _prompts(config, [7, 12, 5], seed=12)
+    ids, lengths = make_prompts(config, [7, 12, 5], seed=11)
+    other, _ = make_prompts(config, [7, 12, 5], seed=12)
     mixed = ids.copy()
     mixed[1:] = other[1:]
     comp = CompressionConfig(policy="longflow", budget=8)
@@ -128,17 +118,10 @@ def test_rows_are_independent(qwen3):
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 def test_long_run_keeps_exactly_budget_slots(qwen3, monkeypatch, granularity):
     config, params = qwen3
-    calls = {"n": 0}
-    original = gen_mod.decode_step
-
-    def counting(*args, **kwargs):
-        calls["n"] += 1
-        return original(*args, **kwargs)
-
-    monkeypatch.setattr(gen_mod, "decode_step", counting)
+    calls = count_decode_step_traces(monkeypatch)
     budget = 8
     comp = CompressionConfig(policy="longflow", budget=budget, granularity=granularity)
-    ids, lengths = _prompts(config, [3, 10])
+    ids, lengths = make_prompts(config, [3, 10])
     out = lf.generate(
         params, config, ids, lengths, max_new_tokens=4 * budget + 1, compression=comp, return_debug=True
     )
@@ -189,7 +172,7 @@ def test_snapkv_prefill_matches_numpy():
 
 def test_streaming_keeps_sinks_and_most_recent(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [4, 6])
+    ids, lengths = make_prompts(config, [4, 6])
     comp = CompressionConfig(policy="streaming", budget=10, num_sinks=2)
     cache = _run_steps(params, config, ids, lengths, comp, steps=25)
     for layer in cache.layers:
@@ -201,7 +184,7 @@ def test_streaming_keeps_sinks_and_most_recent(qwen3):
 
 def test_h2o_protects_recent_window(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [5, 5])
+    ids, lengths = make_prompts(config, [5, 5])
     comp = CompressionConfig(policy="h2o", budget=10, recent_window=4)
     cache = _run_steps(params, config, ids, lengths, comp, steps=20)
     for layer in cache.layers:
@@ -213,7 +196,7 @@ def test_h2o_protects_recent_window(qwen3):
 
 def test_kv_head_granularity_keeps_per_head_tokens(qwen3):
     config, params = qwen3
-    ids, lengths = _prompts(config, [12, 12], seed=4)
+    ids, lengths = make_prompts(config, [12, 12], seed=4)
     comp = CompressionConfig(policy="longflow", budget=6, granularity="kv_head")
     cache = _run_steps(params, config, ids, lengths, comp, steps=12)
     pos = np.asarray(cache.layers[0].slot_pos)  # [B, Hkv, C]

@@ -1,0 +1,32 @@
+"""Small helpers shared by the generate-level tests."""
+
+import functools
+import importlib
+
+import numpy as np
+
+# The package re-exports the function `generate`, which shadows the submodule as an attribute.
+generate_module = importlib.import_module("longflow_jax.generate")
+
+
+def make_prompts(config, lengths, seed=None):
+    """Right-padded random prompts [B, max(lengths)] (no pad id inside a row) and their lengths."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1, config.vocab_size, n)
+    return ids, np.asarray(lengths, np.int32)
+
+
+def count_decode_step_traces(monkeypatch):
+    """Patch generate's decode_step to count how often it is traced; returns the counter dict."""
+    calls = {"n": 0}
+    original = generate_module.decode_step
+
+    @functools.wraps(original)
+    def counting(*args, **kwargs):
+        calls["n"] += 1
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(generate_module, "decode_step", counting)
+    return calls
