@@ -42,7 +42,7 @@ def longflow_decode_attention_triton(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
-    epilogue="fused",
+    epilogue="separate",
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -59,9 +59,10 @@ def longflow_decode_attention_triton(
       num_splits: split-K programs per (sequence, KV head) in [1, ceil(C / block_c)]; rounded to whole
         blocks per split. None: enough to fill the GPU.
       num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
-      epilogue: "fused" (one launch: the last program of each KV head, then of each sequence, merges
-        the splits and scores the slots, coordinated by atomic tickets) or "separate" (a second,
-        combine kernel over (chunk, sequence) programs).
+      epilogue: "separate" (default: a second, combine kernel over (chunk, sequence) programs merges
+        the splits and scores the slots) or "fused" (one launch: the last program of each KV head,
+        then of each sequence, does it, coordinated by atomic tickets; measured slower on an H100 at
+        most sizes: its serial tail costs more than the second launch).
       final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
         the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
 

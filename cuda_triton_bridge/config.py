@@ -17,11 +17,15 @@ MAX_BLOCK_C = 512
 MAX_SPLITS = 256
 HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; one register row per query head.
 
-# Defaults tuned on an H100 80GB HBM3 (docs/KERNEL_NOTES_triton.md). The split count aims at
-# PROGRAMS_PER_SM programs per SM, but never below MIN_SLOTS_PER_SPLIT slots per program.
-BLOCK_C = 64
+# Defaults measured on an H100 80GB HBM3 (docs/KERNEL_NOTES_triton.md): 32-slot blocks, 4 warps, a
+# 3-stage cp.async pipeline. Split count: about PROGRAMS_PER_SM programs per SM once the batch alone gives
+# half an SM's worth (B * Hkv >= SMs / 2), one per SM below that (at B = 1 more splits cost more in
+# partials and combine work than they gain), never below MIN_SLOTS_PER_SPLIT slots per program.
+BLOCK_C = 32
 NUM_WARPS = 4
 NUM_STAGES = 3
+PROGRAMS_PER_SM = 4
+MIN_SLOTS_PER_SPLIT = 128
 # float32 (tests, not speed): fp32 tiles are twice as wide; these keep the kernel free of spills.
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
@@ -112,10 +116,12 @@ def num_sms() -> int:
 
 
 def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None) -> int:
-    """Split the slot axis until B * Hkv * splits fills the chip, keeping >= MIN_SLOTS_PER_SPLIT each."""
+    """Split-K count from the batch's own parallelism (see PROGRAMS_PER_SM above)."""
     sms = sms or num_sms()
+    programs = shape.batch * shape.num_kv_heads
+    target = PROGRAMS_PER_SM * sms if 2 * programs >= sms else sms
+    want = max(1, target // programs)
     num_blocks = cdiv(shape.num_slots, block_c)
-    want = cdiv(PROGRAMS_PER_SM * sms, shape.batch * shape.num_kv_heads)
     most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
     return max(1, min(want, most, MAX_SPLITS))
 

@@ -41,7 +41,7 @@ def longflow_decode_attention_triton(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
-    epilogue="fused",
+    epilogue="separate",
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)

@@ -68,7 +68,7 @@ def longflow_decode_attention_interpret(
     num_warps=None,
     num_stages=None,
     final_reduce="atomic",
-    epilogue="fused",
+    epilogue="separate",
     sms=None,
 ):
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""

@@ -66,7 +66,7 @@ def plan_launch(
     compute_evict: bool,
     final_reduce: str,
     is_f32: bool,
-    epilogue: str = "fused",
+    epilogue: str = "separate",
 ) -> LaunchPlan:
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
