@@ -120,7 +120,7 @@ def _small(dtype=jnp.bfloat16, head_dim=64, num_slots=100):
     [
         (dict(block_c=48), "block_c must be a power of two"),
         (dict(block_c=8), "block_c must be an int in"),
-        (dict(num_splits=10), "num_splits=10 exceeds the 2 blocks"),
+        (dict(block_c=64, num_splits=10), "num_splits=10 exceeds the 2 blocks"),
         (dict(num_splits=0), "num_splits must be an int in"),
         (dict(num_warps=3), "num_warps must be a power of two"),
         (dict(num_stages=0), "num_stages must be an int in"),
