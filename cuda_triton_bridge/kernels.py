@@ -11,6 +11,10 @@ so the epilogue needs no second pass over K/V.
 partials (log-sum-exp); program j < NUM_CHUNKS scores slot chunk j, takes its argmin per score group,
 and the last program of the sequence to finish (an atomic counter, zeroed by the split kernel) reduces
 the chunk minima to the evict slot: one launch, no host round trip, deterministic (no float atomics).
+
+`decode_fused_kernel` (epilogue="fused"): both in one launch; the last split of each KV head, then the
+last KV head of each sequence, finishes the work (two levels of tickets). Correct, but measured slower
+on an H100 at most sizes (docs/KERNEL_NOTES_triton.md): the default is the two-kernel path.
 """
 
 from __future__ import annotations
