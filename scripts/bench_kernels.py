@@ -13,9 +13,10 @@ the steady state of LongFlow decoding):
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
 L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
-one program that calls the column once on each of several input sets (distinct buffers, together well
-over the 50 MB L2, so no call finds its K/V in cache); the per-call time is the median over repetitions
-of that program's wall time (after jax.block_until_ready) divided by the number of sets. Achieved
+one program that makes at least 32 calls, rotating K/V over several input sets (distinct buffers,
+together well over the 50 MB L2, so no call finds its K/V in cache) with a distinct q per call; the
+per-call time is the median over repetitions of that program's wall time (after
+jax.block_until_ready) divided by the number of calls. Achieved
 bandwidth = bytes of K + V read / time.
 
   python3 scripts/bench_kernels.py [--out FILE.md] [--sweep] [--deadline SECONDS]
@@ -147,17 +148,34 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
     return f"out rel {rel:.1e}, evict within {gap:.0e} of min (near-tie)"
 
 
-def time_column(fn, sets, reps):
-    """Median seconds per call, the call repeated over distinct input sets inside one program."""
-    program = jax.jit(lambda sets: [fn(*s) for s in sets])
-    jax.block_until_ready(program(sets))
-    jax.block_until_ready(program(sets))
+MIN_CALLS_PER_PROGRAM = 32
+
+
+def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
+    """Median seconds per call over `reps` runs of one program making >= min_calls calls.
+
+    K/V rotate over the input sets in order, so consecutive calls never share K/V and the reuse
+    distance spans all sets (> 8x L2). Each call gets its own q buffer, made before timing, so XLA
+    cannot merge two calls on the same K/V. Many calls per host sync keep dispatch and sync out of
+    the per-call time (the 2026-11-23 run synced every 2-3 calls at large sizes and its spread showed it).
+    """
+    n_calls = max(min_calls, len(sets))
+    queries = jax.block_until_ready(
+        [sets[i % len(sets)][0] + jnp.asarray(1e-3 * i, sets[0][0].dtype) for i in range(n_calls)]
+    )
+
+    def calls(queries, sets):
+        return [fn(queries[i], *sets[i % len(sets)][1:]) for i in range(n_calls)]
+
+    program = jax.jit(calls)
+    jax.block_until_ready(program(queries, sets))
+    jax.block_until_ready(program(queries, sets))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(program(sets))
+        jax.block_until_ready(program(queries, sets))
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / len(sets), (min(times) / len(sets), max(times) / len(sets))
+    return statistics.median(times) / n_calls, (min(times) / n_calls, max(times) / n_calls)
 
 
 def measure_copy_bandwidth(nbytes=4 << 30, reps=20):
