@@ -46,8 +46,11 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
     """
     valid = kv_valid(layer)
     policy = compression.policy
-    granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
-    if attention_impl != "reference":
+    if attention_impl == "reference":
+        out, probs = decode_attention_probs(q, layer.k, layer.v, valid, scale)
+        out = out.astype(q.dtype)
+    else:
+        granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
         out, evict = _kernel(attention_impl)(
             q,
             layer.k,
@@ -57,13 +60,10 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
             granularity=granularity,
             compute_evict=policy == "longflow",
         )
-        if policy == "full":
-            return out, layer.replace(evict_slot=layer.evict_slot + 1)
-        return out, layer.replace(evict_slot=evict.reshape(layer.evict_slot.shape))
-    out, probs = decode_attention_probs(q, layer.k, layer.v, valid, scale)
-    out = out.astype(q.dtype)
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
         return out, layer.replace(evict_slot=layer.evict_slot + 1)
+    if attention_impl != "reference":
+        return out, layer.replace(evict_slot=evict.reshape(layer.evict_slot.shape))
     evict, score = select_evict_slot(probs, layer, valid, pos, compression, key)
     return out, layer.replace(evict_slot=evict, score=score)

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 
 from .config import POLICIES, CompressionConfig, SamplingConfig
-from .convert import _LAYER_NAMES, convert, load
+from .convert import HF_LAYER_NAMES, convert, load
 from .generate import buffer_capacity, generate
 from .kv_cache import kv_bytes_for
 from .model import param_shapes
@@ -49,7 +49,7 @@ def write_random_qwen3_checkpoint(out_dir: str, seed: int = 0, **overrides) -> s
     hf_config.save_pretrained(out_dir)
     config = ModelConfig.from_pretrained_dir(out_dir).replace(dtype="float32")
     rng = np.random.default_rng(seed)
-    inverse = {key: (hf, transpose) for hf, (key, transpose) in _LAYER_NAMES.items()}
+    inverse = {key: (hf, transpose) for hf, (key, transpose) in HF_LAYER_NAMES.items()}
     tensors = {}
     shapes = param_shapes(config)
 

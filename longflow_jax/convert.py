@@ -52,7 +52,7 @@ _NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16
 # Buffers some older exports carry that are not weights (recomputed from the config here).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-_LAYER_NAMES = {
+HF_LAYER_NAMES = {
     "input_layernorm.weight": ("input_norm", False),
     "self_attn.q_proj.weight": ("wq", True),
     "self_attn.k_proj.weight": ("wk", True),
@@ -85,11 +85,11 @@ def hf_name_to_param(name: str, config: ModelConfig):
     if name == "lm_head.weight":
         return ("lm_head",), True
     m = _LAYER_RE.match(name)
-    if m and m.group(2) in _LAYER_NAMES:
+    if m and m.group(2) in HF_LAYER_NAMES:
         layer = int(m.group(1))
         if layer >= config.num_layers:
             return None
-        key, transpose = _LAYER_NAMES[m.group(2)]
+        key, transpose = HF_LAYER_NAMES[m.group(2)]
         return ("layers", layer, key), transpose
     return None
 
@@ -198,7 +198,7 @@ def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
 def _hf_name_for(path) -> str:
     keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
     if keys[0] == "layers":
-        inverse = {v[0]: k for k, v in _LAYER_NAMES.items()}
+        inverse = {v[0]: k for k, v in HF_LAYER_NAMES.items()}
         return f"model.layers.{keys[1]}.{inverse[keys[2]]}"
     return {
         "embed": "model.embed_tokens.weight",

@@ -37,10 +37,12 @@ class GenerationOutput:
 
 
 def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tokens: int) -> int:
-    """Slots per layer per sequence: the budget, or room for the whole generation under "full"."""
-    if compression.policy == "full":
-        return prompt_len + max_new_tokens
-    return compression.budget
+    """Slots per layer per sequence: room for the whole generation, capped by a compressing budget.
+
+    A budget at least prompt + new tokens never evicts, so it gets no more slots than "full" would.
+    """
+    whole = prompt_len + max_new_tokens
+    return whole if compression.policy == "full" else min(compression.budget, whole)
 
 
 def prefill(

@@ -79,16 +79,24 @@ def group_head_sum(per_q_head, num_kv_heads: int, granularity: str):
     return by_kv
 
 
-def longflow_importance(probs, v, kv_valid, granularity: str):
-    """LongFlow importance [B, G, C] float32; invalid slots get EMPTY_SLOT_SCORE."""
+def importance_from_vnorm(probs, vnorm, kv_valid, granularity: str):
+    """LongFlow importance [B, G, C] float32 from probs [B, Hq, C] and ||v||_1 [B, Hkv, C].
+
+    Invalid slots get EMPTY_SLOT_SCORE. Kernels that already hold ||v||_1 (and rebuild probs from their
+    logits) call this too, so the scoring rule lives in one place.
+    """
     check_granularity(granularity)
     batch, num_q_heads, slots = probs.shape
-    num_kv_heads = v.shape[1]
-    vnorm = value_l1_norms(v)  # [B, Hkv, C]
+    num_kv_heads = vnorm.shape[1]
     group = num_q_heads // num_kv_heads
     contrib = probs.reshape(batch, num_kv_heads, group, slots) * vnorm[:, :, None, :]
     importance = group_head_sum(contrib.reshape(batch, num_q_heads, slots), num_kv_heads, granularity)
     return jnp.where(kv_valid[:, None, :], importance, EMPTY_SLOT_SCORE)
+
+
+def longflow_importance(probs, v, kv_valid, granularity: str):
+    """LongFlow importance [B, G, C] float32; invalid slots get EMPTY_SLOT_SCORE."""
+    return importance_from_vnorm(probs, value_l1_norms(v), kv_valid, granularity)
 
 
 def evict_argmin(scores):

@@ -27,7 +27,12 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longflow_jax.reference import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity
+from longflow_jax.reference import (
+    check_decode_inputs,
+    check_granularity,
+    evict_argmin,
+    importance_from_vnorm,
+)
 
 BACKENDS = ("triton", "mosaic")
 _BACKEND_ALIASES = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic"}
@@ -492,17 +497,9 @@ def _merge_splits(o_part, m_part, l_part):
 
 def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
     """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32."""
-    batch, num_q_heads, num_slots = logits.shape
-    num_kv_heads = vnorm.shape[1]
-    mask = kv_valid[:, None, :]
-    probs = jnp.where(mask, jnp.exp(logits - m[..., None]), 0.0)
+    probs = jnp.where(kv_valid[:, None, :], jnp.exp(logits - m[..., None]), 0.0)
     probs = probs / jnp.where(denom > 0.0, denom, 1.0)[..., None]
-    contrib = probs.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, num_slots)
-    importance = jnp.sum(contrib * vnorm[:, :, None, :], axis=2)
-    if granularity == "sequence":
-        importance = jnp.sum(importance, axis=1, keepdims=True)
-    importance = jnp.where(mask, importance, EMPTY_SLOT_SCORE)
-    return jnp.argmin(importance, axis=-1).astype(jnp.int32)
+    return evict_argmin(importance_from_vnorm(probs, vnorm, kv_valid, granularity))
 
 
 # --------------------------------------------------------------------------------------------------

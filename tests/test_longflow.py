@@ -202,3 +202,14 @@ def test_kv_head_granularity_keeps_per_head_tokens(qwen3):
     pos = np.asarray(cache.layers[0].slot_pos)  # [B, Hkv, C]
     assert pos.shape == (2, config.num_kv_heads, 6) and (pos >= 0).all()
     assert any(set(pos[b, 0]) != set(pos[b, 1]) for b in range(2)), "heads should keep different tokens"
+
+
+def test_budget_beyond_the_generation_allocates_no_more_than_full(qwen3):
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [6, 10])
+    comp = CompressionConfig(policy="longflow", budget=256)
+    capacity = generate_module.buffer_capacity(comp, ids.shape[1], 12)
+    assert capacity == ids.shape[1] + 12
+    assert generate_module.buffer_capacity(CompressionConfig(policy="longflow", budget=16), 10, 12) == 16
+    cache, _ = lf.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
+    assert cache.layers[0].k.shape[2] == capacity
