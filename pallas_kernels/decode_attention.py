@@ -15,6 +15,14 @@ Two kernel bodies share the math (`_softmax_block`) and the epilogue:
     VMEM scratch; 2D dots with the transposed-RHS form; m and l kept lane-replicated ([G, 128]) as
     the TPU flash kernels do; a ragged last block is masked with iotas (its padding is garbage).
 Both run in interpret mode on CPU for tests.
+
+An optional `kv_len` [B] bounds each row to its filled prefix (slot c counts iff kv_valid and c < kv_len),
+so a partly filled buffer (the full-cache baseline, LongFlow's fill phase) costs what its prefix costs:
+the Triton body's slot loop has a runtime trip count (the blocks of the split that start below kv_len;
+a split wholly past it reads nothing), and K/V rows past the bound in the last block are masked loads.
+The Mosaic body takes the bound folded into kv_valid (it still streams every block; TPU speed is not
+tuned here). The epilogue scores with the bounded mask, so side-output slots the kernel never wrote are
+selected away before any arithmetic.
 """
 
 from __future__ import annotations
@@ -149,17 +157,22 @@ def _triton_kernel(
     k_ref,  # [C, D]           this (sequence, KV head)'s keys
     v_ref,  # [C, D]
     valid_ref,  # [C] bool
-    *out_refs,
+    *refs,  # kv_len_ref (a scalar: this sequence's bound) if bounded, then the outputs
     scale: float,
     block_c: int,
     blocks_per_split: int,
     group: int,
     group_pad: int,
     num_slots: int,
+    bounded: bool,
     compute_evict: bool,
     finalize: bool,
     precision,
 ):
+    if bounded:
+        kv_len_ref, *out_refs = refs
+    else:
+        out_refs = refs
     if compute_evict:
         o_ref, m_ref, l_ref, logit_ref, vn_ref = out_refs
     elif finalize:
@@ -173,8 +186,18 @@ def _triton_kernel(
     rows = pl.ds(kv_head * group, group_pad)
     row_ok = (jnp.arange(group_pad) < group)[:, None]
     q = _gpu_load(q_ref.at[rows, :], mask=row_ok, other=0.0)
+    split_slots = blocks_per_split * block_c
+    first_slot = split * split_slots
     ragged = num_slots % block_c != 0
-    first_slot = split * (blocks_per_split * block_c)
+    if bounded:
+        # Only the blocks of this split that start below kv_len are read: a dynamic trip count (the
+        # fori_loop becomes an scf.for with a runtime upper bound, which Triton still pipelines). A
+        # split wholly past the bound runs no iteration and stores m = MASK_VALUE, l = 0, acc = 0.
+        kv_len = kv_len_ref[...]  # clamped to [0, C] by the wrapper
+        remaining = jnp.minimum(jnp.maximum(kv_len - first_slot, 0), split_slots)
+        num_blocks = lax.div(remaining + (block_c - 1), block_c)
+    else:
+        num_blocks = blocks_per_split
 
     def dot_t(a, b):  # a @ b.T, f32 accumulation
         return _gpu_dot(a, b, trans_b=True, precision=precision)
@@ -186,27 +209,37 @@ def _triton_kernel(
         m, denom, acc = carry
         start = first_slot + j * block_c
         slots = pl.ds(start, block_c)
-        in_range = (start + jnp.arange(block_c)) < num_slots if ragged else None
-        row_mask = in_range[:, None] if ragged else None
+        slot_ids = start + jnp.arange(block_c)
+        # Two masks: `in_buffer` (static C) guards the valid-mask load and the side-output stores, which
+        # stay 16-byte vectorised (a runtime bound would split them into 4-byte accesses); `in_range`
+        # also applies kv_len and guards the K/V loads, whose mask is constant along each row.
+        in_buffer = slot_ids < num_slots if ragged else None
+        in_range = slot_ids < kv_len if bounded else in_buffer
+        row_mask = None if in_range is None else in_range[:, None]
         k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
         v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
-        valid = _gpu_load(valid_ref.at[slots], mask=in_range, other=False)[None, :]
+        valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
+        if bounded:
+            valid = valid & in_range
+        valid = valid[None, :]
         s = dot_t(q, k) * scale
         s = jnp.where(valid, s, MASK_VALUE)
         m, denom, acc = _softmax_block(s, valid, m, denom, acc, v, pv_dot)
         if compute_evict:
-            out_mask = row_ok if not ragged else row_ok & in_range[None, :]
+            # Past kv_len inside this block: logit MASK_VALUE and ||v||_1 = 0 (V rows loaded as zeros).
+            # Blocks past kv_len are never written; the epilogue selects those slots away.
+            out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
             _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
 
             vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
-            _gpu_store(vn_ref.at[slots], vnorm, mask=in_range)
+            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer)
 
         return m, denom, acc
 
     m0 = jnp.full((group_pad, 1), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((group_pad, 1), jnp.float32)
     acc0 = jnp.zeros((group_pad, head_dim), jnp.float32)
-    m, denom, acc = lax.fori_loop(0, blocks_per_split, body, (m0, l0, acc0))
+    m, denom, acc = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
     if finalize:
         out = acc / jnp.where(denom > 0.0, denom, 1.0)
         _gpu_store(o_ref.at[rows, :], out.astype(o_ref.dtype), mask=row_ok)
@@ -240,7 +273,19 @@ def _gpu_dot(a, b, *, trans_b=False, precision=None):
 
 
 def _triton_call(
-    q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages
+    q,
+    k,
+    v,
+    kv_valid,
+    kv_len,
+    *,
+    scale,
+    block_c,
+    num_splits,
+    compute_evict,
+    interpret,
+    num_warps,
+    num_stages,
 ):
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_slots, _ = k.shape
@@ -258,6 +303,10 @@ def _triton_call(
         pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h, s: (b, h, 0, 0)),
         pl.BlockSpec((None, num_slots), lambda b, h, s: (b, 0)),
     ]
+    inputs = [q, k, v, kv_valid]
+    if kv_len is not None:
+        in_specs.append(pl.BlockSpec((None,), lambda b, h, s: (b,)))
+        inputs.append(kv_len)
     if finalize:
         out_shape = [jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), q.dtype)]
         out_specs = [per_seq_q]
@@ -286,6 +335,7 @@ def _triton_call(
         group=group,
         group_pad=group_pad,
         num_slots=num_slots,
+        bounded=kv_len is not None,
         compute_evict=compute_evict,
         finalize=finalize,
         precision=_dot_precision(q.dtype),
@@ -301,7 +351,7 @@ def _triton_call(
         compiler_params=plgpu.CompilerParams(num_warps=num_warps, num_stages=num_stages),
         interpret=interpret,
         name="longflow_decode_triton",
-    )(q, k, v, kv_valid)
+    )(*inputs)
     out = outs[0]
     stats = logits = vnorm = None
     if compute_evict or not finalize:
@@ -496,8 +546,13 @@ def _merge_splits(o_part, m_part, l_part):
 
 
 def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
-    """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32."""
+    """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32.
+
+    kv_valid is the effective mask (kv_len folded in): slots past the bound were never written by the
+    kernel (uninitialised, possibly NaN), so both side outputs are selected away before any product.
+    """
     probs = jnp.where(kv_valid[:, None, :], jnp.exp(logits - m[..., None]), 0.0)
+    vnorm = jnp.where(kv_valid[:, None, :], vnorm, 0.0)
     probs = probs / jnp.where(denom > 0.0, denom, 1.0)[..., None]
     return evict_argmin(importance_from_vnorm(probs, vnorm, kv_valid, granularity))
 
@@ -505,6 +560,15 @@ def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
+
+
+def _check_kv_len(kv_len, batch: int) -> None:
+    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
+    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"kv_len must be an integer array of shape [B] = ({batch},), got "
+            + (f"{dtype} {shape}" if dtype is not None else type(kv_len).__name__)
+        )
 
 
 @functools.partial(
@@ -528,6 +592,7 @@ def longflow_decode_attention(
     kv_valid,
     *,
     scale,
+    kv_len=None,
     granularity="sequence",
     compute_evict=True,
     block_c=None,
@@ -545,6 +610,10 @@ def longflow_decode_attention(
         reads KV head h // (Hq // Hkv).
       kv_valid: [B, C] bool, filled slots.
       scale: softmax scale (a Python float; static).
+      kv_len: optional int32 [B] (any integer dtype; traced): slot c of row b takes part (attention and
+        eviction scoring) iff kv_valid[b, c] and c < kv_len[b]; values are clamped to [0, C]; None means
+        no bound. On GPU the kernel reads no block past kv_len[b] (splits wholly past it read nothing);
+        slots past it count as invalid for eviction (score -1, so an empty row evicts slot 0).
       granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
         "kv_head" (one slot per KV head, summed over its query-head group).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
@@ -564,7 +633,8 @@ def longflow_decode_attention(
       ties to the lowest slot, exactly as `longflow_decode_attention_reference`.
 
     Raises:
-      ValueError: shapes/dtypes off the contract, unknown granularity/backend, bad block_c/num_splits.
+      ValueError: shapes/dtypes off the contract, unknown granularity/backend, bad block_c/num_splits,
+        kv_len not an integer array of shape [B].
     """
     check_decode_inputs(q, k_cache, v_cache, kv_valid)
     check_granularity(granularity)
@@ -580,6 +650,13 @@ def longflow_decode_attention(
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
+    # The slots that take part: kv_valid, cut at kv_len. The Mosaic body and the epilogue read this
+    # mask; the Triton body reads kv_valid and kv_len and applies the bound itself.
+    bounded_valid = kv_valid
+    if kv_len is not None:
+        _check_kv_len(kv_len, batch)
+        kv_len = jnp.clip(kv_len, 0, num_slots).astype(jnp.int32)
+        bounded_valid = kv_valid & (jnp.arange(num_slots, dtype=jnp.int32)[None, :] < kv_len[:, None])
     if backend == "triton" and not (_is_pow2(head_dim) and head_dim >= _MIN_DOT):
         raise ValueError(f"head dim D={head_dim}: the Triton backend needs a power of two >= {_MIN_DOT}")
     if block_c is None:
@@ -600,6 +677,7 @@ def longflow_decode_attention(
             k_cache,
             v_cache,
             kv_valid,
+            kv_len,
             scale=scale,
             block_c=block_c,
             num_splits=num_splits,
@@ -617,7 +695,7 @@ def longflow_decode_attention(
             q,
             k_cache,
             v_cache,
-            kv_valid,
+            bounded_valid,
             scale=scale,
             block_c=block_c,
             num_splits=num_splits,
@@ -629,7 +707,7 @@ def longflow_decode_attention(
 
     num_groups = 1 if granularity == "sequence" else num_kv_heads
     if compute_evict:
-        evict = _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity)
+        evict = _evict_from_logits(logits, m, denom, vnorm, bounded_valid, granularity)
     else:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
     if granularity == "sequence":

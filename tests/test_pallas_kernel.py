@@ -36,9 +36,10 @@ ON_CPU = jax.devices()[0].platform == "cpu"
 _FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
-def longflow_decode_attention(*args, **kwargs):
+def longflow_decode_attention(*args, kv_len=None, **kwargs):
+    # kv_len is traced (a runtime value, as in the decode loop); everything else is static.
     fn = functools.partial(_kernel, **kwargs)
-    return jax.jit(fn, compiler_options=_FAST_COMPILE if ON_CPU else None)(*args)
+    return jax.jit(fn, compiler_options=_FAST_COMPILE if ON_CPU else None)(*args, kv_len=kv_len)
 
 
 OUT_RTOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 5e-3}
@@ -349,6 +350,152 @@ def test_runs_inside_jitted_while_loop(request):
     np.testing.assert_allclose(np.asarray(got[4]), np.asarray(want[4]), rtol=1e-5, atol=1e-5)
 
 
+# ---- kv_len: only the filled prefix of each row takes part ----
+
+
+def bounded_mask(kv_valid, kv_len):
+    """The reference's view of a kv_len bound: kv_valid & (slot < kv_len)."""
+    return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < kv_len[:, None])
+
+
+# Per row: an empty row, one slot, inside a split (mid-block), a split boundary, a block boundary inside
+# a split, the full buffer. Triton: C 128 in 4 splits of 2 blocks of 16 (splits wholly past the bound for
+# all but the last row); Mosaic: C 256 in 2 splits of one 128-slot block.
+KV_LEN_CASES = {
+    "triton": dict(slots=128, block_c=16, num_splits=4, kv_len=[0, 1, 45, 64, 80, 128]),
+    "mosaic": dict(slots=256, block_c=128, num_splits=2, kv_len=[0, 1, 45, 128, 200, 256]),
+}
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_kv_len_matches_reference(request, backend, dtype):
+    case = KV_LEN_CASES[backend]
+    kv_len = jnp.asarray(case["kv_len"], jnp.int32)
+    # Every slot is marked valid, so the bound alone decides which slots take part.
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=len(case["kv_len"]),
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=case["slots"],
+        head_dim=64,
+        dtype=dtype,
+    )
+    mask = bounded_mask(kv_valid, kv_len)
+    for granularity in ("sequence", "kv_head"):
+        out, evict = longflow_decode_attention(
+            q,
+            k,
+            v,
+            kv_valid,
+            kv_len=kv_len,
+            scale=0.125,
+            granularity=granularity,
+            backend=backend,
+            block_c=case["block_c"],
+            num_splits=case["num_splits"],
+        )
+        assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity=granularity)
+        _, ref_evict = longflow_decode_attention_reference(
+            q, k, v, mask, scale=0.125, granularity=granularity
+        )
+        np.testing.assert_array_equal(np.asarray(evict), np.asarray(ref_evict))  # exact, bf16 too
+        # Row 0 (kv_len 0) is empty: zero output, and slot 0 is evicted (all slots tie at -1).
+        np.testing.assert_array_equal(np.asarray(out[0], np.float32), 0.0)
+        np.testing.assert_array_equal(np.asarray(evict[0]), 0)
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_kv_len_combines_with_kv_valid(request, backend):
+    case = KV_LEN_CASES[backend]
+    kv_len = jnp.asarray(case["kv_len"], jnp.int32)
+    run_kw = dict(backend=backend, block_c=case["block_c"], num_splits=case["num_splits"])
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=len(case["kv_len"]),
+        num_q_heads=8,
+        num_kv_heads=2,
+        slots=case["slots"],
+        head_dim=64,
+        dtype=jnp.float32,
+        valid="random",
+    )
+    out, evict = longflow_decode_attention(
+        q, k, v, kv_valid, kv_len=kv_len, scale=0.125, granularity="kv_head", **run_kw
+    )
+    mask = bounded_mask(kv_valid, kv_len)
+    assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="kv_head")
+
+
+def test_kv_len_is_clamped_to_the_buffer(request):
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=2, num_q_heads=4, num_kv_heads=2, slots=64, head_dim=64, dtype=jnp.float32
+    )
+    got = longflow_decode_attention(
+        q, k, v, kv_valid, kv_len=jnp.array([-5, 1000], jnp.int32), scale=0.125, block_c=16, num_splits=2
+    )
+    want = longflow_decode_attention_reference(
+        q, k, v, bounded_mask(kv_valid, jnp.array([0, 64])), scale=0.125
+    )
+    np.testing.assert_allclose(np.asarray(got[0]), np.asarray(want[0]), rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
+
+
+def test_triton_body_reads_nothing_past_kv_len(request):
+    """NaN keys and values past the bound (a partly filled buffer's garbage) never reach the result."""
+    kv_len = jnp.array([0, 1, 45, 80], jnp.int32)
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=4, num_q_heads=8, num_kv_heads=2, slots=128, head_dim=64, dtype=jnp.float32
+    )
+    past = ~bounded_mask(kv_valid, kv_len)[:, None, :, None]
+    out, evict = longflow_decode_attention(
+        q,
+        jnp.where(past, jnp.nan, k),
+        jnp.where(past, jnp.nan, v),
+        kv_valid,
+        kv_len=kv_len,
+        scale=0.125,
+        backend="triton",
+        block_c=16,
+        num_splits=4,
+    )
+    mask = bounded_mask(kv_valid, kv_len)
+    assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="sequence")
+
+
+def test_triton_body_stops_at_kv_len(request):
+    """The GPU body's slot loop visits only the blocks that start below kv_len.
+
+    Read through the (private) logits side output: a visited block stores a logit for every slot
+    (MASK_VALUE past the bound), a block the loop skips is never stored to, so it keeps the output
+    buffer's initial contents (NaN in interpret mode; anything but MASK_VALUE is enough here).
+    """
+    from pallas_kernels.decode_attention import MASK_VALUE, _triton_call
+
+    block_c, num_splits, kv_len = 16, 4, [0, 1, 45, 80, 128]
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=5, num_q_heads=8, num_kv_heads=2, slots=128, head_dim=64, dtype=jnp.float32
+    )
+    call = functools.partial(
+        _triton_call,
+        scale=0.125,
+        block_c=block_c,
+        num_splits=num_splits,
+        compute_evict=True,
+        interpret=True,
+        num_warps=4,
+        num_stages=3,
+    )
+    _, _, logits, _ = jax.jit(call)(q, k, v, kv_valid, jnp.asarray(kv_len, jnp.int32))
+    logits = np.asarray(logits)  # [B, Hq, C]
+    for b, n in enumerate(kv_len):
+        visited_end = -(-n // block_c) * block_c
+        assert np.all(np.isfinite(logits[b, :, :n])) and np.all(logits[b, :, :n] > MASK_VALUE)
+        assert np.all(logits[b, :, n:visited_end] == MASK_VALUE)
+        assert not np.any(logits[b, :, visited_end:] == MASK_VALUE), f"row {b}: a block past {n} was read"
+
+
 # ---- errors ----
 
 
@@ -383,6 +530,25 @@ def test_bad_shapes_raise_value_error():
         longflow_decode_attention(q[:, :3], k, v, kv_valid, scale=0.125)
     with pytest.raises(ValueError, match="share a dtype"):
         longflow_decode_attention(q.astype(jnp.bfloat16), k, v, kv_valid, scale=0.125)
+
+
+@pytest.mark.parametrize(
+    "kv_len",
+    [
+        jnp.array([3.0], jnp.float32),
+        jnp.array([3, 4], jnp.int32),
+        jnp.array([[3]], jnp.int32),
+        jnp.array(3, jnp.int32),
+        jnp.array([True]),
+        [3],
+    ],
+    ids=["float", "too_long", "2d", "scalar", "bool", "list"],
+)
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_bad_kv_len_raises_value_error(kv_len, backend):
+    q, k, v, kv_valid = _small()  # B = 1
+    with pytest.raises(ValueError, match="kv_len must be an integer array of shape"):
+        longflow_decode_attention(q, k, v, kv_valid, kv_len=kv_len, scale=0.125, backend=backend)
 
 
 # ---- lowering for the real targets at Qwen3-8B-like shapes (no accelerator needed) ----
@@ -435,6 +601,19 @@ def test_lowers_for_gpu(granularity, num_splits):
     assert "xla.gpu.triton" in exported.mlir_module()
 
 
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_lowers_with_kv_len(platform):
+    backend = "triton" if platform == "cuda" else "mosaic"
+
+    def fn(q, k, v, kv_valid, kv_len):
+        return _kernel(q, k, v, kv_valid, kv_len=kv_len, scale=128**-0.5, backend=backend, interpret=False)
+
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    args = (*_abstract_inputs(**QWEN3_8B), jax.ShapeDtypeStruct((QWEN3_8B["batch"],), jnp.int32))
+    exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
+    assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in exported.mlir_module()
+
+
 # ---- on a GPU: compiled, at realistic shapes ----
 
 on_gpu = pytest.mark.skipif(
@@ -476,6 +655,31 @@ def test_gpu_gqa_ratios(request, ratio, head_dim):
     )
 
 
+@pytest.mark.gpu
+@on_gpu
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("slots", [2048, 2000])
+def test_gpu_kv_len_matches_reference(request, dtype, slots):
+    # Default block and splits (8 splits at this shape on an H100): whole splits lie past most bounds.
+    kv_len = jnp.array([0, 1, 700, 1024, slots - 1, slots], jnp.int32)
+    q, k, v, kv_valid = make_inputs(
+        _seed(request),
+        batch=6,
+        num_q_heads=32,
+        num_kv_heads=8,
+        slots=slots,
+        head_dim=128,
+        dtype=dtype,
+        valid="random",
+    )
+    mask = bounded_mask(kv_valid, kv_len)
+    for granularity in ("sequence", "kv_head"):
+        out, evict = longflow_decode_attention(
+            q, k, v, kv_valid, kv_len=kv_len, scale=128**-0.5, granularity=granularity
+        )
+        assert_matches_reference(q, k, v, mask, out, evict, scale=128**-0.5, granularity=granularity)
+
+
 def test_triton_body_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
     """Compile the GPU kernel with the triton package (no GPU needed); skipped where triton is absent."""
     pytest.importorskip("triton")
@@ -489,3 +693,20 @@ def test_triton_body_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
     ops = report["sass_ops"]
     assert any(op.startswith("HMMA") for op in ops), ops  # bf16 tensor-core dots
     assert any(op.startswith("LDGSTS") and op.endswith(".128") for op in ops), ops  # 16 B async copies
+
+
+def test_triton_body_with_kv_len_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
+    """The bounded loop (a runtime trip count) keeps the unbounded kernel's properties."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    from pallas_kernels.triton_offline import compile_report, triton_ir
+
+    kv_len = jnp.full((QWEN3_8B["batch"],), 1000, jnp.int32)  # a kernel input; its value is not compiled in
+    ir_text = triton_ir(**QWEN3_8B, num_splits=4, kv_len=kv_len)
+    assert "scf.for" in ir_text and "scf.while" not in ir_text  # the fori_loop kept its for-loop form
+    report = compile_report(ir_text)
+    assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report
+    assert report["shared_bytes"] <= 227 * 1024, report
+    ops = report["sass_ops"]
+    assert any(op.startswith("HMMA") for op in ops), ops
+    assert any(op.startswith("LDGSTS") and op.endswith(".128") for op in ops), ops
