@@ -43,6 +43,7 @@ def longflow_decode_attention_triton(
     num_stages=None,
     final_reduce="atomic",
     epilogue="separate",
+    kv_len=None,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -65,6 +66,9 @@ def longflow_decode_attention_triton(
         most sizes: its serial tail costs more than the second launch).
       final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
         the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
+      kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if
+        kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
+        filled slots are a prefix (every cache of longflow_jax) costs what its prefix costs. None: C.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
@@ -75,9 +79,10 @@ def longflow_decode_attention_triton(
       ValueError: shapes, dtypes, scale or a launch parameter outside the contract (checked before any
         triton import).
     """
-    from cuda_triton_bridge.config import check_triton_inputs
+    from cuda_triton_bridge.config import check_triton_inputs, resolve_kv_len
 
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
+    resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     resolve_config(shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
@@ -101,4 +106,5 @@ def longflow_decode_attention_triton(
         num_stages=num_stages,
         final_reduce=final_reduce,
         epilogue=epilogue,
+        kv_len=kv_len,
     )

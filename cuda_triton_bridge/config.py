@@ -106,6 +106,21 @@ def check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) 
     return DecodeShape(batch, num_q_heads, num_kv_heads, num_slots, head_dim, q.dtype.itemsize)
 
 
+def resolve_kv_len(kv_len, batch: int, num_slots: int):
+    """The per-row slot bound as int32 [B]: `kv_len` checked, or C for every row when it is None."""
+    import jax.numpy as jnp
+
+    if kv_len is None:
+        return jnp.full((batch,), num_slots, jnp.int32)
+    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
+    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"kv_len must be an integer array of shape ({batch},) (filled slots per row), got "
+            f"{type(kv_len).__name__} with shape {shape} and dtype {dtype}"
+        )
+    return jnp.asarray(kv_len).astype(jnp.int32)
+
+
 def num_sms() -> int:
     try:
         import jax

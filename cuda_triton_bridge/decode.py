@@ -18,7 +18,7 @@ import jax_triton as jt
 import numpy as np
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_triton_inputs, resolve_config
+from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
 
@@ -42,9 +42,11 @@ def longflow_decode_attention_triton(
     num_stages=None,
     final_reduce="atomic",
     epilogue="separate",
+    kv_len=None,
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
+    kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     cfg = resolve_config(
         shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
     )
@@ -58,13 +60,14 @@ def longflow_decode_attention_triton(
         epilogue=epilogue,
     )
     if plan.fused:
-        return _launch_fused(q, k_cache, v_cache, kv_valid, scale, plan)
+        return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan)
     split = plan.split
     out, acc, m, ell, t, counter, no_evict = jt.triton_call(
         q,
         k_cache,
         v_cache,
         kv_valid,
+        kv_len,
         np.float32(float(scale) * LOG2E),
         kernel=kernels.decode_split_kernel,
         out_shape=_out_shapes(split, q.dtype),
@@ -80,6 +83,7 @@ def longflow_decode_attention_triton(
     comb = plan.combine
     comb_out, comb_evict, part_val, part_idx, _ = jt.triton_call(
         kv_valid,
+        kv_len,
         acc,
         m,
         ell,
@@ -87,7 +91,7 @@ def longflow_decode_attention_triton(
         counter,
         kernel=kernels.decode_combine_kernel,
         out_shape=_out_shapes(comb, q.dtype),
-        input_output_aliases={5: 4},  # the atomic counter, zeroed by the split kernel
+        input_output_aliases={6: 4},  # the atomic counter, zeroed by the split kernel
         grid=comb.grid,
         num_warps=comb.num_warps,
         num_stages=comb.num_stages,
@@ -105,13 +109,14 @@ def longflow_decode_attention_triton(
     return out, _squeeze_groups(evict_slot, granularity)
 
 
-def _launch_fused(q, k_cache, v_cache, kv_valid, scale, plan):
+def _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan):
     launch = plan.split
     out, _, _, _, _, _, evict_slot, _ = jt.triton_call(
         q,
         k_cache,
         v_cache,
         kv_valid,
+        kv_len,
         np.float32(float(scale) * LOG2E),
         kernel=kernels.decode_fused_kernel,
         out_shape=_out_shapes(launch, q.dtype),

@@ -22,8 +22,32 @@ import torch
 import triton
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_triton_inputs, resolve_config
+from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+
+
+def _index_one_element_tensors():
+    """Let the interpreter use a loaded scalar as a loop bound (`range(0, n)`, n from tl.load).
+
+    Triton 3.6's interpreter holds scalars as 1-element arrays and converts them with int(array), which
+    numpy 2 rejects for arrays of shape (1,). The GPU compiler has no such limit; this only patches the
+    interpreter's tensor `__index__`, the same way the interpreter installs its own.
+    """
+    from triton.runtime import interpreter
+
+    original = interpreter._patch_lang_tensor
+    if getattr(original, "_longflow_patched", False):
+        return
+
+    def patched(tensor, scope):
+        original(tensor, scope)
+        scope.set_attr(tensor, "__index__", lambda self: int(np.asarray(self.handle.data).reshape(-1)[0]))
+
+    patched._longflow_patched = True
+    interpreter._patch_lang_tensor = patched
+
+
+_index_one_element_tensors()
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -69,6 +93,7 @@ def longflow_decode_attention_interpret(
     num_stages=None,
     final_reduce="atomic",
     epilogue="separate",
+    kv_len=None,
     sms=None,
 ):
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
@@ -90,28 +115,33 @@ def longflow_decode_attention_interpret(
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
+    if kv_len is None:
+        kv_len = np.full((shape.batch,), shape.num_slots, np.int32)
+    tlen = torch.from_numpy(
+        np.asarray(resolve_kv_len(np.asarray(kv_len), shape.batch, shape.num_slots)).copy()
+    )
     split_out = _alloc(plan.split, _TORCH[dtype])
     for i in plan.split.zeroed:
         split_out[i].zero_()
     if plan.fused:
         kernels.decode_fused_kernel[plan.split.grid](
-            tq, tk, tv, tvalid, float(scale) * LOG2E, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
         )
         evict_slot = split_out[6].numpy()
         if granularity == "sequence":
             evict_slot = evict_slot.reshape(evict_slot.shape[0])
         return _to_numpy(split_out[0]), evict_slot
     kernels.decode_split_kernel[plan.split.grid](
-        tq, tk, tv, tvalid, float(scale) * LOG2E, *split_out, **plan.split.meta
+        tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
     )
     out, acc, m, ell, t, counter, no_evict = split_out
     if plan.combine is None:
         evict_slot = no_evict
     else:
         comb_out = _alloc(plan.combine, _TORCH[dtype])
-        comb_out[4] = counter  # aliased, as input_output_aliases={5: 4} does on the GPU
+        comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
         kernels.decode_combine_kernel[plan.combine.grid](
-            tvalid, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
+            tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
         )
         if plan.combine.meta["COMBINE_OUT"]:
             out = comb_out[0]
@@ -137,7 +167,10 @@ def main(argv=None):
     for i, case in enumerate(json.loads(str(data["cases"]))):
         dtype = jnp.dtype(case["dtype"])
         q, k, v = (np.asarray(jnp.asarray(data[f"{n}_{i}"]).astype(dtype)) for n in "qkv")
-        out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **case["kwargs"])
+        kwargs = dict(case["kwargs"])
+        if "kv_len" in kwargs:
+            kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
+        out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **kwargs)
         results[f"out_{i}"] = np.asarray(out, np.float32)
         results[f"evict_{i}"] = evict_slot
     np.savez(dst, **results)

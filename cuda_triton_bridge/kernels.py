@@ -24,11 +24,18 @@ import triton.language as tl
 
 
 @triton.jit
+def _row_bound(kv_len_ptr, b, C: tl.constexpr):
+    """Slots of row b that may be valid: kv_len[b] clamped to [0, C]."""
+    return tl.minimum(tl.maximum(tl.load(kv_len_ptr + b), 0), C)
+
+
+@triton.jit
 def _attend_split(
     q_ptr,
     k_ptr,
     v_ptr,
     valid_ptr,
+    kv_len_ptr,
     t_ptr,
     qk_scale,
     split,
@@ -58,6 +65,10 @@ def _attend_split(
     v_head = v_ptr + kv_off
     valid_row = valid_ptr + b.to(tl.int64) * C
     first = split * (BLOCKS_PER_SPLIT * BLOCK_C)
+    # Only the blocks of this split below the row's bound are read (a dynamic trip count): a partly
+    # filled buffer costs what its filled prefix costs. A split wholly past the bound keeps m = -inf.
+    n_valid = _row_bound(kv_len_ptr, b, C)
+    num_blocks = tl.minimum(tl.cdiv(tl.maximum(n_valid - first, 0), BLOCK_C), BLOCKS_PER_SPLIT)
 
     m_i = tl.full([QROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QROWS], tl.float32)
@@ -65,13 +76,13 @@ def _attend_split(
     # The mask is too narrow (one byte a slot) for the cp.async pipeline that carries K and V, so it is
     # prefetched by hand one block ahead: its load latency hides behind the current block's math.
     c_first = first + tl.arange(0, BLOCK_C)
-    valid_next = tl.load(valid_row + c_first, mask=c_first < C, other=0)
-    for blk in range(BLOCKS_PER_SPLIT):
+    valid_next = tl.load(valid_row + c_first, mask=c_first < n_valid, other=0)
+    for blk in range(0, num_blocks):
         c = first + blk * BLOCK_C + tl.arange(0, BLOCK_C)
         in_range = c < C
-        valid = valid_next != 0
+        valid = valid_next != 0  # zero past n_valid: the mask load stops there
         c_next = c + BLOCK_C
-        valid_next = tl.load(valid_row + c_next, mask=(c_next < C) & (blk + 1 < BLOCKS_PER_SPLIT), other=0)
+        valid_next = tl.load(valid_row + c_next, mask=(c_next < n_valid) & (blk + 1 < num_blocks), other=0)
         kv_idx = c[:, None] * D + d[None, :]
         k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
         v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
@@ -105,6 +116,7 @@ def decode_split_kernel(
     k_ptr,  # [B, HKV, C, D]
     v_ptr,  # [B, HKV, C, D]
     valid_ptr,  # [B, C] bool
+    kv_len_ptr,  # [B] i32: slots >= kv_len[b] are invalid and not read
     qk_scale,  # softmax scale * log2(e), f32
     out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
     acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
@@ -133,7 +145,7 @@ def decode_split_kernel(
     G: tl.constexpr = HQ // HKV
 
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, valid_ptr, t_ptr, qk_scale, split, kvh, b,
+        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
@@ -159,6 +171,7 @@ def decode_split_kernel(
 @triton.jit
 def decode_combine_kernel(
     valid_ptr,  # [B, C] bool
+    kv_len_ptr,  # [B] i32
     acc_ptr,  # [B, HQ, S, D] f32
     m_ptr,  # [B, HQ, S] f32
     l_ptr,  # [B, HQ, S] f32
@@ -230,7 +243,9 @@ def decode_combine_kernel(
             )
             contrib = tl.exp2(t - m_use[:, :, None]) * inv_denom[:, :, None]
             score = tl.sum(contrib, axis=1)  # [NG_P, CHUNK]
-            valid = tl.load(valid_ptr + b.to(tl.int64) * C + c, mask=c_ok, other=0) != 0
+            # Past the bound t was never written: those slots are empty whatever the mask says.
+            in_bound = c < _row_bound(kv_len_ptr, b, C)
+            valid = tl.load(valid_ptr + b.to(tl.int64) * C + c, mask=in_bound, other=0) != 0
             score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
             score = tl.where(c_ok[None, :], score, float("inf"))
             best, best_at = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
@@ -270,6 +285,7 @@ def decode_fused_kernel(
     k_ptr,  # [B, HKV, C, D]
     v_ptr,  # [B, HKV, C, D]
     valid_ptr,  # [B, C] bool
+    kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
@@ -305,7 +321,7 @@ def decode_fused_kernel(
     b = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, valid_ptr, t_ptr, qk_scale, split, kvh, b,
+        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
@@ -371,6 +387,7 @@ def decode_fused_kernel(
 
         if EVICT:
             valid_row = valid_ptr + b.to(tl.int64) * C
+            n_valid = _row_bound(kv_len_ptr, b, C)
             ec = tl.arange(0, ECHUNK)
             best_val = float("inf")
             best_slot = 0
@@ -385,7 +402,7 @@ def decode_fused_kernel(
                 )
                 imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
                 if NG == HKV:  # one score group per KV head: this program has everything
-                    valid = tl.load(valid_row + c, mask=c_ok, other=0) != 0
+                    valid = tl.load(valid_row + c, mask=c < n_valid, other=0) != 0
                     score = tl.where(c_ok, tl.where(valid, imp, -1.0), float("inf"))
                     cmin, cat = tl.min(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
                     take = cmin < best_val  # strict: an earlier chunk keeps ties (lowest slot)
@@ -413,7 +430,7 @@ def decode_fused_kernel(
                             other=0.0,
                             cache_modifier=".cg",
                         )
-                        valid = tl.load(valid_row + c, mask=c_ok, other=0) != 0
+                        valid = tl.load(valid_row + c, mask=c < n_valid, other=0) != 0
                         score = tl.where(c_ok, tl.where(valid, tl.sum(part, axis=0), -1.0), float("inf"))
                         cmin, cat = tl.min(
                             score, axis=0, return_indices=True, return_indices_tie_break_left=True

@@ -11,7 +11,7 @@ The kernels fuse attention with LongFlow's scoring and argmin, so they serve "lo
 from __future__ import annotations
 
 from .config import CompressionConfig
-from .kv_cache import LayerCache, kv_valid
+from .kv_cache import LayerCache, kv_valid, occupancy
 from .policies import select_evict_slot
 from .reference import decode_attention_probs
 
@@ -59,6 +59,9 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
             scale=scale,
             granularity=granularity,
             compute_evict=policy == "longflow",
+            # Filled slots are a prefix (kv_cache.py), so the kernels stop reading at its end: the full
+            # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise.
+            kv_len=occupancy(layer),
         )
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.

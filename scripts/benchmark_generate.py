@@ -9,10 +9,17 @@ timed chunks exclude compilation; the first chunk is also reported separately.
   python scripts/benchmark_generate.py --model qwen3-4b --runs full:16:8192 longflow:16:8192:2048 \
       --out runs/gen.jsonl
 
-A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]], e.g. longflow:16:8192:2048:pallas. BATCH may be
-`max`: the largest batch whose KV buffer, plus the params and a per-row working-set allowance, fits in
+A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g. longflow:16:8192:2048:pallas. BATCH may
+be `max`: the largest batch whose KV buffer, plus the params and a per-row working-set allowance, fits in
 `--memory-gib` (default: 90% of the device's memory limit), so full cache and LongFlow can be compared
-at equal memory. `--plot FILE.png` draws decode tokens/s against generated length for every run.
+at equal memory. STEPS (default NEW_TOKENS) times only the first STEPS decode steps of a run whose
+buffer is sized for NEW_TOKENS: for a compressed cache, whose per-step cost stops changing once its C
+slots are full, that measures the same steady rate in less device time; rows record both numbers.
+`--plot FILE.png` draws decode tokens/s against generated length for every run.
+
+`--isolate` runs every configuration in its own process: each row's peak memory is then its own, a
+large run starts from an empty allocator, and a run that runs out of memory at BATCH=max is retried
+at 90% of the batch (twice at most; the row records the scale it ran at).
 """
 
 from __future__ import annotations
@@ -21,7 +28,9 @@ import argparse
 import datetime
 import json
 import os
+import subprocess
 import sys
+import tempfile
 import time
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
@@ -89,12 +98,15 @@ MODELS = {
 
 def parse_run(spec: str):
     parts = spec.split(":")
-    if len(parts) < 3:
-        raise ValueError(f"run {spec!r}: expected POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]]")
+    if not 3 <= len(parts) <= 6:
+        raise ValueError(f"run {spec!r}: expected POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]")
     policy, batch, new = parts[0], parts[1] if parts[1] == "max" else int(parts[1]), int(parts[2])
     budget = int(parts[3]) if len(parts) > 3 and parts[3] else 2048
-    impl = parts[4] if len(parts) > 4 else "reference"
-    return policy, batch, new, budget, impl
+    impl = parts[4] if len(parts) > 4 and parts[4] else "reference"
+    steps = int(parts[5]) if len(parts) > 5 and parts[5] else new
+    if not 0 < steps <= new:
+        raise ValueError(f"run {spec!r}: STEPS must be in [1, NEW_TOKENS={new}], got {steps}")
+    return policy, batch, new, budget, impl, steps
 
 
 def params_bytes(params) -> int:
@@ -128,7 +140,7 @@ def peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
-def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len, chunk, seed):
+def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len, chunk, seed, steps=None):
     comp = CompressionConfig(policy=policy, budget=budget)
     capacity = buffer_capacity(comp, prompt_len, new_tokens)
     rng = np.random.default_rng(seed)
@@ -165,13 +177,16 @@ def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len,
     compile_s = time.perf_counter() - t0
 
     chunk_seconds = []
-    steps = new_tokens // chunk  # one KV write per step: the buffer holds prompt + new_tokens
-    for c in range(steps):
+    # One KV write per step: the buffer holds prompt + new_tokens; only the first `steps` are timed.
+    num_chunks = (steps or new_tokens) // chunk
+    if num_chunks < 1:
+        raise ValueError(f"{steps or new_tokens} steps is less than one chunk of {chunk}")
+    for c in range(num_chunks):
         t0 = time.perf_counter()
         cache, token = compiled(params, cache, token, jnp.int32(c * chunk))
         token.block_until_ready()
         chunk_seconds.append(time.perf_counter() - t0)
-    decoded = steps * chunk
+    decoded = num_chunks * chunk
     steady = chunk_seconds[1:] or chunk_seconds
     return {
         "policy": policy,
@@ -216,6 +231,54 @@ def plot(results, path):
     fig.savefig(path, dpi=120)
 
 
+def _is_oom(text: str) -> bool:
+    return "RESOURCE_EXHAUSTED" in text or "Out of memory" in text or "out of memory" in text
+
+
+def run_isolated(argv_base, spec, out_path, command, retries=2):
+    """Run one configuration in a child process (retrying an out-of-memory BATCH=max at 90%)."""
+    scale = 1.0
+    for attempt in range(retries + 1):
+        with tempfile.TemporaryDirectory() as tmp:
+            part = os.path.join(tmp, "row.jsonl")
+            cmd = [sys.executable, os.path.abspath(__file__), *argv_base, "--runs", spec, "--out", part]
+            cmd += ["--batch-scale", f"{scale:.4f}"]
+            proc = subprocess.run(cmd, capture_output=True, text=True)
+            sys.stdout.write(proc.stdout)
+            if proc.returncode == 0:
+                with open(part) as f:
+                    rows = [json.loads(line) for line in f]
+                for row in rows:  # the command a reader reruns is the parent's
+                    row["run_command"], row["command"] = row["command"], command
+                break
+            sys.stderr.write(proc.stderr[-3000:])
+            if not (_is_oom(proc.stderr) and ":max:" in f":{spec}" and attempt < retries):
+                raise RuntimeError(f"run {spec} failed (exit {proc.returncode})")
+            scale *= 0.9
+            print(f"  {spec}: out of memory, retrying at {scale:.2f} x the largest batch", flush=True)
+    if out_path:
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path, "a") as f:
+            for row in rows:
+                f.write(json.dumps(row) + "\n")
+    return rows
+
+
+def print_table(results):
+    print(
+        "\n| policy | impl | batch | new tokens | timed steps | KV GiB | peak GiB | ms/step | decode tok/s |"
+    )
+    print("|---|---|---|---|---|---|---|---|---|")
+    for r in results:
+        name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
+        peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
+        print(
+            f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['decoded_steps']} | "
+            f"{r['kv_cache_bytes'] / 2**30:.2f} | "
+            f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |"
+        )
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3-4b", choices=sorted(MODELS))
@@ -226,7 +289,23 @@ def main(argv=None) -> int:
     ap.add_argument("--out", help="append one JSON line per run")
     ap.add_argument("--memory-gib", type=float, help="memory for BATCH=max (default: 90%% of the device's)")
     ap.add_argument("--plot", help="PNG: decode tokens/s vs generated length, one line per run")
+    ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
+    ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
+    command = " ".join(["python3", "scripts/benchmark_generate.py", *argv])
+    for spec in args.runs:
+        parse_run(spec)  # bad specs fail before any work
+    if args.isolate:
+        base = ["--model", args.model, "--prompt-len", str(args.prompt_len), "--chunk", str(args.chunk)]
+        base += ["--seed", str(args.seed)] + (
+            ["--memory-gib", str(args.memory_gib)] if args.memory_gib else []
+        )
+        results = [row for spec in args.runs for row in run_isolated(base, spec, args.out, command)]
+        if args.plot:
+            plot(results, args.plot)
+        print_table(results)
+        return 0
     config = MODELS[args.model]
     device = jax.devices()[0]
     print(f"device: {device.device_kind} ({device.platform}); jax {jax.__version__}; model {args.model}")
@@ -234,22 +313,34 @@ def main(argv=None) -> int:
     jax.block_until_ready(params)
     results = []
     for spec in args.runs:
-        policy, batch, new, budget, impl = parse_run(spec)
+        policy, batch, new, budget, impl, steps = parse_run(spec)
+        memory_limit = None
         if batch == "max":
             limit = args.memory_gib * 2**30 if args.memory_gib else 0.9 * (device_memory_bytes() or 0)
             if not limit:
                 raise ValueError("BATCH=max needs --memory-gib on a device that reports no memory limit")
-            batch = max_batch(config, params, policy, new, budget, args.prompt_len, limit)
-            print(f"  {spec}: largest batch in {limit / 2**30:.1f} GiB is {batch}", flush=True)
+            memory_limit = limit
+            batch = max(
+                1,
+                int(
+                    max_batch(config, params, policy, new, budget, args.prompt_len, limit) * args.batch_scale
+                ),
+            )
+            print(
+                f"  {spec}: largest batch in {limit / 2**30:.1f} GiB (x{args.batch_scale:.2f}) is {batch}",
+                flush=True,
+            )
         res = run_one(
-            params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed
+            params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed, steps
         )
         res.update(
+            memory_limit_bytes=memory_limit,
+            batch_scale=args.batch_scale if memory_limit else None,
             model=args.model,
             device=device.device_kind,
             jax=jax.__version__,
             date=datetime.date.today().isoformat(),
-            command=" ".join(sys.argv),
+            command=command,
         )
         results.append(res)
         print(
@@ -264,16 +355,7 @@ def main(argv=None) -> int:
         del res
     if args.plot:
         plot(results, args.plot)
-    print("\n| policy | impl | batch | new tokens | KV GiB | peak GiB | ms/step | decode tok/s |")
-    print("|---|---|---|---|---|---|---|---|")
-    for r in results:
-        name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
-        peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
-        print(
-            f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | "
-            f"{r['kv_cache_bytes'] / 2**30:.2f} | "
-            f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |"
-        )
+    print_table(results)
     return 0
 
 

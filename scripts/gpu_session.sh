@@ -8,9 +8,16 @@
 #   gen       scripts/benchmark_generate.py, Qwen3-4B shape: full B=1 and B=16, full vs LongFlow
 #             C=2048 at B=16 over 8192 tokens (reference path and kernels)                 (~8 min)
 #   maxbatch  equal memory: full vs LongFlow at the largest batch that fits, 8192 tokens   (~9 min)
+#   triton    the Triton kernel's GPU tests + generate through it vs the reference          (~2 min)
+#   eq16      Qwen3-4B, batch 16, 8192 tokens: full (Triton, length-aware) vs LongFlow       (~4 min)
+#   max4b     Qwen3-4B, equal memory, 8192 tokens: full at its largest batch vs LongFlow at
+#             its largest batch (LongFlow timed over 3072 steps: its buffer is full by 1920)  (~6 min)
+#   max7b     the same for the DeepSeek-R1-Distill-Qwen-7B shape                           (~7 min)
+#   max16k    Qwen3-4B, equal memory, 16384 tokens (LongFlow timed over 3072 steps)         (~7 min)
+# The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -34,5 +41,19 @@ case "$stage" in
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b \
       --runs full:max:8192 longflow:max:8192:2048:triton --out "$OUT/maxbatch.jsonl" \
       --plot "$OUT/maxbatch.png" 2>&1 | tee "$OUT/maxbatch.log" ;;
+  triton)
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_kernel_generate.py \
+      -k "not pallas" 2>&1 | tee "$OUT/triton_tests.log" | tail -15 ;;
+  eq16)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b --isolate \
+      --runs full:16:8192::triton longflow:16:8192:2048:triton --out "$OUT/eq16.jsonl" --plot "$OUT/eq16.png" \
+      2>&1 | tee "$OUT/eq16.log" ;;
+  max4b|max7b|max16k)
+    model=qwen3-4b; new=8192
+    [ "$stage" = max7b ] && model=r1-distill-qwen-7b
+    [ "$stage" = max16k ] && new=16384
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 scripts/benchmark_generate.py --model $model --isolate \
+      --runs full:max:$new::triton longflow:max:$new:2048:triton:3072 --out "$OUT/$stage.jsonl" \
+      --plot "$OUT/$stage.png" 2>&1 | tee "$OUT/$stage.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

@@ -66,3 +66,40 @@ def test_max_batch_fills_the_memory_budget(bench):
     assert sizes["longflow"] > 10 * sizes["full"]
     with pytest.raises(ValueError, match="not even one row"):
         bench.max_batch(config, params, "full", 4096, 2048, 64, bench.params_bytes(params) + 1)
+
+
+def test_parse_run_fields_and_errors(bench):
+    assert bench.parse_run("full:max:8192") == ("full", "max", 8192, 2048, "reference", 8192)
+    assert bench.parse_run("longflow:4:8192:1024:triton:2048") == ("longflow", 4, 8192, 1024, "triton", 2048)
+    for bad in ["full:4", "longflow:4:128:32:triton:256", "longflow:4:128:32:triton:0", "a:1:2:3:4:5:6"]:
+        with pytest.raises(ValueError, match="run"):
+            bench.parse_run(bad)
+
+
+def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
+    """--isolate: one child process per run; STEPS caps the timed steps of a buffer sized for NEW."""
+    out = tmp_path / "iso.jsonl"
+    argv = ["--model", "tiny", "--chunk", "16", "--prompt-len", "8", "--out", str(out), "--isolate"]
+    assert (
+        bench.main(argv + ["--runs", "longflow:2:128:32:reference:48", "full:max:64", "--memory-gib", "0.05"])
+        == 0
+    )
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    capped, full = rows
+    assert (
+        capped["new_tokens"] == 128
+        and capped["decoded_steps"] == 48
+        and len(capped["chunk_tokens_per_s"]) == 3
+    )
+    assert capped["capacity"] == 32 and capped["batch"] == 2
+    assert full["capacity"] == 8 + 64 and full["batch_scale"] == 1.0 and full["memory_limit_bytes"] > 0
+    assert full["batch"] == bench.max_batch(
+        bench.MODELS["tiny"],
+        bench.init_random_params(bench.MODELS["tiny"]),
+        "full",
+        64,
+        2048,
+        8,
+        0.05 * 2**30,
+    )
+    assert "--isolate" in full["command"] and "--isolate" not in full["run_command"]

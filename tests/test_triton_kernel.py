@@ -134,6 +134,14 @@ def test_rejects_bad_launch_arguments(kwargs, match):
         ctb.longflow_decode_attention_triton(*_small(), **kwargs)
 
 
+@pytest.mark.parametrize(
+    "kv_len", [np.array([3.0], np.float32), np.array([1, 2], np.int32), np.array(4, np.int32), [4]]
+)
+def test_rejects_bad_kv_len(kv_len):
+    with pytest.raises(ValueError, match="kv_len must be an integer array of shape"):
+        ctb.longflow_decode_attention_triton(*_small(), scale=0.125, kv_len=kv_len)
+
+
 def test_rejects_mixed_dtypes():
     q, k, v, valid = _small()
     with pytest.raises(ValueError, match="share one dtype"):
@@ -166,6 +174,29 @@ def test_default_splits_follow_the_measured_choice():
         cfg = ctb.resolve_config(ctb.config.DecodeShape(batch, 32, 8, slots, 128), sms=132)
         assert cfg.num_splits == splits, (batch, slots, cfg)
         assert cfg.blocks_per_split * cfg.block_c >= ctb.config.MIN_SLOTS_PER_SPLIT
+
+
+# ---------------------------------------------------------------- CPU: offline compile for sm_90
+
+
+@pytest.mark.parametrize(
+    "batch, compute_evict, epilogue",
+    [(16, True, "separate"), (1, True, "separate"), (64, False, "separate"), (4, True, "fused")],
+)
+def test_kernels_compile_for_sm90_without_spills(batch, compute_evict, epilogue, tmp_path, monkeypatch):
+    """The GPU compiler (not the interpreter) accepts the kernels at Qwen3-8B shapes: K/V stream through
+    16-byte cp.async copies into tensor-core dots, no register spills (ptxas bundled with triton)."""
+    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
+    from cuda_triton_bridge.offline import compile_plan
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    reports = compile_plan(batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue)
+    main = reports["decode_fused_kernel" if epilogue == "fused" else "decode_split_kernel"]
+    assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
+    assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
+    for name, report in reports.items():
+        assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
+        assert report["shared_bytes"] <= 227 * 1024, (name, report)
 
 
 # ---------------------------------------------------------------- CPU: Triton interpreter
@@ -285,7 +316,41 @@ INTERPRETER_CASES = [
         "mixed",
         dict(num_splits=2, compute_evict=False, granularity="kv_head"),
     ),
+    # kv_len: empty row, one slot, a block boundary inside split 0, the whole buffer; 3 splits of 4
+    # blocks, so rows 0-2 leave whole splits unread.
+    ("f32-kvlen", "float32", 4, 8, 2, 300, 64, "all", dict(block_c=32, num_splits=3, kv_len=[0, 1, 96, 300])),
+    (
+        "f32-kvlen-mixed-kvhead",
+        "float32",
+        4,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=32, num_splits=3, granularity="kv_head", kv_len=[129, 300, 257, 31]),
+    ),
+    ("f32-kvlen-fused", "float32", 3, 8, 2, 300, 64, "all", dict(**FUSED, block_c=32, kv_len=[0, 200, 33])),
+    (
+        "noevict-kvlen",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "all",
+        dict(block_c=32, num_splits=1, compute_evict=False, kv_len=[0, 64, 299]),
+    ),
 ]
+
+
+def bounded_valid(kv_valid, kwargs):
+    """The mask the kernel applies: kv_valid and slot < kv_len (when given)."""
+    if "kv_len" not in kwargs:
+        return kv_valid
+    kv_len = jnp.asarray(kwargs["kv_len"], jnp.int32)
+    return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < kv_len[:, None])
 
 
 @pytest.fixture(scope="module")
@@ -325,6 +390,7 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
 def test_interpreter_matches_reference(interpreted, name):
     (q, k, v, kv_valid), kwargs, out, evict_slot = interpreted[name]
+    kv_valid = bounded_valid(kv_valid, kwargs)
     granularity = kwargs.get("granularity", "sequence")
     out = jnp.asarray(out).astype(q.dtype)
     evict_slot = jnp.asarray(evict_slot, jnp.int32)
@@ -381,6 +447,22 @@ def test_block_and_split_choices(block_c, num_splits, epilogue):
         q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@gpu
+def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
+    # Rows: empty, one slot, a block boundary, mid-block, the whole buffer; the valid mask is random.
+    q, k, v, valid = make_inputs(_key("kvlen", granularity, num_splits), 5, 8, 2, 1000, 128, jnp.bfloat16)
+    kv_len = jnp.asarray([0, 1, 256, 517, 1000], jnp.int32)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=0.125, granularity=granularity, num_splits=num_splits, epilogue=epilogue,
+        block_c=64, kv_len=kv_len,
+    )  # fmt: skip
+    bounded = bounded_valid(valid, {"kv_len": kv_len})
+    assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.125, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])

@@ -1,0 +1,166 @@
+"""Compile the native Triton decode kernels for a GPU on a machine without one (a CI check).
+
+Builds the same launch plan as decode.py, compiles each kernel of it with the `triton` package for a
+target such as sm_90 (its bundled ptxas; no driver, no jax-triton), and reports shared memory, registers
+and spills. It catches what the CPU interpreter cannot: Triton compile errors (e.g. a construct the
+interpreter accepts and the compiler does not), shared-memory overflow, register spills.
+
+  python -m cuda_triton_bridge.offline --batch 16 --slots 8192
+"""
+
+from __future__ import annotations
+
+import argparse
+import collections
+import os
+import re
+import subprocess
+import tempfile
+
+from cuda_triton_bridge.config import DecodeShape, resolve_config
+from cuda_triton_bridge.launch import plan_launch
+
+_SASS_OPS = re.compile(
+    r"\b(LDGSTS[.A-Z0-9]*|LDG[.A-Z0-9]*|STG[.A-Z0-9]*|HMMA[.A-Z0-9]*|LDL[.A-Z0-9]*|STL[.A-Z0-9]*)"
+)
+_POINTER = {"q": "*{q}", "f32": "*fp32", "i32": "*i32"}
+_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+
+
+def _signature(kernel, inputs, launch, q_type, meta):
+    """Triton signature: inputs (name -> type), then the launch's output buffers, then constexprs."""
+    names = list(kernel.arg_names)
+    types = dict(inputs)
+    outputs = [n for n in names if n not in types and n not in meta]
+    if len(outputs) != len(launch.outputs):
+        raise RuntimeError(
+            f"{kernel.fn.__name__}: {len(outputs)} output pointers vs {len(launch.outputs)} buffers"
+        )
+    for name, buf in zip(outputs, launch.outputs):
+        types[name] = _POINTER[buf.dtype].format(q=q_type)
+    signature = {n: types.get(n, "constexpr") for n in names}
+    return signature
+
+
+def compile_plan(
+    batch,
+    num_q_heads,
+    num_kv_heads,
+    slots,
+    head_dim,
+    dtype="bfloat16",
+    capability=90,
+    granularity="sequence",
+    compute_evict=True,
+    epilogue="separate",
+    **config,
+):
+    """{kernel name: resource report} for every kernel the launch plan of these shapes runs."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from cuda_triton_bridge import kernels
+
+    itemsize = 4 if dtype == "float32" else 2
+    shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
+    cfg = resolve_config(shape, sms=132, **config)  # block_c, num_splits, num_warps, num_stages
+    plan = plan_launch(
+        shape,
+        cfg,
+        granularity=granularity,
+        compute_evict=compute_evict,
+        final_reduce="atomic",
+        is_f32=dtype == "float32",
+        epilogue=epilogue,
+    )
+    q_type = _DTYPE[dtype]
+    main_inputs = {
+        "q_ptr": f"*{q_type}",
+        "k_ptr": f"*{q_type}",
+        "v_ptr": f"*{q_type}",
+        "valid_ptr": "*i1",
+        "kv_len_ptr": "*i32",
+        "qk_scale": "fp32",
+    }
+    launches = [
+        (kernels.decode_fused_kernel if plan.fused else kernels.decode_split_kernel, main_inputs, plan.split)
+    ]
+    if plan.combine is not None:
+        comb_inputs = {
+            "valid_ptr": "*i1",
+            "kv_len_ptr": "*i32",
+            "acc_ptr": "*fp32",
+            "m_ptr": "*fp32",
+            "l_ptr": "*fp32",
+            "t_ptr": "*fp32",
+            "counter_in_ptr": "*i32",
+        }
+        launches.append((kernels.decode_combine_kernel, comb_inputs, plan.combine))
+    reports = {}
+    for kernel, inputs, launch in launches:
+        signature = _signature(kernel, inputs, launch, q_type, launch.meta)
+        # jax-triton tells the compiler every buffer is 16-byte aligned; without it loads stay scalar.
+        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t[0] == "*"}
+        src = ASTSource(fn=kernel, signature=signature, constexprs=dict(launch.meta), attrs=aligned)
+        compiled = triton.compile(
+            src,
+            target=GPUTarget("cuda", capability, 32),
+            options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+        )
+        reports[kernel.fn.__name__] = _resources(compiled)
+    return reports
+
+
+def _resources(compiled):
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
+        cubin = os.path.join(tmp, "kernel.cubin")
+        with open(cubin, "wb") as f:
+            f.write(compiled.asm["cubin"])
+        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
+        cuobjdump = os.path.join(tools, "cuobjdump")
+        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
+        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
+    resources = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
+    return {
+        "shared_bytes": compiled.metadata.shared,
+        "registers": int(resources.get("REG", -1)),
+        "stack_bytes": int(resources.get("STACK", -1)),
+        "local_bytes": int(resources.get("LOCAL", -1)),
+        "sass_ops": dict(collections.Counter(_SASS_OPS.findall(sass)).most_common()),
+    }
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--num-q-heads", type=int, default=32)
+    parser.add_argument("--num-kv-heads", type=int, default=8)
+    parser.add_argument("--slots", type=int, default=8192)
+    parser.add_argument("--head-dim", type=int, default=128)
+    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE))
+    parser.add_argument("--granularity", default="sequence")
+    parser.add_argument("--epilogue", default="separate")
+    parser.add_argument("--no-evict", action="store_true")
+    parser.add_argument("--capability", type=int, default=90)
+    args = parser.parse_args(argv)
+    reports = compile_plan(
+        args.batch,
+        args.num_q_heads,
+        args.num_kv_heads,
+        args.slots,
+        args.head_dim,
+        dtype=args.dtype,
+        capability=args.capability,
+        granularity=args.granularity,
+        compute_evict=not args.no_evict,
+        epilogue=args.epilogue,
+    )
+    for name, report in reports.items():
+        print(name, report)
+
+
+if __name__ == "__main__":
+    main()
