@@ -13,8 +13,9 @@ the steady state of LongFlow decoding):
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
 L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
-one program that makes at least 32 calls, rotating K/V over several input sets (distinct buffers,
-together well over the 50 MB L2, so no call finds its K/V in cache) with a distinct q per call; the
+one program that makes a chain of at least 32 calls (each call's q is the previous call's output, so
+XLA can neither merge nor overlap calls), rotating K/V over several input sets (distinct buffers,
+together well over the 50 MB L2, so no call finds its K/V in cache); the
 per-call time is the median over repetitions of that program's wall time (after
 jax.block_until_ready) divided by the number of calls. Achieved
 bandwidth = bytes of K + V read / time.
@@ -154,26 +155,30 @@ MIN_CALLS_PER_PROGRAM = 32
 def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
     """Median seconds per call over `reps` runs of one program making >= min_calls calls.
 
-    K/V rotate over the input sets in order, so consecutive calls never share K/V and the reuse
-    distance spans all sets (> 8x L2). Each call gets its own q buffer, made before timing, so XLA
-    cannot merge two calls on the same K/V. Many calls per host sync keep dispatch and sync out of
-    the per-call time (the 2026-11-23 run synced every 2-3 calls at large sizes and its spread showed it).
+    The calls form a chain: each call's query is the previous call's output (same shape and dtype,
+    so no extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or
+    overlap two calls that share K/V; the 2026-11-23 16:24 run, whose calls were independent, let XLA
+    read one K/V for several calls and showed xla_attn above the copy ceiling. K/V rotate over the
+    input sets (> 8x L2 together), so no call finds its K/V in cache. Many calls per host sync keep
+    dispatch and sync out of the per-call time.
     """
     n_calls = max(min_calls, len(sets))
-    queries = jax.block_until_ready(
-        [sets[i % len(sets)][0] + jnp.asarray(1e-3 * i, sets[0][0].dtype) for i in range(n_calls)]
-    )
 
-    def calls(queries, sets):
-        return [fn(queries[i], *sets[i % len(sets)][1:]) for i in range(n_calls)]
+    def calls(q, sets):
+        evicts = []
+        for i in range(n_calls):
+            q, evict = fn(q, *sets[i % len(sets)][1:])
+            evicts.append(evict)
+        return q, evicts
 
     program = jax.jit(calls)
-    jax.block_until_ready(program(queries, sets))
-    jax.block_until_ready(program(queries, sets))
+    q0 = sets[0][0]
+    jax.block_until_ready(program(q0, sets))
+    jax.block_until_ready(program(q0, sets))
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(program(queries, sets))
+        jax.block_until_ready(program(q0, sets))
         times.append(time.perf_counter() - t0)
     return statistics.median(times) / n_calls, (min(times) / n_calls, max(times) / n_calls)
 
