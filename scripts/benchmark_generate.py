@@ -209,6 +209,27 @@ def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len,
     }
 
 
+def buffer_full_tokens_per_s(r):
+    """Tokens/s over the timed chunks that start once a compressed buffer is full (None for full cache:
+    its buffer never is). From then on every step reads the same C slots, so the rate is steady."""
+    if r["policy"] == "full":
+        return None
+    fill = r["capacity"] - r["prompt_len"]  # decode steps until every slot holds a token
+    steady = [t for i, t in enumerate(r["chunk_tokens_per_s"]) if i * r["chunk"] >= fill]
+    return len(steady) / sum(1.0 / t for t in steady) if steady else None
+
+
+def whole_run_tokens_per_s(r):
+    """Tokens/s over all NEW_TOKENS steps: measured when every step was timed; otherwise the timed
+    steps plus the untimed ones at the buffer-full rate (a projection, flagged by the second value)."""
+    untimed = r["new_tokens"] - r["decoded_steps"]
+    steady = buffer_full_tokens_per_s(r)
+    if untimed == 0 or steady is None:
+        return r["decode_tokens_per_s"], False
+    seconds = r["batch"] * r["decoded_steps"] / r["decode_tokens_per_s"] + r["batch"] * untimed / steady
+    return r["batch"] * r["new_tokens"] / seconds, True
+
+
 def plot(results, path):
     import matplotlib
 
@@ -219,7 +240,18 @@ def plot(results, path):
     for r in results:
         x = [(i + 1) * r["chunk"] for i in range(len(r["chunk_tokens_per_s"]))]
         name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
-        ax.plot(x, r["chunk_tokens_per_s"], marker=".", label=f"{name}, batch {r['batch']} ({r['impl']})")
+        line = ax.plot(
+            x, r["chunk_tokens_per_s"], marker=".", label=f"{name}, batch {r['batch']} ({r['impl']})"
+        )
+        steady = buffer_full_tokens_per_s(r)
+        if r["decoded_steps"] < r["new_tokens"] and steady:
+            ax.plot(
+                [x[-1], r["new_tokens"]],
+                [steady, steady],
+                linestyle="--",
+                color=line[0].get_color(),
+                label=f"{name}: buffer-full rate, untimed steps",
+            )
     ax.set_xlabel("generated tokens per row")
     ax.set_ylabel("decode tokens/s (all rows)")
     first = results[0]
@@ -266,23 +298,28 @@ def run_isolated(argv_base, spec, out_path, command, retries=2):
 
 def print_table(results):
     print(
-        "\n| policy | impl | batch | new tokens | timed steps | KV GiB | peak GiB | ms/step | decode tok/s |"
+        "\n| policy | impl | batch | new tokens | timed steps | KV GiB | peak GiB | ms/step | "
+        "tok/s timed | tok/s buffer full | tok/s over new tokens |"
     )
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
         name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
         peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
+        steady = buffer_full_tokens_per_s(r)
+        whole, projected = whole_run_tokens_per_s(r)
         print(
             f"| {name} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['decoded_steps']} | "
-            f"{r['kv_cache_bytes'] / 2**30:.2f} | "
-            f"{peak} | {r['ms_per_step']:.2f} | {r['decode_tokens_per_s']:.0f} |"
+            f"{r['kv_cache_bytes'] / 2**30:.2f} | {peak} | {r['ms_per_step']:.2f} | "
+            f"{r['decode_tokens_per_s']:.0f} | {f'{steady:.0f}' if steady else '-'} | "
+            f"{whole:.0f}{' (projected)' if projected else ''} |"
         )
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="qwen3-4b", choices=sorted(MODELS))
-    ap.add_argument("--runs", nargs="+", required=True, help="POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL]]")
+    ap.add_argument("--runs", nargs="+", help="POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]")
+    ap.add_argument("--from-jsonl", nargs="+", help="no runs: table (and --plot) of rows saved by --out")
     ap.add_argument("--prompt-len", type=int, default=128)
     ap.add_argument("--chunk", type=int, default=512)
     ap.add_argument("--seed", type=int, default=0)
@@ -294,6 +331,17 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     command = " ".join(["python3", "scripts/benchmark_generate.py", *argv])
+    if args.from_jsonl:
+        results = []
+        for path in args.from_jsonl:
+            with open(path) as f:
+                results += [json.loads(line) for line in f if line.strip()]
+        if args.plot:
+            plot(results, args.plot)
+        print_table(results)
+        return 0
+    if not args.runs:
+        ap.error("--runs is required (or --from-jsonl)")
     for spec in args.runs:
         parse_run(spec)  # bad specs fail before any work
     if args.isolate:

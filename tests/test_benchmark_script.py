@@ -103,3 +103,22 @@ def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
         0.05 * 2**30,
     )
     assert "--isolate" in full["command"] and "--isolate" not in full["run_command"]
+
+
+def test_buffer_full_rate_and_projection(bench, tmp_path, capsys):
+    row = dict(policy="longflow", capacity=40, prompt_len=8, chunk=16, batch=2, new_tokens=128,
+               decoded_steps=64, chunk_tokens_per_s=[400.0, 300.0, 100.0, 100.0])  # fmt: skip
+    row["decode_tokens_per_s"] = 2 * 64 / sum(2 * 16 / t for t in row["chunk_tokens_per_s"])
+    # The buffer fills after 32 decode steps: chunks 2 and 3 (steps 32..63) are buffer-full.
+    assert bench.buffer_full_tokens_per_s(row) == 100.0
+    whole, projected = bench.whole_run_tokens_per_s(row)
+    seconds = sum(2 * 16 / t for t in row["chunk_tokens_per_s"]) + 2 * 64 / 100.0
+    assert projected and whole == pytest.approx(2 * 128 / seconds)
+    full = dict(row, policy="full", decoded_steps=128)
+    assert bench.buffer_full_tokens_per_s(full) is None
+    assert bench.whole_run_tokens_per_s(full) == (full["decode_tokens_per_s"], False)
+    path = tmp_path / "rows.jsonl"
+    path.write_text(json.dumps(dict(row, kv_cache_bytes=1, peak_bytes=None, ms_per_step=1.0, impl="x",
+                                    budget=32, model="tiny", device="cpu", date="d")) + "\n")  # fmt: skip
+    assert bench.main(["--from-jsonl", str(path), "--plot", str(tmp_path / "p.png")]) == 0
+    assert "(projected)" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
