@@ -62,6 +62,43 @@ def prefill(
     return KVCache(layers=layers), logits_from_hidden(params, config, last)
 
 
+def prefill_rows_divisor(batch: int, rows_per_chunk: int | None) -> int:
+    """Rows per prefill slice: the largest divisor of the batch <= rows_per_chunk (whole batch if None)."""
+    if rows_per_chunk is None or rows_per_chunk >= batch:
+        return batch
+    return max(d for d in range(1, rows_per_chunk + 1) if batch % d == 0)
+
+
+def prefill_in_slices(
+    params,
+    config: ModelConfig,
+    prompt_ids,
+    prompt_lengths,
+    compression: CompressionConfig,
+    capacity: int,
+    rows_per_chunk: int | None,
+):
+    """`prefill` over slices of the batch, one after another: the prompt's activations (MLP, attention
+    scores) then scale with the slice, not the batch, while the cache is built at full size once.
+
+    `lax.map` stacks the slices' caches as [slices, rows, ...]; merging the two leading axes is a
+    reshape of contiguous memory, so the cache is not copied. Same numbers as `prefill` on the whole
+    batch (row-independent math).
+    """
+    batch = prompt_ids.shape[0]
+    rows = prefill_rows_divisor(batch, rows_per_chunk)
+    if rows == batch:
+        return prefill(params, config, prompt_ids, prompt_lengths, compression, capacity)
+    slices = batch // rows
+
+    def one(args):
+        ids, lengths = args
+        return prefill(params, config, ids, lengths, compression, capacity)
+
+    stacked = jax.lax.map(one, (prompt_ids.reshape(slices, rows, -1), prompt_lengths.reshape(slices, rows)))
+    return jax.tree_util.tree_map(lambda x: x.reshape(batch, *x.shape[2:]), stacked)
+
+
 def decode_step(
     params,
     config: ModelConfig,
@@ -170,12 +207,16 @@ def generate(
     attention_impl: str = "reference",
     seed=0,
     return_debug: bool = False,
+    prefill_rows_per_chunk: int | None = None,
 ) -> GenerationOutput:
     """Generate up to max_new_tokens per row from right-padded prompts.
 
     params/config: from `longflow_jax.load` (or `init_random_params`). prompt_ids [B, P] int,
     prompt_lengths [B] int in [1, P]. compression: None is the full cache; CompressionConfig(
     policy="longflow", budget=2048) is LongFlow. seed: an int or a PRNG key (sampling and "random").
+    prefill_rows_per_chunk: run the prompt over slices of at most this many rows (the largest divisor
+    of B not above it), so a batch sized to fill memory with KV cache does not also need the whole
+    batch's prompt activations at once; None: the whole batch in one pass.
     Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there).
     """
     compression = FULL if compression is None else compression
@@ -183,6 +224,14 @@ def generate(
     check_generate_inputs(
         config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
     )
+    if prefill_rows_per_chunk is not None and (
+        isinstance(prefill_rows_per_chunk, bool)
+        or not isinstance(prefill_rows_per_chunk, int | np.integer)
+        or prefill_rows_per_chunk < 1
+    ):
+        raise ValueError(
+            f"prefill_rows_per_chunk must be a positive int or None, got {prefill_rows_per_chunk!r}"
+        )
     key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
     return _generate(
         params,
@@ -195,12 +244,21 @@ def generate(
         sampling=sampling,
         attention_impl=attention_impl,
         return_debug=return_debug,
+        prefill_rows_per_chunk=None if prefill_rows_per_chunk is None else int(prefill_rows_per_chunk),
     )
 
 
 @functools.partial(
     jax.jit,
-    static_argnames=("config", "max_new_tokens", "compression", "sampling", "attention_impl", "return_debug"),
+    static_argnames=(
+        "config",
+        "max_new_tokens",
+        "compression",
+        "sampling",
+        "attention_impl",
+        "return_debug",
+        "prefill_rows_per_chunk",
+    ),
 )
 def _generate(
     params,
@@ -214,13 +272,16 @@ def _generate(
     sampling,
     attention_impl,
     return_debug,
+    prefill_rows_per_chunk=None,
 ):
     batch, prompt_len = prompt_ids.shape
     capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
     eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
     pad = jnp.int32(config.pad_token_id)
 
-    cache, logits = prefill(params, config, prompt_ids, prompt_lengths, compression, capacity)
+    cache, logits = prefill_in_slices(
+        params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
+    )
     first = sample_next(logits, jax.random.fold_in(key, 0), sampling)
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
     groups = cache.layers[0].slot_pos.shape[1]

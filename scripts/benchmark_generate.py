@@ -39,8 +39,8 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longflow_jax import CompressionConfig, ModelConfig, decode_step, init_random_params, prefill  # noqa: E402
-from longflow_jax.generate import buffer_capacity  # noqa: E402
+from longflow_jax import CompressionConfig, ModelConfig, decode_step, init_random_params  # noqa: E402
+from longflow_jax.generate import buffer_capacity, prefill_in_slices  # noqa: E402
 from longflow_jax.kv_cache import cache_bytes  # noqa: E402
 
 MODELS = {
@@ -140,14 +140,28 @@ def peak_bytes():
     return stats.get("peak_bytes_in_use")
 
 
-def run_one(params, config, policy, batch, new_tokens, budget, impl, prompt_len, chunk, seed, steps=None):
+def run_one(
+    params,
+    config,
+    policy,
+    batch,
+    new_tokens,
+    budget,
+    impl,
+    prompt_len,
+    chunk,
+    seed,
+    steps=None,
+    prefill_rows=None,
+):
     comp = CompressionConfig(policy=policy, budget=budget)
     capacity = buffer_capacity(comp, prompt_len, new_tokens)
     rng = np.random.default_rng(seed)
     ids = jnp.asarray(rng.integers(1, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-    prefill_fn = jax.jit(lambda p, i, n: prefill(p, config, i, n, comp, capacity))
+    # The prompt pass in row slices: at BATCH=max its activations would not fit beside the cache.
+    prefill_fn = jax.jit(lambda p, i, n: prefill_in_slices(p, config, i, n, comp, capacity, prefill_rows))
 
     def chunk_body(p, cache, token, start):
         def body(i, carry):
@@ -327,6 +341,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-gib", type=float, help="memory for BATCH=max (default: 90%% of the device's)")
     ap.add_argument("--plot", help="PNG: decode tokens/s vs generated length, one line per run")
     ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
+    ap.add_argument("--prefill-rows", type=int, default=64, help="rows per prefill slice (default 64)")
     ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -346,7 +361,7 @@ def main(argv=None) -> int:
         parse_run(spec)  # bad specs fail before any work
     if args.isolate:
         base = ["--model", args.model, "--prompt-len", str(args.prompt_len), "--chunk", str(args.chunk)]
-        base += ["--seed", str(args.seed)] + (
+        base += ["--seed", str(args.seed), "--prefill-rows", str(args.prefill_rows)] + (
             ["--memory-gib", str(args.memory_gib)] if args.memory_gib else []
         )
         results = [row for spec in args.runs for row in run_isolated(base, spec, args.out, command)]
@@ -379,7 +394,18 @@ def main(argv=None) -> int:
                 flush=True,
             )
         res = run_one(
-            params, config, policy, batch, new, budget, impl, args.prompt_len, args.chunk, args.seed, steps
+            params,
+            config,
+            policy,
+            batch,
+            new,
+            budget,
+            impl,
+            args.prompt_len,
+            args.chunk,
+            args.seed,
+            steps,
+            args.prefill_rows,
         )
         res.update(
             memory_limit_bytes=memory_limit,

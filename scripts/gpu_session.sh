@@ -14,10 +14,13 @@
 #             its largest batch (LongFlow timed over 3072 steps: its buffer is full by 1920)  (~6 min)
 #   max7b     the same for the DeepSeek-R1-Distill-Qwen-7B shape                           (~7 min)
 #   max16k    Qwen3-4B, equal memory, 16384 tokens (LongFlow timed over 3072 steps)         (~7 min)
+#   max7b16k  R1-Distill-7B shape, equal memory, 16384 tokens (LongFlow over 3072 steps)    (~8 min)
+#   lfwhole   Qwen3-4B, LongFlow at its largest batch timed over all 8192 steps (checks the
+#             projection of max4b)                                                          (~6 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -48,10 +51,13 @@ case "$stage" in
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b --isolate \
       --runs full:16:8192::triton longflow:16:8192:2048:triton --out "$OUT/eq16.jsonl" --plot "$OUT/eq16.png" \
       2>&1 | tee "$OUT/eq16.log" ;;
-  max4b|max7b|max16k)
+  lfwhole)
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 scripts/benchmark_generate.py --model qwen3-4b --isolate \
+      --runs longflow:max:8192:2048:triton --out "$OUT/$stage.jsonl" --plot "$OUT/$stage.png" 2>&1 | tee "$OUT/$stage.log" ;;
+  max4b|max7b|max16k|max7b16k)
     model=qwen3-4b; new=8192
-    [ "$stage" = max7b ] && model=r1-distill-qwen-7b
-    [ "$stage" = max16k ] && new=16384
+    case "$stage" in max7b|max7b16k) model=r1-distill-qwen-7b ;; esac
+    case "$stage" in max16k|max7b16k) new=16384 ;; esac
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 580 python3 scripts/benchmark_generate.py --model $model --isolate \
       --runs full:max:$new::triton longflow:max:$new:2048:triton:3072 --out "$OUT/$stage.jsonl" \
       --plot "$OUT/$stage.png" 2>&1 | tee "$OUT/$stage.log" ;;
