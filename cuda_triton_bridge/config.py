@@ -10,7 +10,7 @@ import dataclasses
 import math
 import numbers
 
-from longflow_jax.reference import check_decode_inputs, check_granularity, num_score_groups
+from longflow_jax.reference import check_decode_inputs, check_granularity, check_kv_len, num_score_groups
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query rows are padded up to this.
 MAX_BLOCK_C = 512
@@ -112,12 +112,7 @@ def resolve_kv_len(kv_len, batch: int, num_slots: int):
 
     if kv_len is None:
         return jnp.full((batch,), num_slots, jnp.int32)
-    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
-    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(
-            f"kv_len must be an integer array of shape ({batch},) (filled slots per row), got "
-            f"{type(kv_len).__name__} with shape {shape} and dtype {dtype}"
-        )
+    check_kv_len(kv_len, batch)
     return jnp.asarray(kv_len).astype(jnp.int32)
 
 

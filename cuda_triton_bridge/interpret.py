@@ -115,11 +115,7 @@ def longflow_decode_attention_interpret(
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
-    if kv_len is None:
-        kv_len = np.full((shape.batch,), shape.num_slots, np.int32)
-    tlen = torch.from_numpy(
-        np.asarray(resolve_kv_len(np.asarray(kv_len), shape.batch, shape.num_slots)).copy()
-    )
+    tlen = torch.from_numpy(np.asarray(resolve_kv_len(kv_len, shape.batch, shape.num_slots)).copy())
     split_out = _alloc(plan.split, _TORCH[dtype])
     for i in plan.split.zeroed:
         split_out[i].zero_()
@@ -168,7 +164,7 @@ def main(argv=None):
         dtype = jnp.dtype(case["dtype"])
         q, k, v = (np.asarray(jnp.asarray(data[f"{n}_{i}"]).astype(dtype)) for n in "qkv")
         kwargs = dict(case["kwargs"])
-        if "kv_len" in kwargs:
+        if "kv_len" in kwargs:  # JSON holds a list; the kernel takes an int array
             kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
         out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **kwargs)
         results[f"out_{i}"] = np.asarray(out, np.float32)

@@ -11,18 +11,10 @@ interpreter accepts and the compiler does not), shared-memory overflow, register
 from __future__ import annotations
 
 import argparse
-import collections
-import os
-import re
-import subprocess
-import tempfile
 
 from cuda_triton_bridge.config import DecodeShape, resolve_config
 from cuda_triton_bridge.launch import plan_launch
 
-_SASS_OPS = re.compile(
-    r"\b(LDGSTS[.A-Z0-9]*|LDG[.A-Z0-9]*|STG[.A-Z0-9]*|HMMA[.A-Z0-9]*|LDL[.A-Z0-9]*|STL[.A-Z0-9]*)"
-)
 _POINTER = {"q": "*{q}", "f32": "*fp32", "i32": "*i32"}
 _DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
 
@@ -61,6 +53,7 @@ def compile_plan(
     from triton.compiler import ASTSource
 
     from cuda_triton_bridge import kernels
+    from pallas_kernels.triton_offline import cubin_report  # the same cuobjdump report as for Pallas
 
     itemsize = 4 if dtype == "float32" else 2
     shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
@@ -108,29 +101,8 @@ def compile_plan(
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
         )
-        reports[kernel.fn.__name__] = _resources(compiled)
+        reports[kernel.fn.__name__] = cubin_report(compiled)
     return reports
-
-
-def _resources(compiled):
-    import triton
-
-    with tempfile.TemporaryDirectory() as tmp:
-        cubin = os.path.join(tmp, "kernel.cubin")
-        with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
-        tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
-        cuobjdump = os.path.join(tools, "cuobjdump")
-        usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
-        sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
-    resources = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
-    return {
-        "shared_bytes": compiled.metadata.shared,
-        "registers": int(resources.get("REG", -1)),
-        "stack_bytes": int(resources.get("STACK", -1)),
-        "local_bytes": int(resources.get("LOCAL", -1)),
-        "sass_ops": dict(collections.Counter(_SASS_OPS.findall(sass)).most_common()),
-    }
 
 
 def main(argv=None):

@@ -51,6 +51,11 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         out = out.astype(q.dtype)
     else:
         granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
+        # Filled slots are a prefix (kv_cache.py), so the kernel can stop reading at its end: the full
+        # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise. Only the
+        # Triton path passes the bound for now: its kv_len path has passed the GPU tests; the Pallas
+        # kernel's kv_len path is CPU-checked (interpret, offline compile) and waits for its GPU run.
+        bound = {"kv_len": occupancy(layer)} if attention_impl == "triton" else {}
         out, evict = _kernel(attention_impl)(
             q,
             layer.k,
@@ -59,9 +64,7 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
             scale=scale,
             granularity=granularity,
             compute_evict=policy == "longflow",
-            # Filled slots are a prefix (kv_cache.py), so the kernels stop reading at its end: the full
-            # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise.
-            kv_len=occupancy(layer),
+            **bound,
         )
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.

@@ -104,6 +104,16 @@ def evict_argmin(scores):
     return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
+def check_kv_len(kv_len, batch: int) -> None:
+    """The kernels' optional filled-prefix bound: an integer array [B] (clamped to [0, C] by them)."""
+    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
+    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"kv_len must be an integer array of shape [B] = ({batch},) (filled slots per row), got "
+            + (f"{dtype} {shape}" if dtype is not None else type(kv_len).__name__)
+        )
+
+
 def check_decode_inputs(q, k, v, kv_valid) -> None:
     """Shape and dtype contract shared by the reference and every kernel entry point."""
     if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:

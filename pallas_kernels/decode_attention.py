@@ -38,6 +38,7 @@ from jax.experimental import pallas as pl
 from longflow_jax.reference import (
     check_decode_inputs,
     check_granularity,
+    check_kv_len,
     evict_argmin,
     importance_from_vnorm,
 )
@@ -562,15 +563,6 @@ def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
 # --------------------------------------------------------------------------------------------------
 
 
-def _check_kv_len(kv_len, batch: int) -> None:
-    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
-    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
-        raise ValueError(
-            f"kv_len must be an integer array of shape [B] = ({batch},), got "
-            + (f"{dtype} {shape}" if dtype is not None else type(kv_len).__name__)
-        )
-
-
 @functools.partial(
     jax.jit,
     static_argnames=(
@@ -654,7 +646,7 @@ def longflow_decode_attention(
     # mask; the Triton body reads kv_valid and kv_len and applies the bound itself.
     bounded_valid = kv_valid
     if kv_len is not None:
-        _check_kv_len(kv_len, batch)
+        check_kv_len(kv_len, batch)
         kv_len = jnp.clip(kv_len, 0, num_slots).astype(jnp.int32)
         bounded_valid = kv_valid & (jnp.arange(num_slots, dtype=jnp.int32)[None, :] < kv_len[:, None])
     if backend == "triton" and not (_is_pow2(head_dim) and head_dim >= _MIN_DOT):

@@ -85,6 +85,15 @@ def compile_report(ir_text, *, num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM
             target=GPUTarget("cuda", capability, 32),
             options={"num_warps": num_warps, "num_stages": num_stages},
         )
+    return cubin_report(compiled)
+
+
+def cubin_report(compiled):
+    """Shared memory, registers, stack/local (spill) bytes and SASS op counts of a compiled kernel,
+    read with the cuobjdump bundled with triton (also used by cuda_triton_bridge/offline.py)."""
+    import triton
+
+    with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
             f.write(compiled.asm["cubin"])

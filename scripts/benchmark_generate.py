@@ -160,7 +160,8 @@ def run_one(
     ids = jnp.asarray(rng.integers(1, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
-    # The prompt pass in row slices: at BATCH=max its activations would not fit beside the cache.
+    # --prefill-rows: the prompt pass in row slices, for a BATCH=max whose prompt activations would
+    # not fit beside the cache (the 7B LongFlow run at its computed maximum did not).
     prefill_fn = jax.jit(lambda p, i, n: prefill_in_slices(p, config, i, n, comp, capacity, prefill_rows))
 
     def chunk_body(p, cache, token, start):
@@ -341,7 +342,7 @@ def main(argv=None) -> int:
     ap.add_argument("--memory-gib", type=float, help="memory for BATCH=max (default: 90%% of the device's)")
     ap.add_argument("--plot", help="PNG: decode tokens/s vs generated length, one line per run")
     ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
-    ap.add_argument("--prefill-rows", type=int, default=64, help="rows per prefill slice (default 64)")
+    ap.add_argument("--prefill-rows", type=int, help="rows per prefill slice (default: one pass)")
     ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
@@ -361,9 +362,9 @@ def main(argv=None) -> int:
         parse_run(spec)  # bad specs fail before any work
     if args.isolate:
         base = ["--model", args.model, "--prompt-len", str(args.prompt_len), "--chunk", str(args.chunk)]
-        base += ["--seed", str(args.seed), "--prefill-rows", str(args.prefill_rows)] + (
-            ["--memory-gib", str(args.memory_gib)] if args.memory_gib else []
-        )
+        base += ["--seed", str(args.seed)]
+        base += ["--memory-gib", str(args.memory_gib)] if args.memory_gib else []
+        base += ["--prefill-rows", str(args.prefill_rows)] if args.prefill_rows else []
         results = [row for spec in args.runs for row in run_isolated(base, spec, args.out, command)]
         if args.plot:
             plot(results, args.plot)

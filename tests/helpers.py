@@ -1,4 +1,4 @@
-"""Small helpers shared by the generate-level tests."""
+"""Small helpers shared by the tests."""
 
 import functools
 import importlib
@@ -30,3 +30,10 @@ def count_decode_step_traces(monkeypatch):
 
     monkeypatch.setattr(generate_module, "decode_step", counting)
     return calls
+
+
+def bounded_mask(kv_valid, kv_len):
+    """The kernels' kv_len contract in plain jnp: slot c of row b counts iff kv_valid and c < kv_len."""
+    import jax.numpy as jnp
+
+    return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < jnp.asarray(kv_len)[:, None])

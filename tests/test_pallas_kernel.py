@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bounded_mask
 
 from longflow_jax.reference import (
     decode_attention_probs,
@@ -353,11 +354,6 @@ def test_runs_inside_jitted_while_loop(request):
 # ---- kv_len: only the filled prefix of each row takes part ----
 
 
-def bounded_mask(kv_valid, kv_len):
-    """The reference's view of a kv_len bound: kv_valid & (slot < kv_len)."""
-    return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < kv_len[:, None])
-
-
 # Per row: an empty row, one slot, inside a split (mid-block), a split boundary, a block boundary inside
 # a split, the full buffer. Triton: C 128 in 4 splits of 2 blocks of 16 (splits wholly past the bound for
 # all but the last row); Mosaic: C 256 in 2 splits of one 128-slot block.
@@ -367,13 +363,10 @@ KV_LEN_CASES = {
 }
 
 
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-@pytest.mark.parametrize("backend", ["triton", "mosaic"])
-def test_kv_len_matches_reference(request, backend, dtype):
+def _kv_len_case(request, backend, dtype, **make_kw):
+    """KV_LEN_CASES[backend], its kv_len array and fresh inputs (8/2 heads, D 64) for one row per bound."""
     case = KV_LEN_CASES[backend]
-    kv_len = jnp.asarray(case["kv_len"], jnp.int32)
-    # Every slot is marked valid, so the bound alone decides which slots take part.
-    q, k, v, kv_valid = make_inputs(
+    inputs = make_inputs(
         _seed(request),
         batch=len(case["kv_len"]),
         num_q_heads=8,
@@ -381,7 +374,16 @@ def test_kv_len_matches_reference(request, backend, dtype):
         slots=case["slots"],
         head_dim=64,
         dtype=dtype,
+        **make_kw,
     )
+    return case, jnp.asarray(case["kv_len"], jnp.int32), inputs
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_kv_len_matches_reference(request, backend, dtype):
+    case, kv_len, (q, k, v, kv_valid) = _kv_len_case(request, backend, dtype)
+    # Every slot is marked valid, so the bound alone decides which slots take part.
     mask = bounded_mask(kv_valid, kv_len)
     for granularity in ("sequence", "kv_head"):
         out, evict = longflow_decode_attention(
@@ -408,19 +410,8 @@ def test_kv_len_matches_reference(request, backend, dtype):
 
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 def test_kv_len_combines_with_kv_valid(request, backend):
-    case = KV_LEN_CASES[backend]
-    kv_len = jnp.asarray(case["kv_len"], jnp.int32)
+    case, kv_len, (q, k, v, kv_valid) = _kv_len_case(request, backend, jnp.float32, valid="random")
     run_kw = dict(backend=backend, block_c=case["block_c"], num_splits=case["num_splits"])
-    q, k, v, kv_valid = make_inputs(
-        _seed(request),
-        batch=len(case["kv_len"]),
-        num_q_heads=8,
-        num_kv_heads=2,
-        slots=case["slots"],
-        head_dim=64,
-        dtype=jnp.float32,
-        valid="random",
-    )
     out, evict = longflow_decode_attention(
         q, k, v, kv_valid, kv_len=kv_len, scale=0.125, granularity="kv_head", **run_kw
     )

@@ -28,6 +28,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from helpers import bounded_mask
 
 import cuda_triton_bridge as ctb
 from longflow_jax.reference import (
@@ -347,10 +348,7 @@ INTERPRETER_CASES = [
 
 def bounded_valid(kv_valid, kwargs):
     """The mask the kernel applies: kv_valid and slot < kv_len (when given)."""
-    if "kv_len" not in kwargs:
-        return kv_valid
-    kv_len = jnp.asarray(kwargs["kv_len"], jnp.int32)
-    return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < kv_len[:, None])
+    return bounded_mask(kv_valid, kwargs["kv_len"]) if "kv_len" in kwargs else kv_valid
 
 
 @pytest.fixture(scope="module")
@@ -461,7 +459,7 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
         q, k, v, valid, scale=0.125, granularity=granularity, num_splits=num_splits, epilogue=epilogue,
         block_c=64, kv_len=kv_len,
     )  # fmt: skip
-    bounded = bounded_valid(valid, {"kv_len": kv_len})
+    bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.125, granularity=granularity)
 
 
