@@ -52,10 +52,7 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
     else:
         granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
         # Filled slots are a prefix (kv_cache.py), so the kernel can stop reading at its end: the full
-        # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise. Only the
-        # Triton path passes the bound for now: its kv_len path has passed the GPU tests; the Pallas
-        # kernel's kv_len path is CPU-checked (interpret, offline compile) and waits for its GPU run.
-        bound = {"kv_len": occupancy(layer)} if attention_impl == "triton" else {}
+        # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise.
         out, evict = _kernel(attention_impl)(
             q,
             layer.k,
@@ -64,7 +61,7 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
             scale=scale,
             granularity=granularity,
             compute_evict=policy == "longflow",
-            **bound,
+            kv_len=occupancy(layer),
         )
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
