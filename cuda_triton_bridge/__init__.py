@@ -41,6 +41,7 @@ def longflow_decode_attention_triton(
     num_splits=None,
     num_warps=None,
     num_stages=None,
+    vnorm=None,
     final_reduce="atomic",
     epilogue="separate",
     kv_len=None,
@@ -60,6 +61,8 @@ def longflow_decode_attention_triton(
       num_splits: split-K programs per (sequence, KV head) in [1, ceil(C / block_c)]; rounded to whole
         blocks per split. None: enough to fill the GPU.
       num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
+      vnorm: how the main kernel takes ||v||_1 for the importance: "mma" (on the tensor cores) or
+        "reduce" (a row sum); None: the default (config.VNORM). Same numbers up to summation order.
       epilogue: "separate" (default: a second, combine kernel over (chunk, sequence) programs merges
         the splits and scores the slots) or "fused" (one launch: the last program of each KV head,
         then of each sequence, does it, coordinated by atomic tickets; measured slower on an H100 at
@@ -83,7 +86,9 @@ def longflow_decode_attention_triton(
 
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     resolve_kv_len(kv_len, shape.batch, shape.num_slots)
-    resolve_config(shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+    resolve_config(
+        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, vnorm=vnorm
+    )
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
     except ImportError as e:
@@ -104,6 +109,7 @@ def longflow_decode_attention_triton(
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
+        vnorm=vnorm,
         final_reduce=final_reduce,
         epilogue=epilogue,
         kv_len=kv_len,

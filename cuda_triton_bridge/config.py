@@ -30,11 +30,13 @@ MIN_SLOTS_PER_SPLIT = 128
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
-PROGRAMS_PER_SM = 4
-MIN_SLOTS_PER_SPLIT = 128
 # The epilogue kernel: slots per importance program, and its warps.
 COMBINE_CHUNK = 256
 COMBINE_NUM_WARPS = 4
+# How the split kernel takes ||v||_1 for the importance: "mma" (ones @ |V|^T on the tensor cores, in the
+# logits' own layout) or "reduce" (a row sum, then a layout conversion to the logits' layout).
+VNORM_MODES = ("mma", "reduce")
+VNORM = "mma"
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
 
 
@@ -76,6 +78,7 @@ class LaunchConfig:
     query_rows: int  # the GQA group padded to a tl.dot-able power of two
     combine_chunk: int
     combine_num_warps: int
+    vnorm: str = VNORM
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -143,6 +146,7 @@ def resolve_config(
     num_splits=None,
     num_warps=None,
     num_stages=None,
+    vnorm=None,
     sms: int | None = None,
 ) -> LaunchConfig:
     """Fill in defaults and check explicit values; raises ValueError naming the bad value."""
@@ -173,6 +177,9 @@ def resolve_config(
     if num_stages is None:
         num_stages = F32_NUM_STAGES if wide else NUM_STAGES
     _check_positive_int("num_stages", num_stages, 1, 8)
+    vnorm = VNORM if vnorm is None else vnorm
+    if vnorm not in VNORM_MODES:
+        raise ValueError(f"vnorm must be one of {VNORM_MODES}, got {vnorm!r}")
     return LaunchConfig(
         block_c=block_c,
         num_splits=num_splits,
@@ -182,6 +189,7 @@ def resolve_config(
         query_rows=max(MIN_DOT, next_pow2(shape.group)),
         combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
         combine_num_warps=COMBINE_NUM_WARPS,
+        vnorm=vnorm,
     )
 
 

@@ -40,6 +40,7 @@ def longflow_decode_attention_triton(
     num_splits=None,
     num_warps=None,
     num_stages=None,
+    vnorm=None,
     final_reduce="atomic",
     epilogue="separate",
     kv_len=None,
@@ -48,7 +49,7 @@ def longflow_decode_attention_triton(
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     cfg = resolve_config(
-        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages
+        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, vnorm=vnorm
     )
     plan = plan_launch(
         shape,

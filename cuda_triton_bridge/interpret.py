@@ -14,6 +14,7 @@ and evict_i.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 
@@ -91,6 +92,7 @@ def longflow_decode_attention_interpret(
     num_splits=None,
     num_warps=None,
     num_stages=None,
+    vnorm=None,
     final_reduce="atomic",
     epilogue="separate",
     kv_len=None,
@@ -101,7 +103,13 @@ def longflow_decode_attention_interpret(
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is first imported (see the module doc)")
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     cfg = resolve_config(
-        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, sms=sms
+        shape,
+        block_c=block_c,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        vnorm=vnorm,
+        sms=sms,
     )
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
@@ -112,6 +120,10 @@ def longflow_decode_attention_interpret(
         final_reduce=final_reduce,
         is_f32=dtype == "float32",
         epilogue=epilogue,
+    )
+    # The interpreter has no libdevice: tl.log2 instead of lg2.approx (the GPU tests check the latter).
+    plan = dataclasses.replace(
+        plan, split=dataclasses.replace(plan.split, meta=dict(plan.split.meta, FAST_LOG2=False))
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -50,6 +51,8 @@ def _attend_split(
     QROWS: tl.constexpr,
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VNORM_MMA: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
 ):
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
     G: tl.constexpr = HQ // HKV
@@ -91,8 +94,18 @@ def _attend_split(
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
             # log2||v||_1 rides along with the logit: exp2(t - m) / l = alpha * ||v||_1 later.
-            vnorm = tl.sum(tl.abs(v.to(tl.float32)), axis=1)
-            t = s + tl.log2(vnorm)[None, :]
+            if VNORM_MMA:
+                # ones @ |V|^T on the tensor cores: every row holds ||v||_1, already in the layout of s
+                # (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
+                ones = tl.full([QROWS, D], 1.0, v.dtype)
+                vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
+            else:
+                vnorm = tl.broadcast_to(tl.sum(tl.abs(v.to(tl.float32)), axis=1)[None, :], (QROWS, BLOCK_C))
+            if FAST_LOG2:
+                # lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 is libdevice's polynomial.
+                t = s + libdevice.fast_log2f(vnorm)
+            else:
+                t = s + tl.log2(vnorm)
             tl.store(
                 t_ptr + bh[:, None] * C + c[None, :],
                 t,
@@ -138,6 +151,8 @@ def decode_split_kernel(
     DIRECT_OUT: tl.constexpr,
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VNORM_MMA: tl.constexpr,  # ||v||_1 on the tensor cores (else a row reduction)
+    FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -146,7 +161,7 @@ def decode_split_kernel(
 
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
@@ -312,6 +327,8 @@ def decode_fused_kernel(
     SCHUNK: tl.constexpr,  # slots per step of the sequence finisher
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
+    VNORM_MMA: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -322,7 +339,7 @@ def decode_fused_kernel(
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
     row_ok = rows < G

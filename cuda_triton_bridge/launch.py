@@ -107,6 +107,8 @@ def plan_launch(
             DIRECT_OUT=direct,
             EVICT=evict,
             DOT_PRECISION="ieee" if is_f32 else "tf32",
+            VNORM_MMA=cfg.vnorm == "mma",
+            FAST_LOG2=True,  # the CPU interpreter (interpret.py) turns it off
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -187,6 +189,8 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
             SCHUNK=max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p)),
             EVICT=evict,
             DOT_PRECISION="ieee" if is_f32 else "tf32",
+            VNORM_MMA=cfg.vnorm == "mma",
+            FAST_LOG2=True,  # the CPU interpreter (interpret.py) turns it off
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

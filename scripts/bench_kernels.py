@@ -9,6 +9,8 @@ the steady state of LongFlow decoding):
   xla_longflow    the jnp reference (attention + importance + argmin through XLA)
   triton          cuda_triton_bridge.longflow_decode_attention_triton, when that package imports and
                   triton + jax_triton are there (the TRITON HOOK below); otherwise omitted
+  triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
+  triton_noevict  the same with compute_evict=False
   copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
@@ -97,6 +99,9 @@ def columns(scale, granularity="sequence", extra=None):
     if longflow_decode_attention_triton is not None and triton_available():
         cols["triton"] = functools.partial(
             longflow_decode_attention_triton, scale=scale, granularity=granularity
+        )
+        cols["triton_reduce"] = functools.partial(  # ||v||_1 as a row sum (the pre-session-3 method)
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, vnorm="reduce"
         )
         cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
             longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
@@ -261,6 +266,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default=",".join(f"{b}x{c}" for b, c in SIZES))
     parser.add_argument("--copy-mb", type=int, default=4096, help="buffer size for the copy ceiling")
     parser.add_argument("--matmul-n", type=int, default=8192)
+    parser.add_argument("--columns", help="comma-separated subset of the columns (default: all)")
     args = parser.parse_args(argv)
     start = time.time()
     log = functools.partial(print, flush=True)
@@ -282,6 +288,12 @@ def main(argv=None):
         n_sets = n_sets_for(batch, slots)
         sets = make_sets(batch, slots, n_sets)
         cols = columns(scale)
+        if args.columns:
+            wanted = args.columns.split(",")
+            unknown = set(wanted) - set(cols)
+            if unknown:
+                raise SystemExit(f"unknown or unavailable columns {sorted(unknown)}; have {sorted(cols)}")
+            cols = {n: cols[n] for n in wanted}
         nbytes = kv_bytes(batch, slots)
         flops = 4 * batch * NUM_Q_HEADS * slots * HEAD_DIM
         row = dict(
@@ -316,33 +328,49 @@ def main(argv=None):
 
     names = [
         n
-        for n in ("pallas", "pallas_noevict", "xla_attn", "xla_longflow", "triton", "triton_noevict")
+        for n in (
+            "pallas",
+            "pallas_noevict",
+            "xla_attn",
+            "xla_longflow",
+            "triton",
+            "triton_reduce",
+            "triton_noevict",
+        )
         if any(n in r for r in rows)
     ]
     lines = [
         f"{header}; copy ceiling {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
         "",
         "Hq/Hkv 32/8, D 128, bf16, all slots valid; median us per call (TB/s of K+V read); "
-        "% ceil = pallas bandwidth / copy ceiling",
+        "% ceil = bandwidth / copy ceiling; overhead = fused kernel / the same kernel with scoring off - 1",
         "",
         "| B | C | K+V MB | bytes floor us | flop floor us | "
         + " | ".join(names)
-        + " | pallas % ceil | pallas vs xla_attn |",
-        "|" + "---|" * (7 + len(names)),
+        + " | pallas % ceil | pallas vs xla_attn | triton % ceil | triton overhead |",
+        "|" + "---|" * (9 + len(names)),
     ]
+
+    def overhead(x):
+        return f"{100 * (x - 1):.1f}%"
+
+    def ratio(r, num, den, fmt):
+        return "n/a" if r.get(num) is None or r.get(den) is None else fmt(r[num] / r[den])
+
     for r in rows:
         cells = []
         for n in names:
             cells.append("n/a" if r.get(n) is None else f"{r[n]:.1f} ({r[n + '_tbps']:.2f})")
-        pct = "n/a" if r.get("pallas") is None else f"{100 * r['pallas_tbps'] * 1e12 / copy_bw:.0f}%"
-        vs = (
-            "n/a"
-            if r.get("pallas") is None or r.get("xla_attn") is None
-            else f"{r['xla_attn'] / r['pallas']:.2f}x"
-        )
+        pct = {
+            n: "n/a" if r.get(n) is None else f"{100 * r[n + '_tbps'] * 1e12 / copy_bw:.0f}%"
+            for n in ("pallas", "triton")
+        }
         lines.append(
             f"| {r['batch']} | {r['slots']} | {r['kv_mb']:.0f} | {r['bytes_floor_us']:.1f} | "
-            f"{r['flop_floor_us']:.1f} | " + " | ".join(cells) + f" | {pct} | {vs} |"
+            f"{r['flop_floor_us']:.1f} | "
+            + " | ".join(cells)
+            + f" | {pct['pallas']} | {ratio(r, 'xla_attn', 'pallas', lambda x: f'{x:.2f}x')}"
+            + f" | {pct['triton']} | {ratio(r, 'triton', 'triton_noevict', overhead)} |"
         )
     table = "\n".join(lines)
     log("\n" + table)

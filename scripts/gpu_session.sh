@@ -17,10 +17,12 @@
 #   max7b16k  R1-Distill-7B shape, equal memory, 16384 tokens (LongFlow over 3072 steps)    (~8 min)
 #   lfwhole   Qwen3-4B, LongFlow at its largest batch timed over all 8192 steps (checks the
 #             projection of max4b)                                                          (~6 min)
+#   vnorm     Triton GPU tests + generate through both kernels, then the kernel table for the Triton
+#             columns (||v||_1 on the tensor cores vs as a row sum vs no scoring) and XLA  (~7 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -47,6 +49,11 @@ case "$stage" in
   triton)
     timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_kernel_generate.py \
       -k "not pallas" 2>&1 | tee "$OUT/triton_tests.log" | tail -15 ;;
+  vnorm)
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_kernel_generate.py \
+      2>&1 | tee "$OUT/tests.log" | tail -15
+    timeout 250 python3 scripts/bench_kernels.py --columns xla_attn,triton,triton_reduce,triton_noevict --reps 20 \
+      --out "$OUT/bench_kernels.md" 2>&1 | tee "$OUT/bench_kernels.log" ;;
   eq16)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b --isolate \
       --runs full:16:8192::triton longflow:16:8192:2048:triton --out "$OUT/eq16.jsonl" --plot "$OUT/eq16.png" \

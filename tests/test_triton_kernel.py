@@ -127,6 +127,7 @@ def _small(dtype=jnp.bfloat16, head_dim=64, num_slots=100):
         (dict(num_stages=0), "num_stages must be an int in"),
         (dict(granularity="head"), "granularity must be one of"),
         (dict(scale=float("nan")), "scale must be a finite"),
+        (dict(vnorm="fast"), "vnorm must be one of"),
     ],
 )
 def test_rejects_bad_launch_arguments(kwargs, match):
@@ -181,20 +182,34 @@ def test_default_splits_follow_the_measured_choice():
 
 
 @pytest.mark.parametrize(
-    "batch, compute_evict, epilogue",
-    [(16, True, "separate"), (1, True, "separate"), (64, False, "separate"), (4, True, "fused")],
+    "batch, compute_evict, epilogue, vnorm",
+    [
+        (16, True, "separate", "mma"),
+        (16, True, "separate", "reduce"),
+        (1, True, "separate", "mma"),
+        (64, False, "separate", "mma"),
+        (4, True, "fused", "mma"),
+    ],
 )
-def test_kernels_compile_for_sm90_without_spills(batch, compute_evict, epilogue, tmp_path, monkeypatch):
+def test_kernels_compile_for_sm90_without_spills(
+    batch, compute_evict, epilogue, vnorm, tmp_path, monkeypatch
+):
     """The GPU compiler (not the interpreter) accepts the kernels at Qwen3-8B shapes: K/V stream through
     16-byte cp.async copies into tensor-core dots, no register spills (ptxas bundled with triton)."""
     pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
     from cuda_triton_bridge.offline import compile_plan
 
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    reports = compile_plan(batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue)
+    reports = compile_plan(
+        batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue, vnorm=vnorm
+    )
     main = reports["decode_fused_kernel" if epilogue == "fused" else "decode_split_kernel"]
     assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
+    # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction.
+    hmma = sum(n for op, n in main["sass_ops"].items() if op.startswith("HMMA"))
+    if compute_evict and epilogue == "separate":
+        assert hmma == (24 if vnorm == "mma" else 16), main["sass_ops"]
     for name, report in reports.items():
         assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
         assert report["shared_bytes"] <= 227 * 1024, (name, report)
@@ -210,6 +225,17 @@ INTERPRETER_CASES = [
     ("f32-mha", "float32", 4, 2, 2, 300, 64, "mixed", dict(block_c=32)),
     ("f32-gqa4", "float32", 4, 8, 2, 300, 64, "mixed", dict(**FUSED, block_c=32, num_splits=3)),
     ("f32-gqa8", "float32", 4, 16, 2, 300, 64, "mixed", dict(block_c=64)),
+    (
+        "f32-gqa4-vnorm-reduce",
+        "float32",
+        4,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=32, num_splits=3, vnorm="reduce"),
+    ),
     ("f32-kvhead", "float32", 4, 8, 2, 300, 64, "mixed", dict(**FUSED, block_c=32, granularity="kv_head")),
     (
         "f32-kvhead-1split",
@@ -434,6 +460,25 @@ def test_matches_reference(dtype, head_dim, group, granularity):
         q, k, v, valid, scale=scale, granularity=granularity
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity=granularity)
+
+
+@pytest.mark.parametrize("vnorm", ["mma", "reduce"])
+@pytest.mark.parametrize(
+    "dtype, head_dim, group", [("bfloat16", 128, 4), ("float16", 64, 8), ("bfloat16", 64, 1)]
+)
+@gpu
+def test_vnorm_modes_match_reference(vnorm, dtype, head_dim, group):
+    """Both ways of taking ||v||_1 (tensor cores, row sum), with lg2.approx, give the reference's slot."""
+    dtype = jnp.dtype(dtype)
+    q, k, v, valid = make_inputs(
+        _key("vnorm", vnorm, dtype, head_dim, group), 4, 2 * group, 2, 1000, head_dim, dtype
+    )
+    scale = 1.0 / math.sqrt(head_dim)
+    for num_splits in (1, 4):
+        out, evict_slot = ctb.longflow_decode_attention_triton(
+            q, k, v, valid, scale=scale, vnorm=vnorm, num_splits=num_splits
+        )
+        assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity="sequence")
 
 
 @pytest.mark.parametrize("block_c, num_splits", [(16, 1), (32, 3), (64, 16), (128, 2), (256, 1), (32, 32)])
