@@ -381,6 +381,7 @@ def _lane_fit(x, width: int):
 
 
 def _mosaic_kernel(
+    kv_len_ref,  # [B] int32 in SMEM (scalar prefetch), clamped to [0, C]
     q_ref,  # [G, D]
     k_ref,  # [block_c, D]
     v_ref,  # [block_c, D]
@@ -393,12 +394,11 @@ def _mosaic_kernel(
     compute_evict: bool,
     precision,
 ):
+    o_ref, m_ref, l_ref = refs[:3]
+    m_sc, l_sc, acc_sc = refs[-3:]
     if compute_evict:
-        o_ref, m_ref, l_ref, logit_ref, vn_ref, m_sc, l_sc, acc_sc = refs
-    else:
-        o_ref, m_ref, l_ref, m_sc, l_sc, acc_sc = refs
-    split, j = pl.program_id(2), pl.program_id(3)
-    head_dim = q_ref.shape[-1]
+        logit_ref, vn_ref = refs[3:5]
+    b, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
     def _init():
@@ -406,46 +406,61 @@ def _mosaic_kernel(
         l_sc[...] = jnp.zeros(l_sc.shape, jnp.float32)
         acc_sc[...] = jnp.zeros(acc_sc.shape, jnp.float32)
 
-    q = q_ref[...]
-    k = k_ref[...]
-    v = v_ref[...]
-    valid = valid_ref[...] != 0
-    if num_slots % block_c:
-        # The last block runs past C; Pallas pads it with whatever was in VMEM (possibly NaN), so mask
-        # the logits by slot index and zero the value rows.
-        start = (split * blocks_per_split + j) * block_c
-        lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
-        valid = valid & (lane_slot < num_slots)
-        row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, head_dim), 0)
-        v = jnp.where(row_slot < num_slots, v, jnp.zeros_like(v))
+    # A block that starts at or past kv_len[b] holds no slot that takes part: its math is skipped, and
+    # its K/V index map points at the row's last live block, so the pipeline finds that block already
+    # in VMEM and issues no copy (_mosaic_call). Only the filled prefix streams from HBM.
+    live = (split * blocks_per_split + j) * block_c < kv_len_ref[b]
 
-    s = lax.dot_general(q, k, _TRANS_B, precision=precision, preferred_element_type=jnp.float32)
-    s = jnp.where(valid, s * scale, MASK_VALUE)
-    m_prev = m_sc[...]  # [G, 128], lane-replicated
-    l_prev = l_sc[...]
-    m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
-    p = jnp.where(valid, jnp.exp(s - _lane_fit(m_new, block_c)), 0.0)
-    correction = jnp.exp(m_prev - m_new)
-    l_sc[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    m_sc[...] = m_new
-    pv = lax.dot_general(
-        p.astype(v.dtype),
-        v,
-        (((1,), (0,)), ((), ())),
-        precision=precision,
-        preferred_element_type=jnp.float32,
-    )
-    acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
+    @pl.when(live)
+    def _attend():
+        head_dim = q_ref.shape[-1]
+        q = q_ref[...]
+        k = k_ref[...]
+        v = v_ref[...]
+        valid = valid_ref[...] != 0
+        if num_slots % block_c:
+            # The last block runs past C; Pallas pads it with whatever was in VMEM (possibly NaN), so mask
+            # the logits by slot index and zero the value rows.
+            start = (split * blocks_per_split + j) * block_c
+            lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
+            valid = valid & (lane_slot < num_slots)
+            row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, head_dim), 0)
+            v = jnp.where(row_slot < num_slots, v, jnp.zeros_like(v))
+
+        s = lax.dot_general(q, k, _TRANS_B, precision=precision, preferred_element_type=jnp.float32)
+        s = jnp.where(valid, s * scale, MASK_VALUE)
+        m_prev = m_sc[...]  # [G, 128], lane-replicated
+        l_prev = l_sc[...]
+        m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
+        p = jnp.where(valid, jnp.exp(s - _lane_fit(m_new, block_c)), 0.0)
+        correction = jnp.exp(m_prev - m_new)
+        l_sc[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
+        m_sc[...] = m_new
+        pv = lax.dot_general(
+            p.astype(v.dtype),
+            v,
+            (((1,), (0,)), ((), ())),
+            precision=precision,
+            preferred_element_type=jnp.float32,
+        )
+        acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
+
+        if compute_evict:
+            logit_ref[...] = s
+            # ||v||_1 per slot as a lane vector: a ones-row matmul against |v| (transposed RHS) lands it in
+            # the [1, block_c] layout of the output without a sublane->lane relayout.
+            ones = jnp.ones((8, head_dim), v.dtype)
+            vnorm = lax.dot_general(
+                ones, jnp.abs(v), _TRANS_B, precision=precision, preferred_element_type=jnp.float32
+            )
+            vn_ref[...] = vnorm[:1, :]
 
     if compute_evict:
-        logit_ref[...] = s
-        # ||v||_1 per slot as a lane vector: a ones-row matmul against |v| (transposed RHS) lands it in
-        # the [1, block_c] layout of the output without a sublane->lane relayout.
-        ones = jnp.ones((8, head_dim), v.dtype)
-        vnorm = lax.dot_general(
-            ones, jnp.abs(v), _TRANS_B, precision=precision, preferred_element_type=jnp.float32
-        )
-        vn_ref[...] = vnorm[:1, :]
+
+        @pl.when(jnp.logical_not(live))
+        def _skipped():  # side outputs of a skipped block: defined values (the epilogue masks them)
+            logit_ref[...] = jnp.full(logit_ref.shape, MASK_VALUE, jnp.float32)
+            vn_ref[...] = jnp.zeros(vn_ref.shape, jnp.float32)
 
     @pl.when(j == blocks_per_split - 1)
     def _finish():
@@ -454,7 +469,7 @@ def _mosaic_kernel(
         l_ref[...] = l_sc[...]
 
 
-def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict, interpret):
+def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret):
     from jax.experimental.pallas import tpu as pltpu
 
     batch, num_q_heads, head_dim = q.shape
@@ -466,21 +481,31 @@ def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict
     qg = q.reshape(batch, num_kv_heads, group, head_dim)
     valid_i32 = kv_valid.astype(jnp.int32).reshape(batch, 1, num_slots)
 
-    kv_spec = pl.BlockSpec((None, None, block_c, head_dim), lambda b, h, s, j: (b, h, s * bps + j, 0))
+    def live_block(b, s, j, kv_len_ref):
+        # Blocks at or past the row's bound map to its last live block (block 0 for an empty row): the
+        # same index as the step before, so the pipeline skips their copies.
+        last = jnp.maximum(pl.cdiv(kv_len_ref[b], block_c) - 1, 0)
+        return jnp.minimum(s * bps + j, last)
+
+    kv_spec = pl.BlockSpec(
+        (None, None, block_c, head_dim), lambda b, h, s, j, n: (b, h, live_block(b, s, j, n), 0)
+    )
     in_specs = [
-        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, j: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, j, n: (b, h, 0, 0)),
         kv_spec,
         kv_spec,
-        pl.BlockSpec((None, 1, block_c), lambda b, h, s, j: (b, 0, s * bps + j)),
+        pl.BlockSpec((None, 1, block_c), lambda b, h, s, j, n: (b, 0, live_block(b, s, j, n))),
     ]
-    stat_spec = pl.BlockSpec((None, None, None, group, _LANES), lambda b, h, s, j: (b, h, s, 0, 0))
+    # Outputs keep their own block (no clamping): a skipped block writes its defined empty values to
+    # its own slots, never over a live block's.
+    stat_spec = pl.BlockSpec((None, None, None, group, _LANES), lambda b, h, s, j, n: (b, h, s, 0, 0))
     out_shape = [
         jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, head_dim), f32),
         jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
         jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s, j: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s, j, n: (b, h, s, 0, 0)),
         stat_spec,
         stat_spec,
     ]
@@ -490,8 +515,8 @@ def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict
             jax.ShapeDtypeStruct((batch, num_kv_heads, 1, num_slots), f32),
         ]
         out_specs += [
-            pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
-            pl.BlockSpec((None, None, 1, block_c), lambda b, h, s, j: (b, h, 0, s * bps + j)),
+            pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j, n: (b, h, 0, s * bps + j)),
+            pl.BlockSpec((None, None, 1, block_c), lambda b, h, s, j, n: (b, h, 0, s * bps + j)),
         ]
     params_cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     kernel = functools.partial(
@@ -503,21 +528,25 @@ def _mosaic_call(q, k, v, kv_valid, *, scale, block_c, num_splits, compute_evict
         compute_evict=compute_evict,
         precision=_dot_precision(q.dtype),
     )
-    outs = pl.pallas_call(
-        kernel,
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=1,  # kv_len: read by the index maps and the kernel
         grid=(batch, num_kv_heads, num_splits, bps),
         in_specs=in_specs,
         out_specs=out_specs,
-        out_shape=out_shape,
         scratch_shapes=[
             pltpu.VMEM((group, _LANES), f32),
             pltpu.VMEM((group, _LANES), f32),
             pltpu.VMEM((group, head_dim), f32),
         ],
+    )
+    outs = pl.pallas_call(
+        kernel,
+        grid_spec=grid_spec,
+        out_shape=out_shape,
         compiler_params=params_cls(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="longflow_decode_mosaic",
-    )(qg, k, v, valid_i32)
+    )(kv_len, qg, k, v, valid_i32)
     # To the Triton body's layouts: partials [S, B, Hq, D], stats [S, B, Hq], logits [B, Hq, C].
     o_part = outs[0].transpose(2, 0, 1, 3, 4).reshape(num_splits, batch, num_q_heads, head_dim)
 
@@ -604,8 +633,10 @@ def longflow_decode_attention(
       scale: softmax scale (a Python float; static).
       kv_len: optional int32 [B] (any integer dtype; traced): slot c of row b takes part (attention and
         eviction scoring) iff kv_valid[b, c] and c < kv_len[b]; values are clamped to [0, C]; None means
-        no bound. On GPU the kernel reads no block past kv_len[b] (splits wholly past it read nothing);
-        slots past it count as invalid for eviction (score -1, so an empty row evicts slot 0).
+        no bound. Neither body reads a block that starts past kv_len[b] (GPU: a runtime trip count;
+        TPU: skipped math, and index maps that re-point the pipeline at the last live block, so it
+        issues no copy); slots past it count as invalid for eviction (score -1, so an empty row
+        evicts slot 0).
       granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
         "kv_head" (one slot per KV head, summed over its query-head group).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
@@ -642,8 +673,8 @@ def longflow_decode_attention(
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
-    # The slots that take part: kv_valid, cut at kv_len. The Mosaic body and the epilogue read this
-    # mask; the Triton body reads kv_valid and kv_len and applies the bound itself.
+    # The slots that take part: kv_valid, cut at kv_len. The Mosaic body (inside its last live block)
+    # and the epilogue read this mask; the Triton body reads kv_valid and kv_len and applies the bound.
     bounded_valid = kv_valid
     if kv_len is not None:
         check_kv_len(kv_len, batch)
@@ -688,6 +719,7 @@ def longflow_decode_attention(
             k_cache,
             v_cache,
             bounded_valid,
+            jnp.full((batch,), num_slots, jnp.int32) if kv_len is None else kv_len,
             scale=scale,
             block_c=block_c,
             num_splits=num_splits,

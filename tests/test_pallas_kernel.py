@@ -356,10 +356,11 @@ def test_runs_inside_jitted_while_loop(request):
 
 # Per row: an empty row, one slot, inside a split (mid-block), a split boundary, a block boundary inside
 # a split, the full buffer. Triton: C 128 in 4 splits of 2 blocks of 16 (splits wholly past the bound for
-# all but the last row); Mosaic: C 256 in 2 splits of one 128-slot block.
+# all but the last row); Mosaic: C 512 in 2 splits of two 128-slot blocks (skipped blocks inside a live
+# split, and wholly skipped splits).
 KV_LEN_CASES = {
     "triton": dict(slots=128, block_c=16, num_splits=4, kv_len=[0, 1, 45, 64, 80, 128]),
-    "mosaic": dict(slots=256, block_c=128, num_splits=2, kv_len=[0, 1, 45, 128, 200, 256]),
+    "mosaic": dict(slots=512, block_c=128, num_splits=2, kv_len=[0, 1, 130, 256, 300, 512]),
 }
 
 
@@ -450,6 +451,31 @@ def test_triton_body_reads_nothing_past_kv_len(request):
         backend="triton",
         block_c=16,
         num_splits=4,
+    )
+    mask = bounded_mask(kv_valid, kv_len)
+    assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="sequence")
+
+
+def test_mosaic_body_skips_blocks_past_kv_len(request):
+    """The TPU body does no math on a block that starts at or past kv_len (and its index map points
+    the pipeline at the last live block instead, so no copy is issued). NaN keys and values in those
+    blocks would poison the result if they were used: 0 * NaN is NaN in the P @ V product."""
+    block_c, kv_len = 128, jnp.array([0, 1, 130, 256, 300], jnp.int32)
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=5, num_q_heads=8, num_kv_heads=2, slots=512, head_dim=64, dtype=jnp.float32
+    )
+    live_end = -(-kv_len // block_c) * block_c  # the first slot of the first skipped block
+    dead = (jnp.arange(512)[None, :] >= live_end[:, None])[:, None, :, None]
+    out, evict = longflow_decode_attention(
+        q,
+        jnp.where(dead, jnp.nan, k),
+        jnp.where(dead, jnp.nan, v),
+        kv_valid,
+        kv_len=kv_len,
+        scale=0.125,
+        backend="mosaic",
+        block_c=block_c,
+        num_splits=2,
     )
     mask = bounded_mask(kv_valid, kv_len)
     assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="sequence")
