@@ -14,7 +14,6 @@ and evict_i.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
 
@@ -120,10 +119,7 @@ def longflow_decode_attention_interpret(
         final_reduce=final_reduce,
         is_f32=dtype == "float32",
         epilogue=epilogue,
-    )
-    # The interpreter has no libdevice: tl.log2 instead of lg2.approx (the GPU tests check the latter).
-    plan = dataclasses.replace(
-        plan, split=dataclasses.replace(plan.split, meta=dict(plan.split.meta, FAST_LOG2=False))
+        fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())

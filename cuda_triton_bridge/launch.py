@@ -67,7 +67,10 @@ def plan_launch(
     final_reduce: str,
     is_f32: bool,
     epilogue: str = "separate",
+    fast_log2: bool = True,
 ) -> LaunchPlan:
+    """fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
+    libdevice (tl.log2 there)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
     if epilogue not in EPILOGUES:
@@ -79,7 +82,7 @@ def plan_launch(
     evict = bool(compute_evict)
     stats = evict or not direct
     if epilogue == "fused":
-        return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce)
+        return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2)
 
     split = KernelLaunch(
         grid=(splits, hkv, b),
@@ -108,7 +111,7 @@ def plan_launch(
             EVICT=evict,
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
-            FAST_LOG2=True,  # the CPU interpreter (interpret.py) turns it off
+            FAST_LOG2=fast_log2,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -153,7 +156,7 @@ def plan_launch(
     return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
 
 
-def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce) -> LaunchPlan:
+def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2) -> LaunchPlan:
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
@@ -190,7 +193,7 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
             EVICT=evict,
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
-            FAST_LOG2=True,  # the CPU interpreter (interpret.py) turns it off
+            FAST_LOG2=fast_log2,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

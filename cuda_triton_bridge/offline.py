@@ -106,17 +106,13 @@ def compile_plan(
 
 
 def main(argv=None):
+    from pallas_kernels.triton_offline import add_shape_arguments
+
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
-    parser.add_argument("--batch", type=int, default=16)
-    parser.add_argument("--num-q-heads", type=int, default=32)
-    parser.add_argument("--num-kv-heads", type=int, default=8)
-    parser.add_argument("--slots", type=int, default=8192)
-    parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16", choices=sorted(_DTYPE))
+    add_shape_arguments(parser)
     parser.add_argument("--granularity", default="sequence")
     parser.add_argument("--epilogue", default="separate")
-    parser.add_argument("--no-evict", action="store_true")
-    parser.add_argument("--capability", type=int, default=90)
+    parser.add_argument("--vnorm", choices=("mma", "reduce"))
     args = parser.parse_args(argv)
     reports = compile_plan(
         args.batch,
@@ -129,6 +125,7 @@ def main(argv=None):
         granularity=args.granularity,
         compute_evict=not args.no_evict,
         epilogue=args.epilogue,
+        vnorm=args.vnorm,
     )
     for name, report in reports.items():
         print(name, report)

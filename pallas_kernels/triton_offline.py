@@ -111,20 +111,26 @@ def cubin_report(compiled):
     }
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+def add_shape_arguments(parser) -> None:
+    """The decode shape, dtype, scoring switch and target of an offline compile (also used by
+    cuda_triton_bridge/offline.py)."""
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--num-q-heads", type=int, default=32)
     parser.add_argument("--num-kv-heads", type=int, default=8)
     parser.add_argument("--slots", type=int, default=8192)
     parser.add_argument("--head-dim", type=int, default=128)
-    parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--dtype", default="bfloat16", choices=("bfloat16", "float16", "float32"))
+    parser.add_argument("--no-evict", action="store_true")
+    parser.add_argument("--capability", type=int, default=90)
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    add_shape_arguments(parser)
     parser.add_argument("--block-c", type=int)
     parser.add_argument("--num-splits", type=int)
     parser.add_argument("--num-warps", type=int, default=TRITON_NUM_WARPS)
     parser.add_argument("--num-stages", type=int, default=TRITON_NUM_STAGES)
-    parser.add_argument("--no-evict", action="store_true")
-    parser.add_argument("--capability", type=int, default=90)
     args = parser.parse_args(argv)
     ir_text = triton_ir(
         args.batch,

@@ -434,48 +434,38 @@ def test_kv_len_is_clamped_to_the_buffer(request):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
-def test_triton_body_reads_nothing_past_kv_len(request):
-    """NaN keys and values past the bound (a partly filled buffer's garbage) never reach the result."""
-    kv_len = jnp.array([0, 1, 45, 80], jnp.int32)
+# Where each body's garbage may start. The GPU body masks its K/V loads at kv_len itself; the TPU body
+# skips whole blocks from the first one that starts at or past kv_len (its pipeline copies none of them;
+# inside the last live block the bound acts through the mask). Mosaic: blocks skipped inside a live
+# split, and wholly skipped splits.
+NAN_PAST_BOUND = {
+    "triton": dict(slots=128, block_c=16, num_splits=4, kv_len=[0, 1, 45, 80], whole_blocks=False),
+    "mosaic": dict(slots=512, block_c=128, num_splits=2, kv_len=[0, 1, 130, 256, 300], whole_blocks=True),
+}
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_bodies_read_nothing_past_kv_len(request, backend):
+    """NaN keys and values past the bound (a partly filled buffer's garbage) never reach the result. If
+    a body used them it would show: 0 * NaN is NaN in the P @ V product."""
+    case = NAN_PAST_BOUND[backend]
+    slots, block_c, kv_len = case["slots"], case["block_c"], jnp.asarray(case["kv_len"], jnp.int32)
     q, k, v, kv_valid = make_inputs(
-        _seed(request), batch=4, num_q_heads=8, num_kv_heads=2, slots=128, head_dim=64, dtype=jnp.float32
-    )
-    past = ~bounded_mask(kv_valid, kv_len)[:, None, :, None]
+        _seed(request), batch=len(kv_len), num_q_heads=8, num_kv_heads=2, slots=slots, head_dim=64,
+        dtype=jnp.float32,
+    )  # fmt: skip
+    garbage_from = -(-kv_len // block_c) * block_c if case["whole_blocks"] else kv_len
+    garbage = (jnp.arange(slots)[None, :] >= garbage_from[:, None])[:, None, :, None]
     out, evict = longflow_decode_attention(
         q,
-        jnp.where(past, jnp.nan, k),
-        jnp.where(past, jnp.nan, v),
+        jnp.where(garbage, jnp.nan, k),
+        jnp.where(garbage, jnp.nan, v),
         kv_valid,
         kv_len=kv_len,
         scale=0.125,
-        backend="triton",
-        block_c=16,
-        num_splits=4,
-    )
-    mask = bounded_mask(kv_valid, kv_len)
-    assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="sequence")
-
-
-def test_mosaic_body_skips_blocks_past_kv_len(request):
-    """The TPU body does no math on a block that starts at or past kv_len (and its index map points
-    the pipeline at the last live block instead, so no copy is issued). NaN keys and values in those
-    blocks would poison the result if they were used: 0 * NaN is NaN in the P @ V product."""
-    block_c, kv_len = 128, jnp.array([0, 1, 130, 256, 300], jnp.int32)
-    q, k, v, kv_valid = make_inputs(
-        _seed(request), batch=5, num_q_heads=8, num_kv_heads=2, slots=512, head_dim=64, dtype=jnp.float32
-    )
-    live_end = -(-kv_len // block_c) * block_c  # the first slot of the first skipped block
-    dead = (jnp.arange(512)[None, :] >= live_end[:, None])[:, None, :, None]
-    out, evict = longflow_decode_attention(
-        q,
-        jnp.where(dead, jnp.nan, k),
-        jnp.where(dead, jnp.nan, v),
-        kv_valid,
-        kv_len=kv_len,
-        scale=0.125,
-        backend="mosaic",
+        backend=backend,
         block_c=block_c,
-        num_splits=2,
+        num_splits=case["num_splits"],
     )
     mask = bounded_mask(kv_valid, kv_len)
     assert_matches_reference(q, k, v, mask, out, evict, scale=0.125, granularity="sequence")
