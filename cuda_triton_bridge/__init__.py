@@ -45,6 +45,7 @@ def longflow_decode_attention_triton(
     final_reduce="atomic",
     epilogue="separate",
     kv_len=None,
+    overrides=None,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -72,6 +73,8 @@ def longflow_decode_attention_triton(
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if
         kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
         filled slots are a prefix (every cache of longflow_jax) costs what its prefix costs. None: C.
+      overrides: experiment switches of `config.LaunchConfig` (cache_hints, head_importance,
+        discard_t, store_t) as a dict of bools; None: the defaults.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
@@ -87,7 +90,13 @@ def longflow_decode_attention_triton(
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     resolve_config(
-        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, vnorm=vnorm
+        shape,
+        block_c=block_c,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        vnorm=vnorm,
+        overrides=overrides,
     )
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
@@ -113,4 +122,5 @@ def longflow_decode_attention_triton(
         final_reduce=final_reduce,
         epilogue=epilogue,
         kv_len=kv_len,
+        overrides=overrides,
     )

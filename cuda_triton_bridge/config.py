@@ -79,6 +79,15 @@ class LaunchConfig:
     combine_chunk: int
     combine_num_warps: int
     vnorm: str = VNORM
+    # Experiments on the traffic of t (docs/KERNEL_NOTES_triton.md, session 4); set through
+    # resolve_config(overrides=...). cache_hints: K/V loads evict_first, t stores evict_last in L2.
+    # head_importance: with one split, the main kernel turns its own t into per-KV-head importances.
+    # discard_t: with head_importance, drop the re-read t lines from L2 without a write-back.
+    # store_t=False is a diagnostic only (no t at all: the evict slot is wrong).
+    cache_hints: bool = False
+    head_importance: bool = False
+    discard_t: bool = False
+    store_t: bool = True
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -148,6 +157,7 @@ def resolve_config(
     num_stages=None,
     vnorm=None,
     sms: int | None = None,
+    overrides: dict | None = None,
 ) -> LaunchConfig:
     """Fill in defaults and check explicit values; raises ValueError naming the bad value."""
     wide = shape.itemsize > 2
@@ -180,7 +190,7 @@ def resolve_config(
     vnorm = VNORM if vnorm is None else vnorm
     if vnorm not in VNORM_MODES:
         raise ValueError(f"vnorm must be one of {VNORM_MODES}, got {vnorm!r}")
-    return LaunchConfig(
+    cfg = LaunchConfig(
         block_c=block_c,
         num_splits=num_splits,
         blocks_per_split=blocks_per_split,
@@ -191,6 +201,22 @@ def resolve_config(
         combine_num_warps=COMBINE_NUM_WARPS,
         vnorm=vnorm,
     )
+    return _apply_overrides(cfg, overrides)
+
+
+EXPERIMENT_FIELDS = ("cache_hints", "head_importance", "discard_t", "store_t")
+
+
+def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:
+    if not overrides:
+        return cfg
+    unknown = sorted(set(overrides) - set(EXPERIMENT_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown overrides {unknown}; expected a subset of {EXPERIMENT_FIELDS}")
+    for name, value in overrides.items():
+        if not isinstance(value, bool):
+            raise ValueError(f"override {name} must be a bool, got {value!r}")
+    return dataclasses.replace(cfg, **overrides)
 
 
 def score_groups(shape: DecodeShape, granularity: str) -> tuple[int, int]:

@@ -44,12 +44,19 @@ def longflow_decode_attention_triton(
     final_reduce="atomic",
     epilogue="separate",
     kv_len=None,
+    overrides=None,
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
     shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     cfg = resolve_config(
-        shape, block_c=block_c, num_splits=num_splits, num_warps=num_warps, num_stages=num_stages, vnorm=vnorm
+        shape,
+        block_c=block_c,
+        num_splits=num_splits,
+        num_warps=num_warps,
+        num_stages=num_stages,
+        vnorm=vnorm,
+        overrides=overrides,
     )
     plan = plan_launch(
         shape,
@@ -63,7 +70,7 @@ def longflow_decode_attention_triton(
     if plan.fused:
         return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan)
     split = plan.split
-    out, acc, m, ell, t, counter, no_evict = jt.triton_call(
+    out, acc, m, ell, t, imp, counter, no_evict = jt.triton_call(
         q,
         k_cache,
         v_cache,
@@ -89,10 +96,11 @@ def longflow_decode_attention_triton(
         m,
         ell,
         t,
+        imp,
         counter,
         kernel=kernels.decode_combine_kernel,
         out_shape=_out_shapes(comb, q.dtype),
-        input_output_aliases={6: 4},  # the atomic counter, zeroed by the split kernel
+        input_output_aliases={7: 4},  # the atomic counter, zeroed by the split kernel
         grid=comb.grid,
         num_warps=comb.num_warps,
         num_stages=comb.num_stages,

@@ -96,6 +96,7 @@ def longflow_decode_attention_interpret(
     epilogue="separate",
     kv_len=None,
     sms=None,
+    overrides=None,
 ):
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
     if not triton.knobs.runtime.interpret:
@@ -109,6 +110,7 @@ def longflow_decode_attention_interpret(
         num_stages=num_stages,
         vnorm=vnorm,
         sms=sms,
+        overrides=overrides,
     )
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
@@ -138,14 +140,14 @@ def longflow_decode_attention_interpret(
     kernels.decode_split_kernel[plan.split.grid](
         tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
     )
-    out, acc, m, ell, t, counter, no_evict = split_out
+    out, acc, m, ell, t, imp, counter, no_evict = split_out
     if plan.combine is None:
         evict_slot = no_evict
     else:
         comb_out = _alloc(plan.combine, _TORCH[dtype])
-        comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
+        comb_out[4] = counter  # aliased, as input_output_aliases={7: 4} does on the GPU
         kernels.decode_combine_kernel[plan.combine.grid](
-            tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
+            tvalid, tlen, acc, m, ell, t, imp, counter, *comb_out, **plan.combine.meta
         )
         if plan.combine.meta["COMBINE_OUT"]:
             out = comb_out[0]

@@ -19,6 +19,8 @@ LOG2E = math.log2(math.e)
 COMBINE_TILE_ELEMS = 8192
 # The fused kernel's finisher tiles (it runs after the main loop, in the same registers budget).
 FINISH_TILE_ELEMS = 4096
+# The main kernel's per-KV-head importance pass (head_importance): [query rows, slots] tile.
+IMP_TILE_ELEMS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,15 +86,19 @@ def plan_launch(
     if epilogue == "fused":
         return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2)
 
+    head_imp = evict and direct and cfg.head_importance
+    # discard.global.L2 works on whole 128-byte lines: rows of t must be whole lines (C % 32 == 0).
+    discard = head_imp and cfg.discard_t and fast_log2 and c % 32 == 0
     split = KernelLaunch(
         grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, counter, no_evict.
+        # Order = the kernel's output pointers: out, acc, m, l, t, imp, counter, no_evict.
         outputs=(
             _buf((b, hq, d), "q", direct),
             _buf((b, hq, splits, d), "f32", not direct),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, c), "f32", evict),
+            _buf((b, hkv, c), "f32", head_imp),
             _buf((b,), "i32", evict),
             _buf((b, num_groups), "i32", not evict),
         ),
@@ -112,6 +118,12 @@ def plan_launch(
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
             FAST_LOG2=fast_log2,
+            KV_POLICY="evict_first" if cfg.cache_hints else "",
+            T_POLICY="evict_last" if cfg.cache_hints else "",
+            STORE_T=cfg.store_t,
+            HEAD_IMP=head_imp,
+            ICHUNK=max(32, min(next_pow2(c), IMP_TILE_ELEMS // cfg.query_rows)),
+            DISCARD_T=discard,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -149,6 +161,9 @@ def plan_launch(
             COMBINE_OUT=not direct,
             EVICT=evict,
             ATOMIC_FINAL=final_reduce == "atomic",
+            HEAD_IMP=head_imp,
+            KPG=hkv // num_groups,
+            KPG_P=next_pow2(hkv // num_groups),
         ),
         num_warps=cfg.combine_num_warps,
         num_stages=1,

@@ -87,6 +87,7 @@ def compile_plan(
             "m_ptr": "*fp32",
             "l_ptr": "*fp32",
             "t_ptr": "*fp32",
+            "imp_ptr": "*fp32",
             "counter_in_ptr": "*i32",
         }
         launches.append((kernels.decode_combine_kernel, comb_inputs, plan.combine))
@@ -113,6 +114,9 @@ def main(argv=None):
     parser.add_argument("--granularity", default="sequence")
     parser.add_argument("--epilogue", default="separate")
     parser.add_argument("--vnorm", choices=("mma", "reduce"))
+    parser.add_argument(
+        "--override", action="append", default=[], help="LaunchConfig switch set true (head_importance, ...)"
+    )
     args = parser.parse_args(argv)
     reports = compile_plan(
         args.batch,
@@ -126,6 +130,7 @@ def main(argv=None):
         compute_evict=not args.no_evict,
         epilogue=args.epilogue,
         vnorm=args.vnorm,
+        overrides={name: True for name in args.override},
     )
     for name, report in reports.items():
         print(name, report)

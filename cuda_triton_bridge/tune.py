@@ -239,18 +239,26 @@ def main():
         )
         log.write(json.dumps({"empty_kernel_wall_us": wall * 1e6, "gpu": per, "span_us": span}) + "\n")
         for spec in filter(None, args.diag.split(",")):
-            # B:C:block_c:warps:stages:splits[:f|s[:e|n|en]] (epilogue fused/separate; evict, no-evict, both)
+            # B:C:block_c:warps:stages:splits[:f|s[:e|n|en[:overrides]]] (epilogue fused/separate; evict,
+            # no-evict, both; overrides: LaunchConfig switches joined by "+", "name" or "name=0")
             fields = spec.split(":")
             batch, slots, bc, w, st, sp = (int(x) for x in fields[:6])
             epilogue = {"f": "fused", "s": "separate"}[fields[6] if len(fields) > 6 else "f"]
             evicts = [{"e": True, "n": False}[x] for x in (fields[7] if len(fields) > 7 else "en")]
+            overrides = {}
+            for item in filter(None, (fields[8] if len(fields) > 8 else "").split("+")):
+                name, _, value = item.partition("=")
+                overrides[name] = value != "0"
             sets = sets_for((batch, slots))
             for ev in evicts:
                 kw = dict(
                     block_c=bc, num_warps=w, num_stages=st, num_splits=sp, compute_evict=ev, epilogue=epilogue
                 )
+                if overrides:
+                    kw["overrides"] = overrides
                 fn = lambda *a, kw=kw: longflow_decode_attention_triton(*a, scale=scale, **kw)  # noqa: E731
                 try:
+                    rel, same = check(sets, scale, **kw)
                     wall_t, _ = time_per_call(fn, sets)
                     per, span, devs = kernel_times(fn, sets)
                 except Exception as e:
@@ -266,6 +274,8 @@ def main():
                     span_us=span,
                     kernels=per,
                     devices=devs,
+                    rel=rel,
+                    evict_ok=same,
                     **kw,
                 )
                 log.write(json.dumps(row) + "\n")
@@ -274,7 +284,7 @@ def main():
                 print(
                     f"  diag B={batch:3d} C={slots:5d} {kw}: wall {wall_t * 1e6:.1f} us, GPU kernels "
                     f"{gpu_total:.1f} us ({floor_bytes(batch, slots) / gpu_total / 1e6:.2f} TB/s), span "
-                    f"{span:.1f} us [{ks}]",
+                    f"{span:.1f} us [{ks}] rel={rel:.1e} evict_ok={same}",
                     flush=True,
                 )
 

@@ -19,10 +19,12 @@
 #             projection of max4b)                                                          (~6 min)
 #   vnorm     Triton GPU tests + generate through both kernels, then the kernel table for the Triton
 #             columns (||v||_1 on the tensor cores vs as a row sum vs no scoring) and XLA  (~7 min)
+#   ttraffic  the Triton kernel's t-traffic switches (cache_hints, head_importance, discard_t) against
+#             the reference on the GPU, then their profiler kernel times at B x C 64/16 x 8192/2048 (~7 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -54,6 +56,21 @@ case "$stage" in
       2>&1 | tee "$OUT/tests.log" | tail -15
     timeout 250 python3 scripts/bench_kernels.py --columns xla_attn,triton,triton_reduce,triton_noevict --reps 20 \
       --out "$OUT/bench_kernels.md" 2>&1 | tee "$OUT/bench_kernels.log" ;;
+  ttraffic)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
+      2>&1 | tee "$OUT/tests.log" | tail -8
+    S=32:4:3
+    diag=64:8192:$S:1:s:en,64:8192:$S:1:s:e:store_t=0,64:8192:$S:1:s:e:cache_hints
+    diag=$diag,64:8192:$S:1:s:e:head_importance,64:8192:$S:1:s:e:head_importance+discard_t
+    diag=$diag,64:8192:$S:1:s:e:head_importance+discard_t+cache_hints
+    diag=$diag,16:8192:$S:4:s:en,16:8192:$S:4:s:e:cache_hints,16:8192:$S:1:s:en
+    diag=$diag,16:8192:$S:1:s:e:head_importance+discard_t,16:8192:$S:1:s:e:head_importance+discard_t+cache_hints
+    diag=$diag,64:2048:$S:1:s:en,64:2048:$S:1:s:e:cache_hints,64:2048:$S:1:s:e:head_importance+discard_t
+    diag=$diag,64:2048:$S:1:s:e:head_importance+discard_t+cache_hints
+    diag=$diag,16:2048:$S:4:s:en,16:2048:$S:4:s:e:cache_hints,16:2048:$S:1:s:en
+    diag=$diag,16:2048:$S:1:s:e:head_importance+discard_t+cache_hints
+    timeout 420 python3 -m cuda_triton_bridge.tune --out "$OUT" --phases d --diag "$diag" 2>&1 \
+      | tee "$OUT/tune.log" | grep -v "^|" ;;
   eq16)
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout 560 python3 scripts/benchmark_generate.py --model qwen3-4b --isolate \
       --runs full:16:8192::triton longflow:16:8192:2048:triton --out "$OUT/eq16.jsonl" --plot "$OUT/eq16.png" \

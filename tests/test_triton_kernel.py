@@ -369,6 +369,29 @@ INTERPRETER_CASES = [
         "all",
         dict(block_c=32, num_splits=1, compute_evict=False, kv_len=[0, 64, 299]),
     ),
+    # head_importance: one split turns its own t into per-KV-head importances; the combine sums those.
+    (
+        "f32-headimp-kvlen",
+        "float32",
+        4,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(block_c=32, num_splits=1, kv_len=[0, 1, 129, 300], overrides=dict(head_importance=True)),
+    ),
+    (
+        "f16-headimp-kvhead",
+        "float16",
+        3,
+        16,
+        4,
+        200,
+        128,
+        "mixed",
+        dict(num_splits=1, granularity="kv_head", overrides=dict(head_importance=True, cache_hints=True)),
+    ),
 ]
 
 
@@ -506,6 +529,30 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
     )  # fmt: skip
     bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.125, granularity=granularity)
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        dict(cache_hints=True),
+        dict(head_importance=True),
+        dict(head_importance=True, discard_t=True),
+        dict(head_importance=True, discard_t=True, cache_hints=True),
+    ],
+)
+@gpu
+def test_t_traffic_switches_match_reference(granularity, overrides):
+    # One split (head_importance applies there), a partly filled buffer, C a multiple of 32 (discard_t).
+    q, k, v, valid = make_inputs(
+        _key("switches", granularity, *sorted(overrides)), 5, 32, 8, 2048, 128, jnp.bfloat16
+    )
+    kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=0.088, granularity=granularity, num_splits=1, kv_len=kv_len, overrides=overrides
+    )
+    bounded = bounded_mask(valid, kv_len)
+    assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
