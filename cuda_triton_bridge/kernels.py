@@ -31,6 +31,20 @@ def _row_bound(kv_len_ptr, b, C: tl.constexpr):
 
 
 @triton.jit
+def _discard_l2_lines(line_addr, line_ok):
+    """discard.global.L2 on each 128-byte-aligned line address where line_ok: the line's contents become
+    undefined and a dirty line is dropped without a write-back."""
+    tl.inline_asm_elementwise(
+        "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p discard.global.L2 [$1], 128; mov.u32 $0, 0; }",
+        "=r,l,r",
+        [line_addr.to(tl.int64), line_ok.to(tl.int32)],
+        dtype=tl.int32,
+        is_pure=False,
+        pack=1,
+    )
+
+
+@triton.jit
 def _attend_split(
     q_ptr,
     k_ptr,
@@ -204,14 +218,7 @@ def decode_split_kernel(
                 lines = tl.arange(0, ICHUNK // 32)
                 line_addr = t_ptr + bh[:, None] * C + c0 + lines[None, :] * 32
                 line_ok = row_ok[:, None] & ((c0 + lines * 32) < n_valid)[None, :]
-                tl.inline_asm_elementwise(
-                    "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p discard.global.L2 [$1], 128; mov.u32 $0, 0; }",
-                    "=r,l,r",
-                    [line_addr.to(tl.int64), line_ok.to(tl.int32)],
-                    dtype=tl.int32,
-                    is_pure=False,
-                    pack=1,
-                )
+                _discard_l2_lines(line_addr, line_ok)
     if DIRECT_OUT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -261,6 +268,7 @@ def decode_combine_kernel(
     HEAD_IMP: tl.constexpr,  # score from imp (KPG KV heads a group) instead of t (HPG query heads)
     KPG: tl.constexpr,
     KPG_P: tl.constexpr,
+    DISCARD_T: tl.constexpr,  # drop the t lines of this chunk from L2 once read (no write-back)
 ):
     j = tl.program_id(0)
     b = tl.program_id(1)
@@ -323,6 +331,16 @@ def decode_combine_kernel(
             score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
             score = tl.where(c_ok[None, :], score, float("inf"))
             best, best_at = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            if DISCARD_T:
+                # t is dead once read: invalidate its lines in L2 so a dirty line still there is never
+                # written back to DRAM. The predicate depends on the chunk's argmin, which needs every
+                # thread's t, so no line goes before all its reads are done. Whole 128-byte lines:
+                # C % 32 == 0 and CHUNK % 32 == 0 (the plan checks).
+                lines = tl.arange(0, CHUNK // 32)
+                line_addr = t_ptr + bh[:, :, None] * C + (j * CHUNK + lines * 32)[None, None, :]
+                read_done = tl.min(best_at, axis=0) >= 0
+                line_ok = head_ok[:, :, None] & ((j * CHUNK + lines * 32) < C)[None, None, :] & read_done
+                _discard_l2_lines(line_addr, line_ok)
             slot = j * CHUNK + best_at
             g_ok = g < NG
             if NUM_CHUNKS == 1:

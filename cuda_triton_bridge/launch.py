@@ -135,6 +135,9 @@ def plan_launch(
     chunk = max(16, min(cfg.combine_chunk, COMBINE_TILE_ELEMS // (ng_p * hpg_p)))
     num_chunks = cdiv(c, chunk) if evict else 0
     partials = evict and num_chunks > 1
+    # Whole 128-byte lines of t per combine chunk (see decode_combine_kernel).
+    whole_lines = c % 32 == 0 and chunk % 32 == 0
+    discard_in_combine = evict and not head_imp and cfg.discard_t and fast_log2 and whole_lines
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
         # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
@@ -164,6 +167,7 @@ def plan_launch(
             HEAD_IMP=head_imp,
             KPG=hkv // num_groups,
             KPG_P=next_pow2(hkv // num_groups),
+            DISCARD_T=discard_in_combine,
         ),
         num_warps=cfg.combine_num_warps,
         num_stages=1,
