@@ -34,6 +34,8 @@ def _row_bound(kv_len_ptr, b, C: tl.constexpr):
 def _discard_l2_lines(line_addr, line_ok):
     """discard.global.L2 on each 128-byte-aligned line address where line_ok: the line's contents become
     undefined and a dirty line is dropped without a write-back."""
+    # A buffer whose base is not 128-byte aligned keeps its lines (discarding is only an optimisation).
+    line_ok = line_ok & ((line_addr.to(tl.int64) & 127) == 0)
     tl.inline_asm_elementwise(
         "{ .reg .pred p; setp.ne.b32 p, $2, 0; @p discard.global.L2 [$1], 128; mov.u32 $0, 0; }",
         "=r,l,r",
@@ -406,6 +408,9 @@ def decode_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
+    KV_POLICY: tl.constexpr,
+    T_POLICY: tl.constexpr,
+    DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -417,7 +422,7 @@ def decode_fused_kernel(
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        "", "", True,
+        KV_POLICY, T_POLICY, True,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
@@ -496,6 +501,12 @@ def decode_fused_kernel(
                     cache_modifier=".cg",
                 )
                 imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
+                if DISCARD_T:
+                    # imp >= 0 is never -1: the predicate waits for every thread's t of this chunk.
+                    lines = tl.arange(0, ECHUNK // 32)
+                    read_done = tl.max(imp, axis=0) != -1.0
+                    line_ok = g_ok[:, None] & ((c0 + lines * 32) < C)[None, :] & read_done
+                    _discard_l2_lines(t_ptr + fh[:, None] * C + (c0 + lines * 32)[None, :], line_ok)
                 if NG == HKV:  # one score group per KV head: this program has everything
                     valid = tl.load(valid_row + c, mask=c < n_valid, other=0) != 0
                     score = tl.where(c_ok, tl.where(valid, imp, -1.0), float("inf"))
@@ -504,7 +515,12 @@ def decode_fused_kernel(
                     best_slot = tl.where(take, c0 + cat, best_slot)
                     best_val = tl.where(take, cmin, best_val)
                 else:
-                    tl.store(imp_ptr + (b * HKV + kvh).to(tl.int64) * C + c, imp, mask=c_ok)
+                    tl.store(
+                        imp_ptr + (b * HKV + kvh).to(tl.int64) * C + c,
+                        imp,
+                        mask=c_ok,
+                        eviction_policy=T_POLICY,
+                    )
             if NG == HKV:
                 tl.store(evict_ptr + b * NG + kvh, best_slot)
             else:
@@ -530,6 +546,10 @@ def decode_fused_kernel(
                         cmin, cat = tl.min(
                             score, axis=0, return_indices=True, return_indices_tie_break_left=True
                         )
+                        if DISCARD_T:
+                            lines = tl.arange(0, SCHUNK // 32)
+                            line_ok = (hk[:, None] < HKV) & ((c0 + lines * 32) < C)[None, :] & (cat >= 0)
+                            _discard_l2_lines(imp_rows + (c0 + lines * 32)[None, :], line_ok)
                         take = cmin < seq_val
                         seq_slot = tl.where(take, c0 + cat, seq_slot)
                         seq_val = tl.where(take, cmin, seq_val)

@@ -180,6 +180,9 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
     per_kv_head_scores = evict and num_groups < hkv
+    echunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // g_p))
+    schunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p))
+    whole_lines = c % 32 == 0 and echunk % 32 == 0 and schunk % 32 == 0  # discard_t needs 128-byte lines
     launch = KernelLaunch(
         grid=(splits, hkv, b),
         # Order = the kernel's output pointers: out, acc, m, l, t, imp, evict, count.
@@ -207,12 +210,15 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
             S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
             HKV_P=hkv_p,
             NG=num_groups,
-            ECHUNK=max(16, min(next_pow2(c), FINISH_TILE_ELEMS // g_p)),
-            SCHUNK=max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p)),
+            ECHUNK=echunk,
+            SCHUNK=schunk,
             EVICT=evict,
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
             FAST_LOG2=fast_log2,
+            KV_POLICY="evict_first" if cfg.cache_hints else "",
+            T_POLICY="evict_last" if cfg.cache_hints else "",
+            DISCARD_T=evict and cfg.discard_t and fast_log2 and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

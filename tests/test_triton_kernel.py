@@ -533,27 +533,29 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize(
-    "overrides, num_splits",
+    "overrides, num_splits, epilogue",
     [
-        (dict(cache_hints=True), 1),
-        (dict(discard_t=True), 4),
-        (dict(cache_hints=True, discard_t=True), 1),
-        (dict(cache_hints=True, discard_t=True), 4),
-        (dict(head_importance=True), 1),
-        (dict(head_importance=True, discard_t=True), 1),
-        (dict(head_importance=True, discard_t=True, cache_hints=True), 1),
+        (dict(cache_hints=True), 1, "separate"),
+        (dict(discard_t=True), 4, "separate"),
+        (dict(cache_hints=True, discard_t=True), 1, "separate"),
+        (dict(cache_hints=True, discard_t=True), 4, "separate"),
+        (dict(cache_hints=True, discard_t=True), 1, "fused"),
+        (dict(cache_hints=True, discard_t=True), 4, "fused"),
+        (dict(head_importance=True), 1, "separate"),
+        (dict(head_importance=True, discard_t=True), 1, "separate"),
+        (dict(head_importance=True, discard_t=True, cache_hints=True), 1, "separate"),
     ],
 )
 @gpu
-def test_t_traffic_switches_match_reference(granularity, overrides, num_splits):
+def test_t_traffic_switches_match_reference(granularity, overrides, num_splits, epilogue):
     # A partly filled buffer, C a multiple of 32 (discard_t); head_importance applies with one split.
     q, k, v, valid = make_inputs(
-        _key("switches", granularity, num_splits, *sorted(overrides)), 5, 32, 8, 2048, 128, jnp.bfloat16
+        _key("switches", granularity, num_splits, epilogue, *sorted(overrides)), 5, 32, 8, 2048, 128, jnp.bfloat16
     )
     kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
     out, evict_slot = ctb.longflow_decode_attention_triton(
         q, k, v, valid, scale=0.088, granularity=granularity, num_splits=num_splits, kv_len=kv_len,
-        overrides=overrides,
+        overrides=overrides, epilogue=epilogue,
     )  # fmt: skip
     bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
