@@ -549,9 +549,8 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
 @gpu
 def test_t_traffic_switches_match_reference(granularity, overrides, num_splits, epilogue):
     # A partly filled buffer, C a multiple of 32 (discard_t); head_importance applies with one split.
-    q, k, v, valid = make_inputs(
-        _key("switches", granularity, num_splits, epilogue, *sorted(overrides)), 5, 32, 8, 2048, 128, jnp.bfloat16
-    )
+    key = _key("switches", granularity, num_splits, epilogue, *sorted(overrides))
+    q, k, v, valid = make_inputs(key, 5, 32, 8, 2048, 128, jnp.bfloat16)
     kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
     out, evict_slot = ctb.longflow_decode_attention_triton(
         q, k, v, valid, scale=0.088, granularity=granularity, num_splits=num_splits, kv_len=kv_len,
