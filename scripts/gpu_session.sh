@@ -61,12 +61,10 @@ case "$stage" in
       2>&1 | tee "$OUT/tests.log" | tail -8
     S=32:4:3
     H=cache_hints+discard_t
-    diag=64:8192:$S:1:s:n,64:8192:$S:1:s:e:$H,64:8192:$S:1:f:e:$H,64:8192:$S:4:f:e:$H,64:8192:$S:8:f:e:$H
-    diag=$diag,16:8192:$S:4:s:n,16:8192:$S:4:s:e:$H,16:8192:$S:4:f:e:$H,16:8192:$S:8:f:e:$H
-    diag=$diag,64:2048:$S:1:s:n,64:2048:$S:1:s:e:$H,64:2048:$S:1:f:e:$H,64:2048:$S:4:f:e:$H
-    diag=$diag,16:2048:$S:4:s:n,16:2048:$S:4:s:e:$H,16:2048:$S:4:f:e:$H,16:2048:$S:2:f:e:$H
-    diag=$diag,1:8192:$S:16:s:n,1:8192:$S:16:s:e:$H,1:8192:$S:16:f:e:$H
-    diag=$diag,1:2048:$S:16:s:n,1:2048:$S:16:s:e:$H,1:2048:$S:16:f:e:$H
+    diag=64:8192:$S:1:s:n,64:8192:$S:8:f:en:$H,64:8192:$S:16:f:en:$H,64:8192:$S:32:f:e:$H
+    diag=$diag,64:2048:$S:1:s:n,64:2048:$S:4:f:en:$H,64:2048:$S:8:f:e:$H,64:2048:$S:2:f:e:$H
+    diag=$diag,32:8192:$S:2:s:en:$H,32:8192:$S:8:f:e:$H,32:8192:$S:16:f:e:$H,32:2048:$S:2:s:e:$H
+    diag=$diag,32:2048:$S:4:f:e:$H,16:8192:$S:4:s:e:$H,16:8192:$S:4:s:e
     timeout 420 python3 -m cuda_triton_bridge.tune --out "$OUT" --phases d --diag "$diag" 2>&1 \
       | tee "$OUT/tune.log" | grep -v "^|" ;;
   eq16)
