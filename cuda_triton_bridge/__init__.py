@@ -43,7 +43,7 @@ def longflow_decode_attention_triton(
     num_stages=None,
     vnorm=None,
     final_reduce="atomic",
-    epilogue="separate",
+    epilogue=None,
     kv_len=None,
     overrides=None,
 ):
@@ -64,17 +64,17 @@ def longflow_decode_attention_triton(
       num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
       vnorm: how the main kernel takes ||v||_1 for the importance: "mma" (on the tensor cores) or
         "reduce" (a row sum); None: the default (config.VNORM). Same numbers up to summation order.
-      epilogue: "separate" (default: a second, combine kernel over (chunk, sequence) programs merges
-        the splits and scores the slots) or "fused" (one launch: the last program of each KV head,
-        then of each sequence, does it, coordinated by atomic tickets; measured slower on an H100 at
-        most sizes: its serial tail costs more than the second launch).
+      epilogue: "separate" (a second, combine kernel over (chunk, sequence) programs merges the splits
+        and scores the slots), "fused" (one launch: the last split of each KV head, then the last KV
+        head of each sequence, does it, coordinated by atomic tickets), or None: the measured choice
+        (config.default_epilogue: fused with scoring once B * Hkv >= 2 * SMs, else separate).
       final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
         the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if
         kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
         filled slots are a prefix (every cache of longflow_jax) costs what its prefix costs. None: C.
-      overrides: experiment switches of `config.LaunchConfig` (cache_hints, head_importance,
-        discard_t, store_t) as a dict of bools; None: the defaults.
+      overrides: switches of `config.LaunchConfig` as a dict of bools, for A/B runs: cache_hints (t
+        stored with L2 evict_last) and discard_t (t dropped from L2 once read); None: both on.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
@@ -96,6 +96,8 @@ def longflow_decode_attention_triton(
         num_warps=num_warps,
         num_stages=num_stages,
         vnorm=vnorm,
+        epilogue=epilogue,
+        compute_evict=compute_evict,
         overrides=overrides,
     )
     try:

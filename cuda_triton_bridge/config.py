@@ -30,6 +30,14 @@ MIN_SLOTS_PER_SPLIT = 128
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
+# Epilogue: with scoring, once the batch alone gives FUSED_MIN_PROGRAMS_PER_SM programs per SM
+# (B * Hkv >= 2 * SMs: B = 64 at 8 KV heads on an H100), one fused launch with splits of
+# FUSED_SLOTS_PER_SPLIT slots beat the two-kernel path (session 4: 64x8192 756 vs 795 us, 64x2048 196
+# vs 199; at B = 32 and below the two kernels were as fast or faster). Its per-KV-head finishers then run
+# while later splits still stream, and t is still in L2 when they read it.
+EPILOGUES = ("fused", "separate")
+FUSED_MIN_PROGRAMS_PER_SM = 2
+FUSED_SLOTS_PER_SPLIT = 512
 # The epilogue kernel: slots per importance program, and its warps.
 COMBINE_CHUNK = 256
 COMBINE_NUM_WARPS = 4
@@ -79,15 +87,13 @@ class LaunchConfig:
     combine_chunk: int
     combine_num_warps: int
     vnorm: str = VNORM
-    # Experiments on the traffic of t (docs/KERNEL_NOTES_triton.md, session 4); set through
-    # resolve_config(overrides=...). cache_hints: K/V loads evict_first, t stores evict_last in L2.
-    # head_importance: with one split, the main kernel turns its own t into per-KV-head importances.
-    # discard_t: with head_importance, drop the re-read t lines from L2 without a write-back.
-    # store_t=False is a diagnostic only (no t at all: the evict slot is wrong).
-    cache_hints: bool = False
-    head_importance: bool = False
-    discard_t: bool = False
-    store_t: bool = True
+    epilogue: str = "separate"  # "separate" (split + combine kernels) or "fused" (one launch)
+    # The traffic of t (docs/KERNEL_NOTES_triton.md, session 4): cache_hints stores t (and the fused
+    # epilogue's per-KV-head importances) with L2 evict_last; discard_t drops their lines from L2 once the
+    # epilogue has read them (discard.global.L2), so a line still in L2 is never written back to DRAM.
+    # Both on by default; resolve_config(overrides=...) turns them off for A/B runs.
+    cache_hints: bool = True
+    discard_t: bool = True
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -137,13 +143,24 @@ def num_sms() -> int:
         return DEFAULT_NUM_SMS
 
 
-def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None) -> int:
-    """Split-K count from the batch's own parallelism (see PROGRAMS_PER_SM above)."""
+def default_epilogue(shape: DecodeShape, compute_evict: bool, sms: int | None = None) -> str:
+    """The measured choice (see FUSED_MIN_PROGRAMS_PER_SM above); without scoring always "separate"
+    (with one split that is a single launch that writes the output itself)."""
+    sms = sms or num_sms()
+    big = shape.batch * shape.num_kv_heads >= FUSED_MIN_PROGRAMS_PER_SM * sms
+    return "fused" if compute_evict and big else "separate"
+
+
+def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None, epilogue="separate") -> int:
+    """Split-K count: for the fused epilogue FUSED_SLOTS_PER_SPLIT slots a split; for the separate one
+    from the batch's own parallelism (see PROGRAMS_PER_SM above)."""
+    num_blocks = cdiv(shape.num_slots, block_c)
+    if epilogue == "fused":
+        return max(1, min(cdiv(shape.num_slots, FUSED_SLOTS_PER_SPLIT), num_blocks, MAX_SPLITS))
     sms = sms or num_sms()
     programs = shape.batch * shape.num_kv_heads
     target = PROGRAMS_PER_SM * sms if 2 * programs >= sms else sms
     want = max(1, target // programs)
-    num_blocks = cdiv(shape.num_slots, block_c)
     most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
     return max(1, min(want, most, MAX_SPLITS))
 
@@ -156,6 +173,8 @@ def resolve_config(
     num_warps=None,
     num_stages=None,
     vnorm=None,
+    epilogue=None,
+    compute_evict: bool = True,
     sms: int | None = None,
     overrides: dict | None = None,
 ) -> LaunchConfig:
@@ -167,8 +186,12 @@ def resolve_config(
     if not is_pow2(block_c):
         raise ValueError(f"block_c must be a power of two in [{MIN_DOT}, {MAX_BLOCK_C}], got {block_c}")
     num_blocks = cdiv(shape.num_slots, block_c)
+    if epilogue is None:
+        epilogue = default_epilogue(shape, compute_evict, sms)
+    if epilogue not in EPILOGUES:
+        raise ValueError(f"epilogue must be one of {EPILOGUES} or None, got {epilogue!r}")
     if num_splits is None:
-        num_splits = default_num_splits(shape, block_c, sms)
+        num_splits = default_num_splits(shape, block_c, sms, epilogue)
     _check_positive_int("num_splits", num_splits, 1, MAX_SPLITS)
     if num_splits > num_blocks:
         raise ValueError(
@@ -200,19 +223,20 @@ def resolve_config(
         combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
         combine_num_warps=COMBINE_NUM_WARPS,
         vnorm=vnorm,
+        epilogue=epilogue,
     )
     return _apply_overrides(cfg, overrides)
 
 
-EXPERIMENT_FIELDS = ("cache_hints", "head_importance", "discard_t", "store_t")
+OVERRIDE_FIELDS = ("cache_hints", "discard_t")
 
 
 def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:
     if not overrides:
         return cfg
-    unknown = sorted(set(overrides) - set(EXPERIMENT_FIELDS))
+    unknown = sorted(set(overrides) - set(OVERRIDE_FIELDS))
     if unknown:
-        raise ValueError(f"unknown overrides {unknown}; expected a subset of {EXPERIMENT_FIELDS}")
+        raise ValueError(f"unknown overrides {unknown}; expected a subset of {OVERRIDE_FIELDS}")
     for name, value in overrides.items():
         if not isinstance(value, bool):
             raise ValueError(f"override {name} must be a bool, got {value!r}")

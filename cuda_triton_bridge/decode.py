@@ -42,7 +42,7 @@ def longflow_decode_attention_triton(
     num_stages=None,
     vnorm=None,
     final_reduce="atomic",
-    epilogue="separate",
+    epilogue=None,
     kv_len=None,
     overrides=None,
 ):
@@ -56,6 +56,8 @@ def longflow_decode_attention_triton(
         num_warps=num_warps,
         num_stages=num_stages,
         vnorm=vnorm,
+        epilogue=epilogue,
+        compute_evict=compute_evict,
         overrides=overrides,
     )
     plan = plan_launch(
@@ -65,12 +67,11 @@ def longflow_decode_attention_triton(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         is_f32=q.dtype == jnp.float32,
-        epilogue=epilogue,
     )
     if plan.fused:
         return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan)
     split = plan.split
-    out, acc, m, ell, t, imp, counter, no_evict = jt.triton_call(
+    out, acc, m, ell, t, counter, no_evict = jt.triton_call(
         q,
         k_cache,
         v_cache,
@@ -96,11 +97,10 @@ def longflow_decode_attention_triton(
         m,
         ell,
         t,
-        imp,
         counter,
         kernel=kernels.decode_combine_kernel,
         out_shape=_out_shapes(comb, q.dtype),
-        input_output_aliases={7: 4},  # the atomic counter, zeroed by the split kernel
+        input_output_aliases={6: 4},  # the atomic counter, zeroed by the split kernel
         grid=comb.grid,
         num_warps=comb.num_warps,
         num_stages=comb.num_stages,

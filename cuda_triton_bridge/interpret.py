@@ -93,7 +93,7 @@ def longflow_decode_attention_interpret(
     num_stages=None,
     vnorm=None,
     final_reduce="atomic",
-    epilogue="separate",
+    epilogue=None,
     kv_len=None,
     sms=None,
     overrides=None,
@@ -109,6 +109,8 @@ def longflow_decode_attention_interpret(
         num_warps=num_warps,
         num_stages=num_stages,
         vnorm=vnorm,
+        epilogue=epilogue,
+        compute_evict=compute_evict,
         sms=sms,
         overrides=overrides,
     )
@@ -120,7 +122,6 @@ def longflow_decode_attention_interpret(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         is_f32=dtype == "float32",
-        epilogue=epilogue,
         fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
@@ -140,14 +141,14 @@ def longflow_decode_attention_interpret(
     kernels.decode_split_kernel[plan.split.grid](
         tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
     )
-    out, acc, m, ell, t, imp, counter, no_evict = split_out
+    out, acc, m, ell, t, counter, no_evict = split_out
     if plan.combine is None:
         evict_slot = no_evict
     else:
         comb_out = _alloc(plan.combine, _TORCH[dtype])
-        comb_out[4] = counter  # aliased, as input_output_aliases={7: 4} does on the GPU
+        comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
         kernels.decode_combine_kernel[plan.combine.grid](
-            tvalid, tlen, acc, m, ell, t, imp, counter, *comb_out, **plan.combine.meta
+            tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
         )
         if plan.combine.meta["COMBINE_OUT"]:
             out = comb_out[0]

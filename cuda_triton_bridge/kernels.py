@@ -69,9 +69,7 @@ def _attend_split(
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-    KV_POLICY: tl.constexpr,
     T_POLICY: tl.constexpr,
-    STORE_T: tl.constexpr,
 ):
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
     G: tl.constexpr = HQ // HKV
@@ -106,8 +104,8 @@ def _attend_split(
         c_next = c + BLOCK_C
         valid_next = tl.load(valid_row + c_next, mask=(c_next < n_valid) & (blk + 1 < num_blocks), other=0)
         kv_idx = c[:, None] * D + d[None, :]
-        k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0, eviction_policy=KV_POLICY)
-        v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0, eviction_policy=KV_POLICY)
+        k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
+        v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
 
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [QROWS, BLOCK_C]
         s = tl.where(valid[None, :], s, float("-inf"))
@@ -125,13 +123,14 @@ def _attend_split(
                 t = s + libdevice.fast_log2f(vnorm)
             else:
                 t = s + tl.log2(vnorm)
-            if STORE_T:
-                tl.store(
-                    t_ptr + bh[:, None] * C + c[None, :],
-                    t,
-                    mask=row_ok[:, None] & in_range[None, :],
-                    eviction_policy=T_POLICY,
-                )
+            # evict_last (T_POLICY): t is read again by the epilogue, K/V never are, so t's lines
+            # outlast the K/V stream in L2 where they fit; the epilogue then discards them (see there).
+            tl.store(
+                t_ptr + bh[:, None] * C + c[None, :],
+                t,
+                mask=row_ok[:, None] & in_range[None, :],
+                eviction_policy=T_POLICY,
+            )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A block (or split) with no valid slot keeps m = -inf; subtracting 0 instead avoids inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
@@ -157,7 +156,6 @@ def decode_split_kernel(
     m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
     l_ptr,  # [B, HQ, S] f32 softmax denominators
     t_ptr,  # [B, HQ, C] f32 logit*log2e + log2||v||_1 (when EVICT)
-    imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when HEAD_IMP)
     counter_ptr,  # [B] i32 zeroed here for the combine kernel (when EVICT)
     no_evict_ptr,  # [B, NG] i32 filled with -1 (when not EVICT)
     HQ: tl.constexpr,
@@ -175,12 +173,7 @@ def decode_split_kernel(
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,  # ||v||_1 on the tensor cores (else a row reduction)
     FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
-    KV_POLICY: tl.constexpr,  # L2 eviction hint of the K/V stream ("" or "evict_first")
     T_POLICY: tl.constexpr,  # L2 eviction hint of the t stores ("" or "evict_last")
-    STORE_T: tl.constexpr,  # False only in a diagnostic run (the evict slot is then wrong)
-    HEAD_IMP: tl.constexpr,  # one split: re-read t and store per-KV-head importances for the combine
-    ICHUNK: tl.constexpr,  # slots per step of that re-read
-    DISCARD_T: tl.constexpr,  # drop the re-read t lines from L2 (discard.global.L2): no write-back
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -190,37 +183,12 @@ def decode_split_kernel(
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        KV_POLICY, T_POLICY, STORE_T,
+        T_POLICY,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
     bh = (b * HQ + kvh * G + rows).to(tl.int64)
     d = tl.arange(0, D)
-    if HEAD_IMP:
-        # One split holds this KV head's final (m, l): its own t rows (just written, still in L2) become
-        # sum over the group of exp2(t - m) / l, one f32 a slot, so the combine reads G times fewer bytes.
-        m_use = tl.where(m_i == float("-inf"), 0.0, m_i)
-        inv_l = tl.where(l_i > 0.0, 1.0 / l_i, 0.0)
-        n_valid = _row_bound(kv_len_ptr, b, C)
-        imp_row = imp_ptr + (b * HKV + kvh).to(tl.int64) * C
-        ic = tl.arange(0, ICHUNK)
-        # Make this program's t stores visible to its own other threads before they read them back.
-        tl.debug_barrier()
-        for c0 in range(0, n_valid, ICHUNK):
-            c = c0 + ic
-            t_addr = t_ptr + bh[:, None] * C + c[None, :]
-            t = tl.load(t_addr, mask=row_ok[:, None] & (c < n_valid)[None, :], other=float("-inf"))
-            imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_l[:, None], axis=0)
-            tl.store(imp_row + c, imp, mask=c < C)
-            if DISCARD_T:
-                # Every thread has read (and used) its part of these lines before any is dropped.
-                tl.debug_barrier()
-                # One address per 128-byte line of the G real rows (C % 32 == 0: lines never straddle
-                # rows or chunks); the line is invalidated in L2 without being written back to DRAM.
-                lines = tl.arange(0, ICHUNK // 32)
-                line_addr = t_ptr + bh[:, None] * C + c0 + lines[None, :] * 32
-                line_ok = row_ok[:, None] & ((c0 + lines * 32) < n_valid)[None, :]
-                _discard_l2_lines(line_addr, line_ok)
     if DIRECT_OUT:
         o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
         tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
@@ -244,8 +212,7 @@ def decode_combine_kernel(
     acc_ptr,  # [B, HQ, S, D] f32
     m_ptr,  # [B, HQ, S] f32
     l_ptr,  # [B, HQ, S] f32
-    t_ptr,  # [B, HQ, C] f32 (when EVICT and not HEAD_IMP)
-    imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when HEAD_IMP)
+    t_ptr,  # [B, HQ, C] f32 (when EVICT)
     counter_in_ptr,  # [B] i32, aliased to counter_ptr
     out_ptr,  # [B, HQ, D] q dtype (when COMBINE_OUT)
     evict_ptr,  # [B, NG] i32 (when EVICT)
@@ -267,9 +234,6 @@ def decode_combine_kernel(
     COMBINE_OUT: tl.constexpr,
     EVICT: tl.constexpr,
     ATOMIC_FINAL: tl.constexpr,
-    HEAD_IMP: tl.constexpr,  # score from imp (KPG KV heads a group) instead of t (HPG query heads)
-    KPG: tl.constexpr,
-    KPG_P: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop the t lines of this chunk from L2 once read (no write-back)
 ):
     j = tl.program_id(0)
@@ -297,38 +261,27 @@ def decode_combine_kernel(
             g = tl.arange(0, NG_P)
             c = j * CHUNK + tl.arange(0, CHUNK)
             c_ok = c < C
-            # Past the bound t (imp) was never written: those slots are empty whatever the mask says.
+            # Past the bound t was never written: those slots are empty whatever the mask says.
             in_bound = c < _row_bound(kv_len_ptr, b, C)
-            if HEAD_IMP:
-                kr = tl.arange(0, KPG_P)
-                kv_ok = (g[:, None] < NG) & (kr[None, :] < KPG)
-                bk = (b * NG * KPG + g[:, None] * KPG + kr[None, :]).to(tl.int64)  # [NG_P, KPG_P]
-                imp = tl.load(
-                    imp_ptr + bk[:, :, None] * C + c[None, None, :],
-                    mask=kv_ok[:, :, None] & in_bound[None, None, :],
-                    other=0.0,
-                )
-                score = tl.sum(imp, axis=1)  # [NG_P, CHUNK]
-            else:
-                # Final softmax statistics of every query head, as [group, head-in-group].
-                r = tl.arange(0, HPG_P)
-                head_ok = (g[:, None] < NG) & (r[None, :] < HPG)
-                bh = (b * HQ + g[:, None] * HPG + r[None, :]).to(tl.int64)  # [NG_P, HPG_P]
-                stat_idx = bh[:, :, None] * NUM_SPLITS + s[None, None, :]
-                stat_ok = head_ok[:, :, None] & s_ok[None, None, :]
-                m = tl.load(m_ptr + stat_idx, mask=stat_ok, other=float("-inf"))
-                ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0)
-                m_max = tl.max(m, axis=2)
-                m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-                denom = tl.sum(ell * tl.exp2(m - m_use[:, :, None]), axis=2)
-                inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
-                t = tl.load(
-                    t_ptr + bh[:, :, None] * C + c[None, None, :],
-                    mask=head_ok[:, :, None] & c_ok[None, None, :],
-                    other=float("-inf"),
-                )
-                contrib = tl.exp2(t - m_use[:, :, None]) * inv_denom[:, :, None]
-                score = tl.sum(contrib, axis=1)  # [NG_P, CHUNK]
+            # Final softmax statistics of every query head, as [group, head-in-group].
+            r = tl.arange(0, HPG_P)
+            head_ok = (g[:, None] < NG) & (r[None, :] < HPG)
+            bh = (b * HQ + g[:, None] * HPG + r[None, :]).to(tl.int64)  # [NG_P, HPG_P]
+            stat_idx = bh[:, :, None] * NUM_SPLITS + s[None, None, :]
+            stat_ok = head_ok[:, :, None] & s_ok[None, None, :]
+            m = tl.load(m_ptr + stat_idx, mask=stat_ok, other=float("-inf"))
+            ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0)
+            m_max = tl.max(m, axis=2)
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+            denom = tl.sum(ell * tl.exp2(m - m_use[:, :, None]), axis=2)
+            inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+            t = tl.load(
+                t_ptr + bh[:, :, None] * C + c[None, None, :],
+                mask=head_ok[:, :, None] & c_ok[None, None, :],
+                other=float("-inf"),
+            )
+            contrib = tl.exp2(t - m_use[:, :, None]) * inv_denom[:, :, None]
+            score = tl.sum(contrib, axis=1)  # [NG_P, CHUNK]
             valid = tl.load(valid_ptr + b.to(tl.int64) * C + c, mask=in_bound, other=0) != 0
             score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
             score = tl.where(c_ok[None, :], score, float("inf"))
@@ -408,7 +361,6 @@ def decode_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-    KV_POLICY: tl.constexpr,
     T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
 ):
@@ -422,7 +374,7 @@ def decode_fused_kernel(
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        KV_POLICY, T_POLICY, True,
+        T_POLICY,
     )  # fmt: skip
     rows = tl.arange(0, QROWS)
     row_ok = rows < G

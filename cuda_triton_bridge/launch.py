@@ -13,14 +13,11 @@ import math
 from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups
 
 FINAL_REDUCES = ("atomic", "xla")
-EPILOGUES = ("fused", "separate")
 LOG2E = math.log2(math.e)
 # Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
 COMBINE_TILE_ELEMS = 8192
 # The fused kernel's finisher tiles (it runs after the main loop, in the same registers budget).
 FINISH_TILE_ELEMS = 4096
-# The main kernel's per-KV-head importance pass (head_importance): [query rows, slots] tile.
-IMP_TILE_ELEMS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
@@ -68,37 +65,30 @@ def plan_launch(
     compute_evict: bool,
     final_reduce: str,
     is_f32: bool,
-    epilogue: str = "separate",
     fast_log2: bool = True,
 ) -> LaunchPlan:
     """fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
     libdevice (tl.log2 there)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
-    if epilogue not in EPILOGUES:
-        raise ValueError(f"epilogue must be one of {EPILOGUES}, got {epilogue!r}")
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     num_groups, heads_per_group = score_groups(shape, granularity)
     splits = cfg.num_splits
     direct = splits == 1
     evict = bool(compute_evict)
     stats = evict or not direct
-    if epilogue == "fused":
+    if cfg.epilogue == "fused":
         return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2)
 
-    head_imp = evict and direct and cfg.head_importance
-    # discard.global.L2 works on whole 128-byte lines: rows of t must be whole lines (C % 32 == 0).
-    discard = head_imp and cfg.discard_t and fast_log2 and c % 32 == 0
     split = KernelLaunch(
         grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, imp, counter, no_evict.
+        # Order = the kernel's output pointers: out, acc, m, l, t, counter, no_evict.
         outputs=(
             _buf((b, hq, d), "q", direct),
             _buf((b, hq, splits, d), "f32", not direct),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, c), "f32", evict),
-            _buf((b, hkv, c), "f32", head_imp),
             _buf((b,), "i32", evict),
             _buf((b, num_groups), "i32", not evict),
         ),
@@ -118,12 +108,7 @@ def plan_launch(
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
             FAST_LOG2=fast_log2,
-            KV_POLICY="evict_first" if cfg.cache_hints else "",
             T_POLICY="evict_last" if cfg.cache_hints else "",
-            STORE_T=cfg.store_t,
-            HEAD_IMP=head_imp,
-            ICHUNK=max(32, min(next_pow2(c), IMP_TILE_ELEMS // cfg.query_rows)),
-            DISCARD_T=discard,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -137,7 +122,7 @@ def plan_launch(
     partials = evict and num_chunks > 1
     # Whole 128-byte lines of t per combine chunk (see decode_combine_kernel).
     whole_lines = c % 32 == 0 and chunk % 32 == 0
-    discard_in_combine = evict and not head_imp and cfg.discard_t and fast_log2 and whole_lines
+    discard_in_combine = evict and cfg.discard_t and fast_log2 and whole_lines
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
         # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
@@ -164,9 +149,6 @@ def plan_launch(
             COMBINE_OUT=not direct,
             EVICT=evict,
             ATOMIC_FINAL=final_reduce == "atomic",
-            HEAD_IMP=head_imp,
-            KPG=hkv // num_groups,
-            KPG_P=next_pow2(hkv // num_groups),
             DISCARD_T=discard_in_combine,
         ),
         num_warps=cfg.combine_num_warps,
@@ -216,7 +198,6 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
             DOT_PRECISION="ieee" if is_f32 else "tf32",
             VNORM_MMA=cfg.vnorm == "mma",
             FAST_LOG2=fast_log2,
-            KV_POLICY="evict_first" if cfg.cache_hints else "",
             T_POLICY="evict_last" if cfg.cache_hints else "",
             DISCARD_T=evict and cfg.discard_t and fast_log2 and whole_lines,
         ),

@@ -44,7 +44,7 @@ def compile_plan(
     capability=90,
     granularity="sequence",
     compute_evict=True,
-    epilogue="separate",
+    epilogue=None,
     **config,
 ):
     """{kernel name: resource report} for every kernel the launch plan of these shapes runs."""
@@ -57,7 +57,8 @@ def compile_plan(
 
     itemsize = 4 if dtype == "float32" else 2
     shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
-    cfg = resolve_config(shape, sms=132, **config)  # block_c, num_splits, num_warps, num_stages
+    # block_c, num_splits, num_warps, num_stages, vnorm, overrides
+    cfg = resolve_config(shape, sms=132, epilogue=epilogue, compute_evict=compute_evict, **config)
     plan = plan_launch(
         shape,
         cfg,
@@ -65,7 +66,6 @@ def compile_plan(
         compute_evict=compute_evict,
         final_reduce="atomic",
         is_f32=dtype == "float32",
-        epilogue=epilogue,
     )
     q_type = _DTYPE[dtype]
     main_inputs = {
@@ -87,7 +87,6 @@ def compile_plan(
             "m_ptr": "*fp32",
             "l_ptr": "*fp32",
             "t_ptr": "*fp32",
-            "imp_ptr": "*fp32",
             "counter_in_ptr": "*i32",
         }
         launches.append((kernels.decode_combine_kernel, comb_inputs, plan.combine))
@@ -112,10 +111,10 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_shape_arguments(parser)
     parser.add_argument("--granularity", default="sequence")
-    parser.add_argument("--epilogue", default="separate")
+    parser.add_argument("--epilogue", choices=("fused", "separate"), help="default: the measured choice")
     parser.add_argument("--vnorm", choices=("mma", "reduce"))
     parser.add_argument(
-        "--override", action="append", default=[], help="LaunchConfig switch set true (head_importance, ...)"
+        "--override", action="append", default=[], help="LaunchConfig switch, e.g. discard_t=0"
     )
     args = parser.parse_args(argv)
     reports = compile_plan(
@@ -130,7 +129,7 @@ def main(argv=None):
         compute_evict=not args.no_evict,
         epilogue=args.epilogue,
         vnorm=args.vnorm,
-        overrides={name: True for name in args.override},
+        overrides={n: v != "0" for n, _, v in (o.partition("=") for o in args.override)},
     )
     for name, report in reports.items():
         print(name, report)
