@@ -19,14 +19,16 @@
 #             projection of max4b)                                                          (~6 min)
 #   vnorm     Triton GPU tests + generate through both kernels, then the kernel table for the Triton
 #             columns (||v||_1 on the tensor cores vs as a row sum vs no scoring) and XLA  (~7 min)
-#   final4    the Triton and generate GPU tests, then the profiler's kernel times of the default Triton
+#   final4    the Triton kernel's GPU tests, then the profiler's kernel times of the default Triton
 #             configuration with and without scoring at the six benchmark sizes               (~6 min)
+#   final4b   generate through both kernels vs the reference, then scripts/bench_kernels.py, all
+#             columns                                                                          (~6 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -59,11 +61,16 @@ case "$stage" in
     timeout 250 python3 scripts/bench_kernels.py --columns xla_attn,triton,triton_reduce,triton_noevict --reps 20 \
       --out "$OUT/bench_kernels.md" 2>&1 | tee "$OUT/bench_kernels.log" ;;
   final4)
-    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py tests/test_kernel_generate.py \
-      2>&1 | tee "$OUT/tests.log" | tail -8
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" \
+      | tail -4
     diag=$(for b in 1 16 64; do for c in 2048 8192; do printf "%s," "$b:$c:32:4:3:d:a:en"; done; done)
     timeout 240 python3 -m cuda_triton_bridge.tune --out "$OUT" --phases d --diag "${diag%,}" 2>&1 \
       | tee "$OUT/tune.log" | grep -v "^|" ;;
+  final4b)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py 2>&1 | tee "$OUT/gen_tests.log" \
+      | tail -4
+    timeout 400 python3 scripts/bench_kernels.py --reps 20 --out "$OUT/bench_kernels.md" 2>&1 \
+      | tee "$OUT/bench_kernels.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
