@@ -11,6 +11,8 @@ the steady state of LongFlow decoding):
                   triton + jax_triton are there (the TRITON HOOK below); otherwise omitted
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
+  triton_fused / triton_separate  the same with the epilogue forced to "fused" (one launch) or
+                  "separate" (split + combine kernels); the triton column takes the measured choice
   copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
@@ -106,6 +108,10 @@ def columns(scale, granularity="sequence", extra=None):
         cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
             longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
         )
+        for epilogue in ("fused", "separate"):
+            cols[f"triton_{epilogue}"] = functools.partial(
+                longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
+            )
     return cols
 
 
@@ -336,6 +342,8 @@ def main(argv=None):
             "triton",
             "triton_reduce",
             "triton_noevict",
+            "triton_fused",
+            "triton_separate",
         )
         if any(n in r for r in rows)
     ]
