@@ -13,8 +13,12 @@ and the last program of the sequence to finish (an atomic counter, zeroed by the
 the chunk minima to the evict slot: one launch, no host round trip, deterministic (no float atomics).
 
 `decode_fused_kernel` (epilogue="fused"): both in one launch; the last split of each KV head, then the
-last KV head of each sequence, finishes the work (two levels of tickets). Correct, but measured slower
-on an H100 at most sizes (docs/KERNEL_NOTES_triton.md): the default is the two-kernel path.
+last KV head of each sequence, finishes the work (two levels of tickets). The default once the batch
+alone fills the GPU (config.default_epilogue): with several waves of 512-slot splits the finishers of
+early heads overlap later streaming and find t still in L2.
+
+t traffic (docs/KERNEL_NOTES_triton.md, session 4): t is stored with L2 evict_last and the epilogue
+drops each line it has read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back.
 """
 
 from __future__ import annotations
