@@ -229,11 +229,14 @@ def _triton_kernel(
         if compute_evict:
             # Past kv_len inside this block: logit MASK_VALUE and ||v||_1 = 0 (V rows loaded as zeros).
             # Blocks past kv_len are never written; the epilogue selects those slots away.
+            # L2 evict_last: the epilogue reads these back right after the kernel, while K/V are never
+            # read again; side outputs that fit in L2 then skip the DRAM round trip (the Triton kernel's
+            # measurement, docs/KERNEL_NOTES_triton.md session 4).
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
-            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
+            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask, eviction_policy=SIDE_OUTPUT_EVICTION)
 
             vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
-            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer)
+            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer, eviction_policy=SIDE_OUTPUT_EVICTION)
 
         return m, denom, acc
 
@@ -251,6 +254,9 @@ def _triton_kernel(
         _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
 
 
+SIDE_OUTPUT_EVICTION = "evict_last"  # L2 policy of the GPU body's logit / ||v||_1 stores
+
+
 def _gpu_load(ref, *, mask=None, other=None):
     from jax.experimental.pallas import triton as plgpu
 
@@ -259,12 +265,12 @@ def _gpu_load(ref, *, mask=None, other=None):
     return plgpu.load(ref, mask=mask, other=other)
 
 
-def _gpu_store(ref, val, *, mask=None):
+def _gpu_store(ref, val, *, mask=None, eviction_policy=None):
     from jax.experimental.pallas import triton as plgpu
 
     if mask is None:
-        return plgpu.store(ref, val)
-    return plgpu.store(ref, val, mask=mask)
+        return plgpu.store(ref, val, eviction_policy=eviction_policy)
+    return plgpu.store(ref, val, mask=mask, eviction_policy=eviction_policy)
 
 
 def _gpu_dot(a, b, *, trans_b=False, precision=None):
