@@ -229,14 +229,11 @@ def _triton_kernel(
         if compute_evict:
             # Past kv_len inside this block: logit MASK_VALUE and ||v||_1 = 0 (V rows loaded as zeros).
             # Blocks past kv_len are never written; the epilogue selects those slots away.
-            # L2 evict_last: the epilogue reads these back right after the kernel, while K/V are never
-            # read again; side outputs that fit in L2 then skip the DRAM round trip (the Triton kernel's
-            # measurement, docs/KERNEL_NOTES_triton.md session 4).
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
-            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask, eviction_policy=SIDE_OUTPUT_EVICTION)
+            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
 
             vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
-            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer, eviction_policy=SIDE_OUTPUT_EVICTION)
+            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer)
 
         return m, denom, acc
 
@@ -254,9 +251,6 @@ def _triton_kernel(
         _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
 
 
-SIDE_OUTPUT_EVICTION = "evict_last"  # L2 policy of the GPU body's logit / ||v||_1 stores
-
-
 def _gpu_load(ref, *, mask=None, other=None):
     from jax.experimental.pallas import triton as plgpu
 
@@ -265,12 +259,12 @@ def _gpu_load(ref, *, mask=None, other=None):
     return plgpu.load(ref, mask=mask, other=other)
 
 
-def _gpu_store(ref, val, *, mask=None, eviction_policy=None):
+def _gpu_store(ref, val, *, mask=None):
     from jax.experimental.pallas import triton as plgpu
 
     if mask is None:
-        return plgpu.store(ref, val, eviction_policy=eviction_policy)
-    return plgpu.store(ref, val, mask=mask, eviction_policy=eviction_policy)
+        return plgpu.store(ref, val)
+    return plgpu.store(ref, val, mask=mask)
 
 
 def _gpu_dot(a, b, *, trans_b=False, precision=None):
