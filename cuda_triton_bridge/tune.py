@@ -92,19 +92,29 @@ def time_per_call(fn, sets, target_s=0.08):
 
 def kernel_times(fn, sets, reps=5):
     """GPU time per call from a profiler trace: {kernel name: us per call} plus the busy span per call."""
-    import glob
-    import gzip
-    import tempfile
-
     n = len(sets)
     jf = jax.jit(lambda *flat: [fn(*flat[4 * i : 4 * i + 4]) for i in range(n)])
     flat = [x for s in sets for x in s]
     jax.block_until_ready(jf(*flat))
+    per, span, devs, _ = profile_kernels(lambda: jf(*flat), reps, n)
+    return per, span, devs
+
+
+def profile_kernels(run, reps, calls_per_run):
+    """Trace `reps` runs of `run()` (already compiled) with jax.profiler.
+
+    Returns ({kernel name: us per call}, busy span per call in us, GPU track names, idle us per call):
+    the span runs from the first kernel's start to the last one's end; idle is the span minus the union
+    of kernel intervals (gaps where the GPU waited, e.g. on the host's launches)."""
+    import glob
+    import gzip
+    import tempfile
+
     logdir = tempfile.mkdtemp()
     jax.profiler.start_trace(logdir, create_perfetto_trace=True)
     res = None
     for _ in range(reps):
-        res = jf(*flat)
+        res = run()
     jax.block_until_ready(res)
     jax.profiler.stop_trace()
     path = glob.glob(os.path.join(logdir, "**", "*.json.gz"), recursive=True)[0]
@@ -115,11 +125,23 @@ def kernel_times(fn, sets, reps=5):
     }
     gpu = {p for p, name in pnames.items() if "GPU" in name or "gpu" in name}
     kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    calls = reps * calls_per_run
     per = {}
     for e in kern:
-        per[e["name"]] = per.get(e["name"], 0.0) + e["dur"] / (reps * n)
-    span = (max(e["ts"] + e["dur"] for e in kern) - min(e["ts"] for e in kern)) / (reps * n) if kern else 0.0
-    return per, span, sorted({pnames[p] for p in gpu})
+        per[e["name"]] = per.get(e["name"], 0.0) + e["dur"] / calls
+    if not kern:
+        return per, 0.0, sorted({pnames[p] for p in gpu}), 0.0
+    start = min(e["ts"] for e in kern)
+    end = max(e["ts"] + e["dur"] for e in kern)
+    busy, cur_start, cur_end = 0.0, None, None
+    for e in sorted(kern, key=lambda e: e["ts"]):
+        if cur_end is None or e["ts"] > cur_end:
+            busy += 0.0 if cur_end is None else cur_end - cur_start
+            cur_start, cur_end = e["ts"], e["ts"] + e["dur"]
+        else:
+            cur_end = max(cur_end, e["ts"] + e["dur"])
+    busy += cur_end - cur_start
+    return per, (end - start) / calls, sorted({pnames[p] for p in gpu}), (end - start - busy) / calls
 
 
 def launch_overhead():
