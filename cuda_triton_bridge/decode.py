@@ -12,6 +12,8 @@ Launches per call (all inside the caller's jit, no host sync), see launch.py:
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import jax_triton as jt
@@ -20,6 +22,12 @@ import numpy as np
 from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+
+
+@functools.cache
+def _compute_capability() -> int:
+    # The capability jax-triton compiles for (it uses device 0 too), e.g. 90 for an H100.
+    return int(jt.get_compute_capability(0))
 
 
 def _out_shapes(launch, q_dtype):
@@ -67,6 +75,7 @@ def longflow_decode_attention_triton(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         is_f32=q.dtype == jnp.float32,
+        capability=_compute_capability(),
     )
     if plan.fused:
         return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan)

@@ -13,6 +13,7 @@ import math
 from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups
 
 FINAL_REDUCES = ("atomic", "xla")
+DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
 LOG2E = math.log2(math.e)
 # Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
 COMBINE_TILE_ELEMS = 8192
@@ -66,8 +67,11 @@ def plan_launch(
     final_reduce: str,
     is_f32: bool,
     fast_log2: bool = True,
+    capability: int = 90,
 ) -> LaunchPlan:
-    """fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
+    """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
+    that t's lines are left to L2 (discard_t is ignored).
+    fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
     libdevice (tl.log2 there)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
@@ -77,8 +81,12 @@ def plan_launch(
     direct = splits == 1
     evict = bool(compute_evict)
     stats = evict or not direct
+    # The interpreter (fast_log2=False) has no PTX at all; the GPU needs sm_80 for the discard.
+    discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
     if cfg.epilogue == "fused":
-        return _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2)
+        return _plan_fused(
+            shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
+        )
 
     split = KernelLaunch(
         grid=(splits, hkv, b),
@@ -122,7 +130,7 @@ def plan_launch(
     partials = evict and num_chunks > 1
     # Whole 128-byte lines of t per combine chunk (see decode_combine_kernel).
     whole_lines = c % 32 == 0 and chunk % 32 == 0
-    discard_in_combine = evict and cfg.discard_t and fast_log2 and whole_lines
+    discard_in_combine = evict and cfg.discard_t and discard_ok and whole_lines
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
         # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
@@ -157,7 +165,9 @@ def plan_launch(
     return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
 
 
-def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2) -> LaunchPlan:
+def _plan_fused(
+    shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
+) -> LaunchPlan:
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
@@ -199,7 +209,7 @@ def _plan_fused(shape, cfg, num_groups, evict, is_f32, granularity, final_reduce
             VNORM_MMA=cfg.vnorm == "mma",
             FAST_LOG2=fast_log2,
             T_POLICY="evict_last" if cfg.cache_hints else "",
-            DISCARD_T=evict and cfg.discard_t and fast_log2 and whole_lines,
+            DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,

@@ -66,6 +66,7 @@ def compile_plan(
         compute_evict=compute_evict,
         final_reduce="atomic",
         is_f32=dtype == "float32",
+        capability=capability,
     )
     q_type = _DTYPE[dtype]
     main_inputs = {

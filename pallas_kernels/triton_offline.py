@@ -33,7 +33,7 @@ from pallas_kernels.decode_attention import (
 
 _SASS_OPS = re.compile(
     r"\b(LDGSTS[.A-Z0-9]*|LDG[.A-Z0-9]*|STG[.A-Z0-9]*|HMMA[.A-Z0-9]*|HGMMA[.A-Z0-9]*|LDL[.A-Z0-9]*|"
-    r"STL[.A-Z0-9]*|MUFU\.EX2|LDSM[.A-Z0-9]*)"
+    r"STL[.A-Z0-9]*|MUFU\.EX2|LDSM[.A-Z0-9]*|CCTL[.A-Z0-9]*)"
 )
 
 

@@ -31,6 +31,7 @@ import pytest
 from helpers import bounded_mask
 
 import cuda_triton_bridge as ctb
+from cuda_triton_bridge.launch import plan_launch
 from longflow_jax.reference import (
     decode_attention_probs,
     longflow_decode_attention_reference,
@@ -190,6 +191,25 @@ def test_default_splits_follow_the_measured_choice():
     assert (cfg.epilogue, cfg.num_splits) == ("separate", 1)
 
 
+@pytest.mark.parametrize("epilogue", ["separate", "fused"])
+def test_discard_needs_sm80_and_a_gpu(epilogue):
+    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
+    shape = ctb.config.DecodeShape(64, 32, 8, 2048, 128)
+    cfg = ctb.resolve_config(shape, sms=132, epilogue=epilogue)
+    kw = dict(granularity="sequence", compute_evict=True, final_reduce="atomic", is_f32=False)
+    main = "split" if epilogue == "fused" else "combine"
+
+    def discard(**extra):
+        plan = plan_launch(shape, cfg, **kw, **extra)
+        return getattr(plan, main).meta["DISCARD_T"]
+
+    assert discard(capability=90) and discard(capability=80)
+    assert not discard(capability=75)
+    assert not discard(capability=90, fast_log2=False)
+    off = ctb.resolve_config(shape, sms=132, epilogue=epilogue, overrides=dict(discard_t=False))
+    assert not getattr(plan_launch(shape, off, **kw), main).meta["DISCARD_T"]
+
+
 def test_rejects_bad_overrides_and_epilogue():
     shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
     with pytest.raises(ValueError, match="unknown overrides"):
@@ -229,6 +249,11 @@ def test_kernels_compile_for_sm90_without_spills(
     )
     main = reports["decode_split_kernel" if epilogue == "separate" else "decode_fused_kernel"]
     assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
+    # With scoring, t is stored evict_last and whoever reads it back drops its lines from L2.
+    if compute_evict:
+        reader = reports["decode_combine_kernel"] if epilogue == "separate" else main
+        assert main["sass_ops"].get("STG.E.EL.128", 0) > 0, main["sass_ops"]
+        assert reader["sass_ops"].get("CCTL.E.RML2", 0) > 0, reader["sass_ops"]
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
     # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction.
     hmma = sum(n for op, n in main["sass_ops"].items() if op.startswith("HMMA"))
@@ -237,6 +262,19 @@ def test_kernels_compile_for_sm90_without_spills(
     for name, report in reports.items():
         assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
         assert report["shared_bytes"] <= 227 * 1024, (name, report)
+
+
+@pytest.mark.parametrize("epilogue", ["separate", "fused"])
+def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkeypatch):
+    # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
+    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
+    from cuda_triton_bridge.offline import compile_plan
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    reports = compile_plan(16, 32, 8, 2048, 128, dtype="float16", capability=75, epilogue=epilogue)
+    for name, report in reports.items():
+        assert "CCTL.E.RML2" not in report["sass_ops"], (name, report["sass_ops"])
+        assert report["stack_bytes"] == 0, (name, report)
 
 
 # ---------------------------------------------------------------- CPU: Triton interpreter
