@@ -23,12 +23,15 @@
 #             configuration with and without scoring at the six benchmark sizes               (~6 min)
 #   final4b   generate through both kernels vs the reference, then scripts/bench_kernels.py, all
 #             columns                                                                          (~6 min)
+#   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
+#             graphs) as by default, off, and with no minimum graph size: do they take the host's
+#             jax-triton launch cost away?                                                    (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -71,6 +74,12 @@ case "$stage" in
       | tail -4
     timeout 400 python3 scripts/bench_kernels.py --reps 20 --out "$OUT/bench_kernels.md" 2>&1 \
       | tee "$OUT/bench_kernels.log" ;;
+  cmdbuf)
+    for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_graph_min_graph_size=1"; do
+      echo "XLA_FLAGS=$flags" | tee -a "$OUT/cmdbuf.md"
+      XLA_FLAGS="$flags" timeout 150 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192,16x2048 \
+        --columns xla_attn,triton,triton_noevict --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/cmdbuf.md"
+    done ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
