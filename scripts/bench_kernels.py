@@ -163,15 +163,14 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
 MIN_CALLS_PER_PROGRAM = 32
 
 
-def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
-    """Median seconds per call over `reps` runs of one program making >= min_calls calls.
+def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM):
+    """(jitted program, calls per run): >= min_calls calls of fn chained through q, K/V rotating.
 
     The calls form a chain: each call's query is the previous call's output (same shape and dtype,
     so no extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or
     overlap two calls that share K/V; the 2026-11-23 16:24 run, whose calls were independent, let XLA
     read one K/V for several calls and showed xla_attn above the copy ceiling. K/V rotate over the
-    input sets (> 8x L2 together), so no call finds its K/V in cache. Many calls per host sync keep
-    dispatch and sync out of the per-call time.
+    input sets (> 8x L2 together), so no call finds its K/V in cache. Run it as program(q0, sets).
     """
     n_calls = max(min_calls, len(sets))
 
@@ -182,7 +181,17 @@ def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
             evicts.append(evict)
         return q, evicts
 
-    program = jax.jit(calls)
+    return jax.jit(calls), n_calls
+
+
+def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
+    """Median seconds per call over `reps` runs of `chain_program`. Many calls per host sync keep
+    dispatch and sync out of the per-call time."""
+    return time_program(*chain_program(fn, sets, min_calls), sets, reps)
+
+
+def time_program(program, n_calls, sets, reps):
+    """(median, (min, max)) seconds per call of a `chain_program` over `reps` runs, after two warm-ups."""
     q0 = sets[0][0]
     jax.block_until_ready(program(q0, sets))
     jax.block_until_ready(program(q0, sets))

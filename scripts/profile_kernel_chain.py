@@ -24,20 +24,6 @@ import bench_kernels as bk  # noqa: E402
 from cuda_triton_bridge.tune import profile_kernels  # noqa: E402
 
 
-def chain_program(fn, sets, min_calls=bk.MIN_CALLS_PER_PROGRAM):
-    """The program bench_kernels.time_column times: each call's q is the previous call's output."""
-    n_calls = max(min_calls, len(sets))
-
-    def calls(q, sets):
-        evicts = []
-        for i in range(n_calls):
-            q, evict = fn(q, *sets[i % len(sets)][1:])
-            evicts.append(evict)
-        return q, evicts
-
-    return jax.jit(calls), n_calls
-
-
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--sizes", default="16x2048,16x8192,64x2048,64x8192")
@@ -53,14 +39,11 @@ def main(argv=None):
     print("|---|---|---|---|---|---|")
     for size in args.sizes.split(","):
         batch, slots = (int(x) for x in size.split("x"))
-        n_sets = int(min(bk.MAX_SETS, max(2, math.ceil(bk.ROTATE_BYTES / bk.kv_bytes(batch, slots)))))
-        sets = bk.make_sets(batch, slots, n_sets)
+        sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
         for name in args.columns.split(","):
-            program, n_calls = chain_program(cols[name], sets)
-            q0 = sets[0][0]
-            wall, _ = bk.time_column(cols[name], sets, reps=10)
-            jax.block_until_ready(program(q0, sets))
-            run = functools.partial(program, q0, sets)
+            program, n_calls = bk.chain_program(cols[name], sets)
+            wall, _ = bk.time_program(program, n_calls, sets, reps=10)  # also compiles and warms up
+            run = functools.partial(program, sets[0][0], sets)
             per, span, _, idle = profile_kernels(run, args.reps, n_calls)
             busy = sum(per.values())
             top = ", ".join(f"{k[:32]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4])
