@@ -85,21 +85,22 @@ def longflow_decode_attention_triton(
       ValueError: shapes, dtypes, scale or a launch parameter outside the contract (checked before any
         triton import).
     """
-    from cuda_triton_bridge.config import check_triton_inputs, resolve_kv_len
+    from cuda_triton_bridge.config import resolve_call
 
-    shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
-    resolve_kv_len(kv_len, shape.batch, shape.num_slots)
-    resolve_config(
-        shape,
+    launch = dict(
         block_c=block_c,
         num_splits=num_splits,
         num_warps=num_warps,
         num_stages=num_stages,
         vnorm=vnorm,
         epilogue=epilogue,
-        compute_evict=compute_evict,
         overrides=overrides,
     )
+    # Checked here, before any triton import, so bad input fails the same way with or without a GPU.
+    resolve_call(
+        q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
+        compute_evict=compute_evict, **launch,
+    )  # fmt: skip
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
     except ImportError as e:
@@ -116,13 +117,7 @@ def longflow_decode_attention_triton(
         scale=scale,
         granularity=granularity,
         compute_evict=compute_evict,
-        block_c=block_c,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        vnorm=vnorm,
         final_reduce=final_reduce,
-        epilogue=epilogue,
         kv_len=kv_len,
-        overrides=overrides,
+        **launch,
     )

@@ -243,6 +243,29 @@ def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:
     return dataclasses.replace(cfg, **overrides)
 
 
+def resolve_call(
+    q,
+    k_cache,
+    v_cache,
+    kv_valid,
+    *,
+    scale,
+    granularity,
+    kv_len,
+    compute_evict=True,
+    sms: int | None = None,
+    **launch,
+):
+    """Every check of one decode call, then its launch config: (shape, kv_len int32 [B], cfg).
+
+    launch: resolve_config's block_c, num_splits, num_warps, num_stages, vnorm, epilogue, overrides.
+    """
+    shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
+    kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
+    cfg = resolve_config(shape, compute_evict=compute_evict, sms=sms, **launch)
+    return shape, kv_len, cfg
+
+
 def score_groups(shape: DecodeShape, granularity: str) -> tuple[int, int]:
     """(number of score groups, query heads per group): (1, Hq) or (Hkv, Hq // Hkv)."""
     groups = num_score_groups(shape.num_kv_heads, granularity)

@@ -22,7 +22,7 @@ import torch
 import triton
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
+from cuda_triton_bridge.config import resolve_call
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
 
@@ -101,19 +101,11 @@ def longflow_decode_attention_interpret(
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
     if not triton.knobs.runtime.interpret:
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is first imported (see the module doc)")
-    shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
-    cfg = resolve_config(
-        shape,
-        block_c=block_c,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        vnorm=vnorm,
-        epilogue=epilogue,
-        compute_evict=compute_evict,
-        sms=sms,
-        overrides=overrides,
-    )
+    shape, kv_len, cfg = resolve_call(
+        q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
+        compute_evict=compute_evict, sms=sms, block_c=block_c, num_splits=num_splits,
+        num_warps=num_warps, num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
+    )  # fmt: skip
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
         shape,
@@ -126,7 +118,7 @@ def longflow_decode_attention_interpret(
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
-    tlen = torch.from_numpy(np.asarray(resolve_kv_len(kv_len, shape.batch, shape.num_slots)).copy())
+    tlen = torch.from_numpy(np.asarray(kv_len).copy())
     split_out = _alloc(plan.split, _TORCH[dtype])
     for i in plan.split.zeroed:
         split_out[i].zero_()
