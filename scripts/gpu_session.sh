@@ -80,6 +80,24 @@ case "$stage" in
       XLA_FLAGS="$flags" timeout 150 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192,16x2048 \
         --columns xla_attn,triton,triton_noevict --reps 3 2>&1 | grep -v Warning | tee -a "$OUT/cmdbuf.md"
     done ;;
+  launch)
+    python3 - <<'PY' 2>&1 | tee "$OUT/probe.log"
+import jax, jaxlib
+print("jax", jax.__version__, "jaxlib", jaxlib.__version__)
+from jax._src.lib import gpu_triton as g
+print("gpu_triton:", [n for n in dir(g) if not n.startswith("__")])
+regs = getattr(g, "registrations", None)
+print("registrations:", sorted(regs()) if regs else None)
+PY
+    cb="--xla_gpu_enable_command_buffer=+CUSTOM_CALL --legacy_command_buffer_custom_call_targets=triton_kernel_call"
+    for run in "default|" "graphs|$cb" "graphs-noline|$cb"; do
+      name=${run%%|*}; flags=${run#*|}
+      echo "== $name XLA_FLAGS=$flags" | tee -a "$OUT/launch.log"
+      noline=0; [[ $name == *noline* ]] && noline=1
+      TRITON_DISABLE_LINE_INFO=$noline XLA_FLAGS="$flags" timeout 170 python3 scripts/bench_kernels.py \
+        --reps 10 --copy-mb 1024 --matmul-n 2048 --sizes 1x2048,1x8192,16x2048,16x8192,64x2048 \
+        --columns xla_attn,triton,triton_noevict 2>&1 | grep -v Warning | grep -v "^|" | tee -a "$OUT/launch.log"
+    done ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
