@@ -94,6 +94,9 @@ class LaunchConfig:
     # Both on by default; resolve_config(overrides=...) turns them off for A/B runs.
     cache_hints: bool = True
     discard_t: bool = True
+    # Launch through jaxlib's typed-FFI Triton target where jax has it (ffi_target.py): no per-launch
+    # lookup of the kernel proto. Off: jax-triton's legacy custom call.
+    ffi_call: bool = True
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -228,7 +231,7 @@ def resolve_config(
     return _apply_overrides(cfg, overrides)
 
 
-OVERRIDE_FIELDS = ("cache_hints", "discard_t")
+OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call")
 
 
 def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:

@@ -21,7 +21,10 @@ import numpy as np
 
 from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
+from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+
+install()  # jax-triton calls may now name the typed-FFI target (ffi_target.py)
 
 
 @functools.cache
@@ -77,8 +80,9 @@ def longflow_decode_attention_triton(
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
     )
+    target = custom_call_target(cfg.ffi_call)
     if plan.fused:
-        return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan)
+        return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
     split = plan.split
     out, acc, m, ell, t, counter, no_evict = jt.triton_call(
         q,
@@ -93,6 +97,7 @@ def longflow_decode_attention_triton(
         num_warps=split.num_warps,
         num_stages=split.num_stages,
         name="longflow_decode_split",
+        custom_call_target_name=target,
         **split.meta,
     )
     if plan.combine is None:
@@ -114,6 +119,7 @@ def longflow_decode_attention_triton(
         num_warps=comb.num_warps,
         num_stages=comb.num_stages,
         name="longflow_decode_combine",
+        custom_call_target_name=target,
         **comb.meta,
     )
     out = comb_out if comb.meta["COMBINE_OUT"] else out
@@ -127,7 +133,7 @@ def longflow_decode_attention_triton(
     return out, _squeeze_groups(evict_slot, granularity)
 
 
-def _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan):
+def _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target):
     launch = plan.split
     out, _, _, _, _, _, evict_slot, _ = jt.triton_call(
         q,
@@ -143,6 +149,7 @@ def _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan):
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         name="longflow_decode_fused",
+        custom_call_target_name=target,
         **launch.meta,
     )
     return out, _squeeze_groups(evict_slot, plan.granularity)

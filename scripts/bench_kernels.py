@@ -108,6 +108,12 @@ def columns(scale, granularity="sequence", extra=None):
         cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
             longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
         )
+        cols["triton_legacy"] = functools.partial(  # jax-triton's legacy custom call, not the typed FFI
+            longflow_decode_attention_triton,
+            scale=scale,
+            granularity=granularity,
+            overrides=dict(ffi_call=False),
+        )
         for epilogue in ("fused", "separate"):
             cols[f"triton_{epilogue}"] = functools.partial(
                 longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
@@ -351,6 +357,7 @@ def main(argv=None):
             "triton",
             "triton_reduce",
             "triton_noevict",
+            "triton_legacy",
             "triton_fused",
             "triton_separate",
         )

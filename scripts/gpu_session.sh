@@ -26,12 +26,16 @@
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
 #             jax-triton launch cost away?                                                    (~4 min)
+#   launch    jaxlib's Triton targets, then the kernel table (XLA, Triton, no scoring) as is, with the
+#             legacy custom call in command buffers (flag removed in jax 0.11: fails), line info off
+#   ffi       the typed-FFI launch path: its GPU tests, which target the compiled HLO names, the kernel
+#             table with Triton through the typed FFI (default) and the legacy call            (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -98,6 +102,26 @@ PY
         --reps 10 --copy-mb 1024 --matmul-n 2048 --sizes 1x2048,1x8192,16x2048,16x8192,64x2048 \
         --columns xla_attn,triton,triton_noevict 2>&1 | grep -v Warning | grep -v "^|" | tee -a "$OUT/launch.log"
     done ;;
+  ffi)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "ffi or custom_call" 2>&1 \
+      | tee "$OUT/ffi_tests.log" | tail -4
+    python3 - <<'PY' 2>&1 | grep -v Warning | tee "$OUT/ffi_probe.log"
+import jax, jax.numpy as jnp, re
+import cuda_triton_bridge as ctb
+q = jnp.ones((16, 32, 128), jnp.bfloat16); k = jnp.ones((16, 8, 2048, 128), jnp.bfloat16)
+valid = jnp.ones((16, 2048), bool)
+for ffi in (True, False):
+    def chain(q, k, v, valid):
+        for _ in range(4):
+            q, _ = ctb.longflow_decode_attention_triton(q, k, v, valid, scale=0.1, overrides=dict(ffi_call=ffi))
+        return q
+    text = jax.jit(chain).lower(q, k, k, valid).compile().as_text()
+    print("ffi", ffi, "targets", sorted(set(re.findall(r'custom_call_target="([^"]+)"', text))),
+          "command_buffer mentions", text.count("command_buffer"))
+PY
+    timeout 300 python3 scripts/bench_kernels.py --reps 10 --copy-mb 1024 --matmul-n 2048 \
+      --sizes 1x2048,1x8192,16x2048,16x8192,64x2048,64x8192 --columns xla_attn,triton,triton_legacy,triton_noevict \
+      --out "$OUT/bench_ffi.md" 2>&1 | grep -v Warning | tee "$OUT/bench_ffi.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

@@ -221,6 +221,58 @@ def test_rejects_bad_overrides_and_epilogue():
     assert ctb.resolve_config(shape, overrides=dict(discard_t=False)).discard_t is False
 
 
+def _custom_calls(module):
+    found = []
+
+    def walk(op):
+        if op.operation.name == "stablehlo.custom_call":
+            found.append(op.operation)
+        for region in op.regions:
+            for block in region.blocks:
+                for child in block.operations:
+                    walk(child)
+
+    walk(module.operation)
+    return found
+
+
+def test_typed_ffi_rewrite_equals_what_jax_ffi_emits():
+    # ffi_target.to_typed_ffi turns jax-triton's legacy call (API 2, opaque bytes) into exactly the op
+    # jax.ffi emits for a typed-FFI call carrying those bytes as the attribute `opaque`.
+    from cuda_triton_bridge.ffi_target import to_typed_ffi
+
+    blob = zlib.compress(os.urandom(64))  # arbitrary bytes, NULs and non-UTF-8 included
+    x = jnp.ones((4, 3), jnp.float32)
+    out = (jax.ShapeDtypeStruct((4, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
+
+    def legacy(x):
+        return jax.ffi.ffi_call("target", out, custom_call_api_version=2, legacy_backend_config=blob)(x)
+
+    def typed(x):
+        return jax.ffi.ffi_call("target", out)(x, opaque=blob)
+
+    (op,) = _custom_calls(jax.jit(legacy).lower(x).compiler_ir())
+    (want,) = _custom_calls(jax.jit(typed).lower(x).compiler_ir())
+    assert str(op) != str(want)
+    to_typed_ffi(op)
+    assert str(op) == str(want)
+    with pytest.raises(RuntimeError, match="cannot rewrite"):
+        to_typed_ffi(op)  # already typed: not a legacy call any more
+
+
+def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
+    from cuda_triton_bridge import ffi_target
+
+    assert ffi_target.custom_call_target(False) == "triton_kernel_call"
+    monkeypatch.setattr(jax, "__version_info__", (0, 10, 0))
+    assert ffi_target.custom_call_target(True) == "triton_kernel_call"
+    monkeypatch.setattr(jax, "__version_info__", (0, 10, 1))
+    assert ffi_target.custom_call_target(True) == "triton_kernel_call_ffi"
+    shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
+    assert ctb.resolve_config(shape).ffi_call is True
+    assert ctb.resolve_config(shape, overrides=dict(ffi_call=False)).ffi_call is False
+
+
 # ---------------------------------------------------------------- CPU: offline compile for sm_90
 
 
@@ -675,6 +727,31 @@ def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots
         out2, evict2 = fn(q, k, v, valid)
         np.testing.assert_array_equal(np.asarray(evict2), np.asarray(evict_slot))
         np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
+
+
+@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@gpu
+def test_typed_ffi_and_legacy_launches_agree(epilogue):
+    # The same compiled kernels through either custom call: bit-identical results; the default lowers
+    # to the typed-FFI target (jax >= 0.10.1), the override to jax-triton's legacy one.
+    from cuda_triton_bridge.ffi_target import ffi_target_available
+
+    q, k, v, valid = make_inputs(_key("ffi", epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16)
+    kw = dict(scale=0.088, num_splits=3, epilogue=epilogue)
+    typed = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, **kw))
+    legacy = jax.jit(
+        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=False), **kw)
+    )
+    typed_hlo = typed.lower(q, k, v, valid).as_text(dialect="hlo")
+    legacy_hlo = legacy.lower(q, k, v, valid).as_text(dialect="hlo")
+    assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
+    assert "triton_kernel_call_ffi" not in legacy_hlo
+    if ffi_target_available():
+        assert 'custom_call_target="triton_kernel_call_ffi"' in typed_hlo
+        assert "API_VERSION_TYPED_FFI" in typed_hlo
+    for a, b in zip(typed(q, k, v, valid), legacy(q, k, v, valid)):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    assert_matches_reference(q, k, v, valid, *typed(q, k, v, valid), scale=0.088, granularity="sequence")
 
 
 # ---------------------------------------------------------------- GPU: inside a jitted decode loop
