@@ -74,9 +74,9 @@ def longflow_decode_attention_triton(
         kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
         filled slots are a prefix (every cache of longflow_jax) costs what its prefix costs. None: C.
       overrides: switches of `config.LaunchConfig` as a dict of bools, for A/B runs: cache_hints (t
-        stored with L2 evict_last), discard_t (t dropped from L2 once read), ffi_call (launch through
-        jaxlib's typed-FFI Triton target where jax >= 0.10.1 has it, else jax-triton's legacy custom
-        call); None: all on.
+        stored with L2 evict_last) and discard_t (t dropped from L2 once read), both on by default;
+        ffi_call (launch through jaxlib's typed-FFI Triton target, jax >= 0.10.1, instead of jax-triton's
+        legacy custom call), off by default: measured slower.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to

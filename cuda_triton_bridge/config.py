@@ -94,9 +94,10 @@ class LaunchConfig:
     # Both on by default; resolve_config(overrides=...) turns them off for A/B runs.
     cache_hints: bool = True
     discard_t: bool = True
-    # Launch through jaxlib's typed-FFI Triton target where jax has it (ffi_target.py): no per-launch
-    # lookup of the kernel proto. Off: jax-triton's legacy custom call.
-    ffi_call: bool = True
+    # Launch through jaxlib's typed-FFI Triton target where jax has it (ffi_target.py) instead of
+    # jax-triton's legacy custom call. Off: on jax 0.11.2 / H100 it cost 5-13 us more per call
+    # (docs/BENCHMARKS.md, session 5).
+    ffi_call: bool = False
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:

@@ -10,6 +10,9 @@ when the executable is initialised. jax-triton's unreleased main branch lowers t
 `install()` adds that lowering without forking jax-triton: it wraps jax-triton's CUDA lowering rule, and a
 call whose `custom_call_target_name` is `FFI_TARGET` gets its ABI attributes rewritten to the typed-FFI
 form (what `jax.ffi.ffi_lowering` emits). Every other `triton_call` lowers exactly as before.
+
+Measured on an H100 with jax 0.11.2 (docs/BENCHMARKS.md, session 5): the typed-FFI launch cost 5-13 us
+more per decode call than the legacy one, so it is off by default (`overrides=dict(ffi_call=True)`).
 """
 
 from __future__ import annotations

@@ -100,12 +100,9 @@ def kernel_times(fn, sets, reps=5):
     return per, span, devs
 
 
-def profile_kernels(run, reps, calls_per_run):
-    """Trace `reps` runs of `run()` (already compiled) with jax.profiler.
-
-    Returns ({kernel name: us per call}, busy span per call in us, GPU track names, idle us per call):
-    the span runs from the first kernel's start to the last one's end; idle is the span minus the union
-    of kernel intervals (gaps where the GPU waited, e.g. on the host's launches)."""
+def trace_events(run, reps):
+    """Trace `reps` runs of `run()` (already compiled) with jax.profiler: (complete events, the pids of
+    the GPU tracks, {pid: process name})."""
     import glob
     import gzip
     import tempfile
@@ -124,7 +121,18 @@ def profile_kernels(run, reps, calls_per_run):
         e["pid"]: e["args"]["name"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
     }
     gpu = {p for p, name in pnames.items() if "GPU" in name or "gpu" in name}
-    kern = [e for e in events if e.get("ph") == "X" and e.get("pid") in gpu and "dur" in e]
+    complete = [e for e in events if e.get("ph") == "X" and "dur" in e]
+    return complete, gpu, pnames
+
+
+def profile_kernels(run, reps, calls_per_run):
+    """Trace `reps` runs of `run()` (already compiled) with jax.profiler.
+
+    Returns ({kernel name: us per call}, busy span per call in us, GPU track names, idle us per call):
+    the span runs from the first kernel's start to the last one's end; idle is the span minus the union
+    of kernel intervals (gaps where the GPU waited, e.g. on the host's launches)."""
+    events, gpu, pnames = trace_events(run, reps)
+    kern = [e for e in events if e.get("pid") in gpu]
     calls = reps * calls_per_run
     per = {}
     for e in kern:
@@ -142,6 +150,22 @@ def profile_kernels(run, reps, calls_per_run):
             cur_end = max(cur_end, e["ts"] + e["dur"])
     busy += cur_end - cur_start
     return per, (end - start) / calls, sorted({pnames[p] for p in gpu}), (end - start - busy) / calls
+
+
+def profile_host(run, reps, calls_per_run, top=12):
+    """[(host event name, us per call, count per call)] of the `top` host-side events by total time:
+    where the CPU spends each call (thunk execution, driver API calls such as cuLaunchKernel)."""
+    events, gpu, _ = trace_events(run, reps)
+    calls = reps * calls_per_run
+    total, count = {}, {}
+    for e in events:
+        if e.get("pid") in gpu:
+            continue
+        name = e["name"]
+        total[name] = total.get(name, 0.0) + e["dur"] / calls
+        count[name] = count.get(name, 0) + 1 / calls
+    ranked = sorted(total, key=lambda n: -total[n])[:top]
+    return [(n, total[n], count[n]) for n in ranked]
 
 
 def launch_overhead():

@@ -108,11 +108,11 @@ def columns(scale, granularity="sequence", extra=None):
         cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
             longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
         )
-        cols["triton_legacy"] = functools.partial(  # jax-triton's legacy custom call, not the typed FFI
+        cols["triton_ffi"] = functools.partial(  # jaxlib's typed-FFI target, not jax-triton's legacy call
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
-            overrides=dict(ffi_call=False),
+            overrides=dict(ffi_call=True),
         )
         for epilogue in ("fused", "separate"):
             cols[f"triton_{epilogue}"] = functools.partial(
@@ -357,7 +357,7 @@ def main(argv=None):
             "triton",
             "triton_reduce",
             "triton_noevict",
-            "triton_legacy",
+            "triton_ffi",
             "triton_fused",
             "triton_separate",
         )

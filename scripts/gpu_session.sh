@@ -30,12 +30,14 @@
 #             legacy custom call in command buffers (flag removed in jax 0.11: fails), line info off
 #   ffi       the typed-FFI launch path: its GPU tests, which target the compiled HLO names, the kernel
 #             table with Triton through the typed FFI (default) and the legacy call            (~4 min)
+#   host      the bench chain under the profiler with the top host-side events per call: where the CPU
+#             time of a jax-triton launch goes (legacy and typed FFI against XLA)          (~3 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -120,8 +122,11 @@ for ffi in (True, False):
           "command_buffer mentions", text.count("command_buffer"))
 PY
     timeout 300 python3 scripts/bench_kernels.py --reps 10 --copy-mb 1024 --matmul-n 2048 \
-      --sizes 1x2048,1x8192,16x2048,16x8192,64x2048,64x8192 --columns xla_attn,triton,triton_legacy,triton_noevict \
+      --sizes 1x2048,1x8192,16x2048,16x8192,64x2048,64x8192 --columns xla_attn,triton,triton_ffi,triton_noevict \
       --out "$OUT/bench_ffi.md" 2>&1 | grep -v Warning | tee "$OUT/bench_ffi.log" ;;
+  host)
+    timeout 280 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048 --columns xla_attn,triton,triton_ffi \
+      --reps 3 --host 2>&1 | grep -v Warning | tee "$OUT/host.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_kernels as bk  # noqa: E402
 
-from cuda_triton_bridge.tune import profile_kernels  # noqa: E402
+from cuda_triton_bridge.tune import profile_host, profile_kernels  # noqa: E402
 
 
 def main(argv=None):
@@ -29,6 +29,7 @@ def main(argv=None):
     parser.add_argument("--sizes", default="16x2048,16x8192,64x2048,64x8192")
     parser.add_argument("--columns", default="xla_attn,triton,triton_noevict")
     parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--host", action="store_true", help="also list the top host-side events per call")
     args = parser.parse_args(argv)
     if jax.devices()[0].platform != "gpu":
         raise SystemExit("profile_kernel_chain.py needs a GPU")
@@ -48,6 +49,9 @@ def main(argv=None):
             busy = sum(per.values())
             top = ", ".join(f"{k[:32]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:4])
             print(f"| {size} | {name} | {wall * 1e6:.1f} | {busy:.1f} | {idle:.1f} | {top} |", flush=True)
+            if args.host:
+                for event, us, count in profile_host(run, args.reps, n_calls):
+                    print(f"|   host | {event[:60]} | {us:.2f} us | {count:.2f} per call | | |", flush=True)
 
 
 if __name__ == "__main__":

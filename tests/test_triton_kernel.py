@@ -269,8 +269,8 @@ def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
     monkeypatch.setattr(jax, "__version_info__", (0, 10, 1))
     assert ffi_target.custom_call_target(True) == "triton_kernel_call_ffi"
     shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
-    assert ctb.resolve_config(shape).ffi_call is True
-    assert ctb.resolve_config(shape, overrides=dict(ffi_call=False)).ffi_call is False
+    assert ctb.resolve_config(shape).ffi_call is False  # measured slower on jax 0.11.2
+    assert ctb.resolve_config(shape, overrides=dict(ffi_call=True)).ffi_call is True
 
 
 # ---------------------------------------------------------------- CPU: offline compile for sm_90
@@ -732,16 +732,14 @@ def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots
 @pytest.mark.parametrize("epilogue", ["fused", "separate"])
 @gpu
 def test_typed_ffi_and_legacy_launches_agree(epilogue):
-    # The same compiled kernels through either custom call: bit-identical results; the default lowers
-    # to the typed-FFI target (jax >= 0.10.1), the override to jax-triton's legacy one.
+    # The same compiled kernels through either custom call: bit-identical results; the override lowers
+    # to the typed-FFI target (jax >= 0.10.1), the default to jax-triton's legacy one.
     from cuda_triton_bridge.ffi_target import ffi_target_available
 
     q, k, v, valid = make_inputs(_key("ffi", epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16)
     kw = dict(scale=0.088, num_splits=3, epilogue=epilogue)
-    typed = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, **kw))
-    legacy = jax.jit(
-        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=False), **kw)
-    )
+    typed = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=True), **kw))
+    legacy = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, **kw))
     typed_hlo = typed.lower(q, k, v, valid).as_text(dialect="hlo")
     legacy_hlo = legacy.lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
