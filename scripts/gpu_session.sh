@@ -32,12 +32,14 @@
 #             table with Triton through the typed FFI (default) and the legacy call            (~4 min)
 #   host      the bench chain under the profiler with the top host-side events per call: where the CPU
 #             time of a jax-triton launch goes (legacy and typed FFI against XLA)          (~3 min)
+#   lcost     scripts/probe_launch_cost.py with XLA's command buffers on (default) and off: host cost of
+#             one jax-triton launch, and the marginal vs fixed cost per call of the bench chain (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -127,6 +129,11 @@ PY
   host)
     timeout 280 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048 --columns xla_attn,triton,triton_ffi \
       --reps 3 --host 2>&1 | grep -v Warning | tee "$OUT/host.log" ;;
+  lcost)
+    for flags in "" "--xla_gpu_enable_command_buffer="; do
+      XLA_FLAGS="$flags" timeout 250 python3 scripts/probe_launch_cost.py --sizes 1x2048,16x2048,64x2048 \
+        --columns xla_attn,triton,triton_ffi 2>&1 | grep -v Warning | tee -a "$OUT/launch_cost.md"
+    done ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
