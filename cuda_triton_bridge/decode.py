@@ -24,8 +24,6 @@ from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resol
 from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
-install()  # jax-triton calls may now name the typed-FFI target (ffi_target.py)
-
 
 @functools.cache
 def _compute_capability() -> int:
@@ -81,6 +79,8 @@ def longflow_decode_attention_triton(
         capability=_compute_capability(),
     )
     target = custom_call_target(cfg.ffi_call)
+    if cfg.ffi_call:
+        install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
     if plan.fused:
         return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
     split = plan.split

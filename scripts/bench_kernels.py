@@ -11,6 +11,7 @@ the steady state of LongFlow decoding):
                   triton + jax_triton are there (the TRITON HOOK below); otherwise omitted
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
+  triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
   triton_fused / triton_separate  the same with the epilogue forced to "fused" (one launch) or
                   "separate" (split + combine kernels); the triton column takes the measured choice
   copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
@@ -21,7 +22,9 @@ one program that makes a chain of at least 32 calls (each call's q is the previo
 XLA can neither merge nor overlap calls), rotating K/V over several input sets (distinct buffers,
 together well over the 50 MB L2, so no call finds its K/V in cache); the
 per-call time is the median over repetitions of that program's wall time (after
-jax.block_until_ready) divided by the number of calls. Achieved
+jax.block_until_ready) divided by the number of calls (latency, the default). With --queued Q each
+repetition queues Q executions before one sync (throughput: the host's launches overlap the GPU's
+previous execution, so what remains is the GPU's time per call when the host keeps ahead). Achieved
 bandwidth = bytes of K + V read / time.
 
   python3 scripts/bench_kernels.py [--out FILE.md] [--sweep] [--deadline SECONDS]
@@ -190,23 +193,28 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM):
     return jax.jit(calls), n_calls
 
 
-def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM):
+def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0):
     """Median seconds per call over `reps` runs of `chain_program`. Many calls per host sync keep
     dispatch and sync out of the per-call time."""
-    return time_program(*chain_program(fn, sets, min_calls), sets, reps)
+    return time_program(*chain_program(fn, sets, min_calls), sets, reps, queued=queued)
 
 
-def time_program(program, n_calls, sets, reps):
-    """(median, (min, max)) seconds per call of a `chain_program` over `reps` runs, after two warm-ups."""
+def time_program(program, n_calls, sets, reps, queued=0):
+    """(median, (min, max)) seconds per call of a `chain_program` over `reps` runs, after two warm-ups.
+
+    queued=0 (latency): each run is one execution followed by a host sync. queued=Q (throughput):
+    each run queues Q executions back to back and syncs once, so the host's launches of one execution
+    overlap the GPU's work on the previous one: the time per call when the host keeps ahead."""
     q0 = sets[0][0]
     jax.block_until_ready(program(q0, sets))
     jax.block_until_ready(program(q0, sets))
+    per_run = max(queued, 1) * n_calls
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready(program(q0, sets))
+        jax.block_until_ready([program(q0, sets) for _ in range(max(queued, 1))])
         times.append(time.perf_counter() - t0)
-    return statistics.median(times) / n_calls, (min(times) / n_calls, max(times) / n_calls)
+    return statistics.median(times) / per_run, (min(times) / per_run, max(times) / per_run)
 
 
 def measure_copy_bandwidth(nbytes=4 << 30, reps=20):
@@ -288,6 +296,12 @@ def main(argv=None):
     parser.add_argument("--copy-mb", type=int, default=4096, help="buffer size for the copy ceiling")
     parser.add_argument("--matmul-n", type=int, default=8192)
     parser.add_argument("--columns", help="comma-separated subset of the columns (default: all)")
+    parser.add_argument(
+        "--queued",
+        type=int,
+        default=0,
+        help="time throughput: queue this many executions per sync (default 0: latency, one per sync)",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     log = functools.partial(print, flush=True)
@@ -295,7 +309,8 @@ def main(argv=None):
     if dev.platform != "gpu":
         log(f"warning: running on {dev.platform}, not a GPU: the numbers mean nothing")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
-    header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}"
+    timing = f"throughput, {args.queued} executions queued per sync" if args.queued else "latency"
+    header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}, timing: {timing}"
     log(header)
     log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
     scale = HEAD_DIM**-0.5
@@ -328,7 +343,7 @@ def main(argv=None):
         for name, fn in cols.items():
             try:
                 summary = check_column(name, fn, sets[0], scale)
-                t, (tmin, tmax) = time_column(fn, sets, args.reps)
+                t, (tmin, tmax) = time_column(fn, sets, args.reps, queued=args.queued)
             except Exception as e:  # report and keep going: one broken column must not hide the rest
                 log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 row[name] = None

@@ -34,12 +34,17 @@
 #             time of a jax-triton launch goes (legacy and typed FFI against XLA)          (~3 min)
 #   lcost     scripts/probe_launch_cost.py with XLA's command buffers on (default) and off: host cost of
 #             one jax-triton launch, and the marginal vs fixed cost per call of the bench chain (~4 min)
+#   final5    the Triton kernel's GPU tests (all of tests/test_triton_kernel.py)             (~6 min)
+#   final5b   generate through both kernels vs the reference, then bench_kernels.py (latency), all
+#             columns                                                                      (~7 min)
+#   final5c   bench_kernels.py --queued 4 (throughput) for XLA, Pallas, Triton with and without
+#             scoring                                                                      (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -134,6 +139,17 @@ PY
       XLA_FLAGS="$flags" timeout 250 python3 scripts/probe_launch_cost.py --sizes 1x2048,16x2048,64x2048 \
         --columns xla_attn,triton,triton_ffi 2>&1 | grep -v Warning | tee -a "$OUT/launch_cost.md"
     done ;;
+  final5)
+    timeout 540 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" \
+      | tail -4 ;;
+  final5b)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py 2>&1 | tee "$OUT/gen_tests.log" \
+      | tail -4
+    timeout 400 python3 scripts/bench_kernels.py --reps 20 --out "$OUT/bench_kernels.md" 2>&1 | grep -v Warning \
+      | tee "$OUT/bench_kernels.log" ;;
+  final5c)
+    timeout 400 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns xla_attn,pallas,triton,triton_noevict \
+      --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning | tee "$OUT/bench_kernels_queued.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
