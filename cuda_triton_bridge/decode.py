@@ -20,7 +20,7 @@ import jax_triton as jt
 import numpy as np
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_triton_inputs, resolve_config, resolve_kv_len
+from cuda_triton_bridge.config import resolve_call
 from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
@@ -56,19 +56,11 @@ def longflow_decode_attention_triton(
     overrides=None,
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
-    shape = check_triton_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
-    kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
-    cfg = resolve_config(
-        shape,
-        block_c=block_c,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        vnorm=vnorm,
-        epilogue=epilogue,
-        compute_evict=compute_evict,
-        overrides=overrides,
-    )
+    shape, kv_len, cfg = resolve_call(
+        q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
+        compute_evict=compute_evict, block_c=block_c, num_splits=num_splits, num_warps=num_warps,
+        num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
+    )  # fmt: skip
     plan = plan_launch(
         shape,
         cfg,
