@@ -85,7 +85,15 @@ def plan_launch(
     discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
     if cfg.epilogue == "fused":
         return _plan_fused(
-            shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
+            shape,
+            cfg,
+            num_groups=num_groups,
+            evict=evict,
+            is_f32=is_f32,
+            granularity=granularity,
+            final_reduce=final_reduce,
+            fast_log2=fast_log2,
+            discard_ok=discard_ok,
         )
 
     split = KernelLaunch(
@@ -166,7 +174,7 @@ def plan_launch(
 
 
 def _plan_fused(
-    shape, cfg, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
+    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
 ) -> LaunchPlan:
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
