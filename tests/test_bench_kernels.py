@@ -1,0 +1,74 @@
+"""scripts/bench_kernels.py's harness on CPU: the chained program, the two timings, the correctness gate,
+and a whole run writing its table (the numbers mean nothing on CPU; the GPU runs are in BENCHMARKS.md)."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
+
+import bench_kernels as bk  # noqa: E402
+
+
+def test_chain_feeds_each_output_into_the_next_call_and_rotates_the_sets():
+    sets = [(jnp.zeros(2), jnp.full(2, float(i)), None, None) for i in range(3)]
+    # Each call adds its set's k to q: the chain's output is the sum over the rotated sets.
+    program, n_calls = bk.chain_program(lambda q, k, v, valid: (q + k, k[0]), sets, min_calls=7)
+    assert n_calls == 7
+    out, evicts = program(sets[0][0], sets)
+    np.testing.assert_array_equal(np.asarray(out), [sum(i % 3 for i in range(7))] * 2)
+    assert [float(e) for e in evicts] == [i % 3 for i in range(7)]
+    # Never fewer calls than sets, so every set is read.
+    assert bk.chain_program(lambda q, *a: (q, q), sets * 20, min_calls=7)[1] == 60
+
+
+@pytest.mark.parametrize("queued", [0, 1, 3])
+def test_time_program_runs_queued_executions_per_sync(queued):
+    calls = []
+
+    def program(q, sets):
+        calls.append(q)
+        return q
+
+    reps = 4
+    median, (lo, hi) = bk.time_program(program, 8, [(jnp.ones(1),)], reps, queued=queued)
+    assert len(calls) == 2 + reps * max(queued, 1)  # two warm-ups, then Q executions per repetition
+    assert 0 < lo <= median <= hi
+
+
+def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output():
+    scale = bk.HEAD_DIM**-0.5
+    inputs = bk.make_sets(2, 64, 1)[0]
+    reference = bk.columns(scale)["xla_longflow"]
+    assert bk.check_column("xla_longflow", reference, inputs, scale) == "out rel 0.0e+00, evict equal"
+
+    def wrong_slot(*args):
+        out, evict = reference(*args)
+        return out, (evict + 1) % 64
+
+    with pytest.raises(AssertionError, match="importance gap"):
+        bk.check_column("wrong_slot", wrong_slot, inputs, scale)
+    with pytest.raises(AssertionError, match="out rel err"):
+        bk.check_column("wrong_out", lambda *a: (-reference(*a)[0], None), inputs, scale)
+    noevict = functools.partial(bk.xla_attention, scale=scale)
+    assert bk.check_column("xla_attn", noevict, inputs, scale).startswith("out rel")
+
+
+@pytest.mark.parametrize("queued", [0, 2])
+def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued):
+    out = tmp_path / "table.md"
+    argv = ["--sizes", "1x64", "--columns", "xla_attn,xla_longflow", "--reps", "2", "--copy-mb", "8"]
+    argv += ["--matmul-n", "64", "--queued", str(queued), "--out", str(out)]
+    bk.main(argv)
+    text = out.read_text()
+    assert ("throughput, 2 executions queued per sync" if queued else "timing: latency") in text
+    (row,) = [line for line in text.splitlines() if line.startswith("| 1 | 64 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert len(cells) == 5 + 2 + 4  # sizes and floors, the two columns, the four ratios
+    assert all(float(c.split(" ")[0]) > 0 for c in cells[5:7])
