@@ -46,6 +46,10 @@ COMBINE_NUM_WARPS = 4
 VNORM_MODES = ("mma", "reduce")
 VNORM = "mma"
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
+# Shared memory one program may use: the H100's opt-in maximum per block (227 KiB). A launch over it
+# fails only at run time ("Shared memory requested ... exceeds device resources"), so resolve_config
+# checks its estimate first.
+SHARED_MEMORY_LIMIT = 232448
 
 
 def is_pow2(n: int) -> bool:
@@ -169,6 +173,40 @@ def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None,
     return max(1, min(want, most, MAX_SPLITS))
 
 
+def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
+    """Shared memory of the main kernel (split or fused), as the Triton 3.6 compiler lays it out: the
+    cp.async ring of K and V tiles ((stages - 1) of them; one counted for an unpipelined kernel, which
+    needs less), the query tile, and the f32 logits tile (16-bit inputs) or one more f32 [block_c, D]
+    tile (float32 inputs, ieee dots). Exact for 2+ stages; tests/test_triton_kernel.py checks it against
+    the compiled kernels."""
+    rows = max(MIN_DOT, next_pow2(shape.group))
+    ring = max(num_stages - 1, 1) * 2 * block_c * shape.head_dim * shape.itemsize
+    tile = block_c * shape.head_dim * 4 if shape.itemsize >= 4 else rows * block_c * 4
+    return ring + tile + rows * shape.head_dim * shape.itemsize
+
+
+def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> int:
+    """The explicit stage count if it fits in shared memory (else ValueError); with None, the default
+    or the largest smaller count that fits."""
+    need = shared_memory_bytes(shape, block_c, default if num_stages is None else num_stages)
+    if need <= SHARED_MEMORY_LIMIT:
+        return default if num_stages is None else num_stages
+    if num_stages is None:
+        for stages in range(default - 1, 0, -1):
+            if shared_memory_bytes(shape, block_c, stages) <= SHARED_MEMORY_LIMIT:
+                return stages
+        raise ValueError(
+            f"block_c={block_c} at head_dim={shape.head_dim} ({shape.itemsize}-byte elements) needs about "
+            f"{shared_memory_bytes(shape, block_c, 1) // 1024} KiB of shared memory per program even with "
+            f"num_stages=1; the limit is {SHARED_MEMORY_LIMIT // 1024} KiB: lower block_c"
+        )
+    raise ValueError(
+        f"block_c={block_c} with num_stages={default if num_stages is None else num_stages} at head_dim="
+        f"{shape.head_dim} ({shape.itemsize}-byte elements) needs about {need // 1024} KiB of shared "
+        f"memory per program; the limit is {SHARED_MEMORY_LIMIT // 1024} KiB: lower block_c or num_stages"
+    )
+
+
 def resolve_config(
     shape: DecodeShape,
     *,
@@ -211,9 +249,9 @@ def resolve_config(
     _check_positive_int("num_warps", num_warps, 1, 16)
     if not is_pow2(num_warps):
         raise ValueError(f"num_warps must be a power of two in [1, 16], got {num_warps}")
-    if num_stages is None:
-        num_stages = F32_NUM_STAGES if wide else NUM_STAGES
-    _check_positive_int("num_stages", num_stages, 1, 8)
+    if num_stages is not None:
+        _check_positive_int("num_stages", num_stages, 1, 8)
+    num_stages = _fit_stages(shape, block_c, num_stages, F32_NUM_STAGES if wide else NUM_STAGES)
     vnorm = VNORM if vnorm is None else vnorm
     if vnorm not in VNORM_MODES:
         raise ValueError(f"vnorm must be one of {VNORM_MODES}, got {vnorm!r}")

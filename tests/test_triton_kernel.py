@@ -316,6 +316,60 @@ def test_kernels_compile_for_sm90_without_spills(
         assert report["shared_bytes"] <= 227 * 1024, (name, report)
 
 
+@pytest.mark.parametrize(
+    "num_q_heads, head_dim, block_c, num_stages, dtype, epilogue",
+    [
+        (32, 128, 32, 3, "bfloat16", "separate"),  # the default at Qwen3-8B shapes
+        (32, 128, 128, 3, "bfloat16", "fused"),
+        (32, 64, 256, 2, "bfloat16", "separate"),
+        (8, 256, 64, 3, "float16", "fused"),  # group 1
+        (64, 128, 64, 2, "bfloat16", "separate"),  # group 8
+        (32, 64, 32, 2, "float32", "separate"),
+        (32, 128, 16, 3, "float32", "fused"),
+        (32, 128, 64, 1, "bfloat16", "separate"),  # no cp.async ring
+    ],
+)
+def test_shared_memory_estimate_matches_the_compiled_kernel(
+    num_q_heads, head_dim, block_c, num_stages, dtype, epilogue, tmp_path, monkeypatch
+):
+    # resolve_config rejects a launch by config.shared_memory_bytes before it can fail on the GPU: the
+    # estimate must never be below what the compiler allocates.
+    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
+    from cuda_triton_bridge.offline import compile_plan
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    reports = compile_plan(
+        16, num_q_heads, 8, 2048, head_dim, dtype=dtype, epilogue=epilogue, block_c=block_c,
+        num_stages=num_stages, num_splits=1,
+    )  # fmt: skip
+    compiled = reports["decode_split_kernel" if epilogue == "separate" else "decode_fused_kernel"]
+    itemsize = 4 if dtype == "float32" else 2
+    shape = ctb.config.DecodeShape(16, num_q_heads, 8, 2048, head_dim, itemsize)
+    estimate = ctb.config.shared_memory_bytes(shape, block_c, num_stages)
+    assert compiled["shared_bytes"] <= estimate, compiled
+    if num_stages >= 2:  # exact there; with one stage the compiler needs less than the estimate
+        assert estimate == compiled["shared_bytes"], compiled
+    else:
+        assert estimate <= 1.5 * compiled["shared_bytes"], compiled
+
+
+def test_launches_over_the_shared_memory_limit_are_rejected_or_get_fewer_stages():
+    shape = ctb.config.DecodeShape(16, 32, 8, 2048, 128)
+    # 256-slot blocks at D 128: 3 stages need 276 KiB (the H100 allows 227), 2 stages 148 KiB.
+    with pytest.raises(ValueError, match="needs about 276 KiB of shared memory"):
+        ctb.resolve_config(shape, block_c=256, num_stages=3)
+    assert ctb.resolve_config(shape, block_c=256).num_stages == 2  # the default, reduced to fit
+    assert ctb.resolve_config(shape, block_c=128).num_stages == ctb.config.NUM_STAGES
+    with pytest.raises(ValueError, match="even with num_stages=1"):
+        ctb.resolve_config(ctb.config.DecodeShape(1, 8, 8, 4096, 256), block_c=512)
+    q = jnp.zeros((1, 32, 128), jnp.bfloat16)
+    kv = jnp.zeros((1, 8, 1024, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):  # the public entry point, before any triton import
+        ctb.longflow_decode_attention_triton(
+            q, kv, kv, jnp.ones((1, 1024), bool), scale=0.1, block_c=512, num_stages=2
+        )
+
+
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
 def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkeypatch):
     # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
@@ -620,6 +674,18 @@ def test_block_and_split_choices(block_c, num_splits, epilogue):
         q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
+
+
+@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@gpu
+def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
+    # 256-slot blocks at D 128 with the default 3 stages would ask for 276 KiB of shared memory and fail
+    # at launch; resolve_config gives them 2 stages, and the result is right.
+    q, k, v, valid = make_inputs(_key("big blocks", epilogue), 2, 32, 8, 1000, 128, jnp.bfloat16)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=0.088, block_c=256, num_splits=2, epilogue=epilogue
+    )
+    assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity="sequence")
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
