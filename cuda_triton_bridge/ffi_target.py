@@ -35,6 +35,18 @@ def custom_call_target(use_ffi: bool) -> str:
     return FFI_TARGET if use_ffi and ffi_target_available() else LEGACY_TARGET
 
 
+def is_legacy_call(op) -> bool:
+    """A custom call in jax-triton 0.3.1's legacy form (API version 2, opaque bytes as backend config)."""
+    from jax._src.lib.mlir import ir
+
+    attrs = op.attributes
+    return (
+        "api_version" in attrs
+        and ir.IntegerAttr(attrs["api_version"]).value == 2
+        and "mhlo.backend_config" not in attrs
+    )
+
+
 def to_typed_ffi(op) -> None:
     """Rewrite a legacy jax-triton custom call (API version 2, opaque bytes) into the typed-FFI form.
 
@@ -64,9 +76,11 @@ def install() -> None:
 
     def lowering(ctx, *args, custom_call_target_name, **params):
         results = legacy(ctx, *args, custom_call_target_name=custom_call_target_name, **params)
-        if custom_call_target_name == FFI_TARGET:
-            owner = results[0].owner
-            to_typed_ffi(getattr(owner, "operation", owner))
+        op = results[0].owner
+        op = getattr(op, "operation", op)
+        # A jax-triton that already lowers to the typed FFI (its main branch does) needs no rewrite.
+        if custom_call_target_name == FFI_TARGET and is_legacy_call(op):
+            to_typed_ffi(op)
         return results
 
     mlir.register_lowering(triton_lib.triton_kernel_call_p, lowering, platform="cuda")

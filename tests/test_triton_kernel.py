@@ -239,7 +239,7 @@ def _custom_calls(module):
 def test_typed_ffi_rewrite_equals_what_jax_ffi_emits():
     # ffi_target.to_typed_ffi turns jax-triton's legacy call (API 2, opaque bytes) into exactly the op
     # jax.ffi emits for a typed-FFI call carrying those bytes as the attribute `opaque`.
-    from cuda_triton_bridge.ffi_target import to_typed_ffi
+    from cuda_triton_bridge.ffi_target import is_legacy_call, to_typed_ffi
 
     blob = zlib.compress(os.urandom(64))  # arbitrary bytes, NULs and non-UTF-8 included
     x = jnp.ones((4, 3), jnp.float32)
@@ -254,6 +254,7 @@ def test_typed_ffi_rewrite_equals_what_jax_ffi_emits():
     (op,) = _custom_calls(jax.jit(legacy).lower(x).compiler_ir())
     (want,) = _custom_calls(jax.jit(typed).lower(x).compiler_ir())
     assert str(op) != str(want)
+    assert is_legacy_call(op) and not is_legacy_call(want)
     to_typed_ffi(op)
     assert str(op) == str(want)
     with pytest.raises(RuntimeError, match="cannot rewrite"):
