@@ -99,7 +99,7 @@ class LaunchConfig:
     cache_hints: bool = True
     discard_t: bool = True
     # Launch through jaxlib's typed-FFI Triton target where jax has it (ffi_target.py) instead of
-    # jax-triton's legacy custom call. Off: on jax 0.11.2 / H100 it cost 5-13 us more per call
+    # jax-triton's legacy custom call. Off: on jax 0.11.2 / H100 it cost 0.2-13 us more per call
     # (docs/BENCHMARKS.md, session 5).
     ffi_call: bool = False
 

@@ -4,15 +4,17 @@ jax-triton 0.3.1 (the newest release) lowers every `triton_call` to the legacy c
 `triton_kernel_call` (API version 2, the zlib'd kernel proto as the opaque backend config). jaxlib's
 handler for it looks the whole opaque string up in a hash map on every launch, and XLA of jax >= 0.11 can
 no longer put a legacy custom call into a command buffer. jaxlib >= 0.10.1 also registers the typed-FFI
-target `triton_kernel_call_ffi` (same proto, as the string attribute `opaque`); it parses the proto once,
-when the executable is initialised. jax-triton's unreleased main branch lowers to it for jax >= 0.10.1.
+target `triton_kernel_call_ffi` (same proto, as the string attribute `opaque`), whose handler has an
+initialisation stage, and XLA may record it into a command buffer. jax-triton's unreleased main branch
+lowers to it for jax >= 0.10.1.
 
 `install()` adds that lowering without forking jax-triton: it wraps jax-triton's CUDA lowering rule, and a
 call whose `custom_call_target_name` is `FFI_TARGET` gets its ABI attributes rewritten to the typed-FFI
 form (what `jax.ffi.ffi_lowering` emits). Every other `triton_call` lowers exactly as before.
 
-Measured on an H100 with jax 0.11.2 (docs/BENCHMARKS.md, session 5): the typed-FFI launch cost 5-13 us
-more per decode call than the legacy one, so it is off by default (`overrides=dict(ffi_call=True)`).
+Measured on an H100 with jax 0.11.2 (docs/BENCHMARKS.md, session 5): cheaper for an empty kernel (3.8-4.3
+us a launch against 7.8-8.7), but 0.2-13 us more per decode call with our kernels, so it is off by default
+(`overrides=dict(ffi_call=True)` turns it on).
 """
 
 from __future__ import annotations
