@@ -186,24 +186,25 @@ def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> in
 
 
 def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> int:
-    """The explicit stage count if it fits in shared memory (else ValueError); with None, the default
-    or the largest smaller count that fits."""
-    need = shared_memory_bytes(shape, block_c, default if num_stages is None else num_stages)
-    if need <= SHARED_MEMORY_LIMIT:
-        return default if num_stages is None else num_stages
-    if num_stages is None:
-        for stages in range(default - 1, 0, -1):
-            if shared_memory_bytes(shape, block_c, stages) <= SHARED_MEMORY_LIMIT:
-                return stages
-        raise ValueError(
-            f"block_c={block_c} at head_dim={shape.head_dim} ({shape.itemsize}-byte elements) needs about "
-            f"{shared_memory_bytes(shape, block_c, 1) // 1024} KiB of shared memory per program even with "
-            f"num_stages=1; the limit is {SHARED_MEMORY_LIMIT // 1024} KiB: lower block_c"
-        )
+    """An explicit stage count if it fits in shared memory (else ValueError); with None, the largest
+    count up to the default that fits."""
+    limit_kib = SHARED_MEMORY_LIMIT // 1024
+    if num_stages is not None:
+        need = shared_memory_bytes(shape, block_c, num_stages)
+        if need > SHARED_MEMORY_LIMIT:
+            raise ValueError(
+                f"block_c={block_c} with num_stages={num_stages} at head_dim={shape.head_dim} "
+                f"({shape.itemsize}-byte elements) needs about {need // 1024} KiB of shared memory per "
+                f"program; the limit is {limit_kib} KiB: lower block_c or num_stages"
+            )
+        return num_stages
+    for stages in range(default, 0, -1):
+        if shared_memory_bytes(shape, block_c, stages) <= SHARED_MEMORY_LIMIT:
+            return stages
     raise ValueError(
-        f"block_c={block_c} with num_stages={default if num_stages is None else num_stages} at head_dim="
-        f"{shape.head_dim} ({shape.itemsize}-byte elements) needs about {need // 1024} KiB of shared "
-        f"memory per program; the limit is {SHARED_MEMORY_LIMIT // 1024} KiB: lower block_c or num_stages"
+        f"block_c={block_c} at head_dim={shape.head_dim} ({shape.itemsize}-byte elements) needs about "
+        f"{shared_memory_bytes(shape, block_c, 1) // 1024} KiB of shared memory per program even with "
+        f"num_stages=1; the limit is {limit_kib} KiB: lower block_c"
     )
 
 

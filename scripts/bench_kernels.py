@@ -199,22 +199,28 @@ def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0):
     return time_program(*chain_program(fn, sets, min_calls), sets, reps, queued=queued)
 
 
-def time_program(program, n_calls, sets, reps, queued=0):
-    """(median, (min, max)) seconds per call of a `chain_program` over `reps` runs, after two warm-ups.
+def time_runs(run, reps, queued=0):
+    """(median, (min, max)) seconds per run() over `reps` repetitions, after two warm-ups.
 
-    queued=0 (latency): each run is one execution followed by a host sync. queued=Q (throughput):
-    each run queues Q executions back to back and syncs once, so the host's launches of one execution
-    overlap the GPU's work on the previous one: the time per call when the host keeps ahead."""
-    q0 = sets[0][0]
-    jax.block_until_ready(program(q0, sets))
-    jax.block_until_ready(program(q0, sets))
-    per_run = max(queued, 1) * n_calls
+    queued=0 (latency): each repetition is one run() followed by a host sync. queued=Q (throughput):
+    each repetition queues Q runs back to back and syncs once, so the host's launches of one run overlap
+    the GPU's work on the previous one: the time per run when the host keeps ahead."""
+    jax.block_until_ready(run())
+    jax.block_until_ready(run())
+    per_rep = max(queued, 1)
     times = []
     for _ in range(reps):
         t0 = time.perf_counter()
-        jax.block_until_ready([program(q0, sets) for _ in range(max(queued, 1))])
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times) / per_run, (min(times) / per_run, max(times) / per_run)
+        jax.block_until_ready([run() for _ in range(per_rep)])
+        times.append((time.perf_counter() - t0) / per_rep)
+    return statistics.median(times), (min(times), max(times))
+
+
+def time_program(program, n_calls, sets, reps, queued=0):
+    """(median, (min, max)) seconds per call of a `chain_program`: `time_runs` of one execution, divided
+    by its calls."""
+    median, (lo, hi) = time_runs(lambda: program(sets[0][0], sets), reps, queued)
+    return median / n_calls, (lo / n_calls, hi / n_calls)
 
 
 def measure_copy_bandwidth(nbytes=4 << 30, reps=20):

@@ -16,9 +16,7 @@ from __future__ import annotations
 import argparse
 import math
 import os
-import statistics
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -26,27 +24,6 @@ import jax.numpy as jnp
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import bench_kernels as bk  # noqa: E402
-
-
-def per_execution(program, args, reps):
-    jax.block_until_ready(program(*args))
-    jax.block_until_ready(program(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(program(*args))
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
-
-
-def pipelined(program, args, reps):
-    """Seconds per execution with `reps` executions queued back to back and one sync at the end: the
-    GPU's steady state when the host keeps ahead (no per-execution sync or start-up latency)."""
-    jax.block_until_ready(program(*args))
-    t0 = time.perf_counter()
-    outs = [program(*args) for _ in range(reps)]
-    jax.block_until_ready(outs)
-    return (time.perf_counter() - t0) / reps
 
 
 def chain_scaling(sizes, names, calls, reps):
@@ -62,8 +39,8 @@ def chain_scaling(sizes, names, calls, reps):
             t = {}
             for n in (calls, 4 * calls):
                 program, n_calls = bk.chain_program(cols[name], sets, min_calls=n)
-                t[n_calls] = per_execution(program, (sets[0][0], sets), reps)
-            piped = pipelined(program, (sets[0][0], sets), reps) / n_calls
+                t[n_calls] = bk.time_program(program, n_calls, sets, reps)[0] * n_calls
+            piped = bk.time_program(program, n_calls, sets, 1, queued=reps)[0]
             (n1, t1), (n2, t2) = sorted(t.items())
             slope = (t2 - t1) / (n2 - n1)
             print(
@@ -113,7 +90,7 @@ def empty_launches(n=64, reps=20):
     for name, program in variants.items():
         out = program(x)
         assert int(out[0]) == n, (name, out)  # every launch ran
-        print(f"| {name} | {per_execution(program, (x,), reps) / n * 1e6:.2f} |", flush=True)
+        print(f"| {name} | {bk.time_runs(lambda p=program: p(x), reps)[0] / n * 1e6:.2f} |", flush=True)
 
 
 def pad_triton_opaque(kib):
