@@ -35,9 +35,15 @@ F32_NUM_STAGES = 2
 # FUSED_SLOTS_PER_SPLIT slots beat the two-kernel path (session 4: 64x8192 756 vs 795 us, 64x2048 196
 # vs 199; at B = 32 and below the two kernels were as fast or faster). Its per-KV-head finishers then run
 # while later splits still stream, and t is still in L2 when they read it.
-EPILOGUES = ("fused", "separate")
+EPILOGUES = ("fused", "separate", "coop")
 FUSED_MIN_PROGRAMS_PER_SM = 2
 FUSED_SLOTS_PER_SPLIT = 512
+# "coop" (one launch, a barrier, then every program takes a share of the epilogue): its programs wait for
+# each other, so the whole grid must be resident at once; it is allowed only when the grid has at most one
+# program per SM. Default where the batch alone has at most one program per SM (B * Hkv <= SMs), with
+# as many splits as fill the SMs (at most COOP_MAX_SPLITS: the share's merge tile is [splits, D]).
+COOP_MAX_SPLITS = 32
+COOP_BLOCK_C = 64
 # The epilogue kernel: slots per importance program, and its warps.
 COMBINE_CHUNK = 256
 COMBINE_NUM_WARPS = 4
@@ -91,7 +97,7 @@ class LaunchConfig:
     combine_chunk: int
     combine_num_warps: int
     vnorm: str = VNORM
-    epilogue: str = "separate"  # "separate" (split + combine kernels) or "fused" (one launch)
+    epilogue: str = "separate"  # "separate" (split + combine kernels), "fused" or "coop" (one launch)
     # The traffic of t (docs/KERNEL_NOTES_triton.md, session 4): cache_hints stores t (and the fused
     # epilogue's per-KV-head importances) with L2 evict_last; discard_t drops their lines from L2 once the
     # epilogue has read them (discard.global.L2), so a line still in L2 is never written back to DRAM.
@@ -152,11 +158,15 @@ def num_sms() -> int:
 
 
 def default_epilogue(shape: DecodeShape, compute_evict: bool, sms: int | None = None) -> str:
-    """The measured choice (see FUSED_MIN_PROGRAMS_PER_SM above); without scoring always "separate"
-    (with one split that is a single launch that writes the output itself)."""
+    """The measured choice (see FUSED_MIN_PROGRAMS_PER_SM and COOP_MAX_SPLITS above); without scoring
+    always "separate" (with one split that is a single launch that writes the output itself)."""
     sms = sms or num_sms()
-    big = shape.batch * shape.num_kv_heads >= FUSED_MIN_PROGRAMS_PER_SM * sms
-    return "fused" if compute_evict and big else "separate"
+    programs = shape.batch * shape.num_kv_heads
+    if not compute_evict:
+        return "separate"
+    if programs <= sms:
+        return "coop"
+    return "fused" if programs >= FUSED_MIN_PROGRAMS_PER_SM * sms else "separate"
 
 
 def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None, epilogue="separate") -> int:
@@ -167,10 +177,29 @@ def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None,
         return max(1, min(cdiv(shape.num_slots, FUSED_SLOTS_PER_SPLIT), num_blocks, MAX_SPLITS))
     sms = sms or num_sms()
     programs = shape.batch * shape.num_kv_heads
+    most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
+    if epilogue == "coop":
+        return max(1, min(sms // programs, most, COOP_MAX_SPLITS))
     target = PROGRAMS_PER_SM * sms if 2 * programs >= sms else sms
     want = max(1, target // programs)
-    most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
     return max(1, min(want, most, MAX_SPLITS))
+
+
+def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int | None = None) -> None:
+    """The coop epilogue's programs wait for each other at a barrier: every program must be resident at
+    once, which one program per SM guarantees (a kernel that launches at all fits once on every SM)."""
+    sms = sms or num_sms()
+    grid = num_splits * shape.num_kv_heads * shape.batch
+    if grid > sms:
+        raise ValueError(
+            f'epilogue="coop" needs at most one program per SM: num_splits={num_splits} x '
+            f"{shape.num_kv_heads} KV heads x batch {shape.batch} = {grid} programs > {sms} SMs; use fewer "
+            f'splits or epilogue="fused" / "separate"'
+        )
+    if num_splits > COOP_MAX_SPLITS:
+        raise ValueError(
+            f'epilogue="coop" takes at most {COOP_MAX_SPLITS} splits, got num_splits={num_splits}'
+        )
 
 
 def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
@@ -223,16 +252,17 @@ def resolve_config(
 ) -> LaunchConfig:
     """Fill in defaults and check explicit values; raises ValueError naming the bad value."""
     wide = shape.itemsize > 2
-    if block_c is None:
-        block_c = max(MIN_DOT, min(F32_BLOCK_C if wide else BLOCK_C, next_pow2(shape.num_slots)))
-    _check_positive_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C)
-    if not is_pow2(block_c):
-        raise ValueError(f"block_c must be a power of two in [{MIN_DOT}, {MAX_BLOCK_C}], got {block_c}")
-    num_blocks = cdiv(shape.num_slots, block_c)
     if epilogue is None:
         epilogue = default_epilogue(shape, compute_evict, sms)
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES} or None, got {epilogue!r}")
+    if block_c is None:
+        block_c = F32_BLOCK_C if wide else COOP_BLOCK_C if epilogue == "coop" else BLOCK_C
+        block_c = max(MIN_DOT, min(block_c, next_pow2(shape.num_slots)))
+    _check_positive_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C)
+    if not is_pow2(block_c):
+        raise ValueError(f"block_c must be a power of two in [{MIN_DOT}, {MAX_BLOCK_C}], got {block_c}")
+    num_blocks = cdiv(shape.num_slots, block_c)
     if num_splits is None:
         num_splits = default_num_splits(shape, block_c, sms, epilogue)
     _check_positive_int("num_splits", num_splits, 1, MAX_SPLITS)
@@ -245,6 +275,8 @@ def resolve_config(
     # of splits actually needed (e.g. 7 blocks in 3 requested splits -> 3 blocks each, 3 splits).
     blocks_per_split = cdiv(num_blocks, num_splits)
     num_splits = cdiv(num_blocks, blocks_per_split)
+    if epilogue == "coop":
+        check_coop_grid(shape, num_splits, sms)
     if num_warps is None:
         num_warps = F32_NUM_WARPS if wide else NUM_WARPS
     _check_positive_int("num_warps", num_warps, 1, 16)

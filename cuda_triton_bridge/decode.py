@@ -8,6 +8,8 @@ Launches per call (all inside the caller's jit, no host sync), see launch.py:
   * combine kernel, grid (max(Hq, slot chunks), B), when there is something to combine: num_splits > 1
     or compute_evict. With one split and compute_evict=False the split kernel writes the normalised
     output and the -1 evict slots itself: one launch.
+  * or one launch of the fused or coop kernel (epilogue="fused" / "coop"), with its tickets zeroed by
+    jax-triton's memset before it.
 """
 
 from __future__ import annotations
@@ -73,8 +75,8 @@ def longflow_decode_attention_triton(
     target = custom_call_target(cfg.ffi_call)
     if cfg.ffi_call:
         install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
-    if plan.fused:
-        return _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
+    if plan.fused or plan.coop:
+        return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
     split = plan.split
     out, acc, m, ell, t, counter, no_evict = jt.triton_call(
         q,
@@ -125,26 +127,27 @@ def longflow_decode_attention_triton(
     return out, _squeeze_groups(evict_slot, granularity)
 
 
-def _launch_fused(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target):
+def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target):
+    """The one-launch epilogues ("fused", "coop")."""
     launch = plan.split
-    out, _, _, _, _, _, evict_slot, _ = jt.triton_call(
+    outs = jt.triton_call(
         q,
         k_cache,
         v_cache,
         kv_valid,
         kv_len,
         np.float32(float(scale) * LOG2E),
-        kernel=kernels.decode_fused_kernel,
+        kernel=getattr(kernels, plan.main_kernel),
         out_shape=_out_shapes(launch, q.dtype),
         zeroed_outputs=launch.zeroed,  # the tickets
         grid=launch.grid,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        name="longflow_decode_fused",
+        name="longflow_" + plan.main_kernel,
         custom_call_target_name=target,
         **launch.meta,
     )
-    return out, _squeeze_groups(evict_slot, plan.granularity)
+    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
 
 
 def _squeeze_groups(evict_slot, granularity):

@@ -115,6 +115,7 @@ def longflow_decode_attention_interpret(
         final_reduce=final_reduce,
         is_f32=dtype == "float32",
         fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
+        spin=False,  # interpreted programs run one after another: none may wait for another
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
@@ -122,11 +123,11 @@ def longflow_decode_attention_interpret(
     split_out = _alloc(plan.split, _TORCH[dtype])
     for i in plan.split.zeroed:
         split_out[i].zero_()
-    if plan.fused:
-        kernels.decode_fused_kernel[plan.split.grid](
+    if plan.fused or plan.coop:
+        getattr(kernels, plan.main_kernel)[plan.split.grid](
             tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
         )
-        evict_slot = split_out[6].numpy()
+        evict_slot = split_out[plan.evict_output].numpy()
         if granularity == "sequence":
             evict_slot = evict_slot.reshape(evict_slot.shape[0])
         return _to_numpy(split_out[0]), evict_slot

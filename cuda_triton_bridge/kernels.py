@@ -513,3 +513,220 @@ def decode_fused_kernel(
         else:
             if kvh < NG:
                 tl.store(evict_ptr + b * NG + kvh, -1)
+
+
+@triton.jit
+def _coop_finish_share(
+    j,  # share index within the barrier group
+    bar,  # barrier group: b * NG + g with eviction, b * HKV + kvh without
+    valid_ptr,
+    kv_len_ptr,
+    acc_ptr,
+    m_ptr,
+    l_ptr,
+    t_ptr,
+    out_ptr,
+    part_val_ptr,
+    part_idx_ptr,
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S_P: tl.constexpr,
+    BAR_KV: tl.constexpr,
+    HPG: tl.constexpr,
+    HPG_P: tl.constexpr,
+    NSH: tl.constexpr,
+    ECHUNK: tl.constexpr,
+    EVICT: tl.constexpr,
+    DISCARD_T: tl.constexpr,
+):
+    """Share j of a barrier group, once every program of the group has stored its split: merge the split
+    outputs of some of its query heads, and score one strided set of slot chunks (argmin to part_*)."""
+    G: tl.constexpr = HQ // HKV
+    split = j // BAR_KV
+    b = (bar * BAR_KV) // HKV
+    kvh = (bar * BAR_KV) % HKV + j % BAR_KV
+    s = tl.arange(0, S_P)
+    s_ok = s < NUM_SPLITS
+    if NUM_SPLITS > 1:
+        # Heads r = split, split + S, ... of this KV head's group: every head once across the shares.
+        d = tl.arange(0, D)
+        for r in range(split, G, NUM_SPLITS):
+            oh = (b * HQ + kvh * G + r).to(tl.int64)
+            om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+            ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0, cache_modifier=".cg")
+            om_max = tl.max(om, axis=0)
+            ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
+            odenom = tl.sum(ol * ow, axis=0)
+            oacc = tl.load(
+                acc_ptr + (oh * NUM_SPLITS + s[:, None]) * D + d[None, :],
+                mask=s_ok[:, None],
+                other=0.0,
+                cache_modifier=".cg",
+            )
+            o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
+            tl.store(out_ptr + oh * D + d, o.to(out_ptr.dtype.element_ty))
+    if EVICT:
+        NG: tl.constexpr = HKV // BAR_KV
+        g = bar % NG
+        r = tl.arange(0, HPG_P)
+        r_ok = r < HPG
+        bh = (b * HQ + g * HPG + r).to(tl.int64)  # the score group's query heads
+        stat_idx = bh[:, None] * NUM_SPLITS + s[None, :]
+        stat_ok = r_ok[:, None] & s_ok[None, :]
+        m = tl.load(m_ptr + stat_idx, mask=stat_ok, other=float("-inf"), cache_modifier=".cg")
+        ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0, cache_modifier=".cg")
+        m_max = tl.max(m, axis=1)
+        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+        denom = tl.sum(ell * tl.exp2(m - m_use[:, None]), axis=1)
+        inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
+        n_valid = _row_bound(kv_len_ptr, b, C)
+        valid_row = valid_ptr + b.to(tl.int64) * C
+        ec = tl.arange(0, ECHUNK)
+        best_val = float("inf")
+        best_slot = C
+        for c0 in range(j * ECHUNK, C, NSH * ECHUNK):
+            c = c0 + ec
+            c_ok = c < C
+            in_bound = c < n_valid  # past the bound t was never written: those slots are empty
+            t = tl.load(
+                t_ptr + bh[:, None] * C + c[None, :],
+                mask=r_ok[:, None] & in_bound[None, :],
+                other=float("-inf"),
+                cache_modifier=".cg",
+            )
+            imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
+            valid = tl.load(valid_row + c, mask=in_bound, other=0) != 0
+            score = tl.where(c_ok, tl.where(valid, imp, -1.0), float("inf"))
+            cmin, cat = tl.min(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
+            if DISCARD_T:
+                # The predicate needs the chunk's argmin, so every thread's t is read before any line goes.
+                lines = tl.arange(0, ECHUNK // 32)
+                line_ok = r_ok[:, None] & ((c0 + lines * 32) < n_valid)[None, :] & (cat >= 0)
+                _discard_l2_lines(t_ptr + bh[:, None] * C + (c0 + lines * 32)[None, :], line_ok)
+            take = cmin < best_val  # strict: this share's earlier chunk keeps ties (lower slot)
+            best_slot = tl.where(take, c0 + cat, best_slot)
+            best_val = tl.where(take, cmin, best_val)
+        tl.store(part_val_ptr + bar * NSH + j, best_val)
+        tl.store(part_idx_ptr + bar * NSH + j, best_slot)
+
+
+@triton.jit
+def _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH: tl.constexpr, NSH_P: tl.constexpr):
+    """The group's evict slot from its shares' minima: the lowest slot among the equal minima (shares
+    interleave their chunks, so the share order is not the slot order)."""
+    jj = tl.arange(0, NSH_P)
+    ok = jj < NSH
+    vals = tl.load(part_val_ptr + bar * NSH + jj, mask=ok, other=float("inf"), cache_modifier=".cg")
+    idxs = tl.load(part_idx_ptr + bar * NSH + jj, mask=ok, other=0, cache_modifier=".cg")
+    vmin = tl.min(vals, axis=0)
+    pick = tl.min(tl.where(ok & (vals == vmin), idxs, 2147483647), axis=0)
+    tl.store(evict_ptr + bar, pick)
+
+
+@triton.jit
+def decode_coop_kernel(
+    q_ptr,  # [B, HQ, D]
+    k_ptr,  # [B, HKV, C, D]
+    v_ptr,  # [B, HKV, C, D]
+    valid_ptr,  # [B, C] bool
+    kv_len_ptr,  # [B] i32
+    qk_scale,  # softmax scale * log2(e), f32
+    out_ptr,  # [B, HQ, D] q dtype
+    acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
+    m_ptr,  # [B, HQ, S] f32
+    l_ptr,  # [B, HQ, S] f32
+    t_ptr,  # [B, HQ, C] f32 (when EVICT)
+    part_val_ptr,  # [NBAR, NSH] f32 share minima (when EVICT)
+    part_idx_ptr,  # [NBAR, NSH] i32 their slots
+    evict_ptr,  # [B, NG] i32
+    count_ptr,  # [2 * NBAR] i32, zeroed before launch: barrier arrivals, then finish tickets
+    HQ: tl.constexpr,
+    HKV: tl.constexpr,
+    C: tl.constexpr,
+    D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr,
+    S_P: tl.constexpr,
+    BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+    QROWS: tl.constexpr,
+    BAR_KV: tl.constexpr,  # KV heads per barrier group: HKV // NG with eviction, 1 without
+    NBAR: tl.constexpr,  # barrier groups: B * HKV // BAR_KV
+    HPG: tl.constexpr,  # query heads per score group
+    HPG_P: tl.constexpr,
+    NSH: tl.constexpr,  # programs (= shares) per barrier group: NUM_SPLITS * BAR_KV
+    NSH_P: tl.constexpr,
+    ECHUNK: tl.constexpr,  # slots per scoring step of a share
+    EVICT: tl.constexpr,
+    SPIN: tl.constexpr,  # GPU: every program waits at the barrier; interpreter: the last one does all
+    DOT_PRECISION: tl.constexpr,
+    VNORM_MMA: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
+    T_POLICY: tl.constexpr,
+    DISCARD_T: tl.constexpr,
+):
+    """One launch with a parallel epilogue. Each program streams its split, then waits at a barrier of
+    its group (the sequence, or its KV head with "kv_head" scores); past it every program merges a few
+    heads' outputs and scores a 1/NSH share of the group's slots, and the last share to finish reduces
+    the shares' minima. Waiting needs every program of the grid resident at once: the plan allows this
+    epilogue only when the grid is no larger than the GPU's SM count (config.check_coop_grid)."""
+    split = tl.program_id(0)
+    kvh = tl.program_id(1)
+    b = tl.program_id(2)
+    G: tl.constexpr = HQ // HKV
+    NG: tl.constexpr = HKV // BAR_KV
+    m_i, l_i, acc = _attend_split(
+        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
+        T_POLICY,
+    )  # fmt: skip
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < G
+    bh = (b * HQ + kvh * G + rows).to(tl.int64)
+    d = tl.arange(0, D)
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
+    tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
+    tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+    if not EVICT:
+        if (split == 0) & (kvh < NG):
+            tl.store(evict_ptr + b * NG + kvh, -1)
+    if EVICT or NUM_SPLITS > 1:
+        bar = (b * HKV + kvh) // BAR_KV
+        share = split * BAR_KV + kvh % BAR_KV
+        # Every thread's stores precede the barrier; the acq_rel arrival publishes them, as in CUDA's
+        # grid sync, and the reads past it go through L2 (.cg).
+        tl.debug_barrier()
+        arrived = tl.atomic_add(count_ptr + bar, 1, sem="acq_rel", scope="gpu") + 1
+        if SPIN:
+            while arrived < NSH:
+                arrived = tl.atomic_add(count_ptr + bar, 0, sem="acquire", scope="gpu")
+            tl.debug_barrier()
+            _coop_finish_share(
+                share, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr,
+                part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK, EVICT,
+                DISCARD_T,
+            )  # fmt: skip
+            if EVICT:
+                tl.debug_barrier()
+                ticket = tl.atomic_add(count_ptr + NBAR + bar, 1, sem="acq_rel", scope="gpu")
+                if ticket == NSH - 1:
+                    _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
+        else:
+            # Triton's CPU interpreter runs programs one after another, so nobody may wait: the last to
+            # arrive does every share (the same code, serially).
+            if arrived == NSH:
+                for jshare in range(0, NSH):
+                    _coop_finish_share(
+                        jshare, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr,
+                        part_val_ptr, part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P,
+                        NSH, ECHUNK, EVICT, DISCARD_T,
+                    )  # fmt: skip
+                if EVICT:
+                    tl.debug_barrier()
+                    _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)

@@ -41,12 +41,25 @@ class KernelLaunch:
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
-    split: KernelLaunch  # the main kernel: decode_split_kernel, or decode_fused_kernel when fused
+    split: KernelLaunch  # the main kernel: decode_split_kernel, or the fused / coop kernel
     combine: KernelLaunch | None  # None: one launch (fused, or 1 split without eviction)
     num_chunks: int  # slot chunks of the combine kernel's argmin (0 without eviction)
     final_reduce: str
     granularity: str
-    fused: bool = False
+    fused: bool = False  # the one-launch "fused" epilogue (decode_fused_kernel)
+    coop: bool = False  # the one-launch "coop" epilogue (decode_coop_kernel)
+
+    @property
+    def main_kernel(self) -> str:
+        """Name of the main kernel in kernels.py."""
+        if self.coop:
+            return "decode_coop_kernel"
+        return "decode_fused_kernel" if self.fused else "decode_split_kernel"
+
+    @property
+    def evict_output(self) -> int:
+        """Index of the evict slots among a one-launch plan's outputs."""
+        return 7 if self.coop else 6
 
     @property
     def reduce_in_xla(self) -> bool:
@@ -68,11 +81,14 @@ def plan_launch(
     is_f32: bool,
     fast_log2: bool = True,
     capability: int = 90,
+    spin: bool = True,
 ) -> LaunchPlan:
     """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
     that t's lines are left to L2 (discard_t is ignored).
     fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
-    libdevice (tl.log2 there)."""
+    libdevice (tl.log2 there).
+    spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
+    programs one after another (there the last program to arrive does every share)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
@@ -83,6 +99,20 @@ def plan_launch(
     stats = evict or not direct
     # The interpreter (fast_log2=False) has no PTX at all; the GPU needs sm_80 for the discard.
     discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
+    if cfg.epilogue == "coop":
+        return _plan_coop(
+            shape,
+            cfg,
+            num_groups=num_groups,
+            heads_per_group=heads_per_group,
+            evict=evict,
+            is_f32=is_f32,
+            granularity=granularity,
+            final_reduce=final_reduce,
+            fast_log2=fast_log2,
+            discard_ok=discard_ok,
+            spin=spin,
+        )
     if cfg.epilogue == "fused":
         return _plan_fused(
             shape,
@@ -224,3 +254,73 @@ def _plan_fused(
         zeroed=(7,),
     )
     return LaunchPlan(launch, None, 0, final_reduce, granularity, fused=True)
+
+
+def _plan_coop(
+    shape,
+    cfg,
+    *,
+    num_groups,
+    heads_per_group,
+    evict,
+    is_f32,
+    granularity,
+    final_reduce,
+    fast_log2,
+    discard_ok,
+    spin,
+) -> LaunchPlan:
+    b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
+    splits = cfg.num_splits
+    bar_kv = hkv // num_groups if evict else 1  # a barrier group: one score group, or one KV head
+    num_bars = b * hkv // bar_kv
+    shares = splits * bar_kv
+    hpg_p = next_pow2(heads_per_group)
+    # A share's scoring tile is [heads of the group, echunk]; >= 32 slots keeps whole 128-byte t lines.
+    echunk = min(FINISH_TILE_ELEMS // hpg_p, next_pow2(cdiv(c, shares)))
+    echunk = max(16, min(max(32, echunk), next_pow2(c)))
+    whole_lines = c % 32 == 0 and echunk % 32 == 0
+    launch = KernelLaunch(
+        grid=(splits, hkv, b),
+        # Order = the kernel's output pointers: out, acc, m, l, t, part_val, part_idx, evict, count.
+        outputs=(
+            _buf((b, hq, d), "q"),
+            _buf((b, hq, splits, d), "f32", splits > 1),
+            _buf((b, hq, splits), "f32"),
+            _buf((b, hq, splits), "f32"),
+            _buf((b, hq, c), "f32", evict),
+            _buf((num_bars, shares), "f32", evict),
+            _buf((num_bars, shares), "i32", evict),
+            _buf((b, num_groups), "i32"),
+            _buf((2 * num_bars,), "i32"),
+        ),
+        meta=dict(
+            HQ=hq,
+            HKV=hkv,
+            C=c,
+            D=d,
+            NUM_SPLITS=splits,
+            S_P=next_pow2(splits),
+            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
+            BLOCK_C=cfg.block_c,
+            QROWS=cfg.query_rows,
+            BAR_KV=bar_kv,
+            NBAR=num_bars,
+            HPG=heads_per_group,
+            HPG_P=hpg_p,
+            NSH=shares,
+            NSH_P=next_pow2(shares),
+            ECHUNK=echunk,
+            EVICT=evict,
+            SPIN=spin,
+            DOT_PRECISION="ieee" if is_f32 else "tf32",
+            VNORM_MMA=cfg.vnorm == "mma",
+            FAST_LOG2=fast_log2,
+            T_POLICY="evict_last" if cfg.cache_hints else "",
+            DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
+        ),
+        num_warps=cfg.num_warps,
+        num_stages=cfg.num_stages,
+        zeroed=(8,),
+    )
+    return LaunchPlan(launch, None, 0, final_reduce, granularity, coop=True)

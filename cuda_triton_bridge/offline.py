@@ -77,9 +77,7 @@ def compile_plan(
         "kv_len_ptr": "*i32",
         "qk_scale": "fp32",
     }
-    launches = [
-        (kernels.decode_fused_kernel if plan.fused else kernels.decode_split_kernel, main_inputs, plan.split)
-    ]
+    launches = [(getattr(kernels, plan.main_kernel), main_inputs, plan.split)]
     if plan.combine is not None:
         comb_inputs = {
             "valid_ptr": "*i1",
@@ -112,7 +110,9 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     add_shape_arguments(parser)
     parser.add_argument("--granularity", default="sequence")
-    parser.add_argument("--epilogue", choices=("fused", "separate"), help="default: the measured choice")
+    parser.add_argument(
+        "--epilogue", choices=("fused", "separate", "coop"), help="default: the measured choice"
+    )
     parser.add_argument("--vnorm", choices=("mma", "reduce"))
     parser.add_argument(
         "--override", action="append", default=[], help="LaunchConfig switch, e.g. discard_t=0"

@@ -12,8 +12,10 @@ the steady state of LongFlow decoding):
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
   triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
-  triton_fused / triton_separate  the same with the epilogue forced to "fused" (one launch) or
-                  "separate" (split + combine kernels); the triton column takes the measured choice
+  triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
+                  launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
+                  (one launch, a barrier, every program finishes a share; only where the grid fits one
+                  program per SM); the triton column takes the measured choice
   copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
@@ -117,7 +119,7 @@ def columns(scale, granularity="sequence", extra=None):
             granularity=granularity,
             overrides=dict(ffi_call=True),
         )
-        for epilogue in ("fused", "separate"):
+        for epilogue in ("fused", "separate", "coop"):
             cols[f"triton_{epilogue}"] = functools.partial(
                 longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
             )
@@ -381,6 +383,7 @@ def main(argv=None):
             "triton_ffi",
             "triton_fused",
             "triton_separate",
+            "triton_coop",
         )
         if any(n in r for r in rows)
     ]

@@ -39,12 +39,16 @@
 #             columns                                                                      (~7 min)
 #   final5c   bench_kernels.py --queued 4 (throughput) for XLA, Pallas, Triton with and without
 #             scoring                                                                      (~4 min)
+#   coop      the "coop" epilogue (one launch, a barrier, parallel shares) against the reference on the
+#             GPU: its tests, the default-config shapes, both granularities, then generate       (~5 min)
+#   coopsweep scripts/sweep_small_batch.py for coop at B = 1 (splits x block) and B = 16 (block), with
+#             the separate and fused settings of session 5 for comparison                  (~8 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -150,6 +154,15 @@ PY
   final5c)
     timeout 400 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns xla_attn,pallas,triton,triton_noevict \
       --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning | tee "$OUT/bench_kernels_queued.log" ;;
+  coop)
+    timeout 400 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+      -k "coop or benchmark_shapes or agree or matches_reference or decode_loop" 2>&1 | tee "$OUT/tests.log" | tail -12
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py 2>&1 | tee "$OUT/generate.log" | tail -4 ;;
+  coopsweep)
+    timeout 280 python3 scripts/sweep_small_batch.py --batch 1 --slots 2048,8192 --epilogues coop \
+      --splits 8,16 --block-c 32,64,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b1.log"
+    timeout 290 python3 scripts/sweep_small_batch.py --batch 16 --slots 2048,8192 --epilogues coop,separate \
+      --splits 1 --block-c 32,64,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b16.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

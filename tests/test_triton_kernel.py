@@ -172,12 +172,13 @@ def test_splits_round_to_whole_blocks():
 
 def test_default_splits_follow_the_measured_choice():
     # H100 (132 SMs), Qwen3-8B attention: the epilogue and split counts that measured fastest
-    # (KERNEL_NOTES_triton.md): fused with 512-slot splits at B = 64, the two kernels below.
+    # (KERNEL_NOTES_triton.md): coop while B * Hkv fits one program per SM, fused with 512-slot splits
+    # at B = 64, the two kernels between.
     want = {
-        (1, 2048): ("separate", 16),
-        (1, 8192): ("separate", 16),
-        (16, 2048): ("separate", 4),
-        (16, 8192): ("separate", 4),
+        (1, 2048): ("coop", 16),
+        (1, 8192): ("coop", 16),
+        (16, 2048): ("coop", 1),
+        (16, 8192): ("coop", 1),
         (32, 8192): ("separate", 2),
         (64, 2048): ("fused", 4),
         (64, 8192): ("fused", 16),
@@ -208,6 +209,21 @@ def test_discard_needs_sm80_and_a_gpu(epilogue):
     assert not discard(capability=90, fast_log2=False)
     off = ctb.resolve_config(shape, sms=132, epilogue=epilogue, overrides=dict(discard_t=False))
     assert not getattr(plan_launch(shape, off, **kw), main).meta["DISCARD_T"]
+
+
+def test_coop_grid_must_fit_one_program_per_sm():
+    # Its programs wait for each other: a grid larger than the SM count could deadlock, so it is refused.
+    shape = ctb.config.DecodeShape(16, 32, 8, 2048, 128)
+    assert ctb.resolve_config(shape, sms=132, epilogue="coop").num_splits == 1
+    with pytest.raises(ValueError, match="one program per SM: num_splits=2 x 8 KV heads x batch 16"):
+        ctb.resolve_config(shape, sms=132, epilogue="coop", num_splits=2)
+    with pytest.raises(ValueError, match="at most 32 splits"):
+        ctb.resolve_config(ctb.config.DecodeShape(1, 8, 1, 8192, 64), sms=132, epilogue="coop", num_splits=64)
+    # The default never asks for more than fits: 132 // (3 * 8) = 5 splits.
+    cfg = ctb.resolve_config(ctb.config.DecodeShape(3, 32, 8, 8192, 128), sms=132, epilogue="coop")
+    assert cfg.num_splits == 5
+    # Above one program per SM the default is not coop.
+    assert ctb.resolve_config(ctb.config.DecodeShape(17, 32, 8, 2048, 128), sms=132).epilogue != "coop"
 
 
 def test_rejects_bad_overrides_and_epilogue():
@@ -388,6 +404,7 @@ def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkey
 
 SEPARATE = dict(epilogue="separate")
 FUSED = dict(epilogue="fused")
+COOP = dict(epilogue="coop", sms=64)  # the grid must fit the "SMs" (one program each)
 # (name, dtype, B, Hq, Hkv, C, D, valid, kwargs); the reference is jnp on the same rounded inputs.
 # Cases run the separate (two-kernel) epilogue unless they say otherwise; FUSED: the single launch.
 INTERPRETER_CASES = [
@@ -552,6 +569,36 @@ INTERPRETER_CASES = [
         dict(block_c=32, num_splits=3, overrides=dict(cache_hints=False, discard_t=False)),
     ),
     ("f16-auto", "float16", 4, 16, 2, 256, 128, "mixed", dict(epilogue=None, kv_len=[0, 1, 129, 256])),
+    # The coop epilogue: in the interpreter the last program to reach the barrier does every share
+    # (same code as the GPU's parallel shares, which the GPU tests cover).
+    ("f32-coop", "float32", 4, 8, 2, 300, 64, "all", dict(**COOP, block_c=32, num_splits=3)),
+    ("f32-coop-1split", "float32", 4, 8, 2, 300, 64, "all", dict(**COOP, block_c=64, num_splits=1)),
+    (
+        "f32-coop-kvhead",
+        "float32",
+        4,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(**COOP, block_c=32, num_splits=4, granularity="kv_head"),
+    ),
+    ("f32-coop-mqa", "float32", 2, 8, 1, 600, 32, "all", dict(**COOP, block_c=16, num_splits=9)),
+    (
+        "f16-coop-kvlen",
+        "float16",
+        3,
+        8,
+        2,
+        320,
+        128,
+        "all",
+        dict(**COOP, block_c=32, num_splits=2, kv_len=[0, 130, 320]),
+    ),
+    ("noevict-coop", "float32", 3, 8, 2, 300, 64, "mixed", dict(**COOP, num_splits=4, compute_evict=False)),
+    # The measured choice with 64 "SMs": B * Hkv = 8 <= 64 picks "coop".
+    ("f32-auto-coop", "float32", 4, 8, 2, 1024, 64, "all", dict(epilogue=None, sms=64)),
 ]
 
 
@@ -667,17 +714,20 @@ def test_vnorm_modes_match_reference(vnorm, dtype, head_dim, group):
 
 
 @pytest.mark.parametrize("block_c, num_splits", [(16, 1), (32, 3), (64, 16), (128, 2), (256, 1), (32, 32)])
-@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
 @gpu
 def test_block_and_split_choices(block_c, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
-    out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue
-    )
+    kw = dict(scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue)
+    if epilogue == "coop" and 4 * 2 * num_splits > ctb.config.num_sms():
+        with pytest.raises(ValueError, match="one program per SM"):  # a grid that could deadlock
+            ctb.longflow_decode_attention_triton(q, k, v, valid, **kw)
+        return
+    out, evict_slot = ctb.longflow_decode_attention_triton(q, k, v, valid, **kw)
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
 
 
-@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
 @gpu
 def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
     # 256-slot blocks at D 128 with the default 3 stages would ask for 276 KiB of shared memory and fail
@@ -691,7 +741,7 @@ def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
 @gpu
 def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
     # Rows: empty, one slot, a block boundary, mid-block, the whole buffer; the valid mask is random.
@@ -717,6 +767,9 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
         (dict(cache_hints=False, discard_t=False), 4, "fused"),
         (dict(discard_t=False), 4, "separate"),
         (dict(cache_hints=False), 4, "fused"),
+        (None, 1, "coop"),
+        (None, 3, "coop"),  # 5 x 8 x 3 = 120 programs: the most that fit one per SM on an H100
+        (dict(cache_hints=False, discard_t=False), 3, "coop"),
     ],
 )
 @gpu
@@ -735,7 +788,7 @@ def test_t_traffic_switches_match_reference(granularity, overrides, num_splits, 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
 @gpu
 def test_without_eviction_returns_minus_one(granularity, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
@@ -764,6 +817,7 @@ def test_fused_and_separate_epilogues_agree(granularity):
     kw = dict(scale=0.088, granularity=granularity, num_splits=8)
     results = [
         ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="fused", **kw),
+        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="coop", **kw),
         ctb.longflow_decode_attention_triton(
             q, k, v, valid, epilogue="separate", final_reduce="atomic", **kw
         ),
@@ -777,7 +831,7 @@ def test_fused_and_separate_epilogues_agree(granularity):
     assert_matches_reference(q, k, v, valid, *results[0], scale=0.088, granularity=granularity)
 
 
-@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048)])
+@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048), (16, 8192), (32, 2048)])
 @gpu
 def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots):
     # Qwen3-8B's attention (32 query / 8 KV heads, D 128), bf16, all slots valid: the importance argmin
@@ -796,7 +850,7 @@ def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots
         np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
-@pytest.mark.parametrize("epilogue", ["fused", "separate"])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
 @gpu
 def test_typed_ffi_and_legacy_launches_agree(epilogue):
     # The same compiled kernels through either custom call: bit-identical results; the override lowers
