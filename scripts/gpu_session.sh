@@ -162,7 +162,7 @@ PY
     timeout 280 python3 scripts/sweep_small_batch.py --batch 1 --slots 2048,8192 --epilogues coop \
       --splits 8,16 --block-c 32,64,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b1.log"
     timeout 290 python3 scripts/sweep_small_batch.py --batch 16 --slots 2048,8192 --epilogues coop,separate \
-      --splits 1 --block-c 32,64,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b16.log" ;;
+      --splits 1,4 --block-c 32,64,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b16.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
