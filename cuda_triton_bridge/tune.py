@@ -285,13 +285,13 @@ def main():
         )
         log.write(json.dumps({"empty_kernel_wall_us": wall * 1e6, "gpu": per, "span_us": span}) + "\n")
         for spec in filter(None, args.diag.split(",")):
-            # B:C:block_c:warps:stages:splits[:f|s|a[:e|n|en[:overrides]]] (splits "d": the default;
-            # epilogue fused/separate/a = the default; evict, no-evict, both; overrides: LaunchConfig
+            # B:C:block_c:warps:stages:splits[:f|s|c|a[:e|n|en[:overrides]]] (splits "d": the default;
+            # epilogue fused/separate/coop/a = the default; evict, no-evict, both; overrides: LaunchConfig
             # switches joined by "+", "name" or "name=0")
             fields = spec.split(":")
             batch, slots, bc, w, st = (int(x) for x in fields[:5])
             sp = None if fields[5] == "d" else int(fields[5])
-            epilogue = {"f": "fused", "s": "separate", "a": None}[fields[6] if len(fields) > 6 else "f"]
+            epilogue = {"f": "fused", "s": "separate", "c": "coop", "a": None}[fields[6] if len(fields) > 6 else "f"]
             evicts = [{"e": True, "n": False}[x] for x in (fields[7] if len(fields) > 7 else "en")]
             overrides = {}
             for item in filter(None, (fields[8] if len(fields) > 8 else "").split("+")):
