@@ -44,12 +44,14 @@
 #   coopsweep scripts/sweep_small_batch.py for coop at B = 1 (splits x block) and B = 16 (block), with
 #             the separate and fused settings of session 5 for comparison                  (~8 min)
 #   coopprof  profiler kernel times (and wall) of coop against separate / fused at B = 1 and 16  (~5 min)
+#   sweep6    the defaults' evidence: scripts/sweep_small_batch.py at B = 1 (coop vs separate), B = 16 and
+#             B = 32 (separate vs fused, 1-4 splits, 32- and 128-slot blocks)               (~7 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -170,6 +172,13 @@ PY
     diag=$diag,16:8192:128:4:3:1:c:e,16:8192:128:4:3:1:s:en,16:8192:32:4:3:4:s:e
     timeout 420 python3 -m cuda_triton_bridge.tune --out "$OUT" --phases d --diag "$diag" 2>&1 \
       | tee "$OUT/tune.log" | grep -v "^|" ;;
+  sweep6)
+    timeout 200 python3 scripts/sweep_small_batch.py --batch 1 --slots 2048,4096,8192 --epilogues coop,separate \
+      --splits 8,16 --block-c 32,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b1.log"
+    timeout 180 python3 scripts/sweep_small_batch.py --batch 16 --slots 2048,8192 --epilogues separate,fused \
+      --splits 1,4 --block-c 32,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b16.log"
+    timeout 190 python3 scripts/sweep_small_batch.py --batch 32 --slots 2048,8192 --epilogues separate,fused \
+      --splits 1,2 --block-c 32,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b32.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
