@@ -17,11 +17,20 @@ MAX_BLOCK_C = 512
 MAX_SPLITS = 256
 HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; one register row per query head.
 
-# Defaults measured on an H100 80GB HBM3 (docs/KERNEL_NOTES_triton.md): 32-slot blocks, 4 warps, a
-# 3-stage cp.async pipeline. Split count: about PROGRAMS_PER_SM programs per SM once the batch alone gives
-# half an SM's worth (B * Hkv >= SMs / 2), one per SM below that (at B = 1 more splits cost more in
-# partials and combine work than they gain), never below MIN_SLOTS_PER_SPLIT slots per program.
+# Defaults measured on an H100 80GB HBM3 (docs/KERNEL_NOTES_triton.md), by the batch's own parallelism,
+# programs = B * Hkv against the SM count (config.batch_regime):
+# * "small" (programs < SMs / 2; B <= 7 at 8 KV heads): one program per SM (never below
+#   MIN_SLOTS_PER_SPLIT slots a split), SMALL_EPILOGUE with scoring.
+# * "mid" (SMs / 2 <= programs < 2 * SMs; B = 9-32): one split per (sequence, KV head) and about one
+#   program per SM, MID_BLOCK_C-slot blocks, the separate epilogue (session 6 sweeps: 16x8192 206-212 us
+#   against 212-219 for 4 splits of 32-slot blocks; 32x8192 406 against 416).
+# * "large" (programs >= 2 * SMs; B = 64): the fused epilogue with FUSED_SLOTS_PER_SPLIT-slot splits of
+#   32-slot blocks (session 4: 64x8192 756 vs 795 us, 64x2048 196 vs 199); its per-KV-head finishers
+#   run while later splits still stream, and t is still in L2 when they read it. Without scoring,
+#   PROGRAMS_PER_SM programs per SM (one split at B = 64).
+# 4 warps and a 3-stage cp.async pipeline throughout.
 BLOCK_C = 32
+MID_BLOCK_C = 128
 NUM_WARPS = 4
 NUM_STAGES = 3
 PROGRAMS_PER_SM = 4
@@ -30,20 +39,16 @@ MIN_SLOTS_PER_SPLIT = 128
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
-# Epilogue: with scoring, once the batch alone gives FUSED_MIN_PROGRAMS_PER_SM programs per SM
-# (B * Hkv >= 2 * SMs: B = 64 at 8 KV heads on an H100), one fused launch with splits of
-# FUSED_SLOTS_PER_SPLIT slots beat the two-kernel path (session 4: 64x8192 756 vs 795 us, 64x2048 196
-# vs 199; at B = 32 and below the two kernels were as fast or faster). Its per-KV-head finishers then run
-# while later splits still stream, and t is still in L2 when they read it.
 EPILOGUES = ("fused", "separate", "coop")
 FUSED_MIN_PROGRAMS_PER_SM = 2
 FUSED_SLOTS_PER_SPLIT = 512
 # "coop" (one launch, a barrier, then every program takes a share of the epilogue): its programs wait for
 # each other, so the whole grid must be resident at once; it is allowed only when the grid has at most one
-# program per SM. Default where the batch alone has at most one program per SM (B * Hkv <= SMs), with
-# as many splits as fill the SMs (at most COOP_MAX_SPLITS: the share's merge tile is [splits, D]).
+# program per SM (check_coop_grid), with at most COOP_MAX_SPLITS splits (a share's merge tile is
+# [splits, D]).
 COOP_MAX_SPLITS = 32
-COOP_BLOCK_C = 64
+COOP_BLOCK_C = 128
+SMALL_EPILOGUE = "coop"
 # The epilogue kernel: slots per importance program, and its warps.
 COMBINE_CHUNK = 256
 COMBINE_NUM_WARPS = 4
@@ -52,6 +57,10 @@ COMBINE_NUM_WARPS = 4
 VNORM_MODES = ("mma", "reduce")
 VNORM = "mma"
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
+# The 128-slot blocks of the "mid" and coop defaults were measured on Hopper only; they need 72 KiB of
+# shared memory at D 128 (Turing has 64) and spill on sm_75, so older GPUs keep 32-slot blocks.
+LARGE_BLOCK_MIN_CAPABILITY = 90
+DEFAULT_CAPABILITY = 90
 # Shared memory one program may use: the H100's opt-in maximum per block (227 KiB). A launch over it
 # fails only at run time ("Shared memory requested ... exceeds device resources"), so resolve_config
 # checks its estimate first.
@@ -157,21 +166,55 @@ def num_sms() -> int:
         return DEFAULT_NUM_SMS
 
 
-def default_epilogue(shape: DecodeShape, compute_evict: bool, sms: int | None = None) -> str:
-    """The measured choice (see FUSED_MIN_PROGRAMS_PER_SM and COOP_MAX_SPLITS above); without scoring
-    always "separate" (with one split that is a single launch that writes the output itself)."""
+def device_capability() -> int:
+    """The default GPU's compute capability as an int (90 = sm_90); 90 where there is none (CPU tests)."""
+    try:
+        import jax
+
+        major, _, minor = str(getattr(jax.devices()[0], "compute_capability", "")).partition(".")
+        return int(major) * 10 + int(minor or 0)
+    except Exception:  # no GPU backend, or a device that does not report it
+        return DEFAULT_CAPABILITY
+
+
+def batch_regime(shape: DecodeShape, sms: int | None = None) -> str:
+    """ "small", "mid" or "large": how many programs the batch alone gives (B * Hkv) against the SMs."""
     sms = sms or num_sms()
     programs = shape.batch * shape.num_kv_heads
+    if programs >= FUSED_MIN_PROGRAMS_PER_SM * sms:
+        return "large"
+    return "mid" if 2 * programs >= sms else "small"
+
+
+def default_epilogue(shape: DecodeShape, compute_evict: bool, sms: int | None = None) -> str:
+    """The measured choice (see the defaults above). Without scoring: SMALL_EPILOGUE for a small batch
+    (the same launch structure as with scoring), else "separate" (one split there: a single launch that
+    writes the output itself)."""
+    regime = batch_regime(shape, sms)
     if not compute_evict:
-        return "separate"
-    if programs <= sms:
-        return "coop"
-    return "fused" if programs >= FUSED_MIN_PROGRAMS_PER_SM * sms else "separate"
+        return SMALL_EPILOGUE if regime == "small" else "separate"
+    return {"small": SMALL_EPILOGUE, "mid": "separate", "large": "fused"}[regime]
+
+
+def default_block_c(
+    shape: DecodeShape, epilogue: str, sms: int | None = None, capability: int | None = None
+) -> int:
+    capability = capability or device_capability()
+    if shape.itemsize > 2:
+        block_c = F32_BLOCK_C
+    elif capability < LARGE_BLOCK_MIN_CAPABILITY:
+        block_c = BLOCK_C
+    elif epilogue == "coop":
+        block_c = COOP_BLOCK_C
+    elif epilogue == "separate" and batch_regime(shape, sms) == "mid":
+        block_c = MID_BLOCK_C
+    else:
+        block_c = BLOCK_C
+    return max(MIN_DOT, min(block_c, next_pow2(shape.num_slots)))
 
 
 def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None, epilogue="separate") -> int:
-    """Split-K count: for the fused epilogue FUSED_SLOTS_PER_SPLIT slots a split; for the separate one
-    from the batch's own parallelism (see PROGRAMS_PER_SM above)."""
+    """Split-K count (see the defaults above)."""
     num_blocks = cdiv(shape.num_slots, block_c)
     if epilogue == "fused":
         return max(1, min(cdiv(shape.num_slots, FUSED_SLOTS_PER_SPLIT), num_blocks, MAX_SPLITS))
@@ -180,8 +223,11 @@ def default_num_splits(shape: DecodeShape, block_c: int, sms: int | None = None,
     most = max(1, num_blocks // max(1, MIN_SLOTS_PER_SPLIT // block_c))
     if epilogue == "coop":
         return max(1, min(sms // programs, most, COOP_MAX_SPLITS))
-    target = PROGRAMS_PER_SM * sms if 2 * programs >= sms else sms
-    want = max(1, target // programs)
+    regime = batch_regime(shape, sms)
+    if regime == "mid":
+        want = round(sms / programs)  # about one program per SM
+    else:
+        want = (PROGRAMS_PER_SM * sms if regime == "large" else sms) // programs
     return max(1, min(want, most, MAX_SPLITS))
 
 
@@ -248,6 +294,7 @@ def resolve_config(
     epilogue=None,
     compute_evict: bool = True,
     sms: int | None = None,
+    capability: int | None = None,
     overrides: dict | None = None,
 ) -> LaunchConfig:
     """Fill in defaults and check explicit values; raises ValueError naming the bad value."""
@@ -257,8 +304,7 @@ def resolve_config(
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES} or None, got {epilogue!r}")
     if block_c is None:
-        block_c = F32_BLOCK_C if wide else COOP_BLOCK_C if epilogue == "coop" else BLOCK_C
-        block_c = max(MIN_DOT, min(block_c, next_pow2(shape.num_slots)))
+        block_c = default_block_c(shape, epilogue, sms, capability)
     _check_positive_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C)
     if not is_pow2(block_c):
         raise ValueError(f"block_c must be a power of two in [{MIN_DOT}, {MAX_BLOCK_C}], got {block_c}")

@@ -58,7 +58,9 @@ def compile_plan(
     itemsize = 4 if dtype == "float32" else 2
     shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
     # block_c, num_splits, num_warps, num_stages, vnorm, overrides
-    cfg = resolve_config(shape, sms=132, epilogue=epilogue, compute_evict=compute_evict, **config)
+    cfg = resolve_config(
+        shape, sms=132, capability=capability, epilogue=epilogue, compute_evict=compute_evict, **config
+    )
     plan = plan_launch(
         shape,
         cfg,

@@ -291,7 +291,9 @@ def main():
             fields = spec.split(":")
             batch, slots, bc, w, st = (int(x) for x in fields[:5])
             sp = None if fields[5] == "d" else int(fields[5])
-            epilogue = {"f": "fused", "s": "separate", "c": "coop", "a": None}[fields[6] if len(fields) > 6 else "f"]
+            epilogue = {"f": "fused", "s": "separate", "c": "coop", "a": None}[
+                fields[6] if len(fields) > 6 else "f"
+            ]
             evicts = [{"e": True, "n": False}[x] for x in (fields[7] if len(fields) > 7 else "en")]
             overrides = {}
             for item in filter(None, (fields[8] if len(fields) > 8 else "").split("+")):

@@ -46,12 +46,17 @@
 #   coopprof  profiler kernel times (and wall) of coop against separate / fused at B = 1 and 16  (~5 min)
 #   sweep6    the defaults' evidence: scripts/sweep_small_batch.py at B = 1 (coop vs separate), B = 16 and
 #             B = 32 (separate vs fused, 1-4 splits, 32- and 128-slot blocks)               (~7 min)
+#   final6    the Triton kernel's GPU tests (all of tests/test_triton_kernel.py), then generate
+#             through both kernels vs the reference                                        (~6 min)
+#   final6b   bench_kernels.py (latency), all columns                                        (~6 min)
+#   final6c   bench_kernels.py --queued 4 (throughput) for XLA, Pallas, Triton (default, no scoring,
+#             each epilogue)                                                               (~5 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -179,6 +184,16 @@ PY
       --splits 1,4 --block-c 32,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b16.log"
     timeout 190 python3 scripts/sweep_small_batch.py --batch 32 --slots 2048,8192 --epilogues separate,fused \
       --splits 1,2 --block-c 32,128 2>&1 | grep -v Warning | tee "$OUT/sweep_b32.log" ;;
+  final6)
+    timeout 480 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 | tee "$OUT/tests.log" | tail -6
+    timeout 100 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py 2>&1 | tee "$OUT/generate.log" | tail -3 ;;
+  final6b)
+    timeout 560 python3 scripts/bench_kernels.py --reps 20 --out "$OUT/bench_kernels.md" 2>&1 | grep -v Warning \
+      | tee "$OUT/bench_kernels.log" ;;
+  final6c)
+    timeout 560 python3 scripts/bench_kernels.py --reps 10 --queued 4 \
+      --columns xla_attn,pallas,triton,triton_noevict,triton_separate,triton_fused,triton_coop \
+      --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning | tee "$OUT/bench_kernels_queued.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

@@ -171,25 +171,35 @@ def test_splits_round_to_whole_blocks():
 
 
 def test_default_splits_follow_the_measured_choice():
-    # H100 (132 SMs), Qwen3-8B attention: the epilogue and split counts that measured fastest
-    # (KERNEL_NOTES_triton.md): coop while B * Hkv fits one program per SM, fused with 512-slot splits
-    # at B = 64, the two kernels between.
+    # H100 (132 SMs), Qwen3-8B attention: the epilogue, split count and block size that measured fastest
+    # (KERNEL_NOTES_triton.md, config.py): coop at a small batch, one split of 128-slot blocks with the
+    # separate epilogue at B = 9-32, fused with 512-slot splits of 32-slot blocks at B = 64.
     want = {
-        (1, 2048): ("coop", 16),
-        (1, 8192): ("coop", 16),
-        (16, 2048): ("coop", 1),
-        (16, 8192): ("coop", 1),
-        (32, 8192): ("separate", 2),
-        (64, 2048): ("fused", 4),
-        (64, 8192): ("fused", 16),
+        (1, 2048): ("coop", 16, 128),
+        (1, 8192): ("coop", 16, 128),
+        (8, 8192): ("coop", 2, 128),
+        (9, 2048): ("separate", 2, 128),
+        (16, 2048): ("separate", 1, 128),
+        (16, 8192): ("separate", 1, 128),
+        (32, 8192): ("separate", 1, 128),
+        (64, 2048): ("fused", 4, 32),
+        (64, 8192): ("fused", 16, 32),
     }
-    for (batch, slots), (epilogue, splits) in want.items():
+    for (batch, slots), expected in want.items():
         cfg = ctb.resolve_config(ctb.config.DecodeShape(batch, 32, 8, slots, 128), sms=132)
-        assert (cfg.epilogue, cfg.num_splits) == (epilogue, splits), (batch, slots, cfg)
+        assert (cfg.epilogue, cfg.num_splits, cfg.block_c) == expected, (batch, slots, cfg)
         assert cfg.blocks_per_split * cfg.block_c >= ctb.config.MIN_SLOTS_PER_SPLIT
-    # Without scoring the separate path (one launch with one split) is the fast one at every batch.
-    cfg = ctb.resolve_config(ctb.config.DecodeShape(64, 32, 8, 8192, 128), sms=132, compute_evict=False)
-    assert (cfg.epilogue, cfg.num_splits) == ("separate", 1)
+    # Without scoring: the same structure at a small batch (for the eviction overhead), else the
+    # separate path, which is one launch with one split.
+    for batch, expected in ((1, ("coop", 16)), (16, ("separate", 1)), (64, ("separate", 1))):
+        shape = ctb.config.DecodeShape(batch, 32, 8, 8192, 128)
+        cfg = ctb.resolve_config(shape, sms=132, compute_evict=False)
+        assert (cfg.epilogue, cfg.num_splits) == expected, (batch, cfg)
+    # float32 keeps its spill-free 32-slot blocks whatever the batch, and so does a pre-Hopper GPU
+    # (128-slot blocks were measured on Hopper only, and need more shared memory than Turing has).
+    assert ctb.resolve_config(ctb.config.DecodeShape(16, 32, 8, 2048, 128, 4), sms=132).block_c == 32
+    pre_hopper = ctb.resolve_config(ctb.config.DecodeShape(16, 32, 8, 2048, 128), sms=108, capability=80)
+    assert (pre_hopper.epilogue, pre_hopper.num_splits, pre_hopper.block_c) == ("separate", 1, 32)
 
 
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
@@ -301,6 +311,7 @@ def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
         (1, True, "separate", "mma"),
         (64, False, "separate", "mma"),
         (4, True, "fused", "mma"),
+        (4, True, "coop", "mma"),
         (64, True, None, "mma"),  # the measured choice at B = 64: fused, 4 splits of 512 slots
     ],
 )
@@ -316,7 +327,8 @@ def test_kernels_compile_for_sm90_without_spills(
     reports = compile_plan(
         batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue, vnorm=vnorm
     )
-    main = reports["decode_split_kernel" if epilogue == "separate" else "decode_fused_kernel"]
+    names = {"separate": "decode_split_kernel", "coop": "decode_coop_kernel"}
+    main = reports[names.get(epilogue, "decode_fused_kernel")]
     assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
     # With scoring, t is stored evict_last and whoever reads it back drops its lines from L2.
     if compute_evict:
@@ -324,10 +336,13 @@ def test_kernels_compile_for_sm90_without_spills(
         assert main["sass_ops"].get("STG.E.EL.128", 0) > 0, main["sass_ops"]
         assert reader["sass_ops"].get("CCTL.E.RML2", 0) > 0, reader["sass_ops"]
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
-    # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction.
+    # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction
+    # (24 against 16 HMMAs per 32 slots of the block).
     hmma = sum(n for op, n in main["sass_ops"].items() if op.startswith("HMMA"))
     if compute_evict and epilogue == "separate":
-        assert hmma == (24 if vnorm == "mma" else 16), main["sass_ops"]
+        shape = ctb.config.DecodeShape(batch, 32, 8, 2048, 128)
+        block_c = ctb.resolve_config(shape, sms=132, epilogue=epilogue).block_c
+        assert hmma == (24 if vnorm == "mma" else 16) * block_c // 32, (block_c, main["sass_ops"])
     for name, report in reports.items():
         assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
         assert report["shared_bytes"] <= 227 * 1024, (name, report)
