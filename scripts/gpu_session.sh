@@ -51,12 +51,15 @@
 #   final6b   bench_kernels.py (latency), all columns                                        (~6 min)
 #   final6c   bench_kernels.py --queued 4 (throughput) for XLA, Pallas, Triton (default, no scoring,
 #             each epilogue)                                                               (~5 min)
+#   final6d   profiler kernel times of the session-6 defaults with and without scoring at the six
+#             sizes, then a repeat throughput run at B = 16 and 32 (XLA, Triton with and without
+#             scoring)                                                                       (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -194,6 +197,14 @@ PY
     timeout 560 python3 scripts/bench_kernels.py --reps 10 --queued 4 \
       --columns xla_attn,pallas,triton,triton_noevict,triton_separate,triton_fused,triton_coop \
       --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning | tee "$OUT/bench_kernels_queued.log" ;;
+  final6d)
+    diag=1:2048:128:4:3:d:a:en,1:8192:128:4:3:d:a:en,16:2048:128:4:3:d:a:en,16:8192:128:4:3:d:a:en
+    diag=$diag,64:2048:32:4:3:d:a:en,64:8192:32:4:3:d:a:en
+    timeout 300 python3 -m cuda_triton_bridge.tune --out "$OUT" --phases d --diag "$diag" 2>&1 \
+      | tee "$OUT/tune.log" | grep -v "^|"
+    timeout 240 python3 scripts/bench_kernels.py --reps 10 --queued 4 --sizes 16x2048,16x8192,32x2048,32x8192 \
+      --columns xla_attn,triton,triton_noevict --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning \
+      | tee "$OUT/bench_kernels_queued.log" | tail -9 ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
