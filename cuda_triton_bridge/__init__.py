@@ -66,8 +66,11 @@ def longflow_decode_attention_triton(
         "reduce" (a row sum); None: the default (config.VNORM). Same numbers up to summation order.
       epilogue: "separate" (a second, combine kernel over (chunk, sequence) programs merges the splits
         and scores the slots), "fused" (one launch: the last split of each KV head, then the last KV
-        head of each sequence, does it, coordinated by atomic tickets), or None: the measured choice
-        (config.default_epilogue: fused with scoring once B * Hkv >= 2 * SMs, else separate).
+        head of each sequence, does it, coordinated by atomic tickets), "coop" (one launch: every
+        program waits at a barrier of its sequence, then finishes a share of the epilogue; only where
+        the grid has at most one program per SM, else ValueError), or None: the measured choice
+        (config.default_epilogue: coop while B * Hkv < SMs / 2, separate with one split of 128-slot
+        blocks up to B * Hkv < 2 * SMs, fused above).
       final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
         the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if

@@ -17,6 +17,13 @@ last KV head of each sequence, finishes the work (two levels of tickets). The de
 alone fills the GPU (config.default_epilogue): with several waves of 512-slot splits the finishers of
 early heads overlap later streaming and find t still in L2.
 
+`decode_coop_kernel` (epilogue="coop"): one launch with a parallel epilogue. Every program streams its
+split, then waits at a barrier of its score group (an atomic arrival count, spun on); past it each
+program merges a few heads' outputs and scores a 1/N share of the group's slots, and the last share
+reduces the shares' minima. Waiting needs the whole grid resident, so the plan allows it only with at
+most one program per SM. The default at a small batch (config.batch_regime): one launch a call where
+the host's launch cost bounds the call.
+
 t traffic (docs/KERNEL_NOTES_triton.md, session 4): t is stored with L2 evict_last and the epilogue
 drops each line it has read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back.
 """
