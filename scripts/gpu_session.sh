@@ -54,12 +54,14 @@
 #   final6d   profiler kernel times of the session-6 defaults with and without scoring at the six
 #             sizes, then a repeat throughput run at B = 16 and 32 (XLA, Triton with and without
 #             scoring)                                                                       (~4 min)
+#   small6    the small-batch default (coop) against the other epilogues at B = 1, 4 and 8, by
+#             throughput and by latency                                                    (~5 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -205,6 +207,12 @@ PY
     timeout 240 python3 scripts/bench_kernels.py --reps 10 --queued 4 --sizes 16x2048,16x8192,32x2048,32x8192 \
       --columns xla_attn,triton,triton_noevict --out "$OUT/bench_kernels_queued.md" 2>&1 | grep -v Warning \
       | tee "$OUT/bench_kernels_queued.log" | tail -9 ;;
+  small6)
+    for q in 4 0; do
+      timeout 270 python3 scripts/bench_kernels.py --reps 20 --queued $q --sizes 1x2048,1x8192,4x2048,4x8192,8x2048,8x8192 \
+        --columns xla_attn,triton,triton_noevict,triton_separate,triton_fused --out "$OUT/bench_small_q$q.md" 2>&1 \
+        | grep -v Warning | tee "$OUT/bench_small_q$q.log" | tail -8
+    done ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
