@@ -412,28 +412,34 @@ def decode_fused_kernel(
         g_ok = g < G
         fh = (b * HQ + kvh * G + g).to(tl.int64)  # [G_P] this group's query heads
         sp = tl.arange(0, S_CHUNK)
-        m_max = tl.full([G_P], float("-inf"), tl.float32)
-        for s0 in range(0, NUM_SPLITS, S_CHUNK):
-            s_ok = (s0 + sp) < NUM_SPLITS
-            ms = tl.load(
-                m_ptr + fh[:, None] * NUM_SPLITS + s0 + sp[None, :],
-                mask=g_ok[:, None] & s_ok[None, :],
-                other=float("-inf"),
-                cache_modifier=".cg",
-            )
-            m_max = tl.maximum(m_max, tl.max(ms, axis=1))
-        m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-        denom = tl.zeros([G_P], tl.float32)
-        o_sum = tl.zeros([G_P, D], tl.float32)
-        for s0 in range(0, NUM_SPLITS, S_CHUNK):
-            s_ok = (s0 + sp) < NUM_SPLITS
-            st_ok = g_ok[:, None] & s_ok[None, :]
-            st_idx = fh[:, None] * NUM_SPLITS + s0 + sp[None, :]
-            ms = tl.load(m_ptr + st_idx, mask=st_ok, other=float("-inf"), cache_modifier=".cg")
-            ls = tl.load(l_ptr + st_idx, mask=st_ok, other=0.0, cache_modifier=".cg")
-            w = tl.exp2(ms - m_use[:, None])  # [G_P, S_CHUNK]
-            denom += tl.sum(ls * w, axis=1)
-            if NUM_SPLITS > 1:
+        if NUM_SPLITS == 1:
+            # The program's own statistics are final: one load of m and l (this program's stores, read
+            # back as [G_P] rows), no merge.
+            m_max = tl.load(m_ptr + fh, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+            denom = tl.load(l_ptr + fh, mask=g_ok, other=0.0, cache_modifier=".cg")
+        else:
+            m_max = tl.full([G_P], float("-inf"), tl.float32)
+            for s0 in range(0, NUM_SPLITS, S_CHUNK):
+                s_ok = (s0 + sp) < NUM_SPLITS
+                ms = tl.load(
+                    m_ptr + fh[:, None] * NUM_SPLITS + s0 + sp[None, :],
+                    mask=g_ok[:, None] & s_ok[None, :],
+                    other=float("-inf"),
+                    cache_modifier=".cg",
+                )
+                m_max = tl.maximum(m_max, tl.max(ms, axis=1))
+            m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
+            denom = tl.zeros([G_P], tl.float32)
+            o_sum = tl.zeros([G_P, D], tl.float32)
+            for s0 in range(0, NUM_SPLITS, S_CHUNK):
+                s_ok = (s0 + sp) < NUM_SPLITS
+                st_ok = g_ok[:, None] & s_ok[None, :]
+                st_idx = fh[:, None] * NUM_SPLITS + s0 + sp[None, :]
+                ms = tl.load(m_ptr + st_idx, mask=st_ok, other=float("-inf"), cache_modifier=".cg")
+                ls = tl.load(l_ptr + st_idx, mask=st_ok, other=0.0, cache_modifier=".cg")
+                w = tl.exp2(ms - m_use[:, None])  # [G_P, S_CHUNK]
+                denom += tl.sum(ls * w, axis=1)
                 accs = tl.load(
                     acc_ptr + st_idx[:, :, None] * D + d[None, None, :],
                     mask=st_ok[:, :, None],

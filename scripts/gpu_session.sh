@@ -56,12 +56,15 @@
 #             scoring)                                                                       (~4 min)
 #   small6    the small-batch default (coop) against the other epilogues at B = 1, 4 and 8, by
 #             throughput and by latency                                                    (~5 min)
+#   fin6      the fused finisher with one load of its own statistics and 8K-element tiles: the fused and
+#             coop GPU tests, then separate vs fused with one 128-slot split at B = 16 and 32, and
+#             the B = 64 default (fused) by throughput                                      (~7 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -213,6 +216,16 @@ PY
         --columns xla_attn,triton,triton_noevict,triton_separate,triton_fused --out "$OUT/bench_small_q$q.md" 2>&1 \
         | grep -v Warning | tee "$OUT/bench_small_q$q.log" | tail -8
     done ;;
+  fin6)
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+      -k "fused or coop or agree or benchmark_shapes or switches" 2>&1 | tee "$OUT/tests.log" | tail -4
+    for b in 16 32; do
+      timeout 100 python3 scripts/sweep_small_batch.py --batch $b --slots 2048,8192 --epilogues separate,fused \
+        --splits 1 --block-c 128 2>&1 | grep -v Warning | tee -a "$OUT/sweep.log"
+    done
+    timeout 120 python3 scripts/bench_kernels.py --reps 10 --queued 4 --sizes 64x2048,64x8192 \
+      --columns xla_attn,triton,triton_noevict,triton_separate --out "$OUT/bench64.md" 2>&1 | grep -v Warning \
+      | tee "$OUT/bench64.log" | tail -4 ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
