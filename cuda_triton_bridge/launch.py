@@ -18,7 +18,7 @@ LOG2E = math.log2(math.e)
 # Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
 COMBINE_TILE_ELEMS = 8192
 # The fused kernel's finisher tiles (it runs after the main loop, in the same registers budget).
-FINISH_TILE_ELEMS = 8192
+FINISH_TILE_ELEMS = 4096
 
 
 @dataclasses.dataclass(frozen=True)
