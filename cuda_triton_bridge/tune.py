@@ -13,6 +13,7 @@ Results stream to DIR/tune.jsonl; a summary table goes to DIR/tune.md and stdout
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -168,19 +169,27 @@ def profile_host(run, reps, calls_per_run, top=12):
     return [(n, total[n], count[n]) for n in ranked]
 
 
-def launch_overhead():
-    """Wall time per call of an empty jax-triton kernel, 64 calls in one jit (host launch cost)."""
-    import jax_triton as jt
+@functools.cache
+def touch_kernel():
+    """The smallest jax-triton launch: one thread loads an int32, adds 1, stores it. Host launch-cost
+    probes use it (here and scripts/probe_launch_cost.py)."""
     import triton
     import triton.language as tl
 
     @triton.jit
-    def _touch(x_ptr, o_ptr):
+    def touch(x_ptr, o_ptr):
         tl.store(o_ptr, tl.load(x_ptr) + 1)
+
+    return touch
+
+
+def launch_overhead():
+    """Wall time per call of an empty jax-triton kernel, 64 calls in one jit (host launch cost)."""
+    import jax_triton as jt
 
     xs = [jnp.full((1,), i, jnp.int32) for i in range(64)]
     call = lambda x: jt.triton_call(
-        x, kernel=_touch, out_shape=jax.ShapeDtypeStruct((1,), jnp.int32), grid=(1,)
+        x, kernel=touch_kernel(), out_shape=jax.ShapeDtypeStruct((1,), jnp.int32), grid=(1,)
     )
     jf = jax.jit(lambda *a: [call(x) for x in a])
     jax.block_until_ready(jf(*xs))
