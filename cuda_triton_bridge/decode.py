@@ -75,7 +75,7 @@ def longflow_decode_attention_triton(
     target = custom_call_target(cfg.ffi_call)
     if cfg.ffi_call:
         install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
-    if plan.fused or plan.coop:
+    if plan.one_kernel:
         return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
     split = plan.split
     out, acc, m, ell, t, counter, no_evict = jt.triton_call(

@@ -123,7 +123,7 @@ def longflow_decode_attention_interpret(
     split_out = _alloc(plan.split, _TORCH[dtype])
     for i in plan.split.zeroed:
         split_out[i].zero_()
-    if plan.fused or plan.coop:
+    if plan.one_kernel:
         getattr(kernels, plan.main_kernel)[plan.split.grid](
             tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
         )

@@ -155,6 +155,52 @@ def _attend_split(
 
 
 @triton.jit
+def _store_split(
+    m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b,
+    HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, QROWS: tl.constexpr,
+    STATS: tl.constexpr,
+):  # fmt: skip
+    """A split's result for its query-head group: the normalised output when it is the only split, else
+    the unnormalised accumulator; with STATS also (m, l) for whoever merges or scores after it."""
+    G: tl.constexpr = HQ // HKV
+    rows = tl.arange(0, QROWS)
+    row_ok = rows < G
+    bh = (b * HQ + kvh * G + rows).to(tl.int64)
+    d = tl.arange(0, D)
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    else:
+        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
+    if STATS:
+        tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
+        tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+
+
+@triton.jit
+def _merge_head(
+    oh, m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr
+):
+    """Query head oh's output from its split partials (log-sum-exp merge), read through L2."""
+    s = tl.arange(0, S_P)
+    s_ok = s < NUM_SPLITS
+    om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
+    ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0, cache_modifier=".cg")
+    om_max = tl.max(om, axis=0)
+    ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
+    odenom = tl.sum(ol * ow, axis=0)
+    d = tl.arange(0, D)
+    oacc = tl.load(
+        acc_ptr + (oh * NUM_SPLITS + s[:, None]) * D + d[None, :],
+        mask=s_ok[:, None],
+        other=0.0,
+        cache_modifier=".cg",
+    )
+    o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
+    tl.store(out_ptr + oh * D + d, o.to(out_ptr.dtype.element_ty))
+
+
+@triton.jit
 def decode_split_kernel(
     q_ptr,  # [B, HQ, D]
     k_ptr,  # [B, HKV, C, D]
@@ -189,25 +235,17 @@ def decode_split_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
-    G: tl.constexpr = HQ // HKV
 
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < G
-    bh = (b * HQ + kvh * G + rows).to(tl.int64)
-    d = tl.arange(0, D)
-    if DIRECT_OUT:
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
-    if EVICT or not DIRECT_OUT:
-        tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
-        tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+    # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
+    _store_split(
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
+        EVICT or not DIRECT_OUT,
+    )  # fmt: skip
     if (split == 0) & (kvh == 0):
         if EVICT:
             tl.store(counter_ptr + b, 0)
@@ -254,18 +292,7 @@ def decode_combine_kernel(
 
     if COMBINE_OUT:
         if j < HQ:
-            oh = (b * HQ + j).to(tl.int64)
-            om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"))
-            ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0)
-            om_max = tl.max(om, axis=0)
-            ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
-            odenom = tl.sum(ol * ow, axis=0)
-            od = tl.arange(0, D)
-            oacc = tl.load(
-                acc_ptr + (oh * NUM_SPLITS + s[:, None]) * D + od[None, :], mask=s_ok[:, None], other=0.0
-            )
-            o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
-            tl.store(out_ptr + oh * D + od, o.to(out_ptr.dtype.element_ty))
+            _merge_head((b * HQ + j).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D)
 
     if EVICT:
         if j < NUM_CHUNKS:
@@ -387,17 +414,10 @@ def decode_fused_kernel(
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < G
-    bh = (b * HQ + kvh * G + rows).to(tl.int64)
+    _store_split(
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
+    )  # fmt: skip
     d = tl.arange(0, D)
-    if NUM_SPLITS == 1:
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
-    tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
     # Every thread's stores precede the barrier; the acq_rel ticket then publishes them to whichever
     # program finishes last (the pattern of CUDA's grid sync), which reads them back through L2 (.cg).
     tl.debug_barrier()
@@ -565,22 +585,10 @@ def _coop_finish_share(
     s_ok = s < NUM_SPLITS
     if NUM_SPLITS > 1:
         # Heads r = split, split + S, ... of this KV head's group: every head once across the shares.
-        d = tl.arange(0, D)
         for r in range(split, G, NUM_SPLITS):
-            oh = (b * HQ + kvh * G + r).to(tl.int64)
-            om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
-            ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0, cache_modifier=".cg")
-            om_max = tl.max(om, axis=0)
-            ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
-            odenom = tl.sum(ol * ow, axis=0)
-            oacc = tl.load(
-                acc_ptr + (oh * NUM_SPLITS + s[:, None]) * D + d[None, :],
-                mask=s_ok[:, None],
-                other=0.0,
-                cache_modifier=".cg",
+            _merge_head(
+                (b * HQ + kvh * G + r).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D
             )
-            o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
-            tl.store(out_ptr + oh * D + d, o.to(out_ptr.dtype.element_ty))
     if EVICT:
         NG: tl.constexpr = HKV // BAR_KV
         g = bar % NG
@@ -688,24 +696,15 @@ def decode_coop_kernel(
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
-    G: tl.constexpr = HQ // HKV
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
         HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
-    rows = tl.arange(0, QROWS)
-    row_ok = rows < G
-    bh = (b * HQ + kvh * G + rows).to(tl.int64)
-    d = tl.arange(0, D)
-    if NUM_SPLITS == 1:
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
-    else:
-        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
-    tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
-    tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
+    _store_split(
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
+    )  # fmt: skip
     if not EVICT:
         if (split == 0) & (kvh < NG):
             tl.store(evict_ptr + b * NG + kvh, -1)

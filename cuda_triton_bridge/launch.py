@@ -42,24 +42,28 @@ class KernelLaunch:
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     split: KernelLaunch  # the main kernel: decode_split_kernel, or the fused / coop kernel
-    combine: KernelLaunch | None  # None: one launch (fused, or 1 split without eviction)
+    combine: KernelLaunch | None  # None: one launch (fused, coop, or 1 split without eviction)
     num_chunks: int  # slot chunks of the combine kernel's argmin (0 without eviction)
     final_reduce: str
     granularity: str
-    fused: bool = False  # the one-launch "fused" epilogue (decode_fused_kernel)
-    coop: bool = False  # the one-launch "coop" epilogue (decode_coop_kernel)
+    epilogue: str = "separate"  # config.EPILOGUES
+
+    @property
+    def one_kernel(self) -> bool:
+        """The fused or coop kernel does everything (tickets zeroed before the launch)."""
+        return self.epilogue != "separate"
 
     @property
     def main_kernel(self) -> str:
         """Name of the main kernel in kernels.py."""
-        if self.coop:
-            return "decode_coop_kernel"
-        return "decode_fused_kernel" if self.fused else "decode_split_kernel"
+        return {"fused": "decode_fused_kernel", "coop": "decode_coop_kernel"}.get(
+            self.epilogue, "decode_split_kernel"
+        )
 
     @property
     def evict_output(self) -> int:
-        """Index of the evict slots among a one-launch plan's outputs."""
-        return 7 if self.coop else 6
+        """Index of the evict slots among a one-kernel plan's outputs."""
+        return 7 if self.epilogue == "coop" else 6
 
     @property
     def reduce_in_xla(self) -> bool:
@@ -69,6 +73,38 @@ class LaunchPlan:
 
 def _buf(shape, dtype, used=True):
     return Buffer(tuple(shape) if used else (1,), dtype)
+
+
+def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_log2) -> dict:
+    """The constexprs every main kernel (split, fused, coop) passes to _attend_split."""
+    return dict(
+        HQ=shape.num_q_heads,
+        HKV=shape.num_kv_heads,
+        C=shape.num_slots,
+        D=shape.head_dim,
+        NUM_SPLITS=cfg.num_splits,
+        BLOCKS_PER_SPLIT=cfg.blocks_per_split,
+        BLOCK_C=cfg.block_c,
+        QROWS=cfg.query_rows,
+        EVICT=evict,
+        DOT_PRECISION="ieee" if is_f32 else "tf32",
+        VNORM_MMA=cfg.vnorm == "mma",
+        FAST_LOG2=fast_log2,
+        T_POLICY="evict_last" if cfg.cache_hints else "",
+    )
+
+
+def _split_outputs(shape: DecodeShape, splits: int, evict: bool) -> tuple[Buffer, ...]:
+    """out, acc, m, l, t of a one-kernel plan (the first five output pointers of the fused and coop
+    kernels)."""
+    b, hq, c, d = shape.batch, shape.num_q_heads, shape.num_slots, shape.head_dim
+    return (
+        _buf((b, hq, d), "q"),
+        _buf((b, hq, splits, d), "f32", splits > 1),
+        _buf((b, hq, splits), "f32"),
+        _buf((b, hq, splits), "f32"),
+        _buf((b, hq, c), "f32", evict),
+    )
 
 
 def plan_launch(
@@ -139,22 +175,10 @@ def plan_launch(
             _buf((b, num_groups), "i32", not evict),
         ),
         meta=dict(
-            HQ=hq,
-            HKV=hkv,
-            C=c,
-            D=d,
-            NUM_SPLITS=splits,
-            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
-            BLOCK_C=cfg.block_c,
-            QROWS=cfg.query_rows,
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             NG=num_groups,
             NG_P=next_pow2(num_groups),
             DIRECT_OUT=direct,
-            EVICT=evict,
-            DOT_PRECISION="ieee" if is_f32 else "tf32",
-            VNORM_MMA=cfg.vnorm == "mma",
-            FAST_LOG2=fast_log2,
-            T_POLICY="evict_last" if cfg.cache_hints else "",
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -206,7 +230,7 @@ def plan_launch(
 def _plan_fused(
     shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
 ) -> LaunchPlan:
-    b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
+    b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
     per_kv_head_scores = evict and num_groups < hkv
@@ -216,44 +240,28 @@ def _plan_fused(
     launch = KernelLaunch(
         grid=(splits, hkv, b),
         # Order = the kernel's output pointers: out, acc, m, l, t, imp, evict, count.
-        outputs=(
-            _buf((b, hq, d), "q"),
-            _buf((b, hq, splits, d), "f32", splits > 1),
-            _buf((b, hq, splits), "f32"),
-            _buf((b, hq, splits), "f32"),
-            _buf((b, hq, c), "f32", evict),
+        outputs=_split_outputs(shape, splits, evict)
+        + (
             _buf((b, hkv, c), "f32", per_kv_head_scores),
             _buf((b, num_groups), "i32"),
             _buf((b * hkv + b,), "i32"),
         ),
         meta=dict(
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             B=b,
-            HQ=hq,
-            HKV=hkv,
-            C=c,
-            D=d,
-            NUM_SPLITS=splits,
-            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
-            BLOCK_C=cfg.block_c,
-            QROWS=cfg.query_rows,
             G_P=g_p,
             S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
             HKV_P=hkv_p,
             NG=num_groups,
             ECHUNK=echunk,
             SCHUNK=schunk,
-            EVICT=evict,
-            DOT_PRECISION="ieee" if is_f32 else "tf32",
-            VNORM_MMA=cfg.vnorm == "mma",
-            FAST_LOG2=fast_log2,
-            T_POLICY="evict_last" if cfg.cache_hints else "",
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         zeroed=(7,),
     )
-    return LaunchPlan(launch, None, 0, final_reduce, granularity, fused=True)
+    return LaunchPlan(launch, None, 0, final_reduce, granularity, epilogue="fused")
 
 
 def _plan_coop(
@@ -270,7 +278,7 @@ def _plan_coop(
     discard_ok,
     spin,
 ) -> LaunchPlan:
-    b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
+    b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
     splits = cfg.num_splits
     bar_kv = hkv // num_groups if evict else 1  # a barrier group: one score group, or one KV head
     num_bars = b * hkv // bar_kv
@@ -283,27 +291,16 @@ def _plan_coop(
     launch = KernelLaunch(
         grid=(splits, hkv, b),
         # Order = the kernel's output pointers: out, acc, m, l, t, part_val, part_idx, evict, count.
-        outputs=(
-            _buf((b, hq, d), "q"),
-            _buf((b, hq, splits, d), "f32", splits > 1),
-            _buf((b, hq, splits), "f32"),
-            _buf((b, hq, splits), "f32"),
-            _buf((b, hq, c), "f32", evict),
+        outputs=_split_outputs(shape, splits, evict)
+        + (
             _buf((num_bars, shares), "f32", evict),
             _buf((num_bars, shares), "i32", evict),
             _buf((b, num_groups), "i32"),
             _buf((2 * num_bars,), "i32"),
         ),
         meta=dict(
-            HQ=hq,
-            HKV=hkv,
-            C=c,
-            D=d,
-            NUM_SPLITS=splits,
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             S_P=next_pow2(splits),
-            BLOCKS_PER_SPLIT=cfg.blocks_per_split,
-            BLOCK_C=cfg.block_c,
-            QROWS=cfg.query_rows,
             BAR_KV=bar_kv,
             NBAR=num_bars,
             HPG=heads_per_group,
@@ -311,16 +308,11 @@ def _plan_coop(
             NSH=shares,
             NSH_P=next_pow2(shares),
             ECHUNK=echunk,
-            EVICT=evict,
             SPIN=spin,
-            DOT_PRECISION="ieee" if is_f32 else "tf32",
-            VNORM_MMA=cfg.vnorm == "mma",
-            FAST_LOG2=fast_log2,
-            T_POLICY="evict_last" if cfg.cache_hints else "",
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
         zeroed=(8,),
     )
-    return LaunchPlan(launch, None, 0, final_reduce, granularity, coop=True)
+    return LaunchPlan(launch, None, 0, final_reduce, granularity, epilogue="coop")
