@@ -85,12 +85,20 @@ def importance_from_vnorm(probs, vnorm, kv_valid, granularity: str):
     Invalid slots get EMPTY_SLOT_SCORE. Kernels that already hold ||v||_1 (and rebuild probs from their
     logits) call this too, so the scoring rule lives in one place.
     """
-    check_granularity(granularity)
     batch, num_q_heads, slots = probs.shape
     num_kv_heads = vnorm.shape[1]
     group = num_q_heads // num_kv_heads
-    contrib = probs.reshape(batch, num_kv_heads, group, slots) * vnorm[:, :, None, :]
-    importance = group_head_sum(contrib.reshape(batch, num_q_heads, slots), num_kv_heads, granularity)
+    contrib = (probs.reshape(batch, num_kv_heads, group, slots) * vnorm[:, :, None, :]).reshape(probs.shape)
+    return importance_from_terms(contrib, num_kv_heads, kv_valid, granularity)
+
+
+def importance_from_terms(contrib, num_kv_heads: int, kv_valid, granularity: str):
+    """LongFlow importance [B, G, C] from per-query-head terms alpha * ||v||_1 [B, Hq, C].
+
+    Summed into score groups; invalid slots get EMPTY_SLOT_SCORE.
+    """
+    check_granularity(granularity)
+    importance = group_head_sum(contrib, num_kv_heads, granularity)
     return jnp.where(kv_valid[:, None, :], importance, EMPTY_SLOT_SCORE)
 
 

@@ -1,11 +1,13 @@
 """Fused LongFlow decode kernel: attention + importance + eviction from one pass over K and V.
 
 One program reads the K/V rows of one (sequence, KV head, split) once and serves every query head of
-the GQA group with them. While it runs the online softmax it writes, per slot, the raw scaled logits of
-its query heads and ||v||_1 (a [Hq, C] + [Hkv, C] float32 side output, about 8% of the K/V bytes at
-D=128). A short jnp epilogue inside the same jit merges the split partials (log-sum-exp) and turns the
-logits into probabilities with the final softmax statistics, alpha = exp(logit - m) / l, then
-importance = sum_h alpha * ||v||_1 and the argmin: no second pass over K/V, no atomics, no host sync.
+the GQA group with them. While it runs the online softmax it writes a float32 side output per slot and
+query head (6% of the K/V bytes at D=128 with 4 query heads per KV head). A short jnp epilogue inside
+the same jit merges the split partials (log-sum-exp) and, with the final softmax statistics m and l,
+forms alpha = exp(logit - m) / l, importance = sum_h alpha * ||v||_1 and the argmin: no second pass over
+K/V, no atomics, no host sync. The GPU body stores t = logit + log ||v||_1 (||v||_1 from a ones-row
+matmul on the tensor cores), so a head's term is exp(t - m) / l; the TPU body stores the logits and
+||v||_1 ([Hkv, C]) separately.
 
 Two kernel bodies share the math (`_softmax_block`) and the epilogue:
   * "triton" (Pallas' Triton backend, GPU): grid (B, Hkv, splits); each program loops over its slots
@@ -40,6 +42,7 @@ from longflow_jax.reference import (
     check_granularity,
     check_kv_len,
     evict_argmin,
+    importance_from_terms,
     importance_from_vnorm,
 )
 
@@ -175,7 +178,7 @@ def _triton_kernel(
     else:
         out_refs = refs
     if compute_evict:
-        o_ref, m_ref, l_ref, logit_ref, vn_ref = out_refs
+        o_ref, m_ref, l_ref, t_ref = out_refs
     elif finalize:
         (o_ref,) = out_refs
         m_ref = l_ref = None
@@ -206,6 +209,10 @@ def _triton_kernel(
     def pv_dot(p, v):
         return _gpu_dot(p, v, precision=precision)
 
+    # ||v||_1 of every slot, in the logits' [group_pad, block_c] layout: a ones-row matmul against |v|
+    # on the tensor cores (a row sum over D would be a cross-thread reduction plus a relayout per block).
+    ones = jnp.ones((group_pad, head_dim), v_ref.dtype) if compute_evict else None
+
     def body(j, carry):
         m, denom, acc = carry
         start = first_slot + j * block_c
@@ -227,13 +234,13 @@ def _triton_kernel(
         s = jnp.where(valid, s, MASK_VALUE)
         m, denom, acc = _softmax_block(s, valid, m, denom, acc, v, pv_dot)
         if compute_evict:
-            # Past kv_len inside this block: logit MASK_VALUE and ||v||_1 = 0 (V rows loaded as zeros).
-            # Blocks past kv_len are never written; the epilogue selects those slots away.
+            # One side output, t = logit + log ||v||_1: the slot's importance term is exp(t - m) / l once
+            # the final m, l are known. ||v||_1 = 0 (also V rows past kv_len, loaded as zeros) gives
+            # t = -inf, a zero term. Blocks past kv_len are never written; the epilogue selects those
+            # slots away.
+            vnorm = dot_t(ones, jnp.abs(v))
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
-            _gpu_store(logit_ref.at[rows, slots], s, mask=out_mask)
-
-            vnorm = jnp.sum(jnp.abs(v.astype(jnp.float32)), axis=1)
-            _gpu_store(vn_ref.at[slots], vnorm, mask=in_buffer)
+            _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
 
         return m, denom, acc
 
@@ -319,14 +326,8 @@ def _triton_call(
         out_shape += [jax.ShapeDtypeStruct((num_splits, batch, num_q_heads), f32)] * 2
         out_specs += [stat_spec, stat_spec]
     if compute_evict:
-        out_shape += [
-            jax.ShapeDtypeStruct((batch, num_q_heads, num_slots), f32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, num_slots), f32),
-        ]
-        out_specs += [
-            pl.BlockSpec((None, num_q_heads, num_slots), lambda b, h, s: (b, 0, 0)),
-            pl.BlockSpec((None, None, num_slots), lambda b, h, s: (b, h, 0)),
-        ]
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_q_heads, num_slots), f32))
+        out_specs.append(pl.BlockSpec((None, num_q_heads, num_slots), lambda b, h, s: (b, 0, 0)))
 
     kernel = functools.partial(
         _triton_kernel,
@@ -354,12 +355,8 @@ def _triton_call(
         name="longflow_decode_triton",
     )(*inputs)
     out = outs[0]
-    stats = logits = vnorm = None
-    if compute_evict or not finalize:
-        stats = (outs[1], outs[2])
-    if compute_evict:
-        logits, vnorm = outs[3], outs[4]
-    return out, stats, logits, vnorm
+    stats = (outs[1], outs[2]) if compute_evict or not finalize else None
+    return out, stats, outs[3] if compute_evict else None
 
 
 # --------------------------------------------------------------------------------------------------
@@ -587,6 +584,14 @@ def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
     return evict_argmin(importance_from_vnorm(probs, vnorm, kv_valid, granularity))
 
 
+def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
+    """The same argmin from the Triton body's t = logit + log ||v||_1 [B, Hq, C]: head h's term is
+    exp(t - m_h) / l_h. Slots outside kv_valid (possibly never written) are selected away first."""
+    terms = jnp.where(kv_valid[:, None, :], jnp.exp(t - m[..., None]), 0.0)
+    terms = terms / jnp.where(denom > 0.0, denom, 1.0)[..., None]
+    return evict_argmin(importance_from_terms(terms, num_kv_heads, kv_valid, granularity))
+
+
 # --------------------------------------------------------------------------------------------------
 # Entry point
 # --------------------------------------------------------------------------------------------------
@@ -695,7 +700,7 @@ def longflow_decode_attention(
         )
 
     if backend == "triton":
-        out, stats, logits, vnorm = _triton_call(
+        out, stats, log_terms = _triton_call(
             q,
             k_cache,
             v_cache,
@@ -730,7 +735,9 @@ def longflow_decode_attention(
     out = out.astype(q.dtype)
 
     num_groups = 1 if granularity == "sequence" else num_kv_heads
-    if compute_evict:
+    if compute_evict and backend == "triton":
+        evict = _evict_from_log_terms(log_terms, m, denom, bounded_valid, num_kv_heads, granularity)
+    elif compute_evict:
         evict = _evict_from_logits(logits, m, denom, vnorm, bounded_valid, granularity)
     else:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)

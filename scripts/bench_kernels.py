@@ -119,6 +119,13 @@ def columns(scale, granularity="sequence", extra=None):
             granularity=granularity,
             overrides=dict(ffi_call=True),
         )
+        cols["triton_ffi_noevict"] = functools.partial(
+            longflow_decode_attention_triton,
+            scale=scale,
+            granularity=granularity,
+            compute_evict=False,
+            overrides=dict(ffi_call=True),
+        )
         for epilogue in ("fused", "separate", "coop"):
             cols[f"triton_{epilogue}"] = functools.partial(
                 longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
@@ -381,6 +388,7 @@ def main(argv=None):
             "triton_reduce",
             "triton_noevict",
             "triton_ffi",
+            "triton_ffi_noevict",
             "triton_fused",
             "triton_separate",
             "triton_coop",

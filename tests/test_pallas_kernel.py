@@ -474,9 +474,10 @@ def test_bodies_read_nothing_past_kv_len(request, backend):
 def test_triton_body_stops_at_kv_len(request):
     """The GPU body's slot loop visits only the blocks that start below kv_len.
 
-    Read through the (private) logits side output: a visited block stores a logit for every slot
-    (MASK_VALUE past the bound), a block the loop skips is never stored to, so it keeps the output
-    buffer's initial contents (NaN in interpret mode; anything but MASK_VALUE is enough here).
+    Read through the (private) side output t = logit + log ||v||_1: a visited block stores t for every
+    slot (-inf past the bound, where the V rows load as zeros), a block the loop skips is never stored
+    to, so it keeps the output buffer's initial contents (NaN in interpret mode; anything but -inf is
+    enough here).
     """
     from pallas_kernels.decode_attention import MASK_VALUE, _triton_call
 
@@ -494,13 +495,13 @@ def test_triton_body_stops_at_kv_len(request):
         num_warps=4,
         num_stages=3,
     )
-    _, _, logits, _ = jax.jit(call)(q, k, v, kv_valid, jnp.asarray(kv_len, jnp.int32))
-    logits = np.asarray(logits)  # [B, Hq, C]
+    _, _, t = jax.jit(call)(q, k, v, kv_valid, jnp.asarray(kv_len, jnp.int32))
+    t = np.asarray(t)  # [B, Hq, C]
     for b, n in enumerate(kv_len):
         visited_end = -(-n // block_c) * block_c
-        assert np.all(np.isfinite(logits[b, :, :n])) and np.all(logits[b, :, :n] > MASK_VALUE)
-        assert np.all(logits[b, :, n:visited_end] == MASK_VALUE)
-        assert not np.any(logits[b, :, visited_end:] == MASK_VALUE), f"row {b}: a block past {n} was read"
+        assert np.all(np.isfinite(t[b, :, :n])) and np.all(t[b, :, :n] > MASK_VALUE / 2)
+        assert np.all(np.isneginf(t[b, :, n:visited_end]))
+        assert not np.any(np.isneginf(t[b, :, visited_end:])), f"row {b}: a block past {n} was read"
 
 
 # ---- errors ----
