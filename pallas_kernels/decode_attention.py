@@ -56,9 +56,10 @@ _LANES = 128  # TPU lane width: m and l are stored lane-replicated.
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 
 # GPU defaults, chosen by scripts/bench_kernels.py on an H100 (docs/KERNEL_NOTES_pallas.md).
-TRITON_BLOCK_C = 64
+TRITON_BLOCK_C = 128  # at most; fewer where a K or V tile would pass TRITON_TILE_BYTES
+TRITON_TILE_BYTES = 32 << 10  # K + V tiles x 2 stages = 128 KiB of shared memory (H100: 227 KiB)
 TRITON_NUM_WARPS = 4
-TRITON_NUM_STAGES = 3
+TRITON_NUM_STAGES = 2
 TRITON_PROGRAMS_PER_CORE = 4  # split-K until B * Hkv * splits reaches this many programs per SM
 TRITON_MIN_SLOTS_PER_SPLIT = 256
 MOSAIC_BLOCK_C = 512
@@ -89,9 +90,12 @@ def _core_count() -> int:
         return 132
 
 
-def _default_block_c(backend: str, num_slots: int) -> int:
+def _default_block_c(backend: str, num_slots: int, head_dim: int, itemsize: int) -> int:
     if backend == "triton":
-        return max(_MIN_DOT, min(TRITON_BLOCK_C, _next_pow2(num_slots)))
+        fit = _MIN_DOT
+        while fit * 2 * head_dim * itemsize <= TRITON_TILE_BYTES:
+            fit *= 2
+        return max(_MIN_DOT, min(TRITON_BLOCK_C, fit, _next_pow2(num_slots)))
     return num_slots if num_slots <= MOSAIC_BLOCK_C else MOSAIC_BLOCK_C
 
 
@@ -645,8 +649,9 @@ def longflow_decode_attention(
       granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
         "kv_head" (one slot per KV head, summed over its query-head group).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
-      block_c: slots per block. Triton: power of two >= 16 (default 64). Mosaic: multiple of 128 or C
-        (default min(512, C)). C need not be a multiple of it: the tail is masked.
+      block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
+        would pass 32 KiB, e.g. f32 at D = 128). Mosaic: multiple of 128 or C (default min(512, C)).
+        C need not be a multiple of it: the tail is masked.
       num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
         Default: enough to give the GPU about 4 programs per SM (TPU: 1, or 2 for B * Hkv == 1).
       backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
@@ -688,7 +693,7 @@ def longflow_decode_attention(
     if backend == "triton" and not (_is_pow2(head_dim) and head_dim >= _MIN_DOT):
         raise ValueError(f"head dim D={head_dim}: the Triton backend needs a power of two >= {_MIN_DOT}")
     if block_c is None:
-        block_c = _default_block_c(backend, num_slots)
+        block_c = _default_block_c(backend, num_slots, head_dim, q.dtype.itemsize)
     _check_block_c(backend, block_c, num_slots)
     num_blocks = pl.cdiv(num_slots, block_c)
     if num_splits is None:

@@ -262,26 +262,35 @@ def n_sets_for(batch, slots):
     return int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots)))))
 
 
-def sweep(sizes, scale, reps, deadline, log):
-    """Tuning sweep of the Pallas kernel's launch parameters (block_c, warps, stages, splits)."""
+SWEEP_LAUNCHES = [
+    (64, 4, 3),
+    (32, 4, 3),
+    (128, 4, 3),
+    (128, 8, 3),
+    (64, 4, 2),
+    (64, 4, 4),
+    (64, 8, 3),
+    (128, 4, 2),
+    (32, 2, 4),
+]
+
+
+def sweep(sizes, scale, reps, deadline, log, splits_list=None, queued=0, launches=None):
+    """Tuning sweep of the Pallas kernel's launch parameters (block_c, warps, stages, splits).
+
+    splits_list: the split counts to try (those that divide the block count); default: the rule's
+    choice, half and double it. launches: (block_c, num_warps, num_stages) triples (default
+    SWEEP_LAUNCHES)."""
     results = []
     for batch, slots in sizes:
         n_sets = n_sets_for(batch, slots)
         sets = make_sets(batch, slots, n_sets, seed=7)
         configs = []
-        for block_c, warps, stages in [
-            (64, 4, 3),
-            (32, 4, 3),
-            (128, 4, 3),
-            (128, 8, 3),
-            (64, 4, 2),
-            (64, 4, 4),
-            (64, 8, 3),
-            (128, 4, 2),
-            (32, 2, 4),
-        ]:
-            auto = pk._default_num_splits("triton", batch, NUM_KV_HEADS, math.ceil(slots / block_c), block_c)
-            for splits in sorted({auto, max(1, auto // 2), min(auto * 2, slots // block_c)}):
+        for block_c, warps, stages in launches or SWEEP_LAUNCHES:
+            n_blocks = math.ceil(slots / block_c)
+            auto = pk._default_num_splits("triton", batch, NUM_KV_HEADS, n_blocks, block_c)
+            candidates = splits_list or {auto, max(1, auto // 2), min(auto * 2, slots // block_c)}
+            for splits in sorted(x for x in set(candidates) if n_blocks % x == 0):
                 configs.append(dict(block_c=block_c, num_warps=warps, num_stages=stages, num_splits=splits))
         for cfg in configs:
             if time.time() > deadline:
@@ -289,7 +298,7 @@ def sweep(sizes, scale, reps, deadline, log):
                 break
             fn = functools.partial(longflow_decode_attention, scale=scale, **cfg)
             try:
-                t, _ = time_column(fn, sets, reps)
+                t, _ = time_column(fn, sets, reps, queued=queued)
             except Exception as e:  # a config Triton cannot compile: record it, go on
                 log(f"sweep B={batch} C={slots} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
                 continue
@@ -306,6 +315,10 @@ def main(argv=None):
     parser.add_argument("--reps", type=int, default=30)
     parser.add_argument("--sweep", action="store_true", help="also sweep the Pallas launch parameters")
     parser.add_argument("--sweep-sizes", default="1x8192,16x8192,64x2048")
+    parser.add_argument(
+        "--sweep-splits", help="comma-separated split counts for the sweep (default: rule, /2, x2)"
+    )
+    parser.add_argument("--sweep-launches", help="block_c:num_warps:num_stages,... for the sweep")
     parser.add_argument("--deadline", type=float, default=1e9, help="seconds from start for the sweep")
     parser.add_argument("--sizes", default=",".join(f"{b}x{c}" for b, c in SIZES))
     parser.add_argument("--copy-mb", type=int, default=4096, help="buffer size for the copy ceiling")
@@ -375,7 +388,20 @@ def main(argv=None):
     sweep_rows = []
     if args.sweep:
         sweep_sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_sizes.split(",")]
-        sweep_rows = sweep(sweep_sizes, scale, max(10, args.reps // 2), start + args.deadline, log)
+        splits_list = [int(x) for x in args.sweep_splits.split(",")] if args.sweep_splits else None
+        launches = None
+        if args.sweep_launches:
+            launches = [tuple(int(x) for x in t.split(":")) for t in args.sweep_launches.split(",")]
+        sweep_rows = sweep(
+            sweep_sizes,
+            scale,
+            max(10, args.reps // 2),
+            start + args.deadline,
+            log,
+            splits_list,
+            args.queued,
+            launches,
+        )
 
     names = [
         n

@@ -504,6 +504,25 @@ def test_triton_body_stops_at_kv_len(request):
         assert not np.any(np.isneginf(t[b, :, visited_end:])), f"row {b}: a block past {n} was read"
 
 
+@pytest.mark.parametrize(
+    "slots,head_dim,dtype,want",
+    [
+        (2048, 128, jnp.bfloat16, 128),  # the benchmark shape: 32 KiB K and V tiles
+        (2048, 128, jnp.float32, 64),  # a 128-slot f32 tile would be 64 KiB
+        (2048, 256, jnp.bfloat16, 64),
+        (2048, 64, jnp.bfloat16, 128),  # capped at TRITON_BLOCK_C
+        (100, 128, jnp.bfloat16, 128),  # a ragged C keeps the full block (the tail is masked)
+        (8, 64, jnp.float32, 16),  # tl.dot's minimum
+    ],
+)
+def test_default_gpu_block_keeps_tiles_in_shared_memory(slots, head_dim, dtype, want):
+    from pallas_kernels.decode_attention import TRITON_TILE_BYTES, _default_block_c
+
+    block_c = _default_block_c("triton", slots, head_dim, jnp.dtype(dtype).itemsize)
+    assert block_c == want
+    assert block_c == 16 or block_c * head_dim * jnp.dtype(dtype).itemsize <= TRITON_TILE_BYTES
+
+
 # ---- errors ----
 
 
