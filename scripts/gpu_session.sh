@@ -59,12 +59,22 @@
 #   fin6      the fused finisher with one load of its own statistics and 8K-element tiles: the fused and
 #             coop GPU tests, then separate vs fused with one 128-slot split at B = 16 and 32, and
 #             the B = 64 default (fused) by throughput                                      (~7 min)
+#   ffi7      the typed-FFI launch by throughput (with and without scoring), then the profiler's idle GPU
+#             time per call of both launch paths at 1x2048 and 16x2048                      (~3 min)
+#   pprof7    profiler kernel times of the Pallas kernel with and without scoring at the benchmark sizes
+#             (B >= 16 and 1x2048)                                                          (~1 min)
+#   pallas7   all of tests/test_pallas_kernel.py on the GPU, then generate through both kernels vs the
+#             reference (tests/test_kernel_generate.py)                                      (~6 min)
+#   psweep7   the Pallas launch sweep: 64- and 128-slot blocks, 2 and 3 stages, 1/2/4 splits at B = 16
+#             and 64, by throughput, twice                                                  (~3 min)
+#   bench7    bench_kernels.py by throughput (--queued 4), then by latency: XLA, Pallas and Triton with
+#             and without scoring                                                           (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -226,6 +236,33 @@ PY
     timeout 120 python3 scripts/bench_kernels.py --reps 10 --queued 4 --sizes 64x2048,64x8192 \
       --columns xla_attn,triton,triton_noevict,triton_separate --out "$OUT/bench64.md" 2>&1 | grep -v Warning \
       | tee "$OUT/bench64.log" | tail -4 ;;
+  ffi7)
+    timeout 330 python3 scripts/bench_kernels.py --reps 10 --queued 4 \
+      --columns xla_attn,triton,triton_ffi,triton_noevict,triton_ffi_noevict --out "$OUT/ffi_q4.md" \
+      > "$OUT/ffi_q4.log" 2>&1; tail -12 "$OUT/ffi_q4.log"
+    timeout 200 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048 --columns xla_attn,triton,triton_ffi \
+      --reps 3 2>&1 | grep -v Warn | tee "$OUT/ffi_prof.md" | tail -12 ;;
+  pprof7)
+    timeout 400 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
+      --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -20 ;;
+  pallas7)
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
+      | tee "$OUT/pallas_tests.log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
+      | tee "$OUT/kernel_generate.log" ;;
+  psweep7)
+    for pass in 1 2; do
+      timeout 280 python3 scripts/bench_kernels.py --reps 20 --queued 4 --sizes 16x2048 --columns xla_attn --sweep \
+        --sweep-sizes 16x2048,16x8192,64x2048,64x8192 --sweep-splits 1,2,4 --sweep-launches 64:4:3,64:4:2,128:4:2 \
+        --deadline 260 --out "$OUT/pallas_sweep$pass.md" > "$OUT/pallas_sweep$pass.log" 2>&1
+      grep -E "^sweep" "$OUT/pallas_sweep$pass.log"
+    done ;;
+  bench7)
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
+    timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
+      > "$OUT/bench_queued.log" 2>&1; tail -9 "$OUT/bench_queued.log"
+    timeout 270 python3 scripts/bench_kernels.py --reps 20 --columns $C --out "$OUT/bench_latency.md" \
+      > "$OUT/bench_latency.log" 2>&1; tail -9 "$OUT/bench_latency.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
