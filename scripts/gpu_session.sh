@@ -69,12 +69,14 @@
 #             and 64, by throughput, twice                                                  (~3 min)
 #   bench7    bench_kernels.py by throughput (--queued 4), then by latency: XLA, Pallas and Triton with
 #             and without scoring                                                           (~4 min)
+#   qdepth7   bench_kernels.py by throughput with 4 and 16 executions queued per sync, twice, at 1x2048,
+#             16x2048 and 16x8192: is a column's gap per call or per execution?             (~4 min)
 #   ttraffic  the Triton kernel's t-traffic switches (cache_hints, discard_t) and epilogues against the
 #             reference on the GPU, then profiler kernel times of both epilogues and split counts  (~3 min)
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -263,6 +265,12 @@ PY
       > "$OUT/bench_queued.log" 2>&1; tail -9 "$OUT/bench_queued.log"
     timeout 270 python3 scripts/bench_kernels.py --reps 20 --columns $C --out "$OUT/bench_latency.md" \
       > "$OUT/bench_latency.log" 2>&1; tail -9 "$OUT/bench_latency.log" ;;
+  qdepth7)
+    for q in 4 16 4 16; do
+      timeout 120 python3 scripts/bench_kernels.py --reps 10 --queued $q --sizes 1x2048,16x2048,16x8192 \
+        --columns xla_attn,triton,triton_noevict,pallas > "$OUT/q$q.log" 2>&1
+      echo "queued $q"; grep "^B=" "$OUT/q$q.log" | tee -a "$OUT/queue_depth.log"
+    done ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8
