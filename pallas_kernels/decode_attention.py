@@ -6,8 +6,7 @@ query head (6% of the K/V bytes at D=128 with 4 query heads per KV head). A shor
 the same jit merges the split partials (log-sum-exp) and, with the final softmax statistics m and l,
 forms alpha = exp(logit - m) / l, importance = sum_h alpha * ||v||_1 and the argmin: no second pass over
 K/V, no atomics, no host sync. The GPU body stores t = logit + log ||v||_1 (||v||_1 from a ones-row
-matmul on the tensor cores), so a head's term is exp(t - m) / l; the TPU body stores the logits and
-||v||_1 ([Hkv, C]) separately.
+matmul on the tensor cores; the TPU body does the same), so a head's term is exp(t - m) / l.
 
 Two kernel bodies share the math (`_softmax_block`) and the epilogue:
   * "triton" (Pallas' Triton backend, GPU): grid (B, Hkv, splits); each program loops over its slots
@@ -43,7 +42,6 @@ from longflow_jax.reference import (
     check_kv_len,
     evict_argmin,
     importance_from_terms,
-    importance_from_vnorm,
 )
 
 BACKENDS = ("triton", "mosaic")
@@ -398,7 +396,7 @@ def _mosaic_kernel(
     o_ref, m_ref, l_ref = refs[:3]
     m_sc, l_sc, acc_sc = refs[-3:]
     if compute_evict:
-        logit_ref, vn_ref = refs[3:5]
+        t_ref = refs[3]
     b, split, j = pl.program_id(0), pl.program_id(2), pl.program_id(3)
 
     @pl.when(j == 0)
@@ -447,21 +445,20 @@ def _mosaic_kernel(
         acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
 
         if compute_evict:
-            logit_ref[...] = s
-            # ||v||_1 per slot as a lane vector: a ones-row matmul against |v| (transposed RHS) lands it in
-            # the [1, block_c] layout of the output without a sublane->lane relayout.
+            # t = logit + log ||v||_1, as the GPU body stores it. ||v||_1 per slot as a lane vector: a
+            # ones-row matmul against |v| (transposed RHS) lands it in the [1, block_c] layout of the
+            # logits' lanes without a sublane->lane relayout.
             ones = jnp.ones((8, head_dim), v.dtype)
             vnorm = lax.dot_general(
                 ones, jnp.abs(v), _TRANS_B, precision=precision, preferred_element_type=jnp.float32
             )
-            vn_ref[...] = vnorm[:1, :]
+            t_ref[...] = s + jnp.log(vnorm[:1, :])
 
     if compute_evict:
 
         @pl.when(jnp.logical_not(live))
-        def _skipped():  # side outputs of a skipped block: defined values (the epilogue masks them)
-            logit_ref[...] = jnp.full(logit_ref.shape, MASK_VALUE, jnp.float32)
-            vn_ref[...] = jnp.zeros(vn_ref.shape, jnp.float32)
+        def _skipped():  # the side output of a skipped block: a defined value (the epilogue masks it)
+            t_ref[...] = jnp.full(t_ref.shape, MASK_VALUE, jnp.float32)
 
     @pl.when(j == blocks_per_split - 1)
     def _finish():
@@ -511,14 +508,10 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         stat_spec,
     ]
     if compute_evict:
-        out_shape += [
-            jax.ShapeDtypeStruct((batch, num_kv_heads, group, num_slots), f32),
-            jax.ShapeDtypeStruct((batch, num_kv_heads, 1, num_slots), f32),
-        ]
-        out_specs += [
-            pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j, n: (b, h, 0, s * bps + j)),
-            pl.BlockSpec((None, None, 1, block_c), lambda b, h, s, j, n: (b, h, 0, s * bps + j)),
-        ]
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_kv_heads, group, num_slots), f32))
+        out_specs.append(
+            pl.BlockSpec((None, None, group, block_c), lambda b, h, s, j, n: (b, h, 0, s * bps + j))
+        )
     params_cls = getattr(pltpu, "CompilerParams", None) or pltpu.TPUCompilerParams
     kernel = functools.partial(
         _mosaic_kernel,
@@ -548,18 +541,15 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         interpret=interpret,
         name="longflow_decode_mosaic",
     )(kv_len, qg, k, v, valid_i32)
-    # To the Triton body's layouts: partials [S, B, Hq, D], stats [S, B, Hq], logits [B, Hq, C].
+    # To the Triton body's layouts: partials [S, B, Hq, D], stats [S, B, Hq], t [B, Hq, C].
     o_part = outs[0].transpose(2, 0, 1, 3, 4).reshape(num_splits, batch, num_q_heads, head_dim)
 
     def stat(x):
         return x[..., 0].transpose(2, 0, 1, 3).reshape(num_splits, batch, num_q_heads)
 
     stats = (stat(outs[1]), stat(outs[2]))
-    logits = vnorm = None
-    if compute_evict:
-        logits = outs[3].reshape(batch, num_q_heads, num_slots)
-        vnorm = outs[4].reshape(batch, num_kv_heads, num_slots)
-    return o_part, stats, logits, vnorm
+    t = outs[3].reshape(batch, num_q_heads, num_slots) if compute_evict else None
+    return o_part, stats, t
 
 
 # --------------------------------------------------------------------------------------------------
@@ -576,21 +566,12 @@ def _merge_splits(o_part, m_part, l_part):
     return out, m, denom
 
 
-def _evict_from_logits(logits, m, denom, vnorm, kv_valid, granularity):
+def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
     """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32.
 
+    From either body's side output t = logit + log ||v||_1 [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
     kv_valid is the effective mask (kv_len folded in): slots past the bound were never written by the
-    kernel (uninitialised, possibly NaN), so both side outputs are selected away before any product.
-    """
-    probs = jnp.where(kv_valid[:, None, :], jnp.exp(logits - m[..., None]), 0.0)
-    vnorm = jnp.where(kv_valid[:, None, :], vnorm, 0.0)
-    probs = probs / jnp.where(denom > 0.0, denom, 1.0)[..., None]
-    return evict_argmin(importance_from_vnorm(probs, vnorm, kv_valid, granularity))
-
-
-def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
-    """The same argmin from the Triton body's t = logit + log ||v||_1 [B, Hq, C]: head h's term is
-    exp(t - m_h) / l_h. Slots outside kv_valid (possibly never written) are selected away first."""
+    kernel (uninitialised, possibly NaN), so they are selected away before any product."""
     terms = jnp.where(kv_valid[:, None, :], jnp.exp(t - m[..., None]), 0.0)
     terms = terms / jnp.where(denom > 0.0, denom, 1.0)[..., None]
     return evict_argmin(importance_from_terms(terms, num_kv_heads, kv_valid, granularity))
@@ -705,7 +686,7 @@ def longflow_decode_attention(
         )
 
     if backend == "triton":
-        out, stats, log_terms = _triton_call(
+        out, stats, t = _triton_call(
             q,
             k_cache,
             v_cache,
@@ -724,7 +705,7 @@ def longflow_decode_attention(
         else:
             out, m, denom = _merge_splits(out, *stats)
     else:
-        o_part, stats, logits, vnorm = _mosaic_call(
+        o_part, stats, t = _mosaic_call(
             q,
             k_cache,
             v_cache,
@@ -740,10 +721,8 @@ def longflow_decode_attention(
     out = out.astype(q.dtype)
 
     num_groups = 1 if granularity == "sequence" else num_kv_heads
-    if compute_evict and backend == "triton":
-        evict = _evict_from_log_terms(log_terms, m, denom, bounded_valid, num_kv_heads, granularity)
-    elif compute_evict:
-        evict = _evict_from_logits(logits, m, denom, vnorm, bounded_valid, granularity)
+    if compute_evict:
+        evict = _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
     else:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
     if granularity == "sequence":
