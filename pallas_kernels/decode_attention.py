@@ -37,6 +37,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from longflow_jax.reference import (
+    EMPTY_SLOT_SCORE,
     check_decode_inputs,
     check_granularity,
     check_kv_len,
@@ -61,6 +62,10 @@ TRITON_NUM_STAGES = 2
 TRITON_PROGRAMS_PER_CORE = 4  # split-K until B * Hkv * splits reaches this many programs per SM
 TRITON_MIN_SLOTS_PER_SPLIT = 256
 MOSAIC_BLOCK_C = 512
+# The GPU epilogue kernel (_triton_combine_kernel): t elements per scoring program, and its warps.
+COMBINE_TILE = 4096
+COMBINE_MAX_CHUNK = 512
+COMBINE_NUM_WARPS = 4
 
 
 def _is_pow2(n: int) -> bool:
@@ -359,6 +364,163 @@ def _triton_call(
     out = outs[0]
     stats = (outs[1], outs[2]) if compute_evict or not finalize else None
     return out, stats, outs[3] if compute_evict else None
+
+
+def _combine_chunk(heads_per_group: int, num_slots: int) -> int:
+    """Slots one combine program scores: a [heads_per_group, chunk] tile of t of about COMBINE_TILE."""
+    return max(
+        _MIN_DOT, min(COMBINE_MAX_CHUNK, COMBINE_TILE // _next_pow2(heads_per_group), _next_pow2(num_slots))
+    )
+
+
+def _triton_combine_kernel(
+    *refs,
+    num_splits: int,
+    num_q_heads: int,
+    heads_per_group: int,
+    num_chunks: int,
+    chunk: int,
+    num_slots: int,
+    merge_out: bool,
+    compute_evict: bool,
+):
+    """The GPU epilogue in one launch. grid (B, P): program p merges query head p's split partials
+    (p < Hq, when split) and scores chunk p % num_chunks of score group p // num_chunks (p < G * chunks):
+    the importance sum_h exp(t - m_h) / l_h over the group's heads with the final (merged) statistics,
+    then the chunk's minimum and its lowest slot. XLA then reduces the chunks' minima (_argmin_of_chunks)."""
+    refs = list(refs)
+    o_part_ref = refs.pop(0) if merge_out else None  # [S, Hq, D] f32
+    m_part_ref, l_part_ref = refs.pop(0), refs.pop(0)  # [S, Hq] f32
+    t_ref, valid_ref = (refs.pop(0), refs.pop(0)) if compute_evict else (None, None)  # [Hq, C], [C]
+    out_ref = refs.pop(0) if merge_out else None  # [Hq, D] q dtype
+    min_ref, slot_ref = refs if compute_evict else (None, None)  # [G, chunks] f32, i32
+    p = pl.program_id(1)
+    splits_pad = _next_pow2(num_splits)
+    split_ok = jnp.arange(splits_pad) < num_splits
+    split_rows = pl.ds(0, splits_pad)
+
+    def merged_stats(heads, head_ok):
+        """Final m and l of `heads` ([n] rows of the stats) from the splits' partial ones: [n] each."""
+        ok = split_ok[:, None] & head_ok[None, :]
+        m_part = _gpu_load(m_part_ref.at[split_rows, heads], mask=ok, other=MASK_VALUE)
+        l_part = _gpu_load(l_part_ref.at[split_rows, heads], mask=ok, other=0.0)
+        m = jnp.max(m_part, axis=0)
+        weight = jnp.where(ok, jnp.exp(m_part - m[None, :]), 0.0)
+        return m, weight, jnp.sum(l_part * weight, axis=0)
+
+    if merge_out:
+
+        @pl.when(p < num_q_heads)
+        def _merge():
+            head = pl.ds(p, 1)
+            _, weight, denom = merged_stats(head, jnp.full((1,), True))
+            acc = _gpu_load(o_part_ref.at[split_rows, p, :], mask=split_ok[:, None], other=0.0)
+            out = jnp.sum(acc * weight, axis=0) / jnp.where(denom > 0.0, denom, 1.0)
+            _gpu_store(out_ref.at[p, :], out.astype(out_ref.dtype))
+
+    if compute_evict:
+        num_groups = num_q_heads // heads_per_group
+
+        @pl.when(p < num_groups * num_chunks)
+        def _score():
+            group, j = p // num_chunks, p % num_chunks
+            hpg_pad = _next_pow2(heads_per_group)
+            head_ok = jnp.arange(hpg_pad) < heads_per_group
+            heads = pl.ds(group * heads_per_group, hpg_pad)
+            m, _, denom = merged_stats(heads, head_ok)
+            slot_ids = j * chunk + jnp.arange(chunk)
+            in_buffer = slot_ids < num_slots
+            slots = pl.ds(j * chunk, chunk)
+            # Slots the main kernel never wrote (past kv_len) hold garbage: `valid` selects them away.
+            valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
+            t = _gpu_load(t_ref.at[heads, slots], mask=head_ok[:, None] & in_buffer[None, :], other=0.0)
+            terms = jnp.where(valid[None, :] & head_ok[:, None], jnp.exp(t - m[:, None]), 0.0)
+            terms = terms / jnp.where(denom > 0.0, denom, 1.0)[:, None]
+            score = jnp.where(valid, jnp.sum(terms, axis=0), EMPTY_SLOT_SCORE)
+            score = jnp.where(in_buffer, score, jnp.inf)
+            best = jnp.min(score)
+            # The lowest slot among equal minima (ties to the lowest index, as jnp.argmin).
+            first = jnp.min(jnp.where(score == best, jnp.arange(chunk), chunk))
+            _gpu_store(min_ref.at[group, pl.ds(j, 1)], jnp.full((1,), best, jnp.float32))
+            _gpu_store(slot_ref.at[group, pl.ds(j, 1)], jnp.full((1,), j * chunk + first, jnp.int32))
+
+
+def _argmin_of_chunks(chunk_min, chunk_slot):
+    """[B, G, chunks] minima and their slots -> [B, G] slot of the least minimum, ties to the lowest slot
+    (chunks are in slot order, so the lowest chunk among equal minima); one XLA reduction."""
+
+    def lexmin(a, b):
+        (a_val, a_slot), (b_val, b_slot) = a, b
+        take_b = (b_val < a_val) | ((b_val == a_val) & (b_slot < a_slot))
+        return jnp.where(take_b, b_val, a_val), jnp.where(take_b, b_slot, a_slot)
+
+    init = (jnp.array(jnp.inf, jnp.float32), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+    _, slot = lax.reduce((chunk_min, chunk_slot), init, lexmin, (2,))
+    return slot
+
+
+def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num_kv_heads, interpret):
+    """The GPU epilogue kernel: (out [B, Hq, D] or None when not split, evict [B, G] or None)."""
+    m_part, l_part = stats
+    num_splits, batch, num_q_heads = m_part.shape
+    merge_out = num_splits > 1
+    compute_evict = t is not None
+    heads_per_group = num_q_heads if granularity == "sequence" else num_q_heads // num_kv_heads
+    num_groups = num_q_heads // heads_per_group
+    inputs, in_specs, out_shape, out_specs = [], [], [], []
+    stat_spec = pl.BlockSpec((num_splits, None, num_q_heads), lambda b, p: (0, b, 0))
+    if merge_out:
+        head_dim = o_part.shape[-1]
+        inputs.append(o_part)
+        in_specs.append(pl.BlockSpec((num_splits, None, num_q_heads, head_dim), lambda b, p: (0, b, 0, 0)))
+        out_shape.append(jax.ShapeDtypeStruct((batch, num_q_heads, head_dim), out_dtype))
+        out_specs.append(pl.BlockSpec((None, num_q_heads, head_dim), lambda b, p: (b, 0, 0)))
+    inputs += [m_part, l_part]
+    in_specs += [stat_spec, stat_spec]
+    num_chunks = chunk = 0
+    if compute_evict:
+        num_slots = t.shape[-1]
+        chunk = _combine_chunk(heads_per_group, num_slots)
+        num_chunks = pl.cdiv(num_slots, chunk)
+        inputs += [t, valid]
+        in_specs += [
+            pl.BlockSpec((None, num_q_heads, num_slots), lambda b, p: (b, 0, 0)),
+            pl.BlockSpec((None, num_slots), lambda b, p: (b, 0)),
+        ]
+        part_spec = pl.BlockSpec((None, num_groups, num_chunks), lambda b, p: (b, 0, 0))
+        out_shape += [
+            jax.ShapeDtypeStruct((batch, num_groups, num_chunks), jnp.float32),
+            jax.ShapeDtypeStruct((batch, num_groups, num_chunks), jnp.int32),
+        ]
+        out_specs += [part_spec, part_spec]
+    programs = max(num_q_heads if merge_out else 0, num_groups * num_chunks)
+    kernel = functools.partial(
+        _triton_combine_kernel,
+        num_splits=num_splits,
+        num_q_heads=num_q_heads,
+        heads_per_group=heads_per_group,
+        num_chunks=num_chunks,
+        chunk=chunk,
+        num_slots=t.shape[-1] if compute_evict else 0,
+        merge_out=merge_out,
+        compute_evict=compute_evict,
+    )
+    from jax.experimental.pallas import triton as plgpu
+
+    outs = pl.pallas_call(
+        kernel,
+        grid=(batch, programs),
+        in_specs=in_specs,
+        out_specs=out_specs,
+        out_shape=out_shape,
+        compiler_params=plgpu.CompilerParams(num_warps=COMBINE_NUM_WARPS, num_stages=1),
+        interpret=interpret,
+        name="longflow_combine_triton",
+    )(*inputs)
+    outs = list(outs)
+    out = outs.pop(0) if merge_out else None
+    evict = _argmin_of_chunks(*outs) if compute_evict else None
+    return out, evict
 
 
 # --------------------------------------------------------------------------------------------------
@@ -700,10 +862,19 @@ def longflow_decode_attention(
             num_warps=num_warps or TRITON_NUM_WARPS,
             num_stages=num_stages or TRITON_NUM_STAGES,
         )
-        if num_splits == 1:
-            m, denom = (None, None) if stats is None else (stats[0][0], stats[1][0])
-        else:
-            out, m, denom = _merge_splits(out, *stats)
+        evict = None
+        if stats is not None:  # split partials to merge, or slots to score: the epilogue kernel
+            merged, evict = _triton_combine_call(
+                out if num_splits > 1 else None,
+                stats,
+                t,
+                bounded_valid,
+                out_dtype=q.dtype,
+                granularity=granularity,
+                num_kv_heads=num_kv_heads,
+                interpret=interpret,
+            )
+            out = out if merged is None else merged
     else:
         o_part, stats, t = _mosaic_call(
             q,
@@ -718,12 +889,15 @@ def longflow_decode_attention(
             interpret=interpret,
         )
         out, m, denom = _merge_splits(o_part, *stats)
+        evict = (
+            _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
+            if compute_evict
+            else None
+        )
     out = out.astype(q.dtype)
 
-    num_groups = 1 if granularity == "sequence" else num_kv_heads
-    if compute_evict:
-        evict = _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
-    else:
+    if evict is None:
+        num_groups = 1 if granularity == "sequence" else num_kv_heads
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
     if granularity == "sequence":
         evict = evict[:, 0]

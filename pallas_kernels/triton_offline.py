@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from pallas_kernels.decode_attention import (
+    COMBINE_NUM_WARPS,
     TRITON_NUM_STAGES,
     TRITON_NUM_WARPS,
     longflow_decode_attention,
@@ -37,8 +38,16 @@ _SASS_OPS = re.compile(
 )
 
 
-def triton_ir(batch, num_q_heads, num_kv_heads, slots, head_dim, dtype=jnp.bfloat16, **kernel_kwargs):
-    """The Triton IR (text) of the kernel at these shapes."""
+KERNELS = ("decode", "combine")  # the launches of one call, in order: main kernel, then the epilogue
+
+
+def triton_ir(
+    batch, num_q_heads, num_kv_heads, slots, head_dim, dtype=jnp.bfloat16, *, kernel="decode", **kernel_kwargs
+):
+    """The Triton IR (text) of one of the call's kernels at these shapes: "decode" (the main kernel) or
+    "combine" (the epilogue, launched when the call splits or scores)."""
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
     from jax._src.pallas.triton import pallas_call_registration as registration
 
     captured = []
@@ -66,9 +75,10 @@ def triton_ir(batch, num_q_heads, num_kv_heads, slots, head_dim, dtype=jnp.bfloa
         jax.export.export(fn, platforms=["cuda"], disabled_checks=checks)(*args)
     finally:
         registration.lowering.lower_jaxpr_to_triton_module = original
-    if len(captured) != 1:
-        raise RuntimeError(f"expected one Triton kernel, captured {len(captured)}")
-    return captured[0]
+    which = KERNELS.index(kernel)
+    if len(captured) <= which:
+        raise RuntimeError(f"no {kernel!r} kernel at these arguments (captured {len(captured)} kernels)")
+    return captured[which]
 
 
 def compile_report(ir_text, *, num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM_STAGES, capability=90):
@@ -131,6 +141,7 @@ def main(argv=None):
     parser.add_argument("--num-splits", type=int)
     parser.add_argument("--num-warps", type=int, default=TRITON_NUM_WARPS)
     parser.add_argument("--num-stages", type=int, default=TRITON_NUM_STAGES)
+    parser.add_argument("--kernel", choices=KERNELS, default="decode")
     args = parser.parse_args(argv)
     ir_text = triton_ir(
         args.batch,
@@ -144,10 +155,10 @@ def main(argv=None):
         compute_evict=not args.no_evict,
         num_warps=args.num_warps,
         num_stages=args.num_stages,
+        kernel=args.kernel,
     )
-    report = compile_report(
-        ir_text, num_warps=args.num_warps, num_stages=args.num_stages, capability=args.capability
-    )
+    launch = (args.num_warps, args.num_stages) if args.kernel == "decode" else (COMBINE_NUM_WARPS, 1)
+    report = compile_report(ir_text, num_warps=launch[0], num_stages=launch[1], capability=args.capability)
     for key, value in report.items():
         print(f"{key}: {value}")
 

@@ -23,6 +23,11 @@
 #             configuration with and without scoring at the six benchmark sizes               (~6 min)
 #   final4b   generate through both kernels vs the reference, then scripts/bench_kernels.py, all
 #             columns                                                                          (~6 min)
+#   pallas8   the Pallas kernel's GPU tests and generate through both kernels (session 8: the GPU epilogue
+#             is a second Pallas kernel)                                                     (~5 min)
+#   pprof8    the profiler's kernel times of XLA and the Pallas kernel with/without scoring  (~4 min)
+#   psweep8   Pallas split counts at every benchmark size, 128-slot blocks, 4 warps, 2 stages (~5 min)
+#   bench8    bench_kernels.py by throughput (--queued 4) and latency: XLA, Pallas, Triton   (~8 min)
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
 #             jax-triton launch cost away?                                                    (~4 min)
@@ -271,6 +276,25 @@ PY
         --columns xla_attn,triton,triton_noevict,pallas > "$OUT/q$q.log" 2>&1
       echo "queued $q"; grep "^B=" "$OUT/q$q.log" | tee -a "$OUT/queue_depth.log"
     done ;;
+  pallas8)
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
+      | tee "$OUT/pallas_tests.log"
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
+      | tee "$OUT/kernel_generate.log" ;;
+  pprof8)
+    timeout 300 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
+      --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -12 ;;
+  psweep8)
+    timeout 280 python3 scripts/bench_kernels.py --reps 20 --queued 4 --sizes 16x2048 --columns xla_attn --sweep \
+      --sweep-sizes 1x2048,1x8192,16x2048,16x8192,64x2048,64x8192 --sweep-splits 1,2,4,8,16 \
+      --sweep-launches 128:4:2 --deadline 260 --out "$OUT/pallas_sweep.md" > "$OUT/pallas_sweep.log" 2>&1
+    grep -E "^sweep" "$OUT/pallas_sweep.log" ;;
+  bench8)
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
+    timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
+      > "$OUT/bench_queued.log" 2>&1; tail -9 "$OUT/bench_queued.log"
+    timeout 270 python3 scripts/bench_kernels.py --reps 20 --columns $C --out "$OUT/bench_latency.md" \
+      > "$OUT/bench_latency.log" 2>&1; tail -9 "$OUT/bench_latency.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

@@ -722,6 +722,19 @@ def test_triton_body_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
     assert any(op.startswith("LDGSTS") and op.endswith(".128") for op in ops), ops  # 16 B async copies
 
 
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+def test_triton_epilogue_kernel_compiles_for_sm90_without_spills(tmp_path, monkeypatch, granularity):
+    """The GPU epilogue (split merge + chunk scoring) at the benchmark's largest tile: no spills."""
+    pytest.importorskip("triton")
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
+    from pallas_kernels.decode_attention import COMBINE_NUM_WARPS
+    from pallas_kernels.triton_offline import compile_report, triton_ir
+
+    ir_text = triton_ir(**QWEN3_8B, num_splits=4, granularity=granularity, kernel="combine")
+    report = compile_report(ir_text, num_warps=COMBINE_NUM_WARPS, num_stages=1)
+    assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report
+
+
 def test_triton_body_with_kv_len_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
     """The bounded loop (a runtime trip count) keeps the unbounded kernel's properties."""
     pytest.importorskip("triton")
