@@ -27,6 +27,7 @@
 #             is a second Pallas kernel)                                                     (~5 min)
 #   pprof8    the profiler's kernel times of XLA and the Pallas kernel with/without scoring  (~4 min)
 #   psweep8   Pallas split counts at every benchmark size, 128-slot blocks, 4 warps, 2 stages (~5 min)
+#   psweep8b  three passes of the split sweep at 1x2048, 1x8192, 16x2048 (and XLA at 1x2048) (~3 min)
 #   bench8    bench_kernels.py by throughput (--queued 4) and latency: XLA, Pallas, Triton   (~8 min)
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
@@ -289,6 +290,13 @@ PY
       --sweep-sizes 1x2048,1x8192,16x2048,16x8192,64x2048,64x8192 --sweep-splits 1,2,4,8,16 \
       --sweep-launches 128:4:2 --deadline 260 --out "$OUT/pallas_sweep.md" > "$OUT/pallas_sweep.log" 2>&1
     grep -E "^sweep" "$OUT/pallas_sweep.log" ;;
+  psweep8b)
+    for pass in 1 2 3; do
+      timeout 150 python3 scripts/bench_kernels.py --reps 20 --queued 4 --sizes 1x2048 --columns xla_attn --sweep \
+        --sweep-sizes 1x2048,1x8192,16x2048 --sweep-splits 2,4,8,16,32 --sweep-launches 128:4:2 \
+        --deadline 140 --out "$OUT/pallas_sweep$pass.md" > "$OUT/pallas_sweep$pass.log" 2>&1
+      grep -E "^(sweep|B=)" "$OUT/pallas_sweep$pass.log"
+    done ;;
   bench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
