@@ -2,13 +2,16 @@
 
 One program reads the K/V rows of one (sequence, KV head, split) once and serves every query head of
 the GQA group with them. While it runs the online softmax it writes a float32 side output per slot and
-query head (6% of the K/V bytes at D=128 with 4 query heads per KV head). A short jnp epilogue inside
-the same jit merges the split partials (log-sum-exp) and, with the final softmax statistics m and l,
-forms alpha = exp(logit - m) / l, importance = sum_h alpha * ||v||_1 and the argmin: no second pass over
-K/V, no atomics, no host sync. The GPU body stores t = logit + log ||v||_1 (||v||_1 from a ones-row
-matmul on the tensor cores; the TPU body does the same), so a head's term is exp(t - m) / l.
+query head (6% of the K/V bytes at D=128 with 4 query heads per KV head): t = logit + log ||v||_1
+(||v||_1 from a ones-row matmul on the tensor cores), so with the final softmax statistics m and l a
+head's importance term alpha * ||v||_1 is exp(t - m) / l. An epilogue inside the same jit merges the
+split partials (log-sum-exp), sums the terms over each score group's heads and takes the argmin: no
+second pass over K/V, no host sync.
+  * GPU: the epilogue is a second Pallas kernel (`_triton_combine_kernel`: split merge, then per chunk
+    of slots the importance and its minimum) and one XLA reduction over the chunks' minima.
+  * TPU: a jnp epilogue (`_merge_splits`, `_evict_from_log_terms`) that XLA fuses.
 
-Two kernel bodies share the math (`_softmax_block`) and the epilogue:
+Two kernel bodies share the math (`_softmax_block`):
   * "triton" (Pallas' Triton backend, GPU): grid (B, Hkv, splits); each program loops over its slots
     in `block_c` rows; the query group is padded to 16 rows in registers (tl.dot needs M >= 16);
     slot tails are masked loads/stores.
