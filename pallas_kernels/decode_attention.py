@@ -480,7 +480,7 @@ def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num
         out_specs.append(pl.BlockSpec((None, num_q_heads, head_dim), lambda b, p: (b, 0, 0)))
     inputs += [m_part, l_part]
     in_specs += [stat_spec, stat_spec]
-    num_chunks = chunk = 0
+    num_chunks = chunk = num_slots = 0
     if compute_evict:
         num_slots = t.shape[-1]
         chunk = _combine_chunk(heads_per_group, num_slots)
@@ -504,7 +504,7 @@ def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num
         heads_per_group=heads_per_group,
         num_chunks=num_chunks,
         chunk=chunk,
-        num_slots=t.shape[-1] if compute_evict else 0,
+        num_slots=num_slots,
         merge_out=merge_out,
         compute_evict=compute_evict,
     )
@@ -718,7 +718,7 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
 
 
 # --------------------------------------------------------------------------------------------------
-# Epilogue (jnp, fused by XLA into the caller's jit)
+# TPU epilogue (jnp, fused by XLA into the caller's jit; the GPU's is _triton_combine_kernel)
 # --------------------------------------------------------------------------------------------------
 
 
@@ -734,7 +734,7 @@ def _merge_splits(o_part, m_part, l_part):
 def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
     """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32.
 
-    From either body's side output t = logit + log ||v||_1 [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
+    From the side output t = logit + log ||v||_1 [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
     kv_valid is the effective mask (kv_len folded in): slots past the bound were never written by the
     kernel (uninitialised, possibly NaN), so they are selected away before any product."""
     terms = jnp.where(kv_valid[:, None, :], jnp.exp(t - m[..., None]), 0.0)

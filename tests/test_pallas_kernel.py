@@ -285,6 +285,42 @@ def test_exact_ties_go_to_lowest_slot(request):
             np.testing.assert_array_equal(np.asarray(evict), want)
 
 
+def test_exact_ties_across_epilogue_chunks_go_to_lowest_slot(request):
+    """The GPU epilogue scores slots in chunks, then reduces the chunks' minima: a tie between chunks
+    must still go to the lowest slot."""
+    from pallas_kernels.decode_attention import _combine_chunk
+
+    slots, tied = 1200, (1100, 700)  # chunks 2 and 1 of 512 slots
+    assert _combine_chunk(8, slots) == 512 and _combine_chunk(4, slots) == 512  # 3 chunks per group
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=1, num_q_heads=8, num_kv_heads=2, slots=slots, head_dim=64, dtype=jnp.float32
+    )
+    k = k.at[:, :, tied[0]].set(k[:, :, tied[1]])
+    v = v.at[:, :, tied[1]].multiply(1e-3).at[:, :, tied[0]].set(v[:, :, tied[1]] * 1e-3)
+    for granularity, want in (("sequence", [700]), ("kv_head", [[700, 700]])):
+        _, ref_evict = longflow_decode_attention_reference(
+            q, k, v, kv_valid, scale=0.125, granularity=granularity
+        )
+        np.testing.assert_array_equal(np.asarray(ref_evict), want)
+        _, evict = longflow_decode_attention(
+            q, k, v, kv_valid, scale=0.125, granularity=granularity, backend="triton", num_splits=2
+        )
+        np.testing.assert_array_equal(np.asarray(evict), want)
+
+
+def test_argmin_of_chunks_is_lexicographic():
+    """(minimum, slot) pairs -> the slot of the least minimum, the lowest slot among equal minima."""
+    from pallas_kernels.decode_attention import _argmin_of_chunks
+
+    rng = np.random.default_rng(0)
+    minima = rng.integers(0, 3, (4, 3, 7)).astype(np.float32)  # many exact ties
+    minima[0, 0] = -1.0  # all empty: the first chunk's slot
+    slots = np.arange(7, dtype=np.int32)[None, None, :] * 16 + rng.integers(0, 16, (4, 3, 7)).astype(np.int32)
+    got = np.asarray(_argmin_of_chunks(jnp.asarray(minima), jnp.asarray(slots)))
+    want = np.take_along_axis(slots, np.argmin(minima, axis=-1)[..., None], axis=-1)[..., 0]
+    np.testing.assert_array_equal(got, want)
+
+
 @pytest.mark.parametrize("backend", ["triton", "mosaic"])
 def test_compute_evict_false_skips_scoring(request, backend):
     q, k, v, kv_valid = make_inputs(
