@@ -28,6 +28,8 @@
 #   pprof8    the profiler's kernel times of XLA and the Pallas kernel with/without scoring  (~4 min)
 #   psweep8   Pallas split counts at every benchmark size, 128-slot blocks, 4 warps, 2 stages (~5 min)
 #   psweep8b  three passes of the split sweep at 1x2048, 1x8192, 16x2048 (and XLA at 1x2048) (~3 min)
+#   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
+#             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
 #   bench8    bench_kernels.py by throughput (--queued 4) and latency: XLA, Pallas, Triton   (~8 min)
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
@@ -296,6 +298,31 @@ PY
         --sweep-sizes 1x2048,1x8192,16x2048 --sweep-splits 2,4,8,16,32 --sweep-launches 128:4:2 \
         --deadline 140 --out "$OUT/pallas_sweep$pass.md" > "$OUT/pallas_sweep$pass.log" 2>&1
       grep -E "^(sweep|B=)" "$OUT/pallas_sweep$pass.log"
+    done ;;
+  cbuf8)
+    # Are the Pallas kernels inside XLA's command buffers (CUDA graphs)? The optimized HLO of a chain of
+    # 4 calls at 1x2048, then the B=1 and 16x2048 tables with command buffers as by default, off, and
+    # with no minimum graph size.
+    python3 - <<'PY' 2>&1 | tee "$OUT/cbuf_hlo.log"
+import re, functools, jax, jax.numpy as jnp
+from pallas_kernels import longflow_decode_attention as pk
+def chain(q, k, v, valid):
+    for _ in range(4):
+        q, _e = pk(q, k, v, valid, scale=128**-0.5)
+    return q
+args = (jnp.ones((1, 32, 128), jnp.bfloat16), jnp.ones((1, 8, 2048, 128), jnp.bfloat16),
+        jnp.ones((1, 8, 2048, 128), jnp.bfloat16), jnp.ones((1, 2048), bool))
+text = jax.jit(chain).lower(*args).compile().as_text()
+print("command_buffer computations:", len(re.findall(r"^%?command_buffer\S* ", text, re.M)))
+for line in text.splitlines():
+    if re.search(r"command_buffer|custom_call_target|kind=kCustom|__triton|ENTRY", line):
+        print(line.strip()[:200])
+PY
+    for flags in "" "--xla_gpu_enable_command_buffer=" "--xla_gpu_graph_min_graph_size=1"; do
+      echo "XLA_FLAGS=$flags" | tee -a "$OUT/cbuf.log"
+      XLA_FLAGS="$flags" timeout 120 python3 scripts/bench_kernels.py --reps 10 --queued 4 --copy-mb 1024 \
+        --matmul-n 2048 --sizes 1x2048,1x8192,16x2048 --columns xla_attn,pallas,pallas_noevict 2>&1 \
+        | grep -E "^B=|rror" | tee -a "$OUT/cbuf.log"
     done ;;
   bench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
