@@ -22,12 +22,13 @@ Method: every column is first checked against the jnp reference on the same inpu
 L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
 one program that makes a chain of at least 32 calls (each call's q is the previous call's output, so
 XLA can neither merge nor overlap calls), rotating K/V over several input sets (distinct buffers,
-together well over the 50 MB L2, so no call finds its K/V in cache); the
-per-call time is the median over repetitions of that program's wall time (after
-jax.block_until_ready) divided by the number of calls (latency, the default). With --queued Q each
-repetition queues Q executions before one sync (throughput: the host's launches overlap the GPU's
-previous execution, so what remains is the GPU's time per call when the host keeps ahead). Achieved
-bandwidth = bytes of K + V read / time.
+together well over the 50 MB L2, so no call finds its K/V in cache); the per-call time is the median
+over repetitions of that program's wall time (after jax.block_until_ready) divided by the number of
+calls (latency, the default). With --queued Q each repetition queues Q executions before one sync
+(throughput: the host's launches overlap the GPU's previous execution, so what remains is the GPU's
+time per call when the host keeps ahead). With --interleave the repetitions of one size go
+round-robin over the columns, so the machine's drift hits all columns alike. Achieved bandwidth =
+bytes of K + V read / time.
 
   python3 scripts/bench_kernels.py [--out FILE.md] [--sweep] [--deadline SECONDS]
 """
@@ -225,6 +226,24 @@ def time_runs(run, reps, queued=0):
     return statistics.median(times), (min(times), max(times))
 
 
+def time_interleaved(runs, reps, queued=0):
+    """{name: (median, (min, max)) seconds per call} for runs = {name: (run, calls per run)}, with the
+    repetitions taken round-robin over the columns (after two warm-ups each): a slow drift of the
+    machine (clocks, a neighbour's load) then falls on every column alike, which matters at B = 1,
+    where whole tables moved by up to 2x between runs."""
+    for run, _ in runs.values():
+        jax.block_until_ready(run())
+        jax.block_until_ready(run())
+    per_rep = max(queued, 1)
+    times = {name: [] for name in runs}
+    for _ in range(reps):
+        for name, (run, n_calls) in runs.items():
+            t0 = time.perf_counter()
+            jax.block_until_ready([run() for _ in range(per_rep)])
+            times[name].append((time.perf_counter() - t0) / per_rep / n_calls)
+    return {name: (statistics.median(ts), (min(ts), max(ts))) for name, ts in times.items()}
+
+
 def time_program(program, n_calls, sets, reps, queued=0):
     """(median, (min, max)) seconds per call of a `chain_program`: `time_runs` of one execution, divided
     by its calls."""
@@ -330,6 +349,11 @@ def main(argv=None):
         default=0,
         help="time throughput: queue this many executions per sync (default 0: latency, one per sync)",
     )
+    parser.add_argument(
+        "--interleave",
+        action="store_true",
+        help="take each size's repetitions round-robin over the columns (default: column after column)",
+    )
     args = parser.parse_args(argv)
     start = time.time()
     log = functools.partial(print, flush=True)
@@ -338,6 +362,7 @@ def main(argv=None):
         log(f"warning: running on {dev.platform}, not a GPU: the numbers mean nothing")
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     timing = f"throughput, {args.queued} executions queued per sync" if args.queued else "latency"
+    timing += ", columns interleaved" if args.interleave else ""
     header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}, timing: {timing}"
     log(header)
     log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
@@ -368,14 +393,22 @@ def main(argv=None):
             bytes_floor_us=nbytes / copy_bw * 1e6,
             flop_floor_us=flops / mm_rate * 1e6,
         )
+        summaries, timings, runs = {}, {}, {}
         for name, fn in cols.items():
             try:
-                summary = check_column(name, fn, sets[0], scale)
-                t, (tmin, tmax) = time_column(fn, sets, args.reps, queued=args.queued)
+                summaries[name] = check_column(name, fn, sets[0], scale)
+                if args.interleave:
+                    program, n_calls = chain_program(fn, sets)
+                    runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
+                else:
+                    timings[name] = time_column(fn, sets, args.reps, queued=args.queued)
             except Exception as e:  # report and keep going: one broken column must not hide the rest
                 log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 row[name] = None
-                continue
+        if runs:
+            timings.update(time_interleaved(runs, args.reps, queued=args.queued))
+        for name, (t, (tmin, tmax)) in timings.items():
+            summary = summaries[name]
             row[name] = t * 1e6
             row[name + "_tbps"] = nbytes / t / 1e12
             log(

@@ -30,6 +30,8 @@
 #   psweep8b  three passes of the split sweep at 1x2048, 1x8192, 16x2048 (and XLA at 1x2048) (~3 min)
 #   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
+#   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
+#             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   bench8    bench_kernels.py by throughput (--queued 4) and latency: XLA, Pallas, Triton   (~8 min)
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
@@ -324,6 +326,12 @@ PY
         --matmul-n 2048 --sizes 1x2048,1x8192,16x2048 --columns xla_attn,pallas,pallas_noevict 2>&1 \
         | grep -E "^B=|rror" | tee -a "$OUT/cbuf.log"
     done ;;
+  ibench8)
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
+    timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/ibench_queued.md" > "$OUT/ibench_queued.log" 2>&1; tail -9 "$OUT/ibench_queued.log"
+    timeout 200 python3 scripts/bench_kernels.py --reps 40 --queued 4 --interleave --columns $C --sizes 1x2048,1x8192 \
+      --copy-mb 1024 --matmul-n 2048 --out "$OUT/ibench_b1.md" > "$OUT/ibench_b1.log" 2>&1; tail -5 "$OUT/ibench_b1.log" ;;
   bench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
