@@ -32,6 +32,7 @@
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
+#   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
 #   bench8    bench_kernels.py by throughput (--queued 4) and latency: XLA, Pallas, Triton   (~8 min)
 #   cmdbuf    (not run yet) the bench's chain under the profiler with XLA's command buffers (CUDA
 #             graphs) as by default, off, and with no minimum graph size: do they take the host's
@@ -332,6 +333,38 @@ PY
       --out "$OUT/ibench_queued.md" > "$OUT/ibench_queued.log" 2>&1; tail -9 "$OUT/ibench_queued.log"
     timeout 200 python3 scripts/bench_kernels.py --reps 40 --queued 4 --interleave --columns $C --sizes 1x2048,1x8192 \
       --copy-mb 1024 --matmul-n 2048 --out "$OUT/ibench_b1.md" > "$OUT/ibench_b1.log" 2>&1; tail -5 "$OUT/ibench_b1.log" ;;
+  combine8)
+    # The Triton combine kernel's chunk and warps at B = 16 (a lead not taken in sessions 4-7), timed
+    # interleaved by throughput against the default, the no-scoring kernel and XLA's attention.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/combine_sweep.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import jax
+import bench_kernels as bk
+from cuda_triton_bridge import config, launch, longflow_decode_attention_triton as tri
+VARIANTS = [(256, 8192, 4), (128, 8192, 4), (64, 8192, 4), (256, 8192, 8), (512, 16384, 8), (128, 8192, 2)]
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 8192)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn):
+        bk.check_column(name, fn, sets[0], scale)
+        program, n = bk.chain_program(fn, sets)
+        run = functools.partial(program, sets[0][0], sets)
+        jax.block_until_ready(run())  # trace and compile now, under the current constants
+        runs[name] = (run, n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("triton_noevict", functools.partial(tri, scale=scale, compute_evict=False))
+    for chunk, tile, warps in VARIANTS:
+        config.COMBINE_CHUNK, launch.COMBINE_TILE_ELEMS, config.COMBINE_NUM_WARPS = chunk, tile, warps
+        add(f"chunk{chunk}/tile{tile}/w{warps}", functools.partial(tri, scale=scale))
+    config.COMBINE_CHUNK, launch.COMBINE_TILE_ELEMS, config.COMBINE_NUM_WARPS = 256, 8192, 4
+    res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:28s} {t * 1e6:8.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})")
+    del sets
+PY
+    ;;
   bench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
