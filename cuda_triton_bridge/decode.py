@@ -25,6 +25,7 @@ from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import resolve_call
 from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+from longflow_jax.reference import evict_argmin_of_chunks
 
 
 @functools.cache
@@ -120,8 +121,7 @@ def longflow_decode_attention_triton(
     if not compute_evict:
         evict_slot = no_evict
     elif plan.reduce_in_xla:
-        best_chunk = jnp.argmin(part_val, axis=-1)  # ties -> lowest chunk -> lowest slot
-        evict_slot = jnp.take_along_axis(part_idx, best_chunk[..., None], axis=-1)[..., 0]
+        evict_slot = evict_argmin_of_chunks(part_val, part_idx)
     else:
         evict_slot = comb_evict
     return out, _squeeze_groups(evict_slot, granularity)

@@ -112,6 +112,21 @@ def evict_argmin(scores):
     return jnp.argmin(scores, axis=-1).astype(jnp.int32)
 
 
+def evict_argmin_of_chunks(chunk_min, chunk_slot):
+    """The evict slot from a kernel's per-chunk minima: [B, G, chunks] minima and their slots (each the
+    lowest slot among its chunk's equal minima, chunks in slot order) -> [B, G] int32, the slot of the
+    least minimum, ties to the lowest slot as in `evict_argmin`. One reduction over (minimum, slot)."""
+
+    def lexmin(a, b):
+        (a_val, a_slot), (b_val, b_slot) = a, b
+        take_b = (b_val < a_val) | ((b_val == a_val) & (b_slot < a_slot))
+        return jnp.where(take_b, b_val, a_val), jnp.where(take_b, b_slot, a_slot)
+
+    init = (jnp.array(jnp.inf, chunk_min.dtype), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
+    _, slot = jax.lax.reduce((chunk_min, chunk_slot.astype(jnp.int32)), init, lexmin, (chunk_min.ndim - 1,))
+    return slot
+
+
 def check_kv_len(kv_len, batch: int) -> None:
     """The kernels' optional filled-prefix bound: an integer array [B] (clamped to [0, C] by them)."""
     shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)

@@ -45,6 +45,7 @@ from longflow_jax.reference import (
     check_granularity,
     check_kv_len,
     evict_argmin,
+    evict_argmin_of_chunks,
     importance_from_terms,
 )
 
@@ -390,7 +391,8 @@ def _triton_combine_kernel(
     """The GPU epilogue in one launch. grid (B, P): program p merges query head p's split partials
     (p < Hq, when split) and scores chunk p % num_chunks of score group p // num_chunks (p < G * chunks):
     the importance sum_h exp(t - m_h) / l_h over the group's heads with the final (merged) statistics,
-    then the chunk's minimum and its lowest slot. XLA then reduces the chunks' minima (_argmin_of_chunks)."""
+    then the chunk's minimum and its lowest slot. XLA then reduces the chunks' minima
+    (longflow_jax.reference.evict_argmin_of_chunks)."""
     refs = list(refs)
     o_part_ref = refs.pop(0) if merge_out else None  # [S, Hq, D] f32
     m_part_ref, l_part_ref = refs.pop(0), refs.pop(0)  # [S, Hq] f32
@@ -446,20 +448,6 @@ def _triton_combine_kernel(
             first = jnp.min(jnp.where(score == best, jnp.arange(chunk), chunk))
             _gpu_store(min_ref.at[group, pl.ds(j, 1)], jnp.full((1,), best, jnp.float32))
             _gpu_store(slot_ref.at[group, pl.ds(j, 1)], jnp.full((1,), j * chunk + first, jnp.int32))
-
-
-def _argmin_of_chunks(chunk_min, chunk_slot):
-    """[B, G, chunks] minima and their slots -> [B, G] slot of the least minimum, ties to the lowest slot
-    (chunks are in slot order, so the lowest chunk among equal minima); one XLA reduction."""
-
-    def lexmin(a, b):
-        (a_val, a_slot), (b_val, b_slot) = a, b
-        take_b = (b_val < a_val) | ((b_val == a_val) & (b_slot < a_slot))
-        return jnp.where(take_b, b_val, a_val), jnp.where(take_b, b_slot, a_slot)
-
-    init = (jnp.array(jnp.inf, jnp.float32), jnp.array(jnp.iinfo(jnp.int32).max, jnp.int32))
-    _, slot = lax.reduce((chunk_min, chunk_slot), init, lexmin, (2,))
-    return slot
 
 
 def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num_kv_heads, interpret):
@@ -522,7 +510,7 @@ def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num
     )(*inputs)
     outs = list(outs)
     out = outs.pop(0) if merge_out else None
-    evict = _argmin_of_chunks(*outs) if compute_evict else None
+    evict = evict_argmin_of_chunks(*outs) if compute_evict else None
     return out, evict
 
 

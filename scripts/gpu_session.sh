@@ -30,6 +30,7 @@
 #   psweep8b  three passes of the split sweep at 1x2048, 1x8192, 16x2048 (and XLA at 1x2048) (~3 min)
 #   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
+#   mend8     the review mend: Triton final-reduce tests and the Pallas GPU tests          (~6 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -87,7 +88,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -258,7 +259,7 @@ PY
   pprof7)
     timeout 400 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -20 ;;
-  pallas7)
+  pallas7|pallas8)  # pallas8: the same commands, session 8
     timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
       | tee "$OUT/pallas_tests.log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
@@ -270,7 +271,7 @@ PY
         --deadline 260 --out "$OUT/pallas_sweep$pass.md" > "$OUT/pallas_sweep$pass.log" 2>&1
       grep -E "^sweep" "$OUT/pallas_sweep$pass.log"
     done ;;
-  bench7)
+  bench7|bench8)  # bench8: the same commands, session 8
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
       > "$OUT/bench_queued.log" 2>&1; tail -9 "$OUT/bench_queued.log"
@@ -282,11 +283,6 @@ PY
         --columns xla_attn,triton,triton_noevict,pallas > "$OUT/q$q.log" 2>&1
       echo "queued $q"; grep "^B=" "$OUT/q$q.log" | tee -a "$OUT/queue_depth.log"
     done ;;
-  pallas8)
-    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
-      | tee "$OUT/pallas_tests.log"
-    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
-      | tee "$OUT/kernel_generate.log" ;;
   pprof8)
     timeout 300 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -12 ;;
@@ -327,6 +323,13 @@ PY
         --matmul-n 2048 --sizes 1x2048,1x8192,16x2048 --columns xla_attn,pallas,pallas_noevict 2>&1 \
         | grep -E "^B=|rror" | tee -a "$OUT/cbuf.log"
     done ;;
+  mend8)
+    # After the session-8 review mend (one chunk-minima reduction shared by both kernels' XLA paths):
+    # the Triton final-reduce tests and the Pallas GPU tests.
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "final or xla" 2>&1 \
+      | tail -3 | tee "$OUT/triton_final_reduce.log"
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
+      | tee "$OUT/pallas_tests.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
@@ -365,12 +368,6 @@ for batch, slots in [(16, 2048), (16, 8192)]:
     del sets
 PY
     ;;
-  bench8)
-    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
-    timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --columns $C --out "$OUT/bench_queued.md" \
-      > "$OUT/bench_queued.log" 2>&1; tail -9 "$OUT/bench_queued.log"
-    timeout 270 python3 scripts/bench_kernels.py --reps 20 --columns $C --out "$OUT/bench_latency.md" \
-      > "$OUT/bench_latency.log" 2>&1; tail -9 "$OUT/bench_latency.log" ;;
   ttraffic)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "switches or kv_len_bound" \
       2>&1 | tee "$OUT/tests.log" | tail -8

@@ -26,6 +26,7 @@ from helpers import bounded_mask
 
 from longflow_jax.reference import (
     decode_attention_probs,
+    evict_argmin_of_chunks,
     longflow_decode_attention_reference,
     longflow_importance,
 )
@@ -310,13 +311,12 @@ def test_exact_ties_across_epilogue_chunks_go_to_lowest_slot(request):
 
 def test_argmin_of_chunks_is_lexicographic():
     """(minimum, slot) pairs -> the slot of the least minimum, the lowest slot among equal minima."""
-    from pallas_kernels.decode_attention import _argmin_of_chunks
 
     rng = np.random.default_rng(0)
     minima = rng.integers(0, 3, (4, 3, 7)).astype(np.float32)  # many exact ties
     minima[0, 0] = -1.0  # all empty: the first chunk's slot
     slots = np.arange(7, dtype=np.int32)[None, None, :] * 16 + rng.integers(0, 16, (4, 3, 7)).astype(np.int32)
-    got = np.asarray(_argmin_of_chunks(jnp.asarray(minima), jnp.asarray(slots)))
+    got = np.asarray(evict_argmin_of_chunks(jnp.asarray(minima), jnp.asarray(slots)))
     want = np.take_along_axis(slots, np.argmin(minima, axis=-1)[..., None], axis=-1)[..., 0]
     np.testing.assert_array_equal(got, want)
 
