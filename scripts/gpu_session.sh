@@ -326,7 +326,7 @@ PY
   mend8)
     # After the session-8 review mend (one chunk-minima reduction shared by both kernels' XLA paths):
     # the Triton final-reduce tests and the Pallas GPU tests.
-    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "final or xla" 2>&1 \
+    timeout 280 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "final or xla or epilogues_agree" 2>&1 \
       | tail -3 | tee "$OUT/triton_final_reduce.log"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
       | tee "$OUT/pallas_tests.log" ;;
