@@ -224,28 +224,20 @@ def _triton_kernel(
     # on the tensor cores (a row sum over D would be a cross-thread reduction plus a relayout per block).
     ones = jnp.ones((group_pad, head_dim), v_ref.dtype) if compute_evict else None
 
-    def load_valid(start):
-        # The valid mask (one byte a slot) is too narrow for the cp.async pipeline that carries K and V:
-        # loaded in the loop, each block would wait a full global-load latency for it. So it is loaded one
-        # block ahead and carried. Its mask is the static C (False past the buffer's end, where the
-        # look-ahead from the last block lands); kv_len is applied where the mask is used.
-        in_buffer = start + jnp.arange(block_c) < num_slots
-        return _gpu_load(valid_ref.at[pl.ds(start, block_c)], mask=in_buffer, other=False)
-
     def body(j, carry):
-        m, denom, acc, valid = carry
+        m, denom, acc = carry
         start = first_slot + j * block_c
         slots = pl.ds(start, block_c)
         slot_ids = start + jnp.arange(block_c)
-        valid_next = load_valid(start + block_c)
-        # Two masks: `in_buffer` (static C) guards the side-output stores, which stay 16-byte vectorised
-        # (a runtime bound would split them into 4-byte accesses); `in_range` also applies kv_len and
-        # guards the K/V loads, whose mask is constant along each row.
+        # Two masks: `in_buffer` (static C) guards the valid-mask load and the side-output stores, which
+        # stay 16-byte vectorised (a runtime bound would split them into 4-byte accesses); `in_range`
+        # also applies kv_len and guards the K/V loads, whose mask is constant along each row.
         in_buffer = slot_ids < num_slots if ragged else None
         in_range = slot_ids < kv_len if bounded else in_buffer
         row_mask = None if in_range is None else in_range[:, None]
         k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
         v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
+        valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
         if bounded:
             valid = valid & in_range
         valid = valid[None, :]
@@ -261,12 +253,12 @@ def _triton_kernel(
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
             _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
 
-        return m, denom, acc, valid_next
+        return m, denom, acc
 
     m0 = jnp.full((group_pad, 1), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((group_pad, 1), jnp.float32)
     acc0 = jnp.zeros((group_pad, head_dim), jnp.float32)
-    m, denom, acc, _ = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0, load_valid(first_slot)))
+    m, denom, acc = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
     if finalize:
         out = acc / jnp.where(denom > 0.0, denom, 1.0)
         _gpu_store(o_ref.at[rows, :], out.astype(o_ref.dtype), mask=row_ok)
