@@ -31,8 +31,8 @@
 #   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
 #   mend8     the review mend: Triton final-reduce tests and the Pallas GPU tests          (~6 min)
-#   pfx9      session 9, the Pallas body prefetches the valid mask one block ahead: profiler kernel
-#             times (XLA, Pallas with/without scoring, Triton without), then the Pallas GPU tests (~7 min)
+#   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
+#             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
