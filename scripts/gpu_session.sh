@@ -31,6 +31,8 @@
 #   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
 #   mend8     the review mend: Triton final-reduce tests and the Pallas GPU tests          (~6 min)
+#   fmid9     the Triton kernel at B = 16-32: the fused epilogue with one 128-slot split (one launch plus
+#             the tickets' memset) against the default (separate), no scoring and XLA, interleaved (~4 min)
 #   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
@@ -90,7 +92,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -288,6 +290,34 @@ PY
   pprof8)
     timeout 300 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -12 ;;
+  fmid9)
+    # Session 6 timed the fused epilogue with one 128-slot split once at 16x2048 (2.4 us ahead of the
+    # separate default) and once at 16x8192 (7 us behind). Here: interleaved, by throughput, with C between.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/fused_mid.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import jax
+import bench_kernels as bk
+from cuda_triton_bridge import longflow_decode_attention_triton as tri
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 4096), (32, 2048), (16, 8192)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn):
+        print(f"B={batch} C={slots} {name}: {bk.check_column(name, fn, sets[0], scale)}", flush=True)
+        program, n = bk.chain_program(fn, sets)
+        runs[name] = (functools.partial(program, sets[0][0], sets), n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("triton", functools.partial(tri, scale=scale))
+    add("triton_noevict", functools.partial(tri, scale=scale, compute_evict=False))
+    add("fused_1x128", functools.partial(tri, scale=scale, epilogue="fused", block_c=128, num_splits=1))
+    add("fused_2x128", functools.partial(tri, scale=scale, epilogue="fused", block_c=128, num_splits=2))
+    res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:16s} {t * 1e6:8.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})", flush=True)
+    del sets, runs
+PY
+    ;;
   pfx9)
     timeout 240 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict,triton_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -22
