@@ -33,6 +33,8 @@
 #   mend8     the review mend: Triton final-reduce tests and the Pallas GPU tests          (~6 min)
 #   fmid9     the Triton kernel at B = 16-32: the fused epilogue with one 128-slot split (one launch plus
 #             the tickets' memset) against the default (separate), no scoring and XLA, interleaved (~4 min)
+#   hint9     the Pallas call with L2 eviction hints (t stored evict_last; t loaded evict_first by the
+#             combine kernel; K/V loaded evict_first), interleaved by throughput against no hints (~5 min)
 #   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
@@ -92,7 +94,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -313,6 +315,41 @@ for batch, slots in [(16, 2048), (16, 4096), (32, 2048), (16, 8192)]:
     add("fused_1x128", functools.partial(tri, scale=scale, epilogue="fused", block_c=128, num_splits=1))
     add("fused_2x128", functools.partial(tri, scale=scale, epilogue="fused", block_c=128, num_splits=2))
     res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:16s} {t * 1e6:8.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})", flush=True)
+    del sets, runs
+PY
+    ;;
+  hint9)
+    # Session 4 tried evict_last on the Pallas side outputs when the epilogue was XLA's (no gain). Since
+    # session 8 a Pallas kernel reads t right after the stream, so t kept in L2 may now pay off.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/pallas_hints.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import jax
+import bench_kernels as bk
+import pallas_kernels.decode_attention as da
+from pallas_kernels import longflow_decode_attention as pal
+VARIANTS = {"none": (None, None, None), "tlast": ("evict_last", None, None),
+            "tlast_tfirst": ("evict_last", "evict_first", None), "tlast_kvfirst": ("evict_last", None, "evict_first"),
+            "all3": ("evict_last", "evict_first", "evict_first")}
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 8192), (64, 2048), (64, 8192)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn):
+        jax.clear_caches()  # trace under the current constants
+        print(f"B={batch} C={slots} {name}: {bk.check_column(name, fn, sets[0], scale)}", flush=True)
+        program, n = bk.chain_program(fn, sets)
+        compiled = program.lower(sets[0][0], sets).compile()
+        runs[name] = (functools.partial(compiled, sets[0][0], sets), n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("pallas_noevict", functools.partial(pal, scale=scale, compute_evict=False))
+    for name, policies in VARIANTS.items():
+        da.T_STORE_POLICY, da.T_LOAD_POLICY, da.KV_LOAD_POLICY = policies
+        add(name, functools.partial(pal, scale=scale))
+    da.T_STORE_POLICY = da.T_LOAD_POLICY = da.KV_LOAD_POLICY = None
+    res = bk.time_interleaved(runs, 10, queued=4)
     for name, (t, (lo, hi)) in res.items():
         print(f"B={batch} C={slots} {name:16s} {t * 1e6:8.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})", flush=True)
     del sets, runs
