@@ -66,11 +66,11 @@ TRITON_NUM_STAGES = 2
 TRITON_PROGRAMS_PER_CORE = 4  # split-K until B * Hkv * splits reaches this many programs per SM
 TRITON_MIN_SLOTS_PER_SPLIT = 256
 MOSAIC_BLOCK_C = 512
+# L2 policy of the main kernel's stores of t (GPU): "evict_last" keeps t's lines in L2 ahead of the K/V
+# stream, so more of t is still there when the combine kernel reads it (session 9: 1-2.5 us a call at
+# B >= 16). None: no hint. Pallas has no way to discard the lines after the read, as the Triton kernel does.
+T_STORE_POLICY = "evict_last"
 # The GPU epilogue kernel (_triton_combine_kernel): t elements per scoring program, and its warps.
-# L2 eviction hints (experiment, session 9): None or "evict_first" / "evict_last" / "evict_normal".
-T_STORE_POLICY = None  # the main kernel's stores of t
-T_LOAD_POLICY = None  # the combine kernel's loads of t
-KV_LOAD_POLICY = None  # the main kernel's K/V loads
 COMBINE_TILE = 4096
 COMBINE_MAX_CHUNK = 512
 COMBINE_NUM_WARPS = 4
@@ -239,8 +239,8 @@ def _triton_kernel(
         in_buffer = slot_ids < num_slots if ragged else None
         in_range = slot_ids < kv_len if bounded else in_buffer
         row_mask = None if in_range is None else in_range[:, None]
-        k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0, eviction_policy=KV_LOAD_POLICY)
-        v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0, eviction_policy=KV_LOAD_POLICY)
+        k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
+        v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
         valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
         if bounded:
             valid = valid & in_range
@@ -275,12 +275,12 @@ def _triton_kernel(
         _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
 
 
-def _gpu_load(ref, *, mask=None, other=None, eviction_policy=None):
+def _gpu_load(ref, *, mask=None, other=None):
     from jax.experimental.pallas import triton as plgpu
 
     if mask is None:
-        return plgpu.load(ref, eviction_policy=eviction_policy)
-    return plgpu.load(ref, mask=mask, other=other, eviction_policy=eviction_policy)
+        return plgpu.load(ref)
+    return plgpu.load(ref, mask=mask, other=other)
 
 
 def _gpu_store(ref, val, *, mask=None, eviction_policy=None):
@@ -444,12 +444,7 @@ def _triton_combine_kernel(
             slots = pl.ds(j * chunk, chunk)
             # Slots the main kernel never wrote (past kv_len) hold garbage: `valid` selects them away.
             valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
-            t = _gpu_load(
-                t_ref.at[heads, slots],
-                mask=head_ok[:, None] & in_buffer[None, :],
-                other=0.0,
-                eviction_policy=T_LOAD_POLICY,
-            )
+            t = _gpu_load(t_ref.at[heads, slots], mask=head_ok[:, None] & in_buffer[None, :], other=0.0)
             terms = jnp.where(valid[None, :] & head_ok[:, None], jnp.exp(t - m[:, None]), 0.0)
             terms = terms / jnp.where(denom > 0.0, denom, 1.0)[:, None]
             score = jnp.where(valid, jnp.sum(terms, axis=0), EMPTY_SLOT_SCORE)

@@ -34,7 +34,10 @@
 #   fmid9     the Triton kernel at B = 16-32: the fused epilogue with one 128-slot split (one launch plus
 #             the tickets' memset) against the default (separate), no scoring and XLA, interleaved (~4 min)
 #   hint9     the Pallas call with L2 eviction hints (t stored evict_last; t loaded evict_first by the
-#             combine kernel; K/V loaded evict_first), interleaved by throughput against no hints (~5 min)
+#             combine kernel; K/V loaded evict_first), interleaved by throughput against no hints; ran
+#             at commit with T_LOAD_POLICY / KV_LOAD_POLICY, since removed (~3 min)
+#   hint9b    t stored evict_last (the new default) against no hint, 20 interleaved repetitions, then
+#             the Pallas GPU tests and generate through both kernels                          (~8 min)
 #   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
@@ -94,7 +97,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -355,6 +358,36 @@ for batch, slots in [(16, 2048), (16, 8192), (64, 2048), (64, 8192)]:
     del sets, runs
 PY
     ;;
+  hint9b)
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/pallas_hint_confirm.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import jax
+import bench_kernels as bk
+import pallas_kernels.decode_attention as da
+from pallas_kernels import longflow_decode_attention as pal
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 8192), (64, 2048), (64, 8192)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn):
+        jax.clear_caches()  # trace under the current constant
+        print(f"B={batch} C={slots} {name}: {bk.check_column(name, fn, sets[0], scale)}", flush=True)
+        program, n = bk.chain_program(fn, sets)
+        compiled = program.lower(sets[0][0], sets).compile()
+        runs[name] = (functools.partial(compiled, sets[0][0], sets), n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    for policy in (None, "evict_last"):
+        da.T_STORE_POLICY = policy
+        add(f"pallas_t_{policy}", functools.partial(pal, scale=scale))
+    da.T_STORE_POLICY = "evict_last"
+    res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:22s} {t * 1e6:8.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})", flush=True)
+    del sets, runs
+PY
+    timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py tests/test_kernel_generate.py 2>&1 \
+      | tee "$OUT/pallas_tests.log" | tail -3 ;;
   pfx9)
     timeout 240 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict,triton_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -22
