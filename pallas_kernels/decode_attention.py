@@ -66,10 +66,6 @@ TRITON_NUM_STAGES = 2
 TRITON_PROGRAMS_PER_CORE = 4  # split-K until B * Hkv * splits reaches this many programs per SM
 TRITON_MIN_SLOTS_PER_SPLIT = 256
 MOSAIC_BLOCK_C = 512
-# L2 policy of the main kernel's stores of t (GPU): "evict_last" keeps t's lines in L2 ahead of the K/V
-# stream, so more of t is still there when the combine kernel reads it (session 9: 1-2.5 us a call at
-# B >= 16). None: no hint. Pallas has no way to discard the lines after the read, as the Triton kernel does.
-T_STORE_POLICY = "evict_last"
 # The GPU epilogue kernel (_triton_combine_kernel): t elements per scoring program, and its warps.
 COMBINE_TILE = 4096
 COMBINE_MAX_CHUNK = 512
@@ -255,9 +251,7 @@ def _triton_kernel(
             # slots away.
             vnorm = dot_t(ones, jnp.abs(v))
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
-            _gpu_store(
-                t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask, eviction_policy=T_STORE_POLICY
-            )
+            _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
 
         return m, denom, acc
 
@@ -283,12 +277,12 @@ def _gpu_load(ref, *, mask=None, other=None):
     return plgpu.load(ref, mask=mask, other=other)
 
 
-def _gpu_store(ref, val, *, mask=None, eviction_policy=None):
+def _gpu_store(ref, val, *, mask=None):
     from jax.experimental.pallas import triton as plgpu
 
     if mask is None:
-        return plgpu.store(ref, val, eviction_policy=eviction_policy)
-    return plgpu.store(ref, val, mask=mask, eviction_policy=eviction_policy)
+        return plgpu.store(ref, val)
+    return plgpu.store(ref, val, mask=mask)
 
 
 def _gpu_dot(a, b, *, trans_b=False, precision=None):
