@@ -34,10 +34,10 @@
 #   fmid9     the Triton kernel at B = 16-32: the fused epilogue with one 128-slot split (one launch plus
 #             the tickets' memset) against the default (separate), no scoring and XLA, interleaved (~4 min)
 #   hint9     the Pallas call with L2 eviction hints (t stored evict_last; t loaded evict_first by the
-#             combine kernel; K/V loaded evict_first), interleaved by throughput against no hints; ran
-#             at commit with T_LOAD_POLICY / KV_LOAD_POLICY, since removed (~3 min)
-#   hint9b    t stored evict_last (the new default) against no hint, 20 interleaved repetitions, then
-#             the Pallas GPU tests and generate through both kernels                          (~8 min)
+#             combine kernel; K/V loaded evict_first), interleaved by throughput against no hints. Needs
+#             commit 0809abb (the policy constants were removed after hint9b)                (~3 min)
+#   hint9b    t stored evict_last against no hint, 20 interleaved repetitions, then the Pallas GPU tests
+#             and generate (cut off by its 300 s timeout in session 9). Needs commit 31022de  (~8 min)
 #   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
