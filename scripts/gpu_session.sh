@@ -333,6 +333,8 @@ import jax
 import bench_kernels as bk
 import pallas_kernels.decode_attention as da
 from pallas_kernels import longflow_decode_attention as pal
+if not hasattr(da, "KV_LOAD_POLICY"):
+    raise SystemExit("hint9 needs commit 0809abb (its policy constants were removed after session 9)")
 VARIANTS = {"none": (None, None, None), "tlast": ("evict_last", None, None),
             "tlast_tfirst": ("evict_last", "evict_first", None), "tlast_kvfirst": ("evict_last", None, "evict_first"),
             "all3": ("evict_last", "evict_first", "evict_first")}
@@ -366,6 +368,8 @@ import jax
 import bench_kernels as bk
 import pallas_kernels.decode_attention as da
 from pallas_kernels import longflow_decode_attention as pal
+if not hasattr(da, "T_STORE_POLICY"):
+    raise SystemExit("hint9b needs commit 31022de (T_STORE_POLICY was removed after session 9)")
 scale = bk.HEAD_DIM ** -0.5
 for batch, slots in [(16, 2048), (16, 8192), (64, 2048), (64, 8192)]:
     sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
