@@ -31,6 +31,8 @@
 #   cbuf8     are the Pallas kernels in XLA's command buffers? optimized HLO of a 4-call chain, then
 #             the B=1 / 16x2048 tables with command buffers default, off, min graph size 1   (~4 min)
 #   mend8     the review mend: Triton final-reduce tests and the Pallas GPU tests          (~6 min)
+#   psplit9   GPU kernel time (profiler) of the Pallas call at B = 1 by split count and block size: which
+#             setting has the least GPU time (decode + combine + chunk reduction)         (~3 min)
 #   fmid9     the Triton kernel at B = 16-32: the fused epilogue with one 128-slot split (one launch plus
 #             the tickets' memset) against the default (separate), no scoring and XLA, interleaved (~4 min)
 #   hint9     the Pallas call with L2 eviction hints (t stored evict_last; t loaded evict_first by the
@@ -97,7 +99,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -392,6 +394,33 @@ for batch, slots in [(16, 2048), (16, 8192), (64, 2048), (64, 8192)]:
 PY
     timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py tests/test_kernel_generate.py 2>&1 \
       | tee "$OUT/pallas_tests.log" | tail -3 ;;
+  psplit9)
+    # B = 1 wall times vary 2x between runs, so the split rule was never settled by them (psweep8b). The
+    # profiler's GPU kernel time per call is the steadier signal: Pallas loses 2.6-2.9 us of it to XLA.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/pallas_split_b1.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge.tune import profile_kernels
+from pallas_kernels import longflow_decode_attention as pal
+scale = bk.HEAD_DIM ** -0.5
+GRID = {2048: [(128, 4), (128, 8), (128, 16), (64, 16), (64, 32)],
+        8192: [(128, 16), (128, 32), (128, 64), (64, 64), (64, 128)]}
+for slots, settings in GRID.items():
+    sets = bk.make_sets(1, slots, bk.n_sets_for(1, slots))
+    cols = [("xla_attn", functools.partial(bk.xla_attention, scale=scale)), ("rule", functools.partial(pal, scale=scale))]
+    cols += [(f"block{bc}/splits{sp}", functools.partial(pal, scale=scale, block_c=bc, num_splits=sp)) for bc, sp in settings]
+    for name, fn in cols:
+        check = bk.check_column(name, fn, sets[0], scale)
+        program, n = bk.chain_program(fn, sets)
+        wall, _ = bk.time_program(program, n, sets, reps=10, queued=4)
+        per, _, _, idle = profile_kernels(functools.partial(program, sets[0][0], sets), 3, n)
+        busy = sum(per.values())
+        top = ", ".join(f"{k[:24]} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1])[:3])
+        print(f"1x{slots} {name:18s} GPU {busy:5.1f} us  wall {wall * 1e6:5.1f} us  [{top}]  ({check})", flush=True)
+    del sets
+PY
+    ;;
   pfx9)
     timeout 240 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict,triton_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -22
