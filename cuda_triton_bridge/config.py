@@ -117,6 +117,10 @@ class LaunchConfig:
     # jax-triton's legacy custom call. Off: on jax 0.11.2 / H100 it cost 0.2-13 us more per call
     # (docs/BENCHMARKS.md, session 5).
     ffi_call: bool = False
+    # Launch through XLA's own Triton custom call (xla_call.py): XLA compiles the kernels' TTIR and
+    # runs them as ordinary kernel thunks, inside its CUDA graphs. Needs an epilogue without zeroed
+    # tickets ("separate").
+    xla_call: bool = False
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -349,7 +353,7 @@ def resolve_config(
     return _apply_overrides(cfg, overrides)
 
 
-OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call")
+OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call", "xla_call")
 
 
 def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:

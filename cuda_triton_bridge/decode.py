@@ -25,6 +25,7 @@ from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import resolve_call
 from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+from cuda_triton_bridge.xla_call import xla_triton_call
 from longflow_jax.reference import evict_argmin_of_chunks
 
 
@@ -73,49 +74,32 @@ def longflow_decode_attention_triton(
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
     )
-    target = custom_call_target(cfg.ffi_call)
-    if cfg.ffi_call:
-        install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
     if plan.one_kernel:
-        return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target)
+        return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg)
     split = plan.split
-    out, acc, m, ell, t, counter, no_evict = jt.triton_call(
-        q,
-        k_cache,
-        v_cache,
-        kv_valid,
-        kv_len,
-        np.float32(float(scale) * LOG2E),
-        kernel=kernels.decode_split_kernel,
-        out_shape=_out_shapes(split, q.dtype),
-        grid=split.grid,
-        num_warps=split.num_warps,
-        num_stages=split.num_stages,
-        name="longflow_decode_split",
-        custom_call_target_name=target,
-        **split.meta,
+    qk_scale = np.float32(float(scale) * LOG2E)
+    out, acc, m, ell, t, counter, no_evict = _call(
+        kernels.decode_split_kernel,
+        (q, k_cache, v_cache, kv_valid, kv_len),
+        dict(qk_scale=qk_scale),
+        split,
+        q.dtype,
+        "longflow_decode_split",
+        cfg,
     )
     if plan.combine is None:
         return out, _squeeze_groups(no_evict, granularity)
 
     comb = plan.combine
-    comb_out, comb_evict, part_val, part_idx, _ = jt.triton_call(
-        kv_valid,
-        kv_len,
-        acc,
-        m,
-        ell,
-        t,
-        counter,
-        kernel=kernels.decode_combine_kernel,
-        out_shape=_out_shapes(comb, q.dtype),
+    comb_out, comb_evict, part_val, part_idx, _ = _call(
+        kernels.decode_combine_kernel,
+        (kv_valid, kv_len, acc, m, ell, t, counter),
+        {},
+        comb,
+        q.dtype,
+        "longflow_decode_combine",
+        cfg,
         input_output_aliases={6: 4},  # the atomic counter, zeroed by the split kernel
-        grid=comb.grid,
-        num_warps=comb.num_warps,
-        num_stages=comb.num_stages,
-        name="longflow_decode_combine",
-        custom_call_target_name=target,
-        **comb.meta,
     )
     out = comb_out if comb.meta["COMBINE_OUT"] else out
     if not compute_evict:
@@ -127,27 +111,57 @@ def longflow_decode_attention_triton(
     return out, _squeeze_groups(evict_slot, granularity)
 
 
-def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, target):
+def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg):
     """The one-launch epilogues ("fused", "coop")."""
     launch = plan.split
-    outs = jt.triton_call(
-        q,
-        k_cache,
-        v_cache,
-        kv_valid,
-        kv_len,
-        np.float32(float(scale) * LOG2E),
-        kernel=getattr(kernels, plan.main_kernel),
-        out_shape=_out_shapes(launch, q.dtype),
-        zeroed_outputs=launch.zeroed,  # the tickets
+    outs = _call(
+        getattr(kernels, plan.main_kernel),
+        (q, k_cache, v_cache, kv_valid, kv_len),
+        dict(qk_scale=np.float32(float(scale) * LOG2E)),
+        launch,
+        q.dtype,
+        "longflow_" + plan.main_kernel,
+        cfg,
+    )
+    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
+
+
+def _call(kernel, inputs, scalars, launch, q_dtype, name, cfg, input_output_aliases=None):
+    """One launch of `kernel`: through XLA's Triton custom call (cfg.xla_call; scalars become
+    constexprs), else through jax-triton (its legacy custom call, or jaxlib's typed FFI with
+    cfg.ffi_call)."""
+    out_shape = _out_shapes(launch, q_dtype)
+    if cfg.xla_call:
+        if launch.zeroed:
+            raise NotImplementedError("xla_call: kernels with zeroed outputs (the fused and coop epilogues)")
+        return xla_triton_call(
+            *inputs,
+            kernel=kernel,
+            out_shape=out_shape,
+            grid=launch.grid,
+            num_warps=launch.num_warps,
+            num_stages=launch.num_stages,
+            capability=_compute_capability(),
+            input_output_aliases=input_output_aliases,
+            **{k: float(v) for k, v in scalars.items()},
+            **launch.meta,
+        )
+    if cfg.ffi_call:
+        install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
+    return jt.triton_call(
+        *inputs,
+        *scalars.values(),
+        kernel=kernel,
+        out_shape=out_shape,
+        input_output_aliases=input_output_aliases,
+        zeroed_outputs=launch.zeroed,
         grid=launch.grid,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        name="longflow_" + plan.main_kernel,
-        custom_call_target_name=target,
+        name=name,
+        custom_call_target_name=custom_call_target(cfg.ffi_call),
         **launch.meta,
     )
-    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
 
 
 def _squeeze_groups(evict_slot, granularity):

@@ -42,6 +42,8 @@
 #             and generate (420 s; 300 s cut it off in session 9). Needs commit 31022de     (~9 min)
 #   pfx9      profiler kernel times (XLA, Pallas with/without scoring, Triton without), then the Pallas
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
+#   xla10     the Triton kernels through XLA's own Triton custom call (xla_call) against jax-triton's
+#             launch, no scoring too, and XLA's attention, interleaved by throughput, all sizes (~8 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -99,7 +101,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -469,6 +471,14 @@ PY
       | tail -3 | tee "$OUT/triton_final_reduce.log"
     timeout 300 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
       | tee "$OUT/pallas_tests.log" ;;
+  xla10)
+    # The Triton kernels launched through XLA's own Triton custom call (xla_call override, separate
+    # epilogue) against jax-triton's launch, interleaved by throughput; every column checked first.
+    C=xla_attn,triton,triton_separate,triton_xla,triton_noevict,triton_xla_noevict
+    timeout 60 python3 scripts/bench_kernels.py --reps 3 --queued 4 --columns triton_xla --sizes 1x2048 \
+      --copy-mb 256 --matmul-n 1024 > "$OUT/xla_smoke.log" 2>&1; tail -12 "$OUT/xla_smoke.log"
+    timeout 420 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/xla_queued.md" > "$OUT/xla_queued.log" 2>&1; tail -9 "$OUT/xla_queued.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
