@@ -118,8 +118,7 @@ class LaunchConfig:
     # (docs/BENCHMARKS.md, session 5).
     ffi_call: bool = False
     # Launch through XLA's own Triton custom call (xla_call.py): XLA compiles the kernels' TTIR and
-    # runs them as ordinary kernel thunks, inside its CUDA graphs. Needs an epilogue without zeroed
-    # tickets ("separate").
+    # runs them as ordinary kernel thunks, inside its CUDA graphs.
     xla_call: bool = False
 
 

@@ -1,4 +1,5 @@
-"""JAX entry point of the Triton decode kernel: launches through `jax_triton.triton_call`.
+"""JAX entry point of the Triton decode kernel: launches through `jax_triton.triton_call`, or through XLA's
+own Triton custom call (the xla_call override, xla_call.py).
 
 Imports triton and jax_triton at module level; `cuda_triton_bridge/__init__.py` imports this module only
 when the kernel is called, so the package itself imports anywhere.
@@ -76,15 +77,12 @@ def longflow_decode_attention_triton(
     )
     if plan.one_kernel:
         return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg)
-    split = plan.split
     qk_scale = np.float32(float(scale) * LOG2E)
     out, acc, m, ell, t, counter, no_evict = _call(
         kernels.decode_split_kernel,
-        (q, k_cache, v_cache, kv_valid, kv_len),
-        dict(qk_scale=qk_scale),
-        split,
+        (q, k_cache, v_cache, kv_valid, kv_len, qk_scale),
+        plan.split,
         q.dtype,
-        "longflow_decode_split",
         cfg,
     )
     if plan.combine is None:
@@ -94,12 +92,10 @@ def longflow_decode_attention_triton(
     comb_out, comb_evict, part_val, part_idx, _ = _call(
         kernels.decode_combine_kernel,
         (kv_valid, kv_len, acc, m, ell, t, counter),
-        {},
         comb,
         q.dtype,
-        "longflow_decode_combine",
         cfg,
-        input_output_aliases={6: 4},  # the atomic counter, zeroed by the split kernel
+        aliases={6: 4},  # the atomic counter, zeroed by the split kernel
     )
     out = comb_out if comb.meta["COMBINE_OUT"] else out
     if not compute_evict:
@@ -112,53 +108,58 @@ def longflow_decode_attention_triton(
 
 
 def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg):
-    """The one-launch epilogues ("fused", "coop")."""
+    """The one-launch epilogues ("fused", "coop"): their tickets start at zero."""
     launch = plan.split
+    (tickets,) = launch.zeroed
+    if cfg.xla_call:  # zeros, aliased to the tickets output
+        tickets_in = jnp.zeros(launch.outputs[tickets].shape, jnp.int32)
+        aliases = {5: tickets}  # index among the array arguments (qk_scale is a constexpr there)
+    else:  # jax-triton memsets the output itself; the input is a placeholder
+        tickets_in = jnp.zeros((1,), jnp.int32)
+        aliases = None
     outs = _call(
         getattr(kernels, plan.main_kernel),
-        (q, k_cache, v_cache, kv_valid, kv_len),
-        dict(qk_scale=np.float32(float(scale) * LOG2E)),
+        (q, k_cache, v_cache, kv_valid, kv_len, np.float32(float(scale) * LOG2E), tickets_in),
         launch,
         q.dtype,
-        "longflow_" + plan.main_kernel,
         cfg,
+        aliases=aliases,
     )
     return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
 
 
-def _call(kernel, inputs, scalars, launch, q_dtype, name, cfg, input_output_aliases=None):
-    """One launch of `kernel`: through XLA's Triton custom call (cfg.xla_call; scalars become
-    constexprs), else through jax-triton (its legacy custom call, or jaxlib's typed FFI with
-    cfg.ffi_call)."""
+def _call(kernel, args, launch, q_dtype, cfg, aliases=None):
+    """One launch of `kernel` with `args` (its non-output arguments, in order; numpy scalars are
+    scalars): through XLA's Triton custom call (cfg.xla_call: scalars become constexprs, `aliases` index
+    the arrays among `args`), else through jax-triton (its legacy custom call, or jaxlib's typed FFI
+    with cfg.ffi_call; `launch.zeroed` outputs memset by it)."""
     out_shape = _out_shapes(launch, q_dtype)
     if cfg.xla_call:
-        if launch.zeroed:
-            raise NotImplementedError("xla_call: kernels with zeroed outputs (the fused and coop epilogues)")
+        scalars = {n: float(a) for n, a in zip(kernel.arg_names, args) if isinstance(a, np.generic)}
         return xla_triton_call(
-            *inputs,
+            *(a for a in args if not isinstance(a, np.generic)),
             kernel=kernel,
             out_shape=out_shape,
             grid=launch.grid,
             num_warps=launch.num_warps,
             num_stages=launch.num_stages,
             capability=_compute_capability(),
-            input_output_aliases=input_output_aliases,
-            **{k: float(v) for k, v in scalars.items()},
+            input_output_aliases=aliases,
+            **scalars,
             **launch.meta,
         )
     if cfg.ffi_call:
         install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
     return jt.triton_call(
-        *inputs,
-        *scalars.values(),
+        *args,
         kernel=kernel,
         out_shape=out_shape,
-        input_output_aliases=input_output_aliases,
+        input_output_aliases=aliases,
         zeroed_outputs=launch.zeroed,
         grid=launch.grid,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
-        name=name,
+        name="longflow_" + kernel.fn.__name__.removesuffix("_kernel"),
         custom_call_target_name=custom_call_target(cfg.ffi_call),
         **launch.meta,
     )

@@ -124,8 +124,9 @@ def longflow_decode_attention_interpret(
     for i in plan.split.zeroed:
         split_out[i].zero_()
     if plan.one_kernel:
+        tickets = split_out[plan.split.zeroed[0]]  # the input aliased to the tickets output, as on the GPU
         getattr(kernels, plan.main_kernel)[plan.split.grid](
-            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, tickets, *split_out, **plan.split.meta
         )
         evict_slot = split_out[plan.evict_output].numpy()
         if granularity == "sequence":

@@ -372,6 +372,7 @@ def decode_fused_kernel(
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
+    tickets_in_ptr,  # unused: the zeroed tickets as an input, aliased to count_ptr (XLA's launch)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -655,6 +656,7 @@ def decode_coop_kernel(
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
+    tickets_in_ptr,  # unused: the zeroed tickets as an input, aliased to count_ptr (XLA's launch)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32

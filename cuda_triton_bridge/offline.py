@@ -79,6 +79,8 @@ def compile_plan(
         "kv_len_ptr": "*i32",
         "qk_scale": "fp32",
     }
+    if plan.one_kernel:
+        main_inputs["tickets_in_ptr"] = "*i32"
     launches = [(getattr(kernels, plan.main_kernel), main_inputs, plan.split)]
     if plan.combine is not None:
         comb_inputs = {

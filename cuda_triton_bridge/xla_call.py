@@ -13,8 +13,8 @@ differs:
   * scalar arguments are constexprs: the custom call passes buffers only, inputs then outputs, so a
     scalar such as the softmax scale is baked into the IR (one compile per value, as jax-triton's
     launch parameters are);
-  * outputs to be zeroed are not supported (jax-triton memsets them in its handler); a kernel that
-    needs a zeroed buffer takes it as an input aliased to the output.
+  * no output is zeroed for the kernel (jax-triton memsets them in its handler): a kernel that needs
+    zeros takes them as an input aliased to the output (the fused and coop kernels' tickets_in_ptr).
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ def pointer_type(dtype) -> str:
 
 
 @functools.lru_cache(maxsize=256)
-def kernel_ttir(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, capability: int):
+def kernel_ttir(kernel, signature: tuple, constexprs: tuple, num_warps: int, num_stages: int, capability):
     """(function name, TTIR text) of `kernel` specialised to `signature` ((name, type) pairs; pointers
     16-byte aligned, as jax-triton assumes) and `constexprs` ((name, value) pairs)."""
     from triton._C.libtriton import ir

@@ -12,8 +12,8 @@ the steady state of LongFlow decoding):
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
   triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
-  triton_xla      the same launched through XLA's own Triton custom call (xla_call override; the
-                  "separate" epilogue); triton_xla_noevict: with compute_evict=False
+  triton_xla      the same launched through XLA's own Triton custom call (xla_call override);
+                  triton_xla_noevict without scoring, triton_xla_{fused,separate,coop} with that epilogue
   triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
                   launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
                   (one launch, a barrier, every program finishes a share; only where the grid fits one
@@ -129,22 +129,22 @@ def columns(scale, granularity="sequence", extra=None):
             compute_evict=False,
             overrides=dict(ffi_call=True),
         )
-        # XLA's own Triton custom call (xla_call override), with the split + combine epilogue.
+        # XLA's own Triton custom call (xla_call override): the measured epilogue, or a forced one.
+        xla = dict(overrides=dict(xla_call=True))
         cols["triton_xla"] = functools.partial(
-            longflow_decode_attention_triton,
-            scale=scale,
-            granularity=granularity,
-            epilogue="separate",
-            overrides=dict(xla_call=True),
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, **xla
         )
         cols["triton_xla_noevict"] = functools.partial(
-            longflow_decode_attention_triton,
-            scale=scale,
-            granularity=granularity,
-            epilogue="separate",
-            compute_evict=False,
-            overrides=dict(xla_call=True),
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False, **xla
         )
+        for epilogue in ("fused", "separate", "coop"):
+            cols[f"triton_xla_{epilogue}"] = functools.partial(
+                longflow_decode_attention_triton,
+                scale=scale,
+                granularity=granularity,
+                epilogue=epilogue,
+                **xla,
+            )
         for epilogue in ("fused", "separate", "coop"):
             cols[f"triton_{epilogue}"] = functools.partial(
                 longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
@@ -468,6 +468,9 @@ def main(argv=None):
             "triton_ffi_noevict",
             "triton_xla",
             "triton_xla_noevict",
+            "triton_xla_fused",
+            "triton_xla_separate",
+            "triton_xla_coop",
             "triton_fused",
             "triton_separate",
             "triton_coop",

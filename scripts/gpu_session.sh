@@ -44,6 +44,9 @@
 #             GPU tests; run in session 9 at commit 26b57d3 (valid mask prefetched, backed out) (~7 min)
 #   xla10     the Triton kernels through XLA's own Triton custom call (xla_call) against jax-triton's
 #             launch, no scoring too, and XLA's attention, interleaved by throughput, all sizes (~8 min)
+#   xla10b    GPU tests of the XLA launch, then the profiler's GPU and idle time per call of both launches
+#             at 1x2048, 16x2048, 64x8192                                                       (~7 min)
+#   xla10c    every epilogue through the XLA launch against the jax-triton default, interleaved (~8 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -101,7 +104,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -479,6 +482,19 @@ PY
       --copy-mb 256 --matmul-n 1024 > "$OUT/xla_smoke.log" 2>&1; tail -12 "$OUT/xla_smoke.log"
     timeout 420 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --out "$OUT/xla_queued.md" > "$OUT/xla_queued.log" 2>&1; tail -9 "$OUT/xla_queued.log" ;;
+  xla10b)
+    # GPU tests of the XLA launch (every epilogue, kv_len, no scoring, the dtype/head matrix, the decode
+    # loop), then where each launch's time per call goes (profiler: GPU kernel time and idle time).
+    timeout 300 python3 -m pytest -q -x tests/test_triton_kernel.py -k "xla or decode_loop or test_matches_reference" \
+      2>&1 | tee "$OUT/xla_tests.log" | tail -4
+    timeout 240 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,64x8192 \
+      --columns xla_attn,triton,triton_xla,triton_separate,triton_xla_separate,triton_noevict,triton_xla_noevict \
+      2>&1 | grep -v Warn | tee "$OUT/xla_profile.log" ;;
+  xla10c)
+    # Every epilogue through the XLA launch against the jax-triton default, interleaved by throughput.
+    C=xla_attn,triton,triton_xla,triton_xla_fused,triton_xla_separate,triton_xla_coop,triton_noevict,triton_xla_noevict
+    timeout 500 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/xla_epilogues.md" > "$OUT/xla_epilogues.log" 2>&1; tail -9 "$OUT/xla_epilogues.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

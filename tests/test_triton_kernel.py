@@ -16,6 +16,7 @@ swap. There the chosen slot's reference importance must be within IMPORTANCE_RTO
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
@@ -45,6 +46,14 @@ OUT_RTOL = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3}
 needs_triton = pytest.mark.skipif(
     not ctb.triton_available(), reason="needs triton, jax-triton and a CUDA GPU (triton_available() is False)"
 )
+
+
+def _has_triton() -> bool:
+    try:
+        import triton  # noqa: F401
+    except ImportError:
+        return False
+    return True
 
 
 def gpu(test):
@@ -298,6 +307,54 @@ def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
     shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
     assert ctb.resolve_config(shape).ffi_call is False  # measured slower on jax 0.11.2
     assert ctb.resolve_config(shape, overrides=dict(ffi_call=True)).ffi_call is True
+
+
+@pytest.mark.skipif(not ctb.triton_available() and not _has_triton(), reason="needs the triton package")
+def test_xla_call_lowers_to_xlas_triton_custom_call():
+    """The XLA launch path (xla_call.py), lowered for CUDA on any machine: XLA's own Triton custom call
+    with the kernel's TTIR (scalars folded in as constants, pointers 16-byte aligned), the grid, the
+    launch parameters and the aliases."""
+    import triton
+    import triton.language as tl
+
+    from cuda_triton_bridge.xla_call import XLA_TRITON_TARGET, xla_triton_call
+
+    @triton.jit
+    def scale_add(x_ptr, y_ptr, alpha, out_ptr, out2_ptr, N: tl.constexpr):
+        i = tl.program_id(0) * N + tl.arange(0, N)
+        tl.store(out_ptr + i, tl.load(x_ptr + i) * alpha + tl.load(y_ptr + i))
+        tl.store(out2_ptr + i, tl.load(y_ptr + i))
+
+    def f(x, y):
+        return xla_triton_call(
+            x, y,
+            kernel=scale_add,
+            out_shape=[jax.ShapeDtypeStruct(x.shape, x.dtype)] * 2,
+            grid=(x.shape[0] // 64,),
+            num_warps=2,
+            num_stages=1,
+            capability=90,
+            input_output_aliases={1: 1},
+            alpha=0.375,
+            N=64,
+        )  # fmt: skip
+
+    x = jax.ShapeDtypeStruct((256,), jnp.float32)
+    text = jax.jit(f).trace(x, x).lower(lowering_platforms=("cuda",)).as_text()
+    assert f"stablehlo.custom_call @{XLA_TRITON_TARGET}" in text
+    for attr in ("grid_x = 4 : i32", "grid_y = 1 : i32", "grid_z = 1 : i32", "num_warps = 2 : i32",
+                 "num_stages = 1 : i32", 'name = "scale_add"'):  # fmt: skip
+        assert attr in text, attr
+    assert "output_operand_alias<output_tuple_indices = [1], operand_index = 1," in text
+    ttir = re.search(r'ir = "(.*?)", name', text).group(1)
+    assert "tt.func public @scale_add(" in ttir
+    assert ttir.count("!tt.ptr<f32> {tt.divisibility = 16 : i32}") == 4  # x, y, out, out2; alpha folded
+    assert "3.750000e-01" in ttir
+    with pytest.raises(ValueError, match="takes 4 buffers"):
+        xla_triton_call(
+            jnp.zeros(4), kernel=scale_add, out_shape=[x], grid=(1,), num_warps=1, num_stages=1,
+            capability=90, alpha=1.0, N=64,
+        )  # fmt: skip
 
 
 # ---------------------------------------------------------------- CPU: offline compile for sm_90
@@ -688,9 +745,13 @@ MATCH_CASES = (
 )
 
 
+LAUNCHES = {"jax_triton": None, "xla": dict(xla_call=True)}
+
+
+@pytest.mark.parametrize("launch", list(LAUNCHES))
 @pytest.mark.parametrize("dtype, head_dim, group, granularity", MATCH_CASES)
 @gpu
-def test_matches_reference(dtype, head_dim, group, granularity):
+def test_matches_reference(dtype, head_dim, group, granularity, launch):
     num_kv_heads, num_slots = 2, 300  # 300: not a multiple of any block size
     dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
@@ -704,7 +765,7 @@ def test_matches_reference(dtype, head_dim, group, granularity):
     )
     scale = 1.0 / math.sqrt(head_dim)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=scale, granularity=granularity
+        q, k, v, valid, scale=scale, granularity=granularity, overrides=LAUNCHES[launch]
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity=granularity)
 
@@ -888,6 +949,36 @@ def test_typed_ffi_and_legacy_launches_agree(epilogue):
     assert_matches_reference(q, k, v, valid, *typed(q, k, v, valid), scale=0.088, granularity="sequence")
 
 
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("num_splits", [1, 4])
+@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@gpu
+def test_xla_launch_matches_jax_triton_and_reference(granularity, num_splits, epilogue):
+    # XLA compiles the same TTIR with its own Triton: the results must match the reference, with and
+    # without scoring and with a kv_len bound; the program holds XLA's Triton custom calls only.
+    q, k, v, valid = make_inputs(
+        _key("xla", granularity, num_splits, epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16
+    )
+    kv_len = jnp.asarray([1500, 700, 1, 0], jnp.int32)
+    kw = dict(scale=0.088, num_splits=num_splits, epilogue=epilogue, granularity=granularity)
+    via_xla = jax.jit(
+        lambda *a, **k: ctb.longflow_decode_attention_triton(*a, overrides=dict(xla_call=True), **kw, **k)
+    )
+    hlo = via_xla.lower(q, k, v, valid).as_text(dialect="hlo")
+    assert 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
+    assert "triton_kernel_call" not in hlo
+    out, evict_slot = via_xla(q, k, v, valid)
+    assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
+    out, evict_slot = via_xla(q, k, v, valid, kv_len=kv_len)
+    bounded = valid & (jnp.arange(valid.shape[1]) < kv_len[:, None])
+    assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
+    out, evict_slot = via_xla(q, k, v, valid, compute_evict=False)
+    ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
+    rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
+    assert rel <= OUT_RTOL["bfloat16"]
+    assert (np.asarray(evict_slot) == -1).all()
+
+
 # ---------------------------------------------------------------- GPU: inside a jitted decode loop
 
 
@@ -917,8 +1008,9 @@ def _decode_loop(attention, steps, scale):
     return jax.jit(loop, donate_argnums=(0, 1, 2))
 
 
+@pytest.mark.parametrize("launch", list(LAUNCHES))
 @gpu
-def test_decode_loop_under_jit_while_loop_with_donated_cache():
+def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
     dtype = jnp.float32  # exact argmin, so the two trajectories must agree step by step
     key = _key("loop")
@@ -931,7 +1023,8 @@ def test_decode_loop_under_jit_while_loop_with_donated_cache():
     first = jnp.full((batch,), prompt, jnp.int32)
     scale = 1 / math.sqrt(d)
 
-    triton_loop = _decode_loop(ctb.longflow_decode_attention_triton, steps, scale)
+    attention = functools.partial(ctb.longflow_decode_attention_triton, overrides=LAUNCHES[launch])
+    triton_loop = _decode_loop(attention, steps, scale)
     ref_loop = _decode_loop(longflow_decode_attention_reference, steps, scale)
 
     args = (k, v, valid, first, q_seq, k_seq, v_seq)
