@@ -45,9 +45,11 @@ def compile_plan(
     granularity="sequence",
     compute_evict=True,
     epilogue=None,
+    with_ptx=False,
     **config,
 ):
-    """{kernel name: resource report} for every kernel the launch plan of these shapes runs."""
+    """{kernel name: resource report} for every kernel the launch plan of these shapes runs (with its
+    PTX text under "ptx" if with_ptx)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -105,6 +107,8 @@ def compile_plan(
             options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
         )
         reports[kernel.fn.__name__] = cubin_report(compiled)
+        if with_ptx:
+            reports[kernel.fn.__name__]["ptx"] = compiled.asm["ptx"]
     return reports
 
 

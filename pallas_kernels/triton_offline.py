@@ -101,19 +101,23 @@ def compile_report(ir_text, *, num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM
 def cubin_report(compiled):
     """Shared memory, registers, stack/local (spill) bytes and SASS op counts of a compiled kernel,
     read with the cuobjdump bundled with triton (also used by cuda_triton_bridge/offline.py)."""
+    return {"shared_bytes": compiled.metadata.shared, **cubin_bytes_report(compiled.asm["cubin"])}
+
+
+def cubin_bytes_report(cubin_bytes: bytes) -> dict:
+    """Registers, stack/local (spill) bytes and SASS op counts of a cubin (its first kernel)."""
     import triton
 
     with tempfile.TemporaryDirectory() as tmp:
         cubin = os.path.join(tmp, "kernel.cubin")
         with open(cubin, "wb") as f:
-            f.write(compiled.asm["cubin"])
+            f.write(cubin_bytes)
         tools = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin")
         cuobjdump = os.path.join(tools, "cuobjdump")
         usage = subprocess.run([cuobjdump, "-res-usage", cubin], capture_output=True, text=True).stdout
         sass = subprocess.run([cuobjdump, "-sass", cubin], capture_output=True, text=True).stdout
     resources = dict(re.findall(r"\b(REG|STACK|LOCAL):(\d+)", usage))
     return {
-        "shared_bytes": compiled.metadata.shared,
         "registers": int(resources.get("REG", -1)),
         "stack_bytes": int(resources.get("STACK", -1)),
         "local_bytes": int(resources.get("LOCAL", -1)),

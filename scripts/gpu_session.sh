@@ -46,7 +46,8 @@
 #             launch, no scoring too, and XLA's attention, interleaved by throughput, all sizes (~8 min)
 #   xla10b    GPU tests of the XLA launch, then the profiler's GPU and idle time per call of both launches
 #             at 1x2048, 16x2048, 64x8192                                                       (~7 min)
-#   xla10c    every epilogue through the XLA launch against the jax-triton default, interleaved (~8 min)
+#   xla10c    the XLA launch's GPU tests, XLA's PTX of the kernels against the triton package's, then every
+#             epilogue through the XLA launch against the jax-triton default, interleaved   (~9 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -491,9 +492,16 @@ PY
       --columns xla_attn,triton,triton_xla,triton_separate,triton_xla_separate,triton_noevict,triton_xla_noevict \
       2>&1 | grep -v Warn | tee "$OUT/xla_profile.log" ;;
   xla10c)
-    # Every epilogue through the XLA launch against the jax-triton default, interleaved by throughput.
+    # The XLA launch's GPU tests (after xla10b's test fix), what XLA's Triton makes of the kernels against the
+    # triton package (PTX features, registers, SASS), then every epilogue through the XLA launch against the
+    # jax-triton default, interleaved by throughput.
+    timeout 200 python3 -m pytest -q tests/test_triton_kernel.py -k "xla_launch or decode_loop" 2>&1 \
+      | tee "$OUT/xla_tests_c.log" | tail -3
+    for shape in "--batch 64 --slots 8192" "--batch 16 --slots 2048"; do
+      timeout 90 python3 scripts/xla_triton_ptx.py $shape 2>&1 | grep -v Warn | tee -a "$OUT/xla_ptx.log"
+    done
     C=xla_attn,triton,triton_xla,triton_xla_fused,triton_xla_separate,triton_xla_coop,triton_noevict,triton_xla_noevict
-    timeout 500 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+    timeout 330 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --out "$OUT/xla_epilogues.md" > "$OUT/xla_epilogues.log" 2>&1; tail -9 "$OUT/xla_epilogues.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict

@@ -961,18 +961,23 @@ def test_xla_launch_matches_jax_triton_and_reference(granularity, num_splits, ep
     )
     kv_len = jnp.asarray([1500, 700, 1, 0], jnp.int32)
     kw = dict(scale=0.088, num_splits=num_splits, epilogue=epilogue, granularity=granularity)
-    via_xla = jax.jit(
-        lambda *a, **k: ctb.longflow_decode_attention_triton(*a, overrides=dict(xla_call=True), **kw, **k)
-    )
-    hlo = via_xla.lower(q, k, v, valid).as_text(dialect="hlo")
+
+    def via_xla(**extra):
+        return jax.jit(
+            functools.partial(
+                ctb.longflow_decode_attention_triton, overrides=dict(xla_call=True), **kw, **extra
+            )
+        )
+
+    hlo = via_xla().lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
     assert "triton_kernel_call" not in hlo
-    out, evict_slot = via_xla(q, k, v, valid)
+    out, evict_slot = via_xla()(q, k, v, valid)
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
-    out, evict_slot = via_xla(q, k, v, valid, kv_len=kv_len)
+    out, evict_slot = via_xla()(q, k, v, valid, kv_len=kv_len)
     bounded = valid & (jnp.arange(valid.shape[1]) < kv_len[:, None])
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
-    out, evict_slot = via_xla(q, k, v, valid, compute_evict=False)
+    out, evict_slot = via_xla(compute_evict=False)(q, k, v, valid)
     ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
     rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
     assert rel <= OUT_RTOL["bfloat16"]
