@@ -118,7 +118,8 @@ class LaunchConfig:
     # (docs/BENCHMARKS.md, session 5).
     ffi_call: bool = False
     # Launch through XLA's own Triton custom call (xla_call.py): XLA compiles the kernels' TTIR and
-    # runs them as ordinary kernel thunks, inside its CUDA graphs.
+    # runs them as ordinary kernel thunks, inside its CUDA graphs. resolve_config's default: at a small
+    # batch only (default_xla_call); overrides=dict(xla_call=...) forces either launch.
     xla_call: bool = False
 
 
@@ -197,6 +198,15 @@ def default_epilogue(shape: DecodeShape, compute_evict: bool, sms: int | None = 
     if not compute_evict:
         return SMALL_EPILOGUE if regime == "small" else "separate"
     return {"small": SMALL_EPILOGUE, "mid": "separate", "large": "fused"}[regime]
+
+
+def default_xla_call(shape: DecodeShape, sms: int | None = None) -> bool:
+    """Launch through XLA's own Triton custom call (xla_call.py) at a small batch only. Measured on an
+    H100 (docs/BENCHMARKS.md, session 10): there the launch's host cost decides (the kernels join XLA's
+    CUDA graph: 1x2048 25.6 against 37.0 us through jax-triton), while from B * Hkv >= SMs / 2 on the
+    kernel's own speed does, and XLA's Triton compiles our main kernels 2-5% slower than the triton
+    package (split kernel 49.2 against 47.2 us at 16x2048, fused kernel 789.5 against 754.8 at 64x8192)."""
+    return batch_regime(shape, sms) == "small"
 
 
 def default_block_c(
@@ -348,6 +358,7 @@ def resolve_config(
         combine_num_warps=COMBINE_NUM_WARPS,
         vnorm=vnorm,
         epilogue=epilogue,
+        xla_call=default_xla_call(shape, sms),
     )
     return _apply_overrides(cfg, overrides)
 

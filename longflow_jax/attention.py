@@ -3,7 +3,8 @@
 attention_impl:
   "reference"  plain jnp (longflow_jax/reference.py) + policies.py; supports every policy.
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
-  "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, through jax-triton).
+  "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA; native Triton kernels launched
+               through jax-triton, or through XLA's own Triton custom call at a small batch).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
 (scoring switched off); the baselines need the probabilities and run on the reference path.
 """

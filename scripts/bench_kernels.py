@@ -12,8 +12,10 @@ the steady state of LongFlow decoding):
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
   triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
-  triton_xla      the same launched through XLA's own Triton custom call (xla_call override);
-                  triton_xla_noevict without scoring, triton_xla_{fused,separate,coop} with that epilogue
+  triton_xla      the same launched through XLA's own Triton custom call at every size (the default
+                  takes it at a small batch only); triton_xla_noevict without scoring,
+                  triton_xla_{fused,separate,coop} with that epilogue
+  triton_jt       the same launched through jax-triton at every size; triton_jt_noevict without scoring
   triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
                   launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
                   (one launch, a barrier, every program finishes a share; only where the grid fits one
@@ -120,14 +122,22 @@ def columns(scale, granularity="sequence", extra=None):
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
-            overrides=dict(ffi_call=True),
+            overrides=dict(ffi_call=True, xla_call=False),
         )
         cols["triton_ffi_noevict"] = functools.partial(
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
             compute_evict=False,
-            overrides=dict(ffi_call=True),
+            overrides=dict(ffi_call=True, xla_call=False),
+        )
+        # jax-triton's launch at every size (the default takes XLA's at a small batch).
+        jt = dict(overrides=dict(xla_call=False))
+        cols["triton_jt"] = functools.partial(
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, **jt
+        )
+        cols["triton_jt_noevict"] = functools.partial(
+            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False, **jt
         )
         # XLA's own Triton custom call (xla_call override): the measured epilogue, or a forced one.
         xla = dict(overrides=dict(xla_call=True))
@@ -466,6 +476,8 @@ def main(argv=None):
             "triton_noevict",
             "triton_ffi",
             "triton_ffi_noevict",
+            "triton_jt",
+            "triton_jt_noevict",
             "triton_xla",
             "triton_xla_noevict",
             "triton_xla_fused",

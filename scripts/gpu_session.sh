@@ -48,6 +48,8 @@
 #             at 1x2048, 16x2048, 64x8192                                                       (~7 min)
 #   xla10c    the XLA launch's GPU tests, XLA's PTX of the kernels against the triton package's, then every
 #             epilogue through the XLA launch against the jax-triton default, interleaved   (~9 min)
+#   xla10d    XLA's PTX against the triton package's; B 1-8 and 16x2048 with the new default (XLA's launch at a
+#             small batch) against jax-triton's launch and XLA's attention, interleaved          (~6 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -105,7 +107,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -503,6 +505,18 @@ PY
     C=xla_attn,triton,triton_xla,triton_xla_fused,triton_xla_separate,triton_xla_coop,triton_noevict,triton_xla_noevict
     timeout 330 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --out "$OUT/xla_epilogues.md" > "$OUT/xla_epilogues.log" 2>&1; tail -9 "$OUT/xla_epilogues.log" ;;
+  xla10d)
+    # XLA's PTX of the main kernels against the triton package's, then the small batches (B 1-8) and 16x2048
+    # with the new default (XLA's launch below B * Hkv = SMs / 2) against jax-triton's launch and XLA.
+    export TRITON_CACHE_DIR=/tmp/triton_cache
+    for shape in "--batch 64 --slots 8192" "--batch 16 --slots 2048"; do
+      timeout 90 python3 scripts/xla_triton_ptx.py $shape 2>&1 | grep -v Warn | tee -a "$OUT/xla_ptx.log"
+    done
+    ls -R /tmp/xla_dump_* | head -40 > "$OUT/xla_dump_listing.txt"
+    C=xla_attn,triton,triton_jt,triton_noevict,triton_jt_noevict
+    timeout 300 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192,2x8192,4x2048,4x8192,8x2048,8x8192,16x2048 \
+      --out "$OUT/xla_small.md" > "$OUT/xla_small.log" 2>&1; tail -11 "$OUT/xla_small.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

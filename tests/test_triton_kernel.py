@@ -309,6 +309,16 @@ def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
     assert ctb.resolve_config(shape, overrides=dict(ffi_call=True)).ffi_call is True
 
 
+def test_default_launch_is_xlas_triton_call_at_a_small_batch_only():
+    # The measured choice (docs/BENCHMARKS.md, session 10): XLA's Triton custom call while B * Hkv < SMs / 2
+    # (the launch cost decides), jax-triton above (the kernel's speed decides); overrides force either.
+    for batch, want in [(1, True), (8, True), (9, False), (16, False), (64, False)]:
+        shape = ctb.config.DecodeShape(batch, 32, 8, 2048, 128)
+        assert ctb.resolve_config(shape, sms=132).xla_call is want, batch
+        for forced in (True, False):
+            assert ctb.resolve_config(shape, sms=132, overrides=dict(xla_call=forced)).xla_call is forced
+
+
 @pytest.mark.skipif(not ctb.triton_available() and not _has_triton(), reason="needs the triton package")
 def test_xla_call_lowers_to_xlas_triton_custom_call():
     """The XLA launch path (xla_call.py), lowered for CUDA on any machine: XLA's own Triton custom call
@@ -935,8 +945,15 @@ def test_typed_ffi_and_legacy_launches_agree(epilogue):
 
     q, k, v, valid = make_inputs(_key("ffi", epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16)
     kw = dict(scale=0.088, num_splits=3, epilogue=epilogue)
-    typed = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=True), **kw))
-    legacy = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, **kw))
+    # Both through jax-triton (at this batch the default would take XLA's Triton call).
+    typed = jax.jit(
+        lambda *a: ctb.longflow_decode_attention_triton(
+            *a, overrides=dict(ffi_call=True, xla_call=False), **kw
+        )
+    )
+    legacy = jax.jit(
+        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(xla_call=False), **kw)
+    )
     typed_hlo = typed.lower(q, k, v, valid).as_text(dialect="hlo")
     legacy_hlo = legacy.lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
