@@ -50,6 +50,9 @@
 #             epilogue through the XLA launch against the jax-triton default, interleaved   (~9 min)
 #   xla10d    XLA's PTX against the triton package's; B 1-8 and 16x2048 with the new default (XLA's launch at a
 #             small batch) against jax-triton's launch and XLA's attention, interleaved          (~6 min)
+#   final10   all GPU tests of tests/test_triton_kernel.py (session 10 code)                  (~9 min)
+#   final10b  generate through both kernels vs the reference, then the kernel table: XLA, Pallas, the
+#             Triton default and jax-triton's launch, with and without scoring, interleaved  (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -107,7 +110,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -517,6 +520,18 @@ PY
     timeout 300 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,2x8192,4x2048,4x8192,8x2048,8x8192,16x2048 \
       --out "$OUT/xla_small.md" > "$OUT/xla_small.log" 2>&1; tail -11 "$OUT/xla_small.log" ;;
+  final10)
+    # Every GPU test of the Triton bridge at the session-10 code (XLA's launch the default at a small batch).
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -4 ;;
+  final10b)
+    # generate through both kernels vs the reference, then the kernel table (interleaved by throughput):
+    # XLA's attention, Pallas, the Triton default and jax-triton's launch, with and without scoring.
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
+      | tee "$OUT/kernel_generate.log"
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict,triton_jt
+    timeout 360 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/final_queued.md" > "$OUT/final_queued.log" 2>&1; tail -9 "$OUT/final_queued.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
