@@ -101,6 +101,10 @@ def main(argv=None):
                 print(f"XLA    {name} ({arch}): {features(text)}")
                 print(f"       {xla_kernel_report(text, arch)}")
     print("triton package (jax-triton's launch), the same plan:")
+    import triton
+
+    if not triton.knobs.cache.dir:  # the GPU machine gives triton no cache dir by default
+        triton.knobs.cache.dir = tempfile.mkdtemp(prefix="triton_cache_")
     reports = compile_plan(b, hq, hkv, c, d, epilogue=args.epilogue, with_ptx=True)
     for name, report in reports.items():
         print(f"triton {name}: {features(report.pop('ptx'))}")
