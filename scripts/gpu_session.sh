@@ -485,6 +485,10 @@ PY
   xla10)
     # The Triton kernels launched through XLA's own Triton custom call (xla_call override, separate
     # epilogue) against jax-triton's launch, interleaved by throughput; every column checked first.
+    # Run at commit 3fa3688: there triton_xla forced the separate epilogue (since aca7b65 it takes the
+    # default epilogue, and since 28e931f triton is XLA's launch at B = 1).
+    git merge-base --is-ancestor 3fa3688 HEAD 2>/dev/null && [ "$(git rev-parse --short=7 HEAD)" != 3fa3688 ] \
+      && echo "note: xla10's columns changed meaning after 3fa3688 (see the comment above)"
     C=xla_attn,triton,triton_separate,triton_xla,triton_noevict,triton_xla_noevict
     timeout 60 python3 scripts/bench_kernels.py --reps 3 --queued 4 --columns triton_xla --sizes 1x2048 \
       --copy-mb 256 --matmul-n 1024 > "$OUT/xla_smoke.log" 2>&1; tail -12 "$OUT/xla_smoke.log"
@@ -493,6 +497,8 @@ PY
   xla10b)
     # GPU tests of the XLA launch (every epilogue, kv_len, no scoring, the dtype/head matrix, the decode
     # loop), then where each launch's time per call goes (profiler: GPU kernel time and idle time).
+    # Run at aca7b65, before 28e931f made XLA's launch the default at a small batch: there the triton and
+    # triton_noevict columns were jax-triton's launch at every size (today's triton_jt, triton_jt_noevict).
     timeout 300 python3 -m pytest -q -x tests/test_triton_kernel.py -k "xla or decode_loop or test_matches_reference" \
       2>&1 | tee "$OUT/xla_tests.log" | tail -4
     timeout 240 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,64x8192 \
@@ -501,7 +507,8 @@ PY
   xla10c)
     # The XLA launch's GPU tests (after xla10b's test fix), what XLA's Triton makes of the kernels against the
     # triton package (PTX features, registers, SASS), then every epilogue through the XLA launch against the
-    # jax-triton default, interleaved by throughput.
+    # jax-triton default, interleaved by throughput. Run at b793d8b: triton / triton_noevict were then
+    # jax-triton's launch at every size (see xla10b).
     timeout 200 python3 -m pytest -q tests/test_triton_kernel.py -k "xla_launch or decode_loop" 2>&1 \
       | tee "$OUT/xla_tests_c.log" | tail -3
     for shape in "--batch 64 --slots 8192" "--batch 16 --slots 2048"; do
