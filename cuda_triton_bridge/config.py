@@ -121,6 +121,9 @@ class LaunchConfig:
     # runs them as ordinary kernel thunks, inside its CUDA graphs. resolve_config's default: at a small
     # batch only (default_xla_call); overrides=dict(xla_call=...) forces either launch.
     xla_call: bool = False
+    # Only the combine kernel through XLA's Triton custom call (the main kernel through jax-triton): an
+    # A/B switch, off by default.
+    xla_combine: bool = False
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:
@@ -363,7 +366,7 @@ def resolve_config(
     return _apply_overrides(cfg, overrides)
 
 
-OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call", "xla_call")
+OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call", "xla_call", "xla_combine")
 
 
 def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:

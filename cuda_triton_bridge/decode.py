@@ -84,6 +84,7 @@ def longflow_decode_attention_triton(
         plan.split,
         q.dtype,
         cfg,
+        via_xla=cfg.xla_call,
     )
     if plan.combine is None:
         return out, _squeeze_groups(no_evict, granularity)
@@ -95,6 +96,7 @@ def longflow_decode_attention_triton(
         comb,
         q.dtype,
         cfg,
+        via_xla=cfg.xla_call or cfg.xla_combine,
         aliases={6: 4},  # the atomic counter, zeroed by the split kernel
     )
     out = comb_out if comb.meta["COMBINE_OUT"] else out
@@ -123,18 +125,19 @@ def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg):
         launch,
         q.dtype,
         cfg,
+        via_xla=cfg.xla_call,
         aliases=aliases,
     )
     return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
 
 
-def _call(kernel, args, launch, q_dtype, cfg, aliases=None):
+def _call(kernel, args, launch, q_dtype, cfg, *, via_xla, aliases=None):
     """One launch of `kernel` with `args` (its non-output arguments, in order; numpy scalars are
-    scalars): through XLA's Triton custom call (cfg.xla_call: scalars become constexprs, `aliases` index
-    the arrays among `args`), else through jax-triton (its legacy custom call, or jaxlib's typed FFI
-    with cfg.ffi_call; `launch.zeroed` outputs memset by it)."""
+    scalars): through XLA's Triton custom call (via_xla: scalars become constexprs, `aliases` index the
+    arrays among `args`), else through jax-triton (its legacy custom call, or jaxlib's typed FFI with
+    cfg.ffi_call; `launch.zeroed` outputs memset by it)."""
     out_shape = _out_shapes(launch, q_dtype)
-    if cfg.xla_call:
+    if via_xla:
         scalars = {n: float(a) for n, a in zip(kernel.arg_names, args) if isinstance(a, np.generic)}
         return xla_triton_call(
             *(a for a in args if not isinstance(a, np.generic)),

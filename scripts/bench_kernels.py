@@ -16,6 +16,7 @@ the steady state of LongFlow decoding):
                   takes it at a small batch only); triton_xla_noevict without scoring,
                   triton_xla_{fused,separate,coop} with that epilogue
   triton_jt       the same launched through jax-triton at every size; triton_jt_noevict without scoring
+  triton_xlacomb  the main kernel through jax-triton, the combine kernel through XLA's Triton call
   triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
                   launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
                   (one launch, a barrier, every program finishes a share; only where the grid fits one
@@ -130,6 +131,13 @@ def columns(scale, granularity="sequence", extra=None):
             granularity=granularity,
             compute_evict=False,
             overrides=dict(ffi_call=True, xla_call=False),
+        )
+        # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton.
+        cols["triton_xlacomb"] = functools.partial(
+            longflow_decode_attention_triton,
+            scale=scale,
+            granularity=granularity,
+            overrides=dict(xla_call=False, xla_combine=True),
         )
         # jax-triton's launch at every size (the default takes XLA's at a small batch).
         jt = dict(overrides=dict(xla_call=False))
@@ -478,6 +486,7 @@ def main(argv=None):
             "triton_ffi_noevict",
             "triton_jt",
             "triton_jt_noevict",
+            "triton_xlacomb",
             "triton_xla",
             "triton_xla_noevict",
             "triton_xla_fused",

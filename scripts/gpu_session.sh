@@ -55,6 +55,7 @@
 #             Triton default and jax-triton's launch, with and without scoring, interleaved  (~7 min)
 #   xla10e    B = 1: 40 interleaved repetitions and the profiler (session-10 default), then XLA's PTX of the
 #             16x2048 kernels with LLVM IR dumping on                                        (~6 min)
+#   xla10f    the combine kernel alone through XLA's Triton call at B = 16-32, interleaved; profiler (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -112,7 +113,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -552,6 +553,14 @@ PY
     export TRITON_CACHE_DIR=/tmp/triton_cache HOME=${HOME:-/tmp} XLA_FLAGS="--xla_gpu_dump_llvmir=true --xla_dump_hlo_as_text"
     timeout 90 python3 scripts/xla_triton_ptx.py --batch 16 --slots 2048 2>&1 | grep -v Warn | tee "$OUT/xla_ptx.log"
     ls /tmp/xla_dump_* | head -60 > "$OUT/xla_dump_listing.txt" ;;
+  xla10f)
+    # The combine kernel alone through XLA's Triton call (xla_combine override), the split kernel through
+    # jax-triton, at B = 16-32 (the separate epilogue): does the idle gap between the launches go?
+    C=xla_attn,triton,triton_xlacomb,triton_noevict
+    timeout 250 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --sizes 16x2048,16x8192,32x2048,32x8192 --out "$OUT/xlacomb.md" > "$OUT/xlacomb.log" 2>&1; tail -7 "$OUT/xlacomb.log"
+    timeout 120 python3 scripts/profile_kernel_chain.py --sizes 16x2048 --columns triton,triton_xlacomb,triton_noevict \
+      2>&1 | grep -v Warn | tee "$OUT/xlacomb_profile.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
