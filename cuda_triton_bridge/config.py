@@ -121,9 +121,11 @@ class LaunchConfig:
     # runs them as ordinary kernel thunks, inside its CUDA graphs. resolve_config's default: at a small
     # batch only (default_xla_call); overrides=dict(xla_call=...) forces either launch.
     xla_call: bool = False
-    # Only the combine kernel through XLA's Triton custom call (the main kernel through jax-triton): an
-    # A/B switch, off by default.
-    xla_combine: bool = False
+    # The combine kernel through XLA's Triton custom call even where the main kernel goes through
+    # jax-triton. On by default: XLA's Triton compiles the combine kernel as fast or faster (5.2-5.4
+    # against 5.8 us at 16x2048), and the idle GPU time between the two launches halves (1.9 against
+    # 4.1 us; docs/BENCHMARKS.md, session 10).
+    xla_combine: bool = True
 
 
 def _check_positive_int(name: str, value, lo: int, hi: int) -> None:

@@ -15,7 +15,7 @@ the steady state of LongFlow decoding):
   triton_xla      the same launched through XLA's own Triton custom call at every size (the default
                   takes it at a small batch only); triton_xla_noevict without scoring,
                   triton_xla_{fused,separate,coop} with that epilogue
-  triton_jt       the same launched through jax-triton at every size; triton_jt_noevict without scoring
+  triton_jt       the same with every kernel launched through jax-triton; triton_jt_noevict without scoring
   triton_xlacomb  the main kernel through jax-triton, the combine kernel through XLA's Triton call
   triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
                   launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
@@ -123,24 +123,26 @@ def columns(scale, granularity="sequence", extra=None):
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
-            overrides=dict(ffi_call=True, xla_call=False),
+            overrides=dict(ffi_call=True, xla_call=False, xla_combine=False),
         )
         cols["triton_ffi_noevict"] = functools.partial(
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
             compute_evict=False,
-            overrides=dict(ffi_call=True, xla_call=False),
+            overrides=dict(ffi_call=True, xla_call=False, xla_combine=False),
         )
-        # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton.
+        # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton (the
+        # default at B * Hkv >= SMs / 2 since session 10).
         cols["triton_xlacomb"] = functools.partial(
             longflow_decode_attention_triton,
             scale=scale,
             granularity=granularity,
             overrides=dict(xla_call=False, xla_combine=True),
         )
-        # jax-triton's launch at every size (the default takes XLA's at a small batch).
-        jt = dict(overrides=dict(xla_call=False))
+        # jax-triton's launch for every kernel at every size (the default takes XLA's at a small batch,
+        # and XLA's for the combine kernel everywhere).
+        jt = dict(overrides=dict(xla_call=False, xla_combine=False))
         cols["triton_jt"] = functools.partial(
             longflow_decode_attention_triton, scale=scale, granularity=granularity, **jt
         )

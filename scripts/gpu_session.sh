@@ -56,6 +56,8 @@
 #   xla10e    B = 1: 40 interleaved repetitions and the profiler (session-10 default), then XLA's PTX of the
 #             16x2048 kernels with LLVM IR dumping on                                        (~6 min)
 #   xla10f    the combine kernel alone through XLA's Triton call at B = 16-32, interleaved; profiler (~5 min)
+#   final10c  all GPU tests of tests/test_triton_kernel.py (final session-10 defaults)     (~9 min)
+#   final10d  generate through both kernels, then the kernel table on the final defaults      (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -113,7 +115,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -561,6 +563,18 @@ PY
       --sizes 16x2048,16x8192,32x2048,32x8192 --out "$OUT/xlacomb.md" > "$OUT/xlacomb.log" 2>&1; tail -7 "$OUT/xlacomb.log"
     timeout 120 python3 scripts/profile_kernel_chain.py --sizes 16x2048 --columns triton,triton_xlacomb,triton_noevict \
       2>&1 | grep -v Warn | tee "$OUT/xlacomb_profile.log" ;;
+  final10c)
+    # Every GPU test of the Triton bridge after the combine kernel went through XLA's Triton call by default.
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -4 ;;
+  final10d)
+    # generate through both kernels, then the kernel table (as final10b) on the final session-10 defaults;
+    # triton_jt = every kernel through jax-triton, triton_xlacomb = the combine kernel alone through XLA's call.
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
+      | tee "$OUT/kernel_generate.log"
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict,triton_jt
+    timeout 360 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/final_queued.md" > "$OUT/final_queued.log" 2>&1; tail -9 "$OUT/final_queued.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

@@ -311,10 +311,12 @@ def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
 
 def test_default_launch_is_xlas_triton_call_at_a_small_batch_only():
     # The measured choice (docs/BENCHMARKS.md, session 10): XLA's Triton custom call while B * Hkv < SMs / 2
-    # (the launch cost decides), jax-triton above (the kernel's speed decides); overrides force either.
+    # (the launch cost decides), jax-triton above for the main kernel (the kernel's speed decides) with
+    # the combine kernel through XLA's; overrides force either.
     for batch, want in [(1, True), (8, True), (9, False), (16, False), (64, False)]:
         shape = ctb.config.DecodeShape(batch, 32, 8, 2048, 128)
         assert ctb.resolve_config(shape, sms=132).xla_call is want, batch
+        assert ctb.resolve_config(shape, sms=132).xla_combine is True  # the combine kernel: always XLA's
         for forced in (True, False):
             assert ctb.resolve_config(shape, sms=132, overrides=dict(xla_call=forced)).xla_call is forced
 
@@ -755,7 +757,8 @@ MATCH_CASES = (
 )
 
 
-LAUNCHES = {"jax_triton": None, "xla": dict(xla_call=True)}
+# The two launches of every kernel: jax-triton's custom call, or XLA's own Triton call.
+LAUNCHES = {"jax_triton": dict(xla_call=False, xla_combine=False), "xla": dict(xla_call=True)}
 
 
 @pytest.mark.parametrize("launch", list(LAUNCHES))
@@ -945,15 +948,12 @@ def test_typed_ffi_and_legacy_launches_agree(epilogue):
 
     q, k, v, valid = make_inputs(_key("ffi", epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16)
     kw = dict(scale=0.088, num_splits=3, epilogue=epilogue)
-    # Both through jax-triton (at this batch the default would take XLA's Triton call).
+    # Both through jax-triton only (at this batch the default would take XLA's Triton call).
+    jax_triton = LAUNCHES["jax_triton"]
     typed = jax.jit(
-        lambda *a: ctb.longflow_decode_attention_triton(
-            *a, overrides=dict(ffi_call=True, xla_call=False), **kw
-        )
+        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=True, **jax_triton), **kw)
     )
-    legacy = jax.jit(
-        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(xla_call=False), **kw)
-    )
+    legacy = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=jax_triton, **kw))
     typed_hlo = typed.lower(q, k, v, valid).as_text(dialect="hlo")
     legacy_hlo = legacy.lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
@@ -968,27 +968,32 @@ def test_typed_ffi_and_legacy_launches_agree(epilogue):
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@pytest.mark.parametrize(
+    "epilogue, launch",
+    [("fused", "xla"), ("separate", "xla"), ("coop", "xla"), ("separate", "combine_xla")],
+)
 @gpu
-def test_xla_launch_matches_jax_triton_and_reference(granularity, num_splits, epilogue):
+def test_xla_launch_matches_reference(granularity, num_splits, epilogue, launch):
     # XLA compiles the same TTIR with its own Triton: the results must match the reference, with and
-    # without scoring and with a kv_len bound; the program holds XLA's Triton custom calls only.
+    # without scoring and with a kv_len bound. "xla": every kernel through XLA's Triton call;
+    # "combine_xla" (the default at B * Hkv >= SMs / 2): the split kernel through jax-triton, the combine
+    # kernel through XLA's call.
     q, k, v, valid = make_inputs(
         _key("xla", granularity, num_splits, epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16
     )
     kv_len = jnp.asarray([1500, 700, 1, 0], jnp.int32)
     kw = dict(scale=0.088, num_splits=num_splits, epilogue=epilogue, granularity=granularity)
 
+    overrides = dict(xla_call=launch == "xla", xla_combine=True)
+
     def via_xla(**extra):
         return jax.jit(
-            functools.partial(
-                ctb.longflow_decode_attention_triton, overrides=dict(xla_call=True), **kw, **extra
-            )
+            functools.partial(ctb.longflow_decode_attention_triton, overrides=overrides, **kw, **extra)
         )
 
     hlo = via_xla().lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
-    assert "triton_kernel_call" not in hlo
+    assert ('custom_call_target="triton_kernel_call"' in hlo) is (launch == "combine_xla")
     out, evict_slot = via_xla()(q, k, v, valid)
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
     out, evict_slot = via_xla()(q, k, v, valid, kv_len=kv_len)
@@ -1030,7 +1035,7 @@ def _decode_loop(attention, steps, scale):
     return jax.jit(loop, donate_argnums=(0, 1, 2))
 
 
-@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("launch", [*LAUNCHES, "combine_xla"])
 @gpu
 def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
@@ -1045,7 +1050,11 @@ def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     first = jnp.full((batch,), prompt, jnp.int32)
     scale = 1 / math.sqrt(d)
 
-    attention = functools.partial(ctb.longflow_decode_attention_triton, overrides=LAUNCHES[launch])
+    if launch == "combine_xla":  # the split kernel through jax-triton, the combine kernel through XLA
+        kw = dict(overrides=dict(xla_call=False, xla_combine=True), epilogue="separate")
+    else:
+        kw = dict(overrides=LAUNCHES[launch])
+    attention = functools.partial(ctb.longflow_decode_attention_triton, **kw)
     triton_loop = _decode_loop(attention, steps, scale)
     ref_loop = _decode_loop(longflow_decode_attention_reference, steps, scale)
 
