@@ -79,7 +79,10 @@ def longflow_decode_attention_triton(
       overrides: switches of `config.LaunchConfig` as a dict of bools, for A/B runs: cache_hints (t
         stored with L2 evict_last) and discard_t (t dropped from L2 once read), both on by default;
         ffi_call (launch through jaxlib's typed-FFI Triton target, jax >= 0.10.1, instead of jax-triton's
-        legacy custom call), off by default: measured slower.
+        legacy custom call), off by default: measured slower. Which launch each kernel takes:
+        xla_call (every kernel through XLA's own Triton custom call; default: at a small batch,
+        B * Hkv < SMs / 2) and xla_combine (the combine kernel through it even where the main kernel
+        goes through jax-triton; default on). Measured on an H100: docs/BENCHMARKS.md, session 10.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to

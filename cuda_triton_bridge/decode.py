@@ -1,5 +1,6 @@
-"""JAX entry point of the Triton decode kernel: launches through `jax_triton.triton_call`, or through XLA's
-own Triton custom call (the xla_call override, xla_call.py).
+"""JAX entry point of the Triton decode kernel. Each kernel is launched through `jax_triton.triton_call`
+or through XLA's own Triton custom call (xla_call.py). Which one, per kernel: LaunchConfig.xla_call (the
+main kernel; default at a small batch) and xla_combine (the combine kernel; default on).
 
 Imports triton and jax_triton at module level; `cuda_triton_bridge/__init__.py` imports this module only
 when the kernel is called, so the package itself imports anywhere.
@@ -9,8 +10,8 @@ Launches per call (all inside the caller's jit, no host sync), see launch.py:
   * combine kernel, grid (max(Hq, slot chunks), B), when there is something to combine: num_splits > 1
     or compute_evict. With one split and compute_evict=False the split kernel writes the normalised
     output and the -1 evict slots itself: one launch.
-  * or one launch of the fused or coop kernel (epilogue="fused" / "coop"), with its tickets zeroed by
-    jax-triton's memset before it.
+  * or one launch of the fused or coop kernel (epilogue="fused" / "coop"). Its tickets start at zero:
+    jax-triton memsets them, and through XLA's call they are a zero buffer aliased to the output.
 """
 
 from __future__ import annotations
