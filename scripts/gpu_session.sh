@@ -59,6 +59,7 @@
 #   final10c  all GPU tests of tests/test_triton_kernel.py (final session-10 defaults)     (~9 min)
 #   final10d  generate through both kernels, then the kernel table on the final defaults      (~7 min)
 #   final10e  B >= 16 on the final defaults, 20 interleaved repetitions: XLA, Pallas, Triton, no scoring (~4 min)
+#   b1sweep10 B = 1 coop settings through XLA's launch by GPU time and interleaved wall time (~4 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -116,7 +117,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -582,6 +583,41 @@ PY
     C=xla_attn,pallas,triton,triton_noevict
     timeout 400 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192,64x2048,64x8192 --out "$OUT/final_b16.md" > "$OUT/final_b16.log" 2>&1; tail -7 "$OUT/final_b16.log" ;;
+  b1sweep10)
+    # B = 1 through XLA's launch: the coop settings were chosen in sessions 5-6 when the host's jax-triton
+    # launch hid GPU time. Here every setting by GPU kernel time (profiler) and by wall time (interleaved,
+    # throughput), against XLA's attention.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/b1_sweep.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge import longflow_decode_attention_triton as tri
+from cuda_triton_bridge.tune import profile_kernels
+scale = bk.HEAD_DIM ** -0.5
+SETTINGS = [(128, 16, 4), (64, 16, 4), (64, 8, 4), (128, 8, 4), (32, 16, 4), (128, 16, 8), (64, 16, 8)]
+for slots in (2048, 8192):
+    sets = bk.make_sets(1, slots, bk.n_sets_for(1, slots))
+    runs = {}
+    def add(name, fn):
+        bk.check_column(name, fn, sets[0], scale)
+        program, n = bk.chain_program(fn, sets)
+        runs[name] = (functools.partial(program, sets[0][0], sets), n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("default", functools.partial(tri, scale=scale))
+    for block_c, splits, warps in SETTINGS:
+        if splits * block_c > slots:
+            continue
+        add(f"coop {block_c}x{splits} w{warps}", functools.partial(
+            tri, scale=scale, epilogue="coop", block_c=block_c, num_splits=splits, num_warps=warps))
+    res = bk.time_interleaved(runs, 30, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        run, n = runs[name]
+        per, _, _, idle = profile_kernels(run, 3, n)
+        print(f"B=1 C={slots} {name:20s} wall {t * 1e6:6.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})"
+              f"  GPU {sum(per.values()):5.1f} us  idle {idle:5.1f} us", flush=True)
+    del sets, runs
+PY
+    ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
