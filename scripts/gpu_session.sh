@@ -60,6 +60,7 @@
 #   final10d  generate through both kernels, then the kernel table on the final defaults      (~7 min)
 #   final10e  B >= 16 on the final defaults, 20 interleaved repetitions: XLA, Pallas, Triton, no scoring (~4 min)
 #   b1sweep10 B = 1 coop settings through XLA's launch by GPU time and interleaved wall time (~4 min)
+#   b1sweep10b 64- against 128-slot coop blocks at B = 1-8 (default splits), GPU and wall time (~4 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -117,7 +118,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -616,6 +617,36 @@ for slots in (2048, 8192):
         print(f"B=1 C={slots} {name:20s} wall {t * 1e6:6.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})"
               f"  GPU {sum(per.values()):5.1f} us  idle {idle:5.1f} us", flush=True)
     del sets, runs
+PY
+    ;;
+  b1sweep10b)
+    # b1sweep10 found 64-slot coop blocks faster at B = 1 (GPU 19.2 against 20.4 us at 1x8192). Do they
+    # hold at B = 2-8 (the rest of the coop regime), at the default split count?
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/coop64.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge import longflow_decode_attention_triton as tri
+from cuda_triton_bridge.tune import profile_kernels
+scale = bk.HEAD_DIM ** -0.5
+for batch in (1, 2, 4, 8):
+    for slots in (2048, 8192):
+        sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+        runs = {}
+        def add(name, fn):
+            bk.check_column(name, fn, sets[0], scale)
+            program, n = bk.chain_program(fn, sets)
+            runs[name] = (functools.partial(program, sets[0][0], sets), n)
+        add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+        add("coop 128 (default)", functools.partial(tri, scale=scale))
+        add("coop 64", functools.partial(tri, scale=scale, block_c=64))
+        res = bk.time_interleaved(runs, 20, queued=4)
+        for name, (t, (lo, hi)) in res.items():
+            run, n = runs[name]
+            per, _, _, idle = profile_kernels(run, 3, n)
+            print(f"B={batch} C={slots} {name:20s} wall {t * 1e6:6.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})"
+                  f"  GPU {sum(per.values()):6.1f} us  idle {idle:5.1f} us", flush=True)
+        del sets, runs
 PY
     ;;
   ibench8)
