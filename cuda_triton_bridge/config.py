@@ -47,7 +47,10 @@ FUSED_SLOTS_PER_SPLIT = 512
 # program per SM (check_coop_grid), with at most COOP_MAX_SPLITS splits (a share's merge tile is
 # [splits, D]).
 COOP_MAX_SPLITS = 32
-COOP_BLOCK_C = 128
+# 64-slot blocks (session 10, through XLA's launch, b1sweep10b): less GPU time than 128-slot blocks at
+# every B = 1-8 size measured, e.g. 19.1 against 20.5 us at 1x8192 and 54.9 against 56.6 at 4x8192 (level
+# at 1x2048). Session 6 chose 128 while jax-triton's host launch hid the GPU time.
+COOP_BLOCK_C = 64
 SMALL_EPILOGUE = "coop"
 # The epilogue kernel: slots per importance program, and its warps.
 COMBINE_CHUNK = 256
@@ -57,8 +60,9 @@ COMBINE_NUM_WARPS = 4
 VNORM_MODES = ("mma", "reduce")
 VNORM = "mma"
 DEFAULT_NUM_SMS = 132  # H100 SXM; used when the device does not report its core count.
-# The 128-slot blocks of the "mid" and coop defaults were measured on Hopper only; they need 72 KiB of
-# shared memory at D 128 (Turing has 64) and spill on sm_75, so older GPUs keep 32-slot blocks.
+# The 128-slot blocks of the "mid" default and the coop default's 64-slot blocks were measured on Hopper
+# only; 128-slot blocks need 72 KiB of shared memory at D 128 (Turing has 64) and spill on sm_75, so older
+# GPUs keep 32-slot blocks.
 LARGE_BLOCK_MIN_CAPABILITY = 90
 DEFAULT_CAPABILITY = 90
 # Shared memory one program may use: the H100's opt-in maximum per block (227 KiB). A launch over it

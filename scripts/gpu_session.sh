@@ -61,6 +61,7 @@
 #   final10e  B >= 16 on the final defaults, 20 interleaved repetitions: XLA, Pallas, Triton, no scoring (~4 min)
 #   b1sweep10 B = 1 coop settings through XLA's launch by GPU time and interleaved wall time (~4 min)
 #   b1sweep10b 64- against 128-slot coop blocks at B = 1-8 (default splits), GPU and wall time (~4 min)
+#   final10f  after the 64-slot coop default: all Triton GPU tests, then the B <= 16 kernel rows (~9 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -118,7 +119,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -649,6 +650,15 @@ for batch in (1, 2, 4, 8):
         del sets, runs
 PY
     ;;
+  final10f)
+    # After the coop default moved to 64-slot blocks: every Triton GPU test, then the B <= 16 rows of the
+    # kernel table (interleaved by throughput).
+    timeout 420 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -3
+    C=xla_attn,pallas,triton,triton_noevict,triton_jt
+    timeout 150 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192,4x8192,8x8192,16x2048 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/final_small.md" > "$OUT/final_small.log" 2>&1; tail -8 "$OUT/final_small.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

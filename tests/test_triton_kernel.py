@@ -173,12 +173,13 @@ def test_splits_round_to_whole_blocks():
 
 def test_default_splits_follow_the_measured_choice():
     # H100 (132 SMs), Qwen3-8B attention: the epilogue, split count and block size that measured fastest
-    # (KERNEL_NOTES_triton.md, config.py): coop at a small batch, one split of 128-slot blocks with the
-    # separate epilogue at B = 9-32, fused with 512-slot splits of 32-slot blocks at B = 64.
+    # (KERNEL_NOTES_triton.md, config.py): coop with 64-slot blocks at a small batch, one split of
+    # 128-slot blocks with the separate epilogue at B = 9-32, fused with 512-slot splits of 32-slot
+    # blocks at B = 64.
     want = {
-        (1, 2048): ("coop", 16, 128),
-        (1, 8192): ("coop", 16, 128),
-        (8, 8192): ("coop", 2, 128),
+        (1, 2048): ("coop", 16, 64),
+        (1, 8192): ("coop", 16, 64),
+        (8, 8192): ("coop", 2, 64),
         (9, 2048): ("separate", 2, 128),
         (16, 2048): ("separate", 1, 128),
         (16, 8192): ("separate", 1, 128),
