@@ -48,8 +48,8 @@ FUSED_SLOTS_PER_SPLIT = 512
 # [splits, D]).
 COOP_MAX_SPLITS = 32
 # 64-slot blocks (session 10, through XLA's launch, b1sweep10b): less GPU time than 128-slot blocks at
-# every B = 1-8 size measured, e.g. 19.1 against 20.5 us at 1x8192 and 54.9 against 56.6 at 4x8192 (level
-# at 1x2048). Session 6 chose 128 while jax-triton's host launch hid the GPU time.
+# seven of the eight B = 1-8 sizes measured, e.g. 19.1 against 20.5 us at 1x8192 and 54.9 against 56.6
+# at 4x8192, level at 1x2048. Session 6 chose 128 while jax-triton's host launch hid the GPU time.
 COOP_BLOCK_C = 64
 SMALL_EPILOGUE = "coop"
 # The epilogue kernel: slots per importance program, and its warps.
