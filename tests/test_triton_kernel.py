@@ -361,6 +361,67 @@ def test_xla_call_lowers_to_xlas_triton_custom_call():
         )  # fmt: skip
 
 
+@pytest.fixture
+def decode_without_jax_triton(monkeypatch):
+    """cuda_triton_bridge.decode imported with a stand-in jax_triton that only reports sm_90 (no launch
+    through it may happen), so the XLA-launch path lowers on a machine without jax-triton or a GPU. The
+    module is dropped again afterwards, so other tests see the package as it was."""
+    import types
+
+    pytest.importorskip("triton", reason="building the TTIR needs the triton package (no GPU)")
+    if ctb.triton_available():
+        pytest.skip("the GPU tests run the real decode path")
+
+    def no_launch(*args, **kwargs):
+        raise AssertionError("a kernel went through jax-triton")
+
+    stub = types.SimpleNamespace(get_compute_capability=lambda device: 90, triton_call=no_launch)
+    monkeypatch.setitem(sys.modules, "jax_triton", stub)
+    monkeypatch.delitem(sys.modules, "cuda_triton_bridge.decode", raising=False)
+    import cuda_triton_bridge.decode as decode
+
+    yield decode
+    sys.modules.pop("cuda_triton_bridge.decode", None)
+    if getattr(ctb, "decode", None) is decode:
+        delattr(ctb, "decode")
+
+
+@pytest.mark.parametrize(
+    "batch, epilogue, overrides, kernels, alias",
+    [
+        # (batch, epilogue, overrides, kernels, the aliased (operand, output) of the launch that has one)
+        (1, None, None, ["decode_coop_kernel"], (5, 8)),  # the default at a small batch: XLA's call
+        (4, "fused", dict(xla_call=True), ["decode_fused_kernel"], (5, 7)),
+        (4, "separate", dict(xla_call=True), ["decode_split_kernel", "decode_combine_kernel"], (6, 4)),
+    ],
+)
+def test_decode_lowers_through_xlas_triton_call(
+    decode_without_jax_triton, batch, epilogue, overrides, kernels, alias
+):
+    """The real decode path (decode.py's wiring, the real kernels' TTIR) lowered for CUDA on any
+    machine: every kernel is one XLA Triton custom call, and the tickets / counter buffers are aliased."""
+    q = jax.ShapeDtypeStruct((batch, 32, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((batch, 8, 2048, 128), jnp.bfloat16)
+    valid = jax.ShapeDtypeStruct((batch, 2048), jnp.bool_)
+    fn = functools.partial(
+        decode_without_jax_triton.longflow_decode_attention_triton,
+        scale=0.088,
+        epilogue=epilogue,
+        overrides=overrides,
+    )
+    text = jax.jit(fn).trace(q, kv, kv, valid).lower(lowering_platforms=("cuda",)).as_text()
+    assert re.findall(r'name = "(\w+)", num_stages', text) == kernels
+    assert text.count("stablehlo.custom_call") == len(kernels)
+    # One-kernel epilogues: zeros aliased to the tickets; separate: the split kernel's counter to the
+    # combine kernel's.
+    operand, output = alias
+    aliases = re.findall(r"stablehlo\.output_operand_alias<[^>]*>", text)
+    assert aliases == [
+        f"stablehlo.output_operand_alias<output_tuple_indices = [{output}], operand_index = {operand}, "
+        "operand_tuple_indices = []>"
+    ]
+
+
 # ---------------------------------------------------------------- CPU: offline compile for sm_90
 
 
