@@ -55,6 +55,7 @@ def compile_plan(
     from triton.compiler import ASTSource
 
     from cuda_triton_bridge import kernels
+    from cuda_triton_bridge.xla_call import aligned_pointers
     from pallas_kernels.triton_offline import cubin_report  # the same cuobjdump report as for Pallas
 
     itemsize = 4 if dtype == "float32" else 2
@@ -98,9 +99,9 @@ def compile_plan(
     reports = {}
     for kernel, inputs, launch in launches:
         signature = _signature(kernel, inputs, launch, q_type, launch.meta)
-        # jax-triton tells the compiler every buffer is 16-byte aligned; without it loads stay scalar.
-        aligned = {(i,): [["tt.divisibility", 16]] for i, t in enumerate(signature.values()) if t[0] == "*"}
-        src = ASTSource(fn=kernel, signature=signature, constexprs=dict(launch.meta), attrs=aligned)
+        src = ASTSource(
+            fn=kernel, signature=signature, constexprs=dict(launch.meta), attrs=aligned_pointers(signature)
+        )
         compiled = triton.compile(
             src,
             target=GPUTarget("cuda", capability, 32),

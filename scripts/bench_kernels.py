@@ -92,6 +92,33 @@ def xla_attention(q, k, v, kv_valid, *, scale):
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype), None
 
 
+# The Triton columns: name -> the entry point's keyword arguments (TRITON HOOK).
+_JAX_TRITON_ONLY = dict(xla_call=False, xla_combine=False)  # every kernel through jax-triton
+TRITON_COLUMNS = {
+    "triton": {},
+    "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
+    "triton_noevict": dict(compute_evict=False),  # scoring off, for the eviction overhead
+    # jaxlib's typed-FFI target, not jax-triton's legacy call
+    "triton_ffi": dict(overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),
+    "triton_ffi_noevict": dict(compute_evict=False, overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),
+    # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton (the default
+    # at B * Hkv >= SMs / 2 since session 10).
+    "triton_xlacomb": dict(overrides=dict(xla_call=False, xla_combine=True)),
+    # jax-triton's launch for every kernel at every size (the default takes XLA's at a small batch, and
+    # XLA's for the combine kernel everywhere).
+    "triton_jt": dict(overrides=_JAX_TRITON_ONLY),
+    "triton_jt_noevict": dict(compute_evict=False, overrides=_JAX_TRITON_ONLY),
+    # XLA's own Triton custom call for every kernel: the measured epilogue, or a forced one.
+    "triton_xla": dict(overrides=dict(xla_call=True)),
+    "triton_xla_noevict": dict(compute_evict=False, overrides=dict(xla_call=True)),
+    **{
+        f"triton_xla_{e}": dict(epilogue=e, overrides=dict(xla_call=True))
+        for e in ("fused", "separate", "coop")
+    },
+    **{f"triton_{e}": dict(epilogue=e) for e in ("fused", "separate", "coop")},
+}
+
+
 def columns(scale, granularity="sequence", extra=None):
     cols = {
         "pallas": functools.partial(
@@ -110,64 +137,9 @@ def columns(scale, granularity="sequence", extra=None):
         ),
     }
     if longflow_decode_attention_triton is not None and triton_available():
-        cols["triton"] = functools.partial(
-            longflow_decode_attention_triton, scale=scale, granularity=granularity
-        )
-        cols["triton_reduce"] = functools.partial(  # ||v||_1 as a row sum (the pre-session-3 method)
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, vnorm="reduce"
-        )
-        cols["triton_noevict"] = functools.partial(  # TRITON HOOK: scoring off, for the eviction overhead
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False
-        )
-        cols["triton_ffi"] = functools.partial(  # jaxlib's typed-FFI target, not jax-triton's legacy call
-            longflow_decode_attention_triton,
-            scale=scale,
-            granularity=granularity,
-            overrides=dict(ffi_call=True, xla_call=False, xla_combine=False),
-        )
-        cols["triton_ffi_noevict"] = functools.partial(
-            longflow_decode_attention_triton,
-            scale=scale,
-            granularity=granularity,
-            compute_evict=False,
-            overrides=dict(ffi_call=True, xla_call=False, xla_combine=False),
-        )
-        # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton (the
-        # default at B * Hkv >= SMs / 2 since session 10).
-        cols["triton_xlacomb"] = functools.partial(
-            longflow_decode_attention_triton,
-            scale=scale,
-            granularity=granularity,
-            overrides=dict(xla_call=False, xla_combine=True),
-        )
-        # jax-triton's launch for every kernel at every size (the default takes XLA's at a small batch,
-        # and XLA's for the combine kernel everywhere).
-        jt = dict(overrides=dict(xla_call=False, xla_combine=False))
-        cols["triton_jt"] = functools.partial(
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, **jt
-        )
-        cols["triton_jt_noevict"] = functools.partial(
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False, **jt
-        )
-        # XLA's own Triton custom call (xla_call override): the measured epilogue, or a forced one.
-        xla = dict(overrides=dict(xla_call=True))
-        cols["triton_xla"] = functools.partial(
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, **xla
-        )
-        cols["triton_xla_noevict"] = functools.partial(
-            longflow_decode_attention_triton, scale=scale, granularity=granularity, compute_evict=False, **xla
-        )
-        for epilogue in ("fused", "separate", "coop"):
-            cols[f"triton_xla_{epilogue}"] = functools.partial(
-                longflow_decode_attention_triton,
-                scale=scale,
-                granularity=granularity,
-                epilogue=epilogue,
-                **xla,
-            )
-        for epilogue in ("fused", "separate", "coop"):
-            cols[f"triton_{epilogue}"] = functools.partial(
-                longflow_decode_attention_triton, scale=scale, granularity=granularity, epilogue=epilogue
+        for name, kwargs in TRITON_COLUMNS.items():
+            cols[name] = functools.partial(
+                longflow_decode_attention_triton, scale=scale, granularity=granularity, **kwargs
             )
     return cols
 
