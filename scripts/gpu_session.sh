@@ -62,6 +62,7 @@
 #   b1sweep10 B = 1 coop settings through XLA's launch by GPU time and interleaved wall time (~4 min)
 #   b1sweep10b 64- against 128-slot coop blocks at B = 1-8 (default splits), GPU and wall time (~4 min)
 #   final10f  after the 64-slot coop default: all Triton GPU tests, then the B <= 16 kernel rows (~9 min)
+#   ncu11     Nsight Compute: the Triton kernels through jax-triton's and XLA's launch side by side (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -119,7 +120,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -659,6 +660,26 @@ PY
     timeout 150 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,4x8192,8x8192,16x2048 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/final_small.md" > "$OUT/final_small.log" 2>&1; tail -8 "$OUT/final_small.log" ;;
+  ncu11)
+    # Session 11: Nsight Compute on the same Triton kernels through the two launches (jax-triton compiles
+    # with the triton package, XLA's custom call with XLA's bundled Triton): registers, shared memory,
+    # DRAM bytes, duration and SASS, to find why XLA's build runs 2-5% slower.
+    ptxas=$(python3 -c "import os, triton; print(os.path.join(os.path.dirname(triton.__file__), 'backends/nvidia/bin/ptxas'))")
+    { echo "triton's ptxas:"; $ptxas --version | tail -2; echo "other ptxas:"; find / -name ptxas -type f 2>/dev/null | grep -v triton;
+      python3 -m pip list 2>/dev/null | grep -i -E "nvidia|jax"; ncu --version | tail -1; } > "$OUT/versions.txt" 2>&1
+    cat "$OUT/versions.txt"
+    export XLA_PYTHON_CLIENT_ALLOCATOR=platform
+    timeout 360 ncu --clock-control none --kernel-name regex:decode_ --set full -f -o "$OUT/rep" \
+      python3 scripts/ncu_launch_compare.py \
+      --cases 16x2048:jt,16x2048:xla,16x2048:jt:noevict,16x2048:xla:noevict,64x8192:jt,64x8192:xla \
+      > "$OUT/ncu_run.log" 2>&1; tail -15 "$OUT/ncu_run.log"
+    M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,lts__t_bytes.sum,launch__registers_per_thread
+    M=$M,launch__shared_mem_per_block_dynamic,launch__shared_mem_per_block_static,smsp__inst_executed.sum
+    M=$M,launch__grid_size,launch__block_size,launch__occupancy_limit_registers,launch__occupancy_limit_shared_mem
+    ncu -i "$OUT/rep.ncu-rep" --page raw --csv --metrics $M > "$OUT/raw.csv" 2>&1; cut -c1-400 "$OUT/raw.csv" | head -40
+    ncu -i "$OUT/rep.ncu-rep" --page details --csv > "$OUT/details.csv" 2>&1
+    ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1
+    head -c 600 "$OUT/sass.csv"; ls -la "$OUT" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

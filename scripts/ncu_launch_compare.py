@@ -1,0 +1,58 @@
+"""One call of the Triton decode kernels per launch route, for Nsight Compute to compare (GPU only).
+
+XLA's own Triton compiles our TTIR into kernels 2-5% slower than the triton package does (session 10,
+docs/KERNEL_NOTES_triton.md), and XLA's dump holds no PTX. Run this under `ncu` and the two routes' kernels
+sit side by side: registers, shared memory, DRAM bytes, duration, and the SASS.
+
+Each case is compiled and run twice, so ncu sees two instances of each kernel (the cases run in order);
+run it with XLA_PYTHON_CLIENT_ALLOCATOR=platform, or ncu's kernel replay saves and restores the whole
+preallocated pool.
+
+  ncu --clock-control none --kernel-name regex:decode_ --set full -o rep \
+      python3 scripts/ncu_launch_compare.py --cases 16x2048:jt,16x2048:xla,64x8192:jt,64x8192:xla
+"""
+
+from __future__ import annotations
+
+import argparse
+
+import jax
+import jax.numpy as jnp
+
+from cuda_triton_bridge import longflow_decode_attention_triton
+
+NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
+ROUTES = {
+    "jt": dict(xla_call=False, xla_combine=False),  # every kernel through jax-triton
+    "xla": dict(xla_call=True, xla_combine=True),  # every kernel through XLA's Triton custom call
+}
+
+
+def run_case(batch, slots, route, compute_evict):
+    keys = jax.random.split(jax.random.PRNGKey(batch * 7 + slots), 3)
+    q = jax.random.normal(keys[0], (batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(keys[1], (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(keys[2], (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.bfloat16)
+    valid = jnp.ones((batch, slots), bool)
+    fn = jax.jit(
+        lambda q, k, v, valid: longflow_decode_attention_triton(
+            q, k, v, valid, scale=HEAD_DIM**-0.5, compute_evict=compute_evict, overrides=ROUTES[route]
+        )
+    )
+    for _ in range(2):
+        out, evict = jax.block_until_ready(fn(q, k, v, valid))
+    print(f"case {batch}x{slots}:{route}{'' if compute_evict else ':noevict'} evict[0]={int(evict[0])}", flush=True)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
+    parser.add_argument("--cases", default="16x2048:jt,16x2048:xla", help="BxC:route[:noevict],...")
+    args = parser.parse_args()
+    for case in args.cases.split(","):
+        size, route, *flag = case.split(":")
+        batch, slots = (int(x) for x in size.split("x"))
+        run_case(batch, slots, route, compute_evict=flag != ["noevict"])
+
+
+if __name__ == "__main__":
+    main()
