@@ -41,7 +41,8 @@ def run_case(batch, slots, route, compute_evict):
     )
     for _ in range(2):
         out, evict = jax.block_until_ready(fn(q, k, v, valid))
-    print(f"case {batch}x{slots}:{route}{'' if compute_evict else ':noevict'} evict[0]={int(evict[0])}", flush=True)
+    tag = "" if compute_evict else ":noevict"
+    print(f"case {batch}x{slots}:{route}{tag} evict[0]={int(evict[0])}", flush=True)
 
 
 def main():
