@@ -63,6 +63,7 @@
 #   b1sweep10b 64- against 128-slot coop blocks at B = 1-8 (default splits), GPU and wall time (~4 min)
 #   final10f  after the 64-slot coop default: all Triton GPU tests, then the B <= 16 kernel rows (~9 min)
 #   ncu11     Nsight Compute: the Triton kernels through jax-triton's and XLA's launch side by side (~5 min)
+#   ncu11b    the same after ex2/lg2 became inline PTX; then B >= 16 with each launch at every size (~6 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -120,7 +121,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -680,6 +681,22 @@ PY
     ncu -i "$OUT/rep.ncu-rep" --page details --csv > "$OUT/details.csv" 2>&1
     ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1
     head -c 600 "$OUT/sass.csv"; ls -la "$OUT" ;;
+  ncu11b)
+    # After ex2/lg2 became inline PTX (ex2/lg2.approx.ftz) in every kernel: the same Nsight Compute cases,
+    # then B >= 16 interleaved by throughput with each launch at every size.
+    export XLA_PYTHON_CLIENT_ALLOCATOR=platform
+    timeout 240 ncu --clock-control none --kernel-name regex:decode_ --set full -f -o "$OUT/rep" \
+      python3 scripts/ncu_launch_compare.py \
+      --cases 16x2048:jt,16x2048:xla,16x2048:jt:noevict,16x2048:xla:noevict,64x8192:jt,64x8192:xla \
+      > "$OUT/ncu_run.log" 2>&1; tail -3 "$OUT/ncu_run.log"
+    M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
+    M=$M,launch__shared_mem_per_block_dynamic,smsp__inst_executed.sum,launch__grid_size
+    ncu -i "$OUT/rep.ncu-rep" --page raw --csv --metrics $M > "$OUT/raw.csv" 2>&1; cut -d, -f5,12- "$OUT/raw.csv"
+    ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1; rm -f "$OUT/rep.ncu-rep"
+    unset XLA_PYTHON_CLIENT_ALLOCATOR
+    C=xla_attn,triton,triton_jt,triton_xla,triton_noevict,triton_jt_noevict,triton_xla_noevict
+    timeout 300 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --sizes 16x2048,16x8192,64x2048,64x8192 --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -12 "$OUT/bench.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
