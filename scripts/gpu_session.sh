@@ -64,6 +64,8 @@
 #   final10f  after the 64-slot coop default: all Triton GPU tests, then the B <= 16 kernel rows (~9 min)
 #   ncu11     Nsight Compute: the Triton kernels through jax-triton's and XLA's launch side by side (~5 min)
 #   ncu11b    the same after ex2/lg2 became inline PTX; then B >= 16 with each launch at every size (~6 min)
+#   final11   all Triton GPU tests and generate through both kernels (inline ex2/lg2)        (~8 min)
+#   small11   B <= 16: profiler GPU time, then the rows interleaved by throughput             (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -121,7 +123,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -697,6 +699,21 @@ PY
     C=xla_attn,triton,triton_jt,triton_xla,triton_noevict,triton_jt_noevict,triton_xla_noevict
     timeout 300 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192,64x2048,64x8192 --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -12 "$OUT/bench.log" ;;
+  final11)
+    # Every Triton GPU test and generate through both kernels, after ex2/lg2 became inline PTX.
+    timeout 430 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -3
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
+      | tee "$OUT/kernel_generate.log" | tail -3 ;;
+  small11)
+    # B <= 16 after ex2/lg2 became inline PTX: GPU time by the profiler (the XLA launch's coop kernel at
+    # B = 1), then the rows interleaved by throughput.
+    timeout 150 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192,16x2048 \
+      --columns xla_attn,triton,triton_noevict,triton_xla > "$OUT/profile_small.log" 2>&1; tail -30 "$OUT/profile_small.log"
+    C=xla_attn,pallas,triton,triton_noevict,triton_jt
+    timeout 200 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192,4x8192,8x8192,16x2048 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/small.md" > "$OUT/small.log" 2>&1; tail -8 "$OUT/small.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
