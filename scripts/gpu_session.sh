@@ -707,7 +707,10 @@ PY
       | tee "$OUT/kernel_generate.log" | tail -3 ;;
   small11)
     # B <= 16 after ex2/lg2 became inline PTX: GPU time by the profiler (the XLA launch's coop kernel at
-    # B = 1), then the rows interleaved by throughput.
+    # B = 1), then the rows interleaved by throughput. First the tests that final11's timeout cut off (the
+    # last ones of the file).
+    timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+      -k "test_decode_loop_under_jit or separate-combine_xla" 2>&1 | tee "$OUT/triton_tests_rest.log" | tail -2
     timeout 150 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192,16x2048 \
       --columns xla_attn,triton,triton_noevict,triton_xla > "$OUT/profile_small.log" 2>&1; tail -30 "$OUT/profile_small.log"
     C=xla_attn,pallas,triton,triton_noevict,triton_jt
