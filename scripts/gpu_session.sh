@@ -66,6 +66,7 @@
 #   ncu11b    the same after ex2/lg2 became inline PTX; then B >= 16 with each launch at every size (~6 min)
 #   final11   all Triton GPU tests and generate through both kernels (inline ex2/lg2)        (~8 min)
 #   small11   B <= 16: profiler GPU time, then the rows interleaved by throughput             (~5 min)
+#   ptxas11   the jax-triton build with CUDA 13's ptxas against its own and XLA's; ncu on Pallas (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -123,7 +124,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -717,6 +718,28 @@ PY
     timeout 200 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,4x8192,8x8192,16x2048 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/small.md" > "$OUT/small.log" 2>&1; tail -8 "$OUT/small.log" ;;
+  ptxas11)
+    # Is the slower build of XLA's launch its ptxas (CUDA 13.0's; the triton package bundles 12.8's)?
+    # The profiler's GPU time of the same kernels through jax-triton with each ptxas (TRITON_PTXAS_PATH),
+    # and through XLA's launch. Then Nsight Compute on the Pallas kernel beside the native one (SASS).
+    P=/usr/local/cuda-13.0/bin/ptxas; $P --version | tail -1
+    C=triton_jt,triton_xla,triton_jt_noevict,triton_xla_noevict
+    for ptx in default cuda13; do
+      if [ $ptx = cuda13 ]; then export TRITON_PTXAS_PATH=$P; fi
+      echo "== jax-triton's ptxas: $ptx"
+      timeout 150 python3 scripts/profile_kernel_chain.py --sizes 16x2048,64x8192 --columns $C 2>&1 | grep -v Warn \
+        | tee "$OUT/profile_ptxas_$ptx.log" | tail -9
+    done
+    unset TRITON_PTXAS_PATH
+    export XLA_PYTHON_CLIENT_ALLOCATOR=platform
+    timeout 200 ncu --clock-control none --kernel-name regex:"decode_|longflow_" --set full -f -o "$OUT/rep" \
+      python3 scripts/ncu_launch_compare.py --cases 16x2048:pallas:noevict,16x2048:pallas,16x2048:jt:noevict \
+      > "$OUT/ncu_run.log" 2>&1; tail -3 "$OUT/ncu_run.log"
+    M=gpu__time_duration.sum,dram__bytes_read.sum,dram__bytes_write.sum,launch__registers_per_thread
+    M=$M,launch__shared_mem_per_block_dynamic,smsp__inst_executed.sum,launch__grid_size
+    ncu -i "$OUT/rep.ncu-rep" --page raw --csv --metrics $M > "$OUT/raw.csv" 2>&1; cut -d, -f5,12- "$OUT/raw.csv"
+    ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1
+    ncu -i "$OUT/rep.ncu-rep" --page details --csv > "$OUT/details.csv" 2>&1; rm -f "$OUT/rep.ncu-rep" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

@@ -2,29 +2,33 @@
 
 XLA's own Triton compiles our TTIR into kernels 2-5% slower than the triton package does (session 10,
 docs/KERNEL_NOTES_triton.md), and XLA's dump holds no PTX. Run this under `ncu` and the two routes' kernels
-sit side by side: registers, shared memory, DRAM bytes, duration, and the SASS.
+sit side by side: registers, shared memory, DRAM bytes, duration, and the SASS. Route "pallas" runs the
+Pallas kernel (Pallas' Triton backend, also built by XLA's bundled Triton) for the same comparison.
 
 Each case is compiled and run twice, so ncu sees two instances of each kernel (the cases run in order);
 run it with XLA_PYTHON_CLIENT_ALLOCATOR=platform, or ncu's kernel replay saves and restores the whole
 preallocated pool.
 
-  ncu --clock-control none --kernel-name regex:decode_ --set full -o rep \
+  ncu --clock-control none --kernel-name regex:"decode_|longflow_" --set full -o rep \
       python3 scripts/ncu_launch_compare.py --cases 16x2048:jt,16x2048:xla,64x8192:jt,64x8192:xla
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 
 import jax
 import jax.numpy as jnp
 
 from cuda_triton_bridge import longflow_decode_attention_triton
+from pallas_kernels import longflow_decode_attention
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUTES = {
     "jt": dict(xla_call=False, xla_combine=False),  # every kernel through jax-triton
     "xla": dict(xla_call=True, xla_combine=True),  # every kernel through XLA's Triton custom call
+    "pallas": None,  # the Pallas kernel (Pallas' Triton backend), for its SASS beside the native one
 }
 
 
@@ -34,15 +38,18 @@ def run_case(batch, slots, route, compute_evict):
     k = jax.random.normal(keys[1], (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.bfloat16)
     v = jax.random.normal(keys[2], (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.bfloat16)
     valid = jnp.ones((batch, slots), bool)
-    fn = jax.jit(
-        lambda q, k, v, valid: longflow_decode_attention_triton(
-            q, k, v, valid, scale=HEAD_DIM**-0.5, compute_evict=compute_evict, overrides=ROUTES[route]
+    if route == "pallas":
+        call = functools.partial(longflow_decode_attention, compute_evict=compute_evict)
+    else:
+        call = functools.partial(
+            longflow_decode_attention_triton, compute_evict=compute_evict, overrides=ROUTES[route]
         )
-    )
+    fn = jax.jit(lambda q, k, v, valid: call(q, k, v, valid, scale=HEAD_DIM**-0.5))
     for _ in range(2):
         out, evict = jax.block_until_ready(fn(q, k, v, valid))
     tag = "" if compute_evict else ":noevict"
-    print(f"case {batch}x{slots}:{route}{tag} evict[0]={int(evict[0])}", flush=True)
+    first = -1 if evict is None else int(evict.reshape(-1)[0])
+    print(f"case {batch}x{slots}:{route}{tag} evict[0]={first}", flush=True)
 
 
 def main():
