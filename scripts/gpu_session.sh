@@ -67,6 +67,8 @@
 #   final11   all Triton GPU tests and generate through both kernels (inline ex2/lg2)        (~8 min)
 #   small11   B <= 16: profiler GPU time, then the rows interleaved by throughput             (~5 min)
 #   ptxas11   the jax-triton build with CUDA 13's ptxas against its own and XLA's; ncu on Pallas (~5 min)
+#   pallas11  the Pallas GPU tests and generate, after its body's log became one lg2.approx  (~6 min)
+#   bench11   ncu on the Pallas kernel at 16x2048, then the full table interleaved              (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -124,7 +126,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11|pallas11|bench11}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -295,7 +297,7 @@ PY
   pprof7)
     timeout 400 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -20 ;;
-  pallas7|pallas8)  # pallas8: the same commands, session 8
+  pallas7|pallas8|pallas11)  # pallas8: the same commands, session 8; pallas11: after the lg2.approx log
     timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
       | tee "$OUT/pallas_tests.log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
@@ -740,6 +742,20 @@ PY
     ncu -i "$OUT/rep.ncu-rep" --page raw --csv --metrics $M > "$OUT/raw.csv" 2>&1; cut -d, -f5,12- "$OUT/raw.csv"
     ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1
     ncu -i "$OUT/rep.ncu-rep" --page details --csv > "$OUT/details.csv" 2>&1; rm -f "$OUT/rep.ncu-rep" ;;
+  bench11)
+    # After the Pallas body's log became one lg2.approx: Nsight Compute on the Pallas decode kernel at 16x2048
+    # (registers, instructions, duration), then the full table interleaved by throughput (final code).
+    export XLA_PYTHON_CLIENT_ALLOCATOR=platform
+    timeout 150 ncu --clock-control none --kernel-name regex:"decode_|longflow_" --set full -f -o "$OUT/rep" \
+      python3 scripts/ncu_launch_compare.py --cases 16x2048:pallas:noevict,16x2048:pallas \
+      > "$OUT/ncu_run.log" 2>&1; tail -2 "$OUT/ncu_run.log"
+    M=gpu__time_duration.sum,dram__bytes_write.sum,launch__registers_per_thread,smsp__inst_executed.sum
+    ncu -i "$OUT/rep.ncu-rep" --page raw --csv --metrics $M > "$OUT/raw.csv" 2>&1; cut -d, -f5,12- "$OUT/raw.csv"
+    ncu -i "$OUT/rep.ncu-rep" --page source --print-source sass --csv > "$OUT/sass.csv" 2>&1; rm -f "$OUT/rep.ncu-rep"
+    unset XLA_PYTHON_CLIENT_ALLOCATOR
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
+    timeout 330 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -9 "$OUT/bench.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
