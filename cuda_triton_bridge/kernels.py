@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import libdevice
 
 
 @triton.jit
@@ -57,34 +58,6 @@ def _discard_l2_lines(line_addr, line_ok):
 
 
 @triton.jit
-def _exp2(x, FAST_MATH: tl.constexpr):
-    """2**x. FAST_MATH (GPU): one ex2.approx.ftz.f32, which is what tl.exp2 becomes in the triton
-    package's build. It is spelled out because XLA's bundled Triton keeps f32 denormals and wraps every
-    ex2 in a range check and two multiplies (ncu11, docs/KERNEL_NOTES_triton.md), which made its build of
-    the same TTIR 2-5% slower. ftz only flushes results below 2^-126 to zero. The CPU interpreter has
-    no PTX: tl.exp2 there."""
-    if FAST_MATH:
-        return tl.inline_asm_elementwise(
-            "ex2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.exp2(x)
-
-
-@triton.jit
-def _log2(x, FAST_MATH: tl.constexpr):
-    """log2(x). FAST_MATH (GPU): one lg2.approx.ftz.f32 (one MUFU op, about 2^-22 relative error; what
-    libdevice's fast_log2f is in the triton package's build, spelled out for XLA's as in _exp2). Else
-    tl.log2 (the CPU interpreter has no PTX)."""
-    if FAST_MATH:
-        return tl.inline_asm_elementwise(
-            "lg2.approx.ftz.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True, pack=1
-        )
-    else:
-        return tl.log2(x)
-
-
-@triton.jit
 def _attend_split(
     q_ptr,
     k_ptr,
@@ -106,7 +79,7 @@ def _attend_split(
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
     T_POLICY: tl.constexpr,
 ):
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
@@ -156,7 +129,11 @@ def _attend_split(
                 vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
             else:
                 vnorm = tl.broadcast_to(tl.sum(tl.abs(v.to(tl.float32)), axis=1)[None, :], (QROWS, BLOCK_C))
-            t = s + _log2(vnorm, FAST_MATH)
+            if FAST_LOG2:
+                # lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 is libdevice's polynomial.
+                t = s + libdevice.fast_log2f(vnorm)
+            else:
+                t = s + tl.log2(vnorm)
             # evict_last (T_POLICY): t is read again by the epilogue, K/V never are, so t's lines
             # outlast the K/V stream in L2 where they fit; the epilogue then discards them (see there).
             tl.store(
@@ -168,8 +145,8 @@ def _attend_split(
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A block (or split) with no valid slot keeps m = -inf; subtracting 0 instead avoids inf - inf.
         m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = _exp2(m_i - m_use, FAST_MATH)
-        p = _exp2(s - m_use[:, None], FAST_MATH)
+        alpha = tl.exp2(m_i - m_use)
+        p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
         acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         m_i = m_new
@@ -202,16 +179,15 @@ def _store_split(
 
 @triton.jit
 def _merge_head(
-    oh, m_ptr, l_ptr, acc_ptr, out_ptr,
-    NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr, FAST_MATH: tl.constexpr,
-):  # fmt: skip
+    oh, m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr
+):
     """Query head oh's output from its split partials (log-sum-exp merge), read through L2."""
     s = tl.arange(0, S_P)
     s_ok = s < NUM_SPLITS
     om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
     ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0, cache_modifier=".cg")
     om_max = tl.max(om, axis=0)
-    ow = _exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max), FAST_MATH)
+    ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
     odenom = tl.sum(ol * ow, axis=0)
     d = tl.arange(0, D)
     oacc = tl.load(
@@ -253,7 +229,7 @@ def decode_split_kernel(
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,  # ||v||_1 on the tensor cores (else a row reduction)
-    FAST_MATH: tl.constexpr,  # ex2/lg2 as single PTX instructions (GPU; see _exp2); off in the interpreter
+    FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
     T_POLICY: tl.constexpr,  # L2 eviction hint of the t stores ("" or "evict_last")
 ):
     split = tl.program_id(0)
@@ -262,7 +238,7 @@ def decode_split_kernel(
 
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_MATH,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
@@ -308,7 +284,6 @@ def decode_combine_kernel(
     EVICT: tl.constexpr,
     ATOMIC_FINAL: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop the t lines of this chunk from L2 once read (no write-back)
-    FAST_MATH: tl.constexpr,
 ):
     j = tl.program_id(0)
     b = tl.program_id(1)
@@ -317,9 +292,7 @@ def decode_combine_kernel(
 
     if COMBINE_OUT:
         if j < HQ:
-            _merge_head(
-                (b * HQ + j).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D, FAST_MATH
-            )
+            _merge_head((b * HQ + j).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D)
 
     if EVICT:
         if j < NUM_CHUNKS:
@@ -338,14 +311,14 @@ def decode_combine_kernel(
             ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0)
             m_max = tl.max(m, axis=2)
             m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-            denom = tl.sum(ell * _exp2(m - m_use[:, :, None], FAST_MATH), axis=2)
+            denom = tl.sum(ell * tl.exp2(m - m_use[:, :, None]), axis=2)
             inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
             t = tl.load(
                 t_ptr + bh[:, :, None] * C + c[None, None, :],
                 mask=head_ok[:, :, None] & c_ok[None, None, :],
                 other=float("-inf"),
             )
-            contrib = _exp2(t - m_use[:, :, None], FAST_MATH) * inv_denom[:, :, None]
+            contrib = tl.exp2(t - m_use[:, :, None]) * inv_denom[:, :, None]
             score = tl.sum(contrib, axis=1)  # [NG_P, CHUNK]
             valid = tl.load(valid_ptr + b.to(tl.int64) * C + c, mask=in_bound, other=0) != 0
             score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
@@ -426,7 +399,7 @@ def decode_fused_kernel(
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
     T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
 ):
@@ -439,7 +412,7 @@ def decode_fused_kernel(
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_MATH,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
     _store_split(
@@ -486,7 +459,7 @@ def decode_fused_kernel(
                 st_idx = fh[:, None] * NUM_SPLITS + s0 + sp[None, :]
                 ms = tl.load(m_ptr + st_idx, mask=st_ok, other=float("-inf"), cache_modifier=".cg")
                 ls = tl.load(l_ptr + st_idx, mask=st_ok, other=0.0, cache_modifier=".cg")
-                w = _exp2(ms - m_use[:, None], FAST_MATH)  # [G_P, S_CHUNK]
+                w = tl.exp2(ms - m_use[:, None])  # [G_P, S_CHUNK]
                 denom += tl.sum(ls * w, axis=1)
                 accs = tl.load(
                     acc_ptr + st_idx[:, :, None] * D + d[None, None, :],
@@ -517,7 +490,7 @@ def decode_fused_kernel(
                     other=float("-inf"),
                     cache_modifier=".cg",
                 )
-                imp = tl.sum(_exp2(t - m_use[:, None], FAST_MATH) * inv_denom[:, None], axis=0)  # [ECHUNK]
+                imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
                 if DISCARD_T:
                     # imp >= 0 is never -1: the predicate waits for every thread's t of this chunk.
                     lines = tl.arange(0, ECHUNK // 32)
@@ -602,7 +575,6 @@ def _coop_finish_share(
     ECHUNK: tl.constexpr,
     EVICT: tl.constexpr,
     DISCARD_T: tl.constexpr,
-    FAST_MATH: tl.constexpr,
 ):
     """Share j of a barrier group, once every program of the group has stored its split: merge the split
     outputs of some of its query heads, and score one strided set of slot chunks (argmin to part_*)."""
@@ -616,9 +588,8 @@ def _coop_finish_share(
         # Heads r = split, split + S, ... of this KV head's group: every head once across the shares.
         for r in range(split, G, NUM_SPLITS):
             _merge_head(
-                (b * HQ + kvh * G + r).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D,
-                FAST_MATH,
-            )  # fmt: skip
+                (b * HQ + kvh * G + r).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D
+            )
     if EVICT:
         NG: tl.constexpr = HKV // BAR_KV
         g = bar % NG
@@ -631,7 +602,7 @@ def _coop_finish_share(
         ell = tl.load(l_ptr + stat_idx, mask=stat_ok, other=0.0, cache_modifier=".cg")
         m_max = tl.max(m, axis=1)
         m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
-        denom = tl.sum(ell * _exp2(m - m_use[:, None], FAST_MATH), axis=1)
+        denom = tl.sum(ell * tl.exp2(m - m_use[:, None]), axis=1)
         inv_denom = tl.where(denom > 0.0, 1.0 / denom, 0.0)
         n_valid = _row_bound(kv_len_ptr, b, C)
         valid_row = valid_ptr + b.to(tl.int64) * C
@@ -648,7 +619,7 @@ def _coop_finish_share(
                 other=float("-inf"),
                 cache_modifier=".cg",
             )
-            imp = tl.sum(_exp2(t - m_use[:, None], FAST_MATH) * inv_denom[:, None], axis=0)  # [ECHUNK]
+            imp = tl.sum(tl.exp2(t - m_use[:, None]) * inv_denom[:, None], axis=0)  # [ECHUNK]
             valid = tl.load(valid_row + c, mask=in_bound, other=0) != 0
             score = tl.where(c_ok, tl.where(valid, imp, -1.0), float("inf"))
             cmin, cat = tl.min(score, axis=0, return_indices=True, return_indices_tie_break_left=True)
@@ -715,7 +686,7 @@ def decode_coop_kernel(
     SPIN: tl.constexpr,  # GPU: every program waits at the barrier; interpreter: the last one does all
     DOT_PRECISION: tl.constexpr,
     VNORM_MMA: tl.constexpr,
-    FAST_MATH: tl.constexpr,
+    FAST_LOG2: tl.constexpr,
     T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,
 ):
@@ -730,7 +701,7 @@ def decode_coop_kernel(
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_MATH,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
         T_POLICY,
     )  # fmt: skip
     _store_split(
@@ -753,7 +724,7 @@ def decode_coop_kernel(
             _coop_finish_share(
                 share, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr,
                 part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK, EVICT,
-                DISCARD_T, FAST_MATH,
+                DISCARD_T,
             )  # fmt: skip
             if EVICT:
                 tl.debug_barrier()
@@ -768,7 +739,7 @@ def decode_coop_kernel(
                     _coop_finish_share(
                         jshare, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr,
                         part_val_ptr, part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P,
-                        NSH, ECHUNK, EVICT, DISCARD_T, FAST_MATH,
+                        NSH, ECHUNK, EVICT, DISCARD_T,
                     )  # fmt: skip
                 if EVICT:
                     tl.debug_barrier()

@@ -75,7 +75,7 @@ def _buf(shape, dtype, used=True):
     return Buffer(tuple(shape) if used else (1,), dtype)
 
 
-def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_math) -> dict:
+def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_log2) -> dict:
     """The constexprs every main kernel (split, fused, coop) passes to _attend_split."""
     return dict(
         HQ=shape.num_q_heads,
@@ -89,7 +89,7 @@ def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_mat
         EVICT=evict,
         DOT_PRECISION="ieee" if is_f32 else "tf32",
         VNORM_MMA=cfg.vnorm == "mma",
-        FAST_MATH=fast_math,
+        FAST_LOG2=fast_log2,
         T_POLICY="evict_last" if cfg.cache_hints else "",
     )
 
@@ -115,14 +115,14 @@ def plan_launch(
     compute_evict: bool,
     final_reduce: str,
     is_f32: bool,
-    fast_math: bool = True,
+    fast_log2: bool = True,
     capability: int = 90,
     spin: bool = True,
 ) -> LaunchPlan:
     """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
     that t's lines are left to L2 (discard_t is ignored).
-    fast_math: exp2 and log2 as single PTX instructions (ex2/lg2.approx.ftz) in every kernel (GPU);
-    False for Triton's CPU interpreter, which runs no PTX (tl.exp2 and tl.log2 there).
+    fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
+    libdevice (tl.log2 there).
     spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
     programs one after another (there the last program to arrive does every share)."""
     if final_reduce not in FINAL_REDUCES:
@@ -133,8 +133,8 @@ def plan_launch(
     direct = splits == 1
     evict = bool(compute_evict)
     stats = evict or not direct
-    # The interpreter (fast_math=False) has no PTX at all; the GPU needs sm_80 for the discard.
-    discard_ok = fast_math and capability >= DISCARD_MIN_CAPABILITY
+    # The interpreter (fast_log2=False) has no PTX at all; the GPU needs sm_80 for the discard.
+    discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
     if cfg.epilogue == "coop":
         return _plan_coop(
             shape,
@@ -145,7 +145,7 @@ def plan_launch(
             is_f32=is_f32,
             granularity=granularity,
             final_reduce=final_reduce,
-            fast_math=fast_math,
+            fast_log2=fast_log2,
             discard_ok=discard_ok,
             spin=spin,
         )
@@ -158,7 +158,7 @@ def plan_launch(
             is_f32=is_f32,
             granularity=granularity,
             final_reduce=final_reduce,
-            fast_math=fast_math,
+            fast_log2=fast_log2,
             discard_ok=discard_ok,
         )
 
@@ -175,7 +175,7 @@ def plan_launch(
             _buf((b, num_groups), "i32", not evict),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_math=fast_math),
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             NG=num_groups,
             NG_P=next_pow2(num_groups),
             DIRECT_OUT=direct,
@@ -220,7 +220,6 @@ def plan_launch(
             EVICT=evict,
             ATOMIC_FINAL=final_reduce == "atomic",
             DISCARD_T=discard_in_combine,
-            FAST_MATH=fast_math,
         ),
         num_warps=cfg.combine_num_warps,
         num_stages=1,
@@ -229,7 +228,7 @@ def plan_launch(
 
 
 def _plan_fused(
-    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_math, discard_ok
+    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
 ) -> LaunchPlan:
     b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
@@ -248,7 +247,7 @@ def _plan_fused(
             _buf((b * hkv + b,), "i32"),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_math=fast_math),
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             B=b,
             G_P=g_p,
             S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
@@ -275,7 +274,7 @@ def _plan_coop(
     is_f32,
     granularity,
     final_reduce,
-    fast_math,
+    fast_log2,
     discard_ok,
     spin,
 ) -> LaunchPlan:
@@ -300,7 +299,7 @@ def _plan_coop(
             _buf((2 * num_bars,), "i32"),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_math=fast_math),
+            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
             S_P=next_pow2(splits),
             BAR_KV=bar_kv,
             NBAR=num_bars,

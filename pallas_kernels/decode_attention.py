@@ -183,7 +183,6 @@ def _triton_kernel(
     compute_evict: bool,
     finalize: bool,
     precision,
-    fast_log: bool,
 ):
     if bounded:
         kv_len_ref, *out_refs = refs
@@ -252,8 +251,7 @@ def _triton_kernel(
             # slots away.
             vnorm = dot_t(ones, jnp.abs(v))
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
-            log_vnorm = _gpu_fast_log(vnorm) if fast_log else jnp.log(vnorm)
-            _gpu_store(t_ref.at[rows, slots], s + log_vnorm, mask=out_mask)
+            _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
 
         return m, denom, acc
 
@@ -269,23 +267,6 @@ def _triton_kernel(
     if m_ref is not None:
         _gpu_store(m_ref.at[rows], m[:, 0], mask=row_ok[:, 0])
         _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
-
-
-def _gpu_fast_log(x):
-    """ln(x) of f32 x as one lg2.approx.ftz.f32 (one MUFU op, about 2^-22 relative error) times ln 2;
-    lg2.approx(0) = -inf, as jnp.log(0). jnp.log lowers to libdevice's logf polynomial instead: about 25
-    instructions an element, which doubled the body's instruction count and took it to 248 registers
-    (ncu, stage ptxas11 of scripts/gpu_session.sh). GPU only: interpret mode has no PTX."""
-    from jax.experimental.pallas import triton as plgpu
-
-    (lg2,) = plgpu.elementwise_inline_asm(
-        "lg2.approx.ftz.f32 $0, $1;",
-        args=[x],
-        constraints="=f,f",
-        pack=1,
-        result_shape_dtypes=[jax.ShapeDtypeStruct(x.shape, jnp.float32)],
-    )
-    return lg2 * math.log(2.0)
 
 
 def _gpu_load(ref, *, mask=None, other=None):
@@ -371,7 +352,6 @@ def _triton_call(
         compute_evict=compute_evict,
         finalize=finalize,
         precision=_dot_precision(q.dtype),
-        fast_log=not interpret,
     )
     from jax.experimental.pallas import triton as plgpu
 

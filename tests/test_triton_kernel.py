@@ -206,7 +206,7 @@ def test_default_splits_follow_the_measured_choice():
 
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
 def test_discard_needs_sm80_and_a_gpu(epilogue):
-    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_math=False) runs no PTX at all.
+    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
     shape = ctb.config.DecodeShape(64, 32, 8, 2048, 128)
     cfg = ctb.resolve_config(shape, sms=132, epilogue=epilogue)
     kw = dict(granularity="sequence", compute_evict=True, final_reduce="atomic", is_f32=False)
@@ -218,7 +218,7 @@ def test_discard_needs_sm80_and_a_gpu(epilogue):
 
     assert discard(capability=90) and discard(capability=80)
     assert not discard(capability=75)
-    assert not discard(capability=90, fast_math=False)
+    assert not discard(capability=90, fast_log2=False)
     off = ctb.resolve_config(shape, sms=132, epilogue=epilogue, overrides=dict(discard_t=False))
     assert not getattr(plan_launch(shape, off, **kw), main).meta["DISCARD_T"]
 
