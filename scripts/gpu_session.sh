@@ -69,6 +69,7 @@
 #   ptxas11   the jax-triton build with CUDA 13's ptxas against its own and XLA's; ncu on Pallas (~5 min)
 #   pallas11  the Pallas GPU tests and generate, after its body's log became one lg2.approx  (~6 min)
 #   bench11   ncu on the Pallas kernel at 16x2048, then the full table interleaved              (~7 min)
+#   final11b  after both math changes were backed out: generate, then the full table (20 reps)  (~6 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -126,7 +127,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11|pallas11|bench11}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11|pallas11|bench11|final11b}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -755,6 +756,14 @@ PY
     unset XLA_PYTHON_CLIENT_ALLOCATOR
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 330 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -9 "$OUT/bench.log" ;;
+  final11b)
+    # After both math changes were backed out (the kernels are session 10's again): generate through both
+    # kernels, then the full table interleaved by throughput, 20 repetitions.
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
+      | tee "$OUT/kernel_generate.log" | tail -2
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
+    timeout 400 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -9 "$OUT/bench.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
