@@ -298,7 +298,7 @@ PY
   pprof7)
     timeout 400 python3 scripts/profile_kernel_chain.py --sizes 1x2048,16x2048,16x8192,64x2048,64x8192 \
       --columns xla_attn,pallas,pallas_noevict --reps 3 2>&1 | grep -v Warn | tee "$OUT/pallas_prof.md" | tail -20 ;;
-  pallas7|pallas8|pallas11)  # pallas8: the same commands, session 8; pallas11: after the lg2.approx log
+  pallas7|pallas8|pallas11)  # pallas8: the same commands, session 8; pallas11: after the lg2.approx log (1d09bda, backed out in e990c71)
     timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_pallas_kernel.py 2>&1 | tail -3 \
       | tee "$OUT/pallas_tests.log"
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 | tail -4 \
@@ -689,7 +689,8 @@ PY
     head -c 600 "$OUT/sass.csv"; ls -la "$OUT" ;;
   ncu11b)
     # After ex2/lg2 became inline PTX (ex2/lg2.approx.ftz) in every kernel: the same Nsight Compute cases,
-    # then B >= 16 interleaved by throughput with each launch at every size.
+    # then B >= 16 interleaved by throughput with each launch at every size. Ran at 1d28d69; that change
+    # was backed out in e990c71, so at a later commit this measures session 10's kernels.
     export XLA_PYTHON_CLIENT_ALLOCATOR=platform
     timeout 240 ncu --clock-control none --kernel-name regex:decode_ --set full -f -o "$OUT/rep" \
       python3 scripts/ncu_launch_compare.py \
@@ -704,13 +705,14 @@ PY
     timeout 300 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192,64x2048,64x8192 --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -12 "$OUT/bench.log" ;;
   final11)
-    # Every Triton GPU test and generate through both kernels, after ex2/lg2 became inline PTX.
+    # Every Triton GPU test and generate through both kernels, after ex2/lg2 became inline PTX (ran at
+    # 1d28d69..ad18d8e; backed out in e990c71).
     timeout 430 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py 2>&1 \
       | tee "$OUT/triton_tests.log" | tail -3
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
       | tee "$OUT/kernel_generate.log" | tail -3 ;;
   small11)
-    # B <= 16 after ex2/lg2 became inline PTX: GPU time by the profiler (the XLA launch's coop kernel at
+    # B <= 16 after ex2/lg2 became inline PTX (ran at 3eed814; backed out in e990c71): GPU time by the profiler (the XLA launch's coop kernel at
     # B = 1), then the rows interleaved by throughput. First the tests that final11's timeout cut off (the
     # last ones of the file).
     timeout 120 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
@@ -745,7 +747,8 @@ PY
     ncu -i "$OUT/rep.ncu-rep" --page details --csv > "$OUT/details.csv" 2>&1; rm -f "$OUT/rep.ncu-rep" ;;
   bench11)
     # After the Pallas body's log became one lg2.approx: Nsight Compute on the Pallas decode kernel at 16x2048
-    # (registers, instructions, duration), then the full table interleaved by throughput (final code).
+    # (registers, instructions, duration), then the full table interleaved by throughput. Ran at 1d09bda;
+    # both math changes were backed out in e990c71 (final11b re-timed the result).
     export XLA_PYTHON_CLIENT_ALLOCATOR=platform
     timeout 150 ncu --clock-control none --kernel-name regex:"decode_|longflow_" --set full -f -o "$OUT/rep" \
       python3 scripts/ncu_launch_compare.py --cases 16x2048:pallas:noevict,16x2048:pallas \
