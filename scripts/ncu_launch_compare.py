@@ -5,7 +5,9 @@ docs/KERNEL_NOTES_triton.md), and XLA's dump holds no PTX. Run this under `ncu` 
 sit side by side: registers, shared memory, DRAM bytes, duration, and the SASS. Route "pallas" runs the
 Pallas kernel (Pallas' Triton backend, also built by XLA's bundled Triton) for the same comparison.
 
-Each case is compiled and run twice, so ncu sees two instances of each kernel (the cases run in order);
+Each case is first checked against the jnp reference (bench_kernels.check_column: one more launch of each
+kernel), then run twice, so ncu sees three instances of each kernel (the cases run in order; session 11's
+runs predate the check and hold two);
 run it with XLA_PYTHON_CLIENT_ALLOCATOR=platform, or ncu's kernel replay saves and restores the whole
 preallocated pool.
 
@@ -17,12 +19,18 @@ from __future__ import annotations
 
 import argparse
 import functools
+import os
+import sys
 
 import jax
 import jax.numpy as jnp
 
-from cuda_triton_bridge import longflow_decode_attention_triton
-from pallas_kernels import longflow_decode_attention
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import bench_kernels as bk  # noqa: E402
+
+from cuda_triton_bridge import longflow_decode_attention_triton  # noqa: E402
+from pallas_kernels import longflow_decode_attention  # noqa: E402
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM = 32, 8, 128
 ROUTES = {
@@ -33,6 +41,8 @@ ROUTES = {
 
 
 def run_case(batch, slots, route, compute_evict):
+    if route not in ROUTES:
+        raise ValueError(f"route must be one of {sorted(ROUTES)}, got {route!r}")
     keys = jax.random.split(jax.random.PRNGKey(batch * 7 + slots), 3)
     q = jax.random.normal(keys[0], (batch, NUM_Q_HEADS, HEAD_DIM), jnp.bfloat16)
     k = jax.random.normal(keys[1], (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.bfloat16)
@@ -44,12 +54,14 @@ def run_case(batch, slots, route, compute_evict):
         call = functools.partial(
             longflow_decode_attention_triton, compute_evict=compute_evict, overrides=ROUTES[route]
         )
-    fn = jax.jit(lambda q, k, v, valid: call(q, k, v, valid, scale=HEAD_DIM**-0.5))
+    scale = HEAD_DIM**-0.5
+    fn = jax.jit(lambda q, k, v, valid: call(q, k, v, valid, scale=scale))
+    name = route if compute_evict else f"{route}_noevict"  # check_column reads the suffix
+    summary = bk.check_column(name, fn, (q, k, v, valid), scale)
     for _ in range(2):
-        out, evict = jax.block_until_ready(fn(q, k, v, valid))
+        jax.block_until_ready(fn(q, k, v, valid))
     tag = "" if compute_evict else ":noevict"
-    first = -1 if evict is None else int(evict.reshape(-1)[0])
-    print(f"case {batch}x{slots}:{route}{tag} evict[0]={first}", flush=True)
+    print(f"case {batch}x{slots}:{route}{tag} [{summary}]", flush=True)
 
 
 def main():
@@ -58,6 +70,8 @@ def main():
     args = parser.parse_args()
     for case in args.cases.split(","):
         size, route, *flag = case.split(":")
+        if flag not in ([], ["noevict"]):
+            raise ValueError(f"a case is BxC:route or BxC:route:noevict, got {case!r}")
         batch, slots = (int(x) for x in size.split("x"))
         run_case(batch, slots, route, compute_evict=flag != ["noevict"])
 
