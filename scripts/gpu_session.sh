@@ -70,6 +70,7 @@
 #   pallas11  the Pallas GPU tests and generate, after its body's log became one lg2.approx  (~6 min)
 #   bench11   ncu on the Pallas kernel at 16x2048, then the full table interleaved              (~7 min)
 #   final11b  after both math changes were backed out: generate, then the full table (20 reps)  (~6 min)
+#   comb11    the combine kernel's chunk and warps at B = 16-32 by GPU time and wall time      (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -127,7 +128,7 @@
 # The generation stages run each configuration in its own process (--isolate: own peak memory).
 # Carry [".whl"] (jax-triton, see docs/DEVICE notes in README) for the Triton columns.
 set -uo pipefail
-stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11|pallas11|bench11|final11b}
+stage=${1:?usage: gpu_session.sh tests|kernels|gen|maxbatch|triton|eq16|max4b|max7b|max16k|max7b16k|lfwhole|vnorm|ttraffic|final4|final4b|cmdbuf|launch|ffi|host|lcost|final5|final5b|final5c|coop|coopsweep|coopprof|sweep6|final6|final6b|final6c|final6d|small6|fin6|ffi7|pprof7|pallas7|psweep7|bench7|qdepth7|pallas8|pprof8|psweep8|psweep8b|cbuf8|ibench8|combine8|bench8|mend8|pfx9|fmid9|hint9|hint9b|psplit9|xla10|xla10b|xla10c|xla10d|final10|final10b|xla10e|xla10f|final10c|final10d|final10e|b1sweep10|b1sweep10b|final10f|ncu11|ncu11b|final11|small11|ptxas11|pallas11|bench11|final11b|comb11}
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT"
 if compgen -G ".whl/*.whl" >/dev/null; then
@@ -768,6 +769,44 @@ PY
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 400 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1; tail -9 "$OUT/bench.log" ;;
+  comb11)
+    # The combine kernel (XLA's launch since session 10) by chunk and warps at B = 16-32, by the profiler's
+    # GPU time per kernel and by interleaved wall time: combine8 (session 8, through jax-triton) timed
+    # only the wall, where 64- and 128-slot chunks were 0.6-0.7 us ahead of 256 at 16x2048.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/combine_sweep.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import jax
+import bench_kernels as bk
+from cuda_triton_bridge import config, launch, longflow_decode_attention_triton as tri
+from cuda_triton_bridge.tune import profile_kernels
+VARIANTS = [(256, 8192, 4), (128, 8192, 4), (64, 8192, 4), (128, 8192, 8), (64, 8192, 2)]
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn):
+        bk.check_column(name, fn, sets[0], scale)
+        program, n = bk.chain_program(fn, sets)
+        run = functools.partial(program, sets[0][0], sets)
+        jax.block_until_ready(run())  # trace and compile now, under the current constants
+        runs[name] = (run, n)
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("triton_noevict", functools.partial(tri, scale=scale, compute_evict=False))
+    for chunk, tile, warps in VARIANTS:
+        config.COMBINE_CHUNK, launch.COMBINE_TILE_ELEMS, config.COMBINE_NUM_WARPS = chunk, tile, warps
+        add(f"chunk{chunk}/w{warps}", functools.partial(tri, scale=scale))
+    config.COMBINE_CHUNK, launch.COMBINE_TILE_ELEMS, config.COMBINE_NUM_WARPS = 256, 8192, 4
+    res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        run, n = runs[name]
+        per, _, _, idle = profile_kernels(run, 3, n)
+        kern = ", ".join(f"{k} {v:.1f}" for k, v in sorted(per.items(), key=lambda kv: -kv[1]) if v >= 0.05)
+        print(f"B={batch} C={slots} {name:16s} wall {t * 1e6:6.1f} us (min {lo * 1e6:.1f}, max {hi * 1e6:.1f})"
+              f"  GPU {sum(per.values()):6.1f} us  idle {idle:4.1f}  [{kern}]", flush=True)
+    del sets, runs
+PY
+    ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
