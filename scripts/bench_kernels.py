@@ -213,6 +213,18 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM):
     return jax.jit(calls), n_calls
 
 
+def interleave_entry(name, fn, sets, scale, *, compile_now=False):
+    """(check summary, (run, calls per run)): column `fn` checked against the reference on sets[0]
+    (`check_column`), then its `chain_program` as an entry for `time_interleaved`. compile_now traces and
+    compiles it at once, for sweeps that change module constants between columns."""
+    summary = check_column(name, fn, sets[0], scale)
+    program, n_calls = chain_program(fn, sets)
+    run = functools.partial(program, sets[0][0], sets)
+    if compile_now:
+        jax.block_until_ready(run())
+    return summary, (run, n_calls)
+
+
 def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0):
     """Median seconds per call over `reps` runs of `chain_program`. Many calls per host sync keep
     dispatch and sync out of the per-call time."""
@@ -406,11 +418,10 @@ def main(argv=None):
         summaries, timings, runs = {}, {}, {}
         for name, fn in cols.items():
             try:
-                summaries[name] = check_column(name, fn, sets[0], scale)
                 if args.interleave:
-                    program, n_calls = chain_program(fn, sets)
-                    runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
+                    summaries[name], runs[name] = interleave_entry(name, fn, sets, scale)
                 else:
+                    summaries[name] = check_column(name, fn, sets[0], scale)
                     timings[name] = time_column(fn, sets, args.reps, queued=args.queued)
             except Exception as e:  # report and keep going: one broken column must not hide the rest
                 log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")

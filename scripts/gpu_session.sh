@@ -772,11 +772,11 @@ PY
   comb11)
     # The combine kernel (XLA's launch since session 10) by chunk and warps at B = 16-32, by the profiler's
     # GPU time per kernel and by interleaved wall time: combine8 (session 8, through jax-triton) timed
-    # only the wall, where 64- and 128-slot chunks were 0.6-0.7 us ahead of 256 at 16x2048.
+    # only the wall, where 64- and 128-slot chunks were 0.6-0.7 us ahead of 256 at 16x2048. Ran at d16544e
+    # with combine8's add() spelled out inline; bench_kernels.interleave_entry does the same steps since.
     python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/combine_sweep.log"
 import functools, sys
 sys.path.insert(0, "scripts")
-import jax
 import bench_kernels as bk
 from cuda_triton_bridge import config, launch, longflow_decode_attention_triton as tri
 from cuda_triton_bridge.tune import profile_kernels
@@ -785,12 +785,8 @@ scale = bk.HEAD_DIM ** -0.5
 for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
     sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
     runs = {}
-    def add(name, fn):
-        bk.check_column(name, fn, sets[0], scale)
-        program, n = bk.chain_program(fn, sets)
-        run = functools.partial(program, sets[0][0], sets)
-        jax.block_until_ready(run())  # trace and compile now, under the current constants
-        runs[name] = (run, n)
+    def add(name, fn):  # compiled now, under the current constants
+        runs[name] = bk.interleave_entry(name, fn, sets, scale, compile_now=True)[1]
     add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
     add("triton_noevict", functools.partial(tri, scale=scale, compute_evict=False))
     for chunk, tile, warps in VARIANTS:

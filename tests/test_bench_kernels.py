@@ -60,6 +60,19 @@ def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output()
     assert bk.check_column("xla_attn", noevict, inputs, scale).startswith("out rel")
 
 
+def test_interleave_entry_checks_the_column_then_chains_it():
+    scale = bk.HEAD_DIM**-0.5
+    sets = bk.make_sets(2, 64, 2)
+    reference = bk.columns(scale)["xla_longflow"]
+    summary, (run, n_calls) = bk.interleave_entry("xla_longflow", reference, sets, scale, compile_now=True)
+    assert summary == "out rel 0.0e+00, evict equal"
+    assert n_calls == bk.MIN_CALLS_PER_PROGRAM
+    q_last, evicts = run()
+    assert len(evicts) == n_calls and q_last.shape == sets[0][0].shape
+    with pytest.raises(AssertionError, match="out rel err"):  # a wrong column never reaches the timing
+        bk.interleave_entry("wrong_out", lambda *a: (-reference(*a)[0], None), sets, scale)
+
+
 @pytest.mark.parametrize("queued", [0, 2])
 def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued):
     out = tmp_path / "table.md"
