@@ -73,14 +73,16 @@ def test_interleave_entry_checks_the_column_then_chains_it():
         bk.interleave_entry("wrong_out", lambda *a: (-reference(*a)[0], None), sets, scale)
 
 
+@pytest.mark.parametrize("interleave", [False, True])
 @pytest.mark.parametrize("queued", [0, 2])
-def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued):
+def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued, interleave):
     out = tmp_path / "table.md"
     argv = ["--sizes", "1x64", "--columns", "xla_attn,xla_longflow", "--reps", "2", "--copy-mb", "8"]
     argv += ["--matmul-n", "64", "--queued", str(queued), "--out", str(out)]
-    bk.main(argv)
+    bk.main(argv + ["--interleave"] * interleave)
     text = out.read_text()
     assert ("throughput, 2 executions queued per sync" if queued else "timing: latency") in text
+    assert ("columns interleaved" in text) == interleave
     (row,) = [line for line in text.splitlines() if line.startswith("| 1 | 64 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 5 + 2 + 4  # sizes and floors, the two columns, the four ratios
