@@ -6,9 +6,13 @@ launch, in launch order, each a table of SASS instructions with their execution 
 
   python3 scripts/ncu_sass_diff.py sass.csv --list
   python3 scripts/ncu_sass_diff.py sass.csv 0 4 [--top 30]
+  python3 scripts/ncu_sass_diff.py sass.csv 1 --stalls
+
 
 prints, for launches A and B, the opcodes whose count differs: static (instructions in the binary) and
 weighted (warp-level instructions executed), and the memory, MMA and special-function ops of each.
+With --stalls, for launch A alone: where its warp-stall samples fall (the instructions holding >= 2% of
+them, and every barrier, fence and atomic, with the running share).
 """
 
 from __future__ import annotations
@@ -52,6 +56,18 @@ def histogram(instructions: list[dict], weighted: bool) -> collections.Counter:
     return counts
 
 
+def print_stalls(name: str, instructions: list[dict]) -> None:
+    samples = [int(float(r["Warp Stall Sampling (All Samples)"] or 0)) for r in instructions]
+    total = sum(samples)
+    print(f"{name}: {total} warp-stall samples")
+    running = 0
+    for row, n in zip(instructions, samples):
+        running += n
+        op = opcode(row["Source"])
+        if n >= 0.02 * total or re.match(r"(BAR|MEMBAR|ATOM|RED|EXIT)", op):
+            print(f"  {n:6d} {running / max(total, 1):6.1%}  {row['Source'].strip()[:70]}")
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("csv")
@@ -59,8 +75,12 @@ def main(argv=None):
     parser.add_argument("b", type=int, nargs="?")
     parser.add_argument("--list", action="store_true", help="list the launches and exit")
     parser.add_argument("--top", type=int, default=30)
+    parser.add_argument("--stalls", action="store_true", help="launch A's warp-stall samples by instruction")
     args = parser.parse_args(argv)
     launches = read_launches(args.csv)
+    if args.stalls and args.a is not None:
+        print_stalls(*launches[args.a])
+        return
     if args.list or args.a is None or args.b is None:
         for i, (name, instructions) in enumerate(launches):
             total = sum(histogram(instructions, True).values())

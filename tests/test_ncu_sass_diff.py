@@ -47,3 +47,14 @@ def test_diff_lists_only_the_opcodes_that_differ(tmp_path):
     assert "FMUL" in executed and "-8192" in executed  # B has no FMUL
     assert "MUFU.EX2" in executed and "+8192" in executed
     assert "LDC" not in executed  # equal in both: not listed
+
+
+def test_stalls_lists_the_heavy_instructions_with_their_running_share(tmp_path, capsys):
+    path = tmp_path / "sass.csv"
+    path.write_text(EXPORT)
+    ncu_sass_diff.main([str(path), "0", "--stalls"])
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0] == "split: 4 warp-stall samples"
+    assert lines[1].split()[:2] == ["1", "25.0%"] and lines[1].endswith("LDC R1, c[0x0][0x28]")
+    assert lines[2].split()[:2] == ["3", "100.0%"] and lines[2].endswith("MUFU.EX2 R28, R28")
+    assert len(lines) == 3  # the FMUL holds no sample: not listed
