@@ -78,6 +78,9 @@ def main(argv=None):
     parser.add_argument("--stalls", action="store_true", help="launch A's warp-stall samples by instruction")
     args = parser.parse_args(argv)
     launches = read_launches(args.csv)
+    for index in (args.a, args.b):
+        if index is not None and not 0 <= index < len(launches):
+            parser.error(f"{args.csv} holds launches 0-{len(launches) - 1}, not {index}")
     if args.stalls and args.a is not None:
         print_stalls(*launches[args.a])
         return
