@@ -8,9 +8,16 @@ from __future__ import annotations
 
 import functools
 
-from cuda_triton_bridge.config import LaunchConfig, resolve_config
+from cuda_triton_bridge.config import LaunchConfig, resolve_config, ticket_count
 
-__all__ = ["LaunchConfig", "longflow_decode_attention_triton", "resolve_config", "triton_available"]
+__all__ = [
+    "LaunchConfig",
+    "longflow_decode_attention_triton",
+    "new_tickets",
+    "resolve_config",
+    "ticket_count",
+    "triton_available",
+]
 
 
 @functools.cache
@@ -26,6 +33,14 @@ def triton_available() -> bool:
         return len(jax.devices("cuda")) > 0
     except RuntimeError:  # no CUDA backend
         return False
+
+
+def new_tickets(batch: int, num_kv_heads: int):
+    """A zero persistent ticket buffer for `longflow_decode_attention_triton(..., tickets=...)`: int32
+    [ticket_count(batch, num_kv_heads)]. One per cache (e.g. per layer), threaded through the calls."""
+    import jax.numpy as jnp
+
+    return jnp.zeros((ticket_count(batch, num_kv_heads),), jnp.int32)
 
 
 def longflow_decode_attention_triton(
@@ -46,6 +61,7 @@ def longflow_decode_attention_triton(
     epilogue=None,
     kv_len=None,
     overrides=None,
+    tickets=None,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -83,17 +99,24 @@ def longflow_decode_attention_triton(
         xla_call (every kernel through XLA's own Triton custom call; default: at a small batch,
         B * Hkv < SMs / 2) and xla_combine (the combine kernel through it even where the main kernel
         goes through jax-triton; default on). Measured on an H100: docs/BENCHMARKS.md, session 10.
+      tickets: optional persistent ticket buffer, int32 [ticket_count(B, Hkv)], from `new_tickets` or
+        the previous call's return (donate it, or thread it through a loop carry). The one-launch
+        epilogues ("coop", "fused") count their programs in it and leave it zero again, so no zeroed
+        buffer is made for them per call (through XLA's launch that is a fill kernel of its own). A
+        buffer that is not all zeros at the call hangs or corrupts the coop kernel's barrier: never
+        pass one that anything else wrote. None: a fresh zero buffer per call.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
       `longflow_jax.reference.longflow_decode_attention_reference` up to float rounding. Invalid slots
-      score -1 and ties go to the lowest slot, as there.
+      score -1 and ties go to the lowest slot, as there. With `tickets`: (out, evict_slot, tickets), the
+      buffer for the next call.
 
     Raises:
       ValueError: shapes, dtypes, scale or a launch parameter outside the contract (checked before any
         triton import).
     """
-    from cuda_triton_bridge.config import resolve_call
+    from cuda_triton_bridge.config import check_tickets, resolve_call
 
     launch = dict(
         block_c=block_c,
@@ -105,10 +128,12 @@ def longflow_decode_attention_triton(
         overrides=overrides,
     )
     # Checked here, before any triton import, so bad input fails the same way with or without a GPU.
-    resolve_call(
+    shape, _, _ = resolve_call(
         q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
         compute_evict=compute_evict, **launch,
     )  # fmt: skip
+    if tickets is not None:
+        check_tickets(tickets, shape)
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
     except ImportError as e:
@@ -127,5 +152,6 @@ def longflow_decode_attention_triton(
         compute_evict=compute_evict,
         final_reduce=final_reduce,
         kv_len=kv_len,
+        tickets=tickets,
         **launch,
     )

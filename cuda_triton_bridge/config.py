@@ -410,6 +410,29 @@ def resolve_call(
     return shape, kv_len, cfg
 
 
+# Tickets that persist across calls (the `tickets` argument): int32 [TICKETS_PER_KV_HEAD * B * Hkv], enough
+# for the coop kernel (2 per barrier group, at most B * Hkv groups) and the fused one (B * Hkv + B).
+TICKETS_PER_KV_HEAD = 2
+
+
+def ticket_count(batch: int, num_kv_heads: int) -> int:
+    """Length of the persistent ticket buffer of a call with this batch and number of KV heads."""
+    return TICKETS_PER_KV_HEAD * batch * num_kv_heads
+
+
+def check_tickets(tickets, shape: DecodeShape) -> None:
+    """A persistent ticket buffer must be int32 [ticket_count(B, Hkv)]. Its values cannot be checked
+    without reading it on the device: it must come from `new_tickets` or the previous call's return."""
+    want = (ticket_count(shape.batch, shape.num_kv_heads),)
+    dtype = getattr(tickets, "dtype", None)
+    if tuple(getattr(tickets, "shape", ())) != want or dtype is None or str(dtype) != "int32":
+        raise ValueError(
+            f"tickets must be int32 {want} for batch {shape.batch} and {shape.num_kv_heads} KV heads "
+            f"(new_tickets(batch, num_kv_heads), or the previous call's return), got "
+            f"{getattr(tickets, 'dtype', type(tickets).__name__)} {tuple(getattr(tickets, 'shape', ()))}"
+        )
+
+
 def score_groups(shape: DecodeShape, granularity: str) -> tuple[int, int]:
     """(number of score groups, query heads per group): (1, Hq) or (Hkv, Hq // Hkv)."""
     groups = num_score_groups(shape.num_kv_heads, granularity)

@@ -11,7 +11,9 @@ Launches per call (all inside the caller's jit, no host sync), see launch.py:
     or compute_evict. With one split and compute_evict=False the split kernel writes the normalised
     output and the -1 evict slots itself: one launch.
   * or one launch of the fused or coop kernel (epilogue="fused" / "coop"). Its tickets start at zero:
-    jax-triton memsets them, and through XLA's call they are a zero buffer aliased to the output.
+    jax-triton memsets them, and through XLA's call they are a zero buffer aliased to the output. With
+    the caller's persistent `tickets` neither: the buffer is aliased in and out, and the kernel leaves
+    it zero (no zero fill, which through XLA's call is a kernel of its own).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ import jax_triton as jt
 import numpy as np
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import resolve_call
+from cuda_triton_bridge.config import check_tickets, resolve_call
 from cuda_triton_bridge.ffi_target import custom_call_target, install
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 from cuda_triton_bridge.xla_call import xla_triton_call
@@ -60,6 +62,7 @@ def longflow_decode_attention_triton(
     epilogue=None,
     kv_len=None,
     overrides=None,
+    tickets=None,
 ):
     """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
     shape, kv_len, cfg = resolve_call(
@@ -67,6 +70,8 @@ def longflow_decode_attention_triton(
         compute_evict=compute_evict, block_c=block_c, num_splits=num_splits, num_warps=num_warps,
         num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
     )  # fmt: skip
+    if tickets is not None:
+        check_tickets(tickets, shape)
     plan = plan_launch(
         shape,
         cfg,
@@ -75,9 +80,22 @@ def longflow_decode_attention_triton(
         final_reduce=final_reduce,
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
+        persistent_tickets=tickets is not None,
     )
     if plan.one_kernel:
-        return _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg)
+        out, evict_slot, tickets_out = _launch_one(
+            q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, tickets
+        )
+        return (out, evict_slot) if tickets is None else (out, evict_slot, tickets_out)
+    out, evict_slot = _launch_two(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, compute_evict)
+    # The separate epilogue's counter is zeroed by its own split kernel: the caller's tickets pass through.
+    return (out, evict_slot) if tickets is None else (out, evict_slot, tickets)
+
+
+def _launch_two(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, compute_evict):
+    """The separate epilogue: the split kernel, then the combine kernel when there is something to
+    combine."""
+    granularity = plan.granularity
     qk_scale = np.float32(float(scale) * LOG2E)
     out, acc, m, ell, t, counter, no_evict = _call(
         kernels.decode_split_kernel,
@@ -110,14 +128,17 @@ def longflow_decode_attention_triton(
     return out, _squeeze_groups(evict_slot, granularity)
 
 
-def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg):
-    """The one-launch epilogues ("fused", "coop"): their tickets start at zero."""
+def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, tickets=None):
+    """The one-launch epilogues ("fused", "coop"): their tickets start at zero. (out, evict, tickets)."""
     launch = plan.split
-    (tickets,) = launch.zeroed
-    if cfg.xla_call:  # zeros, aliased to the tickets output
-        tickets_in = jnp.zeros(launch.outputs[tickets].shape, jnp.int32)
-        aliases = {5: tickets}  # index among the array arguments (qk_scale is a constexpr there)
-    else:  # jax-triton memsets the output itself; the input is a placeholder
+    ticket_out = plan.tickets_output
+    # Aliases index the array arguments (qk_scale is a scalar, or a constexpr through XLA's call).
+    if plan.persistent_tickets:  # the caller's zeros in, left zero by the kernel
+        tickets_in, aliases = tickets, {5: ticket_out}
+    elif cfg.xla_call:  # zeros, aliased to the tickets output
+        tickets_in = jnp.zeros(launch.outputs[ticket_out].shape, jnp.int32)
+        aliases = {5: ticket_out}
+    else:  # jax-triton memsets the output itself (launch.zeroed); the input is a placeholder
         tickets_in = jnp.zeros((1,), jnp.int32)
         aliases = None
     outs = _call(
@@ -129,7 +150,7 @@ def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg):
         via_xla=cfg.xla_call,
         aliases=aliases,
     )
-    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity)
+    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity), outs[ticket_out]
 
 
 def _call(kernel, args, launch, q_dtype, cfg, *, via_xla, aliases=None):

@@ -9,7 +9,8 @@ Triton picks the interpreter when `triton` is first imported with TRITON_INTERPR
 own process: `TRITON_INTERPRET=1 python -m cuda_triton_bridge.interpret CASES.npz RESULTS.npz` (what
 tests/test_triton_kernel.py does). CASES.npz holds q_i, k_i, v_i (float32 values of the rounded inputs),
 valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}}; RESULTS.npz gets out_i (float32)
-and evict_i.
+and evict_i. A case with "persistent_tickets": true in its kwargs runs twice, the second time with the
+ticket buffer the first returned: out_i and evict_i are the second call's, tickets_i what the first left.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ import torch
 import triton
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import resolve_call
+from cuda_triton_bridge.config import check_tickets, resolve_call, ticket_count
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
 
@@ -97,6 +98,7 @@ def longflow_decode_attention_interpret(
     kv_len=None,
     sms=None,
     overrides=None,
+    tickets=None,
 ):
     """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
     if not triton.knobs.runtime.interpret:
@@ -106,6 +108,9 @@ def longflow_decode_attention_interpret(
         compute_evict=compute_evict, sms=sms, block_c=block_c, num_splits=num_splits,
         num_warps=num_warps, num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
     )  # fmt: skip
+    if tickets is not None:
+        tickets = np.asarray(tickets)
+        check_tickets(tickets, shape)
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
         shape,
@@ -116,6 +121,7 @@ def longflow_decode_attention_interpret(
         is_f32=dtype == "float32",
         fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
         spin=False,  # interpreted programs run one after another: none may wait for another
+        persistent_tickets=tickets is not None,
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
@@ -124,13 +130,17 @@ def longflow_decode_attention_interpret(
     for i in plan.split.zeroed:
         split_out[i].zero_()
     if plan.one_kernel:
-        tickets = split_out[plan.split.zeroed[0]]  # the input aliased to the tickets output, as on the GPU
+        if plan.persistent_tickets:
+            split_out[plan.tickets_output] = torch.from_numpy(tickets.copy())
+        ticket_buf = split_out[plan.tickets_output]  # the input aliased to the tickets output, as on the GPU
         getattr(kernels, plan.main_kernel)[plan.split.grid](
-            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, tickets, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, ticket_buf, *split_out, **plan.split.meta
         )
         evict_slot = split_out[plan.evict_output].numpy()
         if granularity == "sequence":
             evict_slot = evict_slot.reshape(evict_slot.shape[0])
+        if tickets is not None:
+            return _to_numpy(split_out[0]), evict_slot, ticket_buf.numpy()
         return _to_numpy(split_out[0]), evict_slot
     kernels.decode_split_kernel[plan.split.grid](
         tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
@@ -156,6 +166,8 @@ def longflow_decode_attention_interpret(
     evict_slot = evict_slot.numpy()
     if granularity == "sequence":
         evict_slot = evict_slot.reshape(evict_slot.shape[0])
+    if tickets is not None:  # the separate epilogue zeroes its own counter: the buffer passes through
+        return _to_numpy(out), evict_slot, tickets
     return _to_numpy(out), evict_slot
 
 
@@ -171,7 +183,17 @@ def main(argv=None):
         kwargs = dict(case["kwargs"])
         if "kv_len" in kwargs:  # JSON holds a list; the kernel takes an int array
             kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
-        out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **kwargs)
+        if kwargs.pop("persistent_tickets", False):
+            tickets = np.zeros((ticket_count(q.shape[0], k.shape[1]),), np.int32)
+            *_, tickets = longflow_decode_attention_interpret(
+                q, k, v, data[f"valid_{i}"], tickets=tickets, **kwargs
+            )
+            results[f"tickets_{i}"] = tickets
+            out, evict_slot, _ = longflow_decode_attention_interpret(
+                q, k, v, data[f"valid_{i}"], tickets=tickets, **kwargs
+            )
+        else:
+            out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **kwargs)
         results[f"out_{i}"] = np.asarray(out, np.float32)
         results[f"evict_{i}"] = evict_slot
     np.savez(dst, **results)

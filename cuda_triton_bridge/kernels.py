@@ -380,7 +380,7 @@ def decode_fused_kernel(
     t_ptr,  # [B, HQ, C] f32 (when EVICT)
     imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when EVICT and NG < HKV)
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [B * HKV + B] i32, zeroed before launch: split tickets, then KV-head tickets
+    count_ptr,  # [B * HKV + B (or more)] i32, zero at launch: split tickets, then KV-head tickets
     B: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -402,6 +402,7 @@ def decode_fused_kernel(
     FAST_LOG2: tl.constexpr,
     T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
+    RESET_TICKETS: tl.constexpr,  # persistent tickets: each finisher leaves its ticket zero again
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -429,6 +430,9 @@ def decode_fused_kernel(
         head_last = True
 
     if head_last:
+        if RESET_TICKETS and NUM_SPLITS > 1:
+            # Every split of this KV head has taken its ticket: nobody reads it again in this launch.
+            tl.store(count_ptr + b * HKV + kvh, 0)
         g = tl.arange(0, G_P)
         g_ok = g < G
         fh = (b * HQ + kvh * G + g).to(tl.int64)  # [G_P] this group's query heads
@@ -517,6 +521,8 @@ def decode_fused_kernel(
                 tl.debug_barrier()
                 seq_ticket = tl.atomic_add(count_ptr + B * HKV + b, 1, sem="acq_rel", scope="gpu")
                 if seq_ticket == HKV - 1:
+                    if RESET_TICKETS:
+                        tl.store(count_ptr + B * HKV + b, 0)
                     hk = tl.arange(0, HKV_P)
                     sc = tl.arange(0, SCHUNK)
                     imp_rows = imp_ptr + (b * HKV + hk).to(tl.int64)[:, None] * C
@@ -649,6 +655,13 @@ def _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH: tl.const
 
 
 @triton.jit
+def _reset_group_tickets(count_ptr, bar, NBAR: tl.constexpr):
+    """Leave barrier group `bar`'s arrival count and finish ticket at zero for the next launch."""
+    tl.store(count_ptr + bar, 0)
+    tl.store(count_ptr + NBAR + bar, 0)
+
+
+@triton.jit
 def decode_coop_kernel(
     q_ptr,  # [B, HQ, D]
     k_ptr,  # [B, HKV, C, D]
@@ -665,7 +678,7 @@ def decode_coop_kernel(
     part_val_ptr,  # [NBAR, NSH] f32 share minima (when EVICT)
     part_idx_ptr,  # [NBAR, NSH] i32 their slots
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [2 * NBAR] i32, zeroed before launch: barrier arrivals, then finish tickets
+    count_ptr,  # [2 * NBAR (or more)] i32, zero at launch: barrier arrivals, then finish tickets
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,
@@ -689,6 +702,7 @@ def decode_coop_kernel(
     FAST_LOG2: tl.constexpr,
     T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,
+    RESET_TICKETS: tl.constexpr,  # persistent tickets: the last finisher leaves its group's two at zero
 ):
     """One launch with a parallel epilogue. Each program streams its split, then waits at a barrier of
     its group (the sequence, or its KV head with "kv_head" scores); past it every program merges a few
@@ -726,11 +740,16 @@ def decode_coop_kernel(
                 part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK, EVICT,
                 DISCARD_T,
             )  # fmt: skip
-            if EVICT:
+            if EVICT or RESET_TICKETS:
                 tl.debug_barrier()
                 ticket = tl.atomic_add(count_ptr + NBAR + bar, 1, sem="acq_rel", scope="gpu")
                 if ticket == NSH - 1:
-                    _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
+                    if EVICT:
+                        _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
+                    if RESET_TICKETS:
+                        # Every program of the group has passed the barrier (it took a ticket after its
+                        # share): the arrival count and the ticket are read by nobody else this launch.
+                        _reset_group_tickets(count_ptr, bar, NBAR)
         else:
             # Triton's CPU interpreter runs programs one after another, so nobody may wait: the last to
             # arrive does every share (the same code, serially).
@@ -744,3 +763,5 @@ def decode_coop_kernel(
                 if EVICT:
                     tl.debug_barrier()
                     _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
+                if RESET_TICKETS:
+                    _reset_group_tickets(count_ptr, bar, NBAR)

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups
+from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups, ticket_count
 
 FINAL_REDUCES = ("atomic", "xla")
 DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
@@ -47,11 +47,19 @@ class LaunchPlan:
     final_reduce: str
     granularity: str
     epilogue: str = "separate"  # config.EPILOGUES
+    # The one-kernel plans' tickets come in from the caller (zero) and the kernel leaves them zero, instead
+    # of a zeroed buffer per launch.
+    persistent_tickets: bool = False
 
     @property
     def one_kernel(self) -> bool:
-        """The fused or coop kernel does everything (tickets zeroed before the launch)."""
+        """The fused or coop kernel does everything (its tickets start at zero)."""
         return self.epilogue != "separate"
+
+    @property
+    def tickets_output(self) -> int:
+        """Index of the tickets among a one-kernel plan's outputs."""
+        return 8 if self.epilogue == "coop" else 7
 
     @property
     def main_kernel(self) -> str:
@@ -118,13 +126,17 @@ def plan_launch(
     fast_log2: bool = True,
     capability: int = 90,
     spin: bool = True,
+    persistent_tickets: bool = False,
 ) -> LaunchPlan:
     """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
     that t's lines are left to L2 (discard_t is ignored).
     fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
     libdevice (tl.log2 there).
     spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
-    programs one after another (there the last program to arrive does every share)."""
+    programs one after another (there the last program to arrive does every share).
+    persistent_tickets: the fused and coop kernels take their tickets from the caller, int32
+    [ticket_count(B, Hkv)] and zero, and leave them zero (no zeroed buffer per launch); the separate
+    epilogue needs none (its split kernel zeroes the combine kernel's counter)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
@@ -148,6 +160,7 @@ def plan_launch(
             fast_log2=fast_log2,
             discard_ok=discard_ok,
             spin=spin,
+            persistent_tickets=persistent_tickets,
         )
     if cfg.epilogue == "fused":
         return _plan_fused(
@@ -160,6 +173,7 @@ def plan_launch(
             final_reduce=final_reduce,
             fast_log2=fast_log2,
             discard_ok=discard_ok,
+            persistent_tickets=persistent_tickets,
         )
 
     split = KernelLaunch(
@@ -227,9 +241,15 @@ def plan_launch(
     return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
 
 
+def _tickets(shape: DecodeShape, count: int, persistent: bool) -> Buffer:
+    """A one-kernel plan's ticket buffer: `count` tickets, or the caller's whole persistent buffer."""
+    return _buf((ticket_count(shape.batch, shape.num_kv_heads) if persistent else count,), "i32")
+
+
 def _plan_fused(
-    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok
-) -> LaunchPlan:
+    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok,
+    persistent_tickets,
+) -> LaunchPlan:  # fmt: skip
     b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
@@ -244,7 +264,7 @@ def _plan_fused(
         + (
             _buf((b, hkv, c), "f32", per_kv_head_scores),
             _buf((b, num_groups), "i32"),
-            _buf((b * hkv + b,), "i32"),
+            _tickets(shape, b * hkv + b, persistent_tickets),
         ),
         meta=dict(
             **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
@@ -256,12 +276,15 @@ def _plan_fused(
             ECHUNK=echunk,
             SCHUNK=schunk,
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
+            RESET_TICKETS=persistent_tickets,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        zeroed=(7,),
+        zeroed=() if persistent_tickets else (7,),
     )
-    return LaunchPlan(launch, None, 0, final_reduce, granularity, epilogue="fused")
+    return LaunchPlan(
+        launch, None, 0, final_reduce, granularity, epilogue="fused", persistent_tickets=persistent_tickets
+    )
 
 
 def _plan_coop(
@@ -277,6 +300,7 @@ def _plan_coop(
     fast_log2,
     discard_ok,
     spin,
+    persistent_tickets,
 ) -> LaunchPlan:
     b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
     splits = cfg.num_splits
@@ -296,7 +320,7 @@ def _plan_coop(
             _buf((num_bars, shares), "f32", evict),
             _buf((num_bars, shares), "i32", evict),
             _buf((b, num_groups), "i32"),
-            _buf((2 * num_bars,), "i32"),
+            _tickets(shape, 2 * num_bars, persistent_tickets),
         ),
         meta=dict(
             **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
@@ -310,9 +334,12 @@ def _plan_coop(
             ECHUNK=echunk,
             SPIN=spin,
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
+            RESET_TICKETS=persistent_tickets,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        zeroed=(8,),
+        zeroed=() if persistent_tickets else (8,),
     )
-    return LaunchPlan(launch, None, 0, final_reduce, granularity, epilogue="coop")
+    return LaunchPlan(
+        launch, None, 0, final_reduce, granularity, epilogue="coop", persistent_tickets=persistent_tickets
+    )

@@ -41,6 +41,7 @@ bytes of K + V read / time.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import datetime
 import functools
 import json
@@ -92,10 +93,38 @@ def xla_attention(q, k, v, kv_valid, *, scale):
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype), None
 
 
-# The Triton columns: name -> the entry point's keyword arguments (TRITON HOOK).
+@dataclasses.dataclass(frozen=True)
+class Stateful:
+    """A column whose calls thread a state, as a decode loop threads the Triton kernel's persistent
+    tickets: fn(q, k, v, kv_valid, state) -> (out, evict, state), the first state init(q). Called with
+    the four inputs alone it makes one call from a fresh state (what check_column runs);
+    `chain_program` threads the state from call to call."""
+
+    fn: object
+    init: object
+
+    def __call__(self, q, k, v, kv_valid):
+        out, evict, _ = self.fn(q, k, v, kv_valid, self.init(q))
+        return out, evict
+
+
+def _with_tickets(fn):
+    """The Triton entry point as a Stateful column: one persistent ticket buffer through the chain."""
+    from cuda_triton_bridge import new_tickets
+
+    return Stateful(
+        fn=lambda q, k, v, kv_valid, tickets: fn(q, k, v, kv_valid, tickets=tickets),
+        init=lambda q: new_tickets(q.shape[0], NUM_KV_HEADS),
+    )
+
+
+# The Triton columns: name -> the entry point's keyword arguments (TRITON HOOK). "tickets": True makes
+# the column thread a persistent ticket buffer through its calls (Stateful).
 _JAX_TRITON_ONLY = dict(xla_call=False, xla_combine=False)  # every kernel through jax-triton
 TRITON_COLUMNS = {
     "triton": {},
+    "triton_tickets": dict(tickets=True),
+    "triton_tickets_noevict": dict(tickets=True, compute_evict=False),
     "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
     "triton_noevict": dict(compute_evict=False),  # scoring off, for the eviction overhead
     # jaxlib's typed-FFI target, not jax-triton's legacy call
@@ -138,9 +167,12 @@ def columns(scale, granularity="sequence", extra=None):
     }
     if longflow_decode_attention_triton is not None and triton_available():
         for name, kwargs in TRITON_COLUMNS.items():
-            cols[name] = functools.partial(
+            kwargs = dict(kwargs)
+            tickets = kwargs.pop("tickets", False)
+            fn = functools.partial(
                 longflow_decode_attention_triton, scale=scale, granularity=granularity, **kwargs
             )
+            cols[name] = _with_tickets(fn) if tickets else fn
     return cols
 
 
@@ -205,8 +237,12 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM):
 
     def calls(q, sets):
         evicts = []
+        state = fn.init(q) if isinstance(fn, Stateful) else None
         for i in range(n_calls):
-            q, evict = fn(q, *sets[i % len(sets)][1:])
+            if isinstance(fn, Stateful):  # one state through the whole chain, made once per program
+                q, evict, state = fn.fn(q, *sets[i % len(sets)][1:], state)
+            else:
+                q, evict = fn(q, *sets[i % len(sets)][1:])
             evicts.append(evict)
         return q, evicts
 

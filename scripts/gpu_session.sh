@@ -71,6 +71,8 @@
 #   bench11   ncu on the Pallas kernel at 16x2048, then the full table interleaved              (~7 min)
 #   final11b  after both math changes were backed out: generate, then the full table (20 reps)  (~6 min)
 #   comb11    the combine kernel's chunk and warps at B = 16-32 by GPU time and wall time      (~5 min)
+#   tickets12 persistent tickets: their GPU tests, then B = 1-64 with and without them interleaved (30
+#             repetitions), and the profiler's GPU time per call at B = 1                   (~8 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -803,6 +805,18 @@ for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
     del sets, runs
 PY
     ;;
+  tickets12)
+    # Session 12: the one-launch epilogues take a persistent ticket buffer (tickets=...) and leave it zero,
+    # so through XLA's launch (B * Hkv < SMs / 2: coop) no zero-fill kernel runs per call.
+    timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k tickets -rs 2>&1 \
+      | tee "$OUT/tickets_tests.log" | tail -3
+    C=xla_attn,triton,triton_tickets,triton_noevict,triton_tickets_noevict
+    timeout 240 python3 scripts/bench_kernels.py --reps 30 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192,4x8192,16x2048,64x2048 --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+    tail -9 "$OUT/bench.log"
+    timeout 120 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192 \
+      --columns xla_attn,triton,triton_tickets,triton_noevict,triton_tickets_noevict --reps 3 \
+      > "$OUT/profile.log" 2>&1; tail -12 "$OUT/profile.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

@@ -422,6 +422,34 @@ def test_decode_lowers_through_xlas_triton_call(
     ]
 
 
+def test_persistent_tickets_replace_the_zero_fill(decode_without_jax_triton):
+    """With the caller's tickets the coop launch (XLA's call, B = 1) takes that buffer, aliased to its
+    tickets output and returned, instead of a zero fill of its own."""
+    q = jax.ShapeDtypeStruct((1, 32, 128), jnp.bfloat16)
+    kv = jax.ShapeDtypeStruct((1, 8, 2048, 128), jnp.bfloat16)
+    valid = jax.ShapeDtypeStruct((1, 2048), jnp.bool_)
+    tickets = jax.ShapeDtypeStruct((ctb.ticket_count(1, 8),), jnp.int32)
+    fn = decode_without_jax_triton.longflow_decode_attention_triton
+
+    def with_tickets(q, k, v, valid, tickets):
+        return fn(q, k, v, valid, scale=0.088, tickets=tickets)
+
+    def lowered(f, *args):
+        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    fresh = lowered(functools.partial(fn, scale=0.088), q, kv, kv, valid)
+    persistent = lowered(with_tickets, q, kv, kv, valid, tickets)
+    # Without tickets: a broadcast of zeros to the kernel's 2 tickets; with them: none of that shape.
+    assert "tensor<2xi32>" in fresh and "tensor<2xi32>" not in persistent
+    assert re.findall(r'name = "(\w+)", num_stages', persistent) == ["decode_coop_kernel"]
+    call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", persistent)
+    assert call.group(1).split(", ")[5] == "%arg4"  # the tickets argument itself is operand 5
+    assert "operand_index = 5" in persistent and f"tensor<{ctb.ticket_count(1, 8)}xi32>" in persistent
+    assert len(jax.eval_shape(functools.partial(fn, scale=0.088), q, kv, kv, valid)) == 2
+    outs = jax.eval_shape(with_tickets, q, kv, kv, valid, tickets)
+    assert len(outs) == 3 and outs[2].shape == tickets.shape and outs[2].dtype == jnp.int32
+
+
 # ---------------------------------------------------------------- CPU: offline compile for sm_90
 
 
@@ -542,6 +570,7 @@ def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkey
 SEPARATE = dict(epilogue="separate")
 FUSED = dict(epilogue="fused")
 COOP = dict(epilogue="coop", sms=64)  # the grid must fit the "SMs" (one program each)
+PERSIST = dict(persistent_tickets=True)  # interpret.main: two calls, the second on the first's tickets
 # (name, dtype, B, Hq, Hkv, C, D, valid, kwargs); the reference is jnp on the same rounded inputs.
 # Cases run the separate (two-kernel) epilogue unless they say otherwise; FUSED: the single launch.
 INTERPRETER_CASES = [
@@ -736,6 +765,43 @@ INTERPRETER_CASES = [
     ("noevict-coop", "float32", 3, 8, 2, 300, 64, "mixed", dict(**COOP, num_splits=4, compute_evict=False)),
     # The measured choice with 64 "SMs": B * Hkv = 8 <= 64 picks "coop".
     ("f32-auto-coop", "float32", 4, 8, 2, 1024, 64, "all", dict(epilogue=None, sms=64)),
+    # Persistent tickets: each case runs twice, the second time on the buffer the first call returned
+    # (which must be all zeros again); the second call's results are checked.
+    ("tickets-coop", "float32", 4, 8, 2, 300, 64, "mixed", dict(**COOP, **PERSIST, block_c=32, num_splits=3)),
+    (
+        "tickets-coop-kvhead",
+        "float32",
+        2,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(**COOP, **PERSIST, block_c=32, num_splits=2, granularity="kv_head"),
+    ),
+    (
+        "tickets-coop-noevict",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(**COOP, **PERSIST, num_splits=4, compute_evict=False),
+    ),
+    (
+        "tickets-fused",
+        "float32",
+        3,
+        8,
+        2,
+        300,
+        64,
+        "mixed",
+        dict(**FUSED, **PERSIST, block_c=32, num_splits=3),
+    ),
+    ("tickets-separate", "float32", 2, 8, 2, 300, 64, "mixed", dict(**PERSIST, block_c=32, num_splits=3)),
 ]
 
 
@@ -775,14 +841,20 @@ def interpreted(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = np.load(tmp / "out.npz")
     return {
-        case[0]: (inputs[i], cases[i]["kwargs"], results[f"out_{i}"], results[f"evict_{i}"])
+        case[0]: (
+            inputs[i],
+            cases[i]["kwargs"],
+            results[f"out_{i}"],
+            results[f"evict_{i}"],
+            results[f"tickets_{i}"] if f"tickets_{i}" in results else None,
+        )
         for i, case in enumerate(INTERPRETER_CASES)
     }
 
 
 @pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
 def test_interpreter_matches_reference(interpreted, name):
-    (q, k, v, kv_valid), kwargs, out, evict_slot = interpreted[name]
+    (q, k, v, kv_valid), kwargs, out, evict_slot, _ = interpreted[name]
     kv_valid = bounded_valid(kv_valid, kwargs)
     granularity = kwargs.get("granularity", "sequence")
     out = jnp.asarray(out).astype(q.dtype)
@@ -796,6 +868,31 @@ def test_interpreter_matches_reference(interpreted, name):
         np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-4, atol=1e-5)
         assert evict_slot.shape == ((q.shape[0],) if granularity == "sequence" else (q.shape[0], k.shape[1]))
         assert (np.asarray(evict_slot) == -1).all()
+
+
+@pytest.mark.parametrize(
+    "name", [case[0] for case in INTERPRETER_CASES if case[-1].get("persistent_tickets")]
+)
+def test_interpreter_leaves_persistent_tickets_zero(interpreted, name):
+    # The first call's returned buffer (its second call's results are checked above against the reference).
+    (q, k, _, _), _, _, _, tickets = interpreted[name]
+    assert tickets is not None and tickets.dtype == np.int32
+    assert tickets.shape == (ctb.ticket_count(q.shape[0], k.shape[1]),)
+    np.testing.assert_array_equal(tickets, 0)
+
+
+def test_rejects_bad_tickets():
+    q, k, v, kv_valid = make_inputs(_key("tickets"), 2, 8, 2, 64, 32, jnp.float32, "all")
+    good = ctb.new_tickets(2, 2)
+    assert good.shape == (ctb.ticket_count(2, 2),) and good.dtype == jnp.int32 and not np.asarray(good).any()
+    for bad, match in [
+        (jnp.zeros((ctb.ticket_count(2, 2) + 1,), jnp.int32), "tickets must be int32"),
+        (jnp.zeros((ctb.ticket_count(2, 2),), jnp.float32), "tickets must be int32"),
+        (jnp.zeros((2, 2, 2), jnp.int32), "tickets must be int32"),
+        ([0] * ctb.ticket_count(2, 2), "tickets must be int32"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            ctb.longflow_decode_attention_triton(q, k, v, kv_valid, scale=0.1, tickets=bad)
 
 
 # ---------------------------------------------------------------- GPU: against the reference
@@ -1057,6 +1154,65 @@ def test_xla_launch_matches_reference(granularity, num_splits, epilogue, launch)
     rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
     assert rel <= OUT_RTOL["bfloat16"]
     assert (np.asarray(evict_slot) == -1).all()
+
+
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize(
+    "epilogue, launch, compute_evict",
+    [
+        ("coop", "xla", True),
+        ("coop", "xla", False),
+        ("coop", "jax_triton", True),
+        ("fused", "xla", True),
+        ("fused", "jax_triton", True),
+        ("separate", "xla", True),
+    ],
+)
+@gpu
+def test_persistent_tickets_stay_zero_across_calls(granularity, epilogue, launch, compute_evict):
+    # One ticket buffer threaded through a jitted loop of calls on different queries: every call must
+    # match the reference (a ticket left non-zero would hang the coop barrier or skip a finisher), and
+    # the buffer must come back all zeros.
+    calls, batch, slots_ = 4, 4, 1500
+    q, k, v, valid = make_inputs(
+        _key("tickets", granularity, epilogue, launch, compute_evict), batch, 32, 8, slots_, 128, jnp.bfloat16
+    )
+    qs = jax.random.normal(_key("tickets-q"), (calls,) + q.shape, jnp.float32).astype(q.dtype)
+    kw = dict(
+        scale=0.088, num_splits=3, epilogue=epilogue, granularity=granularity, compute_evict=compute_evict,
+        overrides=LAUNCHES[launch],
+    )  # fmt: skip
+
+    @jax.jit
+    def run(tickets):
+        def body(tickets, q_i):
+            out, evict_slot, tickets = ctb.longflow_decode_attention_triton(
+                q_i, k, v, valid, tickets=tickets, **kw
+            )
+            return tickets, (out, evict_slot)
+
+        return jax.lax.scan(body, tickets, qs)
+
+    tickets, (outs, evicts) = run(ctb.new_tickets(batch, 8))
+    np.testing.assert_array_equal(np.asarray(tickets), 0)
+    for i in range(calls):
+        if compute_evict:
+            assert_matches_reference(
+                qs[i], k, v, valid, outs[i], evicts[i], scale=0.088, granularity=granularity
+            )
+        else:
+            ref_out, _ = decode_attention_probs(qs[i], k, v, valid, 0.088)
+            rel = np.linalg.norm(np.asarray(outs[i], np.float32) - np.asarray(ref_out)) / np.linalg.norm(
+                ref_out
+            )
+            assert rel <= OUT_RTOL["bfloat16"]
+            assert (np.asarray(evicts[i]) == -1).all()
+    # The same buffer again, outside the loop: still usable.
+    out, evict_slot, tickets = jax.jit(
+        lambda t: ctb.longflow_decode_attention_triton(qs[0], k, v, valid, tickets=t, **kw)
+    )(tickets)
+    np.testing.assert_array_equal(np.asarray(evict_slot), np.asarray(evicts[0]))
+    np.testing.assert_array_equal(np.asarray(tickets), 0)
 
 
 # ---------------------------------------------------------------- GPU: inside a jitted decode loop
