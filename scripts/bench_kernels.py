@@ -224,47 +224,63 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
 MIN_CALLS_PER_PROGRAM = 32
 
 
-def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM):
-    """(jitted program, calls per run): >= min_calls calls of fn chained through q, K/V rotating.
+def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
+    """(jitted program, calls per run): >= min_calls calls of fn chained through q, K/V rotating, run
+    `loops` times.
 
     The calls form a chain: each call's query is the previous call's output (same shape and dtype,
     so no extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or
     overlap two calls that share K/V; the 2026-11-23 16:24 run, whose calls were independent, let XLA
     read one K/V for several calls and showed xla_attn above the copy ceiling. K/V rotate over the
     input sets (> 8x L2 together), so no call finds its K/V in cache. Run it as program(q0, sets).
+
+    loops > 1 runs the chain as the body of a `lax.fori_loop`, as a decode loop runs its step: the body's
+    buffers stay the same from one iteration to the next, where each execution of a program gets new
+    output buffers (and XLA updates its CUDA graph for them). The outputs are the last iteration's.
     """
     n_calls = max(min_calls, len(sets))
+    stateful = isinstance(fn, Stateful)
 
-    def calls(q, sets):
+    def chain(q, state, sets):
         evicts = []
-        state = fn.init(q) if isinstance(fn, Stateful) else None
         for i in range(n_calls):
-            if isinstance(fn, Stateful):  # one state through the whole chain, made once per program
+            if stateful:  # one state through the whole chain
                 q, evict, state = fn.fn(q, *sets[i % len(sets)][1:], state)
             else:
                 q, evict = fn(q, *sets[i % len(sets)][1:])
             evicts.append(evict)
+        return q, state, evicts
+
+    def calls(q, sets):
+        state = fn.init(q) if stateful else None  # made once per program
+        if loops == 1:
+            q, _, evicts = chain(q, state, sets)
+            return q, evicts
+        shapes = jax.eval_shape(lambda q, state: chain(q, state, sets)[2], q, state)
+        evicts = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
+        # Every iteration's evicts go into the carry, so no call of any iteration is dead code.
+        q, _, evicts = jax.lax.fori_loop(0, loops, lambda _, c: chain(c[0], c[1], sets), (q, state, evicts))
         return q, evicts
 
-    return jax.jit(calls), n_calls
+    return jax.jit(calls), n_calls * loops
 
 
-def interleave_entry(name, fn, sets, scale, *, compile_now=False):
+def interleave_entry(name, fn, sets, scale, *, compile_now=False, loops=1):
     """(check summary, (run, calls per run)): column `fn` checked against the reference on sets[0]
     (`check_column`), then its `chain_program` as an entry for `time_interleaved`. compile_now traces and
     compiles it at once, for sweeps that change module constants between columns."""
     summary = check_column(name, fn, sets[0], scale)
-    program, n_calls = chain_program(fn, sets)
+    program, n_calls = chain_program(fn, sets, loops=loops)
     run = functools.partial(program, sets[0][0], sets)
     if compile_now:
         jax.block_until_ready(run())
     return summary, (run, n_calls)
 
 
-def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0):
+def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0, loops=1):
     """Median seconds per call over `reps` runs of `chain_program`. Many calls per host sync keep
     dispatch and sync out of the per-call time."""
-    return time_program(*chain_program(fn, sets, min_calls), sets, reps, queued=queued)
+    return time_program(*chain_program(fn, sets, min_calls, loops=loops), sets, reps, queued=queued)
 
 
 def time_runs(run, reps, queued=0):
@@ -408,6 +424,12 @@ def main(argv=None):
         help="time throughput: queue this many executions per sync (default 0: latency, one per sync)",
     )
     parser.add_argument(
+        "--loops",
+        type=int,
+        default=1,
+        help="run each program's chain of calls this many times in a lax.fori_loop (default 1: once)",
+    )
+    parser.add_argument(
         "--interleave",
         action="store_true",
         help="take each size's repetitions round-robin over the columns (default: column after column)",
@@ -421,6 +443,7 @@ def main(argv=None):
     stamp = datetime.datetime.now(datetime.UTC).strftime("%Y-%m-%d %H:%M UTC")
     timing = f"throughput, {args.queued} executions queued per sync" if args.queued else "latency"
     timing += ", columns interleaved" if args.interleave else ""
+    timing += f", the chain run {args.loops} times in a fori_loop" if args.loops > 1 else ""
     header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}, timing: {timing}"
     log(header)
     log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
@@ -455,10 +478,10 @@ def main(argv=None):
         for name, fn in cols.items():
             try:
                 if args.interleave:
-                    summaries[name], runs[name] = interleave_entry(name, fn, sets, scale)
+                    summaries[name], runs[name] = interleave_entry(name, fn, sets, scale, loops=args.loops)
                 else:
                     summaries[name] = check_column(name, fn, sets[0], scale)
-                    timings[name] = time_column(fn, sets, args.reps, queued=args.queued)
+                    timings[name] = time_column(fn, sets, args.reps, queued=args.queued, loops=args.loops)
             except Exception as e:  # report and keep going: one broken column must not hide the rest
                 log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
                 row[name] = None

@@ -73,6 +73,8 @@
 #   comb11    the combine kernel's chunk and warps at B = 16-32 by GPU time and wall time      (~5 min)
 #   tickets12 persistent tickets: their GPU tests, then B = 1-64 with and without them interleaved (30
 #             repetitions), and the profiler's GPU time per call at B = 1                   (~8 min)
+#   loop12    B = 1-16 with the bench's chain run once per program execution (as before) and 8 times in
+#             a fori_loop (a decode loop's form: no new buffers per chain), with and without tickets (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -817,6 +819,16 @@ PY
     timeout 120 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192 \
       --columns xla_attn,triton,triton_tickets,triton_noevict,triton_tickets_noevict --reps 3 \
       > "$OUT/profile.log" 2>&1; tail -12 "$OUT/profile.log" ;;
+  loop12)
+    # Is B = 1 bound by each program execution's new buffers (XLA updates its CUDA graph for them, session
+    # 5)? The same chain once per execution, then 8 times inside a fori_loop, whose body's buffers stay.
+    C=xla_attn,pallas,triton,triton_tickets,triton_noevict,triton_tickets_noevict
+    for loops in 1 8; do
+      timeout 270 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
+        --sizes 1x2048,1x8192,4x8192,16x2048 --loops $loops --copy-mb 1024 --matmul-n 2048 \
+        --out "$OUT/bench_loops$loops.md" > "$OUT/bench_loops$loops.log" 2>&1
+      grep -E "^B=" "$OUT/bench_loops$loops.log"
+    done ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

@@ -28,6 +28,31 @@ def test_chain_feeds_each_output_into_the_next_call_and_rotates_the_sets():
     assert bk.chain_program(lambda q, *a: (q, q), sets * 20, min_calls=7)[1] == 60
 
 
+def test_chain_in_a_loop_runs_every_call_and_returns_the_last_iteration():
+    sets = [(jnp.zeros(2), jnp.full(2, float(i)), None, None) for i in range(3)]
+    program, n_calls = bk.chain_program(lambda q, k, v, valid: (q + k, q[0]), sets, min_calls=5, loops=4)
+    assert n_calls == 20
+    out, evicts = program(sets[0][0], sets)
+    # 20 calls in all: each loop adds the five rotated sets' k (0, 1, 2, 0, 1) to q.
+    np.testing.assert_array_equal(np.asarray(out), [4 * 4] * 2)
+    # The evicts are the last iteration's: q before each of its calls (12, 12, 13, 15, 15).
+    assert [float(e) for e in evicts] == [12, 12, 13, 15, 15]
+
+
+def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
+    sets = [(jnp.zeros(2), jnp.full(2, 1.0), None, None)]
+    # The state counts the calls; each call adds the count so far to q.
+    column = bk.Stateful(
+        fn=lambda q, k, v, valid, n: (q + n, n, n + 1), init=lambda q: jnp.zeros((), jnp.float32)
+    )
+    out, evict = column(*sets[0])  # one call from a fresh state
+    assert float(evict) == 0 and np.asarray(out).tolist() == [0, 0]
+    program, n_calls = bk.chain_program(column, sets, min_calls=3, loops=2)
+    out, evicts = program(sets[0][0], sets)
+    assert n_calls == 6 and np.asarray(out).tolist() == [sum(range(6))] * 2
+    assert [float(e) for e in evicts] == [3, 4, 5]
+
+
 @pytest.mark.parametrize("queued", [0, 1, 3])
 def test_time_program_runs_queued_executions_per_sync(queued):
     calls = []
@@ -77,12 +102,14 @@ def test_interleave_entry_checks_the_column_then_chains_it():
 @pytest.mark.parametrize("queued", [0, 2])
 def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued, interleave):
     out = tmp_path / "table.md"
+    loops = 2 if interleave and queued else 1  # the fori_loop form in one of the four runs
     argv = ["--sizes", "1x64", "--columns", "xla_attn,xla_longflow", "--reps", "2", "--copy-mb", "8"]
-    argv += ["--matmul-n", "64", "--queued", str(queued), "--out", str(out)]
+    argv += ["--matmul-n", "64", "--queued", str(queued), "--out", str(out), "--loops", str(loops)]
     bk.main(argv + ["--interleave"] * interleave)
     text = out.read_text()
     assert ("throughput, 2 executions queued per sync" if queued else "timing: latency") in text
     assert ("columns interleaved" in text) == interleave
+    assert ("the chain run 2 times in a fori_loop" in text) == (loops == 2)
     (row,) = [line for line in text.splitlines() if line.startswith("| 1 | 64 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert len(cells) == 5 + 2 + 4  # sizes and floors, the two columns, the four ratios
