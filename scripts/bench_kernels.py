@@ -125,6 +125,12 @@ TRITON_COLUMNS = {
     "triton": {},
     "triton_tickets": dict(tickets=True),
     "triton_tickets_noevict": dict(tickets=True, compute_evict=False),
+    # One launch at B = 9-32 (the default there is the separate epilogue): fused with one 128-slot split,
+    # or coop, both on persistent tickets; and every kernel through XLA's launch with them.
+    "triton_tickets_fused1": dict(tickets=True, epilogue="fused", block_c=128, num_splits=1),
+    "triton_tickets_coop": dict(tickets=True, epilogue="coop"),
+    "triton_tickets_xla": dict(tickets=True, overrides=dict(xla_call=True)),
+    "triton_tickets_xla_noevict": dict(tickets=True, compute_evict=False, overrides=dict(xla_call=True)),
     "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
     "triton_noevict": dict(compute_evict=False),  # scoring off, for the eviction overhead
     # jaxlib's typed-FFI target, not jax-triton's legacy call

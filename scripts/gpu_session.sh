@@ -75,6 +75,8 @@
 #             repetitions), and the profiler's GPU time per call at B = 1                   (~8 min)
 #   loop12    B = 1-16 with the bench's chain run once per program execution (as before) and 8 times in
 #             a fori_loop (a decode loop's form: no new buffers per chain), with and without tickets (~5 min)
+#   loop12b   B >= 16 in the fori_loop form: the default against one-launch epilogues (fused with one
+#             128-slot split, coop) and XLA's launch for every kernel, all on persistent tickets (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -829,6 +831,15 @@ PY
         --out "$OUT/bench_loops$loops.md" > "$OUT/bench_loops$loops.log" 2>&1
       grep -E "^B=" "$OUT/bench_loops$loops.log"
     done ;;
+  loop12b)
+    # In the fori_loop form the host's launches no longer hide anything: does a one-launch epilogue, or
+    # XLA's launch (in the CUDA graph, but XLA's slower build of the split kernel), win at B >= 16?
+    C=xla_attn,triton_tickets,triton_tickets_noevict,triton_tickets_fused1,triton_tickets_coop
+    C=$C,triton_tickets_xla,triton_tickets_xla_noevict
+    timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
+      --sizes 16x2048,16x8192,64x2048 --loops 8 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+    grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
