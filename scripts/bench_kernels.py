@@ -131,6 +131,9 @@ TRITON_COLUMNS = {
     "triton_tickets_coop": dict(tickets=True, epilogue="coop"),
     "triton_tickets_xla": dict(tickets=True, overrides=dict(xla_call=True)),
     "triton_tickets_xla_noevict": dict(tickets=True, compute_evict=False, overrides=dict(xla_call=True)),
+    # The t-traffic switches off (docs/KERNEL_NOTES_triton.md, session 4), on persistent tickets.
+    "triton_tickets_nodiscard": dict(tickets=True, overrides=dict(discard_t=False)),
+    "triton_tickets_nohints": dict(tickets=True, overrides=dict(discard_t=False, cache_hints=False)),
     "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
     "triton_noevict": dict(compute_evict=False),  # scoring off, for the eviction overhead
     # jaxlib's typed-FFI target, not jax-triton's legacy call

@@ -77,6 +77,7 @@
 #             a fori_loop (a decode loop's form: no new buffers per chain), with and without tickets (~5 min)
 #   loop12b   B >= 16 in the fori_loop form: the default against one-launch epilogues (fused with one
 #             128-slot split, coop) and XLA's launch for every kernel, all on persistent tickets (~7 min)
+#   loop12c   B = 1 and 16 in the fori_loop form: t's L2 discard and evict_last hint switched off (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -838,6 +839,14 @@ PY
     C=$C,triton_tickets_xla,triton_tickets_xla_noevict
     timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192,64x2048 --loops 8 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+    grep -E "^B=|FAILED" "$OUT/bench.log" ;;
+  loop12c)
+    # Does the epilogue's chain wait on t's discard.global.L2 lines (the fence before the ticket waits for
+    # every memory operation before it)? The t-traffic switches off, in the fori_loop form.
+    C=xla_attn,triton_tickets,triton_tickets_nodiscard,triton_tickets_nohints,triton_tickets_noevict
+    timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192,16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   ibench8)
