@@ -78,6 +78,9 @@
 #   loop12b   B >= 16 in the fori_loop form: the default against one-launch epilogues (fused with one
 #             128-slot split, coop) and XLA's launch for every kernel, all on persistent tickets (~7 min)
 #   loop12c   B = 1 and 16 in the fori_loop form: t's L2 discard and evict_last hint switched off (~5 min)
+#   sweep12   B = 1 launch settings in the fori_loop form, on persistent tickets (coop blocks / splits /
+#             warps; separate and fused through XLA's launch), then 16x2048 / 16x8192 with the combine
+#             kernel's discards moved after its ticket                                      (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -847,6 +850,46 @@ PY
     C=xla_attn,triton_tickets,triton_tickets_nodiscard,triton_tickets_nohints,triton_tickets_noevict
     timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+    grep -E "^B=|FAILED" "$OUT/bench.log" ;;
+  sweep12)
+    # b1sweep10 chose the B = 1 coop setting by wall time that the host's per-execution cost dominated;
+    # in the fori_loop form the GPU side decides. Then the moved discards at B = 16 (default columns).
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/b1_sweep.log"
+import functools, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge import longflow_decode_attention_triton as tri
+scale = bk.HEAD_DIM ** -0.5
+XLA = dict(xla_call=True)
+SETTINGS = {
+    "coop 64x16 w4 (default)": {},
+    "coop 64x8 w4": dict(block_c=64, num_splits=8),
+    "coop 128x8 w4": dict(block_c=128, num_splits=8),
+    "coop 128x16 w4": dict(block_c=128, num_splits=16),
+    "coop 32x16 w4": dict(block_c=32, num_splits=16),
+    "coop 32x32 w4": dict(block_c=32, num_splits=32),
+    "coop 64x16 w8": dict(block_c=64, num_splits=16, num_warps=8),
+    "separate 32x16 (xla)": dict(epilogue="separate", block_c=32, num_splits=16, overrides=XLA),
+    "fused 64x16 (xla)": dict(epilogue="fused", block_c=64, num_splits=16, overrides=XLA),
+}
+for slots in (2048, 8192):
+    sets = bk.make_sets(1, slots, bk.n_sets_for(1, slots))
+    runs = {}
+    runs["xla_attn"] = bk.interleave_entry("xla_attn", functools.partial(bk.xla_attention, scale=scale), sets, scale, loops=8)[1]
+    for name, kw in SETTINGS.items():
+        if kw.get("num_splits", 1) * kw.get("block_c", 64) > slots:
+            continue
+        col = bk._with_tickets(functools.partial(tri, scale=scale, **kw))
+        runs[name] = bk.interleave_entry(name, col, sets, scale, loops=8)[1]
+    res = bk.time_interleaved(runs, 15, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B=1 C={slots} {name:26s} {t * 1e6:6.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})", flush=True)
+    del sets, runs
+PY
+    C=xla_attn,triton_tickets,triton_tickets_noevict
+    timeout 200 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
+      --sizes 16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   ibench8)
