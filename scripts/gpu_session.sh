@@ -868,7 +868,6 @@ SETTINGS = {
     "coop 128x8 w4": dict(block_c=128, num_splits=8),
     "coop 128x16 w4": dict(block_c=128, num_splits=16),
     "coop 32x16 w4": dict(block_c=32, num_splits=16),
-    "coop 32x32 w4": dict(block_c=32, num_splits=32),
     "coop 64x16 w8": dict(block_c=64, num_splits=16, num_warps=8),
     "separate 32x16 (xla)": dict(epilogue="separate", block_c=32, num_splits=16, overrides=XLA),
     "fused 64x16 (xla)": dict(epilogue="fused", block_c=64, num_splits=16, overrides=XLA),
