@@ -81,6 +81,8 @@
 #   sweep12   B = 1 launch settings in the fori_loop form, on persistent tickets (coop blocks / splits /
 #             warps; separate and fused through XLA's launch), then 16x2048 / 16x8192 with the combine
 #             kernel's discards moved after its ticket                                      (~7 min)
+#   ab12      the combine kernel with its discards before the ticket (6c42331) against after it, in
+#             one interleaved run, fori_loop form, B = 16-32                                  (~4 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -891,6 +893,40 @@ PY
       --sizes 16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
+  ab12)
+    # The moved discards, A/B in one run: the kernels module before the move (git show) stands in for
+    # cuda_triton_bridge.kernels while the "before" columns are traced and compiled.
+    git show 6c42331:cuda_triton_bridge/kernels.py > /tmp/kernels_before.py
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
+import functools, importlib.util, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge import decode, longflow_decode_attention_triton as tri
+spec = importlib.util.spec_from_file_location("kernels_before", "/tmp/kernels_before.py")
+before = importlib.util.module_from_spec(spec); spec.loader.exec_module(before)
+after = decode.kernels
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn, kernels=after):
+        decode.kernels = kernels
+        try:
+            runs[name] = bk.interleave_entry(name, fn, sets, scale, compile_now=True, loops=8)[1]
+        finally:
+            decode.kernels = after
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("noevict", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
+    add("discard before ticket", bk._with_tickets(functools.partial(tri, scale=scale)), before)
+    add("discard after ticket", bk._with_tickets(functools.partial(tri, scale=scale)))
+    res = bk.time_interleaved(runs, 20, queued=4)
+    base = res["noevict"][0]
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:22s} {t * 1e6:7.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})"
+              f"  overhead {100 * (t / base - 1):5.1f}%", flush=True)
+    del sets, runs
+PY
+    ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
