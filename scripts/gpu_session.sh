@@ -896,7 +896,9 @@ PY
   ab12)
     # The moved discards, A/B in one run: the kernels module before the move (git show) stands in for
     # cuda_triton_bridge.kernels while the "before" columns are traced and compiled.
-    git show 6c42331:cuda_triton_bridge/kernels.py > /tmp/kernels_before.py
+    # (The device's copy has no git history: there the file came along untracked, as tmp_ab12/.)
+    git show 6c42331:cuda_triton_bridge/kernels.py > /tmp/kernels_before.py 2>/dev/null \
+      || cp tmp_ab12/kernels_before.py /tmp/kernels_before.py
     python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
 import functools, importlib.util, sys
 sys.path.insert(0, "scripts")
