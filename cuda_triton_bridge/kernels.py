@@ -324,6 +324,16 @@ def decode_combine_kernel(
             score = tl.where(valid[None, :], score, -1.0)  # EMPTY_SLOT_SCORE
             score = tl.where(c_ok[None, :], score, float("inf"))
             best, best_at = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
+            if DISCARD_T:
+                # t is dead once read: invalidate its lines in L2 so a dirty line still there is never
+                # written back to DRAM. The predicate depends on the chunk's argmin, which needs every
+                # thread's t, so no line goes before all its reads are done. Whole 128-byte lines:
+                # C % 32 == 0 and CHUNK % 32 == 0 (the plan checks).
+                lines = tl.arange(0, CHUNK // 32)
+                line_addr = t_ptr + bh[:, :, None] * C + (j * CHUNK + lines * 32)[None, None, :]
+                read_done = tl.min(best_at, axis=0) >= 0
+                line_ok = head_ok[:, :, None] & ((j * CHUNK + lines * 32) < C)[None, None, :] & read_done
+                _discard_l2_lines(line_addr, line_ok)
             slot = j * CHUNK + best_at
             g_ok = g < NG
             if NUM_CHUNKS == 1:
@@ -352,17 +362,6 @@ def decode_combine_kernel(
                         )
                         pick = tl.sum(tl.where(jj[None, :] == best_chunk[:, None], idxs, 0), axis=1)
                         tl.store(evict_ptr + b * NG + g, pick, mask=g_ok)
-            if DISCARD_T:
-                # t is dead once read: invalidate its lines in L2 so a dirty line still there is never
-                # written back to DRAM. The predicate depends on the chunk's argmin, which needs every
-                # thread's t, so no line goes before all its reads are done. Last, so the fence before
-                # the ticket does not wait for them. Whole 128-byte lines: C % 32 == 0 and CHUNK % 32 == 0
-                # (the plan checks).
-                lines = tl.arange(0, CHUNK // 32)
-                line_addr = t_ptr + bh[:, :, None] * C + (j * CHUNK + lines * 32)[None, None, :]
-                read_done = tl.min(best_at, axis=0) >= 0
-                line_ok = head_ok[:, :, None] & ((j * CHUNK + lines * 32) < C)[None, None, :] & read_done
-                _discard_l2_lines(line_addr, line_ok)
 
 
 @triton.jit
