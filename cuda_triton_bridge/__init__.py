@@ -8,14 +8,14 @@ from __future__ import annotations
 
 import functools
 
-from cuda_triton_bridge.config import LaunchConfig, resolve_config, ticket_count
+from cuda_triton_bridge.config import LaunchConfig, resolve_config, ticket_shape
 
 __all__ = [
     "LaunchConfig",
     "longflow_decode_attention_triton",
     "new_tickets",
     "resolve_config",
-    "ticket_count",
+    "ticket_shape",
     "triton_available",
 ]
 
@@ -37,10 +37,10 @@ def triton_available() -> bool:
 
 def new_tickets(batch: int, num_kv_heads: int):
     """A zero persistent ticket buffer for `longflow_decode_attention_triton(..., tickets=...)`: int32
-    [ticket_count(batch, num_kv_heads)]. One per cache (e.g. per layer), threaded through the calls."""
+    ticket_shape(batch, num_kv_heads). One per cache (e.g. per layer), threaded through the calls."""
     import jax.numpy as jnp
 
-    return jnp.zeros((ticket_count(batch, num_kv_heads),), jnp.int32)
+    return jnp.zeros(ticket_shape(batch, num_kv_heads), jnp.int32)
 
 
 def longflow_decode_attention_triton(
@@ -99,10 +99,11 @@ def longflow_decode_attention_triton(
         xla_call (every kernel through XLA's own Triton custom call; default: at a small batch,
         B * Hkv < SMs / 2) and xla_combine (the combine kernel through it even where the main kernel
         goes through jax-triton; default on). Measured on an H100: docs/BENCHMARKS.md, session 10.
-      tickets: optional persistent ticket buffer, int32 [ticket_count(B, Hkv)], from `new_tickets` or
-        the previous call's return (donate it, or thread it through a loop carry). The one-launch
-        epilogues ("coop", "fused") count their programs in it and leave it zero again, so no zeroed
-        buffer is made for them per call (through XLA's launch that is a fill kernel of its own). A
+      tickets: optional persistent ticket buffer, int32 ticket_shape(B, Hkv) = [B, 2 Hkv], from
+        `new_tickets` or the previous call's return (donate it, or thread it through a loop carry).
+        The one-launch epilogues ("coop", "fused") count their programs in it and leave it zero again,
+        so no zeroed buffer is made for them per call (through XLA's launch that is a fill kernel of
+        its own; 0.8-1.0 us a call at B = 1-4 in a decode loop, docs/BENCHMARKS.md, session 12). A
         buffer that is not all zeros at the call hangs or corrupts the coop kernel's barrier: never
         pass one that anything else wrote. None: a fresh zero buffer per call.
 

@@ -410,20 +410,22 @@ def resolve_call(
     return shape, kv_len, cfg
 
 
-# Tickets that persist across calls (the `tickets` argument): int32 [TICKETS_PER_KV_HEAD * B * Hkv], enough
-# for the coop kernel (2 per barrier group, at most B * Hkv groups) and the fused one (B * Hkv + B).
+# Tickets that persist across calls (the `tickets` argument): int32 [B, TICKETS_PER_KV_HEAD * Hkv], enough
+# for the coop kernel (2 per barrier group, at most B * Hkv groups) and the fused one (B * Hkv + B). The
+# kernels index it as one flat array; the leading batch axis lets a cache be sliced and joined by rows
+# (all its entries are zero between calls).
 TICKETS_PER_KV_HEAD = 2
 
 
-def ticket_count(batch: int, num_kv_heads: int) -> int:
-    """Length of the persistent ticket buffer of a call with this batch and number of KV heads."""
-    return TICKETS_PER_KV_HEAD * batch * num_kv_heads
+def ticket_shape(batch: int, num_kv_heads: int) -> tuple[int, int]:
+    """Shape of the persistent ticket buffer of a call with this batch and number of KV heads."""
+    return (batch, TICKETS_PER_KV_HEAD * num_kv_heads)
 
 
 def check_tickets(tickets, shape: DecodeShape) -> None:
-    """A persistent ticket buffer must be int32 [ticket_count(B, Hkv)]. Its values cannot be checked
+    """A persistent ticket buffer must be int32 ticket_shape(B, Hkv). Its values cannot be checked
     without reading it on the device: it must come from `new_tickets` or the previous call's return."""
-    want = (ticket_count(shape.batch, shape.num_kv_heads),)
+    want = ticket_shape(shape.batch, shape.num_kv_heads)
     dtype = getattr(tickets, "dtype", None)
     if tuple(getattr(tickets, "shape", ())) != want or dtype is None or str(dtype) != "int32":
         raise ValueError(

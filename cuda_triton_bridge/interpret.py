@@ -23,7 +23,7 @@ import torch
 import triton
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_tickets, resolve_call, ticket_count
+from cuda_triton_bridge.config import check_tickets, resolve_call, ticket_shape
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
 
@@ -184,7 +184,7 @@ def main(argv=None):
         if "kv_len" in kwargs:  # JSON holds a list; the kernel takes an int array
             kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
         if kwargs.pop("persistent_tickets", False):
-            tickets = np.zeros((ticket_count(q.shape[0], k.shape[1]),), np.int32)
+            tickets = np.zeros(ticket_shape(q.shape[0], k.shape[1]), np.int32)
             *_, tickets = longflow_decode_attention_interpret(
                 q, k, v, data[f"valid_{i}"], tickets=tickets, **kwargs
             )

@@ -10,7 +10,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups, ticket_count
+from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups, ticket_shape
 
 FINAL_REDUCES = ("atomic", "xla")
 DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
@@ -135,7 +135,7 @@ def plan_launch(
     spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
     programs one after another (there the last program to arrive does every share).
     persistent_tickets: the fused and coop kernels take their tickets from the caller, int32
-    [ticket_count(B, Hkv)] and zero, and leave them zero (no zeroed buffer per launch); the separate
+    ticket_shape(B, Hkv) and zero, and leave them zero (no zeroed buffer per launch); the separate
     epilogue needs none (its split kernel zeroes the combine kernel's counter)."""
     if final_reduce not in FINAL_REDUCES:
         raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
@@ -243,7 +243,7 @@ def plan_launch(
 
 def _tickets(shape: DecodeShape, count: int, persistent: bool) -> Buffer:
     """A one-kernel plan's ticket buffer: `count` tickets, or the caller's whole persistent buffer."""
-    return _buf((ticket_count(shape.batch, shape.num_kv_heads) if persistent else count,), "i32")
+    return _buf(ticket_shape(shape.batch, shape.num_kv_heads) if persistent else (count,), "i32")
 
 
 def _plan_fused(

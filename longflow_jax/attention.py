@@ -54,16 +54,16 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
         # Filled slots are a prefix (kv_cache.py), so the kernel can stop reading at its end: the full
         # cache costs what it holds, not what it reserves, and LongFlow's fill phase likewise.
-        out, evict = _kernel(attention_impl)(
-            q,
-            layer.k,
-            layer.v,
-            valid,
-            scale=scale,
-            granularity=granularity,
-            compute_evict=policy == "longflow",
-            kv_len=occupancy(layer),
+        kw = dict(
+            scale=scale, granularity=granularity, compute_evict=policy == "longflow", kv_len=occupancy(layer)
         )
+        if attention_impl == "triton":  # the layer's persistent tickets: no zero fill per call
+            out, evict, tickets = _kernel(attention_impl)(
+                q, layer.k, layer.v, valid, tickets=layer.tickets, **kw
+            )
+            layer = layer.replace(tickets=tickets)
+        else:
+            out, evict = _kernel(attention_impl)(q, layer.k, layer.v, valid, **kw)
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
         return out, layer.replace(evict_slot=layer.evict_slot + 1)

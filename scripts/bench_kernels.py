@@ -122,9 +122,12 @@ def _with_tickets(fn):
 # the column thread a persistent ticket buffer through its calls (Stateful).
 _JAX_TRITON_ONLY = dict(xla_call=False, xla_combine=False)  # every kernel through jax-triton
 TRITON_COLUMNS = {
-    "triton": {},
-    "triton_tickets": dict(tickets=True),
-    "triton_tickets_noevict": dict(tickets=True, compute_evict=False),
+    # As generate calls it: each layer's persistent tickets threaded through its calls (since session 12).
+    "triton": dict(tickets=True),
+    "triton_noevict": dict(tickets=True, compute_evict=False),  # scoring off, for the eviction overhead
+    # A fresh zeroed ticket buffer per call (the one-launch epilogues' zero fill; sessions 1-11).
+    "triton_fresh": {},
+    "triton_fresh_noevict": dict(compute_evict=False),
     # One launch at B = 9-32 (the default there is the separate epilogue): fused with one 128-slot split,
     # or coop, both on persistent tickets; and every kernel through XLA's launch with them.
     "triton_tickets_fused1": dict(tickets=True, epilogue="fused", block_c=128, num_splits=1),
@@ -135,7 +138,6 @@ TRITON_COLUMNS = {
     "triton_tickets_nodiscard": dict(tickets=True, overrides=dict(discard_t=False)),
     "triton_tickets_nohints": dict(tickets=True, overrides=dict(discard_t=False, cache_hints=False)),
     "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
-    "triton_noevict": dict(compute_evict=False),  # scoring off, for the eviction overhead
     # jaxlib's typed-FFI target, not jax-triton's legacy call
     "triton_ffi": dict(overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),
     "triton_ffi_noevict": dict(compute_evict=False, overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),

@@ -816,21 +816,25 @@ for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
 PY
     ;;
   tickets12)
+    # (Column names as renamed after this ran, at 703fa4c: "triton" then had no tickets, now
+    # "triton_fresh"; "triton_tickets" is now "triton".)
     # Session 12: the one-launch epilogues take a persistent ticket buffer (tickets=...) and leave it zero,
     # so through XLA's launch (B * Hkv < SMs / 2: coop) no zero-fill kernel runs per call.
     timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k tickets -rs 2>&1 \
       | tee "$OUT/tickets_tests.log" | tail -3
-    C=xla_attn,triton,triton_tickets,triton_noevict,triton_tickets_noevict
+    C=xla_attn,triton_fresh,triton,triton_fresh_noevict,triton_noevict
     timeout 240 python3 scripts/bench_kernels.py --reps 30 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,4x8192,16x2048,64x2048 --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     tail -9 "$OUT/bench.log"
     timeout 120 python3 scripts/profile_kernel_chain.py --sizes 1x2048,1x8192 \
-      --columns xla_attn,triton,triton_tickets,triton_noevict,triton_tickets_noevict --reps 3 \
+      --columns xla_attn,triton_fresh,triton,triton_fresh_noevict,triton_noevict --reps 3 \
       > "$OUT/profile.log" 2>&1; tail -12 "$OUT/profile.log" ;;
   loop12)
+    # (Ran with the column names of its commit: "triton_tickets*" there is "triton*" now, and "triton*"
+    # without tickets is "triton_fresh*".)
     # Is B = 1 bound by each program execution's new buffers (XLA updates its CUDA graph for them, session
     # 5)? The same chain once per execution, then 8 times inside a fori_loop, whose body's buffers stay.
-    C=xla_attn,pallas,triton,triton_tickets,triton_noevict,triton_tickets_noevict
+    C=xla_attn,pallas,triton_fresh,triton,triton_fresh_noevict,triton_noevict
     for loops in 1 8; do
       timeout 270 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
         --sizes 1x2048,1x8192,4x8192,16x2048 --loops $loops --copy-mb 1024 --matmul-n 2048 \
@@ -838,23 +842,29 @@ PY
       grep -E "^B=" "$OUT/bench_loops$loops.log"
     done ;;
   loop12b)
+    # (Ran with the column names of its commit: "triton_tickets*" there is "triton*" now, and "triton*"
+    # without tickets is "triton_fresh*".)
     # In the fori_loop form the host's launches no longer hide anything: does a one-launch epilogue, or
     # XLA's launch (in the CUDA graph, but XLA's slower build of the split kernel), win at B >= 16?
-    C=xla_attn,triton_tickets,triton_tickets_noevict,triton_tickets_fused1,triton_tickets_coop
+    C=xla_attn,triton,triton_noevict,triton_tickets_fused1,triton_tickets_coop
     C=$C,triton_tickets_xla,triton_tickets_xla_noevict
     timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192,64x2048 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   loop12c)
+    # (Ran with the column names of its commit: "triton_tickets*" there is "triton*" now, and "triton*"
+    # without tickets is "triton_fresh*".)
     # Does the epilogue's chain wait on t's discard.global.L2 lines (the fence before the ticket waits for
     # every memory operation before it)? The t-traffic switches off, in the fori_loop form.
-    C=xla_attn,triton_tickets,triton_tickets_nodiscard,triton_tickets_nohints,triton_tickets_noevict
+    C=xla_attn,triton,triton_tickets_nodiscard,triton_tickets_nohints,triton_noevict
     timeout 420 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192,16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   sweep12)
+    # (Ran with the column names of its commit: "triton_tickets*" there is "triton*" now, and "triton*"
+    # without tickets is "triton_fresh*".)
     # b1sweep10 chose the B = 1 coop setting by wall time that the host's per-execution cost dominated;
     # in the fori_loop form the GPU side decides. Then the moved discards at B = 16 (default columns).
     python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/b1_sweep.log"
@@ -888,7 +898,7 @@ for slots in (2048, 8192):
         print(f"B=1 C={slots} {name:26s} {t * 1e6:6.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})", flush=True)
     del sets, runs
 PY
-    C=xla_attn,triton_tickets,triton_tickets_noevict
+    C=xla_attn,triton,triton_noevict
     timeout 200 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --columns $C \
       --sizes 16x2048,16x8192 --loops 8 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1

@@ -428,7 +428,7 @@ def test_persistent_tickets_replace_the_zero_fill(decode_without_jax_triton):
     q = jax.ShapeDtypeStruct((1, 32, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 8, 2048, 128), jnp.bfloat16)
     valid = jax.ShapeDtypeStruct((1, 2048), jnp.bool_)
-    tickets = jax.ShapeDtypeStruct((ctb.ticket_count(1, 8),), jnp.int32)
+    tickets = jax.ShapeDtypeStruct(ctb.ticket_shape(1, 8), jnp.int32)
     fn = decode_without_jax_triton.longflow_decode_attention_triton
 
     def with_tickets(q, k, v, valid, tickets):
@@ -444,7 +444,7 @@ def test_persistent_tickets_replace_the_zero_fill(decode_without_jax_triton):
     assert re.findall(r'name = "(\w+)", num_stages', persistent) == ["decode_coop_kernel"]
     call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", persistent)
     assert call.group(1).split(", ")[5] == "%arg4"  # the tickets argument itself is operand 5
-    assert "operand_index = 5" in persistent and f"tensor<{ctb.ticket_count(1, 8)}xi32>" in persistent
+    assert "operand_index = 5" in persistent and "tensor<1x16xi32>" in persistent
     assert len(jax.eval_shape(functools.partial(fn, scale=0.088), q, kv, kv, valid)) == 2
     outs = jax.eval_shape(with_tickets, q, kv, kv, valid, tickets)
     assert len(outs) == 3 and outs[2].shape == tickets.shape and outs[2].dtype == jnp.int32
@@ -877,19 +877,30 @@ def test_interpreter_leaves_persistent_tickets_zero(interpreted, name):
     # The first call's returned buffer (its second call's results are checked above against the reference).
     (q, k, _, _), _, _, _, tickets = interpreted[name]
     assert tickets is not None and tickets.dtype == np.int32
-    assert tickets.shape == (ctb.ticket_count(q.shape[0], k.shape[1]),)
+    assert tickets.shape == ctb.ticket_shape(q.shape[0], k.shape[1])
     np.testing.assert_array_equal(tickets, 0)
+
+
+def test_layer_cache_holds_the_bridges_ticket_buffer():
+    # generate passes each layer's tickets to the Triton kernel: they must be what the bridge expects.
+    from longflow_jax.kv_cache import layer_from_kept
+
+    k_seq = jnp.zeros((3, 5, 2, 16), jnp.float32)  # [B, P, Hkv, D]
+    kept = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 1, 5))
+    layer = layer_from_kept(k_seq, k_seq, kept, capacity=8)
+    assert layer.tickets.shape == ctb.ticket_shape(3, 2) and layer.tickets.dtype == jnp.int32
+    assert not np.asarray(layer.tickets).any()
 
 
 def test_rejects_bad_tickets():
     q, k, v, kv_valid = make_inputs(_key("tickets"), 2, 8, 2, 64, 32, jnp.float32, "all")
     good = ctb.new_tickets(2, 2)
-    assert good.shape == (ctb.ticket_count(2, 2),) and good.dtype == jnp.int32 and not np.asarray(good).any()
+    assert good.shape == ctb.ticket_shape(2, 2) and good.dtype == jnp.int32 and not np.asarray(good).any()
     for bad, match in [
-        (jnp.zeros((ctb.ticket_count(2, 2) + 1,), jnp.int32), "tickets must be int32"),
-        (jnp.zeros((ctb.ticket_count(2, 2),), jnp.float32), "tickets must be int32"),
+        (jnp.zeros((2, 5), jnp.int32), "tickets must be int32"),
+        (jnp.zeros((2, 4), jnp.float32), "tickets must be int32"),
         (jnp.zeros((2, 2, 2), jnp.int32), "tickets must be int32"),
-        ([0] * ctb.ticket_count(2, 2), "tickets must be int32"),
+        ([[0] * 4] * 2, "tickets must be int32"),
     ]:
         with pytest.raises(ValueError, match=match):
             ctb.longflow_decode_attention_triton(q, k, v, kv_valid, scale=0.1, tickets=bad)
