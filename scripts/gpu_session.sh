@@ -83,6 +83,9 @@
 #             kernel's discards moved after its ticket                                      (~7 min)
 #   ab12      the combine kernel with its discards before the ticket (6c42331) against after it, in
 #             one interleaved run, fori_loop form, B = 16-32                                  (~4 min)
+#   final12   all Triton GPU tests (persistent tickets; kernels as at 6c42331)                 (~9 min)
+#   final12b  generate through both kernels, then the full table in the fori_loop form (8 chains per
+#             execution) and the B = 1 rows in the classic form                            (~8 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -939,6 +942,18 @@ for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
     del sets, runs
 PY
     ;;
+  final12)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -rs 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -4 ;;
+  final12b)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
+      | tee "$OUT/kernel_generate.log" | tail -2
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict,triton_fresh
+    timeout 330 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --loops 8 --columns $C \
+      --out "$OUT/bench_loops8.md" > "$OUT/bench_loops8.log" 2>&1; tail -9 "$OUT/bench_loops8.log"
+    timeout 100 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
+      --sizes 1x2048,1x8192 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/bench_b1_classic.md" > "$OUT/bench_b1_classic.log" 2>&1; grep -E "^B=" "$OUT/bench_b1_classic.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
