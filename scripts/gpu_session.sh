@@ -86,6 +86,7 @@
 #   final12   all Triton GPU tests (persistent tickets; kernels as at 6c42331)                 (~9 min)
 #   final12b  generate through both kernels, then the full table in the fori_loop form (8 chains per
 #             execution) and the B = 1 rows in the classic form                            (~8 min)
+#   disc12    t's L2 discard on and off by the size of t (0.25-16 MB), fori_loop form, 20 reps (~5 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -954,6 +955,14 @@ PY
     timeout 100 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --columns $C \
       --sizes 1x2048,1x8192 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench_b1_classic.md" > "$OUT/bench_b1_classic.log" 2>&1; grep -E "^B=" "$OUT/bench_b1_classic.log" ;;
+  disc12)
+    # loop12c: without t's discard 16x2048 (t 4 MB) was 0.4 us faster and 16x8192 (t 16 MB) 5.7 us slower.
+    # Where does it pay, by the size of t (B * 32 heads * C * 4 bytes)?
+    C=xla_attn,triton,triton_tickets_nodiscard,triton_noevict
+    timeout 500 python3 scripts/bench_kernels.py --reps 20 --queued 4 --interleave --loops 8 --columns $C \
+      --sizes 1x2048,1x8192,4x8192,8x4096,16x2048,8x8192,16x4096,32x2048 --copy-mb 1024 --matmul-n 2048 \
+      --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
+    grep -E "^B=|FAILED" "$OUT/bench.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
