@@ -114,7 +114,8 @@ class LaunchConfig:
     # The traffic of t (docs/KERNEL_NOTES_triton.md, session 4): cache_hints stores t (and the fused
     # epilogue's per-KV-head importances) with L2 evict_last; discard_t drops their lines from L2 once the
     # epilogue has read them (discard.global.L2), so a line still in L2 is never written back to DRAM.
-    # Both on by default; resolve_config(overrides=...) turns them off for A/B runs.
+    # cache_hints on by default; discard_t by default_discard_t (t over 4 MiB). resolve_config(overrides=...)
+    # sets either for A/B runs.
     cache_hints: bool = True
     discard_t: bool = True
     # Launch through jaxlib's typed-FFI Triton target where jax has it (ffi_target.py) instead of
@@ -367,12 +368,24 @@ def resolve_config(
         combine_num_warps=COMBINE_NUM_WARPS,
         vnorm=vnorm,
         epilogue=epilogue,
+        discard_t=default_discard_t(shape),
         xla_call=default_xla_call(shape, sms),
     )
     return _apply_overrides(cfg, overrides)
 
 
 OVERRIDE_FIELDS = ("cache_hints", "discard_t", "ffi_call", "xla_call", "xla_combine")
+# t (f32, B x Hq x C) up to this size stays in L2 once read: the next call's t overwrites the same lines
+# there, and the discards cost more than the write-back they save. Measured in the fori_loop form
+# (docs/BENCHMARKS.md, session 12): 0.4-0.5 us faster without the discard at 16x2048 (4 MiB, two runs),
+# the same at B = 1-8 (0.25-4 MiB); above it mixed (16x4096 0.5 us faster, 32x2048 1.4 slower, 8 MiB
+# each) and 5.7 us slower at 16x8192 (16 MiB).
+DISCARD_T_MIN_BYTES = 4 << 20
+
+
+def default_discard_t(shape: DecodeShape) -> bool:
+    """Drop t's lines from L2 once read only where t is larger than DISCARD_T_MIN_BYTES."""
+    return 4 * shape.batch * shape.num_q_heads * shape.num_slots > DISCARD_T_MIN_BYTES
 
 
 def _apply_overrides(cfg: LaunchConfig, overrides: dict | None) -> LaunchConfig:

@@ -87,6 +87,8 @@
 #   final12b  generate through both kernels, then the full table in the fori_loop form (8 chains per
 #             execution) and the B = 1 rows in the classic form                            (~8 min)
 #   disc12    t's L2 discard on and off by the size of t (0.25-16 MB), fori_loop form, 20 reps (~5 min)
+#   final12c  all Triton GPU tests after t's discard became size-dependent (off up to 4 MiB)     (~9 min)
+#   final12d  generate through both kernels, then the full table in the fori_loop form              (~7 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -963,6 +965,15 @@ PY
       --sizes 1x2048,1x8192,4x8192,8x4096,16x2048,8x8192,16x4096,32x2048 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
+  final12c)
+    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -rs 2>&1 \
+      | tee "$OUT/triton_tests.log" | tail -4 ;;
+  final12d)
+    timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
+      | tee "$OUT/kernel_generate.log" | tail -2
+    C=xla_attn,pallas,pallas_noevict,triton,triton_noevict,triton_fresh
+    timeout 400 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --loops 8 --columns $C \
+      --out "$OUT/bench_loops8.md" > "$OUT/bench_loops8.log" 2>&1; grep -E "^B=" "$OUT/bench_loops8.log" ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \

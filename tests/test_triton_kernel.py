@@ -223,6 +223,18 @@ def test_discard_needs_sm80_and_a_gpu(epilogue):
     assert not getattr(plan_launch(shape, off, **kw), main).meta["DISCARD_T"]
 
 
+def test_t_is_discarded_only_above_four_mib():
+    # B x 32 heads x C x 4 bytes of t: 16x2048 is exactly 4 MiB (kept in L2), 8x8192 and 16x8192 above.
+    def discard(batch, slots, **kw):
+        return ctb.resolve_config(ctb.config.DecodeShape(batch, 32, 8, slots, 128), sms=132, **kw).discard_t
+
+    assert not discard(1, 8192) and not discard(4, 8192) and not discard(16, 2048)
+    assert discard(8, 8192) and discard(16, 8192) and discard(64, 2048) and discard(32, 2048)
+    assert discard(16, 2048, overrides=dict(discard_t=True)) and not discard(
+        64, 2048, overrides=dict(discard_t=False)
+    )
+
+
 def test_coop_grid_must_fit_one_program_per_sm():
     # Its programs wait for each other: a grid larger than the SM count could deadlock, so it is refused.
     shape = ctb.config.DecodeShape(16, 32, 8, 2048, 128)
@@ -480,11 +492,13 @@ def test_kernels_compile_for_sm90_without_spills(
     names = {"separate": "decode_split_kernel", "coop": "decode_coop_kernel"}
     main = reports[names.get(epilogue, "decode_fused_kernel")]
     assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
-    # With scoring, t is stored evict_last and whoever reads it back drops its lines from L2.
+    # With scoring, t is stored evict_last, and whoever reads it back drops its lines from L2 where t is
+    # over 4 MiB (config.default_discard_t): at B = 64 here, not at B <= 16.
     if compute_evict:
         reader = reports["decode_combine_kernel"] if epilogue == "separate" else main
         assert main["sass_ops"].get("STG.E.EL.128", 0) > 0, main["sass_ops"]
-        assert reader["sass_ops"].get("CCTL.E.RML2", 0) > 0, reader["sass_ops"]
+        discards = reader["sass_ops"].get("CCTL.E.RML2", 0)
+        assert (discards > 0) == (batch == 64), reader["sass_ops"]
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
     # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction
     # (24 against 16 HMMAs per 32 slots of the block).
@@ -1009,22 +1023,24 @@ def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
 @pytest.mark.parametrize(
     "overrides, num_splits, epilogue",
     [
-        (None, 1, "separate"),
+        # (t is 1.3 MB here, under default_discard_t's bound: the discard is forced on where it is tested.)
+        (dict(discard_t=True), 1, "separate"),
+        (dict(discard_t=True), 4, "separate"),
         (None, 4, "separate"),
-        (None, 1, "fused"),
-        (None, 4, "fused"),
+        (dict(discard_t=True), 1, "fused"),
+        (dict(discard_t=True), 4, "fused"),
         (dict(cache_hints=False, discard_t=False), 1, "separate"),
         (dict(cache_hints=False, discard_t=False), 4, "fused"),
         (dict(discard_t=False), 4, "separate"),
         (dict(cache_hints=False), 4, "fused"),
-        (None, 1, "coop"),
-        (None, 3, "coop"),  # 5 x 8 x 3 = 120 programs: the most that fit one per SM on an H100
+        (dict(discard_t=True), 1, "coop"),
+        (dict(discard_t=True), 3, "coop"),  # 5 x 8 x 3 = 120 programs: the most that fit one per SM (H100)
         (dict(cache_hints=False, discard_t=False), 3, "coop"),
     ],
 )
 @gpu
 def test_t_traffic_switches_match_reference(granularity, overrides, num_splits, epilogue):
-    # A partly filled buffer; C a multiple of 32, so discard_t (on by default) drops t's lines.
+    # A partly filled buffer; C a multiple of 32, so discard_t (where on) drops t's lines.
     key = _key("switches", granularity, num_splits, epilogue, sorted((overrides or {}).items()))
     q, k, v, valid = make_inputs(key, 5, 32, 8, 2048, 128, jnp.bfloat16)
     kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
