@@ -8,7 +8,12 @@ the steady state of LongFlow decoding):
   xla_attn        plain decode attention through XLA (jnp einsums + softmax, jitted, no scoring)
   xla_longflow    the jnp reference (attention + importance + argmin through XLA)
   triton          cuda_triton_bridge.longflow_decode_attention_triton, when that package imports and
-                  triton + jax_triton are there (the TRITON HOOK below); otherwise omitted
+                  triton + jax_triton are there (the TRITON HOOK below); otherwise omitted. As generate
+                  calls it: one persistent ticket buffer threaded through the chain (a Stateful column)
+  triton_fresh    the same with a fresh zeroed ticket buffer per call (sessions 1-11); _noevict without
+                  scoring
+  triton_tickets_{fused1,coop,xla,xla_noevict,nodiscard,nohints}  on persistent tickets: a one-launch
+                  epilogue, XLA's launch for every kernel, or t's L2 switches off
   triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
   triton_noevict  the same with compute_evict=False
   triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
@@ -31,7 +36,10 @@ together well over the 50 MB L2, so no call finds its K/V in cache); the per-cal
 over repetitions of that program's wall time (after jax.block_until_ready) divided by the number of
 calls (latency, the default). With --queued Q each repetition queues Q executions before one sync
 (throughput: the host's launches overlap the GPU's previous execution, so what remains is the GPU's
-time per call when the host keeps ahead). With --interleave the repetitions of one size go
+time per call when the host keeps ahead). With --loops N the program runs its chain N times inside a
+lax.fori_loop, as a decode loop runs its step: the loop body's buffers stay the same, where each program
+execution gets new output buffers and XLA updates its CUDA graph for them (most of the time per call at
+B = 1 without it; docs/BENCHMARKS.md, session 12). With --interleave the repetitions of one size go
 round-robin over the columns, so the machine's drift hits all columns alike. Achieved bandwidth =
 bytes of K + V read / time.
 
