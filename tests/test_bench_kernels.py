@@ -53,6 +53,20 @@ def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
     assert [float(e) for e in evicts] == [3, 4, 5]
 
 
+def test_with_tickets_threads_the_bridges_ticket_buffer():
+    seen = []
+
+    def kernel(q, k, v, valid, *, tickets):  # stands in for the Triton entry point
+        seen.append(tickets.shape)
+        return q + 1, jnp.zeros(q.shape[0], jnp.int32), tickets + 1
+
+    column = bk._with_tickets(kernel)
+    sets = [(jnp.zeros((2, 3)), None, None, None)]
+    out, evicts = bk.chain_program(column, sets, min_calls=3)[0](sets[0][0], sets)
+    assert np.asarray(out).tolist() == [[3] * 3] * 2 and len(evicts) == 3
+    assert seen == [(2, 2 * bk.NUM_KV_HEADS)] * 3  # cuda_triton_bridge.ticket_shape(B, Hkv), made once
+
+
 @pytest.mark.parametrize("queued", [0, 1, 3])
 def test_time_program_runs_queued_executions_per_sync(queued):
     calls = []
