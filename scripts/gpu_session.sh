@@ -89,6 +89,8 @@
 #   disc12    t's L2 discard on and off by the size of t (0.25-16 MB), fori_loop form, 20 reps (~5 min)
 #   final12c  all Triton GPU tests after t's discard became size-dependent (off up to 4 MiB)     (~9 min)
 #   final12d  generate through both kernels, then the full table in the fori_loop form              (~7 min)
+#   spin12    the coop barrier spinning on plain L2 reads (one acquire after) against atomic polls, A/B in
+#             one run at B = 1-8 (fori_loop form), then the coop GPU tests                   (~6 min)
 #   ibench8   bench_kernels.py --interleave (repetitions round-robin over the columns) by throughput, all
 #             sizes; then B = 1 with 40 repetitions                                          (~6 min)
 #   combine8  the Triton combine kernel's chunk / tile / warps at 16x2048 and 16x8192, interleaved (~3 min)
@@ -974,6 +976,39 @@ PY
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict,triton_fresh
     timeout 400 python3 scripts/bench_kernels.py --reps 15 --queued 4 --interleave --loops 8 --columns $C \
       --out "$OUT/bench_loops8.md" > "$OUT/bench_loops8.log" 2>&1; grep -E "^B=" "$OUT/bench_loops8.log" ;;
+  spin12)
+    # The coop kernel's barrier: 128 programs at B = 1 polled the arrival count with atomics, which queue at
+    # the counter's L2 slice with the arrivals they wait for. A/B as in ab12 (the kernels before the change
+    # came along untracked as tmp_ab13/), then the GPU tests that run coop.
+    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
+import functools, importlib.util, sys
+sys.path.insert(0, "scripts")
+import bench_kernels as bk
+from cuda_triton_bridge import decode, longflow_decode_attention_triton as tri
+spec = importlib.util.spec_from_file_location("kernels_before", "tmp_ab13/kernels_before.py")
+before = importlib.util.module_from_spec(spec); spec.loader.exec_module(before)
+after = decode.kernels
+scale = bk.HEAD_DIM ** -0.5
+for batch, slots in [(1, 2048), (1, 8192), (4, 8192), (8, 4096)]:
+    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
+    runs = {}
+    def add(name, fn, kernels=after):
+        decode.kernels = kernels
+        try:
+            runs[name] = bk.interleave_entry(name, fn, sets, scale, compile_now=True, loops=8)[1]
+        finally:
+            decode.kernels = after
+    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
+    add("noevict (read spin)", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
+    add("atomic polls", bk._with_tickets(functools.partial(tri, scale=scale)), before)
+    add("read spin", bk._with_tickets(functools.partial(tri, scale=scale)))
+    res = bk.time_interleaved(runs, 20, queued=4)
+    for name, (t, (lo, hi)) in res.items():
+        print(f"B={batch} C={slots} {name:20s} {t * 1e6:7.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})", flush=True)
+    del sets, runs
+PY
+    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "coop or default_config or tickets or decode_loop" 2>&1 \
+      | tee "$OUT/coop_tests.log" | tail -3 ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
