@@ -999,7 +999,7 @@ for batch, slots in [(1, 2048), (1, 8192), (4, 8192), (8, 4096)]:
         finally:
             decode.kernels = after
     add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
-    add("noevict (read spin)", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
+    add("read spin, noevict", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
     add("atomic polls", bk._with_tickets(functools.partial(tri, scale=scale)), before)
     add("read spin", bk._with_tickets(functools.partial(tri, scale=scale)))
     res = bk.time_interleaved(runs, 20, queued=4)
@@ -1007,8 +1007,10 @@ for batch, slots in [(1, 2048), (1, 8192), (4, 8192), (8, 4096)]:
         print(f"B={batch} C={slots} {name:20s} {t * 1e6:7.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})", flush=True)
     del sets, runs
 PY
-    timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -k "coop or default_config or tickets or decode_loop" 2>&1 \
-      | tee "$OUT/coop_tests.log" | tail -3 ;;
+    # (check_column takes a name ending in "noevict" for the -1 placeholder: the first run named it otherwise
+    # and stopped there; the tests below then passed, 65 of them.) SKIP_TESTS=1: the A/B alone (spin12b).
+    [ -n "$SKIP_TESTS" ] || timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+      -k "coop or default_config or tickets or decode_loop" 2>&1 | tee "$OUT/coop_tests.log" | tail -3 ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
     timeout 270 python3 scripts/bench_kernels.py --reps 10 --queued 4 --interleave --columns $C \
