@@ -732,11 +732,8 @@ def decode_coop_kernel(
         tl.debug_barrier()
         arrived = tl.atomic_add(count_ptr + bar, 1, sem="acq_rel", scope="gpu") + 1
         if SPIN:
-            # Spin on plain L2 reads: an atomic poll would queue at the counter's L2 slice with the
-            # arrivals it waits for. One acquire once the count is complete orders the reads past it.
             while arrived < NSH:
-                arrived = tl.load(count_ptr + bar, volatile=True)
-            tl.atomic_add(count_ptr + bar, 0, sem="acquire", scope="gpu")
+                arrived = tl.atomic_add(count_ptr + bar, 0, sem="acquire", scope="gpu")
             tl.debug_barrier()
             _coop_finish_share(
                 share, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr,
