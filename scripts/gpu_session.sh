@@ -979,7 +979,9 @@ PY
   spin12)
     # The coop kernel's barrier: 128 programs at B = 1 polled the arrival count with atomics, which queue at
     # the counter's L2 slice with the arrivals they wait for. A/B as in ab12 (the kernels before the change
-    # came along untracked as tmp_ab13/), then the GPU tests that run coop.
+    # came along untracked as tmp_ab13/: kernels.py at dd0f960), then the GPU tests that run coop. Ran at
+    # 583939c and e5dc160; the read spin was backed out after it (no gain), so at a later commit this
+    # needs that kernels.py back.
     python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
 import functools, importlib.util, sys
 sys.path.insert(0, "scripts")
