@@ -87,7 +87,7 @@
 #   final12b  generate through both kernels, then the full table in the fori_loop form (8 chains per
 #             execution) and the B = 1 rows in the classic form                            (~8 min)
 #   disc12    t's L2 discard on and off by the size of t (0.25-16 MB), fori_loop form, 20 reps (~5 min)
-#   final12c  all Triton GPU tests after t's discard became size-dependent (off up to 4 MiB)     (~9 min)
+#   final12c  (= final12) all Triton GPU tests after t's discard became size-dependent (off up to 4 MiB)     (~9 min)
 #   final12d  generate through both kernels, then the full table in the fori_loop form              (~7 min)
 #   spin12    the coop barrier spinning on plain L2 reads (one acquire after) against atomic polls, A/B in
 #             one run at B = 1-8 (fori_loop form), then the coop GPU tests                   (~6 min)
@@ -917,37 +917,10 @@ PY
     # (The device's copy has no git history: there the file came along untracked, as tmp_ab12/.)
     git show 6c42331:cuda_triton_bridge/kernels.py > /tmp/kernels_before.py 2>/dev/null \
       || cp tmp_ab12/kernels_before.py /tmp/kernels_before.py
-    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
-import functools, importlib.util, sys
-sys.path.insert(0, "scripts")
-import bench_kernels as bk
-from cuda_triton_bridge import decode, longflow_decode_attention_triton as tri
-spec = importlib.util.spec_from_file_location("kernels_before", "/tmp/kernels_before.py")
-before = importlib.util.module_from_spec(spec); spec.loader.exec_module(before)
-after = decode.kernels
-scale = bk.HEAD_DIM ** -0.5
-for batch, slots in [(16, 2048), (16, 8192), (32, 2048)]:
-    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
-    runs = {}
-    def add(name, fn, kernels=after):
-        decode.kernels = kernels
-        try:
-            runs[name] = bk.interleave_entry(name, fn, sets, scale, compile_now=True, loops=8)[1]
-        finally:
-            decode.kernels = after
-    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
-    add("noevict", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
-    add("discard before ticket", bk._with_tickets(functools.partial(tri, scale=scale)), before)
-    add("discard after ticket", bk._with_tickets(functools.partial(tri, scale=scale)))
-    res = bk.time_interleaved(runs, 20, queued=4)
-    base = res["noevict"][0]
-    for name, (t, (lo, hi)) in res.items():
-        print(f"B={batch} C={slots} {name:22s} {t * 1e6:7.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})"
-              f"  overhead {100 * (t / base - 1):5.1f}%", flush=True)
-    del sets, runs
-PY
-    ;;
-  final12)
+    # Ran (at 0621e41) with these steps spelled out inline; scripts/ab_kernels.py does the same since.
+    python3 scripts/ab_kernels.py --before /tmp/kernels_before.py --sizes 16x2048,16x8192,32x2048 \
+      --names "discard before ticket,discard after ticket" 2>&1 | grep -v Warn | tee "$OUT/ab.log" ;;
+  final12 | final12c)  # the same tests before (final12) and after (final12c) t's discard rule
     timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -rs 2>&1 \
       | tee "$OUT/triton_tests.log" | tail -4 ;;
   final12b)
@@ -967,9 +940,6 @@ PY
       --sizes 1x2048,1x8192,4x8192,8x4096,16x2048,8x8192,16x4096,32x2048 --copy-mb 1024 --matmul-n 2048 \
       --out "$OUT/bench.md" > "$OUT/bench.log" 2>&1
     grep -E "^B=|FAILED" "$OUT/bench.log" ;;
-  final12c)
-    timeout 560 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py -rs 2>&1 \
-      | tee "$OUT/triton_tests.log" | tail -4 ;;
   final12d)
     timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_kernel_generate.py -rs 2>&1 \
       | tee "$OUT/kernel_generate.log" | tail -2
@@ -982,36 +952,13 @@ PY
     # came along untracked as tmp_ab13/: kernels.py at dd0f960), then the GPU tests that run coop. Ran at
     # 583939c and e5dc160; the read spin was backed out after it (no gain), so at a later commit this
     # needs that kernels.py back.
-    python3 - <<'PY' 2>&1 | grep -v Warn | tee "$OUT/ab.log"
-import functools, importlib.util, sys
-sys.path.insert(0, "scripts")
-import bench_kernels as bk
-from cuda_triton_bridge import decode, longflow_decode_attention_triton as tri
-spec = importlib.util.spec_from_file_location("kernels_before", "tmp_ab13/kernels_before.py")
-before = importlib.util.module_from_spec(spec); spec.loader.exec_module(before)
-after = decode.kernels
-scale = bk.HEAD_DIM ** -0.5
-for batch, slots in [(1, 2048), (1, 8192), (4, 8192), (8, 4096)]:
-    sets = bk.make_sets(batch, slots, bk.n_sets_for(batch, slots))
-    runs = {}
-    def add(name, fn, kernels=after):
-        decode.kernels = kernels
-        try:
-            runs[name] = bk.interleave_entry(name, fn, sets, scale, compile_now=True, loops=8)[1]
-        finally:
-            decode.kernels = after
-    add("xla_attn", functools.partial(bk.xla_attention, scale=scale))
-    add("read spin, noevict", bk._with_tickets(functools.partial(tri, scale=scale, compute_evict=False)))
-    add("atomic polls", bk._with_tickets(functools.partial(tri, scale=scale)), before)
-    add("read spin", bk._with_tickets(functools.partial(tri, scale=scale)))
-    res = bk.time_interleaved(runs, 20, queued=4)
-    for name, (t, (lo, hi)) in res.items():
-        print(f"B={batch} C={slots} {name:20s} {t * 1e6:7.2f} us (min {lo * 1e6:.2f}, max {hi * 1e6:.2f})", flush=True)
-    del sets, runs
-PY
+    # Ran (at 583939c, e5dc160) with these steps spelled out inline, the no-scoring column named "read
+    # spin, noevict"; scripts/ab_kernels.py does the same since.
+    python3 scripts/ab_kernels.py --before tmp_ab13/kernels_before.py --sizes 1x2048,1x8192,4x8192,8x4096 \
+      --names "atomic polls,read spin" 2>&1 | grep -v Warn | tee "$OUT/ab.log"
     # (check_column takes a name ending in "noevict" for the -1 placeholder: the first run named it otherwise
-    # and stopped there; the tests below then passed, 65 of them.) SKIP_TESTS=1: the A/B alone (spin12b).
-    [ -n "$SKIP_TESTS" ] || timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
+    # and stopped there; the tests below then passed, 65 of them.) SKIP_TESTS=1 runs the A/B alone (the second run).
+    [ -n "${SKIP_TESTS:-}" ] || timeout 330 python3 -m pytest -q -p no:cacheprovider tests/test_triton_kernel.py \
       -k "coop or default_config or tickets or decode_loop" 2>&1 | tee "$OUT/coop_tests.log" | tail -3 ;;
   ibench8)
     C=xla_attn,pallas,pallas_noevict,triton,triton_noevict
