@@ -1,4 +1,4 @@
-"""Fused LongFlow decode kernel (attention + importance + eviction) in native Triton, called from JAX.
+"""LongFlow's fused decode kernel (attention + importance + eviction) in native Triton, called from JAX.
 
 Importing this package needs neither triton nor jax-triton: they are imported when the kernel is first
 called. `triton_available()` says whether it can run here.
@@ -8,16 +8,9 @@ from __future__ import annotations
 
 import functools
 
-from cuda_triton_bridge.config import LaunchConfig, resolve_config, ticket_shape
+from cuda_triton_bridge.config import LaunchConfig, check_kernel_state, kernel_state_shape, plan_inputs
 
-__all__ = [
-    "LaunchConfig",
-    "longflow_decode_attention_triton",
-    "new_tickets",
-    "resolve_config",
-    "ticket_shape",
-    "triton_available",
-]
+__all__ = ["LaunchConfig", "init_kernel_state", "longflow_decode_attention_triton", "triton_available"]
 
 
 @functools.cache
@@ -35,12 +28,13 @@ def triton_available() -> bool:
         return False
 
 
-def new_tickets(batch: int, num_kv_heads: int):
-    """A zero persistent ticket buffer for `longflow_decode_attention_triton(..., tickets=...)`: int32
-    ticket_shape(batch, num_kv_heads). One per cache (e.g. per layer), threaded through the calls."""
+def init_kernel_state(batch: int, num_kv_heads: int):
+    """The kernel's per-layer state for `longflow_decode_attention_triton(..., kernel_state=...)`: a zero
+    int32 ticket buffer that the one-launch epilogues count their programs in and leave zero again, so
+    no zero fill runs per call. One per cache layer, threaded through the calls (donated or carried)."""
     import jax.numpy as jnp
 
-    return jnp.zeros(ticket_shape(batch, num_kv_heads), jnp.int32)
+    return jnp.zeros(kernel_state_shape(batch, num_kv_heads), jnp.int32)
 
 
 def longflow_decode_attention_triton(
@@ -52,16 +46,9 @@ def longflow_decode_attention_triton(
     scale,
     granularity="sequence",
     compute_evict=True,
-    block_c=None,
-    num_splits=None,
-    num_warps=None,
-    num_stages=None,
-    vnorm=None,
-    final_reduce="atomic",
-    epilogue=None,
     kv_len=None,
-    overrides=None,
-    tickets=None,
+    launch: LaunchConfig | None = None,
+    kernel_state=None,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -74,67 +61,31 @@ def longflow_decode_attention_triton(
       granularity: "sequence" (one evict slot per sequence, importance summed over all query heads) or
         "kv_head" (one per KV head, summed over its query-head group).
       compute_evict: False skips all importance work and returns evict_slot filled with -1.
-      block_c: slots per loop iteration (power of two in [16, 512]); None: tuned default.
-      num_splits: split-K programs per (sequence, KV head) in [1, ceil(C / block_c)]; rounded to whole
-        blocks per split. None: enough to fill the GPU.
-      num_warps, num_stages: Triton launch parameters of the main kernel; None: tuned defaults.
-      vnorm: how the main kernel takes ||v||_1 for the importance: "mma" (on the tensor cores) or
-        "reduce" (a row sum); None: the default (config.VNORM). Same numbers up to summation order.
-      epilogue: "separate" (a second, combine kernel over (chunk, sequence) programs merges the splits
-        and scores the slots), "fused" (one launch: the last split of each KV head, then the last KV
-        head of each sequence, does it, coordinated by atomic tickets), "coop" (one launch: every
-        program waits at a barrier of its sequence, then finishes a share of the epilogue; only where
-        the grid has at most one program per SM, else ValueError), or None: the measured choice
-        (config.default_epilogue: coop while B * Hkv < SMs / 2, separate with one split of 128-slot
-        blocks up to B * Hkv < 2 * SMs, fused above).
-      final_reduce: with epilogue="separate": "atomic" (the last combine program of a sequence reduces
-        the chunk minima) or "xla" (a jnp argmin over the chunk minima; a cross-check).
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if
         kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
-        filled slots are a prefix (every cache of longflow_jax) costs what its prefix costs. None: C.
-      overrides: switches of `config.LaunchConfig` as a dict of bools, for A/B runs: cache_hints (t
-        stored with L2 evict_last) and discard_t (t dropped from L2 once read), both on by default;
-        ffi_call (launch through jaxlib's typed-FFI Triton target, jax >= 0.10.1, instead of jax-triton's
-        legacy custom call), off by default: measured slower. Which launch each kernel takes:
-        xla_call (every kernel through XLA's own Triton custom call; default: at a small batch,
-        B * Hkv < SMs / 2) and xla_combine (the combine kernel through it even where the main kernel
-        goes through jax-triton; default on). Measured on an H100: docs/BENCHMARKS.md, session 10.
-      tickets: optional persistent ticket buffer, int32 ticket_shape(B, Hkv) = [B, 2 Hkv], from
-        `new_tickets` or the previous call's return (donate it, or thread it through a loop carry).
-        The one-launch epilogues ("coop", "fused") count their programs in it and leave it zero again,
-        so no zeroed buffer is made for them per call (through XLA's launch that is a fill kernel of
-        its own; 0.8-1.0 us a call at B = 1-4 in a decode loop, docs/BENCHMARKS.md, session 12). A
-        buffer that is not all zeros at the call hangs or corrupts the coop kernel's barrier: never
-        pass one that anything else wrote. None: a fresh zero buffer per call.
+        filled slots are a prefix costs what its prefix costs. None: C.
+      launch: a `LaunchConfig`; its None fields (all, by default) take the tuned defaults.
+      kernel_state: the per-layer state from `init_kernel_state` or the previous call's return (never a
+        buffer anything else wrote: a non-zero one hangs or corrupts the coop kernel's barrier). None:
+        a fresh one per call.
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
-      `longflow_jax.reference.longflow_decode_attention_reference` up to float rounding. Invalid slots
-      score -1 and ties go to the lowest slot, as there. With `tickets`: (out, evict_slot, tickets), the
-      buffer for the next call.
+      `pallas_kernels.reference.longflow_decode_attention_reference` up to float rounding; invalid slots
+      score -1 and ties go to the lowest slot, as there. With `kernel_state`: (out, evict_slot,
+      kernel_state), the state for the next call.
 
     Raises:
-      ValueError: shapes, dtypes, scale or a launch parameter outside the contract (checked before any
-        triton import).
+      ValueError: shapes, dtypes, scale, state or a launch field outside the contract (checked before
+        any triton import).
     """
-    from cuda_triton_bridge.config import check_tickets, resolve_call
-
-    launch = dict(
-        block_c=block_c,
-        num_splits=num_splits,
-        num_warps=num_warps,
-        num_stages=num_stages,
-        vnorm=vnorm,
-        epilogue=epilogue,
-        overrides=overrides,
-    )
     # Checked here, before any triton import, so bad input fails the same way with or without a GPU.
-    shape, _, _ = resolve_call(
+    shape, kv_len, cfg = plan_inputs(
         q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
-        compute_evict=compute_evict, **launch,
+        compute_evict=compute_evict, launch=launch,
     )  # fmt: skip
-    if tickets is not None:
-        check_tickets(tickets, shape)
+    if kernel_state is not None:
+        check_kernel_state(kernel_state, shape)
     try:
         from cuda_triton_bridge import decode  # triton + jax_triton from here on
     except ImportError as e:
@@ -142,17 +93,7 @@ def longflow_decode_attention_triton(
             "longflow_decode_attention_triton needs triton>=3.6 and jax-triton>=0.3.1 "
             "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
         ) from e
-
-    return decode.longflow_decode_attention_triton(
-        q,
-        k_cache,
-        v_cache,
-        kv_valid,
-        scale=scale,
-        granularity=granularity,
-        compute_evict=compute_evict,
-        final_reduce=final_reduce,
-        kv_len=kv_len,
-        tickets=tickets,
-        **launch,
+    out, evict_slot, state = decode.run(
+        q, k_cache, v_cache, kv_valid, kv_len, float(scale), shape, cfg, granularity, compute_evict, kernel_state
     )
+    return (out, evict_slot) if kernel_state is None else (out, evict_slot, state)

@@ -1,19 +1,14 @@
-"""JAX entry point of the Triton decode kernel. Each kernel is launched through `jax_triton.triton_call`
-or through XLA's own Triton custom call (xla_call.py). Which one, per kernel: LaunchConfig.xla_call (the
-main kernel; default at a small batch) and xla_combine (the combine kernel; default on).
-
-Imports triton and jax_triton at module level; `cuda_triton_bridge/__init__.py` imports this module only
-when the kernel is called, so the package itself imports anywhere.
+"""The JAX launcher of the Triton decode kernels (imports triton and jax_triton at module level;
+`cuda_triton_bridge/__init__.py` imports this module only when the kernel is called).
 
 Launches per call (all inside the caller's jit, no host sync), see launch.py:
-  * split kernel, grid (num_splits, Hkv, B);
-  * combine kernel, grid (max(Hq, slot chunks), B), when there is something to combine: num_splits > 1
-    or compute_evict. With one split and compute_evict=False the split kernel writes the normalised
-    output and the -1 evict slots itself: one launch.
-  * or one launch of the fused or coop kernel (epilogue="fused" / "coop"). Its tickets start at zero:
-    jax-triton memsets them, and through XLA's call they are a zero buffer aliased to the output. With
-    the caller's persistent `tickets` neither: the buffer is aliased in and out, and the kernel leaves
-    it zero (no zero fill, which through XLA's call is a kernel of its own).
+  * split kernel, grid (num_splits, Hkv, B), then the combine kernel, grid (max(Hq, slot chunks), B),
+    when there is something to combine (num_splits > 1 or compute_evict). With one split and
+    compute_evict=False the split kernel writes the normalised output and the -1 evict slots itself;
+  * or one launch of the fused or coop kernel, whose tickets are the caller's kernel state, aliased in
+    and out (the kernel leaves them zero).
+The main kernel goes through XLA's own Triton custom call (xla_call.py) or jax-triton's, as the launch
+config says; the combine kernel always through XLA's.
 """
 
 from __future__ import annotations
@@ -26,11 +21,9 @@ import jax_triton as jt
 import numpy as np
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_tickets, resolve_call
-from cuda_triton_bridge.ffi_target import custom_call_target, install
+from cuda_triton_bridge.config import kernel_state_shape
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 from cuda_triton_bridge.xla_call import xla_triton_call
-from longflow_jax.reference import evict_argmin_of_chunks
 
 
 @functools.cache
@@ -39,126 +32,61 @@ def _compute_capability() -> int:
     return int(jt.get_compute_capability(0))
 
 
-def _out_shapes(launch, q_dtype):
-    dtypes = {"q": q_dtype, "f32": jnp.float32, "i32": jnp.int32}
-    return [jax.ShapeDtypeStruct(buf.shape, dtypes[buf.dtype]) for buf in launch.outputs]
-
-
-def longflow_decode_attention_triton(
-    q,
-    k_cache,
-    v_cache,
-    kv_valid,
-    *,
-    scale,
-    granularity="sequence",
-    compute_evict=True,
-    block_c=None,
-    num_splits=None,
-    num_warps=None,
-    num_stages=None,
-    vnorm=None,
-    final_reduce="atomic",
-    epilogue=None,
-    kv_len=None,
-    overrides=None,
-    tickets=None,
-):
-    """See `cuda_triton_bridge.longflow_decode_attention_triton` (the documented entry point)."""
-    shape, kv_len, cfg = resolve_call(
-        q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
-        compute_evict=compute_evict, block_c=block_c, num_splits=num_splits, num_warps=num_warps,
-        num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
-    )  # fmt: skip
-    if tickets is not None:
-        check_tickets(tickets, shape)
+def run(q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state):
+    """Launch the plan of one checked call: (out, evict_slot, kernel_state)."""
     plan = plan_launch(
         shape,
         cfg,
         granularity=granularity,
         compute_evict=compute_evict,
-        final_reduce=final_reduce,
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
-        persistent_tickets=tickets is not None,
     )
+    qk_scale = np.float32(scale * LOG2E)
     if plan.one_kernel:
-        out, evict_slot, tickets_out = _launch_one(
-            q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, tickets
+        if kernel_state is None:
+            kernel_state = jnp.zeros(kernel_state_shape(shape.batch, shape.num_kv_heads), jnp.int32)
+        # Aliases index the array arguments (qk_scale is a scalar, or a constexpr through XLA's call).
+        outs = _call(
+            getattr(kernels, plan.main_kernel),
+            (q, k_cache, v_cache, kv_valid, kv_len, qk_scale, kernel_state),
+            plan.split,
+            q.dtype,
+            via_xla=cfg.xla_launch,
+            aliases={5: plan.tickets_output},
         )
-        return (out, evict_slot) if tickets is None else (out, evict_slot, tickets_out)
-    out, evict_slot = _launch_two(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, compute_evict)
-    # The separate epilogue's counter is zeroed by its own split kernel: the caller's tickets pass through.
-    return (out, evict_slot) if tickets is None else (out, evict_slot, tickets)
+        evict_slot = outs[plan.evict_output]
+        return outs[0], _squeeze_groups(evict_slot, granularity), outs[plan.tickets_output]
 
-
-def _launch_two(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, compute_evict):
-    """The separate epilogue: the split kernel, then the combine kernel when there is something to
-    combine."""
-    granularity = plan.granularity
-    qk_scale = np.float32(float(scale) * LOG2E)
     out, acc, m, ell, t, counter, no_evict = _call(
         kernels.decode_split_kernel,
         (q, k_cache, v_cache, kv_valid, kv_len, qk_scale),
         plan.split,
         q.dtype,
-        cfg,
-        via_xla=cfg.xla_call,
+        via_xla=cfg.xla_launch,
     )
-    if plan.combine is None:
-        return out, _squeeze_groups(no_evict, granularity)
-
-    comb = plan.combine
-    comb_out, comb_evict, part_val, part_idx, _ = _call(
-        kernels.decode_combine_kernel,
-        (kv_valid, kv_len, acc, m, ell, t, counter),
-        comb,
-        q.dtype,
-        cfg,
-        via_xla=cfg.xla_call or cfg.xla_combine,
-        aliases={6: 4},  # the atomic counter, zeroed by the split kernel
-    )
-    out = comb_out if comb.meta["COMBINE_OUT"] else out
-    if not compute_evict:
-        evict_slot = no_evict
-    elif plan.reduce_in_xla:
-        evict_slot = evict_argmin_of_chunks(part_val, part_idx)
-    else:
-        evict_slot = comb_evict
-    return out, _squeeze_groups(evict_slot, granularity)
+    evict_slot = no_evict
+    if plan.combine is not None:
+        comb_out, comb_evict, *_ = _call(
+            kernels.decode_combine_kernel,
+            (kv_valid, kv_len, acc, m, ell, t, counter),
+            plan.combine,
+            q.dtype,
+            via_xla=True,
+            aliases={6: 4},  # the atomic counter, zeroed by the split kernel
+        )
+        out = comb_out if plan.combine.meta["COMBINE_OUT"] else out
+        evict_slot = comb_evict if compute_evict else no_evict
+    # The separate epilogue's counter is zeroed by its own split kernel: the caller's state passes through.
+    return out, _squeeze_groups(evict_slot, granularity), kernel_state
 
 
-def _launch_one(q, k_cache, v_cache, kv_valid, kv_len, scale, plan, cfg, tickets=None):
-    """The one-launch epilogues ("fused", "coop"): their tickets start at zero. (out, evict, tickets)."""
-    launch = plan.split
-    ticket_out = plan.tickets_output
-    # Aliases index the array arguments (qk_scale is a scalar, or a constexpr through XLA's call).
-    if plan.persistent_tickets:  # the caller's zeros in, left zero by the kernel
-        tickets_in, aliases = tickets, {5: ticket_out}
-    elif cfg.xla_call:  # zeros, aliased to the tickets output
-        tickets_in = jnp.zeros(launch.outputs[ticket_out].shape, jnp.int32)
-        aliases = {5: ticket_out}
-    else:  # jax-triton memsets the output itself (launch.zeroed); the input is a placeholder
-        tickets_in = jnp.zeros((1,), jnp.int32)
-        aliases = None
-    outs = _call(
-        getattr(kernels, plan.main_kernel),
-        (q, k_cache, v_cache, kv_valid, kv_len, np.float32(float(scale) * LOG2E), tickets_in),
-        launch,
-        q.dtype,
-        cfg,
-        via_xla=cfg.xla_call,
-        aliases=aliases,
-    )
-    return outs[0], _squeeze_groups(outs[plan.evict_output], plan.granularity), outs[ticket_out]
-
-
-def _call(kernel, args, launch, q_dtype, cfg, *, via_xla, aliases=None):
+def _call(kernel, args, launch, q_dtype, *, via_xla, aliases=None):
     """One launch of `kernel` with `args` (its non-output arguments, in order; numpy scalars are
-    scalars): through XLA's Triton custom call (via_xla: scalars become constexprs, `aliases` index the
-    arrays among `args`), else through jax-triton (its legacy custom call, or jaxlib's typed FFI with
-    cfg.ffi_call; `launch.zeroed` outputs memset by it)."""
-    out_shape = _out_shapes(launch, q_dtype)
+    scalars; `aliases` index the arrays among `args`, as both launches count them): through XLA's Triton
+    custom call (scalars become constexprs), else through jax-triton."""
+    dtypes = {"q": q_dtype, "f32": jnp.float32, "i32": jnp.int32}
+    out_shape = [jax.ShapeDtypeStruct(buf.shape, dtypes[buf.dtype]) for buf in launch.outputs]
     if via_xla:
         scalars = {n: float(a) for n, a in zip(kernel.arg_names, args) if isinstance(a, np.generic)}
         return xla_triton_call(
@@ -173,19 +101,15 @@ def _call(kernel, args, launch, q_dtype, cfg, *, via_xla, aliases=None):
             **scalars,
             **launch.meta,
         )
-    if cfg.ffi_call:
-        install()  # only then is jax-triton's lowering wrapped (ffi_target.py): no side effect by default
     return jt.triton_call(
         *args,
         kernel=kernel,
         out_shape=out_shape,
         input_output_aliases=aliases,
-        zeroed_outputs=launch.zeroed,
         grid=launch.grid,
         num_warps=launch.num_warps,
         num_stages=launch.num_stages,
         name="longflow_" + kernel.fn.__name__.removesuffix("_kernel"),
-        custom_call_target_name=custom_call_target(cfg.ffi_call),
         **launch.meta,
     )
 

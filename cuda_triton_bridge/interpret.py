@@ -8,9 +8,10 @@ Slow (numpy per program): keep shapes small.
 Triton picks the interpreter when `triton` is first imported with TRITON_INTERPRET=1, so this runs in its
 own process: `TRITON_INTERPRET=1 python -m cuda_triton_bridge.interpret CASES.npz RESULTS.npz` (what
 tests/test_triton_kernel.py does). CASES.npz holds q_i, k_i, v_i (float32 values of the rounded inputs),
-valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}}; RESULTS.npz gets out_i (float32)
-and evict_i. A case with "persistent_tickets": true in its kwargs runs twice, the second time with the
-ticket buffer the first returned: out_i and evict_i are the second call's, tickets_i what the first left.
+valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}} (a "launch" dict becomes a
+LaunchConfig); RESULTS.npz gets out_i (float32), evict_i and state_i (the kernel state the first call
+left). A case with "repeat": true runs twice, the second time on the state the first returned: out_i and
+evict_i are then the second call's.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import triton
 
 from cuda_triton_bridge import kernels
-from cuda_triton_bridge.config import check_tickets, resolve_call, ticket_shape
+from cuda_triton_bridge.config import LaunchConfig, check_kernel_state, kernel_state_shape, plan_inputs
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 
 
@@ -79,96 +80,57 @@ def _alloc(launch, q_dtype):
     ]
 
 
-def longflow_decode_attention_interpret(
-    q,
-    k_cache,
-    v_cache,
-    kv_valid,
-    *,
-    scale,
-    granularity="sequence",
-    compute_evict=True,
-    block_c=None,
-    num_splits=None,
-    num_warps=None,
-    num_stages=None,
-    vnorm=None,
-    final_reduce="atomic",
-    epilogue=None,
-    kv_len=None,
-    sms=None,
-    overrides=None,
-    tickets=None,
-):
-    """Same contract as `longflow_decode_attention_triton`; takes and returns numpy-convertible arrays."""
+def longflow_decode_attention_interpret(q, k_cache, v_cache, kv_valid, *, sms=None, kernel_state=None, **kwargs):
+    """`longflow_decode_attention_triton`'s contract (its keyword arguments in `kwargs`) on numpy-convertible
+    arrays; `sms` stands in for the GPU's SM count in the launch defaults. Always returns
+    (out, evict_slot, kernel_state)."""
     if not triton.knobs.runtime.interpret:
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is first imported (see the module doc)")
-    shape, kv_len, cfg = resolve_call(
-        q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
-        compute_evict=compute_evict, sms=sms, block_c=block_c, num_splits=num_splits,
-        num_warps=num_warps, num_stages=num_stages, vnorm=vnorm, epilogue=epilogue, overrides=overrides,
-    )  # fmt: skip
-    if tickets is not None:
-        tickets = np.asarray(tickets)
-        check_tickets(tickets, shape)
+    shape, kv_len, cfg = plan_inputs(q, k_cache, v_cache, kv_valid, sms=sms, **kwargs)
+    if kernel_state is None:
+        kernel_state = np.zeros(kernel_state_shape(shape.batch, shape.num_kv_heads), np.int32)
+    kernel_state = np.asarray(kernel_state)
+    check_kernel_state(kernel_state, shape)
+    granularity = kwargs.get("granularity", "sequence")
+    compute_evict = kwargs.get("compute_evict", True)
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
         shape,
         cfg,
         granularity=granularity,
         compute_evict=compute_evict,
-        final_reduce=final_reduce,
         is_f32=dtype == "float32",
         fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
         spin=False,  # interpreted programs run one after another: none may wait for another
-        persistent_tickets=tickets is not None,
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
     tlen = torch.from_numpy(np.asarray(kv_len).copy())
+    qk_scale = float(kwargs["scale"]) * LOG2E
     split_out = _alloc(plan.split, _TORCH[dtype])
-    for i in plan.split.zeroed:
-        split_out[i].zero_()
     if plan.one_kernel:
-        if plan.persistent_tickets:
-            split_out[plan.tickets_output] = torch.from_numpy(tickets.copy())
-        ticket_buf = split_out[plan.tickets_output]  # the input aliased to the tickets output, as on the GPU
+        # The state is the input aliased to the tickets output, as on the GPU.
+        split_out[plan.tickets_output] = torch.from_numpy(kernel_state.copy())
+        tickets = split_out[plan.tickets_output]
         getattr(kernels, plan.main_kernel)[plan.split.grid](
-            tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, ticket_buf, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, qk_scale, tickets, *split_out, **plan.split.meta
         )
-        evict_slot = split_out[plan.evict_output].numpy()
-        if granularity == "sequence":
-            evict_slot = evict_slot.reshape(evict_slot.shape[0])
-        if tickets is not None:
-            return _to_numpy(split_out[0]), evict_slot, ticket_buf.numpy()
-        return _to_numpy(split_out[0]), evict_slot
-    kernels.decode_split_kernel[plan.split.grid](
-        tq, tk, tv, tvalid, tlen, float(scale) * LOG2E, *split_out, **plan.split.meta
-    )
-    out, acc, m, ell, t, counter, no_evict = split_out
-    if plan.combine is None:
-        evict_slot = no_evict
+        out, evict_slot, kernel_state = split_out[0], split_out[plan.evict_output], tickets.numpy()
     else:
-        comb_out = _alloc(plan.combine, _TORCH[dtype])
-        comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
-        kernels.decode_combine_kernel[plan.combine.grid](
-            tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
-        )
-        if plan.combine.meta["COMBINE_OUT"]:
-            out = comb_out[0]
-        if not compute_evict:
-            evict_slot = no_evict
-        elif plan.reduce_in_xla:
-            best_chunk = comb_out[2].argmin(dim=-1)
-            evict_slot = torch.gather(comb_out[3], -1, best_chunk[..., None])[..., 0]
-        else:
-            evict_slot = comb_out[1]
+        kernels.decode_split_kernel[plan.split.grid](tq, tk, tv, tvalid, tlen, qk_scale, *split_out, **plan.split.meta)
+        out, acc, m, ell, t, counter, evict_slot = split_out
+        if plan.combine is not None:
+            comb_out = _alloc(plan.combine, _TORCH[dtype])
+            comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
+            kernels.decode_combine_kernel[plan.combine.grid](
+                tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
+            )
+            out = comb_out[0] if plan.combine.meta["COMBINE_OUT"] else out
+            evict_slot = comb_out[1] if compute_evict else evict_slot
     evict_slot = evict_slot.numpy()
     if granularity == "sequence":
         evict_slot = evict_slot.reshape(evict_slot.shape[0])
-    if tickets is not None:  # the separate epilogue zeroes its own counter: the buffer passes through
-        return _to_numpy(out), evict_slot, tickets
-    return _to_numpy(out), evict_slot
+    return _to_numpy(out), evict_slot, kernel_state
 
 
 def main(argv=None):
@@ -183,17 +145,16 @@ def main(argv=None):
         kwargs = dict(case["kwargs"])
         if "kv_len" in kwargs:  # JSON holds a list; the kernel takes an int array
             kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
-        if kwargs.pop("persistent_tickets", False):
-            tickets = np.zeros(ticket_shape(q.shape[0], k.shape[1]), np.int32)
-            *_, tickets = longflow_decode_attention_interpret(
-                q, k, v, data[f"valid_{i}"], tickets=tickets, **kwargs
+        if "launch" in kwargs:
+            kwargs["launch"] = LaunchConfig(**kwargs["launch"])
+        calls = 2 if kwargs.pop("repeat", False) else 1
+        state = None
+        for call in range(calls):  # a repeated case's second call takes the state the first left
+            out, evict_slot, state = longflow_decode_attention_interpret(
+                q, k, v, data[f"valid_{i}"], kernel_state=state, **kwargs
             )
-            results[f"tickets_{i}"] = tickets
-            out, evict_slot, _ = longflow_decode_attention_interpret(
-                q, k, v, data[f"valid_{i}"], tickets=tickets, **kwargs
-            )
-        else:
-            out, evict_slot = longflow_decode_attention_interpret(q, k, v, data[f"valid_{i}"], **kwargs)
+            if call == 0:
+                results[f"state_{i}"] = state
         results[f"out_{i}"] = np.asarray(out, np.float32)
         results[f"evict_{i}"] = evict_slot
     np.savez(dst, **results)

@@ -24,7 +24,7 @@ reduces the shares' minima. Waiting needs the whole grid resident, so the plan a
 most one program per SM. The default at a small batch (config.batch_regime): one launch a call where
 the host's launch cost bounds the call.
 
-t traffic (docs/KERNEL_NOTES_triton.md, session 4): t is stored with L2 evict_last and the epilogue
+t traffic (docs/KERNELS.md): t is stored with L2 evict_last and the epilogue
 drops each line it has read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back.
 """
 
@@ -78,9 +78,7 @@ def _attend_split(
     QROWS: tl.constexpr,
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-    T_POLICY: tl.constexpr,
 ):
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
     G: tl.constexpr = HQ // HKV
@@ -122,25 +120,22 @@ def _attend_split(
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
             # log2||v||_1 rides along with the logit: exp2(t - m) / l = alpha * ||v||_1 later.
-            if VNORM_MMA:
-                # ones @ |V|^T on the tensor cores: every row holds ||v||_1, already in the layout of s
-                # (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
-                ones = tl.full([QROWS, D], 1.0, v.dtype)
-                vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
-            else:
-                vnorm = tl.broadcast_to(tl.sum(tl.abs(v.to(tl.float32)), axis=1)[None, :], (QROWS, BLOCK_C))
+            # ones @ |V|^T on the tensor cores: every row holds ||v||_1, already in the layout of s
+            # (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
+            ones = tl.full([QROWS, D], 1.0, v.dtype)
+            vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
             if FAST_LOG2:
                 # lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 is libdevice's polynomial.
                 t = s + libdevice.fast_log2f(vnorm)
             else:
                 t = s + tl.log2(vnorm)
-            # evict_last (T_POLICY): t is read again by the epilogue, K/V never are, so t's lines
+            # evict_last: t is read again by the epilogue, K/V never are, so t's lines
             # outlast the K/V stream in L2 where they fit; the epilogue then discards them (see there).
             tl.store(
                 t_ptr + bh[:, None] * C + c[None, :],
                 t,
                 mask=row_ok[:, None] & in_range[None, :],
-                eviction_policy=T_POLICY,
+                eviction_policy="evict_last",
             )
         m_new = tl.maximum(m_i, tl.max(s, axis=1))
         # A block (or split) with no valid slot keeps m = -inf; subtracting 0 instead avoids inf - inf.
@@ -228,9 +223,7 @@ def decode_split_kernel(
     DIRECT_OUT: tl.constexpr,
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    VNORM_MMA: tl.constexpr,  # ||v||_1 on the tensor cores (else a row reduction)
     FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
-    T_POLICY: tl.constexpr,  # L2 eviction hint of the t stores ("" or "evict_last")
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -238,8 +231,7 @@ def decode_split_kernel(
 
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        T_POLICY,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
     _store_split(
@@ -282,7 +274,6 @@ def decode_combine_kernel(
     NCH_P: tl.constexpr,
     COMBINE_OUT: tl.constexpr,
     EVICT: tl.constexpr,
-    ATOMIC_FINAL: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop the t lines of this chunk from L2 once read (no write-back)
 ):
     j = tl.program_id(0)
@@ -342,26 +333,25 @@ def decode_combine_kernel(
                 part = (b * NG + g) * NUM_CHUNKS + j
                 tl.store(part_val_ptr + part, best, mask=g_ok)
                 tl.store(part_idx_ptr + part, slot, mask=g_ok)
-                if ATOMIC_FINAL:
-                    # Every thread's partial store precedes the barrier; the acq_rel atomic then
-                    # publishes them (the pattern of CUDA's grid sync), and the last program sees all.
-                    tl.debug_barrier()
-                    done = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
-                    if done == NUM_CHUNKS - 1:
-                        jj = tl.arange(0, NCH_P)
-                        all_idx = (b * NG + g[:, None]) * NUM_CHUNKS + jj[None, :]
-                        all_ok = g_ok[:, None] & (jj[None, :] < NUM_CHUNKS)
-                        vals = tl.load(
-                            part_val_ptr + all_idx, mask=all_ok, other=float("inf"), cache_modifier=".cg"
-                        )
-                        idxs = tl.load(part_idx_ptr + all_idx, mask=all_ok, other=0, cache_modifier=".cg")
-                        # Chunks are in slot order, so the lowest chunk among equal minima holds the
-                        # lowest slot: ties still go to the lowest index, as jnp.argmin does.
-                        _, best_chunk = tl.min(
-                            vals, axis=1, return_indices=True, return_indices_tie_break_left=True
-                        )
-                        pick = tl.sum(tl.where(jj[None, :] == best_chunk[:, None], idxs, 0), axis=1)
-                        tl.store(evict_ptr + b * NG + g, pick, mask=g_ok)
+                # Every thread's partial store precedes the barrier; the acq_rel atomic then
+                # publishes them (the pattern of CUDA's grid sync), and the last program sees all.
+                tl.debug_barrier()
+                done = tl.atomic_add(counter_ptr + b, 1, sem="acq_rel", scope="gpu")
+                if done == NUM_CHUNKS - 1:
+                    jj = tl.arange(0, NCH_P)
+                    all_idx = (b * NG + g[:, None]) * NUM_CHUNKS + jj[None, :]
+                    all_ok = g_ok[:, None] & (jj[None, :] < NUM_CHUNKS)
+                    vals = tl.load(
+                        part_val_ptr + all_idx, mask=all_ok, other=float("inf"), cache_modifier=".cg"
+                    )
+                    idxs = tl.load(part_idx_ptr + all_idx, mask=all_ok, other=0, cache_modifier=".cg")
+                    # Chunks are in slot order, so the lowest chunk among equal minima holds the
+                    # lowest slot: ties still go to the lowest index, as jnp.argmin does.
+                    _, best_chunk = tl.min(
+                        vals, axis=1, return_indices=True, return_indices_tie_break_left=True
+                    )
+                    pick = tl.sum(tl.where(jj[None, :] == best_chunk[:, None], idxs, 0), axis=1)
+                    tl.store(evict_ptr + b * NG + g, pick, mask=g_ok)
 
 
 @triton.jit
@@ -372,7 +362,7 @@ def decode_fused_kernel(
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
-    tickets_in_ptr,  # unused: the zeroed tickets as an input, aliased to count_ptr (XLA's launch)
+    tickets_in_ptr,  # unused: the caller's ticket buffer, aliased to count_ptr
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -380,7 +370,7 @@ def decode_fused_kernel(
     t_ptr,  # [B, HQ, C] f32 (when EVICT)
     imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when EVICT and NG < HKV)
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [B * HKV + B (or more)] i32, zero at launch: split tickets, then KV-head tickets
+    count_ptr,  # [B * HKV + B (or more)] i32, zero at launch and left zero: split tickets, then KV-head tickets
     B: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -398,11 +388,8 @@ def decode_fused_kernel(
     SCHUNK: tl.constexpr,  # slots per step of the sequence finisher
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-    T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
-    RESET_TICKETS: tl.constexpr,  # persistent tickets: each finisher leaves its ticket zero again
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -413,8 +400,7 @@ def decode_fused_kernel(
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        T_POLICY,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
@@ -430,7 +416,7 @@ def decode_fused_kernel(
         head_last = True
 
     if head_last:
-        if RESET_TICKETS and NUM_SPLITS > 1:
+        if NUM_SPLITS > 1:
             # Every split of this KV head has taken its ticket: nobody reads it again in this launch.
             tl.store(count_ptr + b * HKV + kvh, 0)
         g = tl.arange(0, G_P)
@@ -513,7 +499,7 @@ def decode_fused_kernel(
                         imp_ptr + (b * HKV + kvh).to(tl.int64) * C + c,
                         imp,
                         mask=c_ok,
-                        eviction_policy=T_POLICY,
+                        eviction_policy="evict_last",
                     )
             if NG == HKV:
                 tl.store(evict_ptr + b * NG + kvh, best_slot)
@@ -521,8 +507,7 @@ def decode_fused_kernel(
                 tl.debug_barrier()
                 seq_ticket = tl.atomic_add(count_ptr + B * HKV + b, 1, sem="acq_rel", scope="gpu")
                 if seq_ticket == HKV - 1:
-                    if RESET_TICKETS:
-                        tl.store(count_ptr + B * HKV + b, 0)
+                    tl.store(count_ptr + B * HKV + b, 0)
                     hk = tl.arange(0, HKV_P)
                     sc = tl.arange(0, SCHUNK)
                     imp_rows = imp_ptr + (b * HKV + hk).to(tl.int64)[:, None] * C
@@ -669,7 +654,7 @@ def decode_coop_kernel(
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
-    tickets_in_ptr,  # unused: the zeroed tickets as an input, aliased to count_ptr (XLA's launch)
+    tickets_in_ptr,  # unused: the caller's ticket buffer, aliased to count_ptr
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -678,7 +663,7 @@ def decode_coop_kernel(
     part_val_ptr,  # [NBAR, NSH] f32 share minima (when EVICT)
     part_idx_ptr,  # [NBAR, NSH] i32 their slots
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [2 * NBAR (or more)] i32, zero at launch: barrier arrivals, then finish tickets
+    count_ptr,  # [2 * NBAR (or more)] i32, zero at launch and left zero: barrier arrivals, then finish tickets
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,
@@ -698,11 +683,8 @@ def decode_coop_kernel(
     EVICT: tl.constexpr,
     SPIN: tl.constexpr,  # GPU: every program waits at the barrier; interpreter: the last one does all
     DOT_PRECISION: tl.constexpr,
-    VNORM_MMA: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-    T_POLICY: tl.constexpr,
     DISCARD_T: tl.constexpr,
-    RESET_TICKETS: tl.constexpr,  # persistent tickets: the last finisher leaves its group's two at zero
 ):
     """One launch with a parallel epilogue. Each program streams its split, then waits at a barrier of
     its group (the sequence, or its KV head with "kv_head" scores); past it every program merges a few
@@ -715,8 +697,7 @@ def decode_coop_kernel(
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
         q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, VNORM_MMA, FAST_LOG2,
-        T_POLICY,
+        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
@@ -740,16 +721,14 @@ def decode_coop_kernel(
                 part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK, EVICT,
                 DISCARD_T,
             )  # fmt: skip
-            if EVICT or RESET_TICKETS:
-                tl.debug_barrier()
-                ticket = tl.atomic_add(count_ptr + NBAR + bar, 1, sem="acq_rel", scope="gpu")
-                if ticket == NSH - 1:
-                    if EVICT:
-                        _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
-                    if RESET_TICKETS:
-                        # Every program of the group has passed the barrier (it took a ticket after its
-                        # share): the arrival count and the ticket are read by nobody else this launch.
-                        _reset_group_tickets(count_ptr, bar, NBAR)
+            tl.debug_barrier()
+            ticket = tl.atomic_add(count_ptr + NBAR + bar, 1, sem="acq_rel", scope="gpu")
+            if ticket == NSH - 1:
+                if EVICT:
+                    _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
+                # Every program of the group has passed the barrier (it took a ticket after its
+                # share): the arrival count and the ticket are read by nobody else this launch.
+                _reset_group_tickets(count_ptr, bar, NBAR)
         else:
             # Triton's CPU interpreter runs programs one after another, so nobody may wait: the last to
             # arrive does every share (the same code, serially).
@@ -763,5 +742,4 @@ def decode_coop_kernel(
                 if EVICT:
                     tl.debug_barrier()
                     _coop_final_argmin(bar, part_val_ptr, part_idx_ptr, evict_ptr, NSH, NSH_P)
-                if RESET_TICKETS:
-                    _reset_group_tickets(count_ptr, bar, NBAR)
+                _reset_group_tickets(count_ptr, bar, NBAR)

@@ -10,9 +10,8 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cuda_triton_bridge.config import DecodeShape, LaunchConfig, cdiv, next_pow2, score_groups, ticket_shape
+from cuda_triton_bridge.config import DecodeShape, ResolvedLaunch, cdiv, kernel_state_shape, next_pow2, score_groups
 
-FINAL_REDUCES = ("atomic", "xla")
 DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
 LOG2E = math.log2(math.e)
 # Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
@@ -36,24 +35,18 @@ class KernelLaunch:
     meta: dict  # the kernel's constexprs
     num_warps: int
     num_stages: int
-    zeroed: tuple[int, ...] = ()  # outputs memset to 0 before the launch
 
 
 @dataclasses.dataclass(frozen=True)
 class LaunchPlan:
     split: KernelLaunch  # the main kernel: decode_split_kernel, or the fused / coop kernel
     combine: KernelLaunch | None  # None: one launch (fused, coop, or 1 split without eviction)
-    num_chunks: int  # slot chunks of the combine kernel's argmin (0 without eviction)
-    final_reduce: str
     granularity: str
     epilogue: str = "separate"  # config.EPILOGUES
-    # The one-kernel plans' tickets come in from the caller (zero) and the kernel leaves them zero, instead
-    # of a zeroed buffer per launch.
-    persistent_tickets: bool = False
 
     @property
     def one_kernel(self) -> bool:
-        """The fused or coop kernel does everything (its tickets start at zero)."""
+        """The fused or coop kernel does everything (its tickets come in zero and are left zero)."""
         return self.epilogue != "separate"
 
     @property
@@ -73,17 +66,12 @@ class LaunchPlan:
         """Index of the evict slots among a one-kernel plan's outputs."""
         return 7 if self.epilogue == "coop" else 6
 
-    @property
-    def reduce_in_xla(self) -> bool:
-        """Chunk minima reduced by a jnp argmin after the combine kernel."""
-        return self.num_chunks > 1 and self.final_reduce == "xla"
-
 
 def _buf(shape, dtype, used=True):
     return Buffer(tuple(shape) if used else (1,), dtype)
 
 
-def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_log2) -> dict:
+def _main_meta(shape: DecodeShape, cfg: ResolvedLaunch, *, evict, is_f32, fast_log2) -> dict:
     """The constexprs every main kernel (split, fused, coop) passes to _attend_split."""
     return dict(
         HQ=shape.num_q_heads,
@@ -96,9 +84,7 @@ def _main_meta(shape: DecodeShape, cfg: LaunchConfig, *, evict, is_f32, fast_log
         QROWS=cfg.query_rows,
         EVICT=evict,
         DOT_PRECISION="ieee" if is_f32 else "tf32",
-        VNORM_MMA=cfg.vnorm == "mma",
         FAST_LOG2=fast_log2,
-        T_POLICY="evict_last" if cfg.cache_hints else "",
     )
 
 
@@ -117,16 +103,14 @@ def _split_outputs(shape: DecodeShape, splits: int, evict: bool) -> tuple[Buffer
 
 def plan_launch(
     shape: DecodeShape,
-    cfg: LaunchConfig,
+    cfg: ResolvedLaunch,
     *,
     granularity: str,
     compute_evict: bool,
-    final_reduce: str,
     is_f32: bool,
     fast_log2: bool = True,
     capability: int = 90,
     spin: bool = True,
-    persistent_tickets: bool = False,
 ) -> LaunchPlan:
     """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
     that t's lines are left to L2 (discard_t is ignored).
@@ -134,11 +118,8 @@ def plan_launch(
     libdevice (tl.log2 there).
     spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
     programs one after another (there the last program to arrive does every share).
-    persistent_tickets: the fused and coop kernels take their tickets from the caller, int32
-    ticket_shape(B, Hkv) and zero, and leave them zero (no zeroed buffer per launch); the separate
-    epilogue needs none (its split kernel zeroes the combine kernel's counter)."""
-    if final_reduce not in FINAL_REDUCES:
-        raise ValueError(f"final_reduce must be one of {FINAL_REDUCES}, got {final_reduce!r}")
+    The fused and coop kernels take their tickets from the caller, int32 kernel_state_shape(B, Hkv) and
+    zero, and leave them zero; the separate epilogue's split kernel zeroes the combine kernel's counter."""
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
     num_groups, heads_per_group = score_groups(shape, granularity)
     splits = cfg.num_splits
@@ -156,11 +137,9 @@ def plan_launch(
             evict=evict,
             is_f32=is_f32,
             granularity=granularity,
-            final_reduce=final_reduce,
             fast_log2=fast_log2,
             discard_ok=discard_ok,
             spin=spin,
-            persistent_tickets=persistent_tickets,
         )
     if cfg.epilogue == "fused":
         return _plan_fused(
@@ -170,10 +149,8 @@ def plan_launch(
             evict=evict,
             is_f32=is_f32,
             granularity=granularity,
-            final_reduce=final_reduce,
             fast_log2=fast_log2,
             discard_ok=discard_ok,
-            persistent_tickets=persistent_tickets,
         )
 
     split = KernelLaunch(
@@ -198,7 +175,7 @@ def plan_launch(
         num_stages=cfg.num_stages,
     )
     if direct and not evict:
-        return LaunchPlan(split, None, 0, final_reduce, granularity)
+        return LaunchPlan(split, None, granularity)
 
     ng_p, hpg_p = next_pow2(num_groups), next_pow2(heads_per_group)
     chunk = max(16, min(cfg.combine_chunk, COMBINE_TILE_ELEMS // (ng_p * hpg_p)))
@@ -232,23 +209,21 @@ def plan_launch(
             NCH_P=next_pow2(max(num_chunks, 1)),
             COMBINE_OUT=not direct,
             EVICT=evict,
-            ATOMIC_FINAL=final_reduce == "atomic",
             DISCARD_T=discard_in_combine,
         ),
         num_warps=cfg.combine_num_warps,
         num_stages=1,
     )
-    return LaunchPlan(split, combine, num_chunks, final_reduce, granularity)
+    return LaunchPlan(split, combine, granularity)
 
 
-def _tickets(shape: DecodeShape, count: int, persistent: bool) -> Buffer:
-    """A one-kernel plan's ticket buffer: `count` tickets, or the caller's whole persistent buffer."""
-    return _buf(ticket_shape(shape.batch, shape.num_kv_heads) if persistent else (count,), "i32")
+def _tickets(shape: DecodeShape) -> Buffer:
+    """A one-kernel plan's ticket buffer: the caller's persistent kernel state."""
+    return _buf(kernel_state_shape(shape.batch, shape.num_kv_heads), "i32")
 
 
 def _plan_fused(
-    shape, cfg, *, num_groups, evict, is_f32, granularity, final_reduce, fast_log2, discard_ok,
-    persistent_tickets,
+    shape, cfg, *, num_groups, evict, is_f32, granularity, fast_log2, discard_ok
 ) -> LaunchPlan:  # fmt: skip
     b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
@@ -264,7 +239,7 @@ def _plan_fused(
         + (
             _buf((b, hkv, c), "f32", per_kv_head_scores),
             _buf((b, num_groups), "i32"),
-            _tickets(shape, b * hkv + b, persistent_tickets),
+            _tickets(shape),
         ),
         meta=dict(
             **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
@@ -276,15 +251,11 @@ def _plan_fused(
             ECHUNK=echunk,
             SCHUNK=schunk,
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
-            RESET_TICKETS=persistent_tickets,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        zeroed=() if persistent_tickets else (7,),
     )
-    return LaunchPlan(
-        launch, None, 0, final_reduce, granularity, epilogue="fused", persistent_tickets=persistent_tickets
-    )
+    return LaunchPlan(launch, None, granularity, epilogue="fused")
 
 
 def _plan_coop(
@@ -296,11 +267,9 @@ def _plan_coop(
     evict,
     is_f32,
     granularity,
-    final_reduce,
     fast_log2,
     discard_ok,
     spin,
-    persistent_tickets,
 ) -> LaunchPlan:
     b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
     splits = cfg.num_splits
@@ -320,7 +289,7 @@ def _plan_coop(
             _buf((num_bars, shares), "f32", evict),
             _buf((num_bars, shares), "i32", evict),
             _buf((b, num_groups), "i32"),
-            _tickets(shape, 2 * num_bars, persistent_tickets),
+            _tickets(shape),
         ),
         meta=dict(
             **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
@@ -334,12 +303,8 @@ def _plan_coop(
             ECHUNK=echunk,
             SPIN=spin,
             DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
-            RESET_TICKETS=persistent_tickets,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
-        zeroed=() if persistent_tickets else (8,),
     )
-    return LaunchPlan(
-        launch, None, 0, final_reduce, granularity, epilogue="coop", persistent_tickets=persistent_tickets
-    )
+    return LaunchPlan(launch, None, granularity, epilogue="coop")

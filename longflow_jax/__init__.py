@@ -5,7 +5,7 @@ from .convert import CheckpointError, convert, load
 from .generate import GenerationOutput, decode_step, generate, prefill
 from .kv_cache import KVCache, LayerCache
 from .model import init_random_params, param_shapes
-from .reference import longflow_decode_attention_reference
+from pallas_kernels.reference import longflow_decode_attention_reference
 
 __all__ = [
     "CheckpointError",

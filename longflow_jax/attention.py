@@ -3,18 +3,18 @@
 attention_impl:
   "reference"  plain jnp (longflow_jax/reference.py) + policies.py; supports every policy.
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
-  "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA; native Triton kernels launched
-               through jax-triton, or through XLA's own Triton custom call at a small batch).
+  "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
 (scoring switched off); the baselines need the probabilities and run on the reference path.
 """
 
 from __future__ import annotations
 
+from pallas_kernels.reference import decode_attention_probs
+
 from .config import CompressionConfig
-from .kv_cache import LayerCache, kv_valid, occupancy
+from .kv_cache import KVCache, LayerCache, kv_valid, occupancy
 from .policies import select_evict_slot
-from .reference import decode_attention_probs
 
 ATTENTION_IMPLS = ("reference", "pallas", "triton")
 KERNEL_POLICIES = ("full", "longflow")
@@ -40,6 +40,19 @@ def _kernel(attention_impl: str):
     return longflow_decode_attention_triton
 
 
+def with_kernel_state(cache: KVCache, attention_impl: str) -> KVCache:
+    """The cache with each layer's kernel state for `attention_impl` (the Triton kernel's tickets, kept
+    from step to step so no zero fill runs per call; the other paths keep none)."""
+    if attention_impl != "triton":
+        return cache
+    from cuda_triton_bridge import init_kernel_state
+
+    batch, num_kv_heads = cache.layers[0].k.shape[:2]
+    return KVCache(
+        layers=[layer.replace(kernel_state=init_kernel_state(batch, num_kv_heads)) for layer in cache.layers]
+    )
+
+
 def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionConfig, attention_impl, key):
     """q [B, Hq, D] of the token already written into `layer`; returns (out [B, Hq, D], new layer).
 
@@ -57,11 +70,14 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         kw = dict(
             scale=scale, granularity=granularity, compute_evict=policy == "longflow", kv_len=occupancy(layer)
         )
-        if attention_impl == "triton":  # the layer's persistent tickets: no zero fill per call
-            out, evict, tickets = _kernel(attention_impl)(
-                q, layer.k, layer.v, valid, tickets=layer.tickets, **kw
-            )
-            layer = layer.replace(tickets=tickets)
+        if attention_impl == "triton":
+            state = layer.kernel_state
+            if state is None:  # a cache not made by generate: a fresh state for this call
+                from cuda_triton_bridge import init_kernel_state
+
+                state = init_kernel_state(*layer.k.shape[:2])
+            out, evict, state = _kernel(attention_impl)(q, layer.k, layer.v, valid, kernel_state=state, **kw)
+            layer = layer.replace(kernel_state=state)
         else:
             out, evict = _kernel(attention_impl)(q, layer.k, layer.v, valid, **kw)
     if policy == "full":

@@ -15,11 +15,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import check_attention_impl, decode_attention
+from pallas_kernels.contract import num_score_groups
+
+from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .kv_cache import KVCache, evicted_positions, layer_from_kept, occupancy, write_token
-from .model import attention_scale, forward, logits_from_hidden, mlp, project_out, project_qkv, rms_norm
-from .reference import num_score_groups
+from .model import attention_scale, decoder_layer, forward, logits_from_hidden, rms_norm
 from .sampling import sample_next
 from .snapkv import prefill_keep_positions
 
@@ -114,21 +115,22 @@ def decode_step(
 
     Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]).
     """
-    x = params["embed"][tokens]  # [B, Dm]
+    x = params["embed"][tokens][:, None]  # [B, 1, Dm]
     scale = attention_scale(config)
     new_layers, evicted = [], []
     for i, (layer, lc) in enumerate(zip(params["layers"], cache.layers)):
-        h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-        q, k, v = project_qkv(layer, config, h[:, None], positions[:, None])
-        evicted.append(evicted_positions(lc))
-        lc = write_token(lc, k[:, 0], v[:, 0], positions)
-        attn, lc = decode_attention(
-            q[:, 0], lc, positions, scale, compression, attention_impl, jax.random.fold_in(key, i)
-        )
-        x = x + project_out(layer, config, attn)
-        x = x + mlp(layer, rms_norm(x, layer["post_norm"], config.rms_norm_eps))
+
+        def attend(q, k, v, lc=lc, i=i):
+            evicted.append(evicted_positions(lc))
+            lc = write_token(lc, k[:, 0], v[:, 0], positions)
+            attn, lc = decode_attention(
+                q[:, 0], lc, positions, scale, compression, attention_impl, jax.random.fold_in(key, i)
+            )
+            return attn[:, None], lc
+
+        x, lc = decoder_layer(layer, config, x, positions[:, None], attend)
         new_layers.append(lc)
-    x = rms_norm(x, params["final_norm"], config.rms_norm_eps)
+    x = rms_norm(x[:, 0], params["final_norm"], config.rms_norm_eps)
     return logits_from_hidden(params, config, x), KVCache(layers=new_layers), jnp.stack(evicted)
 
 
@@ -282,6 +284,7 @@ def _generate(
     cache, logits = prefill_in_slices(
         params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
     )
+    cache = with_kernel_state(cache, attention_impl)
     first = sample_next(logits, jax.random.fold_in(key, 0), sampling)
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
     groups = cache.layers[0].slot_pos.shape[1]

@@ -7,8 +7,8 @@ Per layer, per sequence b:
   evict_slot  [B, G] int32    the slot the next token is written to (LONGFLOW.md step 1)
   score       [B, G, C] f32   policy state that outlives a step (H2O's accumulated attention); zeros
                               for the other policies
-  tickets     [B, 2 Hkv] int32 the Triton kernel's persistent tickets (cuda_triton_bridge.ticket_shape):
-                              zero between steps, so its one-launch epilogues need no zero fill per call
+  kernel_state  pytree or None  state the attention kernel carries from step to step (opaque here:
+                              attention.init_kernel_state makes it for the kernel in use)
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0.
@@ -16,14 +16,11 @@ prefix [0, n) and the same in every group: `kv_valid` reads it off group 0.
 
 from __future__ import annotations
 
+from typing import Any
+
 import flax.struct
 import jax
 import jax.numpy as jnp
-
-# The Triton kernel's persistent tickets per (sequence, KV head): cuda_triton_bridge.config.ticket_shape
-# (a test holds the two equal; this package does not import the bridge).
-KERNEL_TICKETS_PER_KV_HEAD = 2
-
 
 @flax.struct.dataclass
 class LayerCache:
@@ -32,7 +29,7 @@ class LayerCache:
     slot_pos: jax.Array
     evict_slot: jax.Array
     score: jax.Array
-    tickets: jax.Array
+    kernel_state: Any = None
 
     @property
     def capacity(self) -> int:
@@ -90,7 +87,6 @@ def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int) -> LayerCache:
         slot_pos=slot_pos.astype(jnp.int32),
         evict_slot=jnp.sum(kept_pos >= 0, axis=-1, dtype=jnp.int32),
         score=jnp.zeros(slot_pos.shape, jnp.float32),
-        tickets=jnp.zeros((batch, KERNEL_TICKETS_PER_KV_HEAD * num_kv_heads), jnp.int32),
     )
 
 

@@ -161,6 +161,20 @@ def attention_scale(config: ModelConfig) -> float:
     return config.head_dim**-0.5
 
 
+def decoder_layer(layer, config: ModelConfig, x, positions, attend):
+    """One pre-norm decoder layer, for prefill and decode alike.
+
+    x [B, T, Dm], positions [B, T]; attend(q, k, v) gets the post-RoPE q [B, T, Hq, D], k, v [B, T, Hkv, D]
+    and returns (attention output [B, T, Hq, D], anything). Returns (x [B, T, Dm], that anything).
+    """
+    h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
+    q, k, v = project_qkv(layer, config, h, positions)
+    attn, aux = attend(q, k, v)
+    x = x + project_out(layer, config, attn)
+    x = x + mlp(layer, rms_norm(x, layer["post_norm"], config.rms_norm_eps))
+    return x, aux
+
+
 def forward(params, config: ModelConfig, tokens, layer_hook=None):
     """Causal forward over right-padded tokens [B, T]; returns final-normed hidden states [B, T, Dm].
 
@@ -173,13 +187,13 @@ def forward(params, config: ModelConfig, tokens, layer_hook=None):
     scale = attention_scale(config)
     collected = []
     for i, layer in enumerate(params["layers"]):
-        h = rms_norm(x, layer["input_norm"], config.rms_norm_eps)
-        q, k, v = project_qkv(layer, config, h, positions)
-        if layer_hook is not None:
-            collected.append(layer_hook(i, q, k, v))
-        x = x + project_out(layer, config, causal_attention(q, k, v, scale))
-        x = x + mlp(layer, rms_norm(x, layer["post_norm"], config.rms_norm_eps))
-    return rms_norm(x, params["final_norm"], config.rms_norm_eps), collected
+
+        def attend(q, k, v, i=i):
+            return causal_attention(q, k, v, scale), layer_hook(i, q, k, v) if layer_hook else None
+
+        x, hooked = decoder_layer(layer, config, x, positions, attend)
+        collected.append(hooked)
+    return rms_norm(x, params["final_norm"], config.rms_norm_eps), collected if layer_hook else []
 
 
 def logits_from_hidden(params, config: ModelConfig, hidden):

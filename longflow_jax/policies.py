@@ -17,7 +17,8 @@ import jax.numpy as jnp
 
 from .config import CompressionConfig
 from .kv_cache import LayerCache
-from .reference import EMPTY_SLOT_SCORE, evict_argmin, group_head_sum, longflow_importance
+from pallas_kernels.contract import EMPTY_SLOT_SCORE
+from pallas_kernels.reference import evict_argmin, group_head_sum, longflow_importance
 
 _PROTECTED = jnp.inf
 

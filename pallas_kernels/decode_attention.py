@@ -39,15 +39,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from longflow_jax.reference import (
-    EMPTY_SLOT_SCORE,
-    check_decode_inputs,
-    check_granularity,
-    check_kv_len,
-    evict_argmin,
-    evict_argmin_of_chunks,
-    importance_from_terms,
-)
+from pallas_kernels.contract import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity, check_kv_len
+from pallas_kernels.reference import evict_argmin, evict_argmin_of_chunks, importance_from_terms
 
 BACKENDS = ("triton", "mosaic")
 _BACKEND_ALIASES = {"gpu": "triton", "cuda": "triton", "tpu": "mosaic"}
@@ -392,7 +385,7 @@ def _triton_combine_kernel(
     (p < Hq, when split) and scores chunk p % num_chunks of score group p // num_chunks (p < G * chunks):
     the importance sum_h exp(t - m_h) / l_h over the group's heads with the final (merged) statistics,
     then the chunk's minimum and its lowest slot. XLA then reduces the chunks' minima
-    (longflow_jax.reference.evict_argmin_of_chunks)."""
+    (reference.evict_argmin_of_chunks)."""
     refs = list(refs)
     o_part_ref = refs.pop(0) if merge_out else None  # [S, Hq, D] f32
     m_part_ref, l_part_ref = refs.pop(0), refs.pop(0)  # [S, Hq] f32

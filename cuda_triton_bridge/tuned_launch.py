@@ -1,0 +1,78 @@
+"""Tuned launch defaults of the Triton decode kernel, as data.
+
+Keyed by the GPU generation (compute capability), by the batch's own parallelism, programs = B * Hkv,
+against the SM count, and by the cache size C (through the split rule of each row). Measured on an H100
+80GB HBM3 with Hq/Hkv 32/8, D 128, bf16, C 2048-8192; the reason for each row is in docs/KERNELS.md.
+`config.resolve_launch` fills every field of a `LaunchConfig` the caller left None from here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+
+@dataclasses.dataclass(frozen=True)
+class TunedLaunch:
+    """One row: the launch for calls with B * Hkv < below_programs_per_sm * SMs (first row that fits).
+
+    The split count is programs_per_sm * SMs / (B * Hkv) rounded to nearest (or C / slots_per_split
+    when set), at least 1, at most one split per MIN_SLOTS_PER_SPLIT slots.
+    """
+
+    below_programs_per_sm: float
+    epilogue: str  # "coop", "separate" or "fused"
+    block_c: int
+    xla_launch: bool  # the main kernel through XLA's own Triton custom call (else jax-triton)
+    programs_per_sm: float = 1.0
+    slots_per_split: int | None = None
+
+
+# With eviction scoring: coop while the batch gives under half an SM's worth of programs (one launch,
+# XLA's launch joins its CUDA graph), the separate epilogue with one 128-slot-block split per (sequence,
+# KV head) up to two programs per SM, and the fused epilogue with 512-slot splits above (its per-KV-head
+# finishers overlap later splits' streaming and find t in L2).
+_SM90_EVICT = (
+    TunedLaunch(0.5, "coop", 64, xla_launch=True),
+    TunedLaunch(2.0, "separate", 128, xla_launch=False),
+    TunedLaunch(math.inf, "fused", 32, xla_launch=False, slots_per_split=512),
+)
+# Attention only (the full cache): the same launch structure at a small batch; above it one split kernel
+# that writes the output itself, split until about four programs per SM.
+_SM90_ATTEND = (
+    TunedLaunch(0.5, "coop", 64, xla_launch=True),
+    TunedLaunch(2.0, "separate", 128, xla_launch=False),
+    TunedLaunch(math.inf, "separate", 32, xla_launch=False, programs_per_sm=4.0),
+)
+# Before Hopper the 64- and 128-slot blocks are unmeasured and 128 spills on sm_75: 32-slot blocks.
+_OLDER_EVICT = tuple(dataclasses.replace(row, block_c=32) for row in _SM90_EVICT)
+_OLDER_ATTEND = tuple(dataclasses.replace(row, block_c=32) for row in _SM90_ATTEND)
+
+# (minimum compute capability, with scoring, rows), first match wins.
+TUNED_LAUNCH = (
+    (90, True, _SM90_EVICT),
+    (90, False, _SM90_ATTEND),
+    (0, True, _OLDER_EVICT),
+    (0, False, _OLDER_ATTEND),
+)
+
+# float32 inputs (tests, not speed): fp32 tiles are twice as wide; these keep the kernel free of spills.
+F32_BLOCK_C = 32
+F32_NUM_WARPS = 8
+F32_NUM_STAGES = 2
+NUM_WARPS = 4
+NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
+MIN_SLOTS_PER_SPLIT = 128
+# t (f32, B x Hq x C) up to this size stays in L2 once read: the next call's t overwrites the same lines
+# there, and the discards cost more than the write-back they save; above it they pay.
+DISCARD_T_MIN_BYTES = 4 << 20
+
+
+def tuned_rows(capability: int, compute_evict: bool) -> tuple[TunedLaunch, ...]:
+    """The table's rows for this GPU generation and scoring mode."""
+    return next(rows for cap, evict, rows in TUNED_LAUNCH if capability >= cap and evict == bool(compute_evict))
+
+
+def tuned_row(rows: tuple[TunedLaunch, ...], programs: int, sms: int) -> TunedLaunch:
+    """The row for B * Hkv = `programs` on `sms` SMs."""
+    return next(row for row in rows if programs < row.below_programs_per_sm * sms)

@@ -1,0 +1,65 @@
+"""The decode kernels' contract: input layout, checks, and the empty-slot and tie rules.
+
+Every decode kernel (pallas_kernels, cuda_triton_bridge) and the jnp reference (reference.py) take
+
+  q         [B, Hq, D]          the current token's queries, post-RoPE
+  k, v      [B, Hkv, C, D]      post-RoPE keys and values, one row per slot
+  kv_valid  [B, C] bool         filled slots (the new token's slot included)
+  kv_len    [B] int (optional)  slot c of row b takes part only if c < kv_len[b] as well
+
+and return (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")).
+Query head h reads KV head h // (Hq // Hkv) (Hugging Face `repeat_kv` order).
+
+Rules every kernel keeps:
+  * invalid slots score EMPTY_SLOT_SCORE (-1), strictly below any valid slot's importance (>= 0), so
+    empty slots are filled first even where a valid slot's probability underflows to 0;
+  * the evict slot is the argmin of the importance, ties to the lowest slot index (`jnp.argmin`'s rule).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+GRANULARITIES = ("sequence", "kv_head")
+EMPTY_SLOT_SCORE = -1.0
+
+
+def check_granularity(granularity: str) -> None:
+    if granularity not in GRANULARITIES:
+        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
+
+
+def num_score_groups(num_kv_heads: int, granularity: str) -> int:
+    """How many evict slots a sequence has per layer: 1, or one per KV head."""
+    check_granularity(granularity)
+    return 1 if granularity == "sequence" else num_kv_heads
+
+
+def check_kv_len(kv_len, batch: int) -> None:
+    """The kernels' optional filled-prefix bound: an integer array [B] (clamped to [0, C] by them)."""
+    shape, dtype = getattr(kv_len, "shape", None), getattr(kv_len, "dtype", None)
+    if shape != (batch,) or dtype is None or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(
+            f"kv_len must be an integer array of shape [B] = ({batch},) (filled slots per row), got "
+            + (f"{dtype} {shape}" if dtype is not None else type(kv_len).__name__)
+        )
+
+
+def check_decode_inputs(q, k, v, kv_valid) -> None:
+    """Shape and dtype contract shared by the reference and every kernel entry point."""
+    if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
+        raise ValueError(
+            f"expected q [B, Hq, D] and k, v [B, Hkv, C, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
+        )
+    batch, num_q_heads, head_dim = q.shape
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
+        raise ValueError(f"k {k.shape} and v {v.shape} must both be [B={batch}, Hkv, C, D={head_dim}]")
+    if num_q_heads % k.shape[1]:
+        raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({k.shape[1]})")
+    if kv_valid.shape != (batch, k.shape[2]) or kv_valid.dtype != jnp.bool_:
+        raise ValueError(
+            f"kv_valid must be bool [B, C] = {(batch, k.shape[2])}, got {kv_valid.dtype} {kv_valid.shape}"
+        )
+    floats = (jnp.float32, jnp.bfloat16, jnp.float16)
+    if any(x.dtype not in floats for x in (q, k, v)):
+        raise ValueError(f"q, k, v must be float32/bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
