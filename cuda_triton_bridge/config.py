@@ -101,6 +101,7 @@ class ResolvedLaunch:
     discard_t: bool
     query_rows: int  # the GQA group padded to a tl.dot-able power of two
     combine_chunk: int
+    combine_num_warps: int = COMBINE_NUM_WARPS
 
 
 def _check_int(name: str, value, lo: int, hi: int, pow2: bool = False) -> None:
@@ -297,7 +298,10 @@ def _default_num_splits(shape: DecodeShape, row, epilogue: str, block_c: int, sm
     return max(1, min(want, most, MAX_SPLITS))
 
 
-def plan_inputs(q, k_cache, v_cache, kv_valid, *, scale, granularity, kv_len, compute_evict, launch, sms=None):
+def plan_inputs(
+    q, k_cache, v_cache, kv_valid, *, scale, granularity="sequence", kv_len=None, compute_evict=True,
+    launch=None, sms=None,
+):  # fmt: skip
     """Every check of one decode call, then its launch: (shape, kv_len int32 [B], ResolvedLaunch)."""
     shape = check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)

@@ -1,9 +1,9 @@
 """Launch a native Triton kernel through XLA's own Triton custom call instead of jax-triton's.
 
 jax-triton compiles a kernel to PTX itself, and jaxlib's custom-call handler launches it on every
-execution: 7.8-8.7 us of host time a launch, outside XLA's CUDA graphs (docs/KERNEL_NOTES_triton.md,
-session 5). XLA has a Triton custom call of its own, `__gpu$xla.gpu.triton` (Pallas' GPU lowering used
-it up to jaxlib 0.10.2): its backend config carries the kernel's Triton IR (TTIR), XLA compiles that with
+execution: several microseconds of host time a launch, outside XLA's CUDA graphs (docs/KERNELS.md).
+XLA has a Triton custom call of its own, `__gpu$xla.gpu.triton` (Pallas' GPU lowering
+uses it on jaxlib 0.10): its backend config carries the kernel's Triton IR (TTIR), XLA compiles that with
 its bundled Triton when it compiles the program, and runs the result as an ordinary kernel thunk, one
 that its command buffers (CUDA graphs) record like any fusion.
 

@@ -51,7 +51,7 @@ MASK_VALUE = -1e30
 _LANES = 128  # TPU lane width: m and l are stored lane-replicated.
 _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 
-# GPU defaults, chosen by scripts/bench_kernels.py on an H100 (docs/KERNEL_NOTES_pallas.md).
+# GPU defaults, measured with scripts/bench_kernels.py on Hopper (docs/KERNELS.md).
 TRITON_BLOCK_C = 128  # at most; fewer where a K or V tile would pass TRITON_TILE_BYTES
 TRITON_TILE_BYTES = 32 << 10  # K + V tiles x 2 stages = 128 KiB of shared memory (H100: 227 KiB)
 TRITON_NUM_WARPS = 4

@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 from helpers import bounded_mask
 
-from longflow_jax.reference import (
+from pallas_kernels.reference import (
     decode_attention_probs,
     evict_argmin_of_chunks,
     longflow_decode_attention_reference,
@@ -746,9 +746,9 @@ def test_gpu_kv_len_matches_reference(request, dtype, slots):
 def test_triton_body_compiles_for_sm90_without_spills(tmp_path, monkeypatch):
     """Compile the GPU kernel with the triton package (no GPU needed); skipped where triton is absent."""
     pytest.importorskip("triton")
-    # Triton needs a writable cache; the GPU machine's default location was not (2026-11-23 run).
+    # Triton needs a writable cache, which the default location is not on every machine.
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
-    from pallas_kernels.triton_offline import compile_report, triton_ir
+    from offline_compile import compile_report, triton_ir
 
     report = compile_report(triton_ir(**QWEN3_8B, num_splits=4))
     assert report["local_bytes"] == 0 and report["stack_bytes"] == 0, report
@@ -764,7 +764,7 @@ def test_triton_epilogue_kernel_compiles_for_sm90_without_spills(tmp_path, monke
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
     from pallas_kernels.decode_attention import COMBINE_NUM_WARPS
-    from pallas_kernels.triton_offline import compile_report, triton_ir
+    from offline_compile import compile_report, triton_ir
 
     ir_text = triton_ir(**QWEN3_8B, num_splits=4, granularity=granularity, kernel="combine")
     report = compile_report(ir_text, num_warps=COMBINE_NUM_WARPS, num_stages=1)
@@ -775,7 +775,7 @@ def test_triton_body_with_kv_len_compiles_for_sm90_without_spills(tmp_path, monk
     """The bounded loop (a runtime trip count) keeps the unbounded kernel's properties."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
-    from pallas_kernels.triton_offline import compile_report, triton_ir
+    from offline_compile import compile_report, triton_ir
 
     kv_len = jnp.full((QWEN3_8B["batch"],), 1000, jnp.int32)  # a kernel input; its value is not compiled in
     ir_text = triton_ir(**QWEN3_8B, num_splits=4, kv_len=kv_len)
