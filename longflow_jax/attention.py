@@ -1,7 +1,7 @@
 """Decode attention: dispatch between the jnp reference and the fused kernels, then the policy.
 
 attention_impl:
-  "reference"  plain jnp (longflow_jax/reference.py) + policies.py; supports every policy.
+  "reference"  plain jnp (pallas_kernels/reference.py) + policies.py; supports every policy.
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
   "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"

@@ -8,7 +8,7 @@ Per layer, per sequence b:
   score       [B, G, C] f32   policy state that outlives a step (H2O's accumulated attention); zeros
                               for the other policies
   kernel_state  pytree or None  state the attention kernel carries from step to step (opaque here:
-                              attention.init_kernel_state makes it for the kernel in use)
+                              attention.with_kernel_state makes it for the kernel in use)
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0.

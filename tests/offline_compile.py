@@ -90,7 +90,7 @@ def compile_report(ir_text, *, num_warps=TRITON_NUM_WARPS, num_stages=TRITON_NUM
 
 def cubin_report(compiled):
     """Shared memory, registers, stack/local (spill) bytes and SASS op counts of a compiled kernel,
-    read with the cuobjdump bundled with triton (also used by cuda_triton_bridge/offline.py)."""
+    read with the cuobjdump bundled with triton."""
     return {"shared_bytes": compiled.metadata.shared, **cubin_bytes_report(compiled.asm["cubin"])}
 
 

@@ -1,12 +1,13 @@
 """The Triton decode kernel (cuda_triton_bridge) against the jnp reference.
 
-CPU: the package imports without triton and rejects bad inputs before touching triton. Where triton and
-torch are installed (no GPU needed), the kernels also run in Triton's interpreter, through the same
-config and launch plan (cuda_triton_bridge/interpret.py), float32 and float16 only: the Triton 3.6
-interpreter computes a bf16 tl.dot on the raw bits.
+CPU: the package imports without triton and rejects bad inputs before touching triton; the launch
+defaults, the kernels' sm_90 / sm_75 compile (tests/offline_compile.py) and the XLA-launch lowering need
+only the triton package. Where triton and torch are installed (no GPU needed), the kernels also run in
+Triton's interpreter, through the same config and launch plan (cuda_triton_bridge/interpret.py), float32
+and float16 only: the Triton 3.6 interpreter computes a bf16 tl.dot on the raw bits.
 GPU (marked `gpu`, skipped without a CUDA GPU, triton and jax-triton): random inputs, fresh per test
-(a key from the test's parameters; never zeros), against `longflow_jax.reference` computed in float32 on
-the same rounded inputs.
+(a key from the test's parameters; never zeros), against `pallas_kernels.reference` computed in float32
+on the same rounded inputs.
 
 Evict slot: must equal the reference argmin. For float32 exactly. For bf16/fp16 the kernel's importance
 is computed in float32 from the same rounded inputs, so it differs from the reference only by the order
@@ -16,6 +17,7 @@ swap. There the chosen slot's reference importance must be within IMPORTANCE_RTO
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import json
 import math
@@ -32,8 +34,10 @@ import pytest
 from helpers import bounded_mask
 
 import cuda_triton_bridge as ctb
+from cuda_triton_bridge import LaunchConfig, tuned_launch
+from cuda_triton_bridge.config import DecodeShape, kernel_state_shape, resolve_launch, shared_memory_bytes
 from cuda_triton_bridge.launch import plan_launch
-from longflow_jax.reference import (
+from pallas_kernels.reference import (
     decode_attention_probs,
     longflow_decode_attention_reference,
     longflow_importance,
@@ -42,9 +46,13 @@ from longflow_jax.reference import (
 IMPORTANCE_RTOL = 1e-5
 # ||out - ref|| / ||ref||: fp32 runs exact (ieee) dots; 16-bit rounds p for the PV product and the output.
 OUT_RTOL = {"float32": 1e-5, "bfloat16": 1.5e-2, "float16": 2e-3}
+SMS = 132  # H100 / H200 SXM: the launch defaults below are checked at this SM count
 
 needs_triton = pytest.mark.skipif(
     not ctb.triton_available(), reason="needs triton, jax-triton and a CUDA GPU (triton_available() is False)"
+)
+needs_triton_package = functools.partial(
+    pytest.importorskip, "triton", reason="needs the triton package (no GPU)"
 )
 
 
@@ -105,6 +113,22 @@ def assert_matches_reference(q, k, v, kv_valid, out, evict_slot, *, scale, granu
     np.testing.assert_array_equal(got_g[best < 0], want.reshape(got_g.shape)[best < 0])
 
 
+def assert_attention_only(q, k, v, kv_valid, out, evict_slot, *, scale, granularity):
+    """compute_evict=False: the attention output, and -1 for every evict slot."""
+    ref_out, _ = decode_attention_probs(q, k, v, kv_valid, scale)
+    rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
+    assert rel <= OUT_RTOL[jnp.dtype(q.dtype).name], rel
+    batch, num_kv_heads = k.shape[:2]
+    assert evict_slot.shape == ((batch,) if granularity == "sequence" else (batch, num_kv_heads))
+    assert (np.asarray(evict_slot) == -1).all()
+
+
+def resolved(batch, slots, launch=None, *, num_q_heads=32, num_kv_heads=8, head_dim=128, itemsize=2, **kw):
+    """The resolved launch at Qwen3-8B's attention shape (by default) on an sm_90 GPU with SMS SMs."""
+    shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
+    return resolve_launch(shape, launch, **{"sms": SMS, "capability": 90, **kw})
+
+
 # ---------------------------------------------------------------- CPU: import and argument checks
 
 
@@ -119,23 +143,41 @@ def _small(dtype=jnp.bfloat16, head_dim=64, num_slots=100):
 
 
 @pytest.mark.parametrize(
-    "kwargs, match",
+    "launch, match",
     [
-        (dict(block_c=48), "block_c must be a power of two"),
-        (dict(block_c=8), "block_c must be an int in"),
+        (dict(block_c=48), "block_c must be a power of two in .16, 512., got 48"),
+        (dict(block_c=8), "block_c must be a power of two in .16, 512., got 8"),
+        (dict(block_c="64"), "block_c must be a power of two .*got '64'"),
+        (dict(block_c=64.0), "block_c must be a power of two .*got 64.0"),
         (dict(block_c=64, num_splits=10), "num_splits=10 exceeds the 2 blocks"),
-        (dict(num_splits=0), "num_splits must be an int in"),
-        (dict(num_warps=3), "num_warps must be a power of two"),
-        (dict(num_stages=0), "num_stages must be an int in"),
-        (dict(granularity="head"), "granularity must be one of"),
-        (dict(scale=float("nan")), "scale must be a finite"),
-        (dict(vnorm="fast"), "vnorm must be one of"),
+        (dict(num_splits=0), "num_splits must be an int in .1, 256., got 0"),
+        (dict(num_splits=True), "num_splits must be an int .*got True"),
+        (dict(num_warps=3), "num_warps must be a power of two .*got 3"),
+        (dict(num_warps=4.5), "num_warps must be a power of two .*got 4.5"),
+        (dict(num_stages=0), "num_stages must be an int in .1, 8., got 0"),
+        (dict(num_stages="3"), "num_stages must be an int .*got '3'"),
+        (dict(epilogue="both"), "epilogue must be one of .*got 'both'"),
+        (dict(epilogue=3), "epilogue must be one of .*got 3"),
+        (dict(xla_launch=1), "LaunchConfig.xla_launch must be a bool or None, got 1"),
+        (dict(discard_t="yes"), "LaunchConfig.discard_t must be a bool or None, got 'yes'"),
     ],
 )
-def test_rejects_bad_launch_arguments(kwargs, match):
-    kwargs = {"scale": 0.125, **kwargs}
+def test_rejects_bad_launch_config_values_naming_them(launch, match):
     with pytest.raises(ValueError, match=match):
-        ctb.longflow_decode_attention_triton(*_small(), **kwargs)
+        ctb.longflow_decode_attention_triton(*_small(), scale=0.125, launch=LaunchConfig(**launch))
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        (dict(granularity="head"), "granularity must be one of"),
+        (dict(scale=float("nan")), "scale must be a finite"),
+        (dict(launch=dict(block_c=64)), "launch must be a cuda_triton_bridge.LaunchConfig or None"),
+    ],
+)
+def test_rejects_bad_call_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ctb.longflow_decode_attention_triton(*_small(), **{"scale": 0.125, **kwargs})
 
 
 @pytest.mark.parametrize(
@@ -163,19 +205,68 @@ def test_rejects_reference_contract_violations():
         ctb.longflow_decode_attention_triton(q, k, v, valid.astype(jnp.int32), scale=0.125)
 
 
-def test_splits_round_to_whole_blocks():
-    shape = ctb.config.DecodeShape(1, 4, 2, 7 * 64, 64)
-    cfg = ctb.resolve_config(shape, block_c=64, num_splits=3)
-    assert (cfg.num_splits, cfg.blocks_per_split) == (3, 3)
-    cfg = ctb.resolve_config(shape, block_c=64, num_splits=6)
-    assert (cfg.num_splits, cfg.blocks_per_split) == (4, 2)
+def test_init_kernel_state_and_rejects_bad_state():
+    state = ctb.init_kernel_state(2, 2)
+    assert state.shape == kernel_state_shape(2, 2) == (2, 4) and state.dtype == jnp.int32
+    np.testing.assert_array_equal(state, 0)
+    q, k, v, kv_valid = make_inputs(_key("state"), 2, 8, 2, 64, 32, jnp.float32, "all")
+    for bad in (
+        jnp.zeros((2, 5), jnp.int32),
+        jnp.zeros(kernel_state_shape(2, 2), jnp.float32),
+        jnp.zeros((2, 2, 2), jnp.int32),
+        [[0] * 4] * 2,
+    ):
+        with pytest.raises(ValueError, match=r"kernel_state must be int32 \(2, 4\)"):
+            ctb.longflow_decode_attention_triton(q, k, v, kv_valid, scale=0.1, kernel_state=bad)
 
 
-def test_default_splits_follow_the_measured_choice():
-    # H100 (132 SMs), Qwen3-8B attention: the epilogue, split count and block size that measured fastest
-    # (KERNEL_NOTES_triton.md, config.py): coop with 64-slot blocks at a small batch, one split of
-    # 128-slot blocks with the separate epilogue at B = 9-32, fused with 512-slot splits of 32-slot
-    # blocks at B = 64.
+def test_with_kernel_state_gives_the_triton_kernel_its_state_per_layer():
+    # generate passes each layer's kernel_state to the Triton kernel: it must be what the bridge expects.
+    from longflow_jax.attention import with_kernel_state
+    from longflow_jax.kv_cache import KVCache, layer_from_kept
+
+    k_seq = jnp.zeros((3, 5, 2, 16), jnp.float32)  # [B, P, Hkv, D]
+    kept = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 1, 5))
+    cache = KVCache(layers=[layer_from_kept(k_seq, k_seq, kept, capacity=8) for _ in range(2)])
+    assert all(layer.kernel_state is None for layer in cache.layers)
+    for impl in ("reference", "pallas"):
+        assert with_kernel_state(cache, impl) is cache
+    triton_cache = with_kernel_state(cache, "triton")
+    assert len(triton_cache.layers) == 2
+    for layer, before in zip(triton_cache.layers, cache.layers):
+        state = layer.kernel_state
+        assert state.shape == kernel_state_shape(3, 2) and state.dtype == jnp.int32
+        np.testing.assert_array_equal(state, 0)
+        assert all(
+            getattr(layer, f) is getattr(before, f) for f in ("k", "v", "slot_pos", "evict_slot", "score")
+        )
+
+
+# ---------------------------------------------------------------- CPU: launch defaults
+
+
+def test_tuned_table_rows_give_the_documented_regimes():
+    # At 132 SMs: coop below SMs / 2 programs (B * Hkv < 66), the separate epilogue with 128-slot blocks
+    # below 2 x SMs (264), then fused with 512-slot splits (with scoring) or one split kernel with about
+    # four programs per SM (attention only). XLA's launch only for the coop rows.
+    def regime(programs, evict, capability=90):
+        row = tuned_launch.tuned_row(tuned_launch.tuned_rows(capability, evict), programs, SMS)
+        return row.epilogue, row.block_c, row.xla_launch
+
+    for evict in (True, False):
+        assert regime(1, evict) == regime(65, evict) == ("coop", 64, True)
+        assert regime(66, evict) == regime(263, evict) == ("separate", 128, False)
+    assert regime(264, True) == regime(10**6, True) == ("fused", 32, False)
+    assert tuned_launch.tuned_row(tuned_launch.tuned_rows(90, True), 264, SMS).slots_per_split == 512
+    assert regime(264, False) == ("separate", 32, False)
+    assert tuned_launch.tuned_row(tuned_launch.tuned_rows(90, False), 264, SMS).programs_per_sm == 4.0
+    # Before Hopper: the same epilogues, 32-slot blocks.
+    for programs, epilogue in ((1, "coop"), (66, "separate"), (264, "fused")):
+        assert regime(programs, True, capability=80)[:2] == (epilogue, 32)
+
+
+def test_default_launch_per_batch_and_cache_size():
+    # Qwen3-8B attention (32 / 8 heads, D 128, bf16) on 132 SMs: (epilogue, splits, block_c).
     want = {
         (1, 2048): ("coop", 16, 64),
         (1, 8192): ("coop", 16, 64),
@@ -184,153 +275,111 @@ def test_default_splits_follow_the_measured_choice():
         (16, 2048): ("separate", 1, 128),
         (16, 8192): ("separate", 1, 128),
         (32, 8192): ("separate", 1, 128),
+        (33, 2048): ("fused", 4, 32),
         (64, 2048): ("fused", 4, 32),
         (64, 8192): ("fused", 16, 32),
     }
     for (batch, slots), expected in want.items():
-        cfg = ctb.resolve_config(ctb.config.DecodeShape(batch, 32, 8, slots, 128), sms=132)
+        cfg = resolved(batch, slots)
         assert (cfg.epilogue, cfg.num_splits, cfg.block_c) == expected, (batch, slots, cfg)
-        assert cfg.blocks_per_split * cfg.block_c >= ctb.config.MIN_SLOTS_PER_SPLIT
-    # Without scoring: the same structure at a small batch (for the eviction overhead), else the
-    # separate path, which is one launch with one split.
+        assert cfg.blocks_per_split * cfg.block_c >= tuned_launch.MIN_SLOTS_PER_SPLIT
+    # Without scoring: the same structure at a small batch, else the separate path with one split (one
+    # launch).
     for batch, expected in ((1, ("coop", 16)), (16, ("separate", 1)), (64, ("separate", 1))):
-        shape = ctb.config.DecodeShape(batch, 32, 8, 8192, 128)
-        cfg = ctb.resolve_config(shape, sms=132, compute_evict=False)
+        cfg = resolved(batch, 8192, compute_evict=False)
         assert (cfg.epilogue, cfg.num_splits) == expected, (batch, cfg)
-    # float32 keeps its spill-free 32-slot blocks whatever the batch, and so does a pre-Hopper GPU
-    # (128-slot blocks were measured on Hopper only, and need more shared memory than Turing has).
-    assert ctb.resolve_config(ctb.config.DecodeShape(16, 32, 8, 2048, 128, 4), sms=132).block_c == 32
-    pre_hopper = ctb.resolve_config(ctb.config.DecodeShape(16, 32, 8, 2048, 128), sms=108, capability=80)
+    # float32 keeps its spill-free 32-slot blocks whatever the batch, and so does a pre-Hopper GPU.
+    assert resolved(16, 2048, itemsize=4).block_c == 32
+    pre_hopper = resolved(16, 2048, sms=108, capability=80)
     assert (pre_hopper.epilogue, pre_hopper.num_splits, pre_hopper.block_c) == ("separate", 1, 32)
+    # A forced epilogue takes its own row's block size.
+    assert resolved(1, 2048, LaunchConfig(epilogue="separate")).block_c == 128
+    assert resolved(16, 2048, LaunchConfig(epilogue="coop")).block_c == 64
 
 
-@pytest.mark.parametrize("epilogue", ["separate", "fused"])
-def test_discard_needs_sm80_and_a_gpu(epilogue):
-    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
-    shape = ctb.config.DecodeShape(64, 32, 8, 2048, 128)
-    cfg = ctb.resolve_config(shape, sms=132, epilogue=epilogue)
-    kw = dict(granularity="sequence", compute_evict=True, final_reduce="atomic", is_f32=False)
-    main = "split" if epilogue == "fused" else "combine"
+def test_splits_round_to_whole_blocks():
+    shape = DecodeShape(1, 4, 2, 7 * 64, 64)
+    cfg = resolve_launch(shape, LaunchConfig(block_c=64, num_splits=3), sms=SMS, capability=90)
+    assert (cfg.num_splits, cfg.blocks_per_split) == (3, 3)
+    cfg = resolve_launch(shape, LaunchConfig(block_c=64, num_splits=6), sms=SMS, capability=90)
+    assert (cfg.num_splits, cfg.blocks_per_split) == (4, 2)
 
-    def discard(**extra):
-        plan = plan_launch(shape, cfg, **kw, **extra)
-        return getattr(plan, main).meta["DISCARD_T"]
 
-    assert discard(capability=90) and discard(capability=80)
-    assert not discard(capability=75)
-    assert not discard(capability=90, fast_log2=False)
-    off = ctb.resolve_config(shape, sms=132, epilogue=epilogue, overrides=dict(discard_t=False))
-    assert not getattr(plan_launch(shape, off, **kw), main).meta["DISCARD_T"]
+def test_default_launch_is_xlas_triton_call_at_a_small_batch_only():
+    # XLA's Triton custom call while B * Hkv < SMs / 2 (the launch cost decides), jax-triton above (the
+    # kernel's speed decides); LaunchConfig.xla_launch forces either.
+    for batch, want in [(1, True), (8, True), (9, False), (16, False), (64, False)]:
+        assert resolved(batch, 2048).xla_launch is want, batch
+        for forced in (True, False):
+            assert resolved(batch, 2048, LaunchConfig(xla_launch=forced)).xla_launch is forced
 
 
 def test_t_is_discarded_only_above_four_mib():
     # B x 32 heads x C x 4 bytes of t: 16x2048 is exactly 4 MiB (kept in L2), 8x8192 and 16x8192 above.
-    def discard(batch, slots, **kw):
-        return ctb.resolve_config(ctb.config.DecodeShape(batch, 32, 8, slots, 128), sms=132, **kw).discard_t
+    def discard(batch, slots, **launch):
+        return resolved(batch, slots, LaunchConfig(**launch)).discard_t
 
     assert not discard(1, 8192) and not discard(4, 8192) and not discard(16, 2048)
     assert discard(8, 8192) and discard(16, 8192) and discard(64, 2048) and discard(32, 2048)
-    assert discard(16, 2048, overrides=dict(discard_t=True)) and not discard(
-        64, 2048, overrides=dict(discard_t=False)
-    )
+    assert discard(16, 2048, discard_t=True) and not discard(64, 2048, discard_t=False)
+
+
+@pytest.mark.parametrize("epilogue", ["separate", "fused", "coop"])
+def test_discard_needs_sm80_and_a_gpu(epilogue):
+    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
+    shape = DecodeShape(8, 32, 8, 8192, 128)
+    cfg = resolve_launch(shape, LaunchConfig(epilogue=epilogue, num_splits=2), sms=SMS, capability=90)
+    assert cfg.discard_t
+    kw = dict(granularity="sequence", compute_evict=True, is_f32=False)
+    reader = "combine" if epilogue == "separate" else "split"
+
+    def discard(cfg=cfg, **extra):
+        return getattr(plan_launch(shape, cfg, **kw, **extra), reader).meta["DISCARD_T"]
+
+    assert discard(capability=90) and discard(capability=80)
+    assert not discard(capability=75)
+    assert not discard(capability=90, fast_log2=False)
+    assert not discard(dataclasses.replace(cfg, discard_t=False), capability=90)
 
 
 def test_coop_grid_must_fit_one_program_per_sm():
     # Its programs wait for each other: a grid larger than the SM count could deadlock, so it is refused.
-    shape = ctb.config.DecodeShape(16, 32, 8, 2048, 128)
-    assert ctb.resolve_config(shape, sms=132, epilogue="coop").num_splits == 1
+    coop = LaunchConfig(epilogue="coop")
+    assert resolved(16, 2048, coop).num_splits == 1
     with pytest.raises(ValueError, match="one program per SM: num_splits=2 x 8 KV heads x batch 16"):
-        ctb.resolve_config(shape, sms=132, epilogue="coop", num_splits=2)
+        resolved(16, 2048, LaunchConfig(epilogue="coop", num_splits=2))
     with pytest.raises(ValueError, match="at most 32 splits"):
-        ctb.resolve_config(ctb.config.DecodeShape(1, 8, 1, 8192, 64), sms=132, epilogue="coop", num_splits=64)
+        resolved(1, 8192, LaunchConfig(epilogue="coop", num_splits=64), num_q_heads=8, num_kv_heads=1)
     # The default never asks for more than fits: 132 // (3 * 8) = 5 splits.
-    cfg = ctb.resolve_config(ctb.config.DecodeShape(3, 32, 8, 8192, 128), sms=132, epilogue="coop")
-    assert cfg.num_splits == 5
+    assert resolved(3, 8192, coop).num_splits == 5
     # Above one program per SM the default is not coop.
-    assert ctb.resolve_config(ctb.config.DecodeShape(17, 32, 8, 2048, 128), sms=132).epilogue != "coop"
+    assert resolved(17, 2048).epilogue != "coop"
 
 
-def test_rejects_bad_overrides_and_epilogue():
-    shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
-    with pytest.raises(ValueError, match="unknown overrides"):
-        ctb.resolve_config(shape, overrides=dict(store_t=False))
-    with pytest.raises(ValueError, match="must be a bool"):
-        ctb.resolve_config(shape, overrides=dict(cache_hints=1))
-    with pytest.raises(ValueError, match="epilogue must be one of"):
-        ctb.resolve_config(shape, epilogue="both")
-    assert ctb.resolve_config(shape, overrides=dict(discard_t=False)).discard_t is False
+def test_launches_over_the_shared_memory_limit_are_rejected_or_get_fewer_stages():
+    # 256-slot blocks at D 128: 3 stages need 276 KiB (the H100 allows 227), 2 stages 148 KiB.
+    with pytest.raises(ValueError, match="needs about 276 KiB of shared memory"):
+        resolved(16, 2048, LaunchConfig(block_c=256, num_stages=3))
+    assert resolved(16, 2048, LaunchConfig(block_c=256)).num_stages == 2  # the default, reduced to fit
+    assert resolved(16, 2048, LaunchConfig(block_c=128)).num_stages == tuned_launch.NUM_STAGES
+    with pytest.raises(ValueError, match="even with num_stages=1"):
+        resolved(1, 4096, LaunchConfig(block_c=512), num_q_heads=8, head_dim=256)
+    q = jnp.zeros((1, 32, 128), jnp.bfloat16)
+    kv = jnp.zeros((1, 8, 1024, 128), jnp.bfloat16)
+    with pytest.raises(ValueError, match="shared memory"):  # the public entry point, before any triton import
+        ctb.longflow_decode_attention_triton(
+            q, kv, kv, jnp.ones((1, 1024), bool), scale=0.1, launch=LaunchConfig(block_c=512, num_stages=2)
+        )
 
 
-def _custom_calls(module):
-    found = []
-
-    def walk(op):
-        if op.operation.name == "stablehlo.custom_call":
-            found.append(op.operation)
-        for region in op.regions:
-            for block in region.blocks:
-                for child in block.operations:
-                    walk(child)
-
-    walk(module.operation)
-    return found
-
-
-def test_typed_ffi_rewrite_equals_what_jax_ffi_emits():
-    # ffi_target.to_typed_ffi turns jax-triton's legacy call (API 2, opaque bytes) into exactly the op
-    # jax.ffi emits for a typed-FFI call carrying those bytes as the attribute `opaque`.
-    from cuda_triton_bridge.ffi_target import is_legacy_call, to_typed_ffi
-
-    blob = zlib.compress(os.urandom(64))  # arbitrary bytes, NULs and non-UTF-8 included
-    x = jnp.ones((4, 3), jnp.float32)
-    out = (jax.ShapeDtypeStruct((4, 3), jnp.float32), jax.ShapeDtypeStruct((2,), jnp.int32))
-
-    def legacy(x):
-        return jax.ffi.ffi_call("target", out, custom_call_api_version=2, legacy_backend_config=blob)(x)
-
-    def typed(x):
-        return jax.ffi.ffi_call("target", out)(x, opaque=blob)
-
-    (op,) = _custom_calls(jax.jit(legacy).lower(x).compiler_ir())
-    (want,) = _custom_calls(jax.jit(typed).lower(x).compiler_ir())
-    assert str(op) != str(want)
-    assert is_legacy_call(op) and not is_legacy_call(want)
-    to_typed_ffi(op)
-    assert str(op) == str(want)
-    with pytest.raises(RuntimeError, match="cannot rewrite"):
-        to_typed_ffi(op)  # already typed: not a legacy call any more
-
-
-def test_custom_call_target_follows_the_switch_and_the_jax_version(monkeypatch):
-    from cuda_triton_bridge import ffi_target
-
-    assert ffi_target.custom_call_target(False) == "triton_kernel_call"
-    monkeypatch.setattr(jax, "__version_info__", (0, 10, 0))
-    assert ffi_target.custom_call_target(True) == "triton_kernel_call"
-    monkeypatch.setattr(jax, "__version_info__", (0, 10, 1))
-    assert ffi_target.custom_call_target(True) == "triton_kernel_call_ffi"
-    shape = ctb.config.DecodeShape(1, 4, 2, 128, 64)
-    assert ctb.resolve_config(shape).ffi_call is False  # measured slower on jax 0.11.2
-    assert ctb.resolve_config(shape, overrides=dict(ffi_call=True)).ffi_call is True
-
-
-def test_default_launch_is_xlas_triton_call_at_a_small_batch_only():
-    # The measured choice (docs/BENCHMARKS.md, session 10): XLA's Triton custom call while B * Hkv < SMs / 2
-    # (the launch cost decides), jax-triton above for the main kernel (the kernel's speed decides) with
-    # the combine kernel through XLA's; overrides force either.
-    for batch, want in [(1, True), (8, True), (9, False), (16, False), (64, False)]:
-        shape = ctb.config.DecodeShape(batch, 32, 8, 2048, 128)
-        assert ctb.resolve_config(shape, sms=132).xla_call is want, batch
-        assert ctb.resolve_config(shape, sms=132).xla_combine is True  # the combine kernel: always XLA's
-        for forced in (True, False):
-            assert ctb.resolve_config(shape, sms=132, overrides=dict(xla_call=forced)).xla_call is forced
+# ---------------------------------------------------------------- CPU: the XLA launch, lowered for CUDA
 
 
 def test_xla_call_lowers_to_xlas_triton_custom_call():
     """The XLA launch path (xla_call.py), lowered for CUDA on any machine: XLA's own Triton custom call
     with the kernel's TTIR (scalars folded in as constants, pointers 16-byte aligned), the grid, the
     launch parameters and the aliases."""
-    triton = pytest.importorskip("triton", reason="building the TTIR needs the triton package (no GPU)")
+    triton = needs_triton_package()
     import triton.language as tl
 
     from cuda_triton_bridge.xla_call import XLA_TRITON_TARGET, xla_triton_call
@@ -374,13 +423,14 @@ def test_xla_call_lowers_to_xlas_triton_custom_call():
 
 
 @pytest.fixture
-def decode_without_jax_triton(monkeypatch):
-    """cuda_triton_bridge.decode imported with a stand-in jax_triton that only reports sm_90 (no launch
-    through it may happen), so the XLA-launch path lowers on a machine without jax-triton or a GPU. The
-    module is dropped again afterwards, so other tests see the package as it was."""
+def lowered_for_cuda(monkeypatch):
+    """Lower the public entry point for CUDA with cuda_triton_bridge.decode imported against a stand-in
+    jax_triton that only reports sm_90 (no launch through it may happen), so the XLA-launch path lowers
+    on a machine without jax-triton or a GPU. The module is dropped again afterwards, so other tests see
+    the package as it was. Returns lower(fn, *args) -> StableHLO text."""
     import types
 
-    pytest.importorskip("triton", reason="building the TTIR needs the triton package (no GPU)")
+    needs_triton_package()
     if ctb.triton_available():
         pytest.skip("the GPU tests run the real decode path")
 
@@ -392,40 +442,41 @@ def decode_without_jax_triton(monkeypatch):
     monkeypatch.delitem(sys.modules, "cuda_triton_bridge.decode", raising=False)
     import cuda_triton_bridge.decode as decode
 
-    yield decode
+    def lower(fn, *args):
+        return jax.jit(fn).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
+
+    yield lower
     sys.modules.pop("cuda_triton_bridge.decode", None)
     if getattr(ctb, "decode", None) is decode:
         delattr(ctb, "decode")
 
 
+def _sds(batch, slots=2048):
+    """Abstract bf16 inputs at Qwen3-8B's attention shape: q, k, v, kv_valid."""
+    sds = jax.ShapeDtypeStruct
+    kv = sds((batch, 8, slots, 128), jnp.bfloat16)
+    return sds((batch, 32, 128), jnp.bfloat16), kv, kv, sds((batch, slots), bool)
+
+
 @pytest.mark.parametrize(
-    "batch, epilogue, overrides, kernels, alias",
+    "batch, epilogue, kernels, alias",
     [
-        # (batch, epilogue, overrides, kernels, the aliased (operand, output) of the launch that has one)
-        (1, None, None, ["decode_coop_kernel"], (5, 8)),  # the default at a small batch: XLA's call
-        (4, "fused", dict(xla_call=True), ["decode_fused_kernel"], (5, 7)),
-        (4, "separate", dict(xla_call=True), ["decode_split_kernel", "decode_combine_kernel"], (6, 4)),
+        # (batch, forced epilogue, kernels, the aliased (operand, output) of the launch that has one)
+        (1, None, ["decode_coop_kernel"], (5, 8)),  # the default at a small batch: XLA's call
+        (4, "fused", ["decode_fused_kernel"], (5, 7)),
+        (4, "separate", ["decode_split_kernel", "decode_combine_kernel"], (6, 4)),
     ],
 )
-def test_decode_lowers_through_xlas_triton_call(
-    decode_without_jax_triton, batch, epilogue, overrides, kernels, alias
-):
+def test_decode_lowers_through_xlas_triton_call(lowered_for_cuda, batch, epilogue, kernels, alias):
     """The real decode path (decode.py's wiring, the real kernels' TTIR) lowered for CUDA on any
     machine: every kernel is one XLA Triton custom call, and the tickets / counter buffers are aliased."""
-    q = jax.ShapeDtypeStruct((batch, 32, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((batch, 8, 2048, 128), jnp.bfloat16)
-    valid = jax.ShapeDtypeStruct((batch, 2048), jnp.bool_)
-    fn = functools.partial(
-        decode_without_jax_triton.longflow_decode_attention_triton,
-        scale=0.088,
-        epilogue=epilogue,
-        overrides=overrides,
-    )
-    text = jax.jit(fn).trace(q, kv, kv, valid).lower(lowering_platforms=("cuda",)).as_text()
+    launch = None if epilogue is None else LaunchConfig(epilogue=epilogue, xla_launch=True)
+    fn = functools.partial(ctb.longflow_decode_attention_triton, scale=0.088, launch=launch)
+    text = lowered_for_cuda(fn, *_sds(batch))
     assert re.findall(r'name = "(\w+)", num_stages', text) == kernels
     assert text.count("stablehlo.custom_call") == len(kernels)
-    # One-kernel epilogues: zeros aliased to the tickets; separate: the split kernel's counter to the
-    # combine kernel's.
+    # One-kernel epilogues: the kernel state aliased to the tickets output; separate: the split kernel's
+    # counter to the combine kernel's.
     operand, output = alias
     aliases = re.findall(r"stablehlo\.output_operand_alias<[^>]*>", text)
     assert aliases == [
@@ -434,79 +485,79 @@ def test_decode_lowers_through_xlas_triton_call(
     ]
 
 
-def test_persistent_tickets_replace_the_zero_fill(decode_without_jax_triton):
-    """With the caller's tickets the coop launch (XLA's call, B = 1) takes that buffer, aliased to its
-    tickets output and returned, instead of a zero fill of its own."""
-    q = jax.ShapeDtypeStruct((1, 32, 128), jnp.bfloat16)
-    kv = jax.ShapeDtypeStruct((1, 8, 2048, 128), jnp.bfloat16)
-    valid = jax.ShapeDtypeStruct((1, 2048), jnp.bool_)
-    tickets = jax.ShapeDtypeStruct(ctb.ticket_shape(1, 8), jnp.int32)
-    fn = decode_without_jax_triton.longflow_decode_attention_triton
+def test_kernel_state_replaces_the_zero_fill(lowered_for_cuda):
+    """With the caller's kernel state the coop launch (XLA's call, B = 1) takes that buffer, aliased to
+    its tickets output and returned, instead of a zero buffer of its own."""
+    state = jax.ShapeDtypeStruct(kernel_state_shape(1, 8), jnp.int32)
+    fn = functools.partial(ctb.longflow_decode_attention_triton, scale=0.088)
 
-    def with_tickets(q, k, v, valid, tickets):
-        return fn(q, k, v, valid, scale=0.088, tickets=tickets)
+    def with_state(q, k, v, valid, state):
+        return fn(q, k, v, valid, kernel_state=state)
 
-    def lowered(f, *args):
-        return jax.jit(f).trace(*args).lower(lowering_platforms=("cuda",)).as_text()
-
-    fresh = lowered(functools.partial(fn, scale=0.088), q, kv, kv, valid)
-    persistent = lowered(with_tickets, q, kv, kv, valid, tickets)
-    # Without tickets: a broadcast of zeros to the kernel's 2 tickets; with them: none of that shape.
-    assert "tensor<2xi32>" in fresh and "tensor<2xi32>" not in persistent
+    fresh = lowered_for_cuda(fn, *_sds(1))
+    persistent = lowered_for_cuda(with_state, *_sds(1), state)
+    zeros = re.compile(r"stablehlo\.(constant|broadcast_in_dim)[^\n]*tensor<1x16xi32>")
+    assert zeros.search(fresh) and not zeros.search(persistent)
     assert re.findall(r'name = "(\w+)", num_stages', persistent) == ["decode_coop_kernel"]
     call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", persistent)
-    assert call.group(1).split(", ")[5] == "%arg4"  # the tickets argument itself is operand 5
-    assert "operand_index = 5" in persistent and "tensor<1x16xi32>" in persistent
-    assert len(jax.eval_shape(functools.partial(fn, scale=0.088), q, kv, kv, valid)) == 2
-    outs = jax.eval_shape(with_tickets, q, kv, kv, valid, tickets)
-    assert len(outs) == 3 and outs[2].shape == tickets.shape and outs[2].dtype == jnp.int32
+    assert call.group(1).split(", ")[5] == "%arg4"  # the state argument itself is operand 5
+    assert "operand_index = 5" in persistent
+    assert len(jax.eval_shape(fn, *_sds(1))) == 2
+    outs = jax.eval_shape(with_state, *_sds(1), state)
+    assert len(outs) == 3 and outs[2].shape == state.shape and outs[2].dtype == jnp.int32
 
 
-# ---------------------------------------------------------------- CPU: offline compile for sm_90
+# ---------------------------------------------------------------- CPU: offline compile for sm_90 / sm_75
+
+
+@pytest.fixture
+def compile_plan(tmp_path, monkeypatch):
+    """tests/offline_compile.compile_plan with a private Triton cache."""
+    needs_triton_package()
+    from offline_compile import compile_plan
+
+    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
+    return compile_plan
+
+
+MAIN_KERNEL = {
+    "separate": "decode_split_kernel",
+    "fused": "decode_fused_kernel",
+    "coop": "decode_coop_kernel",
+}
 
 
 @pytest.mark.parametrize(
-    "batch, compute_evict, epilogue, vnorm",
+    "batch, compute_evict, epilogue",
     [
-        (16, True, "separate", "mma"),
-        (16, True, "separate", "reduce"),
-        (1, True, "separate", "mma"),
-        (64, False, "separate", "mma"),
-        (4, True, "fused", "mma"),
-        (4, True, "coop", "mma"),
-        (64, True, None, "mma"),  # the measured choice at B = 64: fused, 4 splits of 512 slots
+        (16, True, "separate"),
+        (1, True, "separate"),
+        (64, False, "separate"),
+        (4, True, "fused"),
+        (4, True, "coop"),
+        (64, True, None),  # the default at B = 64: fused, 4 splits of 512 slots
     ],
 )
-def test_kernels_compile_for_sm90_without_spills(
-    batch, compute_evict, epilogue, vnorm, tmp_path, monkeypatch
-):
+def test_kernels_compile_for_sm90_without_spills(compile_plan, batch, compute_evict, epilogue):
     """The GPU compiler (not the interpreter) accepts the kernels at Qwen3-8B shapes: K/V stream through
     16-byte cp.async copies into tensor-core dots, no register spills (ptxas bundled with triton)."""
-    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
-    from cuda_triton_bridge.offline import compile_plan
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
-    reports = compile_plan(
-        batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue, vnorm=vnorm
-    )
-    names = {"separate": "decode_split_kernel", "coop": "decode_coop_kernel"}
-    main = reports[names.get(epilogue, "decode_fused_kernel")]
+    reports = compile_plan(batch, 32, 8, 2048, 128, compute_evict=compute_evict, epilogue=epilogue)
+    main = reports[MAIN_KERNEL[epilogue or "fused"]]
     assert main["sass_ops"].get("LDGSTS.E.BYPASS.128", 0) > 0, main
     # With scoring, t is stored evict_last, and whoever reads it back drops its lines from L2 where t is
-    # over 4 MiB (config.default_discard_t): at B = 64 here, not at B <= 16.
+    # over 4 MiB (the discard_t default): at B = 64 here, not at B <= 16.
     if compute_evict:
         reader = reports["decode_combine_kernel"] if epilogue == "separate" else main
         assert main["sass_ops"].get("STG.E.EL.128", 0) > 0, main["sass_ops"]
         discards = reader["sass_ops"].get("CCTL.E.RML2", 0)
         assert (discards > 0) == (batch == 64), reader["sass_ops"]
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
-    # With scoring, vnorm="mma" adds ones @ |V|^T: one more tensor-core dot than the row reduction
-    # (24 against 16 HMMAs per 32 slots of the block).
-    hmma = sum(n for op, n in main["sass_ops"].items() if op.startswith("HMMA"))
+    # With scoring, ||v||_1 is ones @ |V|^T on the tensor cores: 24 HMMAs per 32 slots of the block
+    # (16 for q k^T and p v).
     if compute_evict and epilogue == "separate":
-        shape = ctb.config.DecodeShape(batch, 32, 8, 2048, 128)
-        block_c = ctb.resolve_config(shape, sms=132, epilogue=epilogue).block_c
-        assert hmma == (24 if vnorm == "mma" else 16) * block_c // 32, (block_c, main["sass_ops"])
+        hmma = sum(n for op, n in main["sass_ops"].items() if op.startswith("HMMA"))
+        block_c = resolved(batch, 2048, LaunchConfig(epilogue=epilogue)).block_c
+        assert hmma == 24 * block_c // 32, (block_c, main["sass_ops"])
     for name, report in reports.items():
         assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
         assert report["shared_bytes"] <= 227 * 1024, (name, report)
@@ -515,7 +566,7 @@ def test_kernels_compile_for_sm90_without_spills(
 @pytest.mark.parametrize(
     "num_q_heads, head_dim, block_c, num_stages, dtype, epilogue",
     [
-        (32, 128, 32, 3, "bfloat16", "separate"),  # the default at Qwen3-8B shapes
+        (32, 128, 32, 3, "bfloat16", "separate"),
         (32, 128, 128, 3, "bfloat16", "fused"),
         (32, 64, 256, 2, "bfloat16", "separate"),
         (8, 256, 64, 3, "float16", "fused"),  # group 1
@@ -526,22 +577,17 @@ def test_kernels_compile_for_sm90_without_spills(
     ],
 )
 def test_shared_memory_estimate_matches_the_compiled_kernel(
-    num_q_heads, head_dim, block_c, num_stages, dtype, epilogue, tmp_path, monkeypatch
+    compile_plan, num_q_heads, head_dim, block_c, num_stages, dtype, epilogue
 ):
-    # resolve_config rejects a launch by config.shared_memory_bytes before it can fail on the GPU: the
+    # resolve_launch rejects a launch by config.shared_memory_bytes before it can fail on the GPU: the
     # estimate must never be below what the compiler allocates.
-    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
-    from cuda_triton_bridge.offline import compile_plan
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     reports = compile_plan(
         16, num_q_heads, 8, 2048, head_dim, dtype=dtype, epilogue=epilogue, block_c=block_c,
         num_stages=num_stages, num_splits=1,
     )  # fmt: skip
-    compiled = reports["decode_split_kernel" if epilogue == "separate" else "decode_fused_kernel"]
-    itemsize = 4 if dtype == "float32" else 2
-    shape = ctb.config.DecodeShape(16, num_q_heads, 8, 2048, head_dim, itemsize)
-    estimate = ctb.config.shared_memory_bytes(shape, block_c, num_stages)
+    compiled = reports[MAIN_KERNEL[epilogue]]
+    shape = DecodeShape(16, num_q_heads, 8, 2048, head_dim, 4 if dtype == "float32" else 2)
+    estimate = shared_memory_bytes(shape, block_c, num_stages)
     assert compiled["shared_bytes"] <= estimate, compiled
     if num_stages >= 2:  # exact there; with one stage the compiler needs less than the estimate
         assert estimate == compiled["shared_bytes"], compiled
@@ -549,30 +595,9 @@ def test_shared_memory_estimate_matches_the_compiled_kernel(
         assert estimate <= 1.5 * compiled["shared_bytes"], compiled
 
 
-def test_launches_over_the_shared_memory_limit_are_rejected_or_get_fewer_stages():
-    shape = ctb.config.DecodeShape(16, 32, 8, 2048, 128)
-    # 256-slot blocks at D 128: 3 stages need 276 KiB (the H100 allows 227), 2 stages 148 KiB.
-    with pytest.raises(ValueError, match="needs about 276 KiB of shared memory"):
-        ctb.resolve_config(shape, block_c=256, num_stages=3)
-    assert ctb.resolve_config(shape, block_c=256).num_stages == 2  # the default, reduced to fit
-    assert ctb.resolve_config(shape, block_c=128).num_stages == ctb.config.NUM_STAGES
-    with pytest.raises(ValueError, match="even with num_stages=1"):
-        ctb.resolve_config(ctb.config.DecodeShape(1, 8, 8, 4096, 256), block_c=512)
-    q = jnp.zeros((1, 32, 128), jnp.bfloat16)
-    kv = jnp.zeros((1, 8, 1024, 128), jnp.bfloat16)
-    with pytest.raises(ValueError, match="shared memory"):  # the public entry point, before any triton import
-        ctb.longflow_decode_attention_triton(
-            q, kv, kv, jnp.ones((1, 1024), bool), scale=0.1, block_c=512, num_stages=2
-        )
-
-
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
-def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkeypatch):
+def test_kernels_compile_for_sm75_without_the_discard(compile_plan, epilogue):
     # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
-    pytest.importorskip("triton", reason="the offline compile needs triton (no GPU)")
-    from cuda_triton_bridge.offline import compile_plan
-
-    monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path))
     reports = compile_plan(16, 32, 8, 2048, 128, dtype="float16", capability=75, epilogue=epilogue)
     for name, report in reports.items():
         assert "CCTL.E.RML2" not in report["sass_ops"], (name, report["sass_ops"])
@@ -581,265 +606,93 @@ def test_kernels_compile_for_sm75_without_the_discard(epilogue, tmp_path, monkey
 
 # ---------------------------------------------------------------- CPU: Triton interpreter
 
-SEPARATE = dict(epilogue="separate")
+LAUNCH_FIELDS = {f.name for f in dataclasses.fields(LaunchConfig)}
+
+
+def _case(name, dtype, shape, valid="mixed", **kwargs):
+    """An interpreter case on inputs of `shape` (B, Hq, Hkv, C, D): LaunchConfig fields among `kwargs`
+    go to its "launch" dict (the separate epilogue unless it says otherwise; epilogue=None: the tuned
+    choice), the rest are call arguments (or interpret.py's "sms" and "repeat")."""
+    launch = {"epilogue": "separate", **{f: kwargs.pop(f) for f in LAUNCH_FIELDS & set(kwargs)}}
+    return name, dtype, shape, valid, {"launch": launch, **kwargs}
+
+
+F32, F16 = "float32", "float16"
 FUSED = dict(epilogue="fused")
 COOP = dict(epilogue="coop", sms=64)  # the grid must fit the "SMs" (one program each)
-PERSIST = dict(persistent_tickets=True)  # interpret.main: two calls, the second on the first's tickets
-# (name, dtype, B, Hq, Hkv, C, D, valid, kwargs); the reference is jnp on the same rounded inputs.
-# Cases run the separate (two-kernel) epilogue unless they say otherwise; FUSED: the single launch.
+KV_HEAD = dict(granularity="kv_head")
+NO_EVICT = dict(compute_evict=False)
+# The reference is jnp on the same rounded inputs. "repeat": the case runs twice, the second time on the
+# kernel state the first call returned; the second call's results are checked.
+# fmt: off
 INTERPRETER_CASES = [
-    ("f32-mha", "float32", 4, 2, 2, 300, 64, "mixed", dict(block_c=32)),
-    ("f32-gqa4", "float32", 4, 8, 2, 300, 64, "mixed", dict(**FUSED, block_c=32, num_splits=3)),
-    ("f32-gqa8", "float32", 4, 16, 2, 300, 64, "mixed", dict(block_c=64)),
-    (
-        "f32-gqa4-vnorm-reduce",
-        "float32",
-        4,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(block_c=32, num_splits=3, vnorm="reduce"),
-    ),
-    ("f32-kvhead", "float32", 4, 8, 2, 300, 64, "mixed", dict(**FUSED, block_c=32, granularity="kv_head")),
-    (
-        "f32-kvhead-1split",
-        "float32",
-        4,
-        8,
-        2,
-        200,
-        64,
-        "all",
-        dict(block_c=64, num_splits=1, granularity="kv_head"),
-    ),
-    (
-        "f32-xla-final",
-        "float32",
-        2,
-        8,
-        2,
-        700,
-        64,
-        "all",
-        dict(block_c=64, num_splits=4, **SEPARATE, final_reduce="xla"),
-    ),
-    ("f32-atomic-final", "float32", 2, 8, 2, 700, 64, "all", dict(block_c=64, num_splits=4, **SEPARATE)),
-    (
-        "f32-separate-kvhead",
-        "float32",
-        4,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(block_c=32, granularity="kv_head", **SEPARATE),
-    ),
-    ("f16-separate-1split", "float16", 4, 8, 2, 300, 128, "mixed", dict(num_splits=1, **SEPARATE)),
-    (
-        "noevict-separate",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(num_splits=3, compute_evict=False, **SEPARATE),
-    ),
-    (
-        "f32-fused-splits-kvhead",
-        "float32",
-        2,
-        8,
-        2,
-        700,
-        64,
-        "all",
-        dict(**FUSED, block_c=32, num_splits=7, granularity="kv_head"),
-    ),
-    ("f32-fused-many-splits", "float32", 2, 8, 4, 600, 32, "mixed", dict(**FUSED, block_c=16, num_splits=37)),
-    ("f32-block16", "float32", 2, 4, 1, 77, 16, "mixed", dict(block_c=16, num_splits=5)),
-    (
-        "f32-gqa3-kvhead",
-        "float32",
-        2,
-        9,
-        3,
-        150,
-        32,
-        "mixed",
-        dict(**FUSED, block_c=16, granularity="kv_head"),
-    ),
-    ("f16-mqa32", "float16", 2, 32, 1, 130, 64, "all", dict(block_c=32, num_splits=2)),
-    ("f16-gqa4-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(block_c=64, num_splits=2)),
-    ("f16-kvhead-d128", "float16", 4, 8, 2, 300, 128, "mixed", dict(**FUSED, granularity="kv_head")),
-    (
-        "noevict-1split",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(block_c=64, num_splits=1, compute_evict=False),
-    ),
-    (
-        "noevict-splits",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(**FUSED, block_c=32, num_splits=4, compute_evict=False),
-    ),
-    (
-        "noevict-kvhead",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(num_splits=2, compute_evict=False, granularity="kv_head"),
-    ),
+    _case("f32-mha", F32, (4, 2, 2, 300, 64), block_c=32),
+    _case("f32-gqa4", F32, (4, 8, 2, 300, 64), **FUSED, block_c=32, num_splits=3),
+    _case("f32-gqa4-separate", F32, (4, 8, 2, 300, 64), block_c=32, num_splits=3, discard_t=True),
+    _case("f32-gqa8", F32, (4, 16, 2, 300, 64), block_c=64),
+    _case("f32-kvhead", F32, (4, 8, 2, 300, 64), **FUSED, **KV_HEAD, block_c=32),
+    _case("f32-kvhead-1split", F32, (4, 8, 2, 200, 64), "all", **KV_HEAD, block_c=64, num_splits=1),
+    _case("f32-separate-splits", F32, (2, 8, 2, 700, 64), "all", block_c=64, num_splits=4),
+    _case("f32-separate-kvhead", F32, (4, 8, 2, 300, 64), **KV_HEAD, block_c=32),
+    _case("f16-separate-1split", F16, (4, 8, 2, 300, 128), num_splits=1),
+    _case("noevict-separate", F32, (3, 8, 2, 300, 64), **NO_EVICT, num_splits=3),
+    _case("f32-fused-splits-kvhead", F32, (2, 8, 2, 700, 64),
+          "all", **FUSED, **KV_HEAD, block_c=32, num_splits=7),
+    _case("f32-fused-many-splits", F32, (2, 8, 4, 600, 32), **FUSED, block_c=16, num_splits=37),
+    _case("f32-block16", F32, (2, 4, 1, 77, 16), block_c=16, num_splits=5),
+    _case("f32-gqa3-kvhead", F32, (2, 9, 3, 150, 32), **FUSED, **KV_HEAD, block_c=16),
+    _case("f16-mqa32", F16, (2, 32, 1, 130, 64), "all", block_c=32, num_splits=2),
+    _case("f16-gqa4-d128", F16, (4, 8, 2, 300, 128), block_c=64, num_splits=2),
+    _case("f16-kvhead-d128", F16, (4, 8, 2, 300, 128), **FUSED, **KV_HEAD),
+    _case("noevict-1split", F32, (3, 8, 2, 300, 64), **NO_EVICT, block_c=64, num_splits=1),
+    _case("noevict-fused", F32, (3, 8, 2, 300, 64), **NO_EVICT, **FUSED, block_c=32, num_splits=4),
+    _case("noevict-kvhead", F32, (3, 8, 2, 300, 64), **NO_EVICT, **KV_HEAD, num_splits=2),
     # kv_len: empty row, one slot, a block boundary inside split 0, the whole buffer; 3 splits of 4
     # blocks, so rows 0-2 leave whole splits unread.
-    ("f32-kvlen", "float32", 4, 8, 2, 300, 64, "all", dict(block_c=32, num_splits=3, kv_len=[0, 1, 96, 300])),
-    (
-        "f32-kvlen-mixed-kvhead",
-        "float32",
-        4,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(block_c=32, num_splits=3, granularity="kv_head", kv_len=[129, 300, 257, 31]),
-    ),
-    ("f32-kvlen-fused", "float32", 3, 8, 2, 300, 64, "all", dict(**FUSED, block_c=32, kv_len=[0, 200, 33])),
-    (
-        "noevict-kvlen",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "all",
-        dict(block_c=32, num_splits=1, compute_evict=False, kv_len=[0, 64, 299]),
-    ),
-    # The t-traffic switches off (the GPU-only parts are no-ops in the interpreter: plumbing), and the
-    # measured epilogue choice (None): with the interpreter's 4 "SMs", B * Hkv = 8 picks "fused".
-    (
-        "f32-hints-off",
-        "float32",
-        4,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(block_c=32, num_splits=3, overrides=dict(cache_hints=False, discard_t=False)),
-    ),
-    ("f16-auto", "float16", 4, 16, 2, 256, 128, "mixed", dict(epilogue=None, kv_len=[0, 1, 129, 256])),
+    _case("f32-kvlen", F32, (4, 8, 2, 300, 64), "all", block_c=32, num_splits=3, kv_len=[0, 1, 96, 300]),
+    _case("f32-kvlen-mixed-kvhead", F32, (4, 8, 2, 300, 64),
+          **KV_HEAD, block_c=32, num_splits=3, kv_len=[129, 300, 257, 31]),
+    _case("f32-kvlen-fused", F32, (3, 8, 2, 300, 64), "all", **FUSED, block_c=32, kv_len=[0, 200, 33]),
+    _case("noevict-kvlen", F32, (3, 8, 2, 300, 64),
+          "all", **NO_EVICT, block_c=32, num_splits=1, kv_len=[0, 64, 299]),
+    # The tuned epilogue choice: with 4 "SMs", B * Hkv = 8 picks "fused".
+    _case("f16-auto", F16, (4, 16, 2, 256, 128), epilogue=None, kv_len=[0, 1, 129, 256]),
     # The coop epilogue: in the interpreter the last program to reach the barrier does every share
     # (same code as the GPU's parallel shares, which the GPU tests cover).
-    ("f32-coop", "float32", 4, 8, 2, 300, 64, "all", dict(**COOP, block_c=32, num_splits=3)),
-    ("f32-coop-1split", "float32", 4, 8, 2, 300, 64, "all", dict(**COOP, block_c=64, num_splits=1)),
-    (
-        "f32-coop-kvhead",
-        "float32",
-        4,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(**COOP, block_c=32, num_splits=4, granularity="kv_head"),
-    ),
-    ("f32-coop-mqa", "float32", 2, 8, 1, 600, 32, "all", dict(**COOP, block_c=16, num_splits=9)),
-    (
-        "f16-coop-kvlen",
-        "float16",
-        3,
-        8,
-        2,
-        320,
-        128,
-        "all",
-        dict(**COOP, block_c=32, num_splits=2, kv_len=[0, 130, 320]),
-    ),
-    ("noevict-coop", "float32", 3, 8, 2, 300, 64, "mixed", dict(**COOP, num_splits=4, compute_evict=False)),
-    # The measured choice with 64 "SMs": B * Hkv = 8 <= 64 picks "coop".
-    ("f32-auto-coop", "float32", 4, 8, 2, 1024, 64, "all", dict(epilogue=None, sms=64)),
-    # Persistent tickets: each case runs twice, the second time on the buffer the first call returned
-    # (which must be all zeros again); the second call's results are checked.
-    ("tickets-coop", "float32", 4, 8, 2, 300, 64, "mixed", dict(**COOP, **PERSIST, block_c=32, num_splits=3)),
-    (
-        "tickets-coop-kvhead",
-        "float32",
-        2,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(**COOP, **PERSIST, block_c=32, num_splits=2, granularity="kv_head"),
-    ),
-    (
-        "tickets-coop-noevict",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(**COOP, **PERSIST, num_splits=4, compute_evict=False),
-    ),
-    (
-        "tickets-fused",
-        "float32",
-        3,
-        8,
-        2,
-        300,
-        64,
-        "mixed",
-        dict(**FUSED, **PERSIST, block_c=32, num_splits=3),
-    ),
-    ("tickets-separate", "float32", 2, 8, 2, 300, 64, "mixed", dict(**PERSIST, block_c=32, num_splits=3)),
+    _case("f32-coop", F32, (4, 8, 2, 300, 64), "all", **COOP, block_c=32, num_splits=3),
+    _case("f32-coop-1split", F32, (4, 8, 2, 300, 64), "all", **COOP, block_c=64, num_splits=1),
+    _case("f32-coop-kvhead", F32, (4, 8, 2, 300, 64), **COOP, **KV_HEAD, block_c=32, num_splits=4),
+    _case("f32-coop-mqa", F32, (2, 8, 1, 600, 32), "all", **COOP, block_c=16, num_splits=9),
+    _case("f16-coop-kvlen", F16, (3, 8, 2, 320, 128),
+          "all", **COOP, block_c=32, num_splits=2, kv_len=[0, 130, 320]),
+    _case("noevict-coop", F32, (3, 8, 2, 300, 64), **COOP, **NO_EVICT, num_splits=4),
+    # The tuned choice with 64 "SMs": B * Hkv = 8 < 32 picks "coop".
+    _case("f32-auto-coop", F32, (4, 8, 2, 1024, 64), "all", epilogue=None, sms=64),
+    _case("repeat-coop", F32, (4, 8, 2, 300, 64), **COOP, block_c=32, num_splits=3, repeat=True),
+    _case("repeat-coop-kvhead", F32, (2, 8, 2, 300, 64),
+          **COOP, **KV_HEAD, block_c=32, num_splits=2, repeat=True),
+    _case("repeat-coop-noevict", F32, (3, 8, 2, 300, 64), **COOP, **NO_EVICT, num_splits=4, repeat=True),
+    _case("repeat-fused", F32, (3, 8, 2, 300, 64), **FUSED, block_c=32, num_splits=3, repeat=True),
+    _case("repeat-separate", F32, (2, 8, 2, 300, 64), block_c=32, num_splits=3, repeat=True),
 ]
-
-
-def bounded_valid(kv_valid, kwargs):
-    """The mask the kernel applies: kv_valid and slot < kv_len (when given)."""
-    return bounded_mask(kv_valid, kwargs["kv_len"]) if "kv_len" in kwargs else kv_valid
+# fmt: on
 
 
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
-    """Run every INTERPRETER_CASES entry in one TRITON_INTERPRET=1 subprocess (it must import triton)."""
+    """Run every INTERPRETER_CASES entry in one TRITON_INTERPRET=1 subprocess (it must import triton):
+    {name: (inputs, kwargs, out, evict_slot, the state the first call left)}."""
     pytest.importorskip("triton", reason="the interpreter tests need triton (no GPU)")
     pytest.importorskip("torch", reason="the interpreter tests need torch (CPU)")
     tmp = tmp_path_factory.mktemp("interp")
     arrays, cases, inputs = {}, [], []
-    for i, (name, dtype, b, hq, hkv, c, d, valid, kwargs) in enumerate(INTERPRETER_CASES):
-        q, k, v, kv_valid = make_inputs(_key("interp", name), b, hq, hkv, c, d, jnp.dtype(dtype), valid)
+    for i, (name, dtype, shape, valid, kwargs) in enumerate(INTERPRETER_CASES):
+        q, k, v, kv_valid = make_inputs(_key("interp", name), *shape, jnp.dtype(dtype), valid)
         inputs.append((q, k, v, kv_valid))
         for n, x in zip("qkv", (q, k, v)):
             arrays[f"{n}_{i}"] = np.asarray(x, np.float32)
         arrays[f"valid_{i}"] = np.asarray(kv_valid)
-        # Cases without an epilogue run the separate one (None: the measured choice, tested on its own).
-        base = {"scale": 1 / math.sqrt(d), "sms": 4, "epilogue": "separate"}
-        cases.append({"dtype": dtype, "kwargs": {**base, **kwargs}})
+        cases.append({"dtype": dtype, "kwargs": {"scale": 1 / math.sqrt(shape[-1]), "sms": 4, **kwargs}})
     np.savez(tmp / "cases.npz", cases=json.dumps(cases), **arrays)
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
@@ -850,18 +703,12 @@ def interpreted(tmp_path_factory):
         cwd=root,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = np.load(tmp / "out.npz")
     return {
-        case[0]: (
-            inputs[i],
-            cases[i]["kwargs"],
-            results[f"out_{i}"],
-            results[f"evict_{i}"],
-            results[f"tickets_{i}"] if f"tickets_{i}" in results else None,
-        )
+        case[0]: (inputs[i], cases[i]["kwargs"], *(results[f"{n}_{i}"] for n in ("out", "evict", "state")))
         for i, case in enumerate(INTERPRETER_CASES)
     }
 
@@ -869,55 +716,51 @@ def interpreted(tmp_path_factory):
 @pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
 def test_interpreter_matches_reference(interpreted, name):
     (q, k, v, kv_valid), kwargs, out, evict_slot, _ = interpreted[name]
-    kv_valid = bounded_valid(kv_valid, kwargs)
-    granularity = kwargs.get("granularity", "sequence")
+    if "kv_len" in kwargs:
+        kv_valid = bounded_mask(kv_valid, kwargs["kv_len"])
+    check = assert_matches_reference if kwargs.get("compute_evict", True) else assert_attention_only
     out = jnp.asarray(out).astype(q.dtype)
     evict_slot = jnp.asarray(evict_slot, jnp.int32)
-    if kwargs.get("compute_evict", True):
-        assert_matches_reference(
-            q, k, v, kv_valid, out, evict_slot, scale=kwargs["scale"], granularity=granularity
-        )
-    else:
-        ref_out, _ = decode_attention_probs(q, k, v, kv_valid, kwargs["scale"])
-        np.testing.assert_allclose(np.asarray(out), np.asarray(ref_out), rtol=1e-4, atol=1e-5)
-        assert evict_slot.shape == ((q.shape[0],) if granularity == "sequence" else (q.shape[0], k.shape[1]))
-        assert (np.asarray(evict_slot) == -1).all()
+    check(
+        q,
+        k,
+        v,
+        kv_valid,
+        out,
+        evict_slot,
+        scale=kwargs["scale"],
+        granularity=kwargs.get("granularity", "sequence"),
+    )
 
 
-@pytest.mark.parametrize(
-    "name", [case[0] for case in INTERPRETER_CASES if case[-1].get("persistent_tickets")]
-)
-def test_interpreter_leaves_persistent_tickets_zero(interpreted, name):
-    # The first call's returned buffer (its second call's results are checked above against the reference).
-    (q, k, _, _), _, _, _, tickets = interpreted[name]
-    assert tickets is not None and tickets.dtype == np.int32
-    assert tickets.shape == ctb.ticket_shape(q.shape[0], k.shape[1])
-    np.testing.assert_array_equal(tickets, 0)
+@pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
+def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
+    # The one-launch epilogues count their programs in the state and must leave it zero (a repeated
+    # case's second call, checked above, ran on it); the separate epilogue passes it through.
+    (q, k, _, _), _, _, _, state = interpreted[name]
+    assert state.dtype == np.int32 and state.shape == kernel_state_shape(q.shape[0], k.shape[1])
+    np.testing.assert_array_equal(state, 0)
 
 
-def test_layer_cache_holds_the_bridges_ticket_buffer():
-    # generate passes each layer's tickets to the Triton kernel: they must be what the bridge expects.
-    from longflow_jax.kv_cache import layer_from_kept
+def test_interpreter_cases_cover_every_epilogue_and_repeat():
+    def epilogue(case):
+        kwargs = case[-1]
+        b, hq, hkv, c, d = case[2]
+        return resolve_launch(
+            DecodeShape(b, hq, hkv, c, d), LaunchConfig(**kwargs["launch"]), sms=kwargs.get("sms", 4),
+            compute_evict=kwargs.get("compute_evict", True), capability=90,
+        ).epilogue  # fmt: skip
 
-    k_seq = jnp.zeros((3, 5, 2, 16), jnp.float32)  # [B, P, Hkv, D]
-    kept = jnp.broadcast_to(jnp.arange(5, dtype=jnp.int32), (3, 1, 5))
-    layer = layer_from_kept(k_seq, k_seq, kept, capacity=8)
-    assert layer.tickets.shape == ctb.ticket_shape(3, 2) and layer.tickets.dtype == jnp.int32
-    assert not np.asarray(layer.tickets).any()
-
-
-def test_rejects_bad_tickets():
-    q, k, v, kv_valid = make_inputs(_key("tickets"), 2, 8, 2, 64, 32, jnp.float32, "all")
-    good = ctb.new_tickets(2, 2)
-    assert good.shape == ctb.ticket_shape(2, 2) and good.dtype == jnp.int32 and not np.asarray(good).any()
-    for bad, match in [
-        (jnp.zeros((2, 5), jnp.int32), "tickets must be int32"),
-        (jnp.zeros((2, 4), jnp.float32), "tickets must be int32"),
-        (jnp.zeros((2, 2, 2), jnp.int32), "tickets must be int32"),
-        ([[0] * 4] * 2, "tickets must be int32"),
-    ]:
-        with pytest.raises(ValueError, match=match):
-            ctb.longflow_decode_attention_triton(q, k, v, kv_valid, scale=0.1, tickets=bad)
+    assert {epilogue(case) for case in INTERPRETER_CASES} == {"separate", "fused", "coop"}
+    assert {epilogue(case) for case in INTERPRETER_CASES if case[-1].get("repeat")} == {
+        "separate",
+        "fused",
+        "coop",
+    }
+    assert {epilogue(case) for case in INTERPRETER_CASES if case[-1]["launch"]["epilogue"] is None} == {
+        "fused",
+        "coop",
+    }
 
 
 # ---------------------------------------------------------------- GPU: against the reference
@@ -930,16 +773,13 @@ MATCH_CASES = (
     + [("bfloat16", d, g, "kv_head") for d in (64, 128) for g in (1, 4, 8)]
     + [("float16", 128, 4, "sequence"), ("float16", 64, 8, "kv_head")]
 )
+EPILOGUES = ["fused", "separate", "coop"]
 
 
-# The two launches of every kernel: jax-triton's custom call, or XLA's own Triton call.
-LAUNCHES = {"jax_triton": dict(xla_call=False, xla_combine=False), "xla": dict(xla_call=True)}
-
-
-@pytest.mark.parametrize("launch", list(LAUNCHES))
+@pytest.mark.parametrize("xla_launch", [False, True])
 @pytest.mark.parametrize("dtype, head_dim, group, granularity", MATCH_CASES)
 @gpu
-def test_matches_reference(dtype, head_dim, group, granularity, launch):
+def test_matches_reference(dtype, head_dim, group, granularity, xla_launch):
     num_kv_heads, num_slots = 2, 300  # 300: not a multiple of any block size
     dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
@@ -953,141 +793,122 @@ def test_matches_reference(dtype, head_dim, group, granularity, launch):
     )
     scale = 1.0 / math.sqrt(head_dim)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=scale, granularity=granularity, overrides=LAUNCHES[launch]
+        q, k, v, valid, scale=scale, granularity=granularity, launch=LaunchConfig(xla_launch=xla_launch)
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity=granularity)
 
 
-@pytest.mark.parametrize("vnorm", ["mma", "reduce"])
+@pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize(
     "dtype, head_dim, group", [("bfloat16", 128, 4), ("float16", 64, 8), ("bfloat16", 64, 1)]
 )
 @gpu
-def test_vnorm_modes_match_reference(vnorm, dtype, head_dim, group):
-    """Both ways of taking ||v||_1 (tensor cores, row sum), with lg2.approx, give the reference's slot."""
+def test_importance_with_fast_log2_matches_reference(num_splits, dtype, head_dim, group):
+    """||v||_1 on the tensor cores and lg2.approx give the reference's slot over 1000 slots."""
     dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
-        _key("vnorm", vnorm, dtype, head_dim, group), 4, 2 * group, 2, 1000, head_dim, dtype
+        _key("fast_log2", dtype, head_dim, group), 4, 2 * group, 2, 1000, head_dim, dtype
     )
     scale = 1.0 / math.sqrt(head_dim)
-    for num_splits in (1, 4):
-        out, evict_slot = ctb.longflow_decode_attention_triton(
-            q, k, v, valid, scale=scale, vnorm=vnorm, num_splits=num_splits
-        )
-        assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity="sequence")
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, k, v, valid, scale=scale, launch=LaunchConfig(num_splits=num_splits)
+    )
+    assert_matches_reference(q, k, v, valid, out, evict_slot, scale=scale, granularity="sequence")
 
 
 @pytest.mark.parametrize("block_c, num_splits", [(16, 1), (32, 3), (64, 16), (128, 2), (256, 1), (32, 32)])
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_block_and_split_choices(block_c, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
-    kw = dict(scale=0.125, block_c=block_c, num_splits=num_splits, epilogue=epilogue)
+    launch = LaunchConfig(block_c=block_c, num_splits=num_splits, epilogue=epilogue)
     if epilogue == "coop" and 4 * 2 * num_splits > ctb.config.num_sms():
         with pytest.raises(ValueError, match="one program per SM"):  # a grid that could deadlock
-            ctb.longflow_decode_attention_triton(q, k, v, valid, **kw)
+            ctb.longflow_decode_attention_triton(q, k, v, valid, scale=0.125, launch=launch)
         return
-    out, evict_slot = ctb.longflow_decode_attention_triton(q, k, v, valid, **kw)
+    out, evict_slot = ctb.longflow_decode_attention_triton(q, k, v, valid, scale=0.125, launch=launch)
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.125, granularity="sequence")
 
 
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
     # 256-slot blocks at D 128 with the default 3 stages would ask for 276 KiB of shared memory and fail
-    # at launch; resolve_config gives them 2 stages, and the result is right.
+    # at launch; resolve_launch gives them 2 stages, and the result is right.
     q, k, v, valid = make_inputs(_key("big blocks", epilogue), 2, 32, 8, 1000, 128, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.088, block_c=256, num_splits=2, epilogue=epilogue
+        q, k, v, valid, scale=0.088, launch=LaunchConfig(block_c=256, num_splits=2, epilogue=epilogue)
     )
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity="sequence")
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
     # Rows: empty, one slot, a block boundary, mid-block, the whole buffer; the valid mask is random.
     q, k, v, valid = make_inputs(_key("kvlen", granularity, num_splits), 5, 8, 2, 1000, 128, jnp.bfloat16)
     kv_len = jnp.asarray([0, 1, 256, 517, 1000], jnp.int32)
+    launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, block_c=64)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.125, granularity=granularity, num_splits=num_splits, epilogue=epilogue,
-        block_c=64, kv_len=kv_len,
-    )  # fmt: skip
+        q, k, v, valid, scale=0.125, granularity=granularity, kv_len=kv_len, launch=launch
+    )
     bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.125, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+@pytest.mark.parametrize("discard_t", [True, False])
 @pytest.mark.parametrize(
-    "overrides, num_splits, epilogue",
-    [
-        # (t is 1.3 MB here, under default_discard_t's bound: the discard is forced on where it is tested.)
-        (dict(discard_t=True), 1, "separate"),
-        (dict(discard_t=True), 4, "separate"),
-        (None, 4, "separate"),
-        (dict(discard_t=True), 1, "fused"),
-        (dict(discard_t=True), 4, "fused"),
-        (dict(cache_hints=False, discard_t=False), 1, "separate"),
-        (dict(cache_hints=False, discard_t=False), 4, "fused"),
-        (dict(discard_t=False), 4, "separate"),
-        (dict(cache_hints=False), 4, "fused"),
-        (dict(discard_t=True), 1, "coop"),
-        (dict(discard_t=True), 3, "coop"),  # 5 x 8 x 3 = 120 programs: the most that fit one per SM (H100)
-        (dict(cache_hints=False, discard_t=False), 3, "coop"),
-    ],
+    "num_splits, epilogue",
+    # 5 x 8 x 3 = 120 programs: the most coop splits that fit one program per SM (H100).
+    [(1, "separate"), (4, "separate"), (1, "fused"), (4, "fused"), (1, "coop"), (3, "coop")],
 )
 @gpu
-def test_t_traffic_switches_match_reference(granularity, overrides, num_splits, epilogue):
-    # A partly filled buffer; C a multiple of 32, so discard_t (where on) drops t's lines.
-    key = _key("switches", granularity, num_splits, epilogue, sorted((overrides or {}).items()))
-    q, k, v, valid = make_inputs(key, 5, 32, 8, 2048, 128, jnp.bfloat16)
+def test_discard_t_matches_reference(granularity, discard_t, num_splits, epilogue):
+    # A partly filled buffer; C a multiple of 32, so discard_t (where on) drops t's lines. t is 1.3 MB
+    # here, under the default's bound: the discard is forced either way.
+    q, k, v, valid = make_inputs(
+        _key("switches", granularity, num_splits, epilogue, discard_t), 5, 32, 8, 2048, 128, jnp.bfloat16
+    )
     kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
+    launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, discard_t=discard_t)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q, k, v, valid, scale=0.088, granularity=granularity, num_splits=num_splits, kv_len=kv_len,
-        overrides=overrides, epilogue=epilogue,
-    )  # fmt: skip
+        q, k, v, valid, scale=0.088, granularity=granularity, kv_len=kv_len, launch=launch
+    )
     bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_without_eviction_returns_minus_one(granularity, num_splits, epilogue):
     q, k, v, valid = make_inputs(_key("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
-        q,
-        k,
-        v,
-        valid,
-        scale=0.088,
-        granularity=granularity,
-        compute_evict=False,
-        num_splits=num_splits,
-        epilogue=epilogue,
-    )
-    ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
-    rel = jnp.linalg.norm(out.astype(jnp.float32) - ref_out) / jnp.linalg.norm(ref_out)
-    assert rel <= OUT_RTOL["bfloat16"]
-    assert evict_slot.shape == ((3,) if granularity == "sequence" else (3, 2))
-    assert (np.asarray(evict_slot) == -1).all()
+        q, k, v, valid, scale=0.088, granularity=granularity, compute_evict=False,
+        launch=LaunchConfig(num_splits=num_splits, epilogue=epilogue),
+    )  # fmt: skip
+    assert_attention_only(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @gpu
-def test_fused_and_separate_epilogues_agree(granularity):
+def test_epilogues_agree(granularity):
     q, k, v, valid = make_inputs(_key("final", granularity), 4, 16, 4, 3000, 128, jnp.bfloat16, valid="all")
-    kw = dict(scale=0.088, granularity=granularity, num_splits=8)
     results = [
-        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="fused", **kw),
-        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="coop", **kw),
         ctb.longflow_decode_attention_triton(
-            q, k, v, valid, epilogue="separate", final_reduce="atomic", **kw
-        ),
-        ctb.longflow_decode_attention_triton(q, k, v, valid, epilogue="separate", final_reduce="xla", **kw),
+            q,
+            k,
+            v,
+            valid,
+            scale=0.088,
+            granularity=granularity,
+            launch=LaunchConfig(epilogue=e, num_splits=8),
+        )
+        for e in EPILOGUES
     ]
     for out, ev in results[1:]:
         np.testing.assert_array_equal(np.asarray(ev), np.asarray(results[0][1]))
@@ -1097,9 +918,9 @@ def test_fused_and_separate_epilogues_agree(granularity):
     assert_matches_reference(q, k, v, valid, *results[0], scale=0.088, granularity=granularity)
 
 
-@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048), (16, 8192), (32, 2048)])
+@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048), (16, 8192), (32, 2048), (64, 2048)])
 @gpu
-def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots):
+def test_benchmark_shapes_with_default_launch_are_deterministic(batch, num_slots):
     # Qwen3-8B's attention (32 query / 8 KV heads, D 128), bf16, all slots valid: the importance argmin
     # is over real scores, not over empty slots.
     q, k, v, valid = make_inputs(
@@ -1116,130 +937,90 @@ def test_benchmark_shapes_with_default_config_are_deterministic(batch, num_slots
         np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
-@pytest.mark.parametrize("epilogue", ["fused", "separate", "coop"])
-@gpu
-def test_typed_ffi_and_legacy_launches_agree(epilogue):
-    # The same compiled kernels through either custom call: bit-identical results; the override lowers
-    # to the typed-FFI target (jax >= 0.10.1), the default to jax-triton's legacy one.
-    from cuda_triton_bridge.ffi_target import ffi_target_available
-
-    q, k, v, valid = make_inputs(_key("ffi", epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16)
-    kw = dict(scale=0.088, num_splits=3, epilogue=epilogue)
-    # Both through jax-triton only (at this batch the default would take XLA's Triton call).
-    jax_triton = LAUNCHES["jax_triton"]
-    typed = jax.jit(
-        lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=dict(ffi_call=True, **jax_triton), **kw)
-    )
-    legacy = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, overrides=jax_triton, **kw))
-    typed_hlo = typed.lower(q, k, v, valid).as_text(dialect="hlo")
-    legacy_hlo = legacy.lower(q, k, v, valid).as_text(dialect="hlo")
-    assert 'custom_call_target="triton_kernel_call"' in legacy_hlo
-    assert "triton_kernel_call_ffi" not in legacy_hlo
-    if ffi_target_available():
-        assert 'custom_call_target="triton_kernel_call_ffi"' in typed_hlo
-        assert "API_VERSION_TYPED_FFI" in typed_hlo
-    for a, b in zip(typed(q, k, v, valid), legacy(q, k, v, valid)):
-        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
-    assert_matches_reference(q, k, v, valid, *typed(q, k, v, valid), scale=0.088, granularity="sequence")
-
-
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("num_splits", [1, 4])
 @pytest.mark.parametrize(
-    "epilogue, launch",
-    [("fused", "xla"), ("separate", "xla"), ("coop", "xla"), ("separate", "combine_xla")],
+    "epilogue, xla_launch", [("fused", True), ("separate", True), ("coop", True), ("separate", False)]
 )
 @gpu
-def test_xla_launch_matches_reference(granularity, num_splits, epilogue, launch):
+def test_xla_launch_matches_reference(granularity, num_splits, epilogue, xla_launch):
     # XLA compiles the same TTIR with its own Triton: the results must match the reference, with and
-    # without scoring and with a kv_len bound. "xla": every kernel through XLA's Triton call;
-    # "combine_xla" (the default at B * Hkv >= SMs / 2): the split kernel through jax-triton, the combine
-    # kernel through XLA's call.
+    # without scoring and with a kv_len bound. The combine kernel always goes through XLA's call; with
+    # xla_launch=False the main kernel goes through jax-triton's.
     q, k, v, valid = make_inputs(
         _key("xla", granularity, num_splits, epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16
     )
     kv_len = jnp.asarray([1500, 700, 1, 0], jnp.int32)
-    kw = dict(scale=0.088, num_splits=num_splits, epilogue=epilogue, granularity=granularity)
+    launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, xla_launch=xla_launch)
+    kw = dict(scale=0.088, granularity=granularity, launch=launch)
 
-    overrides = dict(xla_call=launch == "xla", xla_combine=True)
+    def call(**extra):
+        return jax.jit(functools.partial(ctb.longflow_decode_attention_triton, **kw, **extra))
 
-    def via_xla(**extra):
-        return jax.jit(
-            functools.partial(ctb.longflow_decode_attention_triton, overrides=overrides, **kw, **extra)
-        )
-
-    hlo = via_xla().lower(q, k, v, valid).as_text(dialect="hlo")
+    hlo = call().lower(q, k, v, valid).as_text(dialect="hlo")
     assert 'custom_call_target="__gpu$xla.gpu.triton"' in hlo
-    assert ('custom_call_target="triton_kernel_call"' in hlo) is (launch == "combine_xla")
-    out, evict_slot = via_xla()(q, k, v, valid)
+    assert ('custom_call_target="triton_kernel_call"' in hlo) is not xla_launch
+    out, evict_slot = call()(q, k, v, valid)
     assert_matches_reference(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
-    out, evict_slot = via_xla()(q, k, v, valid, kv_len=kv_len)
-    bounded = valid & (jnp.arange(valid.shape[1]) < kv_len[:, None])
+    out, evict_slot = call()(q, k, v, valid, kv_len=kv_len)
+    bounded = bounded_mask(valid, kv_len)
     assert_matches_reference(q, k, v, bounded, out, evict_slot, scale=0.088, granularity=granularity)
-    out, evict_slot = via_xla(compute_evict=False)(q, k, v, valid)
-    ref_out, _ = decode_attention_probs(q, k, v, valid, 0.088)
-    rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
-    assert rel <= OUT_RTOL["bfloat16"]
-    assert (np.asarray(evict_slot) == -1).all()
+    out, evict_slot = call(compute_evict=False)(q, k, v, valid)
+    assert_attention_only(q, k, v, valid, out, evict_slot, scale=0.088, granularity=granularity)
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize(
-    "epilogue, launch, compute_evict",
+    "epilogue, xla_launch, compute_evict",
     [
-        ("coop", "xla", True),
-        ("coop", "xla", False),
-        ("coop", "jax_triton", True),
-        ("fused", "xla", True),
-        ("fused", "jax_triton", True),
-        ("separate", "xla", True),
+        ("coop", True, True),
+        ("coop", True, False),
+        ("coop", False, True),
+        ("fused", True, True),
+        ("fused", False, True),
+        ("separate", True, True),
     ],
 )
 @gpu
-def test_persistent_tickets_stay_zero_across_calls(granularity, epilogue, launch, compute_evict):
-    # One ticket buffer threaded through a jitted loop of calls on different queries: every call must
+def test_kernel_state_stays_zero_across_calls(granularity, epilogue, xla_launch, compute_evict):
+    # One kernel state threaded through a jitted scan of calls on different queries: every call must
     # match the reference (a ticket left non-zero would hang the coop barrier or skip a finisher), and
-    # the buffer must come back all zeros.
-    calls, batch, slots_ = 4, 4, 1500
+    # the state must come back all zeros.
+    calls, batch = 4, 4
     q, k, v, valid = make_inputs(
-        _key("tickets", granularity, epilogue, launch, compute_evict), batch, 32, 8, slots_, 128, jnp.bfloat16
+        _key("state", granularity, epilogue, xla_launch, compute_evict),
+        batch,
+        32,
+        8,
+        1500,
+        128,
+        jnp.bfloat16,
     )
-    qs = jax.random.normal(_key("tickets-q"), (calls,) + q.shape, jnp.float32).astype(q.dtype)
-    kw = dict(
-        scale=0.088, num_splits=3, epilogue=epilogue, granularity=granularity, compute_evict=compute_evict,
-        overrides=LAUNCHES[launch],
-    )  # fmt: skip
+    qs = jax.random.normal(_key("state-q"), (calls,) + q.shape, jnp.float32).astype(q.dtype)
+    launch = LaunchConfig(num_splits=3, epilogue=epilogue, xla_launch=xla_launch)
+    kw = dict(scale=0.088, granularity=granularity, compute_evict=compute_evict, launch=launch)
+    check = assert_matches_reference if compute_evict else assert_attention_only
 
     @jax.jit
-    def run(tickets):
-        def body(tickets, q_i):
-            out, evict_slot, tickets = ctb.longflow_decode_attention_triton(
-                q_i, k, v, valid, tickets=tickets, **kw
+    def run(state):
+        def body(state, q_i):
+            out, evict_slot, state = ctb.longflow_decode_attention_triton(
+                q_i, k, v, valid, kernel_state=state, **kw
             )
-            return tickets, (out, evict_slot)
+            return state, (out, evict_slot)
 
-        return jax.lax.scan(body, tickets, qs)
+        return jax.lax.scan(body, state, qs)
 
-    tickets, (outs, evicts) = run(ctb.new_tickets(batch, 8))
-    np.testing.assert_array_equal(np.asarray(tickets), 0)
+    state, (outs, evicts) = run(ctb.init_kernel_state(batch, 8))
+    np.testing.assert_array_equal(np.asarray(state), 0)
     for i in range(calls):
-        if compute_evict:
-            assert_matches_reference(
-                qs[i], k, v, valid, outs[i], evicts[i], scale=0.088, granularity=granularity
-            )
-        else:
-            ref_out, _ = decode_attention_probs(qs[i], k, v, valid, 0.088)
-            rel = np.linalg.norm(np.asarray(outs[i], np.float32) - np.asarray(ref_out)) / np.linalg.norm(
-                ref_out
-            )
-            assert rel <= OUT_RTOL["bfloat16"]
-            assert (np.asarray(evicts[i]) == -1).all()
-    # The same buffer again, outside the loop: still usable.
-    out, evict_slot, tickets = jax.jit(
-        lambda t: ctb.longflow_decode_attention_triton(qs[0], k, v, valid, tickets=t, **kw)
-    )(tickets)
+        check(qs[i], k, v, valid, outs[i], evicts[i], scale=0.088, granularity=granularity)
+    # The same state again, outside the loop: still usable.
+    out, evict_slot, state = jax.jit(
+        lambda s: ctb.longflow_decode_attention_triton(qs[0], k, v, valid, kernel_state=s, **kw)
+    )(state)
     np.testing.assert_array_equal(np.asarray(evict_slot), np.asarray(evicts[0]))
-    np.testing.assert_array_equal(np.asarray(tickets), 0)
+    np.testing.assert_array_equal(np.asarray(state), 0)
 
 
 # ---------------------------------------------------------------- GPU: inside a jitted decode loop
@@ -1271,7 +1052,14 @@ def _decode_loop(attention, steps, scale):
     return jax.jit(loop, donate_argnums=(0, 1, 2))
 
 
-@pytest.mark.parametrize("launch", [*LAUNCHES, "combine_xla"])
+@pytest.mark.parametrize(
+    "launch",
+    [
+        LaunchConfig(xla_launch=False),  # the default coop epilogue at this batch, through jax-triton
+        LaunchConfig(xla_launch=True),
+        LaunchConfig(xla_launch=False, epilogue="separate"),  # split via jax-triton, combine via XLA
+    ],
+)
 @gpu
 def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
@@ -1286,11 +1074,7 @@ def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     first = jnp.full((batch,), prompt, jnp.int32)
     scale = 1 / math.sqrt(d)
 
-    if launch == "combine_xla":  # the split kernel through jax-triton, the combine kernel through XLA
-        kw = dict(overrides=dict(xla_call=False, xla_combine=True), epilogue="separate")
-    else:
-        kw = dict(overrides=LAUNCHES[launch])
-    attention = functools.partial(ctb.longflow_decode_attention_triton, **kw)
+    attention = functools.partial(ctb.longflow_decode_attention_triton, launch=launch)
     triton_loop = _decode_loop(attention, steps, scale)
     ref_loop = _decode_loop(longflow_decode_attention_reference, steps, scale)
 
