@@ -1,8 +1,8 @@
 """`longflow-generate`: generate from a converted checkpoint, or `--demo` on a tiny model it builds itself.
 
---demo writes a random Qwen3-style Hugging Face checkpoint (a transformers config plus safetensors
-weights drawn with numpy: no torch, no download), converts it with `longflow-convert`'s code, and
-generates a batch with LongFlow and with the full cache, printing tokens/s and KV-cache bytes.
+--demo writes a random Qwen3-style Hugging Face checkpoint (`testing.make_tiny_hf_checkpoint`: no torch,
+no download), converts it with `longflow-convert`'s code, and generates a batch with LongFlow and with the
+full cache, printing tokens/s and KV-cache bytes.
 """
 
 from __future__ import annotations
@@ -16,12 +16,15 @@ import time
 import jax
 import numpy as np
 
-from .config import POLICIES, CompressionConfig, SamplingConfig
-from .convert import HF_LAYER_NAMES, convert, load
+from .bucketing import round_up
+from .config import POLICIES, CompressionConfig
+from .convert import convert, load
 from .generate import buffer_capacity, generate
 from .kv_cache import kv_bytes_for
-from .model import param_shapes
+from .runner import DataParallelGenerator, compression_from, encode, sampling_from
+from .testing import make_tiny_hf_checkpoint
 
+# A Qwen3-style shape big enough for the KV savings to show, small enough to build in a second.
 DEMO_MODEL = dict(
     vocab_size=512,
     hidden_size=128,
@@ -31,44 +34,9 @@ DEMO_MODEL = dict(
     num_key_value_heads=2,
     head_dim=32,
     max_position_embeddings=8192,
-    rms_norm_eps=1e-6,
     tie_word_embeddings=True,
-    eos_token_id=None,
-    pad_token_id=0,
+    initializer_range=0.08,
 )
-
-
-def write_random_qwen3_checkpoint(out_dir: str, seed: int = 0, **overrides) -> str:
-    """A Hugging Face-format Qwen3 checkpoint with random weights, written without torch."""
-    import transformers
-    from safetensors.numpy import save_file
-
-    from .config import ModelConfig
-
-    hf_config = transformers.Qwen3Config(**{**DEMO_MODEL, **overrides})
-    hf_config.save_pretrained(out_dir)
-    config = ModelConfig.from_pretrained_dir(out_dir).replace(dtype="float32")
-    rng = np.random.default_rng(seed)
-    inverse = {key: (hf, transpose) for hf, (key, transpose) in HF_LAYER_NAMES.items()}
-    tensors = {}
-    shapes = param_shapes(config)
-
-    def draw(shape, is_norm):
-        if is_norm:
-            return (1.0 + 0.02 * rng.standard_normal(shape)).astype(np.float32)
-        return (0.08 * rng.standard_normal(shape)).astype(np.float32)
-
-    tensors["model.embed_tokens.weight"] = draw(shapes["embed"].shape, False)
-    tensors["model.norm.weight"] = draw(shapes["final_norm"].shape, True)
-    if "lm_head" in shapes:
-        tensors["lm_head.weight"] = draw(shapes["lm_head"].shape[::-1], False)
-    for i, layer in enumerate(shapes["layers"]):
-        for key, sd in layer.items():
-            hf_name, transpose = inverse[key]
-            shape = sd.shape[::-1] if transpose else sd.shape
-            tensors[f"model.layers.{i}.{hf_name}"] = draw(shape, len(shape) == 1)
-    save_file(tensors, os.path.join(out_dir, "model.safetensors"))
-    return out_dir
 
 
 def _timed_generate(params, config, ids, lengths, **kwargs):
@@ -80,13 +48,9 @@ def _timed_generate(params, config, ids, lengths, **kwargs):
     return out, time.perf_counter() - start
 
 
-def _compression(args) -> CompressionConfig:
-    return CompressionConfig(policy=args.policy, budget=args.budget, granularity=args.granularity)
-
-
 def run_demo(args) -> int:
     with tempfile.TemporaryDirectory() as tmp:
-        hf_dir = write_random_qwen3_checkpoint(os.path.join(tmp, "hf"), seed=args.seed)
+        hf_dir = make_tiny_hf_checkpoint(os.path.join(tmp, "hf"), "qwen3", args.seed, **DEMO_MODEL)
         convert(hf_dir, os.path.join(tmp, "ckpt"))
         config, params = load(os.path.join(tmp, "ckpt"))
     print(
@@ -97,8 +61,8 @@ def run_demo(args) -> int:
     batch, prompt_len = args.batch, args.prompt_len
     lengths = rng.integers(prompt_len // 2, prompt_len + 1, batch).astype(np.int32)
     ids = rng.integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
-    runs = [_compression(args)]
+    sampling = sampling_from(args)
+    runs = [compression_from(args)]
     if args.policy != "full":
         runs.append(CompressionConfig(policy="full"))
     rows = []
@@ -139,43 +103,26 @@ def run_demo(args) -> int:
 
 
 def run_checkpoint(args) -> int:
-    from transformers import AutoTokenizer
-
-    config, params = load(args.ckpt)
-    tokenizer = AutoTokenizer.from_pretrained(args.ckpt)
-    texts = args.prompt
-    if tokenizer.chat_template and not args.no_chat_template:
-        texts = [
-            tokenizer.apply_chat_template(
-                [{"role": "user", "content": t}], tokenize=False, add_generation_prompt=True
-            )
-            for t in texts
-        ]
-    encoded = [tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts]
-    lengths = np.asarray([len(e) for e in encoded], np.int32)
-    ids = np.full((len(encoded), int(lengths.max())), config.pad_token_id, np.int32)
-    for row, e in enumerate(encoded):
-        ids[row, : len(e)] = e
-    sampling = SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    generator = DataParallelGenerator(args.ckpt)
+    tokenizer = generator.tokenizer
+    use_template = bool(tokenizer.chat_template) and not args.no_chat_template
+    prompts = [encode(tokenizer, "prompt", text, use_template, {}) for text in args.prompt]
     start = time.perf_counter()
-    out = generate(
-        params,
-        config,
-        ids,
-        lengths,
+    completions = generator.generate(
+        prompts,
+        max(map(len, prompts)),
+        round_up(len(prompts), generator.num_devices),
         max_new_tokens=args.max_new_tokens,
-        compression=_compression(args),
-        sampling=sampling,
+        compression=compression_from(args),
+        sampling=sampling_from(args),
         attention_impl=args.attention_impl,
         seed=args.seed,
     )
-    jax.block_until_ready(out.tokens)
     seconds = time.perf_counter() - start
-    for row in range(len(encoded)):
-        n = int(out.lengths[row])
-        print(f"--- [{row}] {n} tokens")
-        print(tokenizer.decode(np.asarray(out.tokens[row, :n]), skip_special_tokens=True))
-    print(f"\n{int(np.asarray(out.lengths).sum())} tokens in {seconds:.1f} s (compile included)")
+    for row, c in enumerate(completions):
+        print(f"--- [{row}] {len(c.tokens)} tokens")
+        print(tokenizer.decode(c.tokens, skip_special_tokens=True))
+    print(f"\n{sum(len(c.tokens) for c in completions)} tokens in {seconds:.1f} s (compile included)")
     return 0
 
 

@@ -24,22 +24,9 @@ import sys
 import time
 from fractions import Fraction
 
-from .batch import (
-    DataParallelGenerator,
-    add_generation_args,
-    append_lines,
-    check_args,
-    encode_records,
-    generate_batches,
-    handle_skipped,
-    max_prompt_len,
-    plan_batches,
-    read_jsonl_records,
-    report,
-    round_up,
-    sampling_from,
-)
+from . import runner
 from .config import POLICIES, CompressionConfig
+from .jsonl_io import append_lines, read_jsonl_records
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -286,7 +273,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL: {"id", "question"|"problem", "answer"} per line')
     p.add_argument("--output", required=True, help="per-problem JSONL rows (overwritten)")
     p.add_argument("--table", default=None, help="also write the markdown accuracy table here")
-    add_generation_args(p)
+    runner.add_generation_args(p)
     p.add_argument("--policies", default="full,longflow", help=f"comma-separated, from {POLICIES}")
     p.add_argument("--budgets", default="2048", help="comma-separated KV budgets (slots per layer)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
@@ -295,81 +282,60 @@ def build_parser() -> argparse.ArgumentParser:
         default=DEFAULT_PROMPT,
         help="the user message; {question} is replaced by the problem",
     )
-    p.add_argument("--no-chat-template", action="store_true", help="feed the prompt raw")
     return p
 
 
 def run(args) -> dict:
     from tqdm import tqdm
 
-    check_args(args)
+    runner.check_args(args)
     policies = parse_list(args.policies, str)
     budgets = parse_list(args.budgets, int)
     runs = runs_for(policies, budgets)
-    sampling = sampling_from(args)
 
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
-    handle_skipped(skipped, args.input, args.strict, PROG)
-    if args.limit is not None:
-        problems = problems[: args.limit]
-    generator = DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
-    limit = max_prompt_len(generator.config, args.max_new_tokens)
+    runner.handle_skipped(skipped, args.input, args.strict, PROG)
+    generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
     template = args.prompt_template
-    problems, prompts, too_long = encode_records(
-        generator.tokenizer,
-        problems,
-        not args.no_chat_template,
-        args.chat_template_kwargs,
-        limit,
+    plan = runner.make_plan(
+        generator,
+        problems[: args.limit],
+        args,
+        PROG,
         prompt_of=lambda r: ("prompt", template.replace("{question}", r.data[0])),
     )
-    handle_skipped(too_long, args.input, args.strict, PROG)
-    if not problems:
+    skipped += plan.skipped
+    n = len(plan.records)
+    if not n:
         raise ValueError(f"no problems to evaluate in {args.input}")
-    batch_size = round_up(args.batch_size, generator.num_devices)
-    batches = plan_batches([len(p) for p in prompts], batch_size, generator.num_devices, limit)
-    report(
-        f"{len(problems)} problems ({len(skipped) + len(too_long)} skipped), runs {runs}, "
-        f"{len(batches)} batches each, data parallel over {generator.num_devices} device(s)",
+    runner.report(
+        f"{n} problems ({len(skipped)} skipped), runs {runs}, {len(plan.batches)} batches each, "
+        f"data parallel over {generator.num_devices} device(s)",
         PROG,
     )
 
     results, tokens = {}, {}
     start = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-    with (
-        open(args.output, "wb") as f,
-        tqdm(total=len(problems) * len(runs), unit="problem", disable=args.quiet) as bar,
-    ):
+    with open(args.output, "wb") as f, tqdm(total=n * len(runs), unit="problem", disable=args.quiet) as bar:
         for policy, budget in runs:
             compression = CompressionConfig(
                 policy=policy, budget=budget or 2048, granularity=args.granularity
             )
             results[(policy, budget)] = tokens[(policy, budget)] = 0
-            for b, completions, _ in generate_batches(
-                generator,
-                problems,
-                prompts,
-                batches,
-                seed=args.seed,
-                max_new_tokens=args.max_new_tokens,
-                compression=compression,
-                sampling=sampling,
-                attention_impl=args.attention_impl,
-            ):
+            for _, outputs in runner.generate_batches(generator, plan, args, compression):
                 rows = []
-                for i, c in zip(b.indices, completions):
-                    text = generator.tokenizer.decode(c.tokens, skip_special_tokens=True)
+                for problem, _, c, text in outputs:
                     prediction, how = extract_answer(text)
-                    correct = answers_match(prediction, problems[i].data[1])
+                    correct = answers_match(prediction, problem.data[1])
                     results[(policy, budget)] += correct
                     tokens[(policy, budget)] += len(c.tokens)
                     rows.append(
                         {
                             "policy": policy,
                             "budget": budget,
-                            "id": problems[i].id,
-                            "reference": problems[i].data[1],
+                            "id": problem.id,
+                            "reference": problem.data[1],
                             "prediction": prediction,
                             "extracted_by": how,
                             "correct": correct,
@@ -381,17 +347,16 @@ def run(args) -> dict:
                 append_lines(f, rows)
                 bar.update(len(rows))
     seconds = time.perf_counter() - start
-    n = len(problems)
     table = accuracy_table(results, policies, budgets, n)
     notes = [
         f"{n} problems from {args.input}, max_new_tokens {args.max_new_tokens}, "
-        f"{'greedy' if sampling.temperature == 0 else f'temperature {sampling.temperature}'}, "
+        f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, "
         f"{seconds:.1f} s; accuracy % (correct/n)"
     ]
     if "full" in policies:
         notes.append("full: the full cache, one run (the budget does not apply)")
-    if skipped or too_long:
-        notes.append(f"{len(skipped) + len(too_long)} input problem(s) skipped (reported above)")
+    if skipped:
+        notes.append(f"{len(skipped)} input problem(s) skipped (reported above)")
     text = table + "\n\n" + "\n".join(notes)
     print(text)
     if args.table:
@@ -407,13 +372,7 @@ def run(args) -> dict:
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        run(args)
-    except (ValueError, OSError) as e:
-        report(f"error: {e}", PROG)
-        return 2
-    return 0
+    return runner.cli_main(run, build_parser(), PROG, argv)
 
 
 if __name__ == "__main__":

@@ -1,14 +1,19 @@
-"""Tiny random Hugging Face checkpoints, built locally with `transformers` (no hub download).
+"""Tiny random Hugging Face checkpoints and a character-level chat tokenizer, built locally.
 
-Used by the demo and the tests. Weights use a large init scale so greedy decoding is not decided by
-near-ties between logits (which would make fp32 parity between two implementations fragile).
+`longflow-generate --demo` and the tests use them: no download and no torch (weights are drawn with numpy
+and written as safetensors). The default init scale is large so that greedy decoding is not decided by
+near-ties between logits, which would make float32 parity between two implementations fragile.
 """
 
 from __future__ import annotations
 
+import json
 import os
 
-TINY_DEFAULTS = dict(
+import numpy as np
+
+FAMILIES = {"llama": "LlamaConfig", "qwen2": "Qwen2Config", "qwen3": "Qwen3Config"}
+TINY_MODEL = dict(
     vocab_size=128,
     hidden_size=64,
     intermediate_size=96,
@@ -16,53 +21,11 @@ TINY_DEFAULTS = dict(
     num_attention_heads=4,
     num_key_value_heads=2,
     max_position_embeddings=512,
-    initializer_range=0.2,
+    initializer_range=0.2,  # the std of the random weights
     eos_token_id=None,
     bos_token_id=None,
     pad_token_id=0,
 )
-
-
-def make_tiny_hf_checkpoint(
-    out_dir: str,
-    model_type: str = "qwen3",
-    seed: int = 0,
-    max_shard_size: str | None = None,
-    with_tokenizer: bool = False,
-    **overrides,
-) -> str:
-    """Write a random `model_type` checkpoint (safetensors + config.json) to out_dir; returns out_dir.
-
-    with_tokenizer: also save `make_tiny_tokenizer`'s tokenizer (chat template included) there, and
-    make its <|im_end|> the model's eos_token_id unless overrides set one.
-    """
-    import torch
-    import transformers
-
-    classes = {
-        "llama": (transformers.LlamaConfig, transformers.LlamaForCausalLM),
-        "qwen2": (transformers.Qwen2Config, transformers.Qwen2ForCausalLM),
-        "qwen3": (transformers.Qwen3Config, transformers.Qwen3ForCausalLM),
-    }
-    if model_type not in classes:
-        raise ValueError(f"model_type must be one of {sorted(classes)}, got {model_type!r}")
-    config_cls, model_cls = classes[model_type]
-    kwargs = dict(TINY_DEFAULTS)
-    if model_type == "qwen3":
-        kwargs["head_dim"] = 16
-    if with_tokenizer:
-        kwargs["eos_token_id"] = TINY_SPECIAL_TOKENS.index("<|im_end|>")
-    kwargs.update(overrides)
-    torch.manual_seed(seed)
-    model = model_cls(config_cls(**kwargs)).eval()
-    os.makedirs(out_dir, exist_ok=True)
-    save_kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
-    model.save_pretrained(out_dir, **save_kwargs)
-    if with_tokenizer:
-        make_tiny_tokenizer(out_dir, kwargs["vocab_size"])
-    return out_dir
-
-
 TINY_SPECIAL_TOKENS = ("<pad>", "<unk>", "<|endoftext|>", "<|im_start|>", "<|im_end|>")
 # ChatML, as Qwen's templates write it (minus tools and thinking).
 TINY_CHAT_TEMPLATE = (
@@ -73,12 +36,69 @@ TINY_CHAT_TEMPLATE = (
 )
 
 
+def make_tiny_hf_checkpoint(
+    out_dir: str,
+    model_type: str = "qwen3",
+    seed: int = 0,
+    max_shard_size: int | str | None = None,
+    with_tokenizer: bool = False,
+    **overrides,
+) -> str:
+    """Write a random `model_type` checkpoint (config.json + safetensors) to out_dir; returns out_dir.
+
+    overrides: Hugging Face config fields over TINY_MODEL. max_shard_size (e.g. "20KB"): split the
+    weights into shards with an index, as `save_pretrained` does. with_tokenizer: also save
+    `make_tiny_tokenizer`'s tokenizer there and make its <|im_end|> the eos_token_id unless overrides
+    set one.
+    """
+    import jax
+    import transformers
+    from huggingface_hub import split_state_dict_into_shards_factory
+    from safetensors.numpy import save_file
+
+    from .config import ModelConfig
+    from .convert import _hf_name_for, hf_name_to_param
+    from .model import param_shapes
+
+    if model_type not in FAMILIES:
+        raise ValueError(f"model_type must be one of {sorted(FAMILIES)}, got {model_type!r}")
+    kwargs = dict(TINY_MODEL, **({"head_dim": 16} if model_type == "qwen3" else {}))
+    if with_tokenizer:
+        kwargs["eos_token_id"] = TINY_SPECIAL_TOKENS.index("<|im_end|>")
+    kwargs.update(overrides)
+    getattr(transformers, FAMILIES[model_type])(**kwargs).save_pretrained(out_dir)
+    config = ModelConfig.from_pretrained_dir(out_dir)
+
+    rng, std = np.random.default_rng(seed), kwargs["initializer_range"]
+    tensors = {}
+    for path, sd in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
+        name = _hf_name_for(path)
+        shape = sd.shape[::-1] if hf_name_to_param(name, config)[1] else sd.shape
+        weights = std * rng.standard_normal(shape)
+        tensors[name] = (weights + 1.0 if name.endswith("norm.weight") else weights).astype(np.float32)
+
+    split = split_state_dict_into_shards_factory(
+        tensors,
+        get_storage_size=lambda a: a.nbytes,
+        filename_pattern="model{suffix}.safetensors",
+        max_shard_size=max_shard_size or "5GB",
+    )
+    for filename, names in split.filename_to_tensors.items():
+        save_file({n: tensors[n] for n in names}, os.path.join(out_dir, filename), {"format": "pt"})
+    if split.is_sharded:
+        index = {"metadata": split.metadata, "weight_map": split.tensor_to_filename}
+        with open(os.path.join(out_dir, "model.safetensors.index.json"), "w") as f:
+            json.dump(index, f, indent=2)
+    if with_tokenizer:
+        make_tiny_tokenizer(out_dir, kwargs["vocab_size"])
+    return out_dir
+
+
 def make_tiny_tokenizer(out_dir: str, vocab_size: int = 128):
     """Save a character-level tokenizer with a ChatML chat template to out_dir; returns it.
 
     Ids: the special tokens first (<pad> = 0, eos = <|im_end|> = 4), then newline and printable ASCII,
-    so it fits a model of vocab_size >= 101; other characters map to <unk>. Built with `tokenizers`,
-    wrapped in transformers.PreTrainedTokenizerFast: no download.
+    so it fits a model of vocab_size >= 101; other characters map to <unk>.
     """
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast

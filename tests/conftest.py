@@ -23,7 +23,7 @@ def pytest_collection_modifyitems(config, items):
 def tiny_checkpoints(tmp_path_factory):
     """(hf_dir, converted_dir) per model family, built once per test session."""
     from longflow_jax.convert import convert
-    from longflow_jax.tiny_models import make_tiny_hf_checkpoint
+    from longflow_jax.testing import make_tiny_hf_checkpoint
 
     root = tmp_path_factory.mktemp("tiny")
     out = {}
@@ -47,3 +47,17 @@ def tiny_checkpoints(tmp_path_factory):
         convert(hf_dir, str(root / f"lf_{family}"))
         out[family] = (hf_dir, str(root / f"lf_{family}"))
     return out
+
+
+@pytest.fixture(scope="session")
+def chat_ckpt(tmp_path_factory):
+    """A converted tiny Qwen3 with the tiny chat tokenizer (eos <|im_end|> = 4). Its seed makes the greedy
+    reply to test_batch's long prompt end with <|im_end|> after 5 tokens (budget 32)."""
+    from longflow_jax.convert import convert
+    from longflow_jax.testing import make_tiny_hf_checkpoint
+
+    root = tmp_path_factory.mktemp("chat")
+    convert(
+        make_tiny_hf_checkpoint(str(root / "hf"), "qwen3", seed=643, with_tokenizer=True), str(root / "ckpt")
+    )
+    return str(root / "ckpt")

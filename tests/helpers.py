@@ -2,6 +2,7 @@
 
 import functools
 import importlib
+import json
 
 import numpy as np
 
@@ -37,3 +38,9 @@ def bounded_mask(kv_valid, kv_len):
     import jax.numpy as jnp
 
     return kv_valid & (jnp.arange(kv_valid.shape[1])[None, :] < jnp.asarray(kv_len)[:, None])
+
+
+def write_jsonl(path, lines):
+    """Write JSONL: dicts as JSON, strings as they are (for malformed lines); returns the path as str."""
+    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
+    return str(path)

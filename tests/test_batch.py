@@ -1,18 +1,15 @@
-"""longflow-batch: input validation, bucketing, resumable output, data parallel over 4 CPU devices."""
+"""longflow-batch end to end: skips and reports bad records, resumes, shards per process, 4 CPU devices."""
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
-import pytest
+from helpers import write_jsonl
 
 from longflow_jax import batch
-from longflow_jax.tiny_models import make_tiny_tokenizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-EOS = 4  # the tiny tokenizer's <|im_end|>
 
 GOOD = [
     {"id": 1, "prompt": "What is 2+2?"},
@@ -28,20 +25,6 @@ GOOD = [
 ]
 
 
-@pytest.fixture(scope="module")
-def chat_ckpt(tiny_checkpoints, tmp_path_factory):
-    """The session's converted tiny Qwen3 plus the tiny chat tokenizer (its eos is <|im_end|>)."""
-    path = str(tmp_path_factory.mktemp("chat") / "ckpt")
-    shutil.copytree(tiny_checkpoints["qwen3"][1], path)
-    make_tiny_tokenizer(path, vocab_size=128)
-    return path
-
-
-def write_jsonl(path, lines):
-    path.write_text("".join((line if isinstance(line, str) else json.dumps(line)) + "\n" for line in lines))
-    return str(path)
-
-
 def read_rows(path):
     return [json.loads(line) for line in open(path)]
 
@@ -49,88 +32,6 @@ def read_rows(path):
 def run_batch(ckpt, inp, out, *extra):
     argv = ["--ckpt", ckpt, "--input", inp, "--output", out, "--max-new-tokens", "8", "--budget", "32"]
     return batch.main(argv + ["--batch-size", "2", "--quiet", *extra])
-
-
-def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
-    lines = [
-        json.dumps(GOOD[0]),
-        "{not json",
-        "[1, 2]",
-        json.dumps({"prompt": "no id"}),
-        json.dumps({"id": None, "prompt": "null id"}),
-        json.dumps({"id": True, "prompt": "bool id"}),
-        "",
-        json.dumps({"id": 7}),
-        json.dumps({"id": 8, "prompt": "p", "messages": [{"role": "user", "content": "m"}]}),
-        json.dumps({"id": 9, "prompt": 3}),
-        json.dumps({"id": 10, "messages": [{"role": "user"}]}),
-        json.dumps({"id": 1, "prompt": "duplicate"}),
-        json.dumps(GOOD[1]),
-    ]
-    records, skipped = batch.read_jsonl_records(
-        write_jsonl(tmp_path / "in.jsonl", lines), batch.validate_prompt_record
-    )
-    assert [(r.line, r.id) for r in records] == [(1, 1), (13, "b")]
-    assert records[1].data == ("messages", GOOD[1]["messages"])
-    reasons = {s.line: s.reason for s in skipped}
-    assert sorted(reasons) == [2, 3, 4, 5, 6, 8, 9, 10, 11, 12]  # the blank line 7 is not a record
-    assert "bad JSON" in reasons[2] and "JSON object" in reasons[3]
-    assert "missing 'id'" in reasons[4] == reasons[5]
-    assert "exactly one of" in reasons[8] == reasons[9]
-    assert "duplicate" in reasons[12] and "string" in reasons[10] and "messages[0]" in reasons[11]
-
-
-def test_plan_batches_buckets_by_length_and_pads_rows_to_the_devices():
-    lengths = [5, 190, 17, 16, 40, 33, 1, 120, 16, 16, 16]
-    batches = batch.plan_batches(lengths, batch_size=4, num_devices=2, max_prompt_len=200)
-    covered = sorted(i for b in batches for i in b.indices)
-    assert covered == list(range(len(lengths)))
-    for b in batches:
-        assert b.rows % 2 == 0 and len(b.indices) <= b.rows <= 4
-        assert all(lengths[i] <= b.prompt_len for i in b.indices)
-        assert b.prompt_len in (16, 32, 64, 128, 200)  # powers of two >= 16, capped at the limit
-        assert b.prompt_len == batch.bucket_length(max(lengths[i] for i in b.indices), 200)
-    flat = [lengths[i] for b in batches for i in b.indices]
-    assert flat == sorted(flat, reverse=True)  # longest first
-    with pytest.raises(ValueError, match="longer than"):
-        batch.plan_batches([201], 4, 1, 200)
-
-
-def test_plan_batches_bounds_the_number_of_shapes():
-    lengths = [(7 * i) % 500 + 1 for i in range(1000)]
-    batches = batch.plan_batches(lengths, batch_size=16, num_devices=4, max_prompt_len=512)
-    shapes = {(b.rows, b.prompt_len) for b in batches}
-    assert {rows for rows, _ in shapes} <= {4, 8, 16}
-    assert len({p for _, p in shapes}) <= 6  # 16 .. 512
-
-
-def test_partial_last_line_is_truncated_only_in_our_own_file(tmp_path):
-    path = tmp_path / "out.jsonl"
-    path.write_bytes(b'{"id": 1, "text": "a"}\n{"id": "x", "text": "b"}\n{"id": 3, "te')
-    ids, notes = batch.done_ids(str(path), truncate=False)
-    assert ids == {"1", '"x"'} and not notes and path.read_bytes().endswith(b'"te')
-    ids, notes = batch.done_ids(str(path), truncate=True)
-    assert ids == {"1", '"x"'} and "truncated" in notes[0]
-    assert path.read_bytes().endswith(b'"b"}\n')
-
-
-def test_output_paths_per_process(tmp_path):
-    out = str(tmp_path / "res.jsonl")
-    assert batch.output_path(out, 0, 1) == out
-    assert batch.output_path(out, 2, 4) == str(tmp_path / "res.2-of-4.jsonl")
-    for name in ["res.jsonl", "res.0-of-2.jsonl", "res.1-of-2.jsonl", "other.0-of-2.jsonl"]:
-        (tmp_path / name).write_text("")
-    assert [os.path.basename(p) for p in batch.sibling_outputs(out)] == [
-        "res.jsonl",
-        "res.0-of-2.jsonl",
-        "res.1-of-2.jsonl",
-    ]
-
-
-def test_finish_reason():
-    assert batch.finish_reason([7, 8, EOS], (EOS,)) == "stop"
-    assert batch.finish_reason([7, EOS, 8], (EOS,)) == "length"
-    assert batch.finish_reason([], (EOS,)) == "length"
 
 
 def test_generates_skips_reports_and_resumes(chat_ckpt, tmp_path, capsys):

@@ -11,7 +11,7 @@ import pytest
 
 import longflow_jax as lf
 from longflow_jax.convert import MARKER, iter_safetensors, main
-from longflow_jax.tiny_models import make_tiny_hf_checkpoint
+from longflow_jax.testing import make_tiny_hf_checkpoint
 
 
 def _params_equal(a, b):

@@ -1,14 +1,12 @@
 """longflow-eval: answer extraction and scoring on hand-written cases, and the harness end to end."""
 
 import json
-import shutil
 from fractions import Fraction
 
 import pytest
 
 from longflow_jax import eval_math
 from longflow_jax.eval_math import answers_match, extract_answer, last_boxed, reference_answer, to_number
-from longflow_jax.tiny_models import make_tiny_tokenizer
 
 
 @pytest.mark.parametrize(
@@ -190,14 +188,6 @@ PROBLEMS = [
     {"question": "No id: 2 + 2?", "answer": "4"},
     {"id": "bad", "question": "no answer"},
 ]
-
-
-@pytest.fixture(scope="module")
-def chat_ckpt(tiny_checkpoints, tmp_path_factory):
-    path = str(tmp_path_factory.mktemp("chat_eval") / "ckpt")
-    shutil.copytree(tiny_checkpoints["qwen3"][1], path)
-    make_tiny_tokenizer(path, vocab_size=128)
-    return path
 
 
 def test_harness_end_to_end(chat_ckpt, tmp_path, capsys):

@@ -1,0 +1,309 @@
+"""The batch loop of `longflow-batch` and `longflow-eval`: tokenise records, bucket them, generate data
+parallel over this process's devices, and yield each batch's texts.
+
+The params are replicated over a 1-D "data" mesh and the batch axis is sharded over it. `generate` runs
+under `shard_map`, so each device decodes its own rows with no communication and stops when its own rows
+are done (automatic partitioning would all-gather the new keys/values every step and keep every device
+looping until the slowest row anywhere stops). A batch is padded with copies of its first row, which
+stop when that row stops, so they never lengthen the loop.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import time
+import zlib
+from collections.abc import Callable, Iterator, Sequence
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+from .bucketing import Batch, plan_batches, round_up
+from .config import CompressionConfig, SamplingConfig
+from .jsonl_io import Record, Skipped, id_key
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    p.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
+    p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
+    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
+    p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
+    p.add_argument("--temperature", type=float, default=0.0)
+    p.add_argument("--top-k", type=int, default=0)
+    p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--chat-template-kwargs",
+        type=json.loads,
+        default={},
+        help="JSON object passed to apply_chat_template, e.g. '{\"enable_thinking\": false}'",
+    )
+    p.add_argument("--no-chat-template", action="store_true", help="tokenize plain prompts raw")
+    p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def check_args(args) -> None:
+    for name in ("max_new_tokens", "batch_size"):
+        if getattr(args, name) < 1:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if not isinstance(args.chat_template_kwargs, dict):
+        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
+    sampling_from(args)  # raises on a bad --temperature, --top-k or --top-p
+
+
+def sampling_from(args) -> SamplingConfig:
+    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+
+
+def compression_from(args) -> CompressionConfig:
+    return CompressionConfig(policy=args.policy, budget=args.budget, granularity=args.granularity)
+
+
+def report(message: str, prog: str) -> None:
+    print(f"{prog}: {message}", file=sys.stderr, flush=True)
+
+
+def handle_skipped(skipped: list[Skipped], source: str, strict: bool, prog: str) -> None:
+    for s in skipped:
+        report(f"{source}: {'error' if strict else 'skipped'}: {s}", prog)
+    if strict and skipped:
+        raise ValueError(f"{len(skipped)} input record(s) cannot be generated for (--strict)")
+
+
+def cli_main(run: Callable, parser: argparse.ArgumentParser, prog: str, argv=None) -> int:
+    """Parse, run; a bad input or an I/O error is one line on stderr and exit status 2."""
+    try:
+        run(parser.parse_args(argv))
+    except (ValueError, OSError) as e:
+        report(f"error: {e}", prog)
+        return 2
+    return 0
+
+
+@dataclasses.dataclass(frozen=True)
+class Completion:
+    tokens: list[int]  # generated ids, the EOS included when there is one
+    finish_reason: str  # "stop" (an EOS id ended it) or "length" (max_new_tokens)
+
+
+def finish_reason(tokens: Sequence[int], eos_token_ids: Sequence[int]) -> str:
+    return "stop" if len(tokens) and int(tokens[-1]) in set(eos_token_ids) else "length"
+
+
+class DataParallelGenerator:
+    """A converted checkpoint, replicated over a 1-D "data" mesh of this process's devices."""
+
+    def __init__(self, ckpt_dir: str, *, num_devices: int | None = None, dtype: str | None = None):
+        from transformers import AutoTokenizer
+
+        from .convert import load
+
+        devices = jax.local_devices()
+        if num_devices is not None:
+            if not 1 <= num_devices <= len(devices):
+                raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
+            devices = devices[:num_devices]
+        self.mesh = Mesh(np.asarray(devices), ("data",))
+        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        config, self.params = load(ckpt_dir, dtype=dtype, sharding=NamedSharding(self.mesh, P()))
+        # Chat models end a turn with the tokenizer's eos (e.g. <|im_end|>), which config.json may lack.
+        eos = config.eos_token_ids
+        if self.tokenizer.eos_token_id is not None:
+            eos = tuple(dict.fromkeys((*eos, int(self.tokenizer.eos_token_id))))
+        self.config = config.replace(eos_token_ids=eos)
+        self._runs = {}
+
+    @property
+    def num_devices(self) -> int:
+        return self.mesh.devices.size
+
+    def _compiled(self, max_new_tokens, compression, sampling, attention_impl):
+        """One jitted shard_map of generate() per setting (jit caches an executable per batch shape)."""
+        from .generate import generate
+
+        setting = (max_new_tokens, compression, sampling, attention_impl)
+        if setting not in self._runs:
+
+            def per_device(params, ids, lengths, key):
+                key = jax.random.fold_in(key, jax.lax.axis_index("data"))  # independent draws per device
+                return generate(
+                    params,
+                    self.config,
+                    ids,
+                    lengths,
+                    max_new_tokens=max_new_tokens,
+                    compression=compression,
+                    sampling=sampling,
+                    attention_impl=attention_impl,
+                    seed=key,
+                )
+
+            self._runs[setting] = jax.jit(
+                jax.shard_map(
+                    per_device,
+                    mesh=self.mesh,
+                    in_specs=(P(), P("data"), P("data"), P()),
+                    out_specs=P("data"),
+                    check_vma=False,
+                )
+            )
+        return self._runs[setting]
+
+    def generate(
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_len: int,
+        rows: int,
+        *,
+        max_new_tokens: int,
+        compression: CompressionConfig,
+        sampling: SamplingConfig,
+        attention_impl: str = "reference",
+        seed: int = 0,
+    ) -> list[Completion]:
+        """Generate for len(prompts) <= rows token lists, padded to [rows, prompt_len]."""
+        from .generate import check_generate_inputs
+
+        if not 1 <= len(prompts) <= rows or rows % self.num_devices:
+            raise ValueError(f"{len(prompts)} prompts in {rows} rows over {self.num_devices} devices")
+        padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
+        ids = np.full((rows, prompt_len), self.config.pad_token_id, np.int32)
+        for r, p in enumerate(padded):
+            ids[r, : len(p)] = p
+        lengths = np.asarray([len(p) for p in padded], np.int32)
+        # The value checks generate() skips under shard_map, where it sees tracers.
+        check_generate_inputs(
+            self.config, ids, lengths, max_new_tokens, compression, sampling, attention_impl
+        )
+        run = self._compiled(max_new_tokens, compression, sampling, attention_impl)
+        out = run(
+            self.params,
+            jax.device_put(ids, self.batch_sharding),
+            jax.device_put(lengths, self.batch_sharding),
+            jax.random.PRNGKey(seed),
+        )
+        tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
+        done = []
+        for r in range(len(prompts)):
+            row = tokens[r, : counts[r]].tolist()
+            done.append(Completion(row, finish_reason(row, self.config.eos_token_ids)))
+        return done
+
+
+def encode(tokenizer, kind: str, content, chat_template: bool, template_kwargs: dict) -> list[int]:
+    """Token ids of a prompt. Messages always go through the chat template; a plain prompt does too
+    (as one user message) unless chat_template=False, then it is tokenized raw with the tokenizer's
+    special tokens (a BOS where the model wants one)."""
+    if kind == "prompt" and not chat_template:
+        return list(tokenizer(content, add_special_tokens=True)["input_ids"])
+    messages = content if kind == "messages" else [{"role": "user", "content": content}]
+    text = tokenizer.apply_chat_template(
+        messages, tokenize=False, add_generation_prompt=True, **template_kwargs
+    )
+    # The template writes the special tokens (BOS included) itself.
+    return list(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+
+def encode_records(tokenizer, records, chat_template, template_kwargs, max_prompt_len, prompt_of=None):
+    """Returns (records kept, their token ids, skipped: template errors, empty and too-long prompts).
+
+    prompt_of(record) -> ("prompt", text) or ("messages", list); default: the record's data.
+    """
+    prompt_of = prompt_of or (lambda r: r.data)
+    needs_template = any(chat_template or prompt_of(r)[0] == "messages" for r in records)
+    if needs_template and not tokenizer.chat_template:
+        raise ValueError(
+            "the checkpoint's tokenizer has no chat template: 'messages' records cannot be formatted "
+            "(pass --no-chat-template to feed plain 'prompt' records raw)"
+        )
+    kept, ids, skipped = [], [], []
+    for r in records:
+        try:
+            tokens = encode(tokenizer, *prompt_of(r), chat_template, template_kwargs)
+        except Exception as e:  # a template that raises on this record's messages (jinja errors vary)
+            skipped.append(Skipped(r.line, r.id, f"chat template failed: {e}"))
+            continue
+        if not tokens:
+            skipped.append(Skipped(r.line, r.id, "the prompt is empty (0 tokens)"))
+        elif len(tokens) > max_prompt_len:
+            reason = (
+                f"prompt of {len(tokens)} tokens is longer than the model allows with this "
+                f"max_new_tokens ({max_prompt_len} = max_position_embeddings - max_new_tokens)"
+            )
+            skipped.append(Skipped(r.line, r.id, reason))
+        else:
+            kept.append(r)
+            ids.append(tokens)
+    return kept, ids, skipped
+
+
+def max_prompt_len(config, max_new_tokens: int) -> int:
+    limit = config.max_position_embeddings - max_new_tokens
+    if limit < 1:
+        raise ValueError(
+            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's "
+            f"max_position_embeddings is {config.max_position_embeddings}"
+        )
+    return limit
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    records: list[Record]  # those to generate for
+    prompts: list[list[int]]  # their token ids
+    batches: list[Batch]
+    skipped: list[Skipped]  # records dropped while tokenising
+
+
+def make_plan(
+    generator: DataParallelGenerator, records: list[Record], args, prog: str, prompt_of=None
+) -> Plan:
+    """Tokenise records (reporting the ones dropped, failing on them with --strict) and bucket them."""
+    limit = max_prompt_len(generator.config, args.max_new_tokens)
+    records, prompts, skipped = encode_records(
+        generator.tokenizer, records, not args.no_chat_template, args.chat_template_kwargs, limit, prompt_of
+    )
+    handle_skipped(skipped, args.input, args.strict, prog)
+    n = generator.num_devices
+    batches = plan_batches([len(p) for p in prompts], round_up(args.batch_size, n), n, limit)
+    return Plan(records, prompts, batches, skipped)
+
+
+def batch_seed(seed: int, first_id) -> int:
+    """Sampling is seeded per batch from its first id: a rerun of the same batch draws the same."""
+    return (seed * 1_000_003 + zlib.crc32(id_key(first_id).encode())) % (2**31)
+
+
+def generate_batches(
+    generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig
+) -> Iterator[tuple[float, list[tuple[Record, int, Completion, str]]]]:
+    """Generate plan's batches in order with the shared options in args. Yields (seconds, [(record, prompt
+    tokens, completion, text)]) per batch; seconds is its wall time, compile included on a new shape."""
+    for b in plan.batches:
+        start = time.perf_counter()
+        completions = generator.generate(
+            [plan.prompts[i] for i in b.indices],
+            b.prompt_len,
+            b.rows,
+            max_new_tokens=args.max_new_tokens,
+            compression=compression,
+            sampling=sampling_from(args),
+            attention_impl=args.attention_impl,
+            seed=batch_seed(args.seed, plan.records[b.indices[0]].id),
+        )
+        seconds = time.perf_counter() - start
+        text = lambda c: generator.tokenizer.decode(c.tokens, skip_special_tokens=True)
+        outputs = [
+            (plan.records[i], len(plan.prompts[i]), c, text(c)) for i, c in zip(b.indices, completions)
+        ]
+        yield seconds, outputs
