@@ -2,48 +2,32 @@
 
 Columns, for B in {1, 16, 64}, C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, a full buffer (all slots valid,
 the steady state of LongFlow decoding):
+  xla_attn        plain decode attention through XLA (jnp einsums + softmax, jitted, no scoring)
+  xla_longflow    the jnp reference (attention + importance + argmin through XLA)
   pallas          pallas_kernels.longflow_decode_attention (attention + importance + evict slot)
   pallas_noevict  the same kernel with compute_evict=False (attention only: the eviction overhead is the
                   difference)
-  xla_attn        plain decode attention through XLA (jnp einsums + softmax, jitted, no scoring)
-  xla_longflow    the jnp reference (attention + importance + argmin through XLA)
-  triton          cuda_triton_bridge.longflow_decode_attention_triton, when that package imports and
-                  triton + jax_triton are there (the TRITON HOOK below); otherwise omitted. As generate
-                  calls it: one persistent ticket buffer threaded through the chain (a Stateful column)
-  triton_fresh    the same with a fresh zeroed ticket buffer per call (sessions 1-11); _noevict without
-                  scoring
-  triton_tickets_{fused1,coop,xla,xla_noevict,nodiscard,nohints}  on persistent tickets: a one-launch
-                  epilogue, XLA's launch for every kernel, or t's L2 switches off
-  triton_reduce   the same with vnorm="reduce" (||v||_1 as a row sum, not on the tensor cores)
+  triton          cuda_triton_bridge.longflow_decode_attention_triton as generate calls it: one
+                  kernel_state threaded from call to call; omitted where triton, jax_triton or a CUDA
+                  device is missing
   triton_noevict  the same with compute_evict=False
-  triton_ffi      the same launched through jaxlib's typed-FFI Triton target (ffi_call override)
-  triton_xla      the same launched through XLA's own Triton custom call at every size (the default
-                  takes it at a small batch only); triton_xla_noevict without scoring,
-                  triton_xla_{fused,separate,coop} with that epilogue
-  triton_jt       the same with every kernel launched through jax-triton; triton_jt_noevict without scoring
-  triton_xlacomb  the main kernel through jax-triton, the combine kernel through XLA's Triton call
-  triton_fused / triton_separate / triton_coop  the same with the epilogue forced to "fused" (one
-                  launch, last-arriving programs finish), "separate" (split + combine kernels) or "coop"
-                  (one launch, a barrier, every program finishes a share; only where the grid fits one
-                  program per SM); the triton column takes the measured choice
-  copy            the copy-bandwidth ceiling measured in this run (device-to-device, read + write)
+Every column is also reported as a share of the bandwidth ceiling, measured in the same run (in a child
+process): the best of a Triton kernel streaming a 4 GiB buffer (bytes read) and torch's device-to-device
+copy_ (bytes read + written), whichever run here; a jnp copy, which under-measures, only where neither does.
 
 Method: every column is first checked against the jnp reference on the same inputs (out by relative
 L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
 one program that makes a chain of at least 32 calls (each call's q is the previous call's output, so
 XLA can neither merge nor overlap calls), rotating K/V over several input sets (distinct buffers,
-together well over the 50 MB L2, so no call finds its K/V in cache); the per-call time is the median
-over repetitions of that program's wall time (after jax.block_until_ready) divided by the number of
-calls (latency, the default). With --queued Q each repetition queues Q executions before one sync
-(throughput: the host's launches overlap the GPU's previous execution, so what remains is the GPU's
-time per call when the host keeps ahead). With --loops N the program runs its chain N times inside a
-lax.fori_loop, as a decode loop runs its step: the loop body's buffers stay the same, where each program
-execution gets new output buffers and XLA updates its CUDA graph for them (most of the time per call at
-B = 1 without it; docs/BENCHMARKS.md, session 12). With --interleave the repetitions of one size go
-round-robin over the columns, so the machine's drift hits all columns alike. Achieved bandwidth =
-bytes of K + V read / time.
+together well over the 50 MB L2, so no call finds its K/V in cache), and runs that chain --loops times
+inside a lax.fori_loop, as a decode loop runs its step (the loop body's buffers stay the same, where each
+program execution gets new output buffers). The per-call time is the median over repetitions of the
+program's wall time (after jax.block_until_ready) divided by its calls: latency. With --queued Q each
+repetition queues Q executions before one sync: throughput, the GPU's time per call when the host keeps
+ahead. With --interleave the repetitions of one size go round-robin over the columns, so the machine's
+drift hits all columns alike. Achieved bandwidth = bytes of K + V read / time.
 
-  python3 scripts/bench_kernels.py [--out FILE.md] [--sweep] [--deadline SECONDS]
+  python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
 """
 
 from __future__ import annotations
@@ -54,7 +38,9 @@ import datetime
 import functools
 import json
 import math
+import os
 import statistics
+import subprocess
 import sys
 import time
 
@@ -62,31 +48,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from longflow_jax.reference import (
+from pallas_kernels import longflow_decode_attention
+from pallas_kernels.reference import (
     decode_attention_probs,
     longflow_decode_attention_reference,
     longflow_importance,
 )
-from pallas_kernels import decode_attention as pk
-from pallas_kernels import longflow_decode_attention
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
 SIZES = [(b, c) for b in (1, 16, 64) for c in (2048, 8192)]
+COLUMNS = ("xla_attn", "xla_longflow", "pallas", "pallas_noevict", "triton", "triton_noevict")
 L2_BYTES = 50e6
 ROTATE_BYTES = 8 * L2_BYTES  # input sets per size span at least this many bytes
 MAX_SETS = 32
-
-# ---- TRITON HOOK: the native-Triton column (cuda_triton_bridge), omitted when it cannot run ----
-try:
-    from cuda_triton_bridge import longflow_decode_attention_triton
-
-    try:
-        from cuda_triton_bridge import triton_available
-    except ImportError:  # an older bridge without the probe: try it and let the check below decide
-        triton_available = lambda: True  # noqa: E731
-except ImportError:
-    longflow_decode_attention_triton = None
-    triton_available = lambda: False  # noqa: E731
+MIN_CALLS_PER_PROGRAM = 32
 
 
 def xla_attention(q, k, v, kv_valid, *, scale):
@@ -102,96 +77,57 @@ def xla_attention(q, k, v, kv_valid, *, scale):
 
 
 @dataclasses.dataclass(frozen=True)
-class Stateful:
-    """A column whose calls thread a state, as a decode loop threads the Triton kernel's persistent
-    tickets: fn(q, k, v, kv_valid, state) -> (out, evict, state), the first state init(q). Called with
-    the four inputs alone it makes one call from a fresh state (what check_column runs);
-    `chain_program` threads the state from call to call."""
+class StatefulColumn:
+    """A column whose calls thread a state, as a decode loop threads the Triton kernel's per-layer
+    kernel_state: call(q, k, v, kv_valid, state) -> (out, evict, state), the first state
+    init_state(q, k). Called with the four inputs alone it makes one call from a fresh state (what
+    check_column runs); `chain_program` threads the state from call to call."""
 
-    fn: object
-    init: object
+    call: object
+    init_state: object
 
     def __call__(self, q, k, v, kv_valid):
-        out, evict, _ = self.fn(q, k, v, kv_valid, self.init(q))
+        out, evict, _ = self.call(q, k, v, kv_valid, self.init_state(q, k))
         return out, evict
 
 
-def _with_tickets(fn):
-    """The Triton entry point as a Stateful column: one persistent ticket buffer through the chain."""
-    from cuda_triton_bridge import new_tickets
+def triton_columns(entry, init_kernel_state, scale, granularity="sequence"):
+    """The Triton columns, each threading one kernel_state through its calls as generate does."""
 
-    return Stateful(
-        fn=lambda q, k, v, kv_valid, tickets: fn(q, k, v, kv_valid, tickets=tickets),
-        init=lambda q: new_tickets(q.shape[0], NUM_KV_HEADS),
-    )
+    def column(compute_evict):
+        kwargs = dict(scale=scale, granularity=granularity, compute_evict=compute_evict)
+        return StatefulColumn(
+            call=lambda q, k, v, kv_valid, state: entry(q, k, v, kv_valid, kernel_state=state, **kwargs),
+            init_state=lambda q, k: init_kernel_state(q.shape[0], k.shape[1]),
+        )
 
-
-# The Triton columns: name -> the entry point's keyword arguments (TRITON HOOK). "tickets": True makes
-# the column thread a persistent ticket buffer through its calls (Stateful).
-_JAX_TRITON_ONLY = dict(xla_call=False, xla_combine=False)  # every kernel through jax-triton
-TRITON_COLUMNS = {
-    # As generate calls it: each layer's persistent tickets threaded through its calls (since session 12).
-    "triton": dict(tickets=True),
-    "triton_noevict": dict(tickets=True, compute_evict=False),  # scoring off, for the eviction overhead
-    # A fresh zeroed ticket buffer per call (the one-launch epilogues' zero fill; sessions 1-11).
-    "triton_fresh": {},
-    "triton_fresh_noevict": dict(compute_evict=False),
-    # One launch at B = 9-32 (the default there is the separate epilogue): fused with one 128-slot split,
-    # or coop, both on persistent tickets; and every kernel through XLA's launch with them.
-    "triton_tickets_fused1": dict(tickets=True, epilogue="fused", block_c=128, num_splits=1),
-    "triton_tickets_coop": dict(tickets=True, epilogue="coop"),
-    "triton_tickets_xla": dict(tickets=True, overrides=dict(xla_call=True)),
-    "triton_tickets_xla_noevict": dict(tickets=True, compute_evict=False, overrides=dict(xla_call=True)),
-    # The t-traffic switches off (docs/KERNEL_NOTES_triton.md, session 4), on persistent tickets.
-    "triton_tickets_nodiscard": dict(tickets=True, overrides=dict(discard_t=False)),
-    "triton_tickets_nohints": dict(tickets=True, overrides=dict(discard_t=False, cache_hints=False)),
-    "triton_reduce": dict(vnorm="reduce"),  # ||v||_1 as a row sum (the pre-session-3 method)
-    # jaxlib's typed-FFI target, not jax-triton's legacy call
-    "triton_ffi": dict(overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),
-    "triton_ffi_noevict": dict(compute_evict=False, overrides=dict(ffi_call=True, **_JAX_TRITON_ONLY)),
-    # The combine kernel alone through XLA's Triton call, the main kernel through jax-triton (the default
-    # at B * Hkv >= SMs / 2 since session 10).
-    "triton_xlacomb": dict(overrides=dict(xla_call=False, xla_combine=True)),
-    # jax-triton's launch for every kernel at every size (the default takes XLA's at a small batch, and
-    # XLA's for the combine kernel everywhere).
-    "triton_jt": dict(overrides=_JAX_TRITON_ONLY),
-    "triton_jt_noevict": dict(compute_evict=False, overrides=_JAX_TRITON_ONLY),
-    # XLA's own Triton custom call for every kernel: the measured epilogue, or a forced one.
-    "triton_xla": dict(overrides=dict(xla_call=True)),
-    "triton_xla_noevict": dict(compute_evict=False, overrides=dict(xla_call=True)),
-    **{
-        f"triton_xla_{e}": dict(epilogue=e, overrides=dict(xla_call=True))
-        for e in ("fused", "separate", "coop")
-    },
-    **{f"triton_{e}": dict(epilogue=e) for e in ("fused", "separate", "coop")},
-}
+    return {"triton": column(True), "triton_noevict": column(False)}
 
 
-def columns(scale, granularity="sequence", extra=None):
+def load_triton_bridge():
+    """((entry point, init_kernel_state), "") when the Triton kernel can run here, else (None, why)."""
+    try:
+        from cuda_triton_bridge import init_kernel_state, longflow_decode_attention_triton, triton_available
+    except ImportError as e:
+        return None, f"cuda_triton_bridge does not import ({e})"
+    if not triton_available():
+        return None, "triton, jax_triton or a CUDA device is missing"
+    return (longflow_decode_attention_triton, init_kernel_state), ""
+
+
+def columns(scale, triton=None, granularity="sequence"):
+    """{name: fn(q, k, v, kv_valid) -> (out, evict)}; triton: load_triton_bridge()'s pair, or None."""
+    pallas = functools.partial(longflow_decode_attention, scale=scale, granularity=granularity)
     cols = {
-        "pallas": functools.partial(
-            longflow_decode_attention, scale=scale, granularity=granularity, **(extra or {})
-        ),
-        "pallas_noevict": functools.partial(
-            longflow_decode_attention,
-            scale=scale,
-            granularity=granularity,
-            compute_evict=False,
-            **(extra or {}),
-        ),
         "xla_attn": functools.partial(xla_attention, scale=scale),
         "xla_longflow": functools.partial(
             longflow_decode_attention_reference, scale=scale, granularity=granularity
         ),
+        "pallas": pallas,
+        "pallas_noevict": functools.partial(pallas, compute_evict=False),
     }
-    if longflow_decode_attention_triton is not None and triton_available():
-        for name, kwargs in TRITON_COLUMNS.items():
-            kwargs = dict(kwargs)
-            tickets = kwargs.pop("tickets", False)
-            fn = functools.partial(
-                longflow_decode_attention_triton, scale=scale, granularity=granularity, **kwargs
-            )
-            cols[name] = _with_tickets(fn) if tickets else fn
+    if triton is not None:
+        cols.update(triton_columns(*triton, scale, granularity))
     return cols
 
 
@@ -209,6 +145,10 @@ def make_sets(batch, slots, n_sets, seed=0):
 
 def kv_bytes(batch, slots):
     return 2 * batch * NUM_KV_HEADS * slots * HEAD_DIM * jnp.dtype(DTYPE).itemsize
+
+
+def n_sets_for(batch, slots):
+    return int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots)))))
 
 
 def check_column(name, fn, inputs, scale, granularity="sequence"):
@@ -240,90 +180,51 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
     return f"out rel {rel:.1e}, evict within {gap:.0e} of min (near-tie)"
 
 
-MIN_CALLS_PER_PROGRAM = 32
-
-
 def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
     """(jitted program, calls per run): >= min_calls calls of fn chained through q, K/V rotating, run
-    `loops` times.
+    `loops` times. Run it as program(q0, sets).
 
-    The calls form a chain: each call's query is the previous call's output (same shape and dtype,
-    so no extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or
-    overlap two calls that share K/V; the 2026-11-23 16:24 run, whose calls were independent, let XLA
-    read one K/V for several calls and showed xla_attn above the copy ceiling. K/V rotate over the
-    input sets (> 8x L2 together), so no call finds its K/V in cache. Run it as program(q0, sets).
+    The calls form a chain: each call's query is the previous call's output (same shape and dtype, so no
+    extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or overlap
+    two calls that share K/V (independent calls would let it read one K/V for several calls). K/V rotate
+    over the input sets (> 8x L2 together), so no call finds its K/V in cache. A StatefulColumn's state
+    is made once per program and threaded through every call.
 
-    loops > 1 runs the chain as the body of a `lax.fori_loop`, as a decode loop runs its step: the body's
-    buffers stay the same from one iteration to the next, where each execution of a program gets new
-    output buffers (and XLA updates its CUDA graph for them). The outputs are the last iteration's.
+    loops > 1 runs the chain as the body of a `lax.fori_loop`, as a decode loop runs its step. The
+    outputs are the last iteration's; every iteration's evicts go into the carry, so no call is dead code.
     """
     n_calls = max(min_calls, len(sets))
-    stateful = isinstance(fn, Stateful)
+    stateful = isinstance(fn, StatefulColumn)
 
     def chain(q, state, sets):
         evicts = []
         for i in range(n_calls):
-            if stateful:  # one state through the whole chain
-                q, evict, state = fn.fn(q, *sets[i % len(sets)][1:], state)
+            k, v, kv_valid = sets[i % len(sets)][1:]
+            if stateful:
+                q, evict, state = fn.call(q, k, v, kv_valid, state)
             else:
-                q, evict = fn(q, *sets[i % len(sets)][1:])
+                q, evict = fn(q, k, v, kv_valid)
             evicts.append(evict)
         return q, state, evicts
 
     def calls(q, sets):
-        state = fn.init(q) if stateful else None  # made once per program
+        state = fn.init_state(q, sets[0][1]) if stateful else None
         if loops == 1:
             q, _, evicts = chain(q, state, sets)
             return q, evicts
         shapes = jax.eval_shape(lambda q, state: chain(q, state, sets)[2], q, state)
         evicts = jax.tree.map(lambda a: jnp.zeros(a.shape, a.dtype), shapes)
-        # Every iteration's evicts go into the carry, so no call of any iteration is dead code.
         q, _, evicts = jax.lax.fori_loop(0, loops, lambda _, c: chain(c[0], c[1], sets), (q, state, evicts))
         return q, evicts
 
     return jax.jit(calls), n_calls * loops
 
 
-def interleave_entry(name, fn, sets, scale, *, compile_now=False, loops=1):
-    """(check summary, (run, calls per run)): column `fn` checked against the reference on sets[0]
-    (`check_column`), then its `chain_program` as an entry for `time_interleaved`. compile_now traces and
-    compiles it at once, for sweeps that change module constants between columns."""
-    summary = check_column(name, fn, sets[0], scale)
-    program, n_calls = chain_program(fn, sets, loops=loops)
-    run = functools.partial(program, sets[0][0], sets)
-    if compile_now:
-        jax.block_until_ready(run())
-    return summary, (run, n_calls)
-
-
-def time_column(fn, sets, reps, min_calls=MIN_CALLS_PER_PROGRAM, queued=0, loops=1):
-    """Median seconds per call over `reps` runs of `chain_program`. Many calls per host sync keep
-    dispatch and sync out of the per-call time."""
-    return time_program(*chain_program(fn, sets, min_calls, loops=loops), sets, reps, queued=queued)
-
-
-def time_runs(run, reps, queued=0):
-    """(median, (min, max)) seconds per run() over `reps` repetitions, after two warm-ups.
-
-    queued=0 (latency): each repetition is one run() followed by a host sync. queued=Q (throughput):
-    each repetition queues Q runs back to back and syncs once, so the host's launches of one run overlap
-    the GPU's work on the previous one: the time per run when the host keeps ahead."""
-    jax.block_until_ready(run())
-    jax.block_until_ready(run())
-    per_rep = max(queued, 1)
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready([run() for _ in range(per_rep)])
-        times.append((time.perf_counter() - t0) / per_rep)
-    return statistics.median(times), (min(times), max(times))
-
-
 def time_interleaved(runs, reps, queued=0):
-    """{name: (median, (min, max)) seconds per call} for runs = {name: (run, calls per run)}, with the
-    repetitions taken round-robin over the columns (after two warm-ups each): a slow drift of the
-    machine (clocks, a neighbour's load) then falls on every column alike, which matters at B = 1,
-    where whole tables moved by up to 2x between runs."""
+    """{name: (median, (min, max)) seconds per call} for runs = {name: (run, calls per run)}, after two
+    warm-ups each. The repetitions go round-robin over the runs, so a slow drift of the machine (clocks,
+    a neighbour's load) falls on each alike. queued=0 (latency): one run() per host sync; queued=Q
+    (throughput): Q runs queued back to back per sync, so the host's launches overlap the GPU's work."""
     for run, _ in runs.values():
         jax.block_until_ready(run())
         jax.block_until_ready(run())
@@ -337,123 +238,191 @@ def time_interleaved(runs, reps, queued=0):
     return {name: (statistics.median(ts), (min(ts), max(ts))) for name, ts in times.items()}
 
 
-def time_program(program, n_calls, sets, reps, queued=0):
-    """(median, (min, max)) seconds per call of a `chain_program`: `time_runs` of one execution, divided
-    by its calls."""
-    median, (lo, hi) = time_runs(lambda: program(sets[0][0], sets), reps, queued)
-    return median / n_calls, (lo / n_calls, hi / n_calls)
+# ---- The bandwidth ceiling ----
 
 
-def measure_copy_bandwidth(nbytes=4 << 30, reps=20):
-    x = jax.random.normal(jax.random.PRNGKey(1), (nbytes // 2,), jnp.float32).astype(jnp.bfloat16)
+@dataclasses.dataclass(frozen=True)
+class Ceiling:
+    """The device's streaming bandwidth in bytes/s and the kernel that measured it."""
+
+    bytes_per_s: float
+    method: str
+
+    @property
+    def note(self):
+        if self.method == "jnp copy":  # XLA's copy streams well below a kernel (3.2 vs 4.4 TB/s, H200)
+            return "a jnp copy: neither Triton nor torch with CUDA runs here, so it under-measures"
+        return self.method
+
+
+def _seconds_per_launch(launch, sync, reps=5, per_sync=16):
+    """Median seconds per launch() over `reps` batches of per_sync launches and one host sync (after a
+    warm-up): the host queues ahead, so neither launch nor sync latency counts. Only the last result is
+    kept, so at most two output buffers live at once."""
+    sync(launch())
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        for _ in range(per_sync):
+            result = launch()
+        sync(result)
+        times.append((time.perf_counter() - t0) / per_sync)
+    return statistics.median(times)
+
+
+def triton_read_bandwidth(nbytes, block=4096, iters=8, num_warps=8):
+    """Bytes read per second by a Triton kernel (through jax_triton) that sums the buffer, each program
+    `iters` pipelined blocks of `block` int32 elements. A read, not a copy: decode attention reads far
+    more than it writes, and a copy's reads and writes share the memory bus (3.9 TB/s vs 4.4, H200)."""
+    import jax_triton as jt
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def read_kernel(src, dst, BLOCK: tl.constexpr, ITERS: tl.constexpr):
+        base = tl.program_id(0).to(tl.int64) * BLOCK * ITERS
+        acc = tl.zeros([BLOCK], tl.int32)
+        for i in tl.range(0, ITERS, num_stages=2):
+            acc += tl.load(src + base + i * BLOCK + tl.arange(0, BLOCK))
+        tl.store(dst + tl.program_id(0), tl.sum(acc, axis=0))
+
+    grid = max(1, nbytes // (4 * block * iters))
+    x = jnp.ones((grid * block * iters,), jnp.int32)
+    read = jax.jit(
+        lambda x: jt.triton_call(x, kernel=read_kernel, out_shape=jax.ShapeDtypeStruct((grid,), jnp.int32),
+                                 grid=(grid,), num_warps=num_warps, BLOCK=block, ITERS=iters)
+    )  # fmt: skip
+    return x.nbytes / _seconds_per_launch(lambda: read(x), jax.block_until_ready)
+
+
+def torch_copy_bandwidth(nbytes):
+    """Bytes read + written per second by torch's device-to-device copy_."""
+    import torch
+
+    x = torch.ones(nbytes // 2, dtype=torch.bfloat16, device="cuda")
+    y = torch.empty_like(x)
+    return 2 * x.nbytes / _seconds_per_launch(lambda: y.copy_(x), lambda _: torch.cuda.synchronize())
+
+
+def jnp_copy_bandwidth(nbytes):
+    x = jnp.ones((nbytes // 2,), jnp.bfloat16)
     neg = jax.jit(lambda x: -x)  # read once, write once; a copy XLA cannot elide
-    jax.block_until_ready(neg(x))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(neg(x))
-        times.append(time.perf_counter() - t0)
-    del x
-    return 2 * nbytes / statistics.median(times)
+    return 2 * x.nbytes / _seconds_per_launch(lambda: neg(x), jax.block_until_ready)
 
 
-def measure_matmul_rate(n=8192, reps=10):
-    a = jax.random.normal(jax.random.PRNGKey(2), (n, n), jnp.float32).astype(jnp.bfloat16)
-    b = jax.random.normal(jax.random.PRNGKey(3), (n, n), jnp.float32).astype(jnp.bfloat16)
-    mm = jax.jit(lambda a, b: a @ b)
-    jax.block_until_ready(mm(a, b))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(mm(a, b))
-        times.append(time.perf_counter() - t0)
-    return 2 * n**3 / statistics.median(times)
+def can_run_triton():
+    try:
+        import jax_triton  # noqa: F401
+        import triton  # noqa: F401
+
+        return len(jax.devices("cuda")) > 0
+    except Exception:  # not installed, built against another jaxlib, or no CUDA backend
+        return False
 
 
-def n_sets_for(batch, slots):
-    return int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots)))))
+def can_run_torch_cuda():
+    try:
+        import torch
+
+        return torch.cuda.is_available()
+    except Exception:
+        return False
 
 
-SWEEP_LAUNCHES = [
-    (64, 4, 3),
-    (32, 4, 3),
-    (128, 4, 3),
-    (128, 8, 3),
-    (64, 4, 2),
-    (64, 4, 4),
-    (64, 8, 3),
-    (128, 4, 2),
-    (32, 2, 4),
-]
+def ceiling_measurers(triton_ok, torch_cuda_ok):
+    """{method: measure(nbytes) -> bytes/s}: the kernels that run here; the jnp copy only when none
+    does (it streams slower than the kernels it would bound)."""
+    found = {}
+    if triton_ok:
+        found["triton read kernel"] = triton_read_bandwidth
+    if torch_cuda_ok:
+        found["torch copy_"] = torch_copy_bandwidth
+    return found or {"jnp copy": jnp_copy_bandwidth}
 
 
-def sweep(sizes, scale, reps, deadline, log, splits_list=None, queued=0, launches=None):
-    """Tuning sweep of the Pallas kernel's launch parameters (block_c, warps, stages, splits).
+def measure_ceiling(measurers, nbytes, log=print):
+    """The best bandwidth among the measurers (one that fails is reported and skipped)."""
+    rates = {}
+    for method, measure in measurers.items():
+        try:
+            rates[method] = measure(nbytes)
+            log(f"ceiling: {method} {rates[method] / 1e12:.2f} TB/s ({nbytes >> 20} MiB)")
+        except Exception as e:
+            log(f"ceiling: {method} FAILED {type(e).__name__}: {str(e)[:200]}")
+    if not rates:
+        rates["jnp copy"] = jnp_copy_bandwidth(nbytes)
+    best = max(rates, key=rates.get)
+    return Ceiling(rates[best], best)
 
-    splits_list: the split counts to try (those that divide the block count); default: the rule's
-    choice, half and double it. launches: (block_c, num_warps, num_stages) triples (default
-    SWEEP_LAUNCHES)."""
-    results = []
-    for batch, slots in sizes:
-        n_sets = n_sets_for(batch, slots)
-        sets = make_sets(batch, slots, n_sets, seed=7)
-        configs = []
-        for block_c, warps, stages in launches or SWEEP_LAUNCHES:
-            n_blocks = math.ceil(slots / block_c)
-            auto = pk._default_num_splits("triton", batch, NUM_KV_HEADS, n_blocks, block_c)
-            candidates = splits_list or {auto, max(1, auto // 2), min(auto * 2, slots // block_c)}
-            for splits in sorted(x for x in set(candidates) if n_blocks % x == 0):
-                configs.append(dict(block_c=block_c, num_warps=warps, num_stages=stages, num_splits=splits))
-        for cfg in configs:
-            if time.time() > deadline:
-                log(f"sweep: deadline reached, skipping the rest at B={batch} C={slots}")
-                break
-            fn = functools.partial(longflow_decode_attention, scale=scale, **cfg)
-            try:
-                t, _ = time_column(fn, sets, reps, queued=queued)
-            except Exception as e:  # a config Triton cannot compile: record it, go on
-                log(f"sweep B={batch} C={slots} {cfg}: FAILED {type(e).__name__}: {str(e)[:200]}")
+
+def ceiling_in_child(nbytes, log=print):
+    """measure_ceiling in a child process (this script with --ceiling-only), so that neither torch nor
+    the ceiling kernels share the process that times the columns: torch loaded there slowed the B = 1
+    columns by about 10% on an H200."""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the parent may hold the memory pool
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
+    cmd = [sys.executable, os.path.abspath(__file__), "--ceiling-only", "--copy-mb", str(nbytes >> 20)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True)
+    if proc.returncode:
+        raise RuntimeError(f"the ceiling's child process failed:\n{proc.stderr[-2000:]}")
+    *lines, result = proc.stdout.strip().splitlines()
+    for line in lines:
+        log(line)
+    return Ceiling(**json.loads(result))
+
+
+# ---- The run ----
+
+
+def format_table(header, ceiling, rows, names):
+    """Markdown: one row per size, each column as median us (TB/s, % of the bandwidth ceiling)."""
+    lines = [
+        f"{header}; bandwidth ceiling {ceiling.bytes_per_s / 1e12:.2f} TB/s ({ceiling.note})",
+        "",
+        "Hq/Hkv 32/8, D 128, bf16, all slots valid; median us per call (TB/s of K+V read, % of the "
+        "bandwidth ceiling); ceiling us = K+V bytes / ceiling; overhead = the kernel / the same kernel "
+        "without scoring - 1",
+        "",
+        "| B | C | K+V MB | ceiling us | " + " | ".join(names) + " | pallas overhead | triton overhead |",
+        "|" + "---|" * (6 + len(names)),
+    ]
+    for r in rows:
+        nbytes = kv_bytes(r["batch"], r["slots"])
+        cells = []
+        for n in names:
+            if (t := r.get(n)) is None:
+                cells.append("n/a")
                 continue
-            bw = kv_bytes(batch, slots) / t
-            results.append(dict(batch=batch, slots=slots, **cfg, us=t * 1e6, tbps=bw / 1e12))
-            log(f"sweep B={batch:3d} C={slots:5d} {cfg} {t * 1e6:9.1f} us {bw / 1e12:5.2f} TB/s")
-        del sets
-    return results
+            bw = nbytes / t
+            cells.append(f"{t * 1e6:.1f} ({bw / 1e12:.2f}, {100 * bw / ceiling.bytes_per_s:.0f}%)")
+        overheads = []
+        for kernel in ("pallas", "triton"):
+            t, base = r.get(kernel), r.get(kernel + "_noevict")
+            overheads.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
+        floor_us = nbytes / ceiling.bytes_per_s * 1e6
+        sizes = f"| {r['batch']} | {r['slots']} | {nbytes / 1e6:.0f} | {floor_us:.1f} | "
+        lines.append(sizes + " | ".join(cells + overheads) + " |")
+    return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawTextHelpFormatter)
     parser.add_argument("--out", help="write the table as markdown here")
-    parser.add_argument("--reps", type=int, default=30)
-    parser.add_argument("--sweep", action="store_true", help="also sweep the Pallas launch parameters")
-    parser.add_argument("--sweep-sizes", default="1x8192,16x8192,64x2048")
-    parser.add_argument(
-        "--sweep-splits", help="comma-separated split counts for the sweep (default: rule, /2, x2)"
-    )
-    parser.add_argument("--sweep-launches", help="block_c:num_warps:num_stages,... for the sweep")
-    parser.add_argument("--deadline", type=float, default=1e9, help="seconds from start for the sweep")
-    parser.add_argument("--sizes", default=",".join(f"{b}x{c}" for b, c in SIZES))
-    parser.add_argument("--copy-mb", type=int, default=4096, help="buffer size for the copy ceiling")
-    parser.add_argument("--matmul-n", type=int, default=8192)
-    parser.add_argument("--columns", help="comma-separated subset of the columns (default: all)")
-    parser.add_argument(
-        "--queued",
-        type=int,
-        default=0,
-        help="time throughput: queue this many executions per sync (default 0: latency, one per sync)",
-    )
-    parser.add_argument(
-        "--loops",
-        type=int,
-        default=1,
-        help="run each program's chain of calls this many times in a lax.fori_loop (default 1: once)",
-    )
-    parser.add_argument(
-        "--interleave",
-        action="store_true",
-        help="take each size's repetitions round-robin over the columns (default: column after column)",
-    )
+    parser.add_argument("--reps", type=int, default=20)
+    parser.add_argument("--sizes", default=",".join(f"{b}x{c}" for b, c in SIZES), help="BxC,...")
+    parser.add_argument("--columns", help=f"comma-separated subset of {','.join(COLUMNS)} (default: all)")
+    parser.add_argument("--loops", type=int, default=8, help="chains per program, in a lax.fori_loop")
+    parser.add_argument("--interleave", action="store_true", help="repetitions round-robin over columns")
+    parser.add_argument("--queued", type=int, default=0, help="executions queued per sync (0: latency)")
+    parser.add_argument("--copy-mb", type=int, default=4096, help="buffer MiB for the bandwidth ceiling")
+    parser.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)  # ceiling_in_child
     args = parser.parse_args(argv)
+    if args.ceiling_only:
+        measurers = ceiling_measurers(can_run_triton(), can_run_torch_cuda())
+        ceiling = measure_ceiling(measurers, args.copy_mb << 20)
+        print(json.dumps(dataclasses.asdict(ceiling)))
+        return
     start = time.time()
     log = functools.partial(print, flush=True)
     dev = jax.devices()[0]
@@ -467,140 +436,49 @@ def main(argv=None):
     log(header)
     log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
     scale = HEAD_DIM**-0.5
-    copy_bw = measure_copy_bandwidth(args.copy_mb << 20)
-    mm_rate = measure_matmul_rate(args.matmul_n)
-    log(f"ceilings: copy {copy_bw / 1e12:.2f} TB/s (read+write), bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s")
+    triton, why = load_triton_bridge()
+    if triton is None:
+        log(f"triton columns omitted: {why}")
+    cols = columns(scale, triton)
+    if args.columns:
+        wanted = args.columns.split(",")
+        if unknown := set(wanted) - set(cols):
+            raise SystemExit(f"unknown or unavailable columns {sorted(unknown)}; have {sorted(cols)}")
+        cols = {n: cols[n] for n in wanted}
+    ceiling = ceiling_in_child(args.copy_mb << 20, log)
+    log(f"bandwidth ceiling: {ceiling.bytes_per_s / 1e12:.2f} TB/s ({ceiling.note})")
 
-    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     rows = []
-    for batch, slots in sizes:
-        n_sets = n_sets_for(batch, slots)
-        sets = make_sets(batch, slots, n_sets)
-        cols = columns(scale)
-        if args.columns:
-            wanted = args.columns.split(",")
-            unknown = set(wanted) - set(cols)
-            if unknown:
-                raise SystemExit(f"unknown or unavailable columns {sorted(unknown)}; have {sorted(cols)}")
-            cols = {n: cols[n] for n in wanted}
+    for batch, slots in [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]:
+        sets = make_sets(batch, slots, n_sets_for(batch, slots))
         nbytes = kv_bytes(batch, slots)
-        flops = 4 * batch * NUM_Q_HEADS * slots * HEAD_DIM
-        row = dict(
-            batch=batch,
-            slots=slots,
-            kv_mb=nbytes / 1e6,
-            n_sets=n_sets,
-            bytes_floor_us=nbytes / copy_bw * 1e6,
-            flop_floor_us=flops / mm_rate * 1e6,
-        )
-        summaries, timings, runs = {}, {}, {}
+        row = dict(batch=batch, slots=slots)
+        summaries, runs = {}, {}
         for name, fn in cols.items():
-            try:
-                if args.interleave:
-                    summaries[name], runs[name] = interleave_entry(name, fn, sets, scale, loops=args.loops)
-                else:
-                    summaries[name] = check_column(name, fn, sets[0], scale)
-                    timings[name] = time_column(fn, sets, args.reps, queued=args.queued, loops=args.loops)
-            except Exception as e:  # report and keep going: one broken column must not hide the rest
+            try:  # a column that fails its check or compile is reported and never timed
+                summaries[name] = check_column(name, fn, sets[0], scale)
+                program, n_calls = chain_program(fn, sets, loops=args.loops)
+                runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
+                jax.block_until_ready(runs[name][0]())  # compiles here, so a failure is this column's
+            except Exception as e:  # one broken column must not hide the rest
                 log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-                row[name] = None
-        if runs:
-            timings.update(time_interleaved(runs, args.reps, queued=args.queued))
-        for name, (t, (tmin, tmax)) in timings.items():
-            summary = summaries[name]
-            row[name] = t * 1e6
-            row[name + "_tbps"] = nbytes / t / 1e12
-            log(
-                f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
-                f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s  [{summary}]"
-            )
+        groups = [runs] if args.interleave else [{n: r} for n, r in runs.items()]
+        for group in groups:
+            for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
+                row[name] = t
+                log(
+                    f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
+                    f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s "
+                    f"{100 * nbytes / t / ceiling.bytes_per_s:4.0f}% of ceiling  [{summaries[name]}]"
+                )
         rows.append(row)
-        del sets
+        del sets, runs, groups  # this size's buffers go before the next size's
 
-    sweep_rows = []
-    if args.sweep:
-        sweep_sizes = [tuple(int(x) for x in s.split("x")) for s in args.sweep_sizes.split(",")]
-        splits_list = [int(x) for x in args.sweep_splits.split(",")] if args.sweep_splits else None
-        launches = None
-        if args.sweep_launches:
-            launches = [tuple(int(x) for x in t.split(":")) for t in args.sweep_launches.split(",")]
-        sweep_rows = sweep(
-            sweep_sizes,
-            scale,
-            max(10, args.reps // 2),
-            start + args.deadline,
-            log,
-            splits_list,
-            args.queued,
-            launches,
-        )
-
-    names = [
-        n
-        for n in (
-            "pallas",
-            "pallas_noevict",
-            "xla_attn",
-            "xla_longflow",
-            "triton",
-            "triton_reduce",
-            "triton_noevict",
-            "triton_ffi",
-            "triton_ffi_noevict",
-            "triton_jt",
-            "triton_jt_noevict",
-            "triton_xlacomb",
-            "triton_xla",
-            "triton_xla_noevict",
-            "triton_xla_fused",
-            "triton_xla_separate",
-            "triton_xla_coop",
-            "triton_fused",
-            "triton_separate",
-            "triton_coop",
-        )
-        if any(n in r for r in rows)
-    ]
-    lines = [
-        f"{header}; copy ceiling {copy_bw / 1e12:.2f} TB/s, bf16 matmul {mm_rate / 1e12:.0f} TFLOP/s",
-        "",
-        "Hq/Hkv 32/8, D 128, bf16, all slots valid; median us per call (TB/s of K+V read); "
-        "% ceil = bandwidth / copy ceiling; overhead = fused kernel / the same kernel with scoring off - 1",
-        "",
-        "| B | C | K+V MB | bytes floor us | flop floor us | "
-        + " | ".join(names)
-        + " | pallas % ceil | pallas vs xla_attn | triton % ceil | triton overhead |",
-        "|" + "---|" * (9 + len(names)),
-    ]
-
-    def overhead(x):
-        return f"{100 * (x - 1):.1f}%"
-
-    def ratio(r, num, den, fmt):
-        return "n/a" if r.get(num) is None or r.get(den) is None else fmt(r[num] / r[den])
-
-    for r in rows:
-        cells = []
-        for n in names:
-            cells.append("n/a" if r.get(n) is None else f"{r[n]:.1f} ({r[n + '_tbps']:.2f})")
-        pct = {
-            n: "n/a" if r.get(n) is None else f"{100 * r[n + '_tbps'] * 1e12 / copy_bw:.0f}%"
-            for n in ("pallas", "triton")
-        }
-        lines.append(
-            f"| {r['batch']} | {r['slots']} | {r['kv_mb']:.0f} | {r['bytes_floor_us']:.1f} | "
-            f"{r['flop_floor_us']:.1f} | "
-            + " | ".join(cells)
-            + f" | {pct['pallas']} | {ratio(r, 'xla_attn', 'pallas', lambda x: f'{x:.2f}x')}"
-            + f" | {pct['triton']} | {ratio(r, 'triton', 'triton_noevict', overhead)} |"
-        )
-    table = "\n".join(lines)
+    table = format_table(header, ceiling, rows, [n for n in COLUMNS if n in cols])
     log("\n" + table)
     if args.out:
         with open(args.out, "w") as f:
             f.write(table + "\n")
-            if sweep_rows:
-                f.write("\n<!-- sweep\n" + json.dumps(sweep_rows, indent=0) + "\n-->\n")
     log(f"total {time.time() - start:.0f} s")
 
 

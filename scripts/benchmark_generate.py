@@ -161,7 +161,7 @@ def run_one(
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
 
     # --prefill-rows: the prompt pass in row slices, for a BATCH=max whose prompt activations would
-    # not fit beside the cache (the 7B LongFlow run at its computed maximum did not).
+    # not fit beside the cache (they grow with batch x prompt length).
     prefill_fn = jax.jit(lambda p, i, n: prefill_in_slices(p, config, i, n, comp, capacity, prefill_rows))
 
     def chunk_body(p, cache, token, start):

@@ -1,5 +1,6 @@
-"""scripts/bench_kernels.py's harness on CPU: the chained program, the two timings, the correctness gate,
-and a whole run writing its table (the numbers mean nothing on CPU; the GPU runs are in BENCHMARKS.md)."""
+"""scripts/bench_kernels.py's harness on CPU: the chained program, the timing, the correctness gate, the
+stateful Triton column, the bandwidth ceiling's choice, and a whole run writing its table (the numbers mean
+nothing on CPU)."""
 
 from __future__ import annotations
 
@@ -42,8 +43,8 @@ def test_chain_in_a_loop_runs_every_call_and_returns_the_last_iteration():
 def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
     sets = [(jnp.zeros(2), jnp.full(2, 1.0), None, None)]
     # The state counts the calls; each call adds the count so far to q.
-    column = bk.Stateful(
-        fn=lambda q, k, v, valid, n: (q + n, n, n + 1), init=lambda q: jnp.zeros((), jnp.float32)
+    column = bk.StatefulColumn(
+        call=lambda q, k, v, valid, n: (q + n, n, n + 1), init_state=lambda q, k: jnp.zeros((), jnp.float32)
     )
     out, evict = column(*sets[0])  # one call from a fresh state
     assert float(evict) == 0 and np.asarray(out).tolist() == [0, 0]
@@ -53,32 +54,47 @@ def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
     assert [float(e) for e in evicts] == [3, 4, 5]
 
 
-def test_with_tickets_threads_the_bridges_ticket_buffer():
+def test_triton_columns_thread_one_kernel_state_as_generate_does():
+    """A fake entry point with the bridge's signature stands in for the Triton kernel."""
     seen = []
 
-    def kernel(q, k, v, valid, *, tickets):  # stands in for the Triton entry point
-        seen.append(tickets.shape)
-        return q + 1, jnp.zeros(q.shape[0], jnp.int32), tickets + 1
+    def entry(q, k, v, kv_valid, *, scale, granularity, compute_evict, kernel_state):
+        seen.append((scale, granularity, compute_evict, kernel_state.shape))
+        evict = jnp.full(q.shape[0], 0 if compute_evict else -1, jnp.int32)
+        return q + 1, evict, kernel_state + 1
 
-    column = bk._with_tickets(kernel)
-    sets = [(jnp.zeros((2, 3)), None, None, None)]
-    out, evicts = bk.chain_program(column, sets, min_calls=3)[0](sets[0][0], sets)
+    init_kernel_state = lambda batch, num_kv_heads: jnp.zeros((batch, num_kv_heads), jnp.int32)
+    cols = bk.columns(0.5, triton=(entry, init_kernel_state))
+    assert list(cols) == list(bk.COLUMNS)
+    sets = [(jnp.zeros((2, 3)), jnp.zeros((2, 4, 5, 3)), None, None)]
+    out, evicts = bk.chain_program(cols["triton"], sets, min_calls=3)[0](sets[0][0], sets)
     assert np.asarray(out).tolist() == [[3] * 3] * 2 and len(evicts) == 3
-    assert seen == [(2, 2 * bk.NUM_KV_HEADS)] * 3  # cuda_triton_bridge.ticket_shape(B, Hkv), made once
+    assert seen == [(0.5, "sequence", True, (2, 4))] * 3  # the state is made once, (B, Hkv), and threaded
+    seen.clear()
+    assert np.asarray(cols["triton_noevict"](*sets[0])[1]).tolist() == [-1, -1]
+    assert seen == [(0.5, "sequence", False, (2, 4))]
+
+
+def test_triton_columns_are_omitted_without_the_bridge():
+    assert list(bk.columns(0.5)) == ["xla_attn", "xla_longflow", "pallas", "pallas_noevict"]
+    bridge, why = bk.load_triton_bridge()  # no CUDA device here
+    assert bridge is None and why
 
 
 @pytest.mark.parametrize("queued", [0, 1, 3])
-def test_time_program_runs_queued_executions_per_sync(queued):
-    calls = []
+def test_time_interleaved_runs_queued_executions_per_sync(queued):
+    calls = {"a": 0, "b": 0}
 
-    def program(q, sets):
-        calls.append(q)
-        return q
+    def run(name):
+        calls[name] += 1
+        return jnp.ones(1)
 
     reps = 4
-    median, (lo, hi) = bk.time_program(program, 8, [(jnp.ones(1),)], reps, queued=queued)
-    assert len(calls) == 2 + reps * max(queued, 1)  # two warm-ups, then Q executions per repetition
-    assert 0 < lo <= median <= hi
+    result = bk.time_interleaved({n: (functools.partial(run, n), 8) for n in calls}, reps, queued=queued)
+    # Two warm-ups each, then Q executions per repetition.
+    assert calls == {n: 2 + reps * max(queued, 1) for n in calls}
+    for median, (lo, hi) in result.values():
+        assert 0 < lo <= median <= hi
 
 
 def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output():
@@ -95,36 +111,66 @@ def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output()
         bk.check_column("wrong_slot", wrong_slot, inputs, scale)
     with pytest.raises(AssertionError, match="out rel err"):
         bk.check_column("wrong_out", lambda *a: (-reference(*a)[0], None), inputs, scale)
+    with pytest.raises(AssertionError, match="should be all -1"):
+        bk.check_column("wrong_noevict", reference, inputs, scale)
     noevict = functools.partial(bk.xla_attention, scale=scale)
     assert bk.check_column("xla_attn", noevict, inputs, scale).startswith("out rel")
 
 
-def test_interleave_entry_checks_the_column_then_chains_it():
-    scale = bk.HEAD_DIM**-0.5
-    sets = bk.make_sets(2, 64, 2)
-    reference = bk.columns(scale)["xla_longflow"]
-    summary, (run, n_calls) = bk.interleave_entry("xla_longflow", reference, sets, scale, compile_now=True)
-    assert summary == "out rel 0.0e+00, evict equal"
-    assert n_calls == bk.MIN_CALLS_PER_PROGRAM
-    q_last, evicts = run()
-    assert len(evicts) == n_calls and q_last.shape == sets[0][0].shape
-    with pytest.raises(AssertionError, match="out rel err"):  # a wrong column never reaches the timing
-        bk.interleave_entry("wrong_out", lambda *a: (-reference(*a)[0], None), sets, scale)
+def test_the_ceiling_falls_back_to_the_jnp_copy_only_without_triton_or_torch_cuda():
+    assert list(bk.ceiling_measurers(triton_ok=False, torch_cuda_ok=False)) == ["jnp copy"]
+    assert list(bk.ceiling_measurers(triton_ok=True, torch_cuda_ok=False)) == ["triton read kernel"]
+    both = bk.ceiling_measurers(triton_ok=True, torch_cuda_ok=True)
+    assert list(both) == ["triton read kernel", "torch copy_"]
+    assert list(bk.ceiling_measurers(triton_ok=False, torch_cuda_ok=True)) == ["torch copy_"]
+    assert not bk.can_run_triton() and not bk.can_run_torch_cuda()  # CPU: neither runs here
 
 
-@pytest.mark.parametrize("interleave", [False, True])
-@pytest.mark.parametrize("queued", [0, 2])
-def test_main_writes_a_table_with_the_timing_mode(tmp_path, queued, interleave):
+def test_the_ceiling_is_the_fastest_copy_and_skips_one_that_fails():
+    def broken(nbytes):
+        raise RuntimeError("no such device")
+
+    logged = []
+    measurers = {"slow": lambda n: 3e12, "fast": lambda n: 4e12, "broken": broken}
+    ceiling = bk.measure_ceiling(measurers, 1 << 20, logged.append)
+    assert ceiling == bk.Ceiling(4e12, "fast") and ceiling.note == "fast"
+    assert any("broken FAILED RuntimeError" in line for line in logged)
+    # Nothing measured: the jnp copy stands in, and its note says it under-measures.
+    jnp_ceiling = bk.measure_ceiling({"broken": broken}, 1 << 20, logged.append)
+    assert jnp_ceiling.method == "jnp copy" and jnp_ceiling.bytes_per_s > 0
+    assert "under-measures" in jnp_ceiling.note
+
+
+def test_table_reports_every_column_against_the_ceiling():
+    ceiling = bk.Ceiling(4e12, "torch copy_")
+    nbytes = bk.kv_bytes(1, 2048)
+    row = dict(batch=1, slots=2048, pallas=nbytes / 2e12, pallas_noevict=nbytes / 2.5e12)
+    table = bk.format_table("device: x", ceiling, [row], ["pallas", "pallas_noevict", "triton"])
+    assert "bandwidth ceiling 4.00 TB/s (torch copy_)" in table
+    (line,) = [x for x in table.splitlines() if x.startswith("| 1 | 2048 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[3] == f"{nbytes / 4e12 * 1e6:.1f}"  # the bytes floor at the ceiling
+    timed = [f"{nbytes / 2e6:.1f} (2.00, 50%)", f"{nbytes / 2.5e6:.1f} (2.50, 62%)"]
+    assert cells[4:] == timed + ["n/a", "25.0%", "n/a"]  # triton absent: n/a, and so its overhead
+
+
+@pytest.mark.parametrize("queued, interleave", [(0, False), (2, True)])
+def test_main_writes_a_table_with_the_timing_mode(tmp_path, capsys, queued, interleave):
     out = tmp_path / "table.md"
-    loops = 2 if interleave and queued else 1  # the fori_loop form in one of the four runs
-    argv = ["--sizes", "1x64", "--columns", "xla_attn,xla_longflow", "--reps", "2", "--copy-mb", "8"]
-    argv += ["--matmul-n", "64", "--queued", str(queued), "--out", str(out), "--loops", str(loops)]
+    loops = 2 if queued else 1
+    argv = ["--sizes", "1x64", "--columns", "xla_attn,xla_longflow,pallas_noevict", "--reps", "2"]
+    argv += ["--copy-mb", "8", "--queued", str(queued), "--out", str(out), "--loops", str(loops)]
     bk.main(argv + ["--interleave"] * interleave)
+    assert "triton columns omitted" in capsys.readouterr().out
     text = out.read_text()
     assert ("throughput, 2 executions queued per sync" if queued else "timing: latency") in text
     assert ("columns interleaved" in text) == interleave
     assert ("the chain run 2 times in a fori_loop" in text) == (loops == 2)
+    # The ceiling comes from a child process; on CPU only the jnp copy runs, and the table says so.
+    assert "bandwidth ceiling" in text and "(a jnp copy: neither Triton nor torch with CUDA runs here" in text
     (row,) = [line for line in text.splitlines() if line.startswith("| 1 | 64 |")]
     cells = [c.strip() for c in row.strip("|").split("|")]
-    assert len(cells) == 5 + 2 + 4  # sizes and floors, the two columns, the four ratios
-    assert all(float(c.split(" ")[0]) > 0 for c in cells[5:7])
+    assert len(cells) == 4 + 3 + 2  # size, MB, floor; the three columns; the two overheads
+    assert all(float(c.split(" ")[0]) > 0 and c.endswith("%)") for c in cells[4:7])
+    with pytest.raises(SystemExit, match="unknown or unavailable columns"):
+        bk.main(["--sizes", "1x64", "--columns", "triton", "--copy-mb", "8"])
