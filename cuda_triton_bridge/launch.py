@@ -128,30 +128,13 @@ def plan_launch(
     stats = evict or not direct
     # The interpreter (fast_log2=False) has no PTX at all; the GPU needs sm_80 for the discard.
     discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
+    meta = _main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2)
+    # t's lines are discarded only where the GPU has the instruction and the tiles hold whole lines.
+    discard = evict and cfg.discard_t and discard_ok
     if cfg.epilogue == "coop":
-        return _plan_coop(
-            shape,
-            cfg,
-            num_groups=num_groups,
-            heads_per_group=heads_per_group,
-            evict=evict,
-            is_f32=is_f32,
-            granularity=granularity,
-            fast_log2=fast_log2,
-            discard_ok=discard_ok,
-            spin=spin,
-        )
+        return _plan_coop(shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity)
     if cfg.epilogue == "fused":
-        return _plan_fused(
-            shape,
-            cfg,
-            num_groups=num_groups,
-            evict=evict,
-            is_f32=is_f32,
-            granularity=granularity,
-            fast_log2=fast_log2,
-            discard_ok=discard_ok,
-        )
+        return _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity)
 
     split = KernelLaunch(
         grid=(splits, hkv, b),
@@ -166,7 +149,7 @@ def plan_launch(
             _buf((b, num_groups), "i32", not evict),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
+            **meta,
             NG=num_groups,
             NG_P=next_pow2(num_groups),
             DIRECT_OUT=direct,
@@ -183,7 +166,7 @@ def plan_launch(
     partials = evict and num_chunks > 1
     # Whole 128-byte lines of t per combine chunk (see decode_combine_kernel).
     whole_lines = c % 32 == 0 and chunk % 32 == 0
-    discard_in_combine = evict and cfg.discard_t and discard_ok and whole_lines
+    discard_in_combine = discard and whole_lines
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
         # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
@@ -222,9 +205,7 @@ def _tickets(shape: DecodeShape) -> Buffer:
     return _buf(kernel_state_shape(shape.batch, shape.num_kv_heads), "i32")
 
 
-def _plan_fused(
-    shape, cfg, *, num_groups, evict, is_f32, granularity, fast_log2, discard_ok
-) -> LaunchPlan:  # fmt: skip
+def _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity) -> LaunchPlan:
     b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
     g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
@@ -242,7 +223,7 @@ def _plan_fused(
             _tickets(shape),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
+            **meta,
             B=b,
             G_P=g_p,
             S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
@@ -250,7 +231,7 @@ def _plan_fused(
             NG=num_groups,
             ECHUNK=echunk,
             SCHUNK=schunk,
-            DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
+            DISCARD_T=discard and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
@@ -258,19 +239,7 @@ def _plan_fused(
     return LaunchPlan(launch, None, granularity, epilogue="fused")
 
 
-def _plan_coop(
-    shape,
-    cfg,
-    *,
-    num_groups,
-    heads_per_group,
-    evict,
-    is_f32,
-    granularity,
-    fast_log2,
-    discard_ok,
-    spin,
-) -> LaunchPlan:
+def _plan_coop(shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity) -> LaunchPlan:
     b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
     splits = cfg.num_splits
     bar_kv = hkv // num_groups if evict else 1  # a barrier group: one score group, or one KV head
@@ -292,7 +261,7 @@ def _plan_coop(
             _tickets(shape),
         ),
         meta=dict(
-            **_main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2),
+            **meta,
             S_P=next_pow2(splits),
             BAR_KV=bar_kv,
             NBAR=num_bars,
@@ -302,7 +271,7 @@ def _plan_coop(
             NSH_P=next_pow2(shares),
             ECHUNK=echunk,
             SPIN=spin,
-            DISCARD_T=evict and cfg.discard_t and discard_ok and whole_lines,
+            DISCARD_T=discard and whole_lines,
         ),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
