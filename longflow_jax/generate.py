@@ -20,7 +20,7 @@ from pallas_kernels.contract import num_score_groups
 from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .kv_cache import KVCache, evicted_positions, layer_from_kept, occupancy, write_token
-from .model import attention_scale, decoder_layer, forward, logits_from_hidden, rms_norm
+from .model import attention_scale, decoder_layer, forward, logits_from_hidden, param_shapes, rms_norm
 from .sampling import sample_next
 from .snapkv import prefill_keep_positions
 
@@ -32,6 +32,9 @@ class GenerationOutput:
     tokens: jax.Array  # [B, max_new_tokens] int32; pad_token_id after a row stops
     lengths: jax.Array  # [B] int32: tokens generated per row, its EOS included
     cache_occupancy: jax.Array  # [B] int32: filled slots per row at the end (layer 0)
+    # [B] bool: the row's logits became NaN or inf (bad weights, an overflow); the row stopped there,
+    # its tokens from that step on are pad, and `lengths` counts only the tokens before it.
+    nonfinite: jax.Array | None = None
     # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that
     # token t's write overwrote in each layer (-1: the slot was empty; row 0 is the prefill: all -1).
     evicted_positions: jax.Array | None = None
@@ -153,7 +156,8 @@ def check_generate_inputs(
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     check_attention_impl(attention_impl, compression)
-    if not isinstance(max_new_tokens, int | np.integer) or max_new_tokens < 1:
+    bad_int = isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer)
+    if bad_int or max_new_tokens < 1:
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if len(_shape(prompt_ids)) != 2:
         raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {_shape(prompt_ids)}")
@@ -163,6 +167,13 @@ def check_generate_inputs(
     batch, prompt_len = _shape(prompt_ids)
     if _shape(prompt_lengths) != (batch,):
         raise ValueError(f"prompt_lengths must have shape ({batch},), got {_shape(prompt_lengths)}")
+    lengths_dtype = jnp.result_type(
+        prompt_lengths if hasattr(prompt_lengths, "dtype") else np.asarray(prompt_lengths)
+    )
+    if not jnp.issubdtype(lengths_dtype, jnp.integer):
+        raise ValueError(f"prompt_lengths must be integer token counts, got dtype {lengths_dtype}")
+    if batch < 1:
+        raise ValueError("the batch is empty: prompt_ids has 0 rows")
     limit = config.max_position_embeddings
     if prompt_len > limit:
         raise ValueError(f"prompt length {prompt_len} exceeds the model's max_position_embeddings {limit}")
@@ -197,6 +208,23 @@ def check_generate_inputs(
             )
 
 
+def check_params(params, config: ModelConfig) -> None:
+    """The params pytree holds exactly the tensors the config asks for, at their shapes (`param_shapes`)."""
+    if not isinstance(params, dict) or len(params.get("layers", ())) != config.num_layers:
+        got = len(params.get("layers", ())) if isinstance(params, dict) else type(params).__name__
+        raise ValueError(f"params must hold {config.num_layers} layers (config.num_layers), got {got}")
+    want = dict(jax.tree_util.tree_flatten_with_path(param_shapes(config))[0])
+    got = dict(jax.tree_util.tree_flatten_with_path(params)[0])
+    for path in sorted(set(want) | set(got), key=jax.tree_util.keystr):
+        name = "params" + jax.tree_util.keystr(path)
+        if path not in got:
+            raise ValueError(f"{name} is missing (expected shape {want[path].shape})")
+        if path not in want:
+            raise ValueError(f"{name} is not a tensor of this config's model")
+        if tuple(_shape(got[path])) != want[path].shape:
+            raise ValueError(f"{name} has shape {_shape(got[path])}, expected {want[path].shape}")
+
+
 def generate(
     params,
     config: ModelConfig,
@@ -226,6 +254,7 @@ def generate(
     check_generate_inputs(
         config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
     )
+    check_params(params, config)
     if prefill_rows_per_chunk is not None and (
         isinstance(prefill_rows_per_chunk, bool)
         or not isinstance(prefill_rows_per_chunk, int | np.integer)
@@ -285,20 +314,22 @@ def _generate(
         params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
     )
     cache = with_kernel_state(cache, attention_impl)
-    first = sample_next(logits, jax.random.fold_in(key, 0), sampling)
+    bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
+    first = jnp.where(bad, pad, sample_next(logits, jax.random.fold_in(key, 0), sampling))
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
     groups = cache.layers[0].slot_pos.shape[1]
     debug = (
         jnp.full((max_new_tokens, config.num_layers, batch, groups), -1, jnp.int32) if return_debug else None
     )
-    state = (jnp.int32(1), tokens, first, jnp.isin(first, eos), jnp.ones((batch,), jnp.int32), cache, debug)
+    done = jnp.isin(first, eos) | bad
+    state = (jnp.int32(1), tokens, first, done, (~bad).astype(jnp.int32), bad, cache, debug)
 
     def cond(state):
         step, _, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, current, done, lengths, cache, debug = state
+        step, tokens, current, done, lengths, nonfinite, cache, debug = state
         step_key = jax.random.fold_in(key, step)
         positions = prompt_lengths + step - 1  # the position of `current`, whose KV is written now
         logits, cache, evicted = decode_step(
@@ -311,15 +342,21 @@ def _generate(
             compression=compression,
             attention_impl=attention_impl,
         )
-        nxt = jnp.where(done, pad, sample_next(logits, step_key, sampling))
+        bad = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
+        nxt = jnp.where(done | bad, pad, sample_next(logits, step_key, sampling))
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
-        lengths = lengths + (~done).astype(jnp.int32)
-        done = done | jnp.isin(nxt, eos)
+        lengths = lengths + (~done & ~bad).astype(jnp.int32)
+        done = done | bad | jnp.isin(nxt, eos)
+        nonfinite = nonfinite | bad
         if debug is not None:
             debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
-        return step + 1, tokens, nxt, done, lengths, cache, debug
+        return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug
 
-    _, tokens, _, _, lengths, cache, debug = jax.lax.while_loop(cond, body, state)
+    _, tokens, _, _, lengths, nonfinite, cache, debug = jax.lax.while_loop(cond, body, state)
     return GenerationOutput(
-        tokens=tokens, lengths=lengths, cache_occupancy=occupancy(cache.layers[0]), evicted_positions=debug
+        tokens=tokens,
+        lengths=lengths,
+        cache_occupancy=occupancy(cache.layers[0]),
+        evicted_positions=debug,
+        nonfinite=nonfinite,
     )

@@ -91,6 +91,8 @@ def test_generate_inside_user_jit(qwen3):
         ),
         (dict(float_ids=True), "integer token ids"),
         (dict(max_new_tokens=0), "positive int"),
+        (dict(max_new_tokens=True), "positive int"),
+        (dict(lengths=[6.0, 5.5]), "integer token counts"),
     ],
 )
 def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
@@ -103,6 +105,55 @@ def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
     kwargs.setdefault("max_new_tokens", 4)
     with pytest.raises(ValueError, match=match):
         lf.generate(params, config, ids, lengths, **kwargs)
+
+
+def _without_last_layer(params):
+    return {**params, "layers": params["layers"][:-1]}
+
+
+def _reshaped_wq(params):
+    layers = [dict(layer) for layer in params["layers"]]
+    layers[1]["wq"] = layers[1]["wq"][:, :-1]
+    return {**params, "layers": layers}
+
+
+def _extra_tensor(params):
+    return {**params, "rope_freqs": jnp.zeros(4)}
+
+
+@pytest.mark.parametrize(
+    "edit, match",
+    [
+        (_without_last_layer, r"params must hold 2 layers \(config.num_layers\), got 1"),
+        (_reshaped_wq, r"params\['layers'\]\[1\]\['wq'\] has shape"),
+        (_extra_tensor, r"params\['rope_freqs'\] is not a tensor"),
+    ],
+)
+def test_params_that_do_not_match_the_config_fail_clearly(qwen3, edit, match):
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [4, 3])
+    with pytest.raises(ValueError, match=match):
+        lf.generate(edit(params), config, ids, lengths, max_new_tokens=2)
+
+
+def test_rows_whose_logits_turn_nonfinite_stop_and_are_reported(qwen3):
+    """A NaN in the weights of one row's path is not hidden behind pad tokens: the row stops at the step
+    whose logits are not finite and `nonfinite` says so; the other rows are untouched."""
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [5, 4])
+    clean = lf.generate(params, config, ids, lengths, max_new_tokens=6)
+    assert not np.asarray(clean.nonfinite).any()
+    # Token 7's embedding row NaN: row 1 whose prompt holds it goes NaN from the prefill on.
+    poisoned_ids = np.array(ids)
+    poisoned_ids[1, 0] = 7
+    embed = params["embed"].at[7].set(jnp.nan)
+    poisoned_ids[0] = np.where(poisoned_ids[0] == 7, 8, poisoned_ids[0])
+    out = lf.generate({**params, "embed": embed}, config, poisoned_ids, lengths, max_new_tokens=6)
+    assert np.asarray(out.nonfinite).tolist() == [False, True]
+    assert int(out.lengths[1]) == 0
+    np.testing.assert_array_equal(np.asarray(out.tokens[1]), config.pad_token_id)
+    want = lf.generate(params, config, poisoned_ids[:1], np.asarray(lengths)[:1], max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(out.tokens[0]), np.asarray(want.tokens[0]))
 
 
 @pytest.mark.parametrize(
