@@ -94,6 +94,16 @@ def longflow_decode_attention_triton(
             "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
         ) from e
     out, evict_slot, state = decode.run(
-        q, k_cache, v_cache, kv_valid, kv_len, float(scale), shape, cfg, granularity, compute_evict, kernel_state
+        q,
+        k_cache,
+        v_cache,
+        kv_valid,
+        kv_len,
+        float(scale),
+        shape,
+        cfg,
+        granularity,
+        compute_evict,
+        kernel_state,
     )
     return (out, evict_slot) if kernel_state is None else (out, evict_slot, state)

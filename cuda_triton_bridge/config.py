@@ -175,7 +175,9 @@ def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int) -> None:
             f'splits or epilogue="fused" / "separate"'
         )
     if num_splits > COOP_MAX_SPLITS:
-        raise ValueError(f'epilogue="coop" takes at most {COOP_MAX_SPLITS} splits, got num_splits={num_splits}')
+        raise ValueError(
+            f'epilogue="coop" takes at most {COOP_MAX_SPLITS} splits, got num_splits={num_splits}'
+        )
 
 
 def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
@@ -279,7 +281,9 @@ def resolve_launch(
         num_warps=num_warps,
         num_stages=num_stages,
         xla_launch=row.xla_launch if launch.xla_launch is None else launch.xla_launch,
-        discard_t=t_bytes > tuned_launch.DISCARD_T_MIN_BYTES if launch.discard_t is None else launch.discard_t,
+        discard_t=t_bytes > tuned_launch.DISCARD_T_MIN_BYTES
+        if launch.discard_t is None
+        else launch.discard_t,
         query_rows=max(MIN_DOT, next_pow2(shape.group)),
         combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
     )

@@ -80,7 +80,9 @@ def _alloc(launch, q_dtype):
     ]
 
 
-def longflow_decode_attention_interpret(q, k_cache, v_cache, kv_valid, *, sms=None, kernel_state=None, **kwargs):
+def longflow_decode_attention_interpret(
+    q, k_cache, v_cache, kv_valid, *, sms=None, kernel_state=None, **kwargs
+):
     """`longflow_decode_attention_triton`'s contract (its keyword arguments in `kwargs`) on numpy-convertible
     arrays; `sms` stands in for the GPU's SM count in the launch defaults. Always returns
     (out, evict_slot, kernel_state)."""
@@ -117,7 +119,9 @@ def longflow_decode_attention_interpret(q, k_cache, v_cache, kv_valid, *, sms=No
         )
         out, evict_slot, kernel_state = split_out[0], split_out[plan.evict_output], tickets.numpy()
     else:
-        kernels.decode_split_kernel[plan.split.grid](tq, tk, tv, tvalid, tlen, qk_scale, *split_out, **plan.split.meta)
+        kernels.decode_split_kernel[plan.split.grid](
+            tq, tk, tv, tvalid, tlen, qk_scale, *split_out, **plan.split.meta
+        )
         out, acc, m, ell, t, counter, evict_slot = split_out
         if plan.combine is not None:
             comb_out = _alloc(plan.combine, _TORCH[dtype])

@@ -10,7 +10,14 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cuda_triton_bridge.config import DecodeShape, ResolvedLaunch, cdiv, kernel_state_shape, next_pow2, score_groups
+from cuda_triton_bridge.config import (
+    DecodeShape,
+    ResolvedLaunch,
+    cdiv,
+    kernel_state_shape,
+    next_pow2,
+    score_groups,
+)
 
 DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
 LOG2E = math.log2(math.e)
@@ -239,7 +246,9 @@ def _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity) -> La
     return LaunchPlan(launch, None, granularity, epilogue="fused")
 
 
-def _plan_coop(shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity) -> LaunchPlan:
+def _plan_coop(
+    shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity
+) -> LaunchPlan:
     b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
     splits = cfg.num_splits
     bar_kv = hkv // num_groups if evict else 1  # a barrier group: one score group, or one KV head

@@ -70,7 +70,9 @@ DISCARD_T_MIN_BYTES = 4 << 20
 
 def tuned_rows(capability: int, compute_evict: bool) -> tuple[TunedLaunch, ...]:
     """The table's rows for this GPU generation and scoring mode."""
-    return next(rows for cap, evict, rows in TUNED_LAUNCH if capability >= cap and evict == bool(compute_evict))
+    return next(
+        rows for cap, evict, rows in TUNED_LAUNCH if capability >= cap and evict == bool(compute_evict)
+    )
 
 
 def tuned_row(rows: tuple[TunedLaunch, ...], programs: int, sms: int) -> TunedLaunch:

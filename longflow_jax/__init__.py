@@ -1,11 +1,12 @@
 """longflow-jax: decode-time KV cache compression (LongFlow) for reasoning models in JAX."""
 
+from pallas_kernels.reference import longflow_decode_attention_reference
+
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .convert import CheckpointError, convert, load
 from .generate import GenerationOutput, decode_step, generate, prefill
 from .kv_cache import KVCache, LayerCache
 from .model import init_random_params, param_shapes
-from pallas_kernels.reference import longflow_decode_attention_reference
 
 __all__ = [
     "CheckpointError",

@@ -7,11 +7,10 @@ Output, one line per prompt, appended batch by batch:
 Ids already in the output are skipped, so rerunning the command resumes.
 
 Multi-host (--distributed): `jax.distributed.initialize()`, then every process reads the whole input,
-takes records k with k % process_count == process_index (k counts the valid records in file order) and
-runs them on its own devices with no cross-host communication, so a slow or restarted host holds up
-nobody. Process i of n appends to OUT.i-of-n.jsonl (for OUT.jsonl); a run reads the ids done in the
-plain output and in every OUT.*-of-*.jsonl next to it, so a resume with another number of hosts does
-not redo finished prompts.
+takes the valid records k with k % process_count == process_index and runs them on its own devices with
+no cross-host communication, so a slow or restarted host holds up nobody. Process i of n appends to
+OUT.i-of-n.jsonl; a run skips the ids done in OUT.jsonl and in every OUT.*-of-*.jsonl, so a resume with
+another number of hosts does not redo finished prompts.
 """
 
 from __future__ import annotations
@@ -23,16 +22,8 @@ import time
 
 import jax
 
-from . import runner
+from . import jsonl_io, runner
 from .config import POLICIES
-from .jsonl_io import (
-    append_lines,
-    done_ids_of_all_processes,
-    id_key,
-    output_path,
-    read_jsonl_records,
-    validate_prompt_record,
-)
 
 PROG = "longflow-batch"
 
@@ -58,21 +49,21 @@ def start_processes(args) -> tuple[int, int]:
     return jax.process_index(), jax.process_count()
 
 
-def run(args) -> dict:
+def run(args) -> None:
     from tqdm import tqdm
 
     runner.check_args(args)
     compression = runner.compression_from(args)
     process_index, process_count = start_processes(args)
-    out_path = output_path(args.output, process_index, process_count)
+    out_path = jsonl_io.output_path(args.output, process_index, process_count)
 
-    records, skipped = read_jsonl_records(args.input, validate_prompt_record)
+    records, skipped = jsonl_io.read_jsonl_records(args.input, jsonl_io.validate_prompt_record)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
     records = records[process_index::process_count]
-    done, notes = done_ids_of_all_processes(out_path)
+    done, notes = jsonl_io.done_ids_of_all_processes(out_path)
     for note in notes:
         runner.report(note, PROG)
-    todo = [r for r in records if id_key(r.id) not in done]
+    todo = [r for r in records if jsonl_io.id_key(r.id) not in done]
 
     generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
     plan = runner.make_plan(generator, todo, args, PROG)
@@ -98,37 +89,25 @@ def run(args) -> dict:
             rows = [
                 {
                     "id": record.id,
-                    "text": text,
-                    "prompt_tokens": prompt_tokens,
+                    "text": c.text,
+                    "prompt_tokens": c.prompt_tokens,
                     "completion_tokens": len(c.tokens),
                     "finish_reason": c.finish_reason,
                     "seconds": round(seconds, 3),
                 }
-                for record, prompt_tokens, c, text in outputs
+                for record, c in outputs
             ]
-            append_lines(f, rows)
-            completion_tokens += sum(len(c.tokens) for _, _, c, _ in outputs)
+            jsonl_io.append_lines(f, rows)
+            completion_tokens += sum(len(c.tokens) for _, c in outputs)
             bar.update(len(rows))
             bar.set_postfix_str(f"{completion_tokens / (time.perf_counter() - start):.1f} tok/s")
     seconds = time.perf_counter() - start
-    summary = {
-        "output": out_path,
-        "prompts": len(plan.records),
-        "completion_tokens": completion_tokens,
-        "prompt_tokens": sum(len(p) for p in plan.prompts),
-        "seconds": round(seconds, 3),
-        "tokens_per_s": round(completion_tokens / seconds, 2) if seconds > 0 else 0.0,
-        "already_done": already_done,
-        "skipped": len(skipped),
-        "devices": generator.num_devices,
-        "process": f"{process_index}/{process_count}",
-    }
+    rate = round(completion_tokens / seconds, 2) if seconds > 0 else 0.0
     print(
-        f"{summary['prompts']} prompts, {completion_tokens} tokens in {seconds:.1f} s "
-        f"({summary['tokens_per_s']} tokens/s, compile included) on {generator.num_devices} device(s); "
-        f"{already_done} already done, {summary['skipped']} skipped -> {out_path}"
+        f"{len(plan.records)} prompts, {completion_tokens} tokens in {seconds:.1f} s "
+        f"({rate} tokens/s, compile included) on {generator.num_devices} device(s); "
+        f"{already_done} already done, {len(skipped)} skipped -> {out_path}"
     )
-    return summary
 
 
 def main(argv=None) -> int:

@@ -16,13 +16,16 @@ import time
 import jax
 import numpy as np
 
+from . import runner
+from .attention import KERNEL_POLICIES
 from .bucketing import round_up
 from .config import POLICIES, CompressionConfig
 from .convert import convert, load
 from .generate import buffer_capacity, generate
 from .kv_cache import kv_bytes_for
-from .runner import DataParallelGenerator, compression_from, encode, sampling_from
 from .testing import make_tiny_hf_checkpoint
+
+PROG = "longflow-generate"
 
 # A Qwen3-style shape big enough for the KV savings to show, small enough to build in a second.
 DEMO_MODEL = dict(
@@ -48,7 +51,7 @@ def _timed_generate(params, config, ids, lengths, **kwargs):
     return out, time.perf_counter() - start
 
 
-def run_demo(args) -> int:
+def run_demo(args) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         hf_dir = make_tiny_hf_checkpoint(os.path.join(tmp, "hf"), "qwen3", args.seed, **DEMO_MODEL)
         convert(hf_dir, os.path.join(tmp, "ckpt"))
@@ -61,108 +64,91 @@ def run_demo(args) -> int:
     batch, prompt_len = args.batch, args.prompt_len
     lengths = rng.integers(prompt_len // 2, prompt_len + 1, batch).astype(np.int32)
     ids = rng.integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
-    sampling = sampling_from(args)
-    runs = [compression_from(args)]
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=runner.sampling_from(args), seed=args.seed)
+    runs = [runner.compression_from(args)]
     if args.policy != "full":
         runs.append(CompressionConfig(policy="full"))
     rows = []
     for comp in runs:
+        impl = args.attention_impl if comp.policy in KERNEL_POLICIES else "reference"
         out, seconds = _timed_generate(
-            params,
-            config,
-            ids,
-            lengths,
-            max_new_tokens=args.max_new_tokens,
-            compression=comp,
-            sampling=sampling,
-            attention_impl=args.attention_impl if comp.policy in ("full", "longflow") else "reference",
-            seed=args.seed,
+            params, config, ids, lengths, compression=comp, attention_impl=impl, **common
         )
-        tokens = int(np.asarray(out.lengths).sum())
         capacity = buffer_capacity(comp, prompt_len, args.max_new_tokens)
         kv = kv_bytes_for(
             config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim, config.param_dtype
         )
         name = comp.policy if comp.policy == "full" else f"{comp.policy} C={comp.budget}"
-        rows.append((name, tokens, seconds, kv, np.asarray(out.cache_occupancy)))
+        rows.append((name, int(np.asarray(out.lengths).sum()), seconds, kv, int(np.max(out.cache_occupancy))))
         print(f"  {name}: first row's tokens {np.asarray(out.tokens[0, :16]).tolist()} ...")
     print(
         f"\nbatch {batch}, prompts of {lengths.min()}-{lengths.max()} tokens, "
         f"{args.max_new_tokens} new tokens per row"
     )
     print(f"{'cache':<18}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}{'KV bytes':>14}{'slots used/row':>16}")
-    for name, tokens, seconds, kv, occ in rows:
-        print(f"{name:<18}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}{int(occ.max()):>16}")
+    for name, tokens, seconds, kv, slots in rows:
+        print(f"{name:<18}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}{slots:>16}")
     if len(rows) == 2:
         saved = 1 - rows[0][3] / rows[1][3]
         print(
             f"\nLongFlow's KV buffer is {rows[0][3]:,} bytes against {rows[1][3]:,} for the full cache: "
             f"{saved:.1%} saved ({rows[1][3] / rows[0][3]:.1f}x smaller)."
         )
-    return 0
 
 
-def run_checkpoint(args) -> int:
-    generator = DataParallelGenerator(args.ckpt)
+def run_checkpoint(args) -> None:
+    generator = runner.DataParallelGenerator(args.ckpt)
     tokenizer = generator.tokenizer
     use_template = bool(tokenizer.chat_template) and not args.no_chat_template
-    prompts = [encode(tokenizer, "prompt", text, use_template, {}) for text in args.prompt]
+    prompts = [runner.encode(tokenizer, "prompt", text, use_template, {}) for text in args.prompt]
     start = time.perf_counter()
     completions = generator.generate(
         prompts,
         max(map(len, prompts)),
         round_up(len(prompts), generator.num_devices),
         max_new_tokens=args.max_new_tokens,
-        compression=compression_from(args),
-        sampling=sampling_from(args),
+        compression=runner.compression_from(args),
+        sampling=runner.sampling_from(args),
         attention_impl=args.attention_impl,
         seed=args.seed,
     )
     seconds = time.perf_counter() - start
     for row, c in enumerate(completions):
         print(f"--- [{row}] {len(c.tokens)} tokens")
-        print(tokenizer.decode(c.tokens, skip_special_tokens=True))
+        print(c.text)
     print(f"\n{sum(len(c.tokens) for c in completions)} tokens in {seconds:.1f} s (compile included)")
-    return 0
+
+
+def run(args) -> None:
+    budget, max_new_tokens = (128, 512) if args.demo else (2048, 1024)
+    args.budget = budget if args.budget is None else args.budget
+    args.max_new_tokens = max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    if args.demo:
+        run_demo(args)
+    elif not args.prompt:
+        raise ValueError("--ckpt needs at least one --prompt")
+    else:
+        run_checkpoint(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="longflow-generate", description=__doc__.splitlines()[0])
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true", help="build a tiny random model and generate with it")
     src.add_argument("--ckpt", help="a converted checkpoint directory (longflow-convert)")
     p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); with --ckpt")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--policy", default="longflow", choices=POLICIES)
-    p.add_argument("--budget", type=int, default=None, help="KV slots per layer per sequence")
-    p.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
-    p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
-    p.add_argument("--max-new-tokens", type=int, default=None)
+    p.add_argument("--budget", type=int, help="KV slots per layer per sequence; demo 128, else 2048")
+    p.add_argument("--max-new-tokens", type=int, help="demo 512, else 1024")
+    runner.add_decoding_args(p)
     p.add_argument("--batch", type=int, default=4, help="demo batch size")
     p.add_argument("--prompt-len", type=int, default=64, help="demo prompt length")
-    p.add_argument("--temperature", type=float, default=0.0)
-    p.add_argument("--top-k", type=int, default=0)
-    p.add_argument("--top-p", type=float, default=1.0)
-    p.add_argument("--seed", type=int, default=0)
     return p
 
 
 def main(argv=None) -> int:
-    args = build_parser().parse_args(argv)
-    if args.demo:
-        args.budget = 128 if args.budget is None else args.budget
-        args.max_new_tokens = 512 if args.max_new_tokens is None else args.max_new_tokens
-    else:
-        args.budget = 2048 if args.budget is None else args.budget
-        args.max_new_tokens = 1024 if args.max_new_tokens is None else args.max_new_tokens
-        if not args.prompt:
-            print("longflow-generate: error: --ckpt needs at least one --prompt", file=sys.stderr)
-            return 2
-    try:
-        return run_demo(args) if args.demo else run_checkpoint(args)
-    except ValueError as e:
-        print(f"longflow-generate: error: {e}", file=sys.stderr)
-        return 2
+    return runner.cli_main(run, build_parser(), PROG, argv)
 
 
 if __name__ == "__main__":

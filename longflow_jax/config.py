@@ -11,11 +11,7 @@ import jax.numpy as jnp
 
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
-DTYPES = {
-    "float32": jnp.float32,
-    "bfloat16": jnp.bfloat16,
-    "float16": jnp.float16,
-}
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
 def dtype_from_name(name: str):
@@ -79,10 +75,8 @@ class ModelConfig:
 
     @classmethod
     def from_hf_dict(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
-        """Map a Hugging Face config.json (transformers 4.x or 5.x field names) to a ModelConfig.
-
-        Anything this decoder does not implement raises ValueError naming the field.
-        """
+        """Map a Hugging Face config.json (transformers 4.x or 5.x field names) to a ModelConfig; anything
+        this decoder does not implement raises ValueError naming the field."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -98,29 +92,24 @@ class ModelConfig:
             raise ValueError(f"unsupported layer_types {sorted(set(layer_types))}: only full_attention")
         if hf.get("mlp_bias"):
             raise ValueError("unsupported option mlp_bias=true")
-        if hf.get("pretraining_tp", 1) not in (1, None):
-            pass  # only affects training-time slicing in HF; the math is the same
 
         # transformers 5 nests rope settings in rope_parameters; 4.x has rope_theta + rope_scaling.
-        rope = dict(hf.get("rope_parameters") or {})
-        legacy_scaling = hf.get("rope_scaling") or {}
+        rope = hf.get("rope_parameters") or {}
         rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        rope_type = rope.get("rope_type") or legacy_scaling.get("rope_type") or legacy_scaling.get("type")
-        scaling_src = rope if rope.get("rope_type") not in (None, "default") else legacy_scaling
+        scaling = rope if rope.get("rope_type") else (hf.get("rope_scaling") or {})
+        rope_type = scaling.get("rope_type") or scaling.get("type")
         rope_scaling = None
-        if rope_type in (None, "default"):
-            pass
-        elif rope_type == "llama3":
+        if rope_type == "llama3":
             try:
                 rope_scaling = Llama3RopeScaling(
-                    factor=float(scaling_src["factor"]),
-                    low_freq_factor=float(scaling_src["low_freq_factor"]),
-                    high_freq_factor=float(scaling_src["high_freq_factor"]),
-                    original_max_position_embeddings=int(scaling_src["original_max_position_embeddings"]),
+                    factor=float(scaling["factor"]),
+                    low_freq_factor=float(scaling["low_freq_factor"]),
+                    high_freq_factor=float(scaling["high_freq_factor"]),
+                    original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
                 )
             except KeyError as e:
                 raise ValueError(f"llama3 rope scaling is missing field {e.args[0]!r}") from None
-        else:
+        elif rope_type not in (None, "default"):
             raise ValueError(f"unsupported rope scaling type {rope_type!r}: only default and 'llama3'")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("unsupported option partial_rotary_factor != 1")
@@ -129,12 +118,12 @@ class ModelConfig:
         hidden = int(hf["hidden_size"])
         head_dim = hf.get("head_dim") or hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
-        eos = _as_id_tuple(hf.get("eos_token_id"))
-        if generation_config:
-            eos = tuple(dict.fromkeys(eos + _as_id_tuple(generation_config.get("eos_token_id"))))
+        gen = generation_config or {}
+        eos = _as_id_tuple(hf.get("eos_token_id")) + _as_id_tuple(gen.get("eos_token_id"))
+        eos = tuple(dict.fromkeys(eos))
         pad = hf.get("pad_token_id")
-        if pad is None and generation_config:
-            pad = generation_config.get("pad_token_id")
+        if pad is None:
+            pad = gen.get("pad_token_id")
         if pad is None:
             pad = eos[0] if eos else 0
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
@@ -165,17 +154,16 @@ class ModelConfig:
     @classmethod
     def from_pretrained_dir(cls, path: str) -> ModelConfig:
         """Read config.json (and generation_config.json when present) from a directory."""
-        cfg_path = os.path.join(path, "config.json")
-        if not os.path.isfile(cfg_path):
+        config_path = os.path.join(path, "config.json")
+        if not os.path.isfile(config_path):
             raise ValueError(f"no config.json in {path!r}")
-        with open(cfg_path) as f:
+        with open(config_path) as f:
             hf = json.load(f)
-        gen = None
         gen_path = os.path.join(path, "generation_config.json")
-        if os.path.isfile(gen_path):
-            with open(gen_path) as f:
-                gen = json.load(f)
-        return cls.from_hf_dict(hf, gen)
+        if not os.path.isfile(gen_path):
+            return cls.from_hf_dict(hf)
+        with open(gen_path) as f:
+            return cls.from_hf_dict(hf, json.load(f))
 
 
 def _as_id_tuple(value) -> tuple[int, ...]:

@@ -25,85 +25,56 @@ import jax
 import ml_dtypes
 import numpy as np
 
-from .config import DTYPES, ModelConfig
+from .config import DTYPES, ModelConfig, dtype_from_name
 from .model import param_shapes
 
 MARKER = "longflow_checkpoint.json"
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
-    "generation_config.json",
-    "tokenizer.json",
-    "tokenizer_config.json",
-    "special_tokens_map.json",
-    "added_tokens.json",
-    "vocab.json",
-    "merges.txt",
-    "tokenizer.model",
-    "chat_template.jinja",
-    "chat_template.json",
-)
-_SAFETENSORS_DTYPES = {
-    "F64": np.float64,
-    "F32": np.float32,
-    "F16": np.float16,
-    "BF16": ml_dtypes.bfloat16,
-}
-_NUMPY_DTYPES = {"float32": np.float32, "bfloat16": ml_dtypes.bfloat16, "float16": np.float16}
+    "generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json "
+    "vocab.json merges.txt tokenizer.model chat_template.jinja chat_template.json"
+).split()
+_SAFETENSORS_DTYPES = {"F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": ml_dtypes.bfloat16}
 # Buffers some older exports carry that are not weights (recomputed from the config here).
 _IGNORED = re.compile(r".*rotary_emb\.inv_freq$")
 
-HF_LAYER_NAMES = {
-    "input_layernorm.weight": ("input_norm", False),
-    "self_attn.q_proj.weight": ("wq", True),
-    "self_attn.k_proj.weight": ("wk", True),
-    "self_attn.v_proj.weight": ("wv", True),
-    "self_attn.o_proj.weight": ("wo", True),
-    "self_attn.q_proj.bias": ("bq", False),
-    "self_attn.k_proj.bias": ("bk", False),
-    "self_attn.v_proj.bias": ("bv", False),
-    "self_attn.o_proj.bias": ("bo", False),
-    "self_attn.q_norm.weight": ("q_norm", False),
-    "self_attn.k_norm.weight": ("k_norm", False),
-    "post_attention_layernorm.weight": ("post_norm", False),
-    "mlp.gate_proj.weight": ("w_gate", True),
-    "mlp.up_proj.weight": ("w_up", True),
-    "mlp.down_proj.weight": ("w_down", True),
+# Our param name -> (Hugging Face tensor name, whether HF stores it transposed: [out, in] against our
+# [in, out]). Layer names sit under "model.layers.{i}.".
+HF_NAMES = {
+    "embed": ("model.embed_tokens.weight", False),
+    "final_norm": ("model.norm.weight", False),
+    "lm_head": ("lm_head.weight", True),
 }
-_LAYER_RE = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
+HF_LAYER_NAMES = {
+    "input_norm": ("input_layernorm.weight", False),
+    "wq": ("self_attn.q_proj.weight", True),
+    "wk": ("self_attn.k_proj.weight", True),
+    "wv": ("self_attn.v_proj.weight", True),
+    "wo": ("self_attn.o_proj.weight", True),
+    "bq": ("self_attn.q_proj.bias", False),
+    "bk": ("self_attn.k_proj.bias", False),
+    "bv": ("self_attn.v_proj.bias", False),
+    "bo": ("self_attn.o_proj.bias", False),
+    "q_norm": ("self_attn.q_norm.weight", False),
+    "k_norm": ("self_attn.k_norm.weight", False),
+    "post_norm": ("post_attention_layernorm.weight", False),
+    "w_gate": ("mlp.gate_proj.weight", True),
+    "w_up": ("mlp.up_proj.weight", True),
+    "w_down": ("mlp.down_proj.weight", True),
+}
 
 
 class CheckpointError(ValueError):
     """A checkpoint that does not match its config (missing, unexpected or mis-shaped tensors)."""
 
 
-def hf_name_to_param(name: str, config: ModelConfig):
-    """HF tensor name -> (path tuple into params, transpose?), or None for an unknown tensor."""
-    if name == "model.embed_tokens.weight":
-        return ("embed",), False
-    if name == "model.norm.weight":
-        return ("final_norm",), False
-    if name == "lm_head.weight":
-        return ("lm_head",), True
-    m = _LAYER_RE.match(name)
-    if m and m.group(2) in HF_LAYER_NAMES:
-        layer = int(m.group(1))
-        if layer >= config.num_layers:
-            return None
-        key, transpose = HF_LAYER_NAMES[m.group(2)]
-        return ("layers", layer, key), transpose
-    return None
-
-
-def _get(tree, path):
-    for p in path:
-        tree = tree[p]
-    return tree
-
-
-def _set(tree, path, value):
-    for p in path[:-1]:
-        tree = tree[p]
-    tree[path[-1]] = value
+def hf_name_for(path) -> tuple[str, bool]:
+    """A params key path (from jax.tree_util.tree_flatten_with_path) -> (HF tensor name, transposed?)."""
+    keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
+    if keys[0] == "layers":
+        name, transpose = HF_LAYER_NAMES[keys[2]]
+        return f"model.layers.{keys[1]}.{name}", transpose
+    return HF_NAMES[keys[0]]
 
 
 def iter_safetensors(path: str):
@@ -145,74 +116,41 @@ def safetensors_files(hf_dir: str) -> list[str]:
 
 def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
     """Stream every tensor of the HF checkpoint into a params pytree of numpy arrays in `dtype`."""
-    np_dtype = _NUMPY_DTYPES[dtype]
-    expected = param_shapes(config)
-    params = {
-        "embed": None,
-        "layers": [dict.fromkeys(layer) for layer in expected["layers"]],
-        "final_norm": None,
-        **({"lm_head": None} if "lm_head" in expected else {}),
-    }
-    seen = set()
+    leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
+    expected = {}  # HF name -> (leaf index, transposed?, the shape HF stores)
+    for i, (path, leaf) in enumerate(leaves):
+        name, transpose = hf_name_for(path)
+        expected[name] = (i, transpose, leaf.shape[::-1] if transpose else leaf.shape)
+    values = [None] * len(leaves)
     for path in safetensors_files(hf_dir):
         for name, arr in iter_safetensors(path):
-            if _IGNORED.match(name):
-                continue
-            mapped = hf_name_to_param(name, config)
-            if mapped is None:
+            if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+                continue  # tied: the embedding serves as the head; some exports still save a copy
+            if name not in expected:
                 raise CheckpointError(
                     f"unexpected tensor {name!r} in {os.path.basename(path)}: it has no place in a "
-                    f"{config.model_type} model with this config"
+                    f"{config.model_type} model with this config (e.g. a bias with attention_bias=false, "
+                    f"or a layer beyond num_hidden_layers)"
                 )
-            target, transpose = mapped
-            if target == ("lm_head",) and config.tie_word_embeddings:
-                continue  # tied: the embedding serves as the head; some exports still save a copy
-            try:
-                want = _get(expected, target)
-            except KeyError:
+            i, transpose, hf_shape = expected[name]
+            if arr.shape != hf_shape:
                 raise CheckpointError(
-                    f"unexpected tensor {name!r}: config has no such parameter "
-                    f"(e.g. a bias with attention_bias=false)"
-                ) from None
-            shape = tuple(arr.shape[::-1]) if transpose else tuple(arr.shape)
-            if shape != want.shape:
-                hf_shape = want.shape[::-1] if transpose else want.shape
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {tuple(arr.shape)}, "
-                    f"expected {tuple(hf_shape)} from config.json"
+                    f"tensor {name!r} has shape {arr.shape}, expected {hf_shape} from config.json"
                 )
-            if name in seen:
+            if values[i] is not None:
                 raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
-            seen.add(name)
-            value = np.ascontiguousarray(arr.T if transpose else arr).astype(np_dtype)
-            _set(params, target, value)
-    missing = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(params, is_leaf=lambda x: x is None)[0]:
-        if leaf is None:
-            missing.append(_hf_name_for(path))
+            values[i] = np.ascontiguousarray(arr.T if transpose else arr).astype(DTYPES[dtype])
+    missing = [name for name, (i, _, _) in expected.items() if values[i] is None]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
-    return params
-
-
-def _hf_name_for(path) -> str:
-    keys = [getattr(p, "key", getattr(p, "idx", None)) for p in path]
-    if keys[0] == "layers":
-        inverse = {v[0]: k for k, v in HF_LAYER_NAMES.items()}
-        return f"model.layers.{keys[1]}.{inverse[keys[2]]}"
-    return {
-        "embed": "model.embed_tokens.weight",
-        "final_norm": "model.norm.weight",
-        "lm_head": "lm_head.weight",
-    }[keys[0]]
+    return jax.tree_util.tree_unflatten(treedef, values)
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
     """Convert a HF checkpoint directory; returns the config of the written checkpoint."""
     import orbax.checkpoint as ocp
 
-    hf_dir = os.path.abspath(hf_dir)
-    out_dir = os.path.abspath(out_dir)
+    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
     if not os.path.isdir(hf_dir):
         raise ValueError(f"HF checkpoint directory {hf_dir!r} does not exist")
     if os.path.exists(out_dir) and not overwrite:
@@ -220,8 +158,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
-    if dtype == "auto":
-        dtype = config.dtype
+    dtype = config.dtype if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     config = config.replace(dtype=dtype)
@@ -277,9 +214,7 @@ def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Shardin
     )
     params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)
     if dtype is not None and dtype != config.dtype:
-        cast = DTYPES[dtype] if dtype in DTYPES else None
-        if cast is None:
-            raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
+        cast = dtype_from_name(dtype)
         params = jax.tree_util.tree_map(lambda x: x.astype(cast), params)
         config = config.replace(dtype=dtype)
     return config, params

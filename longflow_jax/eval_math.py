@@ -1,13 +1,10 @@
 """`longflow-eval`: math accuracy (GSM8K / MATH style) of one checkpoint under several KV-cache policies.
 
 Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("solution" stands in for a
-missing "answer"; a missing id becomes the line number). The reference is the text after the last
-"#### " (GSM8K), else the last \\boxed{...} (a MATH solution), else the whole answer.
-
-Each (policy, budget) run generates for every problem (the full cache runs once: budgets do not apply
-to it), extracts the model's final answer (the last \\boxed{...}, else "#### x", else "the answer is x",
-else the last number) and scores it with `answers_match`. Prints one accuracy table (policy x budget)
-and writes a JSONL row per problem and run.
+missing "answer"; a missing id becomes the line number). Each (policy, budget) run generates for every
+problem (the full cache runs once: budgets do not apply to it), extracts the model's final answer
+(`extract_answer`) and scores it against the reference (`reference_answer`) with `answers_match`. Prints
+one accuracy table (policy x budget) and writes a JSONL row per problem and run.
 
 Scoring is deliberately exact: numbers compare as rationals (1,000 = 1000.0 = $1000; 0.5 = 1/2 =
 \\frac{1}{2}; but 0.33 != \\frac{1}{3}), everything else as normalised LaTeX strings (spaces, \\left/
@@ -26,7 +23,7 @@ from fractions import Fraction
 
 from . import runner
 from .config import POLICIES, CompressionConfig
-from .jsonl_io import append_lines, read_jsonl_records
+from .jsonl_io import Record, append_lines, read_jsonl_records
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -79,8 +76,8 @@ _ANSWER_IS = re.compile(r"answer\s+is\s*:?\s*(.+)", re.IGNORECASE)
 
 
 def extract_answer(text: str) -> tuple[str | None, str]:
-    """The model's final answer and how it was found: "boxed", "####", "answer_is", "last_number" or
-    "none"."""
+    """The model's final answer and how it was found, first match wins: "boxed" (the last \\boxed{}),
+    "####", "answer_is" ("the answer is x") or "last_number"; else (None, "none")."""
     boxed = last_boxed(text)
     if boxed is not None:
         return boxed, "boxed"
@@ -94,9 +91,7 @@ def extract_answer(text: str) -> tuple[str | None, str]:
         if sentence:
             return sentence, "answer_is"
     numbers = _LAST_NUMBER.findall(text)
-    if numbers:
-        return numbers[-1], "last_number"
-    return None, "none"
+    return (numbers[-1], "last_number") if numbers else (None, "none")
 
 
 def reference_answer(answer: str) -> str:
@@ -259,13 +254,26 @@ def accuracy_table(results: dict, policies: list[str], budgets: list[int], n: in
         "| policy | " + " | ".join(f"budget {b}" for b in budgets) + " |",
         "|---|" + "---:|" * len(budgets),
     ]
+    cell = lambda correct: f"{100 * correct / n:.1f} ({correct}/{n})" if n else "-"
     for p in dict.fromkeys(policies):
-        cells = []
-        for b in budgets:
-            correct = results[(p, None if p == "full" else b)]
-            cells.append(f"{100 * correct / n:.1f} ({correct}/{n})" if n else "-")
+        cells = [cell(results[(p, None if p == "full" else b)]) for b in budgets]
         lines.append(f"| {p} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
+
+
+def score(problem: Record, c: runner.Completion) -> dict:
+    """A problem's output row: the answer extracted from the completion, and whether it is correct."""
+    prediction, how = extract_answer(c.text)
+    return {
+        "id": problem.id,
+        "reference": problem.data[1],
+        "prediction": prediction,
+        "extracted_by": how,
+        "correct": answers_match(prediction, problem.data[1]),
+        "completion_tokens": len(c.tokens),
+        "finish_reason": c.finish_reason,
+        "text": c.text,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -278,14 +286,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--budgets", default="2048", help="comma-separated KV budgets (slots per layer)")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument(
-        "--prompt-template",
-        default=DEFAULT_PROMPT,
-        help="the user message; {question} is replaced by the problem",
+        "--prompt-template", default=DEFAULT_PROMPT, help="the user message; {question} becomes the problem"
     )
     return p
 
 
-def run(args) -> dict:
+def run(args) -> None:
     from tqdm import tqdm
 
     runner.check_args(args)
@@ -296,14 +302,8 @@ def run(args) -> dict:
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
     generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
-    template = args.prompt_template
-    plan = runner.make_plan(
-        generator,
-        problems[: args.limit],
-        args,
-        PROG,
-        prompt_of=lambda r: ("prompt", template.replace("{question}", r.data[0])),
-    )
+    as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
+    plan = runner.make_plan(generator, problems[: args.limit], args, PROG, prompt_of=as_prompt)
     skipped += plan.skipped
     n = len(plan.records)
     if not n:
@@ -314,36 +314,16 @@ def run(args) -> dict:
         PROG,
     )
 
-    results, tokens = {}, {}
+    results = {}  # (policy, budget) -> problems answered correctly
     start = time.perf_counter()
     os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "wb") as f, tqdm(total=n * len(runs), unit="problem", disable=args.quiet) as bar:
         for policy, budget in runs:
-            compression = CompressionConfig(
-                policy=policy, budget=budget or 2048, granularity=args.granularity
-            )
-            results[(policy, budget)] = tokens[(policy, budget)] = 0
-            for _, outputs in runner.generate_batches(generator, plan, args, compression):
-                rows = []
-                for problem, _, c, text in outputs:
-                    prediction, how = extract_answer(text)
-                    correct = answers_match(prediction, problem.data[1])
-                    results[(policy, budget)] += correct
-                    tokens[(policy, budget)] += len(c.tokens)
-                    rows.append(
-                        {
-                            "policy": policy,
-                            "budget": budget,
-                            "id": problem.id,
-                            "reference": problem.data[1],
-                            "prediction": prediction,
-                            "extracted_by": how,
-                            "correct": correct,
-                            "completion_tokens": len(c.tokens),
-                            "finish_reason": c.finish_reason,
-                            "text": text,
-                        }
-                    )
+            comp = CompressionConfig(policy=policy, budget=budget or 2048, granularity=args.granularity)
+            results[(policy, budget)] = 0
+            for _, outputs in runner.generate_batches(generator, plan, args, comp):
+                rows = [{"policy": policy, "budget": budget, **score(p, c)} for p, c in outputs]
+                results[(policy, budget)] += sum(row["correct"] for row in rows)
                 append_lines(f, rows)
                 bar.update(len(rows))
     seconds = time.perf_counter() - start
@@ -362,13 +342,6 @@ def run(args) -> dict:
     if args.table:
         with open(args.table, "w") as f:
             f.write(text + "\n")
-    return {
-        "problems": n,
-        "accuracy": {f"{p}@{b}" if b else p: results[(p, b)] / n for p, b in runs},
-        "completion_tokens": {f"{p}@{b}" if b else p: tokens[(p, b)] for p, b in runs},
-        "seconds": seconds,
-        "table": table,
-    }
 
 
 def main(argv=None) -> int:

@@ -160,7 +160,6 @@ def done_ids_of_all_processes(out_path: str) -> tuple[set[str], list[str]]:
 
 def append_lines(f, rows: Sequence[dict]) -> None:
     """All of a batch's rows in one write, then flush and fsync: a crash leaves whole lines only."""
-    data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
-    f.write(data)
+    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
     f.flush()
     os.fsync(f.fileno())

@@ -22,6 +22,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+
 @flax.struct.dataclass
 class LayerCache:
     k: jax.Array

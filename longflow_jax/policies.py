@@ -15,10 +15,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from .config import CompressionConfig
-from .kv_cache import LayerCache
 from pallas_kernels.contract import EMPTY_SLOT_SCORE
 from pallas_kernels.reference import evict_argmin, group_head_sum, longflow_importance
+
+from .config import CompressionConfig
+from .kv_cache import LayerCache
 
 _PROTECTED = jnp.inf
 

@@ -28,18 +28,24 @@ from .config import CompressionConfig, SamplingConfig
 from .jsonl_io import Record, Skipped, id_key
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
+def add_decoding_args(p: argparse.ArgumentParser) -> None:
+    """The flags every generating command shares: the cache layout, the kernel and the sampling."""
     p.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
     p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
-    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
-    p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the JSONL commands (longflow-batch, longflow-eval)."""
+    p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
+    p.add_argument("--max-new-tokens", type=int, default=1024)
+    add_decoding_args(p)
+    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
+    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
+    p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--chat-template-kwargs",
         type=json.loads,
@@ -91,8 +97,10 @@ def cli_main(run: Callable, parser: argparse.ArgumentParser, prog: str, argv=Non
 
 @dataclasses.dataclass(frozen=True)
 class Completion:
+    prompt_tokens: int
     tokens: list[int]  # generated ids, the EOS included when there is one
     finish_reason: str  # "stop" (an EOS id ended it) or "length" (max_new_tokens)
+    text: str  # the tokens decoded, special tokens skipped
 
 
 def finish_reason(tokens: Sequence[int], eos_token_ids: Sequence[int]) -> str:
@@ -108,12 +116,10 @@ class DataParallelGenerator:
         from .convert import load
 
         devices = jax.local_devices()
-        if num_devices is not None:
-            if not 1 <= num_devices <= len(devices):
-                raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
-            devices = devices[:num_devices]
-        self.mesh = Mesh(np.asarray(devices), ("data",))
-        self.batch_sharding = NamedSharding(self.mesh, P("data"))
+        num_devices = len(devices) if num_devices is None else num_devices
+        if not 1 <= num_devices <= len(devices):
+            raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
+        self.mesh = Mesh(np.asarray(devices[:num_devices]), ("data",))
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         config, self.params = load(ckpt_dir, dtype=dtype, sharding=NamedSharding(self.mesh, P()))
         # Chat models end a turn with the tokenizer's eos (e.g. <|im_end|>), which config.json may lack.
@@ -127,51 +133,26 @@ class DataParallelGenerator:
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
-    def _compiled(self, max_new_tokens, compression, sampling, attention_impl):
-        """One jitted shard_map of generate() per setting (jit caches an executable per batch shape)."""
+    def _compiled(self, **options):
+        """One jitted shard_map of generate(**options) per option set; jit caches one per batch shape."""
         from .generate import generate
 
-        setting = (max_new_tokens, compression, sampling, attention_impl)
+        setting = tuple(sorted(options.items()))
         if setting not in self._runs:
 
             def per_device(params, ids, lengths, key):
                 key = jax.random.fold_in(key, jax.lax.axis_index("data"))  # independent draws per device
-                return generate(
-                    params,
-                    self.config,
-                    ids,
-                    lengths,
-                    max_new_tokens=max_new_tokens,
-                    compression=compression,
-                    sampling=sampling,
-                    attention_impl=attention_impl,
-                    seed=key,
-                )
+                return generate(params, self.config, ids, lengths, seed=key, **options)
 
-            self._runs[setting] = jax.jit(
-                jax.shard_map(
-                    per_device,
-                    mesh=self.mesh,
-                    in_specs=(P(), P("data"), P("data"), P()),
-                    out_specs=P("data"),
-                    check_vma=False,
-                )
-            )
+            specs = dict(in_specs=(P(), P("data"), P("data"), P()), out_specs=P("data"))
+            self._runs[setting] = jax.jit(jax.shard_map(per_device, mesh=self.mesh, check_vma=False, **specs))
         return self._runs[setting]
 
     def generate(
-        self,
-        prompts: Sequence[Sequence[int]],
-        prompt_len: int,
-        rows: int,
-        *,
-        max_new_tokens: int,
-        compression: CompressionConfig,
-        sampling: SamplingConfig,
-        attention_impl: str = "reference",
-        seed: int = 0,
+        self, prompts: Sequence[Sequence[int]], prompt_len: int, rows: int, *, seed: int = 0, **options
     ) -> list[Completion]:
-        """Generate for len(prompts) <= rows token lists, padded to [rows, prompt_len]."""
+        """Generate for len(prompts) <= rows token lists, padded to [rows, prompt_len]. options:
+        generate()'s max_new_tokens, compression, sampling and attention_impl, all required."""
         from .generate import check_generate_inputs
 
         if not 1 <= len(prompts) <= rows or rows % self.num_devices:
@@ -182,22 +163,16 @@ class DataParallelGenerator:
             ids[r, : len(p)] = p
         lengths = np.asarray([len(p) for p in padded], np.int32)
         # The value checks generate() skips under shard_map, where it sees tracers.
-        check_generate_inputs(
-            self.config, ids, lengths, max_new_tokens, compression, sampling, attention_impl
-        )
-        run = self._compiled(max_new_tokens, compression, sampling, attention_impl)
-        out = run(
-            self.params,
-            jax.device_put(ids, self.batch_sharding),
-            jax.device_put(lengths, self.batch_sharding),
-            jax.random.PRNGKey(seed),
-        )
+        check_generate_inputs(self.config, ids, lengths, **options)
+        ids, lengths = jax.device_put((ids, lengths), NamedSharding(self.mesh, P("data")))
+        out = self._compiled(**options)(self.params, ids, lengths, jax.random.PRNGKey(seed))
         tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
-        done = []
-        for r in range(len(prompts)):
-            row = tokens[r, : counts[r]].tolist()
-            done.append(Completion(row, finish_reason(row, self.config.eos_token_ids)))
-        return done
+        eos, decode = self.config.eos_token_ids, self.tokenizer.decode
+        generated = [tokens[r, : counts[r]].tolist() for r in range(len(prompts))]
+        return [
+            Completion(len(p), new, finish_reason(new, eos), decode(new, skip_special_tokens=True))
+            for p, new in zip(prompts, generated)
+        ]
 
 
 def encode(tokenizer, kind: str, content, chat_template: bool, template_kwargs: dict) -> list[int]:
@@ -214,49 +189,6 @@ def encode(tokenizer, kind: str, content, chat_template: bool, template_kwargs: 
     return list(tokenizer(text, add_special_tokens=False)["input_ids"])
 
 
-def encode_records(tokenizer, records, chat_template, template_kwargs, max_prompt_len, prompt_of=None):
-    """Returns (records kept, their token ids, skipped: template errors, empty and too-long prompts).
-
-    prompt_of(record) -> ("prompt", text) or ("messages", list); default: the record's data.
-    """
-    prompt_of = prompt_of or (lambda r: r.data)
-    needs_template = any(chat_template or prompt_of(r)[0] == "messages" for r in records)
-    if needs_template and not tokenizer.chat_template:
-        raise ValueError(
-            "the checkpoint's tokenizer has no chat template: 'messages' records cannot be formatted "
-            "(pass --no-chat-template to feed plain 'prompt' records raw)"
-        )
-    kept, ids, skipped = [], [], []
-    for r in records:
-        try:
-            tokens = encode(tokenizer, *prompt_of(r), chat_template, template_kwargs)
-        except Exception as e:  # a template that raises on this record's messages (jinja errors vary)
-            skipped.append(Skipped(r.line, r.id, f"chat template failed: {e}"))
-            continue
-        if not tokens:
-            skipped.append(Skipped(r.line, r.id, "the prompt is empty (0 tokens)"))
-        elif len(tokens) > max_prompt_len:
-            reason = (
-                f"prompt of {len(tokens)} tokens is longer than the model allows with this "
-                f"max_new_tokens ({max_prompt_len} = max_position_embeddings - max_new_tokens)"
-            )
-            skipped.append(Skipped(r.line, r.id, reason))
-        else:
-            kept.append(r)
-            ids.append(tokens)
-    return kept, ids, skipped
-
-
-def max_prompt_len(config, max_new_tokens: int) -> int:
-    limit = config.max_position_embeddings - max_new_tokens
-    if limit < 1:
-        raise ValueError(
-            f"--max-new-tokens {max_new_tokens} leaves no room for a prompt: the model's "
-            f"max_position_embeddings is {config.max_position_embeddings}"
-        )
-    return limit
-
-
 @dataclasses.dataclass(frozen=True)
 class Plan:
     records: list[Record]  # those to generate for
@@ -268,15 +200,46 @@ class Plan:
 def make_plan(
     generator: DataParallelGenerator, records: list[Record], args, prog: str, prompt_of=None
 ) -> Plan:
-    """Tokenise records (reporting the ones dropped, failing on them with --strict) and bucket them."""
-    limit = max_prompt_len(generator.config, args.max_new_tokens)
-    records, prompts, skipped = encode_records(
-        generator.tokenizer, records, not args.no_chat_template, args.chat_template_kwargs, limit, prompt_of
-    )
+    """Tokenise records and bucket them. A failing chat template, an empty prompt or one longer than
+    the model allows drops the record, reported (and fatal with --strict).
+
+    prompt_of(record) -> ("prompt", text) or ("messages", list); default: the record's data.
+    """
+    prompt_of = prompt_of or (lambda r: r.data)
+    tokenizer, chat_template = generator.tokenizer, not args.no_chat_template
+    limit = generator.config.max_position_embeddings - args.max_new_tokens
+    if limit < 1:
+        raise ValueError(
+            f"--max-new-tokens {args.max_new_tokens} leaves no room for a prompt: the model's "
+            f"max_position_embeddings is {generator.config.max_position_embeddings}"
+        )
+    if not tokenizer.chat_template and any(chat_template or prompt_of(r)[0] == "messages" for r in records):
+        raise ValueError(
+            "the checkpoint's tokenizer has no chat template: 'messages' records cannot be formatted "
+            "(pass --no-chat-template to feed plain 'prompt' records raw)"
+        )
+    kept, prompts, skipped = [], [], []
+    for r in records:
+        try:
+            tokens = encode(tokenizer, *prompt_of(r), chat_template, args.chat_template_kwargs)
+        except Exception as e:  # a template that raises on this record's messages (jinja errors vary)
+            skipped.append(Skipped(r.line, r.id, f"chat template failed: {e}"))
+            continue
+        if not tokens:
+            skipped.append(Skipped(r.line, r.id, "the prompt is empty (0 tokens)"))
+        elif len(tokens) > limit:
+            reason = (
+                f"prompt of {len(tokens)} tokens is longer than the model allows with this "
+                f"max_new_tokens ({limit} = max_position_embeddings - max_new_tokens)"
+            )
+            skipped.append(Skipped(r.line, r.id, reason))
+        else:
+            kept.append(r)
+            prompts.append(tokens)
     handle_skipped(skipped, args.input, args.strict, prog)
     n = generator.num_devices
     batches = plan_batches([len(p) for p in prompts], round_up(args.batch_size, n), n, limit)
-    return Plan(records, prompts, batches, skipped)
+    return Plan(kept, prompts, batches, skipped)
 
 
 def batch_seed(seed: int, first_id) -> int:
@@ -286,9 +249,9 @@ def batch_seed(seed: int, first_id) -> int:
 
 def generate_batches(
     generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig
-) -> Iterator[tuple[float, list[tuple[Record, int, Completion, str]]]]:
-    """Generate plan's batches in order with the shared options in args. Yields (seconds, [(record, prompt
-    tokens, completion, text)]) per batch; seconds is its wall time, compile included on a new shape."""
+) -> Iterator[tuple[float, list[tuple[Record, Completion]]]]:
+    """Generate plan's batches in order with the shared options in args. Yields (seconds, [(record,
+    completion)]) per batch; seconds is its wall time, compile included on a new shape."""
     for b in plan.batches:
         start = time.perf_counter()
         completions = generator.generate(
@@ -301,9 +264,4 @@ def generate_batches(
             attention_impl=args.attention_impl,
             seed=batch_seed(args.seed, plan.records[b.indices[0]].id),
         )
-        seconds = time.perf_counter() - start
-        text = lambda c: generator.tokenizer.decode(c.tokens, skip_special_tokens=True)
-        outputs = [
-            (plan.records[i], len(plan.prompts[i]), c, text(c)) for i, c in zip(b.indices, completions)
-        ]
-        yield seconds, outputs
+        yield time.perf_counter() - start, [(plan.records[i], c) for i, c in zip(b.indices, completions)]

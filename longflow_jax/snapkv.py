@@ -60,11 +60,10 @@ def prefill_keep_positions(q, k, lengths, capacity: int, window: int, pool: int,
     if seq <= keep_len:
         return plain
     window = min(window, keep_len)
-    num_top = keep_len - window
     pooled = avg_pool_same(observation_scores(q, k, lengths, window, groups), pool)
     earlier = jnp.arange(seq)[None, None, :] < (lengths - window)[:, None, None]
     pooled = jnp.where(earlier, pooled, -jnp.inf)
-    _, top = jax.lax.top_k(pooled, num_top)  # ties: lower index first
+    _, top = jax.lax.top_k(pooled, keep_len - window)  # ties: lower index first
     top = jnp.sort(top, axis=-1).astype(jnp.int32)
     win = (lengths[:, None] - window + jnp.arange(window)[None, :]).astype(jnp.int32)
     snap = jnp.concatenate([top, jnp.broadcast_to(win[:, None, :], (batch, groups, window))], axis=-1)

@@ -57,7 +57,7 @@ def make_tiny_hf_checkpoint(
     from safetensors.numpy import save_file
 
     from .config import ModelConfig
-    from .convert import _hf_name_for, hf_name_to_param
+    from .convert import hf_name_for
     from .model import param_shapes
 
     if model_type not in FAMILIES:
@@ -72,9 +72,8 @@ def make_tiny_hf_checkpoint(
     rng, std = np.random.default_rng(seed), kwargs["initializer_range"]
     tensors = {}
     for path, sd in jax.tree_util.tree_flatten_with_path(param_shapes(config))[0]:
-        name = _hf_name_for(path)
-        shape = sd.shape[::-1] if hf_name_to_param(name, config)[1] else sd.shape
-        weights = std * rng.standard_normal(shape)
+        name, transpose = hf_name_for(path)
+        weights = std * rng.standard_normal(sd.shape[::-1] if transpose else sd.shape)
         tensors[name] = (weights + 1.0 if name.endswith("norm.weight") else weights).astype(np.float32)
 
     split = split_state_dict_into_shards_factory(

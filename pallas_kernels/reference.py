@@ -106,10 +106,6 @@ def evict_argmin_of_chunks(chunk_min, chunk_slot):
     return slot
 
 
-
-
-
-
 def longflow_decode_attention_reference(q, k, v, kv_valid, *, scale, granularity="sequence"):
     """The kernel contract in plain jnp.
 
