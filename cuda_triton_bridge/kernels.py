@@ -370,7 +370,7 @@ def decode_fused_kernel(
     t_ptr,  # [B, HQ, C] f32 (when EVICT)
     imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when EVICT and NG < HKV)
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [B * HKV + B (or more)] i32, zero at launch and left zero: split tickets, then KV-head tickets
+    count_ptr,  # [B * HKV + B (or more)] i32, zero at launch and at exit: split, then KV-head tickets
     B: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -663,7 +663,7 @@ def decode_coop_kernel(
     part_val_ptr,  # [NBAR, NSH] f32 share minima (when EVICT)
     part_idx_ptr,  # [NBAR, NSH] i32 their slots
     evict_ptr,  # [B, NG] i32
-    count_ptr,  # [2 * NBAR (or more)] i32, zero at launch and left zero: barrier arrivals, then finish tickets
+    count_ptr,  # [2 * NBAR (or more)] i32, zero at launch and at exit: arrivals, then finish tickets
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,

@@ -24,13 +24,13 @@ import numpy as np
 import pytest
 from helpers import bounded_mask
 
+from pallas_kernels import longflow_decode_attention as _kernel
 from pallas_kernels.reference import (
     decode_attention_probs,
     evict_argmin_of_chunks,
     longflow_decode_attention_reference,
     longflow_importance,
 )
-from pallas_kernels import longflow_decode_attention as _kernel
 
 ON_CPU = jax.devices()[0].platform == "cpu"
 # Interpret-mode kernels are large XLA programs; on CPU a low backend optimisation level halves their
@@ -763,8 +763,9 @@ def test_triton_epilogue_kernel_compiles_for_sm90_without_spills(tmp_path, monke
     """The GPU epilogue (split merge + chunk scoring) at the benchmark's largest tile: no spills."""
     pytest.importorskip("triton")
     monkeypatch.setenv("TRITON_CACHE_DIR", str(tmp_path / "triton-cache"))
-    from pallas_kernels.decode_attention import COMBINE_NUM_WARPS
     from offline_compile import compile_report, triton_ir
+
+    from pallas_kernels.decode_attention import COMBINE_NUM_WARPS
 
     ir_text = triton_ir(**QWEN3_8B, num_splits=4, granularity=granularity, kernel="combine")
     report = compile_report(ir_text, num_warps=COMBINE_NUM_WARPS, num_stages=1)
