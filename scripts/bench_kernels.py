@@ -1,31 +1,22 @@
-"""Benchmark the fused LongFlow decode kernels on a GPU (correctness first, then median latency).
+"""Benchmark the fused LongFlow decode kernels on a GPU: correctness first, then median time per call.
 
-Columns, for B in {1, 16, 64}, C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, a full buffer (all slots valid,
-the steady state of LongFlow decoding):
-  xla_attn        plain decode attention through XLA (jnp einsums + softmax, jitted, no scoring)
+Columns, at B in {1, 16, 64} x C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, every slot valid:
+  xla_attn        plain decode attention through XLA (no scoring)
   xla_longflow    the jnp reference (attention + importance + argmin through XLA)
   pallas          pallas_kernels.longflow_decode_attention (attention + importance + evict slot)
-  pallas_noevict  the same kernel with compute_evict=False (attention only: the eviction overhead is the
-                  difference)
-  triton          cuda_triton_bridge.longflow_decode_attention_triton as generate calls it: one
-                  kernel_state threaded from call to call; omitted where triton, jax_triton or a CUDA
-                  device is missing
-  triton_noevict  the same with compute_evict=False
-Every column is also reported as a share of the bandwidth ceiling, measured in the same run (in a child
-process): the best of a Triton kernel streaming a 4 GiB buffer (bytes read) and torch's device-to-device
-copy_ (bytes read + written), whichever run here; a jnp copy, which under-measures, only where neither does.
+  triton          cuda_triton_bridge.longflow_decode_attention_triton, one kernel_state threaded through
+                  its calls as generate does; omitted where triton, jax_triton or a CUDA device is missing
+  *_noevict       the same kernel with compute_evict=False: the eviction overhead is the difference
+Every column is also a share of the bandwidth ceiling, measured in a child process: the best of a Triton
+kernel reading a --copy-mb buffer and torch's device-to-device copy_; a jnp copy, which under-measures,
+only where neither runs.
 
-Method: every column is first checked against the jnp reference on the same inputs (out by relative
-L2 error; evict slot exactly, or within 1e-5 of the minimum importance for bf16 near-ties). Timing jits
-one program that makes a chain of at least 32 calls (each call's q is the previous call's output, so
-XLA can neither merge nor overlap calls), rotating K/V over several input sets (distinct buffers,
-together well over the 50 MB L2, so no call finds its K/V in cache), and runs that chain --loops times
-inside a lax.fori_loop, as a decode loop runs its step (the loop body's buffers stay the same, where each
-program execution gets new output buffers). The per-call time is the median over repetitions of the
-program's wall time (after jax.block_until_ready) divided by its calls: latency. With --queued Q each
-repetition queues Q executions before one sync: throughput, the GPU's time per call when the host keeps
-ahead. With --interleave the repetitions of one size go round-robin over the columns, so the machine's
-drift hits all columns alike. Achieved bandwidth = bytes of K + V read / time.
+Method: every column is first checked against the jnp reference. One jitted program chains >= 32 calls,
+each call's q the previous call's output (so XLA can neither merge nor overlap them), K/V rotating over
+input sets far larger than the L2, and runs the chain --loops times in a lax.fori_loop, as a decode loop
+runs its step. Time per call = median over --reps of the program's wall time / its calls (latency);
+--queued Q queues Q executions per host sync (throughput); --interleave takes the columns' repetitions
+round-robin, so the machine's drift hits all alike. docs/BENCHMARKS.md says more.
 
   python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
 """
@@ -48,60 +39,37 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import longflow_decode_attention
-from pallas_kernels.reference import (
-    decode_attention_probs,
-    longflow_decode_attention_reference,
-    longflow_importance,
-)
+from pallas_kernels import longflow_decode_attention, reference
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
 SIZES = [(b, c) for b in (1, 16, 64) for c in (2048, 8192)]
 COLUMNS = ("xla_attn", "xla_longflow", "pallas", "pallas_noevict", "triton", "triton_noevict")
-L2_BYTES = 50e6
-ROTATE_BYTES = 8 * L2_BYTES  # input sets per size span at least this many bytes
-MAX_SETS = 32
-MIN_CALLS_PER_PROGRAM = 32
+ROTATE_BYTES = 8 * 50e6  # the input sets of a size span at least 8x a 50 MB L2
+MAX_SETS, MIN_CALLS_PER_PROGRAM = 32, 32
 
 
 def xla_attention(q, k, v, kv_valid, *, scale):
     """Plain decode attention over the slot buffer through XLA: no scoring."""
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    qg = q.reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    qg = q.reshape(batch, k.shape[1], num_q_heads // k.shape[1], head_dim)
     s = jnp.einsum("bkgd,bkcd->bkgc", qg, k, preferred_element_type=jnp.float32) * scale
-    s = jnp.where(kv_valid[:, None, None, :], s, -jnp.inf)
-    p = jax.nn.softmax(s, axis=-1)
+    p = jax.nn.softmax(jnp.where(kv_valid[:, None, None, :], s, -jnp.inf), axis=-1)
     out = jnp.einsum("bkgc,bkcd->bkgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype), None
 
 
 @dataclasses.dataclass(frozen=True)
 class StatefulColumn:
-    """A column whose calls thread a state, as a decode loop threads the Triton kernel's per-layer
-    kernel_state: call(q, k, v, kv_valid, state) -> (out, evict, state), the first state
-    init_state(q, k). Called with the four inputs alone it makes one call from a fresh state (what
-    check_column runs); `chain_program` threads the state from call to call."""
+    """A column that threads a state, as a decode loop threads the Triton kernel's kernel_state:
+    call(q, k, v, kv_valid, kernel_state=state) -> (out, evict, state), the first state
+    init_state(q, k). Called with the four inputs alone it makes one call from a fresh state."""
 
     call: object
     init_state: object
 
     def __call__(self, q, k, v, kv_valid):
-        out, evict, _ = self.call(q, k, v, kv_valid, self.init_state(q, k))
+        out, evict, _ = self.call(q, k, v, kv_valid, kernel_state=self.init_state(q, k))
         return out, evict
-
-
-def triton_columns(entry, init_kernel_state, scale, granularity="sequence"):
-    """The Triton columns, each threading one kernel_state through its calls as generate does."""
-
-    def column(compute_evict):
-        kwargs = dict(scale=scale, granularity=granularity, compute_evict=compute_evict)
-        return StatefulColumn(
-            call=lambda q, k, v, kv_valid, state: entry(q, k, v, kv_valid, kernel_state=state, **kwargs),
-            init_state=lambda q, k: init_kernel_state(q.shape[0], k.shape[1]),
-        )
-
-    return {"triton": column(True), "triton_noevict": column(False)}
 
 
 def load_triton_bridge():
@@ -117,23 +85,24 @@ def load_triton_bridge():
 
 def columns(scale, triton=None, granularity="sequence"):
     """{name: fn(q, k, v, kv_valid) -> (out, evict)}; triton: load_triton_bridge()'s pair, or None."""
-    pallas = functools.partial(longflow_decode_attention, scale=scale, granularity=granularity)
+    kw = dict(scale=scale, granularity=granularity)
     cols = {
         "xla_attn": functools.partial(xla_attention, scale=scale),
-        "xla_longflow": functools.partial(
-            longflow_decode_attention_reference, scale=scale, granularity=granularity
-        ),
-        "pallas": pallas,
-        "pallas_noevict": functools.partial(pallas, compute_evict=False),
+        "xla_longflow": functools.partial(reference.longflow_decode_attention_reference, **kw),
+        "pallas": functools.partial(longflow_decode_attention, **kw),
+        "pallas_noevict": functools.partial(longflow_decode_attention, compute_evict=False, **kw),
     }
     if triton is not None:
-        cols.update(triton_columns(*triton, scale, granularity))
+        entry, init_kernel_state = triton
+        init_state = lambda q, k: init_kernel_state(q.shape[0], k.shape[1])
+        for name, evict in (("triton", True), ("triton_noevict", False)):
+            call = functools.partial(entry, compute_evict=evict, **kw)
+            cols[name] = StatefulColumn(call, init_state)
     return cols
 
 
 def make_sets(batch, slots, n_sets, seed=0):
-    sets = []
-    key = jax.random.PRNGKey(seed)
+    sets, key = [], jax.random.PRNGKey(seed)
     for _ in range(n_sets):
         key, kq, kk, kv = jax.random.split(key, 4)
         q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.float32).astype(DTYPE)
@@ -147,17 +116,10 @@ def kv_bytes(batch, slots):
     return 2 * batch * NUM_KV_HEADS * slots * HEAD_DIM * jnp.dtype(DTYPE).itemsize
 
 
-def n_sets_for(batch, slots):
-    return int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots)))))
-
-
 def check_column(name, fn, inputs, scale, granularity="sequence"):
     """Raise if the column disagrees with the reference on these inputs; return a short summary."""
-    q, k, v, kv_valid = inputs
     out, evict = jax.jit(fn)(*inputs)
-    ref_out, ref_evict = jax.jit(
-        functools.partial(longflow_decode_attention_reference, scale=scale, granularity=granularity)
-    )(*inputs)
+    ref_out, ref_evict = jax.jit(columns(scale, granularity=granularity)["xla_longflow"])(*inputs)
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
     rel = float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
     if not np.all(np.isfinite(out32)) or rel > 2e-2:
@@ -171,8 +133,8 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
     evict, ref_evict = np.asarray(evict), np.asarray(ref_evict)
     if np.array_equal(evict, ref_evict):
         return f"out rel {rel:.1e}, evict equal"
-    _, probs = decode_attention_probs(q, k, v, kv_valid, scale)
-    imp = np.asarray(longflow_importance(probs, v, kv_valid, granularity))
+    _, probs = reference.decode_attention_probs(*inputs, scale)
+    imp = np.asarray(reference.longflow_importance(probs, inputs[2], inputs[3], granularity))
     chosen = np.take_along_axis(imp, evict.reshape(imp.shape[:2])[..., None], -1)[..., 0]
     gap = float(np.max((chosen - imp.min(-1)) / np.abs(imp.min(-1))))
     if gap > 1e-5:
@@ -181,29 +143,19 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
 
 
 def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
-    """(jitted program, calls per run): >= min_calls calls of fn chained through q, K/V rotating, run
-    `loops` times. Run it as program(q0, sets).
-
-    The calls form a chain: each call's query is the previous call's output (same shape and dtype, so no
-    extra op), as in a decode step where layer l+1 waits for layer l. XLA then cannot merge or overlap
-    two calls that share K/V (independent calls would let it read one K/V for several calls). K/V rotate
-    over the input sets (> 8x L2 together), so no call finds its K/V in cache. A StatefulColumn's state
-    is made once per program and threaded through every call.
-
-    loops > 1 runs the chain as the body of a `lax.fori_loop`, as a decode loop runs its step. The
-    outputs are the last iteration's; every iteration's evicts go into the carry, so no call is dead code.
-    """
+    """(jitted program, calls per run), run as program(q0, sets): max(min_calls, len(sets)) calls of fn,
+    each call's q the previous call's output (as layer l+1 waits for layer l), K/V rotating over the sets,
+    a StatefulColumn's state made once and threaded through. loops > 1 runs the chain as the body of a
+    lax.fori_loop; every iteration's evicts go into the carry, so no call is dead code, and the outputs
+    are the last iteration's."""
     n_calls = max(min_calls, len(sets))
     stateful = isinstance(fn, StatefulColumn)
+    step = fn.call if stateful else lambda q, k, v, valid, kernel_state: (*fn(q, k, v, valid), kernel_state)
 
     def chain(q, state, sets):
         evicts = []
         for i in range(n_calls):
-            k, v, kv_valid = sets[i % len(sets)][1:]
-            if stateful:
-                q, evict, state = fn.call(q, k, v, kv_valid, state)
-            else:
-                q, evict = fn(q, k, v, kv_valid)
+            q, evict, state = step(q, *sets[i % len(sets)][1:], kernel_state=state)
             evicts.append(evict)
         return q, state, evicts
 
@@ -222,12 +174,10 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
 
 def time_interleaved(runs, reps, queued=0):
     """{name: (median, (min, max)) seconds per call} for runs = {name: (run, calls per run)}, after two
-    warm-ups each. The repetitions go round-robin over the runs, so a slow drift of the machine (clocks,
-    a neighbour's load) falls on each alike. queued=0 (latency): one run() per host sync; queued=Q
-    (throughput): Q runs queued back to back per sync, so the host's launches overlap the GPU's work."""
+    warm-ups each, the repetitions round-robin over the runs. queued=0: one run() per host sync
+    (latency); queued=Q: Q runs queued per sync, so the host's launches overlap the GPU's work."""
     for run, _ in runs.values():
-        jax.block_until_ready(run())
-        jax.block_until_ready(run())
+        jax.block_until_ready([run(), run()])
     per_rep = max(queued, 1)
     times = {name: [] for name in runs}
     for _ in range(reps):
@@ -250,15 +200,14 @@ class Ceiling:
 
     @property
     def note(self):
-        if self.method == "jnp copy":  # XLA's copy streams well below a kernel (3.2 vs 4.4 TB/s, H200)
+        if self.method == "jnp copy":  # XLA's copy streams well below a kernel
             return "a jnp copy: neither Triton nor torch with CUDA runs here, so it under-measures"
         return self.method
 
 
 def _seconds_per_launch(launch, sync, reps=5, per_sync=16):
-    """Median seconds per launch() over `reps` batches of per_sync launches and one host sync (after a
-    warm-up): the host queues ahead, so neither launch nor sync latency counts. Only the last result is
-    kept, so at most two output buffers live at once."""
+    """Median seconds per launch() over batches of per_sync launches and one host sync (after a warm-up),
+    so neither launch nor sync latency counts; at most two output buffers live at once."""
     sync(launch())
     times = []
     for _ in range(reps):
@@ -271,9 +220,8 @@ def _seconds_per_launch(launch, sync, reps=5, per_sync=16):
 
 
 def triton_read_bandwidth(nbytes, block=4096, iters=8, num_warps=8):
-    """Bytes read per second by a Triton kernel (through jax_triton) that sums the buffer, each program
-    `iters` pipelined blocks of `block` int32 elements. A read, not a copy: decode attention reads far
-    more than it writes, and a copy's reads and writes share the memory bus (3.9 TB/s vs 4.4, H200)."""
+    """Bytes read per second by a Triton kernel that sums the buffer. A read, not a copy: decode
+    attention reads far more than it writes, and a copy's reads and writes share the memory bus."""
     import jax_triton as jt
     import triton
     import triton.language as tl
@@ -310,16 +258,6 @@ def jnp_copy_bandwidth(nbytes):
     return 2 * x.nbytes / _seconds_per_launch(lambda: neg(x), jax.block_until_ready)
 
 
-def can_run_triton():
-    try:
-        import jax_triton  # noqa: F401
-        import triton  # noqa: F401
-
-        return len(jax.devices("cuda")) > 0
-    except Exception:  # not installed, built against another jaxlib, or no CUDA backend
-        return False
-
-
 def can_run_torch_cuda():
     try:
         import torch
@@ -332,9 +270,7 @@ def can_run_torch_cuda():
 def ceiling_measurers(triton_ok, torch_cuda_ok):
     """{method: measure(nbytes) -> bytes/s}: the kernels that run here; the jnp copy only when none
     does (it streams slower than the kernels it would bound)."""
-    found = {}
-    if triton_ok:
-        found["triton read kernel"] = triton_read_bandwidth
+    found = {"triton read kernel": triton_read_bandwidth} if triton_ok else {}
     if torch_cuda_ok:
         found["torch copy_"] = torch_copy_bandwidth
     return found or {"jnp copy": jnp_copy_bandwidth}
@@ -356,9 +292,8 @@ def measure_ceiling(measurers, nbytes, log=print):
 
 
 def ceiling_in_child(nbytes, log=print):
-    """measure_ceiling in a child process (this script with --ceiling-only), so that neither torch nor
-    the ceiling kernels share the process that times the columns: torch loaded there slowed the B = 1
-    columns by about 10% on an H200."""
+    """measure_ceiling in a child process (this script with --ceiling-only): torch or the ceiling
+    kernels loaded in the process that times the columns slow the B = 1 columns (about 10%, H200)."""
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = dict(os.environ, XLA_PYTHON_CLIENT_PREALLOCATE="false")  # the parent may hold the memory pool
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
@@ -370,9 +305,6 @@ def ceiling_in_child(nbytes, log=print):
     for line in lines:
         log(line)
     return Ceiling(**json.loads(result))
-
-
-# ---- The run ----
 
 
 def format_table(header, ceiling, rows, names):
@@ -389,21 +321,41 @@ def format_table(header, ceiling, rows, names):
     ]
     for r in rows:
         nbytes = kv_bytes(r["batch"], r["slots"])
-        cells = []
-        for n in names:
-            if (t := r.get(n)) is None:
-                cells.append("n/a")
-                continue
-            bw = nbytes / t
-            cells.append(f"{t * 1e6:.1f} ({bw / 1e12:.2f}, {100 * bw / ceiling.bytes_per_s:.0f}%)")
-        overheads = []
+        cells = [
+            "n/a" if (t := r.get(n)) is None
+            else f"{t * 1e6:.1f} ({nbytes / t / 1e12:.2f}, {100 * nbytes / t / ceiling.bytes_per_s:.0f}%)"
+            for n in names
+        ]  # fmt: skip
         for kernel in ("pallas", "triton"):
             t, base = r.get(kernel), r.get(kernel + "_noevict")
-            overheads.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
-        floor_us = nbytes / ceiling.bytes_per_s * 1e6
-        sizes = f"| {r['batch']} | {r['slots']} | {nbytes / 1e6:.0f} | {floor_us:.1f} | "
-        lines.append(sizes + " | ".join(cells + overheads) + " |")
+            cells.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
+        sizes = [r["batch"], r["slots"], f"{nbytes / 1e6:.0f}", f"{nbytes / ceiling.bytes_per_s * 1e6:.1f}"]
+        lines.append("| " + " | ".join(map(str, sizes + cells)) + " |")
     return "\n".join(lines)
+
+
+def time_size(batch, slots, cols, args, scale, ceiling, log):
+    """{batch, slots, column: median seconds per call} for the columns that pass their check."""
+    nbytes = kv_bytes(batch, slots)
+    sets = make_sets(batch, slots, int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / nbytes)))))
+    row, summaries, runs = dict(batch=batch, slots=slots), {}, {}
+    for name, fn in cols.items():
+        try:  # a column that fails its check or compile is reported and never timed
+            summaries[name] = check_column(name, fn, sets[0], scale)
+            program, n_calls = chain_program(fn, sets, loops=args.loops)
+            runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
+            jax.block_until_ready(runs[name][0]())  # compiles here, so a failure is this column's
+        except Exception as e:  # one broken column must not hide the rest
+            log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
+    for group in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
+        for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
+            row[name] = t
+            log(
+                f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
+                f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s "
+                f"{100 * nbytes / t / ceiling.bytes_per_s:4.0f}% of ceiling  [{summaries[name]}]"
+            )
+    return row  # this size's buffers go on return, before the next size's
 
 
 def main(argv=None):
@@ -419,12 +371,10 @@ def main(argv=None):
     parser.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)  # ceiling_in_child
     args = parser.parse_args(argv)
     if args.ceiling_only:
-        measurers = ceiling_measurers(can_run_triton(), can_run_torch_cuda())
-        ceiling = measure_ceiling(measurers, args.copy_mb << 20)
-        print(json.dumps(dataclasses.asdict(ceiling)))
+        measurers = ceiling_measurers(load_triton_bridge()[0] is not None, can_run_torch_cuda())
+        print(json.dumps(dataclasses.asdict(measure_ceiling(measurers, args.copy_mb << 20))))
         return
-    start = time.time()
-    log = functools.partial(print, flush=True)
+    start, log = time.time(), functools.partial(print, flush=True)
     dev = jax.devices()[0]
     if dev.platform != "gpu":
         log(f"warning: running on {dev.platform}, not a GPU: the numbers mean nothing")
@@ -448,32 +398,8 @@ def main(argv=None):
     ceiling = ceiling_in_child(args.copy_mb << 20, log)
     log(f"bandwidth ceiling: {ceiling.bytes_per_s / 1e12:.2f} TB/s ({ceiling.note})")
 
-    rows = []
-    for batch, slots in [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]:
-        sets = make_sets(batch, slots, n_sets_for(batch, slots))
-        nbytes = kv_bytes(batch, slots)
-        row = dict(batch=batch, slots=slots)
-        summaries, runs = {}, {}
-        for name, fn in cols.items():
-            try:  # a column that fails its check or compile is reported and never timed
-                summaries[name] = check_column(name, fn, sets[0], scale)
-                program, n_calls = chain_program(fn, sets, loops=args.loops)
-                runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
-                jax.block_until_ready(runs[name][0]())  # compiles here, so a failure is this column's
-            except Exception as e:  # one broken column must not hide the rest
-                log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-        groups = [runs] if args.interleave else [{n: r} for n, r in runs.items()]
-        for group in groups:
-            for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
-                row[name] = t
-                log(
-                    f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
-                    f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s "
-                    f"{100 * nbytes / t / ceiling.bytes_per_s:4.0f}% of ceiling  [{summaries[name]}]"
-                )
-        rows.append(row)
-        del sets, runs, groups  # this size's buffers go before the next size's
-
+    sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
+    rows = [time_size(batch, slots, cols, args, scale, ceiling, log) for batch, slots in sizes]
     table = format_table(header, ceiling, rows, [n for n in COLUMNS if n in cols])
     log("\n" + table)
     if args.out:

@@ -44,7 +44,8 @@ def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
     sets = [(jnp.zeros(2), jnp.full(2, 1.0), None, None)]
     # The state counts the calls; each call adds the count so far to q.
     column = bk.StatefulColumn(
-        call=lambda q, k, v, valid, n: (q + n, n, n + 1), init_state=lambda q, k: jnp.zeros((), jnp.float32)
+        call=lambda q, k, v, valid, kernel_state: (q + kernel_state, kernel_state, kernel_state + 1),
+        init_state=lambda q, k: jnp.zeros((), jnp.float32),
     )
     out, evict = column(*sets[0])  # one call from a fresh state
     assert float(evict) == 0 and np.asarray(out).tolist() == [0, 0]
@@ -123,7 +124,7 @@ def test_the_ceiling_falls_back_to_the_jnp_copy_only_without_triton_or_torch_cud
     both = bk.ceiling_measurers(triton_ok=True, torch_cuda_ok=True)
     assert list(both) == ["triton read kernel", "torch copy_"]
     assert list(bk.ceiling_measurers(triton_ok=False, torch_cuda_ok=True)) == ["torch copy_"]
-    assert not bk.can_run_triton() and not bk.can_run_torch_cuda()  # CPU: neither runs here
+    assert bk.load_triton_bridge()[0] is None and not bk.can_run_torch_cuda()  # CPU: neither runs here
 
 
 def test_the_ceiling_is_the_fastest_copy_and_skips_one_that_fails():
