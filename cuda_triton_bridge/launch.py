@@ -1,8 +1,8 @@
 """The launch plan of one decode call: grids, output buffers and constexprs of both kernels.
 
-Pure Python (no triton, no jax_triton), shared by the jax_triton launcher (decode.py) and the Triton
-interpreter runner (interpret.py), so the CPU interpreter tests exercise exactly the plumbing that runs
-on the GPU.
+Pure Python (no triton, no jax_triton), shared by the jax_triton launcher (decode.py) and the tests'
+Triton interpreter runner (tests/triton_interpret.py), so the CPU interpreter tests exercise exactly the
+plumbing that runs on the GPU.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 CPU: the package imports without triton and rejects bad inputs before touching triton; the launch
 defaults, the kernels' sm_90 / sm_75 compile (tests/offline_compile.py) and the XLA-launch lowering need
 only the triton package. Where triton and torch are installed (no GPU needed), the kernels also run in
-Triton's interpreter, through the same config and launch plan (cuda_triton_bridge/interpret.py), float32
+Triton's interpreter, through the same config and launch plan (tests/triton_interpret.py), float32
 and float16 only: the Triton 3.6 interpreter computes a bf16 tl.dot on the raw bits.
 GPU (marked `gpu`, skipped without a CUDA GPU, triton and jax-triton): random inputs, fresh per test
 (a key from the test's parameters; never zeros), against `pallas_kernels.reference` computed in float32
@@ -612,7 +612,7 @@ LAUNCH_FIELDS = {f.name for f in dataclasses.fields(LaunchConfig)}
 def _case(name, dtype, shape, valid="mixed", **kwargs):
     """An interpreter case on inputs of `shape` (B, Hq, Hkv, C, D): LaunchConfig fields among `kwargs`
     go to its "launch" dict (the separate epilogue unless it says otherwise; epilogue=None: the tuned
-    choice), the rest are call arguments (or interpret.py's "sms" and "repeat")."""
+    choice), the rest are call arguments (or triton_interpret.py's "sms" and "repeat")."""
     launch = {"epilogue": "separate", **{f: kwargs.pop(f) for f in LAUNCH_FIELDS & set(kwargs)}}
     return name, dtype, shape, valid, {"launch": launch, **kwargs}
 
@@ -698,7 +698,12 @@ def interpreted(tmp_path_factory):
     path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
     env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
     proc = subprocess.run(
-        [sys.executable, "-m", "cuda_triton_bridge.interpret", str(tmp / "cases.npz"), str(tmp / "out.npz")],
+        [
+            sys.executable,
+            os.path.join(root, "tests", "triton_interpret.py"),
+            str(tmp / "cases.npz"),
+            str(tmp / "out.npz"),
+        ],
         env=env,
         cwd=root,
         capture_output=True,

@@ -1,4 +1,4 @@
-"""Run the decode kernels in Triton's CPU interpreter (numpy), for tests on machines without a GPU.
+"""Run the Triton decode kernels in Triton's CPU interpreter (numpy): a test helper, not shipped.
 
 Same checks, config and launch plan as the jax_triton path (decode.py); only the launcher differs:
 torch CPU tensors instead of XLA buffers, and interpreted programs run one after another (so the atomic
@@ -6,7 +6,7 @@ last-program reduction is exercised, though not its concurrency). Needs triton a
 Slow (numpy per program): keep shapes small.
 
 Triton picks the interpreter when `triton` is first imported with TRITON_INTERPRET=1, so this runs in its
-own process: `TRITON_INTERPRET=1 python -m cuda_triton_bridge.interpret CASES.npz RESULTS.npz` (what
+own process: `TRITON_INTERPRET=1 python tests/triton_interpret.py CASES.npz RESULTS.npz` (what
 tests/test_triton_kernel.py does). CASES.npz holds q_i, k_i, v_i (float32 values of the rounded inputs),
 valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}} (a "launch" dict becomes a
 LaunchConfig); RESULTS.npz gets out_i (float32), evict_i and state_i (the kernel state the first call
