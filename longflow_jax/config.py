@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any
 
@@ -12,6 +14,14 @@ import jax.numpy as jnp
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
+
+
+def _is_int(value) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def _is_finite(value) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
 def dtype_from_name(name: str):
@@ -57,6 +67,14 @@ class ModelConfig:
             raise ValueError(
                 f"unsupported model_type {self.model_type!r}; supported: {SUPPORTED_MODEL_TYPES}"
             )
+        for field in _SIZE_FIELDS:
+            value = getattr(self, field)
+            if not _is_int(value) or value < 1:
+                raise ValueError(f"{field} must be a positive int, got {value!r}")
+        if not _is_finite(self.rms_norm_eps) or self.rms_norm_eps < 0:
+            raise ValueError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
+        if not _is_finite(self.rope_theta) or self.rope_theta <= 0:
+            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
@@ -77,6 +95,8 @@ class ModelConfig:
     def from_hf_dict(cls, hf: dict[str, Any], generation_config: dict[str, Any] | None = None) -> ModelConfig:
         """Map a Hugging Face config.json (transformers 4.x or 5.x field names) to a ModelConfig; anything
         this decoder does not implement raises ValueError naming the field."""
+        if not isinstance(hf, dict):
+            raise ValueError(f"config.json must hold a JSON object, got a {type(hf).__name__}")
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(
@@ -114,9 +134,20 @@ class ModelConfig:
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
             raise ValueError("unsupported option partial_rotary_factor != 1")
 
-        num_heads = int(hf["num_attention_heads"])
-        hidden = int(hf["hidden_size"])
-        head_dim = hf.get("head_dim") or hidden // num_heads
+        sizes = {field: _hf_size(hf, field) for field in _HF_REQUIRED_SIZES}
+        num_heads, hidden = sizes["num_attention_heads"], sizes["hidden_size"]
+        num_kv_heads = (
+            num_heads if hf.get("num_key_value_heads") is None else _hf_size(hf, "num_key_value_heads")
+        )
+        if hf.get("head_dim") is not None:
+            head_dim = _hf_size(hf, "head_dim")
+        elif hidden % num_heads:
+            raise ValueError(
+                f"config.json: hidden_size ({hidden}) is not a multiple of num_attention_heads "
+                f"({num_heads}) and there is no head_dim"
+            )
+        else:
+            head_dim = hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         gen = generation_config or {}
         eos = _as_id_tuple(hf.get("eos_token_id")) + _as_id_tuple(gen.get("eos_token_id"))
@@ -131,13 +162,13 @@ class ModelConfig:
             raise ValueError(f"unsupported checkpoint dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         return cls(
             model_type=model_type,
-            vocab_size=int(hf["vocab_size"]),
+            vocab_size=sizes["vocab_size"],
             hidden_size=hidden,
-            intermediate_size=int(hf["intermediate_size"]),
-            num_layers=int(hf["num_hidden_layers"]),
+            intermediate_size=sizes["intermediate_size"],
+            num_layers=sizes["num_hidden_layers"],
             num_heads=num_heads,
-            num_kv_heads=int(hf.get("num_key_value_heads") or num_heads),
-            head_dim=int(head_dim),
+            num_kv_heads=num_kv_heads,
+            head_dim=head_dim,
             rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
             rope_theta=float(rope_theta),
             max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
@@ -157,13 +188,37 @@ class ModelConfig:
         config_path = os.path.join(path, "config.json")
         if not os.path.isfile(config_path):
             raise ValueError(f"no config.json in {path!r}")
-        with open(config_path) as f:
-            hf = json.load(f)
+        hf = _read_json(config_path)
         gen_path = os.path.join(path, "generation_config.json")
-        if not os.path.isfile(gen_path):
-            return cls.from_hf_dict(hf)
-        with open(gen_path) as f:
-            return cls.from_hf_dict(hf, json.load(f))
+        gen = _read_json(gen_path) if os.path.isfile(gen_path) else None
+        if gen is not None and not isinstance(gen, dict):
+            raise ValueError(f"{gen_path} must hold a JSON object, got a {type(gen).__name__}")
+        return cls.from_hf_dict(hf, gen)
+
+
+# ModelConfig's size fields, and the config.json fields with no default; all must be positive ints.
+_SIZE_FIELDS = (
+    "vocab_size hidden_size intermediate_size num_layers num_heads num_kv_heads head_dim "
+    "max_position_embeddings"
+).split()
+_HF_REQUIRED_SIZES = "vocab_size hidden_size intermediate_size num_hidden_layers num_attention_heads".split()
+
+
+def _hf_size(hf: dict, field: str) -> int:
+    if field not in hf:
+        raise ValueError(f"config.json is missing the required field {field!r}")
+    value = hf[field]
+    if not _is_int(value) or value < 1:
+        raise ValueError(f"config.json field {field!r} must be a positive int, got {value!r}")
+    return int(value)
+
+
+def _read_json(path: str):
+    with open(path, "rb") as f:
+        try:
+            return json.load(f)
+        except ValueError as e:  # also UnicodeDecodeError
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
 def _as_id_tuple(value) -> tuple[int, ...]:
@@ -201,10 +256,14 @@ class CompressionConfig:
     recent_window: int | None = None
 
     def __post_init__(self):
-        if self.policy not in POLICIES:
+        if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-        if self.granularity not in ("sequence", "kv_head"):
+        if not isinstance(self.granularity, str) or self.granularity not in ("sequence", "kv_head"):
             raise ValueError(f"granularity must be 'sequence' or 'kv_head', got {self.granularity!r}")
+        for field in ("budget", "snapkv_window", "snapkv_pool", "num_sinks", "recent_window"):
+            value = getattr(self, field)
+            if not _is_int(value) and not (field == "recent_window" and value is None):
+                raise ValueError(f"{field} must be an int, got {value!r}")
         if self.policy != "full" and self.budget < 2:
             raise ValueError(f"budget must be >= 2 slots (one for the new token), got {self.budget}")
         if self.snapkv_window < 1 or self.snapkv_pool < 1 or self.snapkv_pool % 2 == 0:
@@ -231,9 +290,9 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if self.temperature < 0:
-            raise ValueError(f"temperature must be >= 0, got {self.temperature}")
-        if self.top_k < 0:
-            raise ValueError(f"top_k must be >= 0, got {self.top_k}")
-        if not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+        if not _is_finite(self.temperature) or self.temperature < 0:
+            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
+        if not _is_int(self.top_k) or self.top_k < 0:
+            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
+        if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")

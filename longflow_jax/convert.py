@@ -4,8 +4,10 @@ Layout of a converted directory:
   config.json, generation_config.json, tokenizer files   copied from the HF directory
   params/                                                 orbax checkpoint of the params pytree
   longflow_checkpoint.json                                written last: marks the conversion complete
-The directory is assembled under a temporary name and renamed into place at the end, so a failed or
-interrupted conversion never leaves something that looks complete.
+Every tensor is read and checked (offsets, shape, finite values) before anything is written. The new
+directory is then assembled beside OUT as OUT.partial-PID and swapped in atomically, so OUT always holds
+either the old complete checkpoint or the new one; a killed conversion leaves at most OUT.partial-PID or
+OUT.old-PID, which the next conversion to OUT sweeps once that PID is no longer alive.
 
 Memory: tensors are read one at a time from memory-mapped safetensors files and converted straight into
 the output params (one copy of the model in the target dtype, plus one tensor in flight).
@@ -15,11 +17,13 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import re
 import shutil
 import struct
 import sys
+import time
 
 import jax
 import ml_dtypes
@@ -77,20 +81,59 @@ def hf_name_for(path) -> tuple[str, bool]:
     return HF_NAMES[keys[0]]
 
 
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
 def iter_safetensors(path: str):
-    """Yield (name, array view) from one .safetensors file, memory-mapped (no full read)."""
+    """Yield (name, array view) from one .safetensors file, memory-mapped (no full read).
+
+    The header is checked against the file before any tensor is viewed: a truncated, empty or foreign
+    file, or a tensor whose offsets disagree with its dtype and shape, raises CheckpointError naming it.
+    """
+    size = os.path.getsize(path)
     with open(path, "rb") as f:
-        (header_len,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(header_len))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + header_len)
+        head = f.read(8)
+        if len(head) < 8:
+            raise CheckpointError(f"{path} is {size} bytes: too short for a safetensors file")
+        (header_len,) = struct.unpack("<Q", head)
+        if header_len > size - 8:
+            raise CheckpointError(
+                f"{path}: header length {header_len} exceeds the file's {size} bytes "
+                f"(truncated, or not a safetensors file)"
+            )
+        try:
+            header = json.loads(f.read(header_len))
+        except ValueError as e:  # also UnicodeDecodeError
+            raise CheckpointError(f"{path}: the safetensors header is not JSON ({e})") from None
+    if not isinstance(header, dict):
+        raise CheckpointError(f"{path}: the safetensors header is a {type(header).__name__}, not an object")
+    data_len = size - 8 - header_len
+    data = np.memmap(path, np.uint8, "r", 8 + header_len) if data_len else np.zeros(0, np.uint8)
     for name, meta in header.items():
         if name == "__metadata__":
             continue
+        where = f"tensor {name!r} in {path}"
+        if not isinstance(meta, dict) or not {"dtype", "shape", "data_offsets"} <= meta.keys():
+            raise CheckpointError(
+                f"{where}: expected an object with dtype, shape, data_offsets, got {meta!r}"
+            )
         if meta["dtype"] not in _SAFETENSORS_DTYPES:
-            raise CheckpointError(f"tensor {name!r} in {path} has unsupported dtype {meta['dtype']}")
-        start, end = meta["data_offsets"]
-        arr = data[start:end].view(_SAFETENSORS_DTYPES[meta["dtype"]]).reshape(meta["shape"])
-        yield name, arr
+            raise CheckpointError(f"{where} has unsupported dtype {meta['dtype']}")
+        dtype = np.dtype(_SAFETENSORS_DTYPES[meta["dtype"]])
+        shape, offsets = meta["shape"], meta["data_offsets"]
+        if not isinstance(shape, list) or not all(_is_count(d) for d in shape):
+            raise CheckpointError(f"{where}: shape must be a list of non-negative ints, got {shape!r}")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(_is_count(o) for o in offsets)):
+            raise CheckpointError(f"{where}: data_offsets must be [start, end], got {offsets!r}")
+        start, end = offsets
+        nbytes = math.prod(shape) * dtype.itemsize
+        if not start <= end <= data_len or end - start != nbytes:
+            raise CheckpointError(
+                f"{where}: data_offsets {offsets} do not fit {meta['dtype']} {shape} ({nbytes} bytes) "
+                f"in a data section of {data_len} bytes (truncated or corrupt file)"
+            )
+        yield name, data[start:end].view(dtype).reshape(shape)
 
 
 def safetensors_files(hf_dir: str) -> list[str]:
@@ -139,22 +182,152 @@ def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
                 )
             if values[i] is not None:
                 raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
-            values[i] = np.ascontiguousarray(arr.T if transpose else arr).astype(DTYPES[dtype])
+            values[i] = _finite_cast(arr.T if transpose else arr, dtype, f"tensor {name!r} in {path}")
     missing = [name for name, (i, _, _) in expected.items() if values[i] is None]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
     return jax.tree_util.tree_unflatten(treedef, values)
 
 
-def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
-    """Convert a HF checkpoint directory; returns the config of the written checkpoint."""
-    import orbax.checkpoint as ocp
+def _finite_cast(arr: np.ndarray, dtype: str, where: str) -> np.ndarray:
+    """arr in `dtype`, refused if any value is NaN or inf after the cast (a float16 overflow included):
+    such a weight turns every logit non-finite, and the model would only emit pad tokens."""
+    with np.errstate(over="ignore"):
+        value = np.ascontiguousarray(arr).astype(DTYPES[dtype])
+    if np.isfinite(value).all():
+        return value
+    num_nan, num_inf = int(np.isnan(value).sum()), int(np.isinf(value).sum())
+    cause = (
+        f"its values overflow {dtype}: convert with --dtype bfloat16 or float32"
+        if np.isfinite(arr).all()
+        else "the checkpoint itself holds them"
+    )
+    raise CheckpointError(f"{where} has {num_nan} NaN and {num_inf} inf value(s) in {dtype} ({cause})")
 
-    hf_dir, out_dir = os.path.abspath(hf_dir), os.path.abspath(out_dir)
+
+def _orbax_committed(params_dir: str) -> bool:
+    """Orbax's own mark of a finished save: commit_success.txt, or (versions that write it only on
+    object stores) a commit timestamp in _CHECKPOINT_METADATA."""
+    if os.path.isfile(os.path.join(params_dir, "commit_success.txt")):
+        return True
+    try:
+        with open(os.path.join(params_dir, "_CHECKPOINT_METADATA")) as f:
+            return bool(json.load(f).get("commit_timestamp_nsecs"))
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def incomplete_reason(ckpt_dir: str) -> str | None:
+    """None for a complete converted checkpoint, else what is wrong with `ckpt_dir`."""
+    if not os.path.exists(ckpt_dir):
+        return "it does not exist"
+    if not os.path.isdir(ckpt_dir):
+        return "it is a file, not a checkpoint directory"
+    if not os.path.isfile(os.path.join(ckpt_dir, MARKER)):
+        return f"it has no {MARKER}, so it is not a complete longflow-jax checkpoint"
+    if not _orbax_committed(os.path.join(ckpt_dir, "params")):
+        return "its params/ has no orbax commit marker (commit_success.txt): the save did not finish"
+    return None
+
+
+_LEFTOVER = re.compile(r"\.(partial|old)-(\d+)$")
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError):
+        return True  # another user's process, or not a PID we can judge: keep its directory
+    return True
+
+
+def _remove_checkpoint(path: str) -> None:
+    """Delete a checkpoint directory, its marker first, so a half-deleted one never reads as complete.
+    A directory that cannot be deleted now is left for the next conversion's sweep."""
+    try:
+        os.remove(os.path.join(path, MARKER))
+    except OSError:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_leftovers(out_dir: str, hf_dir: str) -> None:
+    """Delete OUT.partial-PID / OUT.old-PID left by killed conversions (their PID is not alive). An
+    OUT.old-PID that is still complete while OUT is missing is the old checkpoint caught between the
+    two renames of a non-atomic swap: it is put back instead."""
+    parent, base = os.path.split(out_dir)
+    for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
+        match = _LEFTOVER.match(entry[len(base) :]) if entry.startswith(base) else None
+        path = os.path.join(parent, entry)
+        if not match or _pid_alive(int(match[2])) or os.path.commonpath([path, hf_dir]) == path:
+            continue
+        if match[1] == "old" and not os.path.exists(out_dir) and incomplete_reason(path) is None:
+            os.rename(path, out_dir)
+        elif os.path.isdir(path) and not os.path.islink(path):
+            _remove_checkpoint(path)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the OS or the file
+    system does not offer it."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
+        return False
+    raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _fault_point(stage: str) -> None:
+    """Test hook: LONGFLOW_FAULT_PAUSE=stage makes the converter say so on stdout and sleep at that
+    point, so a fault-injection test can SIGKILL it at a known moment."""
+    if os.environ.get("LONGFLOW_FAULT_PAUSE") == stage:
+        print(f"paused at {stage}", flush=True)
+        time.sleep(3600)
+
+
+def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
+    """Refuse an output that overlaps the source or that --overwrite must not replace; sweep the
+    leftovers of killed conversions to the same output first (one may be the old OUT to restore)."""
     if not os.path.isdir(hf_dir):
         raise ValueError(f"HF checkpoint directory {hf_dir!r} does not exist")
-    if os.path.exists(out_dir) and not overwrite:
-        raise ValueError(f"output {out_dir!r} already exists (pass overwrite=True / --overwrite)")
+    if os.path.commonpath([hf_dir, out_dir]) in (hf_dir, out_dir):
+        raise ValueError(
+            f"output {out_dir!r} must lie outside the source {hf_dir!r} and must not contain it "
+            f"(replacing it would delete the source)"
+        )
+    _sweep_leftovers(out_dir, hf_dir)
+    if os.path.lexists(out_dir):
+        if not overwrite:
+            raise ValueError(f"output {out_dir!r} already exists (pass overwrite=True / --overwrite)")
+        reason = incomplete_reason(out_dir)
+        if reason:
+            raise ValueError(
+                f"refusing to overwrite {out_dir!r}: {reason}; --overwrite only replaces a complete "
+                f"converted checkpoint (delete it yourself if it is yours)"
+            )
+
+
+def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
+    """Convert a HF checkpoint directory; returns the config of the written checkpoint.
+
+    Paths are compared after resolving symlinks. overwrite replaces OUT only when it is a complete
+    converted checkpoint, and atomically: OUT holds the old or the new checkpoint at every moment.
+    """
+    import orbax.checkpoint as ocp
+
+    hf_dir, out_dir = os.path.realpath(hf_dir), os.path.realpath(out_dir)
+    _check_paths(hf_dir, out_dir, overwrite)  # before reading: a wrong OUT fails fast
     config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
     with open(os.path.join(hf_dir, "config.json")) as f:
         hf_config = json.load(f)
@@ -163,9 +336,9 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     config = config.replace(dtype=dtype)
 
-    params = read_params(hf_dir, config, dtype)
+    params = read_params(hf_dir, config, dtype)  # every check that can fail happens before any write
 
-    staging = f"{out_dir}.partial-{os.getpid()}"
+    staging, aside = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     try:
@@ -173,6 +346,7 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         checkpointer.save(os.path.join(staging, "params"), params)
         checkpointer.wait_until_finished()
         del params
+        _fault_point("staging")
         hf_config = dict(hf_config, dtype=dtype)
         hf_config.pop("torch_dtype", None)
         with open(os.path.join(staging, "config.json"), "w") as f:
@@ -183,12 +357,25 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
                 shutil.copy2(src, os.path.join(staging, name))
         with open(os.path.join(staging, MARKER), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": hf_dir}, f)
-        if os.path.exists(out_dir):
-            shutil.rmtree(out_dir)
-        os.rename(staging, out_dir)
+        _fault_point("staged")
+        if not os.path.lexists(out_dir):
+            os.rename(staging, out_dir)
+            return config
+        if _exchange(staging, out_dir):
+            os.rename(staging, aside)  # staging now holds the old checkpoint
+        else:
+            os.rename(out_dir, aside)
+            _fault_point("aside")
+            try:
+                os.rename(staging, out_dir)
+            except BaseException:
+                os.rename(aside, out_dir)
+                raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
+    _fault_point("swapped")
+    _remove_checkpoint(aside)
     return config
 
 
@@ -202,17 +389,25 @@ def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Shardin
     import orbax.checkpoint as ocp
 
     ckpt_dir = os.path.abspath(ckpt_dir)
-    if not os.path.isfile(os.path.join(ckpt_dir, MARKER)):
-        raise ValueError(
-            f"{ckpt_dir!r} is not a complete longflow-jax checkpoint (no {MARKER}); "
-            f"convert a Hugging Face directory with `longflow-convert HF_DIR OUT_DIR`"
+    reason = incomplete_reason(ckpt_dir)
+    if reason:
+        raise CheckpointError(
+            f"cannot load {ckpt_dir!r}: {reason}; convert a Hugging Face directory with "
+            f"`longflow-convert HF_DIR OUT_DIR`"
         )
     config = ModelConfig.from_pretrained_dir(ckpt_dir)
     sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
     target = jax.tree_util.tree_map(
         lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), param_shapes(config)
     )
-    params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)
+    try:
+        params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)
+    except (ValueError, OSError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise CheckpointError(
+            f"cannot load {ckpt_dir!r}: its params/ does not match config.json or is damaged "
+            f"({type(e).__name__}: {first_line[:300]}); convert it again"
+        ) from e
     if dtype is not None and dtype != config.dtype:
         cast = dtype_from_name(dtype)
         params = jax.tree_util.tree_map(lambda x: x.astype(cast), params)
@@ -227,13 +422,17 @@ def main(argv=None) -> int:
         "(orbax) checkpoint.",
     )
     parser.add_argument("hf_dir", help="directory with config.json and *.safetensors")
-    parser.add_argument("out_dir", help="output directory (must not exist unless --overwrite)")
+    parser.add_argument(
+        "out_dir", help="output directory (must not exist unless --overwrite; never the source)"
+    )
     parser.add_argument("--dtype", default="auto", choices=["auto", *sorted(DTYPES)])
-    parser.add_argument("--overwrite", action="store_true")
+    parser.add_argument(
+        "--overwrite", action="store_true", help="replace OUT_DIR if it is a complete converted checkpoint"
+    )
     args = parser.parse_args(argv)
     try:
         config = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except ValueError as e:
+    except (ValueError, OSError) as e:
         print(f"longflow-convert: error: {e}", file=sys.stderr)
         return 2
     print(

@@ -1,6 +1,7 @@
 """Checkpoint conversion: sharded input, and every way a checkpoint can disagree with its config."""
 
 import json
+import math
 import os
 import shutil
 import struct
@@ -10,6 +11,7 @@ import numpy as np
 import pytest
 
 import longflow_jax as lf
+from longflow_jax.config import CompressionConfig, SamplingConfig
 from longflow_jax.convert import MARKER, iter_safetensors, main
 from longflow_jax.testing import make_tiny_hf_checkpoint
 
@@ -153,7 +155,7 @@ def test_existing_output_needs_overwrite_and_load_needs_marker(tiny_checkpoints,
     broken = tmp_path / "incomplete"
     shutil.copytree(lf_dir, broken)
     os.remove(broken / MARKER)
-    with pytest.raises(ValueError, match="not a complete longflow-jax checkpoint"):
+    with pytest.raises(lf.CheckpointError, match="not a complete longflow-jax checkpoint"):
         lf.load(str(broken))
 
 
@@ -163,3 +165,286 @@ def test_cli_converts_and_reports_errors(tiny_checkpoints, tmp_path, capsys):
     assert lf.load(str(tmp_path / "cli"))[0].dtype == "float16"
     assert main([str(tmp_path / "nowhere"), str(tmp_path / "x")]) == 2
     assert "does not exist" in capsys.readouterr().err
+
+
+def test_overwrite_replaces_a_complete_checkpoint(hf_copy, tmp_path):
+    hf_dir, _ = hf_copy
+    out = tmp_path / "out"
+    lf.convert(str(hf_dir), str(out))
+    lf.convert(str(hf_dir), str(out), dtype="bfloat16", overwrite=True)
+    assert lf.load(str(out))[0].dtype == "bfloat16"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["hf", "out"], "no staging or aside copy is left"
+
+
+def test_cli_reports_os_errors_in_one_line(hf_copy, tmp_path, capsys):
+    hf_dir, _ = hf_copy
+    (tmp_path / "a_file").write_text("x")
+    assert main([str(hf_dir), str(tmp_path / "a_file" / "out")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longflow-convert: error: ") and err.count("\n") == 1 and "Traceback" not in err
+
+
+# Bad inputs: each (setup, action, match). setup(hf_dir, tensors, tmp_path) breaks something before the
+# action runs; the action must raise a ValueError matching `match` and leave every file as it was.
+UP = "model.layers.0.mlp.up_proj.weight"
+_DELETE = object()
+
+
+def _convert(hf, tmp, out="out", **kw):
+    return lf.convert(str(hf), str(tmp / out) if isinstance(out, str) else str(out), **kw)
+
+
+def _config(**change):
+    def setup(hf, tensors, tmp):
+        cfg = json.loads((hf / "config.json").read_text())
+        cfg.update(change)
+        cfg = {k: v for k, v in cfg.items() if v is not _DELETE}
+        (hf / "config.json").write_text(json.dumps(cfg))
+
+    return setup
+
+
+def _raw(name, data):
+    def setup(hf, tensors, tmp):
+        (hf / name).write_bytes(data(hf / name) if callable(data) else data)
+
+    return setup
+
+
+def _weights(edit):
+    def setup(hf, tensors, tmp):
+        edit(tensors)
+        _write_safetensors(hf / "model.safetensors", tensors)
+
+    return setup
+
+
+def _header(edit):
+    """Rewrite the safetensors header (data section kept) after edit(header)."""
+
+    def data(path):
+        raw = path.read_bytes()
+        (n,) = struct.unpack("<Q", raw[:8])
+        header = json.loads(raw[8 : 8 + n])
+        edit(header)
+        new = json.dumps(header).encode()
+        return struct.pack("<Q", len(new)) + new + raw[8 + n :]
+
+    return _raw("model.safetensors", data)
+
+
+def _set(**kv):
+    return lambda d: d.update(kv)
+
+
+def _set_value(name, index, value):
+    return lambda t: t[name].__setitem__(index, value)
+
+
+def _half_checkpoint(hf, tensors, tmp):
+    lf.convert(str(hf), str(tmp / "out"))
+    os.remove(tmp / "out" / "params" / "commit_success.txt")
+    os.remove(tmp / "out" / "params" / "_CHECKPOINT_METADATA")
+
+
+def _nothing(hf, tensors, tmp):
+    pass
+
+
+def _mkdir_with_file(hf, tensors, tmp):
+    (tmp / "out").mkdir()
+    (tmp / "out" / "mine.txt").write_text("keep me")
+
+
+BAD_INPUTS = {
+    # where the output goes
+    "out is the source": (
+        _nothing,
+        lambda hf, tmp: _convert(hf, tmp, hf, overwrite=True),
+        "outside the source",
+    ),
+    "out inside the source": (_nothing, lambda hf, tmp: _convert(hf, tmp, hf / "sub"), "outside the source"),
+    "out contains the source": (
+        _raw("../notes.txt", b"unrelated"),
+        lambda hf, tmp: _convert(hf, tmp, tmp, overwrite=True),
+        "must not contain it",
+    ),
+    "out a symlink to the source": (
+        lambda hf, t, tmp: os.symlink(hf, tmp / "link"),
+        lambda hf, tmp: _convert(hf, tmp, "link", overwrite=True),
+        "outside the source",
+    ),
+    "out exists": (_half_checkpoint, lambda hf, tmp: _convert(hf, tmp), "already exists"),
+    "overwrite a file": (
+        _raw("../out", b"a file"),
+        lambda hf, tmp: _convert(hf, tmp, overwrite=True),
+        "refusing to overwrite .* is a file",
+    ),
+    "overwrite a plain dir": (
+        _mkdir_with_file,
+        lambda hf, tmp: _convert(hf, tmp, overwrite=True),
+        f"refusing to overwrite .*no {MARKER}",
+    ),
+    "overwrite a half checkpoint": (
+        _half_checkpoint,
+        lambda hf, tmp: _convert(hf, tmp, overwrite=True),
+        "refusing to overwrite .*no orbax commit marker",
+    ),
+    "no source dir": (_nothing, lambda hf, tmp: _convert(tmp / "nope", tmp), "does not exist"),
+    "bad dtype": (
+        _nothing,
+        lambda hf, tmp: _convert(hf, tmp, dtype="int8"),
+        "dtype must be 'auto' or one of",
+    ),
+    # the safetensors file
+    "empty safetensors": (_raw("model.safetensors", b""), None, "0 bytes: too short"),
+    "safetensors cut in the header": (
+        _raw("model.safetensors", lambda p: p.read_bytes()[:100]),
+        None,
+        "header length .* exceeds the file's 100 bytes",
+    ),
+    "safetensors cut in the data": (
+        _raw("model.safetensors", lambda p: p.read_bytes()[:-10]),
+        None,
+        "data_offsets .* do not fit",
+    ),
+    "random bytes": (
+        _raw("model.safetensors", np.random.default_rng(0).bytes(5000)),
+        None,
+        "exceeds the file",
+    ),
+    "absurd header length": (_raw("model.safetensors", struct.pack("<Q", 2**62) + b"{}"), None, "exceeds"),
+    "header not JSON": (
+        _raw("model.safetensors", struct.pack("<Q", 4) + b"\xff\xfe{x" + b"0" * 64),
+        None,
+        "not JSON",
+    ),
+    "header a list": (
+        _raw("model.safetensors", struct.pack("<Q", 2) + b"[]"),
+        None,
+        "is a list, not an object",
+    ),
+    "wrong data offsets": (
+        _header(lambda h: h[UP].update(data_offsets=[0, 100])),
+        None,
+        rf"'{UP}' in .*model\.safetensors: data_offsets \[0, 100\] do not fit F32 \[96, 64\]",
+    ),
+    "offsets past the data": (
+        _header(lambda h: h[UP].update(data_offsets=[10**9, 10**9 + 96 * 64 * 4])),
+        None,
+        "do not fit",
+    ),
+    "negative shape": (_header(lambda h: h[UP].update(shape=[-96, -64])), None, "shape must be a list of"),
+    "tensor without dtype": (_header(lambda h: h[UP].pop("dtype")), None, "expected an object with dtype"),
+    "unsupported tensor dtype": (_header(lambda h: h[UP].update(dtype="I8")), None, "unsupported dtype I8"),
+    # config.json
+    "config without hidden_size": (
+        _config(hidden_size=_DELETE),
+        None,
+        "missing the required field 'hidden_size'",
+    ),
+    "config a list": (_raw("config.json", b"[1, 2]"), None, "must hold a JSON object, got a list"),
+    "config not JSON": (_raw("config.json", b"{model_type: qwen3"), None, r"config\.json is not valid JSON"),
+    "0 attention heads": (
+        _config(num_attention_heads=0),
+        None,
+        "'num_attention_heads' must be a positive int, got 0",
+    ),
+    "0 kv heads": (
+        _config(num_key_value_heads=0),
+        None,
+        "'num_key_value_heads' must be a positive int, got 0",
+    ),
+    "negative layers": (
+        _config(num_hidden_layers=-2),
+        None,
+        "'num_hidden_layers' must be a positive int, got -2",
+    ),
+    "bool layers": (
+        _config(num_hidden_layers=True),
+        None,
+        "'num_hidden_layers' must be a positive int, got True",
+    ),
+    "string vocab": (_config(vocab_size="128"), None, "'vocab_size' must be a positive int, got '128'"),
+    "0 intermediate": (_config(intermediate_size=0), None, "'intermediate_size' must be a positive int"),
+    "0 head_dim": (_config(head_dim=0), None, "'head_dim' must be a positive int"),
+    "hidden not a multiple of heads": (
+        _config(head_dim=_DELETE, num_attention_heads=3, num_key_value_heads=1),
+        None,
+        r"hidden_size \(64\) is not a multiple of num_attention_heads \(3\)",
+    ),
+    "NaN rope_theta": (
+        _config(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
+        None,
+        "rope_theta must be a finite number > 0",
+    ),
+    # tensor values
+    "NaN weight": (_weights(_set_value(UP, (0, 0), np.nan)), None, rf"'{UP}' .* has 1 NaN and 0 inf value"),
+    "inf weights": (
+        _weights(_set_value(UP, (slice(0, 2), 0), np.inf)),
+        None,
+        r"0 NaN and 2 inf value\(s\) in float32 \(the checkpoint itself holds them\)",
+    ),
+    "float16 overflow": (
+        _weights(_set_value(UP, (3, 3), 1e6)),
+        lambda hf, tmp: _convert(hf, tmp, dtype="float16"),
+        rf"'{UP}' .* has 0 NaN and 1 inf value\(s\) in float16 \(its values overflow float16",
+    ),
+    # loading
+    "load a missing dir": (_nothing, lambda hf, tmp: lf.load(str(tmp / "nope")), "does not exist"),
+    "load a file": (_raw("../f", b"x"), lambda hf, tmp: lf.load(str(tmp / "f")), "is a file"),
+    "load a half checkpoint": (
+        _half_checkpoint,
+        lambda hf, tmp: lf.load(str(tmp / "out")),
+        "no orbax commit",
+    ),
+    "load the HF dir": (_nothing, lambda hf, tmp: lf.load(str(hf)), f"no {MARKER}"),
+}
+_CONFIGS = {
+    "temperature nan": (
+        SamplingConfig,
+        dict(temperature=float("nan")),
+        "temperature must be a finite number",
+    ),
+    "temperature inf": (SamplingConfig, dict(temperature=math.inf), "temperature"),
+    "temperature str": (SamplingConfig, dict(temperature="0.7"), "temperature"),
+    "top_p nan": (SamplingConfig, dict(top_p=float("nan")), r"top_p must be a number in \(0, 1\], got nan"),
+    "top_p 1.5": (SamplingConfig, dict(top_p=1.5), "top_p"),
+    "top_k bool": (SamplingConfig, dict(top_k=True), "top_k must be an int >= 0, got True"),
+    "top_k float": (SamplingConfig, dict(top_k=2.0), "top_k must be an int"),
+    "budget bool": (CompressionConfig, dict(budget=True), "budget must be an int, got True"),
+    "budget float": (CompressionConfig, dict(budget=64.0), "budget must be an int, got 64.0"),
+    "recent_window float": (
+        CompressionConfig,
+        dict(budget=8, recent_window=2.5),
+        "recent_window must be an int",
+    ),
+    "num_sinks bool": (CompressionConfig, dict(num_sinks=False), "num_sinks must be an int"),
+    "policy None": (CompressionConfig, dict(policy=None), "unknown policy None"),
+}
+for _name, (_cls, _kwargs, _match) in _CONFIGS.items():
+    BAD_INPUTS[_name] = (_nothing, lambda hf, tmp, c=_cls, k=_kwargs: c(**k), _match)
+
+
+def _tree(root):
+    """Every path under root with its bytes (a directory as None, a link as its target)."""
+    out = {}
+    for d, dirs, files in os.walk(root):
+        for name in dirs + files:
+            p = os.path.join(d, name)
+            if os.path.islink(p):
+                out[p] = os.readlink(p)
+            else:
+                out[p] = None if os.path.isdir(p) else open(p, "rb").read()
+    return out
+
+
+@pytest.mark.parametrize("case", sorted(BAD_INPUTS))
+def test_bad_input_gives_a_clear_error_and_touches_nothing(hf_copy, tmp_path, case):
+    setup, action, match = BAD_INPUTS[case]
+    hf_dir, tensors = hf_copy
+    setup(hf_dir, tensors, tmp_path)
+    before = _tree(tmp_path)
+    with pytest.raises(ValueError, match=match):
+        (action or _convert)(hf_dir, tmp_path)
+    assert _tree(tmp_path) == before

@@ -1,0 +1,129 @@
+"""SIGKILL of `longflow-convert` at each stage of a conversion: the source is never touched, OUT holds
+nothing, the old complete checkpoint or the new one, a half checkpoint never loads, and the next
+conversion sweeps what the killed one left (but never what a live one is writing)."""
+
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+
+import pytest
+
+import longflow_jax as lf
+
+# The converter's CLI; with no_exchange, the fallback that swaps by two renames (no renameat2).
+_CLI = (
+    "import importlib, sys; c = importlib.import_module('longflow_jax.convert'); "
+    "{patch}sys.exit(c.main(sys.argv[1:]))"
+)
+
+
+def _digest(root):
+    h = hashlib.sha256()
+    for d, _, files in sorted(os.walk(root)):
+        for name in sorted(files):
+            h.update(name.encode() + open(os.path.join(d, name), "rb").read())
+    return h.hexdigest()
+
+
+def _paused_converter(stage, hf, out, *flags, no_exchange=False):
+    """Start the converter with LONGFLOW_FAULT_PAUSE=stage; returns the process once it sits there."""
+    patch = "c._exchange = lambda a, b: False; " if no_exchange else ""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _CLI.format(patch=patch), str(hf), str(out), *flags],
+        env=dict(os.environ, LONGFLOW_FAULT_PAUSE=stage, JAX_PLATFORMS="cpu"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    watchdog = threading.Timer(120, proc.kill)
+    watchdog.start()
+    try:
+        for line in proc.stdout:
+            if line.strip() == f"paused at {stage}":
+                return proc
+    finally:
+        watchdog.cancel()
+    proc.kill()
+    pytest.fail(f"the converter never reached stage {stage!r}: {proc.stderr.read()[-2000:]}")
+
+
+def _sigkill(proc):
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    proc.stdout.close()
+    proc.stderr.close()
+    return proc.pid
+
+
+def _leftovers(out):
+    return sorted(p.name for p in out.parent.iterdir() if p.name.startswith(out.name + "."))
+
+
+@pytest.fixture
+def hf(tiny_checkpoints, tmp_path):
+    dst = tmp_path / "hf"
+    shutil.copytree(tiny_checkpoints["qwen3"][0], dst)
+    return dst
+
+
+@pytest.mark.parametrize("stage", ["staging", "staged"])
+def test_killed_first_conversion_leaves_no_output(hf, tmp_path, stage):
+    out, source = tmp_path / "out", _digest(hf)
+    pid = _sigkill(_paused_converter(stage, hf, out))
+    assert not out.exists()
+    assert _leftovers(out) == [f"out.partial-{pid}"]
+    if stage == "staging":  # params written, marker not yet: a half checkpoint
+        with pytest.raises(lf.CheckpointError, match="not a complete"):
+            lf.load(str(tmp_path / f"out.partial-{pid}"))
+    lf.convert(str(hf), str(out))
+    assert _leftovers(out) == []
+    assert lf.load(str(out))[0].dtype == "float32"
+    assert _digest(hf) == source
+
+
+@pytest.mark.parametrize(
+    "stage, no_exchange, at_out, left",
+    [
+        ("staging", False, "old", ["partial"]),
+        ("staged", False, "old", ["partial"]),
+        ("swapped", False, "new", ["old"]),
+        ("swapped", True, "new", ["old"]),
+        ("aside", True, None, ["old", "partial"]),  # between the fallback's two renames: no OUT
+    ],
+)
+def test_killed_overwrite_keeps_a_complete_checkpoint(hf, tmp_path, stage, no_exchange, at_out, left):
+    out = tmp_path / "out"
+    lf.convert(str(hf), str(out))  # the old checkpoint: float32; the new one: bfloat16
+    source = _digest(hf)
+    pid = _sigkill(
+        _paused_converter(stage, hf, out, "--overwrite", "--dtype", "bfloat16", no_exchange=no_exchange)
+    )
+    assert _digest(hf) == source
+    assert _leftovers(out) == [f"out.{kind}-{pid}" for kind in left]
+    if at_out is None:
+        assert not out.exists()
+        # The next conversion puts the complete old checkpoint back before anything else.
+        with pytest.raises(ValueError, match="already exists"):
+            lf.convert(str(hf), str(out))
+        at_out = "old"
+    assert lf.load(str(out))[0].dtype == {"old": "float32", "new": "bfloat16"}[at_out]
+    lf.convert(str(hf), str(out), dtype="float16", overwrite=True)
+    assert _leftovers(out) == []
+    assert lf.load(str(out))[0].dtype == "float16"
+    assert _digest(hf) == source
+
+
+def test_a_live_conversion_is_not_swept(hf, tmp_path):
+    out = tmp_path / "out"
+    proc = _paused_converter("staging", hf, out)
+    try:
+        lf.convert(str(hf), str(out))
+        assert _leftovers(out) == [f"out.partial-{proc.pid}"]
+    finally:
+        _sigkill(proc)
+    lf.convert(str(hf), str(out), overwrite=True)
+    assert _leftovers(out) == []
