@@ -2,9 +2,16 @@
 
 Input, one JSON object a line: {"id": ..., "prompt": "text"} or {"id": ..., "messages": [chat messages]}.
 Output, one line per prompt, appended batch by batch:
-  {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason": "stop"|"length", "seconds"}
-("seconds": wall time of the batch the prompt was generated in, compile included on a new shape).
-Ids already in the output are skipped, so rerunning the command resumes.
+  {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds", "settings"}
+finish_reason: "stop" (EOS), "length" (max_new_tokens) or "error" (the logits became NaN/inf; the text
+stops there and a warning names the ids). "seconds": wall time of the batch the prompt was generated in,
+compile included on a new shape. "settings": what the row was made with (checkpoint, dtype, cache,
+kernel, max_new_tokens, sampling, chat template).
+
+Ids already in the output are skipped, so rerunning the command resumes; a rerun with other settings
+is refused, naming the fields that differ, unless --force-new (which renames the old output aside to
+OUT.bak-TIMESTAMP). One process writes an output at a time: it holds a lock on OUT.lock, and a second
+one fails at once.
 
 Multi-host (--distributed): `jax.distributed.initialize()`, then every process reads the whole input,
 takes the valid records k with k % process_count == process_index and runs them on its own devices with
@@ -16,6 +23,7 @@ another number of hosts does not redo finished prompts.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import time
@@ -40,7 +48,65 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--policy", default="longflow", choices=POLICIES)
     p.add_argument("--budget", type=int, default=2048, help="KV slots per layer per sequence")
+    p.add_argument(
+        "--force-new",
+        action="store_true",
+        help="start a fresh output (the old one is renamed to OUT.bak-TIMESTAMP) instead of resuming",
+    )
     return p
+
+
+def run_settings(args, compression) -> dict:
+    """What a row's output depends on; a resume must use the same."""
+    cache = dataclasses.asdict(compression)
+    if compression.policy == "full":
+        cache["budget"] = None  # not used
+    return {
+        "ckpt": os.path.abspath(args.ckpt),
+        "dtype": args.dtype,
+        **cache,
+        "attention_impl": args.attention_impl,
+        "max_new_tokens": args.max_new_tokens,
+        **dataclasses.asdict(runner.sampling_from(args)),
+        "seed": args.seed,
+        "chat_template": not args.no_chat_template,
+        "chat_template_kwargs": args.chat_template_kwargs,
+    }
+
+
+def done_ids(args, out_path: str, process_index: int, process_count: int, settings: dict) -> set[str]:
+    """Ids already in the outputs, after checking they were made with `settings`; with --force-new,
+    none: this process's output (and, for process 0, any left by another process count) is set aside."""
+    if args.force_new:
+        layout = {jsonl_io.output_path(args.output, i, process_count) for i in range(process_count)}
+        for path in jsonl_io.sibling_outputs(out_path):
+            if path == out_path or (process_index == 0 and path not in layout):
+                runner.report(f"--force-new: {path} renamed to {jsonl_io.set_aside(path)}", PROG)
+        return set()
+    state = jsonl_io.read_outputs_of_all_processes(out_path)
+    for note in state.notes:
+        runner.report(note, PROG)
+    differences = jsonl_io.settings_differences(state, settings)
+    if differences:
+        raise ValueError(
+            f"{args.output} holds rows made with other settings, so it cannot be resumed:\n  "
+            + "\n  ".join(differences)
+            + "\nrerun with the same settings, or pass --force-new to start a fresh output (the old "
+            "one is kept as OUT.bak-TIMESTAMP)"
+        )
+    return state.ids
+
+
+def pause_for_fault_tests(out_path: str, batches_written: int) -> None:
+    """With LONGFLOW_FAULT_PAUSE_AFTER_BATCH=k, once k batches are written: create OUT.paused and wait
+    while it exists, so tests/test_batch_faults.py can kill the process at a known point."""
+    pause_at = os.environ.get("LONGFLOW_FAULT_PAUSE_AFTER_BATCH")
+    if pause_at is None or int(pause_at) != batches_written:
+        return
+    flag = out_path + ".paused"
+    open(flag, "w").close()
+    while os.path.exists(flag):
+        time.sleep(0.02)
 
 
 def start_processes(args) -> tuple[int, int]:
@@ -50,19 +116,26 @@ def start_processes(args) -> tuple[int, int]:
 
 
 def run(args) -> None:
-    from tqdm import tqdm
-
     runner.check_args(args)
-    compression = runner.compression_from(args)
     process_index, process_count = start_processes(args)
     out_path = jsonl_io.output_path(args.output, process_index, process_count)
+    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    with jsonl_io.lock_output(out_path, PROG):
+        generate_into(out_path, process_index, process_count, args)
 
+
+def generate_into(out_path: str, process_index: int, process_count: int, args) -> None:
+    """This process's share of the input, less the ids done, appended to out_path (locked)."""
+    from tqdm import tqdm
+
+    compression = runner.compression_from(args)
+    settings = run_settings(args, compression)
     records, skipped = jsonl_io.read_jsonl_records(args.input, jsonl_io.validate_prompt_record)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
+    if not records:
+        raise ValueError(f"no valid prompt records in {args.input} ({len(skipped)} line(s) skipped)")
     records = records[process_index::process_count]
-    done, notes = jsonl_io.done_ids_of_all_processes(out_path)
-    for note in notes:
-        runner.report(note, PROG)
+    done = done_ids(args, out_path, process_index, process_count, settings)
     todo = [r for r in records if jsonl_io.id_key(r.id) not in done]
 
     generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
@@ -79,13 +152,15 @@ def run(args) -> None:
     )
 
     start = time.perf_counter()
-    completion_tokens = 0
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+    completion_tokens = errors = 0
     with (
         open(out_path, "ab") as f,
         tqdm(total=len(plan.records), unit="prompt", disable=args.quiet, dynamic_ncols=True) as bar,
     ):
-        for seconds, outputs in runner.generate_batches(generator, plan, args, compression):
+        pause_for_fault_tests(out_path, 0)
+        for written, (seconds, outputs) in enumerate(
+            runner.generate_batches(generator, plan, args, compression, PROG), 1
+        ):
             rows = [
                 {
                     "id": record.id,
@@ -94,19 +169,24 @@ def run(args) -> None:
                     "completion_tokens": len(c.tokens),
                     "finish_reason": c.finish_reason,
                     "seconds": round(seconds, 3),
+                    "settings": settings,
                 }
                 for record, c in outputs
             ]
             jsonl_io.append_lines(f, rows)
             completion_tokens += sum(len(c.tokens) for _, c in outputs)
+            errors += sum(c.finish_reason == "error" for _, c in outputs)
             bar.update(len(rows))
             bar.set_postfix_str(f"{completion_tokens / (time.perf_counter() - start):.1f} tok/s")
+            pause_for_fault_tests(out_path, written)
     seconds = time.perf_counter() - start
     rate = round(completion_tokens / seconds, 2) if seconds > 0 else 0.0
     print(
         f"{len(plan.records)} prompts, {completion_tokens} tokens in {seconds:.1f} s "
         f"({rate} tokens/s, compile included) on {generator.num_devices} device(s); "
-        f"{already_done} already done, {len(skipped)} skipped -> {out_path}"
+        f"{already_done} already done, {len(skipped)} skipped"
+        + (f", {errors} stopped on NaN/inf logits (finish_reason 'error')" if errors else "")
+        + f" -> {out_path}"
     )
 
 

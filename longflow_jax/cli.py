@@ -62,7 +62,7 @@ def run_demo(args) -> None:
     )
     rng = np.random.default_rng(args.seed)
     batch, prompt_len = args.batch, args.prompt_len
-    lengths = rng.integers(prompt_len // 2, prompt_len + 1, batch).astype(np.int32)
+    lengths = rng.integers(max(1, prompt_len // 2), prompt_len + 1, batch).astype(np.int32)
     ids = rng.integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
     common = dict(max_new_tokens=args.max_new_tokens, sampling=runner.sampling_from(args), seed=args.seed)
     runs = [runner.compression_from(args)]
@@ -114,8 +114,10 @@ def run_checkpoint(args) -> None:
     )
     seconds = time.perf_counter() - start
     for row, c in enumerate(completions):
-        print(f"--- [{row}] {len(c.tokens)} tokens")
+        stopped = " (stopped: the logits became NaN/inf)" if c.finish_reason == "error" else ""
+        print(f"--- [{row}] {len(c.tokens)} tokens{stopped}")
         print(c.text)
+    runner.warn_errors([row for row, c in enumerate(completions) if c.finish_reason == "error"], PROG)
     print(f"\n{sum(len(c.tokens) for c in completions)} tokens in {seconds:.1f} s (compile included)")
 
 
@@ -123,10 +125,11 @@ def run(args) -> None:
     budget, max_new_tokens = (128, 512) if args.demo else (2048, 1024)
     args.budget = budget if args.budget is None else args.budget
     args.max_new_tokens = max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
+    if args.ckpt and not args.prompt:
+        raise ValueError("--ckpt needs at least one --prompt")
+    runner.check_args(args)
     if args.demo:
         run_demo(args)
-    elif not args.prompt:
-        raise ValueError("--ckpt needs at least one --prompt")
     else:
         run_checkpoint(args)
 

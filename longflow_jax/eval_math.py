@@ -23,7 +23,7 @@ from fractions import Fraction
 
 from . import runner
 from .config import POLICIES, CompressionConfig
-from .jsonl_io import Record, append_lines, read_jsonl_records
+from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -229,11 +229,22 @@ def validate_problem(obj: dict) -> tuple[str, str]:
     return question, reference
 
 
-def parse_list(text: str, kind):
+def parse_list(flag: str, text: str, kind):
     items = [t.strip() for t in text.split(",") if t.strip()]
-    if not items:
-        raise ValueError(f"expected a comma-separated list, got {text!r}")
-    return [kind(t) for t in items]
+    try:
+        if items:
+            return [kind(t) for t in items]
+    except ValueError:
+        pass
+    raise ValueError(f"{flag} expects a comma-separated list of {kind.__name__}, got {text!r}")
+
+
+def parse_budgets(text: str) -> list[int]:
+    budgets = parse_list("--budgets", text, int)
+    least = runner.MIN_VALUES["budget"]
+    if min(budgets) < least:
+        raise ValueError(f"--budgets must all be >= {least} (KV slots per layer), got {text!r}")
+    return budgets
 
 
 def runs_for(policies: list[str], budgets: list[int]) -> list[tuple[str, int | None]]:
@@ -262,14 +273,15 @@ def accuracy_table(results: dict, policies: list[str], budgets: list[int], n: in
 
 
 def score(problem: Record, c: runner.Completion) -> dict:
-    """A problem's output row: the answer extracted from the completion, and whether it is correct."""
+    """A problem's output row: the answer extracted from the completion, and whether it is correct (a
+    completion cut short by NaN/inf logits never is)."""
     prediction, how = extract_answer(c.text)
     return {
         "id": problem.id,
         "reference": problem.data[1],
         "prediction": prediction,
         "extracted_by": how,
-        "correct": answers_match(prediction, problem.data[1]),
+        "correct": c.finish_reason != "error" and answers_match(prediction, problem.data[1]),
         "completion_tokens": len(c.tokens),
         "finish_reason": c.finish_reason,
         "text": c.text,
@@ -279,7 +291,7 @@ def score(problem: Record, c: runner.Completion) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help='JSONL: {"id", "question"|"problem", "answer"} per line')
-    p.add_argument("--output", required=True, help="per-problem JSONL rows (overwritten)")
+    p.add_argument("--output", required=True, help="per-problem JSONL rows (overwritten; not resumed)")
     p.add_argument("--table", default=None, help="also write the markdown accuracy table here")
     runner.add_generation_args(p)
     p.add_argument("--policies", default="full,longflow", help=f"comma-separated, from {POLICIES}")
@@ -292,12 +304,17 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def run(args) -> None:
-    from tqdm import tqdm
-
     runner.check_args(args)
-    policies = parse_list(args.policies, str)
-    budgets = parse_list(args.budgets, int)
+    policies = parse_list("--policies", args.policies, str)
+    budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
+    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
+    with lock_output(args.output, PROG):
+        evaluate(args, policies, budgets, runs)
+
+
+def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str, int | None]]) -> None:
+    from tqdm import tqdm
 
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
@@ -315,15 +332,18 @@ def run(args) -> None:
     )
 
     results = {}  # (policy, budget) -> problems answered correctly
+    errors = 0
     start = time.perf_counter()
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with open(args.output, "wb") as f, tqdm(total=n * len(runs), unit="problem", disable=args.quiet) as bar:
         for policy, budget in runs:
-            comp = CompressionConfig(policy=policy, budget=budget or 2048, granularity=args.granularity)
+            # the full cache has no budget: CompressionConfig's default stands in, unused
+            sized = {} if budget is None else {"budget": budget}
+            comp = CompressionConfig(policy=policy, granularity=args.granularity, **sized)
             results[(policy, budget)] = 0
-            for _, outputs in runner.generate_batches(generator, plan, args, comp):
+            for _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):
                 rows = [{"policy": policy, "budget": budget, **score(p, c)} for p, c in outputs]
                 results[(policy, budget)] += sum(row["correct"] for row in rows)
+                errors += sum(row["finish_reason"] == "error" for row in rows)
                 append_lines(f, rows)
                 bar.update(len(rows))
     seconds = time.perf_counter() - start
@@ -337,6 +357,8 @@ def run(args) -> None:
         notes.append("full: the full cache, one run (the budget does not apply)")
     if skipped:
         notes.append(f"{len(skipped)} input problem(s) skipped (reported above)")
+    if errors:
+        notes.append(f"{errors} row(s) stopped on NaN/inf logits (finish_reason 'error', scored wrong)")
     text = table + "\n\n" + "\n".join(notes)
     print(text)
     if args.table:

@@ -1,15 +1,19 @@
 """JSONL records in and rows out: validation with line numbers, per-process output paths, resume.
 
 Each batch's rows are written with one write, flush and fsync, so a crash loses at most the batch in
-flight; a partial last line left by a crash mid-write is cut off on the next run.
+flight; a partial last line left by a crash mid-write is cut off on the next run. One process writes an
+output at a time (`lock_output`).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fcntl
 import glob
 import json
+import math
 import os
+import time
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -39,25 +43,51 @@ def id_key(record_id) -> str:
     return json.dumps(record_id, sort_keys=True)
 
 
+def _reject_constant(name: str):
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _finite_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text} overflows to {value}")
+    return value
+
+
+def parse_json_line(line: bytes) -> Any:
+    """Strict JSON of one line: UTF-8, no NaN/Infinity, no number that overflows to inf. Raises
+    ValueError with the reason."""
+    try:
+        text = line.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
+    try:
+        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
+    except ValueError as e:
+        raise ValueError(f"bad JSON ({e})") from None
+
+
 def read_jsonl_records(
     path: str, validate: Callable[[dict], Any], id_field: str = "id", id_from_line: bool = False
 ) -> tuple[list[Record], list[Skipped]]:
     """Parse a JSONL file: returns (records in file order, skipped).
 
     validate(obj) returns the record's data or raises ValueError with the reason. Blank lines are not
-    records. Bad JSON, a non-object, a missing/null id (unless id_from_line: then the line number is
-    the id), a failed validation and a repeated id (its second and later occurrences) are skipped, each
-    with its 1-based line number.
+    records. A line that is not UTF-8 or not strict JSON (`parse_json_line`), a non-object, a
+    missing/null id (unless id_from_line: then the line number is the id), a failed validation and a
+    repeated id (its second and later occurrences) are skipped, each with its 1-based line number.
     """
     records, skipped, seen = [], [], set()
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
             try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as e:
-                skipped.append(Skipped(number, None, f"bad JSON ({e.msg} at column {e.colno})"))
+                obj = parse_json_line(line)
+            except ValueError as e:
+                skipped.append(Skipped(number, None, str(e)))
                 continue
             if not isinstance(obj, dict):
                 skipped.append(Skipped(number, None, f"expected a JSON object, got {type(obj).__name__}"))
@@ -118,16 +148,27 @@ def sibling_outputs(path: str) -> list[str]:
     return ([path] if os.path.isfile(path) else []) + [p for p in found if p != path]
 
 
-def done_ids(path: str, truncate: bool) -> tuple[set[str], list[str]]:
-    """Ids (id_key) already written to `path`, and notes on what was repaired.
+@dataclasses.dataclass
+class OutputState:
+    """What the existing output files hold."""
+
+    ids: set[str] = dataclasses.field(default_factory=set)  # id_key of every row
+    # json text of a row's "settings" (null when it has none) -> "path:line" of its first row
+    settings: dict[str, str] = dataclasses.field(default_factory=dict)
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was repaired or ignored
+
+
+def read_output(path: str, truncate: bool, state: OutputState | None = None) -> OutputState:
+    """Add the rows of `path` (if it exists) to state.
 
     A last line without its newline is a write cut short by a crash: with truncate=True (the file this
     process appends to) it is cut off the file, otherwise (another host's file, maybe being written
-    right now) it is ignored.
+    right now) it is ignored. A line that is not UTF-8 or not a JSON object with an id is ignored,
+    named by its line number, and its prompt is redone.
     """
-    ids, notes = set(), []
+    state = OutputState() if state is None else state
     if not os.path.isfile(path):
-        return ids, notes
+        return state
     with open(path, "rb") as f:
         content = f.read()
     end = content.rfind(b"\n") + 1
@@ -136,26 +177,73 @@ def done_ids(path: str, truncate: bool) -> tuple[set[str], list[str]]:
             f.truncate(end)
             f.flush()
             os.fsync(f.fileno())
-        notes.append(f"{path}: truncated a partial last line ({len(content) - end} bytes)")
+        state.notes.append(f"{path}: truncated a partial last line ({len(content) - end} bytes)")
     for number, line in enumerate(content[:end].splitlines(), 1):
         if not line.strip():
             continue
         try:
-            ids.add(id_key(json.loads(line)["id"]))
-        except (json.JSONDecodeError, KeyError, TypeError):
-            notes.append(f"{path}:{number}: unreadable output line ignored (its prompt will be redone)")
-    return ids, notes
+            row = parse_json_line(line)
+            state.ids.add(id_key(row["id"]))
+        except (ValueError, KeyError, TypeError) as e:
+            reason = str(e) if isinstance(e, ValueError) else "not an object with an 'id'"
+            state.notes.append(f"{path}:{number}: unreadable output line ignored, {reason} (redone)")
+            continue
+        settings = json.dumps(row.get("settings"), sort_keys=True)
+        state.settings.setdefault(settings, f"{path}:{number}")
+    return state
 
 
-def done_ids_of_all_processes(out_path: str) -> tuple[set[str], list[str]]:
-    """done_ids over every sibling output, so a resume with another process count redoes nothing;
+def read_outputs_of_all_processes(out_path: str) -> OutputState:
+    """read_output over every sibling output, so a resume with another process count redoes nothing;
     only out_path (this process's file) is repaired."""
-    done, notes = set(), []
+    state = OutputState()
     for path in sibling_outputs(out_path):
-        ids, path_notes = done_ids(path, truncate=path == out_path)
-        done |= ids
-        notes += path_notes
-    return done, notes
+        read_output(path, truncate=path == out_path, state=state)
+    return state
+
+
+def settings_differences(state: OutputState, settings: dict) -> list[str]:
+    """One line per settings value in the output that differs from `settings`, naming each field."""
+    current = json.loads(json.dumps(settings))  # as it reads back from a row
+    lines = []
+    for text, where in state.settings.items():
+        old = json.loads(text)
+        if old is None:
+            lines.append(f"{where}: the row records no settings")
+        elif old != current:
+            fields = sorted(k for k in {*old, *current} if old.get(k) != current.get(k))
+            diffs = ", ".join(f"{k} {old.get(k)!r} (now {current.get(k)!r})" for k in fields)
+            lines.append(f"{where}: {diffs}")
+    return lines
+
+
+def set_aside(path: str) -> str:
+    """Rename path to path.bak-TIMESTAMP (never over an existing file); returns the new name."""
+    stem = f"{path}.bak-{time.strftime('%Y%m%d-%H%M%S')}"
+    target, n = stem, 1
+    while os.path.exists(target):
+        target, n = f"{stem}-{n}", n + 1
+    os.rename(path, target)
+    return target
+
+
+def lock_output(path: str, prog: str):
+    """An exclusive lock on path + ".lock", held while the returned file stays open: a second writer of
+    the same output fails at once. The lock file keeps the holder's pid and is never removed (removing
+    it would let a waiting process and a new one lock two different files)."""
+    f = open(path + ".lock", "a+")
+    try:
+        fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        f.seek(0)
+        pid = f.read().strip() or "unknown"
+        f.close()
+        raise ValueError(f"another {prog} process is writing {path} (pid {pid})") from None
+    f.seek(0)
+    f.truncate()
+    f.write(str(os.getpid()))
+    f.flush()
+    return f
 
 
 def append_lines(f, rows: Sequence[dict]) -> None:

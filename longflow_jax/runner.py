@@ -13,6 +13,8 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
+import os
 import sys
 import time
 import zlib
@@ -24,7 +26,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from .bucketing import Batch, plan_batches, round_up
-from .config import CompressionConfig, SamplingConfig
+from .config import CompressionConfig, SamplingConfig, dtype_from_name
 from .jsonl_io import Record, Skipped, id_key
 
 
@@ -57,13 +59,49 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--quiet", action="store_true", help="no progress bar")
 
 
+# The least value of each integer flag, by argparse dest; a flag a command lacks (or leaves None) is skipped.
+MIN_VALUES = {
+    "max_new_tokens": 1,
+    "batch_size": 1,
+    "budget": 2,  # one slot is the new token's
+    "devices": 1,
+    "seed": 0,
+    "top_k": 0,
+    "limit": 1,
+    "batch": 1,
+    "prompt_len": 1,
+}
+
+
 def check_args(args) -> None:
-    for name in ("max_new_tokens", "batch_size"):
-        if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
-    if not isinstance(args.chat_template_kwargs, dict):
-        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {args.chat_template_kwargs!r}")
-    sampling_from(args)  # raises on a bad --temperature, --top-k or --top-p
+    """Every flag of a generating command, before anything is loaded: ValueError naming the flag, its
+    value and what is expected."""
+    for name, least in MIN_VALUES.items():
+        value = getattr(args, name, None)
+        if value is not None and value < least:
+            raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    if not (math.isfinite(args.temperature) and args.temperature >= 0):
+        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    if not 0.0 < args.top_p <= 1.0:
+        raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    kwargs = getattr(args, "chat_template_kwargs", {})
+    if not isinstance(kwargs, dict):
+        raise ValueError(f"--chat-template-kwargs must be a JSON object, got {kwargs!r}")
+    if getattr(args, "dtype", None) is not None:
+        dtype_from_name(args.dtype)
+    if getattr(args, "ckpt", None) is not None:
+        check_checkpoint_dir(args.ckpt)
+
+
+def check_checkpoint_dir(path: str) -> None:
+    from .convert import incomplete_reason
+
+    reason = incomplete_reason(os.path.abspath(path))
+    if reason:
+        raise ValueError(
+            f"--ckpt {path!r}: {reason} (convert a Hugging Face directory with "
+            f"`longflow-convert HF_DIR OUT_DIR`)"
+        )
 
 
 def sampling_from(args) -> SamplingConfig:
@@ -99,12 +137,26 @@ def cli_main(run: Callable, parser: argparse.ArgumentParser, prog: str, argv=Non
 class Completion:
     prompt_tokens: int
     tokens: list[int]  # generated ids, the EOS included when there is one
-    finish_reason: str  # "stop" (an EOS id ended it) or "length" (max_new_tokens)
+    # "stop" (an EOS id ended it), "length" (max_new_tokens) or "error" (the logits became NaN/inf:
+    # tokens holds those before)
+    finish_reason: str
     text: str  # the tokens decoded, special tokens skipped
 
 
-def finish_reason(tokens: Sequence[int], eos_token_ids: Sequence[int]) -> str:
+def finish_reason(tokens: Sequence[int], eos_token_ids: Sequence[int], nonfinite: bool = False) -> str:
+    if nonfinite:
+        return "error"
     return "stop" if len(tokens) and int(tokens[-1]) in set(eos_token_ids) else "length"
+
+
+def warn_errors(names: Sequence, prog: str) -> None:
+    """names: the rows (ids) whose completion has finish_reason "error"."""
+    if names:
+        report(
+            f"warning: the logits became NaN/inf for {len(names)} row(s) {list(names)}: their output "
+            f"stops there, with finish_reason 'error' (check the checkpoint's weights and --dtype)",
+            prog,
+        )
 
 
 class DataParallelGenerator:
@@ -120,8 +172,9 @@ class DataParallelGenerator:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
         self.mesh = Mesh(np.asarray(devices[:num_devices]), ("data",))
-        self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+        check_checkpoint_dir(ckpt_dir)  # before the tokenizer, which takes a missing path for a hub name
         config, self.params = load(ckpt_dir, dtype=dtype, sharding=NamedSharding(self.mesh, P()))
+        self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         # Chat models end a turn with the tokenizer's eos (e.g. <|im_end|>), which config.json may lack.
         eos = config.eos_token_ids
         if self.tokenizer.eos_token_id is not None:
@@ -166,13 +219,14 @@ class DataParallelGenerator:
         check_generate_inputs(self.config, ids, lengths, **options)
         ids, lengths = jax.device_put((ids, lengths), NamedSharding(self.mesh, P("data")))
         out = self._compiled(**options)(self.params, ids, lengths, jax.random.PRNGKey(seed))
-        tokens, counts = np.asarray(out.tokens), np.asarray(out.lengths)
+        tokens, counts, bad = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.nonfinite)
         eos, decode = self.config.eos_token_ids, self.tokenizer.decode
-        generated = [tokens[r, : counts[r]].tolist() for r in range(len(prompts))]
-        return [
-            Completion(len(p), new, finish_reason(new, eos), decode(new, skip_special_tokens=True))
-            for p, new in zip(prompts, generated)
-        ]
+        completions = []
+        for r, p in enumerate(prompts):
+            new = tokens[r, : counts[r]].tolist()
+            reason = finish_reason(new, eos, bool(bad[r]))
+            completions.append(Completion(len(p), new, reason, decode(new, skip_special_tokens=True)))
+        return completions
 
 
 def encode(tokenizer, kind: str, content, chat_template: bool, template_kwargs: dict) -> list[int]:
@@ -248,10 +302,11 @@ def batch_seed(seed: int, first_id) -> int:
 
 
 def generate_batches(
-    generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig
+    generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig, prog: str
 ) -> Iterator[tuple[float, list[tuple[Record, Completion]]]]:
     """Generate plan's batches in order with the shared options in args. Yields (seconds, [(record,
-    completion)]) per batch; seconds is its wall time, compile included on a new shape."""
+    completion)]) per batch; seconds is its wall time, compile included on a new shape. Rows whose
+    logits became non-finite are reported on stderr."""
     for b in plan.batches:
         start = time.perf_counter()
         completions = generator.generate(
@@ -264,4 +319,8 @@ def generate_batches(
             attention_impl=args.attention_impl,
             seed=batch_seed(args.seed, plan.records[b.indices[0]].id),
         )
-        yield time.perf_counter() - start, [(plan.records[i], c) for i, c in zip(b.indices, completions)]
+        seconds = time.perf_counter() - start
+        warn_errors(
+            [plan.records[i].id for i, c in zip(b.indices, completions) if c.finish_reason == "error"], prog
+        )
+        yield seconds, [(plan.records[i], c) for i, c in zip(b.indices, completions)]

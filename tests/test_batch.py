@@ -1,10 +1,13 @@
 """longflow-batch end to end: skips and reports bad records, resumes, shards per process, 4 CPU devices."""
 
+import importlib
 import json
 import os
 import subprocess
 import sys
 
+import jax.numpy as jnp
+import pytest
 from helpers import write_jsonl
 
 from longflow_jax import batch
@@ -47,7 +50,8 @@ def test_generates_skips_reports_and_resumes(chat_ckpt, tmp_path, capsys):
 
     tok = AutoTokenizer.from_pretrained(chat_ckpt)
     for r in rows:
-        assert set(r) == {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
+        keys = {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds", "settings"}
+        assert set(r) == keys
         assert r["completion_tokens"] == 8 if r["finish_reason"] == "length" else r["completion_tokens"] < 8
     # Plain prompts go through the chat template as one user message; messages as they are.
     by_id = {r["id"]: r for r in rows}
@@ -129,3 +133,125 @@ def test_four_devices_give_the_same_output_as_one(chat_ckpt, tmp_path):
     )
     assert strip(read_rows(four)) == strip(read_rows(one))
     assert len(read_rows(four)) == len(GOOD)
+
+
+def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckpt, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:2])
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch(chat_ckpt, inp, out) == 0
+    rows = read_rows(out)
+    assert rows[0]["settings"] == {
+        "ckpt": os.path.abspath(chat_ckpt),
+        "dtype": None,
+        "policy": "longflow",
+        "budget": 32,
+        "granularity": "sequence",
+        "snapkv_window": 32,
+        "snapkv_pool": 5,
+        "num_sinks": 4,
+        "recent_window": None,
+        "attention_impl": "reference",
+        "max_new_tokens": 8,
+        "temperature": 0.0,
+        "top_k": 0,
+        "top_p": 1.0,
+        "seed": 0,
+        "chat_template": True,
+        "chat_template_kwargs": {},
+    }
+    assert rows[1]["settings"] == rows[0]["settings"]
+    # A non-UTF-8 line in the output is named and its prompt redone; it does not block the resume.
+    with open(out, "ab") as f:
+        f.write(b'{"id": "junk\xff"}\n')
+    capsys.readouterr()
+    assert run_batch(chat_ckpt, inp, out) == 0
+    captured = capsys.readouterr()
+    assert f"{out}:3: unreadable output line ignored, not UTF-8" in captured.err
+    assert "0 prompts" in captured.out
+
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    assert run_batch(chat_ckpt, inp, out, "--policy", "h2o", "--max-new-tokens", "6") == 2
+    err = capsys.readouterr().err
+    assert "cannot be resumed" in err and "--force-new" in err
+    assert f"{out}:1: max_new_tokens 8 (now 6), policy 'longflow' (now 'h2o')" in err
+    assert open(out, "rb").read().count(b"\n") == 3  # untouched
+
+    assert run_batch(chat_ckpt, inp, out, "--policy", "h2o", "--force-new") == 0
+    assert "renamed to" in capsys.readouterr().err
+    rows = read_rows(out)
+    assert sorted(map(str, (r["id"] for r in rows))) == sorted(str(g["id"]) for g in GOOD)
+    assert {r["settings"]["policy"] for r in rows} == {"h2o"}
+    (backup,) = [p for p in os.listdir(tmp_path) if p.startswith("out.jsonl.bak-")]
+    assert open(tmp_path / backup, "rb").read().count(b"\n") == 3  # the old rows, kept
+
+
+def poison_embedding(ckpt, char, monkeypatch):
+    """Load ckpt with the embedding of `char` set to NaN from now on: a prompt holding it has NaN
+    logits from the prefill on, the others are untouched."""
+    from transformers import AutoTokenizer
+
+    convert = importlib.import_module("longflow_jax.convert")  # the package's `convert` is the function
+    token, load = AutoTokenizer.from_pretrained(ckpt).convert_tokens_to_ids(char), convert.load
+
+    def poisoned_load(*args, **kwargs):
+        config, params = load(*args, **kwargs)
+        return config, dict(params, embed=params["embed"].at[token].set(jnp.nan))
+
+    monkeypatch.setattr(convert, "load", poisoned_load)
+
+
+def test_a_row_with_nan_logits_is_an_error_row_with_a_warning(chat_ckpt, tmp_path, monkeypatch, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [*GOOD[:2], {"id": "z", "prompt": "Zebra"}])
+    clean, out = str(tmp_path / "clean.jsonl"), str(tmp_path / "out.jsonl")
+    assert run_batch(chat_ckpt, inp, clean) == 0
+    assert "warning" not in capsys.readouterr().err
+    poison_embedding(chat_ckpt, "Z", monkeypatch)
+    assert run_batch(chat_ckpt, inp, out) == 0
+    captured = capsys.readouterr()
+    assert "the logits became NaN/inf for 1 row(s) ['z']" in captured.err
+    assert "1 stopped on NaN/inf logits" in captured.out
+    by_id = {r["id"]: r for r in read_rows(out)}
+    assert by_id["z"]["finish_reason"] == "error" and by_id["z"]["completion_tokens"] == 0
+    assert by_id["z"]["text"] == ""
+    # the other rows are as without the poison
+    fields = lambda r: (r["text"], r["completion_tokens"], r["finish_reason"])
+    expected = {r["id"]: fields(r) for r in read_rows(clean)}
+    assert fields(by_id[1]) == expected[1] and fields(by_id["b"]) == expected["b"]
+
+
+@pytest.mark.parametrize(
+    "extra, lines, message",
+    [
+        (["--temperature", "nan"], GOOD, "--temperature must be a finite number >= 0, got nan"),
+        (["--temperature", "inf"], GOOD, "--temperature must be a finite number >= 0, got inf"),
+        (["--temperature", "-0.5"], GOOD, "--temperature must be a finite number >= 0, got -0.5"),
+        (["--top-p", "0"], GOOD, "--top-p must be in (0, 1], got 0.0"),
+        (["--top-p", "1.5"], GOOD, "--top-p must be in (0, 1], got 1.5"),
+        (["--top-p", "nan"], GOOD, "--top-p must be in (0, 1], got nan"),
+        (["--top-k", "-1"], GOOD, "--top-k must be >= 0, got -1"),
+        (["--budget", "0"], GOOD, "--budget must be >= 2, got 0"),
+        (["--budget", "-8"], GOOD, "--budget must be >= 2, got -8"),
+        (["--batch-size", "0"], GOOD, "--batch-size must be >= 1, got 0"),
+        (["--max-new-tokens", "0"], GOOD, "--max-new-tokens must be >= 1, got 0"),
+        (["--devices", "0"], GOOD, "--devices must be >= 1, got 0"),
+        (["--seed", "-1"], GOOD, "--seed must be >= 0, got -1"),
+        (["--dtype", "float8"], GOOD, "dtype must be one of"),
+        (["--chat-template-kwargs", "[1]"], GOOD, "--chat-template-kwargs must be a JSON object, got [1]"),
+        (["--ckpt", "/nope"], GOOD, "--ckpt '/nope': it does not exist"),
+        (["--ckpt", "."], GOOD, "is not a complete longflow-jax checkpoint"),
+        ([], [], "no valid prompt records in"),
+        ([], ["oops", {"id": 1}], "no valid prompt records in"),
+        ([], None, "No such file or directory"),
+        (["--output", "in.jsonl/out.jsonl"], GOOD, "File exists"),  # a file where its folder goes
+    ],
+)
+def test_bad_arguments_and_inputs_are_one_clear_error(
+    chat_ckpt, tmp_path, monkeypatch, capsys, extra, lines, message
+):
+    monkeypatch.chdir(tmp_path)
+    inp = str(tmp_path / "missing.jsonl") if lines is None else write_jsonl(tmp_path / "in.jsonl", lines)
+    assert run_batch(chat_ckpt, inp, str(tmp_path / "out.jsonl"), *extra) == 2
+    err = capsys.readouterr().err
+    (last,) = [line for line in err.splitlines() if "error:" in line]
+    assert last.startswith("longflow-batch: error: ") and message in last
+    assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()

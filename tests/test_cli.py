@@ -1,5 +1,8 @@
 """longflow-generate: the demo builds its own model; --ckpt generates from a converted checkpoint."""
 
+import pytest
+from test_batch import poison_embedding
+
 from longflow_jax import cli
 
 
@@ -16,3 +19,52 @@ def test_checkpoint_generates_a_text_per_prompt(chat_ckpt, capsys):
     out = capsys.readouterr().out
     assert out.count("--- [") == 2 and "tokens in" in out
     assert cli.main(["--ckpt", chat_ckpt]) == 2  # --ckpt needs a --prompt
+
+
+def test_a_prompt_with_nan_logits_is_reported(chat_ckpt, monkeypatch, capsys):
+    poison_embedding(chat_ckpt, "Z", monkeypatch)
+    argv = [
+        "--ckpt",
+        chat_ckpt,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "Zed",
+        "--max-new-tokens",
+        "4",
+        "--budget",
+        "8",
+    ]
+    assert cli.main(argv) == 0
+    captured = capsys.readouterr()
+    assert "--- [1] 0 tokens (stopped: the logits became NaN/inf)" in captured.out
+    assert "--- [0] 4 tokens\n" in captured.out
+    assert "the logits became NaN/inf for 1 row(s) [1]" in captured.err
+
+
+DEMO = ["--demo", "--batch", "2", "--prompt-len", "16", "--max-new-tokens", "8", "--budget", "8"]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        ([*DEMO, "--batch", "0"], "--batch must be >= 1, got 0"),
+        ([*DEMO, "--prompt-len", "0"], "--prompt-len must be >= 1, got 0"),
+        ([*DEMO, "--max-new-tokens", "0"], "--max-new-tokens must be >= 1, got 0"),
+        ([*DEMO, "--budget", "0"], "--budget must be >= 2, got 0"),
+        ([*DEMO, "--budget", "-3"], "--budget must be >= 2, got -3"),
+        ([*DEMO, "--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+        ([*DEMO, "--temperature=-inf"], "--temperature must be a finite number >= 0, got -inf"),
+        ([*DEMO, "--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+        ([*DEMO, "--top-p", "inf"], "--top-p must be in (0, 1], got inf"),
+        ([*DEMO, "--top-k", "-2"], "--top-k must be >= 0, got -2"),
+        ([*DEMO, "--seed", "-1"], "--seed must be >= 0, got -1"),
+        (["--ckpt", "/nope", "--prompt", "hi"], "--ckpt '/nope': it does not exist"),
+        (["--ckpt", "/", "--prompt", "hi"], "is not a complete longflow-jax checkpoint"),
+        (["--ckpt", "/nope"], "--ckpt needs at least one --prompt"),
+    ],
+)
+def test_bad_arguments_are_one_clear_error(argv, message, capsys):
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("longflow-generate: error: ") and message in err and "Traceback" not in err

@@ -4,8 +4,9 @@ import json
 from fractions import Fraction
 
 import pytest
+from test_batch import poison_embedding
 
-from longflow_jax import eval_math
+from longflow_jax import eval_math, jsonl_io
 from longflow_jax.eval_math import answers_match, extract_answer, last_boxed, reference_answer, to_number
 
 
@@ -209,3 +210,68 @@ def test_harness_end_to_end(chat_ckpt, tmp_path, capsys):
     for r in rows:
         assert r["completion_tokens"] <= 6 and r["correct"] == answers_match(r["prediction"], r["reference"])
         assert r["extracted_by"] in ("boxed", "####", "answer_is", "last_number", "none")
+
+
+def test_nonfinite_reference_answers_are_malformed_lines(tmp_path):
+    path = tmp_path / "problems.jsonl"
+    lines = ['{"question": "q", "answer": 7}', '{"question": "q", "answer": NaN}']
+    lines += ['{"question": "q", "answer": -Infinity}', '{"question": "q", "answer": 1e400}']
+    path.write_text("\n".join(lines) + "\n")
+    records, skipped = jsonl_io.read_jsonl_records(str(path), eval_math.validate_problem, id_from_line=True)
+    assert [(r.id, r.data) for r in records] == [(1, ("q", "7"))]
+    assert [(s.line, s.reason) for s in skipped] == [
+        (2, "bad JSON (NaN is not valid JSON)"),
+        (3, "bad JSON (-Infinity is not valid JSON)"),
+        (4, "bad JSON (number 1e400 overflows to inf)"),
+    ]
+
+
+def test_a_problem_with_nan_logits_is_an_error_row_scored_wrong(chat_ckpt, tmp_path, monkeypatch, capsys):
+    poison_embedding(chat_ckpt, "Z", monkeypatch)
+    inp = tmp_path / "problems.jsonl"
+    inp.write_text(
+        json.dumps(PROBLEMS[0]) + "\n" + json.dumps({"id": "z", "question": "Zero?", "answer": "0"})
+    )
+    out = tmp_path / "rows.jsonl"
+    argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--policies", "longflow"]
+    assert eval_math.main(argv + ["--budgets", "32", "--max-new-tokens", "4", "--quiet"]) == 0
+    captured = capsys.readouterr()
+    assert "the logits became NaN/inf for 1 row(s) ['z']" in captured.err
+    assert "1 row(s) stopped on NaN/inf logits" in captured.out
+    rows = {r["id"]: r for r in map(json.loads, out.read_text().splitlines())}
+    assert rows["z"]["finish_reason"] == "error" and rows["z"]["correct"] is False
+    assert rows["g1"]["finish_reason"] in ("stop", "length")
+
+
+@pytest.mark.parametrize(
+    "extra, message",
+    [
+        (["--budgets", "0"], "--budgets must all be >= 2 (KV slots per layer), got '0'"),
+        (["--budgets", "64,-1"], "--budgets must all be >= 2 (KV slots per layer), got '64,-1'"),
+        (["--budgets", "64,x"], "--budgets expects a comma-separated list of int, got '64,x'"),
+        (["--budgets", ","], "--budgets expects a comma-separated list of int, got ','"),
+        (["--policies", "snap"], "unknown policy 'snap'"),
+        (["--limit", "-1"], "--limit must be >= 1, got -1"),
+        (["--limit", "0"], "--limit must be >= 1, got 0"),
+        (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+        (["--top-p", "-1"], "--top-p must be in (0, 1], got -1.0"),
+        (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
+        (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),
+        (["--ckpt", "/nope"], "--ckpt '/nope': it does not exist"),
+        (["--input", "/nope.jsonl"], "No such file or directory"),
+        (["--input", "EMPTY"], "no problems to evaluate in"),
+        (["--output", "problems.jsonl/rows.jsonl"], "File exists"),  # a file where its folder goes
+    ],
+)
+def test_bad_arguments_and_inputs_are_one_clear_error(
+    chat_ckpt, tmp_path, monkeypatch, capsys, extra, message
+):
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "problems.jsonl").write_text(json.dumps(PROBLEMS[0]) + "\n")
+    (tmp_path / "EMPTY").write_text("")
+    argv = ["--ckpt", chat_ckpt, "--input", "problems.jsonl", "--output", "rows.jsonl", "--quiet"]
+    assert eval_math.main(argv + ["--max-new-tokens", "4", "--budgets", "32", *extra]) == 2
+    err = capsys.readouterr().err
+    (line,) = [line for line in err.splitlines() if "error:" in line]
+    assert line.startswith("longflow-eval: error: ") and message in line
+    assert "Traceback" not in err and not (tmp_path / "rows.jsonl").exists()

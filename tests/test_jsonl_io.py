@@ -3,6 +3,7 @@
 import json
 import os
 
+import pytest
 from helpers import write_jsonl
 
 from longflow_jax import jsonl_io
@@ -46,11 +47,68 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
 def test_partial_last_line_is_truncated_only_in_our_own_file(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": 1, "text": "a"}\n{"id": "x", "text": "b"}\n{"id": 3, "te')
-    ids, notes = jsonl_io.done_ids(str(path), truncate=False)
-    assert ids == {"1", '"x"'} and not notes and path.read_bytes().endswith(b'"te')
-    ids, notes = jsonl_io.done_ids(str(path), truncate=True)
-    assert ids == {"1", '"x"'} and "truncated" in notes[0]
+    state = jsonl_io.read_output(str(path), truncate=False)
+    assert state.ids == {"1", '"x"'} and not state.notes and path.read_bytes().endswith(b'"te')
+    state = jsonl_io.read_output(str(path), truncate=True)
+    assert state.ids == {"1", '"x"'} and "truncated" in state.notes[0]
     assert path.read_bytes().endswith(b'"b"}\n')
+
+
+def test_undecodable_input_lines_are_skipped_by_number(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [
+        b'{"id": 1, "prompt": "ok"}',
+        b'{"id": 2, "prompt": "caf\xe9"}',  # latin-1, not UTF-8
+        b'{"id": 3, "prompt": "\xc3\xa9t\xc3\xa9"}',  # UTF-8
+        b'{"id": 4, "prompt": NaN}',
+        b'{"id": 5, "prompt": "x", "n": 1e999}',  # overflows to inf
+        b'{"id": Infinity, "prompt": "x"}',
+    ]
+    path.write_bytes(b"\n".join(lines) + b"\n")
+    records, skipped = jsonl_io.read_jsonl_records(str(path), jsonl_io.validate_prompt_record)
+    assert [(r.id, r.data) for r in records] == [(1, ("prompt", "ok")), (3, ("prompt", "\u00e9t\u00e9"))]
+    reasons = {s.line: s.reason for s in skipped}
+    assert sorted(reasons) == [2, 4, 5, 6]
+    assert reasons[2] == "not UTF-8 (byte 0xe9 at column 25)"
+    assert "NaN is not valid JSON" in reasons[4] and "1e999 overflows" in reasons[5]
+    assert "Infinity is not valid JSON" in reasons[6]
+
+
+def test_unreadable_output_lines_are_named_and_their_ids_redone(tmp_path):
+    path = tmp_path / "out.jsonl"
+    settings = {"policy": "longflow", "budget": 32}
+    rows = [
+        json.dumps({"id": 1, "settings": settings}).encode(),
+        b'{"id": 2, "text": "\xff\xfe"}',
+        b"[3]",
+        json.dumps({"id": 4, "settings": dict(settings, budget=64)}).encode(),
+        json.dumps({"id": 5}).encode(),
+    ]
+    path.write_bytes(b"\n".join(rows) + b"\n")
+    state = jsonl_io.read_output(str(path), truncate=True)
+    assert state.ids == {"1", "4", "5"}
+    assert [n.split(": ", 1)[0] for n in state.notes] == [f"{path}:2", f"{path}:3"]
+    assert "not UTF-8" in state.notes[0]
+    assert jsonl_io.settings_differences(state, settings) == [
+        f"{path}:4: budget 64 (now 32)",
+        f"{path}:5: the row records no settings",
+    ]
+
+
+def test_a_second_writer_fails_at_once_and_set_aside_keeps_the_old_file(tmp_path):
+    out = str(tmp_path / "out.jsonl")
+    with jsonl_io.lock_output(out, "longflow-batch"):
+        with pytest.raises(
+            ValueError, match=f"another longflow-batch process is writing {out} \\(pid {os.getpid()}\\)"
+        ):
+            jsonl_io.lock_output(out, "longflow-batch")
+    jsonl_io.lock_output(out, "longflow-batch").close()  # free again once the holder closes it
+    (tmp_path / "out.jsonl").write_text("old\n")
+    first, second = jsonl_io.set_aside(out), None
+    (tmp_path / "out.jsonl").write_text("newer\n")
+    second = jsonl_io.set_aside(out)
+    assert first != second and first.startswith(out + ".bak-") and second.startswith(out + ".bak-")
+    assert open(first).read() == "old\n" and open(second).read() == "newer\n" and not os.path.exists(out)
 
 
 def test_output_paths_per_process(tmp_path):
