@@ -107,6 +107,12 @@ def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
         lf.generate(params, config, ids, lengths, **kwargs)
 
 
+def test_empty_batch_fails_clearly(qwen3):
+    config, params = qwen3
+    with pytest.raises(ValueError, match="the batch is empty"):
+        lf.generate(params, config, np.ones((0, 4), np.int32), np.ones((0,), np.int32), max_new_tokens=2)
+
+
 def _without_last_layer(params):
     return {**params, "layers": params["layers"][:-1]}
 
