@@ -1,23 +1,19 @@
 """`longflow-batch`: generate for a JSONL file of prompts, data parallel over the local devices, resumably.
 
 Input, one JSON object a line: {"id": ..., "prompt": "text"} or {"id": ..., "messages": [chat messages]}.
-Output, one line per prompt, appended batch by batch:
-  {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds", "settings"}
-finish_reason: "stop" (EOS), "length" (max_new_tokens) or "error" (the logits became NaN/inf; the text
-stops there and a warning names the ids). "seconds": wall time of the batch the prompt was generated in,
-compile included on a new shape. "settings": what the row was made with (checkpoint, dtype, cache,
-kernel, max_new_tokens, sampling, chat template).
+Output, one line per prompt, appended batch by batch: {"id", "text", "prompt_tokens", "completion_tokens",
+"finish_reason", "seconds", "settings"}. finish_reason is "stop" (EOS), "length" (max_new_tokens) or
+"error" (the logits became NaN/inf: the text stops there and a warning names the ids); "seconds" is the
+wall time of the prompt's batch, compile included; "settings" is what the row was made with.
 
-Ids already in the output are skipped, so rerunning the command resumes; a rerun with other settings
-is refused, naming the fields that differ, unless --force-new (which renames the old output aside to
-OUT.bak-TIMESTAMP). One process writes an output at a time: it holds a lock on OUT.lock, and a second
-one fails at once.
+Rerunning resumes: ids already in the output are skipped. A rerun with other settings is refused, naming
+the fields that differ, unless --force-new (the old output is renamed to OUT.bak-TIMESTAMP). A lock on
+OUT.lock makes a second writer fail at once.
 
-Multi-host (--distributed): `jax.distributed.initialize()`, then every process reads the whole input,
-takes the valid records k with k % process_count == process_index and runs them on its own devices with
-no cross-host communication, so a slow or restarted host holds up nobody. Process i of n appends to
-OUT.i-of-n.jsonl; a run skips the ids done in OUT.jsonl and in every OUT.*-of-*.jsonl, so a resume with
-another number of hosts does not redo finished prompts.
+--distributed: `jax.distributed.initialize()`, then process i of n takes the valid records k with
+k % n == i, runs them on its own devices with no cross-host communication (a slow or restarted host holds
+up nobody) and appends to OUT.i-of-n.jsonl. A run skips the ids done in OUT.jsonl and in every
+OUT.*-of-*.jsonl, so a resume with another number of hosts redoes nothing.
 """
 
 from __future__ import annotations
@@ -119,7 +115,6 @@ def run(args) -> None:
     runner.check_args(args)
     process_index, process_count = start_processes(args)
     out_path = jsonl_io.output_path(args.output, process_index, process_count)
-    os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
     with jsonl_io.lock_output(out_path, PROG):
         generate_into(out_path, process_index, process_count, args)
 

@@ -24,6 +24,11 @@ def _is_finite(value) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
 
 
+def _check(ok: bool, name: str, expected: str, value) -> None:
+    if not ok:
+        raise ValueError(f"{name} must be {expected}, got {value!r}")
+
+
 def dtype_from_name(name: str):
     if name not in DTYPES:
         raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {name!r}")
@@ -69,19 +74,16 @@ class ModelConfig:
             )
         for field in _SIZE_FIELDS:
             value = getattr(self, field)
-            if not _is_int(value) or value < 1:
-                raise ValueError(f"{field} must be a positive int, got {value!r}")
-        if not _is_finite(self.rms_norm_eps) or self.rms_norm_eps < 0:
-            raise ValueError(f"rms_norm_eps must be a finite number >= 0, got {self.rms_norm_eps!r}")
-        if not _is_finite(self.rope_theta) or self.rope_theta <= 0:
-            raise ValueError(f"rope_theta must be a finite number > 0, got {self.rope_theta!r}")
+            _check(_is_int(value) and value >= 1, field, "a positive int", value)
+        eps, theta = self.rms_norm_eps, self.rope_theta
+        _check(_is_finite(eps) and eps >= 0, "rms_norm_eps", "a finite number >= 0", eps)
+        _check(_is_finite(theta) and theta > 0, "rope_theta", "a finite number > 0", theta)
         if self.num_heads % self.num_kv_heads:
             raise ValueError(
                 f"num_attention_heads ({self.num_heads}) must be a multiple of "
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim must be even for RoPE, got {self.head_dim}")
+        _check(self.head_dim % 2 == 0, "head_dim", "even for RoPE", self.head_dim)
         dtype_from_name(self.dtype)
 
     @property
@@ -152,11 +154,8 @@ class ModelConfig:
         gen = generation_config or {}
         eos = _as_id_tuple(hf.get("eos_token_id")) + _as_id_tuple(gen.get("eos_token_id"))
         eos = tuple(dict.fromkeys(eos))
-        pad = hf.get("pad_token_id")
-        if pad is None:
-            pad = gen.get("pad_token_id")
-        if pad is None:
-            pad = eos[0] if eos else 0
+        pads = [p for p in (hf.get("pad_token_id"), gen.get("pad_token_id")) if p is not None]
+        pad = pads[0] if pads else eos[0] if eos else 0
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         if dtype not in DTYPES:
             raise ValueError(f"unsupported checkpoint dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -208,8 +207,7 @@ def _hf_size(hf: dict, field: str) -> int:
     if field not in hf:
         raise ValueError(f"config.json is missing the required field {field!r}")
     value = hf[field]
-    if not _is_int(value) or value < 1:
-        raise ValueError(f"config.json field {field!r} must be a positive int, got {value!r}")
+    _check(_is_int(value) and value >= 1, f"config.json field {field!r}", "a positive int", value)
     return int(value)
 
 
@@ -237,9 +235,7 @@ class CompressionConfig:
     """How the KV buffer is kept.
 
     policy: "full" (no eviction; capacity = prompt + new tokens), "longflow" (LONGFLOW.md), or a
-      baseline: "streaming" (StreamingLLM, Xiao et al. 2023: attention sinks + recent window),
-      "h2o" (Zhang et al. 2023: accumulated attention + recent window), "tova" (Oren et al. 2024:
-      the current query's attention alone), "random" (a uniformly random victim: the floor).
+      baseline: "streaming", "h2o", "tova", "random" (each described in policies.py).
     budget: slots per layer per sequence (C). Ignored for "full".
     granularity: "sequence" (one evict slot per sequence per layer, the paper's) or "kv_head".
     snapkv_window / snapkv_pool: SnapKV prefill compression when a prompt exceeds budget - 1.
@@ -258,23 +254,23 @@ class CompressionConfig:
     def __post_init__(self):
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
             raise ValueError(f"unknown policy {self.policy!r}; expected one of {POLICIES}")
-        if not isinstance(self.granularity, str) or self.granularity not in ("sequence", "kv_head"):
-            raise ValueError(f"granularity must be 'sequence' or 'kv_head', got {self.granularity!r}")
+        g = self.granularity
+        _check(
+            isinstance(g, str) and g in ("sequence", "kv_head"), "granularity", "'sequence' or 'kv_head'", g
+        )
         for field in ("budget", "snapkv_window", "snapkv_pool", "num_sinks", "recent_window"):
             value = getattr(self, field)
-            if not _is_int(value) and not (field == "recent_window" and value is None):
-                raise ValueError(f"{field} must be an int, got {value!r}")
-        if self.policy != "full" and self.budget < 2:
-            raise ValueError(f"budget must be >= 2 slots (one for the new token), got {self.budget}")
+            _check(_is_int(value) or (field == "recent_window" and value is None), field, "an int", value)
+        budget_ok = self.policy == "full" or self.budget >= 2
+        _check(budget_ok, "budget", ">= 2 slots (one for the new token)", self.budget)
         if self.snapkv_window < 1 or self.snapkv_pool < 1 or self.snapkv_pool % 2 == 0:
             raise ValueError(
                 f"snapkv_window must be >= 1 and snapkv_pool odd >= 1, got "
                 f"{self.snapkv_window}, {self.snapkv_pool}"
             )
-        if self.num_sinks < 0:
-            raise ValueError(f"num_sinks must be >= 0, got {self.num_sinks}")
-        if self.recent_window is not None and not 0 <= self.recent_window < self.budget:
-            raise ValueError(f"recent_window must be in [0, budget), got {self.recent_window}")
+        _check(self.num_sinks >= 0, "num_sinks", ">= 0", self.num_sinks)
+        recent = self.recent_window
+        _check(recent is None or 0 <= recent < self.budget, "recent_window", "in [0, budget)", recent)
 
     @property
     def h2o_recent(self) -> int:
@@ -290,9 +286,7 @@ class SamplingConfig:
     top_p: float = 1.0
 
     def __post_init__(self):
-        if not _is_finite(self.temperature) or self.temperature < 0:
-            raise ValueError(f"temperature must be a finite number >= 0, got {self.temperature!r}")
-        if not _is_int(self.top_k) or self.top_k < 0:
-            raise ValueError(f"top_k must be an int >= 0, got {self.top_k!r}")
-        if not _is_finite(self.top_p) or not 0.0 < self.top_p <= 1.0:
-            raise ValueError(f"top_p must be a number in (0, 1], got {self.top_p!r}")
+        t, k, p = self.temperature, self.top_k, self.top_p
+        _check(_is_finite(t) and t >= 0, "temperature", "a finite number >= 0", t)
+        _check(_is_int(k) and k >= 0, "top_k", "an int >= 0", k)
+        _check(_is_finite(p) and 0.0 < p <= 1.0, "top_p", "a number in (0, 1]", p)

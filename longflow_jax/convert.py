@@ -1,28 +1,23 @@
 """Hugging Face safetensors checkpoint -> orbax-checkpoint directory, and the loader back.
 
-Layout of a converted directory:
-  config.json, generation_config.json, tokenizer files   copied from the HF directory
-  params/                                                 orbax checkpoint of the params pytree
-  longflow_checkpoint.json                                written last: marks the conversion complete
-Every tensor is read and checked (offsets, shape, finite values) before anything is written. The new
-directory is then assembled beside OUT as OUT.partial-PID and swapped in atomically, so OUT always holds
-either the old complete checkpoint or the new one; a killed conversion leaves at most OUT.partial-PID or
-OUT.old-PID, which the next conversion to OUT sweeps once that PID is no longer alive.
-
-Memory: tensors are read one at a time from memory-mapped safetensors files and converted straight into
-the output params (one copy of the model in the target dtype, plus one tensor in flight).
+A converted directory holds the HF config, generation config and tokenizer files, `params/` (orbax) and,
+written last to mark it complete, `longflow_checkpoint.json`. Every tensor is checked (offsets, shape,
+finite values) before anything is written; the new directory is assembled as OUT.partial-PID and swapped
+in atomically, so OUT always holds the old complete checkpoint or the new one. A killed conversion leaves
+at most OUT.partial-PID or OUT.old-PID, swept by the next conversion to OUT once that PID is dead.
+Tensors stream one at a time from memory-mapped files: one copy of the model in memory, in the target dtype.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import math
 import os
 import re
 import shutil
 import struct
-import sys
 import time
 
 import jax
@@ -86,11 +81,8 @@ def _is_count(value) -> bool:
 
 
 def iter_safetensors(path: str):
-    """Yield (name, array view) from one .safetensors file, memory-mapped (no full read).
-
-    The header is checked against the file before any tensor is viewed: a truncated, empty or foreign
-    file, or a tensor whose offsets disagree with its dtype and shape, raises CheckpointError naming it.
-    """
+    """Yield (name, memory-mapped array) from one .safetensors file. A truncated, empty or foreign file, or
+    a tensor whose offsets disagree with its dtype and shape, raises CheckpointError naming it."""
     size = os.path.getsize(path)
     with open(path, "rb") as f:
         head = f.read(8)
@@ -239,17 +231,15 @@ def _pid_alive(pid: int) -> bool:
     except ProcessLookupError:
         return False
     except (PermissionError, OverflowError):
-        return True  # another user's process, or not a PID we can judge: keep its directory
+        pass  # another user's process, or not a PID we can judge: keep its directory
     return True
 
 
 def _remove_checkpoint(path: str) -> None:
     """Delete a checkpoint directory, its marker first, so a half-deleted one never reads as complete.
     A directory that cannot be deleted now is left for the next conversion's sweep."""
-    try:
+    with contextlib.suppress(OSError):
         os.remove(os.path.join(path, MARKER))
-    except OSError:
-        pass
     shutil.rmtree(path, ignore_errors=True)
 
 
@@ -319,11 +309,8 @@ def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
-    """Convert a HF checkpoint directory; returns the config of the written checkpoint.
-
-    Paths are compared after resolving symlinks. overwrite replaces OUT only when it is a complete
-    converted checkpoint, and atomically: OUT holds the old or the new checkpoint at every moment.
-    """
+    """Convert a HF checkpoint directory; returns the written config. overwrite replaces OUT only when it
+    is a complete converted checkpoint. Paths are compared after resolving symlinks."""
     import orbax.checkpoint as ocp
 
     hf_dir, out_dir = os.path.realpath(hf_dir), os.path.realpath(out_dir)
@@ -416,6 +403,8 @@ def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Shardin
 
 
 def main(argv=None) -> int:
+    from .runner import cli_main
+
     parser = argparse.ArgumentParser(
         prog="longflow-convert",
         description="Convert a Hugging Face Llama/Qwen2/Qwen3 safetensors checkpoint to a longflow-jax "
@@ -429,14 +418,12 @@ def main(argv=None) -> int:
     parser.add_argument(
         "--overwrite", action="store_true", help="replace OUT_DIR if it is a complete converted checkpoint"
     )
-    args = parser.parse_args(argv)
-    try:
+
+    def run(args) -> None:
         config = convert(args.hf_dir, args.out_dir, dtype=args.dtype, overwrite=args.overwrite)
-    except (ValueError, OSError) as e:
-        print(f"longflow-convert: error: {e}", file=sys.stderr)
-        return 2
-    print(
-        f"converted {config.model_type} ({config.num_layers} layers, hidden {config.hidden_size}, "
-        f"{config.dtype}) -> {args.out_dir}"
-    )
-    return 0
+        print(
+            f"converted {config.model_type} ({config.num_layers} layers, hidden {config.hidden_size}, "
+            f"{config.dtype}) -> {args.out_dir}"
+        )
+
+    return cli_main(run, parser, "longflow-convert", argv)

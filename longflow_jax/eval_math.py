@@ -15,7 +15,6 @@ compare element by element with the same brackets.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 import time
@@ -27,8 +26,6 @@ from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
-
-# ------------------------------------------------------------------------------------ extraction
 
 
 def _braced(text: str, open_at: int) -> tuple[str, int] | None:
@@ -103,8 +100,6 @@ def reference_answer(answer: str) -> str:
     return boxed if boxed is not None else answer.strip()
 
 
-# --------------------------------------------------------------------------------------- scoring
-
 _TEXT_WRAPPERS = re.compile(r"\\(?:text|textbf|textit|textrm|mathrm|mathbf|mbox|operatorname)\s*(?=\{)")
 _SPACING = re.compile(r"\\[!,;: ]|\\q?quad(?![a-zA-Z])|~|\\displaystyle(?![a-zA-Z])")
 
@@ -135,13 +130,9 @@ def normalize_answer(answer: str) -> str:
     s = _SPACING.sub(" ", s)
     s = s.strip().rstrip(".").strip()
     # A variable being assigned: "x = 5" -> "5" (only a single letter on the left of one "=").
-    m = re.fullmatch(r"[a-zA-Z]\s*=\s*([^=]+)", s)
-    if m:
-        s = m.group(1).strip()
+    s = re.sub(r"\A[a-zA-Z]\s*=\s*([^=]+)\Z", r"\1", s)
     # Units after a number: "18 dollars", "5 cm^2", "3 square feet" -> the number.
-    m = re.fullmatch(rf"({_NUMBER})\s+[a-zA-Z]+(?:\s+[a-zA-Z]+)*(?:\^\{{?\d\}}?)?", s)
-    if m:
-        s = m.group(1)
+    s = re.sub(rf"\A({_NUMBER})\s+[a-zA-Z]+(?:\s+[a-zA-Z]+)*(?:\^\{{?\d\}}?)?\Z", r"\1", s)
     s = re.sub(r"\s+", "", s)
     # Shorthand LaTeX: \frac12 -> \frac{1}{2}, \frac{1}2 -> \frac{1}{2}, \sqrt2 -> \sqrt{2}.
     s = re.sub(r"\\frac(\d)(\d)", r"\\frac{\1}{\2}", s)
@@ -149,10 +140,7 @@ def normalize_answer(answer: str) -> str:
     s = re.sub(r"\\frac(\d)(\{)", r"\\frac{\1}\2", s)
     s = re.sub(r"\\sqrt(\d+)", r"\\sqrt{\1}", s)
     # A multiple-choice letter in parentheses: "(B)" -> "B".
-    m = re.fullmatch(r"\(([A-Za-z])\)", s)
-    if m:
-        s = m.group(1)
-    return s
+    return re.sub(r"\A\(([A-Za-z])\)\Z", r"\1", s)
 
 
 _PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[-+]?\.\d+")
@@ -209,9 +197,6 @@ def answers_match(prediction: str | None, reference: str) -> bool:
     if prediction is None:
         return False
     return _normalized_match(normalize_answer(prediction), normalize_answer(reference))
-
-
-# ------------------------------------------------------------------------------------ the harness
 
 
 def validate_problem(obj: dict) -> tuple[str, str]:
@@ -308,7 +293,6 @@ def run(args) -> None:
     policies = parse_list("--policies", args.policies, str)
     budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
-    os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
     with lock_output(args.output, PROG):
         evaluate(args, policies, budgets, runs)
 

@@ -72,45 +72,36 @@ def parse_json_line(line: bytes) -> Any:
 def read_jsonl_records(
     path: str, validate: Callable[[dict], Any], id_field: str = "id", id_from_line: bool = False
 ) -> tuple[list[Record], list[Skipped]]:
-    """Parse a JSONL file: returns (records in file order, skipped).
+    """Parse a JSONL file: returns (records in file order, skipped), blank lines ignored.
 
-    validate(obj) returns the record's data or raises ValueError with the reason. Blank lines are not
-    records. A line that is not UTF-8 or not strict JSON (`parse_json_line`), a non-object, a
-    missing/null id (unless id_from_line: then the line number is the id), a failed validation and a
-    repeated id (its second and later occurrences) are skipped, each with its 1-based line number.
+    validate(obj) returns the record's data or raises ValueError with the reason. A line that is not
+    strict JSON (`parse_json_line`), a non-object, a missing/null id (unless id_from_line: then the line
+    number is the id), a failed validation and an id seen before are skipped with their 1-based line number.
     """
     records, skipped, seen = [], [], set()
     with open(path, "rb") as f:
         for number, line in enumerate(f, 1):
             if not line.strip():
                 continue
+            record_id = None
             try:
                 obj = parse_json_line(line)
-            except ValueError as e:
-                skipped.append(Skipped(number, None, str(e)))
-                continue
-            if not isinstance(obj, dict):
-                skipped.append(Skipped(number, None, f"expected a JSON object, got {type(obj).__name__}"))
-                continue
-            record_id = obj.get(id_field)
-            if record_id is None and id_from_line:
-                record_id = number
-            if record_id is None:
-                skipped.append(Skipped(number, None, f"missing {id_field!r}"))
-                continue
-            if not isinstance(record_id, str | int) or isinstance(record_id, bool):
-                skipped.append(Skipped(number, record_id, f"{id_field!r} must be a string or an integer"))
-                continue
-            try:
+                if not isinstance(obj, dict):
+                    raise ValueError(f"expected a JSON object, got {type(obj).__name__}")
+                record_id = obj.get(id_field)
+                if record_id is None and id_from_line:
+                    record_id = number
+                if record_id is None:
+                    raise ValueError(f"missing {id_field!r}")
+                if not isinstance(record_id, str | int) or isinstance(record_id, bool):
+                    raise ValueError(f"{id_field!r} must be a string or an integer")
                 data = validate(obj)
+                if id_key(record_id) in seen:
+                    raise ValueError("duplicate id (an earlier line has it)")
             except ValueError as e:
                 skipped.append(Skipped(number, record_id, str(e)))
                 continue
-            key = id_key(record_id)
-            if key in seen:
-                skipped.append(Skipped(number, record_id, "duplicate id (an earlier line has it)"))
-                continue
-            seen.add(key)
+            seen.add(id_key(record_id))
             records.append(Record(number, record_id, data))
     return records, skipped
 
@@ -161,10 +152,9 @@ class OutputState:
 def read_output(path: str, truncate: bool, state: OutputState | None = None) -> OutputState:
     """Add the rows of `path` (if it exists) to state.
 
-    A last line without its newline is a write cut short by a crash: with truncate=True (the file this
-    process appends to) it is cut off the file, otherwise (another host's file, maybe being written
-    right now) it is ignored. A line that is not UTF-8 or not a JSON object with an id is ignored,
-    named by its line number, and its prompt is redone.
+    A last line without its newline is a write cut short by a crash: cut off the file with truncate=True
+    (this process's file), else ignored (another host's, maybe being written now). A line that is not
+    UTF-8 or not a JSON object with an id is ignored, named by its line number, and its prompt redone.
     """
     state = OutputState() if state is None else state
     if not os.path.isfile(path):
@@ -228,9 +218,10 @@ def set_aside(path: str) -> str:
 
 
 def lock_output(path: str, prog: str):
-    """An exclusive lock on path + ".lock", held while the returned file stays open: a second writer of
-    the same output fails at once. The lock file keeps the holder's pid and is never removed (removing
-    it would let a waiting process and a new one lock two different files)."""
+    """An exclusive lock on path + ".lock" (its folder created), held while the returned file stays
+    open: a second writer of the same output fails at once. The lock file keeps the holder's pid and is
+    never removed (removing it would let a waiting process and a new one lock two different files)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     f = open(path + ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)

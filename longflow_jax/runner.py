@@ -1,11 +1,10 @@
 """The batch loop of `longflow-batch` and `longflow-eval`: tokenise records, bucket them, generate data
 parallel over this process's devices, and yield each batch's texts.
 
-The params are replicated over a 1-D "data" mesh and the batch axis is sharded over it. `generate` runs
-under `shard_map`, so each device decodes its own rows with no communication and stops when its own rows
-are done (automatic partitioning would all-gather the new keys/values every step and keep every device
-looping until the slowest row anywhere stops). A batch is padded with copies of its first row, which
-stop when that row stops, so they never lengthen the loop.
+`generate` runs under `shard_map` over a 1-D "data" mesh (params replicated, batch sharded): each device
+decodes its own rows with no communication and stops when they are done, where automatic partitioning
+would all-gather the new keys/values every step and loop until the slowest row anywhere stops. A batch
+is padded with copies of its first row, which stop with it and so never lengthen the loop.
 """
 
 from __future__ import annotations
@@ -90,18 +89,15 @@ def check_args(args) -> None:
     if getattr(args, "dtype", None) is not None:
         dtype_from_name(args.dtype)
     if getattr(args, "ckpt", None) is not None:
-        check_checkpoint_dir(args.ckpt)
+        from .convert import incomplete_reason
 
-
-def check_checkpoint_dir(path: str) -> None:
-    from .convert import incomplete_reason
-
-    reason = incomplete_reason(os.path.abspath(path))
-    if reason:
-        raise ValueError(
-            f"--ckpt {path!r}: {reason} (convert a Hugging Face directory with "
-            f"`longflow-convert HF_DIR OUT_DIR`)"
-        )
+        # Before the tokenizer, which would take a missing path for a hub name.
+        reason = incomplete_reason(os.path.abspath(args.ckpt))
+        if reason:
+            raise ValueError(
+                f"--ckpt {args.ckpt!r}: {reason} (convert a Hugging Face directory with "
+                f"`longflow-convert HF_DIR OUT_DIR`)"
+            )
 
 
 def sampling_from(args) -> SamplingConfig:
@@ -137,9 +133,7 @@ def cli_main(run: Callable, parser: argparse.ArgumentParser, prog: str, argv=Non
 class Completion:
     prompt_tokens: int
     tokens: list[int]  # generated ids, the EOS included when there is one
-    # "stop" (an EOS id ended it), "length" (max_new_tokens) or "error" (the logits became NaN/inf:
-    # tokens holds those before)
-    finish_reason: str
+    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens), "error" (NaN/inf logits: tokens stop)
     text: str  # the tokens decoded, special tokens skipped
 
 
@@ -172,7 +166,6 @@ class DataParallelGenerator:
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
         self.mesh = Mesh(np.asarray(devices[:num_devices]), ("data",))
-        check_checkpoint_dir(ckpt_dir)  # before the tokenizer, which takes a missing path for a hub name
         config, self.params = load(ckpt_dir, dtype=dtype, sharding=NamedSharding(self.mesh, P()))
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         # Chat models end a turn with the tokenizer's eos (e.g. <|im_end|>), which config.json may lack.
@@ -255,10 +248,8 @@ def make_plan(
     generator: DataParallelGenerator, records: list[Record], args, prog: str, prompt_of=None
 ) -> Plan:
     """Tokenise records and bucket them. A failing chat template, an empty prompt or one longer than
-    the model allows drops the record, reported (and fatal with --strict).
-
-    prompt_of(record) -> ("prompt", text) or ("messages", list); default: the record's data.
-    """
+    the model allows drops the record, reported (and fatal with --strict). prompt_of(record) ->
+    ("prompt", text) or ("messages", list); default: the record's data."""
     prompt_of = prompt_of or (lambda r: r.data)
     tokenizer, chat_template = generator.tokenizer, not args.no_chat_template
     limit = generator.config.max_position_embeddings - args.max_new_tokens
@@ -304,9 +295,8 @@ def batch_seed(seed: int, first_id) -> int:
 def generate_batches(
     generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig, prog: str
 ) -> Iterator[tuple[float, list[tuple[Record, Completion]]]]:
-    """Generate plan's batches in order with the shared options in args. Yields (seconds, [(record,
-    completion)]) per batch; seconds is its wall time, compile included on a new shape. Rows whose
-    logits became non-finite are reported on stderr."""
+    """Yield (seconds, [(record, completion)]) per batch of plan, in order; seconds is its wall time,
+    compile included on a new shape. Rows whose logits became non-finite are reported on stderr."""
     for b in plan.batches:
         start = time.perf_counter()
         completions = generator.generate(

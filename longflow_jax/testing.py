@@ -46,10 +46,9 @@ def make_tiny_hf_checkpoint(
 ) -> str:
     """Write a random `model_type` checkpoint (config.json + safetensors) to out_dir; returns out_dir.
 
-    overrides: Hugging Face config fields over TINY_MODEL. max_shard_size (e.g. "20KB"): split the
-    weights into shards with an index, as `save_pretrained` does. with_tokenizer: also save
-    `make_tiny_tokenizer`'s tokenizer there and make its <|im_end|> the eos_token_id unless overrides
-    set one.
+    overrides: Hugging Face config fields over TINY_MODEL. max_shard_size (e.g. "20KB"): shard the
+    weights with an index, as `save_pretrained` does. with_tokenizer: also save `make_tiny_tokenizer`'s
+    tokenizer, its <|im_end|> the eos_token_id unless overrides set one.
     """
     import jax
     import transformers
