@@ -30,8 +30,8 @@ def triton_available() -> bool:
 
 def init_kernel_state(batch: int, num_kv_heads: int):
     """The kernel's per-layer state for `longflow_decode_attention_triton(..., kernel_state=...)`: a zero
-    int32 ticket buffer that the one-launch epilogues count their programs in and leave zero again, so
-    no zero fill runs per call. One per cache layer, threaded through the calls (donated or carried)."""
+    int32 ticket buffer that the one-launch epilogues count in and leave zero, so no call zero-fills one.
+    Keep one per cache layer and thread it through the calls."""
     import jax.numpy as jnp
 
     return jnp.zeros(kernel_state_shape(batch, num_kv_heads), jnp.int32)
@@ -61,9 +61,8 @@ def longflow_decode_attention_triton(
       granularity: "sequence" (one evict slot per sequence, importance summed over all query heads) or
         "kv_head" (one per KV head, summed over its query-head group).
       compute_evict: False skips all importance work and returns evict_slot filled with -1.
-      kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if
-        kv_valid[b, c] and c < kv_len[b]; no program reads K/V at or past the bound, so a buffer whose
-        filled slots are a prefix costs what its prefix costs. None: C.
+      kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if kv_valid[b, c]
+        and c < kv_len[b]; no K/V at or past the bound is read. None: C.
       launch: a `LaunchConfig`; its None fields (all, by default) take the tuned defaults.
       kernel_state: the per-layer state from `init_kernel_state` or the previous call's return (never a
         buffer anything else wrote: a non-zero one hangs or corrupts the coop kernel's barrier). None:
@@ -79,7 +78,6 @@ def longflow_decode_attention_triton(
       ValueError: shapes, dtypes, scale, state or a launch field outside the contract (checked before
         any triton import).
     """
-    # Checked here, before any triton import, so bad input fails the same way with or without a GPU.
     shape, kv_len, cfg = plan_inputs(
         q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
         compute_evict=compute_evict, launch=launch,
@@ -94,16 +92,6 @@ def longflow_decode_attention_triton(
             "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
         ) from e
     out, evict_slot, state = decode.run(
-        q,
-        k_cache,
-        v_cache,
-        kv_valid,
-        kv_len,
-        float(scale),
-        shape,
-        cfg,
-        granularity,
-        compute_evict,
-        kernel_state,
+        q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state
     )
     return (out, evict_slot) if kernel_state is None else (out, evict_slot, state)

@@ -1,8 +1,5 @@
-"""Launch configuration and input checks of the Triton decode kernel (no triton import here).
-
-Everything in this module runs on any machine, so a bad block size or shape raises the same ValueError
-with or without a GPU, and CPU tests can check it.
-"""
+"""Input checks and launch configuration of the Triton decode kernel: no triton import, so bad input
+raises the same ValueError with or without a GPU."""
 
 from __future__ import annotations
 
@@ -11,26 +8,23 @@ import math
 import numbers
 
 from cuda_triton_bridge import tuned_launch
-from pallas_kernels.contract import check_decode_inputs, check_granularity, check_kv_len, num_score_groups
+from pallas_kernels.contract import check_decode_inputs, check_granularity, check_kv_len
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query rows are padded up to this.
 MAX_BLOCK_C = 512
 MAX_SPLITS = 256
 HEAD_DIMS = (16, 32, 64, 128, 256)  # tl.arange needs a power of two; one register row per query head.
 EPILOGUES = ("separate", "fused", "coop")
-# The coop epilogue's share tile is [splits, D]: its split count is bounded.
-COOP_MAX_SPLITS = 32
-# The combine kernel: slots per importance program, and its warps.
-COMBINE_CHUNK = 256
+COOP_MAX_SPLITS = 32  # the coop epilogue's share tile is [splits, D]
+COMBINE_CHUNK = 256  # slots per importance program of the combine kernel
 COMBINE_NUM_WARPS = 4
 DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count.
 DEFAULT_CAPABILITY = 90
-# Shared memory one program may use: Hopper's opt-in maximum per block (227 KiB). A launch over it
-# fails only at run time ("Shared memory requested ... exceeds device resources"), so resolve_launch
-# checks its estimate first.
+# Hopper's opt-in shared memory per block (227 KiB). A launch over it fails only at run time, so
+# resolve_launch checks its estimate first.
 SHARED_MEMORY_LIMIT = 232448
-# Persistent tickets per (sequence, KV head): enough for the coop kernel (2 per barrier group, at most
-# B * Hkv groups) and the fused one (B * Hkv + B).
+# Persistent tickets per (sequence, KV head): coop needs 2 per barrier group (at most B * Hkv groups),
+# fused B * Hkv + B.
 TICKETS_PER_KV_HEAD = 2
 
 
@@ -50,11 +44,9 @@ def cdiv(a: int, b: int) -> int:
 class LaunchConfig:
     """How one call launches; every field left None takes the tuned default (tuned_launch.py).
 
-    epilogue: "separate" (split kernel, then a combine kernel that merges the splits and scores the
-      slots), "fused" (one launch: the last split of each KV head, then the last KV head of each
-      sequence, finishes, coordinated by atomic tickets) or "coop" (one launch: every program waits at
-      a barrier of its sequence, then finishes a share; only where the grid has at most one program
-      per SM).
+    epilogue: "separate" (a split kernel, then a combine kernel), "fused" (one launch; the last program
+      of each KV head, then of each sequence, finishes) or "coop" (one launch; every program waits at a
+      barrier, then finishes a share; only with at most one program per SM). See kernels.py.
     block_c: slots per loop iteration, a power of two in [16, 512].
     num_splits: split-K programs per (sequence, KV head), in [1, ceil(C / block_c)]; rounded to whole
       blocks per split.
@@ -181,11 +173,9 @@ def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int) -> None:
 
 
 def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
-    """Shared memory of the main kernel (split, fused or coop), as the Triton 3.6 compiler lays it out:
-    the cp.async ring of K and V tiles ((stages - 1) of them; one counted for an unpipelined kernel,
-    which needs less), the query tile, and the f32 logits tile (16-bit inputs) or one more f32
-    [block_c, D] tile (float32 inputs, ieee dots). Exact for 2+ stages; the tests check it against the
-    compiled kernels."""
+    """Shared memory of the main kernel as Triton 3.6 lays it out: the cp.async ring of K and V tiles
+    (stages - 1 of them, at least one), the query tile, and the f32 logits tile (16-bit inputs) or one
+    more f32 [block_c, D] tile (float32 inputs). Exact for 2+ stages (checked against compiled kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
     ring = max(num_stages - 1, 1) * 2 * block_c * shape.head_dim * shape.itemsize
     tile = block_c * shape.head_dim * 4 if shape.itemsize >= 4 else rows * block_c * 4
@@ -193,8 +183,7 @@ def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> in
 
 
 def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> int:
-    """An explicit stage count if it fits in shared memory (else ValueError); with None, the largest
-    count up to the default that fits."""
+    """An explicit stage count if it fits in shared memory, else the largest up to the default that does."""
     limit_kib = SHARED_MEMORY_LIMIT // 1024
     if num_stages is not None:
         need = shared_memory_bytes(shape, block_c, num_stages)
@@ -255,8 +244,7 @@ def resolve_launch(
             f"num_splits={num_splits} exceeds the {num_blocks} blocks of block_c={block_c} slots in "
             f"C={shape.num_slots}; expected num_splits <= {num_blocks}"
         )
-    # Whole blocks per split; a requested count that does not divide the blocks is rounded to the number
-    # of splits actually needed (e.g. 7 blocks in 3 requested splits -> 3 blocks each, 3 splits).
+    # Whole blocks per split: e.g. 7 blocks in 3 requested splits -> 3 blocks each, 3 splits.
     blocks_per_split = cdiv(num_blocks, num_splits)
     num_splits = cdiv(num_blocks, blocks_per_split)
     if epilogue == "coop":
@@ -272,7 +260,7 @@ def resolve_launch(
     for name in ("xla_launch", "discard_t"):
         if getattr(launch, name) is not None and not isinstance(getattr(launch, name), bool):
             raise ValueError(f"LaunchConfig.{name} must be a bool or None, got {getattr(launch, name)!r}")
-    t_bytes = 4 * shape.batch * shape.num_q_heads * shape.num_slots
+    large_t = 4 * shape.batch * shape.num_q_heads * shape.num_slots > tuned_launch.DISCARD_T_MIN_BYTES
     return ResolvedLaunch(
         epilogue=epilogue,
         block_c=block_c,
@@ -281,9 +269,7 @@ def resolve_launch(
         num_warps=num_warps,
         num_stages=num_stages,
         xla_launch=row.xla_launch if launch.xla_launch is None else launch.xla_launch,
-        discard_t=t_bytes > tuned_launch.DISCARD_T_MIN_BYTES
-        if launch.discard_t is None
-        else launch.discard_t,
+        discard_t=large_t if launch.discard_t is None else launch.discard_t,
         query_rows=max(MIN_DOT, next_pow2(shape.group)),
         combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
     )
@@ -313,14 +299,13 @@ def plan_inputs(
 
 
 def kernel_state_shape(batch: int, num_kv_heads: int) -> tuple[int, int]:
-    """Shape of the persistent ticket buffer (int32) that is the kernel's per-layer state. The leading
-    batch axis lets a cache be sliced and joined by rows (all its entries are zero between calls)."""
+    """Shape of the int32 ticket buffer that is the kernel's per-layer state; its batch axis lets a cache
+    be sliced and joined by rows (all entries are zero between calls)."""
     return (batch, TICKETS_PER_KV_HEAD * num_kv_heads)
 
 
 def check_kernel_state(state, shape: DecodeShape) -> None:
-    """The state must be int32 kernel_state_shape(B, Hkv). Its values cannot be checked without reading
-    it on the device: it must come from `init_kernel_state` or the previous call's return."""
+    """Checks shape and dtype only: checking its values (all zero) would need a device read."""
     want = kernel_state_shape(shape.batch, shape.num_kv_heads)
     dtype = getattr(state, "dtype", None)
     if tuple(getattr(state, "shape", ())) != want or dtype is None or str(dtype) != "int32":
@@ -329,9 +314,3 @@ def check_kernel_state(state, shape: DecodeShape) -> None:
             f"(init_kernel_state(batch, num_kv_heads), or the previous call's return), got "
             f"{getattr(state, 'dtype', type(state).__name__)} {tuple(getattr(state, 'shape', ()))}"
         )
-
-
-def score_groups(shape: DecodeShape, granularity: str) -> tuple[int, int]:
-    """(number of score groups, query heads per group): (1, Hq) or (Hkv, Hq // Hkv)."""
-    groups = num_score_groups(shape.num_kv_heads, granularity)
-    return groups, shape.num_q_heads // groups

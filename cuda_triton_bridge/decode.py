@@ -1,14 +1,10 @@
-"""The JAX launcher of the Triton decode kernels (imports triton and jax_triton at module level;
-`cuda_triton_bridge/__init__.py` imports this module only when the kernel is called).
+"""The JAX launcher of the Triton decode kernels (imports triton and jax_triton; imported on first call).
 
-Launches per call (all inside the caller's jit, no host sync), see launch.py:
-  * split kernel, grid (num_splits, Hkv, B), then the combine kernel, grid (max(Hq, slot chunks), B),
-    when there is something to combine (num_splits > 1 or compute_evict). With one split and
-    compute_evict=False the split kernel writes the normalised output and the -1 evict slots itself;
-  * or one launch of the fused or coop kernel, whose tickets are the caller's kernel state, aliased in
-    and out (the kernel leaves them zero).
-The main kernel goes through XLA's own Triton custom call (xla_call.py) or jax-triton's, as the launch
-config says; the combine kernel always through XLA's.
+A call is the split kernel, then the combine kernel when there is something to combine (several splits
+or eviction scoring), or one launch of the fused or coop kernel with the caller's kernel state aliased
+in and out as its tickets; all inside the caller's jit, no host sync. The main kernel goes through XLA's
+own Triton custom call (xla_call.py) or jax-triton's, as the launch config says; the combine kernel
+always through XLA's.
 """
 
 from __future__ import annotations
@@ -28,7 +24,7 @@ from cuda_triton_bridge.xla_call import xla_triton_call
 
 @functools.cache
 def _compute_capability() -> int:
-    # The capability jax-triton compiles for (it uses device 0 too), e.g. 90 for an H100.
+    """The capability jax-triton compiles for (device 0), e.g. 90 for sm_90."""
     return int(jt.get_compute_capability(0))
 
 
@@ -42,7 +38,7 @@ def run(q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, c
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
     )
-    qk_scale = np.float32(scale * LOG2E)
+    qk_scale = np.float32(float(scale) * LOG2E)
     if plan.one_kernel:
         if kernel_state is None:
             kernel_state = jnp.zeros(kernel_state_shape(shape.batch, shape.num_kv_heads), jnp.int32)

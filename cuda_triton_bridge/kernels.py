@@ -1,31 +1,18 @@
-"""The two Triton kernels of the fused LongFlow decode step (imported only where triton is installed).
+"""The Triton kernels of the fused LongFlow decode step (imported only where triton is installed).
 
-`decode_split_kernel`: one program per (split of the slot axis, KV head, sequence). It reads each K/V
-block of its split once and serves all query heads of the GQA group with it (the group is padded to
-`QROWS` >= 16 rows so tl.dot applies; padded rows read zeros and are never stored). Online softmax in
-the log2 domain. For eviction it also stores, per query head and slot, t = logit*log2(e) + log2||v||_1:
-the slot's importance term is then exp2(t - m) / l once the final softmax statistics (m, l) are known,
-so the epilogue needs no second pass over K/V.
-
-`decode_combine_kernel`: one program per (chunk, sequence). Program j < Hq merges head j's split
-partials (log-sum-exp); program j < NUM_CHUNKS scores slot chunk j, takes its argmin per score group,
-and the last program of the sequence to finish (an atomic counter, zeroed by the split kernel) reduces
-the chunk minima to the evict slot: one launch, no host round trip, deterministic (no float atomics).
-
-`decode_fused_kernel` (epilogue="fused"): both in one launch; the last split of each KV head, then the
-last KV head of each sequence, finishes the work (two levels of tickets). The default once the batch
-alone fills the GPU (config.default_epilogue): with several waves of 512-slot splits the finishers of
-early heads overlap later streaming and find t still in L2.
-
-`decode_coop_kernel` (epilogue="coop"): one launch with a parallel epilogue. Every program streams its
-split, then waits at a barrier of its score group (an atomic arrival count, spun on); past it each
-program merges a few heads' outputs and scores a 1/N share of the group's slots, and the last share
-reduces the shares' minima. Waiting needs the whole grid resident, so the plan allows it only with at
-most one program per SM. The default at a small batch (config.batch_regime): one launch a call where
-the host's launch cost bounds the call.
-
-t traffic (docs/KERNELS.md): t is stored with L2 evict_last and the epilogue
-drops each line it has read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back.
+Each main kernel streams one split of one (sequence, KV head) in `_attend_split`: each K/V block is read
+once for the whole GQA group (padded to QROWS >= 16 rows for tl.dot), with an online softmax in the log2
+domain. For eviction it also stores t = logit*log2(e) + log2||v||_1 per query head and slot, so a slot's
+importance term is exp2(t - m) / l once the final (m, l) are known: no second pass over K/V.
+  * "separate": `decode_split_kernel`, then `decode_combine_kernel`, which merges the split partials and
+    scores slot chunks; the last program of a sequence (an atomic ticket) reduces the chunk minima.
+  * "fused": `decode_fused_kernel`, one launch; the last split of each KV head, then the last KV head of
+    each sequence, finishes the work.
+  * "coop": `decode_coop_kernel`, one launch; every program waits at a barrier of its score group, then
+    merges a few heads and scores a share of the slots (the whole grid must be resident).
+No float atomics, so results are deterministic. t is stored with L2 evict_last and the epilogue discards
+each line once read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back. Design
+and measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -119,8 +106,7 @@ def _attend_split(
         s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [QROWS, BLOCK_C]
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
-            # log2||v||_1 rides along with the logit: exp2(t - m) / l = alpha * ||v||_1 later.
-            # ones @ |V|^T on the tensor cores: every row holds ||v||_1, already in the layout of s
+            # ones @ |V|^T on the tensor cores gives ||v||_1 in every row, already in the layout of s
             # (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
             ones = tl.full([QROWS, D], 1.0, v.dtype)
             vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
@@ -129,8 +115,7 @@ def _attend_split(
                 t = s + libdevice.fast_log2f(vnorm)
             else:
                 t = s + tl.log2(vnorm)
-            # evict_last: t is read again by the epilogue, K/V never are, so t's lines
-            # outlast the K/V stream in L2 where they fit; the epilogue then discards them (see there).
+            # evict_last: the epilogue reads t again and K/V never, so t outlasts the K/V stream in L2.
             tl.store(
                 t_ptr + bh[:, None] * C + c[None, :],
                 t,
@@ -316,10 +301,8 @@ def decode_combine_kernel(
             score = tl.where(c_ok[None, :], score, float("inf"))
             best, best_at = tl.min(score, axis=1, return_indices=True, return_indices_tie_break_left=True)
             if DISCARD_T:
-                # t is dead once read: invalidate its lines in L2 so a dirty line still there is never
-                # written back to DRAM. The predicate depends on the chunk's argmin, which needs every
-                # thread's t, so no line goes before all its reads are done. Whole 128-byte lines:
-                # C % 32 == 0 and CHUNK % 32 == 0 (the plan checks).
+                # t is dead once read. The predicate depends on the chunk's argmin, which needs every
+                # thread's t, so no line goes before all its reads; the plan keeps lines whole.
                 lines = tl.arange(0, CHUNK // 32)
                 line_addr = t_ptr + bh[:, :, None] * C + (j * CHUNK + lines * 32)[None, None, :]
                 read_done = tl.min(best_at, axis=0) >= 0
@@ -424,8 +407,7 @@ def decode_fused_kernel(
         fh = (b * HQ + kvh * G + g).to(tl.int64)  # [G_P] this group's query heads
         sp = tl.arange(0, S_CHUNK)
         if NUM_SPLITS == 1:
-            # The program's own statistics are final: one load of m and l (this program's stores, read
-            # back as [G_P] rows), no merge.
+            # The program's own statistics are final: read back as [G_P] rows, no merge.
             m_max = tl.load(m_ptr + fh, mask=g_ok, other=float("-inf"), cache_modifier=".cg")
             m_use = tl.where(m_max == float("-inf"), 0.0, m_max)
             denom = tl.load(l_ptr + fh, mask=g_ok, other=0.0, cache_modifier=".cg")
@@ -686,11 +668,9 @@ def decode_coop_kernel(
     FAST_LOG2: tl.constexpr,
     DISCARD_T: tl.constexpr,
 ):
-    """One launch with a parallel epilogue. Each program streams its split, then waits at a barrier of
-    its group (the sequence, or its KV head with "kv_head" scores); past it every program merges a few
-    heads' outputs and scores a 1/NSH share of the group's slots, and the last share to finish reduces
-    the shares' minima. Waiting needs every program of the grid resident at once: the plan allows this
-    epilogue only when the grid is no larger than the GPU's SM count (config.check_coop_grid)."""
+    """One launch with a parallel epilogue: each program streams its split, waits at its group's barrier,
+    then finishes one share; the last share reduces the shares' minima. The whole grid must be resident
+    at once (config.check_coop_grid)."""
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)

@@ -1,8 +1,7 @@
-"""The launch plan of one decode call: grids, output buffers and constexprs of both kernels.
+"""The launch plan of one decode call: grids, output buffers and constexprs of its kernels.
 
-Pure Python (no triton, no jax_triton), shared by the jax_triton launcher (decode.py) and the tests'
-Triton interpreter runner (tests/triton_interpret.py), so the CPU interpreter tests exercise exactly the
-plumbing that runs on the GPU.
+Pure Python, shared by the GPU launcher (decode.py) and the tests' Triton interpreter runner, so the CPU
+tests exercise the plumbing that runs on the GPU.
 """
 
 from __future__ import annotations
@@ -10,21 +9,13 @@ from __future__ import annotations
 import dataclasses
 import math
 
-from cuda_triton_bridge.config import (
-    DecodeShape,
-    ResolvedLaunch,
-    cdiv,
-    kernel_state_shape,
-    next_pow2,
-    score_groups,
-)
+from cuda_triton_bridge.config import DecodeShape, ResolvedLaunch, cdiv, kernel_state_shape, next_pow2
+from pallas_kernels.contract import num_score_groups
 
 DISCARD_MIN_CAPABILITY = 80  # PTX discard.global.L2
 LOG2E = math.log2(math.e)
-# Keep one combine program's importance tile at about 8K float32 (64 registers a thread at 4 warps).
-COMBINE_TILE_ELEMS = 8192
-# The fused kernel's finisher tiles (it runs after the main loop, in the same registers budget).
-FINISH_TILE_ELEMS = 4096
+COMBINE_TILE_ELEMS = 8192  # a combine program's importance tile: 64 f32 registers a thread at 4 warps
+FINISH_TILE_ELEMS = 4096  # the fused and coop finishers' tiles, within the main kernel's registers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,9 +55,7 @@ class LaunchPlan:
     @property
     def main_kernel(self) -> str:
         """Name of the main kernel in kernels.py."""
-        return {"fused": "decode_fused_kernel", "coop": "decode_coop_kernel"}.get(
-            self.epilogue, "decode_split_kernel"
-        )
+        return f"decode_{self.epilogue}_kernel" if self.one_kernel else "decode_split_kernel"
 
     @property
     def evict_output(self) -> int:
@@ -78,26 +67,8 @@ def _buf(shape, dtype, used=True):
     return Buffer(tuple(shape) if used else (1,), dtype)
 
 
-def _main_meta(shape: DecodeShape, cfg: ResolvedLaunch, *, evict, is_f32, fast_log2) -> dict:
-    """The constexprs every main kernel (split, fused, coop) passes to _attend_split."""
-    return dict(
-        HQ=shape.num_q_heads,
-        HKV=shape.num_kv_heads,
-        C=shape.num_slots,
-        D=shape.head_dim,
-        NUM_SPLITS=cfg.num_splits,
-        BLOCKS_PER_SPLIT=cfg.blocks_per_split,
-        BLOCK_C=cfg.block_c,
-        QROWS=cfg.query_rows,
-        EVICT=evict,
-        DOT_PRECISION="ieee" if is_f32 else "tf32",
-        FAST_LOG2=fast_log2,
-    )
-
-
 def _split_outputs(shape: DecodeShape, splits: int, evict: bool) -> tuple[Buffer, ...]:
-    """out, acc, m, l, t of a one-kernel plan (the first five output pointers of the fused and coop
-    kernels)."""
+    """out, acc, m, l, t: the first five output pointers of the fused and coop kernels."""
     b, hq, c, d = shape.batch, shape.num_q_heads, shape.num_slots, shape.head_dim
     return (
         _buf((b, hq, d), "q"),
@@ -119,25 +90,36 @@ def plan_launch(
     capability: int = 90,
     spin: bool = True,
 ) -> LaunchPlan:
-    """capability: the GPU's compute capability (90 = sm_90); discard.global.L2 needs sm_80, so below
-    that t's lines are left to L2 (discard_t is ignored).
-    fast_log2: lg2.approx in the main kernel (GPU); False for Triton's CPU interpreter, which has no
-    libdevice (tl.log2 there).
-    spin: the "coop" epilogue's programs wait at its barrier (GPU); False for the interpreter, which runs
-    programs one after another (there the last program to arrive does every share).
-    The fused and coop kernels take their tickets from the caller, int32 kernel_state_shape(B, Hkv) and
-    zero, and leave them zero; the separate epilogue's split kernel zeroes the combine kernel's counter."""
+    """The launch of one checked call.
+
+    capability: the GPU's compute capability (90 = sm_90); below sm_80 discard_t is ignored.
+    fast_log2: lg2.approx in the main kernel; False for Triton's CPU interpreter (no libdevice).
+    spin: the coop programs wait at their barrier; False for the interpreter, which runs programs one
+      after another (there the last program to arrive does every share).
+    The fused and coop kernels take the caller's tickets (kernel_state, zero) and leave them zero."""
     b, hq, hkv, c, d = shape.batch, shape.num_q_heads, shape.num_kv_heads, shape.num_slots, shape.head_dim
-    num_groups, heads_per_group = score_groups(shape, granularity)
+    num_groups = num_score_groups(hkv, granularity)
+    heads_per_group = hq // num_groups
     splits = cfg.num_splits
     direct = splits == 1
     evict = bool(compute_evict)
     stats = evict or not direct
-    # The interpreter (fast_log2=False) has no PTX at all; the GPU needs sm_80 for the discard.
-    discard_ok = fast_log2 and capability >= DISCARD_MIN_CAPABILITY
-    meta = _main_meta(shape, cfg, evict=evict, is_f32=is_f32, fast_log2=fast_log2)
-    # t's lines are discarded only where the GPU has the instruction and the tiles hold whole lines.
-    discard = evict and cfg.discard_t and discard_ok
+    meta = dict(  # the constexprs every main kernel passes to _attend_split
+        HQ=hq,
+        HKV=hkv,
+        C=c,
+        D=d,
+        NUM_SPLITS=splits,
+        BLOCKS_PER_SPLIT=cfg.blocks_per_split,
+        BLOCK_C=cfg.block_c,
+        QROWS=cfg.query_rows,
+        EVICT=evict,
+        DOT_PRECISION="ieee" if is_f32 else "tf32",
+        FAST_LOG2=fast_log2,
+    )
+    # discard.global.L2 needs sm_80, and the interpreter (fast_log2=False) runs no PTX; each plan also
+    # checks that its tiles hold whole 128-byte lines of t.
+    discard = evict and cfg.discard_t and fast_log2 and capability >= DISCARD_MIN_CAPABILITY
     if cfg.epilogue == "coop":
         return _plan_coop(shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity)
     if cfg.epilogue == "fused":
@@ -155,12 +137,7 @@ def plan_launch(
             _buf((b,), "i32", evict),
             _buf((b, num_groups), "i32", not evict),
         ),
-        meta=dict(
-            **meta,
-            NG=num_groups,
-            NG_P=next_pow2(num_groups),
-            DIRECT_OUT=direct,
-        ),
+        meta=dict(**meta, NG=num_groups, NG_P=next_pow2(num_groups), DIRECT_OUT=direct),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -171,9 +148,6 @@ def plan_launch(
     chunk = max(16, min(cfg.combine_chunk, COMBINE_TILE_ELEMS // (ng_p * hpg_p)))
     num_chunks = cdiv(c, chunk) if evict else 0
     partials = evict and num_chunks > 1
-    # Whole 128-byte lines of t per combine chunk (see decode_combine_kernel).
-    whole_lines = c % 32 == 0 and chunk % 32 == 0
-    discard_in_combine = discard and whole_lines
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
         # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
@@ -199,7 +173,7 @@ def plan_launch(
             NCH_P=next_pow2(max(num_chunks, 1)),
             COMBINE_OUT=not direct,
             EVICT=evict,
-            DISCARD_T=discard_in_combine,
+            DISCARD_T=discard and c % 32 == 0 and chunk % 32 == 0,  # whole 128-byte lines of t
         ),
         num_warps=cfg.combine_num_warps,
         num_stages=1,

@@ -1,9 +1,8 @@
-"""Tuned launch defaults of the Triton decode kernel, as data.
+"""Tuned launch defaults of the Triton decode kernel, as data (`config.resolve_launch` reads them).
 
-Keyed by the GPU generation (compute capability), by the batch's own parallelism, programs = B * Hkv,
-against the SM count, and by the cache size C (through the split rule of each row). Measured on an H100
-80GB HBM3 with Hq/Hkv 32/8, D 128, bf16, C 2048-8192; the reason for each row is in docs/KERNELS.md.
-`config.resolve_launch` fills every field of a `LaunchConfig` the caller left None from here.
+Keyed by the GPU generation (compute capability), by the batch's own parallelism, B * Hkv programs,
+against the SM count, and by C through each row's split rule. Measured on an H100 80GB HBM3 with
+Hq/Hkv 32/8, D 128, bf16, C 2048-8192; the reason for each row is in docs/KERNELS.md.
 """
 
 from __future__ import annotations

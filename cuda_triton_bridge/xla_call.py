@@ -1,20 +1,13 @@
 """Launch a native Triton kernel through XLA's own Triton custom call instead of jax-triton's.
 
-jax-triton compiles a kernel to PTX itself, and jaxlib's custom-call handler launches it on every
-execution: several microseconds of host time a launch, outside XLA's CUDA graphs (docs/KERNELS.md).
-XLA has a Triton custom call of its own, `__gpu$xla.gpu.triton` (Pallas' GPU lowering
-uses it on jaxlib 0.10): its backend config carries the kernel's Triton IR (TTIR), XLA compiles that with
-its bundled Triton when it compiles the program, and runs the result as an ordinary kernel thunk, one
-that its command buffers (CUDA graphs) record like any fusion.
-
-`xla_triton_call` takes what `jax_triton.triton_call` takes for our kernels; the TTIR comes from the
-`triton` package's front end and its `make_ttir` passes (the same IR jax-triton starts from). Where it
-differs:
-  * scalar arguments are constexprs: the custom call passes buffers only, inputs then outputs, so a
-    scalar such as the softmax scale is baked into the IR (one compile per value, as jax-triton's
-    launch parameters are);
-  * no output is zeroed for the kernel (jax-triton memsets them in its handler): a kernel that needs
-    zeros takes them as an input aliased to the output (the fused and coop kernels' tickets_in_ptr).
+jax-triton's launch is a legacy custom call: several microseconds of host time each, outside XLA's CUDA
+graphs (docs/KERNELS.md). XLA's `__gpu$xla.gpu.triton` custom call (Pallas' GPU lowering uses it) takes
+the kernel's Triton IR (TTIR), compiles it with XLA's bundled Triton and runs it as an ordinary kernel
+thunk that command buffers record. `xla_triton_call` takes what `jax_triton.triton_call` takes for our
+kernels, with the TTIR built by the `triton` package's front end. Where it differs:
+  * scalar arguments are constexprs (the custom call passes buffers only), one compile per value;
+  * no output is zeroed for the kernel: a kernel that needs zeros takes them as an input aliased to
+    the output (the fused and coop kernels' tickets_in_ptr).
 """
 
 from __future__ import annotations

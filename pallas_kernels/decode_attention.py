@@ -1,32 +1,18 @@
-"""Fused LongFlow decode kernel: attention + importance + eviction from one pass over K and V.
+"""Fused LongFlow decode kernel: attention, importance and the evict slot from one pass over K and V.
 
 One program reads the K/V rows of one (sequence, KV head, split) once and serves every query head of
-the GQA group with them. While it runs the online softmax it writes a float32 side output per slot and
-query head (6% of the K/V bytes at D=128 with 4 query heads per KV head): t = logit + log ||v||_1
-(||v||_1 from a ones-row matmul on the tensor cores), so with the final softmax statistics m and l a
-head's importance term alpha * ||v||_1 is exp(t - m) / l. An epilogue inside the same jit merges the
-split partials (log-sum-exp), sums the terms over each score group's heads and takes the argmin: no
-second pass over K/V, no host sync.
-  * GPU: the epilogue is a second Pallas kernel (`_triton_combine_kernel`: split merge, then per chunk
-    of slots the importance and its minimum) and one XLA reduction over the chunks' minima.
-  * TPU: a jnp epilogue (`_merge_splits`, `_evict_from_log_terms`) that XLA fuses.
+its GQA group. Beside the online softmax it stores, per slot and query head, t = logit + log ||v||_1,
+so head h's importance term alpha * ||v||_1 is exp(t - m_h) / l_h once the final softmax statistics
+are known. An epilogue inside the same jit merges the split partials (log-sum-exp), sums the terms over
+each score group's heads and takes the argmin: no second pass over K/V, no host sync.
 
-Two kernel bodies share the math (`_softmax_block`):
-  * "triton" (Pallas' Triton backend, GPU): grid (B, Hkv, splits); each program loops over its slots
-    in `block_c` rows; the query group is padded to 16 rows in registers (tl.dot needs M >= 16);
-    slot tails are masked loads/stores.
-  * "mosaic" (TPU): grid (B, Hkv, splits, blocks) with the block axis sequential and the softmax state in
-    VMEM scratch; 2D dots with the transposed-RHS form; m and l kept lane-replicated ([G, 128]) as
-    the TPU flash kernels do; a ragged last block is masked with iotas (its padding is garbage).
-Both run in interpret mode on CPU for tests.
-
-An optional `kv_len` [B] bounds each row to its filled prefix (slot c counts iff kv_valid and c < kv_len),
-so a partly filled buffer (the full-cache baseline, LongFlow's fill phase) costs what its prefix costs:
-the Triton body's slot loop has a runtime trip count (the blocks of the split that start below kv_len;
-a split wholly past it reads nothing), and K/V rows past the bound in the last block are masked loads.
-The Mosaic body takes the bound folded into kv_valid (it still streams every block; TPU speed is not
-tuned here). The epilogue scores with the bounded mask, so side-output slots the kernel never wrote are
-selected away before any arithmetic.
+Two kernel bodies share the math (`_softmax_block`); both run in interpret mode on CPU for tests:
+  * "triton" (GPU, Pallas' Triton backend): grid (B, Hkv, splits); the slot loop's trip count stops at
+    kv_len; the epilogue is `_triton_combine_kernel` plus one XLA reduction over the chunk minima.
+  * "mosaic" (TPU): grid (B, Hkv, splits, blocks), the softmax state in VMEM scratch; a block past
+    kv_len skips its math and its copy; the epilogue is jnp (`_merge_splits`, `_evict_from_log_terms`).
+Slots past kv_len are never read and their t never written: the epilogue selects them away with the
+bounded mask before any arithmetic. Contract: contract.py; design and measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -115,10 +101,7 @@ def _check_block_c(backend: str, block_c, num_slots: int) -> None:
 
 
 def _default_num_splits(backend: str, batch: int, num_kv_heads: int, num_blocks: int, block_c: int) -> int:
-    """Flash-decoding split-K: give long buffers at small batch enough programs to fill the chip.
-
-    Only splits that divide the block count are used, so no program owns a block past the end.
-    """
+    """Flash-decoding split-K: enough programs to fill the chip, in splits that divide the blocks."""
     if backend == "mosaic":
         target = 2  # a parallel grid of >= 2 keeps both TensorCores of a megacore chip busy
     else:
@@ -155,9 +138,7 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
-# --------------------------------------------------------------------------------------------------
-# Triton (GPU) body
-# --------------------------------------------------------------------------------------------------
+# Triton (GPU) body.
 
 
 def _triton_kernel(
@@ -238,10 +219,8 @@ def _triton_kernel(
         s = jnp.where(valid, s, MASK_VALUE)
         m, denom, acc = _softmax_block(s, valid, m, denom, acc, v, pv_dot)
         if compute_evict:
-            # One side output, t = logit + log ||v||_1: the slot's importance term is exp(t - m) / l once
-            # the final m, l are known. ||v||_1 = 0 (also V rows past kv_len, loaded as zeros) gives
-            # t = -inf, a zero term. Blocks past kv_len are never written; the epilogue selects those
-            # slots away.
+            # ||v||_1 = 0 (also V rows past kv_len, loaded as zeros) gives t = -inf, a zero term. Blocks
+            # past kv_len are never written; the epilogue selects those slots away.
             vnorm = dot_t(ones, jnp.abs(v))
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
             _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
@@ -285,19 +264,7 @@ def _gpu_dot(a, b, *, trans_b=False, precision=None):
 
 
 def _triton_call(
-    q,
-    k,
-    v,
-    kv_valid,
-    kv_len,
-    *,
-    scale,
-    block_c,
-    num_splits,
-    compute_evict,
-    interpret,
-    num_warps,
-    num_stages,
+    q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages
 ):
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_slots, _ = k.shape
@@ -358,9 +325,8 @@ def _triton_call(
         interpret=interpret,
         name="longflow_decode_triton",
     )(*inputs)
-    out = outs[0]
     stats = (outs[1], outs[2]) if compute_evict or not finalize else None
-    return out, stats, outs[3] if compute_evict else None
+    return outs[0], stats, outs[3] if compute_evict else None
 
 
 def _combine_chunk(heads_per_group: int, num_slots: int) -> int:
@@ -381,11 +347,9 @@ def _triton_combine_kernel(
     merge_out: bool,
     compute_evict: bool,
 ):
-    """The GPU epilogue in one launch. grid (B, P): program p merges query head p's split partials
-    (p < Hq, when split) and scores chunk p % num_chunks of score group p // num_chunks (p < G * chunks):
-    the importance sum_h exp(t - m_h) / l_h over the group's heads with the final (merged) statistics,
-    then the chunk's minimum and its lowest slot. XLA then reduces the chunks' minima
-    (reference.evict_argmin_of_chunks)."""
+    """The GPU epilogue, grid (B, P): program p < Hq merges query head p's split partials (when split);
+    program p < G * chunks scores chunk p % chunks of score group p // chunks with the merged statistics
+    and stores the chunk's minimum and its lowest slot, for `evict_argmin_of_chunks`."""
     refs = list(refs)
     o_part_ref = refs.pop(0) if merge_out else None  # [S, Hq, D] f32
     m_part_ref, l_part_ref = refs.pop(0), refs.pop(0)  # [S, Hq] f32
@@ -443,13 +407,12 @@ def _triton_combine_kernel(
             _gpu_store(slot_ref.at[group, pl.ds(j, 1)], jnp.full((1,), j * chunk + first, jnp.int32))
 
 
-def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num_kv_heads, interpret):
+def _triton_combine_call(o_part, stats, t, valid, out_dtype, heads_per_group, interpret):
     """The GPU epilogue kernel: (out [B, Hq, D] or None when not split, evict [B, G] or None)."""
     m_part, l_part = stats
     num_splits, batch, num_q_heads = m_part.shape
     merge_out = num_splits > 1
     compute_evict = t is not None
-    heads_per_group = num_q_heads if granularity == "sequence" else num_q_heads // num_kv_heads
     num_groups = num_q_heads // heads_per_group
     inputs, in_specs, out_shape, out_specs = [], [], [], []
     stat_spec = pl.BlockSpec((num_splits, None, num_q_heads), lambda b, p: (0, b, 0))
@@ -501,15 +464,11 @@ def _triton_combine_call(o_part, stats, t, valid, *, out_dtype, granularity, num
         interpret=interpret,
         name="longflow_combine_triton",
     )(*inputs)
-    outs = list(outs)
-    out = outs.pop(0) if merge_out else None
-    evict = evict_argmin_of_chunks(*outs) if compute_evict else None
-    return out, evict
+    out = outs[0] if merge_out else None
+    return out, evict_argmin_of_chunks(*outs[-2:]) if compute_evict else None
 
 
-# --------------------------------------------------------------------------------------------------
-# Mosaic (TPU) body
-# --------------------------------------------------------------------------------------------------
+# Mosaic (TPU) body.
 
 _TRANS_B = (((1,), (1,)), ((), ()))
 
@@ -698,9 +657,7 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
     return o_part, stats, t
 
 
-# --------------------------------------------------------------------------------------------------
-# TPU epilogue (jnp, fused by XLA into the caller's jit; the GPU's is _triton_combine_kernel)
-# --------------------------------------------------------------------------------------------------
+# TPU epilogue (jnp, fused by XLA into the caller's jit; the GPU's is _triton_combine_kernel).
 
 
 def _merge_splits(o_part, m_part, l_part):
@@ -713,19 +670,15 @@ def _merge_splits(o_part, m_part, l_part):
 
 
 def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
-    """argmin of sum_h exp(logit - m_h) / l_h * ||v||_1 with the reference's masking: [B, G] int32.
-
-    From the side output t = logit + log ||v||_1 [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
-    kv_valid is the effective mask (kv_len folded in): slots past the bound were never written by the
-    kernel (uninitialised, possibly NaN), so they are selected away before any product."""
+    """Evict slots [B, G] int32 from the side output t [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
+    kv_valid has kv_len folded in: slots past it were never written (possibly NaN), so they are selected
+    away before any arithmetic."""
     terms = jnp.where(kv_valid[:, None, :], jnp.exp(t - m[..., None]), 0.0)
     terms = terms / jnp.where(denom > 0.0, denom, 1.0)[..., None]
     return evict_argmin(importance_from_terms(terms, num_kv_heads, kv_valid, granularity))
 
 
-# --------------------------------------------------------------------------------------------------
-# Entry point
-# --------------------------------------------------------------------------------------------------
+# Entry point.
 
 
 @functools.partial(
@@ -763,34 +716,30 @@ def longflow_decode_attention(
 
     Args:
       q: [B, Hq, D] current token's queries (post-RoPE), float32/bfloat16/float16.
-      k_cache, v_cache: [B, Hkv, C, D] slot buffers (post-RoPE keys); Hq a multiple of Hkv, query head h
-        reads KV head h // (Hq // Hkv).
+      k_cache, v_cache: [B, Hkv, C, D] slot buffers (post-RoPE keys), q's dtype; Hq a multiple of Hkv,
+        query head h reads KV head h // (Hq // Hkv).
       kv_valid: [B, C] bool, filled slots.
       scale: softmax scale (a Python float; static).
-      kv_len: optional int32 [B] (any integer dtype; traced): slot c of row b takes part (attention and
-        eviction scoring) iff kv_valid[b, c] and c < kv_len[b]; values are clamped to [0, C]; None means
-        no bound. Neither body reads a block that starts past kv_len[b] (GPU: a runtime trip count;
-        TPU: skipped math, and index maps that re-point the pipeline at the last live block, so it
-        issues no copy); slots past it count as invalid for eviction (score -1, so an empty row
-        evicts slot 0).
+      kv_len: optional integer [B] (traced), clamped to [0, C]: slot c of row b takes part (attention and
+        eviction) iff kv_valid[b, c] and c < kv_len[b]. No block that starts past kv_len[b] is read;
+        slots past it score as empty (-1, so an empty row evicts slot 0). None: no bound.
       granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
         "kv_head" (one slot per KV head, summed over its query-head group).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
       block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
-        would pass 32 KiB, e.g. f32 at D = 128). Mosaic: multiple of 128 or C (default min(512, C)).
-        C need not be a multiple of it: the tail is masked.
+        would pass 32 KiB). Mosaic: multiple of 128 or C (default min(512, C)). C need not be a
+        multiple of it: the tail is masked.
       num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
-        Default: enough to give the GPU about 4 programs per SM (TPU: 1, or 2 for B * Hkv == 1).
+        Default: about 4 programs per SM on a GPU; 1 on a TPU, or 2 for B * Hkv == 1.
       backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
-      interpret: run the kernel in Pallas interpret mode. None: unless the default device is the
-        backend's hardware (GPU for "triton", TPU for "mosaic"); pass False to lower for another
-        platform (e.g. `jax.export(..., platforms=["tpu"])` from a CPU host).
+      interpret: run in Pallas interpret mode. None: unless the default device is the backend's
+        hardware; False lowers for another platform (e.g. `jax.export(..., platforms=["tpu"])`).
       num_warps, num_stages: Triton launch parameters (GPU only).
 
     Returns:
       out [B, Hq, D] in q's dtype (float32 accumulation inside), and evict_slot int32 [B] ("sequence")
-      or [B, Hkv] ("kv_head"): argmin of the importance, invalid slots scoring EMPTY_SLOT_SCORE (-1),
-      ties to the lowest slot, exactly as `longflow_decode_attention_reference`.
+      or [B, Hkv] ("kv_head"), exactly as `longflow_decode_attention_reference`: the importance's
+      argmin, invalid slots scoring EMPTY_SLOT_SCORE (-1), ties to the lowest slot.
 
     Raises:
       ValueError: shapes/dtypes off the contract, unknown granularity/backend, bad block_c/num_splits,
@@ -802,7 +751,7 @@ def longflow_decode_attention(
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
     scale = float(scale)
     backend = resolve_backend(backend)
-    if interpret is None:  # interpret unless the default device is the backend's own hardware
+    if interpret is None:
         interpret = jax.default_backend() != ("gpu" if backend == "triton" else "tpu")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_slots = k_cache.shape[1], k_cache.shape[2]
@@ -810,8 +759,7 @@ def longflow_decode_attention(
         raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
     if q.dtype != k_cache.dtype:
         raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
-    # The slots that take part: kv_valid, cut at kv_len. The Mosaic body (inside its last live block)
-    # and the epilogue read this mask; the Triton body reads kv_valid and kv_len and applies the bound.
+    # The Mosaic body and the epilogue read kv_valid cut at kv_len; the Triton body applies the bound.
     bounded_valid = kv_valid
     if kv_len is not None:
         check_kv_len(kv_len, batch)
@@ -831,58 +779,28 @@ def longflow_decode_attention(
             f"cdiv(C={num_slots}, block_c={block_c}) = {num_blocks}"
         )
 
+    num_groups = 1 if granularity == "sequence" else num_kv_heads
+    heads_per_group = num_q_heads // num_groups
+    launch = dict(
+        scale=scale, block_c=block_c, num_splits=num_splits, compute_evict=compute_evict, interpret=interpret
+    )
+    evict = None
     if backend == "triton":
+        warps, stages = num_warps or TRITON_NUM_WARPS, num_stages or TRITON_NUM_STAGES
         out, stats, t = _triton_call(
-            q,
-            k_cache,
-            v_cache,
-            kv_valid,
-            kv_len,
-            scale=scale,
-            block_c=block_c,
-            num_splits=num_splits,
-            compute_evict=compute_evict,
-            interpret=interpret,
-            num_warps=num_warps or TRITON_NUM_WARPS,
-            num_stages=num_stages or TRITON_NUM_STAGES,
+            q, k_cache, v_cache, kv_valid, kv_len, **launch, num_warps=warps, num_stages=stages
         )
-        evict = None
         if stats is not None:  # split partials to merge, or slots to score: the epilogue kernel
             merged, evict = _triton_combine_call(
-                out if num_splits > 1 else None,
-                stats,
-                t,
-                bounded_valid,
-                out_dtype=q.dtype,
-                granularity=granularity,
-                num_kv_heads=num_kv_heads,
-                interpret=interpret,
+                out if num_splits > 1 else None, stats, t, bounded_valid, q.dtype, heads_per_group, interpret
             )
             out = out if merged is None else merged
     else:
-        o_part, stats, t = _mosaic_call(
-            q,
-            k_cache,
-            v_cache,
-            bounded_valid,
-            jnp.full((batch,), num_slots, jnp.int32) if kv_len is None else kv_len,
-            scale=scale,
-            block_c=block_c,
-            num_splits=num_splits,
-            compute_evict=compute_evict,
-            interpret=interpret,
-        )
+        bound = jnp.full((batch,), num_slots, jnp.int32) if kv_len is None else kv_len
+        o_part, stats, t = _mosaic_call(q, k_cache, v_cache, bounded_valid, bound, **launch)
         out, m, denom = _merge_splits(o_part, *stats)
-        evict = (
-            _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
-            if compute_evict
-            else None
-        )
-    out = out.astype(q.dtype)
-
+        if compute_evict:
+            evict = _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
     if evict is None:
-        num_groups = 1 if granularity == "sequence" else num_kv_heads
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
-    if granularity == "sequence":
-        evict = evict[:, 0]
-    return out, evict
+    return out.astype(q.dtype), evict[:, 0] if granularity == "sequence" else evict

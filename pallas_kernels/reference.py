@@ -38,10 +38,7 @@ def decode_attention_probs(q, k, v, kv_valid, scale):
     denom = jnp.sum(unnorm, axis=-1, keepdims=True)
     probs = unnorm / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgc,bkcd->bkgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    return (
-        out.reshape(batch, num_q_heads, head_dim),
-        probs.reshape(batch, num_q_heads, -1),
-    )
+    return out.reshape(batch, num_q_heads, head_dim), probs.reshape(batch, num_q_heads, -1)
 
 
 def value_l1_norms(v):
