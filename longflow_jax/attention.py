@@ -70,13 +70,10 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         kw = dict(
             scale=scale, granularity=granularity, compute_evict=policy == "longflow", kv_len=occupancy(layer)
         )
-        if attention_impl == "triton":
-            state = layer.kernel_state
-            if state is None:  # a cache not made by generate: a fresh state for this call
-                from cuda_triton_bridge import init_kernel_state
-
-                state = init_kernel_state(*layer.k.shape[:2])
-            out, evict, state = _kernel(attention_impl)(q, layer.k, layer.v, valid, kernel_state=state, **kw)
+        if layer.kernel_state is not None:  # a cache without one (not made by generate): fresh per call
+            out, evict, state = _kernel(attention_impl)(
+                q, layer.k, layer.v, valid, kernel_state=layer.kernel_state, **kw
+            )
             layer = layer.replace(kernel_state=state)
         else:
             out, evict = _kernel(attention_impl)(q, layer.k, layer.v, valid, **kw)
