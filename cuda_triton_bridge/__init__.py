@@ -53,13 +53,10 @@ def longflow_decode_attention_triton(
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
     Args:
-      q: [B, Hq, D] post-RoPE queries; float32, bfloat16 or float16 (the same dtype as the cache).
-      k_cache, v_cache: [B, Hkv, C, D] post-RoPE keys and values; query head h reads KV head
-        h // (Hq // Hkv). D must be a power of two in [16, 256]; any C >= 1.
-      kv_valid: [B, C] bool, the filled slots.
+      q, k_cache, v_cache, kv_valid: the kernels' contract (pallas_kernels/contract.py) with one dtype for
+        q and the cache; D a power of two in [16, 256], any C >= 1.
       scale: the softmax scale (a Python float; it is baked into the launch).
-      granularity: "sequence" (one evict slot per sequence, importance summed over all query heads) or
-        "kv_head" (one per KV head, summed over its query-head group).
+      granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all importance work and returns evict_slot filled with -1.
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if kv_valid[b, c]
         and c < kv_len[b]; no K/V at or past the bound is read. None: C.
@@ -69,10 +66,9 @@ def longflow_decode_attention_triton(
         a fresh one per call.
 
     Returns:
-      (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), equal to
-      `pallas_kernels.reference.longflow_decode_attention_reference` up to float rounding; invalid slots
-      score -1 and ties go to the lowest slot, as there. With `kernel_state`: (out, evict_slot,
-      kernel_state), the state for the next call.
+      (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), as
+      `pallas_kernels.longflow_decode_attention_reference` up to float rounding. With `kernel_state`:
+      (out, evict_slot, kernel_state), the state for the next call.
 
     Raises:
       ValueError: shapes, dtypes, scale, state or a launch field outside the contract (checked before

@@ -8,7 +8,8 @@ import math
 import numbers
 
 from cuda_triton_bridge import tuned_launch
-from pallas_kernels.contract import check_decode_inputs, check_granularity, check_kv_len
+from pallas_kernels import contract
+from pallas_kernels.contract import cdiv, is_pow2, next_pow2, num_sms
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query rows are padded up to this.
 MAX_BLOCK_C = 512
@@ -18,7 +19,6 @@ EPILOGUES = ("separate", "fused", "coop")
 COOP_MAX_SPLITS = 32  # the coop epilogue's share tile is [splits, D]
 COMBINE_CHUNK = 256  # slots per importance program of the combine kernel
 COMBINE_NUM_WARPS = 4
-DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count.
 DEFAULT_CAPABILITY = 90
 # Hopper's opt-in shared memory per block (227 KiB). A launch over it fails only at run time, so
 # resolve_launch checks its estimate first.
@@ -26,18 +26,6 @@ SHARED_MEMORY_LIMIT = 232448
 # Persistent tickets per (sequence, KV head): coop needs 2 per barrier group (at most B * Hkv groups),
 # fused B * Hkv + B.
 TICKETS_PER_KV_HEAD = 2
-
-
-def is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
-def cdiv(a: int, b: int) -> int:
-    return -(-a // b)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -105,8 +93,8 @@ def _check_int(name: str, value, lo: int, hi: int, pow2: bool = False) -> None:
 
 def check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) -> DecodeShape:
     """The kernels' shared contract plus what the Triton kernel itself needs."""
-    check_decode_inputs(q, k_cache, v_cache, kv_valid)
-    check_granularity(granularity)
+    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    contract.check_granularity(granularity)
     if not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(
             f"q, k_cache, v_cache must share one dtype (tl.dot takes equal operand types), got "
@@ -132,17 +120,8 @@ def resolve_kv_len(kv_len, batch: int, num_slots: int):
 
     if kv_len is None:
         return jnp.full((batch,), num_slots, jnp.int32)
-    check_kv_len(kv_len, batch)
+    contract.check_kv_len(kv_len, batch)
     return jnp.asarray(kv_len).astype(jnp.int32)
-
-
-def num_sms() -> int:
-    try:
-        import jax
-
-        return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_NUM_SMS)
-    except Exception:  # no backend at all: only the defaults use this
-        return DEFAULT_NUM_SMS
 
 
 def device_capability() -> int:

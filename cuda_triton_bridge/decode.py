@@ -1,10 +1,8 @@
 """The JAX launcher of the Triton decode kernels (imports triton and jax_triton; imported on first call).
 
-A call is the split kernel, then the combine kernel when there is something to combine (several splits
-or eviction scoring), or one launch of the fused or coop kernel with the caller's kernel state aliased
-in and out as its tickets; all inside the caller's jit, no host sync. The main kernel goes through XLA's
-own Triton custom call (xla_call.py) or jax-triton's, as the launch config says; the combine kernel
-always through XLA's.
+A call runs the plan of launch.py inside the caller's jit, with no host sync: the split kernel, then the
+combine kernel when there is something to combine, or one launch of the fused or coop kernel with the
+caller's kernel state aliased in and out as its tickets.
 """
 
 from __future__ import annotations

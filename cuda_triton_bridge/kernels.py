@@ -1,18 +1,11 @@
 """The Triton kernels of the fused LongFlow decode step (imported only where triton is installed).
 
-Each main kernel streams one split of one (sequence, KV head) in `_attend_split`: each K/V block is read
-once for the whole GQA group (padded to QROWS >= 16 rows for tl.dot), with an online softmax in the log2
-domain. For eviction it also stores t = logit*log2(e) + log2||v||_1 per query head and slot, so a slot's
-importance term is exp2(t - m) / l once the final (m, l) are known: no second pass over K/V.
-  * "separate": `decode_split_kernel`, then `decode_combine_kernel`, which merges the split partials and
-    scores slot chunks; the last program of a sequence (an atomic ticket) reduces the chunk minima.
-  * "fused": `decode_fused_kernel`, one launch; the last split of each KV head, then the last KV head of
-    each sequence, finishes the work.
-  * "coop": `decode_coop_kernel`, one launch; every program waits at a barrier of its score group, then
-    merges a few heads and scores a share of the slots (the whole grid must be resident).
-No float atomics, so results are deterministic. t is stored with L2 evict_last and the epilogue discards
-each line once read (discard.global.L2), so t that fits in L2 never costs a DRAM write-back. Design
-and measurements: docs/KERNELS.md.
+Each main kernel streams one split of one (sequence, KV head) in `_attend_split`, reading each K/V block
+once for the whole GQA group, with an online softmax in the log2 domain. For eviction it also stores
+t = logit*log2(e) + log2||v||_1 per query head and slot, so a slot's importance term is exp2(t - m) / l
+once the final (m, l) are known: no second pass over K/V. The epilogues ("separate": the split kernel,
+then the combine kernel; "fused"; "coop") use no float atomics, so results are deterministic. Design and
+measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -46,27 +39,11 @@ def _discard_l2_lines(line_addr, line_ok):
 
 @triton.jit
 def _attend_split(
-    q_ptr,
-    k_ptr,
-    v_ptr,
-    valid_ptr,
-    kv_len_ptr,
-    t_ptr,
-    qk_scale,
-    split,
-    kvh,
-    b,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    C: tl.constexpr,
-    D: tl.constexpr,
-    BLOCKS_PER_SPLIT: tl.constexpr,
-    BLOCK_C: tl.constexpr,
-    QROWS: tl.constexpr,
-    EVICT: tl.constexpr,
-    DOT_PRECISION: tl.constexpr,
+    q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
+    BLOCK_C: tl.constexpr, QROWS: tl.constexpr, EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
-):
+):  # fmt: skip
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
     G: tl.constexpr = HQ // HKV
     rows = tl.arange(0, QROWS)
@@ -524,33 +501,14 @@ def decode_fused_kernel(
 
 @triton.jit
 def _coop_finish_share(
-    j,  # share index within the barrier group
-    bar,  # barrier group: b * NG + g with eviction, b * HKV + kvh without
-    valid_ptr,
-    kv_len_ptr,
-    acc_ptr,
-    m_ptr,
-    l_ptr,
-    t_ptr,
-    out_ptr,
-    part_val_ptr,
-    part_idx_ptr,
-    HQ: tl.constexpr,
-    HKV: tl.constexpr,
-    C: tl.constexpr,
-    D: tl.constexpr,
-    NUM_SPLITS: tl.constexpr,
-    S_P: tl.constexpr,
-    BAR_KV: tl.constexpr,
-    HPG: tl.constexpr,
-    HPG_P: tl.constexpr,
-    NSH: tl.constexpr,
-    ECHUNK: tl.constexpr,
-    EVICT: tl.constexpr,
-    DISCARD_T: tl.constexpr,
-):
-    """Share j of a barrier group, once every program of the group has stored its split: merge the split
-    outputs of some of its query heads, and score one strided set of slot chunks (argmin to part_*)."""
+    j, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr, part_idx_ptr,
+    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
+    S_P: tl.constexpr, BAR_KV: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr, NSH: tl.constexpr,
+    ECHUNK: tl.constexpr, EVICT: tl.constexpr, DISCARD_T: tl.constexpr,
+):  # fmt: skip
+    """Share j of barrier group `bar` (b * NG + g with eviction, b * HKV + kvh without), once every program
+    of the group has stored its split: merge the split outputs of some of its query heads, and score one
+    strided set of slot chunks (argmin to part_*)."""
     G: tl.constexpr = HQ // HKV
     split = j // BAR_KV
     b = (bar * BAR_KV) // HKV

@@ -67,29 +67,10 @@ def _buf(shape, dtype, used=True):
     return Buffer(tuple(shape) if used else (1,), dtype)
 
 
-def _split_outputs(shape: DecodeShape, splits: int, evict: bool) -> tuple[Buffer, ...]:
-    """out, acc, m, l, t: the first five output pointers of the fused and coop kernels."""
-    b, hq, c, d = shape.batch, shape.num_q_heads, shape.num_slots, shape.head_dim
-    return (
-        _buf((b, hq, d), "q"),
-        _buf((b, hq, splits, d), "f32", splits > 1),
-        _buf((b, hq, splits), "f32"),
-        _buf((b, hq, splits), "f32"),
-        _buf((b, hq, c), "f32", evict),
-    )
-
-
 def plan_launch(
-    shape: DecodeShape,
-    cfg: ResolvedLaunch,
-    *,
-    granularity: str,
-    compute_evict: bool,
-    is_f32: bool,
-    fast_log2: bool = True,
-    capability: int = 90,
-    spin: bool = True,
-) -> LaunchPlan:
+    shape: DecodeShape, cfg: ResolvedLaunch, *, granularity: str, compute_evict: bool, is_f32: bool,
+    fast_log2: bool = True, capability: int = 90, spin: bool = True,
+) -> LaunchPlan:  # fmt: skip
     """The launch of one checked call.
 
     capability: the GPU's compute capability (90 = sm_90); below sm_80 discard_t is ignored.
@@ -103,7 +84,8 @@ def plan_launch(
     splits = cfg.num_splits
     direct = splits == 1
     evict = bool(compute_evict)
-    stats = evict or not direct
+    one_kernel = cfg.epilogue != "separate"
+    stats = evict or not direct or one_kernel
     meta = dict(  # the constexprs every main kernel passes to _attend_split
         HQ=hq,
         HKV=hkv,
@@ -120,29 +102,31 @@ def plan_launch(
     # discard.global.L2 needs sm_80, and the interpreter (fast_log2=False) runs no PTX; each plan also
     # checks that its tiles hold whole 128-byte lines of t.
     discard = evict and cfg.discard_t and fast_log2 and capability >= DISCARD_MIN_CAPABILITY
-    if cfg.epilogue == "coop":
-        return _plan_coop(shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity)
-    if cfg.epilogue == "fused":
-        return _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity)
-
+    if one_kernel:
+        # The fused or coop kernel's own buffers, then evict and its tickets (the caller's kernel state).
+        own, own_meta, whole_lines = _one_kernel_epilogue(shape, cfg, num_groups, evict, spin)
+        tail = (*own, _buf((b, num_groups), "i32"), _buf(kernel_state_shape(b, hkv), "i32"))
+        own_meta["DISCARD_T"] = discard and whole_lines
+    else:  # decode_split_kernel's counter and no_evict
+        tail = (_buf((b,), "i32", evict), _buf((b, num_groups), "i32", not evict))
+        own_meta = dict(NG=num_groups, NG_P=next_pow2(num_groups), DIRECT_OUT=direct)
     split = KernelLaunch(
         grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, counter, no_evict.
+        # Order = the kernel's output pointers: out, acc, m, l, t, then the tail.
         outputs=(
-            _buf((b, hq, d), "q", direct),
+            _buf((b, hq, d), "q", direct or one_kernel),
             _buf((b, hq, splits, d), "f32", not direct),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, c), "f32", evict),
-            _buf((b,), "i32", evict),
-            _buf((b, num_groups), "i32", not evict),
+            *tail,
         ),
-        meta=dict(**meta, NG=num_groups, NG_P=next_pow2(num_groups), DIRECT_OUT=direct),
+        meta=dict(**meta, **own_meta),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
-    if direct and not evict:
-        return LaunchPlan(split, None, granularity)
+    if one_kernel or (direct and not evict):
+        return LaunchPlan(split, None, granularity, cfg.epilogue)
 
     ng_p, hpg_p = next_pow2(num_groups), next_pow2(heads_per_group)
     chunk = max(16, min(cfg.combine_chunk, COMBINE_TILE_ELEMS // (ng_p * hpg_p)))
@@ -181,30 +165,16 @@ def plan_launch(
     return LaunchPlan(split, combine, granularity)
 
 
-def _tickets(shape: DecodeShape) -> Buffer:
-    """A one-kernel plan's ticket buffer: the caller's persistent kernel state."""
-    return _buf(kernel_state_shape(shape.batch, shape.num_kv_heads), "i32")
-
-
-def _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity) -> LaunchPlan:
+def _one_kernel_epilogue(shape, cfg, num_groups, evict, spin):
+    """The fused or coop kernel's own output buffers (between t and evict), its constexprs, and whether
+    its tiles hold whole 128-byte lines of t (discard_t needs them)."""
     b, hkv, c, d = shape.batch, shape.num_kv_heads, shape.num_slots, shape.head_dim
     splits = cfg.num_splits
-    g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
-    per_kv_head_scores = evict and num_groups < hkv
-    echunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // g_p))
-    schunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p))
-    whole_lines = c % 32 == 0 and echunk % 32 == 0 and schunk % 32 == 0  # discard_t needs 128-byte lines
-    launch = KernelLaunch(
-        grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, imp, evict, count.
-        outputs=_split_outputs(shape, splits, evict)
-        + (
-            _buf((b, hkv, c), "f32", per_kv_head_scores),
-            _buf((b, num_groups), "i32"),
-            _tickets(shape),
-        ),
-        meta=dict(
-            **meta,
+    if cfg.epilogue == "fused":
+        g_p, hkv_p = next_pow2(shape.group), next_pow2(hkv)
+        echunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // g_p))
+        schunk = max(16, min(next_pow2(c), FINISH_TILE_ELEMS // hkv_p))
+        meta = dict(
             B=b,
             G_P=g_p,
             S_CHUNK=max(1, min(next_pow2(splits), COMBINE_TILE_ELEMS // (g_p * d))),
@@ -212,51 +182,27 @@ def _plan_fused(shape, cfg, meta, num_groups, evict, discard, granularity) -> La
             NG=num_groups,
             ECHUNK=echunk,
             SCHUNK=schunk,
-            DISCARD_T=discard and whole_lines,
-        ),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
-    )
-    return LaunchPlan(launch, None, granularity, epilogue="fused")
-
-
-def _plan_coop(
-    shape, cfg, meta, num_groups, heads_per_group, evict, discard, spin, granularity
-) -> LaunchPlan:
-    b, hkv, c = shape.batch, shape.num_kv_heads, shape.num_slots
-    splits = cfg.num_splits
+        )
+        imp = _buf((b, hkv, c), "f32", evict and num_groups < hkv)  # per-KV-head importance
+        return (imp,), meta, c % 32 == 0 and echunk % 32 == 0 and schunk % 32 == 0
     bar_kv = hkv // num_groups if evict else 1  # a barrier group: one score group, or one KV head
     num_bars = b * hkv // bar_kv
     shares = splits * bar_kv
+    heads_per_group = shape.num_q_heads // num_groups
     hpg_p = next_pow2(heads_per_group)
     # A share's scoring tile is [heads of the group, echunk]; >= 32 slots keeps whole 128-byte t lines.
     echunk = min(FINISH_TILE_ELEMS // hpg_p, next_pow2(cdiv(c, shares)))
     echunk = max(16, min(max(32, echunk), next_pow2(c)))
-    whole_lines = c % 32 == 0 and echunk % 32 == 0
-    launch = KernelLaunch(
-        grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, part_val, part_idx, evict, count.
-        outputs=_split_outputs(shape, splits, evict)
-        + (
-            _buf((num_bars, shares), "f32", evict),
-            _buf((num_bars, shares), "i32", evict),
-            _buf((b, num_groups), "i32"),
-            _tickets(shape),
-        ),
-        meta=dict(
-            **meta,
-            S_P=next_pow2(splits),
-            BAR_KV=bar_kv,
-            NBAR=num_bars,
-            HPG=heads_per_group,
-            HPG_P=hpg_p,
-            NSH=shares,
-            NSH_P=next_pow2(shares),
-            ECHUNK=echunk,
-            SPIN=spin,
-            DISCARD_T=discard and whole_lines,
-        ),
-        num_warps=cfg.num_warps,
-        num_stages=cfg.num_stages,
+    meta = dict(
+        S_P=next_pow2(splits),
+        BAR_KV=bar_kv,
+        NBAR=num_bars,
+        HPG=heads_per_group,
+        HPG_P=hpg_p,
+        NSH=shares,
+        NSH_P=next_pow2(shares),
+        ECHUNK=echunk,
+        SPIN=spin,
     )
-    return LaunchPlan(launch, None, granularity, epilogue="coop")
+    minima = (_buf((num_bars, shares), "f32", evict), _buf((num_bars, shares), "i32", evict))  # per share
+    return minima, meta, c % 32 == 0 and echunk % 32 == 0

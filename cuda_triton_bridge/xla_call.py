@@ -72,16 +72,9 @@ def kernel_ttir(kernel, signature: tuple, constexprs: tuple, num_warps: int, num
 
 
 def xla_triton_call(
-    *inputs,
-    kernel,
-    out_shape,
-    grid,
-    num_warps,
-    num_stages,
-    capability,
-    input_output_aliases=None,
+    *inputs, kernel, out_shape, grid, num_warps, num_stages, capability, input_output_aliases=None,
     **constexprs,
-):
+):  # fmt: skip
     """Run `kernel` over `grid` as XLA's Triton custom call; returns the outputs (a list).
 
     The kernel's non-constexpr arguments must be the input pointers, then the output pointers, in order.

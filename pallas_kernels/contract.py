@@ -18,10 +18,33 @@ Rules every kernel keeps:
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 GRANULARITIES = ("sequence", "kv_head")
 EMPTY_SLOT_SCORE = -1.0
+DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count.
+
+
+# Integer helpers and the core count, shared by both kernel packages' launch defaults.
+def is_pow2(n: int) -> bool:
+    return n > 0 and n & (n - 1) == 0
+
+
+def next_pow2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+def num_sms() -> int:
+    """The default device's core count (SMs on a GPU), which the kernels' split defaults fill."""
+    try:
+        return int(getattr(jax.devices()[0], "core_count", 0) or DEFAULT_NUM_SMS)
+    except Exception:  # no backend at all: only the defaults use this
+        return DEFAULT_NUM_SMS
 
 
 def check_granularity(granularity: str) -> None:

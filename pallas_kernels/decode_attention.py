@@ -1,18 +1,11 @@
-"""Fused LongFlow decode kernel: attention, importance and the evict slot from one pass over K and V.
+"""Fused LongFlow decode kernel in Pallas: attention, importance and the evict slot from one pass over K/V.
 
-One program reads the K/V rows of one (sequence, KV head, split) once and serves every query head of
-its GQA group. Beside the online softmax it stores, per slot and query head, t = logit + log ||v||_1,
-so head h's importance term alpha * ||v||_1 is exp(t - m_h) / l_h once the final softmax statistics
-are known. An epilogue inside the same jit merges the split partials (log-sum-exp), sums the terms over
-each score group's heads and takes the argmin: no second pass over K/V, no host sync.
-
-Two kernel bodies share the math (`_softmax_block`); both run in interpret mode on CPU for tests:
-  * "triton" (GPU, Pallas' Triton backend): grid (B, Hkv, splits); the slot loop's trip count stops at
-    kv_len; the epilogue is `_triton_combine_kernel` plus one XLA reduction over the chunk minima.
-  * "mosaic" (TPU): grid (B, Hkv, splits, blocks), the softmax state in VMEM scratch; a block past
-    kv_len skips its math and its copy; the epilogue is jnp (`_merge_splits`, `_evict_from_log_terms`).
-Slots past kv_len are never read and their t never written: the epilogue selects them away with the
-bounded mask before any arithmetic. Contract: contract.py; design and measurements: docs/KERNELS.md.
+One program serves the whole GQA group of one (sequence, KV head, split) and stores, beside the online
+softmax, t = logit + log ||v||_1 per slot and query head, so that head h's importance term is
+exp(t - m_h) / l_h once the split partials are merged: no second pass over K/V, no host sync. Bodies:
+"triton" (GPU, Pallas' Triton backend) and "mosaic" (TPU), both interpreted on CPU. Slots past kv_len
+are never read and their t never written: the epilogue masks them before any arithmetic.
+Contract: contract.py; design and measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -25,7 +18,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels.contract import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity, check_kv_len
+from pallas_kernels import contract
+from pallas_kernels.contract import EMPTY_SLOT_SCORE, is_pow2, next_pow2, num_sms
 from pallas_kernels.reference import evict_argmin, evict_argmin_of_chunks, importance_from_terms
 
 BACKENDS = ("triton", "mosaic")
@@ -51,14 +45,6 @@ COMBINE_MAX_CHUNK = 512
 COMBINE_NUM_WARPS = 4
 
 
-def _is_pow2(n: int) -> bool:
-    return n > 0 and n & (n - 1) == 0
-
-
-def _next_pow2(n: int) -> int:
-    return 1 << max(0, (n - 1).bit_length())
-
-
 def resolve_backend(backend: str | None) -> str:
     """ "triton" or "mosaic"; None picks from the default device (CPU runs the Triton body interpreted)."""
     if backend is None:
@@ -69,26 +55,19 @@ def resolve_backend(backend: str | None) -> str:
     return backend
 
 
-def _core_count() -> int:
-    try:
-        return int(getattr(jax.devices()[0], "core_count", 0)) or 132
-    except RuntimeError:
-        return 132
-
-
 def _default_block_c(backend: str, num_slots: int, head_dim: int, itemsize: int) -> int:
     if backend == "triton":
         fit = _MIN_DOT
         while fit * 2 * head_dim * itemsize <= TRITON_TILE_BYTES:
             fit *= 2
-        return max(_MIN_DOT, min(TRITON_BLOCK_C, fit, _next_pow2(num_slots)))
+        return max(_MIN_DOT, min(TRITON_BLOCK_C, fit, next_pow2(num_slots)))
     return num_slots if num_slots <= MOSAIC_BLOCK_C else MOSAIC_BLOCK_C
 
 
 def _check_block_c(backend: str, block_c, num_slots: int) -> None:
     if not isinstance(block_c, int) or block_c <= 0:
         raise ValueError(f"block_c must be a positive int, got {block_c!r}")
-    if backend == "triton" and not (_is_pow2(block_c) and block_c >= _MIN_DOT):
+    if backend == "triton" and not (is_pow2(block_c) and block_c >= _MIN_DOT):
         raise ValueError(
             f"block_c={block_c}: the Triton backend needs a power of two >= {_MIN_DOT} "
             f"(the slot count C={num_slots} need not be a multiple of it; the tail is masked)"
@@ -105,7 +84,7 @@ def _default_num_splits(backend: str, batch: int, num_kv_heads: int, num_blocks:
     if backend == "mosaic":
         target = 2  # a parallel grid of >= 2 keeps both TensorCores of a megacore chip busy
     else:
-        target = TRITON_PROGRAMS_PER_CORE * _core_count()
+        target = TRITON_PROGRAMS_PER_CORE * num_sms()
     min_blocks = max(1, TRITON_MIN_SLOTS_PER_SPLIT // block_c)
     splits = 1
     while (
@@ -269,7 +248,7 @@ def _triton_call(
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_slots, _ = k.shape
     group = num_q_heads // num_kv_heads
-    group_pad = max(_MIN_DOT, _next_pow2(group))
+    group_pad = max(_MIN_DOT, next_pow2(group))
     num_blocks = pl.cdiv(num_slots, block_c)
     blocks_per_split = num_blocks // num_splits
     finalize = num_splits == 1
@@ -332,7 +311,7 @@ def _triton_call(
 def _combine_chunk(heads_per_group: int, num_slots: int) -> int:
     """Slots one combine program scores: a [heads_per_group, chunk] tile of t of about COMBINE_TILE."""
     return max(
-        _MIN_DOT, min(COMBINE_MAX_CHUNK, COMBINE_TILE // _next_pow2(heads_per_group), _next_pow2(num_slots))
+        _MIN_DOT, min(COMBINE_MAX_CHUNK, COMBINE_TILE // next_pow2(heads_per_group), next_pow2(num_slots))
     )
 
 
@@ -357,7 +336,7 @@ def _triton_combine_kernel(
     out_ref = refs.pop(0) if merge_out else None  # [Hq, D] q dtype
     min_ref, slot_ref = refs if compute_evict else (None, None)  # [G, chunks] f32, i32
     p = pl.program_id(1)
-    splits_pad = _next_pow2(num_splits)
+    splits_pad = next_pow2(num_splits)
     split_ok = jnp.arange(splits_pad) < num_splits
     split_rows = pl.ds(0, splits_pad)
 
@@ -386,7 +365,7 @@ def _triton_combine_kernel(
         @pl.when(p < num_groups * num_chunks)
         def _score():
             group, j = p // num_chunks, p % num_chunks
-            hpg_pad = _next_pow2(heads_per_group)
+            hpg_pad = next_pow2(heads_per_group)
             head_ok = jnp.arange(hpg_pad) < heads_per_group
             heads = pl.ds(group * heads_per_group, hpg_pad)
             m, _, denom = merged_stats(heads, head_ok)
@@ -681,54 +660,26 @@ def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
 # Entry point.
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "scale",
-        "granularity",
-        "compute_evict",
-        "block_c",
-        "num_splits",
-        "backend",
-        "interpret",
-        "num_warps",
-        "num_stages",
-    ),
-)
+@functools.partial(jax.jit, static_argnames=(
+    "scale", "granularity", "compute_evict", "block_c", "num_splits", "backend", "interpret", "num_warps",
+    "num_stages",
+))  # fmt: skip
 def longflow_decode_attention(
-    q,
-    k_cache,
-    v_cache,
-    kv_valid,
-    *,
-    scale,
-    kv_len=None,
-    granularity="sequence",
-    compute_evict=True,
-    block_c=None,
-    num_splits=None,
-    backend=None,
-    interpret=None,
-    num_warps=None,
-    num_stages=None,
-):
+    q, k_cache, v_cache, kv_valid, *, scale, kv_len=None, granularity="sequence", compute_evict=True,
+    block_c=None, num_splits=None, backend=None, interpret=None, num_warps=None, num_stages=None,
+):  # fmt: skip
     """Decode attention + LongFlow importance + evict slot in one pass over the KV buffer.
 
     Args:
-      q: [B, Hq, D] current token's queries (post-RoPE), float32/bfloat16/float16.
-      k_cache, v_cache: [B, Hkv, C, D] slot buffers (post-RoPE keys), q's dtype; Hq a multiple of Hkv,
-        query head h reads KV head h // (Hq // Hkv).
-      kv_valid: [B, C] bool, filled slots.
+      q, k_cache, v_cache, kv_valid: q [B, Hq, D] (float32/bfloat16/float16), k_cache, v_cache
+        [B, Hkv, C, D] in q's dtype, kv_valid [B, C] bool: the layout of contract.py.
       scale: softmax scale (a Python float; static).
-      kv_len: optional integer [B] (traced), clamped to [0, C]: slot c of row b takes part (attention and
-        eviction) iff kv_valid[b, c] and c < kv_len[b]. No block that starts past kv_len[b] is read;
-        slots past it score as empty (-1, so an empty row evicts slot 0). None: no bound.
-      granularity: "sequence" (one slot per sequence, importance summed over all query heads) or
-        "kv_head" (one slot per KV head, summed over its query-head group).
+      kv_len: optional integer [B] (traced), clamped to [0, C]: slot c of row b takes part iff
+        kv_valid[b, c] and c < kv_len[b]; no block that starts past it is read. None: no bound.
+      granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
       block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
-        would pass 32 KiB). Mosaic: multiple of 128 or C (default min(512, C)). C need not be a
-        multiple of it: the tail is masked.
+        would pass 32 KiB). Mosaic: multiple of 128 or C (default min(512, C)). The tail is masked.
       num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
         Default: about 4 programs per SM on a GPU; 1 on a TPU, or 2 for B * Hkv == 1.
       backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
@@ -737,16 +688,14 @@ def longflow_decode_attention(
       num_warps, num_stages: Triton launch parameters (GPU only).
 
     Returns:
-      out [B, Hq, D] in q's dtype (float32 accumulation inside), and evict_slot int32 [B] ("sequence")
-      or [B, Hkv] ("kv_head"), exactly as `longflow_decode_attention_reference`: the importance's
-      argmin, invalid slots scoring EMPTY_SLOT_SCORE (-1), ties to the lowest slot.
+      (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), as
+      `longflow_decode_attention_reference` computes them.
 
     Raises:
-      ValueError: shapes/dtypes off the contract, unknown granularity/backend, bad block_c/num_splits,
-        kv_len not an integer array of shape [B].
+      ValueError: inputs off the contract, or a bad granularity, backend, block_c, num_splits or kv_len.
     """
-    check_decode_inputs(q, k_cache, v_cache, kv_valid)
-    check_granularity(granularity)
+    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    contract.check_granularity(granularity)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
     scale = float(scale)
@@ -762,10 +711,10 @@ def longflow_decode_attention(
     # The Mosaic body and the epilogue read kv_valid cut at kv_len; the Triton body applies the bound.
     bounded_valid = kv_valid
     if kv_len is not None:
-        check_kv_len(kv_len, batch)
+        contract.check_kv_len(kv_len, batch)
         kv_len = jnp.clip(kv_len, 0, num_slots).astype(jnp.int32)
         bounded_valid = kv_valid & (jnp.arange(num_slots, dtype=jnp.int32)[None, :] < kv_len[:, None])
-    if backend == "triton" and not (_is_pow2(head_dim) and head_dim >= _MIN_DOT):
+    if backend == "triton" and not (is_pow2(head_dim) and head_dim >= _MIN_DOT):
         raise ValueError(f"head dim D={head_dim}: the Triton backend needs a power of two >= {_MIN_DOT}")
     if block_c is None:
         block_c = _default_block_c(backend, num_slots, head_dim, q.dtype.itemsize)

@@ -7,16 +7,9 @@ Columns, at B in {1, 16, 64} x C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, ever
   triton          cuda_triton_bridge.longflow_decode_attention_triton, one kernel_state threaded through
                   its calls as generate does; omitted where triton, jax_triton or a CUDA device is missing
   *_noevict       the same kernel with compute_evict=False: the eviction overhead is the difference
-Every column is also a share of the bandwidth ceiling, measured in a child process: the best of a Triton
-kernel reading a --copy-mb buffer and torch's device-to-device copy_; a jnp copy, which under-measures,
-only where neither runs.
-
-Method: every column is first checked against the jnp reference. One jitted program chains >= 32 calls,
-each call's q the previous call's output (so XLA can neither merge nor overlap them), K/V rotating over
-input sets far larger than the L2, and runs the chain --loops times in a lax.fori_loop, as a decode loop
-runs its step. Time per call = median over --reps of the program's wall time / its calls (latency);
---queued Q queues Q executions per host sync (throughput); --interleave takes the columns' repetitions
-round-robin, so the machine's drift hits all alike. docs/BENCHMARKS.md says more.
+Each column is checked against the jnp reference, then timed as a chain of dependent calls over K/V
+sets far larger than the L2, run --loops times in a lax.fori_loop as a decode loop runs its step, and
+set against a bandwidth ceiling measured in a child process (the method: docs/BENCHMARKS.md).
 
   python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
 """

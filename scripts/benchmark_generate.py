@@ -13,10 +13,9 @@ is the largest batch whose KV buffer, plus the params and a per-row working-set 
 --memory-gib (default: 90% of the device's memory limit): full cache and LongFlow at equal memory.
 STEPS (default NEW_TOKENS) times only the first STEPS steps of a buffer sized for NEW_TOKENS: a
 compressed cache's per-step cost stops changing once its C slots are full, so the table projects the
-untimed steps at that buffer-full rate. --plot FILE.png draws tokens/s against generated length;
---from-jsonl rebuilds the table (and plot) from rows saved by --out. --isolate runs each configuration
-in its own process: its own memory peak, an empty allocator, and a BATCH=max run that runs out of
-memory retried at 90% of the batch (twice at most; the row records the scale).
+untimed steps at that buffer-full rate. --isolate runs each configuration in its own process: its own
+memory peak, an empty allocator, and a BATCH=max run that runs out of memory retried at 90% of the batch
+(twice at most; the row records the scale).
 """
 
 from __future__ import annotations

@@ -123,7 +123,7 @@ def test_four_devices_give_the_same_output_as_one(chat_ckpt, tmp_path):
     # The device count flag must be set before jax initialises: a fresh interpreter.
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
-    cmd = [sys.executable, os.path.join(ROOT, "scripts", "batch_generate.py"), "--ckpt", chat_ckpt]
+    cmd = [sys.executable, "-m", "longflow_jax.batch", "--ckpt", chat_ckpt]
     cmd += ["--input", inp, "--output", four, "--max-new-tokens", "8", "--budget", "32", "--batch-size", "2"]
     result = subprocess.run(cmd + ["--quiet"], env=env, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
