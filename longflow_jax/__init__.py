@@ -4,9 +4,10 @@ from pallas_kernels.reference import longflow_decode_attention_reference
 
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .convert import CheckpointError, convert, load
-from .generate import GenerationOutput, decode_step, generate, prefill
+from .generate import GenerationOutput, compile_generate, decode_step, generate, prefill
 from .kv_cache import KVCache, LayerCache
 from .model import init_random_params, param_shapes
+from .trajectory import TrajectoryScores, score_trajectory
 
 __all__ = [
     "CheckpointError",
@@ -16,6 +17,8 @@ __all__ = [
     "LayerCache",
     "ModelConfig",
     "SamplingConfig",
+    "TrajectoryScores",
+    "compile_generate",
     "convert",
     "decode_step",
     "generate",
@@ -24,4 +27,5 @@ __all__ = [
     "longflow_decode_attention_reference",
     "param_shapes",
     "prefill",
+    "score_trajectory",
 ]

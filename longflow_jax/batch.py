@@ -2,9 +2,13 @@
 
 Input, one JSON object a line: {"id": ..., "prompt": "text"} or {"id": ..., "messages": [chat messages]}.
 Output, one line per prompt, appended batch by batch: {"id", "text", "prompt_tokens", "completion_tokens",
-"finish_reason", "seconds", "settings"}. finish_reason is "stop" (EOS), "length" (max_new_tokens) or
-"error" (the logits became NaN/inf: the text stops there and a warning names the ids); "seconds" is the
-wall time of the prompt's batch, compile included; "settings" is what the row was made with.
+"finish_reason", "seconds", "settings"}. finish_reason is "stop" (EOS, a --stop-token-ids id or a --stop
+string), "length" (max_new_tokens) or "error" (the logits became NaN/inf: the text stops there and a
+warning names the ids); "seconds" is the wall time of the prompt's batch, compile excluded (the summary
+line gives both); "settings" is what the row was made with. With --stop, "stop_string" names the string
+the text was cut before (null: none); the device loop stops on token ids only, so completion_tokens
+counts what was generated. With --logprobs K: "token_ids" and their "logprobs" (`generate`'s
+return_logprobs), and for K > 0 "top_logprobs", per token [[id, log-prob], ...] best first.
 
 Rerunning resumes: ids already in the output are skipped. A rerun with other settings is refused, naming
 the fields that differ, unless --force-new (the old output is renamed to OUT.bak-TIMESTAMP). A lock on
@@ -45,6 +49,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--policy", default="longflow", choices=POLICIES)
     p.add_argument("--budget", type=int, default=2048, help="KV slots per layer per sequence")
     p.add_argument(
+        "--logprobs",
+        type=int,
+        default=None,
+        metavar="K",
+        help="write each token's id and log-prob into the row, and its K most likely alternatives",
+    )
+    p.add_argument(
         "--force-new",
         action="store_true",
         help="start a fresh output (the old one is renamed to OUT.bak-TIMESTAMP) instead of resuming",
@@ -67,6 +78,8 @@ def run_settings(args, compression) -> dict:
         "seed": args.seed,
         "chat_template": not args.no_chat_template,
         "chat_template_kwargs": args.chat_template_kwargs,
+        "stop": args.stop,
+        "logprobs": args.logprobs,
     }
 
 
@@ -119,6 +132,25 @@ def run(args) -> None:
         generate_into(out_path, process_index, process_count, args)
 
 
+def output_row(record_id, c: runner.Completion, seconds: float, settings: dict, args) -> dict:
+    row = {
+        "id": record_id,
+        "text": c.text,
+        "prompt_tokens": c.prompt_tokens,
+        "completion_tokens": len(c.tokens),
+        "finish_reason": c.finish_reason,
+        "seconds": round(seconds, 3),
+        "settings": settings,
+    }
+    if args.stop:
+        row["stop_string"] = c.stop_string
+    if args.logprobs is not None:
+        row.update(token_ids=c.tokens, logprobs=c.logprobs)
+    if args.logprobs:
+        row["top_logprobs"] = c.top_logprobs
+    return row
+
+
 def generate_into(out_path: str, process_index: int, process_count: int, args) -> None:
     """This process's share of the input, less the ids done, appended to out_path (locked)."""
     from tqdm import tqdm
@@ -148,37 +180,28 @@ def generate_into(out_path: str, process_index: int, process_count: int, args) -
 
     start = time.perf_counter()
     completion_tokens = errors = 0
+    compile_seconds = 0.0
     with (
         open(out_path, "ab") as f,
         tqdm(total=len(plan.records), unit="prompt", disable=args.quiet, dynamic_ncols=True) as bar,
     ):
         pause_for_fault_tests(out_path, 0)
-        for written, (seconds, outputs) in enumerate(
+        for written, (compiling, seconds, outputs) in enumerate(
             runner.generate_batches(generator, plan, args, compression, PROG), 1
         ):
-            rows = [
-                {
-                    "id": record.id,
-                    "text": c.text,
-                    "prompt_tokens": c.prompt_tokens,
-                    "completion_tokens": len(c.tokens),
-                    "finish_reason": c.finish_reason,
-                    "seconds": round(seconds, 3),
-                    "settings": settings,
-                }
-                for record, c in outputs
-            ]
+            compile_seconds += compiling
+            rows = [output_row(record.id, c, seconds, settings, args) for record, c in outputs]
             jsonl_io.append_lines(f, rows)
             completion_tokens += sum(len(c.tokens) for _, c in outputs)
             errors += sum(c.finish_reason == "error" for _, c in outputs)
             bar.update(len(rows))
             bar.set_postfix_str(f"{completion_tokens / (time.perf_counter() - start):.1f} tok/s")
             pause_for_fault_tests(out_path, written)
-    seconds = time.perf_counter() - start
+    seconds = time.perf_counter() - start - compile_seconds
     rate = round(completion_tokens / seconds, 2) if seconds > 0 else 0.0
     print(
-        f"{len(plan.records)} prompts, {completion_tokens} tokens in {seconds:.1f} s "
-        f"({rate} tokens/s, compile included) on {generator.num_devices} device(s); "
+        f"{len(plan.records)} prompts, {completion_tokens} tokens in {seconds:.1f} s of generation "
+        f"({rate} tokens/s) + {compile_seconds:.1f} s of compilation on {generator.num_devices} device(s); "
         f"{already_done} already done, {len(skipped)} skipped"
         + (f", {errors} stopped on NaN/inf logits (finish_reason 'error')" if errors else "")
         + f" -> {out_path}"

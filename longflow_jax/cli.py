@@ -3,6 +3,9 @@
 --demo writes a random Qwen3-style Hugging Face checkpoint (`testing.make_tiny_hf_checkpoint`: no torch,
 no download), converts it with `longflow-convert`'s code, and generates a batch with LongFlow and with the
 full cache, printing tokens/s and KV-cache bytes.
+
+Both say which policy and budget ran and whether any row outgrew the budget (so tokens were evicted),
+and time compilation (`compile_generate`) apart from generation.
 """
 
 from __future__ import annotations
@@ -21,7 +24,7 @@ from .attention import KERNEL_POLICIES
 from .bucketing import round_up
 from .config import POLICIES, CompressionConfig
 from .convert import convert, load
-from .generate import buffer_capacity, generate
+from .generate import buffer_capacity, compile_generate
 from .kv_cache import kv_bytes_for
 from .testing import make_tiny_hf_checkpoint
 
@@ -42,13 +45,29 @@ DEMO_MODEL = dict(
 )
 
 
-def _timed_generate(params, config, ids, lengths, **kwargs):
-    """Compile once, then time a second run of the same shapes."""
-    jax.block_until_ready(generate(params, config, ids, lengths, **kwargs).tokens)
+def eviction_summary(compression: CompressionConfig, prompt_tokens, generated) -> str:
+    """Which policy and budget ran, and whether a row needed more slots than the budget: its prompt
+    and every generated token but the last (whose KV is never written), at least one slot beyond the
+    prompt (a prompt of budget tokens or more is compressed at prefill)."""
+    if compression.policy == "full":
+        return "policy full: the cache holds every token, nothing was evicted"
+    head = f"policy {compression.policy}, budget {compression.budget} slots"
+    needed = [p + max(n - 1, 1) for p, n in zip(prompt_tokens, generated)]
+    over = sum(n > compression.budget for n in needed)
+    if not over:
+        return f"{head}: the run fit the budget, nothing was evicted"
+    return f"{head}: {over} of {len(needed)} row(s) needed up to {max(needed)} slots, so tokens were evicted"
+
+
+def _timed_generate(params, config, ids, lengths, seed, **kwargs):
+    """(output, compile seconds, generation seconds), compiled ahead of time."""
+    run, compile_seconds = compile_generate(
+        params, config, batch=ids.shape[0], prompt_len=ids.shape[1], **kwargs
+    )
     start = time.perf_counter()
-    out = generate(params, config, ids, lengths, **kwargs)
+    out = run(params, ids, lengths, seed)
     jax.block_until_ready(out.tokens)
-    return out, time.perf_counter() - start
+    return out, compile_seconds, time.perf_counter() - start
 
 
 def run_demo(args) -> None:
@@ -64,35 +83,41 @@ def run_demo(args) -> None:
     batch, prompt_len = args.batch, args.prompt_len
     lengths = rng.integers(max(1, prompt_len // 2), prompt_len + 1, batch).astype(np.int32)
     ids = rng.integers(1, config.vocab_size, (batch, prompt_len)).astype(np.int32)
-    common = dict(max_new_tokens=args.max_new_tokens, sampling=runner.sampling_from(args), seed=args.seed)
+    common = dict(max_new_tokens=args.max_new_tokens, sampling=runner.sampling_from(args))
     runs = [runner.compression_from(args)]
     if args.policy != "full":
         runs.append(CompressionConfig(policy="full"))
     rows = []
     for comp in runs:
         impl = args.attention_impl if comp.policy in KERNEL_POLICIES else "reference"
-        out, seconds = _timed_generate(
-            params, config, ids, lengths, compression=comp, attention_impl=impl, **common
+        out, compiling, seconds = _timed_generate(
+            params, config, ids, lengths, args.seed, compression=comp, attention_impl=impl, **common
         )
         capacity = buffer_capacity(comp, prompt_len, args.max_new_tokens)
         kv = kv_bytes_for(
             config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim, config.param_dtype
         )
         name = comp.policy if comp.policy == "full" else f"{comp.policy} C={comp.budget}"
-        rows.append((name, int(np.asarray(out.lengths).sum()), seconds, kv, int(np.max(out.cache_occupancy))))
+        generated = np.asarray(out.lengths)
+        rows.append((name, int(generated.sum()), compiling, seconds, kv, int(np.max(out.cache_occupancy))))
         print(f"  {name}: first row's tokens {np.asarray(out.tokens[0, :16]).tolist()} ...")
+        print(f"  {eviction_summary(comp, lengths.tolist(), generated.tolist())}")
     print(
         f"\nbatch {batch}, prompts of {lengths.min()}-{lengths.max()} tokens, "
         f"{args.max_new_tokens} new tokens per row"
     )
-    print(f"{'cache':<18}{'tokens':>8}{'seconds':>10}{'tokens/s':>11}{'KV bytes':>14}{'slots used/row':>16}")
-    for name, tokens, seconds, kv, slots in rows:
-        print(f"{name:<18}{tokens:>8}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}{slots:>16}")
-    if len(rows) == 2:
-        saved = 1 - rows[0][3] / rows[1][3]
+    header = f"{'cache':<18}{'tokens':>8}{'compile s':>11}{'seconds':>10}{'tokens/s':>11}{'KV bytes':>14}"
+    print(header + f"{'slots used/row':>16}")
+    for name, tokens, compiling, seconds, kv, slots in rows:
         print(
-            f"\nLongFlow's KV buffer is {rows[0][3]:,} bytes against {rows[1][3]:,} for the full cache: "
-            f"{saved:.1%} saved ({rows[1][3] / rows[0][3]:.1f}x smaller)."
+            f"{name:<18}{tokens:>8}{compiling:>11.2f}{seconds:>10.2f}{tokens / seconds:>11.1f}{kv:>14,}"
+            f"{slots:>16}"
+        )
+    if len(rows) == 2:
+        saved = 1 - rows[0][4] / rows[1][4]
+        print(
+            f"\nLongFlow's KV buffer is {rows[0][4]:,} bytes against {rows[1][4]:,} for the full cache: "
+            f"{saved:.1%} saved ({rows[1][4] / rows[0][4]:.1f}x smaller)."
         )
 
 
@@ -101,24 +126,37 @@ def run_checkpoint(args) -> None:
     tokenizer = generator.tokenizer
     use_template = bool(tokenizer.chat_template) and not args.no_chat_template
     prompts = [runner.encode(tokenizer, "prompt", text, use_template, {}) for text in args.prompt]
-    start = time.perf_counter()
-    completions = generator.generate(
-        prompts,
-        max(map(len, prompts)),
-        round_up(len(prompts), generator.num_devices),
+    compression = runner.compression_from(args)
+    options = dict(
         max_new_tokens=args.max_new_tokens,
-        compression=runner.compression_from(args),
+        compression=compression,
         sampling=runner.sampling_from(args),
         attention_impl=args.attention_impl,
-        seed=args.seed,
+    )
+    prompt_len, rows = max(map(len, prompts)), round_up(len(prompts), generator.num_devices)
+    compile_seconds = generator.compile(rows, prompt_len, **options)
+    start = time.perf_counter()
+    completions = generator.generate(
+        prompts, prompt_len, rows, seed=args.seed, stop_strings=args.stop, **options
     )
     seconds = time.perf_counter() - start
     for row, c in enumerate(completions):
         stopped = " (stopped: the logits became NaN/inf)" if c.finish_reason == "error" else ""
+        if c.stop_string is not None:
+            stopped += f" (text cut before the stop string {c.stop_string!r})"
         print(f"--- [{row}] {len(c.tokens)} tokens{stopped}")
         print(c.text)
     runner.warn_errors([row for row, c in enumerate(completions) if c.finish_reason == "error"], PROG)
-    print(f"\n{sum(len(c.tokens) for c in completions)} tokens in {seconds:.1f} s (compile included)")
+    print()
+    print(
+        eviction_summary(
+            compression, [c.prompt_tokens for c in completions], [len(c.tokens) for c in completions]
+        )
+    )
+    print(
+        f"{sum(len(c.tokens) for c in completions)} tokens in {seconds:.1f} s of generation "
+        f"+ {compile_seconds:.1f} s of compilation"
+    )
 
 
 def run(args) -> None:

@@ -227,7 +227,9 @@ def _as_id_tuple(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random")
+POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random", "rkv")
+# R-KV's observation window (rkv.py): its budget must leave room for more than the window.
+RKV_WINDOW = 8
 
 
 @dataclasses.dataclass(frozen=True)
@@ -235,12 +237,15 @@ class CompressionConfig:
     """How the KV buffer is kept.
 
     policy: "full" (no eviction; capacity = prompt + new tokens), "longflow" (LONGFLOW.md), or a
-      baseline: "streaming", "h2o", "tova", "random" (each described in policies.py).
+      baseline: "streaming", "h2o", "tova", "random" (each described in policies.py), or "rkv" (R-KV,
+      rkv.py: compresses a full buffer back to the budget at once; budget > RKV_WINDOW).
     budget: slots per layer per sequence (C). Ignored for "full".
     granularity: "sequence" (one evict slot per sequence per layer, the paper's) or "kv_head".
     snapkv_window / snapkv_pool: SnapKV prefill compression when a prompt exceeds budget - 1.
     num_sinks: first positions "streaming" never evicts.
     recent_window: newest positions "h2o" never evicts (None: budget // 2, as in the H2O paper).
+    rkv_buffer: slots "rkv" fills beyond the budget before it compresses back to the budget (the
+      paper's 128).
     """
 
     policy: str = "longflow"
@@ -250,6 +255,7 @@ class CompressionConfig:
     snapkv_pool: int = 5
     num_sinks: int = 4
     recent_window: int | None = None
+    rkv_buffer: int = 128
 
     def __post_init__(self):
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
@@ -258,7 +264,7 @@ class CompressionConfig:
         _check(
             isinstance(g, str) and g in ("sequence", "kv_head"), "granularity", "'sequence' or 'kv_head'", g
         )
-        for field in ("budget", "snapkv_window", "snapkv_pool", "num_sinks", "recent_window"):
+        for field in ("budget", "snapkv_window", "snapkv_pool", "num_sinks", "recent_window", "rkv_buffer"):
             value = getattr(self, field)
             _check(_is_int(value) or (field == "recent_window" and value is None), field, "an int", value)
         budget_ok = self.policy == "full" or self.budget >= 2
@@ -271,6 +277,11 @@ class CompressionConfig:
         _check(self.num_sinks >= 0, "num_sinks", ">= 0", self.num_sinks)
         recent = self.recent_window
         _check(recent is None or 0 <= recent < self.budget, "recent_window", "in [0, budget)", recent)
+        _check(self.rkv_buffer >= 1, "rkv_buffer", ">= 1", self.rkv_buffer)
+        if self.policy == "rkv" and self.budget <= RKV_WINDOW:
+            raise ValueError(
+                f"policy 'rkv' needs budget > its observation window ({RKV_WINDOW}), got {self.budget}"
+            )
 
     @property
     def h2o_recent(self) -> int:
@@ -279,14 +290,51 @@ class CompressionConfig:
 
 @dataclasses.dataclass(frozen=True)
 class SamplingConfig:
-    """temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters."""
+    """How each next token is chosen, and what ends a row.
+
+    temperature 0 is greedy; top_k 0 and top_p 1.0 disable those filters.
+    repetition_penalty: Hugging Face's: the logit of every id in the prompt or the output so far is
+      divided by it when positive, multiplied by it otherwise (1.0: off).
+    presence_penalty, frequency_penalty: OpenAI's and vLLM's: logit -= presence * (count > 0) +
+      frequency * count, counting each id in the output only (0.0: off; negative favours repeats).
+    no_repeat_ngram_size: n > 0 bans every token that would complete an n-gram already in the prompt
+      + output (Hugging Face's NoRepeatNGramLogitsProcessor).
+    min_new_tokens: the ids that end a row are banned until this many tokens were generated.
+    ignore_eos: the model's EOS ids do not end a row (fixed-length runs).
+    stop_token_ids: more ids that end a row as EOS does (kept as the row's last token).
+    The penalties and bans apply in that order to the raw logits, before temperature, top-k and top-p,
+    as Hugging Face orders its processors; each costs nothing when off.
+    """
 
     temperature: float = 0.0
     top_k: int = 0
     top_p: float = 1.0
+    repetition_penalty: float = 1.0
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    no_repeat_ngram_size: int = 0
+    min_new_tokens: int = 0
+    ignore_eos: bool = False
+    stop_token_ids: tuple[int, ...] = ()
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
         _check(_is_finite(t) and t >= 0, "temperature", "a finite number >= 0", t)
         _check(_is_int(k) and k >= 0, "top_k", "an int >= 0", k)
         _check(_is_finite(p) and 0.0 < p <= 1.0, "top_p", "a number in (0, 1]", p)
+        r = self.repetition_penalty
+        _check(_is_finite(r) and r > 0, "repetition_penalty", "a finite number > 0", r)
+        for field in ("presence_penalty", "frequency_penalty"):
+            _check(_is_finite(getattr(self, field)), field, "a finite number", getattr(self, field))
+        for field in ("no_repeat_ngram_size", "min_new_tokens"):
+            value = getattr(self, field)
+            _check(_is_int(value) and value >= 0, field, "an int >= 0", value)
+        _check(isinstance(self.ignore_eos, bool), "ignore_eos", "a bool", self.ignore_eos)
+        ids = self.stop_token_ids
+        ok = isinstance(ids, tuple | list) and all(_is_int(i) and i >= 0 for i in ids)
+        _check(ok, "stop_token_ids", "a sequence of token ids >= 0", ids)
+        object.__setattr__(self, "stop_token_ids", tuple(int(i) for i in ids))  # hashable: a static arg
+
+    def stop_ids(self, eos_token_ids) -> tuple[int, ...]:
+        """The ids that end a row: the model's EOS ids (unless ignore_eos) and stop_token_ids."""
+        return tuple(dict.fromkeys((*(() if self.ignore_eos else eos_token_ids), *self.stop_token_ids)))

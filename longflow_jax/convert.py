@@ -1,4 +1,5 @@
-"""Hugging Face safetensors checkpoint -> orbax-checkpoint directory, and the loader back.
+"""Hugging Face safetensors checkpoint (or a GGUF file, read by gguf_import) -> orbax-checkpoint directory,
+and the loader back.
 
 A converted directory holds the HF config, generation config and tokenizer files, `params/` (orbax) and,
 written last to mark it complete, `longflow_checkpoint.json`. Every tensor is checked (offsets, shape,
@@ -149,32 +150,38 @@ def safetensors_files(hf_dir: str) -> list[str]:
     return [os.path.join(hf_dir, fn) for fn in found]
 
 
-def read_params(hf_dir: str, config: ModelConfig, dtype: str) -> dict:
-    """Stream every tensor of the HF checkpoint into a params pytree of numpy arrays in `dtype`."""
+def _safetensors_tensors(hf_dir: str):
+    """(file, HF tensor name, memory-mapped array) for every tensor of a HF checkpoint directory."""
+    for path in safetensors_files(hf_dir):
+        for name, arr in iter_safetensors(path):
+            yield path, name, arr
+
+
+def read_params(tensors, config: ModelConfig, dtype: str) -> dict:
+    """Stream (file, HF tensor name, array) triples into a params pytree of numpy arrays in `dtype`."""
     leaves, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(config))
     expected = {}  # HF name -> (leaf index, transposed?, the shape HF stores)
     for i, (path, leaf) in enumerate(leaves):
         name, transpose = hf_name_for(path)
         expected[name] = (i, transpose, leaf.shape[::-1] if transpose else leaf.shape)
     values = [None] * len(leaves)
-    for path in safetensors_files(hf_dir):
-        for name, arr in iter_safetensors(path):
-            if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-                continue  # tied: the embedding serves as the head; some exports still save a copy
-            if name not in expected:
-                raise CheckpointError(
-                    f"unexpected tensor {name!r} in {os.path.basename(path)}: it has no place in a "
-                    f"{config.model_type} model with this config (e.g. a bias with attention_bias=false, "
-                    f"or a layer beyond num_hidden_layers)"
-                )
-            i, transpose, hf_shape = expected[name]
-            if arr.shape != hf_shape:
-                raise CheckpointError(
-                    f"tensor {name!r} has shape {arr.shape}, expected {hf_shape} from config.json"
-                )
-            if values[i] is not None:
-                raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
-            values[i] = _finite_cast(arr.T if transpose else arr, dtype, f"tensor {name!r} in {path}")
+    for path, name, arr in tensors:
+        if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
+            continue  # tied: the embedding serves as the head; some exports still save a copy
+        if name not in expected:
+            raise CheckpointError(
+                f"unexpected tensor {name!r} in {os.path.basename(path)}: it has no place in a "
+                f"{config.model_type} model with this config (e.g. a bias with attention_bias=false, "
+                f"or a layer beyond num_hidden_layers)"
+            )
+        i, transpose, hf_shape = expected[name]
+        if arr.shape != hf_shape:
+            raise CheckpointError(
+                f"tensor {name!r} has shape {arr.shape}, expected {hf_shape} from config.json"
+            )
+        if values[i] is not None:
+            raise CheckpointError(f"tensor {name!r} appears twice in the checkpoint")
+        values[i] = _finite_cast(arr.T if transpose else arr, dtype, f"tensor {name!r} in {path}")
     missing = [name for name, (i, _, _) in expected.items() if values[i] is None]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
@@ -289,8 +296,8 @@ def _fault_point(stage: str) -> None:
 def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
     """Refuse an output that overlaps the source or that --overwrite must not replace; sweep the
     leftovers of killed conversions to the same output first (one may be the old OUT to restore)."""
-    if not os.path.isdir(hf_dir):
-        raise ValueError(f"HF checkpoint directory {hf_dir!r} does not exist")
+    if not (os.path.isfile(hf_dir) if hf_dir.endswith(".gguf") else os.path.isdir(hf_dir)):
+        raise ValueError(f"HF checkpoint directory or GGUF file {hf_dir!r} does not exist")
     if os.path.commonpath([hf_dir, out_dir]) in (hf_dir, out_dir):
         raise ValueError(
             f"output {out_dir!r} must lie outside the source {hf_dir!r} and must not contain it "
@@ -309,21 +316,31 @@ def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
-    """Convert a HF checkpoint directory; returns the written config. overwrite replaces OUT only when it
-    is a complete converted checkpoint. Paths are compared after resolving symlinks."""
+    """Convert a HF checkpoint directory, or a llama.cpp .gguf file (`gguf_import`: dequantized, dtype
+    "auto" is float32); returns the written config. overwrite replaces OUT only when it is a complete
+    converted checkpoint. Paths are compared after resolving symlinks."""
     import orbax.checkpoint as ocp
 
     hf_dir, out_dir = os.path.realpath(hf_dir), os.path.realpath(out_dir)
     _check_paths(hf_dir, out_dir, overwrite)  # before reading: a wrong OUT fails fast
-    config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
-    with open(os.path.join(hf_dir, "config.json")) as f:
-        hf_config = json.load(f)
+    tokenizer = None
+    if hf_dir.endswith(".gguf"):
+        from .gguf_import import read_gguf
+
+        hf_config, gguf_tensors, tokenizer = read_gguf(hf_dir)
+        config = ModelConfig.from_hf_dict(hf_config)
+        tensors = ((hf_dir, name, arr) for name, arr in gguf_tensors)
+    else:
+        config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
+        with open(os.path.join(hf_dir, "config.json")) as f:
+            hf_config = json.load(f)
+        tensors = _safetensors_tensors(hf_dir)
     dtype = config.dtype if dtype == "auto" else dtype
     if dtype not in DTYPES:
         raise ValueError(f"dtype must be 'auto' or one of {sorted(DTYPES)}, got {dtype!r}")
     config = config.replace(dtype=dtype)
 
-    params = read_params(hf_dir, config, dtype)  # every check that can fail happens before any write
+    params = read_params(tensors, config, dtype)  # every check that can fail happens before any write
 
     staging, aside = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
@@ -342,6 +359,8 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
             src = os.path.join(hf_dir, name)
             if os.path.isfile(src):
                 shutil.copy2(src, os.path.join(staging, name))
+        if tokenizer is not None:  # with its chat template in tokenizer_config.json, where all versions look
+            tokenizer.save_pretrained(staging, save_jinja_files=False)
         with open(os.path.join(staging, MARKER), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": hf_dir}, f)
         _fault_point("staged")
@@ -407,10 +426,10 @@ def main(argv=None) -> int:
 
     parser = argparse.ArgumentParser(
         prog="longflow-convert",
-        description="Convert a Hugging Face Llama/Qwen2/Qwen3 safetensors checkpoint to a longflow-jax "
-        "(orbax) checkpoint.",
+        description="Convert a Hugging Face Llama/Qwen2/Qwen3 safetensors checkpoint, or a llama.cpp GGUF "
+        "file of those families, to a longflow-jax (orbax) checkpoint.",
     )
-    parser.add_argument("hf_dir", help="directory with config.json and *.safetensors")
+    parser.add_argument("hf_dir", help="directory with config.json and *.safetensors, or a .gguf file")
     parser.add_argument(
         "out_dir", help="output directory (must not exist unless --overwrite; never the source)"
     )

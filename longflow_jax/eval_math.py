@@ -1,10 +1,14 @@
 """`longflow-eval`: math accuracy (GSM8K / MATH style) of one checkpoint under several KV-cache policies.
 
-Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("solution" stands in for a
-missing "answer"; a missing id becomes the line number). Each (policy, budget) run generates for every
+Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("true_answer", then
+"solution", stand in for a missing "answer"; a missing id becomes the line number). Each (policy, budget) run generates for every
 problem (the full cache runs once: budgets do not apply to it), extracts the model's final answer
 (`extract_answer`) and scores it against the reference (`reference_answer`) with `answers_match`. Prints
-one accuracy table (policy x budget) and writes a JSONL row per problem and run.
+one accuracy table (policy x budget) and writes a JSONL row per problem and run, run by run, each run's
+rows in input order.
+
+Each question becomes the user message through --prompt-template (default `DEFAULT_PROMPT`, its
+`{question}` field replaced), which the run prints and records under the table.
 
 Scoring is deliberately exact: numbers compare as rationals (1,000 = 1000.0 = $1000; 0.5 = 1/2 =
 \\frac{1}{2}; but 0.33 != \\frac{1}{3}), everything else as normalised LaTeX strings (spaces, \\left/
@@ -203,11 +207,11 @@ def validate_problem(obj: dict) -> tuple[str, str]:
     question = obj.get("question", obj.get("problem"))
     if not isinstance(question, str) or not question.strip():
         raise ValueError("needs a non-empty string 'question' (or 'problem')")
-    answer = obj.get("answer", obj.get("solution"))
+    answer = obj.get("answer", obj.get("true_answer", obj.get("solution")))
     if isinstance(answer, int | float) and not isinstance(answer, bool):
         answer = str(answer)
     if not isinstance(answer, str) or not answer.strip():
-        raise ValueError("needs a non-empty 'answer' (or 'solution')")
+        raise ValueError("needs a non-empty 'answer' (or 'true_answer' or 'solution')")
     reference = reference_answer(answer)
     if not reference:
         raise ValueError(f"no final answer found in {answer[-60:]!r}")
@@ -257,6 +261,14 @@ def accuracy_table(results: dict, policies: list[str], budgets: list[int], n: in
     return "\n".join(lines)
 
 
+def check_prompt_template(template: str) -> None:
+    if "{question}" not in template:
+        raise ValueError(
+            f"--prompt-template must contain the field {{question}} (where each problem goes), "
+            f"got {template!r}"
+        )
+
+
 def score(problem: Record, c: runner.Completion) -> dict:
     """A problem's output row: the answer extracted from the completion, and whether it is correct (a
     completion cut short by NaN/inf logits never is)."""
@@ -290,6 +302,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     runner.check_args(args)
+    check_prompt_template(args.prompt_template)
     policies = parse_list("--policies", args.policies, str)
     budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
@@ -311,7 +324,7 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
         raise ValueError(f"no problems to evaluate in {args.input}")
     runner.report(
         f"{n} problems ({len(skipped)} skipped), runs {runs}, {len(plan.batches)} batches each, "
-        f"data parallel over {generator.num_devices} device(s)",
+        f"data parallel over {generator.num_devices} device(s); prompt template {args.prompt_template!r}",
         PROG,
     )
 
@@ -323,19 +336,23 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
             # the full cache has no budget: CompressionConfig's default stands in, unused
             sized = {} if budget is None else {"budget": budget}
             comp = CompressionConfig(policy=policy, granularity=args.granularity, **sized)
-            results[(policy, budget)] = 0
-            for _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):
-                rows = [{"policy": policy, "budget": budget, **score(p, c)} for p, c in outputs]
-                results[(policy, budget)] += sum(row["correct"] for row in rows)
-                errors += sum(row["finish_reason"] == "error" for row in rows)
-                append_lines(f, rows)
-                bar.update(len(rows))
+            rows = []  # (input line, row): the batches come bucketed by length
+            for _, _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):
+                for p, c in outputs:
+                    stop = {"stop_string": c.stop_string} if args.stop else {}
+                    rows.append((p.line, {"policy": policy, "budget": budget, **score(p, c), **stop}))
+                bar.update(len(outputs))
+            rows = [row for _, row in sorted(rows, key=lambda pair: pair[0])]
+            results[(policy, budget)] = sum(row["correct"] for row in rows)
+            errors += sum(row["finish_reason"] == "error" for row in rows)
+            append_lines(f, rows)
     seconds = time.perf_counter() - start
     table = accuracy_table(results, policies, budgets, n)
     notes = [
         f"{n} problems from {args.input}, max_new_tokens {args.max_new_tokens}, "
         f"{'greedy' if args.temperature == 0 else f'temperature {args.temperature}'}, "
-        f"{seconds:.1f} s; accuracy % (correct/n)"
+        f"{seconds:.1f} s; accuracy % (correct/n)",
+        f"prompt template (--prompt-template): {args.prompt_template!r}",
     ]
     if "full" in policies:
         notes.append("full: the full cache, one run (the budget does not apply)")
@@ -351,6 +368,12 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
 
 
 def main(argv=None) -> int:
+    """`longflow-eval ...` scores answers; `longflow-eval fidelity ...` runs the fidelity harness."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["fidelity"]:
+        from . import fidelity
+
+        return fidelity.main(argv[1:])
     return runner.cli_main(run, build_parser(), PROG, argv)
 
 

@@ -1,27 +1,32 @@
 """Batched prefill, then a decode loop (`lax.while_loop`) inside one jit, over the slot buffer.
 
 Prompts are right-padded [B, P] with per-row lengths, so a token's position is its index. Generation
-stops per row at an EOS id (its later tokens are pad) and the loop ends when every row has stopped or
-`max_new_tokens` were produced. Everything whose shape matters (batch, P, max_new_tokens, the configs)
-is static: one compile per shape, and the loop body (the decode step) is traced once per compile.
+stops per row at a stop id (EOS or `SamplingConfig.stop_token_ids`; its later tokens are pad) and the
+loop ends when every row has stopped or `max_new_tokens` were produced. Everything whose shape matters
+(batch, P, max_new_tokens, the configs) is static: one compile per shape, and the loop body (the decode
+step) is traced once per compile.
 """
 
 from __future__ import annotations
 
 import functools
+import time
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.contract import num_score_groups
 
+from . import rkv
 from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .kv_cache import KVCache, evicted_positions, layer_from_kept, occupancy, write_token
 from .model import attention_scale, decoder_layer, forward, logits_from_hidden, param_shapes, rms_norm
-from .sampling import sample_next
+from .sampling import init_history, process_logits, record_token, sample_next, token_logprobs
 from .snapkv import prefill_keep_positions
 
 FULL = CompressionConfig(policy="full")
@@ -38,15 +43,30 @@ class GenerationOutput:
     # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that
     # token t's write overwrote in each layer (-1: the slot was empty; row 0 is the prefill: all -1).
     evicted_positions: jax.Array | None = None
+    # Only with return_logprobs, under the distribution tokens were drawn from before top-k / top-p
+    # truncation (`sampling.token_logprobs`); 0 after a row stops.
+    logprobs: jax.Array | None = None  # [B, max_new_tokens] f32: log-prob of each generated token
+    top_logprobs: jax.Array | None = None  # [B, max_new_tokens, k] f32, best first (top_logprobs=k)
+    top_token_ids: jax.Array | None = None  # [B, max_new_tokens, k] int32: their ids
+
+
+def effective_compression(compression: CompressionConfig, prompt_len: int, max_new_tokens: int):
+    """The cache a run really keeps: a budget that holds the prompt and every new token never evicts, so
+    that run is the full cache (same numbers, and no scoring work)."""
+    fits = compression.policy != "full" and compression.budget >= prompt_len + max_new_tokens
+    return FULL if fits else compression
 
 
 def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tokens: int) -> int:
     """Slots per layer per sequence: room for the whole generation, capped by a compressing budget.
 
     A budget at least prompt + new tokens never evicts, so it gets no more slots than "full" would.
+    "rkv" also holds its buffer of `rkv_buffer` slots beyond the budget.
     """
     whole = prompt_len + max_new_tokens
-    return whole if compression.policy == "full" else min(compression.budget, whole)
+    if compression.policy == "full":
+        return whole
+    return min(compression.budget + (compression.rkv_buffer if compression.policy == "rkv" else 0), whole)
 
 
 def prefill(
@@ -56,6 +76,8 @@ def prefill(
     groups = num_score_groups(config.num_kv_heads, compression.granularity)
 
     def build_layer(_, q, k, v):
+        if compression.policy == "rkv":
+            return rkv.prefill_layer(q, k, v, prompt_lengths, compression.budget, capacity, groups)
         kept = prefill_keep_positions(
             q, k, prompt_lengths, capacity, compression.snapkv_window, compression.snapkv_pool, groups
         )
@@ -138,7 +160,11 @@ def decode_step(
 
 
 def _is_concrete(x) -> bool:
-    return not isinstance(x, jax.core.Tracer)
+    return not isinstance(x, jax.core.Tracer | jax.ShapeDtypeStruct)
+
+
+def _is_int_at_least(value, least: int) -> bool:
+    return isinstance(value, int | np.integer) and not isinstance(value, bool) and value >= least
 
 
 def _shape(x) -> tuple:
@@ -146,7 +172,16 @@ def _shape(x) -> tuple:
 
 
 def check_generate_inputs(
-    config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
+    config,
+    prompt_ids,
+    prompt_lengths,
+    max_new_tokens,
+    compression,
+    sampling,
+    attention_impl,
+    return_logprobs=False,
+    top_logprobs=0,
+    prefill_rows_per_chunk=None,
 ):
     """Every user-facing check, before anything is traced. Values are checked when they are concrete."""
     if not isinstance(config, ModelConfig):
@@ -156,9 +191,23 @@ def check_generate_inputs(
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     check_attention_impl(attention_impl, compression)
-    bad_int = isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int | np.integer)
-    if bad_int or max_new_tokens < 1:
+    if not _is_int_at_least(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+    if prefill_rows_per_chunk is not None and not _is_int_at_least(prefill_rows_per_chunk, 1):
+        raise ValueError(
+            f"prefill_rows_per_chunk must be a positive int or None, got {prefill_rows_per_chunk!r}"
+        )
+    bad = [i for i in sampling.stop_token_ids if i >= config.vocab_size]
+    if bad:
+        raise ValueError(f"stop_token_ids must be < vocab_size {config.vocab_size}, got {bad[0]}")
+    if not isinstance(return_logprobs, bool):
+        raise ValueError(f"return_logprobs must be a bool, got {return_logprobs!r}")
+    if not _is_int_at_least(top_logprobs, 0):
+        raise ValueError(f"top_logprobs must be an int >= 0, got {top_logprobs!r}")
+    if top_logprobs and not return_logprobs:
+        raise ValueError("top_logprobs needs return_logprobs=True")
+    if top_logprobs > config.vocab_size:
+        raise ValueError(f"top_logprobs must be <= vocab_size {config.vocab_size}, got {top_logprobs}")
     if len(_shape(prompt_ids)) != 2:
         raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {_shape(prompt_ids)}")
     ids_dtype = jnp.result_type(prompt_ids if hasattr(prompt_ids, "dtype") else np.asarray(prompt_ids))
@@ -237,46 +286,161 @@ def generate(
     attention_impl: str = "reference",
     seed=0,
     return_debug: bool = False,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
     prefill_rows_per_chunk: int | None = None,
 ) -> GenerationOutput:
     """Generate up to max_new_tokens per row from right-padded prompts.
 
     params/config: from `longflow_jax.load` (or `init_random_params`). prompt_ids [B, P] int,
     prompt_lengths [B] int in [1, P]. compression: None is the full cache; CompressionConfig(
-    policy="longflow", budget=2048) is LongFlow. seed: an int or a PRNG key (sampling and "random").
+    policy="longflow", budget=2048) is LongFlow. sampling: None is greedy; its penalties and stop rules
+    are in `SamplingConfig`. seed: an int or a PRNG key (sampling and "random").
+    return_logprobs: also return each generated token's log-prob, and with top_logprobs=k the k best
+    alternatives, under the distribution the token was drawn from before top-k / top-p truncation:
+    the logits after the penalties and bans, divided by the temperature when sampling.
     prefill_rows_per_chunk: run the prompt over slices of at most this many rows (the largest divisor
     of B not above it), so a batch sized to fill memory with KV cache does not also need the whole
     batch's prompt activations at once; None: the whole batch in one pass.
     Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there).
+    `compile_generate` compiles it ahead of time for one shape.
     """
     compression = FULL if compression is None else compression
     sampling = SamplingConfig() if sampling is None else sampling
-    check_generate_inputs(
-        config, prompt_ids, prompt_lengths, max_new_tokens, compression, sampling, attention_impl
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        compression=compression,
+        sampling=sampling,
+        attention_impl=attention_impl,
+        return_logprobs=return_logprobs,
+        top_logprobs=top_logprobs,
+        prefill_rows_per_chunk=prefill_rows_per_chunk,
     )
+    check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
     check_params(params, config)
-    if prefill_rows_per_chunk is not None and (
-        isinstance(prefill_rows_per_chunk, bool)
-        or not isinstance(prefill_rows_per_chunk, int | np.integer)
-        or prefill_rows_per_chunk < 1
-    ):
-        raise ValueError(
-            f"prefill_rows_per_chunk must be a positive int or None, got {prefill_rows_per_chunk!r}"
-        )
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
     return _generate(
         params,
         jnp.asarray(prompt_ids, jnp.int32),
         jnp.asarray(prompt_lengths, jnp.int32),
-        key,
+        _as_key(seed),
+        **_static_options(config, return_debug, **options),
+    )
+
+
+def _as_key(seed):
+    return jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+
+
+def _static_options(config, return_debug, *, max_new_tokens, top_logprobs, prefill_rows_per_chunk, **rest):
+    """_generate's static arguments, as plain Python values (one jit cache entry per setting)."""
+    rows = None if prefill_rows_per_chunk is None else int(prefill_rows_per_chunk)
+    return dict(
         config=config,
         max_new_tokens=int(max_new_tokens),
+        top_logprobs=int(top_logprobs),
+        prefill_rows_per_chunk=rows,
+        return_debug=bool(return_debug),
+        **rest,
+    )
+
+
+def compile_generate(
+    params_or_shapes,
+    config: ModelConfig,
+    *,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
+    compression: CompressionConfig | None = None,
+    sampling: SamplingConfig | None = None,
+    attention_impl: str = "reference",
+    return_debug: bool = False,
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
+    prefill_rows_per_chunk: int | None = None,
+    mesh: Mesh | None = None,
+):
+    """Compile `generate` ahead of time for one shape; returns (run, compile_seconds).
+
+    run(params, prompt_ids [batch, prompt_len], prompt_lengths [batch], seed=0) -> GenerationOutput,
+    as `generate` with the same arguments returns, with no tracing or compiling left to do.
+    params_or_shapes: the params, or `param_shapes(config)` (run then takes params of those shapes).
+    mesh: a 1-D Mesh whose devices split the rows (`shard_map`, params replicated): each decodes its
+    batch / mesh.size rows with no communication and stops when they are done, its draws seeded by
+    the seed folded with its index. None: one device.
+    """
+    compression = FULL if compression is None else compression
+    sampling = SamplingConfig() if sampling is None else sampling
+    if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
+        raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
+    options = dict(
+        max_new_tokens=max_new_tokens,
         compression=compression,
         sampling=sampling,
         attention_impl=attention_impl,
-        return_debug=return_debug,
-        prefill_rows_per_chunk=None if prefill_rows_per_chunk is None else int(prefill_rows_per_chunk),
+        return_logprobs=return_logprobs,
+        top_logprobs=top_logprobs,
+        prefill_rows_per_chunk=prefill_rows_per_chunk,
     )
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    check_generate_inputs(config, ids, lengths, **options)
+    check_params(params_or_shapes, config)
+    static = _static_options(config, return_debug, **options)
+    key = jax.eval_shape(jax.random.PRNGKey, 0)
+    if mesh is None:
+        fn, placement = jax.jit(functools.partial(_generate, **static)), None
+    else:
+        if len(mesh.axis_names) != 1 or batch % mesh.size:
+            raise ValueError(
+                f"mesh must be 1-D with a device count dividing batch {batch}, got shape {dict(mesh.shape)}"
+            )
+        axis = mesh.axis_names[0]
+
+        def rows_of_one_device(params, ids, lengths, key):
+            key = jax.random.fold_in(key, jax.lax.axis_index(axis))  # independent draws per device
+            return _generate(params, ids, lengths, key, **static)
+
+        row = P(axis)
+        specs = GenerationOutput(
+            tokens=row,
+            lengths=row,
+            cache_occupancy=row,
+            nonfinite=row,
+            evicted_positions=P(None, None, axis) if return_debug else None,
+            logprobs=row if return_logprobs else None,
+            top_logprobs=row if top_logprobs else None,
+            top_token_ids=row if top_logprobs else None,
+        )
+        fn = jax.jit(
+            jax.shard_map(
+                rows_of_one_device,
+                mesh=mesh,
+                in_specs=(P(), row, row, P()),
+                out_specs=specs,
+                check_vma=False,
+            )
+        )
+        by_row, replicated = NamedSharding(mesh, row), NamedSharding(mesh, P())
+        placement = (by_row, by_row, replicated)
+        ids, lengths, key = (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip((ids, lengths, key), placement)
+        )
+    start = time.perf_counter()
+    compiled = fn.lower(params_or_shapes, ids, lengths, key).compile()
+    seconds = time.perf_counter() - start
+
+    def run(params, prompt_ids, prompt_lengths, seed=0) -> GenerationOutput:
+        if _shape(prompt_ids) != (batch, prompt_len) or _shape(prompt_lengths) != (batch,):
+            raise ValueError(
+                f"compiled for prompt_ids {(batch, prompt_len)} and prompt_lengths {(batch,)}, got "
+                f"{_shape(prompt_ids)} and {_shape(prompt_lengths)}"
+            )
+        check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
+        args = (jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
+        return compiled(params, *jax.device_put(args, placement))
+
+    return run, seconds
 
 
 @functools.partial(
@@ -288,6 +452,8 @@ def generate(
         "sampling",
         "attention_impl",
         "return_debug",
+        "return_logprobs",
+        "top_logprobs",
         "prefill_rows_per_chunk",
     ),
 )
@@ -303,33 +469,57 @@ def _generate(
     sampling,
     attention_impl,
     return_debug,
+    return_logprobs=False,
+    top_logprobs=0,
     prefill_rows_per_chunk=None,
 ):
     batch, prompt_len = prompt_ids.shape
+    compression = effective_compression(compression, prompt_len, max_new_tokens)
     capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
-    eos = jnp.asarray(config.eos_token_ids or (-1,), jnp.int32)
+    stop_ids = sampling.stop_ids(config.eos_token_ids)
+    stop = jnp.asarray(stop_ids or (-1,), jnp.int32)
     pad = jnp.int32(config.pad_token_id)
+
+    def choose(logits, key, num_generated, history):
+        """One step's raw logits -> (next token [B], its log-probs or None)."""
+        logits = process_logits(logits, sampling, stop_ids, num_generated, history)
+        token = sample_next(logits, key, sampling)
+        return token, token_logprobs(logits, token, sampling, top_logprobs) if return_logprobs else None
+
+    def write_scores(buffers, scores, step, keep):
+        """The log-prob buffers [B, max_new_tokens, ...] with column `step` set (0 where not keep)."""
+        if buffers is None:
+            return None
+        put = lambda buf, x: jax.lax.dynamic_update_slice_in_dim(
+            buf, jnp.where(keep.reshape(-1, *(1,) * (x.ndim - 1)), x, 0)[:, None], step, axis=1
+        )
+        return jax.tree_util.tree_map(put, buffers, scores)
 
     cache, logits = prefill_in_slices(
         params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
     )
     cache = with_kernel_state(cache, attention_impl)
     bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
-    first = jnp.where(bad, pad, sample_next(logits, jax.random.fold_in(key, 0), sampling))
+    history = init_history(prompt_ids, prompt_lengths, config.vocab_size, max_new_tokens, sampling)
+    first, scores = choose(logits, jax.random.fold_in(key, 0), 0, history)
+    first = jnp.where(bad, pad, first)
+    history = record_token(history, first)
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
+    empty = lambda x: jnp.zeros((batch, max_new_tokens, *x.shape[1:]), x.dtype)
+    scored = write_scores(jax.tree_util.tree_map(empty, scores), scores, 0, ~bad)
     groups = cache.layers[0].slot_pos.shape[1]
     debug = (
         jnp.full((max_new_tokens, config.num_layers, batch, groups), -1, jnp.int32) if return_debug else None
     )
-    done = jnp.isin(first, eos) | bad
-    state = (jnp.int32(1), tokens, first, done, (~bad).astype(jnp.int32), bad, cache, debug)
+    done = jnp.isin(first, stop) | bad
+    state = (jnp.int32(1), tokens, first, done, (~bad).astype(jnp.int32), bad, cache, debug, history, scored)
 
     def cond(state):
         step, _, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, current, done, lengths, nonfinite, cache, debug = state
+        step, tokens, current, done, lengths, nonfinite, cache, debug, history, scored = state
         step_key = jax.random.fold_in(key, step)
         positions = prompt_lengths + step - 1  # the position of `current`, whose KV is written now
         logits, cache, evicted = decode_step(
@@ -343,20 +533,27 @@ def _generate(
             attention_impl=attention_impl,
         )
         bad = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
-        nxt = jnp.where(done | bad, pad, sample_next(logits, step_key, sampling))
+        nxt, scores = choose(logits, step_key, step, history)
+        nxt = jnp.where(done | bad, pad, nxt)
+        history = record_token(history, nxt)
+        scored = write_scores(scored, scores, step, ~done & ~bad)
         tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, step))
         lengths = lengths + (~done & ~bad).astype(jnp.int32)
-        done = done | bad | jnp.isin(nxt, eos)
+        done = done | bad | jnp.isin(nxt, stop)
         nonfinite = nonfinite | bad
         if debug is not None:
             debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
-        return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug
+        return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored
 
-    _, tokens, _, _, lengths, nonfinite, cache, debug = jax.lax.while_loop(cond, body, state)
+    _, tokens, _, _, lengths, nonfinite, cache, debug, _, scored = jax.lax.while_loop(cond, body, state)
+    logprobs, best, best_ids = (None, None, None) if scored is None else scored
     return GenerationOutput(
         tokens=tokens,
         lengths=lengths,
         cache_occupancy=occupancy(cache.layers[0]),
         evicted_positions=debug,
         nonfinite=nonfinite,
+        logprobs=logprobs,
+        top_logprobs=best,
+        top_token_ids=best_ids,
     )

@@ -9,9 +9,12 @@ Per layer, per sequence b:
                               for the other policies
   kernel_state  pytree or None  state the attention kernel carries from step to step (opaque here:
                               attention.with_kernel_state makes it for the kernel in use)
+  recent_queries  [B, W, Hq, D] or None  "rkv" only: the newest W tokens' post-RoPE queries, position p
+                              at index p % W (rkv.py)
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
-prefix [0, n) and the same in every group: `kv_valid` reads it off group 0.
+prefix [0, n) and the same in every group: `kv_valid` reads it off group 0. ("rkv" keeps the prefix by
+compacting the tokens it keeps into slots [0, budget).)
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ class LayerCache:
     evict_slot: jax.Array
     score: jax.Array
     kernel_state: Any = None
+    recent_queries: jax.Array | None = None
 
     @property
     def capacity(self) -> int:

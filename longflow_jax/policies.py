@@ -8,6 +8,7 @@ evict the argmin (ties: lowest slot). One line each:
             `recent_window` positions are protected.
   streaming StreamingLLM (Xiao et al. 2023): keep `num_sinks` first positions, evict the oldest other.
   random    a uniformly random filled slot: the floor any scoring must beat.
+"rkv" (R-KV) picks no single slot: it compresses a full buffer at once (rkv.py).
 """
 
 from __future__ import annotations

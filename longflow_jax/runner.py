@@ -36,6 +36,51 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
+    p.add_argument(
+        "--repetition-penalty",
+        type=float,
+        default=1.0,
+        help="Hugging Face's: > 1 discourages every token of the prompt and the output so far (1: off)",
+    )
+    p.add_argument(
+        "--presence-penalty",
+        type=float,
+        default=0.0,
+        help="OpenAI's: subtracted from each generated id's logit",
+    )
+    p.add_argument(
+        "--frequency-penalty",
+        type=float,
+        default=0.0,
+        help="OpenAI's: subtracted from an id's logit once per time it was generated",
+    )
+    p.add_argument(
+        "--no-repeat-ngram-size",
+        type=int,
+        default=0,
+        metavar="N",
+        help="ban any token that would repeat an N-gram of the prompt and the output (0: off)",
+    )
+    p.add_argument(
+        "--min-new-tokens", type=int, default=0, help="EOS and the stop ids are banned until this many tokens"
+    )
+    p.add_argument("--ignore-eos", action="store_true", help="EOS does not end a row (fixed-length runs)")
+    p.add_argument(
+        "--stop-token-ids",
+        type=int,
+        nargs="+",
+        default=[],
+        metavar="ID",
+        help="more ids that end a row as EOS does",
+    )
+    p.add_argument(
+        "--stop",
+        action="append",
+        default=[],
+        metavar="TEXT",
+        help="cut the text before the first TEXT (repeatable; on the decoded text after generation: the "
+        "device loop stops on token ids only)",
+    )
     p.add_argument("--seed", type=int, default=0)
 
 
@@ -69,6 +114,7 @@ MIN_VALUES = {
     "limit": 1,
     "batch": 1,
     "prompt_len": 1,
+    "logprobs": 0,
 }
 
 
@@ -83,6 +129,13 @@ def check_args(args) -> None:
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
+    try:
+        sampling_from(args)
+    except ValueError as e:  # SamplingConfig names the field first: name the flag instead
+        field, rest = str(e).split(" ", 1)
+        raise ValueError(f"--{field.replace('_', '-')} {rest}") from None
+    if not all(args.stop):
+        raise ValueError("--stop must be a non-empty string")
     kwargs = getattr(args, "chat_template_kwargs", {})
     if not isinstance(kwargs, dict):
         raise ValueError(f"--chat-template-kwargs must be a JSON object, got {kwargs!r}")
@@ -101,7 +154,18 @@ def check_args(args) -> None:
 
 
 def sampling_from(args) -> SamplingConfig:
-    return SamplingConfig(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p)
+    return SamplingConfig(
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        presence_penalty=args.presence_penalty,
+        frequency_penalty=args.frequency_penalty,
+        no_repeat_ngram_size=args.no_repeat_ngram_size,
+        min_new_tokens=args.min_new_tokens,
+        ignore_eos=args.ignore_eos,
+        stop_token_ids=tuple(args.stop_token_ids),
+    )
 
 
 def compression_from(args) -> CompressionConfig:
@@ -132,15 +196,30 @@ def cli_main(run: Callable, parser: argparse.ArgumentParser, prog: str, argv=Non
 @dataclasses.dataclass(frozen=True)
 class Completion:
     prompt_tokens: int
-    tokens: list[int]  # generated ids, the EOS included when there is one
-    finish_reason: str  # "stop" (EOS), "length" (max_new_tokens), "error" (NaN/inf logits: tokens stop)
-    text: str  # the tokens decoded, special tokens skipped
+    tokens: list[int]  # generated ids, the stop id (EOS or a stop_token_id) included when there is one
+    # "stop" (a stop id or a stop string), "length" (max_new_tokens), "error" (NaN/inf logits: tokens stop)
+    finish_reason: str
+    text: str  # the tokens decoded, special tokens skipped, cut before the first stop string
+    stop_string: str | None = None  # the stop string the text was cut at
+    logprobs: list[float] | None = None  # per generated token, when asked (generate's return_logprobs)
+    top_logprobs: list[list[list]] | None = None  # per generated token: [[id, log-prob], ...], best first
 
 
-def finish_reason(tokens: Sequence[int], eos_token_ids: Sequence[int], nonfinite: bool = False) -> str:
+def finish_reason(tokens: Sequence[int], stop_ids: Sequence[int], nonfinite: bool = False) -> str:
+    """stop_ids: `SamplingConfig.stop_ids` of the model's EOS ids."""
     if nonfinite:
         return "error"
-    return "stop" if len(tokens) and int(tokens[-1]) in set(eos_token_ids) else "length"
+    return "stop" if len(tokens) and int(tokens[-1]) in set(stop_ids) else "length"
+
+
+def cut_at_stop_string(text: str, stop_strings: Sequence[str]) -> tuple[str, str | None]:
+    """(text before the earliest stop string, that string); (text, None) when none occurs. Of two
+    starting at the same place, the one listed first."""
+    found = [(text.find(s), i) for i, s in enumerate(stop_strings) if s in text]
+    if not found:
+        return text, None
+    at, i = min(found)
+    return text[:at], stop_strings[i]
 
 
 def warn_errors(names: Sequence, prog: str) -> None:
@@ -173,34 +252,41 @@ class DataParallelGenerator:
         if self.tokenizer.eos_token_id is not None:
             eos = tuple(dict.fromkeys((*eos, int(self.tokenizer.eos_token_id))))
         self.config = config.replace(eos_token_ids=eos)
-        self._runs = {}
+        self._runs = {}  # (rows, prompt_len, options) -> compile_generate's run
 
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
 
-    def _compiled(self, **options):
-        """One jitted shard_map of generate(**options) per option set; jit caches one per batch shape."""
-        from .generate import generate
+    def compile(self, rows: int, prompt_len: int, **options) -> float:
+        """Compile generate for [rows, prompt_len] prompts with `compile_generate`'s options, once;
+        returns the seconds it took (0.0 when it was compiled before)."""
+        return self._compiled(rows, prompt_len, options)[1]
 
-        setting = tuple(sorted(options.items()))
-        if setting not in self._runs:
+    def _compiled(self, rows: int, prompt_len: int, options: dict):
+        from .generate import compile_generate
 
-            def per_device(params, ids, lengths, key):
-                key = jax.random.fold_in(key, jax.lax.axis_index("data"))  # independent draws per device
-                return generate(params, self.config, ids, lengths, seed=key, **options)
-
-            specs = dict(in_specs=(P(), P("data"), P("data"), P()), out_specs=P("data"))
-            self._runs[setting] = jax.jit(jax.shard_map(per_device, mesh=self.mesh, check_vma=False, **specs))
-        return self._runs[setting]
+        setting = (rows, prompt_len, *sorted(options.items()))
+        if setting in self._runs:
+            return self._runs[setting], 0.0
+        self._runs[setting], seconds = compile_generate(
+            self.params, self.config, batch=rows, prompt_len=prompt_len, mesh=self.mesh, **options
+        )
+        return self._runs[setting], seconds
 
     def generate(
-        self, prompts: Sequence[Sequence[int]], prompt_len: int, rows: int, *, seed: int = 0, **options
+        self,
+        prompts: Sequence[Sequence[int]],
+        prompt_len: int,
+        rows: int,
+        *,
+        seed: int = 0,
+        stop_strings: Sequence[str] = (),
+        **options,
     ) -> list[Completion]:
         """Generate for len(prompts) <= rows token lists, padded to [rows, prompt_len]. options:
-        generate()'s max_new_tokens, compression, sampling and attention_impl, all required."""
-        from .generate import check_generate_inputs
-
+        generate()'s max_new_tokens, compression, sampling, attention_impl, and optionally
+        return_logprobs and top_logprobs. Each text is cut before the first of stop_strings."""
         if not 1 <= len(prompts) <= rows or rows % self.num_devices:
             raise ValueError(f"{len(prompts)} prompts in {rows} rows over {self.num_devices} devices")
         padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
@@ -208,17 +294,28 @@ class DataParallelGenerator:
         for r, p in enumerate(padded):
             ids[r, : len(p)] = p
         lengths = np.asarray([len(p) for p in padded], np.int32)
-        # The value checks generate() skips under shard_map, where it sees tracers.
-        check_generate_inputs(self.config, ids, lengths, **options)
-        ids, lengths = jax.device_put((ids, lengths), NamedSharding(self.mesh, P("data")))
-        out = self._compiled(**options)(self.params, ids, lengths, jax.random.PRNGKey(seed))
+        out = self._compiled(rows, prompt_len, options)[0](self.params, ids, lengths, seed)
         tokens, counts, bad = np.asarray(out.tokens), np.asarray(out.lengths), np.asarray(out.nonfinite)
-        eos, decode = self.config.eos_token_ids, self.tokenizer.decode
+        logprobs, top_ids, top_logprobs = (
+            None if x is None else np.asarray(x) for x in (out.logprobs, out.top_token_ids, out.top_logprobs)
+        )
+        stop_ids = options["sampling"].stop_ids(self.config.eos_token_ids)
         completions = []
         for r, p in enumerate(prompts):
-            new = tokens[r, : counts[r]].tolist()
-            reason = finish_reason(new, eos, bool(bad[r]))
-            completions.append(Completion(len(p), new, reason, decode(new, skip_special_tokens=True)))
+            n = counts[r]
+            new = tokens[r, :n].tolist()
+            text, matched = cut_at_stop_string(
+                self.tokenizer.decode(new, skip_special_tokens=True), stop_strings
+            )
+            reason = finish_reason(new, stop_ids, bool(bad[r]))
+            scores = {}
+            if logprobs is not None:
+                scores["logprobs"] = logprobs[r, :n].tolist()
+            if top_ids is not None:
+                pairs = zip(top_ids[r, :n].tolist(), top_logprobs[r, :n].tolist())
+                scores["top_logprobs"] = [[[i, v] for i, v in zip(*step)] for step in pairs]
+            reason = "stop" if matched is not None and reason != "error" else reason
+            completions.append(Completion(len(p), new, reason, text, matched, **scores))
         return completions
 
 
@@ -282,6 +379,13 @@ def make_plan(
             kept.append(r)
             prompts.append(tokens)
     handle_skipped(skipped, args.input, args.strict, prog)
+    vocab_size = generator.config.vocab_size
+    if any(i >= vocab_size for i in args.stop_token_ids):
+        raise ValueError(
+            f"--stop-token-ids must be < the model's vocab_size {vocab_size}, got {args.stop_token_ids}"
+        )
+    if (getattr(args, "logprobs", None) or 0) > vocab_size:
+        raise ValueError(f"--logprobs must be <= the model's vocab_size {vocab_size}, got {args.logprobs}")
     n = generator.num_devices
     batches = plan_batches([len(p) for p in prompts], round_up(args.batch_size, n), n, limit)
     return Plan(kept, prompts, batches, skipped)
@@ -294,23 +398,33 @@ def batch_seed(seed: int, first_id) -> int:
 
 def generate_batches(
     generator: DataParallelGenerator, plan: Plan, args, compression: CompressionConfig, prog: str
-) -> Iterator[tuple[float, list[tuple[Record, Completion]]]]:
-    """Yield (seconds, [(record, completion)]) per batch of plan, in order; seconds is its wall time,
-    compile included on a new shape. Rows whose logits became non-finite are reported on stderr."""
+) -> Iterator[tuple[float, float, list[tuple[Record, Completion]]]]:
+    """Yield (compile_seconds, seconds, [(record, completion)]) per batch of plan, in order:
+    compile_seconds for a new shape (0.0 once compiled), seconds the generation's wall time without
+    it. With args.logprobs = K (longflow-batch --logprobs), completions carry log-probs and K
+    alternatives. Rows whose logits became non-finite are reported on stderr."""
+    top = getattr(args, "logprobs", None)
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        compression=compression,
+        sampling=sampling_from(args),
+        attention_impl=args.attention_impl,
+        return_logprobs=top is not None,
+        top_logprobs=top or 0,
+    )
     for b in plan.batches:
+        compile_seconds = generator.compile(b.rows, b.prompt_len, **options)
         start = time.perf_counter()
         completions = generator.generate(
             [plan.prompts[i] for i in b.indices],
             b.prompt_len,
             b.rows,
-            max_new_tokens=args.max_new_tokens,
-            compression=compression,
-            sampling=sampling_from(args),
-            attention_impl=args.attention_impl,
             seed=batch_seed(args.seed, plan.records[b.indices[0]].id),
+            stop_strings=args.stop,
+            **options,
         )
         seconds = time.perf_counter() - start
         warn_errors(
             [plan.records[i].id for i, c in zip(b.indices, completions) if c.finish_reason == "error"], prog
         )
-        yield seconds, [(plan.records[i], c) for i, c in zip(b.indices, completions)]
+        yield compile_seconds, seconds, [(plan.records[i], c) for i, c in zip(b.indices, completions)]

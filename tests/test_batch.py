@@ -150,14 +150,24 @@ def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckp
         "snapkv_pool": 5,
         "num_sinks": 4,
         "recent_window": None,
+        "rkv_buffer": 128,
         "attention_impl": "reference",
         "max_new_tokens": 8,
         "temperature": 0.0,
         "top_k": 0,
         "top_p": 1.0,
+        "repetition_penalty": 1.0,
+        "presence_penalty": 0.0,
+        "frequency_penalty": 0.0,
+        "no_repeat_ngram_size": 0,
+        "min_new_tokens": 0,
+        "ignore_eos": False,
+        "stop_token_ids": [],
         "seed": 0,
         "chat_template": True,
         "chat_template_kwargs": {},
+        "stop": [],
+        "logprobs": None,
     }
     assert rows[1]["settings"] == rows[0]["settings"]
     # A non-UTF-8 line in the output is named and its prompt redone; it does not block the resume.
@@ -183,6 +193,42 @@ def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckp
     assert {r["settings"]["policy"] for r in rows} == {"h2o"}
     (backup,) = [p for p in os.listdir(tmp_path) if p.startswith("out.jsonl.bak-")]
     assert open(tmp_path / backup, "rb").read().count(b"\n") == 3  # the old rows, kept
+
+
+def test_rows_carry_logprobs_and_stop_strings_and_ignore_eos_runs_on(chat_ckpt, tmp_path, capsys):
+    from transformers import AutoTokenizer
+
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    out = str(tmp_path / "out.jsonl")
+    stops = list("aeiost")
+    argv = ["--logprobs", "2", "--ignore-eos", *(f"--stop={s}" for s in stops)]
+    assert run_batch(chat_ckpt, inp, out, *argv) == 0
+    assert "s of compilation" in capsys.readouterr().out
+    rows = read_rows(out)
+    by_id = {r["id"]: r for r in rows}
+    # id 4 ends with <|im_end|> (id 4) as its 5th token; ignoring EOS, it goes on to max_new_tokens
+    assert by_id[4]["token_ids"][4] == 4
+    tok = AutoTokenizer.from_pretrained(chat_ckpt)
+    for r in rows:
+        assert (
+            r["settings"]["stop"] == stops and r["settings"]["logprobs"] == 2 and r["settings"]["ignore_eos"]
+        )
+        ids = r["token_ids"]
+        assert len(ids) == len(r["logprobs"]) == len(r["top_logprobs"]) == r["completion_tokens"] == 8
+        for token, logprob, top in zip(ids, r["logprobs"], r["top_logprobs"]):
+            assert (
+                len(top) == 2 and top[0] == [token, logprob] and top[1][1] <= logprob <= 0
+            )  # greedy: the best
+        # the text is cut before the earliest stop string of the whole decoded output
+        full = tok.decode(ids, skip_special_tokens=True)
+        at = min((full.find(s) for s in stops if s in full), default=None)
+        if at is None:
+            assert r["stop_string"] is None and r["text"] == full and r["finish_reason"] == "length"
+        else:
+            assert (
+                r["text"] == full[:at] and full.find(r["stop_string"]) == at and r["finish_reason"] == "stop"
+            )
+    assert any(r["stop_string"] for r in rows) and not all(r["stop_string"] for r in rows)
 
 
 def poison_embedding(ckpt, char, monkeypatch):
@@ -237,6 +283,9 @@ def test_a_row_with_nan_logits_is_an_error_row_with_a_warning(chat_ckpt, tmp_pat
         (["--seed", "-1"], GOOD, "--seed must be >= 0, got -1"),
         (["--dtype", "float8"], GOOD, "dtype must be one of"),
         (["--chat-template-kwargs", "[1]"], GOOD, "--chat-template-kwargs must be a JSON object, got [1]"),
+        (["--logprobs", "-1"], GOOD, "--logprobs must be >= 0, got -1"),
+        (["--logprobs", "129"], GOOD, "--logprobs must be <= the model's vocab_size 128, got 129"),
+        (["--frequency-penalty", "inf"], GOOD, "--frequency-penalty must be a finite number, got inf"),
         (["--ckpt", "/nope"], GOOD, "--ckpt '/nope': it does not exist"),
         (["--ckpt", "."], GOOD, "is not a complete longflow-jax checkpoint"),
         ([], [], "no valid prompt records in"),

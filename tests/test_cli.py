@@ -10,14 +10,32 @@ def test_demo_prints_both_caches_and_the_saving(capsys):
     argv = ["--demo", "--batch", "2", "--prompt-len", "16", "--max-new-tokens", "8", "--budget", "8"]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert "longflow C=8" in out and "full" in out and "saved" in out
+    assert "longflow C=8" in out and "full" in out and "saved" in out and "compile s" in out
+    # prompts of 8-16 tokens + 8 new ones outgrow 8 slots
+    assert (
+        "policy longflow, budget 8 slots: 2 of 2 row(s) needed up to" in out
+        and "so tokens were evicted" in out
+    )
+    assert "policy full: the cache holds every token, nothing was evicted" in out
 
 
 def test_checkpoint_generates_a_text_per_prompt(chat_ckpt, capsys):
-    argv = ["--ckpt", chat_ckpt, "--prompt", "hi", "--prompt", "x", "--max-new-tokens", "8", "--budget", "8"]
+    argv = [
+        "--ckpt",
+        chat_ckpt,
+        "--prompt",
+        "hi",
+        "--prompt",
+        "x",
+        "--max-new-tokens",
+        "8",
+        "--budget",
+        "256",
+    ]
     assert cli.main(argv) == 0
     out = capsys.readouterr().out
-    assert out.count("--- [") == 2 and "tokens in" in out
+    assert out.count("--- [") == 2 and "s of generation + " in out and "s of compilation" in out
+    assert "policy longflow, budget 256 slots: the run fit the budget, nothing was evicted" in out
     assert cli.main(["--ckpt", chat_ckpt]) == 2  # --ckpt needs a --prompt
 
 
@@ -40,6 +58,7 @@ def test_a_prompt_with_nan_logits_is_reported(chat_ckpt, monkeypatch, capsys):
     assert "--- [1] 0 tokens (stopped: the logits became NaN/inf)" in captured.out
     assert "--- [0] 4 tokens\n" in captured.out
     assert "the logits became NaN/inf for 1 row(s) [1]" in captured.err
+    assert "policy longflow, budget 8 slots: 2 of 2 row(s) needed up to" in captured.out
 
 
 DEMO = ["--demo", "--batch", "2", "--prompt-len", "16", "--max-new-tokens", "8", "--budget", "8"]
@@ -62,6 +81,12 @@ DEMO = ["--demo", "--batch", "2", "--prompt-len", "16", "--max-new-tokens", "8",
         (["--ckpt", "/nope", "--prompt", "hi"], "--ckpt '/nope': it does not exist"),
         (["--ckpt", "/", "--prompt", "hi"], "is not a complete longflow-jax checkpoint"),
         (["--ckpt", "/nope"], "--ckpt needs at least one --prompt"),
+        ([*DEMO, "--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0, got 0.0"),
+        ([*DEMO, "--presence-penalty", "nan"], "--presence-penalty must be a finite number, got nan"),
+        ([*DEMO, "--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be an int >= 0, got -1"),
+        ([*DEMO, "--min-new-tokens", "-2"], "--min-new-tokens must be an int >= 0, got -2"),
+        ([*DEMO, "--stop-token-ids", "3", "-1"], "--stop-token-ids must be a sequence of token ids >= 0"),
+        ([*DEMO, "--stop", ""], "--stop must be a non-empty string"),
     ],
 )
 def test_bad_arguments_are_one_clear_error(argv, message, capsys):

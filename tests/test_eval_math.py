@@ -193,7 +193,8 @@ PROBLEMS = [
 
 def test_harness_end_to_end(chat_ckpt, tmp_path, capsys):
     inp = tmp_path / "problems.jsonl"
-    inp.write_text("".join(json.dumps(p) + "\n" for p in PROBLEMS))
+    # shortest first: the batches run longest first, the rows come back in this order
+    inp.write_text("".join(json.dumps(PROBLEMS[i]) + "\n" for i in (2, 1, 0, 3)))
     out, table = tmp_path / "rows.jsonl", tmp_path / "table.md"
     argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--table", str(table)]
     argv += ["--policies", "full,longflow", "--budgets", "32,64", "--max-new-tokens", "6", "--quiet"]
@@ -202,11 +203,16 @@ def test_harness_end_to_end(chat_ckpt, tmp_path, capsys):
     assert "line 4 (id 'bad'): needs a non-empty 'answer'" in captured.err
     assert "| policy | budget 32 | budget 64 |" in captured.out and "| longflow |" in captured.out
     assert table.read_text().startswith("| policy | budget 32 | budget 64 |")
+    template = f"prompt template (--prompt-template): {eval_math.DEFAULT_PROMPT!r}"
+    assert template in captured.out and template in table.read_text()
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 * 3  # 3 problems x (full, longflow@32, longflow@64)
-    assert {(r["policy"], r["budget"]) for r in rows} == {("full", None), ("longflow", 32), ("longflow", 64)}
+    assert [(r["policy"], r["budget"], r["id"]) for r in rows] == [
+        (policy, budget, i)
+        for policy, budget in eval_math.runs_for(["full", "longflow"], [32, 64])
+        for i in (1, "m1", "g1")
+    ]
     refs = {r["id"]: r["reference"] for r in rows}
-    assert refs == {"g1": "7", "m1": r"\frac34", 3: "4"}  # the id-less problem is named by its line
+    assert refs == {"g1": "7", "m1": r"\frac34", 1: "4"}  # the id-less problem is named by its line
     for r in rows:
         assert r["completion_tokens"] <= 6 and r["correct"] == answers_match(r["prediction"], r["reference"])
         assert r["extracted_by"] in ("boxed", "####", "answer_is", "last_number", "none")
@@ -261,6 +267,9 @@ def test_a_problem_with_nan_logits_is_an_error_row_scored_wrong(chat_ckpt, tmp_p
         (["--input", "/nope.jsonl"], "No such file or directory"),
         (["--input", "EMPTY"], "no problems to evaluate in"),
         (["--output", "problems.jsonl/rows.jsonl"], "File exists"),  # a file where its folder goes
+        (["--prompt-template", "Solve: {problem}"], "--prompt-template must contain the field {question}"),
+        (["--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0, got 0.0"),
+        (["--stop-token-ids", "999"], "--stop-token-ids must be < the model's vocab_size 128, got [999]"),
     ],
 )
 def test_bad_arguments_and_inputs_are_one_clear_error(

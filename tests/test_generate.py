@@ -1,5 +1,8 @@
 """generate(): compile-once decode loop, row independence, stopping, use inside user jit, prefill slices,
-input errors."""
+input errors; the generation controls (penalties against transformers, stop rules, log-probs against a
+float reference), compile_generate, and the full cache's blocked reference attention."""
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +11,7 @@ import pytest
 from helpers import count_decode_step_traces, make_prompts
 
 import longflow_jax as lf
-from longflow_jax.config import CompressionConfig
+from longflow_jax.config import CompressionConfig, SamplingConfig
 
 
 @pytest.fixture(scope="module")
@@ -93,6 +96,10 @@ def test_generate_inside_user_jit(qwen3):
         (dict(max_new_tokens=0), "positive int"),
         (dict(max_new_tokens=True), "positive int"),
         (dict(lengths=[6.0, 5.5]), "integer token counts"),
+        (dict(top_logprobs=2), "top_logprobs needs return_logprobs=True"),
+        (dict(return_logprobs=True, top_logprobs=-1), "top_logprobs must be an int >= 0"),
+        (dict(return_logprobs=True, top_logprobs=129), "top_logprobs must be <= vocab_size 128"),
+        (dict(sampling=SamplingConfig(stop_token_ids=(128,))), "stop_token_ids must be < vocab_size 128"),
     ],
 )
 def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
@@ -218,3 +225,191 @@ def test_bad_prefill_rows_per_chunk_raises(qwen3, bad):
     ids, lengths = make_prompts(config, [4, 3])
     with pytest.raises(ValueError, match="prefill_rows_per_chunk must be a positive int"):
         lf.generate(params, config, ids, lengths, max_new_tokens=4, prefill_rows_per_chunk=bad)
+
+
+# --- Generation controls: penalties and stop rules in the loop, log-probs, ahead-of-time compile, and the
+# full cache's reference attention over the filled prefix.
+
+
+@pytest.mark.parametrize(
+    "controls",
+    [dict(repetition_penalty=1.2), dict(repetition_penalty=1.2, no_repeat_ngram_size=2, min_new_tokens=6)],
+)
+def test_greedy_with_penalties_matches_transformers(tiny_checkpoints, qwen3, controls):
+    import torch
+    from test_model_parity import hf_model
+
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [9, 17, 4], seed=5)
+    sampling, new = SamplingConfig(**controls), 24
+    eos = None
+    with jax.default_matmul_precision("highest"):
+        if sampling.min_new_tokens:
+            # The EOS row 0 would emit second without min_new_tokens, so the ban changes the output.
+            unbanned = dataclasses.replace(sampling, min_new_tokens=0)
+            first = lf.generate(params, config, ids, lengths, max_new_tokens=2, sampling=unbanned)
+            eos = int(first.tokens[0, 1])
+        out = lf.generate(
+            params,
+            config.replace(eos_token_ids=() if eos is None else (eos,)),
+            ids,
+            lengths,
+            max_new_tokens=new,
+            sampling=sampling,
+        )
+    model = hf_model(tiny_checkpoints["qwen3"][0])
+    for row, n in enumerate(lengths):
+        with torch.no_grad():
+            prompt = torch.tensor(ids[row : row + 1, :n]).long()
+            ref = model.generate(
+                prompt, max_new_tokens=new, do_sample=False, eos_token_id=eos, pad_token_id=0, **controls
+            )
+        want = ref[0, n:].numpy()  # up to its EOS, included
+        assert int(out.lengths[row]) == len(want) >= min(sampling.min_new_tokens, new)
+        np.testing.assert_array_equal(np.asarray(out.tokens[row, : len(want)]), want, err_msg=f"row {row}")
+
+
+def test_stop_token_ids_end_rows_and_ignore_eos_does_not(qwen3):
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [6, 9, 4], seed=3)  # test_rows_stop_at_eos's: compiled already
+    free = np.asarray(lf.generate(params, config, ids, lengths, max_new_tokens=24).tokens)
+    stop = int(free[0, 5])
+    stopped = lf.generate(
+        params,
+        config,
+        ids,
+        lengths,
+        max_new_tokens=24,
+        sampling=SamplingConfig(stop_token_ids=(stop,)),
+        return_logprobs=True,
+    )
+    for row in range(3):
+        n = int(np.argmax(free[row] == stop)) + 1 if (free[row] == stop).any() else 24
+        assert int(stopped.lengths[row]) == n
+        np.testing.assert_array_equal(np.asarray(stopped.tokens[row, :n]), free[row, :n])
+        logprobs = np.asarray(stopped.logprobs[row])
+        assert (logprobs[:n] < 0).all() and (logprobs[n:] == 0).all()  # 0 once the row has stopped
+    assert int(stopped.lengths[0]) == 6 and stopped.top_logprobs is None
+    ignoring = lf.generate(
+        params,
+        config.replace(eos_token_ids=(stop,)),
+        ids,
+        lengths,
+        max_new_tokens=24,
+        sampling=SamplingConfig(ignore_eos=True),
+    )
+    np.testing.assert_array_equal(np.asarray(ignoring.tokens), free)
+    assert (np.asarray(ignoring.lengths) == 24).all()
+
+
+@pytest.mark.parametrize("sampling", [SamplingConfig(), SamplingConfig(temperature=0.7, top_k=5)])
+def test_logprobs_equal_the_float_reference(qwen3, sampling):
+    """Each token's log-prob is log_softmax(logits / temperature) of a full forward pass over the prompt
+    and the tokens before it (top-k truncation does not enter); the top 3 are its 3 largest."""
+    from longflow_jax.model import forward, logits_from_hidden
+
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [6, 11], seed=2)
+    new = 10
+    with jax.default_matmul_precision("highest"):
+        out = lf.generate(
+            params,
+            config,
+            ids,
+            lengths,
+            max_new_tokens=new,
+            sampling=sampling,
+            seed=3,
+            return_logprobs=True,
+            top_logprobs=3,
+        )
+        # Right-padded prompt + output rows: causal attention keeps the pad after them out of the way.
+        tokens = np.asarray(out.tokens)
+        sequences = np.zeros((2, ids.shape[1] + new), np.int32)
+        for row, n in enumerate(lengths):
+            sequences[row, : n + new] = np.concatenate([ids[row, :n], tokens[row]])
+        hidden, _ = jax.jit(lambda s: forward(params, config, s))(sequences)
+        logits = np.asarray(logits_from_hidden(params, config, hidden), np.float64)
+    for row, n in enumerate(lengths):
+        x = logits[row, n - 1 : n - 1 + new] / (sampling.temperature or 1.0)
+        logp = x - x.max(-1, keepdims=True)
+        logp -= np.log(np.exp(logp).sum(-1, keepdims=True))
+        np.testing.assert_allclose(
+            np.asarray(out.logprobs[row]), logp[np.arange(new), tokens[row]], atol=2e-4
+        )
+        best = np.argsort(-logp, -1)[:, :3]
+        np.testing.assert_array_equal(np.asarray(out.top_token_ids[row]), best)
+        np.testing.assert_allclose(
+            np.asarray(out.top_logprobs[row]), np.take_along_axis(logp, best, -1), atol=2e-4
+        )
+    if sampling.temperature == 0:  # greedy: the chosen token is the best one
+        np.testing.assert_array_equal(np.asarray(out.logprobs), np.asarray(out.top_logprobs[..., 0]))
+
+
+def test_compile_generate_equals_generate(qwen3):
+    from jax.sharding import Mesh
+
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [5, 11], seed=8)
+    options = dict(
+        max_new_tokens=12,
+        compression=CompressionConfig(policy="longflow", budget=8),
+        sampling=SamplingConfig(temperature=0.9, repetition_penalty=1.1),
+        return_logprobs=True,
+        return_debug=True,
+    )
+    want = lf.generate(params, config, ids, lengths, seed=4, **options)
+    shapes = lf.param_shapes(config)
+    run, seconds = lf.compile_generate(shapes, config, batch=2, prompt_len=11, **options)
+    got = run(params, ids, lengths, seed=4)
+    assert seconds > 0
+    fields = ("tokens", "lengths", "cache_occupancy", "nonfinite", "logprobs", "evicted_positions")
+    for field in fields:
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)))
+    with pytest.raises(ValueError, match=r"compiled for prompt_ids \(2, 11\)"):
+        run(params, ids[:1], lengths[:1])
+    with pytest.raises(ValueError, match=r"prompt_lengths must be in \[1, 11\]"):
+        run(params, ids, np.asarray([0, 3]))
+    # Over a mesh: each device's rows are drawn with the seed folded with its index.
+    mesh = Mesh(np.asarray(jax.devices()[:1]), ("data",))
+    on_mesh, _ = lf.compile_generate(params, config, batch=2, prompt_len=11, mesh=mesh, **options)
+    got = on_mesh(params, ids, lengths, seed=4)
+    want = run(params, ids, lengths, seed=jax.random.fold_in(jax.random.PRNGKey(4), 0))
+    for field in fields:
+        np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)))
+    two_axes = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    with pytest.raises(ValueError, match="mesh must be 1-D"):
+        lf.compile_generate(shapes, config, batch=2, prompt_len=11, mesh=two_axes, **options)
+
+
+@pytest.mark.parametrize("kv_len, capacity", [([1, 129, 200], 640), ([5, 300, 700], 700), ([3, 7, 20], 20)])
+def test_full_cache_reference_attention_reads_only_the_filled_prefix(kv_len, capacity):
+    """Equal to the plain reference over the same mask; slots past the blocks the longest row needs
+    are never read (NaN there would show)."""
+    from longflow_jax.attention import PREFIX_BLOCK, filled_prefix_attention
+    from pallas_kernels.reference import decode_attention_probs
+
+    rng = np.random.default_rng(0)
+    q = jnp.asarray(rng.standard_normal((3, 4, 16)), jnp.float32)
+    k, v = (rng.standard_normal((3, 2, capacity, 16)).astype(np.float32) for _ in range(2))
+    valid = jnp.arange(capacity)[None, :] < jnp.asarray(kv_len)[:, None]
+    want = decode_attention_probs(q, jnp.asarray(k), jnp.asarray(v), valid, 0.25)[0]
+    read = -(-max(kv_len) // PREFIX_BLOCK) * PREFIX_BLOCK
+    k[:, :, read:], v[:, :, read:] = np.nan, np.nan
+    got = filled_prefix_attention(q, jnp.asarray(k), jnp.asarray(v), valid, jnp.asarray(kv_len), 0.25)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_full_cache_blocked_and_single_pass_attention_decode_alike(qwen3, monkeypatch):
+    """generate's full cache through the blocked prefix path (forced here) gives the single pass's tokens."""
+    import longflow_jax.attention as attention
+
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [12, 5], seed=9)
+    with jax.default_matmul_precision("highest"):
+        single = lf.generate(params, config, ids, lengths, max_new_tokens=150)
+        monkeypatch.setattr(attention, "SINGLE_PASS_MAX_SLOTS", 0)
+        jax.clear_caches()  # the jitted generate would reuse its trace of the single pass
+        blocked = lf.generate(params, config, ids, lengths, max_new_tokens=150)
+    jax.clear_caches()
+    np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(blocked.tokens))

@@ -1,0 +1,301 @@
+"""`longflow-eval fidelity`: how far each cache policy and budget moves a model's outputs.
+
+1. The full cache generates each problem's trajectory (greedy, or sampled with a fixed seed).
+2. For every policy x budget the model is teacher-forced along that trajectory with the compressed cache
+   (`score_trajectory`): per step, KL(full || compressed) of the next-token distribution, top-1 agreement
+   and the trajectory tokens' NLL difference.
+3. Free running: each policy x budget generates with the same sampling settings and the same seed (so
+   the two runs draw alike until their distributions part); reported are the first step where its tokens
+   differ from the full cache's, and whether its extracted final answer agrees with the full cache's and
+   with the reference.
+All problems share one padded prompt length, so each policy x budget compiles once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import jax
+import numpy as np
+
+from . import runner
+from .config import POLICIES, CompressionConfig
+from .eval_math import (
+    DEFAULT_PROMPT,
+    answers_match,
+    extract_answer,
+    parse_budgets,
+    parse_list,
+    validate_problem,
+)
+from .jsonl_io import append_lines, id_key, lock_output, read_jsonl_records
+from .trajectory import score_trajectory
+
+PROG = "longflow-eval fidelity"
+
+
+def parse_runs(policies: str, budgets: str) -> list[tuple[str, str, int]]:
+    """(policy, granularity, budget) per run from "longflow,longflow:kv_head,h2o" and "64,128"."""
+    runs = []
+    for spec in parse_list("--policies", policies, str):
+        policy, _, granularity = spec.partition(":")
+        if policy not in POLICIES or policy == "full":
+            raise ValueError(
+                f"--policies: unknown or uncompressed policy {policy!r}; expected {POLICIES[1:]}"
+            )
+        runs += [(policy, granularity or "sequence", b) for b in parse_budgets(budgets)]
+    for policy, granularity, budget in runs:
+        CompressionConfig(policy=policy, granularity=granularity, budget=budget)  # validates
+    return list(dict.fromkeys(runs))
+
+
+def run_name(policy: str, granularity: str) -> str:
+    return policy if granularity == "sequence" else f"{policy}:{granularity}"
+
+
+def _padded(rows: list[list[int]], width: int, pad: int) -> np.ndarray:
+    out = np.full((len(rows), width), pad, np.int32)
+    for r, tokens in enumerate(rows):
+        out[r, : len(tokens)] = tokens
+    return out
+
+
+def _first_difference(a: list[int], b: list[int]) -> int | None:
+    """The first step where two token lists differ (one ending earlier counts), or None if equal."""
+    for t, (x, y) in enumerate(zip(a, b)):
+        if x != y:
+            return t
+    return None if len(a) == len(b) else min(len(a), len(b))
+
+
+def aggregate(rows: list[dict]) -> dict:
+    """One run's problems -> token-weighted means over all their steps, and per-problem rates."""
+    steps = max(sum(r["steps"] for r in rows), 1)
+    weighted = {
+        k: sum(r[k] * r["steps"] for r in rows) / steps for k in ("mean_kl", "top1_agreement", "nll_diff")
+    }
+    diverge = [r["steps"] if r["divergence_step"] is None else r["divergence_step"] for r in rows]
+    rates = {k: float(np.mean([r[k] for r in rows])) for k in ("answer_agrees_with_full", "correct")}
+    identical = float(np.mean([r["divergence_step"] is None for r in rows]))
+    return dict(weighted, **rates, median_divergence=float(np.median(diverge)), identical=identical)
+
+
+def _by_run(rows: list[dict], runs: list[tuple[str, str, int]]) -> dict:
+    found = {run: [r for r in rows if (r["policy"], r["granularity"], r["budget"]) == run] for run in runs}
+    return {run: aggregate(mine) for run, mine in found.items() if mine}
+
+
+def summary_table(rows: list[dict], runs: list[tuple[str, str, int]], full_correct: float) -> str:
+    """Markdown: a row per policy x budget."""
+    lines = [
+        "| policy | budget | mean KL (nats/token) | top-1 agreement % | NLL diff (nats/token) | "
+        "first divergence (median step) | identical % | answer = full's % | correct % |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for (policy, granularity, budget), a in _by_run(rows, runs).items():
+        lines.append(
+            f"| {run_name(policy, granularity)} | {budget} | {a['mean_kl']:.4f} | "
+            f"{100 * a['top1_agreement']:.1f} | {a['nll_diff']:+.4f} | {a['median_divergence']:.0f} | "
+            f"{100 * a['identical']:.0f} | {100 * a['answer_agrees_with_full']:.0f} | "
+            f"{100 * a['correct']:.0f} |"
+        )
+    return "\n".join(lines) + f"\n\nThe full cache itself answers {100 * full_correct:.0f}% correctly."
+
+
+def plot(rows: list[dict], runs: list[tuple[str, str, int]], path: str) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_kl, ax_top1) = plt.subplots(1, 2, figsize=(11, 4))
+    curves: dict[str, list] = {}
+    for (policy, granularity, budget), a in sorted(_by_run(rows, runs).items(), key=lambda x: x[0][2]):
+        curves.setdefault(run_name(policy, granularity), []).append((budget, a))
+    for name, points in curves.items():
+        budgets = [b for b, _ in points]
+        ax_kl.plot(budgets, [a["mean_kl"] for _, a in points], marker="o", label=name)
+        ax_top1.plot(budgets, [100 * a["top1_agreement"] for _, a in points], marker="o", label=name)
+    ax_kl.set(xscale="log", yscale="log", xlabel="budget (slots per layer)", ylabel="mean KL(full || policy)")
+    ax_top1.set(xscale="log", xlabel="budget (slots per layer)", ylabel="top-1 agreement with full (%)")
+    for ax in (ax_kl, ax_top1):
+        ax.grid(alpha=0.3, which="both")
+    ax_top1.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
+    p.add_argument("--input", required=True, help='JSONL: {"question", "true_answer" | "answer"} per line')
+    p.add_argument("--output", required=True, help="per-problem JSONL rows, one per problem and run")
+    p.add_argument("--table", help="also write the markdown table here")
+    p.add_argument("--plot", help="also draw KL and top-1 agreement against budget into this PNG")
+    runner.add_generation_args(p)
+    p.add_argument(
+        "--policies", default="longflow,h2o,tova,streaming,random", help="POLICY[:GRANULARITY],..."
+    )
+    p.add_argument("--budgets", default="64,128,256,512,1024", help="comma-separated KV budgets")
+    p.add_argument("--limit", type=int, default=None, help="only the first N problems")
+    p.add_argument("--prompt-template", default=DEFAULT_PROMPT, help="{question} becomes the problem")
+    p.add_argument("--resume", action="store_true", help="keep --output's finished runs (same settings)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
+    p.add_argument("--time-limit", type=float, help="start no run after this many seconds (then --resume)")
+    p.add_argument("--jobs", type=int, default=1, help="policy x budget runs measured at once (threads)")
+    return p
+
+
+def run(args) -> None:
+    runner.check_args(args)
+    if args.jobs < 1:
+        raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
+    if args.time_limit is not None and not args.time_limit > 0:
+        raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
+    if "{question}" not in args.prompt_template:
+        raise ValueError(f"--prompt-template must contain {{question}}, got {args.prompt_template!r}")
+    runs = parse_runs(args.policies, args.budgets)
+    if os.path.exists(args.output) and not (args.resume or args.overwrite):
+        raise ValueError(f"--output {args.output} exists: pass --resume to continue it or --overwrite")
+    settings = {
+        k: getattr(args, k)
+        for k in ("ckpt", "input", "limit", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
+                  "attention_impl", "dtype", "prompt_template")
+    }  # fmt: skip
+    with lock_output(args.output, PROG):
+        done = _finished_rows(args.output, settings) if args.resume else []
+        finished = {(r["policy"], r["granularity"], r["budget"]) for r in done}
+        todo = [run for run in runs if run not in finished]
+        rows = done + (measure(args, todo, settings) if todo else [])
+    full_correct = np.mean(list({id_key(r["id"]): r["full_correct"] for r in rows}.values()) or [0.0])
+    text = summary_table(rows, runs, full_correct) + "\n\n" + _settings_note(args, rows)
+    print(text)
+    if args.table:
+        with open(args.table, "w") as f:
+            f.write(text + "\n")
+    if args.plot:
+        plot(rows, runs, args.plot)
+
+
+def _settings_note(args, rows) -> str:
+    sampling = "greedy" if args.temperature == 0 else f"temperature {args.temperature}, seed {args.seed}"
+    n = len({id_key(r["id"]) for r in rows})
+    return (
+        f"{n} problems from {os.path.basename(args.input)}, {args.max_new_tokens} new tokens, {sampling}; "
+        f"KL, top-1 and NLL teacher-forced along the full cache's trajectory, token-weighted; divergence and "
+        f"answers from free-running generation with the same sampling and seed."
+    )
+
+
+def _finished_rows(path: str, settings: dict) -> list[dict]:
+    if not os.path.exists(path):
+        return []
+    with open(path, encoding="utf-8") as f:
+        rows = [json.loads(line) for line in f if line.strip()]
+    for r in rows:
+        if r.get("settings") != settings:
+            raise ValueError(
+                f"--resume: {path} holds rows made with other settings ({r.get('settings')}); "
+                f"use another --output or drop --resume"
+            )
+    return rows
+
+
+def measure(args, runs, settings) -> list[dict]:
+    """The rows of `runs`, appended to --output run by run; with --time-limit, runs not yet started
+    when it has passed are left for a later --resume."""
+    problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
+    runner.handle_skipped(skipped, args.input, args.strict, PROG)
+    problems = problems[: args.limit]
+    if not problems:
+        raise ValueError(f"no problems in {args.input}")
+    generator = runner.DataParallelGenerator(args.ckpt, num_devices=1, dtype=args.dtype)
+    as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
+    plan = runner.make_plan(generator, problems, args, PROG, prompt_of=as_prompt)
+    records, prompts = plan.records, plan.prompts
+    config, pad = generator.config, generator.config.pad_token_id
+    width = -(-max(map(len, prompts)) // 16) * 16  # one prompt shape for every run
+    rows_per_batch = min(args.batch_size, len(prompts))
+    batches = [
+        list(range(i, min(i + rows_per_batch, len(prompts)))) for i in range(0, len(prompts), rows_per_batch)
+    ]
+    seeds = [runner.batch_seed(args.seed, records[b[0]].id) for b in batches]
+    options = dict(
+        max_new_tokens=args.max_new_tokens,
+        sampling=runner.sampling_from(args),
+        attention_impl=args.attention_impl,
+    )
+
+    def free_run(compression):
+        out = []
+        for b, seed in zip(batches, seeds):
+            out += generator.generate([prompts[i] for i in b], width, rows_per_batch, seed=seed,
+                                      compression=compression, **options)  # fmt: skip
+        return out
+
+    began = start = time.perf_counter()
+    full = free_run(CompressionConfig(policy="full"))
+    full_answers = [extract_answer(c.text)[0] for c in full]
+    runner.report(
+        f"{len(records)} problems, full-cache trajectories in {time.perf_counter() - start:.0f} s", PROG
+    )
+
+    def measure_run(run):
+        policy, granularity, budget = run
+        if args.time_limit and time.perf_counter() - began > args.time_limit:
+            return []
+        start = time.perf_counter()
+        comp = CompressionConfig(policy=policy, granularity=granularity, budget=budget)
+        scores = []
+        for b, seed in zip(batches, seeds):
+            traj = [full[i].tokens for i in b]
+            s = score_trajectory(
+                generator.params, config, _padded([prompts[i] for i in b], width, pad),
+                np.asarray([len(prompts[i]) for i in b], np.int32), _padded(traj, args.max_new_tokens, pad),
+                np.asarray([len(t) for t in traj], np.int32), compression=comp,
+                attention_impl=args.attention_impl,
+                seed=jax.random.fold_in(jax.random.PRNGKey(seed), 0),  # the generator's device-0 key
+            )  # fmt: skip
+            scores += [jax.tree.map(lambda x, r=r: np.asarray(x[r]), s) for r in range(len(b))]
+        compressed = free_run(comp)
+        new_rows = []
+        for i, (record, s, c) in enumerate(zip(records, scores, compressed)):
+            n = max(int(s.mask.sum()), 1)
+            answer = extract_answer(c.text)[0]
+            new_rows.append(dict(
+                id=record.id, policy=policy, granularity=granularity, budget=budget, steps=int(s.mask.sum()),
+                mean_kl=float(s.kl.sum() / n), top1_agreement=float(s.top1_agree.sum() / n),
+                nll_diff=float((s.nll - s.reference_nll).sum() / n),
+                divergence_step=_first_difference(full[i].tokens, c.tokens),
+                answer=answer, full_answer=full_answers[i],
+                answer_agrees_with_full=full_answers[i] is not None
+                and answers_match(answer, full_answers[i]),
+                correct=answers_match(answer, record.data[1]),
+                full_correct=answers_match(full_answers[i], record.data[1]),
+                reference=record.data[1], settings=settings,
+            ))  # fmt: skip
+        runner.report(
+            f"{run_name(policy, granularity)} budget {budget}: {time.perf_counter() - start:.0f} s", PROG
+        )
+        return new_rows
+
+    rows = []
+    # Runs in threads overlap one run's compile and host-side loop control with another's device work:
+    # a small model's decode step is bound by kernel launches, not by the device.
+    with open(args.output, "ab" if args.resume else "wb") as f, ThreadPoolExecutor(args.jobs) as pool:
+        for new_rows in pool.map(measure_run, runs):
+            append_lines(f, new_rows)
+            rows += new_rows
+    return rows
+
+
+def main(argv=None) -> int:
+    return runner.cli_main(run, build_parser(), PROG, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

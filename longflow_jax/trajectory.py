@@ -1,0 +1,146 @@
+"""Teacher-forced scoring: how far a compressed cache moves the model along a fixed trajectory.
+
+Both caches, the reference (the full cache by default) and the compressed one, are fed the same tokens:
+the prompt, then the trajectory one token a step, exactly as `generate` would have fed them had it
+produced that trajectory. Each cache therefore evolves as it would while decoding those tokens (same
+eviction decisions, same random keys for policy "random"), and at every step both next-token
+distributions are compared. This measures the compressor, not the model's skill at the task.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from .attention import with_kernel_state
+from .config import CompressionConfig, ModelConfig, SamplingConfig
+from .generate import (
+    FULL,
+    buffer_capacity,
+    check_generate_inputs,
+    check_params,
+    decode_step,
+    effective_compression,
+    prefill,
+)
+
+
+@flax.struct.dataclass
+class TrajectoryScores:
+    """Per step t (predicting trajectory token t) and row; steps at or past a row's length are 0/False."""
+
+    kl: jax.Array  # [B, T] f32: KL(reference || compressed) of the next-token distributions, in nats
+    top1_agree: jax.Array  # [B, T] bool: both distributions have the same most likely token
+    nll: jax.Array  # [B, T] f32: -log p_compressed(token t)
+    reference_nll: jax.Array  # [B, T] f32: -log p_reference(token t)
+    mask: jax.Array  # [B, T] bool: step t lies within the row's trajectory
+
+
+def score_trajectory(
+    params,
+    config: ModelConfig,
+    prompt_ids,
+    prompt_lengths,
+    trajectory,
+    trajectory_lengths,
+    *,
+    compression: CompressionConfig,
+    reference: CompressionConfig | None = None,
+    attention_impl: str = "reference",
+    seed=0,
+) -> TrajectoryScores:
+    """Teacher-force `trajectory` [B, T] (tokens after each prompt; row b's first trajectory_lengths[b]
+    count) through a `compression` cache and a `reference` cache (None: the full cache).
+
+    Prompts are right-padded [B, P] with lengths [B], as for `generate`; `seed` gives the same per-step
+    keys `generate` uses, so policy "random" evicts as it did while generating with that seed. The
+    distributions compared are the model's own (softmax of the logits, no temperature or filtering).
+    Jit-friendly like `generate` (configs static).
+    """
+    reference = FULL if reference is None else reference
+    batch, steps = np.shape(trajectory) if len(np.shape(trajectory)) == 2 else (None, None)
+    if steps is None or steps < 1:
+        raise ValueError(
+            f"trajectory must be [batch, steps] with steps >= 1, got shape {np.shape(trajectory)}"
+        )
+    for comp in (compression, reference):
+        check_generate_inputs(
+            config, prompt_ids, prompt_lengths, steps, comp, SamplingConfig(), attention_impl
+        )
+    check_params(params, config)
+    if np.shape(prompt_ids)[0] != batch or np.shape(trajectory_lengths) != (batch,):
+        raise ValueError(
+            f"trajectory {np.shape(trajectory)} and trajectory_lengths {np.shape(trajectory_lengths)} must "
+            f"have the prompts' batch {np.shape(prompt_ids)[0]}"
+        )
+    if not isinstance(trajectory, jax.core.Tracer):
+        ids = np.asarray(trajectory)
+        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= config.vocab_size:
+            raise ValueError(
+                f"trajectory must hold token ids in [0, {config.vocab_size}), got dtype {ids.dtype}, "
+                f"range [{ids.min()}, {ids.max()}]"
+            )
+    if not isinstance(trajectory_lengths, jax.core.Tracer):
+        lengths = np.asarray(trajectory_lengths)
+        if lengths.min() < 0 or lengths.max() > steps:
+            raise ValueError(f"trajectory_lengths must be in [0, {steps}], got {lengths.tolist()}")
+    key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+    return _score(
+        params,
+        jnp.asarray(prompt_ids, jnp.int32),
+        jnp.asarray(prompt_lengths, jnp.int32),
+        jnp.asarray(trajectory, jnp.int32),
+        jnp.asarray(trajectory_lengths, jnp.int32),
+        key,
+        config=config,
+        compression=compression,
+        reference=reference,
+        attention_impl=attention_impl,
+    )
+
+
+def _compare(ref_logits, logits, token):
+    ref_lp, lp = jax.nn.log_softmax(ref_logits, axis=-1), jax.nn.log_softmax(logits, axis=-1)
+    kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
+    agree = jnp.argmax(ref_logits, axis=-1) == jnp.argmax(logits, axis=-1)
+    pick = lambda x: -jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0]
+    return kl, agree, pick(lp), pick(ref_lp)
+
+
+@functools.partial(jax.jit, static_argnames=("config", "compression", "reference", "attention_impl"))
+def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, config, compression, reference,
+           attention_impl):  # fmt: skip
+    prompt_len, steps = prompt_ids.shape[1], trajectory.shape[1]
+
+    def start(comp):
+        comp = effective_compression(comp, prompt_len, steps)
+        capacity = buffer_capacity(comp, prompt_len, steps)
+        cache, logits = prefill(params, config, prompt_ids, prompt_lengths, comp, capacity)
+        return with_kernel_state(cache, attention_impl), logits
+
+    (ref_cache, ref_logits), (cache, logits) = start(reference), start(compression)
+    first = _compare(ref_logits, logits, trajectory[:, 0])
+
+    def body(caches, step):
+        ref_cache, cache = caches
+        step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)  # generate's key for this step
+        current = trajectory[:, step - 1]
+        positions = prompt_lengths + step - 1
+        run = lambda c, comp: decode_step(
+            params, config, c, current, positions, step_key,
+            compression=effective_compression(comp, prompt_len, steps), attention_impl=attention_impl,
+        )[:2]  # fmt: skip
+        ref_logits, ref_cache = run(ref_cache, reference)
+        logits, cache = run(cache, compression)
+        return (ref_cache, cache), _compare(ref_logits, logits, trajectory[:, step])
+
+    _, rest = jax.lax.scan(body, (ref_cache, cache), jnp.arange(1, steps))
+    mask = jnp.arange(steps)[None, :] < lengths[:, None]
+    kl, agree, nll, ref_nll = (
+        jnp.where(mask, jnp.concatenate([f[:, None], r.T], axis=1), 0) for f, r in zip(first, rest)
+    )
+    return TrajectoryScores(kl=kl, top1_agree=agree.astype(bool), nll=nll, reference_nll=ref_nll, mask=mask)

@@ -1,0 +1,76 @@
+"""`longflow-eval fidelity` on the tiny chat checkpoint: rows, table, plot, and the identity at a budget
+that holds the whole trajectory."""
+
+import json
+
+import pytest
+from helpers import write_jsonl
+
+from longflow_jax import eval_math
+
+PROBLEMS = [
+    {"question": "What is 2 + 3?", "true_answer": "5"},
+    {"question": "A farmer has 12 cows and buys 7 more. How many cows?", "true_answer": "19"},
+    {"problem": "Compute 6 * 7.", "answer": "42"},
+]
+NEW_TOKENS = 12
+
+
+def run_fidelity(tmp_path, ckpt, *extra):
+    out = tmp_path / "rows.jsonl"
+    argv = [
+        "--ckpt", ckpt, "--input", write_jsonl(tmp_path / "p.jsonl", PROBLEMS), "--output", str(out),
+        "--table", str(tmp_path / "t.md"), "--max-new-tokens", str(NEW_TOKENS), "--temperature", "1.0",
+        "--seed", "3", "--quiet", "--jobs", "2", *extra,
+    ]  # fmt: skip
+    return eval_math.main(["fidelity", *argv]), out
+
+
+def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
+    # 256 slots hold prompt + trajectory: every policy must then be the full cache exactly.
+    code, out = run_fidelity(
+        tmp_path, chat_ckpt, "--policies", "longflow,tova:kv_head,random", "--budgets", "4,256",
+        "--plot", str(tmp_path / "f.png"),
+    )  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert len(rows) == 3 * 2 * len(PROBLEMS)
+    for r in rows:
+        assert 1 <= r["steps"] <= NEW_TOKENS
+        if r["budget"] == 256:
+            assert r["mean_kl"] == 0.0 and r["top1_agreement"] == 1.0 and r["nll_diff"] == 0.0
+            assert r["divergence_step"] is None and r["answer"] == r["full_answer"]
+    small = [r for r in rows if r["budget"] == 4]
+    assert max(r["mean_kl"] for r in small) > 0  # 4 slots really evict
+    table = (tmp_path / "t.md").read_text()
+    assert "| tova:kv_head | 4 |" in table and "| longflow | 256 | 0.0000 | 100.0 |" in table
+    assert (tmp_path / "f.png").stat().st_size > 0
+
+
+def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path, chat_ckpt):
+    code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming", "--budgets", "8")
+    assert code == 0
+    first = out.read_text()
+    assert run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming", "--budgets", "8")[0] == 2  # exists
+    code, _ = run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming,h2o", "--budgets", "8", "--resume")
+    assert code == 0
+    text = out.read_text()
+    assert text.startswith(first) and len(text.splitlines()) == 2 * len(PROBLEMS)
+    code, _ = run_fidelity(
+        tmp_path, chat_ckpt, "--policies", "h2o", "--budgets", "8", "--resume", "--seed", "4"
+    )
+    assert code == 2
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--policies", "full"], "uncompressed"),
+        (["--policies", "longflow:rows"], "granularity"),
+        (["--budgets", "1"], "--budgets"),
+        (["--prompt-template", "no field"], "{question}"),
+    ],
+)
+def test_bad_flags_are_named(tmp_path, chat_ckpt, capsys, flags, message):
+    assert run_fidelity(tmp_path, chat_ckpt, *flags)[0] == 2
+    assert message in capsys.readouterr().err
