@@ -48,12 +48,17 @@ DEMO_MODEL = dict(
 def eviction_summary(compression: CompressionConfig, prompt_tokens, generated) -> str:
     """Which policy and budget ran, and whether a row needed more slots than the budget: its prompt
     and every generated token but the last (whose KV is never written), at least one slot beyond the
-    prompt (a prompt of budget tokens or more is compressed at prefill)."""
+    prompt (a prompt of budget tokens or more is compressed at prefill). R-KV compresses only once its
+    buffer of rkv_buffer slots beyond the budget is full, or at prefill a prompt longer than the budget."""
     if compression.policy == "full":
         return "policy full: the cache holds every token, nothing was evicted"
     head = f"policy {compression.policy}, budget {compression.budget} slots"
     needed = [p + max(n - 1, 1) for p, n in zip(prompt_tokens, generated)]
-    over = sum(n > compression.budget for n in needed)
+    if compression.policy == "rkv":
+        room = compression.budget + compression.rkv_buffer
+        over = sum(n > room or p > compression.budget for n, p in zip(needed, prompt_tokens))
+    else:
+        over = sum(n > compression.budget for n in needed)
     if not over:
         return f"{head}: the run fit the budget, nothing was evicted"
     return f"{head}: {over} of {len(needed)} row(s) needed up to {max(needed)} slots, so tokens were evicted"

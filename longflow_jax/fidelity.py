@@ -166,11 +166,19 @@ def run(args) -> None:
         for k in ("ckpt", "input", "limit", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
                   "attention_impl", "dtype", "prompt_template")
     }  # fmt: skip
-    with lock_output(args.output, PROG):
-        done = _finished_rows(args.output, settings) if args.resume else []
-        finished = {(r["policy"], r["granularity"], r["budget"]) for r in done}
-        todo = [run for run in runs if run not in finished]
-        rows = done + (measure(args, todo, settings) if todo else [])
+    # Free-running runs are separate programs: on GPUs, float32 matmuls at the default precision (TF32)
+    # would differ between them by ~1e-3 and part sampled trajectories for that reason alone. The setting
+    # is global (the runs' threads do not see a context manager), so it is put back afterwards.
+    precision = jax.config.jax_default_matmul_precision
+    jax.config.update("jax_default_matmul_precision", "highest")
+    try:
+        with lock_output(args.output, PROG):
+            done = _finished_rows(args.output, settings) if args.resume else []
+            finished = {(r["policy"], r["granularity"], r["budget"]) for r in done}
+            todo = [run for run in runs if run not in finished]
+            rows = done + (measure(args, todo, settings) if todo else [])
+    finally:
+        jax.config.update("jax_default_matmul_precision", precision)
     full_correct = np.mean(list({id_key(r["id"]): r["full_correct"] for r in rows}.values()) or [0.0])
     text = summary_table(rows, runs, full_correct) + "\n\n" + _settings_note(args, rows)
     print(text)

@@ -93,3 +93,16 @@ def test_bad_arguments_are_one_clear_error(argv, message, capsys):
     assert cli.main(argv) == 2
     err = capsys.readouterr().err
     assert err.startswith("longflow-generate: error: ") and message in err and "Traceback" not in err
+
+
+def test_eviction_summary_counts_rows_past_the_budget_and_rkv_past_its_buffer():
+    from longflow_jax.cli import eviction_summary
+    from longflow_jax.config import CompressionConfig
+
+    longflow = CompressionConfig(policy="longflow", budget=16)
+    assert "nothing was evicted" in eviction_summary(longflow, [10, 4], [7, 13])  # 16 and 16 slots
+    assert "1 of 2 row(s) needed up to 17 slots" in eviction_summary(longflow, [10, 4], [8, 13])
+    rkv = CompressionConfig(policy="rkv", budget=16, rkv_buffer=4)
+    assert "nothing was evicted" in eviction_summary(rkv, [10], [11])  # 20 slots: the buffer holds them
+    assert "1 of 1 row(s)" in eviction_summary(rkv, [10], [12])  # 21 slots
+    assert "1 of 1 row(s)" in eviction_summary(rkv, [17], [1])  # a prompt past the budget, at prefill

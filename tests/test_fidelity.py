@@ -29,12 +29,12 @@ def run_fidelity(tmp_path, ckpt, *extra):
 def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
     # 256 slots hold prompt + trajectory: every policy must then be the full cache exactly.
     code, out = run_fidelity(
-        tmp_path, chat_ckpt, "--policies", "longflow,tova:kv_head,random", "--budgets", "4,256",
+        tmp_path, chat_ckpt, "--policies", "longflow,tova:kv_head", "--budgets", "4,256",
         "--plot", str(tmp_path / "f.png"),
     )  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 3 * 2 * len(PROBLEMS)
+    assert len(rows) == 2 * 2 * len(PROBLEMS)
     for r in rows:
         assert 1 <= r["steps"] <= NEW_TOKENS
         if r["budget"] == 256:
