@@ -1,5 +1,7 @@
 """score_trajectory: teacher-forced comparison of a compressed cache with the full cache."""
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -46,11 +48,15 @@ def test_reference_nll_equals_one_forward_pass(prompts):
     s = lf.score_trajectory(
         PARAMS, CONFIG, ids, lengths, traj, traj_len, compression=lf.CompressionConfig(policy="h2o", budget=8)
     )
+    # One causal forward over each row's prompt + trajectory, right-padded (padding comes after: unseen).
+    seqs = [np.concatenate([ids[b, : lengths[b]], traj[b]]) for b in range(ids.shape[0])]
+    padded = np.zeros((len(seqs), max(map(len, seqs))), np.int32)
+    for b, seq in enumerate(seqs):
+        padded[b, : len(seq)] = seq
+    hidden = jax.jit(forward, static_argnums=1)(PARAMS, CONFIG, jnp.asarray(padded))[0]
+    lp = np.asarray(jax.nn.log_softmax(logits_from_hidden(PARAMS, CONFIG, hidden), -1))
     for b in range(ids.shape[0]):
-        seq = np.concatenate([ids[b, : lengths[b]], traj[b]])[None]
-        logits = logits_from_hidden(PARAMS, CONFIG, forward(PARAMS, CONFIG, jnp.asarray(seq))[0])[0]
-        lp = np.asarray(jax.nn.log_softmax(logits, -1))
-        want = -lp[lengths[b] - 1 + np.arange(STEPS), traj[b]]
+        want = -lp[b, lengths[b] - 1 + np.arange(STEPS), traj[b]]
         n = traj_len[b]
         np.testing.assert_allclose(np.asarray(s.reference_nll)[b, :n], want[:n], atol=2e-4)
         assert np.all(np.asarray(s.reference_nll)[b, n:] == 0) and not np.asarray(s.mask)[b, n:].any()
@@ -70,12 +76,10 @@ def test_compressed_scores_equal_a_step_by_step_loop(prompts, policy):
             PARAMS, CONFIG, jnp.asarray(ids), jnp.asarray(lengths), compression, capacity
         )
         out, key = [np.asarray(logits)], jax.random.PRNGKey(2)
+        step = jax.jit(functools.partial(lf.decode_step, PARAMS, CONFIG, compression=compression))
         for t in range(1, STEPS):
             k = jax.random.fold_in(jax.random.fold_in(key, t), 1)
-            logits, cache, _ = lf.decode_step(
-                PARAMS, CONFIG, cache, jnp.asarray(traj[:, t - 1]), jnp.asarray(lengths + t - 1), k,
-                compression=compression,
-            )  # fmt: skip
+            logits, cache, _ = step(cache, jnp.asarray(traj[:, t - 1]), jnp.asarray(lengths + t - 1), k)
             out.append(np.asarray(logits))
         return np.stack(out, 1).astype(np.float64)  # [B, T, V]
 
