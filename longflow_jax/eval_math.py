@@ -1,11 +1,11 @@
 """`longflow-eval`: math accuracy (GSM8K / MATH style) of one checkpoint under several KV-cache policies.
 
 Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("true_answer", then
-"solution", stand in for a missing "answer"; a missing id becomes the line number). Each (policy, budget) run generates for every
-problem (the full cache runs once: budgets do not apply to it), extracts the model's final answer
-(`extract_answer`) and scores it against the reference (`reference_answer`) with `answers_match`. Prints
-one accuracy table (policy x budget) and writes a JSONL row per problem and run, run by run, each run's
-rows in input order.
+"solution", stand in for a missing "answer"; a missing id becomes the line number). Each (policy,
+budget) run generates for every problem (the full cache runs once: budgets do not apply to it),
+extracts the model's final answer (`extract_answer`) and scores it against the reference
+(`reference_answer`) with `answers_match`. Prints one accuracy table (policy x budget) and writes a
+JSONL row per problem and run, run by run, each run's rows in input order.
 
 Each question becomes the user message through --prompt-template (default `DEFAULT_PROMPT`, its
 `{question}` field replaced), which the run prints and records under the table.
