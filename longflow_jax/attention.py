@@ -16,7 +16,7 @@ import jax.numpy as jnp
 from pallas_kernels.reference import decode_attention_probs
 
 from .config import CompressionConfig
-from .kv_cache import KVCache, LayerCache, kv_valid, occupancy
+from .kv_cache import KVCache, LayerCache, dequantized_kv, kv_valid, occupancy, queries_for_keys
 from .policies import select_evict_slot
 from .rkv import decode_update
 
@@ -31,6 +31,11 @@ def check_attention_impl(attention_impl: str, compression: CompressionConfig) ->
         raise ValueError(
             f"attention_impl={attention_impl!r} fuses only the policies {KERNEL_POLICIES}; "
             f"policy {compression.policy!r} needs attention_impl='reference'"
+        )
+    if attention_impl != "reference" and compression.kv_quant is not None:
+        raise ValueError(
+            f"kv_quant={compression.kv_quant!r} runs on the reference path for now: "
+            f"attention_impl={attention_impl!r} needs kv_quant=None, or use attention_impl='reference'"
         )
 
 
@@ -106,10 +111,13 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
     """
     valid = kv_valid(layer)
     policy = compression.policy
+    q_keys = queries_for_keys(layer, q)  # q itself unless the keys are stored rotated (kv_quant)
+    if attention_impl == "reference":
+        k, v = dequantized_kv(layer)
     if attention_impl == "reference" and policy == "full":
-        out = filled_prefix_attention(q, layer.k, layer.v, valid, occupancy(layer), scale).astype(q.dtype)
+        out = filled_prefix_attention(q_keys, k, v, valid, occupancy(layer), scale).astype(q.dtype)
     elif attention_impl == "reference":
-        out, probs = decode_attention_probs(q, layer.k, layer.v, valid, scale)
+        out, probs = decode_attention_probs(q_keys, k, v, valid, scale)
         out = out.astype(q.dtype)
     else:
         granularity = "sequence" if layer.slot_pos.shape[1] == 1 else "kv_head"
@@ -129,7 +137,7 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
         return out, layer.replace(evict_slot=layer.evict_slot + 1)
     if policy == "rkv":  # compresses a full buffer at once instead of choosing one slot (rkv.py)
-        return out, decode_update(layer, q, pos, compression.budget)
+        return out, decode_update(layer, q_keys, pos, compression.budget)
     if attention_impl != "reference":
         return out, layer.replace(evict_slot=evict.reshape(layer.evict_slot.shape))
     evict, score = select_evict_slot(probs, layer, valid, pos, compression, key)

@@ -11,6 +11,8 @@ from typing import Any
 
 import jax.numpy as jnp
 
+from pallas_kernels.quant import KV_QUANT_KINDS
+
 SUPPORTED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
@@ -246,6 +248,10 @@ class CompressionConfig:
     recent_window: newest positions "h2o" never evicts (None: budget // 2, as in the H2O paper).
     rkv_buffer: slots "rkv" fills beyond the budget before it compresses back to the budget (the
       paper's 128).
+    kv_quant: None (the buffer holds K/V in the model's dtype) or "int8", "fp8", "int4", "int2": each
+      slot's K/V quantized on its own, keys Hadamard-rotated first (pallas_kernels/quant.py); every
+      policy reads the dequantized values. Reference attention path only for now.
+    kv_quant_group: elements of head_dim sharing one scale (must divide head_dim).
     """
 
     policy: str = "longflow"
@@ -256,6 +262,8 @@ class CompressionConfig:
     num_sinks: int = 4
     recent_window: int | None = None
     rkv_buffer: int = 128
+    kv_quant: str | None = None
+    kv_quant_group: int = 32
 
     def __post_init__(self):
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
@@ -278,6 +286,11 @@ class CompressionConfig:
         recent = self.recent_window
         _check(recent is None or 0 <= recent < self.budget, "recent_window", "in [0, budget)", recent)
         _check(self.rkv_buffer >= 1, "rkv_buffer", ">= 1", self.rkv_buffer)
+        quant = self.kv_quant
+        quant_ok = quant is None or quant in KV_QUANT_KINDS
+        _check(quant_ok, "kv_quant", f"None or one of {KV_QUANT_KINDS}", quant)
+        group = self.kv_quant_group
+        _check(_is_int(group) and group >= 1, "kv_quant_group", "a positive int", group)
         if self.policy == "rkv" and self.budget <= RKV_WINDOW:
             raise ValueError(
                 f"policy 'rkv' needs budget > its observation window ({RKV_WINDOW}), got {self.budget}"

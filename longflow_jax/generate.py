@@ -20,11 +20,20 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.contract import num_score_groups
+from pallas_kernels.quant import check_kv_quant
 
 from . import rkv
 from .attention import check_attention_impl, decode_attention, with_kernel_state
-from .config import CompressionConfig, ModelConfig, SamplingConfig
-from .kv_cache import KVCache, evicted_positions, layer_from_kept, occupancy, write_token
+from .config import RKV_WINDOW, CompressionConfig, ModelConfig, SamplingConfig
+from .kv_cache import (
+    KVCache,
+    evicted_positions,
+    kv_bytes_for,
+    layer_from_kept,
+    occupancy,
+    prompt_view,
+    write_token,
+)
 from .model import attention_scale, decoder_layer, forward, logits_from_hidden, param_shapes, rms_norm
 from .sampling import init_history, process_logits, record_token, sample_next, token_logprobs
 from .snapkv import prefill_keep_positions
@@ -54,6 +63,10 @@ def effective_compression(compression: CompressionConfig, prompt_len: int, max_n
     """The cache a run really keeps: a budget that holds the prompt and every new token never evicts, so
     that run is the full cache (same numbers, and no scoring work)."""
     fits = compression.policy != "full" and compression.budget >= prompt_len + max_new_tokens
+    if fits and compression.kv_quant is not None:
+        return CompressionConfig(
+            policy="full", kv_quant=compression.kv_quant, kv_quant_group=compression.kv_quant_group
+        )
     return FULL if fits else compression
 
 
@@ -69,19 +82,40 @@ def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tok
     return min(compression.budget + (compression.rkv_buffer if compression.policy == "rkv" else 0), whole)
 
 
+def kv_cache_bytes(
+    config: ModelConfig, compression: CompressionConfig, batch: int, prompt_len: int, max_new_tokens: int
+) -> int:
+    """Bytes of the cache `generate` allocates for this shape: every layer's K/V buffers (quantized
+    payloads and scales with kv_quant) and slot bookkeeping, and "rkv"'s query ring. The Triton kernel's
+    per-layer tickets (B * Hkv int32) come on top."""
+    compression = effective_compression(compression, prompt_len, max_new_tokens)
+    capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
+    groups = num_score_groups(config.num_kv_heads, compression.granularity)
+    kv = kv_bytes_for(
+        config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim, config.param_dtype,
+        compression.kv_quant, compression.kv_quant_group,
+    )  # fmt: skip
+    per_layer = batch * groups * (2 * capacity + 1) * 4  # slot_pos, score [B, G, C]; evict_slot [B, G]
+    if compression.policy == "rkv":
+        itemsize = jnp.dtype(config.param_dtype).itemsize
+        per_layer += batch * RKV_WINDOW * config.num_heads * config.head_dim * itemsize
+    return kv + config.num_layers * per_layer
+
+
 def prefill(
     params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int
 ):
     """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32)."""
     groups = num_score_groups(config.num_kv_heads, compression.granularity)
+    quant = (compression.kv_quant, compression.kv_quant_group)
 
     def build_layer(_, q, k, v):
         if compression.policy == "rkv":
-            return rkv.prefill_layer(q, k, v, prompt_lengths, compression.budget, capacity, groups)
-        kept = prefill_keep_positions(
-            q, k, prompt_lengths, capacity, compression.snapkv_window, compression.snapkv_pool, groups
-        )
-        return layer_from_kept(k, v, kept, capacity)
+            return rkv.prefill_layer(q, k, v, prompt_lengths, compression.budget, capacity, groups, *quant)
+        q_read, k_read = prompt_view(q, k, *quant)  # SnapKV reads what the buffer will hold
+        window, pool = compression.snapkv_window, compression.snapkv_pool
+        kept = prefill_keep_positions(q_read, k_read, prompt_lengths, capacity, window, pool, groups)
+        return layer_from_kept(k, v, kept, capacity, *quant)
 
     hidden, layers = forward(params, config, prompt_ids, layer_hook=build_layer)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -191,6 +225,8 @@ def check_generate_inputs(
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     check_attention_impl(attention_impl, compression)
+    if compression.kv_quant is not None:
+        check_kv_quant(compression.kv_quant, compression.kv_quant_group, config.head_dim)
     if not _is_int_at_least(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if prefill_rows_per_chunk is not None and not _is_int_at_least(prefill_rows_per_chunk, 1):

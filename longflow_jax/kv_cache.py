@@ -11,6 +11,10 @@ Per layer, per sequence b:
                               attention.with_kernel_state makes it for the kernel in use)
   recent_queries  [B, W, Hq, D] or None  "rkv" only: the newest W tokens' post-RoPE queries, position p
                               at index p % W (rkv.py)
+With kv_quant set (a static field, with kv_quant_group), k and v hold each slot's quantized payload
+[B, Hkv, C, D / codes per byte], keys Hadamard-rotated, and k_scale, v_scale [B, Hkv, C, D / group] f32
+(k_zero, v_zero likewise for int4 / int2) their scales (pallas_kernels/quant.py). Everything that reads
+K/V reads `dequantized_kv`, with queries in the keys' basis (`queries_for_keys`).
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0. ("rkv" keeps the prefix by
@@ -25,6 +29,8 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import quant
+
 
 @flax.struct.dataclass
 class LayerCache:
@@ -35,6 +41,12 @@ class LayerCache:
     score: jax.Array
     kernel_state: Any = None
     recent_queries: jax.Array | None = None
+    k_scale: jax.Array | None = None
+    k_zero: jax.Array | None = None
+    v_scale: jax.Array | None = None
+    v_zero: jax.Array | None = None
+    kv_quant: str | None = flax.struct.field(pytree_node=False, default=None)
+    kv_quant_group: int = flax.struct.field(pytree_node=False, default=0)
 
     @property
     def capacity(self) -> int:
@@ -56,21 +68,77 @@ def occupancy(layer: LayerCache):
     return jnp.sum(kv_valid(layer), axis=-1, dtype=jnp.int32)
 
 
+_QUANT_FIELDS = ("k_scale", "k_zero", "v_scale", "v_zero")
+
+
+def quantized_fields(layer: LayerCache) -> dict:
+    """The layer's scale and zero-point arrays by field name (none without kv_quant)."""
+    return {name: getattr(layer, name) for name in _QUANT_FIELDS if getattr(layer, name) is not None}
+
+
 def cache_bytes(cache: KVCache) -> int:
-    """Bytes of the K and V buffers (the part that grows with capacity)."""
-    return sum(layer.k.nbytes + layer.v.nbytes for layer in cache.layers)
+    """Bytes of the K and V buffers with their scales (the part that grows with capacity)."""
+    return sum(
+        x.nbytes for layer in cache.layers for x in (layer.k, layer.v, *quantized_fields(layer).values())
+    )
 
 
-def kv_bytes_for(num_layers, batch, num_kv_heads, capacity, head_dim, dtype) -> int:
-    return 2 * num_layers * batch * num_kv_heads * capacity * head_dim * jnp.dtype(dtype).itemsize
+def kv_bytes_for(
+    num_layers, batch, num_kv_heads, capacity, head_dim, dtype, kv_quant=None, kv_quant_group=32
+) -> int:
+    """`cache_bytes` of a cache of this shape, K/V in `dtype` or quantized by `kv_quant`."""
+    if kv_quant is None:
+        per_head_row = head_dim * jnp.dtype(dtype).itemsize
+    else:
+        scales = (2 if quant.has_zero_point(kv_quant) else 1) * (head_dim // kv_quant_group) * 4
+        per_head_row = head_dim // quant.codes_per_byte(kv_quant) + scales
+    return 2 * num_layers * batch * num_kv_heads * capacity * per_head_row
 
 
-def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int) -> LayerCache:
+def _stored(k, v, kv_quant, group) -> dict:
+    """LayerCache fields holding tokens k, v [..., D]: k and v themselves, or their quantized payloads
+    (keys rotated) and scales."""
+    if kv_quant is None:
+        return dict(k=k, v=v)
+    k_payload, k_scale, k_zero = quant.quantize(quant.hadamard_rotate(k), kv_quant, group)
+    v_payload, v_scale, v_zero = quant.quantize(v, kv_quant, group)
+    fields = dict(k=k_payload, v=v_payload, k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
+    return {name: x for name, x in fields.items() if x is not None}
+
+
+def dequantized_kv(layer: LayerCache):
+    """(k, v) [B, Hkv, C, D] as attention and the policies read them: the buffers themselves, or with
+    kv_quant the dequantized payloads in float32, keys in the rotated basis (`queries_for_keys`)."""
+    if layer.kv_quant is None:
+        return layer.k, layer.v
+    group = layer.kv_quant_group
+    return (
+        quant.dequantize(layer.k, layer.k_scale, layer.k_zero, layer.kv_quant, group),
+        quant.dequantize(layer.v, layer.v_scale, layer.v_zero, layer.kv_quant, group),
+    )
+
+
+def queries_for_keys(layer: LayerCache, q):
+    """Queries [..., D] in the basis of `dequantized_kv`'s keys: rotated (float32) with kv_quant."""
+    return q if layer.kv_quant is None else quant.hadamard_rotate(q)
+
+
+def prompt_view(q, k, kv_quant=None, kv_quant_group=32):
+    """Prompt q [B, P, Hq, D], k [B, P, Hkv, D] as prefill's selection reads them: what the buffer will
+    hold, so with kv_quant the rotated queries (in q's dtype) and the dequantized rotated keys."""
+    if kv_quant is None:
+        return q, k
+    payload, scale, zero = quant.quantize(quant.hadamard_rotate(k), kv_quant, kv_quant_group)
+    keys = quant.dequantize(payload, scale, zero, kv_quant, kv_quant_group)
+    return quant.hadamard_rotate(q).astype(q.dtype), keys
+
+
+def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int, kv_quant=None, kv_quant_group=32) -> LayerCache:
     """Build a layer's buffer from prompt keys/values and the positions prefill decided to keep.
 
     k_seq, v_seq [B, P, Hkv, D] (post-RoPE, position = index); kept_pos [B, G, K] int32 with K <= C - 1,
     valid entries first in increasing position order, -1 after them. Slots K..C-1 start empty, and the
-    first empty slot is where the first generated token goes.
+    first empty slot is where the first generated token goes. kv_quant: the kept rows are quantized.
     """
     batch, _, num_kv_heads, head_dim = k_seq.shape
     groups, kept = kept_pos.shape[1], kept_pos.shape[2]
@@ -86,17 +154,19 @@ def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int) -> LayerCache:
         return jnp.pad(picked, ((0, 0), (0, 0), (0, capacity - kept), (0, 0)))
 
     slot_pos = jnp.pad(kept_pos, ((0, 0), (0, 0), (0, capacity - kept)), constant_values=-1)
+    quantized = {} if kv_quant is None else dict(kv_quant=kv_quant, kv_quant_group=kv_quant_group)
     return LayerCache(
-        k=gather(k_seq),
-        v=gather(v_seq),
+        **_stored(gather(k_seq), gather(v_seq), kv_quant, kv_quant_group),
         slot_pos=slot_pos.astype(jnp.int32),
         evict_slot=jnp.sum(kept_pos >= 0, axis=-1, dtype=jnp.int32),
         score=jnp.zeros(slot_pos.shape, jnp.float32),
+        **quantized,
     )
 
 
 def write_token(layer: LayerCache, k_new, v_new, pos) -> LayerCache:
-    """Write the new token (k_new, v_new [B, Hkv, D], true position pos [B]) into evict_slot.
+    """Write the new token (k_new, v_new [B, Hkv, D], true position pos [B]) into evict_slot (quantized
+    there with kv_quant).
 
     A scatter of B*Hkv rows: with the cache carried through a while_loop (or donated) XLA updates the
     buffer in place instead of copying it.
@@ -108,9 +178,12 @@ def write_token(layer: LayerCache, k_new, v_new, pos) -> LayerCache:
     h = jnp.arange(num_kv_heads)[None, :]
     gb = jnp.arange(batch)[:, None]
     g = jnp.arange(groups)[None, :]
+    rows = _stored(k_new, v_new, layer.kv_quant, layer.kv_quant_group)
     return layer.replace(
-        k=layer.k.at[b, h, slot].set(k_new.astype(layer.k.dtype)),
-        v=layer.v.at[b, h, slot].set(v_new.astype(layer.v.dtype)),
+        **{
+            name: getattr(layer, name).at[b, h, slot].set(x.astype(getattr(layer, name).dtype))
+            for name, x in rows.items()
+        },
         slot_pos=layer.slot_pos.at[gb, g, layer.evict_slot].set(
             jnp.broadcast_to(pos[:, None], (batch, groups)).astype(jnp.int32)
         ),

@@ -20,7 +20,7 @@ from pallas_kernels.contract import EMPTY_SLOT_SCORE
 from pallas_kernels.reference import evict_argmin, group_head_sum, longflow_importance
 
 from .config import CompressionConfig
-from .kv_cache import LayerCache
+from .kv_cache import LayerCache, dequantized_kv
 
 _PROTECTED = jnp.inf
 
@@ -34,7 +34,7 @@ def select_evict_slot(probs, layer: LayerCache, valid, pos, compression: Compres
     valid_g = valid[:, None, :]
     score = layer.score
     if policy == "longflow":
-        ranking = longflow_importance(probs, layer.v, valid, granularity)
+        ranking = longflow_importance(probs, dequantized_kv(layer)[1], valid, granularity)
     elif policy == "tova":
         ranking = jnp.where(valid_g, group_head_sum(probs, num_kv_heads, granularity), EMPTY_SLOT_SCORE)
     elif policy == "h2o":

@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 
 from .config import RKV_WINDOW as WINDOW  # the newest tokens: their queries score the rest; they stay
-from .kv_cache import LayerCache, layer_from_kept, occupancy
+from .kv_cache import LayerCache, dequantized_kv, layer_from_kept, occupancy, prompt_view, quantized_fields
 
 POOL_KERNEL = 7
 MIX_LAMBDA = 0.1
@@ -105,27 +105,32 @@ def window_queries(q, lengths):
     return jnp.take_along_axis(q, jnp.maximum(pos, 0)[:, :, None, None], axis=1)
 
 
-def prefill_layer(q, k, v, lengths, budget: int, capacity: int, groups: int) -> LayerCache:
+def prefill_layer(
+    q, k, v, lengths, budget: int, capacity: int, groups: int, kv_quant=None, kv_quant_group=32
+) -> LayerCache:
     """A layer's buffer after prefill: rows longer than `budget` keep R-KV's selection, the others all.
 
-    q [B, P, Hq, D], k, v [B, P, Hkv, D] post-RoPE (position = index), lengths [B].
+    q [B, P, Hq, D], k, v [B, P, Hkv, D] post-RoPE (position = index), lengths [B]. With kv_quant the
+    selection reads the dequantized keys and the ring holds queries in their basis (kv_cache.py).
     """
     batch, seq = q.shape[:2]
-    queries = window_queries(q, lengths)
+    q_read, k_read = prompt_view(q, k, kv_quant, kv_quant_group)
+    queries = window_queries(q_read, lengths)
     plain = jnp.arange(min(seq, budget), dtype=jnp.int32)[None, None, :]
     plain = jnp.where(plain < lengths[:, None, None], plain, -1)
     kept = jnp.broadcast_to(plain, (batch, groups, plain.shape[-1]))
     if seq > budget:  # traced only when some row may need it; applied where it does
-        selected = kept_slots(queries, jnp.swapaxes(k, 1, 2), lengths, budget, groups)
+        selected = kept_slots(queries, jnp.swapaxes(k_read, 1, 2), lengths, budget, groups)
         kept = jnp.where((lengths > budget)[:, None, None], selected, kept)
-    return layer_from_kept(k, v, kept, capacity).replace(recent_queries=queries)
+    return layer_from_kept(k, v, kept, capacity, kv_quant, kv_quant_group).replace(recent_queries=queries)
 
 
 def _compress(layer: LayerCache, rows, budget: int) -> LayerCache:
     """Compress the rows where `rows` [B] is true to their R-KV selection in slots [0, budget)."""
     batch, num_kv_heads, capacity = layer.k.shape[:3]
     groups = layer.slot_pos.shape[1]
-    kept = kept_slots(layer.recent_queries, layer.k, occupancy(layer), budget, groups)  # [B, G, budget]
+    keys = dequantized_kv(layer)[0]
+    kept = kept_slots(layer.recent_queries, keys, occupancy(layer), budget, groups)  # [B, G, budget]
     source = jnp.pad(kept, ((0, 0), (0, 0), (0, capacity - budget)))  # [B, G, C]
     stays = jnp.arange(capacity) < budget
     per_head = jnp.broadcast_to(source, (batch, num_kv_heads, capacity))
@@ -140,12 +145,14 @@ def _compress(layer: LayerCache, rows, budget: int) -> LayerCache:
         k=compact(layer.k),
         v=compact(layer.v),
         slot_pos=jnp.where(rows[:, None, None], slot_pos, layer.slot_pos),
+        **{name: compact(x) for name, x in quantized_fields(layer).items()},
     )
 
 
 def decode_update(layer: LayerCache, q, pos, budget: int) -> LayerCache:
-    """After a decode step's attention: record the step's queries q [B, Hq, D] (position pos [B]) in
-    the ring, compress the rows whose buffer is full, and point evict_slot at each row's first empty slot.
+    """After a decode step's attention: record the step's queries q [B, Hq, D] (position pos [B]; in the
+    keys' basis, kv_cache.queries_for_keys) in the ring, compress the rows whose buffer is full, and
+    point evict_slot at each row's first empty slot.
     """
     batch = q.shape[0]
     ring = layer.recent_queries.at[jnp.arange(batch), pos % WINDOW].set(q.astype(layer.recent_queries.dtype))

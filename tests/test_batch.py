@@ -151,6 +151,8 @@ def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckp
         "num_sinks": 4,
         "recent_window": None,
         "rkv_buffer": 128,
+        "kv_quant": None,
+        "kv_quant_group": 32,
         "attention_impl": "reference",
         "max_new_tokens": 8,
         "temperature": 0.0,
