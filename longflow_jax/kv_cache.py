@@ -29,7 +29,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from pallas_kernels import quant
+from pallas_kernels import quant, reference
 
 
 @flax.struct.dataclass
@@ -111,11 +111,14 @@ def dequantized_kv(layer: LayerCache):
     kv_quant the dequantized payloads in float32, keys in the rotated basis (`queries_for_keys`)."""
     if layer.kv_quant is None:
         return layer.k, layer.v
-    group = layer.kv_quant_group
-    return (
-        quant.dequantize(layer.k, layer.k_scale, layer.k_zero, layer.kv_quant, group),
-        quant.dequantize(layer.v, layer.v_scale, layer.v_zero, layer.kv_quant, group),
-    )
+    return reference.dequantized_kv(layer.k, layer.v, layer.kv_quant, kv_scales(layer))
+
+
+def kv_scales(layer: LayerCache) -> quant.KVScales | None:
+    """The layer's scales and zero points as the kernels take them (None without kv_quant)."""
+    if layer.kv_quant is None:
+        return None
+    return quant.KVScales(layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero)
 
 
 def queries_for_keys(layer: LayerCache, q):

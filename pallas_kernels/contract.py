@@ -21,6 +21,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import quant
+
 GRANULARITIES = ("sequence", "kv_head")
 EMPTY_SLOT_SCORE = -1.0
 DEFAULT_NUM_SMS = 132  # H100 / H200 SXM; used when the device does not report its core count.
@@ -68,15 +70,21 @@ def check_kv_len(kv_len, batch: int) -> None:
         )
 
 
-def check_decode_inputs(q, k, v, kv_valid) -> None:
-    """Shape and dtype contract shared by the reference and every kernel entry point."""
+def check_decode_inputs(q, k, v, kv_valid, kv_quant=None, kv_scales=None) -> None:
+    """Shape and dtype contract shared by the reference and every kernel entry point.
+
+    With kv_quant (quant.KV_QUANT_KINDS), k and v are the packed payloads [B, Hkv, C, D / codes a byte]
+    of quant.payload_dtype(kv_quant) and kv_scales a quant.KVScales of float32 [B, Hkv, C, D / group]
+    arrays (zero points only for int4 / int2); q is then in the keys' (rotated) basis.
+    """
     if q.ndim != 3 or k.ndim != 4 or v.ndim != 4:
         raise ValueError(
             f"expected q [B, Hq, D] and k, v [B, Hkv, C, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
         )
     batch, num_q_heads, head_dim = q.shape
-    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != head_dim:
-        raise ValueError(f"k {k.shape} and v {v.shape} must both be [B={batch}, Hkv, C, D={head_dim}]")
+    row = head_dim if kv_quant is None else head_dim // quant.codes_per_byte(kv_quant)
+    if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != row:
+        raise ValueError(f"k {k.shape} and v {v.shape} must both be [B={batch}, Hkv, C, {row}]")
     if num_q_heads % k.shape[1]:
         raise ValueError(f"query heads ({num_q_heads}) must be a multiple of KV heads ({k.shape[1]})")
     if kv_valid.shape != (batch, k.shape[2]) or kv_valid.dtype != jnp.bool_:
@@ -84,5 +92,17 @@ def check_decode_inputs(q, k, v, kv_valid) -> None:
             f"kv_valid must be bool [B, C] = {(batch, k.shape[2])}, got {kv_valid.dtype} {kv_valid.shape}"
         )
     floats = (jnp.float32, jnp.bfloat16, jnp.float16)
-    if any(x.dtype not in floats for x in (q, k, v)):
-        raise ValueError(f"q, k, v must be float32/bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+    if kv_quant is None:
+        if kv_scales is not None:
+            raise ValueError("kv_scales given without kv_quant")
+        if any(x.dtype not in floats for x in (q, k, v)):
+            raise ValueError(f"q, k, v must be float32/bfloat16/float16, got {q.dtype}, {k.dtype}, {v.dtype}")
+        return
+    if q.dtype not in floats:
+        raise ValueError(f"q must be float32/bfloat16/float16, got {q.dtype}")
+    if k.dtype != quant.payload_dtype(kv_quant) or v.dtype != k.dtype:
+        raise ValueError(
+            f"kv_quant={kv_quant!r} needs {jnp.dtype(quant.payload_dtype(kv_quant))} payloads, "
+            f"got k {k.dtype}, v {v.dtype}"
+        )
+    quant.check_kv_scales(kv_scales, kv_quant, k.shape[:3], head_dim)

@@ -23,6 +23,8 @@ head, so they no longer set the per-token scale of 4- and 2-bit groups. Values a
 
 from __future__ import annotations
 
+from typing import Any, NamedTuple
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -43,6 +45,38 @@ def check_kv_quant(kind: str, group: int, head_dim: int) -> None:
         raise ValueError(
             f"kv_quant {kind!r} packs {per_byte} codes a byte: head_dim {head_dim} must be a multiple"
         )
+
+
+class KVScales(NamedTuple):
+    """A quantized buffer's float32 scales and zero points, [B, Hkv, C, D / group] each; the zero points
+    are None for the symmetric kinds (int8, fp8). The group is D / the scales' last dimension."""
+
+    k_scale: Any
+    k_zero: Any
+    v_scale: Any
+    v_zero: Any
+
+
+def check_kv_scales(scales, kind: str, slots_shape: tuple, head_dim: int) -> int:
+    """ValueError unless `scales` is a KVScales for `kind` over slots_shape [B, Hkv, C]; returns the group."""
+    if not isinstance(scales, KVScales):
+        raise ValueError(f"kv_quant={kind!r} needs kv_scales=KVScales(...), got {type(scales).__name__}")
+    width = getattr(scales.k_scale, "shape", (0,))[-1]
+    if not width or head_dim % width:
+        raise ValueError(f"kv_scales.k_scale's last dimension ({width}) must divide head_dim {head_dim}")
+    group = head_dim // width
+    check_kv_quant(kind, group, head_dim)
+    want = tuple(slots_shape) + (width,)
+    zeros = ("k_zero", "v_zero")
+    for name, x in scales._asdict().items():
+        absent = name in zeros and not has_zero_point(kind)
+        if (x is None) != absent:
+            raise ValueError(
+                f"kv_scales.{name} must be {'None' if absent else 'given'} for kv_quant={kind!r}"
+            )
+        if x is not None and (tuple(x.shape) != want or x.dtype != jnp.float32):
+            raise ValueError(f"kv_scales.{name} must be float32 {list(want)}, got {x.dtype} {list(x.shape)}")
+    return group
 
 
 def codes_per_byte(kind: str) -> int:

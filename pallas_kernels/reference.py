@@ -14,6 +14,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from pallas_kernels import quant
 from pallas_kernels.contract import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity
 
 
@@ -39,6 +40,15 @@ def decode_attention_probs(q, k, v, kv_valid, scale):
     probs = unnorm / jnp.where(denom > 0, denom, 1.0)
     out = jnp.einsum("bkgc,bkcd->bkgd", probs, v.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
     return out.reshape(batch, num_q_heads, head_dim), probs.reshape(batch, num_q_heads, -1)
+
+
+def dequantized_kv(k, v, kv_quant, kv_scales):
+    """The float32 keys and values [B, Hkv, C, D] a quantized buffer holds."""
+    group = k.shape[-1] * quant.codes_per_byte(kv_quant) // kv_scales.k_scale.shape[-1]
+    return (
+        quant.dequantize(k, kv_scales.k_scale, kv_scales.k_zero, kv_quant, group),
+        quant.dequantize(v, kv_scales.v_scale, kv_scales.v_zero, kv_quant, group),
+    )
 
 
 def value_l1_norms(v):
@@ -103,13 +113,19 @@ def evict_argmin_of_chunks(chunk_min, chunk_slot):
     return slot
 
 
-def longflow_decode_attention_reference(q, k, v, kv_valid, *, scale, granularity="sequence"):
+def longflow_decode_attention_reference(
+    q, k, v, kv_valid, *, scale, granularity="sequence", kv_quant=None, kv_scales=None
+):
     """The kernel contract in plain jnp.
 
+    kv_quant, kv_scales: k and v are quantized payloads (contract.check_decode_inputs), dequantized here
+    to float32 first; q is in the keys' basis.
     Returns (out [B, Hq, D] in q's dtype, evict_slot int32 [B] for "sequence" or [B, Hkv] for "kv_head").
     """
-    check_decode_inputs(q, k, v, kv_valid)
+    check_decode_inputs(q, k, v, kv_valid, kv_quant, kv_scales)
     check_granularity(granularity)
+    if kv_quant is not None:
+        k, v = dequantized_kv(k, v, kv_quant, kv_scales)
     out, probs = decode_attention_probs(q, k, v, kv_valid, scale)
     evict = evict_argmin(longflow_importance(probs, v, kv_valid, granularity))
     if granularity == "sequence":

@@ -245,3 +245,49 @@ def test_kv_cache_bytes_is_what_prefill_allocates(params, policy, kind):
     )
     want = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
     assert lf.kv_cache_bytes(CONFIG, comp, 2, ids.shape[1], new_tokens) == want
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_kernel_reference_reads_quantized_payloads(kind):
+    """The kernels' reference on payloads + KVScales equals float attention over numpy's dequantization,
+    and the contract names what is off."""
+    from pallas_kernels.reference import longflow_decode_attention_reference as reference
+
+    k, v = _heads(1, (2, 2, 8, 64)), _heads(2, (2, 2, 8, 64))
+    q = np.random.default_rng(3).standard_normal((2, 4, 64)).astype(np.float32)
+    valid = np.arange(8)[None, :] < np.array([[8], [5]])
+    (kp, ks, kz), (vp, vs, vz) = numpy_quantize(k, kind, 32), numpy_quantize(v, kind, 32)
+    zero = quant.has_zero_point(kind)
+    scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz)))
+    scales = scales._replace(k_zero=scales.k_zero if zero else None, v_zero=scales.v_zero if zero else None)
+
+    def deq(payload, s, z):
+        if kind in ("int4", "int2"):
+            bits = int(kind[3])
+            codes = np.stack(
+                [(payload >> np.uint8(bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)], -2
+            )
+            payload = codes.reshape(*payload.shape[:-1], -1)
+        x = payload.astype(np.float32).reshape(*s.shape, 32) * s[..., None] + z[..., None]
+        return x.reshape(*payload.shape[:-1], -1)
+
+    out, evict = reference(
+        jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.125,
+        granularity="kv_head", kv_quant=kind, kv_scales=scales,
+    )  # fmt: skip
+    logits = np.einsum("bkgd,bkcd->bkgc", q.reshape(2, 2, 2, 64), deq(kp, ks, kz)) * 0.125
+    logits = np.where(valid[:, None, None], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bkgc,bkcd->bkgd", probs, deq(vp, vs, vz)).reshape(2, 4, 64)
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-4, atol=1e-4)
+    importance = probs.sum(2) * np.abs(deq(vp, vs, vz)).sum(-1)
+    np.testing.assert_array_equal(np.asarray(evict), np.where(valid[:, None], importance, -1).argmin(-1))
+    with pytest.raises(ValueError, match="needs kv_scales=KVScales"):
+        reference(
+            jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1, kv_quant=kind
+        )
+    bad = scales._replace(v_scale=scales.v_scale[..., :1])
+    with pytest.raises(ValueError, match=r"kv_scales.v_scale must be float32 \[2, 2, 8, 2\]"):
+        reference(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1,
+                  kv_quant=kind, kv_scales=bad)  # fmt: skip
