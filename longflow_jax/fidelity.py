@@ -39,23 +39,40 @@ from .trajectory import score_trajectory
 PROG = "longflow-eval fidelity"
 
 
-def parse_runs(policies: str, budgets: str) -> list[tuple[str, str, int]]:
-    """(policy, granularity, budget) per run from "longflow,longflow:kv_head,h2o" and "64,128"."""
+def parse_runs(policies: str, budgets: str, kv_quant_group: int = 32) -> list[tuple]:
+    """(policy, granularity, budget, kv_quant) per run from "longflow,longflow:kv_head@int4,full@int8"
+    and "64,128". The full cache runs only quantized (KIVI-style), once, with budget None."""
     runs = []
     for spec in parse_list("--policies", policies, str):
-        policy, _, granularity = spec.partition(":")
-        if policy not in POLICIES or policy == "full":
+        name, _, kv_quant = spec.partition("@")
+        policy, _, granularity = name.partition(":")
+        if policy not in POLICIES or (policy == "full" and not kv_quant):
             raise ValueError(
-                f"--policies: unknown or uncompressed policy {policy!r}; expected {POLICIES[1:]}"
+                f"--policies: unknown or uncompressed policy {spec!r}; expected one of {POLICIES[1:]}, "
+                f"optionally :kv_head and @KV_QUANT, or full@KV_QUANT"
             )
-        runs += [(policy, granularity or "sequence", b) for b in parse_budgets(budgets)]
-    for policy, granularity, budget in runs:
-        CompressionConfig(policy=policy, granularity=granularity, budget=budget)  # validates
+        budget_list = [None] if policy == "full" else parse_budgets(budgets)
+        runs += [(policy, granularity or "sequence", b, kv_quant or None) for b in budget_list]
+    for run in runs:
+        compression_of(run, kv_quant_group)  # validates
     return list(dict.fromkeys(runs))
 
 
-def run_name(policy: str, granularity: str) -> str:
-    return policy if granularity == "sequence" else f"{policy}:{granularity}"
+def compression_of(run, kv_quant_group: int) -> CompressionConfig:
+    policy, granularity, budget, kv_quant = run
+    budget = {} if budget is None else dict(budget=budget)
+    return CompressionConfig(
+        policy=policy, granularity=granularity, kv_quant=kv_quant, kv_quant_group=kv_quant_group, **budget
+    )
+
+
+def run_name(policy: str, granularity: str, kv_quant: str | None = None) -> str:
+    name = policy if granularity == "sequence" else f"{policy}:{granularity}"
+    return name if kv_quant is None else f"{name}@{kv_quant}"
+
+
+def run_key(row: dict) -> tuple:
+    return row["policy"], row["granularity"], row["budget"], row.get("kv_quant")
 
 
 def _padded(rows: list[list[int]], width: int, pad: int) -> np.ndarray:
@@ -85,21 +102,21 @@ def aggregate(rows: list[dict]) -> dict:
     return dict(weighted, **rates, median_divergence=float(np.median(diverge)), identical=identical)
 
 
-def _by_run(rows: list[dict], runs: list[tuple[str, str, int]]) -> dict:
-    found = {run: [r for r in rows if (r["policy"], r["granularity"], r["budget"]) == run] for run in runs}
+def _by_run(rows: list[dict], runs: list[tuple]) -> dict:
+    found = {run: [r for r in rows if run_key(r) == run] for run in runs}
     return {run: aggregate(mine) for run, mine in found.items() if mine}
 
 
-def summary_table(rows: list[dict], runs: list[tuple[str, str, int]], full_correct: float) -> str:
+def summary_table(rows: list[dict], runs: list[tuple], full_correct: float) -> str:
     """Markdown: a row per policy x budget."""
     lines = [
         "| policy | budget | mean KL (nats/token) | top-1 agreement % | NLL diff (nats/token) | "
         "first divergence (median step) | identical % | answer = full's % | correct % |",
         "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (policy, granularity, budget), a in _by_run(rows, runs).items():
+    for (policy, granularity, budget, kv_quant), a in _by_run(rows, runs).items():
         lines.append(
-            f"| {run_name(policy, granularity)} | {budget} | {a['mean_kl']:.4f} | "
+            f"| {run_name(policy, granularity, kv_quant)} | {budget or 'all'} | {a['mean_kl']:.4f} | "
             f"{100 * a['top1_agreement']:.1f} | {a['nll_diff']:+.4f} | {a['median_divergence']:.0f} | "
             f"{100 * a['identical']:.0f} | {100 * a['answer_agrees_with_full']:.0f} | "
             f"{100 * a['correct']:.0f} |"
@@ -107,7 +124,8 @@ def summary_table(rows: list[dict], runs: list[tuple[str, str, int]], full_corre
     return "\n".join(lines) + f"\n\nThe full cache itself answers {100 * full_correct:.0f}% correctly."
 
 
-def plot(rows: list[dict], runs: list[tuple[str, str, int]], path: str) -> None:
+def plot(rows: list[dict], runs: list[tuple], path: str) -> None:
+    """KL and top-1 agreement against the budget, a curve per policy (quantized full caches have none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -115,8 +133,11 @@ def plot(rows: list[dict], runs: list[tuple[str, str, int]], path: str) -> None:
 
     fig, (ax_kl, ax_top1) = plt.subplots(1, 2, figsize=(11, 4))
     curves: dict[str, list] = {}
-    for (policy, granularity, budget), a in sorted(_by_run(rows, runs).items(), key=lambda x: x[0][2]):
-        curves.setdefault(run_name(policy, granularity), []).append((budget, a))
+    budgeted = [run for run in runs if run[2] is not None]
+    for (policy, granularity, budget, kv_quant), a in sorted(
+        _by_run(rows, budgeted).items(), key=lambda x: x[0][2]
+    ):
+        curves.setdefault(run_name(policy, granularity, kv_quant), []).append((budget, a))
     for name, points in curves.items():
         budgets = [b for b, _ in points]
         ax_kl.plot(budgets, [a["mean_kl"] for _, a in points], marker="o", label=name)
@@ -138,9 +159,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--plot", help="also draw KL and top-1 agreement against budget into this PNG")
     runner.add_generation_args(p)
     p.add_argument(
-        "--policies", default="longflow,h2o,tova,streaming,random", help="POLICY[:GRANULARITY],..."
+        "--policies",
+        default="longflow,h2o,tova,streaming,random",
+        help="POLICY[:GRANULARITY][@KV_QUANT],... (full@KV_QUANT: the quantized full cache)",
     )
     p.add_argument("--budgets", default="64,128,256,512,1024", help="comma-separated KV budgets")
+    p.add_argument("--kv-quant-group", type=int, default=32, help="elements per scale of @KV_QUANT runs")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT, help="{question} becomes the problem")
     p.add_argument("--resume", action="store_true", help="keep --output's finished runs (same settings)")
@@ -158,13 +182,13 @@ def run(args) -> None:
         raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     if "{question}" not in args.prompt_template:
         raise ValueError(f"--prompt-template must contain {{question}}, got {args.prompt_template!r}")
-    runs = parse_runs(args.policies, args.budgets)
+    runs = parse_runs(args.policies, args.budgets, args.kv_quant_group)
     if os.path.exists(args.output) and not (args.resume or args.overwrite):
         raise ValueError(f"--output {args.output} exists: pass --resume to continue it or --overwrite")
     settings = {
         k: getattr(args, k)
         for k in ("ckpt", "input", "limit", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                  "attention_impl", "dtype", "prompt_template")
+                  "attention_impl", "dtype", "prompt_template", "kv_quant_group")
     }  # fmt: skip
     # Free-running runs are separate programs: on GPUs, float32 matmuls at the default precision (TF32)
     # would differ between them by ~1e-3 and part sampled trajectories for that reason alone. The setting
@@ -174,7 +198,7 @@ def run(args) -> None:
     try:
         with lock_output(args.output, PROG):
             done = _finished_rows(args.output, settings) if args.resume else []
-            finished = {(r["policy"], r["granularity"], r["budget"]) for r in done}
+            finished = {run_key(r) for r in done}
             todo = [run for run in runs if run not in finished]
             rows = done + (measure(args, todo, settings) if todo else [])
     finally:
@@ -253,11 +277,11 @@ def measure(args, runs, settings) -> list[dict]:
     )
 
     def measure_run(run):
-        policy, granularity, budget = run
+        policy, granularity, budget, kv_quant = run
         if args.time_limit and time.perf_counter() - began > args.time_limit:
             return []
         start = time.perf_counter()
-        comp = CompressionConfig(policy=policy, granularity=granularity, budget=budget)
+        comp = compression_of(run, args.kv_quant_group)
         scores = []
         for b, seed in zip(batches, seeds):
             traj = [full[i].tokens for i in b]
@@ -275,7 +299,8 @@ def measure(args, runs, settings) -> list[dict]:
             n = max(int(s.mask.sum()), 1)
             answer = extract_answer(c.text)[0]
             new_rows.append(dict(
-                id=record.id, policy=policy, granularity=granularity, budget=budget, steps=int(s.mask.sum()),
+                id=record.id, policy=policy, granularity=granularity, budget=budget, kv_quant=kv_quant,
+                steps=int(s.mask.sum()),
                 mean_kl=float(s.kl.sum() / n), top1_agreement=float(s.top1_agree.sum() / n),
                 nll_diff=float((s.nll - s.reference_nll).sum() / n),
                 divergence_step=_first_difference(full[i].tokens, c.tokens),
@@ -287,7 +312,9 @@ def measure(args, runs, settings) -> list[dict]:
                 reference=record.data[1], settings=settings,
             ))  # fmt: skip
         runner.report(
-            f"{run_name(policy, granularity)} budget {budget}: {time.perf_counter() - start:.0f} s", PROG
+            f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}: "
+            f"{time.perf_counter() - start:.0f} s",
+            PROG,
         )
         return new_rows
 

@@ -62,11 +62,29 @@ def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path, chat_ck
     assert code == 2
 
 
+def test_quantized_runs_are_their_own_rows(tmp_path, chat_ckpt):
+    """@KV_QUANT runs the quantized buffer: its rows say so, a quantized full cache runs once (budget
+    "all"), and quantization alone moves the model where a plain budget that holds everything does not."""
+    code, out = run_fidelity(
+        tmp_path, chat_ckpt, "--policies", "full@int2,longflow@int8", "--budgets", "256", "--kv-quant-group", "8",
+        "--plot", str(tmp_path / "f.png"),
+    )  # fmt: skip
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    runs = sorted({(r["policy"], r["budget"], r["kv_quant"]) for r in rows}, key=str)
+    assert runs == [("full", None, "int2"), ("longflow", 256, "int8")]
+    int2 = [r for r in rows if r["kv_quant"] == "int2"]
+    assert len(int2) == len(PROBLEMS) and max(r["mean_kl"] for r in int2) > 0
+    table = (tmp_path / "t.md").read_text()
+    assert "| full@int2 | all |" in table and "| longflow@int8 | 256 |" in table
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
         (["--policies", "full"], "uncompressed"),
         (["--policies", "longflow:rows"], "granularity"),
+        (["--policies", "longflow@int3"], "kv_quant must be None or one of"),
         (["--budgets", "1"], "--budgets"),
         (["--prompt-template", "no field"], "{question}"),
     ],

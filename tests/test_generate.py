@@ -409,6 +409,7 @@ def test_full_cache_blocked_and_single_pass_attention_decode_alike(qwen3, monkey
     with jax.default_matmul_precision("highest"):
         single = lf.generate(params, config, ids, lengths, max_new_tokens=150)
         monkeypatch.setattr(attention, "SINGLE_PASS_MAX_SLOTS", 0)
+        monkeypatch.setattr(attention, "PREFIX_BLOCK", 32)  # several blocks, the last one shifted
         jax.clear_caches()  # the jitted generate would reuse its trace of the single pass
         blocked = lf.generate(params, config, ids, lengths, max_new_tokens=150)
     jax.clear_caches()
