@@ -4,7 +4,15 @@ from pallas_kernels.reference import longflow_decode_attention_reference
 
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .convert import CheckpointError, convert, load
-from .generate import GenerationOutput, compile_generate, decode_step, generate, kv_cache_bytes, prefill
+from .generate import (
+    GenerationOutput,
+    compile_generate,
+    decode_step,
+    generate,
+    kv_cache_bytes,
+    max_batch,
+    prefill,
+)
 from .kv_cache import KVCache, LayerCache
 from .model import init_random_params, param_shapes
 from .trajectory import TrajectoryScores, score_trajectory
@@ -25,6 +33,7 @@ __all__ = [
     "init_random_params",
     "kv_cache_bytes",
     "load",
+    "max_batch",
     "longflow_decode_attention_reference",
     "param_shapes",
     "prefill",

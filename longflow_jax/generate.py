@@ -10,6 +10,7 @@ step) is traced once per compile.
 from __future__ import annotations
 
 import functools
+import math
 import time
 
 import flax.struct
@@ -100,6 +101,30 @@ def kv_cache_bytes(
         itemsize = jnp.dtype(config.param_dtype).itemsize
         per_layer += batch * RKV_WINDOW * config.num_heads * config.head_dim * itemsize
     return kv + config.num_layers * per_layer
+
+
+def max_batch(
+    config: ModelConfig,
+    compression: CompressionConfig,
+    max_new_tokens: int,
+    prompt_len: int,
+    device_bytes: int,
+) -> int:
+    """The largest batch `generate` fits in device_bytes: the params once, and per row its cache
+    (`kv_cache_bytes`) plus a working set of float32 logits and activations for one step. Prefill's
+    activations are not counted (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
+    params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
+    capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
+                               max_new_tokens)  # fmt: skip
+    work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
+    row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work
+    batch = (int(device_bytes) - params) // row
+    if batch < 1:
+        raise ValueError(
+            f"not even one row fits in device_bytes={device_bytes}: the params take {params} bytes and a "
+            f"row {row} ({compression.policy}, {capacity} slots)"
+        )
+    return int(batch)
 
 
 def prefill(

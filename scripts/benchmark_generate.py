@@ -8,14 +8,15 @@ decodes every step.
   python scripts/benchmark_generate.py --model qwen3-4b --runs full:16:8192 longflow:16:8192:2048 \
       --out runs/gen.jsonl
 
-A run is POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g. longflow:16:8192:2048:pallas. BATCH=max
-is the largest batch whose KV buffer, plus the params and a per-row working-set allowance, fits in
---memory-gib (default: 90% of the device's memory limit): full cache and LongFlow at equal memory.
+A run is POLICY[@KV_QUANT]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g. longflow@int4:16:8192:2048:pallas.
+BATCH=max is `lf.max_batch` in --memory-gib (default: 90% of the device's memory limit): full cache and
+LongFlow at equal memory.
 STEPS (default NEW_TOKENS) times only the first STEPS steps of a buffer sized for NEW_TOKENS: a
 compressed cache's per-step cost stops changing once its C slots are full, so the table projects the
 untimed steps at that buffer-full rate. --isolate runs each configuration in its own process: its own
 memory peak, an empty allocator, and a BATCH=max run that runs out of memory retried at 90% of the batch
-(twice at most; the row records the scale).
+(twice at most; the row records the scale). --generate also times each run's whole generation as
+`lf.compile_generate` compiles it (prefill and every step), compile time apart.
 """
 
 from __future__ import annotations
@@ -37,7 +38,15 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from longflow_jax import CompressionConfig, ModelConfig, decode_step, init_random_params  # noqa: E402
+from longflow_jax import (  # noqa: E402
+    CompressionConfig,
+    ModelConfig,
+    SamplingConfig,
+    compile_generate,
+    decode_step,
+    init_random_params,
+    max_batch,
+)
 from longflow_jax.generate import buffer_capacity, prefill_in_slices  # noqa: E402
 from longflow_jax.kv_cache import cache_bytes  # noqa: E402
 
@@ -60,44 +69,26 @@ MODELS = {
 
 
 def parse_run(spec: str):
-    """(policy, batch or "max", new_tokens, budget, impl, steps) from a --runs spec."""
+    """(compression, batch or "max", new_tokens, impl, steps) from a --runs spec."""
     parts = spec.split(":")
     if not 3 <= len(parts) <= 6:
-        raise ValueError(f"run {spec!r}: expected POLICY:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]")
+        raise ValueError(f"run {spec!r}: expected POLICY[@KV_QUANT]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]")
     policy, batch, new, budget, impl, steps = parts + [""] * (6 - len(parts))
     batch, new, steps = batch if batch == "max" else int(batch), int(new), int(steps or new)
     if not 0 < steps <= new:
         raise ValueError(f"run {spec!r}: STEPS must be in [1, NEW_TOKENS={new}], got {steps}")
-    return policy, batch, new, int(budget or 2048), impl or "reference", steps
-
-
-def params_bytes(params) -> int:
-    return sum(x.nbytes for x in jax.tree_util.tree_leaves(params))
-
-
-def row_bytes(config: ModelConfig, capacity: int) -> int:
-    """Device bytes one more row costs: its KV buffer plus float32 logits and activations per step."""
-    itemsize = jnp.dtype(config.param_dtype).itemsize
-    kv = 2 * config.num_layers * config.num_kv_heads * capacity * config.head_dim * itemsize
-    work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
-    return kv + work
-
-
-def max_batch(config, params, policy, new_tokens, budget, prompt_len, memory_bytes) -> int:
-    capacity = buffer_capacity(CompressionConfig(policy=policy, budget=budget), prompt_len, new_tokens)
-    batch = int((memory_bytes - params_bytes(params)) // row_bytes(config, capacity))
-    if batch < 1:
-        raise ValueError(f"{policy}: not even one row fits in {memory_bytes / 2**30:.1f} GiB")
-    return batch
+    policy, _, kv_quant = policy.partition("@")
+    comp = CompressionConfig(policy=policy, budget=int(budget or 2048), kv_quant=kv_quant or None)
+    return comp, batch, new, impl or "reference", steps
 
 
 def memory_stat(name):
     return (jax.devices()[0].memory_stats() or {}).get(name)
 
 
-def run_one(params, config, args, policy, batch, new_tokens, budget, impl, steps):
-    """Prefill, then decode the first `steps` of new_tokens steps in timed chunks: the run's row."""
-    comp = CompressionConfig(policy=policy, budget=budget)
+def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
+    """Prefill, then decode the first `steps` of new_tokens steps in timed chunks: the run's row. With
+    --generate, then also the whole generation as `compile_generate` compiles it."""
     prompt_len, chunk, num_chunks = args.prompt_len, args.chunk, steps // args.chunk
     if num_chunks < 1:
         raise ValueError(f"{steps} steps is less than one chunk of {chunk}")
@@ -128,16 +119,34 @@ def run_one(params, config, args, policy, batch, new_tokens, budget, impl, steps
         token.block_until_ready()
         chunk_seconds.append(time.perf_counter() - t0)
     decoded, steady = num_chunks * chunk, chunk_seconds[1:] or chunk_seconds
+    kv_bytes, peak = cache_bytes(cache), memory_stat("peak_bytes_in_use")
+    del cache
+    whole = time_generate(params, config, comp, impl, ids, lengths, new_tokens, rows) if args.generate else {}
     return dict(
-        policy=policy, impl=impl, batch=batch, new_tokens=new_tokens, decoded_steps=decoded,
-        budget=budget if policy != "full" else None, capacity=capacity, prompt_len=prompt_len,
-        kv_cache_bytes=cache_bytes(cache), peak_bytes=memory_stat("peak_bytes_in_use"),
+        policy=comp.policy, kv_quant=comp.kv_quant, impl=impl, batch=batch, new_tokens=new_tokens,
+        decoded_steps=decoded, budget=comp.budget if comp.policy != "full" else None, capacity=capacity,
+        prompt_len=prompt_len, kv_cache_bytes=kv_bytes, peak_bytes=peak,
         decode_tokens_per_s=batch * decoded / sum(chunk_seconds),
         decode_tokens_per_s_after_first_chunk=batch * chunk * len(steady) / sum(steady),
         ms_per_step=1e3 * sum(chunk_seconds) / decoded, chunk=chunk,
         chunk_tokens_per_s=[batch * chunk / s for s in chunk_seconds],
-        compile_s=compile_s, prefill_s_incl_compile=prefill_s,
+        compile_s=compile_s, prefill_s_incl_compile=prefill_s, **whole,
     )  # fmt: skip
+
+
+def time_generate(params, config, comp, impl, ids, lengths, new_tokens, prefill_rows):
+    """`lf.compile_generate` for the run's shape, then one timed call: prefill and every step (EOS
+    ignored), as a user's `generate` runs them."""
+    run, compile_s = compile_generate(
+        params, config, batch=ids.shape[0], prompt_len=ids.shape[1], max_new_tokens=new_tokens,
+        compression=comp, sampling=SamplingConfig(ignore_eos=True), attention_impl=impl,
+        prefill_rows_per_chunk=prefill_rows,
+    )  # fmt: skip
+    t0 = time.perf_counter()
+    jax.block_until_ready(run(params, ids, lengths).tokens)
+    seconds = time.perf_counter() - t0
+    return dict(generate_compile_s=compile_s, generate_s=seconds,
+                generate_tokens_per_s=ids.shape[0] * new_tokens / seconds)  # fmt: skip
 
 
 def buffer_full_tokens_per_s(r):
@@ -162,7 +171,8 @@ def whole_run_tokens_per_s(r):
 
 
 def run_name(r):
-    return r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
+    name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
+    return name + (f" {r['kv_quant']}" if r.get("kv_quant") else "")
 
 
 def plot(results, path):
@@ -199,6 +209,7 @@ def run_isolated(args, command, retries=2):
     """Each configuration in a child process (an out-of-memory BATCH=max retried at 90%)."""
     shared = ("model", "prompt_len", "chunk", "memory_gib", "prefill_rows")
     base = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
+    base += ["--generate"] if args.generate else []
     results = []
     for spec in args.runs:
         scale = 1.0
@@ -231,22 +242,23 @@ def run_in_process(args, command):
     params = jax.block_until_ready(init_random_params(config))
     results = []
     for spec in args.runs:
-        policy, batch, new, budget, impl, steps = parse_run(spec)
+        comp, batch, new, impl, steps = parse_run(spec)
         limit = None
         if batch == "max":
             limit = args.memory_gib * 2**30 if args.memory_gib else 0.9 * (memory_stat("bytes_limit") or 0)
             if not limit:
                 raise ValueError("BATCH=max needs --memory-gib on a device that reports no memory limit")
-            fit = max_batch(config, params, policy, new, budget, args.prompt_len, limit)
+            fit = max_batch(config, comp, new, args.prompt_len, limit)
             batch = max(1, int(fit * args.batch_scale))
             print(f"  {spec}: largest batch in {limit / 2**30:.1f} GiB (x{args.batch_scale:.2f}) is {batch}")
-        row = run_one(params, config, args, policy, batch, new, budget, impl, steps)
+        row = run_one(params, config, args, comp, batch, new, impl, steps)
         row.update(memory_limit_bytes=limit, batch_scale=args.batch_scale if limit else None,
                    model=args.model, device=device.device_kind, jax=jax.__version__,
                    date=datetime.date.today().isoformat(), command=command)  # fmt: skip
         print(
             f"  {spec}: {row['decode_tokens_per_s']:.0f} tok/s, {row['ms_per_step']:.2f} ms/step, "
-            f"KV {row['kv_cache_bytes'] / 2**30:.2f} GiB, compile {row['compile_s']:.0f}s",
+            f"KV {row['kv_cache_bytes'] / 2**30:.2f} GiB, compile {row['compile_s']:.0f}s"
+            + (f"; generate {row['generate_tokens_per_s']:.0f} tok/s" if args.generate else ""),
             flush=True,
         )
         if args.out:
@@ -258,17 +270,22 @@ def run_in_process(args, command):
 def print_table(results):
     print(
         "\n| policy | impl | batch | new tokens | timed steps | KV GiB | peak GiB | ms/step | "
-        "tok/s timed | tok/s buffer full | tok/s over new tokens |\n" + "|---" * 11 + "|"
+        "tok/s timed | tok/s buffer full | tok/s over new tokens | generate tok/s (compile s) |\n"
+        + "|---" * 12
+        + "|"
     )
     for r in results:
         peak = f"{r['peak_bytes'] / 2**30:.1f}" if r["peak_bytes"] else "n/a"
         steady = buffer_full_tokens_per_s(r)
         whole, projected = whole_run_tokens_per_s(r)
+        generate = "-"
+        if r.get("generate_tokens_per_s"):
+            generate = f"{r['generate_tokens_per_s']:.0f} ({r['generate_compile_s']:.0f})"
         print(
             f"| {run_name(r)} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['decoded_steps']} | "
             f"{r['kv_cache_bytes'] / 2**30:.2f} | {peak} | {r['ms_per_step']:.2f} | "
             f"{r['decode_tokens_per_s']:.0f} | {f'{steady:.0f}' if steady else '-'} | "
-            f"{whole:.0f}{' (projected)' if projected else ''} |"
+            f"{whole:.0f}{' (projected)' if projected else ''} | {generate} |"
         )
 
 
@@ -284,6 +301,7 @@ def main(argv=None) -> int:
     ap.add_argument("--plot", help="PNG: decode tokens/s vs generated length, one line per run")
     ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
     ap.add_argument("--prefill-rows", type=int, help="rows per prefill slice (default: one pass)")
+    ap.add_argument("--generate", action="store_true", help="also time lf.compile_generate's whole run")
     ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)

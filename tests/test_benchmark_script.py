@@ -4,6 +4,7 @@ import importlib.util
 import json
 import os
 
+import jax
 import pytest
 
 SCRIPT = os.path.join(os.path.dirname(__file__), "..", "scripts", "benchmark_generate.py")
@@ -35,6 +36,7 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
                 str(out),
                 "--plot",
                 str(png),
+                "--generate",
             ]
         )
         == 0
@@ -48,32 +50,48 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
         assert (
             r["decoded_steps"] == 128 and len(r["chunk_tokens_per_s"]) == 4 and r["decode_tokens_per_s"] > 0
         )
+        assert r["generate_compile_s"] > 0 and r["generate_tokens_per_s"] > 0
     assert png.stat().st_size > 1000
 
 
 def test_max_batch_fills_the_memory_budget(bench):
+    """lf.max_batch against the bytes counted by hand: params, K/V, slot bookkeeping, step working set."""
+    import longflow_jax as lf
+
     config = bench.MODELS["tiny"]
-    params = bench.init_random_params(config)
-    memory = 64 * 2**20
+    params = sum(x.nbytes for x in jax.tree.leaves(bench.init_random_params(config)))
+    memory, layers, d = 64 * 2**20, config.num_layers, config.head_dim
     sizes = {}
-    for policy, budget in [("full", None), ("longflow", 128)]:
-        batch = bench.max_batch(config, params, policy, 4096, budget or 2048, 64, memory)
-        capacity = 64 + 4096 if policy == "full" else 128
-        per_row = bench.row_bytes(config, capacity)
-        used = bench.params_bytes(params) + batch * per_row
-        assert used <= memory < used + per_row
-        sizes[policy] = batch
-    assert sizes["longflow"] > 10 * sizes["full"]
-    with pytest.raises(ValueError, match="not even one row"):
-        bench.max_batch(config, params, "full", 4096, 2048, 64, bench.params_bytes(params) + 1)
+    for policy, kv_quant, capacity in [
+        ("full", None, 64 + 4096),
+        ("longflow", None, 128),
+        ("longflow", "int4", 128),
+    ]:
+        comp = lf.CompressionConfig(policy=policy, budget=128, kv_quant=kv_quant)
+        batch = lf.max_batch(config, comp, 4096, 64, memory)
+        per_slot = 2 * d if kv_quant is None else d // 2 + 2 * 4 * (d // 32)  # bf16, or int4 + f32 scale/zero
+        kv = 2 * layers * config.num_kv_heads * capacity * per_slot + layers * (2 * capacity + 1) * 4
+        work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
+        used = params + batch * (kv + work)
+        assert used <= memory < used + kv + work
+        sizes[policy, kv_quant] = batch
+    assert sizes["longflow", None] > 10 * sizes["full", None]
+    assert sizes["longflow", "int4"] > sizes["longflow", None]
+    with pytest.raises(ValueError, match="not even one row fits"):
+        lf.max_batch(config, lf.CompressionConfig(policy="full"), 4096, 64, params + 1)
 
 
 def test_parse_run_fields_and_errors(bench):
-    assert bench.parse_run("full:max:8192") == ("full", "max", 8192, 2048, "reference", 8192)
-    assert bench.parse_run("longflow:4:8192:1024:triton:2048") == ("longflow", 4, 8192, 1024, "triton", 2048)
+    comp, *rest = bench.parse_run("full:max:8192")
+    assert comp.policy == "full" and rest == ["max", 8192, "reference", 8192]
+    comp, *rest = bench.parse_run("longflow@int4:4:8192:1024:triton:2048")
+    assert (comp.policy, comp.budget, comp.kv_quant) == ("longflow", 1024, "int4")
+    assert rest == [4, 8192, "triton", 2048]
     for bad in ["full:4", "longflow:4:128:32:triton:256", "longflow:4:128:32:triton:0", "a:1:2:3:4:5:6"]:
         with pytest.raises(ValueError, match="run"):
             bench.parse_run(bad)
+    with pytest.raises(ValueError, match="kv_quant"):
+        bench.parse_run("longflow@int3:4:128")
 
 
 def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
@@ -94,13 +112,7 @@ def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
     assert capped["capacity"] == 32 and capped["batch"] == 2
     assert full["capacity"] == 8 + 64 and full["batch_scale"] == 1.0 and full["memory_limit_bytes"] > 0
     assert full["batch"] == bench.max_batch(
-        bench.MODELS["tiny"],
-        bench.init_random_params(bench.MODELS["tiny"]),
-        "full",
-        64,
-        2048,
-        8,
-        0.05 * 2**30,
+        bench.MODELS["tiny"], bench.CompressionConfig(policy="full"), 64, 8, 0.05 * 2**30
     )
     assert "--isolate" in full["command"] and "--isolate" not in full["run_command"]
 
