@@ -11,6 +11,7 @@ and time compilation (`compile_generate`) apart from generation.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import os
 import sys
 import tempfile
@@ -24,8 +25,7 @@ from .attention import KERNEL_POLICIES
 from .bucketing import round_up
 from .config import POLICIES, CompressionConfig
 from .convert import convert, load
-from .generate import buffer_capacity, compile_generate
-from .kv_cache import kv_bytes_for
+from .generate import compile_generate, kv_cache_bytes
 from .testing import make_tiny_hf_checkpoint
 
 PROG = "longflow-generate"
@@ -91,18 +91,16 @@ def run_demo(args) -> None:
     common = dict(max_new_tokens=args.max_new_tokens, sampling=runner.sampling_from(args))
     runs = [runner.compression_from(args)]
     if args.policy != "full":
-        runs.append(CompressionConfig(policy="full"))
+        runs.append(CompressionConfig(policy="full"))  # the baseline: unquantized
     rows = []
     for comp in runs:
         impl = args.attention_impl if comp.policy in KERNEL_POLICIES else "reference"
         out, compiling, seconds = _timed_generate(
             params, config, ids, lengths, args.seed, compression=comp, attention_impl=impl, **common
         )
-        capacity = buffer_capacity(comp, prompt_len, args.max_new_tokens)
-        kv = kv_bytes_for(
-            config.num_layers, batch, config.num_kv_heads, capacity, config.head_dim, config.param_dtype
-        )
+        kv = kv_cache_bytes(config, comp, batch, prompt_len, args.max_new_tokens)
         name = comp.policy if comp.policy == "full" else f"{comp.policy} C={comp.budget}"
+        name += f" {comp.kv_quant}" if comp.kv_quant else ""
         generated = np.asarray(out.lengths)
         rows.append((name, int(generated.sum()), compiling, seconds, kv, int(np.max(out.cache_occupancy))))
         print(f"  {name}: first row's tokens {np.asarray(out.tokens[0, :16]).tolist()} ...")
@@ -124,6 +122,17 @@ def run_demo(args) -> None:
             f"\nLongFlow's KV buffer is {rows[0][4]:,} bytes against {rows[1][4]:,} for the full cache: "
             f"{saved:.1%} saved ({rows[1][4] / rows[0][4]:.1f}x smaller)."
         )
+    quantized = {
+        kind: kv_cache_bytes(
+            config, dataclasses.replace(runs[0], kv_quant=kind), batch, prompt_len, args.max_new_tokens
+        )
+        for kind in ("int8", "int4")
+    }
+    print(
+        f"Stored quantized (--kv-quant), the {rows[0][0].split()[0]} cache would take "
+        + ", ".join(f"{b:,} bytes at {kind}" for kind, b in quantized.items())
+        + " (lf.kv_cache_bytes: payloads, scales and slot bookkeeping)."
+    )
 
 
 def run_checkpoint(args) -> None:

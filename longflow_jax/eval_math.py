@@ -335,7 +335,10 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
         for policy, budget in runs:
             # the full cache has no budget: CompressionConfig's default stands in, unused
             sized = {} if budget is None else {"budget": budget}
-            comp = CompressionConfig(policy=policy, granularity=args.granularity, **sized)
+            comp = CompressionConfig(
+                policy=policy, granularity=args.granularity, kv_quant=args.kv_quant,
+                kv_quant_group=args.kv_quant_group, **sized,
+            )  # fmt: skip
             rows = []  # (input line, row): the batches come bucketed by length
             for _, _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):
                 for p, c in outputs:

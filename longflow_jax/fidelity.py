@@ -164,7 +164,6 @@ def build_parser() -> argparse.ArgumentParser:
         help="POLICY[:GRANULARITY][@KV_QUANT],... (full@KV_QUANT: the quantized full cache)",
     )
     p.add_argument("--budgets", default="64,128,256,512,1024", help="comma-separated KV budgets")
-    p.add_argument("--kv-quant-group", type=int, default=32, help="elements per scale of @KV_QUANT runs")
     p.add_argument("--limit", type=int, default=None, help="only the first N problems")
     p.add_argument("--prompt-template", default=DEFAULT_PROMPT, help="{question} becomes the problem")
     p.add_argument("--resume", action="store_true", help="keep --output's finished runs (same settings)")
@@ -182,6 +181,10 @@ def run(args) -> None:
         raise ValueError(f"--time-limit must be > 0 seconds, got {args.time_limit}")
     if "{question}" not in args.prompt_template:
         raise ValueError(f"--prompt-template must contain {{question}}, got {args.prompt_template!r}")
+    if args.kv_quant:
+        raise ValueError(
+            f"--kv-quant {args.kv_quant}: fidelity quantizes per run, as --policies POLICY@KV_QUANT"
+        )
     runs = parse_runs(args.policies, args.budgets, args.kv_quant_group)
     if os.path.exists(args.output) and not (args.resume or args.overwrite):
         raise ValueError(f"--output {args.output} exists: pass --resume to continue it or --overwrite")

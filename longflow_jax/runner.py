@@ -24,6 +24,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from pallas_kernels.quant import KV_QUANT_KINDS
+
 from .bucketing import Batch, plan_batches, round_up
 from .config import CompressionConfig, SamplingConfig, dtype_from_name
 from .jsonl_io import Record, Skipped, id_key
@@ -32,6 +34,10 @@ from .jsonl_io import Record, Skipped, id_key
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
     """The flags every generating command shares: the cache layout, the kernel and the sampling."""
     p.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
+    p.add_argument(
+        "--kv-quant", choices=KV_QUANT_KINDS, help="store the KV buffer quantized (default bf16/f32)"
+    )
+    p.add_argument("--kv-quant-group", type=int, default=32, help="elements per scale with --kv-quant")
     p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
@@ -169,7 +175,10 @@ def sampling_from(args) -> SamplingConfig:
 
 
 def compression_from(args) -> CompressionConfig:
-    return CompressionConfig(policy=args.policy, budget=args.budget, granularity=args.granularity)
+    return CompressionConfig(
+        policy=args.policy, budget=args.budget, granularity=args.granularity, kv_quant=args.kv_quant,
+        kv_quant_group=args.kv_quant_group,
+    )  # fmt: skip
 
 
 def report(message: str, prog: str) -> None:

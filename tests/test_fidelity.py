@@ -66,8 +66,8 @@ def test_quantized_runs_are_their_own_rows(tmp_path, chat_ckpt):
     """@KV_QUANT runs the quantized buffer: its rows say so, a quantized full cache runs once (budget
     "all"), and quantization alone moves the model where a plain budget that holds everything does not."""
     code, out = run_fidelity(
-        tmp_path, chat_ckpt, "--policies", "full@int2,longflow@int8", "--budgets", "256", "--kv-quant-group", "8",
-        "--plot", str(tmp_path / "f.png"),
+        tmp_path, chat_ckpt, "--policies", "full@int2,longflow@int8", "--budgets", "256",
+        "--kv-quant-group", "8", "--plot", str(tmp_path / "f.png"),
     )  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
@@ -85,6 +85,7 @@ def test_quantized_runs_are_their_own_rows(tmp_path, chat_ckpt):
         (["--policies", "full"], "uncompressed"),
         (["--policies", "longflow:rows"], "granularity"),
         (["--policies", "longflow@int3"], "kv_quant must be None or one of"),
+        (["--kv-quant", "int8"], "POLICY@KV_QUANT"),
         (["--budgets", "1"], "--budgets"),
         (["--prompt-template", "no field"], "{question}"),
     ],
