@@ -28,6 +28,7 @@ from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import RKV_WINDOW, CompressionConfig, ModelConfig, SamplingConfig
 from .kv_cache import (
     KVCache,
+    LayerCache,
     evicted_positions,
     kv_bytes_for,
     layer_from_kept,
@@ -127,20 +128,29 @@ def max_batch(
     return int(batch)
 
 
+def build_layer_cache(q, k, v, lengths, compression: CompressionConfig, capacity: int) -> LayerCache:
+    """One layer's buffer from its prompt: R-KV's prefill selection for "rkv", SnapKV's otherwise (a
+    prompt that fits in capacity - 1 keeps every token), K/V quantized with kv_quant.
+
+    q [B, P, Hq, D], k, v [B, P, Hkv, D] post-RoPE (position = index), lengths [B] int in [1, P].
+    """
+    groups = num_score_groups(k.shape[2], compression.granularity)
+    quant = (compression.kv_quant, compression.kv_quant_group)
+    if compression.policy == "rkv":
+        return rkv.prefill_layer(q, k, v, lengths, compression.budget, capacity, groups, *quant)
+    q_read, k_read = prompt_view(q, k, *quant)  # SnapKV reads what the buffer will hold
+    window, pool = compression.snapkv_window, compression.snapkv_pool
+    kept = prefill_keep_positions(q_read, k_read, lengths, capacity, window, pool, groups)
+    return layer_from_kept(k, v, kept, capacity, *quant)
+
+
 def prefill(
     params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int
 ):
     """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32)."""
-    groups = num_score_groups(config.num_kv_heads, compression.granularity)
-    quant = (compression.kv_quant, compression.kv_quant_group)
 
     def build_layer(_, q, k, v):
-        if compression.policy == "rkv":
-            return rkv.prefill_layer(q, k, v, prompt_lengths, compression.budget, capacity, groups, *quant)
-        q_read, k_read = prompt_view(q, k, *quant)  # SnapKV reads what the buffer will hold
-        window, pool = compression.snapkv_window, compression.snapkv_pool
-        kept = prefill_keep_positions(q_read, k_read, prompt_lengths, capacity, window, pool, groups)
-        return layer_from_kept(k, v, kept, capacity, *quant)
+        return build_layer_cache(q, k, v, prompt_lengths, compression, capacity)
 
     hidden, layers = forward(params, config, prompt_ids, layer_hook=build_layer)
     last = jnp.take_along_axis(hidden, (prompt_lengths - 1)[:, None, None], axis=1)[:, 0]
@@ -335,11 +345,24 @@ def check_params(params, config: ModelConfig) -> None:
             raise ValueError(f"{name} has shape {_shape(got[path])}, expected {want[path].shape}")
 
 
+def params_and_config_of(model) -> tuple:
+    """(params, config) of a model object that holds its weights: one with a `params_and_config()`
+    method returning the params pytree (`model.py`'s layout) and its ModelConfig, such as
+    `longflow_jax.nnx.Decoder`. A protocol, not a type, so the core imports no `flax.nnx`."""
+    method = getattr(model, "params_and_config", None)
+    if not callable(method):
+        raise ValueError(
+            f"expected params and a longflow_jax.ModelConfig, or a model with params_and_config() "
+            f"(such as longflow_jax.nnx.Decoder) in their place, got {type(model).__name__}"
+        )
+    return method()
+
+
 def generate(
     params,
     config: ModelConfig,
     prompt_ids,
-    prompt_lengths,
+    prompt_lengths=None,
     *,
     max_new_tokens: int,
     compression: CompressionConfig | None = None,
@@ -353,6 +376,8 @@ def generate(
 ) -> GenerationOutput:
     """Generate up to max_new_tokens per row from right-padded prompts.
 
+    generate(params, config, prompt_ids, prompt_lengths, ...), or generate(model, prompt_ids,
+    prompt_lengths, ...) for a model that holds its weights (`params_and_config_of`).
     params/config: from `longflow_jax.load` (or `init_random_params`). prompt_ids [B, P] int,
     prompt_lengths [B] int in [1, P]. compression: None is the full cache; CompressionConfig(
     policy="longflow", budget=2048) is LongFlow. sampling: None is greedy; its penalties and stop rules
@@ -363,20 +388,17 @@ def generate(
     prefill_rows_per_chunk: run the prompt over slices of at most this many rows (the largest divisor
     of B not above it), so a batch sized to fill memory with KV cache does not also need the whole
     batch's prompt activations at once; None: the whole batch in one pass.
-    Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there).
-    `compile_generate` compiles it ahead of time for one shape.
+    Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there;
+    a model's inside `nnx.jit`). `compile_generate` compiles it ahead of time for one shape.
     """
-    compression = FULL if compression is None else compression
-    sampling = SamplingConfig() if sampling is None else sampling
-    options = dict(
-        max_new_tokens=max_new_tokens,
-        compression=compression,
-        sampling=sampling,
-        attention_impl=attention_impl,
-        return_logprobs=return_logprobs,
-        top_logprobs=top_logprobs,
-        prefill_rows_per_chunk=prefill_rows_per_chunk,
-    )
+    if not isinstance(config, ModelConfig) and prompt_lengths is None:  # (model, prompt_ids, lengths)
+        (params, config), prompt_ids, prompt_lengths = params_and_config_of(params), config, prompt_ids
+    elif prompt_lengths is None:
+        raise ValueError("generate(params, config, prompt_ids, prompt_lengths): prompt_lengths is missing")
+    options = _options(
+        max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
+        prefill_rows_per_chunk,
+    )  # fmt: skip
     check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
     check_params(params, config)
     return _generate(
@@ -385,6 +407,27 @@ def generate(
         jnp.asarray(prompt_lengths, jnp.int32),
         _as_key(seed),
         **_static_options(config, return_debug, **options),
+    )
+
+
+def _options(
+    max_new_tokens,
+    compression,
+    sampling,
+    attention_impl,
+    return_logprobs,
+    top_logprobs,
+    prefill_rows_per_chunk,
+) -> dict:
+    """generate's options as `check_generate_inputs` and `_static_options` take them, None configs filled."""
+    return dict(
+        max_new_tokens=max_new_tokens,
+        compression=FULL if compression is None else compression,
+        sampling=SamplingConfig() if sampling is None else sampling,
+        attention_impl=attention_impl,
+        return_logprobs=return_logprobs,
+        top_logprobs=top_logprobs,
+        prefill_rows_per_chunk=prefill_rows_per_chunk,
     )
 
 
@@ -407,7 +450,7 @@ def _static_options(config, return_debug, *, max_new_tokens, top_logprobs, prefi
 
 def compile_generate(
     params_or_shapes,
-    config: ModelConfig,
+    config: ModelConfig | None = None,
     *,
     batch: int,
     prompt_len: int,
@@ -425,24 +468,21 @@ def compile_generate(
 
     run(params, prompt_ids [batch, prompt_len], prompt_lengths [batch], seed=0) -> GenerationOutput,
     as `generate` with the same arguments returns, with no tracing or compiling left to do.
-    params_or_shapes: the params, or `param_shapes(config)` (run then takes params of those shapes).
+    params_or_shapes: the params, or `param_shapes(config)` (run then takes params of those shapes); or,
+    with config None, a model that holds its weights (`params_and_config_of`), and run then takes such a
+    model of this config, or its params.
     mesh: a 1-D Mesh whose devices split the rows (`shard_map`, params replicated): each decodes its
     batch / mesh.size rows with no communication and stops when they are done, its draws seeded by
     the seed folded with its index. None: one device.
     """
-    compression = FULL if compression is None else compression
-    sampling = SamplingConfig() if sampling is None else sampling
+    if config is None:
+        params_or_shapes, config = params_and_config_of(params_or_shapes)
     if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
         raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
-    options = dict(
-        max_new_tokens=max_new_tokens,
-        compression=compression,
-        sampling=sampling,
-        attention_impl=attention_impl,
-        return_logprobs=return_logprobs,
-        top_logprobs=top_logprobs,
-        prefill_rows_per_chunk=prefill_rows_per_chunk,
-    )
+    options = _options(
+        max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
+        prefill_rows_per_chunk,
+    )  # fmt: skip
     ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
     lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
     check_generate_inputs(config, ids, lengths, **options)
@@ -492,6 +532,10 @@ def compile_generate(
     seconds = time.perf_counter() - start
 
     def run(params, prompt_ids, prompt_lengths, seed=0) -> GenerationOutput:
+        if hasattr(params, "params_and_config"):  # a model holding its weights
+            params, model_config = params_and_config_of(params)
+            if model_config != config:
+                raise ValueError(f"compiled for {config}, got a model of {model_config}")
         if _shape(prompt_ids) != (batch, prompt_len) or _shape(prompt_lengths) != (batch,):
             raise ValueError(
                 f"compiled for prompt_ids {(batch, prompt_len)} and prompt_lengths {(batch,)}, got "

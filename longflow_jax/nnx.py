@@ -18,15 +18,13 @@ from __future__ import annotations
 import jax
 from flax import nnx
 
-from pallas_kernels.contract import num_score_groups
+from pallas_kernels.quant import check_kv_quant
 
-from . import rkv
 from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import CompressionConfig, ModelConfig
 from .convert import load
-from .generate import FULL, buffer_capacity, check_params
-from .generate import generate as generate_from_params
-from .kv_cache import KVCache, layer_from_kept, write_token
+from .generate import FULL, buffer_capacity, build_layer_cache, check_params, effective_compression
+from .kv_cache import KVCache, write_token
 from .model import (
     attention_scale,
     causal_attention,
@@ -35,7 +33,6 @@ from .model import (
     project_out,
     project_qkv,
 )
-from .snapkv import prefill_keep_positions
 
 COLUMNS = (None, "model")  # a [in, out] weight split over its outputs: heads, intermediate, vocab
 ROWS = ("model", None)  # split over its inputs; also the embedding [V, Dm] over the vocabulary
@@ -89,8 +86,10 @@ class CompressedAttention(nnx.Module):
 
     config: the attention's shapes and RoPE (hidden_size, num_heads, num_kv_heads, head_dim, rope_theta,
     rope_scaling, qkv_bias, o_bias, qk_norm, rms_norm_eps); its other fields are not used here.
-    compression: the cache policy (None: the full cache); attention_impl: "reference", "pallas" or
-    "triton", as in `generate`.
+    compression: the cache policy (None: the full cache), kv_quant included; attention_impl:
+    "reference", "pallas" or "triton", as in `generate`. Each `prefill` sets `cache_compression`, the
+    policy its cache then runs under: `compression`, or the full cache when the budget holds the prompt
+    and every new token (`generate.effective_compression`, as in `generate`).
     """
 
     def __init__(
@@ -105,7 +104,10 @@ class CompressedAttention(nnx.Module):
         if not isinstance(compression, CompressionConfig):
             raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
         check_attention_impl(attention_impl, compression)
+        if compression.kv_quant is not None:
+            check_kv_quant(compression.kv_quant, compression.kv_quant_group, config.head_dim)
         self.config, self.compression, self.attention_impl = config, compression, attention_impl
+        self.cache_compression = None
         dm, d = config.hidden_size, config.head_dim
         hq, hkv = config.num_heads * d, config.num_kv_heads * d
         self.wq = _linear(dm, hq, COLUMNS, config.qkv_bias, config, rngs)
@@ -132,20 +134,18 @@ class CompressedAttention(nnx.Module):
 
         x [B, P, Dm] (already normed), positions [B, P] int (the RoPE positions; the causal mask is over
         the index, as in `model.forward`), lengths [B] int in [1, P]. The buffer gets room for
-        max_new_tokens more tokens, capped by a compressing budget (`generate.buffer_capacity`); a
-        prompt over budget - 1 keeps SnapKV's selection. Returns [B, P, Dm].
+        max_new_tokens more tokens, capped by a compressing budget (`generate.buffer_capacity`), and is
+        built as `generate.prefill` builds each layer's (`generate.build_layer_cache`). Returns
+        [B, P, Dm].
         """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
-        layer, c = _values(self.param_variables()), self.compression
+        layer = _values(self.param_variables())
         q, k, v = project_qkv(layer, self.config, x, positions)
-        capacity = buffer_capacity(c, x.shape[1], max_new_tokens)
-        groups = num_score_groups(self.config.num_kv_heads, c.granularity)
-        if c.policy == "rkv":
-            cache = rkv.prefill_layer(q, k, v, lengths, c.budget, capacity, groups)
-        else:
-            kept = prefill_keep_positions(q, k, lengths, capacity, c.snapkv_window, c.snapkv_pool, groups)
-            cache = layer_from_kept(k, v, kept, capacity)
+        compression = effective_compression(self.compression, x.shape[1], max_new_tokens)
+        capacity = buffer_capacity(compression, x.shape[1], max_new_tokens)
+        cache = build_layer_cache(q, k, v, lengths, compression, capacity)
+        self.cache_compression = compression
         self.cache.set_value(with_kernel_state(KVCache(layers=[cache]), self.attention_impl).layers[0])
         return project_out(layer, self.config, causal_attention(q, k, v, attention_scale(self.config)))
 
@@ -166,7 +166,7 @@ class CompressedAttention(nnx.Module):
         cache = write_token(cache, k[:, 0], v[:, 0], positions)
         scale = attention_scale(self.config)
         attn, cache = decode_attention(
-            q[:, 0], cache, positions, scale, self.compression, self.attention_impl, key
+            q[:, 0], cache, positions, scale, self.cache_compression, self.attention_impl, key
         )
         self.cache.set_value(cache)
         return project_out(layer, self.config, attn[:, None])
@@ -200,7 +200,8 @@ class Decoder(nnx.Module):
     """The Llama / Qwen2 / Qwen3 decoder as an nnx module; `params()` is `model.py`'s params pytree.
 
     Decoder(config, rngs=...) initialises fresh weights; `from_params` and `from_checkpoint` wrap
-    existing ones. Call it on tokens for logits; `longflow_jax.nnx.generate` generates from it.
+    existing ones. Call it on tokens for logits; `longflow_jax.generate(decoder, prompt_ids,
+    prompt_lengths, ...)` generates from it (`params_and_config`).
     """
 
     def __init__(self, config: ModelConfig, *, rngs: nnx.Rngs):
@@ -255,18 +256,12 @@ class Decoder(nnx.Module):
         """`model.py`'s params pytree of this module's arrays (the same arrays, not copies)."""
         return _values(self.param_variables())
 
+    def params_and_config(self) -> tuple[dict, ModelConfig]:
+        """(params(), config): what `longflow_jax.generate` and `compile_generate` run on."""
+        return self.params(), self.config
+
     def __call__(self, tokens):
         """Causal forward over right-padded tokens [B, T] -> float32 logits [B, T, V] (`model.forward`)."""
         params = self.params()
         hidden, _ = forward(params, self.config, tokens)
         return logits_from_hidden(params, self.config, hidden)
-
-
-def generate(decoder: Decoder, prompt_ids, prompt_lengths, **options):
-    """`longflow_jax.generate` on a Decoder's weights: the same options and the same output.
-
-    Works eagerly and inside `nnx.jit` (bind the options with functools.partial: they are static).
-    """
-    if not isinstance(decoder, Decoder):
-        raise ValueError(f"decoder must be a longflow_jax.nnx.Decoder, got {type(decoder).__name__}")
-    return generate_from_params(decoder.params(), decoder.config, prompt_ids, prompt_lengths, **options)

@@ -1,7 +1,9 @@
 """longflow_jax.nnx: the Decoder runs the functional core on its own weights (logits, greedy tokens,
-from a checkpoint, split/merge), the attention layer matches the functional decode attention step by
-step, the partition specs follow the Megatron layout, and the README's Flax example runs."""
+`lf.generate(decoder, ...)`, from a checkpoint, split/merge), the attention layer runs the functional
+generate path step by step, the partition specs follow the Megatron layout, and the README's Flax
+example runs."""
 
+import dataclasses
 import functools
 import json
 import os
@@ -18,20 +20,10 @@ from jax.sharding import PartitionSpec as P
 
 import longflow_jax as lf
 import longflow_jax.nnx as lnx
-from longflow_jax import rkv
-from longflow_jax.attention import decode_attention
 from longflow_jax.config import Llama3RopeScaling
 from longflow_jax.convert import FORMAT_VERSION, MARKER
-from longflow_jax.kv_cache import layer_from_kept, occupancy, write_token
-from longflow_jax.model import (
-    attention_scale,
-    causal_attention,
-    forward,
-    logits_from_hidden,
-    project_out,
-    project_qkv,
-)
-from longflow_jax.snapkv import prefill_keep_positions
+from longflow_jax.kv_cache import evicted_positions, occupancy
+from longflow_jax.model import forward, logits_from_hidden, mlp, rms_norm
 
 README = os.path.join(os.path.dirname(__file__), "..", "README.md")
 
@@ -75,23 +67,42 @@ def test_decoder_logits_and_greedy_tokens_equal_the_functional_path(family):
     ids, lengths = make_prompts(config, [11, 6], seed=2)
     logits = logits_of(decoder, jnp.asarray(ids))
     np.testing.assert_allclose(logits, reference_logits(params, config, ids), rtol=1e-5, atol=1e-5)
-    want = lf.generate(
-        params, config, ids, lengths, max_new_tokens=6
-    )  # the policies: test_generate_under_nnx_jit
-    got = lnx.generate(decoder, ids, lengths, max_new_tokens=6)
+    want = lf.generate(params, config, ids, lengths, max_new_tokens=6)  # policies: the next test
+    got = lf.generate(decoder, ids, lengths, max_new_tokens=6)
     np.testing.assert_array_equal(got.tokens, want.tokens)
 
 
-def test_generate_under_nnx_jit():
+def test_generate_and_compile_generate_on_a_decoder_under_nnx_jit():
     config = FAMILIES["qwen3"]
     params = lf.init_random_params(config, seed=1, scale=0.2)
+    decoder = lnx.Decoder.from_params(config, params)
     ids, lengths = make_prompts(config, [11, 6], seed=2)
-    want = lf.generate(params, config, ids, lengths, max_new_tokens=6)
-    got = nnx.jit(functools.partial(lnx.generate, max_new_tokens=6))(
-        lnx.Decoder.from_params(config, params), ids, lengths
+    options = dict(
+        max_new_tokens=8,
+        compression=lf.CompressionConfig("longflow", budget=8, snapkv_window=3),
+        return_debug=True,
     )
-    np.testing.assert_array_equal(got.tokens, want.tokens)
-    np.testing.assert_array_equal(got.lengths, want.lengths)
+    want = lf.generate(params, config, ids, lengths, **options)
+    assert (np.asarray(want.evicted_positions) >= 0).any()  # the budget evicted
+    jitted = nnx.jit(functools.partial(lf.generate, **options))(decoder, ids, lengths)
+    run, _ = lf.compile_generate(decoder, batch=2, prompt_len=11, **options)
+    for got in (jitted, run(decoder, ids, lengths)):
+        for field in ("tokens", "lengths", "evicted_positions"):
+            np.testing.assert_array_equal(getattr(got, field), getattr(want, field))
+    other = lnx.Decoder.from_params(dataclasses.replace(config, rope_theta=5e3), params)
+    with pytest.raises(ValueError, match="compiled for ModelConfig"):
+        run(other, ids, lengths)
+
+
+def test_generate_refuses_what_is_neither_params_nor_a_model():
+    config = FAMILIES["qwen3"]
+    ids, lengths = make_prompts(config, [3], seed=0)
+    with pytest.raises(ValueError, match=r"a model with params_and_config\(\).*got dict"):
+        lf.generate({}, ids, lengths, max_new_tokens=2)
+    with pytest.raises(ValueError, match="prompt_lengths is missing"):
+        lf.generate(lf.init_random_params(config), config, ids, max_new_tokens=2)
+    with pytest.raises(ValueError, match="got NoneType"):
+        lf.compile_generate(None, batch=1, prompt_len=3, max_new_tokens=2)
 
 
 def test_from_checkpoint_restores_the_converted_params(tmp_path):
@@ -142,63 +153,81 @@ def attention_weights(att):
 
 prefill_of = nnx.jit(lnx.CompressedAttention.prefill, static_argnums=4)
 decode_of = nnx.jit(lnx.CompressedAttention.decode)
+functional_prefill = jax.jit(lf.prefill, static_argnums=(1, 4, 5))
+functional_decode = jax.jit(lf.decode_step, static_argnames=("config", "compression"))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compression", "capacity"))
-def reference_prefill(layer, x, positions, lengths, *, config, compression, capacity):
-    """The core's prefill of one attention layer: (output [B, P, Dm], LayerCache)."""
-    q, k, v = project_qkv(layer, config, x, positions)
-    out = project_out(layer, config, causal_attention(q, k, v, attention_scale(config)))
-    groups = 1 if compression.granularity == "sequence" else config.num_kv_heads
-    if compression.policy == "rkv":
-        return out, rkv.prefill_layer(q, k, v, lengths, compression.budget, capacity, groups)
-    c = compression
-    kept = prefill_keep_positions(q, k, lengths, capacity, c.snapkv_window, c.snapkv_pool, groups)
-    return out, layer_from_kept(k, v, kept, capacity)
+@functools.partial(jax.jit, static_argnums=1)
+def layer_logits(params, config, x, attention_out):
+    """The rest of a one-layer decoder after its attention (`model.decoder_layer`), then the head."""
+    layer, eps = params["layers"][0], config.rms_norm_eps
+    x = x + attention_out
+    x = x + mlp(layer, rms_norm(x, layer["post_norm"], eps))
+    return logits_from_hidden(params, config, rms_norm(x, params["final_norm"], eps))
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compression"))
-def reference_decode(layer, cache, token, pos, key, *, config, compression):
-    """The core's decode step of one attention layer: (output [B, 1, Dm], LayerCache)."""
-    q, k, v = project_qkv(layer, config, token, pos[:, None])
-    cache = write_token(cache, k[:, 0], v[:, 0], pos)
-    scale = attention_scale(config)
-    attn, cache = decode_attention(q[:, 0], cache, pos, scale, compression, "reference", key)
-    return project_out(layer, config, attn[:, None]), cache
+def assert_same_cache(got, want):
+    """The same LayerCache: fields (kv_quant and its group included), dtypes and values."""
+    assert jax.tree.structure(got) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        assert a.dtype == b.dtype
+        np.testing.assert_allclose(np.asarray(a, np.float32), np.asarray(b, np.float32), atol=1e-5)
+
+
+FULL_INT8 = lf.CompressionConfig("full", kv_quant="int8", kv_quant_group=8)
 
 
 @pytest.mark.parametrize(
-    "compression",
+    "compression, functional",
     [
-        lf.CompressionConfig(policy="longflow", budget=8, snapkv_window=3),
-        lf.CompressionConfig(policy="h2o", budget=8, granularity="kv_head", snapkv_window=3),
-        lf.CompressionConfig(policy="rkv", budget=10, rkv_buffer=3),
+        (lf.CompressionConfig("longflow", budget=8, snapkv_window=3), None),
+        (lf.CompressionConfig("h2o", budget=8, granularity="kv_head", snapkv_window=3), None),
+        (lf.CompressionConfig("rkv", budget=10, rkv_buffer=3), None),
+        (
+            lf.CompressionConfig("longflow", budget=8, snapkv_window=3, kv_quant="int4", kv_quant_group=4),
+            None,
+        ),
+        # a budget that holds the prompt and every new token is the full cache (h2o's scores stay 0)
+        (lf.CompressionConfig("h2o", budget=18), lf.CompressionConfig("full")),
+        (lf.CompressionConfig("rkv", budget=30, kv_quant="int8", kv_quant_group=8), FULL_INT8),
     ],
-    ids=lambda c: c.policy,
+    ids=["longflow", "h2o", "rkv", "longflow-int4", "h2o-fits", "rkv-int8-fits"],
 )
-def test_attention_layer_matches_the_functional_decode_attention(compression):
-    config, batch, prompt, steps = FAMILIES["qwen3"], 2, 12, 6
+def test_attention_layer_runs_the_functional_generate_path(compression, functional):
+    """A one-layer model around the attention layer gives `lf.prefill` / `lf.decode_step`'s logits,
+    caches and evict decisions, greedy step by step. functional: the policy those run under (None:
+    the layer's own)."""
+    functional = functional or compression
+    config, prompt, steps = dataclasses.replace(FAMILIES["qwen3"], num_layers=1), 12, 6
     att = lnx.CompressedAttention(config, compression=compression, rngs=nnx.Rngs(3))
-    layer = attention_weights(att)
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(batch, prompt + steps, 32)), jnp.float32)
-    lengths = jnp.asarray([prompt, 7], jnp.int32)
-    positions = jnp.broadcast_to(jnp.arange(prompt), (batch, prompt))
-    static = dict(config=config, compression=compression)
+    params = lf.init_random_params(config, seed=1, scale=0.2)
+    params["layers"][0].update(attention_weights(att))
+    embed, input_norm = params["embed"], params["layers"][0]["input_norm"]
+    normed = lambda x: rms_norm(x, input_norm, config.rms_norm_eps)
+    ids, lengths = make_prompts(config, [prompt, 7], seed=2)
+    positions = jnp.broadcast_to(jnp.arange(prompt), (2, prompt))
 
-    out = prefill_of(att, x[:, :prompt], positions, lengths, steps)
-    capacity = generate_module.buffer_capacity(compression, prompt, steps)
-    want, cache = reference_prefill(layer, x[:, :prompt], positions, lengths, capacity=capacity, **static)
-    np.testing.assert_allclose(out, want, atol=1e-5)
+    capacity = generate_module.buffer_capacity(functional, prompt, steps)
+    cache, want = functional_prefill(params, config, ids, lengths, functional, capacity)
+    x = embed[ids]
+    out = prefill_of(att, normed(x), positions, lengths, steps)
+    last = jnp.take_along_axis(layer_logits(params, config, x, out), (lengths - 1)[:, None, None], 1)[:, 0]
+    np.testing.assert_allclose(last, want, atol=1e-4)
+    assert att.cache_compression == functional
+    assert_same_cache(att.cache.get_value(), cache.layers[0])
     for step in range(steps):
-        pos, key, token = lengths + step, jax.random.PRNGKey(step), x[:, prompt + step][:, None]
-        out = decode_of(att, token, pos, key)
-        want, cache = reference_decode(layer, cache, token, pos, key, **static)
-        np.testing.assert_allclose(out, want, atol=1e-5)
-        held = att.cache.get_value()
-        np.testing.assert_array_equal(held.slot_pos, cache.slot_pos)
-        np.testing.assert_array_equal(held.evict_slot, cache.evict_slot)
-        np.testing.assert_allclose(held.score, cache.score, atol=1e-5)
-    assert (np.asarray(occupancy(cache)) < lengths + steps).all()  # every row dropped tokens
+        token, pos = jnp.argmax(want, axis=-1), lengths + step
+        evicting = evicted_positions(att.cache.get_value())
+        want, cache, evicted = functional_decode(
+            params, config, cache, token, pos, jax.random.PRNGKey(0), compression=functional
+        )
+        x = embed[token][:, None]
+        got = layer_logits(params, config, x, decode_of(att, normed(x), pos))[:, 0]
+        np.testing.assert_allclose(got, want, atol=1e-4)
+        np.testing.assert_array_equal(evicting, evicted[0])
+        assert_same_cache(att.cache.get_value(), cache.layers[0])
+    dropped = np.asarray(occupancy(cache.layers[0])) < lengths + steps
+    assert dropped.all() if functional.policy != "full" else not dropped.any()
 
 
 def test_full_cache_decode_under_nnx_jit_equals_one_causal_pass():
