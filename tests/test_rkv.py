@@ -66,16 +66,17 @@ def _keys_with_repeats(rng, batch, n):
     return k
 
 
-@pytest.mark.parametrize("groups", [1, HKV])
-def test_kept_slots_match_numpy(groups):
+@pytest.mark.parametrize("groups, similarity_rows", [(1, 256), (HKV, 256), (HKV, 5)])
+def test_kept_slots_match_numpy(groups, similarity_rows, monkeypatch):
+    """Also with the similarity matrix built a few rows at a time (5 rows: the last chunk padded)."""
+    monkeypatch.setattr(rkv, "SIMILARITY_ROWS", similarity_rows)
+    select = jax.jit(lambda q, k, n: rkv.kept_slots(q, k, n, budget, groups))  # traced with the patch
     rng = np.random.default_rng(groups)
     batch, n, budget = 3, 26, 14
     k = _keys_with_repeats(rng, batch, n)
     queries = 2 * rng.standard_normal((batch, W, HQ, D))
     filled = np.array([26, 21, 17])
-    got = np.asarray(
-        kept_slots(jnp.asarray(queries, jnp.float32), jnp.asarray(k, jnp.float32), filled, budget, groups)
-    )
+    got = np.asarray(select(jnp.asarray(queries, jnp.float32), jnp.asarray(k, jnp.float32), filled))
     assert got.shape == (batch, groups, budget)
     for b in range(batch):
         want = numpy_rkv(queries[b], k[b, :, : filled[b]], budget, groups)
