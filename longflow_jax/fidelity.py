@@ -18,7 +18,7 @@ import json
 import os
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
 
 import jax
 import numpy as np
@@ -203,7 +203,8 @@ def run(args) -> None:
             done = _finished_rows(args.output, settings) if args.resume else []
             finished = {run_key(r) for r in done}
             todo = [run for run in runs if run not in finished]
-            rows = done + (measure(args, todo, settings) if todo else [])
+            new_rows, failed = measure(args, todo, settings) if todo else ([], [])
+            rows = done + new_rows
     finally:
         jax.config.update("jax_default_matmul_precision", precision)
     full_correct = np.mean(list({id_key(r["id"]): r["full_correct"] for r in rows}.values()) or [0.0])
@@ -214,6 +215,8 @@ def run(args) -> None:
             f.write(text + "\n")
     if args.plot:
         plot(rows, runs, args.plot)
+    if failed:
+        raise ValueError(f"{len(failed)} run(s) failed ({', '.join(failed)}); --resume reruns only them")
 
 
 def _settings_note(args, rows) -> str:
@@ -240,9 +243,9 @@ def _finished_rows(path: str, settings: dict) -> list[dict]:
     return rows
 
 
-def measure(args, runs, settings) -> list[dict]:
-    """The rows of `runs`, appended to --output run by run; with --time-limit, runs not yet started
-    when it has passed are left for a later --resume."""
+def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
+    """The rows of `runs`, appended to --output run by run, and the names of the runs that failed; with
+    --time-limit, runs not yet started when it has passed are left for a later --resume."""
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
     problems = problems[: args.limit]
@@ -321,14 +324,23 @@ def measure(args, runs, settings) -> list[dict]:
         )
         return new_rows
 
-    rows = []
+    rows, failed = [], []
     # Runs in threads overlap one run's compile and host-side loop control with another's device work:
-    # a small model's decode step is bound by kernel launches, not by the device.
+    # a small model's decode step is bound by kernel launches, not by the device. Each run's rows are
+    # written as it finishes, and a run that fails (out of device memory, say) leaves the others' rows.
     with open(args.output, "ab" if args.resume else "wb") as f, ThreadPoolExecutor(args.jobs) as pool:
-        for new_rows in pool.map(measure_run, runs):
+        futures = {pool.submit(measure_run, run): run for run in runs}
+        for future in as_completed(futures):
+            policy, granularity, budget, kv_quant = futures[future]
+            try:
+                new_rows = future.result()
+            except Exception as e:  # noqa: BLE001 - reported, and the run is left for --resume
+                failed.append(f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}")
+                runner.report(f"{failed[-1]} failed: {type(e).__name__}: {e}", PROG)
+                continue
             append_lines(f, new_rows)
             rows += new_rows
-    return rows
+    return rows, failed
 
 
 def main(argv=None) -> int:

@@ -79,6 +79,30 @@ def test_quantized_runs_are_their_own_rows(tmp_path, chat_ckpt):
     assert "| full@int2 | all |" in table and "| longflow@int8 | 256 |" in table
 
 
+def test_a_failing_run_keeps_the_others_and_resume_reruns_it(tmp_path, chat_ckpt, monkeypatch, capsys):
+    from longflow_jax import fidelity
+
+    real = fidelity.score_trajectory
+
+    def fails_for_h2o(*args, compression, **kwargs):
+        if compression.policy == "h2o":
+            raise RuntimeError("RESOURCE_EXHAUSTED: out of memory")
+        return real(*args, compression=compression, **kwargs)
+
+    monkeypatch.setattr(fidelity, "score_trajectory", fails_for_h2o)
+    code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "h2o,streaming", "--budgets", "8")
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "h2o budget 8 failed: RuntimeError: RESOURCE_EXHAUSTED" in err and "--resume reruns" in err
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert {r["policy"] for r in rows} == {"streaming"} and len(rows) == len(PROBLEMS)
+    monkeypatch.setattr(fidelity, "score_trajectory", real)
+    code, _ = run_fidelity(tmp_path, chat_ckpt, "--policies", "h2o,streaming", "--budgets", "8", "--resume")
+    assert code == 0
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["policy"] for r in rows) == ["h2o"] * len(PROBLEMS) + ["streaming"] * len(PROBLEMS)
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
