@@ -5,20 +5,25 @@ softmax, t = logit + log ||v||_1 per slot and query head, so that head h's impor
 exp(t - m_h) / l_h once the split partials are merged: no second pass over K/V, no host sync. Bodies:
 "triton" (GPU, Pallas' Triton backend) and "mosaic" (TPU), both interpreted on CPU. Slots past kv_len
 are never read and their t never written: the epilogue masks them before any arithmetic.
+With kv_quant the bodies read the quantized payloads and their scales and dequantize in registers (no
+dequantized copy of the buffer exists): q dots the exact integer (or fp8) codes and the per-slot scales
+multiply the products, so the logits keep float32 accuracy; values are rebuilt in float32 per tile.
 Contract: contract.py; design and measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from pallas_kernels import contract
+from pallas_kernels import contract, quant
 from pallas_kernels.contract import EMPTY_SLOT_SCORE, is_pow2, next_pow2, num_sms
 from pallas_kernels.reference import evict_argmin, evict_argmin_of_chunks, importance_from_terms
 
@@ -33,6 +38,9 @@ _MIN_DOT = 16  # Triton's tl.dot needs every dimension >= 16.
 
 # GPU defaults, measured with scripts/bench_kernels.py on Hopper (docs/KERNELS.md).
 TRITON_BLOCK_C = 128  # at most; fewer where a K or V tile would pass TRITON_TILE_BYTES
+# With kv_quant the float32 V slices rebuilt per block live in registers: built for sm_90 (D 128, 4 warps),
+# 64-slot blocks keep them without spills at groups >= 32, 128-slot blocks spill (docs/KERNELS.md).
+TRITON_QUANT_BLOCK_C = 64
 TRITON_TILE_BYTES = 32 << 10  # K + V tiles x 2 stages = 128 KiB of shared memory (H100: 227 KiB)
 TRITON_NUM_WARPS = 4
 TRITON_NUM_STAGES = 2
@@ -96,18 +104,19 @@ def _default_num_splits(backend: str, batch: int, num_kv_heads: int, num_blocks:
     return splits
 
 
-def _softmax_block(s, valid, m_prev, l_prev, acc_prev, v, pv_dot):
-    """One online-softmax step over a block of slots (shared by both kernel bodies).
+def _softmax_block(s, valid, m_prev, l_prev, acc_prev, v_parts, pv_dot):
+    """One online-softmax step over a block of slots (the GPU body's).
 
     s [G, N] scaled logits (already MASK_VALUE where invalid), valid [1|G, N] bool, m/l [G, 1]-broadcastable
-    running max and sum, acc [G, D]. Returns (m_new, l_new, acc_new) with shapes of the inputs.
+    running max and sum, acc a tuple of [G, w] column slices of the output, v_parts the matching [N, w]
+    slices of V. Returns (m_new, l_new, acc_new) with shapes of the inputs.
     """
     m_new = jnp.maximum(m_prev, jnp.max(s, axis=1, keepdims=True))
     # Invalid slots are zeroed explicitly: with m_new still MASK_VALUE (nothing valid yet) exp(0) = 1.
     p = jnp.where(valid, jnp.exp(s - m_new), 0.0)
     correction = jnp.exp(m_prev - m_new)
     l_new = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
-    acc_new = correction * acc_prev + pv_dot(p.astype(v.dtype), v)
+    acc_new = tuple(correction * acc + pv_dot(p.astype(v.dtype), v) for acc, v in zip(acc_prev, v_parts))
     return m_new, l_new, acc_new
 
 
@@ -117,15 +126,67 @@ def _dot_precision(dtype):
     return lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
+@dataclasses.dataclass(frozen=True)
+class _Layout:
+    """How a K/V row is stored: floats in q's dtype (kind None), or a kv_quant payload of `planes` planes of
+    `width` bytes (quant.py), with one scale (and zero point) per `group` elements."""
+
+    kind: str | None
+    head_dim: int
+    group: int
+
+    @property
+    def planes(self) -> int:
+        return 1 if self.kind is None else quant.codes_per_byte(self.kind)
+
+    @property
+    def width(self) -> int:
+        return self.head_dim // self.planes
+
+    @property
+    def num_groups(self) -> int:
+        return self.head_dim // self.group
+
+    @property
+    def zero_points(self) -> bool:
+        return self.kind is not None and quant.has_zero_point(self.kind)
+
+    @property
+    def num_scale_arrays(self) -> int:  # KVScales' arrays: scales, and zero points for int4 / int2
+        return 0 if self.kind is None else 4 if self.zero_points else 2
+
+    @property
+    def piece(self) -> int:
+        """Columns of one GPU piece: a slice of one plane under one scale."""
+        return min(self.group, self.width)
+
+    def pieces(self):
+        """The GPU body's column slices in store order: (payload column, plane, first element, group)."""
+        return [
+            (col, plane, plane * self.width + col, (plane * self.width + col) // self.group)
+            for col in range(0, self.width, self.piece)
+            for plane in range(self.planes)
+        ]
+
+    def codes(self, payload, plane: int):
+        """Plane `plane` of a payload tile as float32 codes: integers or fp8 values, exact in q's dtype."""
+        if self.planes == 1:
+            return payload.astype(jnp.float32)
+        bits = 8 // self.planes
+        # Shifted as int32: Mosaic has no 8-bit vector shifts.
+        codes = (payload.astype(jnp.int32) >> (plane * bits)) & ((1 << bits) - 1)
+        return codes.astype(jnp.float32)
+
+
 # Triton (GPU) body.
 
 
 def _triton_kernel(
     q_ref,  # [Hq, D]          this sequence's queries
-    k_ref,  # [C, D]           this (sequence, KV head)'s keys
+    k_ref,  # [C, D]           this (sequence, KV head)'s keys (with kv_quant: the payload [C, D / planes])
     v_ref,  # [C, D]
     valid_ref,  # [C] bool
-    *refs,  # kv_len_ref (a scalar: this sequence's bound) if bounded, then the outputs
+    *refs,  # with kv_quant the scale refs [C, D / group]; kv_len_ref (a scalar) if bounded; the outputs
     scale: float,
     block_c: int,
     blocks_per_split: int,
@@ -136,7 +197,9 @@ def _triton_kernel(
     compute_evict: bool,
     finalize: bool,
     precision,
+    layout: _Layout,
 ):
+    scale_refs, refs = refs[: layout.num_scale_arrays], refs[layout.num_scale_arrays :]
     if bounded:
         kv_len_ref, *out_refs = refs
     else:
@@ -153,7 +216,11 @@ def _triton_kernel(
     # The GQA group's rows, padded to a tl.dot-sized tile; padded rows load zeros and are never stored.
     rows = pl.ds(kv_head * group, group_pad)
     row_ok = (jnp.arange(group_pad) < group)[:, None]
-    q = _gpu_load(q_ref.at[rows, :], mask=row_ok, other=0.0)
+    pieces, width = layout.pieces(), layout.piece
+    # q in the column slices the quantized tiles come in (one slice, all of q, without kv_quant).
+    q_parts = [
+        _gpu_load(q_ref.at[rows, pl.ds(first, width)], mask=row_ok, other=0.0) for *_, first, _ in pieces
+    ]
     split_slots = blocks_per_split * block_c
     first_slot = split * split_slots
     ragged = num_slots % block_c != 0
@@ -175,7 +242,9 @@ def _triton_kernel(
 
     # ||v||_1 of every slot, in the logits' [group_pad, block_c] layout: a ones-row matmul against |v|
     # on the tensor cores (a row sum over D would be a cross-thread reduction plus a relayout per block).
-    ones = jnp.ones((group_pad, head_dim), v_ref.dtype) if compute_evict else None
+    ones = jnp.ones((group_pad, head_dim), v_ref.dtype) if compute_evict and layout.kind is None else None
+    # sum(q) per slice, for the zero points' term of the logits.
+    q_sums = [jnp.sum(q.astype(jnp.float32), axis=1, keepdims=True) for q in q_parts]
 
     def body(j, carry):
         m, denom, acc = carry
@@ -188,19 +257,28 @@ def _triton_kernel(
         in_buffer = slot_ids < num_slots if ragged else None
         in_range = slot_ids < kv_len if bounded else in_buffer
         row_mask = None if in_range is None else in_range[:, None]
-        k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
-        v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
+        if layout.kind is None:
+            k = _gpu_load(k_ref.at[slots, :], mask=row_mask, other=0.0)
+            v = _gpu_load(v_ref.at[slots, :], mask=row_mask, other=0.0)
         valid = _gpu_load(valid_ref.at[slots], mask=in_buffer, other=False)
         if bounded:
             valid = valid & in_range
         valid = valid[None, :]
-        s = dot_t(q, k) * scale
+        if layout.kind is None:
+            logits, v_parts = dot_t(q_parts[0], k), (v,)
+        else:
+            loads = _TritonTileLoads(slots, row_mask, in_range, width)
+            logits, v_parts, vnorm = _triton_dequantized_block(
+                layout, q_parts, q_sums, k_ref, v_ref, scale_refs, loads, dot_t, compute_evict
+            )
+        s = logits * scale
         s = jnp.where(valid, s, MASK_VALUE)
-        m, denom, acc = _softmax_block(s, valid, m, denom, acc, v, pv_dot)
+        m, denom, acc = _softmax_block(s, valid, m, denom, acc, v_parts, pv_dot)
         if compute_evict:
             # ||v||_1 = 0 (also V rows past kv_len, loaded as zeros) gives t = -inf, a zero term. Blocks
             # past kv_len are never written; the epilogue selects those slots away.
-            vnorm = dot_t(ones, jnp.abs(v))
+            if layout.kind is None:
+                vnorm = dot_t(ones, jnp.abs(v))
             out_mask = row_ok if in_buffer is None else row_ok & in_buffer[None, :]
             _gpu_store(t_ref.at[rows, slots], s + jnp.log(vnorm), mask=out_mask)
 
@@ -208,16 +286,74 @@ def _triton_kernel(
 
     m0 = jnp.full((group_pad, 1), MASK_VALUE, jnp.float32)
     l0 = jnp.zeros((group_pad, 1), jnp.float32)
-    acc0 = jnp.zeros((group_pad, head_dim), jnp.float32)
+    acc0 = tuple(jnp.zeros((group_pad, width), jnp.float32) for _ in pieces)
     m, denom, acc = lax.fori_loop(0, num_blocks, body, (m0, l0, acc0))
-    if finalize:
-        out = acc / jnp.where(denom > 0.0, denom, 1.0)
-        _gpu_store(o_ref.at[rows, :], out.astype(o_ref.dtype), mask=row_ok)
-    else:
-        _gpu_store(o_ref.at[rows, :], acc, mask=row_ok)
+    for (*_, first, _), part in zip(pieces, acc):
+        cols = pl.ds(first, width)
+        if finalize:
+            out = part / jnp.where(denom > 0.0, denom, 1.0)
+            _gpu_store(o_ref.at[rows, cols], out.astype(o_ref.dtype), mask=row_ok)
+        else:
+            _gpu_store(o_ref.at[rows, cols], part, mask=row_ok)
     if m_ref is not None:
         _gpu_store(m_ref.at[rows], m[:, 0], mask=row_ok[:, 0])
         _gpu_store(l_ref.at[rows], denom[:, 0], mask=row_ok[:, 0])
+
+
+@dataclasses.dataclass(frozen=True)
+class _TritonTileLoads:
+    """One block's loads from a quantized buffer: payload column slices and per-slot scales."""
+
+    slots: Any
+    row_mask: Any  # [N, 1] bool or None: kv_len and the buffer's end
+    in_range: Any  # [N] bool or None
+    width: int
+
+    def payload(self, ref, col: int):  # [N, width] bytes
+        zero = 0.0 if jnp.issubdtype(ref.dtype, jnp.floating) else 0  # fp8: no int-to-fp8 cast on GPUs
+        return _gpu_load(ref.at[self.slots, pl.ds(col, self.width)], mask=self.row_mask, other=zero)
+
+    def scales(self, ref, group: int):  # [N] f32; zero past the bound, so no garbage scale enters
+        # The column as an int32 scalar: interpret mode's load takes no Python int index beside a slice.
+        return _gpu_load(ref.at[self.slots, jnp.int32(group)], mask=self.in_range, other=0.0)
+
+
+def _triton_dequantized_block(layout, q_parts, q_sums, k_ref, v_ref, scale_refs, loads, dot_t, compute_evict):
+    """Logits [G, N], V's column slices in q's dtype and ||v||_1 [1, N] of one block of a quantized buffer.
+
+    Per slice under one scale s (and zero point z) per slot: q . (codes * s + z) = (q . codes) * s +
+    sum(q) * z, with the codes exact in q's dtype, so the logits keep the float32 reference's accuracy.
+    V is rebuilt in float32 per slice, and ||v||_1 is its float32 row sum.
+    """
+    ks_ref, kz_ref, vs_ref, vz_ref = (
+        scale_refs if layout.zero_points else (scale_refs[0], None, scale_refs[1], None)
+    )
+    dtype = q_parts[0].dtype
+    scales = {}  # (array, group) -> [N]: a scale shared by several slices is loaded once
+
+    def scale_of(name, ref, group):
+        if (name, group) not in scales:
+            scales[name, group] = loads.scales(ref, group)
+        return scales[name, group]
+
+    logits, v_parts, vnorm = 0.0, [], 0.0
+    k_bytes = v_bytes = None
+    for q_part, q_sum, (col, plane, _, group) in zip(q_parts, q_sums, layout.pieces()):
+        if plane == 0:  # the planes of one column slice share its bytes
+            k_bytes, v_bytes = loads.payload(k_ref, col), loads.payload(v_ref, col)
+        part = (
+            dot_t(q_part, layout.codes(k_bytes, plane).astype(dtype)) * scale_of("ks", ks_ref, group)[None, :]
+        )
+        if kz_ref is not None:
+            part = part + q_sum * scale_of("kz", kz_ref, group)[None, :]
+        logits = logits + part
+        v = layout.codes(v_bytes, plane) * scale_of("vs", vs_ref, group)[:, None]
+        if vz_ref is not None:
+            v = v + scale_of("vz", vz_ref, group)[:, None]
+        v_parts.append(v.astype(dtype))
+        if compute_evict:
+            vnorm = vnorm + jnp.sum(jnp.abs(v), axis=1)
+    return logits, tuple(v_parts), vnorm[None, :] if compute_evict else None
 
 
 def _gpu_load(ref, *, mask=None, other=None):
@@ -243,10 +379,12 @@ def _gpu_dot(a, b, *, trans_b=False, precision=None):
 
 
 def _triton_call(
-    q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages
-):
+    q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages,
+    layout=None, scales=(),
+):  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
-    _, num_kv_heads, num_slots, _ = k.shape
+    _, num_kv_heads, num_slots, row = k.shape
+    layout = layout or _Layout(None, head_dim, head_dim)
     group = num_q_heads // num_kv_heads
     group_pad = max(_MIN_DOT, next_pow2(group))
     num_blocks = pl.cdiv(num_slots, block_c)
@@ -257,11 +395,14 @@ def _triton_call(
     per_seq_q = pl.BlockSpec((None, num_q_heads, head_dim), lambda b, h, s: (b, 0, 0))
     in_specs = [
         per_seq_q,
-        pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h, s: (b, h, 0, 0)),
-        pl.BlockSpec((None, None, num_slots, head_dim), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, num_slots, row), lambda b, h, s: (b, h, 0, 0)),
+        pl.BlockSpec((None, None, num_slots, row), lambda b, h, s: (b, h, 0, 0)),
         pl.BlockSpec((None, num_slots), lambda b, h, s: (b, 0)),
     ]
-    inputs = [q, k, v, kv_valid]
+    in_specs += [
+        pl.BlockSpec((None, None, num_slots, layout.num_groups), lambda b, h, s: (b, h, 0, 0))
+    ] * len(scales)
+    inputs = [q, k, v, kv_valid, *scales]
     if kv_len is not None:
         in_specs.append(pl.BlockSpec((None,), lambda b, h, s: (b,)))
         inputs.append(kv_len)
@@ -291,6 +432,7 @@ def _triton_call(
         compute_evict=compute_evict,
         finalize=finalize,
         precision=_dot_precision(q.dtype),
+        layout=layout,
     )
     from jax.experimental.pallas import triton as plgpu
 
@@ -465,18 +607,21 @@ def _lane_fit(x, width: int):
 
 def _mosaic_kernel(
     kv_len_ref,  # [B] int32 in SMEM (scalar prefetch), clamped to [0, C]
-    q_ref,  # [G, D]
-    k_ref,  # [block_c, D]
+    q_ref,  # [G, D]; with kv_quant q per scale group (_mosaic_grouped_queries)
+    k_ref,  # [block_c, D]; with kv_quant the payload [block_c, D / planes]
     v_ref,  # [block_c, D]
     valid_ref,  # [1, block_c] int32
-    *refs,
+    *refs,  # with kv_quant the scale refs [block_c, D / group] (and q_sum_ref); outputs; scratch
     scale: float,
     block_c: int,
     blocks_per_split: int,
     num_slots: int,
     compute_evict: bool,
     precision,
+    layout: _Layout,
 ):
+    num_quant_refs = layout.num_scale_arrays + layout.zero_points  # the scales, and sum(q) with zero points
+    quant_refs, refs = refs[:num_quant_refs], refs[num_quant_refs:]
     o_ref, m_ref, l_ref = refs[:3]
     m_sc, l_sc, acc_sc = refs[-3:]
     if compute_evict:
@@ -496,10 +641,14 @@ def _mosaic_kernel(
 
     @pl.when(live)
     def _attend():
-        head_dim = q_ref.shape[-1]
-        q = q_ref[...]
-        k = k_ref[...]
-        v = v_ref[...]
+        dtype = q_ref.dtype
+        if layout.kind is None:
+            s = lax.dot_general(
+                q_ref[...], k_ref[...], _TRANS_B, precision=precision, preferred_element_type=jnp.float32
+            )
+            v_parts = [v_ref[...]]
+        else:
+            s, v_parts = _mosaic_dequantized_block(layout, q_ref, k_ref, v_ref, quant_refs, m_sc.shape[0])
         valid = valid_ref[...] != 0
         if num_slots % block_c:
             # The last block runs past C; Pallas pads it with whatever was in VMEM (possibly NaN), so mask
@@ -507,10 +656,9 @@ def _mosaic_kernel(
             start = (split * blocks_per_split + j) * block_c
             lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
             valid = valid & (lane_slot < num_slots)
-            row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, head_dim), 0)
-            v = jnp.where(row_slot < num_slots, v, jnp.zeros_like(v))
+            row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, layout.width), 0)
+            v_parts = [jnp.where(row_slot < num_slots, v, jnp.zeros_like(v)) for v in v_parts]
 
-        s = lax.dot_general(q, k, _TRANS_B, precision=precision, preferred_element_type=jnp.float32)
         s = jnp.where(valid, s * scale, MASK_VALUE)
         m_prev = m_sc[...]  # [G, 128], lane-replicated
         l_prev = l_sc[...]
@@ -519,22 +667,32 @@ def _mosaic_kernel(
         correction = jnp.exp(m_prev - m_new)
         l_sc[...] = correction * l_prev + jnp.sum(p, axis=1, keepdims=True)
         m_sc[...] = m_new
-        pv = lax.dot_general(
-            p.astype(v.dtype),
-            v,
-            (((1,), (0,)), ((), ())),
-            precision=precision,
-            preferred_element_type=jnp.float32,
-        )
-        acc_sc[...] = _lane_fit(correction, head_dim) * acc_sc[...] + pv
+        for plane, v in enumerate(v_parts):
+            pv = lax.dot_general(
+                p.astype(dtype),
+                v.astype(dtype),
+                (((1,), (0,)), ((), ())),
+                precision=precision,
+                preferred_element_type=jnp.float32,
+            )
+            acc_sc[plane] = _lane_fit(correction, layout.width) * acc_sc[plane] + pv
 
         if compute_evict:
             # t = logit + log ||v||_1, as the GPU body stores it. ||v||_1 per slot as a lane vector: a
             # ones-row matmul against |v| (transposed RHS) lands it in the [1, block_c] layout of the
-            # logits' lanes without a sublane->lane relayout.
-            ones = jnp.ones((8, head_dim), v.dtype)
-            vnorm = lax.dot_general(
-                ones, jnp.abs(v), _TRANS_B, precision=precision, preferred_element_type=jnp.float32
+            # logits' lanes without a sublane->lane relayout (float32 and exact for dequantized V).
+            vnorm = functools.reduce(
+                jnp.add,
+                [
+                    lax.dot_general(
+                        jnp.ones((8, layout.width), v.dtype),
+                        jnp.abs(v),
+                        _TRANS_B,
+                        precision=_dot_precision(v.dtype),
+                        preferred_element_type=jnp.float32,
+                    )
+                    for v in v_parts
+                ],
             )
             t_ref[...] = s + jnp.log(vnorm[:1, :])
 
@@ -551,16 +709,92 @@ def _mosaic_kernel(
         l_ref[...] = l_sc[...]
 
 
-def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret):
+def _mosaic_dequantized_block(layout, q_ref, k_ref, v_ref, quant_refs, num_heads: int):
+    """Logits [G, N] and V's planes [N, D / planes] in float32 of one block of a quantized buffer.
+
+    q_ref holds q once per scale group, masked to the group's columns, so one matmul per plane gives every
+    group's q . codes, with the codes exact in q's dtype; the slots' scales, brought to the lanes by a
+    one-hot matmul, weight each group's rows, and the zero points add sum(q) * z. Sub-128-lane slices and
+    8-bit shifts are avoided: planes are whole tiles, shifted as int32. V is rebuilt in float32 per plane,
+    its scales spread over their group's columns by a one-hot matmul.
+    """
+    f32 = jnp.float32
+    exact = dict(precision=lax.Precision.HIGHEST, preferred_element_type=f32)  # one-hot: exact in f32
+    num_groups, (_, stacked, width) = layout.num_groups, q_ref.shape
+    rows = stacked // num_groups
+    if layout.zero_points:
+        ks_ref, kz_ref, vs_ref, vz_ref, q_sum_ref = quant_refs
+    else:
+        (ks_ref, vs_ref), kz_ref, vz_ref = quant_refs, None, None
+    k = k_ref[...]
+    s_all = functools.reduce(
+        jnp.add,
+        [
+            lax.dot_general(
+                q_ref[plane],
+                layout.codes(k, plane).astype(q_ref.dtype),
+                _TRANS_B,
+                precision=_dot_precision(q_ref.dtype),
+                preferred_element_type=f32,
+            )
+            for plane in range(layout.planes)
+        ],
+    )  # [groups * rows, N]: row i * rows + h is head h's q . codes over group i
+    row = lax.broadcasted_iota(jnp.int32, (stacked, num_groups), 0)
+    first = lax.broadcasted_iota(jnp.int32, (stacked, num_groups), 1) * rows
+    spread = ((row >= first) & (row < first + rows)).astype(f32)  # row i * rows + h -> group i
+    weighted = s_all * lax.dot_general(spread, ks_ref[...], _TRANS_B, **exact)
+    s = functools.reduce(jnp.add, [weighted[i * rows : (i + 1) * rows] for i in range(num_groups)])
+    if kz_ref is not None:
+        s = s + lax.dot_general(q_sum_ref[...], kz_ref[...], _TRANS_B, **exact)
+    s = s[:num_heads]
+
+    v = v_ref[...]
+    v_parts = []
+    for plane in range(layout.planes):
+        element = plane * width + lax.broadcasted_iota(jnp.int32, (num_groups, width), 1)
+        first = lax.broadcasted_iota(jnp.int32, (num_groups, width), 0) * layout.group
+        expand = ((element >= first) & (element < first + layout.group)).astype(f32)  # group -> columns
+
+        def spread_cols(ref, expand=expand):
+            return lax.dot_general(ref[...], expand, (((1,), (0,)), ((), ())), **exact)
+
+        part = layout.codes(v, plane) * spread_cols(vs_ref)
+        if vz_ref is not None:
+            part = part + spread_cols(vz_ref)
+        v_parts.append(part)
+    return s, v_parts
+
+
+def _mosaic_grouped_queries(q, layout: _Layout, num_kv_heads: int):
+    """The Mosaic body's queries with kv_quant: [B, Hkv, planes, groups * rows, D / planes], row
+    i * rows + h holding head h's q in scale group i's columns and zeros elsewhere (rows = G rounded up to
+    8, so each group's rows are an aligned sublane slice), and sum(q) per group, [B, Hkv, rows, groups]
+    float32, for the zero points."""
+    batch, num_q_heads, head_dim = q.shape
+    group = num_q_heads // num_kv_heads
+    rows = -(-group // 8) * 8
+    qg = q.reshape(batch, num_kv_heads, group, head_dim)
+    qg = jnp.pad(qg, ((0, 0), (0, 0), (0, rows - group), (0, 0)))
+    owner = jnp.arange(head_dim) // layout.group
+    stacked = jnp.where(owner == jnp.arange(layout.num_groups)[:, None, None], qg[:, :, None], 0)
+    stacked = stacked.reshape(batch, num_kv_heads, layout.num_groups * rows, layout.planes, layout.width)
+    q_sum = qg.astype(jnp.float32).reshape(batch, num_kv_heads, rows, layout.num_groups, layout.group)
+    return stacked.transpose(0, 1, 3, 2, 4), q_sum.sum(-1)
+
+
+def _mosaic_call(
+    q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret, layout, scales
+):
     from jax.experimental.pallas import tpu as pltpu
 
     batch, num_q_heads, head_dim = q.shape
-    _, num_kv_heads, num_slots, _ = k.shape
+    _, num_kv_heads, num_slots, row = k.shape
     group = num_q_heads // num_kv_heads
+    planes, width = layout.planes, layout.width
     num_blocks = pl.cdiv(num_slots, block_c)
     bps = num_blocks // num_splits
     f32 = jnp.float32
-    qg = q.reshape(batch, num_kv_heads, group, head_dim)
     valid_i32 = kv_valid.astype(jnp.int32).reshape(batch, 1, num_slots)
 
     def live_block(b, s, j, kv_len_ref):
@@ -569,25 +803,37 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         last = jnp.maximum(pl.cdiv(kv_len_ref[b], block_c) - 1, 0)
         return jnp.minimum(s * bps + j, last)
 
-    kv_spec = pl.BlockSpec(
-        (None, None, block_c, head_dim), lambda b, h, s, j, n: (b, h, live_block(b, s, j, n), 0)
-    )
+    def slot_spec(columns):
+        return pl.BlockSpec(
+            (None, None, block_c, columns), lambda b, h, s, j, n: (b, h, live_block(b, s, j, n), 0)
+        )
+
+    def per_head_spec(shape):
+        return pl.BlockSpec((None, None, *shape), lambda b, h, s, j, n: (b, h) + (0,) * len(shape))
+
+    if layout.kind is None:
+        q_in, quant_in = q.reshape(batch, num_kv_heads, group, head_dim), []
+    else:
+        q_in, q_sum = _mosaic_grouped_queries(q, layout, num_kv_heads)
+        quant_in = [*scales] + ([q_sum] if layout.zero_points else [])
     in_specs = [
-        pl.BlockSpec((None, None, group, head_dim), lambda b, h, s, j, n: (b, h, 0, 0)),
-        kv_spec,
-        kv_spec,
+        per_head_spec(q_in.shape[2:]),
+        slot_spec(row),
+        slot_spec(row),
         pl.BlockSpec((None, 1, block_c), lambda b, h, s, j, n: (b, 0, live_block(b, s, j, n))),
     ]
+    in_specs += [slot_spec(layout.num_groups)] * len(scales)
+    in_specs += [per_head_spec(x.shape[2:]) for x in quant_in[len(scales) :]]
     # Outputs keep their own block (no clamping): a skipped block writes its defined empty values to
     # its own slots, never over a live block's.
     stat_spec = pl.BlockSpec((None, None, None, group, _LANES), lambda b, h, s, j, n: (b, h, s, 0, 0))
     out_shape = [
-        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, head_dim), f32),
+        jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, planes, group, width), f32),
         jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
         jax.ShapeDtypeStruct((batch, num_kv_heads, num_splits, group, _LANES), f32),
     ]
     out_specs = [
-        pl.BlockSpec((None, None, None, group, head_dim), lambda b, h, s, j, n: (b, h, s, 0, 0)),
+        pl.BlockSpec((None, None, None, planes, group, width), lambda b, h, s, j, n: (b, h, s, 0, 0, 0)),
         stat_spec,
         stat_spec,
     ]
@@ -605,6 +851,7 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         num_slots=num_slots,
         compute_evict=compute_evict,
         precision=_dot_precision(q.dtype),
+        layout=layout,
     )
     grid_spec = pltpu.PrefetchScalarGridSpec(
         num_scalar_prefetch=1,  # kv_len: read by the index maps and the kernel
@@ -614,7 +861,7 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         scratch_shapes=[
             pltpu.VMEM((group, _LANES), f32),
             pltpu.VMEM((group, _LANES), f32),
-            pltpu.VMEM((group, head_dim), f32),
+            pltpu.VMEM((planes, group, width), f32),
         ],
     )
     outs = pl.pallas_call(
@@ -624,9 +871,9 @@ def _mosaic_call(q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compu
         compiler_params=params_cls(dimension_semantics=("parallel", "parallel", "parallel", "arbitrary")),
         interpret=interpret,
         name="longflow_decode_mosaic",
-    )(kv_len, qg, k, v, valid_i32)
+    )(kv_len, q_in, k, v, valid_i32, *quant_in)
     # To the Triton body's layouts: partials [S, B, Hq, D], stats [S, B, Hq], t [B, Hq, C].
-    o_part = outs[0].transpose(2, 0, 1, 3, 4).reshape(num_splits, batch, num_q_heads, head_dim)
+    o_part = outs[0].transpose(2, 0, 1, 4, 3, 5).reshape(num_splits, batch, num_q_heads, head_dim)
 
     def stat(x):
         return x[..., 0].transpose(2, 0, 1, 3).reshape(num_splits, batch, num_q_heads)
@@ -661,12 +908,13 @@ def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "granularity", "compute_evict", "block_c", "num_splits", "backend", "interpret", "num_warps",
-    "num_stages",
+    "scale", "kv_quant", "granularity", "compute_evict", "block_c", "num_splits", "backend", "interpret",
+    "num_warps", "num_stages",
 ))  # fmt: skip
 def longflow_decode_attention(
-    q, k_cache, v_cache, kv_valid, *, scale, kv_len=None, granularity="sequence", compute_evict=True,
-    block_c=None, num_splits=None, backend=None, interpret=None, num_warps=None, num_stages=None,
+    q, k_cache, v_cache, kv_valid, *, scale, kv_len=None, kv_quant=None, kv_scales=None,
+    granularity="sequence", compute_evict=True, block_c=None, num_splits=None, backend=None, interpret=None,
+    num_warps=None, num_stages=None,
 ):  # fmt: skip
     """Decode attention + LongFlow importance + evict slot in one pass over the KV buffer.
 
@@ -676,10 +924,15 @@ def longflow_decode_attention(
       scale: softmax scale (a Python float; static).
       kv_len: optional integer [B] (traced), clamped to [0, C]: slot c of row b takes part iff
         kv_valid[b, c] and c < kv_len[b]; no block that starts past it is read. None: no bound.
+      kv_quant, kv_scales: a quantized buffer (static kind in quant.KV_QUANT_KINDS, and a quant.KVScales):
+        k_cache and v_cache are then the payloads [B, Hkv, C, D / codes a byte] and q is in the keys'
+        basis (contract.check_decode_inputs). The bodies dequantize in registers. The Triton body needs
+        min(group, D / codes a byte) to be a power of two >= 16.
       granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
       block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
-        would pass 32 KiB). Mosaic: multiple of 128 or C (default min(512, C)). The tail is masked.
+        would pass 32 KiB or with kv_quant). Mosaic: multiple of 128 or C (default min(512, C)). The tail
+        is masked.
       num_splits: programs per (sequence, KV head) along C (split-K); must divide cdiv(C, block_c).
         Default: about 4 programs per SM on a GPU; 1 on a TPU, or 2 for B * Hkv == 1.
       backend: "triton" (GPU), "mosaic" (TPU) or None (from the default device; CPU uses "triton").
@@ -694,7 +947,7 @@ def longflow_decode_attention(
     Raises:
       ValueError: inputs off the contract, or a bad granularity, backend, block_c, num_splits or kv_len.
     """
-    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid, kv_quant, kv_scales)
     contract.check_granularity(granularity)
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
@@ -704,10 +957,17 @@ def longflow_decode_attention(
         interpret = jax.default_backend() != ("gpu" if backend == "triton" else "tpu")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_slots = k_cache.shape[1], k_cache.shape[2]
-    if k_cache.dtype != v_cache.dtype:
-        raise ValueError(f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}")
-    if q.dtype != k_cache.dtype:
-        raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
+    if kv_quant is None:
+        if k_cache.dtype != v_cache.dtype:
+            raise ValueError(
+                f"k_cache and v_cache must share a dtype, got {k_cache.dtype} and {v_cache.dtype}"
+            )
+        if q.dtype != k_cache.dtype:
+            raise ValueError(f"q ({q.dtype}) and the KV cache ({k_cache.dtype}) must share a dtype")
+        layout, scales = _Layout(None, head_dim, head_dim), ()
+    else:
+        layout = _Layout(kv_quant, head_dim, head_dim // kv_scales.k_scale.shape[-1])
+        scales = tuple(x for x in kv_scales if x is not None)
     # The Mosaic body and the epilogue read kv_valid cut at kv_len; the Triton body applies the bound.
     bounded_valid = kv_valid
     if kv_len is not None:
@@ -716,8 +976,20 @@ def longflow_decode_attention(
         bounded_valid = kv_valid & (jnp.arange(num_slots, dtype=jnp.int32)[None, :] < kv_len[:, None])
     if backend == "triton" and not (is_pow2(head_dim) and head_dim >= _MIN_DOT):
         raise ValueError(f"head dim D={head_dim}: the Triton backend needs a power of two >= {_MIN_DOT}")
+    if (
+        backend == "triton"
+        and kv_quant is not None
+        and not (is_pow2(layout.piece) and layout.piece >= _MIN_DOT)
+    ):
+        raise ValueError(
+            f"kv_quant={kv_quant!r} with group {layout.group} at head dim D={head_dim}: the Triton backend "
+            f"dots slices of min(group, D / {layout.planes} codes a byte) = {layout.piece} columns, which "
+            f"must be a power of two >= {_MIN_DOT}"
+        )
     if block_c is None:
-        block_c = _default_block_c(backend, num_slots, head_dim, q.dtype.itemsize)
+        block_c = _default_block_c(backend, num_slots, k_cache.shape[-1], k_cache.dtype.itemsize)
+        if backend == "triton" and kv_quant is not None:
+            block_c = min(block_c, TRITON_QUANT_BLOCK_C)
     _check_block_c(backend, block_c, num_slots)
     num_blocks = pl.cdiv(num_slots, block_c)
     if num_splits is None:
@@ -731,7 +1003,13 @@ def longflow_decode_attention(
     num_groups = 1 if granularity == "sequence" else num_kv_heads
     heads_per_group = num_q_heads // num_groups
     launch = dict(
-        scale=scale, block_c=block_c, num_splits=num_splits, compute_evict=compute_evict, interpret=interpret
+        scale=scale,
+        block_c=block_c,
+        num_splits=num_splits,
+        compute_evict=compute_evict,
+        interpret=interpret,
+        layout=layout,
+        scales=scales,
     )
     evict = None
     if backend == "triton":

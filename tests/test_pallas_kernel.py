@@ -11,6 +11,9 @@ Tolerances:
     so the importances agree to f32 summation-order rounding (~1e-6 relative). Two slots whose
     importances are that close make "the" argmin ill-posed, so for bf16 we accept the reference argmin
     or a slot whose reference importance is within 1e-5 (relative) of the minimum.
+  * kv_quant (bf16 / fp16 q): against the quantized reference (which dequantizes to float32). The
+    kernels dot q with the exact codes and scale the products in float32, so the same two rules hold,
+    over the dequantized buffer's importances.
 """
 
 from __future__ import annotations
@@ -25,8 +28,10 @@ import pytest
 from helpers import bounded_mask
 
 from pallas_kernels import longflow_decode_attention as _kernel
+from pallas_kernels import quant
 from pallas_kernels.reference import (
     decode_attention_probs,
+    dequantized_kv,
     evict_argmin_of_chunks,
     longflow_decode_attention_reference,
     longflow_importance,
@@ -614,6 +619,177 @@ def test_bad_kv_len_raises_value_error(kv_len, backend):
         longflow_decode_attention(q, k, v, kv_valid, kv_len=kv_len, scale=0.125, backend=backend)
 
 
+# ---- kv_quant: the bodies read the quantized payloads and dequantize in registers ----
+
+# A scale group per kind that exercises each slicing: several groups a plane (int8, int4), one group for
+# the whole head (fp8), one group spanning several planes (int2: 16-column planes, 32-element groups).
+QUANT_GROUP = {"int8": 16, "fp8": 64, "int4": 16, "int2": 32}
+# Per body: C, block and splits with a ragged tail and split-K.
+QUANT_CASES = {
+    "triton": dict(slots=100, block_c=32, num_splits=2),
+    "mosaic": dict(slots=300, block_c=128, num_splits=3),
+}
+
+
+def quantized_inputs(seed, kind, dtype, **shape):
+    """make_inputs' draws with K and V quantized by quant.quantize: (q, k payload, v payload, kv_valid,
+    KVScales), q in `dtype`."""
+    q, k, v, kv_valid = make_inputs(seed, dtype=jnp.float32, **shape)
+    group = QUANT_GROUP[kind]
+    (k_pay, k_scale, k_zero), (v_pay, v_scale, v_zero) = (
+        quant.quantize(k, kind, group),
+        quant.quantize(v, kind, group),
+    )
+    return q.astype(dtype), k_pay, v_pay, kv_valid, quant.KVScales(k_scale, k_zero, v_scale, v_zero)
+
+
+def assert_matches_quantized_reference(q, k, v, kv_valid, scales, kind, out, evict, *, scale, granularity):
+    """out within OUT_RTOL of the quantized reference; the evict slot (unless None) its argmin, or at a
+    near-tie one whose importance over the dequantized buffer is within BF16_EVICT_RTOL of the minimum."""
+    ref_out, ref_evict = longflow_decode_attention_reference(
+        q, k, v, kv_valid, scale=scale, granularity=granularity, kv_quant=kind, kv_scales=scales
+    )
+    assert out.shape == q.shape and out.dtype == q.dtype
+    out32, ref32 = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
+    rel = np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32)
+    assert rel <= OUT_RTOL[q.dtype.type], f"out rel err {rel:.2e} > {OUT_RTOL[q.dtype.type]}"
+    if evict is None:
+        return
+    evict, ref_evict = np.asarray(evict), np.asarray(ref_evict)
+    assert evict.shape == ref_evict.shape and evict.dtype == np.int32
+    if np.array_equal(evict, ref_evict):
+        return
+    importance = reference_importance(q, *dequantized_kv(k, v, kind, scales), kv_valid, scale, granularity)
+    chosen = np.take_along_axis(importance, evict.reshape(importance.shape[:2])[..., None], -1)[..., 0]
+    np.testing.assert_allclose(chosen, importance.min(axis=-1), rtol=BF16_EVICT_RTOL, atol=0)
+
+
+@pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_quantized_buffer_matches_reference(request, kind, dtype):
+    # Both bodies; each kind sees both granularities across the two q dtypes.
+    granularity = "kv_head" if dtype == jnp.bfloat16 else "sequence"
+    for backend, case in QUANT_CASES.items():
+        q, k, v, kv_valid, scales = quantized_inputs(
+            _seed(request),
+            kind,
+            dtype,
+            batch=2,
+            num_q_heads=8,
+            num_kv_heads=2,
+            slots=case["slots"],
+            head_dim=64,
+        )
+        out, evict = longflow_decode_attention(
+            q, k, v, kv_valid, scale=0.125, kv_quant=kind, kv_scales=scales, granularity=granularity,
+            backend=backend, block_c=case["block_c"], num_splits=case["num_splits"],
+        )  # fmt: skip
+        assert_matches_quantized_reference(
+            q, k, v, kv_valid, scales, kind, out, evict, scale=0.125, granularity=granularity
+        )
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_quantized_buffer_with_kv_len(request, backend):
+    """kv_len bounds a quantized buffer as a float one (here with a GQA group of 8), NaN scales where a
+    body may find garbage (NAN_PAST_BOUND) never reach the result, and compute_evict=False still attends."""
+    case = NAN_PAST_BOUND[backend]
+    kv_len = jnp.asarray(case["kv_len"], jnp.int32)
+    q, k, v, kv_valid, scales = quantized_inputs(
+        _seed(request), "int4", jnp.bfloat16, batch=len(kv_len), num_q_heads=16, num_kv_heads=2,
+        slots=case["slots"], head_dim=64,
+    )  # fmt: skip
+    garbage_from = -(-kv_len // case["block_c"]) * case["block_c"] if case["whole_blocks"] else kv_len
+    garbage = (jnp.arange(case["slots"])[None, :] >= garbage_from[:, None])[:, None, :, None]
+    nan_scales = quant.KVScales(*(jnp.where(garbage, jnp.nan, x) for x in scales))
+    run = dict(kv_len=kv_len, scale=0.125, kv_quant="int4", kv_scales=nan_scales, backend=backend,
+               block_c=case["block_c"], num_splits=case["num_splits"])  # fmt: skip
+    mask = bounded_mask(kv_valid, kv_len)
+    out, evict = longflow_decode_attention(q, k, v, kv_valid, granularity="kv_head", **run)
+    assert_matches_quantized_reference(
+        q, k, v, mask, scales, "int4", out, evict, scale=0.125, granularity="kv_head"
+    )
+    out_only, no_evict = longflow_decode_attention(q, k, v, kv_valid, compute_evict=False, **run)
+    np.testing.assert_array_equal(np.asarray(no_evict), -1)
+    assert_matches_quantized_reference(
+        q, k, v, mask, scales, "int4", out_only, None, scale=0.125, granularity="kv_head"
+    )
+
+
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_quantized_near_ties_resolve_in_float32(request, backend):
+    """Twin slots whose dequantized values differ by a factor 1 -+ 2^-10, which float32 resolves and bf16
+    rounding erases (their payload values are bf16-exact). KV head 0: values only (5 and 37); KV head 1:
+    keys only (9 and 20, the factor's sign chosen so the later slot scores lower). The reference evicts
+    the later twin; a kernel that rounded the dequantized K or V to bf16 would see a tie and evict the
+    earlier one."""
+    q, k, v, kv_valid, scales = quantized_inputs(
+        _seed(request), "int4", jnp.bfloat16, batch=1, num_q_heads=8, num_kv_heads=2, slots=64, head_dim=64
+    )
+    k_scale, k_zero, v_scale, v_zero = scales
+    tiny = (2.0**-13, -(2.0**-10))  # small values: the twins are each head's least important slots
+    for head, (first, later) in enumerate([(5, 37), (9, 20)]):
+        k, v = (x.at[:, head, later].set(x[:, head, first]) for x in (k, v))
+        k_scale, k_zero = (
+            k_scale.at[:, head, (first, later)].set(0.125),
+            k_zero.at[:, head, (first, later)].set(-1.0),
+        )
+        v_scale, v_zero = (
+            v_scale.at[:, head, (first, later)].set(tiny[0]),
+            v_zero.at[:, head, (first, later)].set(tiny[1]),
+        )
+    v_scale, v_zero = v_scale.at[:, 0, 37].multiply(1 - 2.0**-10), v_zero.at[:, 0, 37].multiply(1 - 2.0**-10)
+    for factor in (1 + 2.0**-10, 1 - 2.0**-10):
+        twins = quant.KVScales(
+            k_scale.at[:, 1, 20].multiply(factor), k_zero.at[:, 1, 20].multiply(factor), v_scale, v_zero
+        )
+        _, ref_evict = longflow_decode_attention_reference(
+            q, k, v, kv_valid, scale=0.125, granularity="kv_head", kv_quant="int4", kv_scales=twins
+        )
+        if ref_evict[0, 1] == 20:
+            break
+    np.testing.assert_array_equal(np.asarray(ref_evict), [[37, 20]])
+    importance = reference_importance(q, *dequantized_kv(k, v, "int4", twins), kv_valid, 0.125, "kv_head")
+    gaps = importance[0, [0, 1], [5, 9]] / importance[0, [0, 1], [37, 20]] - 1
+    assert np.all(gaps > 10 * BF16_EVICT_RTOL), gaps  # not a near-tie: the kernel must match exactly
+    _, evict = longflow_decode_attention(
+        q, k, v, kv_valid, scale=0.125, kv_quant="int4", kv_scales=twins, granularity="kv_head",
+        backend=backend, block_c=32 if backend == "triton" else 64,
+    )  # fmt: skip
+    np.testing.assert_array_equal(np.asarray(evict), [[37, 20]])
+
+
+def test_bad_quantized_inputs_raise_value_error():
+    q, k, v, kv_valid, scales = quantized_inputs(
+        0, "int4", jnp.bfloat16, batch=1, num_q_heads=4, num_kv_heads=2, slots=32, head_dim=64
+    )
+    # 8-element groups: the Triton body's slices would be narrower than tl.dot's 16 columns.
+    narrow = quant.KVScales(*(jnp.zeros((1, 2, 32, 8), jnp.float32) for _ in range(4)))
+    cases = [
+        (dict(kv_quant="int4"), "needs kv_scales=KVScales"),
+        (dict(kv_quant="int4", kv_scales=scales._replace(k_zero=None)), "kv_scales.k_zero must be given"),
+        (
+            dict(kv_quant="int8", kv_scales=scales),
+            r"k \(1, 2, 32, 32\) and v .* must both be \[B=1, Hkv, C, 64\]",
+        ),
+        (dict(kv_quant="int4", kv_scales=narrow), "power of two >= 16"),
+        (
+            dict(kv_quant="int4", kv_scales=scales._replace(v_scale=scales.v_scale[:, :, :16])),
+            r"kv_scales.v_scale must be float32 \[1, 2, 32, 4\]",
+        ),
+    ]
+    for kwargs, match in cases:
+        with pytest.raises(ValueError, match=match):
+            longflow_decode_attention(q, k, v, kv_valid, scale=0.125, backend="triton", **kwargs)
+    with pytest.raises(ValueError, match="needs uint8 payloads"):
+        longflow_decode_attention(
+            q, k.astype(jnp.int8), v, kv_valid, scale=0.125, kv_quant="int4", kv_scales=scales
+        )
+    floats = jnp.zeros((1, 2, 32, 64), q.dtype)
+    with pytest.raises(ValueError, match="kv_scales given without kv_quant"):
+        longflow_decode_attention(q, floats, floats, kv_valid, scale=0.125, kv_scales=scales)
+
+
 # ---- lowering for the real targets at Qwen3-8B-like shapes (no accelerator needed) ----
 
 QWEN3_8B = dict(batch=8, num_q_heads=32, num_kv_heads=8, slots=2048, head_dim=128)
@@ -675,6 +851,37 @@ def test_lowers_with_kv_len(platform):
     args = (*_abstract_inputs(**QWEN3_8B), jax.ShapeDtypeStruct((QWEN3_8B["batch"],), jnp.int32))
     exported = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args)
     assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in exported.mlir_module()
+
+
+@pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
+@pytest.mark.parametrize("platform", ["tpu", "cuda"])
+def test_quantized_buffer_lowers(platform, kind):
+    """Both bodies lower reading a quantized buffer (payloads, scales, kv_len), and no cache-shaped float
+    array is computed around the kernel: the buffer is never dequantized into a copy."""
+    batch, num_kv_heads, slots, head_dim = (
+        QWEN3_8B[key] for key in ("batch", "num_kv_heads", "slots", "head_dim")
+    )
+    sds = jax.ShapeDtypeStruct
+    payload = sds(
+        (batch, num_kv_heads, slots, head_dim // quant.codes_per_byte(kind)), quant.payload_dtype(kind)
+    )
+    scale = sds((batch, num_kv_heads, slots, head_dim // 32), jnp.float32)
+    zero = scale if quant.has_zero_point(kind) else None
+    backend = "triton" if platform == "cuda" else "mosaic"
+
+    def fn(q, k, v, kv_valid, kv_scales, kv_len):
+        return _kernel(
+            q, k, v, kv_valid, kv_len=kv_len, scale=head_dim**-0.5, kv_quant=kind, kv_scales=kv_scales,
+            backend=backend, interpret=False,
+        )  # fmt: skip
+
+    q, _, _, kv_valid = _abstract_inputs(**QWEN3_8B)
+    args = (q, payload, payload, kv_valid, quant.KVScales(scale, zero, scale, zero), sds((batch,), jnp.int32))
+    checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
+    text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
+    assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text
+    cache_shaped = f"tensor<{batch}x{num_kv_heads}x{slots}x{head_dim}x"
+    assert not any(f"{cache_shaped}{t}>" in text for t in ("bf16", "f16", "f32")), "a dequantized copy"
 
 
 # ---- on a GPU: compiled, at realistic shapes ----
