@@ -16,7 +16,15 @@ import jax.numpy as jnp
 from pallas_kernels.reference import decode_attention_probs
 
 from .config import CompressionConfig
-from .kv_cache import KVCache, LayerCache, dequantized_kv, kv_valid, occupancy, queries_for_keys
+from .kv_cache import (
+    KVCache,
+    LayerCache,
+    dequantized_kv,
+    kv_scales,
+    kv_valid,
+    occupancy,
+    queries_for_keys,
+)
 from .policies import select_evict_slot
 from .rkv import decode_update
 
@@ -32,10 +40,10 @@ def check_attention_impl(attention_impl: str, compression: CompressionConfig) ->
             f"attention_impl={attention_impl!r} fuses only the policies {KERNEL_POLICIES}; "
             f"policy {compression.policy!r} needs attention_impl='reference'"
         )
-    if attention_impl != "reference" and compression.kv_quant is not None:
+    if attention_impl == "triton" and compression.kv_quant is not None:
         raise ValueError(
-            f"kv_quant={compression.kv_quant!r} runs on the reference path for now: "
-            f"attention_impl={attention_impl!r} needs kv_quant=None, or use attention_impl='reference'"
+            f"kv_quant={compression.kv_quant!r} runs on the reference and Pallas paths for now: "
+            f"attention_impl='triton' needs kv_quant=None"
         )
 
 
@@ -128,13 +136,19 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
         kw = dict(
             scale=scale, granularity=granularity, compute_evict=policy == "longflow", kv_len=occupancy(layer)
         )
+        if layer.kv_quant is not None:
+            # Rotated queries back in the model's dtype: the kernels' dots then run on tensor cores.
+            q_kernel = q_keys.astype(q.dtype)
+            kw.update(kv_quant=layer.kv_quant, kv_scales=kv_scales(layer))
+        else:
+            q_kernel = q
         if layer.kernel_state is not None:  # a cache without one (not made by generate): fresh per call
             out, evict, state = _kernel(attention_impl)(
-                q, layer.k, layer.v, valid, kernel_state=layer.kernel_state, **kw
+                q_kernel, layer.k, layer.v, valid, kernel_state=layer.kernel_state, **kw
             )
             layer = layer.replace(kernel_state=state)
         else:
-            out, evict = _kernel(attention_impl)(q, layer.k, layer.v, valid, **kw)
+            out, evict = _kernel(attention_impl)(q_kernel, layer.k, layer.v, valid, **kw)
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
         return out, layer.replace(evict_slot=layer.evict_slot + 1)
