@@ -49,12 +49,17 @@ def longflow_decode_attention_triton(
     kv_len=None,
     launch: LaunchConfig | None = None,
     kernel_state=None,
+    kv_quant=None,
+    kv_scales=None,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
     Args:
       q, k_cache, v_cache, kv_valid: the kernels' contract (pallas_kernels/contract.py) with one dtype for
         q and the cache; D a power of two in [16, 256], any C >= 1.
+      kv_quant, kv_scales: a quantized cache (pallas_kernels/quant.py): k_cache and v_cache are payloads
+        and kv_scales their `KVScales`, dequantized in registers (never written out); q in the keys'
+        basis. Needs kv_quant_group >= 16 and D / codes a byte >= 16. None: a float cache.
       scale: the softmax scale (a Python float; it is baked into the launch).
       granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all importance work and returns evict_slot filled with -1.
@@ -76,7 +81,7 @@ def longflow_decode_attention_triton(
     """
     shape, kv_len, cfg = plan_inputs(
         q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
-        compute_evict=compute_evict, launch=launch,
+        compute_evict=compute_evict, launch=launch, kv_quant=kv_quant, kv_scales=kv_scales,
     )  # fmt: skip
     if kernel_state is not None:
         check_kernel_state(kernel_state, shape)
@@ -88,6 +93,7 @@ def longflow_decode_attention_triton(
             "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
         ) from e
     out, evict_slot, state = decode.run(
-        q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state
-    )
+        q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state,
+        kv_scales,
+    )  # fmt: skip
     return (out, evict_slot) if kernel_state is None else (out, evict_slot, state)

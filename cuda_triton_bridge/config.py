@@ -8,7 +8,7 @@ import math
 import numbers
 
 from cuda_triton_bridge import tuned_launch
-from pallas_kernels import contract
+from pallas_kernels import contract, quant
 from pallas_kernels.contract import cdiv, is_pow2, next_pow2, num_sms
 
 MIN_DOT = 16  # tl.dot needs every dimension >= 16: query rows are padded up to this.
@@ -20,6 +20,7 @@ COOP_MAX_SPLITS = 32  # the coop epilogue's share tile is [splits, D]
 COMBINE_CHUNK = 256  # slots per importance program of the combine kernel
 COMBINE_NUM_WARPS = 4
 DEFAULT_CAPABILITY = 90
+FP8_MIN_CAPABILITY = 89  # float8e4nv (kv_quant="fp8")
 # Hopper's opt-in shared memory per block (227 KiB). A launch over it fails only at run time, so
 # resolve_launch checks its estimate first.
 SHARED_MEMORY_LIMIT = 232448
@@ -60,11 +61,31 @@ class DecodeShape:
     num_kv_heads: int
     num_slots: int
     head_dim: int
-    itemsize: int = 2
+    itemsize: int = 2  # q's (and an unquantized cache's) bytes an element
+    kv_quant: str | None = None  # the cache's payload kind (pallas_kernels/quant.py)
+    quant_group: int = 0  # head elements per scale, with kv_quant
 
     @property
     def group(self) -> int:
         return self.num_q_heads // self.num_kv_heads
+
+    @property
+    def codes_per_byte(self) -> int:
+        return 1 if self.kv_quant is None else quant.codes_per_byte(self.kv_quant)
+
+    @property
+    def quant_chunk(self) -> int:
+        """Head elements per key dot of the quantized kernel: one plane's slice of one scale group (the
+        whole head without kv_quant)."""
+        return min(self.quant_group or self.head_dim, self.head_dim // self.codes_per_byte)
+
+    @property
+    def kv_row_bytes(self) -> int:
+        """Bytes of one slot's K (or V) row as the kernel reads it: payload + scales + zero points."""
+        if self.kv_quant is None:
+            return self.head_dim * self.itemsize
+        per_scale = 8 if quant.has_zero_point(self.kv_quant) else 4
+        return self.head_dim // self.codes_per_byte + per_scale * self.head_dim // self.quant_group
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,11 +112,13 @@ def _check_int(name: str, value, lo: int, hi: int, pow2: bool = False) -> None:
         raise ValueError(f"{name} must be {kind} in [{lo}, {hi}], got {value!r}")
 
 
-def check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) -> DecodeShape:
+def check_inputs(
+    q, k_cache, v_cache, kv_valid, scale, granularity: str, kv_quant=None, kv_scales=None
+) -> DecodeShape:
     """The kernels' shared contract plus what the Triton kernel itself needs."""
-    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid)
+    contract.check_decode_inputs(q, k_cache, v_cache, kv_valid, kv_quant, kv_scales)
     contract.check_granularity(granularity)
-    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+    if kv_quant is None and not (q.dtype == k_cache.dtype == v_cache.dtype):
         raise ValueError(
             f"q, k_cache, v_cache must share one dtype (tl.dot takes equal operand types), got "
             f"{q.dtype}, {k_cache.dtype}, {v_cache.dtype}"
@@ -104,6 +127,16 @@ def check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) -> Deco
     _, num_kv_heads, num_slots, _ = k_cache.shape
     if head_dim not in HEAD_DIMS:
         raise ValueError(f"head_dim must be one of {HEAD_DIMS}, got {head_dim}")
+    quant_group = 0
+    if kv_quant is not None:
+        quant_group = head_dim // kv_scales.k_scale.shape[-1]
+        per_byte = quant.codes_per_byte(kv_quant)
+        # A key chunk is one tl.dot's reduction, which needs >= 16 elements (MIN_DOT).
+        if min(quant_group, head_dim // per_byte) < MIN_DOT:
+            raise ValueError(
+                f"kv_quant={kv_quant!r} in the Triton kernel needs kv_quant_group >= {MIN_DOT} and "
+                f"head_dim / {per_byte} >= {MIN_DOT}, got group {quant_group} at head_dim {head_dim}"
+            )
     if min(batch, num_q_heads, num_slots) < 1:
         raise ValueError(f"empty input: q {q.shape}, k_cache {k_cache.shape}")
     # A static number (Python or numpy scalar), not a traced array: it is baked into the launch.
@@ -111,7 +144,9 @@ def check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity: str) -> Deco
         raise ValueError(f"scale must be a finite Python float (a static softmax scale), got {scale!r}")
     if batch > 65535 or num_kv_heads > 65535:
         raise ValueError(f"batch ({batch}) and num_kv_heads ({num_kv_heads}) must be <= 65535 (grid limit)")
-    return DecodeShape(batch, num_q_heads, num_kv_heads, num_slots, head_dim, q.dtype.itemsize)
+    return DecodeShape(
+        batch, num_q_heads, num_kv_heads, num_slots, head_dim, q.dtype.itemsize, kv_quant, quant_group
+    )
 
 
 def resolve_kv_len(kv_len, batch: int, num_slots: int):
@@ -153,12 +188,19 @@ def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int) -> None:
 
 def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
     """Shared memory of the main kernel as Triton 3.6 lays it out: the cp.async ring of K and V tiles
-    (stages - 1 of them, at least one), the query tile, and the f32 logits tile (16-bit inputs) or one
-    more f32 [block_c, D] tile (float32 inputs). Exact for 2+ stages (checked against compiled kernels)."""
+    (stages - 1 of them, at least one; a quantized cache's payload and scale rows), the query tile, and
+    the f32 logits tile (16-bit queries) or one more f32 [block_c, D] tile (float32 queries, and both with
+    a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles; an upper bound otherwise
+    (checked against compiled kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
-    ring = max(num_stages - 1, 1) * 2 * block_c * shape.head_dim * shape.itemsize
-    tile = block_c * shape.head_dim * 4 if shape.itemsize >= 4 else rows * block_c * 4
-    return ring + tile + rows * shape.head_dim * shape.itemsize
+    ring = max(num_stages - 1, 1) * 2 * block_c * shape.kv_row_bytes
+    query = rows * shape.head_dim * shape.itemsize
+    if shape.itemsize < 4:
+        return ring + rows * block_c * 4 + query
+    if shape.kv_quant is None:
+        return ring + block_c * shape.head_dim * 4 + query
+    # float32 queries on a quantized cache: both tiles, and 64-128 bytes of padding Triton adds there.
+    return ring + (rows + shape.head_dim) * block_c * 4 + 128 + query
 
 
 def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> int:
@@ -201,6 +243,11 @@ def resolve_launch(
     rows = tuned_launch.tuned_rows(capability, compute_evict)
     row = tuned_launch.tuned_row(rows, programs, sms)
     wide = shape.itemsize > 2
+    quantized = shape.kv_quant is not None
+    if shape.kv_quant == "fp8" and capability < FP8_MIN_CAPABILITY:
+        raise ValueError(
+            f"kv_quant='fp8' needs an sm_{FP8_MIN_CAPABILITY}+ GPU (Triton's float8e4nv), got sm_{capability}"
+        )
 
     epilogue = row.epilogue if launch.epilogue is None else launch.epilogue
     if epilogue not in EPILOGUES:
@@ -210,7 +257,8 @@ def resolve_launch(
         # A forced epilogue takes the block size the table gives it at the nearest batch.
         same = [r for r in rows if r.epilogue == epilogue]
         tuned_block = row.block_c if epilogue == row.epilogue else (same[0].block_c if same else 32)
-        block_c = tuned_launch.F32_BLOCK_C if wide else tuned_block
+        block_c = tuned_launch.QUANT_BLOCK_C if quantized else tuned_block
+        block_c = tuned_launch.F32_BLOCK_C if wide else block_c
         block_c = max(MIN_DOT, min(block_c, next_pow2(shape.num_slots)))
     _check_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C, pow2=True)
     num_blocks = cdiv(shape.num_slots, block_c)
@@ -230,7 +278,8 @@ def resolve_launch(
         check_coop_grid(shape, num_splits, sms)
     num_warps = launch.num_warps
     if num_warps is None:
-        num_warps = tuned_launch.F32_NUM_WARPS if wide else tuned_launch.NUM_WARPS
+        num_warps = tuned_launch.QUANT_NUM_WARPS if quantized else tuned_launch.NUM_WARPS
+        num_warps = tuned_launch.F32_NUM_WARPS if wide else num_warps
     _check_int("num_warps", num_warps, 1, 16, pow2=True)
     if launch.num_stages is not None:
         _check_int("num_stages", launch.num_stages, 1, 8)
@@ -269,10 +318,10 @@ def _default_num_splits(shape: DecodeShape, row, epilogue: str, block_c: int, sm
 
 def plan_inputs(
     q, k_cache, v_cache, kv_valid, *, scale, granularity="sequence", kv_len=None, compute_evict=True,
-    launch=None, sms=None,
+    launch=None, sms=None, kv_quant=None, kv_scales=None,
 ):  # fmt: skip
     """Every check of one decode call, then its launch: (shape, kv_len int32 [B], ResolvedLaunch)."""
-    shape = check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity)
+    shape = check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity, kv_quant, kv_scales)
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     return shape, kv_len, resolve_launch(shape, launch, compute_evict=compute_evict, sms=sms)
 

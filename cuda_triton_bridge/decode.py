@@ -26,7 +26,10 @@ def _compute_capability() -> int:
     return int(jt.get_compute_capability(0))
 
 
-def run(q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state):
+def run(
+    q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state,
+    kv_scales=None,
+):  # fmt: skip
     """Launch the plan of one checked call: (out, evict_slot, kernel_state)."""
     plan = plan_launch(
         shape,
@@ -37,13 +40,17 @@ def run(q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, c
         capability=_compute_capability(),
     )
     qk_scale = np.float32(float(scale) * LOG2E)
+    # The main kernels take four scale buffers last among their inputs; what the launch does not read
+    # (all four without kv_quant, the zero points of int8 / fp8) is one f32 placeholder, a constant.
+    placeholder = jnp.zeros((1,), jnp.float32)
+    scales = tuple(placeholder if x is None else x for x in (kv_scales or (None,) * 4))
     if plan.one_kernel:
         if kernel_state is None:
             kernel_state = jnp.zeros(kernel_state_shape(shape.batch, shape.num_kv_heads), jnp.int32)
         # Aliases index the array arguments (qk_scale is a scalar, or a constexpr through XLA's call).
         outs = _call(
             getattr(kernels, plan.main_kernel),
-            (q, k_cache, v_cache, kv_valid, kv_len, qk_scale, kernel_state),
+            (q, k_cache, v_cache, kv_valid, kv_len, qk_scale, kernel_state, *scales),
             plan.split,
             q.dtype,
             via_xla=cfg.xla_launch,
@@ -54,7 +61,7 @@ def run(q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, c
 
     out, acc, m, ell, t, counter, no_evict = _call(
         kernels.decode_split_kernel,
-        (q, k_cache, v_cache, kv_valid, kv_len, qk_scale),
+        (q, k_cache, v_cache, kv_valid, kv_len, qk_scale, *scales),
         plan.split,
         q.dtype,
         via_xla=cfg.xla_launch,

@@ -4,8 +4,9 @@ Each main kernel streams one split of one (sequence, KV head) in `_attend_split`
 once for the whole GQA group, with an online softmax in the log2 domain. For eviction it also stores
 t = logit*log2(e) + log2||v||_1 per query head and slot, so a slot's importance term is exp2(t - m) / l
 once the final (m, l) are known: no second pass over K/V. The epilogues ("separate": the split kernel,
-then the combine kernel; "fused"; "coop") use no float atomics, so results are deterministic. Design and
-measurements: docs/KERNELS.md.
+then the combine kernel; "fused"; "coop") use no float atomics, so results are deterministic. With
+KV_QUANT, K and V are quantized payloads + scales (pallas_kernels/quant.py), dequantized in registers
+chunk by chunk; KV_QUANT="none" compiles to the float kernel. Design and measurements: docs/KERNELS.md.
 """
 
 from __future__ import annotations
@@ -38,24 +39,162 @@ def _discard_l2_lines(line_addr, line_ok):
 
 
 @triton.jit
+def _load_payload(ptr, offsets, mask, KV_QUANT: tl.constexpr):
+    """A payload tile, zero where masked off. fp8 is loaded as its bits: a masked-off lane takes the
+    integer 0, which is +0.0 in e4m3, with no float cast of the fill value."""
+    if KV_QUANT == "fp8":
+        bits = tl.load(ptr.to(tl.pointer_type(tl.uint8), bitcast=True) + offsets, mask=mask, other=0)
+        payload = bits.to(tl.float8e4nv, bitcast=True)
+    else:
+        payload = tl.load(ptr + offsets, mask=mask, other=0)
+    return payload
+
+
+@triton.jit
+def _plane_codes(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
+    """Plane `plane` of a payload tile: the codes of bits [plane * bits, (plane + 1) * bits) of every
+    byte (pallas_kernels/quant.py); int8 and fp8 payloads are their own single plane."""
+    if CODES_PER_BYTE == 1:
+        codes = payload
+    else:
+        BITS: tl.constexpr = 8 // CODES_PER_BYTE
+        codes = (payload >> (plane * BITS)) & ((1 << BITS) - 1)
+    return codes
+
+
+@triton.jit
+def _query_chunks(
+    q_ptr, bh, row_ok, D: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_CHUNK: tl.constexpr
+):  # fmt: skip
+    """The query rows cut into the quantized head's chunks, loaded once before the slot loop: (chunks
+    [QROWS, QUANT_CHUNK] in q's dtype, their f32 row sums [QROWS]), two tuples in chunk order.
+
+    Chunk k is QUANT_CHUNK consecutive head elements from (k % CODES_PER_BYTE) * D / CODES_PER_BYTE +
+    (k // CODES_PER_BYTE) * QUANT_CHUNK: one plane of one payload column chunk, inside one scale group."""
+    PW: tl.constexpr = D // CODES_PER_BYTE
+    w = tl.arange(0, QUANT_CHUNK)
+    chunks = ()
+    sums = ()
+    for k in tl.static_range(D // QUANT_CHUNK):
+        first = (k % CODES_PER_BYTE) * PW + (k // CODES_PER_BYTE) * QUANT_CHUNK
+        q = tl.load(q_ptr + bh[:, None] * D + (first + w)[None, :], mask=row_ok[:, None], other=0.0)
+        chunks = chunks + (q,)
+        sums = sums + (tl.sum(q.to(tl.float32), axis=1),)
+    return chunks, sums
+
+
+@triton.jit
+def _quant_block(
+    head, scale_head, zero_head, c, in_range,
+    D: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_GROUP: tl.constexpr,
+    QUANT_CHUNK: tl.constexpr,
+):  # fmt: skip
+    """A block of quantized keys or values by chunk (_query_chunks' order): (codes [BLOCK_C, QUANT_CHUNK]
+    in the payload's dtype, scales [BLOCK_C] f32, zero points [BLOCK_C] f32 (int4 / int2; else none)),
+    three tuples. Each payload byte is loaded once, for all its planes."""
+    PW: tl.constexpr = D // CODES_PER_BYTE
+    NG: tl.constexpr = D // QUANT_GROUP
+    w = tl.arange(0, QUANT_CHUNK)
+    # A slot's scales are one contiguous row: one vector load each, then a column per chunk.
+    group = tl.arange(0, NG)
+    scale_at = c[:, None] * NG + group[None, :]
+    scale_rows = tl.load(scale_head + scale_at, mask=in_range[:, None], other=0.0)
+    if CODES_PER_BYTE > 1:  # the packed kinds are the asymmetric ones
+        zero_rows = tl.load(zero_head + scale_at, mask=in_range[:, None], other=0.0)
+    codes = ()
+    scales = ()
+    zeros = ()
+    for k in tl.static_range(D // QUANT_CHUNK):
+        column = (k // CODES_PER_BYTE) * QUANT_CHUNK  # of the payload row (static, as k is)
+        if k % CODES_PER_BYTE == 0:
+            payload = _load_payload(
+                head, c[:, None] * PW + (column + w)[None, :], in_range[:, None], KV_QUANT
+            )
+        codes = codes + (_plane_codes(payload, k % CODES_PER_BYTE, CODES_PER_BYTE),)
+        is_group = group[None, :] == ((k % CODES_PER_BYTE) * PW + column) // QUANT_GROUP
+        scales = scales + (tl.sum(tl.where(is_group, scale_rows, 0.0), axis=1),)
+        if CODES_PER_BYTE > 1:
+            zeros = zeros + (tl.sum(tl.where(is_group, zero_rows, 0.0), axis=1),)
+    return codes, scales, zeros
+
+
+@triton.jit
+def _quant_logits(
+    q_chunks, q_sums, codes, scales, zeros, BLOCK_C: tl.constexpr, QROWS: tl.constexpr,
+    CODES_PER_BYTE: tl.constexpr, DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """q . k over a block of quantized keys: [QROWS, BLOCK_C] f32 (unscaled). Each chunk's codes, exact
+    in q's dtype, meet its slice of q in one tensor-core dot, and the chunk's scale multiplies the f32
+    result: the products stay exact, as with 16-bit keys. A zero point adds zero * sum(q's slice)."""
+    s = tl.zeros([QROWS, BLOCK_C], tl.float32)
+    for k in tl.static_range(len(codes)):
+        dot = tl.dot(q_chunks[k], tl.trans(codes[k].to(q_chunks[k].dtype)), input_precision=DOT_PRECISION)
+        s += dot * scales[k][None, :]
+        if CODES_PER_BYTE > 1:
+            s += q_sums[k][:, None] * zeros[k][None, :]
+    return s
+
+
+@triton.jit
+def _quant_value_norms(codes, scales, zeros, BLOCK_C: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
+    """||v||_1 of a block of quantized values: [BLOCK_C] f32, over codes * scale (+ zero) in f32, the
+    values the reference dequantizes."""
+    vnorm = tl.zeros([BLOCK_C], tl.float32)
+    for k in tl.static_range(len(codes)):
+        x = codes[k].to(tl.float32) * scales[k][:, None]
+        if CODES_PER_BYTE > 1:
+            x += zeros[k][:, None]
+        vnorm += tl.sum(tl.abs(x), axis=1)
+    return vnorm
+
+
+@triton.jit
+def _quant_accumulate(
+    acc, alpha, p, codes, scales, zeros, DTYPE: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+):  # fmt: skip
+    """acc * alpha + p @ v over a block of quantized values, acc a tuple of [QROWS, QUANT_CHUNK] f32 by
+    chunk. A chunk's scale is folded into p (a [QROWS, BLOCK_C] product, not a [BLOCK_C, D] one), so
+    its codes go into the tensor-core dot in q's dtype (DTYPE) as they are, exactly; a zero point adds
+    p @ zero to its columns."""
+    out = ()
+    for k in tl.static_range(len(codes)):
+        p_scaled = (p * scales[k][None, :]).to(DTYPE)
+        chunk = acc[k] * alpha[:, None] + tl.dot(p_scaled, codes[k].to(DTYPE), input_precision=DOT_PRECISION)
+        if CODES_PER_BYTE > 1:
+            chunk += tl.sum(p * zeros[k][None, :], axis=1)[:, None]
+        out = out + (chunk,)
+    return out
+
+
+@triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+    qk_scale, split, kvh, b,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr, QROWS: tl.constexpr, EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FAST_LOG2: tl.constexpr,
+    FAST_LOG2: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
+    QUANT_GROUP: tl.constexpr, QUANT_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding)."""
+    """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding).
+    With KV_QUANT the K/V blocks are payloads + scales, dequantized in registers chunk by chunk
+    (_query_chunks), and acc is a tuple of [QROWS, QUANT_CHUNK] by chunk."""
     G: tl.constexpr = HQ // HKV
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
     head = kvh * G + rows  # query heads of this KV head's group
     bh = (b * HQ + head).to(tl.int64)
     d = tl.arange(0, D)
-    q = tl.load(q_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    if KV_QUANT == "none":
+        q = tl.load(q_ptr + bh[:, None] * D + d[None, :], mask=row_ok[:, None], other=0.0)
+    else:
+        q_chunks, q_sums = _query_chunks(q_ptr, bh, row_ok, D, CODES_PER_BYTE, QUANT_CHUNK)
 
-    kv_off = (b * HKV + kvh).to(tl.int64) * (C * D)
+    head_row = (b * HKV + kvh).to(tl.int64)
+    kv_off = head_row * (C * D // CODES_PER_BYTE)  # payload bytes: D // CODES_PER_BYTE a slot
     k_head = k_ptr + kv_off
     v_head = v_ptr + kv_off
+    scale_off = head_row * (C * (D // QUANT_GROUP))
     valid_row = valid_ptr + b.to(tl.int64) * C
     first = split * (BLOCKS_PER_SPLIT * BLOCK_C)
     # Only the blocks of this split below the row's bound are read (a dynamic trip count): a partly
@@ -65,7 +204,12 @@ def _attend_split(
 
     m_i = tl.full([QROWS], float("-inf"), tl.float32)
     l_i = tl.zeros([QROWS], tl.float32)
-    acc = tl.zeros([QROWS, D], tl.float32)
+    if KV_QUANT == "none":
+        acc = tl.zeros([QROWS, D], tl.float32)
+    else:
+        acc = ()
+        for _ in tl.static_range(D // QUANT_CHUNK):
+            acc = acc + (tl.zeros([QROWS, QUANT_CHUNK], tl.float32),)
     # The mask is too narrow (one byte a slot) for the cp.async pipeline that carries K and V, so it is
     # prefetched by hand one block ahead: its load latency hides behind the current block's math.
     c_first = first + tl.arange(0, BLOCK_C)
@@ -76,17 +220,33 @@ def _attend_split(
         valid = valid_next != 0  # zero past n_valid: the mask load stops there
         c_next = c + BLOCK_C
         valid_next = tl.load(valid_row + c_next, mask=(c_next < n_valid) & (blk + 1 < num_blocks), other=0)
-        kv_idx = c[:, None] * D + d[None, :]
-        k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
-        v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
-
-        s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION) * qk_scale  # [QROWS, BLOCK_C]
+        if KV_QUANT == "none":
+            kv_idx = c[:, None] * D + d[None, :]
+            k = tl.load(k_head + kv_idx, mask=in_range[:, None], other=0.0)
+            v = tl.load(v_head + kv_idx, mask=in_range[:, None], other=0.0)
+            s = tl.dot(q, tl.trans(k), input_precision=DOT_PRECISION)  # [QROWS, BLOCK_C]
+            if EVICT:
+                # ones @ |V|^T on the tensor cores gives ||v||_1 in every row, already in the layout of
+                # s (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
+                ones = tl.full([QROWS, D], 1.0, v.dtype)
+                vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
+        else:
+            k_codes, k_scales, k_zeros = _quant_block(
+                k_head, k_scale_ptr + scale_off, k_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
+                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+            )  # fmt: skip
+            s = _quant_logits(
+                q_chunks, q_sums, k_codes, k_scales, k_zeros, BLOCK_C, QROWS, CODES_PER_BYTE, DOT_PRECISION
+            )
+            v_codes, v_scales, v_zeros = _quant_block(
+                v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
+                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+            )  # fmt: skip
+            if EVICT:
+                vnorm = _quant_value_norms(v_codes, v_scales, v_zeros, BLOCK_C, CODES_PER_BYTE)[None, :]
+        s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
-            # ones @ |V|^T on the tensor cores gives ||v||_1 in every row, already in the layout of s
-            # (no cross-thread reduction, no layout conversion). Products are exact, sums are f32.
-            ones = tl.full([QROWS, D], 1.0, v.dtype)
-            vnorm = tl.dot(ones, tl.trans(tl.abs(v)), input_precision=DOT_PRECISION)
             if FAST_LOG2:
                 # lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 is libdevice's polynomial.
                 t = s + libdevice.fast_log2f(vnorm)
@@ -105,30 +265,54 @@ def _attend_split(
         alpha = tl.exp2(m_i - m_use)
         p = tl.exp2(s - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, axis=1)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        if KV_QUANT == "none":
+            acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
+        else:
+            acc = _quant_accumulate(
+                acc, alpha, p, v_codes, v_scales, v_zeros, q_ptr.dtype.element_ty, CODES_PER_BYTE,
+                DOT_PRECISION,
+            )  # fmt: skip
         m_i = m_new
 
     return m_i, l_i, acc
 
 
 @triton.jit
+def _store_columns(
+    acc, cols, l_i, bh, row_ok, out_ptr, acc_ptr, split, D: tl.constexpr, NUM_SPLITS: tl.constexpr
+):  # fmt: skip
+    """Head columns `cols` of a split's result: normalised into out when it is the only split, else the
+    unnormalised accumulator."""
+    if NUM_SPLITS == 1:
+        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
+        tl.store(
+            out_ptr + bh[:, None] * D + cols[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None]
+        )
+    else:
+        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + cols[None, :], acc, mask=row_ok[:, None])
+
+
+@triton.jit
 def _store_split(
     m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, QROWS: tl.constexpr,
-    STATS: tl.constexpr,
+    STATS: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """A split's result for its query-head group: the normalised output when it is the only split, else
-    the unnormalised accumulator; with STATS also (m, l) for whoever merges or scores after it."""
+    the unnormalised accumulator (a quantized head's chunk by chunk); with STATS also (m, l) for whoever
+    merges or scores after it."""
     G: tl.constexpr = HQ // HKV
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
     bh = (b * HQ + kvh * G + rows).to(tl.int64)
-    d = tl.arange(0, D)
-    if NUM_SPLITS == 1:
-        o = acc / tl.where(l_i > 0.0, l_i, 1.0)[:, None]
-        tl.store(out_ptr + bh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=row_ok[:, None])
+    if KV_QUANT == "none":
+        _store_columns(acc, tl.arange(0, D), l_i, bh, row_ok, out_ptr, acc_ptr, split, D, NUM_SPLITS)
     else:
-        tl.store(acc_ptr + (bh[:, None] * NUM_SPLITS + split) * D + d[None, :], acc, mask=row_ok[:, None])
+        PW: tl.constexpr = D // CODES_PER_BYTE
+        for k in tl.static_range(D // QUANT_CHUNK):
+            first = (k % CODES_PER_BYTE) * PW + (k // CODES_PER_BYTE) * QUANT_CHUNK
+            cols = first + tl.arange(0, QUANT_CHUNK)
+            _store_columns(acc[k], cols, l_i, bh, row_ok, out_ptr, acc_ptr, split, D, NUM_SPLITS)
     if STATS:
         tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
         tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
@@ -160,11 +344,15 @@ def _merge_head(
 @triton.jit
 def decode_split_kernel(
     q_ptr,  # [B, HQ, D]
-    k_ptr,  # [B, HKV, C, D]
-    v_ptr,  # [B, HKV, C, D]
+    k_ptr,  # [B, HKV, C, D], or a quantized payload [B, HKV, C, D / CODES_PER_BYTE]
+    v_ptr,  # as k_ptr
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32: slots >= kv_len[b] are invalid and not read
     qk_scale,  # softmax scale * log2(e), f32
+    k_scale_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (with KV_QUANT; else unused)
+    k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
+    v_scale_ptr,
+    v_zero_ptr,
     out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
     acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
     m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
@@ -186,19 +374,24 @@ def decode_split_kernel(
     EVICT: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
+    KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
+    CODES_PER_BYTE: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,  # head elements per scale
+    QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
     b = tl.program_id(2)
 
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
-        EVICT or not DIRECT_OUT,
+        EVICT or not DIRECT_OUT, KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     if (split == 0) & (kvh == 0):
         if EVICT:
@@ -317,12 +510,16 @@ def decode_combine_kernel(
 @triton.jit
 def decode_fused_kernel(
     q_ptr,  # [B, HQ, D]
-    k_ptr,  # [B, HKV, C, D]
-    v_ptr,  # [B, HKV, C, D]
+    k_ptr,  # [B, HKV, C, D], or a quantized payload [B, HKV, C, D / CODES_PER_BYTE]
+    v_ptr,  # as k_ptr
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
     tickets_in_ptr,  # unused: the caller's ticket buffer, aliased to count_ptr
+    k_scale_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (with KV_QUANT; else unused)
+    k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
+    v_scale_ptr,
+    v_zero_ptr,
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -350,6 +547,10 @@ def decode_fused_kernel(
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
+    KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
+    CODES_PER_BYTE: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,  # head elements per scale
+    QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -359,11 +560,13 @@ def decode_fused_kernel(
     b = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
-        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True,
+        KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     d = tl.arange(0, D)
     # Every thread's stores precede the barrier; the acq_rel ticket then publishes them to whichever
@@ -589,12 +792,16 @@ def _reset_group_tickets(count_ptr, bar, NBAR: tl.constexpr):
 @triton.jit
 def decode_coop_kernel(
     q_ptr,  # [B, HQ, D]
-    k_ptr,  # [B, HKV, C, D]
-    v_ptr,  # [B, HKV, C, D]
+    k_ptr,  # [B, HKV, C, D], or a quantized payload [B, HKV, C, D / CODES_PER_BYTE]
+    v_ptr,  # as k_ptr
     valid_ptr,  # [B, C] bool
     kv_len_ptr,  # [B] i32
     qk_scale,  # softmax scale * log2(e), f32
     tickets_in_ptr,  # unused: the caller's ticket buffer, aliased to count_ptr
+    k_scale_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (with KV_QUANT; else unused)
+    k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
+    v_scale_ptr,
+    v_zero_ptr,
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -625,6 +832,10 @@ def decode_coop_kernel(
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     DISCARD_T: tl.constexpr,
+    KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
+    CODES_PER_BYTE: tl.constexpr,
+    QUANT_GROUP: tl.constexpr,  # head elements per scale
+    QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
 ):
     """One launch with a parallel epilogue: each program streams its split, waits at its group's barrier,
     then finishes one share; the last share reduces the shares' minima. The whole grid must be resident
@@ -634,11 +845,13 @@ def decode_coop_kernel(
     b = tl.program_id(2)
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, valid_ptr, kv_len_ptr, t_ptr, qk_scale, split, kvh, b,
-        HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION, FAST_LOG2,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
+        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
-        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True,
+        KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     if not EVICT:
         if (split == 0) & (kvh < NG):

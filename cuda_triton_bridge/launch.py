@@ -98,6 +98,10 @@ def plan_launch(
         EVICT=evict,
         DOT_PRECISION="ieee" if is_f32 else "tf32",
         FAST_LOG2=fast_log2,
+        KV_QUANT=shape.kv_quant or "none",
+        CODES_PER_BYTE=shape.codes_per_byte,
+        QUANT_GROUP=shape.quant_group or d,
+        QUANT_CHUNK=shape.quant_chunk,
     )
     # discard.global.L2 needs sm_80, and the interpreter (fast_log2=False) runs no PTX; each plan also
     # checks that its tiles hold whole 128-byte lines of t.

@@ -59,6 +59,12 @@ TUNED_LAUNCH = (
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
+# A quantized cache (kv_quant, 16-bit q), every row: 64-slot blocks and 8 warps. The codes are unpacked
+# and converted in registers, so the tile is bounded by registers, not shared memory: at D 128, group 32
+# this is the largest block with no spill for every kind and epilogue on sm_90 (ptxas; 128-slot blocks
+# spill), and 8 warps give each scheduler two warps for that ALU work. Not yet timed on a GPU.
+QUANT_BLOCK_C = 64
+QUANT_NUM_WARPS = 8
 NUM_WARPS = 4
 NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
 MIN_SLOTS_PER_SPLIT = 128

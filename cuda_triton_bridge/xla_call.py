@@ -25,6 +25,9 @@ _POINTER_TYPES = {
     np.dtype(np.float32): "*fp32",
     np.dtype(np.int32): "*i32",
     np.dtype(np.bool_): "*i1",
+    np.dtype(np.int8): "*i8",  # quantized payloads (pallas_kernels/quant.py)
+    np.dtype(np.uint8): "*u8",
+    np.dtype(jax.numpy.float8_e4m3fn): "*fp8e4nv",
 }
 _FUNC_NAME = re.compile(r"tt\.func public @([A-Za-z_][A-Za-z0-9_]*)")
 

@@ -40,11 +40,6 @@ def check_attention_impl(attention_impl: str, compression: CompressionConfig) ->
             f"attention_impl={attention_impl!r} fuses only the policies {KERNEL_POLICIES}; "
             f"policy {compression.policy!r} needs attention_impl='reference'"
         )
-    if attention_impl == "triton" and compression.kv_quant is not None:
-        raise ValueError(
-            f"kv_quant={compression.kv_quant!r} runs on the reference and Pallas paths for now: "
-            f"attention_impl='triton' needs kv_quant=None"
-        )
 
 
 def _kernel(attention_impl: str):

@@ -7,9 +7,12 @@ Columns, at B in {1, 16, 64} x C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, ever
   triton          cuda_triton_bridge.longflow_decode_attention_triton, one kernel_state threaded through
                   its calls as generate does; omitted where triton, jax_triton or a CUDA device is missing
   *_noevict       the same kernel with compute_evict=False: the eviction overhead is the difference
+  *_int8, *_int4  the same call on a quantized buffer (kv_quant, group 32): payloads + f32 scales, and
+                  zero points for int4; the reference dequantizes in XLA, the kernels in registers
 Each column is checked against the jnp reference, then timed as a chain of dependent calls over K/V
 sets far larger than the L2, run --loops times in a lax.fori_loop as a decode loop runs its step, and
-set against a bandwidth ceiling measured in a child process (the method: docs/BENCHMARKS.md).
+set against a bandwidth ceiling measured in a child process (the method: docs/BENCHMARKS.md). A column's
+TB/s and % of the ceiling count the bytes it reads: a quantized column its payloads and scales.
 
   python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
 """
@@ -32,11 +35,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from pallas_kernels import longflow_decode_attention, reference
+from pallas_kernels import longflow_decode_attention, quant, reference
 
 NUM_Q_HEADS, NUM_KV_HEADS, HEAD_DIM, DTYPE = 32, 8, 128, jnp.bfloat16
 SIZES = [(b, c) for b in (1, 16, 64) for c in (2048, 8192)]
-COLUMNS = ("xla_attn", "xla_longflow", "pallas", "pallas_noevict", "triton", "triton_noevict")
+QUANT_KINDS, QUANT_GROUP = ("int8", "int4"), 32  # the quantized columns' buffers
+COLUMNS = (
+    "xla_attn", "xla_longflow", "xla_longflow_int8", "xla_longflow_int4",
+    "pallas", "pallas_noevict", "pallas_int8", "pallas_int4",
+    "triton", "triton_noevict", "triton_int8", "triton_int4",
+)  # fmt: skip
 ROTATE_BYTES = 8 * 50e6  # the input sets of a size span at least 8x a 50 MB L2
 MAX_SETS, MIN_CALLS_PER_PROGRAM = 32, 32
 
@@ -51,18 +59,34 @@ def xla_attention(q, k, v, kv_valid, *, scale):
     return out.reshape(batch, num_q_heads, head_dim).astype(q.dtype), None
 
 
+def column_kind(name):
+    """The kv_quant kind of the buffer a column reads (its name's suffix), or None."""
+    kind = name.rsplit("_", 1)[-1]
+    return kind if kind in quant.KV_QUANT_KINDS else None
+
+
 @dataclasses.dataclass(frozen=True)
 class StatefulColumn:
     """A column that threads a state, as a decode loop threads the Triton kernel's kernel_state:
-    call(q, k, v, kv_valid, kernel_state=state) -> (out, evict, state), the first state
-    init_state(q, k). Called with the four inputs alone it makes one call from a fresh state."""
+    call(q, k, v, kv_valid, [kv_scales,] kernel_state=state) -> (out, evict, state), the first state
+    init_state(q, k). Called with the inputs alone it makes one call from a fresh state."""
 
     call: object
     init_state: object
 
-    def __call__(self, q, k, v, kv_valid):
-        out, evict, _ = self.call(q, k, v, kv_valid, kernel_state=self.init_state(q, k))
+    def __call__(self, q, k, *inputs):
+        out, evict, _ = self.call(q, k, *inputs, kernel_state=self.init_state(q, k))
         return out, evict
+
+
+def on_quantized(fn, kind, **kw):
+    """fn (the reference or a kernel, taking the contract's kv_quant / kv_scales keywords) as a column
+    over a quantized set's inputs (q, k, v, kv_valid, kv_scales)."""
+
+    def column(q, k, v, kv_valid, kv_scales, **state):
+        return fn(q, k, v, kv_valid, kv_quant=kind, kv_scales=kv_scales, **kw, **state)
+
+    return column
 
 
 def load_triton_bridge():
@@ -77,13 +101,18 @@ def load_triton_bridge():
 
 
 def columns(scale, triton=None, granularity="sequence"):
-    """{name: fn(q, k, v, kv_valid) -> (out, evict)}; triton: load_triton_bridge()'s pair, or None."""
+    """{name: fn(q, k, v, kv_valid) -> (out, evict)}, a quantized column's fn(q, k, v, kv_valid,
+    kv_scales) on make_sets(kv_quant=column_kind(name))'s inputs; triton: load_triton_bridge()'s pair,
+    or None."""
     kw = dict(scale=scale, granularity=granularity)
+    ref = reference.longflow_decode_attention_reference
     cols = {
         "xla_attn": functools.partial(xla_attention, scale=scale),
-        "xla_longflow": functools.partial(reference.longflow_decode_attention_reference, **kw),
+        "xla_longflow": functools.partial(ref, **kw),
+        **{f"xla_longflow_{kind}": on_quantized(ref, kind, **kw) for kind in QUANT_KINDS},
         "pallas": functools.partial(longflow_decode_attention, **kw),
         "pallas_noevict": functools.partial(longflow_decode_attention, compute_evict=False, **kw),
+        **{f"pallas_{kind}": on_quantized(longflow_decode_attention, kind, **kw) for kind in QUANT_KINDS},
     }
     if triton is not None:
         entry, init_kernel_state = triton
@@ -91,28 +120,47 @@ def columns(scale, triton=None, granularity="sequence"):
         for name, evict in (("triton", True), ("triton_noevict", False)):
             call = functools.partial(entry, compute_evict=evict, **kw)
             cols[name] = StatefulColumn(call, init_state)
+        for kind in QUANT_KINDS:
+            cols[f"triton_{kind}"] = StatefulColumn(on_quantized(entry, kind, **kw), init_state)
     return cols
 
 
-def make_sets(batch, slots, n_sets, seed=0):
+def make_sets(batch, slots, n_sets, seed=0, kv_quant=None):
+    """n_sets input sets (q, k, v, kv_valid); with kv_quant, k and v quantized per slot, group
+    QUANT_GROUP, as the cache stores them: (q, k payload, v payload, kv_valid, KVScales)."""
     sets, key = [], jax.random.PRNGKey(seed)
     for _ in range(n_sets):
         key, kq, kk, kv = jax.random.split(key, 4)
         q = jax.random.normal(kq, (batch, NUM_Q_HEADS, HEAD_DIM), jnp.float32).astype(DTYPE)
         k = jax.random.normal(kk, (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.float32).astype(DTYPE)
         v = jax.random.normal(kv, (batch, NUM_KV_HEADS, slots, HEAD_DIM), jnp.float32).astype(DTYPE)
-        sets.append((q, k, v, jnp.ones((batch, slots), bool)))
+        valid = jnp.ones((batch, slots), bool)
+        if kv_quant is None:
+            sets.append((q, k, v, valid))
+            continue
+        (kp, ks, kz), (vp, vs, vz) = (quant.quantize(x, kv_quant, QUANT_GROUP) for x in (k, v))
+        sets.append((q, kp, vp, valid, quant.KVScales(ks, kz, vs, vz)))
     return jax.block_until_ready(sets)
 
 
-def kv_bytes(batch, slots):
-    return 2 * batch * NUM_KV_HEADS * slots * HEAD_DIM * jnp.dtype(DTYPE).itemsize
+def kv_bytes(batch, slots, kv_quant=None):
+    """Bytes of K and V a call reads: with kv_quant, the payloads and their f32 scales (and zero points)."""
+    if kv_quant is None:
+        per_slot = HEAD_DIM * jnp.dtype(DTYPE).itemsize
+    else:
+        scales_per_slot = HEAD_DIM // QUANT_GROUP * (2 if quant.has_zero_point(kv_quant) else 1)
+        per_slot = HEAD_DIM // quant.codes_per_byte(kv_quant) + 4 * scales_per_slot
+    return 2 * batch * NUM_KV_HEADS * slots * per_slot
 
 
 def check_column(name, fn, inputs, scale, granularity="sequence"):
-    """Raise if the column disagrees with the reference on these inputs; return a short summary."""
+    """Raise if the column disagrees with the reference on these inputs (a quantized column's: the
+    reference on the same payloads and scales); return a short summary."""
+    kind, kw = column_kind(name), dict(scale=scale, granularity=granularity)
+    ref = reference.longflow_decode_attention_reference
+    ref = functools.partial(ref, **kw) if kind is None else on_quantized(ref, kind, **kw)
     out, evict = jax.jit(fn)(*inputs)
-    ref_out, ref_evict = jax.jit(columns(scale, granularity=granularity)["xla_longflow"])(*inputs)
+    ref_out, ref_evict = jax.jit(ref)(*inputs)
     out32, ref32 = np.asarray(out, np.float32), np.asarray(ref_out, np.float32)
     rel = float(np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32))
     if not np.all(np.isfinite(out32)) or rel > 2e-2:
@@ -126,8 +174,11 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
     evict, ref_evict = np.asarray(evict), np.asarray(ref_evict)
     if np.array_equal(evict, ref_evict):
         return f"out rel {rel:.1e}, evict equal"
-    _, probs = reference.decode_attention_probs(*inputs, scale)
-    imp = np.asarray(reference.longflow_importance(probs, inputs[2], inputs[3], granularity))
+    q, k, v, kv_valid = inputs[:4]
+    if kind is not None:  # the values the buffer holds
+        k, v = reference.dequantized_kv(k, v, kind, inputs[4])
+    _, probs = reference.decode_attention_probs(q, k, v, kv_valid, scale)
+    imp = np.asarray(reference.longflow_importance(probs, v, kv_valid, granularity))
     chosen = np.take_along_axis(imp, evict.reshape(imp.shape[:2])[..., None], -1)[..., 0]
     gap = float(np.max((chosen - imp.min(-1)) / np.abs(imp.min(-1))))
     if gap > 1e-5:
@@ -143,7 +194,7 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
     are the last iteration's."""
     n_calls = max(min_calls, len(sets))
     stateful = isinstance(fn, StatefulColumn)
-    step = fn.call if stateful else lambda q, k, v, valid, kernel_state: (*fn(q, k, v, valid), kernel_state)
+    step = fn.call if stateful else lambda q, *inputs, kernel_state: (*fn(q, *inputs), kernel_state)
 
     def chain(q, state, sets):
         evicts = []
@@ -300,53 +351,66 @@ def ceiling_in_child(nbytes, log=print):
     return Ceiling(**json.loads(result))
 
 
+def _cell(seconds, nbytes, ceiling):
+    """A timed call that reads nbytes: median us (TB/s, % of the bandwidth ceiling); n/a if untimed."""
+    if seconds is None:
+        return "n/a"
+    rate = nbytes / seconds
+    return f"{seconds * 1e6:.1f} ({rate / 1e12:.2f}, {100 * rate / ceiling.bytes_per_s:.0f}%)"
+
+
 def format_table(header, ceiling, rows, names):
-    """Markdown: one row per size, each column as median us (TB/s, % of the bandwidth ceiling)."""
+    """Markdown: one row per size, each column as median us (TB/s, % of the bandwidth ceiling), the
+    rates over the bytes that column reads; a quantized buffer's MB (payloads + scales) per kind shown."""
+    kinds = list(dict.fromkeys(k for n in names if (k := column_kind(n))))
     lines = [
         f"{header}; bandwidth ceiling {ceiling.bytes_per_s / 1e12:.2f} TB/s ({ceiling.note})",
         "",
-        "Hq/Hkv 32/8, D 128, bf16, all slots valid; median us per call (TB/s of K+V read, % of the "
-        "bandwidth ceiling); ceiling us = K+V bytes / ceiling; overhead = the kernel / the same kernel "
-        "without scoring - 1",
+        "Hq/Hkv 32/8, D 128, bf16, all slots valid (*_int8 / *_int4: K/V quantized per slot in groups of "
+        f"{QUANT_GROUP}); median us per call (TB/s of the K/V bytes the column reads, % of the bandwidth "
+        "ceiling); ceiling us = bf16 K+V bytes / ceiling; overhead = the kernel / the same kernel without "
+        "scoring - 1",
         "",
-        "| B | C | K+V MB | ceiling us | " + " | ".join(names) + " | pallas overhead | triton overhead |",
-        "|" + "---|" * (6 + len(names)),
-    ]
+        "| B | C | K+V MB | ceiling us | " + "".join(f"{k} MB | " for k in kinds) + " | ".join(names)
+        + " | pallas overhead | triton overhead |",
+        "|" + "---|" * (6 + len(kinds) + len(names)),
+    ]  # fmt: skip
     for r in rows:
         nbytes = kv_bytes(r["batch"], r["slots"])
-        cells = [
-            "n/a" if (t := r.get(n)) is None
-            else f"{t * 1e6:.1f} ({nbytes / t / 1e12:.2f}, {100 * nbytes / t / ceiling.bytes_per_s:.0f}%)"
-            for n in names
-        ]  # fmt: skip
+        cells = [_cell(r.get(n), kv_bytes(r["batch"], r["slots"], column_kind(n)), ceiling) for n in names]
         for kernel in ("pallas", "triton"):
             t, base = r.get(kernel), r.get(kernel + "_noevict")
             cells.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
         sizes = [r["batch"], r["slots"], f"{nbytes / 1e6:.0f}", f"{nbytes / ceiling.bytes_per_s * 1e6:.1f}"]
+        sizes += [f"{kv_bytes(r['batch'], r['slots'], k) / 1e6:.0f}" for k in kinds]
         lines.append("| " + " | ".join(map(str, sizes + cells)) + " |")
     return "\n".join(lines)
 
 
 def time_size(batch, slots, cols, args, scale, ceiling, log):
     """{batch, slots, column: median seconds per call} for the columns that pass their check."""
-    nbytes = kv_bytes(batch, slots)
-    sets = make_sets(batch, slots, int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / nbytes)))))
+    sets = {}  # per buffer kind (None: bf16), each kind's sets spanning ROTATE_BYTES of its own bytes
+    for kind in dict.fromkeys(column_kind(name) for name in cols):
+        n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots, kind)))))
+        sets[kind] = make_sets(batch, slots, n_sets, kv_quant=kind)
     row, summaries, runs = dict(batch=batch, slots=slots), {}, {}
     for name, fn in cols.items():
+        inputs = sets[column_kind(name)]
         try:  # a column that fails its check or compile is reported and never timed
-            summaries[name] = check_column(name, fn, sets[0], scale)
-            program, n_calls = chain_program(fn, sets, loops=args.loops)
-            runs[name] = (functools.partial(program, sets[0][0], sets), n_calls)
+            summaries[name] = check_column(name, fn, inputs[0], scale)
+            program, n_calls = chain_program(fn, inputs, loops=args.loops)
+            runs[name] = (functools.partial(program, inputs[0][0], inputs), n_calls)
             jax.block_until_ready(runs[name][0]())  # compiles here, so a failure is this column's
         except Exception as e:  # one broken column must not hide the rest
             log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
     for group in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
         for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
             row[name] = t
+            rate = kv_bytes(batch, slots, column_kind(name)) / t
             log(
-                f"B={batch:3d} C={slots:5d} {name:15s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
-                f"{tmax * 1e6:.1f}) {nbytes / t / 1e12:5.2f} TB/s "
-                f"{100 * nbytes / t / ceiling.bytes_per_s:4.0f}% of ceiling  [{summaries[name]}]"
+                f"B={batch:3d} C={slots:5d} {name:17s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
+                f"{tmax * 1e6:.1f}) {rate / 1e12:5.2f} TB/s "
+                f"{100 * rate / ceiling.bytes_per_s:4.0f}% of ceiling  [{summaries[name]}]"
             )
     return row  # this size's buffers go on return, before the next size's
 

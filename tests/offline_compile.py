@@ -117,6 +117,7 @@ def cubin_bytes_report(cubin_bytes: bytes) -> dict:
 
 _POINTER = {"q": "*{q}", "f32": "*fp32", "i32": "*i32"}
 _DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32"}
+_PAYLOAD = {"int8": "i8", "fp8": "fp8e4nv", "int4": "u8", "int2": "u8"}
 
 
 def _signature(kernel, inputs, launch, q_type, meta):
@@ -145,10 +146,13 @@ def compile_plan(
     granularity="sequence",
     compute_evict=True,
     with_ptx=False,
+    kv_quant=None,
+    quant_group=32,
     **launch,
 ):
     """{kernel name: resource report} for every kernel the launch plan of these shapes runs (with its
-    PTX text under "ptx" if with_ptx); `launch`: LaunchConfig fields."""
+    PTX text under "ptx" if with_ptx); `launch`: LaunchConfig fields; kv_quant: a quantized cache with
+    quant_group elements per scale."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
@@ -157,7 +161,9 @@ def compile_plan(
     from cuda_triton_bridge.xla_call import aligned_pointers
 
     itemsize = 4 if dtype == "float32" else 2
-    shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
+    shape = DecodeShape(
+        batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize, kv_quant, quant_group if kv_quant else 0
+    )
     cfg = resolve_launch(
         shape, LaunchConfig(**launch), compute_evict=compute_evict, sms=132, capability=capability
     )
@@ -170,16 +176,18 @@ def compile_plan(
         capability=capability,
     )
     q_type = _DTYPE[dtype]
+    kv_type = _PAYLOAD.get(kv_quant, q_type)
     main_inputs = {
         "q_ptr": f"*{q_type}",
-        "k_ptr": f"*{q_type}",
-        "v_ptr": f"*{q_type}",
+        "k_ptr": f"*{kv_type}",
+        "v_ptr": f"*{kv_type}",
         "valid_ptr": "*i1",
         "kv_len_ptr": "*i32",
         "qk_scale": "fp32",
     }
     if plan.one_kernel:
         main_inputs["tickets_in_ptr"] = "*i32"
+    main_inputs.update({f"{n}_ptr": "*fp32" for n in ("k_scale", "k_zero", "v_scale", "v_zero")})
     launches = [(getattr(kernels, plan.main_kernel), main_inputs, plan.split)]
     if plan.combine is not None:
         comb_inputs = {

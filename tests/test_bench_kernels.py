@@ -8,6 +8,7 @@ import functools
 import os
 import sys
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -59,10 +60,23 @@ def test_triton_columns_thread_one_kernel_state_as_generate_does():
     """A fake entry point with the bridge's signature stands in for the Triton kernel."""
     seen = []
 
-    def entry(q, k, v, kv_valid, *, scale, granularity, compute_evict, kernel_state):
+    def entry(
+        q,
+        k,
+        v,
+        kv_valid,
+        *,
+        scale,
+        granularity,
+        kernel_state,
+        compute_evict=True,
+        kv_quant=None,
+        kv_scales=None,
+    ):
         seen.append((scale, granularity, compute_evict, kernel_state.shape))
+        assert (kv_quant is None) == (kv_scales is None)
         evict = jnp.full(q.shape[0], 0 if compute_evict else -1, jnp.int32)
-        return q + 1, evict, kernel_state + 1
+        return q + 1 + (kv_scales.k_scale.sum() if kv_quant else 0), evict, kernel_state + 1
 
     init_kernel_state = lambda batch, num_kv_heads: jnp.zeros((batch, num_kv_heads), jnp.int32)
     cols = bk.columns(0.5, triton=(entry, init_kernel_state))
@@ -74,10 +88,19 @@ def test_triton_columns_thread_one_kernel_state_as_generate_does():
     seen.clear()
     assert np.asarray(cols["triton_noevict"](*sets[0])[1]).tolist() == [-1, -1]
     assert seen == [(0.5, "sequence", False, (2, 4))]
+    # A quantized column passes its set's scales and kind, and threads the state the same way.
+    seen.clear()
+    ones = jnp.ones((2, 4, 5, 1))
+    quantized = [
+        (jnp.zeros((2, 3)), jnp.zeros((2, 4, 5, 3)), None, None, bk.quant.KVScales(ones, ones, ones, ones))
+    ]
+    out, _ = bk.chain_program(cols["triton_int4"], quantized, min_calls=2)[0](quantized[0][0], quantized)
+    assert np.asarray(out).tolist() == [[2 * (1 + 40)] * 3] * 2
+    assert seen == [(0.5, "sequence", True, (2, 4))] * 2
 
 
 def test_triton_columns_are_omitted_without_the_bridge():
-    assert list(bk.columns(0.5)) == ["xla_attn", "xla_longflow", "pallas", "pallas_noevict"]
+    assert list(bk.columns(0.5)) == [n for n in bk.COLUMNS if not n.startswith("triton")]
     bridge, why = bk.load_triton_bridge()  # no CUDA device here
     assert bridge is None and why
 
@@ -118,6 +141,36 @@ def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output()
     assert bk.check_column("xla_attn", noevict, inputs, scale).startswith("out rel")
 
 
+@pytest.mark.parametrize("kind", [None, "int8", "int4", "fp8", "int2"])
+def test_kv_bytes_are_what_a_set_holds(kind):
+    # The bytes a column's TB/s counts: the K and V buffers of its sets, payloads + scales + zero points.
+    q, *buffers = bk.make_sets(2, 64, 1, kv_quant=kind)[0]
+    held = sum(x.nbytes for x in jax.tree_util.tree_leaves(buffers) if x.dtype != jnp.bool_)
+    assert bk.kv_bytes(2, 64, kind) == held
+    # Per slot and KV head at D 128, group 32: bf16 512 bytes; int8 2 x (128 + 16); int4 2 x (64 + 32).
+    assert bk.kv_bytes(1, 1, kind) // bk.NUM_KV_HEADS == {None: 512, "int8": 288, "fp8": 288, "int4": 192,
+                                                          "int2": 128}[kind]  # fmt: skip
+
+
+def test_check_column_checks_a_quantized_column_against_the_quantized_reference():
+    scale = bk.HEAD_DIM**-0.5
+    inputs = bk.make_sets(2, 64, 1, kv_quant="int4")[0]
+    reference = bk.columns(scale)["xla_longflow_int4"]
+    assert bk.check_column("xla_longflow_int4", reference, inputs, scale) == "out rel 0.0e+00, evict equal"
+
+    def wrong_slot(*args):
+        out, evict = reference(*args)
+        return out, (evict + 1) % 64
+
+    with pytest.raises(AssertionError, match="importance gap"):
+        bk.check_column("pallas_int4", wrong_slot, inputs, scale)
+    # The float reference on the dequantized values is the same computation.
+    q, k, v, valid, scales = inputs
+    k, v = bk.reference.dequantized_kv(k, v, "int4", scales)
+    float_ref = bk.columns(scale)["xla_longflow"]
+    assert bk.check_column("xla_longflow", float_ref, (q, k, v, valid), scale).endswith("evict equal")
+
+
 def test_the_ceiling_falls_back_to_the_jnp_copy_only_without_triton_or_torch_cuda():
     assert list(bk.ceiling_measurers(triton_ok=False, torch_cuda_ok=False)) == ["jnp copy"]
     assert list(bk.ceiling_measurers(triton_ok=True, torch_cuda_ok=False)) == ["triton read kernel"]
@@ -155,6 +208,19 @@ def test_table_reports_every_column_against_the_ceiling():
     assert cells[4:] == timed + ["n/a", "25.0%", "n/a"]  # triton absent: n/a, and so its overhead
 
 
+def test_table_rates_a_quantized_column_by_the_bytes_it_reads():
+    ceiling = bk.Ceiling(4e12, "torch copy_")
+    int4 = bk.kv_bytes(16, 2048, "int4")
+    row = dict(batch=16, slots=2048, triton=bk.kv_bytes(16, 2048) / 2e12, triton_int4=int4 / 3e12)
+    table = bk.format_table("device: x", ceiling, [row], ["triton", "triton_int4"])
+    header = [x for x in table.splitlines() if x.startswith("| B |")][0]
+    assert [c.strip() for c in header.strip("|").split("|")][4:7] == ["int4 MB", "triton", "triton_int4"]
+    (line,) = [x for x in table.splitlines() if x.startswith("| 16 | 2048 |")]
+    cells = [c.strip() for c in line.strip("|").split("|")]
+    assert cells[4] == f"{int4 / 1e6:.0f}"
+    assert cells[5].endswith("(2.00, 50%)") and cells[6] == f"{int4 / 3e6:.1f} (3.00, 75%)"
+
+
 @pytest.mark.parametrize("queued, interleave", [(0, False), (2, True)])
 def test_main_writes_a_table_with_the_timing_mode(tmp_path, capsys, queued, interleave):
     out = tmp_path / "table.md"
@@ -175,3 +241,13 @@ def test_main_writes_a_table_with_the_timing_mode(tmp_path, capsys, queued, inte
     assert all(float(c.split(" ")[0]) > 0 and c.endswith("%)") for c in cells[4:7])
     with pytest.raises(SystemExit, match="unknown or unavailable columns"):
         bk.main(["--sizes", "1x64", "--columns", "triton", "--copy-mb", "8"])
+
+
+def test_main_times_a_quantized_column_on_its_own_sets(tmp_path):
+    out = tmp_path / "table.md"
+    argv = ["--sizes", "1x64", "--columns", "xla_longflow,xla_longflow_int8", "--reps", "1", "--loops", "1"]
+    bk.main(argv + ["--copy-mb", "8", "--out", str(out)])
+    (row,) = [line for line in out.read_text().splitlines() if line.startswith("| 1 | 64 |")]
+    cells = [c.strip() for c in row.strip("|").split("|")]
+    assert cells[4] == f"{bk.kv_bytes(1, 64, 'int8') / 1e6:.0f}"  # the int8 MB column
+    assert all(float(c.split(" ")[0]) > 0 and c.endswith("%)") for c in cells[5:7])

@@ -46,13 +46,16 @@ def test_pallas_generate_matches_reference(qwen3, comp):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
-def test_triton_generate_matches_reference(qwen3, granularity):
+@pytest.mark.parametrize(
+    "granularity, kv_quant", [("sequence", None), ("kv_head", None), ("sequence", "int8"), ("kv_head", "fp8")]
+)
+def test_triton_generate_matches_reference(qwen3, granularity, kv_quant):
     from cuda_triton_bridge import triton_available
 
     if not triton_available():
         pytest.skip("needs triton and jax-triton")
     config, params = qwen3
-    _same_tokens(
-        params, config, "triton", CompressionConfig(policy="longflow", budget=8, granularity=granularity)
+    comp = CompressionConfig(
+        policy="longflow", budget=8, granularity=granularity, kv_quant=kv_quant, kv_quant_group=16
     )
+    _same_tokens(params, config, "triton", comp)

@@ -164,9 +164,10 @@ def test_kv_quant_is_validated():
     bad_group = lf.CompressionConfig(policy="full", kv_quant="int4", kv_quant_group=24)
     with pytest.raises(ValueError, match="kv_quant_group 24 must divide head_dim 32"):
         lf.generate({}, CONFIG, ids, lengths, max_new_tokens=2, compression=bad_group)
-    with pytest.raises(ValueError, match="kv_quant='int8' runs on the reference and Pallas paths for now"):
-        check_attention_impl("triton", lf.CompressionConfig(kv_quant="int8"))
-    check_attention_impl("pallas", lf.CompressionConfig(kv_quant="int8"))
+    for impl in ("pallas", "triton"):
+        check_attention_impl(impl, lf.CompressionConfig(kv_quant="int8"))  # the kernels read it
+    with pytest.raises(ValueError, match="fuses only the policies"):
+        check_attention_impl("pallas", lf.CompressionConfig(policy="h2o", kv_quant="int8"))
 
 
 def test_no_kv_quant_keeps_the_plain_buffer(params):

@@ -3,16 +3,19 @@
 CPU: the package imports without triton and rejects bad inputs before touching triton; the launch
 defaults, the kernels' sm_90 / sm_75 compile (tests/offline_compile.py) and the XLA-launch lowering need
 only the triton package. Where triton and torch are installed (no GPU needed), the kernels also run in
-Triton's interpreter, through the same config and launch plan (tests/triton_interpret.py), float32
-and float16 only: the Triton 3.6 interpreter computes a bf16 tl.dot on the raw bits.
+Triton's interpreter, through the same config and launch plan (tests/triton_interpret.py, which makes
+the interpreter's bf16 arithmetic match the GPU's).
 GPU (marked `gpu`, skipped without a CUDA GPU, triton and jax-triton): random inputs, fresh per test
 (a key from the test's parameters; never zeros), against `pallas_kernels.reference` computed in float32
-on the same rounded inputs.
+on the same rounded inputs. A quantized cache (kv_quant) is checked against the reference on the same
+payloads and scales, that is against float32 attention over the values the buffer holds.
 
 Evict slot: must equal the reference argmin. For float32 exactly. For bf16/fp16 the kernel's importance
 is computed in float32 from the same rounded inputs, so it differs from the reference only by the order
 of the float32 sums (tensor-core vs XLA dot): two slots whose importances agree to ~1e-6 relative can
-swap. There the chosen slot's reference importance must be within IMPORTANCE_RTOL of the minimum.
+swap. There the chosen slot's reference importance must be within IMPORTANCE_RTOL of the minimum. The
+quantized kernel keeps this: its key codes are exact in q's dtype and each group's scale multiplies an
+f32 dot, and ||v||_1 sums the dequantized values in f32.
 """
 
 from __future__ import annotations
@@ -37,8 +40,10 @@ import cuda_triton_bridge as ctb
 from cuda_triton_bridge import LaunchConfig, tuned_launch
 from cuda_triton_bridge.config import DecodeShape, kernel_state_shape, resolve_launch, shared_memory_bytes
 from cuda_triton_bridge.launch import plan_launch
+from pallas_kernels import quant
 from pallas_kernels.reference import (
     decode_attention_probs,
+    dequantized_kv,
     longflow_decode_attention_reference,
     longflow_importance,
 )
@@ -81,16 +86,26 @@ def make_inputs(key, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dtyp
     return q, k, v, jnp.stack([rows[i % 4] for i in range(batch)])
 
 
+def quantize_kv(k, v, kind, group=32):
+    """k, v quantized per slot as the cache stores them: (k payload, v payload, KVScales)."""
+    (kp, ks, kz), (vp, vs, vz) = (quant.quantize(x, kind, group) for x in (k, v))
+    return kp, vp, quant.KVScales(ks, kz, vs, vz)
+
+
 def reference_importance(q, k, v, kv_valid, scale, granularity):
     _, probs = decode_attention_probs(q, k, v, kv_valid, scale)
     return longflow_importance(probs, v, kv_valid, granularity)  # [B, G, C] f32
 
 
-def assert_matches_reference(q, k, v, kv_valid, out, evict_slot, *, scale, granularity):
-    ref_out, _ = decode_attention_probs(q, k, v, kv_valid, scale)
+def assert_matches_reference(
+    q, k, v, kv_valid, out, evict_slot, *, scale, granularity, kv_quant=None, kv_scales=None
+):
     _, ref_evict = longflow_decode_attention_reference(
-        q, k, v, kv_valid, scale=scale, granularity=granularity
+        q, k, v, kv_valid, scale=scale, granularity=granularity, kv_quant=kv_quant, kv_scales=kv_scales
     )
+    if kv_quant is not None:  # from here on, the values the buffer holds
+        k, v = dequantized_kv(k, v, kv_quant, kv_scales)
+    ref_out, _ = decode_attention_probs(q, k, v, kv_valid, scale)
     assert out.shape == q.shape and out.dtype == q.dtype
     out32 = np.asarray(out.astype(jnp.float32))
     ref32 = np.asarray(ref_out)
@@ -113,8 +128,12 @@ def assert_matches_reference(q, k, v, kv_valid, out, evict_slot, *, scale, granu
     np.testing.assert_array_equal(got_g[best < 0], want.reshape(got_g.shape)[best < 0])
 
 
-def assert_attention_only(q, k, v, kv_valid, out, evict_slot, *, scale, granularity):
+def assert_attention_only(
+    q, k, v, kv_valid, out, evict_slot, *, scale, granularity, kv_quant=None, kv_scales=None
+):
     """compute_evict=False: the attention output, and -1 for every evict slot."""
+    if kv_quant is not None:
+        k, v = dequantized_kv(k, v, kv_quant, kv_scales)
     ref_out, _ = decode_attention_probs(q, k, v, kv_valid, scale)
     rel = np.linalg.norm(np.asarray(out, np.float32) - np.asarray(ref_out)) / np.linalg.norm(ref_out)
     assert rel <= OUT_RTOL[jnp.dtype(q.dtype).name], rel
@@ -123,9 +142,13 @@ def assert_attention_only(q, k, v, kv_valid, out, evict_slot, *, scale, granular
     assert (np.asarray(evict_slot) == -1).all()
 
 
-def resolved(batch, slots, launch=None, *, num_q_heads=32, num_kv_heads=8, head_dim=128, itemsize=2, **kw):
+def resolved(
+    batch, slots, launch=None, *, num_q_heads=32, num_kv_heads=8, head_dim=128, itemsize=2, kv_quant=None,
+    quant_group=32, **kw,
+):  # fmt: skip
     """The resolved launch at Qwen3-8B's attention shape (by default) on an sm_90 GPU with SMS SMs."""
-    shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize)
+    group = quant_group if kv_quant else 0
+    shape = DecodeShape(batch, num_q_heads, num_kv_heads, slots, head_dim, itemsize, kv_quant, group)
     return resolve_launch(shape, launch, **{"sms": SMS, "capability": 90, **kw})
 
 
@@ -203,6 +226,31 @@ def test_rejects_reference_contract_violations():
     q, k, v, valid = _small()
     with pytest.raises(ValueError, match="kv_valid must be bool"):
         ctb.longflow_decode_attention_triton(q, k, v, valid.astype(jnp.int32), scale=0.125)
+
+
+def test_rejects_quantized_inputs_outside_the_contract():
+    q, k, v, valid = _small(num_slots=64)
+    kp, vp, scales = quantize_kv(k, v, "int4")
+    call = functools.partial(ctb.longflow_decode_attention_triton, q, kp, vp, valid, scale=0.125)
+    with pytest.raises(ValueError, match="needs kv_scales=KVScales"):
+        call(kv_quant="int4")
+    k8, v8, scales8 = quantize_kv(k, v, "int8")
+    with pytest.raises(ValueError, match="kv_quant='fp8' needs float8_e4m3fn payloads"):
+        ctb.longflow_decode_attention_triton(q, k8, v8, valid, scale=0.1, kv_quant="fp8", kv_scales=scales8)
+    with pytest.raises(ValueError, match="kv_scales given without kv_quant"):
+        ctb.longflow_decode_attention_triton(q, k, v, valid, scale=0.125, kv_scales=scales)
+    # A key chunk is one tl.dot's reduction: at least 16 elements of one plane and one scale group.
+    _, _, small_groups = quantize_kv(k, v, "int4", group=8)
+    with pytest.raises(ValueError, match="kv_quant_group >= 16 and head_dim / 2 >= 16, got group 8"):
+        call(kv_quant="int4", kv_scales=small_groups)
+    q32, k32, v32, valid32 = _small(head_dim=32, num_slots=64)
+    kp, vp, scales = quantize_kv(k32, v32, "int2", group=16)
+    with pytest.raises(ValueError, match="head_dim / 4 >= 16, got group 16 at head_dim 32"):
+        ctb.longflow_decode_attention_triton(
+            q32, kp, vp, valid32, scale=0.1, kv_quant="int2", kv_scales=scales
+        )
+    with pytest.raises(ValueError, match="kv_quant='fp8' needs an sm_89\\+ GPU"):
+        resolved(16, 2048, kv_quant="fp8", capability=80)
 
 
 def test_init_kernel_state_and_rejects_bad_state():
@@ -295,6 +343,36 @@ def test_default_launch_per_batch_and_cache_size():
     # A forced epilogue takes its own row's block size.
     assert resolved(1, 2048, LaunchConfig(epilogue="separate")).block_c == 128
     assert resolved(16, 2048, LaunchConfig(epilogue="coop")).block_c == 64
+
+
+def test_quantized_launch_defaults():
+    # A quantized cache keeps each batch's epilogue and split rule, with 64-slot blocks and 8 warps (its
+    # codes are unpacked in registers); float32 q keeps its own 32-slot blocks; a launch field wins.
+    for kind in quant.KV_QUANT_KINDS:
+        for batch, slots in ((1, 2048), (16, 2048), (64, 8192)):
+            plain, cfg = resolved(batch, slots), resolved(batch, slots, kv_quant=kind)
+            assert cfg.epilogue == plain.epilogue and cfg.xla_launch == plain.xla_launch, (kind, batch)
+            assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (64, 8, tuned_launch.NUM_STAGES)
+    assert resolved(16, 2048, kv_quant="int4").num_splits == 1
+    assert resolved(1, 2048, kv_quant="int4").num_splits == 16  # coop: one program per SM
+    assert resolved(2, 40, kv_quant="int8").block_c == 64  # next_pow2(C)
+    assert resolved(2, 20, kv_quant="int8").block_c == 32
+    wide = resolved(16, 2048, itemsize=4, kv_quant="int8")
+    assert (wide.block_c, wide.num_warps) == (tuned_launch.F32_BLOCK_C, tuned_launch.F32_NUM_WARPS)
+    forced = resolved(16, 2048, LaunchConfig(block_c=128, num_warps=4), kv_quant="int4")
+    assert (forced.block_c, forced.num_warps) == (128, 4)
+
+
+@pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
+@pytest.mark.parametrize("head_dim, group", [(128, 32), (64, 16), (128, 128)])
+def test_a_quantized_slot_row_is_its_payload_and_scales(kind, head_dim, group):
+    # The bytes of one slot's K (or V) row, which the shared-memory estimate and the benchmark's bytes
+    # count: what quant.quantize stores for it.
+    payload, scale, zero = quant.quantize(jnp.ones((1, head_dim)), kind, group)
+    stored = payload.nbytes + scale.nbytes + (0 if zero is None else zero.nbytes)
+    shape = DecodeShape(1, 8, 2, 64, head_dim, 2, kind, group)
+    assert shape.kv_row_bytes == stored
+    assert DecodeShape(1, 8, 2, 64, head_dim).kv_row_bytes == 2 * head_dim
 
 
 def test_splits_round_to_whole_blocks():
@@ -485,6 +563,39 @@ def test_decode_lowers_through_xlas_triton_call(lowered_for_cuda, batch, epilogu
     ]
 
 
+@pytest.mark.parametrize("kind, payload_type", [("int8", "i8"), ("fp8", "f8E4M3FN"), ("int4", "i8")])
+def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
+    lowered_for_cuda, kind, payload_type
+):
+    """A quantized cache lowers to the same custom calls: the payloads go in as they are (u8 is i8 in
+    TTIR), then the scale rows; the zero points of int8 / fp8 are the one f32 placeholder. No tensor of
+    the cache's float shape appears anywhere: nothing dequantizes outside the kernel."""
+    q, *_, valid = _sds(4)
+    payload = jax.ShapeDtypeStruct((4, 8, 2048, 128 // quant.codes_per_byte(kind)), quant.payload_dtype(kind))
+    rows = jax.ShapeDtypeStruct((4, 8, 2048, 4), jnp.float32)
+    zero = rows if quant.has_zero_point(kind) else None
+    scales = quant.KVScales(rows, zero, rows, zero)
+    launch = LaunchConfig(epilogue="coop", xla_launch=True)
+
+    def fn(q, k, v, valid, scales):
+        return ctb.longflow_decode_attention_triton(
+            q, k, v, valid, scale=0.088, launch=launch, kv_quant=kind, kv_scales=scales
+        )
+
+    text = lowered_for_cuda(fn, q, payload, payload, valid, scales)
+    assert re.findall(r'name = "(\w+)", num_stages', text) == ["decode_coop_kernel"]
+    ttir = re.search(r'ir = "(.*?)", name', text).group(1)
+    params = re.search(r"tt\.func public @decode_coop_kernel\((.*?)\) attributes", ttir).group(1)
+    types = re.findall(r"!tt\.ptr<(\w+)>", params)
+    # q, k, v, valid, kv_len, tickets, then the four scale rows, then the outputs
+    assert types[:10] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 4, types
+    call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", text).group(1)
+    assert len(call.split(", ")) == 10
+    assert ("tensor<1xf32>" in text) != quant.has_zero_point(kind)
+    for dtype in ("bf16", "f32", "f16"):
+        assert f"tensor<4x8x2048x128x{dtype}>" not in text
+
+
 def test_kernel_state_replaces_the_zero_fill(lowered_for_cuda):
     """With the caller's kernel state the coop launch (XLA's call, B = 1) takes that buffer, aliased to
     its tickets output and returned, instead of a zero buffer of its own."""
@@ -595,6 +706,28 @@ def test_shared_memory_estimate_matches_the_compiled_kernel(
         assert estimate <= 1.5 * compiled["shared_bytes"], compiled
 
 
+@pytest.mark.parametrize(
+    "kind, batch, epilogue",
+    [("int8", 16, "separate"), ("int4", 64, "fused"), ("fp8", 4, "coop"), ("int2", 16, None)],
+)
+def test_quantized_kernels_compile_for_sm90_without_spills(compile_plan, kind, batch, epilogue):
+    """The default quantized launch at the benchmark's shape (Hq/Hkv 32/8, D 128, group 32): payloads
+    stream through 8- or 16-byte cp.async copies into tensor-core dots, nothing spills, and the
+    shared-memory estimate bounds the compiled kernel (exactly for one-byte codes)."""
+    reports = compile_plan(batch, 32, 8, 2048, 128, kv_quant=kind, epilogue=epilogue)
+    main = reports[MAIN_KERNEL[epilogue or "separate"]]
+    assert {"LDGSTS.E.64", "LDGSTS.E.BYPASS.128"} & set(main["sass_ops"]), main["sass_ops"]
+    assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
+    for name, report in reports.items():
+        assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
+    cfg = resolved(batch, 2048, LaunchConfig(epilogue=epilogue), kv_quant=kind)
+    shape = DecodeShape(batch, 32, 8, 2048, 128, 2, kind, 32)
+    estimate = shared_memory_bytes(shape, cfg.block_c, cfg.num_stages)
+    assert main["shared_bytes"] <= estimate, (main["shared_bytes"], estimate)
+    if quant.codes_per_byte(kind) == 1:
+        assert main["shared_bytes"] == estimate
+
+
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
 def test_kernels_compile_for_sm75_without_the_discard(compile_plan, epilogue):
     # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
@@ -617,7 +750,7 @@ def _case(name, dtype, shape, valid="mixed", **kwargs):
     return name, dtype, shape, valid, {"launch": launch, **kwargs}
 
 
-F32, F16 = "float32", "float16"
+F32, F16, BF16 = "float32", "float16", "bfloat16"
 FUSED = dict(epilogue="fused")
 COOP = dict(epilogue="coop", sms=64)  # the grid must fit the "SMs" (one program each)
 KV_HEAD = dict(granularity="kv_head")
@@ -674,6 +807,37 @@ INTERPRETER_CASES = [
     _case("repeat-coop-noevict", F32, (3, 8, 2, 300, 64), **COOP, **NO_EVICT, num_splits=4, repeat=True),
     _case("repeat-fused", F32, (3, 8, 2, 300, 64), **FUSED, block_c=32, num_splits=3, repeat=True),
     _case("repeat-separate", F32, (2, 8, 2, 300, 64), block_c=32, num_splits=3, repeat=True),
+    # A quantized cache (group 32 unless quant_group says otherwise): every kind with bf16 and f16 q
+    # at both granularities, across the epilogues. Key chunks: int8 / fp8 at D 64 two of 32 elements;
+    # int4 two planes of 32 (group 16: two payload chunks x two planes); int2 four planes of 16, each
+    # group spanning two planes (at D 128, four of 32).
+    _case("int8-bf16", BF16, (4, 8, 2, 100, 64), kv_quant="int8", block_c=32, num_splits=2),
+    _case("int8-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="int8", **FUSED, **KV_HEAD, block_c=16),
+    _case("int8-f16", F16, (4, 8, 2, 100, 64), kv_quant="int8", **COOP, block_c=32, num_splits=3),
+    _case("int8-f16-kvhead", F16, (4, 8, 2, 100, 64),
+          kv_quant="int8", quant_group=64, **KV_HEAD, block_c=64, num_splits=1),
+    _case("fp8-bf16", BF16, (4, 4, 2, 100, 64), kv_quant="fp8", quant_group=16, **FUSED, num_splits=2),
+    _case("fp8-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="fp8", **COOP, **KV_HEAD, num_splits=2),
+    _case("fp8-f16", F16, (4, 8, 2, 100, 64), kv_quant="fp8", block_c=32, num_splits=2),
+    _case("fp8-f16-kvhead", F16, (4, 8, 2, 100, 64), kv_quant="fp8", **FUSED, **KV_HEAD, block_c=32),
+    _case("int4-bf16", BF16, (4, 8, 2, 100, 64), kv_quant="int4", **FUSED, block_c=32, num_splits=2),
+    _case("int4-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="int4", **KV_HEAD, num_splits=2),
+    _case("int4-f16", F16, (4, 8, 2, 100, 64), kv_quant="int4", quant_group=16, **COOP, block_c=32),
+    _case("int4-f16-kvhead", F16, (4, 8, 2, 100, 64),
+          kv_quant="int4", quant_group=16, **KV_HEAD, block_c=32, num_splits=3),
+    _case("int2-bf16", BF16, (4, 8, 2, 100, 64), kv_quant="int2", **COOP, num_splits=2),
+    _case("int2-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="int2", **KV_HEAD, block_c=32),
+    _case("int2-f16", F16, (4, 8, 2, 100, 128), kv_quant="int2", block_c=32, num_splits=2),
+    _case("int2-f16-kvhead", F16, (4, 8, 2, 100, 64), kv_quant="int2", **FUSED, **KV_HEAD, num_splits=2),
+    # float32 q: the evict slot exactly; no scoring; a kv_len bound; the quantized launch defaults; the
+    # kernel state through a second call.
+    _case("int8-f32", F32, (4, 8, 2, 100, 64), kv_quant="int8", block_c=32, num_splits=2),
+    _case("int4-f32-kvhead", F32, (4, 8, 2, 100, 64), kv_quant="int4", **COOP, **KV_HEAD, num_splits=2),
+    _case("int4-noevict", BF16, (3, 8, 2, 100, 64), kv_quant="int4", **NO_EVICT, **FUSED, num_splits=2),
+    _case("int8-kvlen", F16, (4, 8, 2, 100, 64),
+          "all", kv_quant="int8", block_c=32, num_splits=3, kv_len=[0, 1, 70, 100]),
+    _case("int4-auto", BF16, (4, 8, 2, 256, 64), "all", kv_quant="int4", epilogue=None),
+    _case("repeat-coop-int2", F16, (2, 8, 2, 100, 64), kv_quant="int2", **COOP, num_splits=2, repeat=True),
 ]
 # fmt: on
 
@@ -687,10 +851,20 @@ def interpreted(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("interp")
     arrays, cases, inputs = {}, [], []
     for i, (name, dtype, shape, valid, kwargs) in enumerate(INTERPRETER_CASES):
+        kwargs = dict(kwargs)
+        group = kwargs.pop("quant_group", 32)
         q, k, v, kv_valid = make_inputs(_key("interp", name), *shape, jnp.dtype(dtype), valid)
-        inputs.append((q, k, v, kv_valid))
-        for n, x in zip("qkv", (q, k, v)):
-            arrays[f"{n}_{i}"] = np.asarray(x, np.float32)
+        scales = None
+        if kwargs.get("kv_quant"):  # payloads as their raw bytes (fp8's bits as uint8), and the scales
+            k, v, scales = quantize_kv(k, v, kwargs["kv_quant"], group)
+            for n, x in (("k", k), ("v", v)):
+                x = np.asarray(x)
+                arrays[f"{n}_{i}"] = x.view(np.uint8) if x.dtype == jnp.float8_e4m3fn else x
+            arrays.update({f"{n}_{i}": np.asarray(x) for n, x in scales._asdict().items() if x is not None})
+        else:
+            arrays.update({f"{n}_{i}": np.asarray(x, np.float32) for n, x in zip("kv", (k, v))})
+        inputs.append((q, k, v, kv_valid, scales))
+        arrays[f"q_{i}"] = np.asarray(q, np.float32)
         arrays[f"valid_{i}"] = np.asarray(kv_valid)
         cases.append({"dtype": dtype, "kwargs": {"scale": 1 / math.sqrt(shape[-1]), "sms": 4, **kwargs}})
     np.savez(tmp / "cases.npz", cases=json.dumps(cases), **arrays)
@@ -720,7 +894,7 @@ def interpreted(tmp_path_factory):
 
 @pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
 def test_interpreter_matches_reference(interpreted, name):
-    (q, k, v, kv_valid), kwargs, out, evict_slot, _ = interpreted[name]
+    (q, k, v, kv_valid, kv_scales), kwargs, out, evict_slot, _ = interpreted[name]
     if "kv_len" in kwargs:
         kv_valid = bounded_mask(kv_valid, kwargs["kv_len"])
     check = assert_matches_reference if kwargs.get("compute_evict", True) else assert_attention_only
@@ -735,6 +909,8 @@ def test_interpreter_matches_reference(interpreted, name):
         evict_slot,
         scale=kwargs["scale"],
         granularity=kwargs.get("granularity", "sequence"),
+        kv_quant=kwargs.get("kv_quant"),
+        kv_scales=kv_scales,
     )
 
 
@@ -742,17 +918,19 @@ def test_interpreter_matches_reference(interpreted, name):
 def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
     # The one-launch epilogues count their programs in the state and must leave it zero (a repeated
     # case's second call, checked above, ran on it); the separate epilogue passes it through.
-    (q, k, _, _), _, _, _, state = interpreted[name]
+    (q, k, *_), _, _, _, state = interpreted[name]
     assert state.dtype == np.int32 and state.shape == kernel_state_shape(q.shape[0], k.shape[1])
     np.testing.assert_array_equal(state, 0)
 
 
 def test_interpreter_cases_cover_every_epilogue_and_repeat():
     def epilogue(case):
-        kwargs = case[-1]
-        b, hq, hkv, c, d = case[2]
+        _, dtype, (b, hq, hkv, c, d), _, kwargs = case
+        kind = kwargs.get("kv_quant")
+        group = kwargs.get("quant_group", 32) if kind else 0
+        shape = DecodeShape(b, hq, hkv, c, d, jnp.dtype(dtype).itemsize, kind, group)
         return resolve_launch(
-            DecodeShape(b, hq, hkv, c, d), LaunchConfig(**kwargs["launch"]), sms=kwargs.get("sms", 4),
+            shape, LaunchConfig(**kwargs["launch"]), sms=kwargs.get("sms", 4),
             compute_evict=kwargs.get("compute_evict", True), capability=90,
         ).epilogue  # fmt: skip
 
@@ -766,6 +944,15 @@ def test_interpreter_cases_cover_every_epilogue_and_repeat():
         "fused",
         "coop",
     }
+    quantized = [case for case in INTERPRETER_CASES if case[-1].get("kv_quant")]
+    covered = {(case[-1]["kv_quant"], case[1], case[-1].get("granularity", "sequence")) for case in quantized}
+    assert covered >= {
+        (kind, dtype, granularity)
+        for kind in quant.KV_QUANT_KINDS
+        for dtype in (BF16, F16)
+        for granularity in ("sequence", "kv_head")
+    }
+    assert {epilogue(case) for case in quantized} == {"separate", "fused", "coop"}
 
 
 # ---------------------------------------------------------------- GPU: against the reference
@@ -1026,6 +1213,69 @@ def test_kernel_state_stays_zero_across_calls(granularity, epilogue, xla_launch,
     )(state)
     np.testing.assert_array_equal(np.asarray(evict_slot), np.asarray(evicts[0]))
     np.testing.assert_array_equal(np.asarray(state), 0)
+
+
+# ---------------------------------------------------------------- GPU: a quantized cache
+
+QUANT_MATCH_CASES = [
+    (kind, dtype, granularity)
+    for kind in quant.KV_QUANT_KINDS
+    for dtype in ("bfloat16", "float16")
+    for granularity in ("sequence", "kv_head")
+]
+
+
+@pytest.mark.parametrize("kind, dtype, granularity", QUANT_MATCH_CASES)
+@gpu
+def test_quantized_matches_reference(kind, dtype, granularity):
+    # Every kind, q dtype and granularity, each case on another epilogue, launch path and head size
+    # (group 32 at D 128, 16 at D 64), with a kv_len bound that leaves splits unread.
+    i = QUANT_MATCH_CASES.index((kind, dtype, granularity))
+    head_dim, group = (128, 32) if i % 4 < 2 else (64, 16)
+    launch = LaunchConfig(epilogue=EPILOGUES[i % 3], xla_launch=bool(i % 2))
+    q, k, v, valid = make_inputs(_key("quant", kind, dtype, granularity), 4, 8, 2, 1000, head_dim, dtype)
+    kp, vp, scales = quantize_kv(k, v, kind, group)
+    kv_len = jnp.asarray([1000, 517, 1, 0], jnp.int32)
+    kw = dict(scale=head_dim**-0.5, granularity=granularity, kv_quant=kind, kv_scales=scales)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, kp, vp, valid, kv_len=kv_len, launch=launch, **kw
+    )
+    assert_matches_reference(q, kp, vp, bounded_mask(valid, kv_len), out, evict_slot, **kw)
+    out, evict_slot = ctb.longflow_decode_attention_triton(q, kp, vp, valid, compute_evict=False, **kw)
+    assert_attention_only(q, kp, vp, valid, out, evict_slot, **kw)
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4"])
+@pytest.mark.parametrize("batch, num_slots", [(1, 8192), (16, 2048), (64, 2048)])
+@gpu
+def test_quantized_benchmark_shapes_with_default_launch(kind, batch, num_slots):
+    # The benchmark's shape (32 / 8 heads, D 128, group 32, every slot valid) with the default launch,
+    # jitted with a kernel state: right, deterministic, and no buffer the size of a dequantized cache.
+    q, k, v, valid = make_inputs(
+        _key("quant bench", kind, batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
+    )
+    kp, vp, scales = quantize_kv(k, v, kind)
+    kw = dict(scale=128**-0.5, kv_quant=kind)
+
+    def call(q, kp, vp, valid, scales, state):
+        return ctb.longflow_decode_attention_triton(
+            q, kp, vp, valid, kv_scales=scales, kernel_state=state, **kw
+        )
+
+    args = (q, kp, vp, valid, scales, ctb.init_kernel_state(batch, 8))
+    compiled = jax.jit(call).lower(*args).compile()
+    mem = compiled.memory_analysis()
+    if mem is not None:
+        assert mem.temp_size_in_bytes < k.nbytes // 4, mem
+    out, evict_slot, state = compiled(*args)
+    assert_matches_reference(
+        q, kp, vp, valid, out, evict_slot, granularity="sequence", kv_scales=scales, **kw
+    )
+    np.testing.assert_array_equal(np.asarray(state), 0)
+    for _ in range(2):
+        out2, evict2, _ = compiled(*args)
+        np.testing.assert_array_equal(np.asarray(evict2), np.asarray(evict_slot))
+        np.testing.assert_array_equal(np.asarray(out2), np.asarray(out))
 
 
 # ---------------------------------------------------------------- GPU: inside a jitted decode loop

@@ -11,7 +11,9 @@ tests/test_triton_kernel.py does). CASES.npz holds q_i, k_i, v_i (float32 values
 valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}} (a "launch" dict becomes a
 LaunchConfig); RESULTS.npz gets out_i (float32), evict_i and state_i (the kernel state the first call
 left). A case with "repeat": true runs twice, the second time on the state the first returned: out_i and
-evict_i are then the second call's.
+evict_i are then the second call's. A case whose kwargs name a "kv_quant" kind has payloads in k_i, v_i
+(their raw bytes: int8, or uint8 for the packed kinds and fp8's bits) and its KVScales fields in
+k_scale_i, k_zero_i, v_scale_i, v_zero_i (the zero points only where the kind has them).
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import triton
 from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import LaunchConfig, check_kernel_state, kernel_state_shape, plan_inputs
 from cuda_triton_bridge.launch import LOG2E, plan_launch
+from pallas_kernels import quant
 
 
 def _index_one_element_tensors():
@@ -49,15 +52,55 @@ def _index_one_element_tensors():
     interpreter._patch_lang_tensor = patched
 
 
+def _bf16_as_the_gpu_computes_it():
+    """Triton 3.6's interpreter holds bf16 as raw uint16 bits and gets three ops wrong on them: tl.dot
+    multiplies the bits, an integer cast to bf16 stores the integer as bits, and f32 -> bf16 truncates
+    (the GPU rounds to nearest even). This widens bf16 dot operands to f32 first (exact, as the tensor
+    cores' products are) and casts to and from bf16 through ml_dtypes."""
+    import ml_dtypes
+    import triton.language as tl
+    from triton.runtime import interpreter
+
+    builder = interpreter.InterpreterBuilder
+    if getattr(builder, "_longflow_bf16", False):
+        return
+    bf16 = np.dtype(ml_dtypes.bfloat16)
+    dot, cast = builder.create_dot, builder.cast_impl
+
+    def widen(x):
+        if x.dtype.scalar != tl.bfloat16:
+            return x
+        return interpreter.TensorHandle(x.data.view(bf16).astype(np.float32), tl.float32)
+
+    def create_dot(self, a, b, d, *args):
+        return dot(self, widen(a), widen(b), d, *args)
+
+    def cast_impl(self, src, dst_type):
+        src_ty, dst_ty = src.dtype.scalar, dst_type.scalar
+        if tl.bfloat16 not in (src_ty, dst_ty):
+            return cast(self, src, dst_type)
+        data = src.data.view(bf16) if src_ty == tl.bfloat16 else src.data
+        if dst_ty == tl.bfloat16:
+            return interpreter.TensorHandle(data.astype(bf16).view(np.uint16), dst_ty)
+        return interpreter.TensorHandle(data.astype(interpreter._get_np_dtype(dst_ty)), dst_ty)
+
+    builder.create_dot, builder.cast_impl, builder._longflow_bf16 = create_dot, cast_impl, True
+
+
 _index_one_element_tensors()
+_bf16_as_the_gpu_computes_it()
 
 _TORCH = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+# dtypes numpy lacks: torch gets their raw bits, reinterpreted
+_TORCH_BITS = {"bfloat16": (np.int16, torch.bfloat16), "float8_e4m3fn": (np.uint8, torch.float8_e4m3fn)}
+SCALE_NAMES = quant.KVScales._fields
 
 
 def _to_torch(x):
     x = np.asarray(x)
-    if x.dtype.name == "bfloat16":  # numpy has no bf16: go through the raw bits
-        return torch.from_numpy(x.view(np.int16).copy()).view(torch.bfloat16)
+    if x.dtype.name in _TORCH_BITS:
+        bits, dtype = _TORCH_BITS[x.dtype.name]
+        return torch.from_numpy(x.view(bits).copy()).view(dtype)
     return torch.from_numpy(x.copy())
 
 
@@ -108,6 +151,9 @@ def longflow_decode_attention_interpret(
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
     tlen = torch.from_numpy(np.asarray(kv_len).copy())
+    # Without kv_quant (or zero points) the kernels never read these: a placeholder, as decode.py passes.
+    scales = kwargs.get("kv_scales") or quant.KVScales(None, None, None, None)
+    tscales = [torch.zeros(1) if x is None else _to_torch(x) for x in scales]
     qk_scale = float(kwargs["scale"]) * LOG2E
     split_out = _alloc(plan.split, _TORCH[dtype])
     if plan.one_kernel:
@@ -115,12 +161,12 @@ def longflow_decode_attention_interpret(
         split_out[plan.tickets_output] = torch.from_numpy(kernel_state.copy())
         tickets = split_out[plan.tickets_output]
         getattr(kernels, plan.main_kernel)[plan.split.grid](
-            tq, tk, tv, tvalid, tlen, qk_scale, tickets, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, qk_scale, tickets, *tscales, *split_out, **plan.split.meta
         )
         out, evict_slot, kernel_state = split_out[0], split_out[plan.evict_output], tickets.numpy()
     else:
         kernels.decode_split_kernel[plan.split.grid](
-            tq, tk, tv, tvalid, tlen, qk_scale, *split_out, **plan.split.meta
+            tq, tk, tv, tvalid, tlen, qk_scale, *tscales, *split_out, **plan.split.meta
         )
         out, acc, m, ell, t, counter, evict_slot = split_out
         if plan.combine is not None:
@@ -145,8 +191,14 @@ def main(argv=None):
     results = {}
     for i, case in enumerate(json.loads(str(data["cases"]))):
         dtype = jnp.dtype(case["dtype"])
-        q, k, v = (np.asarray(jnp.asarray(data[f"{n}_{i}"]).astype(dtype)) for n in "qkv")
         kwargs = dict(case["kwargs"])
+        q, k, v = (np.asarray(jnp.asarray(data[f"{n}_{i}"]).astype(dtype)) for n in "qkv")
+        if kwargs.get("kv_quant"):
+            payload = jnp.dtype(quant.payload_dtype(kwargs["kv_quant"]))
+            k, v = (data[f"{n}_{i}"].view(payload) for n in "kv")
+            kwargs["kv_scales"] = quant.KVScales(
+                *(data[f"{n}_{i}"] if f"{n}_{i}" in data else None for n in SCALE_NAMES)
+            )
         if "kv_len" in kwargs:  # JSON holds a list; the kernel takes an int array
             kwargs["kv_len"] = np.asarray(kwargs["kv_len"], np.int32)
         if "launch" in kwargs:
