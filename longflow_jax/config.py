@@ -250,7 +250,7 @@ class CompressionConfig:
       paper's 128).
     kv_quant: None (the buffer holds K/V in the model's dtype) or "int8", "fp8", "int4", "int2": each
       slot's K/V quantized on its own, keys Hadamard-rotated first (pallas_kernels/quant.py); every
-      policy reads the dequantized values. Reference attention path only for now.
+      policy reads the dequantized values; both kernels dequantize in registers.
     kv_quant_group: elements of head_dim sharing one scale (must divide head_dim).
     """
 
