@@ -12,14 +12,19 @@
 #                        memory; MODEL (qwen3-4b or r1-distill-qwen-7b) and NEW_TOKENS (8192) from the
 #                        environment; LongFlow timed over its first 3072 steps (its buffer is full by
 #                        then), the rest projected at the buffer-full rate. The 7B shape at 16384 tokens
-#                        needs `--prefill-rows 64`.
+#                        needs `--prefill-rows 64`. KV_QUANTS="int8 int4" adds LongFlow at those kv_quant
+#                        kinds, each at its own largest batch.
+#   fidelity CKPT PROBLEMS [ARGS]  docs/QUALITY.md's SmolLM2 command (the #22 table's policies and budgets;
+#                        ARGS such as --policies override), resumed from ROWS (/tmp/fidelity_rows.jsonl,
+#                        kept on a warm machine between calls); no run starts after START_LIMIT (300) s,
+#                        JOBS (6) runs at once. The rows are copied to $OUT.
 #   ab OLD_TREE [ARGS]   no-regression check: scripts/bench_kernels.py from OLD_TREE (an old checkout,
 #                        e.g. `git archive COMMIT | tar -x -C old`) and from this tree, as separate processes
 #                        taking turns for ROUNDS (2) rounds; then a table of both trees' per-call medians.
 #                        A round of both takes 3-5 minutes at all six sizes: pass --sizes to fit a call.
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
-stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|ab OLD_TREE [ARGS...]}
+stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE [ARGS...]}
 shift
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -46,9 +51,23 @@ case "$stage" in
       --out "$OUT/generate.jsonl" --plot "$OUT/generate.png" "$@" 2>&1 | tee "$OUT/generate.log" ;;
   equal-memory)
     new=${NEW_TOKENS:-8192}
+    runs=("full:max:$new::triton" "longflow:max:$new:2048:triton:3072")
+    for kind in ${KV_QUANTS:-}; do runs+=("longflow@$kind:max:$new:2048:triton:3072"); done
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "$limit" python3 scripts/benchmark_generate.py \
-      --model "${MODEL:-qwen3-4b}" --isolate --runs "full:max:$new::triton" "longflow:max:$new:2048:triton:3072" \
+      --model "${MODEL:-qwen3-4b}" --isolate --runs "${runs[@]}" \
       --out "$OUT/equal_memory.jsonl" --plot "$OUT/equal_memory.png" "$@" 2>&1 | tee "$OUT/equal_memory.log" ;;
+  fidelity)
+    [ $# -ge 2 ] || { echo "usage: gpu_run.sh fidelity CKPT PROBLEMS [ARGS...]" >&2; exit 2; }
+    ckpt=$1 problems=$2
+    shift 2
+    rows=${ROWS:-/tmp/fidelity_rows.jsonl}
+    XLA_PYTHON_CLIENT_MEM_FRACTION=0.92 timeout "$limit" python3 -m longflow_jax.eval_math fidelity \
+      --ckpt "$ckpt" --input "$problems" --output "$rows" --resume --max-new-tokens 2048 --temperature 0.6 \
+      --seed 0 --batch-size 64 --policies longflow,longflow:kv_head,h2o,tova,streaming,rkv,random \
+      --budgets 64,128,256,512,1024 --jobs "${JOBS:-6}" --time-limit "${START_LIMIT:-300}" \
+      --table "$OUT/fidelity.md" --plot "$OUT/fidelity.png" "$@" 2>&1 | grep -v "it/s" | tee "$OUT/fidelity.log" \
+      | tail -60
+    cp "$rows" "$OUT/" ;;
   ab)
     old=${1:?usage: gpu_run.sh ab OLD_TREE [ARGS...]}
     shift
