@@ -27,14 +27,16 @@ def run_fidelity(tmp_path, ckpt, *extra):
 
 
 def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
-    # 256 slots hold prompt + trajectory: every policy must then be the full cache exactly.
+    """256 slots hold prompt + trajectory: every unquantized policy must then be the full cache exactly.
+    @KV_QUANT runs the quantized buffer: a quantized full cache runs once (budget "all"), and
+    quantization alone moves the model where the plain budget that holds everything does not."""
     code, out = run_fidelity(
-        tmp_path, chat_ckpt, "--policies", "longflow,tova:kv_head", "--budgets", "4,256",
-        "--plot", str(tmp_path / "f.png"),
+        tmp_path, chat_ckpt, "--policies", "longflow,tova:kv_head,full@int2", "--budgets", "4,256",
+        "--kv-quant-group", "8", "--plot", str(tmp_path / "f.png"),
     )  # fmt: skip
     assert code == 0
     rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert len(rows) == 2 * 2 * len(PROBLEMS)
+    assert len(rows) == (2 * 2 + 1) * len(PROBLEMS)
     for r in rows:
         assert 1 <= r["steps"] <= NEW_TOKENS
         if r["budget"] == 256:
@@ -42,46 +44,25 @@ def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
             assert r["divergence_step"] is None and r["answer"] == r["full_answer"]
     small = [r for r in rows if r["budget"] == 4]
     assert max(r["mean_kl"] for r in small) > 0  # 4 slots really evict
+    int2 = [r for r in rows if r["kv_quant"] == "int2"]
+    assert len(int2) == len(PROBLEMS) and {r["budget"] for r in int2} == {None}
+    assert max(r["mean_kl"] for r in int2) > 0
     table = (tmp_path / "t.md").read_text()
     assert "| tova:kv_head | 4 |" in table and "| longflow | 256 | 0.0000 | 100.0 |" in table
+    assert "| full@int2 | all |" in table
     assert (tmp_path / "f.png").stat().st_size > 0
 
 
-def test_resume_keeps_finished_runs_and_refuses_other_settings(tmp_path, chat_ckpt):
+def test_resume_reruns_only_missing_or_failed_runs_and_refuses_other_settings(
+    tmp_path, chat_ckpt, monkeypatch, capsys
+):
+    from longflow_jax import fidelity
+
     code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming", "--budgets", "8")
     assert code == 0
     first = out.read_text()
     assert run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming", "--budgets", "8")[0] == 2  # exists
-    code, _ = run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming,h2o", "--budgets", "8", "--resume")
-    assert code == 0
-    text = out.read_text()
-    assert text.startswith(first) and len(text.splitlines()) == 2 * len(PROBLEMS)
-    code, _ = run_fidelity(
-        tmp_path, chat_ckpt, "--policies", "h2o", "--budgets", "8", "--resume", "--seed", "4"
-    )
-    assert code == 2
-
-
-def test_quantized_runs_are_their_own_rows(tmp_path, chat_ckpt):
-    """@KV_QUANT runs the quantized buffer: its rows say so, a quantized full cache runs once (budget
-    "all"), and quantization alone moves the model where a plain budget that holds everything does not."""
-    code, out = run_fidelity(
-        tmp_path, chat_ckpt, "--policies", "full@int2,longflow@int8", "--budgets", "256",
-        "--kv-quant-group", "8", "--plot", str(tmp_path / "f.png"),
-    )  # fmt: skip
-    assert code == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    runs = sorted({(r["policy"], r["budget"], r["kv_quant"]) for r in rows}, key=str)
-    assert runs == [("full", None, "int2"), ("longflow", 256, "int8")]
-    int2 = [r for r in rows if r["kv_quant"] == "int2"]
-    assert len(int2) == len(PROBLEMS) and max(r["mean_kl"] for r in int2) > 0
-    table = (tmp_path / "t.md").read_text()
-    assert "| full@int2 | all |" in table and "| longflow@int8 | 256 |" in table
-
-
-def test_a_failing_run_keeps_the_others_and_resume_reruns_it(tmp_path, chat_ckpt, monkeypatch, capsys):
-    from longflow_jax import fidelity
-
+    # A run that fails (out of memory, say) is reported; the others' rows are kept.
     real = fidelity.score_trajectory
 
     def fails_for_h2o(*args, compression, **kwargs):
@@ -90,17 +71,20 @@ def test_a_failing_run_keeps_the_others_and_resume_reruns_it(tmp_path, chat_ckpt
         return real(*args, compression=compression, **kwargs)
 
     monkeypatch.setattr(fidelity, "score_trajectory", fails_for_h2o)
-    code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "h2o,streaming", "--budgets", "8")
-    assert code == 2
+    argv = ("--policies", "streaming,h2o,random", "--budgets", "8", "--resume")
+    assert run_fidelity(tmp_path, chat_ckpt, *argv)[0] == 2
     err = capsys.readouterr().err
     assert "h2o budget 8 failed: RuntimeError: RESOURCE_EXHAUSTED" in err and "--resume reruns" in err
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert {r["policy"] for r in rows} == {"streaming"} and len(rows) == len(PROBLEMS)
+    policies = [json.loads(line)["policy"] for line in out.read_text().splitlines()]
+    assert out.read_text().startswith(first) and sorted(set(policies)) == ["random", "streaming"]
     monkeypatch.setattr(fidelity, "score_trajectory", real)
-    code, _ = run_fidelity(tmp_path, chat_ckpt, "--policies", "h2o,streaming", "--budgets", "8", "--resume")
-    assert code == 0
-    rows = [json.loads(line) for line in out.read_text().splitlines()]
-    assert sorted(r["policy"] for r in rows) == ["h2o"] * len(PROBLEMS) + ["streaming"] * len(PROBLEMS)
+    assert run_fidelity(tmp_path, chat_ckpt, *argv)[0] == 0
+    policies = [json.loads(line)["policy"] for line in out.read_text().splitlines()]
+    assert sorted(policies) == sorted(["h2o", "random", "streaming"] * len(PROBLEMS))
+    code, _ = run_fidelity(
+        tmp_path, chat_ckpt, "--policies", "h2o", "--budgets", "8", "--resume", "--seed", "4"
+    )
+    assert code == 2
 
 
 @pytest.mark.parametrize(
