@@ -19,6 +19,7 @@ import os
 import re
 import shutil
 import struct
+import sys
 import time
 
 import jax
@@ -446,3 +447,7 @@ def main(argv=None) -> int:
         )
 
     return cli_main(run, parser, "longflow-convert", argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

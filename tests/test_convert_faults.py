@@ -127,3 +127,14 @@ def test_a_live_conversion_is_not_swept(hf, tmp_path):
         _sigkill(proc)
     lf.convert(str(hf), str(out), overwrite=True)
     assert _leftovers(out) == []
+
+
+def test_python_dash_m_runs_the_converter(tmp_path):
+    """`python -m longflow_jax.convert` is the console script: a missing source is one line and exit 2."""
+    missing = tmp_path / "no_such_model"
+    proc = subprocess.run(
+        [sys.executable, "-m", "longflow_jax.convert", str(missing), str(tmp_path / "out")],
+        capture_output=True, text=True, cwd=os.path.dirname(os.path.dirname(__file__)),
+    )  # fmt: skip
+    assert proc.returncode == 2
+    assert f"'{missing}' does not exist" in proc.stderr and not (tmp_path / "out").exists()
