@@ -82,10 +82,7 @@ class DecodeShape:
     @property
     def kv_row_bytes(self) -> int:
         """Bytes of one slot's K (or V) row as the kernel reads it: payload + scales + zero points."""
-        if self.kv_quant is None:
-            return self.head_dim * self.itemsize
-        per_scale = 8 if quant.has_zero_point(self.kv_quant) else 4
-        return self.head_dim // self.codes_per_byte + per_scale * self.head_dim // self.quant_group
+        return quant.row_bytes(self.head_dim, self.itemsize, self.kv_quant, self.quant_group)
 
 
 @dataclasses.dataclass(frozen=True)

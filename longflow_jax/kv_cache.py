@@ -87,11 +87,7 @@ def kv_bytes_for(
     num_layers, batch, num_kv_heads, capacity, head_dim, dtype, kv_quant=None, kv_quant_group=32
 ) -> int:
     """`cache_bytes` of a cache of this shape, K/V in `dtype` or quantized by `kv_quant`."""
-    if kv_quant is None:
-        per_head_row = head_dim * jnp.dtype(dtype).itemsize
-    else:
-        scales = (2 if quant.has_zero_point(kv_quant) else 1) * (head_dim // kv_quant_group) * 4
-        per_head_row = head_dim // quant.codes_per_byte(kv_quant) + scales
+    per_head_row = quant.row_bytes(head_dim, jnp.dtype(dtype).itemsize, kv_quant, kv_quant_group)
     return 2 * num_layers * batch * num_kv_heads * capacity * per_head_row
 
 

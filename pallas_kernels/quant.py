@@ -83,6 +83,14 @@ def codes_per_byte(kind: str) -> int:
     return 8 // _PACKED_BITS.get(kind, 8)
 
 
+def row_bytes(head_dim: int, itemsize: int, kind: str | None = None, group: int = 32) -> int:
+    """Bytes of one slot's K (or V) row for one KV head: head_dim elements of `itemsize` bytes, or with
+    `kind` the packed payload plus its float32 scales (and zero points for int4 / int2)."""
+    if kind is None:
+        return head_dim * itemsize
+    return head_dim // codes_per_byte(kind) + (2 if has_zero_point(kind) else 1) * 4 * (head_dim // group)
+
+
 def payload_dtype(kind: str):
     return {"int8": jnp.int8, "fp8": jnp.float8_e4m3fn}.get(kind, jnp.uint8)
 

@@ -145,11 +145,7 @@ def make_sets(batch, slots, n_sets, seed=0, kv_quant=None):
 
 def kv_bytes(batch, slots, kv_quant=None):
     """Bytes of K and V a call reads: with kv_quant, the payloads and their f32 scales (and zero points)."""
-    if kv_quant is None:
-        per_slot = HEAD_DIM * jnp.dtype(DTYPE).itemsize
-    else:
-        scales_per_slot = HEAD_DIM // QUANT_GROUP * (2 if quant.has_zero_point(kv_quant) else 1)
-        per_slot = HEAD_DIM // quant.codes_per_byte(kv_quant) + 4 * scales_per_slot
+    per_slot = quant.row_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, QUANT_GROUP)
     return 2 * batch * NUM_KV_HEADS * slots * per_slot
 
 
