@@ -282,24 +282,51 @@ def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
         f"{len(records)} problems, full-cache trajectories in {time.perf_counter() - start:.0f} s", PROG
     )
 
-    def measure_run(run):
-        policy, granularity, budget, kv_quant = run
-        if args.time_limit and time.perf_counter() - began > args.time_limit:
-            return []
+    def late():
+        return args.time_limit and time.perf_counter() - began > args.time_limit
+
+    def score_group(group):
+        """The teacher-forced scores of runs that differ only in budget, in one pass against one reference
+        pass: the full cache is the costliest cache to decode, and it is the same for every budget."""
+        if late():
+            return None
         start = time.perf_counter()
-        comp = compression_of(run, args.kv_quant_group)
-        scores = []
+        scores = {run: [] for run in group}
         for b, seed in zip(batches, seeds):
             traj = [full[i].tokens for i in b]
-            s = score_trajectory(
+            per_run = score_trajectory(
                 generator.params, config, _padded([prompts[i] for i in b], width, pad),
                 np.asarray([len(prompts[i]) for i in b], np.int32), _padded(traj, args.max_new_tokens, pad),
-                np.asarray([len(t) for t in traj], np.int32), compression=comp,
+                np.asarray([len(t) for t in traj], np.int32),
+                compression=[compression_of(run, args.kv_quant_group) for run in group],
                 attention_impl=args.attention_impl,
                 seed=jax.random.fold_in(jax.random.PRNGKey(seed), 0),  # the generator's device-0 key
             )  # fmt: skip
-            scores += [jax.tree.map(lambda x, r=r: np.asarray(x[r]), s) for r in range(len(b))]
-        compressed = free_run(comp)
+            for run, s in zip(group, per_run):
+                scores[run] += [jax.tree.map(lambda x, r=r: np.asarray(x[r]), s) for r in range(len(b))]
+        policy, granularity, _, kv_quant = group[0]
+        runner.report(
+            f"{run_name(policy, granularity, kv_quant)} teacher-forced at budgets "
+            f"{', '.join(str(run[2] or 'all') for run in group)}: {time.perf_counter() - start:.0f} s",
+            PROG,
+        )
+        return scores
+
+    def free_run_of(run):
+        if late():
+            return None
+        start = time.perf_counter()
+        out = free_run(compression_of(run, args.kv_quant_group))
+        policy, granularity, budget, kv_quant = run
+        runner.report(
+            f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'} free-running: "
+            f"{time.perf_counter() - start:.0f} s",
+            PROG,
+        )
+        return out
+
+    def rows_of(run, scores, compressed):
+        policy, granularity, budget, kv_quant = run
         new_rows = []
         for i, (record, s, c) in enumerate(zip(records, scores, compressed)):
             n = max(int(s.mask.sum()), 1)
@@ -317,30 +344,44 @@ def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
                 full_correct=answers_match(full_answers[i], record.data[1]),
                 reference=record.data[1], settings=settings,
             ))  # fmt: skip
-        runner.report(
-            f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}: "
-            f"{time.perf_counter() - start:.0f} s",
-            PROG,
-        )
         return new_rows
 
-    rows, failed = [], []
-    # Runs in threads overlap one run's compile and host-side loop control with another's device work:
+    groups = {}
+    for run in runs:
+        policy, granularity, _, kv_quant = run
+        groups.setdefault((policy, granularity, kv_quant), []).append(run)
+    rows, failed, scores, compressed = [], [], {}, {}
+    # Work in threads overlaps one part's compile and host-side loop control with another's device work:
     # a small model's decode step is bound by kernel launches, not by the device. Each run's rows are
-    # written as it finishes, and a run that fails (out of device memory, say) leaves the others' rows.
+    # written once both its parts are done, and a part that fails (out of device memory, say) fails its
+    # runs and leaves the others' rows. A part that the time limit kept from starting leaves its runs for
+    # a later --resume.
     with open(args.output, "ab" if args.resume else "wb") as f, ThreadPoolExecutor(args.jobs) as pool:
-        futures = {pool.submit(measure_run, run): run for run in runs}
+        futures = {}
+        for group in groups.values():
+            futures[pool.submit(score_group, group)] = ("score", group)
+            futures.update({pool.submit(free_run_of, run): ("free", [run]) for run in group})
         for future in as_completed(futures):
-            policy, granularity, budget, kv_quant = futures[future]
+            part, part_runs = futures[future]
             try:
-                new_rows = future.result()
-            except Exception as e:  # noqa: BLE001 - reported, and the run is left for --resume
-                failed.append(f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}")
-                runner.report(f"{failed[-1]} failed: {type(e).__name__}: {e}", PROG)
-                continue
-            append_lines(f, new_rows)
-            rows += new_rows
-    return rows, failed
+                result = future.result()
+            except Exception as e:  # noqa: BLE001 - reported, and the runs are left for --resume
+                result = e
+            for run in part_runs:
+                if isinstance(result, Exception):
+                    policy, granularity, budget, kv_quant = run
+                    failed.append(f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}")
+                    runner.report(f"{failed[-1]} failed: {type(result).__name__}: {result}", PROG)
+                    scores[run] = compressed[run] = None
+                elif part == "score":
+                    scores[run] = None if result is None else result[run]
+                else:
+                    compressed[run] = result
+                if scores.get(run) is not None and compressed.get(run) is not None:
+                    new_rows = rows_of(run, scores[run], compressed[run])
+                    append_lines(f, new_rows)
+                    rows += new_rows
+    return rows, sorted(set(failed))
 
 
 def main(argv=None) -> int:

@@ -10,6 +10,7 @@ distributions are compared. This measures the compressor, not the model's skill 
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
 
 import flax.struct
 import jax
@@ -48,26 +49,34 @@ def score_trajectory(
     trajectory,
     trajectory_lengths,
     *,
-    compression: CompressionConfig,
+    compression: CompressionConfig | Sequence[CompressionConfig],
     reference: CompressionConfig | None = None,
     attention_impl: str = "reference",
     seed=0,
-) -> TrajectoryScores:
+) -> TrajectoryScores | tuple[TrajectoryScores, ...]:
     """Teacher-force `trajectory` [B, T] (tokens after each prompt; row b's first trajectory_lengths[b]
     count) through a `compression` cache and a `reference` cache (None: the full cache).
 
     Prompts are right-padded [B, P] with lengths [B], as for `generate`; `seed` gives the same per-step
     keys `generate` uses, so policy "random" evicts as it did while generating with that seed. The
     distributions compared are the model's own (softmax of the logits, no temperature or filtering).
+    A list of compressions is scored in one pass against one reference pass (the reference is
+    usually the costliest cache), giving one TrajectoryScores each, in order.
     Jit-friendly like `generate` (configs static).
     """
     reference = FULL if reference is None else reference
+    several = isinstance(compression, list | tuple)
+    compressions = tuple(compression) if several else (compression,)
+    if not compressions or not all(isinstance(c, CompressionConfig) for c in compressions):
+        raise ValueError(
+            f"compression must be a CompressionConfig or a non-empty list of them, got {compression!r}"
+        )
     batch, steps = np.shape(trajectory) if len(np.shape(trajectory)) == 2 else (None, None)
     if steps is None or steps < 1:
         raise ValueError(
             f"trajectory must be [batch, steps] with steps >= 1, got shape {np.shape(trajectory)}"
         )
-    for comp in (compression, reference):
+    for comp in (*compressions, reference):
         check_generate_inputs(
             config, prompt_ids, prompt_lengths, steps, comp, SamplingConfig(), attention_impl
         )
@@ -89,7 +98,7 @@ def score_trajectory(
         if lengths.min() < 0 or lengths.max() > steps:
             raise ValueError(f"trajectory_lengths must be in [0, {steps}], got {lengths.tolist()}")
     key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
-    return _score(
+    scores = _score(
         params,
         jnp.asarray(prompt_ids, jnp.int32),
         jnp.asarray(prompt_lengths, jnp.int32),
@@ -97,10 +106,11 @@ def score_trajectory(
         jnp.asarray(trajectory_lengths, jnp.int32),
         key,
         config=config,
-        compression=compression,
+        compressions=compressions,
         reference=reference,
         attention_impl=attention_impl,
     )
+    return scores if several else scores[0]
 
 
 def _compare(ref_logits, logits, token):
@@ -111,8 +121,8 @@ def _compare(ref_logits, logits, token):
     return kl, agree, pick(lp), pick(ref_lp)
 
 
-@functools.partial(jax.jit, static_argnames=("config", "compression", "reference", "attention_impl"))
-def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, config, compression, reference,
+@functools.partial(jax.jit, static_argnames=("config", "compressions", "reference", "attention_impl"))
+def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, config, compressions, reference,
            attention_impl):  # fmt: skip
     prompt_len, steps = prompt_ids.shape[1], trajectory.shape[1]
 
@@ -122,11 +132,12 @@ def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, conf
         cache, logits = prefill(params, config, prompt_ids, prompt_lengths, comp, capacity)
         return with_kernel_state(cache, attention_impl), logits
 
-    (ref_cache, ref_logits), (cache, logits) = start(reference), start(compression)
-    first = _compare(ref_logits, logits, trajectory[:, 0])
+    ref_cache, ref_logits = start(reference)
+    caches, logits = zip(*(start(c) for c in compressions))
+    first = [_compare(ref_logits, x, trajectory[:, 0]) for x in logits]
 
-    def body(caches, step):
-        ref_cache, cache = caches
+    def body(carry, step):
+        ref_cache, caches = carry
         step_key = jax.random.fold_in(jax.random.fold_in(key, step), 1)  # generate's key for this step
         current = trajectory[:, step - 1]
         positions = prompt_lengths + step - 1
@@ -135,12 +146,18 @@ def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, conf
             compression=effective_compression(comp, prompt_len, steps), attention_impl=attention_impl,
         )[:2]  # fmt: skip
         ref_logits, ref_cache = run(ref_cache, reference)
-        logits, cache = run(cache, compression)
-        return (ref_cache, cache), _compare(ref_logits, logits, trajectory[:, step])
+        logits, caches = zip(*(run(c, comp) for c, comp in zip(caches, compressions)))
+        return (ref_cache, caches), [_compare(ref_logits, x, trajectory[:, step]) for x in logits]
 
-    _, rest = jax.lax.scan(body, (ref_cache, cache), jnp.arange(1, steps))
+    _, rest = jax.lax.scan(body, (ref_cache, caches), jnp.arange(1, steps))
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
-    kl, agree, nll, ref_nll = (
-        jnp.where(mask, jnp.concatenate([f[:, None], r.T], axis=1), 0) for f, r in zip(first, rest)
-    )
-    return TrajectoryScores(kl=kl, top1_agree=agree.astype(bool), nll=nll, reference_nll=ref_nll, mask=mask)
+
+    def scores(first, rest):
+        kl, agree, nll, ref_nll = (
+            jnp.where(mask, jnp.concatenate([f[:, None], r.T], axis=1), 0) for f, r in zip(first, rest)
+        )
+        return TrajectoryScores(
+            kl=kl, top1_agree=agree.astype(bool), nll=nll, reference_nll=ref_nll, mask=mask
+        )
+
+    return tuple(scores(f, r) for f, r in zip(first, rest))

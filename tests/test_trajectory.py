@@ -64,11 +64,17 @@ def test_reference_nll_equals_one_forward_pass(prompts):
 
 @pytest.mark.parametrize("policy", ["longflow", "random"])
 def test_compressed_scores_equal_a_step_by_step_loop(prompts, policy):
-    """A Python loop over decode_step, with generate's keys, and the metrics in numpy."""
+    """A Python loop over decode_step, with generate's keys, and the metrics in numpy; two compressions
+    scored in one pass."""
     ids, lengths = prompts
     traj, traj_len = trajectory(ids, lengths, sampling=lf.SamplingConfig(temperature=1.0), seed=2)
     comp = lf.CompressionConfig(policy=policy, budget=10)
-    s = lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, traj_len, compression=comp, seed=2)
+    # Scored in one pass with a budget that holds everything: each cache is still scored on its own.
+    covering = lf.CompressionConfig(policy=policy, budget=ids.shape[1] + STEPS)
+    s, s_covering = lf.score_trajectory(
+        PARAMS, CONFIG, ids, lengths, traj, traj_len, compression=[comp, covering], seed=2
+    )
+    assert np.all(np.asarray(s_covering.kl) == 0.0)
 
     def logits_along(compression):
         capacity = generate_module.buffer_capacity(compression, ids.shape[1], STEPS)
