@@ -28,6 +28,7 @@ import numpy as np
 
 from .config import DTYPES, ModelConfig, dtype_from_name
 from .model import param_shapes
+from .sharding import param_shardings
 
 MARKER = "longflow_checkpoint.json"
 FORMAT_VERSION = 1
@@ -386,15 +387,26 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     return config
 
 
-def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Sharding | None = None):
+def load(
+    ckpt_dir: str,
+    dtype: str | None = None,
+    sharding: jax.sharding.Sharding | None = None,
+    *,
+    mesh: jax.sharding.Mesh | None = None,
+):
     """Load a converted checkpoint: returns (ModelConfig, params pytree of jax arrays).
 
     dtype: cast the params on load (e.g. "bfloat16"); default keeps the converted dtype.
-    sharding: where the params go (default: the first device); e.g. a replicated NamedSharding for
-    data-parallel generation. Tensors are restored straight onto it.
+    sharding: where the params go (default: the first device): one Sharding for all of them (e.g. a
+    replicated NamedSharding for data-parallel generation), or a pytree of them in the params' layout.
+    mesh: instead of sharding, a mesh for `generate(..., mesh=)`: each param split as
+    `sharding.param_shardings` splits it. Tensors are restored straight into their shards, with no
+    full copy of the model on the host or on any one device.
     """
     import orbax.checkpoint as ocp
 
+    if sharding is not None and mesh is not None:
+        raise ValueError("pass sharding or mesh, not both")
     ckpt_dir = os.path.abspath(ckpt_dir)
     reason = incomplete_reason(ckpt_dir)
     if reason:
@@ -403,9 +415,14 @@ def load(ckpt_dir: str, dtype: str | None = None, sharding: jax.sharding.Shardin
             f"`longflow-convert HF_DIR OUT_DIR`"
         )
     config = ModelConfig.from_pretrained_dir(ckpt_dir)
-    sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-    target = jax.tree_util.tree_map(
-        lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding), param_shapes(config)
+    shapes = param_shapes(config)
+    if mesh is not None:
+        sharding = param_shardings(config, mesh)
+    elif not isinstance(sharding, dict):
+        one = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+        sharding = jax.tree.map(lambda _: one, shapes)
+    target = jax.tree.map(
+        lambda s, where: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=where), shapes, sharding
     )
     try:
         params = ocp.StandardCheckpointer().restore(os.path.join(ckpt_dir, "params"), target)

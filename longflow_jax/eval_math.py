@@ -315,7 +315,9 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
 
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
-    generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
+    generator = runner.DataParallelGenerator(
+        args.ckpt, num_devices=args.devices, dtype=args.dtype, mesh_shape=args.mesh
+    )
     as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
     plan = runner.make_plan(generator, problems[: args.limit], args, PROG, prompt_of=as_prompt)
     skipped += plan.skipped
@@ -324,7 +326,7 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
         raise ValueError(f"no problems to evaluate in {args.input}")
     runner.report(
         f"{n} problems ({len(skipped)} skipped), runs {runs}, {len(plan.batches)} batches each, "
-        f"data parallel over {generator.num_devices} device(s); prompt template {args.prompt_template!r}",
+        f"{generator.describe()}; prompt template {args.prompt_template!r}",
         PROG,
     )
 

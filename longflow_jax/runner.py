@@ -1,10 +1,11 @@
 """The batch loop of `longflow-batch` and `longflow-eval`: tokenise records, bucket them, generate data
 parallel over this process's devices, and yield each batch's texts.
 
-`generate` runs under `shard_map` over a 1-D "data" mesh (params replicated, batch sharded): each device
-decodes its own rows with no communication and stops when they are done, where automatic partitioning
-would all-gather the new keys/values every step and loop until the slowest row anywhere stops. A batch
-is padded with copies of its first row, which stop with it and so never lengthen the loop.
+`generate` runs on a ("data", "model") mesh (`--mesh`): `shard_map` splits the batch over "data", so each
+data shard decodes its own rows and stops when they are done, where automatic partitioning would loop
+until the slowest row anywhere stops; "model" splits the weights and the KV buffer (tensor parallel,
+`sharding.py`), for a model that does not fit one device. A batch is padded with copies of its first
+row, which stop with it and so never lengthen the loop.
 """
 
 from __future__ import annotations
@@ -21,14 +22,13 @@ from collections.abc import Callable, Iterator, Sequence
 
 import jax
 import numpy as np
-from jax.sharding import Mesh, NamedSharding
-from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.quant import KV_QUANT_KINDS
 
 from .bucketing import Batch, plan_batches, round_up
 from .config import CompressionConfig, SamplingConfig, dtype_from_name
 from .jsonl_io import Record, Skipped, id_key
+from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
 
 
 def add_decoding_args(p: argparse.ArgumentParser) -> None:
@@ -97,6 +97,14 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     add_decoding_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
     p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
+    p.add_argument(
+        "--mesh",
+        type=parse_mesh_shape,
+        default=None,
+        metavar="data=D,model=M",
+        help="split the rows over D devices and the weights and KV heads over M (default: all devices on "
+        "data when the model fits one device, else the smallest model axis that fits)",
+    )
     p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--chat-template-kwargs",
@@ -131,6 +139,11 @@ def check_args(args) -> None:
         value = getattr(args, name, None)
         if value is not None and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
+    mesh, devices = getattr(args, "mesh", None), getattr(args, "devices", None)
+    if mesh is not None and devices is not None and math.prod(mesh) != devices:
+        raise ValueError(
+            f"--mesh data={mesh[0]},model={mesh[1]} is {math.prod(mesh)} devices, not --devices {devices}"
+        )
     if not (math.isfinite(args.temperature) and args.temperature >= 0):
         raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
     if not 0.0 < args.top_p <= 1.0:
@@ -242,19 +255,37 @@ def warn_errors(names: Sequence, prog: str) -> None:
 
 
 class DataParallelGenerator:
-    """A converted checkpoint, replicated over a 1-D "data" mesh of this process's devices."""
+    """A converted checkpoint on a ("data", "model") mesh of this process's devices: rows split over
+    "data", weights and KV buffer over "model" (`generate`'s mesh). mesh_shape (data, model), default
+    every device on "data" when the weights fit one device, else the smallest "model" axis whose share
+    fits (`sharding.default_mesh_shape`); num_devices: use the first N devices (default all)."""
 
-    def __init__(self, ckpt_dir: str, *, num_devices: int | None = None, dtype: str | None = None):
+    def __init__(
+        self,
+        ckpt_dir: str,
+        *,
+        num_devices: int | None = None,
+        dtype: str | None = None,
+        mesh_shape: tuple[int, int] | None = None,
+    ):
         from transformers import AutoTokenizer
 
+        from .config import ModelConfig
         from .convert import load
 
         devices = jax.local_devices()
         num_devices = len(devices) if num_devices is None else num_devices
         if not 1 <= num_devices <= len(devices):
             raise ValueError(f"--devices must be in [1, {len(devices)}], got {num_devices}")
-        self.mesh = Mesh(np.asarray(devices[:num_devices]), ("data",))
-        config, self.params = load(ckpt_dir, dtype=dtype, sharding=NamedSharding(self.mesh, P()))
+        if mesh_shape is None:
+            config = ModelConfig.from_pretrained_dir(ckpt_dir)
+            config = config if dtype is None else config.replace(dtype=dtype)
+            device_bytes = (devices[0].memory_stats() or {}).get("bytes_limit")
+            mesh_shape = default_mesh_shape(config, num_devices, device_bytes)
+        elif math.prod(mesh_shape) > len(devices):
+            raise ValueError(f"--mesh {mesh_shape} needs {math.prod(mesh_shape)} devices, got {len(devices)}")
+        self.mesh = make_mesh(*mesh_shape, devices)
+        config, self.params = load(ckpt_dir, dtype=dtype, mesh=self.mesh)
         self.tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
         # Chat models end a turn with the tokenizer's eos (e.g. <|im_end|>), which config.json may lack.
         eos = config.eos_token_ids
@@ -266,6 +297,17 @@ class DataParallelGenerator:
     @property
     def num_devices(self) -> int:
         return self.mesh.devices.size
+
+    @property
+    def data_size(self) -> int:
+        """Devices on "data": a batch's rows are a multiple of it."""
+        return self.mesh.shape[DATA]
+
+    def describe(self) -> str:
+        """The mesh in words, for the progress lines."""
+        model = self.mesh.shape[MODEL]
+        tensor = f", tensor parallel over {model}" if model > 1 else ""
+        return f"data parallel over {self.data_size} device(s){tensor} [{self.mesh.devices.flat[0].platform}]"
 
     def compile(self, rows: int, prompt_len: int, **options) -> float:
         """Compile generate for [rows, prompt_len] prompts with `compile_generate`'s options, once;
@@ -296,8 +338,8 @@ class DataParallelGenerator:
         """Generate for len(prompts) <= rows token lists, padded to [rows, prompt_len]. options:
         generate()'s max_new_tokens, compression, sampling, attention_impl, and optionally
         return_logprobs and top_logprobs. Each text is cut before the first of stop_strings."""
-        if not 1 <= len(prompts) <= rows or rows % self.num_devices:
-            raise ValueError(f"{len(prompts)} prompts in {rows} rows over {self.num_devices} devices")
+        if not 1 <= len(prompts) <= rows or rows % self.data_size:
+            raise ValueError(f"{len(prompts)} prompts in {rows} rows over data={self.data_size} devices")
         padded = list(prompts) + [prompts[0]] * (rows - len(prompts))
         ids = np.full((rows, prompt_len), self.config.pad_token_id, np.int32)
         for r, p in enumerate(padded):
@@ -395,7 +437,7 @@ def make_plan(
         )
     if (getattr(args, "logprobs", None) or 0) > vocab_size:
         raise ValueError(f"--logprobs must be <= the model's vocab_size {vocab_size}, got {args.logprobs}")
-    n = generator.num_devices
+    n = generator.data_size
     batches = plan_batches([len(p) for p in prompts], round_up(args.batch_size, n), n, limit)
     return Plan(kept, prompts, batches, skipped)
 

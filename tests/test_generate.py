@@ -377,7 +377,7 @@ def test_compile_generate_equals_generate(qwen3):
     want = run(params, ids, lengths, seed=jax.random.fold_in(jax.random.PRNGKey(4), 0))
     for field in fields:
         np.testing.assert_array_equal(np.asarray(getattr(got, field)), np.asarray(getattr(want, field)))
-    two_axes = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("data", "model"))
+    two_axes = Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1), ("rows", "heads"))
     with pytest.raises(ValueError, match="mesh must be 1-D"):
         lf.compile_generate(shapes, config, batch=2, prompt_len=11, mesh=two_axes, **options)
 
