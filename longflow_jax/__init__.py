@@ -2,7 +2,7 @@
 
 from pallas_kernels.reference import longflow_decode_attention_reference
 
-from .config import CompressionConfig, ModelConfig, SamplingConfig
+from .config import CompressionConfig, ModelConfig, SamplingConfig, ThinKVConfig
 from .convert import CheckpointError, convert, load
 from .generate import (
     GenerationOutput,
@@ -25,6 +25,7 @@ __all__ = [
     "LayerCache",
     "ModelConfig",
     "SamplingConfig",
+    "ThinKVConfig",
     "TrajectoryScores",
     "compile_generate",
     "convert",

@@ -1,7 +1,8 @@
 """Decode attention: dispatch between the jnp reference and the fused kernels, then the policy.
 
 attention_impl:
-  "reference"  plain jnp (pallas_kernels/reference.py) + policies.py; supports every policy.
+  "reference"  plain jnp (pallas_kernels/reference.py) + policies.py; supports every policy ("thinkv"
+               reads its tiers in thinkv.py).
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
   "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
@@ -12,6 +13,7 @@ from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+from jax.sharding import PartitionSpec as P
 
 from pallas_kernels.reference import decode_attention_probs
 
@@ -27,6 +29,8 @@ from .kv_cache import (
 )
 from .policies import select_evict_slot
 from .rkv import decode_update
+from .sharding import MODEL, model_shards_in_trace
+from .thinkv import attend as thinkv_attend
 
 ATTENTION_IMPLS = ("reference", "pallas", "triton")
 KERNEL_POLICIES = ("full", "longflow")
@@ -40,6 +44,53 @@ def check_attention_impl(attention_impl: str, compression: CompressionConfig) ->
             f"attention_impl={attention_impl!r} fuses only the policies {KERNEL_POLICIES}; "
             f"policy {compression.policy!r} needs attention_impl='reference'"
         )
+
+
+def check_kernel_on_model_axis(
+    attention_impl: str, compression: CompressionConfig, num_kv_heads: int, model_size: int
+) -> None:
+    """The kernels on a "model" axis of model_size devices run per KV-head shard (`_per_model_shard`):
+    one evict slot per KV head needs nothing more, but "sequence" granularity's argmin over all heads
+    would be each shard's own, since the kernels return the slot and not the importance sums."""
+    if attention_impl == "reference" or model_size == 1:
+        return
+    if attention_impl == "triton":
+        raise ValueError(f"attention_impl='triton' runs on one GPU, got a 'model' axis of {model_size}")
+    split = num_kv_heads % model_size == 0
+    if split and compression.policy == "longflow" and compression.granularity == "sequence":
+        raise ValueError(
+            f"attention_impl={attention_impl!r} with granularity='sequence' on a 'model' axis of "
+            f"{model_size}: the kernel returns each shard's own argmin; use granularity='kv_head' or "
+            f"attention_impl='reference'"
+        )
+
+
+def _per_model_shard(kernel, num_kv_heads: int):
+    """The kernel under `shard_map` over the traced program's "model" axis (`model_shards_in_trace`),
+    since XLA cannot split a kernel: each device runs it on its share of the query heads and the KV
+    heads they read, or on all of them when the KV heads do not divide by the axis (replicated).
+    Outside such a program, the kernel itself."""
+    shards = model_shards_in_trace()
+    if shards == 1:
+        return kernel
+    heads = P(None, MODEL) if num_kv_heads % shards == 0 else P()
+
+    def call(q, k, v, valid, *, kv_len, kv_scales=None, granularity, **static):
+        def one_shard(q, k, v, valid, kv_len, kv_scales):
+            return kernel(
+                q, k, v, valid, kv_len=kv_len, kv_scales=kv_scales, granularity=granularity, **static
+            )
+
+        evict = heads if granularity == "kv_head" else P()
+        return jax.shard_map(
+            one_shard,
+            in_specs=(heads, heads, heads, P(), P(), heads),
+            out_specs=(heads, evict),
+            axis_names={MODEL},
+            check_vma=False,
+        )(q, k, v, valid, kv_len, kv_scales)
+
+    return call
 
 
 def _kernel(attention_impl: str):
@@ -114,8 +165,11 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
 
     The new layer carries the slot the next token will overwrite (and the policy's score state).
     """
-    valid = kv_valid(layer)
     policy = compression.policy
+    if policy == "thinkv":  # reference only (check_attention_impl)
+        out, layer = thinkv_attend(q, layer, scale)
+        return out.astype(q.dtype), layer
+    valid = kv_valid(layer)
     q_keys = queries_for_keys(layer, q)  # q itself unless the keys are stored rotated (kv_quant)
     if attention_impl == "reference":
         k, v = dequantized_kv(layer)
@@ -143,7 +197,8 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
             )
             layer = layer.replace(kernel_state=state)
         else:
-            out, evict = _kernel(attention_impl)(q_kernel, layer.k, layer.v, valid, **kw)
+            kernel = _per_model_shard(_kernel(attention_impl), layer.k.shape[1])
+            out, evict = kernel(q_kernel, layer.k, layer.v, valid, **kw)
     if policy == "full":
         # The buffer is sized for the whole generation: slots fill in order and nothing is evicted.
         return out, layer.replace(evict_slot=layer.evict_slot + 1)

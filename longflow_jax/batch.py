@@ -68,6 +68,8 @@ def run_settings(args, compression) -> dict:
     cache = dataclasses.asdict(compression)
     if compression.policy == "full":
         cache["budget"] = None  # not used
+    if cache["thinkv"] is None:
+        del cache["thinkv"]  # other policies' rows stay as they were, so their outputs still resume
     return {
         "ckpt": os.path.abspath(args.ckpt),
         "dtype": args.dtype,
@@ -165,7 +167,9 @@ def generate_into(out_path: str, process_index: int, process_count: int, args) -
     done = done_ids(args, out_path, process_index, process_count, settings)
     todo = [r for r in records if jsonl_io.id_key(r.id) not in done]
 
-    generator = runner.DataParallelGenerator(args.ckpt, num_devices=args.devices, dtype=args.dtype)
+    generator = runner.DataParallelGenerator(
+        args.ckpt, num_devices=args.devices, dtype=args.dtype, mesh_shape=args.mesh
+    )
     plan = runner.make_plan(generator, todo, args, PROG)
     skipped += plan.skipped
     already_done = len(records) - len(todo)
@@ -173,8 +177,7 @@ def generate_into(out_path: str, process_index: int, process_count: int, args) -
     runner.report(
         f"process {process_index}/{process_count}: {len(plan.records)} prompts to generate "
         f"({already_done} already in the output, {len(skipped)} skipped), "
-        f"{len(plan.batches)} batches, data parallel over {generator.num_devices} device(s) "
-        f"[{generator.mesh.devices.flat[0].platform}], shapes (rows, prompt_len): {shapes}",
+        f"{len(plan.batches)} batches, {generator.describe()}, shapes (rows, prompt_len): {shapes}",
         PROG,
     )
 

@@ -53,6 +53,11 @@ def eviction_summary(compression: CompressionConfig, prompt_tokens, generated) -
     if compression.policy == "full":
         return "policy full: the cache holds every token, nothing was evicted"
     head = f"policy {compression.policy}, budget {compression.budget} slots"
+    if compression.policy == "thinkv":  # segments enter at schedule[0] tokens: thinned at any budget
+        return (
+            f"{head}: each finished segment of {compression.thinkv.tau} tokens keeps at most "
+            f"{compression.thinkv.schedule[0]}, stored at its thought type's precision"
+        )
     needed = [p + max(n - 1, 1) for p, n in zip(prompt_tokens, generated)]
     if compression.policy == "rkv":
         room = compression.budget + compression.rkv_buffer
@@ -147,7 +152,7 @@ def run_checkpoint(args) -> None:
         sampling=runner.sampling_from(args),
         attention_impl=args.attention_impl,
     )
-    prompt_len, rows = max(map(len, prompts)), round_up(len(prompts), generator.num_devices)
+    prompt_len, rows = max(map(len, prompts)), round_up(len(prompts), generator.data_size)
     compile_seconds = generator.compile(rows, prompt_len, **options)
     start = time.perf_counter()
     completions = generator.generate(

@@ -7,6 +7,7 @@ import json
 import math
 import numbers
 import os
+import re
 from typing import Any
 
 import jax.numpy as jnp
@@ -229,9 +230,99 @@ def _as_id_tuple(value) -> tuple[int, ...]:
     return tuple(int(v) for v in value)
 
 
-POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random", "rkv")
+POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random", "rkv", "thinkv")
 # R-KV's observation window (rkv.py): its budget must leave room for more than the window.
 RKV_WINDOW = 8
+
+# ThinKV's stored precisions: the bits a thought type's tokens keep, as a kv_quant kind; 16 is the
+# model's dtype (not quantized).
+_THINKV_BITS = {"2": "int2", "4": "int4", "8": "int8", "16": None}
+_THINKV_PRECISIONS = re.compile(r"R(2|4|8|16)E(2|4|8|16)T(2|4|8|16)")
+# Used, with a warning, for a model without calibration (docs/THINKV.md): the sparsity layers L* at
+# 1/5 .. 4/5 of the depth, and placeholder thresholds (not measured: calibration replaces them).
+THINKV_DEFAULT_LAYER_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
+THINKV_DEFAULT_THRESHOLDS = (0.5, 0.8)
+
+
+@dataclasses.dataclass(frozen=True)
+class ThinKVConfig:
+    """ThinKV's settings (docs/THINKV.md), for CompressionConfig(policy="thinkv", thinkv=...).
+
+    tau: generated tokens per segment; each full segment gets one thought type.
+    schedule: tokens a segment keeps at each retention level, strictly decreasing, schedule[0] <= tau;
+      a segment enters at level 0 and never goes below the last level.
+    precisions: the bits each thought type is stored at, "R<bits>E<bits>T<bits>" with bits 2, 4, 8
+      (int2, int4, int8 with kv_quant_group elements per scale) or 16 (the model's dtype): the paper's
+      "R4E4T2" by default.
+    layers: the calibrated layers L* whose attention sparsity types the segments; None: the default
+      layers (THINKV_DEFAULT_LAYER_FRACTIONS of the depth), with a warning.
+    thresholds: (lo, hi) in [0, 1], lo <= hi: a segment's mean sparsity below lo is execution, in
+      [lo, hi) reasoning, at hi or above transition; None: THINKV_DEFAULT_THRESHOLDS, with a warning.
+    `from_calibration` reads layers and thresholds from a calibration file.
+    """
+
+    tau: int = 128
+    schedule: tuple[int, ...] = (64, 32, 16, 8, 4)
+    precisions: str = "R4E4T2"
+    layers: tuple[int, ...] | None = None
+    thresholds: tuple[float, float] | None = None
+
+    def __post_init__(self):
+        _check(_is_int(self.tau) and self.tau >= 1, "thinkv tau", "a positive int", self.tau)
+        sched = self.schedule
+        ok = (
+            isinstance(sched, tuple | list)
+            and len(sched) >= 1
+            and all(_is_int(n) and n >= 1 for n in sched)
+            and all(a > b for a, b in zip(sched, sched[1:]))
+            and sched[0] <= self.tau
+        )
+        _check(
+            ok, "thinkv schedule", f"positive ints, strictly decreasing, the first <= tau ({self.tau})", sched
+        )
+        object.__setattr__(self, "schedule", tuple(int(n) for n in sched))
+        prec = self.precisions
+        ok = isinstance(prec, str) and _THINKV_PRECISIONS.fullmatch(prec) is not None
+        _check(
+            ok, "thinkv precisions", "'R<bits>E<bits>T<bits>' with bits 2, 4, 8 or 16, such as 'R4E4T2'", prec
+        )
+        layers = self.layers
+        if layers is not None:
+            ok = isinstance(layers, tuple | list) and len(layers) >= 1
+            ok = ok and all(_is_int(i) and i >= 0 for i in layers) and len(set(layers)) == len(layers)
+            _check(ok, "thinkv layers", "None or distinct layer indices >= 0", layers)
+            object.__setattr__(self, "layers", tuple(sorted(int(i) for i in layers)))
+        th = self.thresholds
+        if th is not None:
+            ok = isinstance(th, tuple | list) and len(th) == 2 and all(_is_finite(x) for x in th)
+            ok = ok and 0.0 <= th[0] <= th[1] <= 1.0
+            _check(ok, "thinkv thresholds", "None or (lo, hi) with 0 <= lo <= hi <= 1", th)
+            object.__setattr__(self, "thresholds", (float(th[0]), float(th[1])))
+
+    @property
+    def type_precisions(self) -> tuple[str | None, str | None, str | None]:
+        """The kv_quant kind (None: the model's dtype) of each thought-type code (T, E, R: 0, 1, 2)."""
+        r, e, t = _THINKV_PRECISIONS.fullmatch(self.precisions).groups()
+        return _THINKV_BITS[t], _THINKV_BITS[e], _THINKV_BITS[r]
+
+    def calibrated(self, num_layers: int) -> tuple[tuple[int, ...], tuple[float, float]]:
+        """(layers, thresholds) for a model of num_layers: the configured ones, or the documented defaults
+        where unset (`generate` warns then). ValueError for a layer index the model does not have."""
+        layers = self.layers
+        if layers is None:
+            layers = tuple(sorted({int(f * num_layers) for f in THINKV_DEFAULT_LAYER_FRACTIONS}))
+        if max(layers) >= num_layers:
+            raise ValueError(f"thinkv layers must be < num_layers {num_layers}, got {layers}")
+        return layers, self.thresholds or THINKV_DEFAULT_THRESHOLDS
+
+    @classmethod
+    def from_calibration(cls, path: str, **overrides) -> ThinKVConfig:
+        """The config with `layers` and `thresholds` read from a calibration file: a JSON object with
+        "layers" (layer indices) and "thresholds" ([lo, hi]); `overrides` set the other fields."""
+        data = _read_json(path)
+        if not isinstance(data, dict) or not {"layers", "thresholds"} <= set(data):
+            raise ValueError(f"{path} must hold a JSON object with 'layers' and 'thresholds'")
+        return cls(layers=data["layers"], thresholds=data["thresholds"], **overrides)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -251,7 +342,10 @@ class CompressionConfig:
     kv_quant: None (the buffer holds K/V in the model's dtype) or "int8", "fp8", "int4", "int2": each
       slot's K/V quantized on its own, keys Hadamard-rotated first (pallas_kernels/quant.py); every
       policy reads the dequantized values; both kernels dequantize in registers.
-    kv_quant_group: elements of head_dim sharing one scale (must divide head_dim).
+    kv_quant_group: elements of head_dim sharing one scale (must divide head_dim); also ThinKV's.
+    thinkv: "thinkv" only (ThinKV, docs/THINKV.md): its ThinKVConfig (None: the defaults). Its budget
+      counts the tokens kept by the classified segments; the prompt and the segment being written stay
+      at the model's dtype beside it, and kv_quant must be None (the tiers' precisions are ThinKV's).
     """
 
     policy: str = "longflow"
@@ -264,6 +358,7 @@ class CompressionConfig:
     rkv_buffer: int = 128
     kv_quant: str | None = None
     kv_quant_group: int = 32
+    thinkv: ThinKVConfig | None = None
 
     def __post_init__(self):
         if not isinstance(self.policy, str) or self.policy not in POLICIES:
@@ -295,6 +390,15 @@ class CompressionConfig:
             raise ValueError(
                 f"policy 'rkv' needs budget > its observation window ({RKV_WINDOW}), got {self.budget}"
             )
+        if self.policy == "thinkv":
+            if self.thinkv is None:
+                object.__setattr__(self, "thinkv", ThinKVConfig())
+            _check(isinstance(self.thinkv, ThinKVConfig), "thinkv", "a ThinKVConfig or None", self.thinkv)
+            _check(quant is None, "kv_quant", "None for policy 'thinkv' (its precisions are thinkv's)", quant)
+            # A slot is kept or freed for all KV heads at once (docs/THINKV.md).
+            _check(g == "sequence", "granularity", "'sequence' for policy 'thinkv'", g)
+        elif self.thinkv is not None:
+            raise ValueError(f"thinkv settings apply to policy 'thinkv' only, got policy {self.policy!r}")
 
     @property
     def h2o_recent(self) -> int:

@@ -12,6 +12,7 @@ from __future__ import annotations
 import functools
 import math
 import time
+import warnings
 
 import flax.struct
 import jax
@@ -23,8 +24,13 @@ from jax.sharding import PartitionSpec as P
 from pallas_kernels.contract import num_score_groups
 from pallas_kernels.quant import check_kv_quant
 
-from . import rkv
-from .attention import check_attention_impl, decode_attention, with_kernel_state
+from . import rkv, sharding, thinkv
+from .attention import (
+    check_attention_impl,
+    check_kernel_on_model_axis,
+    decode_attention,
+    with_kernel_state,
+)
 from .config import RKV_WINDOW, CompressionConfig, ModelConfig, SamplingConfig
 from .kv_cache import (
     KVCache,
@@ -32,8 +38,8 @@ from .kv_cache import (
     evicted_positions,
     kv_bytes_for,
     layer_from_kept,
-    occupancy,
     prompt_view,
+    tokens_held,
     write_token,
 )
 from .model import attention_scale, decoder_layer, forward, logits_from_hidden, param_shapes, rms_norm
@@ -47,7 +53,7 @@ FULL = CompressionConfig(policy="full")
 class GenerationOutput:
     tokens: jax.Array  # [B, max_new_tokens] int32; pad_token_id after a row stops
     lengths: jax.Array  # [B] int32: tokens generated per row, its EOS included
-    cache_occupancy: jax.Array  # [B] int32: filled slots per row at the end (layer 0)
+    cache_occupancy: jax.Array  # [B] int32: tokens held per row at the end (layer 0)
     # [B] bool: the row's logits became NaN or inf (bad weights, an overflow); the row stopped there,
     # its tokens from that step on are pad, and `lengths` counts only the tokens before it.
     nonfinite: jax.Array | None = None
@@ -63,7 +69,12 @@ class GenerationOutput:
 
 def effective_compression(compression: CompressionConfig, prompt_len: int, max_new_tokens: int):
     """The cache a run really keeps: a budget that holds the prompt and every new token never evicts, so
-    that run is the full cache (same numbers, and no scoring work)."""
+    that run is the full cache (same numbers, and no scoring work). "thinkv" compresses within its
+    budget too (its segments enter at schedule[0] tokens, quantized), so it is the full cache only where
+    the run completes no segment."""
+    if compression.policy == "thinkv":
+        tau = compression.thinkv.tau
+        return FULL if thinkv.num_segments(tau, max_new_tokens) == 0 else compression
     fits = compression.policy != "full" and compression.budget >= prompt_len + max_new_tokens
     if fits and compression.kv_quant is not None:
         return CompressionConfig(
@@ -76,11 +87,14 @@ def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tok
     """Slots per layer per sequence: room for the whole generation, capped by a compressing budget.
 
     A budget at least prompt + new tokens never evicts, so it gets no more slots than "full" would.
-    "rkv" also holds its buffer of `rkv_buffer` slots beyond the budget.
+    "rkv" also holds its buffer of `rkv_buffer` slots beyond the budget. "thinkv": the main buffer, the
+    prompt and a window of tau slots (its tiers come on top: thinkv.tier_capacity).
     """
     whole = prompt_len + max_new_tokens
     if compression.policy == "full":
         return whole
+    if compression.policy == "thinkv":
+        return prompt_len + compression.thinkv.tau
     return min(compression.budget + (compression.rkv_buffer if compression.policy == "rkv" else 0), whole)
 
 
@@ -88,8 +102,8 @@ def kv_cache_bytes(
     config: ModelConfig, compression: CompressionConfig, batch: int, prompt_len: int, max_new_tokens: int
 ) -> int:
     """Bytes of the cache `generate` allocates for this shape: every layer's K/V buffers (quantized
-    payloads and scales with kv_quant) and slot bookkeeping, and "rkv"'s query ring. The Triton kernel's
-    per-layer tickets (B * Hkv int32) come on top."""
+    payloads and scales with kv_quant) and slot bookkeeping, "rkv"'s query ring, and "thinkv"'s tier
+    regions and segment tables. The Triton kernel's per-layer tickets (B * Hkv int32) come on top."""
     compression = effective_compression(compression, prompt_len, max_new_tokens)
     capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
     groups = num_score_groups(config.num_kv_heads, compression.granularity)
@@ -101,6 +115,18 @@ def kv_cache_bytes(
     if compression.policy == "rkv":
         itemsize = jnp.dtype(config.param_dtype).itemsize
         per_layer += batch * RKV_WINDOW * config.num_heads * config.head_dim * itemsize
+    if compression.policy == "thinkv":
+        cfg, slots = compression.thinkv, thinkv.tier_capacity(compression, max_new_tokens)
+        segments = thinkv.num_segments(cfg.tau, max_new_tokens)
+        for kind in thinkv.tier_kinds(cfg):
+            kv += kv_bytes_for(
+                config.num_layers, batch, config.num_kv_heads, slots, config.head_dim, config.param_dtype,
+                kind, compression.kv_quant_group,
+            )  # fmt: skip
+            per_layer += batch * (2 * slots + 1) * 4  # the tier's slot_pos, score, evict_slot
+        per_layer += batch * segments * cfg.schedule[0] * 4  # segment_slots
+        sparsity_layers = len(cfg.calibrated(config.num_layers)[0])
+        kv += batch * (2 * segments + 1 + sparsity_layers) * 4  # the segment table; L*'s sparsity sums
     return kv + config.num_layers * per_layer
 
 
@@ -134,6 +160,8 @@ def build_layer_cache(q, k, v, lengths, compression: CompressionConfig, capacity
 
     q [B, P, Hq, D], k, v [B, P, Hkv, D] post-RoPE (position = index), lengths [B] int in [1, P].
     """
+    if compression.policy == "thinkv":
+        return thinkv.prefill_layer(k, v, lengths, capacity)
     groups = num_score_groups(k.shape[2], compression.granularity)
     quant = (compression.kv_quant, compression.kv_quant_group)
     if compression.policy == "rkv":
@@ -194,6 +222,13 @@ def prefill_in_slices(
     return jax.tree_util.tree_map(lambda x: x.reshape(batch, *x.shape[2:]), stacked)
 
 
+def ready_to_decode(cache: KVCache, compression: CompressionConfig, attention_impl: str, max_new_tokens: int):
+    """The prefilled cache with what the decode loop carries beside the buffers: the kernel's state
+    (`with_kernel_state`) and, for "thinkv", the tiers and the segment table (`thinkv.attach`)."""
+    cache = with_kernel_state(cache, attention_impl)
+    return thinkv.attach(cache, compression, max_new_tokens) if compression.policy == "thinkv" else cache
+
+
 def decode_step(
     params,
     config: ModelConfig,
@@ -207,7 +242,8 @@ def decode_step(
 ):
     """One token per row: tokens [B] at true positions [B].
 
-    Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]).
+    Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]). "thinkv": the cache
+    comes from `ready_to_decode` (as in `generate`), and a full segment is compressed after the layers.
     """
     x = params["embed"][tokens][:, None]  # [B, 1, Dm]
     scale = attention_scale(config)
@@ -225,7 +261,10 @@ def decode_step(
         x, lc = decoder_layer(layer, config, x, positions[:, None], attend)
         new_layers.append(lc)
     x = rms_norm(x[:, 0], params["final_norm"], config.rms_norm_eps)
-    return logits_from_hidden(params, config, x), KVCache(layers=new_layers), jnp.stack(evicted)
+    cache = cache.replace(layers=new_layers)
+    if compression.policy == "thinkv":
+        cache = thinkv.close_full_segment(cache, compression)
+    return logits_from_hidden(params, config, x), cache, jnp.stack(evicted)
 
 
 def _is_concrete(x) -> bool:
@@ -262,6 +301,8 @@ def check_generate_inputs(
     check_attention_impl(attention_impl, compression)
     if compression.kv_quant is not None:
         check_kv_quant(compression.kv_quant, compression.kv_quant_group, config.head_dim)
+    if compression.policy == "thinkv":
+        check_thinkv(compression, config)
     if not _is_int_at_least(max_new_tokens, 1):
         raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
     if prefill_rows_per_chunk is not None and not _is_int_at_least(prefill_rows_per_chunk, 1):
@@ -328,6 +369,22 @@ def check_generate_inputs(
             )
 
 
+def check_thinkv(compression: CompressionConfig, config: ModelConfig) -> None:
+    """ThinKV's settings against the model: its layers exist and each tier's kind fits head_dim; a
+    warning when the sparsity layers or thresholds are the uncalibrated defaults."""
+    cfg = compression.thinkv
+    cfg.calibrated(config.num_layers)
+    for kind in thinkv.tier_kinds(cfg):
+        if kind is not None:
+            check_kv_quant(kind, compression.kv_quant_group, config.head_dim)
+    if cfg.layers is None or cfg.thresholds is None:
+        warnings.warn(
+            "ThinKV runs without calibration (thinkv layers or thresholds not set): it uses the default "
+            "sparsity layers and thresholds (docs/THINKV.md), so its thought types mean little",
+            stacklevel=4,  # the caller of generate
+        )
+
+
 def check_params(params, config: ModelConfig) -> None:
     """The params pytree holds exactly the tensors the config asks for, at their shapes (`param_shapes`)."""
     if not isinstance(params, dict) or len(params.get("layers", ())) != config.num_layers:
@@ -373,6 +430,7 @@ def generate(
     return_logprobs: bool = False,
     top_logprobs: int = 0,
     prefill_rows_per_chunk: int | None = None,
+    mesh: Mesh | None = None,
 ) -> GenerationOutput:
     """Generate up to max_new_tokens per row from right-padded prompts.
 
@@ -388,8 +446,17 @@ def generate(
     prefill_rows_per_chunk: run the prompt over slices of at most this many rows (the largest divisor
     of B not above it), so a batch sized to fill memory with KV cache does not also need the whole
     batch's prompt activations at once; None: the whole batch in one pass.
-    Jit-friendly: call it inside your own `jax.jit` (configs and max_new_tokens must be static there;
-    a model's inside `nnx.jit`). `compile_generate` compiles it ahead of time for one shape.
+    mesh: None runs on one device. A 1-D Mesh splits the rows over its devices, params replicated, and
+    each decodes its rows with no communication. A ("data", "model") Mesh (`sharding.make_mesh`) also
+    splits the weights and the KV buffer over "model", Megatron-style (`sharding`; `_mesh_program`
+    says what runs where): the params go to `sharding.param_shardings(config, mesh)` (`load(dir,
+    mesh=mesh)` restores them there). Each data shard's draws are seeded by the seed folded with its
+    index. "data" must divide B. KV heads that do not divide by "model" are replicated, the usual GQA
+    practice. On a "model" axis > 1 the kernels run per KV-head shard, so attention_impl="pallas" with
+    "longflow" needs granularity="kv_head" there (its "sequence" argmin is per shard) unless the KV
+    heads are replicated; "triton" is single-GPU.
+    Jit-friendly without mesh: call it inside your own `jax.jit` (configs and max_new_tokens must be
+    static there; a model's inside `nnx.jit`). `compile_generate` compiles it ahead of time for one shape.
     """
     if not isinstance(config, ModelConfig) and prompt_lengths is None:  # (model, prompt_ids, lengths)
         (params, config), prompt_ids, prompt_lengths = params_and_config_of(params), config, prompt_ids
@@ -401,13 +468,13 @@ def generate(
     )  # fmt: skip
     check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
     check_params(params, config)
-    return _generate(
-        params,
-        jnp.asarray(prompt_ids, jnp.int32),
-        jnp.asarray(prompt_lengths, jnp.int32),
-        _as_key(seed),
-        **_static_options(config, return_debug, **options),
-    )
+    args = (params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
+    static = _static_options(config, return_debug, **options)
+    if mesh is None:
+        return _generate(*args, **static)
+    check_mesh(mesh, _shape(prompt_ids)[0], config, options["compression"], attention_impl)
+    fn, placement = _mesh_program(mesh, **static)
+    return fn(*jax.device_put(args, placement))
 
 
 def _options(
@@ -471,9 +538,7 @@ def compile_generate(
     params_or_shapes: the params, or `param_shapes(config)` (run then takes params of those shapes); or,
     with config None, a model that holds its weights (`params_and_config_of`), and run then takes such a
     model of this config, or its params.
-    mesh: a 1-D Mesh whose devices split the rows (`shard_map`, params replicated): each decodes its
-    batch / mesh.size rows with no communication and stops when they are done, its draws seeded by
-    the seed folded with its index. None: one device.
+    mesh: as in `generate`; run then places its arguments on it (params already there stay in place).
     """
     if config is None:
         params_or_shapes, config = params_and_config_of(params_or_shapes)
@@ -492,40 +557,14 @@ def compile_generate(
     if mesh is None:
         fn, placement = jax.jit(functools.partial(_generate, **static)), None
     else:
-        if len(mesh.axis_names) != 1 or batch % mesh.size:
-            raise ValueError(
-                f"mesh must be 1-D with a device count dividing batch {batch}, got shape {dict(mesh.shape)}"
-            )
-        axis = mesh.axis_names[0]
-
-        def rows_of_one_device(params, ids, lengths, key):
-            key = jax.random.fold_in(key, jax.lax.axis_index(axis))  # independent draws per device
-            return _generate(params, ids, lengths, key, **static)
-
-        row = P(axis)
-        specs = GenerationOutput(
-            tokens=row,
-            lengths=row,
-            cache_occupancy=row,
-            nonfinite=row,
-            evicted_positions=P(None, None, axis) if return_debug else None,
-            logprobs=row if return_logprobs else None,
-            top_logprobs=row if top_logprobs else None,
-            top_token_ids=row if top_logprobs else None,
+        check_mesh(mesh, batch, config, options["compression"], attention_impl)
+        fn, placement = _mesh_program(mesh, **static)
+        params_or_shapes = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
         )
-        fn = jax.jit(
-            jax.shard_map(
-                rows_of_one_device,
-                mesh=mesh,
-                in_specs=(P(), row, row, P()),
-                out_specs=specs,
-                check_vma=False,
-            )
-        )
-        by_row, replicated = NamedSharding(mesh, row), NamedSharding(mesh, P())
-        placement = (by_row, by_row, replicated)
         ids, lengths, key = (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip((ids, lengths, key), placement)
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip((ids, lengths, key), placement[1:])
         )
     start = time.perf_counter()
     compiled = fn.lower(params_or_shapes, ids, lengths, key).compile()
@@ -542,10 +581,69 @@ def compile_generate(
                 f"{_shape(prompt_ids)} and {_shape(prompt_lengths)}"
             )
         check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
-        args = (jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
-        return compiled(params, *jax.device_put(args, placement))
+        args = (
+            params,
+            jnp.asarray(prompt_ids, jnp.int32),
+            jnp.asarray(prompt_lengths, jnp.int32),
+            _as_key(seed),
+        )
+        return compiled(*(args if placement is None else jax.device_put(args, placement)))
 
     return run, seconds
+
+
+def check_mesh(mesh: Mesh, batch: int, config: ModelConfig, compression, attention_impl: str) -> None:
+    """A mesh `generate` can run on (`sharding.data_axis`), with a kernel that can run on its "model"
+    axis (`attention.check_kernel_on_model_axis`)."""
+    sharding.data_axis(mesh, batch)
+    check_kernel_on_model_axis(
+        attention_impl, compression, config.num_kv_heads, sharding.model_axis_size(mesh)
+    )
+
+
+@functools.lru_cache(maxsize=64)
+def _mesh_program(mesh: Mesh, **static):
+    """(`_generate` over mesh, jitted; the shardings of its params, prompt_ids, prompt_lengths and key).
+
+    The rows are split over the data axis by `shard_map`: each data shard decodes its own rows and stops
+    when they are done, its draws seeded by the key folded with its index. Over "model" XLA partitions
+    each shard's program from the params' Megatron shardings (`sharding.param_shardings`): the matmuls
+    split by heads and intermediate with an all-reduce after attention and after the MLP, the KV buffer
+    split by KV heads, and every sum over heads that picks a slot ("sequence" granularity's importance,
+    SnapKV's and the baselines' scores) all-reduced before its argmin, so every shard evicts the same
+    slot. Only the kernels are placed by hand (`attention.decode_attention`). With a "model" axis of 1
+    the program is today's data-parallel one, every axis manual.
+    """
+    config, return_debug = static["config"], static["return_debug"]
+    axis = mesh.axis_names[0]
+    model = sharding.model_axis_size(mesh)
+
+    def rows_of_one_data_shard(params, ids, lengths, key):
+        key = jax.random.fold_in(key, jax.lax.axis_index(axis))  # independent draws per data shard
+        return _generate(params, ids, lengths, key, **static)
+
+    row = P(axis)
+    specs = GenerationOutput(
+        tokens=row,
+        lengths=row,
+        cache_occupancy=row,
+        nonfinite=row,
+        evicted_positions=P(None, None, axis) if return_debug else None,
+        logprobs=row if static["return_logprobs"] else None,
+        top_logprobs=row if static["top_logprobs"] else None,
+        top_token_ids=row if static["top_logprobs"] else None,
+    )
+    by_row, replicated = NamedSharding(mesh, row), NamedSharding(mesh, P())
+    placement = (sharding.param_shardings(config, mesh), by_row, by_row, replicated)
+    fn = jax.shard_map(
+        rows_of_one_data_shard,
+        mesh=mesh,
+        in_specs=(P(), row, row, P()),
+        out_specs=specs,
+        axis_names=set(mesh.axis_names) if model == 1 else {axis},
+        check_vma=False,
+    )
+    return jax.jit(fn, in_shardings=placement), placement
 
 
 @functools.partial(
@@ -603,7 +701,7 @@ def _generate(
     cache, logits = prefill_in_slices(
         params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
     )
-    cache = with_kernel_state(cache, attention_impl)
+    cache = ready_to_decode(sharding.split_kv_heads(cache), compression, attention_impl, max_new_tokens)
     bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
     history = init_history(prompt_ids, prompt_lengths, config.vocab_size, max_new_tokens, sampling)
     first, scores = choose(logits, jax.random.fold_in(key, 0), 0, history)
@@ -655,7 +753,7 @@ def _generate(
     return GenerationOutput(
         tokens=tokens,
         lengths=lengths,
-        cache_occupancy=occupancy(cache.layers[0]),
+        cache_occupancy=tokens_held(cache.layers[0]),
         evicted_positions=debug,
         nonfinite=nonfinite,
         logprobs=logprobs,

@@ -11,6 +11,8 @@ Per layer, per sequence b:
                               attention.with_kernel_state makes it for the kernel in use)
   recent_queries  [B, W, Hq, D] or None  "rkv" only: the newest W tokens' post-RoPE queries, position p
                               at index p % W (rkv.py)
+  thinkv      "thinkv" only: the layer's precision tiers and segment slots (thinkv.LayerSegments); k, v
+              then hold the prompt and the segment being written, at the model's dtype
 With kv_quant set (a static field, with kv_quant_group), k and v hold each slot's quantized payload
 [B, Hkv, C, D / codes per byte], keys Hadamard-rotated, and k_scale, v_scale [B, Hkv, C, D / group] f32
 (k_zero, v_zero likewise for int4 / int2) their scales (pallas_kernels/quant.py). Everything that reads
@@ -18,7 +20,8 @@ K/V reads `dequantized_kv`, with queries in the keys' basis (`queries_for_keys`)
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0. ("rkv" keeps the prefix by
-compacting the tokens it keeps into slots [0, budget).)
+compacting the tokens it keeps into slots [0, budget).) ThinKV's tiers are the exception: a freed slot
+is reused where it is (thinkv.py), so their filled slots are a set, not a prefix.
 """
 
 from __future__ import annotations
@@ -41,6 +44,7 @@ class LayerCache:
     score: jax.Array
     kernel_state: Any = None
     recent_queries: jax.Array | None = None
+    thinkv: Any = None
     k_scale: jax.Array | None = None
     k_zero: jax.Array | None = None
     v_scale: jax.Array | None = None
@@ -56,6 +60,7 @@ class LayerCache:
 @flax.struct.dataclass
 class KVCache:
     layers: list[LayerCache]
+    segments: Any = None  # "thinkv" only: the segment table all layers share (thinkv.SegmentTable)
 
 
 def kv_valid(layer: LayerCache):
@@ -76,10 +81,23 @@ def quantized_fields(layer: LayerCache) -> dict:
     return {name: getattr(layer, name) for name in _QUANT_FIELDS if getattr(layer, name) is not None}
 
 
+def _buffers(layer: LayerCache) -> list[LayerCache]:
+    """The layer and ThinKV's tier regions: every buffer of slots it holds."""
+    return [layer, *(layer.thinkv.tiers if layer.thinkv is not None else ())]
+
+
+def tokens_held(layer: LayerCache):
+    """[B] int32: tokens a row's layer holds, over all its buffers."""
+    return sum(jnp.sum(kv_valid(buffer), axis=-1, dtype=jnp.int32) for buffer in _buffers(layer))
+
+
 def cache_bytes(cache: KVCache) -> int:
     """Bytes of the K and V buffers with their scales (the part that grows with capacity)."""
     return sum(
-        x.nbytes for layer in cache.layers for x in (layer.k, layer.v, *quantized_fields(layer).values())
+        x.nbytes
+        for layer in cache.layers
+        for buffer in _buffers(layer)
+        for x in (buffer.k, buffer.v, *quantized_fields(buffer).values())
     )
 
 
@@ -161,6 +179,54 @@ def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int, kv_quant=None, kv_qua
         score=jnp.zeros(slot_pos.shape, jnp.float32),
         **quantized,
     )
+
+
+def empty_layer(batch, num_kv_heads, capacity, head_dim, dtype, kv_quant=None, kv_quant_group=32):
+    """A one-group buffer of `capacity` empty slots, K/V in `dtype` or quantized by `kv_quant`."""
+    zeros = jnp.zeros((batch, num_kv_heads, capacity, head_dim), dtype)
+    quantized = {} if kv_quant is None else dict(kv_quant=kv_quant, kv_quant_group=kv_quant_group)
+    return LayerCache(
+        **_stored(zeros, zeros, kv_quant, kv_quant_group),
+        slot_pos=jnp.full((batch, 1, capacity), -1, jnp.int32),
+        evict_slot=jnp.zeros((batch, 1), jnp.int32),
+        score=jnp.zeros((batch, 1, capacity), jnp.float32),
+        **quantized,
+    )
+
+
+def take_slots(layer: LayerCache, slots) -> LayerCache:
+    """The one-group buffer of slots [B, n] of `layer` (their K/V, scales and positions); a slot index
+    of -1 reads slot 0. `dequantized_kv` reads the result as it reads `layer`."""
+    index = jnp.maximum(slots, 0)
+    take = lambda x: jnp.take_along_axis(x, index[:, None, :, None], axis=2)
+    return layer.replace(
+        k=take(layer.k),
+        v=take(layer.v),
+        slot_pos=jnp.take_along_axis(layer.slot_pos, index[:, None, :], axis=2),
+        **{name: take(x) for name, x in quantized_fields(layer).items()},
+    )
+
+
+def write_slots(layer: LayerCache, k_rows, v_rows, pos, slots) -> LayerCache:
+    """Write tokens k_rows, v_rows [B, Hkv, n, D] at true positions pos [B, n] into slots [B, n] of a
+    one-group buffer (quantized there with kv_quant); a slot index >= capacity writes nothing."""
+    b, h = jnp.arange(k_rows.shape[0])[:, None, None], jnp.arange(k_rows.shape[1])[None, :, None]
+    rows = _stored(k_rows, v_rows, layer.kv_quant, layer.kv_quant_group)
+    return layer.replace(
+        **{
+            name: getattr(layer, name)
+            .at[b, h, slots[:, None, :]]
+            .set(x.astype(getattr(layer, name).dtype), mode="drop")
+            for name, x in rows.items()
+        },
+        slot_pos=layer.slot_pos.at[b[:, 0], 0, slots].set(pos.astype(jnp.int32), mode="drop"),
+    )
+
+
+def free_slots(layer: LayerCache, slots) -> LayerCache:
+    """Mark slots [B, n] of a one-group buffer empty; a slot index >= capacity frees nothing."""
+    rows = jnp.arange(slots.shape[0])[:, None]
+    return layer.replace(slot_pos=layer.slot_pos.at[rows, 0, slots].set(-1, mode="drop"))
 
 
 def write_token(layer: LayerCache, k_new, v_new, pos) -> LayerCache:

@@ -104,6 +104,8 @@ class CompressedAttention(nnx.Module):
         if not isinstance(compression, CompressionConfig):
             raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
         check_attention_impl(attention_impl, compression)
+        if compression.policy == "thinkv":  # its segment table spans the layers: generate only
+            raise ValueError("policy 'thinkv' runs in generate and decode_step, not in CompressedAttention")
         if compression.kv_quant is not None:
             check_kv_quant(compression.kv_quant, compression.kv_quant_group, config.head_dim)
         self.config, self.compression, self.attention_impl = config, compression, attention_impl

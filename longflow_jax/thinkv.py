@@ -1,15 +1,43 @@
-"""ThinKV's building blocks (arXiv 2510.01290; docs/THINKV.md), as pure jnp functions that jit.
+"""ThinKV (arXiv 2510.01290; docs/THINKV.md): its building blocks, and the cache policy built on them.
 
-Thought types from attention sparsity (`attention_sparsity`, `classify`), the progressive-eviction
-planner over a fixed-capacity segment table (`plan_levels`, `kept_tokens`), and the k-means choice of
-the tokens a segment keeps (`kmeans_keep`). Shapes are fixed and no Python branches on traced values,
-so each runs inside the jitted decode loop.
+Building blocks: thought types from attention sparsity (`attention_sparsity`, `classify`), the
+progressive-eviction planner over a fixed-capacity segment table (`plan_levels`, `kept_tokens`), and the
+k-means choice of the tokens a segment keeps (`kmeans_keep`).
+
+The policy ("thinkv", `generate` on the reference path). Per layer, the main buffer (LayerCache k, v at
+the model's dtype) holds the prompt in slots [0, P) and the segment being written, the window, in
+[P, P + tau). Beside it (`LayerSegments`), one tier region per distinct precision of
+ThinKVConfig.precisions, each of `tier_capacity` slots, and each classified segment's slots there. The
+segment table (`SegmentTable`: types, levels, count) is shared by all layers. Each step `attend` reads
+every buffer and adds the step's attention sparsity on the layers L*; once the window is full
+(every tau steps, all rows at once), `close_full_segment` types the segment, plans the levels, re-clusters
+the demoted segments (freeing the slots of the tokens k-means drops), moves the new segment's kept
+tokens into the lowest free slots of its tier, and empties the window. Shapes are fixed and no Python
+branches on traced values, so everything runs inside the jitted decode loop.
 """
 
 from __future__ import annotations
 
+import functools
+import itertools
+
+import flax.struct
 import jax
 import jax.numpy as jnp
+
+from .config import CompressionConfig
+from .kv_cache import (
+    KVCache,
+    LayerCache,
+    dequantized_kv,
+    empty_layer,
+    free_slots,
+    kv_valid,
+    layer_from_kept,
+    queries_for_keys,
+    take_slots,
+    write_slots,
+)
 
 # Thought-type codes. The code is the importance (R > E > T), so eviction takes the smallest code first.
 TRANSITION, EXECUTION, REASONING = 0, 1, 2
@@ -98,16 +126,19 @@ def plan_levels(types, levels, starts, num_tokens, newest, budget, schedule=DEFA
     return jax.lax.while_loop(over_budget, demote_one, levels)
 
 
-def _kmeans_keep_row(keys, valid, k: int, iters: int):
-    """kmeans_keep for one segment: keys [n, D], valid [n] -> [k] int32."""
+def _kmeans_keep_row(keys, valid, k: int, iters: int, clusters):
+    """kmeans_keep for one segment: keys [n, D], valid [n], clusters <= k -> [k] int32."""
     n = keys.shape[0]
     x = keys.astype(jnp.float32)
     count = jnp.sum(valid, dtype=jnp.int32)
+    active = jnp.arange(k) < clusters  # centroids past `clusters` take part in nothing
     valid_first = jnp.argsort(~valid, stable=True)  # the valid tokens, in index order, then the rest
-    centroids = x[valid_first[(jnp.arange(k) * count) // k]]  # k evenly spaced valid tokens
+    ranks = jnp.minimum((jnp.arange(k) * count) // clusters, n - 1)
+    centroids = x[valid_first[ranks]]  # `clusters` evenly spaced valid tokens
 
-    def distances(c):  # [n, k] squared Euclidean, as a difference (no cancellation)
-        return jnp.sum(jnp.square(x[:, None, :] - c[None, :, :]), axis=-1)
+    def distances(c):  # [n, k] squared Euclidean, as a difference (no cancellation); inf to inactive ones
+        d = jnp.sum(jnp.square(x[:, None, :] - c[None, :, :]), axis=-1)
+        return jnp.where(active[None, :], d, jnp.inf)
 
     def lloyd_step(_, c):
         members = (jnp.argmin(distances(c), axis=-1)[:, None] == jnp.arange(k)) & valid[:, None]
@@ -128,7 +159,7 @@ def _kmeans_keep_row(keys, valid, k: int, iters: int):
     return jnp.where(kept < n, kept, -1).astype(jnp.int32)
 
 
-def kmeans_keep(keys, valid, k: int, iters: int = 10):
+def kmeans_keep(keys, valid, k: int, iters: int = 10, clusters=None):
     """The tokens a segment keeps: the real token nearest each of k k-means centroids of its keys.
 
     Lloyd's algorithm with a fixed number of iterations over the valid tokens, starting from k evenly
@@ -142,6 +173,8 @@ def kmeans_keep(keys, valid, k: int, iters: int = 10):
       valid: [..., n] bool, the segment's real tokens.
       k: tokens to keep (the segment's retention target), static.
       iters: Lloyd iterations, static.
+      clusters: None, or [...] int in [1, k] (traced): run with that many clusters instead, as
+        kmeans_keep(..., k=clusters) would, padded with -1 to k.
     Returns:
       [..., k] int32 kept token indices, ascending, padded with -1 where fewer than k tokens are valid.
     """
@@ -150,5 +183,248 @@ def kmeans_keep(keys, valid, k: int, iters: int = 10):
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
     lead, (n, d) = keys.shape[:-2], keys.shape[-2:]
-    rows = jax.vmap(lambda x, m: _kmeans_keep_row(x, m, k, iters))
-    return rows(keys.reshape(-1, n, d), valid.reshape(-1, n)).reshape(*lead, k)
+    clusters = jnp.broadcast_to(jnp.asarray(k if clusters is None else clusters, jnp.int32), lead)
+    rows = jax.vmap(lambda x, m, c: _kmeans_keep_row(x, m, k, iters, c))
+    return rows(keys.reshape(-1, n, d), valid.reshape(-1, n), clusters.reshape(-1)).reshape(*lead, k)
+
+
+# ---- the cache policy ----
+
+
+@flax.struct.dataclass
+class LayerSegments:
+    """A layer's ThinKV state beside its main buffer (LayerCache.thinkv).
+
+    tiers: one-group buffers of tier_capacity slots, one per `tier_kinds`, quantized at that kind.
+    segment_slots: [B, S, schedule[0]] int32, the tier slots of each segment's kept tokens, -1 after them.
+    sparsity_sum: [B] float32, the window's summed step sparsity (mean over this layer's query heads);
+      None on a layer outside L*.
+    """
+
+    tiers: list[LayerCache]
+    segment_slots: jax.Array
+    sparsity_sum: jax.Array | None
+
+
+@flax.struct.dataclass
+class SegmentTable:
+    """The classified segments, in order (segment j holds generated tokens [j * tau, (j + 1) * tau)).
+
+    types, levels: [B, S] int32 thought-type codes and retention levels (0 for unused entries).
+    count: [B] int32 segments classified so far; rows advance in lockstep, so it is the same in every row.
+    """
+
+    types: jax.Array
+    levels: jax.Array
+    count: jax.Array
+
+
+def num_segments(tau: int, max_new_tokens: int) -> int:
+    """Segments a run classifies: the decode loop writes max_new_tokens - 1 tokens (the last is only
+    sampled), and only full segments are classified."""
+    return (max_new_tokens - 1) // tau
+
+
+def tier_capacity(compression: CompressionConfig, max_new_tokens: int) -> int:
+    """Slots per tier region: the most tokens the classified segments keep together. The planner keeps
+    the total within the budget unless every segment is at the floor, and no segment keeps more than
+    schedule[0]; any one tier may hold all of them."""
+    cfg = compression.thinkv
+    segments = num_segments(cfg.tau, max_new_tokens)
+    return min(max(compression.budget, cfg.schedule[-1] * segments), cfg.schedule[0] * segments)
+
+
+def tier_kinds(cfg) -> tuple:
+    """The distinct kv_quant kinds of ThinKVConfig.precisions (None: the model's dtype), one tier each."""
+    return tuple(dict.fromkeys(cfg.type_precisions))
+
+
+def _tier_of_type(cfg):
+    """[3] int32: the tier index of each thought-type code."""
+    kinds = tier_kinds(cfg)
+    return jnp.asarray([kinds.index(kind) for kind in cfg.type_precisions], jnp.int32)
+
+
+def prefill_layer(k, v, lengths, capacity: int) -> LayerCache:
+    """A layer's main buffer after prefill: every prompt token at the model's dtype in slots [0, P), the
+    window [P, capacity) empty. k, v [B, P, Hkv, D] post-RoPE (position = index), lengths [B]."""
+    batch, prompt_len = k.shape[:2]
+    positions = jnp.arange(prompt_len, dtype=jnp.int32)[None, None, :]
+    kept = jnp.where(positions < lengths[:, None, None], positions, -1)
+    layer = layer_from_kept(k, v, kept, capacity)
+    return layer.replace(evict_slot=jnp.full((batch, 1), prompt_len, jnp.int32))
+
+
+def attach(cache: KVCache, compression: CompressionConfig, max_new_tokens: int) -> KVCache:
+    """The prefilled cache with empty tier regions, segment slots and segment table."""
+    cfg = compression.thinkv
+    sparsity_layers, _ = cfg.calibrated(len(cache.layers))
+    segments, capacity = num_segments(cfg.tau, max_new_tokens), tier_capacity(compression, max_new_tokens)
+    batch, num_kv_heads, _, head_dim = cache.layers[0].k.shape
+    layers = []
+    for i, layer in enumerate(cache.layers):
+        tiers = [
+            empty_layer(
+                batch, num_kv_heads, capacity, head_dim, layer.k.dtype, kind, compression.kv_quant_group
+            )
+            for kind in tier_kinds(cfg)
+        ]
+        state = LayerSegments(
+            tiers=tiers,
+            segment_slots=jnp.full((batch, segments, cfg.schedule[0]), -1, jnp.int32),
+            sparsity_sum=jnp.zeros(batch, jnp.float32) if i in sparsity_layers else None,
+        )
+        layers.append(layer.replace(thinkv=state))
+    table = jnp.zeros((batch, segments), jnp.int32)
+    return KVCache(layers=layers, segments=SegmentTable(table, table, jnp.zeros(batch, jnp.int32)))
+
+
+def attend(q, layer: LayerCache, scale):
+    """Attention of q [B, Hq, D] (its token already written into the window) over the main buffer and
+    every tier, each read at its own precision; returns (out [B, Hq, D] f32, the layer with the next
+    window slot and, on L*, the step's sparsity added)."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = layer.k.shape[1]
+    buffers = [layer, *layer.thinkv.tiers]
+    logits, values, valid = [], [], []
+    for buffer in buffers:
+        k, v = dequantized_kv(buffer)
+        qg = queries_for_keys(buffer, q).astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim)
+        logits.append(jnp.einsum("bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=_HIGHEST) * scale)
+        values.append(v.astype(jnp.float32))
+        valid.append(kv_valid(buffer))
+    valid = jnp.concatenate(valid, axis=-1)
+    logits = jnp.where(valid[:, None, None, :], jnp.concatenate(logits, axis=-1), -jnp.inf)
+    probs = jax.nn.softmax(logits, axis=-1)  # the new token's slot is always valid
+    bounds = [0, *itertools.accumulate(v.shape[2] for v in values)]
+    out = sum(
+        jnp.einsum("bkgc,bkcd->bkgd", probs[..., lo:hi], v, precision=_HIGHEST)
+        for lo, hi, v in zip(bounds, bounds[1:], values)
+    )
+    state = layer.thinkv
+    if state.sparsity_sum is not None:
+        step = attention_sparsity(probs.reshape(batch, num_q_heads, -1), valid[:, None, :]).mean(axis=-1)
+        state = state.replace(sparsity_sum=state.sparsity_sum + step)
+    return out.reshape(batch, num_q_heads, head_dim), layer.replace(
+        evict_slot=layer.evict_slot + 1, thinkv=state
+    )
+
+
+def close_full_segment(cache: KVCache, compression: CompressionConfig) -> KVCache:
+    """After a decode step: once the window holds tau tokens, classify it and compress (`_close_segment`);
+    otherwise the cache as it is. Rows advance in lockstep, so one scalar decides for all."""
+    first = cache.layers[0]
+    full = first.evict_slot[0, 0] == first.capacity
+    return jax.lax.cond(full, functools.partial(_close_segment, compression=compression), lambda c: c, cache)
+
+
+def _close_segment(cache: KVCache, compression: CompressionConfig) -> KVCache:
+    """Type the full window's segment, plan every level, and compress each layer (`_compress_layers`)."""
+    cfg = compression.thinkv
+    _, thresholds = cfg.calibrated(len(cache.layers))
+    measured = [layer.thinkv.sparsity_sum for layer in cache.layers if layer.thinkv.sparsity_sum is not None]
+    sparsity = sum(measured) / (len(measured) * cfg.tau)
+    table = cache.segments
+    batch, segments = table.types.shape
+    rows, newest = jnp.arange(batch), table.count
+    types = table.types.at[rows, newest].set(classify(sparsity, thresholds))
+    num_tokens = jnp.where(jnp.arange(segments)[None, :] <= newest[:, None], cfg.tau, 0).astype(jnp.int32)
+    starts = jnp.broadcast_to(jnp.arange(segments, dtype=jnp.int32), (batch, segments))
+    plan = functools.partial(plan_levels, budget=compression.budget, schedule=cfg.schedule)
+    levels = jax.vmap(plan)(types, table.levels, starts, num_tokens, newest)
+    layers = _compress_layers(cache.layers, types, table.levels, levels, newest, cfg)
+    return KVCache(layers=layers, segments=SegmentTable(types=types, levels=levels, count=newest + 1))
+
+
+def _segment_keys(buffer: LayerCache, slots):
+    """[B, n, Hkv * D] float32: the keys at slots [B, n] of a one-group buffer, as k-means reads them
+    (rotated in a quantized tier: a rotation keeps distances)."""
+    k = dequantized_kv(take_slots(buffer, slots))[0].astype(jnp.float32)  # [B, Hkv, n, D]
+    return jnp.swapaxes(k, 1, 2).reshape(*slots.shape, -1)
+
+
+def _kmeans_over_layers(keys, valid, k: int, clusters):
+    """kmeans_keep over every layer's keys [B, n, F] (a list) in one call, so the decode loop compiles
+    one k-means, not one per layer; clusters [B]. Returns [L, B, k]."""
+    keys, valid = jnp.stack(keys), jnp.stack(valid)
+    return kmeans_keep(keys, valid, k=k, clusters=jnp.broadcast_to(clusters, valid.shape[:2]))
+
+
+def _compress_layers(layers, types, old_levels, levels, newest, cfg) -> list[LayerCache]:
+    """The layers' part of `_close_segment`: demoted segments first (they only free slots), then the new
+    segment into its tier, then the window emptied."""
+    tier_of = _tier_of_type(cfg)
+    batch, segments, entry = layers[0].thinkv.segment_slots.shape
+    rows = jnp.arange(batch)
+
+    def kept(lv):
+        return kept_tokens(lv, cfg.tau, cfg.schedule)
+
+    def demote(j, carry):
+        stepped = (levels[:, j] != old_levels[:, j]) & (j < newest)  # [B]
+        tier = tier_of[types[:, j]]  # [B]
+
+        def recluster(carry):
+            slots = [table[:, j] for _, table in carry]  # per layer [B, E]
+            keys = [
+                sum(
+                    jnp.where((tier == t)[:, None, None], _segment_keys(b, s), 0.0)
+                    for t, b in enumerate(tiers)
+                )
+                for (tiers, _), s in zip(carry, slots)
+            ]
+            keep = _kmeans_over_layers(keys, [s >= 0 for s in slots], entry, kept(levels[:, j]))
+            out = []
+            for (tiers, table), s, kp in zip(carry, slots, keep):
+                new = jnp.where(kp >= 0, jnp.take_along_axis(s, jnp.maximum(kp, 0), axis=1), -1)
+                new = jnp.where(stepped[:, None], new, s)
+                dropped = (s >= 0) & ~jnp.any(s[:, :, None] == new[:, None, :], axis=-1)
+                tiers = [
+                    free_slots(b, jnp.where(dropped & (tier == t)[:, None], s, b.capacity))
+                    for t, b in enumerate(tiers)
+                ]
+                out.append((tiers, table.at[:, j].set(new)))
+            return out
+
+        return jax.lax.cond(jnp.any(stepped), recluster, lambda c: c, carry)
+
+    carry = [(layer.thinkv.tiers, layer.thinkv.segment_slots) for layer in layers]
+    carry = jax.lax.fori_loop(0, segments, demote, carry)
+
+    # The new segment: its kept window tokens go to the lowest free slots of its tier.
+    start = layers[0].capacity - cfg.tau
+    windows = [
+        layer.replace(k=layer.k[:, :, start:], v=layer.v[:, :, start:], slot_pos=layer.slot_pos[:, :, start:])
+        for layer in layers
+    ]
+    window_slots = jnp.broadcast_to(jnp.arange(cfg.tau), (batch, cfg.tau))
+    keep = _kmeans_over_layers(
+        [_segment_keys(w, window_slots) for w in windows], [kv_valid(w) for w in windows], entry,
+        kept(levels[rows, newest]),
+    )  # fmt: skip
+    tier = tier_of[types[rows, newest]]
+    out = []
+    for layer, window, (tiers, table), kp in zip(layers, windows, carry, keep):
+        picked = take_slots(window, kp)
+        dest, new_tiers = jnp.full((batch, entry), -1, jnp.int32), []
+        for t, buffer in enumerate(tiers):
+            free = jax.vmap(functools.partial(jnp.nonzero, size=entry, fill_value=buffer.capacity))
+            free = free(~kv_valid(buffer))[0]
+            mine = (kp >= 0) & (tier == t)[:, None]
+            slots = jnp.where(mine, free, buffer.capacity)
+            new_tiers.append(write_slots(buffer, picked.k, picked.v, picked.slot_pos[:, 0], slots))
+            dest = jnp.where(mine, free, dest)
+        state = layer.thinkv
+        state = state.replace(
+            tiers=new_tiers,
+            segment_slots=table.at[rows, newest].set(dest),
+            sparsity_sum=None if state.sparsity_sum is None else jnp.zeros_like(state.sparsity_sum),
+        )
+        out.append(
+            layer.replace(
+                slot_pos=layer.slot_pos.at[:, :, start:].set(-1),
+                evict_slot=jnp.full_like(layer.evict_slot, start),
+                thinkv=state,
+            )
+        )
+    return out

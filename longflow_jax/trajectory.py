@@ -17,7 +17,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from .attention import with_kernel_state
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .generate import (
     FULL,
@@ -27,6 +26,7 @@ from .generate import (
     decode_step,
     effective_compression,
     prefill,
+    ready_to_decode,
 )
 
 
@@ -130,7 +130,7 @@ def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, conf
         comp = effective_compression(comp, prompt_len, steps)
         capacity = buffer_capacity(comp, prompt_len, steps)
         cache, logits = prefill(params, config, prompt_ids, prompt_lengths, comp, capacity)
-        return with_kernel_state(cache, attention_impl), logits
+        return ready_to_decode(cache, comp, attention_impl, steps), logits
 
     ref_cache, ref_logits = start(reference)
     caches, logits = zip(*(start(c) for c in compressions))

@@ -202,6 +202,19 @@ def test_kmeans_keep_one_token_per_run():
     assert sorted(run[got].tolist()) == list(range(runs))
 
 
+def test_kmeans_keep_with_fewer_clusters_matches_a_smaller_k():
+    """clusters=c per segment (traced) keeps what k=c keeps, padded with -1 to k."""
+    rng = np.random.default_rng(4)
+    n, d, k = 24, 8, 6
+    keys = _clustered_keys(rng, (3,), n, d, clusters=4).astype(np.float32)
+    valid = rng.random((3, n)) < 0.8
+    clusters = np.array([2, 6, 3])
+    got = np.asarray(kmeans_keep(jnp.asarray(keys), jnp.asarray(valid), k=k, clusters=jnp.asarray(clusters)))
+    for row, c in enumerate(clusters):
+        want = np.asarray(kmeans_keep(jnp.asarray(keys[row]), jnp.asarray(valid[row]), k=int(c)))
+        np.testing.assert_array_equal(got[row], np.concatenate([want, np.full(k - c, -1)]))
+
+
 def test_kmeans_keep_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be a positive int"):
         thinkv.kmeans_keep(jnp.zeros((4, 2)), jnp.ones(4, bool), k=0)

@@ -1,0 +1,291 @@
+"""ThinKV as a cache policy: generate against the full cache, the cache's bookkeeping against a plain
+Python simulation of the method, a long run with eviction, and the config's checks."""
+
+import functools
+import json
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from helpers import generate_module, make_prompts
+
+import longflow_jax as lf
+from longflow_jax import thinkv
+from longflow_jax.config import ThinKVConfig
+from longflow_jax.kv_cache import KVCache, write_token
+from longflow_jax.thinkv import EXECUTION, REASONING, TRANSITION
+from pallas_kernels import quant
+
+T, E, R = TRANSITION, EXECUTION, REASONING
+CONFIG = lf.ModelConfig(
+    model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=2, num_heads=4,
+    num_kv_heads=2, head_dim=16, rms_norm_eps=1e-6, rope_theta=10000.0, max_position_embeddings=1024,
+)  # fmt: skip
+GROUP = 16  # kv_quant_group: head_dim 16
+
+
+@pytest.fixture(scope="module")
+def params():
+    """Random weights drawn in numpy (no per-tensor compile), large: no near-ties in greedy decoding."""
+    rng = np.random.default_rng(0)
+    draw = lambda sd: (1.0 if len(sd.shape) == 1 else 0.0) + 0.2 * rng.standard_normal(sd.shape)
+    return jax.tree.map(lambda sd: jnp.asarray(draw(sd), sd.dtype), lf.param_shapes(CONFIG))
+
+
+def test_thinkv_without_loss_equals_the_full_cache(params):
+    """Segments kept whole (schedule starts at tau) at the model's dtype, a budget that holds them all,
+    and no transition segment (hi = 1: no row is all tiny weights), so nothing is dropped: the tokens
+    move from the window into the tier every tau steps and generate matches the full cache."""
+    ids, lengths = make_prompts(CONFIG, [10, 7], seed=1)
+    tk = ThinKVConfig(tau=8, schedule=(8, 4, 1), precisions="R16E16T16", layers=(1,), thresholds=(0.4, 1.0))
+    comp = lf.CompressionConfig(policy="thinkv", budget=1000, thinkv=tk)
+    full = lf.generate(params, CONFIG, ids, lengths, max_new_tokens=40)
+    out = lf.generate(params, CONFIG, ids, lengths, max_new_tokens=40, compression=comp)
+    np.testing.assert_array_equal(out.tokens, full.tokens)
+    np.testing.assert_array_equal(out.cache_occupancy, full.cache_occupancy)  # 4 segments in the tier
+    # Teacher-forced along the same tokens (the fidelity harness's path), the distributions agree too.
+    scores = lf.score_trajectory(params, CONFIG, ids, lengths, full.tokens, full.lengths, compression=comp)
+    assert np.asarray(scores.top1_agree)[np.asarray(scores.mask)].all()
+    assert np.abs(np.asarray(scores.kl)).max() < 1e-5
+
+
+# ---- the bookkeeping against a simulation ----
+
+TAU, SCHEDULE, BUDGET = 6, (4, 2, 1), 12
+SCRIPT = ("RETRRTE", "EERTTRR")  # one thought type per segment, per row
+SPARSITY = {E: 0.1, R: 0.5, T: 0.9}  # with thresholds (0.3, 0.7)
+IMPORTANCE = {T: 0, E: 1, R: 2}  # demoted first to last
+
+
+def simulate(script, budget=BUDGET, schedule=SCHEDULE):
+    """The levels after each segment in plain Python (docs/THINKV.md): a new T steps the older ones
+    down; then, over budget, the weakest type's oldest segment steps down, never below the last."""
+    levels, last = [], len(schedule) - 1
+    for i, kind in enumerate(script):
+        if kind == T:
+            levels = [min(lv + 1, last) for lv in levels]
+        levels.append(0)
+        while sum(schedule[lv] for lv in levels) > budget:
+            movable = [j for j in range(i + 1) if levels[j] < last]
+            if not movable:
+                break
+            levels[min(movable, key=lambda j: (IMPORTANCE[script[j]], j))] += 1
+    return levels
+
+
+stored_kv = jax.jit(lf.kv_cache.dequantized_kv)
+
+
+def numpy_quantized(x, kind):
+    """x [..., D] as an asymmetric int4 / int2 slot stores it (pallas_kernels/quant.py's rule), in numpy."""
+    levels = {"int4": 15, "int2": 3}[kind]
+    g = x.reshape(*x.shape[:-1], -1, GROUP).astype(np.float32)
+    lo, hi = g.min(-1, keepdims=True), g.max(-1, keepdims=True)
+    scale = (hi - lo) / np.float32(levels)
+    codes = np.clip(np.round((g - lo) / np.where(scale > 0, scale, 1)), 0, levels)
+    return (codes * scale + lo).reshape(x.shape)
+
+
+def _scripted_step(cache, k_new, v_new, positions, step_sparsity, comp):
+    """One decode step's cache work with a scripted sparsity: each layer writes its token and counts
+    it as `thinkv.attend` does, then the window closes when full."""
+    layers = []
+    for layer, k, v in zip(cache.layers, k_new, v_new):
+        layer = write_token(layer, k, v, positions)
+        state = layer.thinkv
+        if state.sparsity_sum is not None:
+            state = state.replace(sparsity_sum=state.sparsity_sum + step_sparsity)
+        layers.append(layer.replace(evict_slot=layer.evict_slot + 1, thinkv=state))
+    return thinkv.close_full_segment(cache.replace(layers=layers), comp)
+
+
+def test_bookkeeping_matches_a_simulation():
+    """After a scripted run of 7 segments (plus 2 tokens in the window) in two rows with different types:
+    the types, levels, tokens kept per segment and slots used per tier are the simulation's, and every
+    kept token's slot holds that token's own K/V (quantized as its tier quantizes)."""
+    tk = ThinKVConfig(tau=TAU, schedule=SCHEDULE, precisions="R4E4T2", layers=(0,), thresholds=(0.3, 0.7))
+    comp = lf.CompressionConfig(policy="thinkv", budget=BUDGET, kv_quant_group=GROUP, thinkv=tk)
+    code = {"T": T, "E": E, "R": R}
+    script = [[code[c] for c in row] for row in SCRIPT]
+    batch, kv_heads, dim, prompt_len, num_layers = 2, 2, 16, 3, 2
+    lengths = np.array([3, 2])
+    steps = len(SCRIPT[0]) * TAU + 2
+    rng = np.random.default_rng(0)
+    prompt_k, prompt_v = rng.standard_normal((2, num_layers, batch, prompt_len, kv_heads, dim))
+    new_k, new_v = rng.standard_normal((2, steps, num_layers, batch, kv_heads, dim)).astype(np.float32)
+
+    @jax.jit
+    def start(prompt_k, prompt_v):
+        layers = [
+            thinkv.prefill_layer(k, v, jnp.asarray(lengths), prompt_len + TAU)
+            for k, v in zip(prompt_k, prompt_v)
+        ]
+        return thinkv.attach(KVCache(layers=layers), comp, max_new_tokens=steps + 1)
+
+    cache = start(prompt_k.astype(np.float32), prompt_v.astype(np.float32))
+    step = jax.jit(functools.partial(_scripted_step, comp=comp))
+    for g in range(steps):
+        sparsity = jnp.asarray([SPARSITY[row[min(g // TAU, len(row) - 1)]] for row in script], jnp.float32)
+        cache = step(cache, jnp.asarray(new_k[g]), jnp.asarray(new_v[g]), jnp.asarray(lengths + g), sparsity)
+
+    segments = len(SCRIPT[0])
+    table = cache.segments
+    np.testing.assert_array_equal(table.count, [segments] * batch)
+    np.testing.assert_array_equal(table.types, script)
+    want_levels = [simulate(row) for row in script]
+    np.testing.assert_array_equal(table.levels, want_levels)
+    kept = np.asarray(SCHEDULE)[np.asarray(want_levels)]  # [B, S]
+    assert all(set(row) == {0, 1, 2} for row in want_levels)  # the script reaches every level
+    assert thinkv.tier_kinds(tk) == ("int2", "int4")  # in type-code order: T's, then E's and R's
+    tier_of = {T: 0, E: 1, R: 1}
+    for layer_index, layer in enumerate(cache.layers):
+        main_pos = np.asarray(layer.slot_pos[:, 0])
+        for b in range(batch):  # the prompt stays, the window holds the last 2 tokens
+            want_main = list(range(lengths[b])) + [lengths[b] + steps - 2, lengths[b] + steps - 1]
+            assert sorted(main_pos[b][main_pos[b] >= 0].tolist()) == want_main
+        slots = np.asarray(layer.thinkv.segment_slots)
+        for t, tier in enumerate(layer.thinkv.tiers):
+            pos = np.asarray(tier.slot_pos[:, 0])
+            where = []  # (row, slot, generated index) of every kept token in this tier
+            for b in range(batch):
+                mine = [j for j in range(segments) if tier_of[script[b][j]] == t]
+                assert (pos[b] >= 0).sum() == kept[b, mine].sum()  # slots used in this tier
+                held = []
+                for j in mine:
+                    seg = slots[b, j][slots[b, j] >= 0]
+                    assert seg.size == kept[b, j] and np.unique(seg).size == seg.size
+                    held += seg.tolist()
+                    gen = pos[b, seg] - lengths[b]  # the generated index of each kept token
+                    assert ((gen >= j * TAU) & (gen < (j + 1) * TAU)).all(), (b, j, gen)
+                    where += [(b, slot, g) for slot, g in zip(seg, gen)]
+                assert sorted(held) == sorted(np.flatnonzero(pos[b] >= 0).tolist())
+            b, slot, g = np.asarray(where).T
+            k_deq, v_deq = (np.asarray(x)[b, :, slot] for x in stored_kv(tier))
+            k_own = new_k[g, layer_index, b] @ quant.hadamard_matrix(dim)  # [n, Hkv, D], rotated
+            for stored, own in ((k_deq, k_own), (v_deq, new_v[g, layer_index, b])):
+                np.testing.assert_allclose(stored, numpy_quantized(own, tier.kv_quant), atol=1e-5)
+
+
+# ---- a long run ----
+
+
+def test_long_run_with_eviction_keeps_its_memory(params):
+    """300 tokens with a budget of 60: the run compiles once (a second prompt reuses it), the tokens held
+    stay within prompt + window + the tiers' bound, and kv_cache_bytes is what the cache allocates."""
+    tk = ThinKVConfig(tau=8, schedule=(4, 2, 1), layers=(0, 1), thresholds=(0.3, 0.6))
+    comp = lf.CompressionConfig(policy="thinkv", budget=60, kv_quant_group=GROUP, thinkv=tk)
+    new_tokens, batch, prompt_len = 300, 2, 10
+    run, _ = lf.compile_generate(
+        params, CONFIG, batch=batch, prompt_len=prompt_len, max_new_tokens=new_tokens, compression=comp,
+        sampling=lf.SamplingConfig(ignore_eos=True),
+    )  # fmt: skip
+    segments = thinkv.num_segments(tk.tau, new_tokens)
+    window = (new_tokens - 1) % tk.tau
+    for seed in (1, 2):
+        ids, lengths = make_prompts(CONFIG, [10, 6], seed=seed)
+        out = run(params, ids, lengths)
+        assert not np.asarray(out.nonfinite).any()
+        np.testing.assert_array_equal(out.lengths, [new_tokens] * batch)
+        held = np.asarray(out.cache_occupancy) - lengths - window  # in the tiers
+        assert (held >= segments * tk.schedule[-1]).all()  # every segment keeps its floor
+        assert (held <= max(comp.budget, segments * tk.schedule[-1])).all()
+        assert (held < segments * tk.schedule[0]).all()  # eviction happened
+
+    eff = generate_module.effective_compression(comp, prompt_len, new_tokens)
+    capacity = generate_module.buffer_capacity(eff, prompt_len, new_tokens)
+
+    def start():
+        ids, lengths = jnp.zeros((batch, prompt_len), jnp.int32), jnp.full(batch, prompt_len)
+        cache, _ = lf.prefill(params, CONFIG, ids, lengths, eff, capacity)
+        return thinkv.attach(cache, eff, new_tokens)
+
+    cache = jax.eval_shape(start)
+    allocated = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(cache))
+    assert lf.kv_cache_bytes(CONFIG, comp, batch, prompt_len, new_tokens) == allocated
+    full_bytes = lf.kv_cache_bytes(CONFIG, lf.CompressionConfig(policy="full"), batch, prompt_len, new_tokens)
+    assert allocated < full_bytes / 3
+
+
+# ---- the config's checks ----
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(tau=0), "tau must be a positive int"),
+        (dict(schedule=(64, 64, 4)), "strictly decreasing"),
+        (dict(schedule=(256, 4)), "the first <= tau"),
+        (dict(schedule=()), "thinkv schedule"),
+        (dict(precisions="R4E4T3"), "R<bits>E<bits>T<bits>"),
+        (dict(precisions="E4R4T2"), "R<bits>E<bits>T<bits>"),
+        (dict(layers=(1, 1)), "distinct layer indices"),
+        (dict(layers=(-1,)), "distinct layer indices"),
+        (dict(thresholds=(0.8, 0.2)), "0 <= lo <= hi <= 1"),
+        (dict(thresholds=(0.2, 1.5)), "0 <= lo <= hi <= 1"),
+        (dict(thresholds=(0.2,)), "0 <= lo <= hi <= 1"),
+    ],
+)
+def test_thinkv_config_rejects_bad_values(fields, match):
+    with pytest.raises(ValueError, match=match):
+        ThinKVConfig(**fields)
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (dict(policy="thinkv", kv_quant="int4"), "kv_quant must be None for policy 'thinkv'"),
+        (dict(policy="thinkv", granularity="kv_head"), "'sequence' for policy 'thinkv'"),
+        (dict(policy="thinkv", thinkv="R4E4T2"), "a ThinKVConfig"),
+        (dict(policy="longflow", thinkv=ThinKVConfig()), "policy 'thinkv' only"),
+    ],
+)
+def test_compression_config_rejects_bad_thinkv_settings(fields, match):
+    with pytest.raises(ValueError, match=match):
+        lf.CompressionConfig(**fields)
+
+
+def test_generate_checks_thinkv_against_the_model(params):
+    """Checked before anything is traced: the layers exist, the tiers' kinds fit head_dim, the fused
+    kernels refuse the policy, and a run without calibration warns."""
+    ids, lengths = make_prompts(CONFIG, [4], seed=0)
+    calibrated = ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.3, 0.6))
+
+    def check(tk, group=GROUP, attention_impl="reference"):
+        comp = lf.CompressionConfig(policy="thinkv", budget=8, kv_quant_group=group, thinkv=tk)
+        generate_module.check_generate_inputs(
+            CONFIG, ids, lengths, 9, comp, lf.SamplingConfig(), attention_impl
+        )
+
+    with pytest.raises(ValueError, match="thinkv layers must be < num_layers 2"):
+        check(ThinKVConfig(layers=(2,), thresholds=(0.3, 0.6)))
+    with pytest.raises(ValueError, match="needs attention_impl='reference'"):
+        check(calibrated, attention_impl="pallas")
+    with pytest.raises(ValueError, match="kv_quant_group 32 must divide head_dim 16"):
+        check(calibrated, group=32)
+    with pytest.warns(UserWarning, match="without calibration"):
+        check(ThinKVConfig(tau=4, schedule=(2, 1), thresholds=(0.3, 0.6)))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        check(calibrated)
+
+
+def test_attention_layer_refuses_thinkv():
+    """The segment table spans the layers, so the one-layer nnx attention cannot hold it."""
+    from flax import nnx
+
+    from longflow_jax.nnx import CompressedAttention
+
+    with pytest.raises(ValueError, match="not in CompressedAttention"):
+        CompressedAttention(CONFIG, compression=lf.CompressionConfig(policy="thinkv"), rngs=nnx.Rngs(0))
+
+
+def test_from_calibration_reads_layers_and_thresholds(tmp_path):
+    path = tmp_path / "thinkv.json"
+    path.write_text(json.dumps({"layers": [5, 2, 9, 7], "thresholds": [0.41, 0.77]}))
+    tk = ThinKVConfig.from_calibration(str(path), tau=64, schedule=(32, 8))
+    assert (tk.layers, tk.thresholds, tk.tau, tk.schedule) == ((2, 5, 7, 9), (0.41, 0.77), 64, (32, 8))
+    path.write_text(json.dumps({"layers": [1]}))
+    with pytest.raises(ValueError, match="with 'layers' and 'thresholds'"):
+        ThinKVConfig.from_calibration(str(path))
