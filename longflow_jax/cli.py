@@ -124,9 +124,11 @@ def run_demo(args) -> None:
     if len(rows) == 2:
         saved = 1 - rows[0][4] / rows[1][4]
         print(
-            f"\nLongFlow's KV buffer is {rows[0][4]:,} bytes against {rows[1][4]:,} for the full cache: "
-            f"{saved:.1%} saved ({rows[1][4] / rows[0][4]:.1f}x smaller)."
+            f"\nThe {runs[0].policy} KV cache is {rows[0][4]:,} bytes against {rows[1][4]:,} for the full "
+            f"cache: {saved:.1%} saved ({rows[1][4] / rows[0][4]:.1f}x smaller)."
         )
+    if runs[0].policy == "thinkv":  # its precisions are per thought type, not --kv-quant
+        return
     quantized = {
         kind: kv_cache_bytes(
             config, dataclasses.replace(runs[0], kv_quant=kind), batch, prompt_len, args.max_new_tokens

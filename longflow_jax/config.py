@@ -8,6 +8,7 @@ import math
 import numbers
 import os
 import re
+import warnings
 from typing import Any
 
 import jax.numpy as jnp
@@ -242,6 +243,8 @@ _THINKV_PRECISIONS = re.compile(r"R(2|4|8|16)E(2|4|8|16)T(2|4|8|16)")
 # 1/5 .. 4/5 of the depth, and placeholder thresholds (not measured: calibration replaces them).
 THINKV_DEFAULT_LAYER_FRACTIONS = (0.2, 0.4, 0.6, 0.8)
 THINKV_DEFAULT_THRESHOLDS = (0.5, 0.8)
+# longflow-calibrate-thinkv writes it into the checkpoint, and --policy thinkv reads it from there.
+THINKV_CALIBRATION_FILE = "thinkv.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -318,10 +321,17 @@ class ThinKVConfig:
     @classmethod
     def from_calibration(cls, path: str, **overrides) -> ThinKVConfig:
         """The config with `layers` and `thresholds` read from a calibration file: a JSON object with
-        "layers" (layer indices) and "thresholds" ([lo, hi]); `overrides` set the other fields."""
+        "layers" (layer indices) and "thresholds" ([lo, hi]); `overrides` set the other fields. A file
+        with "fallback": true (calibration found no tri-modal layer) holds the defaults: a warning."""
         data = _read_json(path)
         if not isinstance(data, dict) or not {"layers", "thresholds"} <= set(data):
             raise ValueError(f"{path} must hold a JSON object with 'layers' and 'thresholds'")
+        if data.get("fallback"):
+            warnings.warn(
+                f"{path} holds ThinKV's default layers and thresholds: its calibration found no layer "
+                f"whose sparsity density is clearly tri-modal, so the thought types mean little",
+                stacklevel=2,
+            )
         return cls(layers=data["layers"], thresholds=data["thresholds"], **overrides)
 
 

@@ -340,6 +340,7 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
             comp = CompressionConfig(
                 policy=policy, granularity=args.granularity, kv_quant=args.kv_quant,
                 kv_quant_group=args.kv_quant_group, **sized,
+                thinkv=runner.thinkv_from(args) if policy == "thinkv" else None,
             )  # fmt: skip
             rows = []  # (input line, row): the batches come bucketed by length
             for _, _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):

@@ -14,6 +14,7 @@ All problems share one padded prompt length, so each policy x budget compiles on
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import os
 import sys
@@ -58,12 +59,14 @@ def parse_runs(policies: str, budgets: str, kv_quant_group: int = 32) -> list[tu
     return list(dict.fromkeys(runs))
 
 
-def compression_of(run, kv_quant_group: int) -> CompressionConfig:
+def compression_of(run, kv_quant_group: int, thinkv=None) -> CompressionConfig:
+    """thinkv: policy "thinkv"'s ThinKVConfig (None: the defaults)."""
     policy, granularity, budget, kv_quant = run
     budget = {} if budget is None else dict(budget=budget)
     return CompressionConfig(
-        policy=policy, granularity=granularity, kv_quant=kv_quant, kv_quant_group=kv_quant_group, **budget
-    )
+        policy=policy, granularity=granularity, kv_quant=kv_quant, kv_quant_group=kv_quant_group, **budget,
+        thinkv=thinkv if policy == "thinkv" else None,
+    )  # fmt: skip
 
 
 def run_name(policy: str, granularity: str, kv_quant: str | None = None) -> str:
@@ -196,14 +199,15 @@ def run(args) -> None:
     # Free-running runs are separate programs: on GPUs, float32 matmuls at the default precision (TF32)
     # would differ between them by ~1e-3 and part sampled trajectories for that reason alone. The setting
     # is global (the runs' threads do not see a context manager), so it is put back afterwards.
+    thinkv = runner.thinkv_from(args)
     precision = jax.config.jax_default_matmul_precision
     jax.config.update("jax_default_matmul_precision", "highest")
     try:
         with lock_output(args.output, PROG):
-            done = _finished_rows(args.output, settings) if args.resume else []
+            done = _finished_rows(args.output, settings, thinkv) if args.resume else []
             finished = {run_key(r) for r in done}
             todo = [run for run in runs if run not in finished]
-            new_rows, failed = measure(args, todo, settings) if todo else ([], [])
+            new_rows, failed = measure(args, todo, settings, thinkv) if todo else ([], [])
             rows = done + new_rows
     finally:
         jax.config.update("jax_default_matmul_precision", precision)
@@ -229,13 +233,19 @@ def _settings_note(args, rows) -> str:
     )
 
 
-def _finished_rows(path: str, settings: dict) -> list[dict]:
+def row_settings(settings: dict, policy: str, thinkv) -> dict:
+    """A row's settings: ThinKV's calibration counts for its own rows only, so the other policies' rows
+    resume whatever calibration file is at hand."""
+    return {**settings, "thinkv": dataclasses.asdict(thinkv)} if policy == "thinkv" else settings
+
+
+def _finished_rows(path: str, settings: dict, thinkv) -> list[dict]:
     if not os.path.exists(path):
         return []
     with open(path, encoding="utf-8") as f:
         rows = [json.loads(line) for line in f if line.strip()]
     for r in rows:
-        if r.get("settings") != settings:
+        if r.get("settings") != json.loads(json.dumps(row_settings(settings, r.get("policy"), thinkv))):
             raise ValueError(
                 f"--resume: {path} holds rows made with other settings ({r.get('settings')}); "
                 f"use another --output or drop --resume"
@@ -243,7 +253,7 @@ def _finished_rows(path: str, settings: dict) -> list[dict]:
     return rows
 
 
-def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
+def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
     """The rows of `runs`, appended to --output run by run, and the names of the runs that failed; with
     --time-limit, runs not yet started when it has passed are left for a later --resume."""
     problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
@@ -298,7 +308,7 @@ def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
                 generator.params, config, _padded([prompts[i] for i in b], width, pad),
                 np.asarray([len(prompts[i]) for i in b], np.int32), _padded(traj, args.max_new_tokens, pad),
                 np.asarray([len(t) for t in traj], np.int32),
-                compression=[compression_of(run, args.kv_quant_group) for run in group],
+                compression=[compression_of(run, args.kv_quant_group, thinkv) for run in group],
                 attention_impl=args.attention_impl,
                 seed=jax.random.fold_in(jax.random.PRNGKey(seed), 0),  # the generator's device-0 key
             )  # fmt: skip
@@ -316,7 +326,7 @@ def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
         if late():
             return None
         start = time.perf_counter()
-        out = free_run(compression_of(run, args.kv_quant_group))
+        out = free_run(compression_of(run, args.kv_quant_group, thinkv))
         policy, granularity, budget, kv_quant = run
         runner.report(
             f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'} free-running: "
@@ -342,7 +352,7 @@ def measure(args, runs, settings) -> tuple[list[dict], list[str]]:
                 and answers_match(answer, full_answers[i]),
                 correct=answers_match(answer, record.data[1]),
                 full_correct=answers_match(full_answers[i], record.data[1]),
-                reference=record.data[1], settings=settings,
+                reference=record.data[1], settings=row_settings(settings, policy, thinkv),
             ))  # fmt: skip
         return new_rows
 

@@ -26,7 +26,7 @@ import numpy as np
 from pallas_kernels.quant import KV_QUANT_KINDS
 
 from .bucketing import Batch, plan_batches, round_up
-from .config import CompressionConfig, SamplingConfig, dtype_from_name
+from .config import THINKV_CALIBRATION_FILE, CompressionConfig, SamplingConfig, ThinKVConfig, dtype_from_name
 from .jsonl_io import Record, Skipped, id_key
 from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
 
@@ -38,7 +38,18 @@ def add_decoding_args(p: argparse.ArgumentParser) -> None:
         "--kv-quant", choices=KV_QUANT_KINDS, help="store the KV buffer quantized (default bf16/f32)"
     )
     p.add_argument("--kv-quant-group", type=int, default=32, help="elements per scale with --kv-quant")
+    p.add_argument(
+        "--thinkv-calibration",
+        metavar="PATH",
+        help=f"policy thinkv: its layers and thresholds (longflow-calibrate-thinkv's file; default "
+        f"CKPT/{THINKV_CALIBRATION_FILE} when it exists, else the uncalibrated defaults)",
+    )
     p.add_argument("--attention-impl", default="reference", choices=["reference", "pallas", "triton"])
+    add_sampling_args(p)
+
+
+def add_sampling_args(p: argparse.ArgumentParser) -> None:
+    """The flags that choose each next token and where a row stops (`sampling_from`)."""
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--top-k", type=int, default=0)
     p.add_argument("--top-p", type=float, default=1.0)
@@ -160,6 +171,8 @@ def check_args(args) -> None:
         raise ValueError(f"--chat-template-kwargs must be a JSON object, got {kwargs!r}")
     if getattr(args, "dtype", None) is not None:
         dtype_from_name(args.dtype)
+    if getattr(args, "thinkv_calibration", None) is not None:
+        thinkv_from(args)
     if getattr(args, "ckpt", None) is not None:
         from .convert import incomplete_reason
 
@@ -187,10 +200,24 @@ def sampling_from(args) -> SamplingConfig:
     )
 
 
+def thinkv_from(args) -> ThinKVConfig:
+    """ThinKV's settings: layers and thresholds from --thinkv-calibration, else from the checkpoint's
+    thinkv.json when it has one, else unset (`generate` then warns and uses the defaults)."""
+    path = getattr(args, "thinkv_calibration", None)
+    if path is not None and not os.path.isfile(path):
+        raise ValueError(
+            f"--thinkv-calibration {path!r}: no such file (longflow-calibrate-thinkv writes one)"
+        )
+    beside = os.path.join(args.ckpt, THINKV_CALIBRATION_FILE) if getattr(args, "ckpt", None) else None
+    if path is None and beside is not None and os.path.isfile(beside):
+        path = beside
+    return ThinKVConfig() if path is None else ThinKVConfig.from_calibration(path)
+
+
 def compression_from(args) -> CompressionConfig:
     return CompressionConfig(
         policy=args.policy, budget=args.budget, granularity=args.granularity, kv_quant=args.kv_quant,
-        kv_quant_group=args.kv_quant_group,
+        kv_quant_group=args.kv_quant_group, thinkv=thinkv_from(args) if args.policy == "thinkv" else None,
     )  # fmt: skip
 
 
