@@ -190,7 +190,8 @@ def layer_density(
     d = gaussian_kde(x, bandwidth)
     rising = np.concatenate([[True], d[1:] > d[:-1]])  # a plateau's first point counts, once
     falling = np.concatenate([d[:-1] >= d[1:], [True]])
-    modes = np.flatnonzero(rising & falling)
+    # The density's flat zero tails are no modes: a mode must stand above the float noise far from the data.
+    modes = np.flatnonzero(rising & falling & (d > 1e-6 * d.max()))
     top = np.sort(modes[np.argsort(-d[modes], kind="stable")[:3]])
     if len(top) < 3:
         return LayerDensity(x.size, bandwidth, d, len(modes), tuple(GRID[top]), None, None, None, False)
@@ -330,6 +331,9 @@ def run(args) -> None:
     check_calibration_args(args)
     out = args.out or os.path.join(args.ckpt, THINKV_CALIBRATION_FILE)
     plot_path = args.plot or os.path.splitext(out)[0] + ".png"
+    for path in (out, plot_path):
+        if os.path.exists(path) and not args.overwrite:
+            raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --plot elsewhere")
     validate = functools.partial(prompt_of_record, template=args.prompt_template)
     records, skipped = read_jsonl_records(args.input, validate, id_from_line=True)
     runner.handle_skipped(skipped, args.input, args.strict, PROG)
@@ -344,11 +348,15 @@ def run(args) -> None:
     densities = [layer_density(s, args.min_mass, args.max_dip) for s in samples]
     chosen = choose_layers(densities)
     if chosen is None:
-        layers, thresholds = ThinKVConfig().calibrated(generator.config.num_layers)
+        # The default layers, and the tertiles of their pooled sparsity as thresholds: fixed thresholds
+        # may fall outside a model's range (all steps one type), tertiles give each type a third.
+        layers = ThinKVConfig().calibrated(generator.config.num_layers)[0]
+        pooled = np.concatenate([samples[i][~np.isnan(samples[i])] for i in layers])
+        thresholds = tuple(float(t) for t in np.quantile(pooled, [1 / 3, 2 / 3]))
         runner.report(
             f"warning: no layer's sparsity density is clearly tri-modal (--min-mass {args.min_mass}, "
-            f"--max-dip {args.max_dip}); {out} holds the default layers {list(layers)} and thresholds "
-            f'{list(thresholds)}, marked "fallback": true',
+            f"--max-dip {args.max_dip}); {out} holds the default layers {list(layers)} and the tertiles "
+            f'of their sparsity as thresholds {[round(t, 4) for t in thresholds]}, marked "fallback": true',
             PROG,
         )
     else:
@@ -371,7 +379,7 @@ def run(args) -> None:
     with open(out, "w") as f:
         f.write(_json_lines(result))
     name = os.path.basename(os.path.abspath(args.ckpt))
-    chose = "fallback: the defaults" if chosen is None else f"L* = {result['layers']}"
+    chose = "fallback: default layers, tertiles" if chosen is None else f"L* = {result['layers']}"
     title = f"{name}, {len(plan.records)} prompts: {chose}, thresholds {result['thresholds']}"
     plot_densities(densities, layers if chosen else (), result["thresholds"], plot_path, title)
     print(
@@ -388,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", required=True, help='JSONL: {"question"}, {"prompt"} or {"messages"} per line')
     p.add_argument("--out", help=f"the calibration file (default CKPT/{THINKV_CALIBRATION_FILE})")
     p.add_argument("--plot", help="the density plot, PNG (default: --out with .png)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing calibration file and plot")
     p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (the paper uses ~100)")
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")

@@ -163,11 +163,33 @@ def test_calibration_cli_writes_a_file_from_calibration_reads_and_a_plot(chat_ck
     assert data["prompts"] == 3 and data["tokens"] == 3 * 11  # 12 tokens each, all but the last fed
     assert len(data["per_layer"]) == 2 and all(d["samples"] == 33 for d in data["per_layer"])
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # A random tiny model has no tri-modal layer: the defaults, marked, and a warning where they are read.
-    assert data["fallback"] and data["thresholds"] == list(THINKV_DEFAULT_THRESHOLDS)
+    # A random tiny model has no tri-modal layer: the fallback, marked, and a warning where it is read.
+    assert data["fallback"]
     with pytest.warns(UserWarning, match="default layers and thresholds"):
         tk = ThinKVConfig.from_calibration(str(out))
     assert (list(tk.layers), list(tk.thresholds)) == (data["layers"], data["thresholds"])
+    assert cal.main(args) == 2  # the file exists: not replaced without --overwrite
+    assert "pass --overwrite" in capsys.readouterr().err
+
+
+def test_without_a_trimodal_layer_the_thresholds_are_the_default_layers_tertiles(
+    chat_ckpt, tmp_path, monkeypatch
+):
+    rng = np.random.default_rng(0)
+    samples = [rng.beta(8, 2, 500) for _ in range(2)]  # uni-modal near 0.8, as real models measure
+    monkeypatch.setattr(cal, "collect", lambda *a: samples)
+    out = tmp_path / "thinkv.json"
+    inp = write_jsonl(tmp_path / "in.jsonl", [{"question": "1 + 1?"}])
+    assert (
+        cal.main(["--ckpt", chat_ckpt, "--input", str(inp), "--out", str(out), "--max-new-tokens", "8"]) == 0
+    )
+    data = json.loads(out.read_text())
+    layers = ThinKVConfig().calibrated(2)[0]
+    pooled = np.sort(np.concatenate([samples[i] for i in layers]))
+    lo, hi = data["thresholds"]
+    assert data["fallback"] and data["layers"] == list(layers)
+    assert abs(np.mean(pooled < lo) - 1 / 3) < 0.01 and abs(np.mean(pooled < hi) - 2 / 3) < 0.01
+    assert (lo, hi) != THINKV_DEFAULT_THRESHOLDS
 
 
 @pytest.mark.parametrize(
