@@ -6,7 +6,9 @@ attention_impl:
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
   "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
-(scoring switched off); the baselines need the probabilities and run on the reference path.
+(scoring switched off); the baselines need the probabilities and run on the reference path. On a
+"model" axis the Pallas kernel runs per KV-head shard (`_per_model_shard`); the Triton kernel is
+single-GPU.
 """
 
 from __future__ import annotations
@@ -15,7 +17,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import PartitionSpec as P
 
-from pallas_kernels.reference import decode_attention_probs
+from pallas_kernels.reference import decode_attention_probs, evict_argmin
 
 from .config import CompressionConfig
 from .kv_cache import (
@@ -46,40 +48,38 @@ def check_attention_impl(attention_impl: str, compression: CompressionConfig) ->
         )
 
 
-def check_kernel_on_model_axis(
-    attention_impl: str, compression: CompressionConfig, num_kv_heads: int, model_size: int
-) -> None:
-    """The kernels on a "model" axis of model_size devices run per KV-head shard (`_per_model_shard`):
-    one evict slot per KV head needs nothing more, but "sequence" granularity's argmin over all heads
-    would be each shard's own, since the kernels return the slot and not the importance sums."""
-    if attention_impl == "reference" or model_size == 1:
-        return
-    if attention_impl == "triton":
+def check_kernel_on_model_axis(attention_impl: str, model_size: int) -> None:
+    """The Pallas kernel runs on a "model" axis of any size (`_per_model_shard`); the Triton kernel
+    runs on one GPU."""
+    if attention_impl == "triton" and model_size > 1:
         raise ValueError(f"attention_impl='triton' runs on one GPU, got a 'model' axis of {model_size}")
-    split = num_kv_heads % model_size == 0
-    if split and compression.policy == "longflow" and compression.granularity == "sequence":
-        raise ValueError(
-            f"attention_impl={attention_impl!r} with granularity='sequence' on a 'model' axis of "
-            f"{model_size}: the kernel returns each shard's own argmin; use granularity='kv_head' or "
-            f"attention_impl='reference'"
-        )
 
 
 def _per_model_shard(kernel, num_kv_heads: int):
     """The kernel under `shard_map` over the traced program's "model" axis (`model_shards_in_trace`),
     since XLA cannot split a kernel: each device runs it on its share of the query heads and the KV
     heads they read, or on all of them when the KV heads do not divide by the axis (replicated).
-    Outside such a program, the kernel itself."""
+    "kv_head" granularity's slots are then each shard's own. "sequence" granularity's importance sums
+    over every query head: each shard returns its heads' share (B x C floats), the shares are
+    all-reduced over "model" and every shard takes the argmin of the sum (contract.py's rules), so all
+    evict the same slot. Outside such a program, the kernel itself."""
     shards = model_shards_in_trace()
     if shards == 1:
         return kernel
-    heads = P(None, MODEL) if num_kv_heads % shards == 0 else P()
+    split = num_kv_heads % shards == 0
+    heads = P(None, MODEL) if split else P()
 
-    def call(q, k, v, valid, *, kv_len, kv_scales=None, granularity, **static):
+    def call(q, k, v, valid, *, kv_len, kv_scales=None, granularity, compute_evict, **static):
+        summed = split and compute_evict and granularity == "sequence"
+
         def one_shard(q, k, v, valid, kv_len, kv_scales):
-            return kernel(
-                q, k, v, valid, kv_len=kv_len, kv_scales=kv_scales, granularity=granularity, **static
-            )
+            out, scored = kernel(
+                q, k, v, valid, kv_len=kv_len, kv_scales=kv_scales, granularity=granularity,
+                compute_evict=compute_evict, return_importance=summed, **static,
+            )  # fmt: skip
+            if summed:  # scored: this shard's heads' importance [B, 1, C]
+                return out, evict_argmin(jax.lax.psum(scored, MODEL))[:, 0]
+            return out, scored
 
         evict = heads if granularity == "kv_head" else P()
         return jax.shard_map(

@@ -452,9 +452,9 @@ def generate(
     says what runs where): the params go to `sharding.param_shardings(config, mesh)` (`load(dir,
     mesh=mesh)` restores them there). Each data shard's draws are seeded by the seed folded with its
     index. "data" must divide B. KV heads that do not divide by "model" are replicated, the usual GQA
-    practice. On a "model" axis > 1 the kernels run per KV-head shard, so attention_impl="pallas" with
-    "longflow" needs granularity="kv_head" there (its "sequence" argmin is per shard) unless the KV
-    heads are replicated; "triton" is single-GPU.
+    practice. attention_impl="pallas" runs per KV-head shard on a "model" axis > 1, and "sequence"
+    granularity all-reduces the shards' importance (B x C floats a layer and step) before its argmin,
+    so every shard evicts the same slot; "triton" is single-GPU.
     Jit-friendly without mesh: call it inside your own `jax.jit` (configs and max_new_tokens must be
     static there; a model's inside `nnx.jit`). `compile_generate` compiles it ahead of time for one shape.
     """
@@ -472,7 +472,7 @@ def generate(
     static = _static_options(config, return_debug, **options)
     if mesh is None:
         return _generate(*args, **static)
-    check_mesh(mesh, _shape(prompt_ids)[0], config, options["compression"], attention_impl)
+    check_mesh(mesh, _shape(prompt_ids)[0], attention_impl)
     fn, placement = _mesh_program(mesh, **static)
     return fn(*jax.device_put(args, placement))
 
@@ -557,7 +557,7 @@ def compile_generate(
     if mesh is None:
         fn, placement = jax.jit(functools.partial(_generate, **static)), None
     else:
-        check_mesh(mesh, batch, config, options["compression"], attention_impl)
+        check_mesh(mesh, batch, attention_impl)
         fn, placement = _mesh_program(mesh, **static)
         params_or_shapes = jax.tree.map(
             lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
@@ -592,13 +592,11 @@ def compile_generate(
     return run, seconds
 
 
-def check_mesh(mesh: Mesh, batch: int, config: ModelConfig, compression, attention_impl: str) -> None:
+def check_mesh(mesh: Mesh, batch: int, attention_impl: str) -> None:
     """A mesh `generate` can run on (`sharding.data_axis`), with a kernel that can run on its "model"
     axis (`attention.check_kernel_on_model_axis`)."""
     sharding.data_axis(mesh, batch)
-    check_kernel_on_model_axis(
-        attention_impl, compression, config.num_kv_heads, sharding.model_axis_size(mesh)
-    )
+    check_kernel_on_model_axis(attention_impl, sharding.model_axis_size(mesh))
 
 
 @functools.lru_cache(maxsize=64)
@@ -611,8 +609,9 @@ def _mesh_program(mesh: Mesh, **static):
     split by heads and intermediate with an all-reduce after attention and after the MLP, the KV buffer
     split by KV heads, and every sum over heads that picks a slot ("sequence" granularity's importance,
     SnapKV's and the baselines' scores) all-reduced before its argmin, so every shard evicts the same
-    slot. Only the kernels are placed by hand (`attention.decode_attention`). With a "model" axis of 1
-    the program is today's data-parallel one, every axis manual.
+    slot. Only the kernels are placed by hand, with the all-reduce of their "sequence" importance
+    (`attention._per_model_shard`). With a "model" axis of 1 the program is the data-parallel one, every
+    axis manual.
     """
     config, return_debug = static["config"], static["return_debug"]
     axis = mesh.axis_names[0]

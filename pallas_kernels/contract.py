@@ -14,6 +14,11 @@ Rules every kernel keeps:
   * invalid slots score EMPTY_SLOT_SCORE (-1), strictly below any valid slot's importance (>= 0), so
     empty slots are filled first even where a valid slot's probability underflows to 0;
   * the evict slot is the argmin of the importance, ties to the lowest slot index (`jnp.argmin`'s rule).
+
+The importance is a sum over query heads, so a caller that splits the heads over devices (tensor
+parallel) asks each for its heads' importance (`return_importance`), sums the shares and takes
+`reference.evict_argmin` of the sum: every share scores an empty slot negative and a valid one >= 0, so
+the sum keeps both rules.
 """
 
 from __future__ import annotations

@@ -883,38 +883,43 @@ def _mosaic_call(
     return o_part, stats, t
 
 
-# TPU epilogue (jnp, fused by XLA into the caller's jit; the GPU's is _triton_combine_kernel).
+# The jnp epilogue, fused by XLA into the caller's jit: TPU's, and the importance either backend returns
+# (the GPU's evict slot comes from _triton_combine_kernel).
+
+
+def _merged_stats(m_part, l_part):
+    """The final softmax max and sum [B, Hq] from split partials [S, B, Hq], and each split's weight."""
+    m = jnp.max(m_part, axis=0)
+    weight = jnp.exp(m_part - m)
+    return m, jnp.sum(l_part * weight, axis=0), weight
 
 
 def _merge_splits(o_part, m_part, l_part):
-    """Log-sum-exp merge of split partials: [S, B, Hq, D], [S, B, Hq] -> (out f32, m, l)."""
-    m = jnp.max(m_part, axis=0)
-    weight = jnp.exp(m_part - m)
-    denom = jnp.sum(l_part * weight, axis=0)
-    out = jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(denom > 0.0, denom, 1.0)[..., None]
-    return out, m, denom
+    """Log-sum-exp merge of split partials [S, B, Hq, D] -> out [B, Hq, D] f32."""
+    _, denom, weight = _merged_stats(m_part, l_part)
+    return jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(denom > 0.0, denom, 1.0)[..., None]
 
 
-def _evict_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
-    """Evict slots [B, G] int32 from the side output t [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
+def _importance_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
+    """Importance [B, G, C] from the side output t [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
     kv_valid has kv_len folded in: slots past it were never written (possibly NaN), so they are selected
     away before any arithmetic."""
     terms = jnp.where(kv_valid[:, None, :], jnp.exp(t - m[..., None]), 0.0)
     terms = terms / jnp.where(denom > 0.0, denom, 1.0)[..., None]
-    return evict_argmin(importance_from_terms(terms, num_kv_heads, kv_valid, granularity))
+    return importance_from_terms(terms, num_kv_heads, kv_valid, granularity)
 
 
 # Entry point.
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "kv_quant", "granularity", "compute_evict", "block_c", "num_splits", "backend", "interpret",
-    "num_warps", "num_stages",
+    "scale", "kv_quant", "granularity", "compute_evict", "return_importance", "block_c", "num_splits",
+    "backend", "interpret", "num_warps", "num_stages",
 ))  # fmt: skip
 def longflow_decode_attention(
     q, k_cache, v_cache, kv_valid, *, scale, kv_len=None, kv_quant=None, kv_scales=None,
-    granularity="sequence", compute_evict=True, block_c=None, num_splits=None, backend=None, interpret=None,
-    num_warps=None, num_stages=None,
+    granularity="sequence", compute_evict=True, return_importance=False, block_c=None, num_splits=None,
+    backend=None, interpret=None, num_warps=None, num_stages=None,
 ):  # fmt: skip
     """Decode attention + LongFlow importance + evict slot in one pass over the KV buffer.
 
@@ -930,6 +935,10 @@ def longflow_decode_attention(
         min(group, D / codes a byte) to be a power of two >= 16.
       granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all scoring work and returns evict_slot filled with -1.
+      return_importance: return the importance [B, G, C] float32 (EMPTY_SLOT_SCORE at empty slots) in
+        place of evict_slot, for a caller that runs the kernel on a share of the query heads and sums
+        the shares before `reference.evict_argmin` (contract.py). Needs compute_evict. The importance
+        comes from the jnp epilogue on both backends.
       block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
         would pass 32 KiB or with kv_quant). Mosaic: multiple of 128 or C (default min(512, C)). The tail
         is masked.
@@ -942,7 +951,7 @@ def longflow_decode_attention(
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), as
-      `longflow_decode_attention_reference` computes them.
+      `longflow_decode_attention_reference` computes them; with return_importance, (out, importance).
 
     Raises:
       ValueError: inputs off the contract, or a bad granularity, backend, block_c, num_splits or kv_len.
@@ -952,6 +961,8 @@ def longflow_decode_attention(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
     scale = float(scale)
+    if return_importance and not compute_evict:
+        raise ValueError("return_importance=True needs compute_evict=True (the importance is the scoring)")
     backend = resolve_backend(backend)
     if interpret is None:
         interpret = jax.default_backend() != ("gpu" if backend == "triton" else "tpu")
@@ -1017,17 +1028,24 @@ def longflow_decode_attention(
         out, stats, t = _triton_call(
             q, k_cache, v_cache, kv_valid, kv_len, **launch, num_warps=warps, num_stages=stages
         )
-        if stats is not None:  # split partials to merge, or slots to score: the epilogue kernel
+        # The epilogue kernel merges split partials and picks the slot; returned importance is jnp's.
+        slot_in_kernel = compute_evict and not return_importance
+        if num_splits > 1 or slot_in_kernel:
             merged, evict = _triton_combine_call(
-                out if num_splits > 1 else None, stats, t, bounded_valid, q.dtype, heads_per_group, interpret
-            )
+                out if num_splits > 1 else None, stats, t if slot_in_kernel else None, bounded_valid,
+                q.dtype, heads_per_group, interpret,
+            )  # fmt: skip
             out = out if merged is None else merged
     else:
         bound = jnp.full((batch,), num_slots, jnp.int32) if kv_len is None else kv_len
         o_part, stats, t = _mosaic_call(q, k_cache, v_cache, bounded_valid, bound, **launch)
-        out, m, denom = _merge_splits(o_part, *stats)
-        if compute_evict:
-            evict = _evict_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
+        out = _merge_splits(o_part, *stats)
+    if compute_evict and evict is None:  # the jnp epilogue: Mosaic's, and the importance Triton returns
+        m, denom, _ = _merged_stats(*stats)
+        importance = _importance_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
+        if return_importance:
+            return out.astype(q.dtype), importance
+        evict = evict_argmin(importance)
     if evict is None:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
     return out.astype(q.dtype), evict[:, 0] if granularity == "sequence" else evict

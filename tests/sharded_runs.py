@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import functools
 import json
+import re
 import sys
 
 import jax
@@ -25,6 +26,9 @@ from longflow_jax.config import CompressionConfig
 from longflow_jax.sharding import make_mesh, param_partition_specs, per_chip_param_bytes
 
 MESH_SHAPES = [(1, 8), (2, 4), (4, 2), (8, 1)]
+# Replicated and split KV heads: what a policy's sums over heads meet. The other two shapes add nothing
+# policy-specific (a "model" axis of 2, and none), so "full" and "longflow" alone run them.
+KV_HEADS_REPLICATED_AND_SPLIT = [(1, 8), (2, 4)]
 BUDGET = 12
 # (name, compression, attention_impl, mesh shapes): each against the one-device reference run.
 CASES = [
@@ -34,17 +38,27 @@ CASES = [
         "longflow_kv_head",
         CompressionConfig(policy="longflow", budget=BUDGET, granularity="kv_head"),
         "reference",
-        MESH_SHAPES,
+        KV_HEADS_REPLICATED_AND_SPLIT,
     ),
-    ("h2o", CompressionConfig(policy="h2o", budget=BUDGET), "reference", MESH_SHAPES),
-    # The Pallas kernel (interpret mode) under shard_map: split KV heads, then replicated ones.
+    ("h2o", CompressionConfig(policy="h2o", budget=BUDGET), "reference", KV_HEADS_REPLICATED_AND_SPLIT),
+    # The Pallas kernel (interpret mode) under shard_map over split KV heads ("sequence": the importance
+    # all-reduced over "model"; "kv_head" reading int8 payloads and their scales), and replicated ones.
     (
-        "pallas_kv_head",
-        CompressionConfig(policy="longflow", budget=BUDGET, granularity="kv_head"),
+        "pallas_kv_head_int8",
+        CompressionConfig(
+            policy="longflow", budget=BUDGET, granularity="kv_head", kv_quant="int8", kv_quant_group=16
+        ),
         "pallas",
         [(2, 4)],
     ),
-    ("pallas", CompressionConfig(policy="longflow", budget=BUDGET), "pallas", [(1, 8)]),
+    ("pallas", CompressionConfig(policy="longflow", budget=BUDGET), "pallas", [(2, 4), (1, 8)]),
+    # R-KV's compaction of a whole buffer, over int4 payloads and scales split by KV heads.
+    (
+        "rkv_int4",
+        CompressionConfig(policy="rkv", budget=BUDGET, rkv_buffer=2, kv_quant="int4", kv_quant_group=16),
+        "reference",
+        [(4, 2)],
+    ),
 ]
 MAX_NEW_TOKENS = 10
 
@@ -90,9 +104,11 @@ def load_layout(ckpt) -> dict:
     return out
 
 
-def tpu_export() -> dict:
+def tpu_export(granularity: str) -> dict:
     """The decode step of Qwen3-8B's layer shapes (one layer, bf16, batch 8, 2048 slots), tensor
-    parallel over an abstract (2, 4) mesh with the Pallas kernel per KV-head shard, exported for TPU."""
+    parallel over an abstract (2, 4) mesh with the Pallas kernel per KV-head shard, exported for TPU.
+    The all-reduces XLA places over "model" come at compile time; the module holds those placed by
+    hand (the kernel's "sequence" importance)."""
     from longflow_jax import attention
     from longflow_jax.kv_cache import KVCache, LayerCache
     from longflow_jax.sharding import param_shardings
@@ -108,7 +124,8 @@ def tpu_export() -> dict:
         longflow_decode_attention, backend="mosaic", interpret=False
     )
     mesh = make_mesh(2, 4)
-    batch, slots, groups = 8, 2048, config.num_kv_heads
+    batch, slots = 8, 2048
+    groups = config.num_kv_heads if granularity == "kv_head" else 1
     sds = jax.ShapeDtypeStruct
     on = lambda *spec: NamedSharding(mesh, P(*spec))  # noqa: E731
     kv = sds((batch, config.num_kv_heads, slots, config.head_dim), jnp.bfloat16, sharding=on("data", "model"))
@@ -118,7 +135,7 @@ def tpu_export() -> dict:
     params = jax.tree.map(lambda x, s: sds(x.shape, x.dtype, sharding=s), lf.param_shapes(config),
                           param_shardings(config, mesh))  # fmt: skip
     rows = sds((batch,), jnp.int32, sharding=on("data"))
-    compression = CompressionConfig(policy="longflow", granularity="kv_head")
+    compression = CompressionConfig(policy="longflow", granularity=granularity)
 
     def step(params, cache, tokens, positions, key):
         return lf.decode_step(
@@ -146,6 +163,7 @@ def tpu_export() -> dict:
         "tpu_custom_call": "tpu_custom_call" in text,
         # Arguments split over "model", by the Shardy annotations of the exported main function.
         "model_split_args": main_signature.count('"model"'),
+        "all_reduce_types": re.findall(r'"stablehlo.all_reduce".*?\}\) : \((tensor<[^>]+>)\)', text, re.S),
     }
 
 
@@ -164,7 +182,7 @@ def batch_runs(chat_ckpt: str, work: str) -> dict:
 def main(ckpt: str, chat_ckpt: str, work: str) -> None:
     config, params = lf.load(ckpt)
     result = {"devices": jax.device_count(), "runs": generate_runs(config, params), "load": load_layout(ckpt)}
-    result["tpu_export"] = tpu_export()
+    result["tpu_export"] = {g: tpu_export(g) for g in ("kv_head", "sequence")}
     result["batch"] = batch_runs(chat_ckpt, work)
     with open(f"{work}/result.json", "w") as f:
         json.dump(result, f)

@@ -32,6 +32,7 @@ from pallas_kernels import quant
 from pallas_kernels.reference import (
     decode_attention_probs,
     dequantized_kv,
+    evict_argmin,
     evict_argmin_of_chunks,
     longflow_decode_attention_reference,
     longflow_importance,
@@ -357,6 +358,35 @@ def test_compute_evict_false_skips_scoring(request, backend):
         assert rel / np.linalg.norm(np.asarray(ref_out, np.float32)) <= OUT_RTOL[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("backend", ["triton", "mosaic"])
+def test_importance_shares_sum_to_the_evict_slot(request, backend):
+    """return_importance on each half of the heads (as tensor-parallel shards run it): each share is
+    the reference importance of its heads, and the argmin of their sum is the reference's evict slot
+    over all heads."""
+    q, k, v, kv_valid = make_inputs(
+        _seed(request), batch=2, num_q_heads=8, num_kv_heads=4, slots=256, head_dim=64, dtype=jnp.float32
+    )
+    kv_len = jnp.array([256, 150], jnp.int32)  # row 0 evicts its least important slot, row 1 slot 150
+    mask = bounded_mask(kv_valid, kv_len)
+    run_kw = dict(scale=0.125, backend=backend, num_splits=2, block_c=32 if backend == "triton" else 128)
+    shares = []
+    for heads, kv_heads in ((slice(0, 4), slice(0, 2)), (slice(4, 8), slice(2, 4))):
+        qh, kh, vh = q[:, heads], k[:, kv_heads], v[:, kv_heads]
+        for granularity in ("kv_head", "sequence"):
+            out, importance = longflow_decode_attention(
+                qh, kh, vh, kv_valid, kv_len=kv_len, granularity=granularity, return_importance=True, **run_kw
+            )
+            want_out, _ = longflow_decode_attention_reference(qh, kh, vh, mask, scale=0.125)
+            np.testing.assert_allclose(np.asarray(out), np.asarray(want_out), rtol=1e-5, atol=1e-6)
+            want = reference_importance(qh, kh, vh, mask, 0.125, granularity)
+            np.testing.assert_allclose(np.asarray(importance), want, rtol=1e-5, atol=1e-7)
+        shares.append(importance)  # the "sequence" share [B, 1, C]
+    _, want_evict = longflow_decode_attention_reference(q, k, v, mask, scale=0.125)
+    assert int(want_evict[1]) == 150
+    summed_evict = evict_argmin(shares[0] + shares[1])[:, 0]
+    np.testing.assert_array_equal(np.asarray(summed_evict), np.asarray(want_evict))
+
+
 def test_runs_inside_jitted_while_loop(request):
     """A miniature decode loop: write the new token into the evict slot, attend, pick the next slot."""
     batch, heads, kv_heads, slots, dim, steps = 2, 8, 2, 64, 64, 5
@@ -581,6 +611,7 @@ def _small(dtype=jnp.float32, slots=64):
         (dict(granularity="token"), "granularity"),
         (dict(backend="cuda_graph"), "backend"),
         (dict(scale=float("nan")), "scale"),
+        (dict(compute_evict=False, return_importance=True), "needs compute_evict=True"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):

@@ -29,7 +29,7 @@ from longflow_jax.sharding import (
 )
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-CASES = ("full", "longflow", "longflow_kv_head", "h2o", "pallas_kv_head", "pallas")
+CASES = ("full", "longflow", "longflow_kv_head", "h2o", "pallas_kv_head_int8", "pallas", "rkv_int4")
 TINY = dict(
     model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96, num_layers=1, num_heads=8,
     num_kv_heads=4, head_dim=16, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=512,
@@ -70,12 +70,22 @@ def sharded(tmp_path_factory, chat_ckpt):
 def test_greedy_tokens_and_evictions_equal_one_device(sharded, case):
     result, _ = sharded
     assert result["devices"] == 8
-    runs = result["runs"][case]
+    runs = dict(result["runs"][case])
     one = runs.pop("one_device")
     assert runs, "no mesh run"
     for shape, got in runs.items():
         assert got["tokens"] == one["tokens"], shape
         assert got["evicted"] == one["evicted"], shape
+
+
+def test_compressed_cases_change_the_tokens(sharded):
+    """Each compressed case's one-device tokens differ from the full cache's, so the equal tokens above
+    check its evictions (R-KV's included, whose evicted positions are all -1: it compresses whole
+    buffers)."""
+    runs = sharded[0]["runs"]
+    full = runs["full"]["one_device"]["tokens"]
+    for case in CASES[1:]:
+        assert runs[case]["one_device"]["tokens"] != full, case
 
 
 def test_load_restores_each_param_into_its_shards(sharded):
@@ -84,12 +94,16 @@ def test_load_restores_each_param_into_its_shards(sharded):
         assert got["device0_bytes"] == got["per_chip_param_bytes"], shape
 
 
-def test_sharded_decode_step_lowers_for_tpu(sharded):
-    """Qwen3-8B's layer on an 8-chip mesh: the Mosaic kernel under shard_map, the weights split."""
-    export = sharded[0]["tpu_export"]
+@pytest.mark.parametrize("granularity", ["kv_head", "sequence"])
+def test_sharded_decode_step_lowers_for_tpu(sharded, granularity):
+    """Qwen3-8B's layer on a (2, 4) mesh: the Mosaic kernel under shard_map, the weights split."""
+    export = sharded[0]["tpu_export"][granularity]
     assert export["nr_devices"] == 8 and export["tpu_custom_call"]
     # wq, wk, wv, wo, w_gate, w_up, w_down, embed, lm_head, and the KV buffer's k and v
     assert export["model_split_args"] == 11
+    # "sequence": one all-reduce of the kernel's importance shares, B / data = 4 rows x 2048 slots.
+    want = ["tensor<4x1x2048xf32>"] if granularity == "sequence" else []
+    assert export["all_reduce_types"] == want
 
 
 def test_batch_on_a_mesh_writes_what_one_device_writes(sharded):
@@ -155,13 +169,8 @@ def test_mesh_flag_and_default_shape():
         default_mesh_shape(config, 8, 100)
 
 
-def test_sequence_argmin_kernels_need_whole_heads():
-    longflow = CompressionConfig(policy="longflow", budget=8)
-    with pytest.raises(ValueError, match="granularity='kv_head'"):
-        check_kernel_on_model_axis("pallas", longflow, num_kv_heads=4, model_size=2)
-    check_kernel_on_model_axis("pallas", longflow, num_kv_heads=4, model_size=8)  # replicated KV heads
-    check_kernel_on_model_axis(
-        "pallas", CompressionConfig(policy="longflow", budget=8, granularity="kv_head"), 4, 2
-    )
+def test_triton_kernel_needs_one_device():
+    check_kernel_on_model_axis("pallas", model_size=2)
+    check_kernel_on_model_axis("triton", model_size=1)
     with pytest.raises(ValueError, match="one GPU"):
-        check_kernel_on_model_axis("triton", longflow, num_kv_heads=4, model_size=2)
+        check_kernel_on_model_axis("triton", model_size=2)
