@@ -766,7 +766,6 @@ INTERPRETER_CASES = [
     _case("f32-kvhead", F32, (4, 8, 2, 300, 64), **FUSED, **KV_HEAD, block_c=32),
     _case("f32-kvhead-1split", F32, (4, 8, 2, 200, 64), "all", **KV_HEAD, block_c=64, num_splits=1),
     _case("f32-separate-splits", F32, (2, 8, 2, 700, 64), "all", block_c=64, num_splits=4),
-    _case("f32-separate-kvhead", F32, (4, 8, 2, 300, 64), **KV_HEAD, block_c=32),
     _case("f16-separate-1split", F16, (4, 8, 2, 300, 128), num_splits=1),
     _case("noevict-separate", F32, (3, 8, 2, 300, 64), **NO_EVICT, num_splits=3),
     _case("f32-fused-splits-kvhead", F32, (2, 8, 2, 700, 64),
@@ -777,9 +776,7 @@ INTERPRETER_CASES = [
     _case("f16-mqa32", F16, (2, 32, 1, 130, 64), "all", block_c=32, num_splits=2),
     _case("f16-gqa4-d128", F16, (4, 8, 2, 300, 128), block_c=64, num_splits=2),
     _case("f16-kvhead-d128", F16, (4, 8, 2, 300, 128), **FUSED, **KV_HEAD),
-    _case("noevict-1split", F32, (3, 8, 2, 300, 64), **NO_EVICT, block_c=64, num_splits=1),
     _case("noevict-fused", F32, (3, 8, 2, 300, 64), **NO_EVICT, **FUSED, block_c=32, num_splits=4),
-    _case("noevict-kvhead", F32, (3, 8, 2, 300, 64), **NO_EVICT, **KV_HEAD, num_splits=2),
     # kv_len: empty row, one slot, a block boundary inside split 0, the whole buffer; 3 splits of 4
     # blocks, so rows 0-2 leave whole splits unread.
     _case("f32-kvlen", F32, (4, 8, 2, 300, 64), "all", block_c=32, num_splits=3, kv_len=[0, 1, 96, 300]),
