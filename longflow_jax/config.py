@@ -328,8 +328,9 @@ class ThinKVConfig:
             raise ValueError(f"{path} must hold a JSON object with 'layers' and 'thresholds'")
         if data.get("fallback"):
             warnings.warn(
-                f"{path} holds ThinKV's default layers and thresholds: its calibration found no layer "
-                f"whose sparsity density is clearly tri-modal, so the thought types mean little",
+                f"{path} holds ThinKV's fallback: its calibration found no layer whose sparsity density is "
+                f"clearly tri-modal, so it gives the default layers and the tertiles of their sparsity as "
+                f"thresholds, and the thought types are a fixed split of the steps, not found modes",
                 stacklevel=2,
             )
         return cls(layers=data["layers"], thresholds=data["thresholds"], **overrides)

@@ -165,7 +165,7 @@ def test_calibration_cli_writes_a_file_from_calibration_reads_and_a_plot(chat_ck
     assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     # A random tiny model has no tri-modal layer: the fallback, marked, and a warning where it is read.
     assert data["fallback"]
-    with pytest.warns(UserWarning, match="default layers and thresholds"):
+    with pytest.warns(UserWarning, match="no layer whose sparsity density is clearly tri-modal"):
         tk = ThinKVConfig.from_calibration(str(out))
     assert (list(tk.layers), list(tk.thresholds)) == (data["layers"], data["thresholds"])
     assert cal.main(args) == 2  # the file exists: not replaced without --overwrite
