@@ -34,7 +34,7 @@ from .eval_math import (
     parse_list,
     validate_problem,
 )
-from .jsonl_io import append_lines, id_key, lock_output, read_jsonl_records
+from .jsonl_io import append_lines, id_key, lock_output
 from .trajectory import score_trajectory
 
 PROG = "longflow-eval fidelity"
@@ -256,14 +256,8 @@ def _finished_rows(path: str, settings: dict, thinkv) -> list[dict]:
 def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
     """The rows of `runs`, appended to --output run by run, and the names of the runs that failed; with
     --time-limit, runs not yet started when it has passed are left for a later --resume."""
-    problems, skipped = read_jsonl_records(args.input, validate_problem, id_from_line=True)
-    runner.handle_skipped(skipped, args.input, args.strict, PROG)
-    problems = problems[: args.limit]
-    if not problems:
-        raise ValueError(f"no problems in {args.input}")
-    generator = runner.DataParallelGenerator(args.ckpt, num_devices=1, dtype=args.dtype)
     as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
-    plan = runner.make_plan(generator, problems, args, PROG, prompt_of=as_prompt)
+    generator, plan = runner.plan_on_one_device(args, validate_problem, PROG, prompt_of=as_prompt)
     records, prompts = plan.records, plan.prompts
     config, pad = generator.config, generator.config.pad_token_id
     width = -(-max(map(len, prompts)) // 16) * 16  # one prompt shape for every run

@@ -27,7 +27,7 @@ from pallas_kernels.quant import KV_QUANT_KINDS
 
 from .bucketing import Batch, plan_batches, round_up
 from .config import THINKV_CALIBRATION_FILE, CompressionConfig, SamplingConfig, ThinKVConfig, dtype_from_name
-from .jsonl_io import Record, Skipped, id_key
+from .jsonl_io import Record, Skipped, id_key, read_jsonl_records
 from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
 
 
@@ -101,21 +101,11 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
-    """The flags of the JSONL commands (longflow-batch, longflow-eval)."""
+def add_model_input_args(p: argparse.ArgumentParser) -> None:
+    """The flags of every command that tokenizes JSONL prompts for a checkpoint and generates from them."""
     p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    add_decoding_args(p)
     p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
-    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
-    p.add_argument(
-        "--mesh",
-        type=parse_mesh_shape,
-        default=None,
-        metavar="data=D,model=M",
-        help="split the rows over D devices and the weights and KV heads over M (default: all devices on "
-        "data when the model fits one device, else the smallest model axis that fits)",
-    )
     p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--chat-template-kwargs",
@@ -125,7 +115,37 @@ def add_generation_args(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--no-chat-template", action="store_true", help="tokenize plain prompts raw")
     p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
+
+
+def add_generation_args(p: argparse.ArgumentParser) -> None:
+    """The flags of the JSONL commands (longflow-batch, longflow-eval)."""
+    add_model_input_args(p)
+    add_decoding_args(p)
+    p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
+    p.add_argument(
+        "--mesh",
+        type=parse_mesh_shape,
+        default=None,
+        metavar="data=D,model=M",
+        help="split the rows over D devices and the weights and KV heads over M (default: all devices on "
+        "data when the model fits one device, else the smallest model axis that fits)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+
+
+def plan_on_one_device(args, validate, prog: str, prompt_of=None):
+    """(generator on one device, plan) for the records of --input that `validate` accepts, the first
+    --limit of them: the commands that compare runs on one device (fidelity, ThinKV calibration)."""
+    records, skipped = read_jsonl_records(args.input, validate, id_from_line=True)
+    handle_skipped(skipped, args.input, args.strict, prog)
+    records = records[: args.limit]
+    if not records:
+        raise ValueError(f"no usable records in {args.input}")
+    generator = DataParallelGenerator(args.ckpt, num_devices=1, dtype=args.dtype)
+    plan = make_plan(generator, records, args, prog, prompt_of=prompt_of)
+    if not plan.records:
+        raise ValueError(f"no record of {args.input} can be generated for (all were skipped)")
+    return generator, plan
 
 
 # The least value of each integer flag, by argparse dest; a flag a command lacks (or leaves None) is skipped.

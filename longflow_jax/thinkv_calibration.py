@@ -32,7 +32,7 @@ from . import runner
 from .config import THINKV_CALIBRATION_FILE, ModelConfig, SamplingConfig, ThinKVConfig
 from .eval_math import DEFAULT_PROMPT, check_prompt_template
 from .generate import FULL, check_generate_inputs, check_params, prefill
-from .jsonl_io import read_jsonl_records, validate_prompt_record
+from .jsonl_io import validate_prompt_record
 from .kv_cache import KVCache, kv_valid, write_token
 from .model import attention_scale, decoder_layer
 from .thinkv import attention_sparsity
@@ -335,15 +335,7 @@ def run(args) -> None:
         if os.path.exists(path) and not args.overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --plot elsewhere")
     validate = functools.partial(prompt_of_record, template=args.prompt_template)
-    records, skipped = read_jsonl_records(args.input, validate, id_from_line=True)
-    runner.handle_skipped(skipped, args.input, args.strict, PROG)
-    records = records[: args.limit]
-    if not records:
-        raise ValueError(f"no prompts in {args.input}")
-    generator = runner.DataParallelGenerator(args.ckpt, num_devices=1, dtype=args.dtype)
-    plan = runner.make_plan(generator, records, args, PROG)
-    if not plan.records:
-        raise ValueError(f"no prompt of {args.input} can be generated for (all were skipped)")
+    generator, plan = runner.plan_on_one_device(args, validate, PROG)
     samples = collect(generator, plan, args)
     densities = [layer_density(s, args.min_mass, args.max_dip) for s in samples]
     chosen = choose_layers(densities)
@@ -392,26 +384,15 @@ def run(args) -> None:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
-    p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
+    runner.add_model_input_args(p)
     p.add_argument("--input", required=True, help='JSONL: {"question"}, {"prompt"} or {"messages"} per line')
     p.add_argument("--out", help=f"the calibration file (default CKPT/{THINKV_CALIBRATION_FILE})")
     p.add_argument("--plot", help="the density plot, PNG (default: --out with .png)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing calibration file and plot")
-    p.add_argument("--max-new-tokens", type=int, default=1024)
     p.add_argument("--limit", type=int, default=None, help="only the first N prompts (the paper uses ~100)")
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call")
-    p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--prompt-template", default=DEFAULT_PROMPT, help="the user message of a question; {question} is it"
     )
-    p.add_argument("--no-chat-template", action="store_true", help="tokenize plain prompts raw")
-    p.add_argument(
-        "--chat-template-kwargs",
-        type=json.loads,
-        default={},
-        help="JSON object passed to apply_chat_template, e.g. '{\"enable_thinking\": true}'",
-    )
-    p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
     p.add_argument(
         "--min-mass",
         type=float,
