@@ -16,7 +16,9 @@ compressed cache's per-step cost stops changing once its C slots are full, so th
 untimed steps at that buffer-full rate. --isolate runs each configuration in its own process: its own
 memory peak, an empty allocator, and a BATCH=max run that runs out of memory retried at 90% of the batch
 (twice at most; the row records the scale). --generate also times each run's whole generation as
-`lf.compile_generate` compiles it (prefill and every step), compile time apart.
+`lf.compile_generate` compiles it (prefill and every step), compile time apart; with --mesh
+data=D,model=M that generation runs on the ("data", "model") mesh (`generate(mesh=...)`, weights placed
+on it before the clock starts), while the chunked decode stays on one device.
 """
 
 from __future__ import annotations
@@ -49,6 +51,7 @@ from longflow_jax import (  # noqa: E402
 )
 from longflow_jax.generate import buffer_capacity, prefill_in_slices  # noqa: E402
 from longflow_jax.kv_cache import cache_bytes  # noqa: E402
+from longflow_jax.sharding import make_mesh, param_shardings, parse_mesh_shape  # noqa: E402
 
 # fmt: off
 MODELS = {
@@ -121,7 +124,9 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     decoded, steady = num_chunks * chunk, chunk_seconds[1:] or chunk_seconds
     kv_bytes, peak = cache_bytes(cache), memory_stat("peak_bytes_in_use")
     del cache
-    whole = time_generate(params, config, comp, impl, ids, lengths, new_tokens, rows) if args.generate else {}
+    whole = {}
+    if args.generate:
+        whole = time_generate(params, config, comp, impl, ids, lengths, new_tokens, rows, args.mesh)
     return dict(
         policy=comp.policy, kv_quant=comp.kv_quant, impl=impl, batch=batch, new_tokens=new_tokens,
         decoded_steps=decoded, budget=comp.budget if comp.policy != "full" else None, capacity=capacity,
@@ -134,18 +139,22 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     )  # fmt: skip
 
 
-def time_generate(params, config, comp, impl, ids, lengths, new_tokens, prefill_rows):
-    """`lf.compile_generate` for the run's shape, then one timed call: prefill and every step (EOS
-    ignored), as a user's `generate` runs them."""
+def time_generate(params, config, comp, impl, ids, lengths, new_tokens, prefill_rows, mesh_shape=None):
+    """`lf.compile_generate` for the run's shape (on a mesh of mesh_shape (data, model) if given), then
+    one timed call: prefill and every step (EOS ignored), as a user's `generate` runs them."""
+    mesh = None if mesh_shape is None else make_mesh(*mesh_shape)
+    if mesh is not None:
+        params = jax.block_until_ready(jax.device_put(params, param_shardings(config, mesh)))
     run, compile_s = compile_generate(
         params, config, batch=ids.shape[0], prompt_len=ids.shape[1], max_new_tokens=new_tokens,
         compression=comp, sampling=SamplingConfig(ignore_eos=True), attention_impl=impl,
-        prefill_rows_per_chunk=prefill_rows,
+        prefill_rows_per_chunk=prefill_rows, mesh=mesh,
     )  # fmt: skip
     t0 = time.perf_counter()
     jax.block_until_ready(run(params, ids, lengths).tokens)
     seconds = time.perf_counter() - t0
-    return dict(generate_compile_s=compile_s, generate_s=seconds,
+    mesh_name = None if mesh_shape is None else "data={},model={}".format(*mesh_shape)
+    return dict(generate_compile_s=compile_s, generate_s=seconds, generate_mesh=mesh_name,
                 generate_tokens_per_s=ids.shape[0] * new_tokens / seconds)  # fmt: skip
 
 
@@ -208,8 +217,9 @@ def append_rows(path, rows):
 def run_isolated(args, command, retries=2):
     """Each configuration in a child process (an out-of-memory BATCH=max retried at 90%)."""
     shared = ("model", "prompt_len", "chunk", "memory_gib", "prefill_rows")
+    mesh = [] if args.mesh is None else ["--mesh", "data={},model={}".format(*args.mesh)]
     base = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
-    base += ["--generate"] if args.generate else []
+    base += (["--generate"] if args.generate else []) + mesh
     results = []
     for spec in args.runs:
         scale = 1.0
@@ -281,6 +291,7 @@ def print_table(results):
         generate = "-"
         if r.get("generate_tokens_per_s"):
             generate = f"{r['generate_tokens_per_s']:.0f} ({r['generate_compile_s']:.0f})"
+            generate += f" on mesh {r['generate_mesh']}" if r.get("generate_mesh") else ""
         print(
             f"| {run_name(r)} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['decoded_steps']} | "
             f"{r['kv_cache_bytes'] / 2**30:.2f} | {peak} | {r['ms_per_step']:.2f} | "
@@ -302,10 +313,13 @@ def main(argv=None) -> int:
     ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
     ap.add_argument("--prefill-rows", type=int, help="rows per prefill slice (default: one pass)")
     ap.add_argument("--generate", action="store_true", help="also time lf.compile_generate's whole run")
+    ap.add_argument("--mesh", type=parse_mesh_shape, help="data=D,model=M: --generate's run on that mesh")
     ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
     argv = sys.argv[1:] if argv is None else list(argv)
     args = ap.parse_args(argv)
     command = " ".join(["python3", "scripts/benchmark_generate.py", *argv])
+    if args.mesh is not None and not args.generate:
+        ap.error("--mesh applies to the --generate timing: pass --generate too")
     if args.from_jsonl:
         lines = [line for path in args.from_jsonl for line in Path(path).read_text().splitlines()]
         results = [json.loads(line) for line in lines if line.strip()]

@@ -37,6 +37,8 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
                 "--plot",
                 str(png),
                 "--generate",
+                "--mesh",
+                "data=1,model=1",
             ]
         )
         == 0
@@ -51,6 +53,7 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
             r["decoded_steps"] == 128 and len(r["chunk_tokens_per_s"]) == 4 and r["decode_tokens_per_s"] > 0
         )
         assert r["generate_compile_s"] > 0 and r["generate_tokens_per_s"] > 0
+        assert r["generate_mesh"] == "data=1,model=1"
     assert png.stat().st_size > 1000
 
 
@@ -92,6 +95,8 @@ def test_parse_run_fields_and_errors(bench):
             bench.parse_run(bad)
     with pytest.raises(ValueError, match="kv_quant"):
         bench.parse_run("longflow@int3:4:128")
+    with pytest.raises(SystemExit):  # the mesh is --generate's
+        bench.main(["--runs", "full:1:8", "--mesh", "data=1,model=1"])
 
 
 def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
