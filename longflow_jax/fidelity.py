@@ -96,9 +96,9 @@ def _first_difference(a: list[int], b: list[int]) -> int | None:
 def aggregate(rows: list[dict]) -> dict:
     """One run's problems -> token-weighted means over all their steps, and per-problem rates."""
     steps = max(sum(r["steps"] for r in rows), 1)
-    weighted = {
-        k: sum(r[k] * r["steps"] for r in rows) / steps for k in ("mean_kl", "top1_agreement", "nll_diff")
-    }
+    keys = ["mean_kl", "top1_agreement", "nll_diff"]
+    keys += ["kv_bytes"] if all("kv_bytes" in r for r in rows) else []  # rows from before the column
+    weighted = {k: sum(r[k] * r["steps"] for r in rows) / steps for k in keys}
     diverge = [r["steps"] if r["divergence_step"] is None else r["divergence_step"] for r in rows]
     rates = {k: float(np.mean([r[k] for r in rows])) for k in ("answer_agrees_with_full", "correct")}
     identical = float(np.mean([r["divergence_step"] is None for r in rows]))
@@ -111,15 +111,21 @@ def _by_run(rows: list[dict], runs: list[tuple]) -> dict:
 
 
 def summary_table(rows: list[dict], runs: list[tuple], full_correct: float) -> str:
-    """Markdown: a row per policy x budget."""
+    """Markdown: a row per policy x budget; with the K/V bytes held when every run recorded them."""
+    found = _by_run(rows, runs)
+    held = all("kv_bytes" in a for a in found.values())
     lines = [
-        "| policy | budget | mean KL (nats/token) | top-1 agreement % | NLL diff (nats/token) | "
+        "| policy | budget | "
+        + ("KV held (KiB/seq) | " if held else "")
+        + "mean KL (nats/token) | top-1 agreement % | NLL diff (nats/token) | "
         "first divergence (median step) | identical % | answer = full's % | correct % |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "|---|---:|" + ("---:|" if held else "") + "---:|---:|---:|---:|---:|---:|---:|",
     ]
-    for (policy, granularity, budget, kv_quant), a in _by_run(rows, runs).items():
+    for (policy, granularity, budget, kv_quant), a in found.items():
         lines.append(
-            f"| {run_name(policy, granularity, kv_quant)} | {budget or 'all'} | {a['mean_kl']:.4f} | "
+            f"| {run_name(policy, granularity, kv_quant)} | {budget or 'all'} | "
+            + (f"{a['kv_bytes'] / 1024:.0f} | " if held else "")
+            + f"{a['mean_kl']:.4f} | "
             f"{100 * a['top1_agreement']:.1f} | {a['nll_diff']:+.4f} | {a['median_divergence']:.0f} | "
             f"{100 * a['identical']:.0f} | {100 * a['answer_agrees_with_full']:.0f} | "
             f"{100 * a['correct']:.0f} |"
@@ -128,7 +134,8 @@ def summary_table(rows: list[dict], runs: list[tuple], full_correct: float) -> s
 
 
 def plot(rows: list[dict], runs: list[tuple], path: str) -> None:
-    """KL and top-1 agreement against the budget, a curve per policy (quantized full caches have none)."""
+    """KL and top-1 agreement, a curve per policy: against the K/V bytes held when every run recorded
+    them (then a quantized full cache is a point), else against the budget (and it has none)."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -136,17 +143,20 @@ def plot(rows: list[dict], runs: list[tuple], path: str) -> None:
 
     fig, (ax_kl, ax_top1) = plt.subplots(1, 2, figsize=(11, 4))
     curves: dict[str, list] = {}
-    budgeted = [run for run in runs if run[2] is not None]
-    for (policy, granularity, budget, kv_quant), a in sorted(
-        _by_run(rows, budgeted).items(), key=lambda x: x[0][2]
-    ):
-        curves.setdefault(run_name(policy, granularity, kv_quant), []).append((budget, a))
+    found = _by_run(rows, runs)
+    held = all("kv_bytes" in a for a in found.values())
+    for (policy, granularity, budget, kv_quant), a in found.items():
+        if held or budget is not None:
+            x = a["kv_bytes"] / 1024 if held else budget
+            curves.setdefault(run_name(policy, granularity, kv_quant), []).append((x, a))
     for name, points in curves.items():
-        budgets = [b for b, _ in points]
-        ax_kl.plot(budgets, [a["mean_kl"] for _, a in points], marker="o", label=name)
-        ax_top1.plot(budgets, [100 * a["top1_agreement"] for _, a in points], marker="o", label=name)
-    ax_kl.set(xscale="log", yscale="log", xlabel="budget (slots per layer)", ylabel="mean KL(full || policy)")
-    ax_top1.set(xscale="log", xlabel="budget (slots per layer)", ylabel="top-1 agreement with full (%)")
+        points.sort(key=lambda p: p[0])
+        xs = [x for x, _ in points]
+        ax_kl.plot(xs, [a["mean_kl"] for _, a in points], marker="o", label=name)
+        ax_top1.plot(xs, [100 * a["top1_agreement"] for _, a in points], marker="o", label=name)
+    xlabel = "K/V held (KiB per sequence, mean over steps)" if held else "budget (slots per layer)"
+    ax_kl.set(xscale="log", yscale="log", xlabel=xlabel, ylabel="mean KL(full || policy)")
+    ax_top1.set(xscale="log", xlabel=xlabel, ylabel="top-1 agreement with full (%)")
     for ax in (ax_kl, ax_top1):
         ax.grid(alpha=0.3, which="both")
     ax_top1.legend(fontsize=8)
@@ -339,7 +349,7 @@ def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
                 id=record.id, policy=policy, granularity=granularity, budget=budget, kv_quant=kv_quant,
                 steps=int(s.mask.sum()),
                 mean_kl=float(s.kl.sum() / n), top1_agreement=float(s.top1_agree.sum() / n),
-                nll_diff=float((s.nll - s.reference_nll).sum() / n),
+                nll_diff=float((s.nll - s.reference_nll).sum() / n), kv_bytes=float(s.kv_bytes.sum() / n),
                 divergence_step=_first_difference(full[i].tokens, c.tokens),
                 answer=answer, full_answer=full_answers[i],
                 answer_agrees_with_full=full_answers[i] is not None

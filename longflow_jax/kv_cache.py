@@ -91,6 +91,19 @@ def tokens_held(layer: LayerCache):
     return sum(jnp.sum(kv_valid(buffer), axis=-1, dtype=jnp.int32) for buffer in _buffers(layer))
 
 
+def bytes_held(cache: KVCache):
+    """[B] float32: bytes of the K/V (with scales) of the tokens a row holds, over every layer and
+    buffer: what a paged store would occupy, where `cache_bytes` counts what the buffers reserve."""
+    total = 0.0
+    for layer in cache.layers:
+        for buffer in _buffers(layer):
+            batch, _, capacity = buffer.k.shape[:3]
+            fields = (buffer.k, buffer.v, *quantized_fields(buffer).values())
+            per_slot = sum(x.size * x.dtype.itemsize for x in fields) / (batch * capacity)
+            total = total + per_slot * jnp.sum(kv_valid(buffer), axis=-1, dtype=jnp.float32)
+    return total
+
+
 def cache_bytes(cache: KVCache) -> int:
     """Bytes of the K and V buffers with their scales (the part that grows with capacity)."""
     return sum(

@@ -28,6 +28,7 @@ from .generate import (
     prefill,
     ready_to_decode,
 )
+from .kv_cache import bytes_held
 
 
 @flax.struct.dataclass
@@ -38,6 +39,7 @@ class TrajectoryScores:
     top1_agree: jax.Array  # [B, T] bool: both distributions have the same most likely token
     nll: jax.Array  # [B, T] f32: -log p_compressed(token t)
     reference_nll: jax.Array  # [B, T] f32: -log p_reference(token t)
+    kv_bytes: jax.Array  # [B, T] f32: K/V bytes the compressed cache holds at step t (`bytes_held`)
     mask: jax.Array  # [B, T] bool: step t lies within the row's trajectory
 
 
@@ -113,12 +115,13 @@ def score_trajectory(
     return scores if several else scores[0]
 
 
-def _compare(ref_logits, logits, token):
+def _compare(ref_logits, logits, token, cache):
+    """One step's (kl, top-1 agreement, nll, reference nll, the compressed cache's bytes held) per row."""
     ref_lp, lp = jax.nn.log_softmax(ref_logits, axis=-1), jax.nn.log_softmax(logits, axis=-1)
     kl = jnp.sum(jnp.exp(ref_lp) * (ref_lp - lp), axis=-1)
     agree = jnp.argmax(ref_logits, axis=-1) == jnp.argmax(logits, axis=-1)
     pick = lambda x: -jnp.take_along_axis(x, token[:, None], axis=-1)[:, 0]
-    return kl, agree, pick(lp), pick(ref_lp)
+    return kl, agree, pick(lp), pick(ref_lp), bytes_held(cache)
 
 
 @functools.partial(jax.jit, static_argnames=("config", "compressions", "reference", "attention_impl"))
@@ -134,7 +137,7 @@ def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, conf
 
     ref_cache, ref_logits = start(reference)
     caches, logits = zip(*(start(c) for c in compressions))
-    first = [_compare(ref_logits, x, trajectory[:, 0]) for x in logits]
+    first = [_compare(ref_logits, x, trajectory[:, 0], c) for x, c in zip(logits, caches)]
 
     def body(carry, step):
         ref_cache, caches = carry
@@ -147,17 +150,19 @@ def _score(params, prompt_ids, prompt_lengths, trajectory, lengths, key, *, conf
         )[:2]  # fmt: skip
         ref_logits, ref_cache = run(ref_cache, reference)
         logits, caches = zip(*(run(c, comp) for c, comp in zip(caches, compressions)))
-        return (ref_cache, caches), [_compare(ref_logits, x, trajectory[:, step]) for x in logits]
+        return (ref_cache, caches), [
+            _compare(ref_logits, x, trajectory[:, step], c) for x, c in zip(logits, caches)
+        ]
 
     _, rest = jax.lax.scan(body, (ref_cache, caches), jnp.arange(1, steps))
     mask = jnp.arange(steps)[None, :] < lengths[:, None]
 
     def scores(first, rest):
-        kl, agree, nll, ref_nll = (
+        kl, agree, nll, ref_nll, kv_bytes = (
             jnp.where(mask, jnp.concatenate([f[:, None], r.T], axis=1), 0) for f, r in zip(first, rest)
         )
         return TrajectoryScores(
-            kl=kl, top1_agree=agree.astype(bool), nll=nll, reference_nll=ref_nll, mask=mask
+            kl=kl, top1_agree=agree.astype(bool), nll=nll, reference_nll=ref_nll, kv_bytes=kv_bytes, mask=mask
         )
 
     return tuple(scores(f, r) for f, r in zip(first, rest))

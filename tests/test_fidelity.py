@@ -3,9 +3,11 @@ that holds the whole trajectory."""
 
 import json
 
+import jax.numpy as jnp
 import pytest
 from helpers import write_jsonl
 
+import longflow_jax as lf
 from longflow_jax import eval_math
 
 PROBLEMS = [
@@ -44,11 +46,21 @@ def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
             assert r["divergence_step"] is None and r["answer"] == r["full_answer"]
     small = [r for r in rows if r["budget"] == 4]
     assert max(r["mean_kl"] for r in small) > 0  # 4 slots really evict
+    # K/V held by LongFlow's 4 slots: 3 at the first step (the prompt cut to budget - 1), then 4.
+    config, _ = lf.load(chat_ckpt)
+    itemsize = jnp.dtype(config.dtype).itemsize
+    per_token = 2 * config.num_layers * config.num_kv_heads * config.head_dim * itemsize
+    for r in small:
+        if r["policy"] == "longflow":
+            assert r["kv_bytes"] == pytest.approx(per_token * (4 - 1 / r["steps"]))
     int2 = [r for r in rows if r["kv_quant"] == "int2"]
     assert len(int2) == len(PROBLEMS) and {r["budget"] for r in int2} == {None}
     assert max(r["mean_kl"] for r in int2) > 0
     table = (tmp_path / "t.md").read_text()
-    assert "| tova:kv_head | 4 |" in table and "| longflow | 256 | 0.0000 | 100.0 |" in table
+    longflow = [r for r in small if r["policy"] == "longflow"]
+    held = sum(r["kv_bytes"] * r["steps"] for r in longflow) / sum(r["steps"] for r in longflow)
+    assert "| tova:kv_head | 4 |" in table and f"| longflow | 4 | {held / 1024:.0f} |" in table
+    assert "| 0.0000 | 100.0 | +0.0000 |" in table
     assert "| full@int2 | all |" in table
     assert (tmp_path / "f.png").stat().st_size > 0
 

@@ -222,6 +222,12 @@ def test_int8_is_close_to_the_full_cache_and_int4_further(params):
         scores = lf.score_trajectory(
             params, CONFIG, ids, lengths, trajectory, np.full(2, steps), compression=comp, reference=full
         )
+        # The K/V bytes held: every prompt and fed token, at the quantized row size.
+        per_token = (
+            2 * CONFIG.num_layers * CONFIG.num_kv_heads * quant.row_bytes(CONFIG.head_dim, 4, kind, GROUP)
+        )
+        held = (lengths[:, None] + np.arange(steps)[None]) * per_token
+        np.testing.assert_allclose(np.asarray(scores.kv_bytes), held, rtol=1e-6)
         return float(np.asarray(scores.kl).mean()), float(np.asarray(scores.top1_agree).mean())
 
     (kl8, agree8), (kl4, _) = kl("int8"), kl("int4")

@@ -102,6 +102,13 @@ def test_compressed_scores_equal_a_step_by_step_loop(prompts, policy):
     np.testing.assert_allclose(np.asarray(s.nll), nll, atol=1e-4)
     np.testing.assert_array_equal(np.asarray(s.top1_agree), agree)
     assert kl[mask].max() > 1e-3  # the budget really evicts
+    # K/V bytes held at step t: the prompt and the t tokens fed, at most the budget (a prompt over it
+    # is cut to budget - 1 at prefill, leaving the first token a free slot); float32 rows.
+    per_token = 2 * CONFIG.num_layers * CONFIG.num_kv_heads * CONFIG.head_dim * 4
+    held = np.minimum(lengths[:, None] + np.arange(STEPS)[None], 10)
+    held[:, 0] = np.minimum(lengths, 9)
+    held = held * per_token
+    np.testing.assert_array_equal(np.asarray(s.kv_bytes), np.where(mask, held, 0))
 
 
 def test_bad_trajectory_is_named(prompts):
