@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import hashlib
 import json
 import os
 import sys
@@ -217,7 +218,7 @@ def run(args) -> None:
             done = _finished_rows(args.output, settings, thinkv) if args.resume else []
             finished = {run_key(r) for r in done}
             todo = [run for run in runs if run not in finished]
-            new_rows, failed = measure(args, todo, settings, thinkv) if todo else ([], [])
+            new_rows, failed = measure(args, todo, settings, thinkv, done) if todo else ([], [])
             rows = done + new_rows
     finally:
         jax.config.update("jax_default_matmul_precision", precision)
@@ -263,9 +264,32 @@ def _finished_rows(path: str, settings: dict, thinkv) -> list[dict]:
     return rows
 
 
-def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
+def _fingerprint(tokens) -> str:
+    return hashlib.sha1(np.asarray(tokens, np.int64).tobytes()).hexdigest()
+
+
+def check_same_trajectories(done: list[dict], fingerprints: dict, lengths: dict) -> None:
+    """Resumed rows must have been scored along the trajectories the full cache generates now: another
+    device or jax can sample others, and a table mixing them compares runs on different text."""
+    for r in done:
+        key = id_key(r["id"])
+        if key not in fingerprints:
+            continue
+        was, now = r.get("trajectory_sha1"), fingerprints[key]
+        if was is None:  # a row from before the fingerprint: its trajectory's length must match
+            was, now = r["steps"], lengths[key]
+        if was != now:
+            raise ValueError(
+                f"--resume: problem {r['id']!r}'s full-cache trajectory ({now}) differs from the one "
+                f"--output's {r['policy']} rows were scored along ({was}): another device or software "
+                f"samples other text; use another --output"
+            )
+
+
+def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str]]:
     """The rows of `runs`, appended to --output run by run, and the names of the runs that failed; with
-    --time-limit, runs not yet started when it has passed are left for a later --resume."""
+    --time-limit, runs not yet started when it has passed are left for a later --resume. `done` (rows
+    resumed) must share the trajectories generated now (`check_same_trajectories`)."""
     as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
     generator, plan = runner.plan_on_one_device(args, validate_problem, PROG, prompt_of=as_prompt)
     records, prompts = plan.records, plan.prompts
@@ -292,6 +316,12 @@ def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
     began = start = time.perf_counter()
     full = free_run(CompressionConfig(policy="full"))
     full_answers = [extract_answer(c.text)[0] for c in full]
+    fingerprints = [_fingerprint(c.tokens) for c in full]
+    check_same_trajectories(
+        done,
+        {id_key(r.id): f for r, f in zip(records, fingerprints)},
+        {id_key(r.id): len(c.tokens) for r, c in zip(records, full)},
+    )
     runner.report(
         f"{len(records)} problems, full-cache trajectories in {time.perf_counter() - start:.0f} s", PROG
     )
@@ -350,7 +380,7 @@ def measure(args, runs, settings, thinkv) -> tuple[list[dict], list[str]]:
                 steps=int(s.mask.sum()),
                 mean_kl=float(s.kl.sum() / n), top1_agreement=float(s.top1_agree.sum() / n),
                 nll_diff=float((s.nll - s.reference_nll).sum() / n), kv_bytes=float(s.kv_bytes.sum() / n),
-                divergence_step=_first_difference(full[i].tokens, c.tokens),
+                divergence_step=_first_difference(full[i].tokens, c.tokens), trajectory_sha1=fingerprints[i],
                 answer=answer, full_answer=full_answers[i],
                 answer_agrees_with_full=full_answers[i] is not None
                 and answers_match(answer, full_answers[i]),

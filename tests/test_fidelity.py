@@ -113,3 +113,20 @@ def test_resume_reruns_only_missing_or_failed_runs_and_refuses_other_settings(
 def test_bad_flags_are_named(tmp_path, chat_ckpt, capsys, flags, message):
     assert run_fidelity(tmp_path, chat_ckpt, *flags)[0] == 2
     assert message in capsys.readouterr().err
+
+
+def test_resume_refuses_rows_scored_along_other_trajectories():
+    from longflow_jax.fidelity import check_same_trajectories
+    from longflow_jax.jsonl_io import id_key
+
+    a, b = id_key("a"), id_key("b")
+    rows = [
+        dict(id="a", policy="h2o", steps=5, trajectory_sha1="1f"),
+        dict(id="b", policy="tova", steps=7),  # from before the fingerprint: its length is compared
+    ]
+    check_same_trajectories(rows, {a: "1f", b: "2e"}, {a: 5, b: 7})
+    check_same_trajectories(rows, {a: "1f"}, {a: 5})  # b is not among this input's problems
+    with pytest.raises(ValueError, match="problem 'a'.*\\(3c\\) differs .* h2o rows .*\\(1f\\)"):
+        check_same_trajectories(rows, {a: "3c", b: "2e"}, {a: 5, b: 7})
+    with pytest.raises(ValueError, match="problem 'b'.*\\(6\\) differs .* tova rows .*\\(7\\)"):
+        check_same_trajectories(rows, {a: "1f", b: "2e"}, {a: 5, b: 6})
