@@ -144,8 +144,8 @@ def prefill_layer(
     return layer_from_kept(k, v, kept, capacity, kv_quant, kv_quant_group).replace(recent_queries=queries)
 
 
-def _compress(layer: LayerCache, rows, budget: int) -> LayerCache:
-    """Compress the rows where `rows` [B] is true to their R-KV selection in slots [0, budget)."""
+def _compress(layer: LayerCache, budget: int) -> LayerCache:
+    """Compress every row of `layer` to its R-KV selection in slots [0, budget)."""
     batch, num_kv_heads, capacity = layer.k.shape[:3]
     groups = layer.slot_pos.shape[1]
     keys = dequantized_kv(layer)[0]
@@ -156,27 +156,49 @@ def _compress(layer: LayerCache, rows, budget: int) -> LayerCache:
 
     def compact(x):
         picked = jnp.take_along_axis(x, per_head[..., None], axis=2)
-        picked = jnp.where(stays[:, None], picked, jnp.zeros((), x.dtype))
-        return jnp.where(rows[:, None, None, None], picked, x)
+        return jnp.where(stays[:, None], picked, jnp.zeros((), x.dtype))
 
-    slot_pos = jnp.where(stays, jnp.take_along_axis(layer.slot_pos, source, axis=-1), -1)
     return layer.replace(
         k=compact(layer.k),
         v=compact(layer.v),
-        slot_pos=jnp.where(rows[:, None, None], slot_pos, layer.slot_pos),
+        slot_pos=jnp.where(stays, jnp.take_along_axis(layer.slot_pos, source, axis=-1), -1),
         **{name: compact(x) for name, x in quantized_fields(layer).items()},
+    )
+
+
+def _compress_row(layer: LayerCache, row, budget: int) -> LayerCache:
+    """`layer` with batch row `row` (a traced index) compressed by `_compress`, the others as they are."""
+    written = ("k", "v", "slot_pos", *quantized_fields(layer))  # what `_compress` changes
+    row_of = {
+        name: jax.lax.dynamic_slice_in_dim(getattr(layer, name), row, 1)
+        for name in (*written, "recent_queries")
+    }
+    one = _compress(layer.replace(**row_of), budget)  # it reads no other field
+    return layer.replace(
+        **{
+            name: jax.lax.dynamic_update_slice_in_dim(getattr(layer, name), getattr(one, name), row, 0)
+            for name in written
+        }
     )
 
 
 def decode_update(layer: LayerCache, q, pos, budget: int) -> LayerCache:
     """After a decode step's attention: record the step's queries q [B, Hq, D] (position pos [B]; in the
-    keys' basis, kv_cache.queries_for_keys) in the ring, compress the rows whose buffer is full, and
-    point evict_slot at each row's first empty slot.
+    keys' basis, kv_cache.queries_for_keys) in the ring, compress the rows whose buffer is full, one at
+    a time, and point evict_slot at each row's first empty slot.
     """
     batch = q.shape[0]
     ring = layer.recent_queries.at[jnp.arange(batch), pos % WINDOW].set(q.astype(layer.recent_queries.dtype))
     layer = layer.replace(recent_queries=ring)
+
+    def compress_next(state):
+        layer, pending = state
+        row = jnp.argmax(pending)
+        return _compress_row(layer, row, budget), pending.at[row].set(False)
+
+    # A row's buffer fills once per rkv_buffer of its steps, and rows of different lengths fill at
+    # different steps: compressing the full rows one at a time makes a step's O(Hkv * C^2 * D) work
+    # proportional to the rows that are full (mostly none or one), not to the batch.
     full = occupancy(layer) == layer.capacity
-    # Compression runs once per rkv_buffer steps of a row; the cond skips its O(C^2) work otherwise.
-    layer = jax.lax.cond(jnp.any(full), lambda x: _compress(x, full, budget), lambda x: x, layer)
+    layer, _ = jax.lax.while_loop(lambda state: jnp.any(state[1]), compress_next, (layer, full))
     return layer.replace(evict_slot=jnp.broadcast_to(occupancy(layer)[:, None], layer.evict_slot.shape))

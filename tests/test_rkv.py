@@ -127,52 +127,66 @@ def test_prefill_keeps_the_rkv_selection_of_long_prompts(groups):
     )
 
 
+FILLED = (16, 13, 16, 9)  # capacity 16: rows 0 and 2 are full
+
+
 def _layer_with_history(rng, groups):
-    """A layer of capacity 16 after some compressions: row 0 is full (per group its own older positions
-    in order, then the newest W positions 30..37), row 1 holds 13 tokens."""
-    capacity = 16
-    slot_pos = np.full((2, groups, capacity), -1, np.int32)
-    for g in range(groups):
-        slot_pos[0, g] = np.concatenate(
-            [np.sort(rng.choice(30, capacity - W, replace=False)), np.arange(30, 38)]
-        )
-        slot_pos[1, g, :13] = np.arange(13)
-    seq = jnp.zeros((2, 1, HKV, D), jnp.float32)
-    empty = jnp.full((2, groups, 1), -1, jnp.int32)
-    return layer_from_kept(seq, seq, empty, capacity).replace(
-        k=jnp.asarray(_keys_with_repeats(rng, 2, capacity), jnp.float32),
-        v=jnp.asarray(rng.standard_normal((2, HKV, capacity, D)), jnp.float32),
+    """A layer of capacity 16 after some compressions, its rows filled to FILLED: a full row holds per
+    group its own older positions in order, then the newest W positions, which end at a different
+    position in each row; the others hold positions 0, 1, ...; returns it and each row's newest position."""
+    capacity, batch = 16, len(FILLED)
+    slot_pos = np.full((batch, groups, capacity), -1, np.int32)
+    newest = np.empty(batch, np.int32)
+    for b, n in enumerate(FILLED):
+        first_window = 30 + 5 * b if n == capacity else n - W
+        for g in range(groups):
+            older = (
+                np.sort(rng.choice(first_window, n - W, replace=False)) if n == capacity else np.arange(n - W)
+            )
+            slot_pos[b, g, :n] = np.concatenate([older, np.arange(first_window, first_window + W)])
+        newest[b] = first_window + W - 1
+    seq = jnp.zeros((batch, 1, HKV, D), jnp.float32)
+    empty = jnp.full((batch, groups, 1), -1, jnp.int32)
+    layer = layer_from_kept(seq, seq, empty, capacity).replace(
+        k=jnp.asarray(_keys_with_repeats(rng, batch, capacity), jnp.float32),
+        v=jnp.asarray(rng.standard_normal((batch, HKV, capacity, D)), jnp.float32),
         slot_pos=jnp.asarray(slot_pos),
-        evict_slot=jnp.asarray(np.array([[15], [12]]).repeat(groups, 1), jnp.int32),
-        recent_queries=jnp.asarray(2 * rng.standard_normal((2, W, HQ, D)), jnp.float32),
+        evict_slot=jnp.asarray(np.array(FILLED)[:, None].repeat(groups, 1) - 1, jnp.int32),
+        recent_queries=jnp.asarray(2 * rng.standard_normal((batch, W, HQ, D)), jnp.float32),
     )
+    return layer, newest
 
 
 @pytest.mark.parametrize("groups", [1, HKV])
-def test_a_full_row_is_compacted_to_its_selection_and_the_others_are_left(groups):
+def test_each_full_row_is_compacted_to_its_own_selection_and_the_others_are_left(groups):
+    """Rows at different fill levels, two of them full at once: each full row gets the selection of
+    its own keys and queries alone (numpy), the other rows keep everything."""
     rng = np.random.default_rng(5)
-    layer = _layer_with_history(rng, groups)
-    budget = 12
-    q = jnp.asarray(2 * rng.standard_normal((2, HQ, D)), jnp.float32)
-    pos = jnp.asarray([37, 12])
-    new = decode_update(layer, q, pos, budget)
+    layer, pos = _layer_with_history(rng, groups)
+    budget, batch = 12, len(FILLED)
+    q = jnp.asarray(2 * rng.standard_normal((batch, HQ, D)), jnp.float32)
+    new = decode_update(layer, q, jnp.asarray(pos), budget)
     ring = np.asarray(layer.recent_queries).copy()
-    ring[0, 37 % W], ring[1, 12 % W] = q[0], q[1]
+    ring[np.arange(batch), pos % W] = q
     np.testing.assert_array_equal(np.asarray(new.recent_queries), ring)
-    want = numpy_rkv(ring[0], np.asarray(layer.k)[0], budget, groups)  # slot indices of row 0
     old_pos, new_pos = np.asarray(layer.slot_pos), np.asarray(new.slot_pos)
-    for g in range(groups):
-        np.testing.assert_array_equal(new_pos[0, g, :budget], old_pos[0, g, want[g]])
-    assert (new_pos[0, :, budget:] == -1).all()
-    for h in range(HKV):
-        for x_new, x_old in ((new.k, layer.k), (new.v, layer.v)):
-            np.testing.assert_array_equal(
-                np.asarray(x_new)[0, h, :budget], np.asarray(x_old)[0, h, want[h % groups]]
-            )
-            assert (np.asarray(x_new)[0, h, budget:] == 0).all()  # evicted keys and values are gone
-    for x_new, x_old in ((new.k, layer.k), (new.v, layer.v), (new.slot_pos, layer.slot_pos)):
-        np.testing.assert_array_equal(np.asarray(x_new)[1], np.asarray(x_old)[1])
-    np.testing.assert_array_equal(np.asarray(new.evict_slot), [[budget] * groups, [13] * groups])
+    for b, n in enumerate(FILLED):
+        if n < layer.capacity:
+            for x_new, x_old in ((new.k, layer.k), (new.v, layer.v), (new.slot_pos, layer.slot_pos)):
+                np.testing.assert_array_equal(np.asarray(x_new)[b], np.asarray(x_old)[b])
+            continue
+        want = numpy_rkv(ring[b], np.asarray(layer.k)[b], budget, groups)  # slot indices of row b
+        for g in range(groups):
+            np.testing.assert_array_equal(new_pos[b, g, :budget], old_pos[b, g, want[g]])
+        assert (new_pos[b, :, budget:] == -1).all()
+        for h in range(HKV):
+            for x_new, x_old in ((new.k, layer.k), (new.v, layer.v)):
+                np.testing.assert_array_equal(
+                    np.asarray(x_new)[b, h, :budget], np.asarray(x_old)[b, h, want[h % groups]]
+                )
+                assert (np.asarray(x_new)[b, h, budget:] == 0).all()  # evicted keys and values are gone
+    want_filled = np.where(np.array(FILLED) == layer.capacity, budget, FILLED)
+    np.testing.assert_array_equal(np.asarray(new.evict_slot), want_filled[:, None].repeat(groups, 1))
 
 
 CONFIG = lf.ModelConfig(
