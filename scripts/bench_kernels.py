@@ -15,6 +15,10 @@ set against a bandwidth ceiling measured in a child process (the method: docs/BE
 TB/s and % of the ceiling count the bytes it reads: a quantized column its payloads and scales.
 
   python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
+
+--launch COLUMN:FIELD=VALUE,... (repeatable) adds a Triton column run with those LaunchConfig fields
+(cuda_triton_bridge/config.py) beside the tuned defaults, named COLUMN[FIELD=VALUE,...]: how the launch
+table is tuned, e.g. --launch triton_int4:block_c=32,num_warps=4.
 """
 
 from __future__ import annotations
@@ -60,9 +64,30 @@ def xla_attention(q, k, v, kv_valid, *, scale):
 
 
 def column_kind(name):
-    """The kv_quant kind of the buffer a column reads (its name's suffix), or None."""
-    kind = name.rsplit("_", 1)[-1]
+    """The kv_quant kind of the buffer a column reads (its name's suffix, before any [launch]), or None."""
+    kind = name.split("[")[0].rsplit("_", 1)[-1]
     return kind if kind in quant.KV_QUANT_KINDS else None
+
+
+def parse_launch(text):
+    """ "triton_int4:block_c=32,num_warps=4" -> ("triton_int4", {"block_c": 32, "num_warps": 4})."""
+    from cuda_triton_bridge.config import LaunchConfig  # no triton import: the checks run anywhere
+
+    base, _, spec = text.partition(":")
+    fields = {f.name for f in dataclasses.fields(LaunchConfig)}
+    if not base.startswith("triton") or base not in COLUMNS or not spec:
+        raise ValueError(
+            f"--launch {text!r}: expected TRITON_COLUMN:FIELD=VALUE,... (a triton column of {COLUMNS})"
+        )
+    launch = {}
+    for item in spec.split(","):
+        name, _, value = item.partition("=")
+        if name not in fields or not value:
+            raise ValueError(
+                f"--launch {text!r}: {item!r} is not FIELD=VALUE with FIELD one of {sorted(fields)}"
+            )
+        launch[name] = int(value) if value.isdigit() else {"true": True, "false": False}.get(value, value)
+    return base, launch
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,10 +125,10 @@ def load_triton_bridge():
     return (longflow_decode_attention_triton, init_kernel_state), ""
 
 
-def columns(scale, triton=None, granularity="sequence"):
+def columns(scale, triton=None, granularity="sequence", launches=()):
     """{name: fn(q, k, v, kv_valid) -> (out, evict)}, a quantized column's fn(q, k, v, kv_valid,
     kv_scales) on make_sets(kv_quant=column_kind(name))'s inputs; triton: load_triton_bridge()'s pair,
-    or None."""
+    or None; launches: parse_launch results, each one more Triton column."""
     kw = dict(scale=scale, granularity=granularity)
     ref = reference.longflow_decode_attention_reference
     cols = {
@@ -115,13 +140,23 @@ def columns(scale, triton=None, granularity="sequence"):
         **{f"pallas_{kind}": on_quantized(longflow_decode_attention, kind, **kw) for kind in QUANT_KINDS},
     }
     if triton is not None:
+        from cuda_triton_bridge.config import LaunchConfig
+
         entry, init_kernel_state = triton
         init_state = lambda q, k: init_kernel_state(q.shape[0], k.shape[1])
-        for name, evict in (("triton", True), ("triton_noevict", False)):
-            call = functools.partial(entry, compute_evict=evict, **kw)
-            cols[name] = StatefulColumn(call, init_state)
-        for kind in QUANT_KINDS:
-            cols[f"triton_{kind}"] = StatefulColumn(on_quantized(entry, kind, **kw), init_state)
+
+        def triton_column(name, **launch):
+            call = functools.partial(entry, compute_evict=name != "triton_noevict", **launch)
+            kind = column_kind(name)
+            return StatefulColumn(
+                on_quantized(call, kind, **kw) if kind else functools.partial(call, **kw), init_state
+            )
+
+        for name in (n for n in COLUMNS if n.startswith("triton")):
+            cols[name] = triton_column(name)
+        for name, launch in launches:
+            spec = ",".join(f"{k}={v}" for k, v in launch.items())
+            cols[f"{name}[{spec}]"] = triton_column(name, launch=LaunchConfig(**launch))
     return cols
 
 
@@ -421,8 +456,15 @@ def main(argv=None):
     parser.add_argument("--interleave", action="store_true", help="repetitions round-robin over columns")
     parser.add_argument("--queued", type=int, default=0, help="executions queued per sync (0: latency)")
     parser.add_argument("--copy-mb", type=int, default=4096, help="buffer MiB for the bandwidth ceiling")
+    parser.add_argument(
+        "--launch", action="append", default=[], help="TRITON_COLUMN:FIELD=VALUE,... (docstring)"
+    )
     parser.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)  # ceiling_in_child
     args = parser.parse_args(argv)
+    try:
+        launches = [parse_launch(text) for text in args.launch]
+    except ValueError as e:
+        parser.error(str(e))
     if args.ceiling_only:
         measurers = ceiling_measurers(load_triton_bridge()[0] is not None, can_run_torch_cuda())
         print(json.dumps(dataclasses.asdict(measure_ceiling(measurers, args.copy_mb << 20))))
@@ -442,9 +484,9 @@ def main(argv=None):
     triton, why = load_triton_bridge()
     if triton is None:
         log(f"triton columns omitted: {why}")
-    cols = columns(scale, triton)
+    cols = columns(scale, triton, launches=launches)
     if args.columns:
-        wanted = args.columns.split(",")
+        wanted = args.columns.split(",") + [n for n in cols if "[" in n]
         if unknown := set(wanted) - set(cols):
             raise SystemExit(f"unknown or unavailable columns {sorted(unknown)}; have {sorted(cols)}")
         cols = {n: cols[n] for n in wanted}
@@ -453,7 +495,9 @@ def main(argv=None):
 
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     rows = [time_size(batch, slots, cols, args, scale, ceiling, log) for batch, slots in sizes]
-    table = format_table(header, ceiling, rows, [n for n in COLUMNS if n in cols])
+    table = format_table(
+        header, ceiling, rows, [n for n in COLUMNS if n in cols] + [n for n in cols if "[" in n]
+    )
     log("\n" + table)
     if args.out:
         with open(args.out, "w") as f:

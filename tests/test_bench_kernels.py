@@ -17,6 +17,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "scripts"))
 
 import bench_kernels as bk  # noqa: E402
 
+from cuda_triton_bridge.config import LaunchConfig  # noqa: E402
+
 
 def test_chain_feeds_each_output_into_the_next_call_and_rotates_the_sets():
     sets = [(jnp.zeros(2), jnp.full(2, float(i)), None, None) for i in range(3)]
@@ -72,15 +74,18 @@ def test_triton_columns_thread_one_kernel_state_as_generate_does():
         compute_evict=True,
         kv_quant=None,
         kv_scales=None,
+        launch=None,
     ):
-        seen.append((scale, granularity, compute_evict, kernel_state.shape))
+        seen.append((scale, granularity, compute_evict, kernel_state.shape) + ((launch,) if launch else ()))
         assert (kv_quant is None) == (kv_scales is None)
         evict = jnp.full(q.shape[0], 0 if compute_evict else -1, jnp.int32)
         return q + 1 + (kv_scales.k_scale.sum() if kv_quant else 0), evict, kernel_state + 1
 
     init_kernel_state = lambda batch, num_kv_heads: jnp.zeros((batch, num_kv_heads), jnp.int32)
-    cols = bk.columns(0.5, triton=(entry, init_kernel_state))
-    assert list(cols) == list(bk.COLUMNS)
+    launches = [bk.parse_launch("triton_int4:block_c=32,epilogue=fused,xla_launch=false")]
+    cols = bk.columns(0.5, triton=(entry, init_kernel_state), launches=launches)
+    launched = "triton_int4[block_c=32,epilogue=fused,xla_launch=False]"
+    assert list(cols) == list(bk.COLUMNS) + [launched] and bk.column_kind(launched) == "int4"
     sets = [(jnp.zeros((2, 3)), jnp.zeros((2, 4, 5, 3)), None, None)]
     out, evicts = bk.chain_program(cols["triton"], sets, min_calls=3)[0](sets[0][0], sets)
     assert np.asarray(out).tolist() == [[3] * 3] * 2 and len(evicts) == 3
@@ -97,6 +102,25 @@ def test_triton_columns_thread_one_kernel_state_as_generate_does():
     out, _ = bk.chain_program(cols["triton_int4"], quantized, min_calls=2)[0](quantized[0][0], quantized)
     assert np.asarray(out).tolist() == [[2 * (1 + 40)] * 3] * 2
     assert seen == [(0.5, "sequence", True, (2, 4))] * 2
+    # A --launch column is the same call with its LaunchConfig.
+    seen.clear()
+    cols[launched](*quantized[0])
+    want = LaunchConfig(block_c=32, epilogue="fused", xla_launch=False)
+    assert seen == [(0.5, "sequence", True, (2, 4), want)]
+
+
+@pytest.mark.parametrize(
+    "text, message",
+    [
+        ("xla_attn:block_c=32", "a triton column"),
+        ("triton", "a triton column"),
+        ("triton:blocks=32", "FIELD one of"),
+        ("triton:block_c", "FIELD one of"),
+    ],
+)
+def test_bad_launch_columns_are_named(text, message):
+    with pytest.raises(ValueError, match=message):
+        bk.parse_launch(text)
 
 
 def test_triton_columns_are_omitted_without_the_bridge():
