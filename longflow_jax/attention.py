@@ -6,9 +6,9 @@ attention_impl:
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
   "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
-(scoring switched off); the baselines need the probabilities and run on the reference path. On a
-"model" axis the Pallas kernel runs per KV-head shard (`_per_model_shard`); the Triton kernel is
-single-GPU.
+(scoring switched off), and "thinkv" outside its layers L* (one call per buffer, thinkv.attend); the
+baselines need the probabilities and run on the reference path. On a "model" axis the Pallas kernel runs
+per KV-head shard (`_per_model_shard`); the Triton kernel is single-GPU.
 """
 
 from __future__ import annotations
@@ -35,7 +35,7 @@ from .sharding import MODEL, model_shards_in_trace
 from .thinkv import attend as thinkv_attend
 
 ATTENTION_IMPLS = ("reference", "pallas", "triton")
-KERNEL_POLICIES = ("full", "longflow")
+KERNEL_POLICIES = ("full", "longflow", "thinkv")
 
 
 def check_attention_impl(attention_impl: str, compression: CompressionConfig) -> None:
@@ -69,23 +69,25 @@ def _per_model_shard(kernel, num_kv_heads: int):
     split = num_kv_heads % shards == 0
     heads = P(None, MODEL) if split else P()
 
-    def call(q, k, v, valid, *, kv_len, kv_scales=None, granularity, compute_evict, **static):
+    def call(
+        q, k, v, valid, *, kv_len, kv_scales=None, granularity, compute_evict, return_lse=False, **static
+    ):
         summed = split and compute_evict and granularity == "sequence"
 
         def one_shard(q, k, v, valid, kv_len, kv_scales):
-            out, scored = kernel(
+            out, scored, *lse = kernel(
                 q, k, v, valid, kv_len=kv_len, kv_scales=kv_scales, granularity=granularity,
-                compute_evict=compute_evict, return_importance=summed, **static,
+                compute_evict=compute_evict, return_importance=summed, return_lse=return_lse, **static,
             )  # fmt: skip
             if summed:  # scored: this shard's heads' importance [B, 1, C]
-                return out, evict_argmin(jax.lax.psum(scored, MODEL))[:, 0]
-            return out, scored
+                scored = evict_argmin(jax.lax.psum(scored, MODEL))[:, 0]
+            return out, scored, *lse  # lse [B, Hq] per query head, like out
 
         evict = heads if granularity == "kv_head" else P()
         return jax.shard_map(
             one_shard,
             in_specs=(heads, heads, heads, P(), P(), heads),
-            out_specs=(heads, evict),
+            out_specs=(heads, evict) + ((heads,) if return_lse else ()),
             axis_names={MODEL},
             check_vma=False,
         )(q, k, v, valid, kv_len, kv_scales)
@@ -166,8 +168,11 @@ def decode_attention(q, layer: LayerCache, pos, scale, compression: CompressionC
     The new layer carries the slot the next token will overwrite (and the policy's score state).
     """
     policy = compression.policy
-    if policy == "thinkv":  # reference only (check_attention_impl)
-        out, layer = thinkv_attend(q, layer, scale)
+    if policy == "thinkv":
+        kernel = None
+        if attention_impl != "reference":
+            kernel = _per_model_shard(_kernel(attention_impl), layer.k.shape[1])
+        out, layer = thinkv_attend(q, layer, scale, kernel)
         return out.astype(q.dtype), layer
     valid = kv_valid(layer)
     q_keys = queries_for_keys(layer, q)  # q itself unless the keys are stored rotated (kv_quant)

@@ -4,16 +4,17 @@ Building blocks: thought types from attention sparsity (`attention_sparsity`, `c
 progressive-eviction planner over a fixed-capacity segment table (`plan_levels`, `kept_tokens`), and the
 k-means choice of the tokens a segment keeps (`kmeans_keep`).
 
-The policy ("thinkv", `generate` on the reference path). Per layer, the main buffer (LayerCache k, v at
+The policy ("thinkv", `generate` with any attention_impl). Per layer, the main buffer (LayerCache k, v at
 the model's dtype) holds the prompt in slots [0, P) and the segment being written, the window, in
 [P, P + tau). Beside it (`LayerSegments`), one tier region per distinct precision of
 ThinKVConfig.precisions, each of `tier_capacity` slots, and each classified segment's slots there. The
 segment table (`SegmentTable`: types, levels, count) is shared by all layers. Each step `attend` reads
-every buffer and adds the step's attention sparsity on the layers L*; once the window is full
-(every tau steps, all rows at once), `close_full_segment` types the segment, plans the levels, re-clusters
-the demoted segments (freeing the slots of the tokens k-means drops), moves the new segment's kept
-tokens into the lowest free slots of its tier, and empties the window. Shapes are fixed and no Python
-branches on traced values, so everything runs inside the jitted decode loop.
+every buffer (through the fused kernels outside L*, merged by log-sum-exp) and adds the step's attention
+sparsity on the layers L*; once the window is full (every tau steps, all rows at once),
+`close_full_segment` types the segment, plans the levels, re-clusters the demoted segments (freeing the
+slots of the tokens k-means drops), moves the new segment's kept tokens into the lowest free slots of
+its tier, and empties the window. Shapes are fixed and no Python branches on traced values, so
+everything runs inside the jitted decode loop.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from .kv_cache import (
     dequantized_kv,
     empty_layer,
     free_slots,
+    kv_scales,
     kv_valid,
     layer_from_kept,
     queries_for_keys,
@@ -279,10 +281,48 @@ def attach(cache: KVCache, compression: CompressionConfig, max_new_tokens: int) 
     return KVCache(layers=layers, segments=SegmentTable(table, table, jnp.zeros(batch, jnp.int32)))
 
 
-def attend(q, layer: LayerCache, scale):
+def merge_attention(outs, lses):
+    """Attention over several buffers from each one's: out_i [B, Hq, D] weighted by softmax over the
+    buffers of lse_i [B, Hq] (the log of buffer i's softmax denominator, -inf where it has no valid
+    slot, which then weighs 0). Returns [B, Hq, D] float32."""
+    lse = jnp.stack(lses)  # [N, B, Hq]
+    peak = jnp.max(lse, axis=0)
+    weight = jnp.exp(lse - jnp.where(jnp.isfinite(peak), peak, 0.0))
+    weight = weight / jnp.maximum(jnp.sum(weight, axis=0), jnp.finfo(jnp.float32).tiny)
+    return sum(w[..., None] * out.astype(jnp.float32) for w, out in zip(weight, outs))
+
+
+def _attend_by_kernel(q, layer: LayerCache, scale, kernel):
+    """`attend`'s output through a decode kernel, one call per buffer at its own precision, merged by
+    log-sum-exp (`merge_attention`). Filled slots need not be a prefix (a short prompt's row leaves a
+    gap before the window; a tier's are a set), so the kernel reads each buffer up to its highest filled
+    slot: tiers fill their lowest free slots first, so that bound stays near what they hold."""
+    outs, lses = [], []
+    for buffer in [layer, *layer.thinkv.tiers]:
+        valid = kv_valid(buffer)
+        kv_len = jnp.max(jnp.where(valid, jnp.arange(1, buffer.capacity + 1), 0), axis=-1).astype(jnp.int32)
+        kw = dict(scale=scale, granularity="sequence", compute_evict=False, return_lse=True, kv_len=kv_len)
+        q_buffer = q
+        if buffer.kv_quant is not None:  # rotated queries back in the model's dtype, as the kernels take
+            q_buffer = queries_for_keys(buffer, q).astype(q.dtype)
+            kw.update(kv_quant=buffer.kv_quant, kv_scales=kv_scales(buffer))
+        out, _, lse = kernel(q_buffer, buffer.k, buffer.v, valid, **kw)
+        outs.append(out)
+        lses.append(lse)
+    return merge_attention(outs, lses)
+
+
+def attend(q, layer: LayerCache, scale, kernel=None):
     """Attention of q [B, Hq, D] (its token already written into the window) over the main buffer and
     every tier, each read at its own precision; returns (out [B, Hq, D] f32, the layer with the next
-    window slot and, on L*, the step's sparsity added)."""
+    window slot and, on L*, the step's sparsity added).
+
+    kernel: None, or a decode kernel of pallas_kernels' contract taking return_lse (attention._kernel's),
+    which then serves the layers outside L* (`_attend_by_kernel`). Layers in L* read every buffer in
+    jnp: their sparsity needs the probabilities.
+    """
+    if kernel is not None and layer.thinkv.sparsity_sum is None:
+        return _attend_by_kernel(q, layer, scale, kernel), layer.replace(evict_slot=layer.evict_slot + 1)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = layer.k.shape[1]
     buffers = [layer, *layer.thinkv.tiers]

@@ -10,6 +10,13 @@ Every decode kernel (pallas_kernels, cuda_triton_bridge) and the jnp reference (
 and return (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")).
 Query head h reads KV head h // (Hq // Hkv) (Hugging Face `repeat_kv` order).
 
+With `return_lse=True` they also return, last, lse [B, Hq] float32: the natural log of the softmax
+denominator, log(sum over the slots that take part (kv_valid, and c < kv_len) of exp(scale * q . k_c)),
+keys as the kernel reads them (dequantized with kv_quant), -inf for a row with no such slot (whose out is
+0). Attention over several buffers is then the merge of each buffer's out weighted by softmax(lse) over
+the buffers (a buffer with lse -inf weighs 0). It combines with any compute_evict and kv_quant, and on
+the Pallas kernel with `return_importance` (out, importance, lse): lse needs only the softmax statistics.
+
 Rules every kernel keeps:
   * invalid slots score EMPTY_SLOT_SCORE (-1), strictly below any valid slot's importance (>= 0), so
     empty slots are filled first even where a valid slot's probability underflows to 0;

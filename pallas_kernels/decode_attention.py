@@ -196,6 +196,7 @@ def _triton_kernel(
     bounded: bool,
     compute_evict: bool,
     finalize: bool,
+    write_stats: bool,
     precision,
     layout: _Layout,
 ):
@@ -204,13 +205,9 @@ def _triton_kernel(
         kv_len_ref, *out_refs = refs
     else:
         out_refs = refs
-    if compute_evict:
-        o_ref, m_ref, l_ref, t_ref = out_refs
-    elif finalize:
-        (o_ref,) = out_refs
-        m_ref = l_ref = None
-    else:
-        o_ref, m_ref, l_ref = out_refs
+    o_ref, *stat_refs = out_refs
+    m_ref, l_ref = stat_refs[:2] if write_stats else (None, None)
+    t_ref = stat_refs[2] if compute_evict else None
     kv_head, split = pl.program_id(1), pl.program_id(2)
     head_dim = q_ref.shape[-1]
     # The GQA group's rows, padded to a tl.dot-sized tile; padded rows load zeros and are never stored.
@@ -380,7 +377,7 @@ def _gpu_dot(a, b, *, trans_b=False, precision=None):
 
 def _triton_call(
     q, k, v, kv_valid, kv_len, *, scale, block_c, num_splits, compute_evict, interpret, num_warps, num_stages,
-    layout=None, scales=(),
+    layout=None, scales=(), return_stats=False,
 ):  # fmt: skip
     batch, num_q_heads, head_dim = q.shape
     _, num_kv_heads, num_slots, row = k.shape
@@ -390,6 +387,8 @@ def _triton_call(
     num_blocks = pl.cdiv(num_slots, block_c)
     blocks_per_split = num_blocks // num_splits
     finalize = num_splits == 1
+    # The softmax statistics: for the split merge, the scoring, or a caller's log-sum-exp.
+    write_stats = compute_evict or not finalize or return_stats
     f32 = jnp.float32
 
     per_seq_q = pl.BlockSpec((None, num_q_heads, head_dim), lambda b, h, s: (b, 0, 0))
@@ -412,7 +411,7 @@ def _triton_call(
     else:
         out_shape = [jax.ShapeDtypeStruct((num_splits, batch, num_q_heads, head_dim), f32)]
         out_specs = [pl.BlockSpec((None, None, num_q_heads, head_dim), lambda b, h, s: (s, b, 0, 0))]
-    if compute_evict or not finalize:
+    if write_stats:
         stat_spec = pl.BlockSpec((None, None, num_q_heads), lambda b, h, s: (s, b, 0))
         out_shape += [jax.ShapeDtypeStruct((num_splits, batch, num_q_heads), f32)] * 2
         out_specs += [stat_spec, stat_spec]
@@ -431,6 +430,7 @@ def _triton_call(
         bounded=kv_len is not None,
         compute_evict=compute_evict,
         finalize=finalize,
+        write_stats=write_stats,
         precision=_dot_precision(q.dtype),
         layout=layout,
     )
@@ -446,7 +446,7 @@ def _triton_call(
         interpret=interpret,
         name="longflow_decode_triton",
     )(*inputs)
-    stats = (outs[1], outs[2]) if compute_evict or not finalize else None
+    stats = (outs[1], outs[2]) if write_stats else None
     return outs[0], stats, outs[3] if compute_evict else None
 
 
@@ -900,6 +900,13 @@ def _merge_splits(o_part, m_part, l_part):
     return jnp.sum(o_part * weight[..., None], axis=0) / jnp.where(denom > 0.0, denom, 1.0)[..., None]
 
 
+def _log_sum_exp(m_part, l_part):
+    """log sum exp of the valid scaled logits [B, Hq] from split partials [S, B, Hq]: m + log(l) of the
+    merged statistics, -inf for a row with no valid slot (l = 0)."""
+    m, denom, _ = _merged_stats(m_part, l_part)
+    return jnp.where(denom > 0.0, m + jnp.log(jnp.where(denom > 0.0, denom, 1.0)), -jnp.inf)
+
+
 def _importance_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity):
     """Importance [B, G, C] from the side output t [B, Hq, C]: head h's term is exp(t - m_h) / l_h.
     kv_valid has kv_len folded in: slots past it were never written (possibly NaN), so they are selected
@@ -913,13 +920,13 @@ def _importance_from_log_terms(t, m, denom, kv_valid, num_kv_heads, granularity)
 
 
 @functools.partial(jax.jit, static_argnames=(
-    "scale", "kv_quant", "granularity", "compute_evict", "return_importance", "block_c", "num_splits",
-    "backend", "interpret", "num_warps", "num_stages",
+    "scale", "kv_quant", "granularity", "compute_evict", "return_importance", "return_lse", "block_c",
+    "num_splits", "backend", "interpret", "num_warps", "num_stages",
 ))  # fmt: skip
 def longflow_decode_attention(
     q, k_cache, v_cache, kv_valid, *, scale, kv_len=None, kv_quant=None, kv_scales=None,
-    granularity="sequence", compute_evict=True, return_importance=False, block_c=None, num_splits=None,
-    backend=None, interpret=None, num_warps=None, num_stages=None,
+    granularity="sequence", compute_evict=True, return_importance=False, return_lse=False, block_c=None,
+    num_splits=None, backend=None, interpret=None, num_warps=None, num_stages=None,
 ):  # fmt: skip
     """Decode attention + LongFlow importance + evict slot in one pass over the KV buffer.
 
@@ -939,6 +946,10 @@ def longflow_decode_attention(
         place of evict_slot, for a caller that runs the kernel on a share of the query heads and sums
         the shares before `reference.evict_argmin` (contract.py). Needs compute_evict. The importance
         comes from the jnp epilogue on both backends.
+      return_lse: also return lse [B, Hq] float32, the natural log of the softmax denominator,
+        log(sum over the slots that take part of exp(scale * q . k)) with keys as the body reads them
+        (dequantized with kv_quant), -inf for a row with no such slot (contract.py); a caller merges
+        attention over several buffers with it. Any compute_evict, kv_quant, return_importance.
       block_c: slots per block. Triton: power of two >= 16 (default 128, or 64 where a [block_c, D] tile
         would pass 32 KiB or with kv_quant). Mosaic: multiple of 128 or C (default min(512, C)). The tail
         is masked.
@@ -952,6 +963,7 @@ def longflow_decode_attention(
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), as
       `longflow_decode_attention_reference` computes them; with return_importance, (out, importance).
+      With return_lse, lse is a trailing third output.
 
     Raises:
       ValueError: inputs off the contract, or a bad granularity, backend, block_c, num_splits or kv_len.
@@ -1026,8 +1038,9 @@ def longflow_decode_attention(
     if backend == "triton":
         warps, stages = num_warps or TRITON_NUM_WARPS, num_stages or TRITON_NUM_STAGES
         out, stats, t = _triton_call(
-            q, k_cache, v_cache, kv_valid, kv_len, **launch, num_warps=warps, num_stages=stages
-        )
+            q, k_cache, v_cache, kv_valid, kv_len, **launch, num_warps=warps, num_stages=stages,
+            return_stats=return_lse,
+        )  # fmt: skip
         # The epilogue kernel merges split partials and picks the slot; returned importance is jnp's.
         slot_in_kernel = compute_evict and not return_importance
         if num_splits > 1 or slot_in_kernel:
@@ -1040,12 +1053,13 @@ def longflow_decode_attention(
         bound = jnp.full((batch,), num_slots, jnp.int32) if kv_len is None else kv_len
         o_part, stats, t = _mosaic_call(q, k_cache, v_cache, bounded_valid, bound, **launch)
         out = _merge_splits(o_part, *stats)
+    lse = (_log_sum_exp(*stats),) if return_lse else ()
     if compute_evict and evict is None:  # the jnp epilogue: Mosaic's, and the importance Triton returns
         m, denom, _ = _merged_stats(*stats)
         importance = _importance_from_log_terms(t, m, denom, bounded_valid, num_kv_heads, granularity)
         if return_importance:
-            return out.astype(q.dtype), importance
+            return (out.astype(q.dtype), importance, *lse)
         evict = evict_argmin(importance)
     if evict is None:
         evict = jnp.full((batch, num_groups), -1, jnp.int32)
-    return out.astype(q.dtype), evict[:, 0] if granularity == "sequence" else evict
+    return (out.astype(q.dtype), evict[:, 0] if granularity == "sequence" else evict, *lse)

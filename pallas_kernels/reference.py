@@ -18,19 +18,28 @@ from pallas_kernels import quant
 from pallas_kernels.contract import EMPTY_SLOT_SCORE, check_decode_inputs, check_granularity
 
 
+def _masked_logits(q, k, kv_valid, scale):
+    """Scaled logits [B, Hkv, Hq / Hkv, C] float32, -inf at invalid slots."""
+    batch, num_q_heads, head_dim = q.shape
+    num_kv_heads = k.shape[1]
+    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, num_q_heads // num_kv_heads, head_dim)
+    logits = jnp.einsum("bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+    return jnp.where(kv_valid[:, None, None, :], logits * scale, -jnp.inf)
+
+
+def decode_attention_lse(q, k, kv_valid, scale):
+    """log sum over valid slots of exp(scale * q . k): [B, Hq] float32, -inf for a row with no valid slot."""
+    return jax.nn.logsumexp(_masked_logits(q, k, kv_valid, scale), axis=-1).reshape(q.shape[:2])
+
+
 def decode_attention_probs(q, k, v, kv_valid, scale):
     """Attention of one query token over all slots, in float32.
 
     Returns (out [B, Hq, D] f32, probs [B, Hq, C] f32); invalid slots get probability 0.
     """
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = k.shape[1]
-    group = num_q_heads // num_kv_heads
-    qg = q.astype(jnp.float32).reshape(batch, num_kv_heads, group, head_dim)
-    logits = jnp.einsum("bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-    logits = logits * scale
     mask = kv_valid[:, None, None, :]
-    logits = jnp.where(mask, logits, -jnp.inf)
+    logits = _masked_logits(q, k, kv_valid, scale)
     # A row with no valid slot would give NaN; decode always has the new token's slot valid, but keep
     # the reference total so kernels can be compared on any mask.
     row_max = jnp.max(logits, axis=-1, keepdims=True)
@@ -114,13 +123,14 @@ def evict_argmin_of_chunks(chunk_min, chunk_slot):
 
 
 def longflow_decode_attention_reference(
-    q, k, v, kv_valid, *, scale, granularity="sequence", kv_quant=None, kv_scales=None
+    q, k, v, kv_valid, *, scale, granularity="sequence", kv_quant=None, kv_scales=None, return_lse=False
 ):
     """The kernel contract in plain jnp.
 
     kv_quant, kv_scales: k and v are quantized payloads (contract.check_decode_inputs), dequantized here
     to float32 first; q is in the keys' basis.
-    Returns (out [B, Hq, D] in q's dtype, evict_slot int32 [B] for "sequence" or [B, Hkv] for "kv_head").
+    Returns (out [B, Hq, D] in q's dtype, evict_slot int32 [B] for "sequence" or [B, Hkv] for "kv_head"),
+    and with return_lse a third output, `decode_attention_lse` [B, Hq] float32 (contract.py).
     """
     check_decode_inputs(q, k, v, kv_valid, kv_quant, kv_scales)
     check_granularity(granularity)
@@ -130,4 +140,6 @@ def longflow_decode_attention_reference(
     evict = evict_argmin(longflow_importance(probs, v, kv_valid, granularity))
     if granularity == "sequence":
         evict = evict[:, 0]
+    if return_lse:
+        return out.astype(q.dtype), evict, decode_attention_lse(q, k, kv_valid, scale)
     return out.astype(q.dtype), evict

@@ -821,6 +821,78 @@ def test_bad_quantized_inputs_raise_value_error():
         longflow_decode_attention(q, floats, floats, kv_valid, scale=0.125, kv_scales=scales)
 
 
+# ---- the log-sum-exp output (return_lse) ----
+
+
+def numpy_lse(q, k, kv_valid, kv_len, scale):
+    """log sum over the slots that take part of exp(scale * q . k) in float64 numpy: [B, Hq], -inf for a
+    row with none. k [B, Hkv, C, D] as the kernel reads it (dequantized)."""
+    q, k = np.asarray(q, np.float64), np.asarray(k, np.float64)
+    keys = np.repeat(k, q.shape[1] // k.shape[1], axis=1)  # query head h reads KV head h // group
+    logits = np.einsum("bhd,bhcd->bhc", q, keys) * scale
+    takes_part = np.asarray(kv_valid) & (np.arange(k.shape[2])[None, :] < np.asarray(kv_len)[:, None])
+    lse = np.full(q.shape[:2], -np.inf)
+    for b in np.flatnonzero(takes_part.any(axis=1)):
+        row = logits[b][:, takes_part[b]]
+        peak = row.max(axis=1)
+        lse[b] = peak + np.log(np.exp(row - peak[:, None]).sum(axis=1))
+    return lse
+
+
+@pytest.mark.parametrize(
+    "backend, kind, num_splits, compute_evict",
+    [
+        ("triton", None, 1, False),
+        ("triton", "int4", 2, True),
+        ("mosaic", None, 2, True),
+        ("mosaic", "int4", 1, False),
+    ],
+)  # fmt: skip
+def test_lse_matches_numpy(request, backend, kind, num_splits, compute_evict):
+    """bf16 q: the kernel's and the reference's lse against numpy, on a row with every slot valid, a row
+    with none (lse -inf, out 0) and a row with kv_len < C; the out beside it is the reference's."""
+    slots, block_c = 200, 64 if backend == "triton" else 128
+    shape = dict(batch=3, num_q_heads=8, num_kv_heads=2, slots=slots, head_dim=64)
+    if kind is None:
+        q, k, v, kv_valid = make_inputs(_seed(request), dtype=jnp.bfloat16, **shape)
+        quantized, keys = {}, k
+    else:
+        q, k, v, kv_valid, scales = quantized_inputs(_seed(request), kind, jnp.bfloat16, **shape)
+        quantized, keys = dict(kv_quant=kind, kv_scales=scales), dequantized_kv(k, v, kind, scales)[0]
+    kv_valid = kv_valid.at[1].set(False)
+    kv_len = jnp.asarray([slots, slots, 77], jnp.int32)
+    out, _, lse = longflow_decode_attention(
+        q, k, v, kv_valid, kv_len=kv_len, scale=0.125, compute_evict=compute_evict, return_lse=True,
+        backend=backend, block_c=block_c, num_splits=num_splits, **quantized,
+    )  # fmt: skip
+    want = numpy_lse(q.astype(jnp.float32), keys, kv_valid, kv_len, 0.125)
+    assert lse.shape == q.shape[:2] and lse.dtype == jnp.float32
+    assert np.isneginf(want[1]).all() and np.isfinite(want[[0, 2]]).all()
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(np.asarray(out[1], np.float32), 0.0)
+    mask = bounded_mask(kv_valid, kv_len)
+    ref_out, _, ref_lse = longflow_decode_attention_reference(
+        q, k, v, mask, scale=0.125, return_lse=True, **quantized
+    )
+    np.testing.assert_allclose(np.asarray(ref_lse), want, rtol=1e-5, atol=1e-5)
+    out32, ref32 = (np.asarray(x, np.float32)[[0, 2]] for x in (out, ref_out))
+    assert np.linalg.norm(out32 - ref32) / np.linalg.norm(ref32) <= OUT_RTOL[jnp.bfloat16]
+
+
+def test_lse_comes_after_the_importance(request):
+    """return_importance and return_lse together: (out, importance, lse), each as when asked alone."""
+    q, k, v, kv_valid = make_inputs(_seed(request), batch=2, num_q_heads=4, num_kv_heads=2, slots=64,
+                                    head_dim=32, dtype=jnp.float32)  # fmt: skip
+    run = dict(scale=0.2, backend="triton", block_c=32, num_splits=1)
+    out, importance, lse = longflow_decode_attention(
+        q, k, v, kv_valid, return_importance=True, return_lse=True, **run
+    )
+    alone = longflow_decode_attention(q, k, v, kv_valid, return_importance=True, **run)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(alone[0]))
+    np.testing.assert_array_equal(np.asarray(importance), np.asarray(alone[1]))
+    np.testing.assert_allclose(np.asarray(lse), numpy_lse(q, k, kv_valid, [64, 64], 0.2), rtol=1e-5)
+
+
 # ---- lowering for the real targets at Qwen3-8B-like shapes (no accelerator needed) ----
 
 QWEN3_8B = dict(batch=8, num_q_heads=32, num_kv_heads=8, slots=2048, head_dim=128)
@@ -849,6 +921,15 @@ def test_lowers_for_tpu(granularity, compute_evict):
     )
     exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*_abstract_inputs(**QWEN3_8B))
     assert "tpu_custom_call" in exported.mlir_module()
+
+
+def test_lse_lowers_for_tpu():
+    fn = functools.partial(
+        _kernel, scale=128**-0.5, compute_evict=False, return_lse=True, backend="mosaic", interpret=False
+    )
+    exported = jax.export.export(jax.jit(fn), platforms=["tpu"])(*_abstract_inputs(**QWEN3_8B))
+    assert "tpu_custom_call" in exported.mlir_module()
+    assert [o.shape for o in exported.out_avals][-1] == (QWEN3_8B["batch"], QWEN3_8B["num_q_heads"])
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])

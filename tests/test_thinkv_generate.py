@@ -1,6 +1,7 @@
 """ThinKV as a cache policy: generate against the full cache, the cache's bookkeeping against a plain
 Python simulation of the method, a long run with eviction, and the config's checks."""
 
+import dataclasses
 import functools
 import json
 import warnings
@@ -14,9 +15,9 @@ from helpers import generate_module, make_prompts
 import longflow_jax as lf
 from longflow_jax import thinkv
 from longflow_jax.config import ThinKVConfig
-from longflow_jax.kv_cache import KVCache, write_token
+from longflow_jax.kv_cache import KVCache, write_slots, write_token
 from longflow_jax.thinkv import EXECUTION, REASONING, TRANSITION
-from pallas_kernels import quant
+from pallas_kernels import longflow_decode_attention, quant
 
 T, E, R = TRANSITION, EXECUTION, REASONING
 CONFIG = lf.ModelConfig(
@@ -26,12 +27,21 @@ CONFIG = lf.ModelConfig(
 GROUP = 16  # kv_quant_group: head_dim 16
 
 
-@pytest.fixture(scope="module")
-def params():
+# The Pallas kernel's GPU body (interpreted on CPU) dots 16-column slices of a payload row: an int2 row of
+# head_dim 64 is 16 bytes.
+KERNEL_CONFIG = dataclasses.replace(CONFIG, head_dim=64)
+
+
+def random_params(config):
     """Random weights drawn in numpy (no per-tensor compile), large: no near-ties in greedy decoding."""
     rng = np.random.default_rng(0)
     draw = lambda sd: (1.0 if len(sd.shape) == 1 else 0.0) + 0.2 * rng.standard_normal(sd.shape)
-    return jax.tree.map(lambda sd: jnp.asarray(draw(sd), sd.dtype), lf.param_shapes(CONFIG))
+    return jax.tree.map(lambda sd: jnp.asarray(draw(sd), sd.dtype), lf.param_shapes(config))
+
+
+@pytest.fixture(scope="module")
+def params():
+    return random_params(CONFIG)
 
 
 def test_thinkv_without_loss_equals_the_full_cache(params):
@@ -208,6 +218,98 @@ def test_long_run_with_eviction_keeps_its_memory(params):
     assert allocated < full_bytes / 3
 
 
+# ---- attention through the kernels ----
+
+
+def numpy_attention(q, k, v, valid, scale):
+    """Softmax attention in float64 numpy: q [B, Hq, D], k, v [B, Hkv, C, D], valid [B, C]."""
+    q, k, v = (np.asarray(x, np.float64) for x in (q, k, v))
+    group = q.shape[1] // k.shape[1]
+    k, v = np.repeat(k, group, axis=1), np.repeat(v, group, axis=1)
+    logits = np.where(np.asarray(valid)[:, None, :], np.einsum("bhd,bhcd->bhc", q, k) * scale, -np.inf)
+    with np.errstate(invalid="ignore"):  # a row with no valid slot: NaN
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        return np.einsum("bhc,bhcd->bhd", probs / probs.sum(-1, keepdims=True), v)
+
+
+def test_merge_by_log_sum_exp_is_attention_over_the_concatenation():
+    """Three buffers, one of them empty in row 1: merging each buffer's attention by its log-sum-exp
+    equals attention over all of them at once."""
+    rng = np.random.default_rng(0)
+    batch, num_q_heads, num_kv_heads, dim, scale = 2, 4, 2, 8, 0.3
+    q = rng.standard_normal((batch, num_q_heads, dim))
+    sizes = (5, 3, 7)
+    ks, vs = ([rng.standard_normal((batch, num_kv_heads, n, dim)) for n in sizes] for _ in range(2))
+    valids = [rng.uniform(size=(batch, n)) < 0.7 for n in sizes]
+    valids[0][:, 0] = True
+    valids[1][1] = False
+    outs, lses = [], []
+    for k, v, valid in zip(ks, vs, valids):
+        keys = np.repeat(k, num_q_heads // num_kv_heads, axis=1)
+        logits = np.where(valid[:, None, :], np.einsum("bhd,bhcd->bhc", q, keys) * scale, -np.inf)
+        with np.errstate(divide="ignore"):
+            lses.append(jnp.asarray(np.log(np.exp(logits).sum(-1)), jnp.float32))  # -inf: empty
+        outs.append(jnp.asarray(np.nan_to_num(numpy_attention(q, k, v, valid, scale)), jnp.float32))
+    merged = thinkv.merge_attention(outs, lses)
+    whole = numpy_attention(
+        q, *(np.concatenate(x, axis=2) for x in (ks, vs)), np.concatenate(valids, 1), scale
+    )
+    np.testing.assert_allclose(np.asarray(merged), whole, rtol=1e-5, atol=1e-6)
+
+
+def test_attend_through_the_kernel_matches_jnp():
+    """A layer outside L* with a short prompt row, a half-full window and tokens scattered over an int4
+    and an int2 tier (and an empty model-dtype one): the Pallas kernel per buffer, merged, gives the
+    jnp path's attention, and the same layer."""
+    tk = ThinKVConfig(tau=8, schedule=(4, 2, 1), precisions="R4E16T2", layers=(0,), thresholds=(0.3, 0.6))
+    comp = lf.CompressionConfig(policy="thinkv", budget=12, kv_quant_group=GROUP, thinkv=tk)
+    rng = np.random.default_rng(1)
+    batch, num_q_heads, num_kv_heads, dim, prompt_len = 2, 8, 2, 64, 5
+    prompt_k, prompt_v = rng.standard_normal((2, batch, prompt_len, num_kv_heads, dim)).astype(np.float32)
+    lengths = jnp.asarray([5, 3])
+    main = thinkv.prefill_layer(prompt_k, prompt_v, lengths, prompt_len + tk.tau)
+    layers = thinkv.attach(KVCache(layers=[main, main]), comp, max_new_tokens=33).layers
+    layer = layers[1]
+    assert layer.thinkv.sparsity_sum is None and [t.kv_quant for t in layer.thinkv.tiers] == [
+        "int2",
+        None,
+        "int4",
+    ]
+    for step in range(4):  # the window: 3 tokens before this step's, then this step's
+        k, v = rng.standard_normal((2, batch, num_kv_heads, dim)).astype(np.float32)
+        layer = write_token(layer, k, v, lengths + step).replace(evict_slot=layer.evict_slot + 1)
+    layer = layer.replace(evict_slot=layer.evict_slot - 1)  # the step's token is at evict_slot
+    tiers = list(layer.thinkv.tiers)
+    for t, slots in ((0, [[1, 4, 6], [0, 2, 9]]), (2, [[3, 7, 8], [5, 10, 11]])):
+        k, v = rng.standard_normal((2, batch, num_kv_heads, 3, dim)).astype(np.float32)
+        tiers[t] = write_slots(tiers[t], k, v, jnp.full((batch, 3), 2), jnp.asarray(slots))
+    layer = layer.replace(thinkv=layer.thinkv.replace(tiers=tiers))
+    q = jnp.asarray(rng.standard_normal((batch, num_q_heads, dim)), jnp.float32)
+    kernel = functools.partial(longflow_decode_attention, block_c=16)
+    attend = jax.jit(thinkv.attend, static_argnums=(2, 3))
+    out, after = attend(q, layer, 0.125, kernel)
+    want, want_layer = attend(q, layer, 0.125, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_array_equal(after.evict_slot, want_layer.evict_slot)
+
+
+def test_generate_on_the_pallas_kernel_matches_reference():
+    """generate with attention_impl="pallas" (layer 1 on the kernel, layer 0 in L* on jnp) gives the
+    reference path's tokens over 4 classified segments that fill the int4 and int2 tiers."""
+    params = random_params(KERNEL_CONFIG)
+    ids, lengths = make_prompts(KERNEL_CONFIG, [9, 5], seed=3)
+    tk = ThinKVConfig(tau=6, schedule=(4, 2, 1), precisions="R4E4T2", layers=(0,), thresholds=(0.2, 0.5))
+    comp = lf.CompressionConfig(policy="thinkv", budget=10, kv_quant_group=GROUP, thinkv=tk)
+    run = functools.partial(
+        lf.generate, params, KERNEL_CONFIG, ids, lengths, max_new_tokens=26, compression=comp
+    )
+    ref, kernel = run(attention_impl="reference"), run(attention_impl="pallas")
+    np.testing.assert_array_equal(kernel.tokens, ref.tokens)
+    np.testing.assert_array_equal(kernel.cache_occupancy, ref.cache_occupancy)
+    held = np.asarray(ref.cache_occupancy) - lengths - (26 - 1) % tk.tau  # in the tiers
+    assert (held >= thinkv.num_segments(tk.tau, 26) * tk.schedule[-1]).all()
+
+
 # ---- the config's checks ----
 
 
@@ -247,8 +349,8 @@ def test_compression_config_rejects_bad_thinkv_settings(fields, match):
 
 
 def test_generate_checks_thinkv_against_the_model(params):
-    """Checked before anything is traced: the layers exist, the tiers' kinds fit head_dim, the fused
-    kernels refuse the policy, and a run without calibration warns."""
+    """Checked before anything is traced: the layers exist, the tiers' kinds fit head_dim, and a run
+    without calibration warns; the fused kernels take the policy."""
     ids, lengths = make_prompts(CONFIG, [4], seed=0)
     calibrated = ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.3, 0.6))
 
@@ -260,8 +362,6 @@ def test_generate_checks_thinkv_against_the_model(params):
 
     with pytest.raises(ValueError, match="thinkv layers must be < num_layers 2"):
         check(ThinKVConfig(layers=(2,), thresholds=(0.3, 0.6)))
-    with pytest.raises(ValueError, match="needs attention_impl='reference'"):
-        check(calibrated, attention_impl="pallas")
     with pytest.raises(ValueError, match="kv_quant_group 32 must divide head_dim 16"):
         check(calibrated, group=32)
     with pytest.warns(UserWarning, match="without calibration"):
@@ -269,6 +369,7 @@ def test_generate_checks_thinkv_against_the_model(params):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         check(calibrated)
+        check(calibrated, attention_impl="pallas")
 
 
 def test_attention_layer_refuses_thinkv():
