@@ -51,6 +51,7 @@ def longflow_decode_attention_triton(
     kernel_state=None,
     kv_quant=None,
     kv_scales=None,
+    return_lse=False,
 ):
     """Decode attention of one query token over the slot cache, with LongFlow's evict slot.
 
@@ -69,11 +70,15 @@ def longflow_decode_attention_triton(
       kernel_state: the per-layer state from `init_kernel_state` or the previous call's return (never a
         buffer anything else wrote: a non-zero one hangs or corrupts the coop kernel's barrier). None:
         a fresh one per call.
+      return_lse: also return each query head's log-sum-exp (a static bool; False adds no work).
 
     Returns:
       (out [B, Hq, D] in q's dtype, evict_slot int32 [B] ("sequence") or [B, Hkv] ("kv_head")), as
-      `pallas_kernels.longflow_decode_attention_reference` up to float rounding. With `kernel_state`:
-      (out, evict_slot, kernel_state), the state for the next call.
+      `pallas_kernels.longflow_decode_attention_reference` up to float rounding. With return_lse, lse
+      float32 [B, Hq] after evict_slot: log(sum over the slots c that take part of exp(scale * q.k_c))
+      in natural log, -inf for a row with none (its out is 0), so outputs over disjoint slot sets merge
+      exactly. With `kernel_state` the state for the next call comes last: (out, evict_slot,
+      kernel_state), or (out, evict_slot, lse, kernel_state).
 
     Raises:
       ValueError: shapes, dtypes, scale, state or a launch field outside the contract (checked before
@@ -82,6 +87,7 @@ def longflow_decode_attention_triton(
     shape, kv_len, cfg = plan_inputs(
         q, k_cache, v_cache, kv_valid, scale=scale, granularity=granularity, kv_len=kv_len,
         compute_evict=compute_evict, launch=launch, kv_quant=kv_quant, kv_scales=kv_scales,
+        return_lse=return_lse,
     )  # fmt: skip
     if kernel_state is not None:
         check_kernel_state(kernel_state, shape)
@@ -92,8 +98,9 @@ def longflow_decode_attention_triton(
             "longflow_decode_attention_triton needs triton>=3.6 and jax-triton>=0.3.1 "
             "(pip install 'longflow-jax[cuda]') and a CUDA GPU; check triton_available() first"
         ) from e
-    out, evict_slot, state = decode.run(
+    out, evict_slot, lse, state = decode.run(
         q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state,
-        kv_scales,
+        kv_scales, return_lse,
     )  # fmt: skip
-    return (out, evict_slot) if kernel_state is None else (out, evict_slot, state)
+    outs = (out, evict_slot, lse) if return_lse else (out, evict_slot)
+    return outs if kernel_state is None else (*outs, state)

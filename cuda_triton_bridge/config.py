@@ -315,10 +315,13 @@ def _default_num_splits(shape: DecodeShape, row, epilogue: str, block_c: int, sm
 
 def plan_inputs(
     q, k_cache, v_cache, kv_valid, *, scale, granularity="sequence", kv_len=None, compute_evict=True,
-    launch=None, sms=None, kv_quant=None, kv_scales=None,
+    launch=None, sms=None, kv_quant=None, kv_scales=None, return_lse=False,
 ):  # fmt: skip
     """Every check of one decode call, then its launch: (shape, kv_len int32 [B], ResolvedLaunch)."""
     shape = check_inputs(q, k_cache, v_cache, kv_valid, scale, granularity, kv_quant, kv_scales)
+    # A static switch: it picks the kernels' outputs, so a traced or numpy value cannot stand in.
+    if not isinstance(return_lse, bool):
+        raise ValueError(f"return_lse must be a Python bool, got {return_lse!r}")
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     return shape, kv_len, resolve_launch(shape, launch, compute_evict=compute_evict, sms=sms)
 

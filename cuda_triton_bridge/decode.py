@@ -28,9 +28,10 @@ def _compute_capability() -> int:
 
 def run(
     q, k_cache, v_cache, kv_valid, kv_len, scale, shape, cfg, granularity, compute_evict, kernel_state,
-    kv_scales=None,
+    kv_scales=None, return_lse=False,
 ):  # fmt: skip
-    """Launch the plan of one checked call: (out, evict_slot, kernel_state)."""
+    """Launch the plan of one checked call: (out, evict_slot, lse, kernel_state); lse is a (1,)
+    placeholder unless return_lse."""
     plan = plan_launch(
         shape,
         cfg,
@@ -38,6 +39,7 @@ def run(
         compute_evict=compute_evict,
         is_f32=q.dtype == jnp.float32,
         capability=_compute_capability(),
+        return_lse=return_lse,
     )
     qk_scale = np.float32(float(scale) * LOG2E)
     # The main kernels take four scale buffers last among their inputs; what the launch does not read
@@ -57,9 +59,9 @@ def run(
             aliases={5: plan.tickets_output},
         )
         evict_slot = outs[plan.evict_output]
-        return outs[0], _squeeze_groups(evict_slot, granularity), outs[plan.tickets_output]
+        return outs[0], _squeeze_groups(evict_slot, granularity), outs[-1], outs[plan.tickets_output]
 
-    out, acc, m, ell, t, counter, no_evict = _call(
+    out, acc, m, ell, t, counter, no_evict, lse = _call(
         kernels.decode_split_kernel,
         (q, k_cache, v_cache, kv_valid, kv_len, qk_scale, *scales),
         plan.split,
@@ -68,7 +70,7 @@ def run(
     )
     evict_slot = no_evict
     if plan.combine is not None:
-        comb_out, comb_evict, *_ = _call(
+        comb_out, comb_evict, *_, comb_lse = _call(
             kernels.decode_combine_kernel,
             (kv_valid, kv_len, acc, m, ell, t, counter),
             plan.combine,
@@ -76,10 +78,11 @@ def run(
             via_xla=True,
             aliases={6: 4},  # the atomic counter, zeroed by the split kernel
         )
-        out = comb_out if plan.combine.meta["COMBINE_OUT"] else out
+        if plan.combine.meta["COMBINE_OUT"]:
+            out, lse = comb_out, comb_lse
         evict_slot = comb_evict if compute_evict else no_evict
     # The separate epilogue's counter is zeroed by its own split kernel: the caller's state passes through.
-    return out, _squeeze_groups(evict_slot, granularity), kernel_state
+    return out, _squeeze_groups(evict_slot, granularity), lse, kernel_state
 
 
 def _call(kernel, args, launch, q_dtype, *, via_xla, aliases=None):

@@ -23,6 +23,14 @@ def _row_bound(kv_len_ptr, b, C: tl.constexpr):
 
 
 @triton.jit
+def _log_sum_exp(m, denom):
+    """log(sum_c exp(scale * q.k_c)) in natural log from a head's log2-domain statistics: m, the max of
+    s_c = scale * log2(e) * q.k_c, and denom = sum_c exp2(s_c - m); -inf where no slot counts (denom 0)."""
+    ok = denom > 0.0
+    return tl.where(ok, m * 0.6931471805599453 + tl.log(tl.where(ok, denom, 1.0)), float("-inf"))
+
+
+@triton.jit
 def _discard_l2_lines(line_addr, line_ok):
     """discard.global.L2 on each 128-byte-aligned line address where line_ok: the line's contents become
     undefined and a dirty line is dropped without a write-back."""
@@ -294,13 +302,14 @@ def _store_columns(
 
 @triton.jit
 def _store_split(
-    m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b,
+    m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b,
     HQ: tl.constexpr, HKV: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr, QROWS: tl.constexpr,
-    STATS: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_CHUNK: tl.constexpr,
+    STATS: tl.constexpr, LSE: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
+    QUANT_CHUNK: tl.constexpr,
 ):  # fmt: skip
-    """A split's result for its query-head group: the normalised output when it is the only split, else
-    the unnormalised accumulator (a quantized head's chunk by chunk); with STATS also (m, l) for whoever
-    merges or scores after it."""
+    """A split's result for its query-head group: the normalised output (and with LSE its log-sum-exp)
+    when it is the only split, else the unnormalised accumulator (a quantized head's chunk by chunk);
+    with STATS also (m, l) for whoever merges or scores after it."""
     G: tl.constexpr = HQ // HKV
     rows = tl.arange(0, QROWS)
     row_ok = rows < G
@@ -313,6 +322,8 @@ def _store_split(
             first = (k % CODES_PER_BYTE) * PW + (k // CODES_PER_BYTE) * QUANT_CHUNK
             cols = first + tl.arange(0, QUANT_CHUNK)
             _store_columns(acc[k], cols, l_i, bh, row_ok, out_ptr, acc_ptr, split, D, NUM_SPLITS)
+    if LSE and NUM_SPLITS == 1:
+        tl.store(lse_ptr + bh, _log_sum_exp(m_i, l_i), mask=row_ok)
     if STATS:
         tl.store(m_ptr + bh * NUM_SPLITS + split, m_i, mask=row_ok)
         tl.store(l_ptr + bh * NUM_SPLITS + split, l_i, mask=row_ok)
@@ -320,15 +331,17 @@ def _store_split(
 
 @triton.jit
 def _merge_head(
-    oh, m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, D: tl.constexpr
-):
-    """Query head oh's output from its split partials (log-sum-exp merge), read through L2."""
+    oh, m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, NUM_SPLITS: tl.constexpr, S_P: tl.constexpr,
+    D: tl.constexpr, LSE: tl.constexpr,
+):  # fmt: skip
+    """Query head oh's output (and with LSE its log-sum-exp) from its split partials, read through L2."""
     s = tl.arange(0, S_P)
     s_ok = s < NUM_SPLITS
     om = tl.load(m_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=float("-inf"), cache_modifier=".cg")
     ol = tl.load(l_ptr + oh * NUM_SPLITS + s, mask=s_ok, other=0.0, cache_modifier=".cg")
     om_max = tl.max(om, axis=0)
-    ow = tl.exp2(om - tl.where(om_max == float("-inf"), 0.0, om_max))
+    om_use = tl.where(om_max == float("-inf"), 0.0, om_max)
+    ow = tl.exp2(om - om_use)
     odenom = tl.sum(ol * ow, axis=0)
     d = tl.arange(0, D)
     oacc = tl.load(
@@ -339,6 +352,8 @@ def _merge_head(
     )
     o = tl.sum(oacc * ow[:, None], axis=0) / tl.where(odenom > 0.0, odenom, 1.0)
     tl.store(out_ptr + oh * D + d, o.to(out_ptr.dtype.element_ty))
+    if LSE:
+        tl.store(lse_ptr + oh, _log_sum_exp(om_use, odenom))
 
 
 @triton.jit
@@ -360,6 +375,7 @@ def decode_split_kernel(
     t_ptr,  # [B, HQ, C] f32 logit*log2e + log2||v||_1 (when EVICT)
     counter_ptr,  # [B] i32 zeroed here for the combine kernel (when EVICT)
     no_evict_ptr,  # [B, NG] i32 filled with -1 (when not EVICT)
+    lse_ptr,  # [B, HQ] f32 log-sum-exp of the scaled logits (when LSE and DIRECT_OUT)
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,
@@ -372,6 +388,7 @@ def decode_split_kernel(
     NG_P: tl.constexpr,
     DIRECT_OUT: tl.constexpr,
     EVICT: tl.constexpr,
+    LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
     KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
@@ -390,8 +407,8 @@ def decode_split_kernel(
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
     _store_split(
-        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
-        EVICT or not DIRECT_OUT, KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
+        EVICT or not DIRECT_OUT, LSE, KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     if (split == 0) & (kvh == 0):
         if EVICT:
@@ -415,6 +432,7 @@ def decode_combine_kernel(
     part_val_ptr,  # [B, NG, NUM_CHUNKS] f32 chunk minima
     part_idx_ptr,  # [B, NG, NUM_CHUNKS] i32 their slots
     counter_ptr,  # [B] i32
+    lse_ptr,  # [B, HQ] f32 log-sum-exp of the scaled logits (when LSE and COMBINE_OUT)
     HQ: tl.constexpr,
     C: tl.constexpr,
     D: tl.constexpr,
@@ -429,6 +447,7 @@ def decode_combine_kernel(
     NCH_P: tl.constexpr,
     COMBINE_OUT: tl.constexpr,
     EVICT: tl.constexpr,
+    LSE: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop the t lines of this chunk from L2 once read (no write-back)
 ):
     j = tl.program_id(0)
@@ -438,7 +457,9 @@ def decode_combine_kernel(
 
     if COMBINE_OUT:
         if j < HQ:
-            _merge_head((b * HQ + j).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D)
+            _merge_head(
+                (b * HQ + j).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, NUM_SPLITS, S_P, D, LSE
+            )
 
     if EVICT:
         if j < NUM_CHUNKS:
@@ -528,6 +549,7 @@ def decode_fused_kernel(
     imp_ptr,  # [B, HKV, C] f32 per-KV-head importance (when EVICT and NG < HKV)
     evict_ptr,  # [B, NG] i32
     count_ptr,  # [B * HKV + B (or more)] i32, zero at launch and at exit: split, then KV-head tickets
+    lse_ptr,  # [B, HQ] f32 log-sum-exp of the scaled logits (when LSE)
     B: tl.constexpr,
     HQ: tl.constexpr,
     HKV: tl.constexpr,
@@ -544,6 +566,7 @@ def decode_fused_kernel(
     ECHUNK: tl.constexpr,  # slots per step of the KV-head finisher
     SCHUNK: tl.constexpr,  # slots per step of the sequence finisher
     EVICT: tl.constexpr,
+    LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
@@ -565,8 +588,8 @@ def decode_fused_kernel(
         FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
-        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True,
-        KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
+        True, LSE, KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     d = tl.arange(0, D)
     # Every thread's stores precede the barrier; the acq_rel ticket then publishes them to whichever
@@ -626,6 +649,8 @@ def decode_fused_kernel(
             tl.store(
                 out_ptr + fh[:, None] * D + d[None, :], o.to(out_ptr.dtype.element_ty), mask=g_ok[:, None]
             )
+            if LSE:
+                tl.store(lse_ptr + fh, _log_sum_exp(m_use, denom), mask=g_ok)
 
         if EVICT:
             valid_row = valid_ptr + b.to(tl.int64) * C
@@ -705,9 +730,10 @@ def decode_fused_kernel(
 @triton.jit
 def _coop_finish_share(
     j, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr, part_idx_ptr,
-    HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, NUM_SPLITS: tl.constexpr,
-    S_P: tl.constexpr, BAR_KV: tl.constexpr, HPG: tl.constexpr, HPG_P: tl.constexpr, NSH: tl.constexpr,
-    ECHUNK: tl.constexpr, EVICT: tl.constexpr, DISCARD_T: tl.constexpr,
+    lse_ptr, HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr,
+    NUM_SPLITS: tl.constexpr, S_P: tl.constexpr, BAR_KV: tl.constexpr, HPG: tl.constexpr,
+    HPG_P: tl.constexpr, NSH: tl.constexpr, ECHUNK: tl.constexpr, EVICT: tl.constexpr,
+    DISCARD_T: tl.constexpr, LSE: tl.constexpr,
 ):  # fmt: skip
     """Share j of barrier group `bar` (b * NG + g with eviction, b * HKV + kvh without), once every program
     of the group has stored its split: merge the split outputs of some of its query heads, and score one
@@ -722,8 +748,9 @@ def _coop_finish_share(
         # Heads r = split, split + S, ... of this KV head's group: every head once across the shares.
         for r in range(split, G, NUM_SPLITS):
             _merge_head(
-                (b * HQ + kvh * G + r).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, NUM_SPLITS, S_P, D
-            )
+                (b * HQ + kvh * G + r).to(tl.int64), m_ptr, l_ptr, acc_ptr, out_ptr, lse_ptr, NUM_SPLITS,
+                S_P, D, LSE,
+            )  # fmt: skip
     if EVICT:
         NG: tl.constexpr = HKV // BAR_KV
         g = bar % NG
@@ -811,6 +838,7 @@ def decode_coop_kernel(
     part_idx_ptr,  # [NBAR, NSH] i32 their slots
     evict_ptr,  # [B, NG] i32
     count_ptr,  # [2 * NBAR (or more)] i32, zero at launch and at exit: arrivals, then finish tickets
+    lse_ptr,  # [B, HQ] f32 log-sum-exp of the scaled logits (when LSE)
     HQ: tl.constexpr,
     HKV: tl.constexpr,
     C: tl.constexpr,
@@ -828,6 +856,7 @@ def decode_coop_kernel(
     NSH_P: tl.constexpr,
     ECHUNK: tl.constexpr,  # slots per scoring step of a share
     EVICT: tl.constexpr,
+    LSE: tl.constexpr,
     SPIN: tl.constexpr,  # GPU: every program waits at the barrier; interpreter: the last one does all
     DOT_PRECISION: tl.constexpr,
     FAST_LOG2: tl.constexpr,
@@ -850,8 +879,8 @@ def decode_coop_kernel(
         FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
-        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS, True,
-        KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
+        m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
+        True, LSE, KV_QUANT, CODES_PER_BYTE, QUANT_CHUNK,
     )  # fmt: skip
     if not EVICT:
         if (split == 0) & (kvh < NG):
@@ -869,8 +898,8 @@ def decode_coop_kernel(
             tl.debug_barrier()
             _coop_finish_share(
                 share, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr, part_val_ptr,
-                part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK, EVICT,
-                DISCARD_T,
+                part_idx_ptr, lse_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P, NSH, ECHUNK,
+                EVICT, DISCARD_T, LSE,
             )  # fmt: skip
             tl.debug_barrier()
             ticket = tl.atomic_add(count_ptr + NBAR + bar, 1, sem="acq_rel", scope="gpu")
@@ -887,8 +916,8 @@ def decode_coop_kernel(
                 for jshare in range(0, NSH):
                     _coop_finish_share(
                         jshare, bar, valid_ptr, kv_len_ptr, acc_ptr, m_ptr, l_ptr, t_ptr, out_ptr,
-                        part_val_ptr, part_idx_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG, HPG_P,
-                        NSH, ECHUNK, EVICT, DISCARD_T,
+                        part_val_ptr, part_idx_ptr, lse_ptr, HQ, HKV, C, D, NUM_SPLITS, S_P, BAR_KV, HPG,
+                        HPG_P, NSH, ECHUNK, EVICT, DISCARD_T, LSE,
                     )  # fmt: skip
                 if EVICT:
                     tl.debug_barrier()

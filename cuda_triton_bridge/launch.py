@@ -69,10 +69,13 @@ def _buf(shape, dtype, used=True):
 
 def plan_launch(
     shape: DecodeShape, cfg: ResolvedLaunch, *, granularity: str, compute_evict: bool, is_f32: bool,
-    fast_log2: bool = True, capability: int = 90, spin: bool = True,
+    fast_log2: bool = True, capability: int = 90, spin: bool = True, return_lse: bool = False,
 ) -> LaunchPlan:  # fmt: skip
     """The launch of one checked call.
 
+    return_lse: each query head's log-sum-exp goes to a [B, Hq] f32 buffer, every kernel's last output:
+      the main kernel's where it has the final statistics (one split, or the fused / coop epilogue),
+      else the combine kernel's. Without it that buffer is (1,) and its stores compile away.
     capability: the GPU's compute capability (90 = sm_90); below sm_80 discard_t is ignored.
     fast_log2: lg2.approx in the main kernel; False for Triton's CPU interpreter (no libdevice).
     spin: the coop programs wait at their barrier; False for the interpreter, which runs programs one
@@ -86,6 +89,7 @@ def plan_launch(
     evict = bool(compute_evict)
     one_kernel = cfg.epilogue != "separate"
     stats = evict or not direct or one_kernel
+    main_lse = return_lse and (direct or one_kernel)
     meta = dict(  # the constexprs every main kernel passes to _attend_split
         HQ=hq,
         HKV=hkv,
@@ -116,7 +120,7 @@ def plan_launch(
         own_meta = dict(NG=num_groups, NG_P=next_pow2(num_groups), DIRECT_OUT=direct)
     split = KernelLaunch(
         grid=(splits, hkv, b),
-        # Order = the kernel's output pointers: out, acc, m, l, t, then the tail.
+        # Order = the kernel's output pointers: out, acc, m, l, t, then the tail, then lse.
         outputs=(
             _buf((b, hq, d), "q", direct or one_kernel),
             _buf((b, hq, splits, d), "f32", not direct),
@@ -124,8 +128,9 @@ def plan_launch(
             _buf((b, hq, splits), "f32", stats),
             _buf((b, hq, c), "f32", evict),
             *tail,
+            _buf((b, hq), "f32", main_lse),
         ),
-        meta=dict(**meta, **own_meta),
+        meta=dict(**meta, **own_meta, LSE=main_lse),
         num_warps=cfg.num_warps,
         num_stages=cfg.num_stages,
     )
@@ -138,13 +143,15 @@ def plan_launch(
     partials = evict and num_chunks > 1
     combine = KernelLaunch(
         grid=(max(0 if direct else hq, num_chunks), b),
-        # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5).
+        # Order = the kernel's output pointers: out, evict, part_val, part_idx, counter (aliased input 5),
+        # lse.
         outputs=(
             _buf((b, hq, d), "q", not direct),
             _buf((b, num_groups), "i32", evict),
             _buf((b, num_groups, num_chunks), "f32", partials),
             _buf((b, num_groups, num_chunks), "i32", partials),
             _buf((b,), "i32", evict),
+            _buf((b, hq), "f32", return_lse and not direct),
         ),
         meta=dict(
             HQ=hq,
@@ -161,6 +168,7 @@ def plan_launch(
             NCH_P=next_pow2(max(num_chunks, 1)),
             COMBINE_OUT=not direct,
             EVICT=evict,
+            LSE=return_lse and not direct,
             DISCARD_T=discard and c % 32 == 0 and chunk % 32 == 0,  # whole 128-byte lines of t
         ),
         num_warps=cfg.combine_num_warps,

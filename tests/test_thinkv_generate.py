@@ -293,9 +293,15 @@ def test_attend_through_the_kernel_matches_jnp():
     np.testing.assert_array_equal(after.evict_slot, want_layer.evict_slot)
 
 
-def test_generate_on_the_pallas_kernel_matches_reference():
-    """generate with attention_impl="pallas" (layer 1 on the kernel, layer 0 in L* on jnp) gives the
-    reference path's tokens over 4 classified segments that fill the int4 and int2 tiers."""
+@pytest.mark.parametrize("impl", ["pallas", pytest.param("triton", marks=pytest.mark.gpu)])
+def test_generate_on_the_kernels_matches_reference(impl):
+    """generate with a kernel (layer 1 on the kernel, layer 0 in L* on jnp) gives the reference path's
+    tokens over 4 classified segments that fill the int4 and int2 tiers."""
+    if impl == "triton":
+        from cuda_triton_bridge import triton_available
+
+        if not triton_available():
+            pytest.skip("needs triton, jax-triton and a CUDA GPU")
     params = random_params(KERNEL_CONFIG)
     ids, lengths = make_prompts(KERNEL_CONFIG, [9, 5], seed=3)
     tk = ThinKVConfig(tau=6, schedule=(4, 2, 1), precisions="R4E4T2", layers=(0,), thresholds=(0.2, 0.5))
@@ -303,7 +309,7 @@ def test_generate_on_the_pallas_kernel_matches_reference():
     run = functools.partial(
         lf.generate, params, KERNEL_CONFIG, ids, lengths, max_new_tokens=26, compression=comp
     )
-    ref, kernel = run(attention_impl="reference"), run(attention_impl="pallas")
+    ref, kernel = run(attention_impl="reference"), run(attention_impl=impl)
     np.testing.assert_array_equal(kernel.tokens, ref.tokens)
     np.testing.assert_array_equal(kernel.cache_occupancy, ref.cache_occupancy)
     held = np.asarray(ref.cache_occupancy) - lengths - (26 - 1) % tk.tau  # in the tiers

@@ -142,6 +142,27 @@ def assert_attention_only(
     assert (np.asarray(evict_slot) == -1).all()
 
 
+def reference_lse(q, k, v, kv_valid, scale, kv_quant=None, kv_scales=None):
+    """log(sum over the valid slots of exp(scale * q.k)) per query head, in float64 numpy: [B, Hq], -inf
+    for a row with no valid slot. A quantized cache's keys are the values it holds."""
+    if kv_quant is not None:
+        k, _ = dequantized_kv(k, v, kv_quant, kv_scales)
+    q, k = (np.asarray(jnp.asarray(x, jnp.float32), np.float64) for x in (q, k))
+    k = np.repeat(k, q.shape[1] // k.shape[1], axis=1)  # query head h reads KV head h // group
+    logits = np.where(np.asarray(kv_valid)[:, None, :], scale * np.einsum("bhd,bhcd->bhc", q, k), -np.inf)
+    top = logits.max(axis=-1)
+    top = np.where(np.isfinite(top), top, 0.0)
+    total = np.exp(logits - top[..., None]).sum(axis=-1)
+    return np.where(total > 0, top + np.log(np.where(total > 0, total, 1.0)), -np.inf)
+
+
+def assert_lse_matches(lse, q, k, v, kv_valid, *, scale, kv_quant=None, kv_scales=None):
+    # lse comes from the f32 softmax statistics (16-bit products are exact there): ~1e-6 relative.
+    assert lse.shape == q.shape[:2] and lse.dtype == jnp.float32
+    want = reference_lse(q, k, v, kv_valid, scale, kv_quant, kv_scales)
+    np.testing.assert_allclose(np.asarray(lse), want, rtol=1e-5, atol=1e-4)  # -inf exactly where want is
+
+
 def resolved(
     batch, slots, launch=None, *, num_q_heads=32, num_kv_heads=8, head_dim=128, itemsize=2, kv_quant=None,
     quant_group=32, **kw,
@@ -201,6 +222,12 @@ def test_rejects_bad_launch_config_values_naming_them(launch, match):
 def test_rejects_bad_call_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         ctb.longflow_decode_attention_triton(*_small(), **{"scale": 0.125, **kwargs})
+
+
+@pytest.mark.parametrize("return_lse", [1, "yes", None, np.bool_(True), jnp.asarray(True)])
+def test_rejects_return_lse_that_is_not_a_python_bool(return_lse):
+    with pytest.raises(ValueError, match="return_lse must be a Python bool, got"):
+        ctb.longflow_decode_attention_triton(*_small(), scale=0.125, return_lse=return_lse)
 
 
 @pytest.mark.parametrize(
@@ -591,7 +618,8 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
     assert types[:10] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 4, types
     call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", text).group(1)
     assert len(call.split(", ")) == 10
-    assert ("tensor<1xf32>" in text) != quant.has_zero_point(kind)
+    operands = re.search(r"@__gpu\$xla\.gpu\.triton\(.*\} : \(([^()]*)\) -> ", text).group(1)
+    assert ("tensor<1xf32>" in operands) != quant.has_zero_point(kind)
     for dtype in ("bf16", "f32", "f16"):
         assert f"tensor<4x8x2048x128x{dtype}>" not in text
 
@@ -616,6 +644,44 @@ def test_kernel_state_replaces_the_zero_fill(lowered_for_cuda):
     assert len(jax.eval_shape(fn, *_sds(1))) == 2
     outs = jax.eval_shape(with_state, *_sds(1), state)
     assert len(outs) == 3 and outs[2].shape == state.shape and outs[2].dtype == jnp.int32
+
+
+@pytest.mark.parametrize(
+    "epilogue, num_splits, compute_evict",
+    [("separate", 4, True), ("separate", 1, False), ("fused", 4, True), ("coop", 1, False)],
+)
+def test_lse_lowers_in_output_order_and_only_when_asked(
+    lowered_for_cuda, epilogue, num_splits, compute_evict
+):
+    """return_lse through decode.py's wiring, lowered for CUDA on any machine: lse [B, Hq] f32 after the
+    evict slots, before the kernel state, taken from the kernel that holds the final statistics (every
+    other kernel's lse buffer is a (1,) placeholder); the same kernels launch, and without it none of
+    them computes a log."""
+    launch = LaunchConfig(epilogue=epilogue, num_splits=num_splits, xla_launch=True)
+    fn = functools.partial(
+        ctb.longflow_decode_attention_triton, scale=0.088, launch=launch, compute_evict=compute_evict
+    )
+    args = _sds(4)
+    state = jax.ShapeDtypeStruct(kernel_state_shape(4, 8), jnp.int32)
+    out, evict_slot, lse, new_state = jax.eval_shape(
+        lambda *a: fn(*a[:4], kernel_state=a[4], return_lse=True), *args, state
+    )
+    assert (lse.shape, lse.dtype) == ((4, 32), jnp.float32)
+    assert (out.shape, evict_slot.shape, new_state.shape) == ((4, 32, 128), (4,), state.shape)
+    assert [x.shape for x in jax.eval_shape(functools.partial(fn, return_lse=True), *args)] == [
+        (4, 32, 128),
+        (4,),
+        (4, 32),
+    ]
+
+    def kernels_and_ttir(text):
+        names = re.findall(r'name = "(\w+)", num_stages', text)
+        return names, "".join(re.findall(r'ir = "(.*?)", name', text))
+
+    plain_names, plain_ttir = kernels_and_ttir(lowered_for_cuda(fn, *args))
+    lse_names, lse_ttir = kernels_and_ttir(lowered_for_cuda(functools.partial(fn, return_lse=True), *args))
+    assert plain_names == lse_names
+    assert "math.log " not in plain_ttir and "math.log " in lse_ttir
 
 
 # ---------------------------------------------------------------- CPU: offline compile for sm_90 / sm_75
@@ -835,6 +901,9 @@ INTERPRETER_CASES = [
           "all", kv_quant="int8", block_c=32, num_splits=3, kv_len=[0, 1, 70, 100]),
     _case("int4-auto", BF16, (4, 8, 2, 256, 64), "all", kv_quant="int4", epilogue=None),
     _case("repeat-coop-int2", F16, (2, 8, 2, 100, 64), kv_quant="int2", **COOP, num_splits=2, repeat=True),
+    # The log-sum-exp output: split kernel + combine kernel, an empty row (kv_len 0) and a quantized cache.
+    _case("lse-int8-kvlen", F16, (3, 8, 2, 100, 64),
+          kv_quant="int8", block_c=32, num_splits=2, kv_len=[0, 70, 100], return_lse=True),
 ]
 # fmt: on
 
@@ -842,7 +911,7 @@ INTERPRETER_CASES = [
 @pytest.fixture(scope="module")
 def interpreted(tmp_path_factory):
     """Run every INTERPRETER_CASES entry in one TRITON_INTERPRET=1 subprocess (it must import triton):
-    {name: (inputs, kwargs, out, evict_slot, the state the first call left)}."""
+    {name: (inputs, kwargs, out, evict_slot, the state the first call left, lse or None)}."""
     pytest.importorskip("triton", reason="the interpreter tests need triton (no GPU)")
     pytest.importorskip("torch", reason="the interpreter tests need torch (CPU)")
     tmp = tmp_path_factory.mktemp("interp")
@@ -884,14 +953,19 @@ def interpreted(tmp_path_factory):
     assert proc.returncode == 0, proc.stderr[-4000:]
     results = np.load(tmp / "out.npz")
     return {
-        case[0]: (inputs[i], cases[i]["kwargs"], *(results[f"{n}_{i}"] for n in ("out", "evict", "state")))
+        case[0]: (
+            inputs[i],
+            cases[i]["kwargs"],
+            *(results[f"{n}_{i}"] for n in ("out", "evict", "state")),
+            results[f"lse_{i}"] if f"lse_{i}" in results else None,
+        )
         for i, case in enumerate(INTERPRETER_CASES)
     }
 
 
 @pytest.mark.parametrize("name", [case[0] for case in INTERPRETER_CASES])
 def test_interpreter_matches_reference(interpreted, name):
-    (q, k, v, kv_valid, kv_scales), kwargs, out, evict_slot, _ = interpreted[name]
+    (q, k, v, kv_valid, kv_scales), kwargs, out, evict_slot, *_ = interpreted[name]
     if "kv_len" in kwargs:
         kv_valid = bounded_mask(kv_valid, kwargs["kv_len"])
     check = assert_matches_reference if kwargs.get("compute_evict", True) else assert_attention_only
@@ -915,9 +989,18 @@ def test_interpreter_matches_reference(interpreted, name):
 def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
     # The one-launch epilogues count their programs in the state and must leave it zero (a repeated
     # case's second call, checked above, ran on it); the separate epilogue passes it through.
-    (q, k, *_), _, _, _, state = interpreted[name]
+    (q, k, *_), _, _, _, state, _ = interpreted[name]
     assert state.dtype == np.int32 and state.shape == kernel_state_shape(q.shape[0], k.shape[1])
     np.testing.assert_array_equal(state, 0)
+
+
+def test_interpreter_lse_matches_numpy(interpreted):
+    (q, k, v, kv_valid, kv_scales), kwargs, *_, lse = interpreted["lse-int8-kvlen"]
+    bounded = bounded_mask(kv_valid, kwargs["kv_len"])
+    assert not np.asarray(bounded[0]).any()  # the empty row: lse -inf
+    assert_lse_matches(
+        lse, q, k, v, bounded, scale=kwargs["scale"], kv_quant=kwargs["kv_quant"], kv_scales=kv_scales
+    )
 
 
 def test_interpreter_cases_cover_every_epilogue_and_repeat():
@@ -1210,6 +1293,35 @@ def test_kernel_state_stays_zero_across_calls(granularity, epilogue, xla_launch,
     )(state)
     np.testing.assert_array_equal(np.asarray(evict_slot), np.asarray(evicts[0]))
     np.testing.assert_array_equal(np.asarray(state), 0)
+
+
+@pytest.mark.parametrize("kv_quant", [None, *quant.KV_QUANT_KINDS])
+@pytest.mark.parametrize("compute_evict", [True, False])
+@pytest.mark.parametrize("epilogue", EPILOGUES)
+@gpu
+def test_lse_matches_numpy(epilogue, compute_evict, kv_quant):
+    # Every epilogue x scoring x cache kind, jitted with a kernel state: one split (the main kernel's
+    # statistics are final) and three (merged by the epilogue), with a kv_len bound that empties a row.
+    q, k, v, valid = make_inputs(
+        _key("lse", epilogue, compute_evict, kv_quant), 4, 8, 2, 500, 64, jnp.bfloat16
+    )
+    kw = dict(scale=0.125, kv_quant=kv_quant, kv_scales=None)
+    if kv_quant is not None:
+        k, v, kw["kv_scales"] = quantize_kv(k, v, kv_quant, group=16)
+    kv_len = jnp.asarray([500, 257, 1, 0], jnp.int32)
+    bounded = bounded_mask(valid, kv_len)
+    check = assert_matches_reference if compute_evict else assert_attention_only
+    for num_splits in (1, 3):
+        fn = functools.partial(
+            ctb.longflow_decode_attention_triton, compute_evict=compute_evict, return_lse=True,
+            launch=LaunchConfig(epilogue=epilogue, num_splits=num_splits), **kw,
+        )  # fmt: skip
+        out, evict_slot, lse, state = jax.jit(fn)(
+            q, k, v, valid, kv_len=kv_len, kernel_state=ctb.init_kernel_state(4, 2)
+        )
+        check(q, k, v, bounded, out, evict_slot, granularity="sequence", **kw)
+        assert_lse_matches(lse, q, k, v, bounded, **kw)
+        np.testing.assert_array_equal(np.asarray(state), 0)
 
 
 # ---------------------------------------------------------------- GPU: a quantized cache

@@ -9,11 +9,12 @@ Triton picks the interpreter when `triton` is first imported with TRITON_INTERPR
 own process: `TRITON_INTERPRET=1 python tests/triton_interpret.py CASES.npz RESULTS.npz` (what
 tests/test_triton_kernel.py does). CASES.npz holds q_i, k_i, v_i (float32 values of the rounded inputs),
 valid_i and a JSON list `cases` of {"dtype": ..., "kwargs": {...}} (a "launch" dict becomes a
-LaunchConfig); RESULTS.npz gets out_i (float32), evict_i and state_i (the kernel state the first call
-left). A case with "repeat": true runs twice, the second time on the state the first returned: out_i and
-evict_i are then the second call's. A case whose kwargs name a "kv_quant" kind has payloads in k_i, v_i
-(their raw bytes: int8, or uint8 for the packed kinds and fp8's bits) and its KVScales fields in
-k_scale_i, k_zero_i, v_scale_i, v_zero_i (the zero points only where the kind has them).
+LaunchConfig); RESULTS.npz gets out_i (float32), evict_i, lse_i (with "return_lse") and state_i (the
+kernel state the first call left). A case with "repeat": true runs twice, the second time on the state
+the first returned: out_i, evict_i and lse_i are then the second call's. A case whose kwargs name a
+"kv_quant" kind has payloads in k_i, v_i (their raw bytes: int8, or uint8 for the packed kinds and fp8's
+bits) and its KVScales fields in k_scale_i, k_zero_i, v_scale_i, v_zero_i (the zero points only where
+the kind has them).
 """
 
 from __future__ import annotations
@@ -128,7 +129,7 @@ def longflow_decode_attention_interpret(
 ):
     """`longflow_decode_attention_triton`'s contract (its keyword arguments in `kwargs`) on numpy-convertible
     arrays; `sms` stands in for the GPU's SM count in the launch defaults. Always returns
-    (out, evict_slot, kernel_state)."""
+    (out, evict_slot, lse (None unless return_lse), kernel_state)."""
     if not triton.knobs.runtime.interpret:
         raise RuntimeError("set TRITON_INTERPRET=1 before triton is first imported (see the module doc)")
     shape, kv_len, cfg = plan_inputs(q, k_cache, v_cache, kv_valid, sms=sms, **kwargs)
@@ -138,6 +139,7 @@ def longflow_decode_attention_interpret(
     check_kernel_state(kernel_state, shape)
     granularity = kwargs.get("granularity", "sequence")
     compute_evict = kwargs.get("compute_evict", True)
+    return_lse = kwargs.get("return_lse", False)
     dtype = np.asarray(q).dtype.name
     plan = plan_launch(
         shape,
@@ -147,6 +149,7 @@ def longflow_decode_attention_interpret(
         is_f32=dtype == "float32",
         fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
         spin=False,  # interpreted programs run one after another: none may wait for another
+        return_lse=return_lse,
     )
     tq, tk, tv = (_to_torch(x) for x in (q, k_cache, v_cache))
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
@@ -164,23 +167,25 @@ def longflow_decode_attention_interpret(
             tq, tk, tv, tvalid, tlen, qk_scale, tickets, *tscales, *split_out, **plan.split.meta
         )
         out, evict_slot, kernel_state = split_out[0], split_out[plan.evict_output], tickets.numpy()
+        lse = split_out[-1]
     else:
         kernels.decode_split_kernel[plan.split.grid](
             tq, tk, tv, tvalid, tlen, qk_scale, *tscales, *split_out, **plan.split.meta
         )
-        out, acc, m, ell, t, counter, evict_slot = split_out
+        out, acc, m, ell, t, counter, evict_slot, lse = split_out
         if plan.combine is not None:
             comb_out = _alloc(plan.combine, _TORCH[dtype])
             comb_out[4] = counter  # aliased, as input_output_aliases={6: 4} does on the GPU
             kernels.decode_combine_kernel[plan.combine.grid](
                 tvalid, tlen, acc, m, ell, t, counter, *comb_out, **plan.combine.meta
             )
-            out = comb_out[0] if plan.combine.meta["COMBINE_OUT"] else out
+            if plan.combine.meta["COMBINE_OUT"]:
+                out, lse = comb_out[0], comb_out[-1]
             evict_slot = comb_out[1] if compute_evict else evict_slot
     evict_slot = evict_slot.numpy()
     if granularity == "sequence":
         evict_slot = evict_slot.reshape(evict_slot.shape[0])
-    return _to_numpy(out), evict_slot, kernel_state
+    return _to_numpy(out), evict_slot, lse.numpy() if return_lse else None, kernel_state
 
 
 def main(argv=None):
@@ -206,13 +211,15 @@ def main(argv=None):
         calls = 2 if kwargs.pop("repeat", False) else 1
         state = None
         for call in range(calls):  # a repeated case's second call takes the state the first left
-            out, evict_slot, state = longflow_decode_attention_interpret(
+            out, evict_slot, lse, state = longflow_decode_attention_interpret(
                 q, k, v, data[f"valid_{i}"], kernel_state=state, **kwargs
             )
             if call == 0:
                 results[f"state_{i}"] = state
         results[f"out_{i}"] = np.asarray(out, np.float32)
         results[f"evict_{i}"] = evict_slot
+        if lse is not None:
+            results[f"lse_{i}"] = lse
     np.savez(dst, **results)
 
 
