@@ -49,7 +49,12 @@ from longflow_jax import (  # noqa: E402
     init_random_params,
     max_batch,
 )
-from longflow_jax.generate import buffer_capacity, prefill_in_slices  # noqa: E402
+from longflow_jax.generate import (  # noqa: E402
+    buffer_capacity,
+    effective_compression,
+    prefill_in_slices,
+    ready_to_decode,
+)
 from longflow_jax.kv_cache import cache_bytes  # noqa: E402
 from longflow_jax.sharding import make_mesh, param_shardings, parse_mesh_shape  # noqa: E402
 
@@ -71,6 +76,10 @@ MODELS = {
 # fmt: on
 
 
+# Policies whose step cost keeps changing: the full cache grows; ThinKV's tiers fill and thin out.
+UNPROJECTED = ("full", "thinkv")
+
+
 def parse_run(spec: str):
     """(compression, batch or "max", new_tokens, impl, steps) from a --runs spec."""
     parts = spec.split(":")
@@ -81,6 +90,11 @@ def parse_run(spec: str):
     if not 0 < steps <= new:
         raise ValueError(f"run {spec!r}: STEPS must be in [1, NEW_TOKENS={new}], got {steps}")
     policy, _, kv_quant = policy.partition("@")
+    if steps < new and policy in UNPROJECTED:
+        raise ValueError(
+            f"run {spec!r}: STEPS < NEW_TOKENS projects the untimed steps at the buffer-full rate, and "
+            f"policy {policy!r} has none (its per-step cost keeps changing): time every step"
+        )
     comp = CompressionConfig(policy=policy, budget=int(budget or 2048), kv_quant=kv_quant or None)
     return comp, batch, new, impl or "reference", steps
 
@@ -95,12 +109,19 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     prompt_len, chunk, num_chunks = args.prompt_len, args.chunk, steps // args.chunk
     if num_chunks < 1:
         raise ValueError(f"{steps} steps is less than one chunk of {chunk}")
-    capacity = buffer_capacity(comp, prompt_len, new_tokens)  # one KV write per step, timed or not
+    decoding = effective_compression(comp, prompt_len, new_tokens)  # what generate runs for this shape
+    capacity = buffer_capacity(decoding, prompt_len, new_tokens)  # one KV write per step, timed or not
     ids = jnp.asarray(np.random.default_rng(0).integers(1, config.vocab_size, (batch, prompt_len)), jnp.int32)
     lengths = jnp.full((batch,), prompt_len, jnp.int32)
     rows = args.prefill_rows  # prompt pass in row slices: at BATCH=max its activations may not fit
-    prefill_fn = jax.jit(lambda p, i, n: prefill_in_slices(p, config, i, n, comp, capacity, rows))
-    step = functools.partial(decode_step, compression=comp, attention_impl=impl)
+
+    @jax.jit
+    def prefill_fn(p, i, n):
+        """The cache as generate decodes from it: with the Triton kernel's state, ThinKV's tiers."""
+        cache, logits = prefill_in_slices(p, config, i, n, decoding, capacity, rows)
+        return ready_to_decode(cache, decoding, impl, new_tokens), logits
+
+    step = functools.partial(decode_step, compression=decoding, attention_impl=impl)
 
     def chunk_body(p, cache, token, start):
         def body(i, carry):
@@ -160,8 +181,8 @@ def time_generate(params, config, comp, impl, ids, lengths, new_tokens, prefill_
 
 def buffer_full_tokens_per_s(r):
     """Tokens/s over the timed chunks that start once a compressed buffer is full, when every step reads
-    the same C slots (None for the full cache, whose buffer never is)."""
-    if r["policy"] == "full":
+    the same C slots (None for UNPROJECTED policies)."""
+    if r["policy"] in UNPROJECTED:
         return None
     fill = r["capacity"] - r["prompt_len"]  # decode steps until every slot holds a token
     steady = [t for i, t in enumerate(r["chunk_tokens_per_s"]) if i * r["chunk"] >= fill]
