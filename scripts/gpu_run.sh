@@ -11,9 +11,11 @@
 #   equal-memory [ARGS]  full cache against LongFlow C=2048, each at the largest batch that fits the same
 #                        memory; MODEL (qwen3-4b or r1-distill-qwen-7b) and NEW_TOKENS (8192) from the
 #                        environment; LongFlow timed over its first 3072 steps (its buffer is full by
-#                        then), the rest projected at the buffer-full rate. The 7B shape at 16384 tokens
-#                        needs `--prefill-rows 64`. KV_QUANTS="int8 int4" adds LongFlow at those kv_quant
-#                        kinds, each at its own largest batch.
+#                        then), the rest projected at the buffer-full rate. The prompt pass runs in slices
+#                        of at most PREFILL_ROWS (64) rows: at the largest batch of the 7B shape at 16384
+#                        tokens, or of a quantized buffer, one pass does not fit beside the cache.
+#                        KV_QUANTS="int8 int4" adds LongFlow at those kv_quant kinds, each at its own
+#                        largest batch.
 #   fidelity CKPT PROBLEMS [ARGS]  docs/QUALITY.md's SmolLM2 command (the #22 table's policies and budgets;
 #                        ARGS such as --policies override), resumed from ROWS (/tmp/fidelity_rows.jsonl,
 #                        kept on a warm machine between calls); no run starts after START_LIMIT (300) s,
@@ -54,7 +56,7 @@ case "$stage" in
     runs=("full:max:$new::triton" "longflow:max:$new:2048:triton:3072")
     for kind in ${KV_QUANTS:-}; do runs+=("longflow@$kind:max:$new:2048:triton:3072"); done
     XLA_PYTHON_CLIENT_MEM_FRACTION=0.95 timeout "$limit" python3 scripts/benchmark_generate.py \
-      --model "${MODEL:-qwen3-4b}" --isolate --runs "${runs[@]}" \
+      --model "${MODEL:-qwen3-4b}" --isolate --prefill-rows "${PREFILL_ROWS:-64}" --runs "${runs[@]}" \
       --out "$OUT/equal_memory.jsonl" --plot "$OUT/equal_memory.png" "$@" 2>&1 | tee "$OUT/equal_memory.log" ;;
   fidelity)
     [ $# -ge 2 ] || { echo "usage: gpu_run.sh fidelity CKPT PROBLEMS [ARGS...]" >&2; exit 2; }
