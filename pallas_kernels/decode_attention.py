@@ -973,6 +973,10 @@ def longflow_decode_attention(
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not math.isfinite(scale):
         raise ValueError(f"scale must be a finite Python float, got {scale!r}")
     scale = float(scale)
+    for name, flag in (("compute_evict", compute_evict), ("return_importance", return_importance),
+                       ("return_lse", return_lse)):  # fmt: skip
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be a Python bool, got {flag!r}")
     if return_importance and not compute_evict:
         raise ValueError("return_importance=True needs compute_evict=True (the importance is the scoring)")
     backend = resolve_backend(backend)

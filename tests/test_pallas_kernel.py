@@ -612,6 +612,8 @@ def _small(dtype=jnp.float32, slots=64):
         (dict(backend="cuda_graph"), "backend"),
         (dict(scale=float("nan")), "scale"),
         (dict(compute_evict=False, return_importance=True), "needs compute_evict=True"),
+        (dict(return_lse="yes"), "return_lse must be a Python bool, got 'yes'"),
+        (dict(compute_evict=1), "compute_evict must be a Python bool"),
     ],
 )
 def test_bad_arguments_raise_value_error(kwargs, match):
