@@ -224,9 +224,11 @@ def prefill_in_slices(
 
 def ready_to_decode(cache: KVCache, compression: CompressionConfig, attention_impl: str, max_new_tokens: int):
     """The prefilled cache with what the decode loop carries beside the buffers: the kernel's state
-    (`with_kernel_state`) and, for "thinkv", the tiers and the segment table (`thinkv.attach`)."""
-    cache = with_kernel_state(cache, attention_impl)
-    return thinkv.attach(cache, compression, max_new_tokens) if compression.policy == "thinkv" else cache
+    (`with_kernel_state`) or, for "thinkv", the tiers and the segment table (`thinkv.attach`; its kernel
+    calls, one per buffer, take no state)."""
+    if compression.policy == "thinkv":
+        return thinkv.attach(cache, compression, max_new_tokens)
+    return with_kernel_state(cache, attention_impl)
 
 
 def decode_step(
