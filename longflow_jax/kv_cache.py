@@ -196,10 +196,16 @@ def layer_from_kept(k_seq, v_seq, kept_pos, capacity: int, kv_quant=None, kv_qua
 
 def empty_layer(batch, num_kv_heads, capacity, head_dim, dtype, kv_quant=None, kv_quant_group=32):
     """A one-group buffer of `capacity` empty slots, K/V in `dtype` or quantized by `kv_quant`."""
-    zeros = jnp.zeros((batch, num_kv_heads, capacity, head_dim), dtype)
+    # One empty slot stored, then broadcast: every slot holds the same (quantized) zeros, and XLA would
+    # spend seconds constant-folding the quantization of a whole [B, Hkv, C, D] zero buffer.
+    zero = jnp.zeros((1, 1, 1, head_dim), dtype)
+    stored = {
+        name: jnp.broadcast_to(x, (batch, num_kv_heads, capacity) + x.shape[3:])
+        for name, x in _stored(zero, zero, kv_quant, kv_quant_group).items()
+    }
     quantized = {} if kv_quant is None else dict(kv_quant=kv_quant, kv_quant_group=kv_quant_group)
     return LayerCache(
-        **_stored(zeros, zeros, kv_quant, kv_quant_group),
+        **stored,
         slot_pos=jnp.full((batch, 1, capacity), -1, jnp.int32),
         evict_slot=jnp.zeros((batch, 1), jnp.int32),
         score=jnp.zeros((batch, 1, capacity), jnp.float32),
