@@ -275,7 +275,7 @@ def resolve_launch(
         check_coop_grid(shape, num_splits, sms)
     num_warps = launch.num_warps
     if num_warps is None:
-        num_warps = tuned_launch.QUANT_NUM_WARPS if quantized else tuned_launch.NUM_WARPS
+        num_warps = tuned_launch.QUANT_NUM_WARPS[shape.kv_quant] if quantized else tuned_launch.NUM_WARPS
         num_warps = tuned_launch.F32_NUM_WARPS if wide else num_warps
     _check_int("num_warps", num_warps, 1, 16, pow2=True)
     if launch.num_stages is not None:

@@ -59,12 +59,13 @@ TUNED_LAUNCH = (
 F32_BLOCK_C = 32
 F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
-# A quantized cache (kv_quant, 16-bit q), every row: 64-slot blocks and 8 warps. The codes are unpacked
-# and converted in registers, so the tile is bounded by registers, not shared memory: at D 128, group 32
-# this is the largest block with no spill for every kind and epilogue on sm_90 (ptxas; 128-slot blocks
-# spill), and 8 warps give each scheduler two warps for that ALU work. Not yet timed on a GPU.
+# A quantized cache (kv_quant, 16-bit q), every row: 64-slot blocks. The codes are unpacked and converted
+# in registers, so the tile is bounded by registers, not shared memory: at D 128, group 32 this is the
+# largest block with no spill for every kind and epilogue on sm_90 (ptxas). Warps per program by kind:
+# int4 4, measured on the H100 (B 64, C 2048: 262 us against 520 with 8 warps; B 16: 123 against 127;
+# docs/BENCHMARKS.md); the other kinds keep 8, chosen from the register report and not yet timed.
 QUANT_BLOCK_C = 64
-QUANT_NUM_WARPS = 8
+QUANT_NUM_WARPS = {"int8": 8, "fp8": 8, "int4": 4, "int2": 8}
 NUM_WARPS = 4
 NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
 MIN_SLOTS_PER_SPLIT = 128

@@ -373,21 +373,23 @@ def test_default_launch_per_batch_and_cache_size():
 
 
 def test_quantized_launch_defaults():
-    # A quantized cache keeps each batch's epilogue and split rule, with 64-slot blocks and 8 warps (its
-    # codes are unpacked in registers); float32 q keeps its own 32-slot blocks; a launch field wins.
+    # A quantized cache keeps each batch's epilogue and split rule, with 64-slot blocks (its codes are
+    # unpacked in registers) and 8 warps, 4 for int4 (timed); float32 q keeps its own 32-slot blocks; a
+    # launch field wins.
     for kind in quant.KV_QUANT_KINDS:
         for batch, slots in ((1, 2048), (16, 2048), (64, 8192)):
             plain, cfg = resolved(batch, slots), resolved(batch, slots, kv_quant=kind)
             assert cfg.epilogue == plain.epilogue and cfg.xla_launch == plain.xla_launch, (kind, batch)
-            assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (64, 8, tuned_launch.NUM_STAGES)
+            warps = 4 if kind == "int4" else 8
+            assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (64, warps, tuned_launch.NUM_STAGES)
     assert resolved(16, 2048, kv_quant="int4").num_splits == 1
     assert resolved(1, 2048, kv_quant="int4").num_splits == 16  # coop: one program per SM
     assert resolved(2, 40, kv_quant="int8").block_c == 64  # next_pow2(C)
     assert resolved(2, 20, kv_quant="int8").block_c == 32
     wide = resolved(16, 2048, itemsize=4, kv_quant="int8")
     assert (wide.block_c, wide.num_warps) == (tuned_launch.F32_BLOCK_C, tuned_launch.F32_NUM_WARPS)
-    forced = resolved(16, 2048, LaunchConfig(block_c=128, num_warps=4), kv_quant="int4")
-    assert (forced.block_c, forced.num_warps) == (128, 4)
+    forced = resolved(16, 2048, LaunchConfig(block_c=128, num_warps=8), kv_quant="int4")
+    assert (forced.block_c, forced.num_warps) == (128, 8)
 
 
 @pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
