@@ -286,10 +286,39 @@ def check_same_trajectories(done: list[dict], fingerprints: dict, lengths: dict)
             )
 
 
+def parts_path(output: str) -> str:
+    """Where a run's finished halves wait for the other (`measure`): beside --output."""
+    return output + ".parts"
+
+
+def _saved_parts(path: str, fingerprints: dict, settings: dict, thinkv) -> dict:
+    """{(part, run): per-problem results} of the parts file that fit this invocation: the same settings
+    and, for every problem now, the same full-cache trajectory; others are left unused."""
+    if not os.path.exists(path):
+        return {}
+    saved = {}
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            rec = json.loads(line)
+            run = tuple(rec["run"])
+            same = rec["settings"] == json.loads(json.dumps(row_settings(settings, run[0], thinkv)))
+            mine = {id_key(p["id"]): p for p in rec["problems"]}
+            if same and all(k in mine and mine[k]["trajectory_sha1"] == f for k, f in fingerprints.items()):
+                saved[(rec["part"], run)] = [mine[k] for k in fingerprints]
+    return saved
+
+
 def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str]]:
     """The rows of `runs`, appended to --output run by run, and the names of the runs that failed; with
     --time-limit, runs not yet started when it has passed are left for a later --resume. `done` (rows
-    resumed) must share the trajectories generated now (`check_same_trajectories`)."""
+    resumed) must share the trajectories generated now (`check_same_trajectories`).
+
+    A run has two halves, its teacher-forced scores and its free-running answers, measured apart. Each
+    half is appended to the parts file (`parts_path`) when it is done, and --resume takes the halves
+    found there, made with these settings along these trajectories: a call cut short (a time limit, a
+    killed job) loses only the halves it had not finished."""
     as_prompt = lambda r: ("prompt", args.prompt_template.replace("{question}", r.data[0]))
     generator, plan = runner.plan_on_one_device(args, validate_problem, PROG, prompt_of=as_prompt)
     records, prompts = plan.records, plan.prompts
@@ -317,6 +346,11 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
     full = free_run(CompressionConfig(policy="full"))
     full_answers = [extract_answer(c.text)[0] for c in full]
     fingerprints = [_fingerprint(c.tokens) for c in full]
+    saved = (
+        _saved_parts(parts_path(args.output), {id_key(r.id): f for r, f in zip(records, fingerprints)},
+                     settings, thinkv)
+        if args.resume else {}
+    )  # fmt: skip
     check_same_trajectories(
         done,
         {id_key(r.id): f for r, f in zip(records, fingerprints)},
@@ -331,7 +365,8 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
 
     def score_group(group):
         """The teacher-forced scores of runs that differ only in budget, in one pass against one reference
-        pass: the full cache is the costliest cache to decode, and it is the same for every budget."""
+        pass: the full cache is the costliest cache to decode, and it is the same for every budget. Per
+        run, a summary per problem."""
         if late():
             return None
         start = time.perf_counter()
@@ -347,7 +382,15 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
                 seed=jax.random.fold_in(jax.random.PRNGKey(seed), 0),  # the generator's device-0 key
             )  # fmt: skip
             for run, s in zip(group, per_run):
-                scores[run] += [jax.tree.map(lambda x, r=r: np.asarray(x[r]), s) for r in range(len(b))]
+                s = jax.tree.map(np.asarray, s)
+                for r, i in enumerate(b):
+                    n = max(int(s.mask[r].sum()), 1)
+                    scores[run].append(dict(
+                        id=records[i].id, trajectory_sha1=fingerprints[i], steps=int(s.mask[r].sum()),
+                        mean_kl=float(s.kl[r].sum() / n), top1_agreement=float(s.top1_agree[r].sum() / n),
+                        nll_diff=float((s.nll[r] - s.reference_nll[r]).sum() / n),
+                        kv_bytes=float(s.kv_bytes[r].sum() / n),
+                    ))  # fmt: skip
         policy, granularity, _, kv_quant = group[0]
         runner.report(
             f"{run_name(policy, granularity, kv_quant)} teacher-forced at budgets "
@@ -360,7 +403,12 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
         if late():
             return None
         start = time.perf_counter()
-        out = free_run(compression_of(run, args.kv_quant_group, thinkv))
+        out = [
+            dict(id=record.id, trajectory_sha1=f, tokens=[int(t) for t in c.tokens], text=c.text)
+            for record, f, c in zip(
+                records, fingerprints, free_run(compression_of(run, args.kv_quant_group, thinkv))
+            )
+        ]
         policy, granularity, budget, kv_quant = run
         runner.report(
             f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'} free-running: "
@@ -373,14 +421,13 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
         policy, granularity, budget, kv_quant = run
         new_rows = []
         for i, (record, s, c) in enumerate(zip(records, scores, compressed)):
-            n = max(int(s.mask.sum()), 1)
-            answer = extract_answer(c.text)[0]
+            answer = extract_answer(c["text"])[0]
             new_rows.append(dict(
                 id=record.id, policy=policy, granularity=granularity, budget=budget, kv_quant=kv_quant,
-                steps=int(s.mask.sum()),
-                mean_kl=float(s.kl.sum() / n), top1_agreement=float(s.top1_agree.sum() / n),
-                nll_diff=float((s.nll - s.reference_nll).sum() / n), kv_bytes=float(s.kv_bytes.sum() / n),
-                divergence_step=_first_difference(full[i].tokens, c.tokens), trajectory_sha1=fingerprints[i],
+                steps=s["steps"], mean_kl=s["mean_kl"], top1_agreement=s["top1_agreement"],
+                nll_diff=s["nll_diff"], kv_bytes=s["kv_bytes"],
+                divergence_step=_first_difference(full[i].tokens, c["tokens"]),
+                trajectory_sha1=fingerprints[i],
                 answer=answer, full_answer=full_answers[i],
                 answer_agrees_with_full=full_answers[i] is not None
                 and answers_match(answer, full_answers[i]),
@@ -394,17 +441,33 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
     for run in runs:
         policy, granularity, _, kv_quant = run
         groups.setdefault((policy, granularity, kv_quant), []).append(run)
-    rows, failed, scores, compressed = [], [], {}, {}
+    rows, failed = [], []
+    scores = {run: part for (kind, run), part in saved.items() if kind == "score" and run in runs}
+    compressed = {run: part for (kind, run), part in saved.items() if kind == "free" and run in runs}
     # Work in threads overlaps one part's compile and host-side loop control with another's device work:
     # a small model's decode step is bound by kernel launches, not by the device. Each run's rows are
     # written once both its parts are done, and a part that fails (out of device memory, say) fails its
     # runs and leaves the others' rows. A part that the time limit kept from starting leaves its runs for
     # a later --resume.
-    with open(args.output, "ab" if args.resume else "wb") as f, ThreadPoolExecutor(args.jobs) as pool:
+    mode = "a" if args.resume else "w"
+    with (
+        open(args.output, mode + "b") as f,
+        open(parts_path(args.output), mode, encoding="utf-8") as parts,
+        ThreadPoolExecutor(args.jobs) as pool,
+    ):
+        for run in runs:  # both halves saved by an earlier call
+            if run in scores and run in compressed:
+                new_rows = rows_of(run, scores[run], compressed[run])
+                append_lines(f, new_rows)
+                rows += new_rows
         futures = {}
         for group in groups.values():
-            futures[pool.submit(score_group, group)] = ("score", group)
-            futures.update({pool.submit(free_run_of, run): ("free", [run]) for run in group})
+            unscored = [run for run in group if run not in scores]
+            if unscored:
+                futures[pool.submit(score_group, unscored)] = ("score", unscored)
+            futures.update(
+                {pool.submit(free_run_of, run): ("free", [run]) for run in group if run not in compressed}
+            )
         for future in as_completed(futures):
             part, part_runs = futures[future]
             try:
@@ -417,10 +480,13 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
                     failed.append(f"{run_name(policy, granularity, kv_quant)} budget {budget or 'all'}")
                     runner.report(f"{failed[-1]} failed: {type(result).__name__}: {result}", PROG)
                     scores[run] = compressed[run] = None
-                elif part == "score":
-                    scores[run] = None if result is None else result[run]
-                else:
-                    compressed[run] = result
+                elif result is not None:
+                    done_part = result[run] if part == "score" else result
+                    (scores if part == "score" else compressed)[run] = done_part
+                    record = dict(part=part, run=list(run), settings=row_settings(settings, run[0], thinkv),
+                                  problems=done_part)  # fmt: skip
+                    parts.write(json.dumps(record) + "\n")
+                    parts.flush()
                 if scores.get(run) is not None and compressed.get(run) is not None:
                     new_rows = rows_of(run, scores[run], compressed[run])
                     append_lines(f, new_rows)

@@ -68,7 +68,9 @@ def test_fidelity_rows_table_and_identity(tmp_path, chat_ckpt):
 def test_resume_reruns_only_missing_or_failed_runs_and_refuses_other_settings(
     tmp_path, chat_ckpt, monkeypatch, capsys
 ):
-    from longflow_jax import fidelity
+    """A failed half is rerun on --resume and the finished half of the same run is taken from the parts
+    file, not measured again; the merged rows equal an uninterrupted run's."""
+    from longflow_jax import fidelity, runner
 
     code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "streaming", "--budgets", "8")
     assert code == 0
@@ -90,9 +92,24 @@ def test_resume_reruns_only_missing_or_failed_runs_and_refuses_other_settings(
     policies = [json.loads(line)["policy"] for line in out.read_text().splitlines()]
     assert out.read_text().startswith(first) and sorted(set(policies)) == ["random", "streaming"]
     monkeypatch.setattr(fidelity, "score_trajectory", real)
+    free_runs = []
+    generate = runner.DataParallelGenerator.generate
+
+    def counting(self, *args, compression, **kwargs):
+        free_runs.append(compression.policy)
+        return generate(self, *args, compression=compression, **kwargs)
+
+    monkeypatch.setattr(runner.DataParallelGenerator, "generate", counting)
     assert run_fidelity(tmp_path, chat_ckpt, *argv)[0] == 0
-    policies = [json.loads(line)["policy"] for line in out.read_text().splitlines()]
-    assert sorted(policies) == sorted(["h2o", "random", "streaming"] * len(PROBLEMS))
+    assert "h2o" not in free_runs and "full" in free_runs  # h2o's free half came from the parts file
+    rows = [json.loads(line) for line in out.read_text().splitlines()]
+    assert sorted(r["policy"] for r in rows) == sorted(["h2o", "random", "streaming"] * len(PROBLEMS))
+    fresh_dir = tmp_path / "fresh"  # its --input path differs: compare everything but the settings
+    fresh_dir.mkdir()
+    _, fresh = run_fidelity(fresh_dir, chat_ckpt, "--policies", "h2o", "--budgets", "8")
+    strip = lambda r: {k: v for k, v in r.items() if k != "settings"}
+    fresh_rows = [strip(json.loads(x)) for x in fresh.read_text().splitlines()]
+    assert [strip(r) for r in rows if r["policy"] == "h2o"] == fresh_rows
     code, _ = run_fidelity(
         tmp_path, chat_ckpt, "--policies", "h2o", "--budgets", "8", "--resume", "--seed", "4"
     )
@@ -130,3 +147,26 @@ def test_resume_refuses_rows_scored_along_other_trajectories():
         check_same_trajectories(rows, {a: "3c", b: "2e"}, {a: 5, b: 7})
     with pytest.raises(ValueError, match="problem 'b'.*\\(6\\) differs .* tova rows .*\\(7\\)"):
         check_same_trajectories(rows, {a: "1f", b: "2e"}, {a: 5, b: 6})
+
+
+def test_saved_parts_fit_only_these_settings_and_trajectories(tmp_path):
+    from longflow_jax.fidelity import _saved_parts
+    from longflow_jax.jsonl_io import id_key
+
+    settings = {"seed": 0}
+    run = ["h2o", "sequence", 8, None]
+
+    def part(kind, sha_b, seed=0):
+        problems = [
+            {"id": "b", "trajectory_sha1": sha_b, "x": 2},
+            {"id": "a", "trajectory_sha1": "1f", "x": 1},
+        ]
+        return json.dumps(dict(part=kind, run=run, settings={"seed": seed}, problems=problems))
+
+    path = tmp_path / "rows.jsonl.parts"
+    path.write_text("\n".join([part("score", "2e"), part("free", "9d"), part("free", "2e", seed=1)]) + "\n")
+    saved = _saved_parts(str(path), {id_key("a"): "1f", id_key("b"): "2e"}, settings, thinkv=None)
+    # Only the score half fits (the free halves: another trajectory of b, other settings), in input order.
+    assert list(saved) == [("score", tuple(run))]
+    assert [p["x"] for p in saved[("score", tuple(run))]] == [1, 2]
+    assert _saved_parts(str(tmp_path / "none"), {}, settings, thinkv=None) == {}
