@@ -142,6 +142,8 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
         cache, token = compiled(params, cache, token, jnp.int32(c * chunk))
         token.block_until_ready()
         chunk_seconds.append(time.perf_counter() - t0)
+        # As it goes: a run the caller's time limit cuts short still shows its rate so far.
+        print(f"    step {(c + 1) * chunk}: {batch * chunk / chunk_seconds[-1]:.0f} tok/s", flush=True)
     decoded, steady = num_chunks * chunk, chunk_seconds[1:] or chunk_seconds
     kv_bytes, peak = cache_bytes(cache), memory_stat("peak_bytes_in_use")
     del cache
@@ -248,8 +250,10 @@ def run_isolated(args, command, retries=2):
             with tempfile.TemporaryDirectory() as tmp:
                 part = os.path.join(tmp, "row.jsonl")
                 cmd = [sys.executable, os.path.abspath(__file__), *base, "--runs", spec, "--out", part]
-                proc = subprocess.run(cmd + ["--batch-scale", f"{scale:.4f}"], capture_output=True, text=True)
-                sys.stdout.write(proc.stdout)
+                # stdout streams through (the per-chunk rates), stderr is kept to spot out-of-memory.
+                proc = subprocess.run(
+                    cmd + ["--batch-scale", f"{scale:.4f}"], stderr=subprocess.PIPE, text=True
+                )
                 if proc.returncode == 0:
                     rows = [json.loads(line) for line in Path(part).read_text().splitlines()]
                     break
