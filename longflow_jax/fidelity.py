@@ -299,9 +299,10 @@ def _saved_parts(path: str, fingerprints: dict, settings: dict, thinkv) -> dict:
     saved = {}
     with open(path, encoding="utf-8") as f:
         for line in f:
-            if not line.strip():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:  # blank, or the last line of a job killed while writing it
                 continue
-            rec = json.loads(line)
             run = tuple(rec["run"])
             same = rec["settings"] == json.loads(json.dumps(row_settings(settings, run[0], thinkv)))
             mine = {id_key(p["id"]): p for p in rec["problems"]}

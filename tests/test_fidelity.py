@@ -164,9 +164,11 @@ def test_saved_parts_fit_only_these_settings_and_trajectories(tmp_path):
         return json.dumps(dict(part=kind, run=run, settings={"seed": seed}, problems=problems))
 
     path = tmp_path / "rows.jsonl.parts"
-    path.write_text("\n".join([part("score", "2e"), part("free", "9d"), part("free", "2e", seed=1)]) + "\n")
+    lines = [part("score", "2e"), part("free", "9d"), part("free", "2e", seed=1), part("free", "2e")[:40]]
+    path.write_text("\n".join(lines))  # the last line cut short, as by a killed job
     saved = _saved_parts(str(path), {id_key("a"): "1f", id_key("b"): "2e"}, settings, thinkv=None)
-    # Only the score half fits (the free halves: another trajectory of b, other settings), in input order.
+    # Only the score half fits (the free halves: another trajectory of b, other settings, a cut line), in
+    # input order.
     assert list(saved) == [("score", tuple(run))]
     assert [p["x"] for p in saved[("score", tuple(run))]] == [1, 2]
     assert _saved_parts(str(tmp_path / "none"), {}, settings, thinkv=None) == {}
