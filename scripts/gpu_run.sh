@@ -19,7 +19,8 @@
 #   fidelity CKPT PROBLEMS [ARGS]  docs/QUALITY.md's SmolLM2 command (the #22 table's policies and budgets;
 #                        ARGS such as --policies override), resumed from ROWS (/tmp/fidelity_rows.jsonl,
 #                        kept on a warm machine between calls); no run starts after START_LIMIT (300) s,
-#                        JOBS (6) runs at once. The rows are copied to $OUT.
+#                        JOBS (6) runs at once. The rows, and the finished halves of unfinished runs
+#                        (ROWS.parts), are copied to $OUT.
 #   ab OLD_TREE [ARGS]   no-regression check: scripts/bench_kernels.py from OLD_TREE (an old checkout,
 #                        e.g. `git archive COMMIT | tar -x -C old`) and from this tree, as separate processes
 #                        taking turns for ROUNDS (2) rounds; then a table of both trees' per-call medians.
@@ -69,7 +70,8 @@ case "$stage" in
       --budgets 64,128,256,512,1024 --jobs "${JOBS:-6}" --time-limit "${START_LIMIT:-300}" \
       --table "$OUT/fidelity.md" --plot "$OUT/fidelity.png" "$@" 2>&1 | grep -v "it/s" | tee "$OUT/fidelity.log" \
       | tail -60
-    cp "$rows" "$OUT/" ;;
+    cp "$rows" "$OUT/"
+    [ ! -f "$rows.parts" ] || cp "$rows.parts" "$OUT/" ;;
   ab)
     old=${1:?usage: gpu_run.sh ab OLD_TREE [ARGS...]}
     shift
