@@ -184,8 +184,10 @@ def _numpy_longflow_evict(q, k, v, valid, scale, granularity):
     return imp, imp.argmin(-1)
 
 
+# GQA (8 query heads on 2 KV heads) only: the numpy reference's head grouping covers MHA as groups of
+# one, and the kernels' tests run MHA shapes (this eager-mode check is among CI's slowest).
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
-@pytest.mark.parametrize("heads, kv_heads", [(4, 4), (8, 2)])
+@pytest.mark.parametrize("heads, kv_heads", [(8, 2)])
 def test_evicted_slot_matches_numpy_float64(tmp_path, monkeypatch, granularity, heads, kv_heads):
     hf = make_tiny_hf_checkpoint(
         str(tmp_path / "hf"), "qwen3", num_attention_heads=heads, num_key_value_heads=kv_heads, seed=heads
