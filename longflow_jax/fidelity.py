@@ -347,16 +347,11 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
     full = free_run(CompressionConfig(policy="full"))
     full_answers = [extract_answer(c.text)[0] for c in full]
     fingerprints = [_fingerprint(c.tokens) for c in full]
-    saved = (
-        _saved_parts(parts_path(args.output), {id_key(r.id): f for r, f in zip(records, fingerprints)},
-                     settings, thinkv)
-        if args.resume else {}
-    )  # fmt: skip
+    fingerprint_of = {id_key(r.id): f for r, f in zip(records, fingerprints)}
     check_same_trajectories(
-        done,
-        {id_key(r.id): f for r, f in zip(records, fingerprints)},
-        {id_key(r.id): len(c.tokens) for r, c in zip(records, full)},
+        done, fingerprint_of, {id_key(r.id): len(c.tokens) for r, c in zip(records, full)}
     )
+    saved = _saved_parts(parts_path(args.output), fingerprint_of, settings, thinkv) if args.resume else {}
     runner.report(
         f"{len(records)} problems, full-cache trajectories in {time.perf_counter() - start:.0f} s", PROG
     )
@@ -385,9 +380,10 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
             for run, s in zip(group, per_run):
                 s = jax.tree.map(np.asarray, s)
                 for r, i in enumerate(b):
-                    n = max(int(s.mask[r].sum()), 1)
+                    steps = int(s.mask[r].sum())
+                    n = max(steps, 1)
                     scores[run].append(dict(
-                        id=records[i].id, trajectory_sha1=fingerprints[i], steps=int(s.mask[r].sum()),
+                        id=records[i].id, trajectory_sha1=fingerprints[i], steps=steps,
                         mean_kl=float(s.kl[r].sum() / n), top1_agreement=float(s.top1_agree[r].sum() / n),
                         nll_diff=float((s.nll[r] - s.reference_nll[r]).sum() / n),
                         kv_bytes=float(s.kv_bytes[r].sum() / n),
