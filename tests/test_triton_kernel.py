@@ -65,30 +65,35 @@ def gpu(test):
     return pytest.mark.gpu(needs_triton(test))
 
 
-def _key(*params):
-    return jax.random.key(zlib.crc32(repr(params).encode()))
+def _seed(*params) -> int:
+    return zlib.crc32(repr(params).encode())
 
 
-def make_inputs(key, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dtype, valid="mixed"):
+def make_inputs(seed, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dtype, valid="mixed"):
     """q, k, v ~ N(0, 1) in `dtype`; kv_valid rows cycle through: all valid, ~half valid, 3 valid slots,
-    and only the last slot valid (all-but-one invalid)."""
-    kq, kk, kv, km, kf = jax.random.split(key, 5)
-    q = jax.random.normal(kq, (batch, num_q_heads, head_dim), jnp.float32).astype(dtype)
-    k = jax.random.normal(kk, (batch, num_kv_heads, num_slots, head_dim), jnp.float32).astype(dtype)
-    v = jax.random.normal(kv, (batch, num_kv_heads, num_slots, head_dim), jnp.float32).astype(dtype)
+    and only the last slot valid (all-but-one invalid). Drawn by numpy: jax.random compiles per shape,
+    and the interpreter fixture alone draws 58 shapes."""
+    rng = np.random.default_rng(seed)
+    cast = lambda x: jnp.asarray(x, jnp.float32).astype(dtype)
+    q = cast(rng.standard_normal((batch, num_q_heads, head_dim), np.float32))
+    k, v = (cast(rng.standard_normal((batch, num_kv_heads, num_slots, head_dim), np.float32)) for _ in "kv")
     if valid == "all":
         return q, k, v, jnp.ones((batch, num_slots), bool)
-    half = jax.random.bernoulli(km, 0.5, (batch, num_slots))
-    few_at = jax.random.choice(kf, num_slots, (3,), replace=False)
-    few = jnp.zeros((num_slots,), bool).at[few_at].set(True)
-    one = jnp.arange(num_slots) == num_slots - 1
-    rows = [jnp.ones((num_slots,), bool), half[1], few, one]
-    return q, k, v, jnp.stack([rows[i % 4] for i in range(batch)])
+    half = rng.uniform(size=num_slots) < 0.5
+    few = np.zeros((num_slots,), bool)
+    few[rng.choice(num_slots, 3, replace=False)] = True
+    one = np.arange(num_slots) == num_slots - 1
+    rows = [np.ones((num_slots,), bool), half, few, one]
+    return q, k, v, jnp.asarray(np.stack([rows[i % 4] for i in range(batch)]))
+
+
+# One compile per shape instead of one per op (the interpreter fixture quantizes 20 shapes).
+_quantize = jax.jit(quant.quantize, static_argnums=(1, 2))
 
 
 def quantize_kv(k, v, kind, group=32):
     """k, v quantized per slot as the cache stores them: (k payload, v payload, KVScales)."""
-    (kp, ks, kz), (vp, vs, vz) = (quant.quantize(x, kind, group) for x in (k, v))
+    (kp, ks, kz), (vp, vs, vz) = (_quantize(x, kind, group) for x in (k, v))
     return kp, vp, quant.KVScales(ks, kz, vs, vz)
 
 
@@ -284,7 +289,7 @@ def test_init_kernel_state_and_rejects_bad_state():
     state = ctb.init_kernel_state(2, 2)
     assert state.shape == kernel_state_shape(2, 2) == (2, 4) and state.dtype == jnp.int32
     np.testing.assert_array_equal(state, 0)
-    q, k, v, kv_valid = make_inputs(_key("state"), 2, 8, 2, 64, 32, jnp.float32, "all")
+    q, k, v, kv_valid = make_inputs(_seed("state"), 2, 8, 2, 64, 32, jnp.float32, "all")
     for bad in (
         jnp.zeros((2, 5), jnp.int32),
         jnp.zeros(kernel_state_shape(2, 2), jnp.float32),
@@ -921,7 +926,7 @@ def interpreted(tmp_path_factory):
     for i, (name, dtype, shape, valid, kwargs) in enumerate(INTERPRETER_CASES):
         kwargs = dict(kwargs)
         group = kwargs.pop("quant_group", 32)
-        q, k, v, kv_valid = make_inputs(_key("interp", name), *shape, jnp.dtype(dtype), valid)
+        q, k, v, kv_valid = make_inputs(_seed("interp", name), *shape, jnp.dtype(dtype), valid)
         scales = None
         if kwargs.get("kv_quant"):  # payloads as their raw bytes (fp8's bits as uint8), and the scales
             k, v, scales = quantize_kv(k, v, kwargs["kv_quant"], group)
@@ -1057,7 +1062,7 @@ def test_matches_reference(dtype, head_dim, group, granularity, xla_launch):
     num_kv_heads, num_slots = 2, 300  # 300: not a multiple of any block size
     dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
-        _key(dtype, head_dim, group, granularity),
+        _seed(dtype, head_dim, group, granularity),
         4,
         num_kv_heads * group,
         num_kv_heads,
@@ -1081,7 +1086,7 @@ def test_importance_with_fast_log2_matches_reference(num_splits, dtype, head_dim
     """||v||_1 on the tensor cores and lg2.approx give the reference's slot over 1000 slots."""
     dtype = jnp.dtype(dtype)
     q, k, v, valid = make_inputs(
-        _key("fast_log2", dtype, head_dim, group), 4, 2 * group, 2, 1000, head_dim, dtype
+        _seed("fast_log2", dtype, head_dim, group), 4, 2 * group, 2, 1000, head_dim, dtype
     )
     scale = 1.0 / math.sqrt(head_dim)
     out, evict_slot = ctb.longflow_decode_attention_triton(
@@ -1094,7 +1099,7 @@ def test_importance_with_fast_log2_matches_reference(num_splits, dtype, head_dim
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_block_and_split_choices(block_c, num_splits, epilogue):
-    q, k, v, valid = make_inputs(_key("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
+    q, k, v, valid = make_inputs(_seed("blocks", block_c, num_splits), 4, 8, 2, 1000, 64, jnp.bfloat16)
     launch = LaunchConfig(block_c=block_c, num_splits=num_splits, epilogue=epilogue)
     if epilogue == "coop" and 4 * 2 * num_splits > ctb.config.num_sms():
         with pytest.raises(ValueError, match="one program per SM"):  # a grid that could deadlock
@@ -1109,7 +1114,7 @@ def test_block_and_split_choices(block_c, num_splits, epilogue):
 def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
     # 256-slot blocks at D 128 with the default 3 stages would ask for 276 KiB of shared memory and fail
     # at launch; resolve_launch gives them 2 stages, and the result is right.
-    q, k, v, valid = make_inputs(_key("big blocks", epilogue), 2, 32, 8, 1000, 128, jnp.bfloat16)
+    q, k, v, valid = make_inputs(_seed("big blocks", epilogue), 2, 32, 8, 1000, 128, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
         q, k, v, valid, scale=0.088, launch=LaunchConfig(block_c=256, num_splits=2, epilogue=epilogue)
     )
@@ -1122,7 +1127,7 @@ def test_large_blocks_at_head_dim_128_get_stages_that_fit(epilogue):
 @gpu
 def test_kv_len_bound_matches_reference(granularity, num_splits, epilogue):
     # Rows: empty, one slot, a block boundary, mid-block, the whole buffer; the valid mask is random.
-    q, k, v, valid = make_inputs(_key("kvlen", granularity, num_splits), 5, 8, 2, 1000, 128, jnp.bfloat16)
+    q, k, v, valid = make_inputs(_seed("kvlen", granularity, num_splits), 5, 8, 2, 1000, 128, jnp.bfloat16)
     kv_len = jnp.asarray([0, 1, 256, 517, 1000], jnp.int32)
     launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, block_c=64)
     out, evict_slot = ctb.longflow_decode_attention_triton(
@@ -1144,7 +1149,7 @@ def test_discard_t_matches_reference(granularity, discard_t, num_splits, epilogu
     # A partly filled buffer; C a multiple of 32, so discard_t (where on) drops t's lines. t is 1.3 MB
     # here, under the default's bound: the discard is forced either way.
     q, k, v, valid = make_inputs(
-        _key("switches", granularity, num_splits, epilogue, discard_t), 5, 32, 8, 2048, 128, jnp.bfloat16
+        _seed("switches", granularity, num_splits, epilogue, discard_t), 5, 32, 8, 2048, 128, jnp.bfloat16
     )
     kv_len = jnp.asarray([0, 1, 700, 2047, 2048], jnp.int32)
     launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, discard_t=discard_t)
@@ -1160,7 +1165,7 @@ def test_discard_t_matches_reference(granularity, discard_t, num_splits, epilogu
 @pytest.mark.parametrize("epilogue", EPILOGUES)
 @gpu
 def test_without_eviction_returns_minus_one(granularity, num_splits, epilogue):
-    q, k, v, valid = make_inputs(_key("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
+    q, k, v, valid = make_inputs(_seed("noevict", granularity, num_splits), 3, 8, 2, 500, 128, jnp.bfloat16)
     out, evict_slot = ctb.longflow_decode_attention_triton(
         q, k, v, valid, scale=0.088, granularity=granularity, compute_evict=False,
         launch=LaunchConfig(num_splits=num_splits, epilogue=epilogue),
@@ -1171,7 +1176,7 @@ def test_without_eviction_returns_minus_one(granularity, num_splits, epilogue):
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @gpu
 def test_epilogues_agree(granularity):
-    q, k, v, valid = make_inputs(_key("final", granularity), 4, 16, 4, 3000, 128, jnp.bfloat16, valid="all")
+    q, k, v, valid = make_inputs(_seed("final", granularity), 4, 16, 4, 3000, 128, jnp.bfloat16, valid="all")
     results = [
         ctb.longflow_decode_attention_triton(
             q,
@@ -1198,7 +1203,7 @@ def test_benchmark_shapes_with_default_launch_are_deterministic(batch, num_slots
     # Qwen3-8B's attention (32 query / 8 KV heads, D 128), bf16, all slots valid: the importance argmin
     # is over real scores, not over empty slots.
     q, k, v, valid = make_inputs(
-        _key("bench", batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
+        _seed("bench", batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
     )
     fn = jax.jit(lambda *a: ctb.longflow_decode_attention_triton(*a, scale=1 / math.sqrt(128)))
     out, evict_slot = fn(q, k, v, valid)
@@ -1222,7 +1227,7 @@ def test_xla_launch_matches_reference(granularity, num_splits, epilogue, xla_lau
     # without scoring and with a kv_len bound. The combine kernel always goes through XLA's call; with
     # xla_launch=False the main kernel goes through jax-triton's.
     q, k, v, valid = make_inputs(
-        _key("xla", granularity, num_splits, epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16
+        _seed("xla", granularity, num_splits, epilogue), 4, 32, 8, 1500, 128, jnp.bfloat16
     )
     kv_len = jnp.asarray([1500, 700, 1, 0], jnp.int32)
     launch = LaunchConfig(num_splits=num_splits, epilogue=epilogue, xla_launch=xla_launch)
@@ -1262,7 +1267,7 @@ def test_kernel_state_stays_zero_across_calls(granularity, epilogue, xla_launch,
     # the state must come back all zeros.
     calls, batch = 4, 4
     q, k, v, valid = make_inputs(
-        _key("state", granularity, epilogue, xla_launch, compute_evict),
+        _seed("state", granularity, epilogue, xla_launch, compute_evict),
         batch,
         32,
         8,
@@ -1270,7 +1275,8 @@ def test_kernel_state_stays_zero_across_calls(granularity, epilogue, xla_launch,
         128,
         jnp.bfloat16,
     )
-    qs = jax.random.normal(_key("state-q"), (calls,) + q.shape, jnp.float32).astype(q.dtype)
+    qs = jax.random.normal(jax.random.key(_seed("state-q")), (calls,) + q.shape, jnp.float32)
+    qs = qs.astype(q.dtype)
     launch = LaunchConfig(num_splits=3, epilogue=epilogue, xla_launch=xla_launch)
     kw = dict(scale=0.088, granularity=granularity, compute_evict=compute_evict, launch=launch)
     check = assert_matches_reference if compute_evict else assert_attention_only
@@ -1305,7 +1311,7 @@ def test_lse_matches_numpy(epilogue, compute_evict, kv_quant):
     # Every epilogue x scoring x cache kind, jitted with a kernel state: one split (the main kernel's
     # statistics are final) and three (merged by the epilogue), with a kv_len bound that empties a row.
     q, k, v, valid = make_inputs(
-        _key("lse", epilogue, compute_evict, kv_quant), 4, 8, 2, 500, 64, jnp.bfloat16
+        _seed("lse", epilogue, compute_evict, kv_quant), 4, 8, 2, 500, 64, jnp.bfloat16
     )
     kw = dict(scale=0.125, kv_quant=kv_quant, kv_scales=None)
     if kv_quant is not None:
@@ -1344,7 +1350,7 @@ def test_quantized_matches_reference(kind, dtype, granularity):
     i = QUANT_MATCH_CASES.index((kind, dtype, granularity))
     head_dim, group = (128, 32) if i % 4 < 2 else (64, 16)
     launch = LaunchConfig(epilogue=EPILOGUES[i % 3], xla_launch=bool(i % 2))
-    q, k, v, valid = make_inputs(_key("quant", kind, dtype, granularity), 4, 8, 2, 1000, head_dim, dtype)
+    q, k, v, valid = make_inputs(_seed("quant", kind, dtype, granularity), 4, 8, 2, 1000, head_dim, dtype)
     kp, vp, scales = quantize_kv(k, v, kind, group)
     kv_len = jnp.asarray([1000, 517, 1, 0], jnp.int32)
     kw = dict(scale=head_dim**-0.5, granularity=granularity, kv_quant=kind, kv_scales=scales)
@@ -1363,7 +1369,7 @@ def test_quantized_benchmark_shapes_with_default_launch(kind, batch, num_slots):
     # The benchmark's shape (32 / 8 heads, D 128, group 32, every slot valid) with the default launch,
     # jitted with a kernel state: right, deterministic, and no buffer the size of a dequantized cache.
     q, k, v, valid = make_inputs(
-        _key("quant bench", kind, batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
+        _seed("quant bench", kind, batch, num_slots), batch, 32, 8, num_slots, 128, jnp.bfloat16, "all"
     )
     kp, vp, scales = quantize_kv(k, v, kind)
     kw = dict(scale=128**-0.5, kv_quant=kind)
@@ -1430,7 +1436,7 @@ def _decode_loop(attention, steps, scale):
 def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
     dtype = jnp.float32  # exact argmin, so the two trajectories must agree step by step
-    key = _key("loop")
+    key = jax.random.key(_seed("loop"))
     q, k, v, _ = make_inputs(key, batch, hq, hkv, slots_, d, dtype)
     valid = jnp.broadcast_to(jnp.arange(slots_) < prompt, (batch, slots_))
     ks = jax.random.split(jax.random.fold_in(key, 1), 3)
