@@ -307,7 +307,8 @@ def _default_num_splits(shape: DecodeShape, row, epilogue: str, block_c: int, sm
         return max(1, min(cdiv(shape.num_slots, per_split), num_blocks, MAX_SPLITS))
     programs = shape.batch * shape.num_kv_heads
     most = max(1, num_blocks // max(1, tuned_launch.MIN_SLOTS_PER_SPLIT // block_c))
-    want = round(row.programs_per_sm * sms / programs)
+    per_sm = tuned_launch.QUANT_PROGRAMS_PER_SM.get(shape.kv_quant, row.programs_per_sm)
+    want = round(per_sm * sms / programs)
     if epilogue == "coop":  # every program resident at once
         want = min(sms // programs, COOP_MAX_SPLITS)
     return max(1, min(want, most, MAX_SPLITS))

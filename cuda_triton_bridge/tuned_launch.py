@@ -61,11 +61,17 @@ F32_NUM_WARPS = 8
 F32_NUM_STAGES = 2
 # A quantized cache (kv_quant, 16-bit q), every row: 64-slot blocks. The codes are unpacked and converted
 # in registers, so the tile is bounded by registers, not shared memory: at D 128, group 32 this is the
-# largest block with no spill for every kind and epilogue on sm_90 (ptxas). Warps per program by kind:
-# int4 4, measured on the H100 (B 64, C 2048: 262 us against 520 with 8 warps; B 16: 123 against 127;
-# docs/BENCHMARKS.md); the other kinds keep 8, chosen from the register report and not yet timed.
+# largest block with no spill for every kind and epilogue on sm_90 (ptxas).
+# Warps per program and, where the table's row splits by programs per SM, that target, by kind. Measured
+# on the H100 with scoring, C 2048 (docs/BENCHMARKS.md):
+# - int4: 4 warps, B 64: 262 us against 520 with 8; B 16, 2 splits: 87 us against 122 with 1 and 95
+#   with 4.
+# - int8: 4 warps, B 64: 233 us against 481 with 8; B 16, 4 splits: 74 us against 93 with 1 (4 warps)
+#   and 121 (8 warps, 1 split).
+# fp8 and int2 are not timed: they keep 8 warps (from the register report) and the row's own target.
 QUANT_BLOCK_C = 64
-QUANT_NUM_WARPS = {"int8": 8, "fp8": 8, "int4": 4, "int2": 8}
+QUANT_NUM_WARPS = {"int8": 4, "fp8": 8, "int4": 4, "int2": 8}
+QUANT_PROGRAMS_PER_SM = {"int8": 4.0, "int4": 2.0}
 NUM_WARPS = 4
 NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
 MIN_SLOTS_PER_SPLIT = 128

@@ -378,16 +378,20 @@ def test_default_launch_per_batch_and_cache_size():
 
 
 def test_quantized_launch_defaults():
-    # A quantized cache keeps each batch's epilogue and split rule, with 64-slot blocks (its codes are
-    # unpacked in registers) and 8 warps, 4 for int4 (timed); float32 q keeps its own 32-slot blocks; a
-    # launch field wins.
+    # A quantized cache keeps each batch's epilogue, with 64-slot blocks (its codes are unpacked in
+    # registers), 8 warps and the row's split rule, except where timed: int4 and int8 4 warps, and their
+    # own programs-per-SM targets; float32 q keeps its own 32-slot blocks; a launch field wins.
     for kind in quant.KV_QUANT_KINDS:
         for batch, slots in ((1, 2048), (16, 2048), (64, 8192)):
             plain, cfg = resolved(batch, slots), resolved(batch, slots, kv_quant=kind)
             assert cfg.epilogue == plain.epilogue and cfg.xla_launch == plain.xla_launch, (kind, batch)
-            warps = 4 if kind == "int4" else 8
+            warps = 4 if kind in ("int4", "int8") else 8
             assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (64, warps, tuned_launch.NUM_STAGES)
-    assert resolved(16, 2048, kv_quant="int4").num_splits == 1
+    # B 16 x Hkv 8 = 128 programs on 132 SMs: the separate epilogue, split to about 2 (int4) and 4 (int8)
+    # programs per SM; fp8 and int2 keep the row's one.
+    splits = {kind: resolved(16, 2048, kv_quant=kind).num_splits for kind in quant.KV_QUANT_KINDS}
+    assert splits == {"int8": 4, "fp8": 1, "int4": 2, "int2": 1}
+    assert resolved(64, 2048, kv_quant="int4").num_splits == resolved(64, 2048).num_splits == 4  # fused
     assert resolved(1, 2048, kv_quant="int4").num_splits == 16  # coop: one program per SM
     assert resolved(2, 40, kv_quant="int8").block_c == 64  # next_pow2(C)
     assert resolved(2, 20, kv_quant="int8").block_c == 32
