@@ -137,6 +137,15 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     t0 = time.perf_counter()
     compiled = jax.jit(chunk_body, donate_argnums=(1,)).lower(params, cache, token, jnp.int32(0)).compile()
     compile_s, chunk_seconds = time.perf_counter() - t0, []
+    # What the step needs beside its arguments, printed before the first chunk so that a run that then
+    # runs out of memory still shows it (`max_batch` budgets a fixed per-row working set).
+    analysis = compiled.memory_analysis()
+    temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
+    if temp_bytes is not None:
+        per_row = temp_bytes / batch / 2**20
+        print(
+            f"    decode chunk working set: {temp_bytes / 2**30:.2f} GiB, {per_row:.1f} MiB a row", flush=True
+        )
     for c in range(num_chunks):
         t0 = time.perf_counter()
         cache, token = compiled(params, cache, token, jnp.int32(c * chunk))
@@ -158,7 +167,7 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
         decode_tokens_per_s_after_first_chunk=batch * chunk * len(steady) / sum(steady),
         ms_per_step=1e3 * sum(chunk_seconds) / decoded, chunk=chunk,
         chunk_tokens_per_s=[batch * chunk / s for s in chunk_seconds],
-        compile_s=compile_s, prefill_s_incl_compile=prefill_s, **whole,
+        compile_s=compile_s, prefill_s_incl_compile=prefill_s, step_temp_bytes=temp_bytes, **whole,
     )  # fmt: skip
 
 

@@ -37,6 +37,7 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
     assert longflow["kv_cache_bytes"] * (144 / 32) == full["kv_cache_bytes"]
     for r in rows:
         assert r["decoded_steps"] == r["new_tokens"] == 32 * len(r["chunk_tokens_per_s"])
+        assert r["step_temp_bytes"] > 0  # the compiled chunk's working set, as XLA's analysis gives it
         assert r["decode_tokens_per_s"] > 0
     for r in (full, longflow):
         assert r["generate_compile_s"] > 0 and r["generate_tokens_per_s"] > 0
