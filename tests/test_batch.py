@@ -121,7 +121,8 @@ def test_four_devices_give_the_same_output_as_one(chat_ckpt, tmp_path):
     one, four = str(tmp_path / "one.jsonl"), str(tmp_path / "four.jsonl")
     assert run_batch(chat_ckpt, inp, one, "--devices", "1") == 0
     # The device count flag must be set before jax initialises: a fresh interpreter.
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=4", JAX_PLATFORMS="cpu")
+    flags = f"{os.environ.get('XLA_FLAGS', '')} --xla_force_host_platform_device_count=4".strip()
+    env = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu")
     env["PYTHONPATH"] = ROOT + os.pathsep + env.get("PYTHONPATH", "")
     cmd = [sys.executable, "-m", "longflow_jax.batch", "--ckpt", chat_ckpt]
     cmd += ["--input", inp, "--output", four, "--max-new-tokens", "8", "--budget", "32", "--batch-size", "2"]
