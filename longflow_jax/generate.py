@@ -138,12 +138,22 @@ def max_batch(
     device_bytes: int,
 ) -> int:
     """The largest batch `generate` fits in device_bytes: the params once, and per row its cache
-    (`kv_cache_bytes`) plus a working set of float32 logits and activations for one step. Prefill's
-    activations are not counted (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
+    (`kv_cache_bytes`) plus a working set of float32 logits and activations for one step, and for
+    "thinkv" the float32 copies its L* layers attend over. Prefill's activations are not counted
+    (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
     capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
                                max_new_tokens)  # fmt: skip
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
+    if compression.policy == "thinkv":
+        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier. Those copies
+        # depend only on the cache, so XLA may make every L* layer's at once: all are counted. On the
+        # Qwen3-4B shape at budget 2,048 that is 136 MiB a row; an H100 run without this term ran out of
+        # memory asking for 104-121 MiB a row beyond the cache (docs/BENCHMARKS.md).
+        cfg = compression.thinkv
+        slots = capacity + len(thinkv.tier_kinds(cfg)) * thinkv.tier_capacity(compression, max_new_tokens)
+        copies = len(cfg.calibrated(config.num_layers)[0])
+        work += copies * 2 * config.num_kv_heads * slots * config.head_dim * 4
     row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work
     batch = (int(device_bytes) - params) // row
     if batch < 1:

@@ -67,6 +67,15 @@ def test_max_batch_fills_the_memory_budget(bench):
         used = params + batch * (kv + work)
         assert used <= memory < used + kv + work
         sizes[policy, kv_quant] = batch
+    # ThinKV: its cache as kv_cache_bytes counts it, and its L* layers' float32 K and V copies of the main
+    # buffer (prompt + one 128-token window) and both tiers, all L* layers at once.
+    comp = lf.CompressionConfig(policy="thinkv", budget=128)
+    batch = lf.max_batch(config, comp, 4096, 64, memory)
+    main, tier = 64 + 128, 128  # tier capacity: the budget (between 4 and 64 tokens a segment)
+    lstar = len(comp.thinkv.calibrated(layers)[0]) * 2 * config.num_kv_heads * (main + 2 * tier) * d * 4
+    work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * main)
+    row = lf.kv_cache_bytes(config, comp, 1, 64, 4096) + work + lstar
+    assert params + batch * row <= memory < params + (batch + 1) * row
     assert sizes["longflow", None] > 10 * sizes["full", None]
     assert sizes["longflow", "int4"] > sizes["longflow", None]
     with pytest.raises(ValueError, match="not even one row fits"):
