@@ -146,10 +146,11 @@ def max_batch(
                                max_new_tokens)  # fmt: skip
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
     if compression.policy == "thinkv":
-        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier. Those copies
-        # depend only on the cache, so XLA may make every L* layer's at once: all are counted. On the
-        # Qwen3-4B shape at budget 2,048 that is 136 MiB a row; an H100 run without this term ran out of
-        # memory asking for 104-121 MiB a row beyond the cache (docs/BENCHMARKS.md).
+        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier. This counts
+        # whole copies for every L* layer at once: 136 MiB a row on the Qwen3-4B shape at budget 2,048,
+        # where an H100 run of the unblocked jnp path ran out of memory asking for 104-121 MiB a row
+        # beyond the cache (docs/BENCHMARKS.md). The path now reads blocks of thinkv.JNP_BLOCK_SLOTS
+        # slots; the bound stays until the GPU's working set for it is measured.
         cfg = compression.thinkv
         slots = capacity + len(thinkv.tier_kinds(cfg)) * thinkv.tier_capacity(compression, max_new_tokens)
         copies = len(cfg.calibrated(config.num_layers)[0])

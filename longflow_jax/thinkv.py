@@ -312,6 +312,53 @@ def _attend_by_kernel(q, layer: LayerCache, scale, kernel):
     return merge_attention(outs, lses)
 
 
+# Slots per block where the jnp path reads a buffer: one block's float32 K or V at a time, in a loop.
+JNP_BLOCK_SLOTS = 256
+
+
+def _slot_blocks(buffer: LayerCache):
+    """(number of blocks, slots per block) of a buffer for the blocked jnp read."""
+    block = min(JNP_BLOCK_SLOTS, buffer.capacity)
+    return -(-buffer.capacity // block), block
+
+
+def _block_kv(buffer: LayerCache, i, block: int):
+    """Slots [i * block, (i + 1) * block) of a buffer as `dequantized_kv` reads them, float32
+    [B, Hkv, block, D] each; slots past the capacity read the last slot (the caller masks them)."""
+    slots = jnp.minimum(i * block + jnp.arange(block), buffer.capacity - 1)
+    k, v = dequantized_kv(take_slots(buffer, jnp.broadcast_to(slots, (buffer.k.shape[0], block))))
+    return k.astype(jnp.float32), v.astype(jnp.float32)
+
+
+def _blocked_logits(qg, buffer: LayerCache, scale):
+    """qg [B, Hkv, G, D] (float32, in the buffer's key basis) against every slot of the buffer:
+    [B, Hkv, G, C] float32, read block by block."""
+    blocks, block = _slot_blocks(buffer)
+
+    def one(_, i):
+        k, _ = _block_kv(buffer, i, block)
+        return None, jnp.einsum("bkgd,bkcd->bkgc", qg, k, precision=_HIGHEST) * scale
+
+    _, logits = jax.lax.scan(one, None, jnp.arange(blocks))  # [blocks, B, Hkv, G, block]
+    logits = jnp.moveaxis(logits, 0, 3)
+    return logits.reshape(*logits.shape[:3], blocks * block)[..., : buffer.capacity]
+
+
+def _blocked_weighted_values(p, buffer: LayerCache, head_dim: int):
+    """p [B, Hkv, G, C] @ the buffer's values: [B, Hkv, G, D] float32, read block by block."""
+    blocks, block = _slot_blocks(buffer)
+    pad = blocks * block - buffer.capacity
+    p = jnp.pad(p, [(0, 0)] * 3 + [(0, pad)]).reshape(*p.shape[:3], blocks, block)
+
+    def one(acc, i):
+        _, v = _block_kv(buffer, i, block)
+        p_block = jax.lax.dynamic_index_in_dim(p, i, axis=3, keepdims=False)
+        return acc + jnp.einsum("bkgc,bkcd->bkgd", p_block, v, precision=_HIGHEST), None
+
+    zero = jnp.zeros((*p.shape[:3], head_dim), jnp.float32)  # buffer.k holds packed codes
+    return jax.lax.scan(one, zero, jnp.arange(blocks))[0]
+
+
 def attend(q, layer: LayerCache, scale, kernel=None):
     """Attention of q [B, Hq, D] (its token already written into the window) over the main buffer and
     every tier, each read at its own precision; returns (out [B, Hq, D] f32, the layer with the next
@@ -319,27 +366,26 @@ def attend(q, layer: LayerCache, scale, kernel=None):
 
     kernel: None, or a decode kernel of pallas_kernels' contract taking return_lse (attention._kernel's),
     which then serves the layers outside L* (`_attend_by_kernel`). Layers in L* read every buffer in
-    jnp: their sparsity needs the probabilities.
+    jnp: their sparsity needs the probabilities. The jnp path reads each buffer in blocks of
+    JNP_BLOCK_SLOTS slots inside a loop: a float32 copy of a whole buffer depends only on the cache, so
+    XLA could make every layer's at once and hold them together.
     """
     if kernel is not None and layer.thinkv.sparsity_sum is None:
         return _attend_by_kernel(q, layer, scale, kernel), layer.replace(evict_slot=layer.evict_slot + 1)
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads = layer.k.shape[1]
     buffers = [layer, *layer.thinkv.tiers]
-    logits, values, valid = [], [], []
+    logits = []
     for buffer in buffers:
-        k, v = dequantized_kv(buffer)
         qg = queries_for_keys(buffer, q).astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim)
-        logits.append(jnp.einsum("bkgd,bkcd->bkgc", qg, k.astype(jnp.float32), precision=_HIGHEST) * scale)
-        values.append(v.astype(jnp.float32))
-        valid.append(kv_valid(buffer))
-    valid = jnp.concatenate(valid, axis=-1)
+        logits.append(_blocked_logits(qg, buffer, scale))
+    valid = jnp.concatenate([kv_valid(buffer) for buffer in buffers], axis=-1)
     logits = jnp.where(valid[:, None, None, :], jnp.concatenate(logits, axis=-1), -jnp.inf)
     probs = jax.nn.softmax(logits, axis=-1)  # the new token's slot is always valid
-    bounds = [0, *itertools.accumulate(v.shape[2] for v in values)]
+    bounds = [0, *itertools.accumulate(buffer.capacity for buffer in buffers)]
     out = sum(
-        jnp.einsum("bkgc,bkcd->bkgd", probs[..., lo:hi], v, precision=_HIGHEST)
-        for lo, hi, v in zip(bounds, bounds[1:], values)
+        _blocked_weighted_values(probs[..., lo:hi], buffer, head_dim)
+        for lo, hi, buffer in zip(bounds, bounds[1:], buffers)
     )
     state = layer.thinkv
     if state.sparsity_sum is not None:

@@ -13,7 +13,7 @@ import pytest
 from helpers import generate_module, make_prompts
 
 import longflow_jax as lf
-from longflow_jax import thinkv
+from longflow_jax import kv_cache, thinkv
 from longflow_jax.config import ThinKVConfig
 from longflow_jax.kv_cache import KVCache, write_slots, write_token
 from longflow_jax.thinkv import EXECUTION, REASONING, TRANSITION
@@ -257,10 +257,9 @@ def test_merge_by_log_sum_exp_is_attention_over_the_concatenation():
     np.testing.assert_allclose(np.asarray(merged), whole, rtol=1e-5, atol=1e-6)
 
 
-def test_attend_through_the_kernel_matches_jnp():
-    """A layer outside L* with a short prompt row, a half-full window and tokens scattered over an int4
-    and an int2 tier (and an empty model-dtype one): the Pallas kernel per buffer, merged, gives the
-    jnp path's attention, and the same layer."""
+def scattered_layer(index):
+    """Layer `index` (0: in L*, 1: outside it) with a short prompt row, a half-full window and tokens
+    scattered over an int4 and an int2 tier (and an empty model-dtype one), and a query for it."""
     tk = ThinKVConfig(tau=8, schedule=(4, 2, 1), precisions="R4E16T2", layers=(0,), thresholds=(0.3, 0.6))
     comp = lf.CompressionConfig(policy="thinkv", budget=12, kv_quant_group=GROUP, thinkv=tk)
     rng = np.random.default_rng(1)
@@ -268,13 +267,8 @@ def test_attend_through_the_kernel_matches_jnp():
     prompt_k, prompt_v = rng.standard_normal((2, batch, prompt_len, num_kv_heads, dim)).astype(np.float32)
     lengths = jnp.asarray([5, 3])
     main = thinkv.prefill_layer(prompt_k, prompt_v, lengths, prompt_len + tk.tau)
-    layers = thinkv.attach(KVCache(layers=[main, main]), comp, max_new_tokens=33).layers
-    layer = layers[1]
-    assert layer.thinkv.sparsity_sum is None and [t.kv_quant for t in layer.thinkv.tiers] == [
-        "int2",
-        None,
-        "int4",
-    ]
+    layer = thinkv.attach(KVCache(layers=[main, main]), comp, max_new_tokens=33).layers[index]
+    assert [t.kv_quant for t in layer.thinkv.tiers] == ["int2", None, "int4"]
     for step in range(4):  # the window: 3 tokens before this step's, then this step's
         k, v = rng.standard_normal((2, batch, num_kv_heads, dim)).astype(np.float32)
         layer = write_token(layer, k, v, lengths + step).replace(evict_slot=layer.evict_slot + 1)
@@ -284,13 +278,51 @@ def test_attend_through_the_kernel_matches_jnp():
         k, v = rng.standard_normal((2, batch, num_kv_heads, 3, dim)).astype(np.float32)
         tiers[t] = write_slots(tiers[t], k, v, jnp.full((batch, 3), 2), jnp.asarray(slots))
     layer = layer.replace(thinkv=layer.thinkv.replace(tiers=tiers))
-    q = jnp.asarray(rng.standard_normal((batch, num_q_heads, dim)), jnp.float32)
+    return layer, jnp.asarray(rng.standard_normal((batch, num_q_heads, dim)), jnp.float32)
+
+
+def test_attend_through_the_kernel_matches_jnp():
+    """A layer outside L*: the Pallas kernel per buffer, merged, gives the jnp path's attention, and the
+    same layer."""
+    layer, q = scattered_layer(1)
+    assert layer.thinkv.sparsity_sum is None
     kernel = functools.partial(longflow_decode_attention, block_c=16)
     attend = jax.jit(thinkv.attend, static_argnums=(2, 3))
     out, after = attend(q, layer, 0.125, kernel)
     want, want_layer = attend(q, layer, 0.125, None)
     np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
     np.testing.assert_array_equal(after.evict_slot, want_layer.evict_slot)
+
+
+@pytest.mark.parametrize("block_slots", [3, 256])
+def test_jnp_attend_in_blocks_is_attention_over_every_buffer(monkeypatch, block_slots):
+    """A layer in L*, read in blocks of 3 slots (no buffer a multiple of it) and in one block: the
+    output is float64 numpy attention over the buffers' dequantized K/V end to end, and the step's
+    sparsity is numpy's count over those probabilities."""
+    layer, q = scattered_layer(0)
+    monkeypatch.setattr(thinkv, "JNP_BLOCK_SLOTS", block_slots)
+    out, after = jax.jit(thinkv.attend, static_argnums=(2, 3))(q, layer, 0.125)
+    buffers = [layer, *layer.thinkv.tiers]
+    assert max(b.capacity for b in buffers) > block_slots or block_slots == 256
+    # Keys in each buffer's basis (rotated in a quantized tier); q rotated alike there.
+    qs = [np.asarray(kv_cache.queries_for_keys(b, q), np.float64) for b in buffers]
+    k, v = ([np.asarray(kv_cache.dequantized_kv(b)[i], np.float64) for b in buffers] for i in (0, 1))
+    valid = np.concatenate([np.asarray(kv_cache.kv_valid(b)) for b in buffers], axis=-1)
+    group = q.shape[1] // layer.k.shape[1]
+    logits = (
+        np.concatenate(
+            [np.einsum("bhd,bhcd->bhc", qb, np.repeat(kb, group, axis=1)) for qb, kb in zip(qs, k)], axis=-1
+        )
+        * 0.125
+    )
+    logits = np.where(valid[:, None, :], logits, -np.inf)
+    probs = np.exp(logits - logits.max(-1, keepdims=True))
+    probs /= probs.sum(-1, keepdims=True)
+    want = np.einsum("bhc,bhcd->bhd", probs, np.repeat(np.concatenate(v, axis=2), group, axis=1))
+    np.testing.assert_allclose(np.asarray(out), want, rtol=1e-5, atol=1e-5)
+    below = (probs < thinkv.SPARSITY_REL * probs.max(-1, keepdims=True)) & valid[:, None, :]
+    sparsity = (below.sum(-1) / valid.sum(-1)[:, None]).mean(-1)
+    np.testing.assert_allclose(np.asarray(after.thinkv.sparsity_sum), sparsity, rtol=1e-6)
 
 
 @pytest.mark.parametrize("impl", ["pallas", pytest.param("triton", marks=pytest.mark.gpu)])
