@@ -146,11 +146,11 @@ def max_batch(
                                max_new_tokens)  # fmt: skip
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
     if compression.policy == "thinkv":
-        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier. This counts
-        # whole copies for every L* layer at once: 136 MiB a row on the Qwen3-4B shape at budget 2,048,
-        # where an H100 run of the unblocked jnp path ran out of memory asking for 104-121 MiB a row
-        # beyond the cache (docs/BENCHMARKS.md). The path now reads blocks of thinkv.JNP_BLOCK_SLOTS
-        # slots; the bound stays until the GPU's working set for it is measured.
+        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier, read in
+        # blocks (thinkv.JNP_BLOCK_SLOTS). Counted as whole copies for every L* layer at once: an upper
+        # bound, which also covers what a whole-buffer read asked for on an H100 (104-121 MiB a row on
+        # the Qwen3-4B shape at budget 2,048, against 136 counted; docs/BENCHMARKS.md). The blocked
+        # read's own working set on a GPU is not yet measured.
         cfg = compression.thinkv
         slots = capacity + len(thinkv.tier_kinds(cfg)) * thinkv.tier_capacity(compression, max_new_tokens)
         copies = len(cfg.calibrated(config.num_layers)[0])

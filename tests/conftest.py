@@ -2,8 +2,8 @@ import glob
 import os
 
 # On a CPU-only machine compile time dominates this suite (tiny models, many shapes): LLVM's optimization
-# of XLA's CPU code costs more than the run time it saves (test_generate + test_thinkv_generate: 131 s ->
-# 104 s). Set before jax starts a backend; subprocesses inherit it; a user's own setting wins.
+# of XLA's CPU code costs more than the run time it saves. Set before jax starts a backend; subprocesses
+# inherit it; a user's own setting wins.
 _xla_flags = os.environ.get("XLA_FLAGS", "")
 if not glob.glob("/dev/nvidia[0-9]*") and "xla_backend_optimization_level" not in _xla_flags:
     os.environ["XLA_FLAGS"] = f"{_xla_flags} --xla_backend_optimization_level=0".strip()
