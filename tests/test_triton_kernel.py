@@ -442,7 +442,7 @@ def test_t_is_discarded_only_above_four_mib():
 
 @pytest.mark.parametrize("epilogue", ["separate", "fused", "coop"])
 def test_discard_needs_sm80_and_a_gpu(epilogue):
-    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
+    # discard.global.L2 is PTX for sm_80+; the interpreter (native=False) runs no PTX at all.
     shape = DecodeShape(8, 32, 8, 8192, 128)
     cfg = resolve_launch(shape, LaunchConfig(epilogue=epilogue, num_splits=2), sms=SMS, capability=90)
     assert cfg.discard_t
@@ -454,7 +454,7 @@ def test_discard_needs_sm80_and_a_gpu(epilogue):
 
     assert discard(capability=90) and discard(capability=80)
     assert not discard(capability=75)
-    assert not discard(capability=90, fast_log2=False)
+    assert not discard(capability=90, native=False)
     assert not discard(dataclasses.replace(cfg, discard_t=False), capability=90)
 
 

@@ -147,7 +147,7 @@ def longflow_decode_attention_interpret(
         granularity=granularity,
         compute_evict=compute_evict,
         is_f32=dtype == "float32",
-        fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
+        native=False,  # no libdevice or PTX in the interpreter; the GPU tests check the native path
         spin=False,  # interpreted programs run one after another: none may wait for another
         return_lse=return_lse,
     )
