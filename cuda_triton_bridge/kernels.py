@@ -72,29 +72,28 @@ def _plane_codes(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
 
 # Packed codes to 16-bit floats with integer ops (the FasterTransformer "magic number" trick): a code c
 # of at most 7 bits ORed into the mantissa of M = 2^7 (bf16 0x4300) or 2^10 (fp16 0x6400) is the float
-# M + c, exactly, and one packed fma subtracts M from two at a time. No I2F (a quarter-rate
-# conversion, two per code with the byte extraction before it). Four payload bytes per call: PRMT
-# spreads bytes 0, 1 (then 2, 3) over the two halves of a register, a shift selects the plane.
-_MAGIC = {"bf16": (0x43004300, 0x3F803F80, 0xC300C300), "fp16": (0x64006400, 0x3C003C00, 0xE400E400)}
-
-
+# M + c, exactly, and one packed fma takes M off two at a time: no I2F (a quarter-rate conversion, two
+# per code with the byte extraction before it). Four payload bytes per call: PRMT spreads bytes 0, 1
+# (then 2, 3) over the two halves of a register, and a shift selects the plane. (For int8 the compiler's
+# own conversion already compiles to as many instructions as this scheme needs.)
 @triton.constexpr_function
 def _unpack_asm(dtype, plane, codes_per_byte):
-    """The PTX of one call: four bytes' codes of `plane` as four dtype values (bf16 or fp16) in two
-    registers."""
-    name = str(dtype)
+    """The PTX of one call: four payload bytes' codes of `plane` as four dtype values (bf16 or fp16) in
+    two registers."""
+    bf16 = str(dtype) == "bf16"
+    pair = "bf16x2" if bf16 else "f16x2"
+    magic, one, minus_magic = (
+        (0x43004300, 0x3F803F80, 0xC300C300) if bf16 else (0x64006400, 0x3C003C00, 0xE400E400)
+    )
     bits = 8 // codes_per_byte
-    shift, mask = plane * bits, ((1 << bits) - 1) * 0x10001
-    magic, one, minus_magic = _MAGIC[name]
-    suffix = "bf16x2" if name == "bf16" else "f16x2"
-    shr = f"shr.u32 t0, t0, {shift}; shr.u32 t1, t1, {shift};" if shift else ""
+    mask = ((1 << bits) - 1) * 0x10001
+    shift = f"shr.u32 t0, t0, {plane * bits}; shr.u32 t1, t1, {plane * bits}; " if plane else ""
     return (
         "{ .reg .b32 t0, t1, one, neg; "
         f"mov.b32 one, {one:#x}; mov.b32 neg, {minus_magic:#x}; "
-        "prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; "
-        f"{shr} "
+        f"prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; {shift}"
         f"lop3.b32 $0, t0, {mask:#x}, {magic:#x}, 0xea; lop3.b32 $1, t1, {mask:#x}, {magic:#x}, 0xea; "
-        f"fma.rn.{suffix} $0, $0, one, neg; fma.rn.{suffix} $1, $1, one, neg; }}"
+        f"fma.rn.{pair} $0, $0, one, neg; fma.rn.{pair} $1, $1, one, neg; }}"
     )
 
 
@@ -102,7 +101,7 @@ def _unpack_asm(dtype, plane, codes_per_byte):
 def _codes_as(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr, DTYPE: tl.constexpr,
               NATIVE: tl.constexpr):  # fmt: skip
     """Plane `plane` of a payload tile (`_plane_codes`) as DTYPE values, exactly (codes of 8 bits or
-    fewer are exact in bf16 and fp16). Packed kinds compiled for the GPU unpack in PTX."""
+    fewer are exact in bf16 and fp16). Packed codes compiled for the GPU unpack in PTX."""
     if NATIVE and CODES_PER_BYTE > 1:
         codes = tl.inline_asm_elementwise(
             _unpack_asm(DTYPE, plane, CODES_PER_BYTE), "=r,=r,r", [payload], DTYPE.value, True, 4
@@ -214,19 +213,6 @@ def _quant_logits(
 
 
 @triton.jit
-def _quant_value_norms(codes, scales, zeros, BLOCK_C: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
-    """||v||_1 of a block of quantized values: [BLOCK_C] f32, over codes * scale (+ zero) in f32, the
-    values the reference dequantizes."""
-    vnorm = tl.zeros([BLOCK_C], tl.float32)
-    for k in tl.static_range(len(codes)):
-        x = codes[k].to(tl.float32) * scales[k][:, None]
-        if CODES_PER_BYTE > 1:
-            x += zeros[k][:, None]
-        vnorm += tl.sum(tl.abs(x), axis=1)
-    return vnorm
-
-
-@triton.jit
 def _quant_accumulate(
     acc, alpha, p, codes, scales, zeros, DTYPE: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
@@ -250,7 +236,8 @@ def _quant_accumulate(
 
 @triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+    kv_len_ptr, t_ptr,
     qk_scale, split, kvh, b,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr, QROWS: tl.constexpr, EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
@@ -323,8 +310,8 @@ def _attend_split(
                 v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
                 CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE,
             )  # fmt: skip
-            if EVICT:
-                vnorm = _quant_value_norms(v_codes, v_scales, v_zeros, BLOCK_C, CODES_PER_BYTE)[None, :]
+            if EVICT:  # stored when the slot was written (quant.KVScales)
+                vnorm = tl.load(v_norm_ptr + head_row * C + c, mask=in_range, other=0.0)[None, :]
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
@@ -441,6 +428,7 @@ def decode_split_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
     acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
     m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
@@ -474,7 +462,8 @@ def decode_split_kernel(
     b = tl.program_id(2)
 
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
         NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
@@ -614,6 +603,7 @@ def decode_fused_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -656,7 +646,8 @@ def decode_fused_kernel(
     b = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
         NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
@@ -902,6 +893,7 @@ def decode_coop_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -947,7 +939,8 @@ def decode_coop_kernel(
     b = tl.program_id(2)
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
         NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip

@@ -187,7 +187,7 @@ def compile_plan(
     }
     if plan.one_kernel:
         main_inputs["tickets_in_ptr"] = "*i32"
-    main_inputs.update({f"{n}_ptr": "*fp32" for n in ("k_scale", "k_zero", "v_scale", "v_zero")})
+    main_inputs.update({f"{n}_ptr": "*fp32" for n in ("k_scale", "k_zero", "v_scale", "v_zero", "v_norm")})
     launches = [(getattr(kernels, plan.main_kernel), main_inputs, plan.split)]
     if plan.combine is not None:
         comb_inputs = {

@@ -222,9 +222,9 @@ def test_int8_is_close_to_the_full_cache_and_int4_further(params):
         scores = lf.score_trajectory(
             params, CONFIG, ids, lengths, trajectory, np.full(2, steps), compression=comp, reference=full
         )
-        # The K/V bytes held: every prompt and fed token, at the quantized row size.
+        # The K/V bytes held: every prompt and fed token, at the quantized slot size.
         per_token = (
-            2 * CONFIG.num_layers * CONFIG.num_kv_heads * quant.row_bytes(CONFIG.head_dim, 4, kind, GROUP)
+            CONFIG.num_layers * CONFIG.num_kv_heads * quant.slot_bytes(CONFIG.head_dim, 4, kind, GROUP)
         )
         held = (lengths[:, None] + np.arange(steps)[None]) * per_token
         np.testing.assert_allclose(np.asarray(scores.kv_bytes), held, rtol=1e-6)
@@ -264,8 +264,6 @@ def test_kernel_reference_reads_quantized_payloads(kind):
     valid = np.arange(8)[None, :] < np.array([[8], [5]])
     (kp, ks, kz), (vp, vs, vz) = numpy_quantize(k, kind, 32), numpy_quantize(v, kind, 32)
     zero = quant.has_zero_point(kind)
-    scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz)))
-    scales = scales._replace(k_zero=scales.k_zero if zero else None, v_zero=scales.v_zero if zero else None)
 
     def deq(payload, s, z):
         if kind in ("int4", "int2"):
@@ -276,6 +274,13 @@ def test_kernel_reference_reads_quantized_payloads(kind):
             payload = codes.reshape(*payload.shape[:-1], -1)
         x = payload.astype(np.float32).reshape(*s.shape, 32) * s[..., None] + z[..., None]
         return x.reshape(*payload.shape[:-1], -1)
+
+    norms = np.abs(deq(vp, vs, vz)).sum(-1, keepdims=True)
+    scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz, norms)))
+    scales = scales._replace(k_zero=scales.k_zero if zero else None, v_zero=scales.v_zero if zero else None)
+    # The stored norm is ||v||_1 of the dequantized value, as quantize_kv computes it.
+    stored = quant.quantize_kv(jnp.asarray(k), jnp.asarray(v), kind, 32)[2].v_norm
+    np.testing.assert_allclose(np.asarray(stored), norms, rtol=1e-6)
 
     out, evict = reference(
         jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.125,
@@ -295,5 +300,9 @@ def test_kernel_reference_reads_quantized_payloads(kind):
         )
     bad = scales._replace(v_scale=scales.v_scale[..., :1])
     with pytest.raises(ValueError, match=r"kv_scales.v_scale must be float32 \[2, 2, 8, 2\]"):
+        reference(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1,
+                  kv_quant=kind, kv_scales=bad)  # fmt: skip
+    bad = scales._replace(v_norm=scales.v_norm[..., 0])
+    with pytest.raises(ValueError, match=r"kv_scales.v_norm must be float32 \[2, 2, 8, 1\]"):
         reference(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1,
                   kv_quant=kind, kv_scales=bad)  # fmt: skip

@@ -88,13 +88,12 @@ def make_inputs(seed, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dty
 
 
 # One compile per shape instead of one per op (the interpreter fixture quantizes 20 shapes).
-_quantize = jax.jit(quant.quantize, static_argnums=(1, 2))
+_quantize_kv = jax.jit(quant.quantize_kv, static_argnums=(2, 3))
 
 
 def quantize_kv(k, v, kind, group=32):
     """k, v quantized per slot as the cache stores them: (k payload, v payload, KVScales)."""
-    (kp, ks, kz), (vp, vs, vz) = (_quantize(x, kind, group) for x in (k, v))
-    return kp, vp, quant.KVScales(ks, kz, vs, vz)
+    return _quantize_kv(k, v, kind, group)
 
 
 def reference_importance(q, k, v, kv_valid, scale, granularity):
@@ -403,14 +402,15 @@ def test_quantized_launch_defaults():
 
 @pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
 @pytest.mark.parametrize("head_dim, group", [(128, 32), (64, 16), (128, 128)])
-def test_a_quantized_slot_row_is_its_payload_and_scales(kind, head_dim, group):
-    # The bytes of one slot's K (or V) row, which the shared-memory estimate and the benchmark's bytes
-    # count: what quant.quantize stores for it.
+def test_a_quantized_slot_is_its_payloads_scales_and_value_norm(kind, head_dim, group):
+    # The bytes of one slot's K and V for one KV head, which the shared-memory estimate and the
+    # benchmark's bytes count: what quant.quantize stores for its key and its value, and the value's norm.
     payload, scale, zero = quant.quantize(jnp.ones((1, head_dim)), kind, group)
-    stored = payload.nbytes + scale.nbytes + (0 if zero is None else zero.nbytes)
+    norm = quant.value_norms(payload, scale, zero, kind, group)
+    stored = 2 * (payload.nbytes + scale.nbytes + (0 if zero is None else zero.nbytes)) + norm.nbytes
     shape = DecodeShape(1, 8, 2, 64, head_dim, 2, kind, group)
-    assert shape.kv_row_bytes == stored
-    assert DecodeShape(1, 8, 2, 64, head_dim).kv_row_bytes == 2 * head_dim
+    assert shape.kv_slot_bytes == stored
+    assert DecodeShape(1, 8, 2, 64, head_dim).kv_slot_bytes == 2 * 2 * head_dim
 
 
 def test_splits_round_to_whole_blocks():
@@ -612,7 +612,7 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
     payload = jax.ShapeDtypeStruct((4, 8, 2048, 128 // quant.codes_per_byte(kind)), quant.payload_dtype(kind))
     rows = jax.ShapeDtypeStruct((4, 8, 2048, 4), jnp.float32)
     zero = rows if quant.has_zero_point(kind) else None
-    scales = quant.KVScales(rows, zero, rows, zero)
+    scales = quant.KVScales(rows, zero, rows, zero, jax.ShapeDtypeStruct((4, 8, 2048, 1), jnp.float32))
     launch = LaunchConfig(epilogue="coop", xla_launch=True)
 
     def fn(q, k, v, valid, scales):
@@ -625,10 +625,10 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
     ttir = re.search(r'ir = "(.*?)", name', text).group(1)
     params = re.search(r"tt\.func public @decode_coop_kernel\((.*?)\) attributes", ttir).group(1)
     types = re.findall(r"!tt\.ptr<(\w+)>", params)
-    # q, k, v, valid, kv_len, tickets, then the four scale rows, then the outputs
-    assert types[:10] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 4, types
+    # q, k, v, valid, kv_len, tickets, then the four scale rows and the value norms, then the outputs
+    assert types[:11] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 5, types
     call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", text).group(1)
-    assert len(call.split(", ")) == 10
+    assert len(call.split(", ")) == 11
     operands = re.search(r"@__gpu\$xla\.gpu\.triton\(.*\} : \(([^()]*)\) -> ", text).group(1)
     assert ("tensor<1xf32>" in operands) != quant.has_zero_point(kind)
     for dtype in ("bf16", "f32", "f16"):

@@ -155,7 +155,7 @@ def longflow_decode_attention_interpret(
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
     tlen = torch.from_numpy(np.asarray(kv_len).copy())
     # Without kv_quant (or zero points) the kernels never read these: a placeholder, as decode.py passes.
-    scales = kwargs.get("kv_scales") or quant.KVScales(None, None, None, None)
+    scales = kwargs.get("kv_scales") or quant.KVScales(*(None for _ in quant.KVScales._fields))
     tscales = [torch.zeros(1) if x is None else _to_torch(x) for x in scales]
     qk_scale = float(kwargs["scale"]) * LOG2E
     split_out = _alloc(plan.split, _TORCH[dtype])
