@@ -1005,6 +1005,43 @@ def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
     np.testing.assert_array_equal(state, 0)
 
 
+_COLUMN_SCRIPT = """
+import json, sys
+import numpy as np, torch, triton, triton.language as tl
+from cuda_triton_bridge.kernels import _column
+
+@triton.jit
+def column(x_ptr, o_ptr, B: tl.constexpr, N: tl.constexpr, G: tl.constexpr):
+    r, c = tl.arange(0, B), tl.arange(0, N)
+    tl.store(o_ptr + r, _column(tl.load(x_ptr + r[:, None] * N + c[None, :]), G, N))
+
+got = {}
+for n in (1, 2, 4, 8):
+    x = torch.from_numpy(np.random.default_rng(n).standard_normal((16, n)).astype(np.float32))
+    for g in range(n):
+        o = torch.zeros(16)
+        column[(1,)](x, o, 16, n, g)
+        got[f"{n},{g}"] = bool(torch.equal(o, x[:, g]))
+print(json.dumps(got))
+"""
+
+
+def test_scale_column_is_that_column_for_every_group_count():
+    """The kernel takes a chunk's scales out of the slots' scale rows [BLOCK_C, D / group] by splits of
+    the last axis (`_column`): for 1, 2, 4 and 8 groups a head, every column is the one asked for."""
+    pytest.importorskip("triton", reason="the interpreter tests need triton (no GPU)")
+    pytest.importorskip("torch", reason="the interpreter tests need torch (CPU)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COLUMN_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == 1 + 2 + 4 + 8 and all(got.values()), got
+
+
 def test_interpreter_lse_matches_numpy(interpreted):
     (q, k, v, kv_valid, kv_scales), kwargs, *_, lse = interpreted["lse-int8-kvlen"]
     bounded = bounded_mask(kv_valid, kwargs["kv_len"])
