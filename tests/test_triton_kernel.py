@@ -1005,6 +1005,65 @@ def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
     np.testing.assert_array_equal(state, 0)
 
 
+def _run_ptx(asm: str, word: int) -> tuple[int, int]:
+    """Execute the unpacking PTX (`kernels._unpack_asm`) on one input register, bit for bit: a simulator
+    of the instructions it uses (mov, prmt, shr, lop3, and fma.rn on packed 16-bit floats)."""
+    regs = {"$2": word}
+    val = lambda a: regs[a] if a in regs else int(a, 0)  # noqa: E731
+    for ins in asm.strip("{} ").split(";"):
+        if not ins.strip() or ins.strip().startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        dst, *args = (a.strip() for a in rest.split(","))
+        if op == "mov.b32":
+            regs[dst] = val(args[0])
+        elif op == "prmt.b32":  # byte i of the result is byte (selector nibble i) of {b, a}
+            pool, sel = val(args[0]) | val(args[1]) << 32, val(args[2])
+            regs[dst] = sum((pool >> 8 * (sel >> 4 * i & 7) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.u32":
+            regs[dst] = val(args[0]) >> val(args[1])
+        elif op == "lop3.b32":  # bit i: the table's bit at index (a << 2 | b << 1 | c)
+            a, b, c, table = (val(x) for x in args)
+            regs[dst] = sum(
+                (table >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)) & 1) << i for i in range(32)
+            )
+        elif op.startswith("fma.rn."):
+            dtype = jnp.bfloat16 if "bf16" in op else jnp.float16
+            a, b, c = (
+                np.array([val(x) & 0xFFFF, val(x) >> 16], np.uint16).view(dtype).astype(np.float64)
+                for x in args
+            )
+            r = (a * b + c).astype(dtype).view(np.uint16)  # the products here are exact: one rounding
+            regs[dst] = int(r[0]) | int(r[1]) << 16
+        else:
+            raise AssertionError(f"the simulator does not know {op}")
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_ptx_unpacking_gives_each_plane_s_codes(dtype, kind):
+    """The GPU path's PTX (the interpreter runs none) turns four payload bytes into the four codes of a
+    plane as exact 16-bit floats, in element order: every byte value, at every byte position."""
+    kernels = pytest.importorskip("cuda_triton_bridge.kernels", reason="needs triton")
+    per_byte = quant.codes_per_byte(kind)
+    bits = 8 // per_byte
+    rng = np.random.default_rng(per_byte)
+    words = rng.integers(0, 256, (256, 4))
+    for position in range(4):
+        words[:, position] = np.roll(np.arange(256), 37 * position)
+    np_dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float16
+    for plane in range(per_byte):
+        asm = kernels._unpack_asm(dtype, plane, per_byte)
+        for word in words:
+            lo, hi = _run_ptx(asm, int(sum(int(b) << 8 * i for i, b in enumerate(word))))
+            got = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], np.uint16).view(np_dtype)
+            want = (word >> plane * bits) & ((1 << bits) - 1)
+            np.testing.assert_array_equal(
+                got.astype(np.float64), want, err_msg=f"plane {plane}, bytes {word}"
+            )
+
+
 _COLUMN_SCRIPT = """
 import json, sys
 import numpy as np, torch, triton, triton.language as tl
