@@ -805,6 +805,18 @@ def test_quantized_kernels_compile_for_sm90_without_spills(compile_plan, kind, b
         assert main["shared_bytes"] == estimate
 
 
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+def test_quantized_slot_loop_has_no_i2f(compile_plan, kind):
+    """The slot loop turns codes into q's dtype with integer ops and packed FMAs (int4 / int2: the PTX
+    of `_unpack_asm`), never with I2F, a quarter-rate conversion; nor does it convert any value to f32
+    for its norm, which it reads (KVScales.v_norm)."""
+    loop = compile_plan(16, 32, 8, 2048, 128, kv_quant=kind)["decode_split_kernel"]["loop_ops"]
+    assert any(op.startswith("HMMA") for op in loop), loop  # the slot loop, with its dots
+    assert not [op for op in loop if op.startswith("I2F")], loop
+    if kind != "int8":
+        assert loop.get("HFMA2.BF16_V2", 0) > 0, loop
+
+
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
 def test_kernels_compile_for_sm75_without_the_discard(compile_plan, epilogue):
     # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
