@@ -52,8 +52,8 @@ class KVScales(NamedTuple):
     [B, Hkv, C, D / group] each (the zero points None for the symmetric kinds, int8 and fp8; the group
     is D / the scales' last dimension), and v_norm [B, Hkv, C, 1], ||v||_1 of each slot's dequantized
     value (`value_norms`). The importance needs that norm for every slot at every step, and it changes
-    only when the slot is written: stored beside the scales, the kernels read 4 bytes a slot instead
-    of dequantizing every value in float32 and summing it."""
+    only when the slot is written: stored beside the scales, the Triton kernel reads 4 bytes a slot
+    instead of dequantizing every value in float32 and summing it."""
 
     k_scale: Any
     k_zero: Any
