@@ -69,6 +69,18 @@ def numpy_quantize(x, kind, group):
     return payload.reshape(*lead, -1), scales.reshape(*lead, -1), zeros.reshape(*lead, -1)
 
 
+def numpy_dequantize(payload, scale, zero, kind, group):
+    """numpy_quantize's payload back to float32 [..., D]: codes (unpacked by plane) * scale + zero."""
+    payload = np.asarray(payload)
+    if kind in ("int4", "int2"):
+        bits = int(kind[3])
+        codes = np.stack([(payload >> np.uint8(bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)], -2)
+        payload = codes.reshape(*payload.shape[:-1], -1)
+    scale, zero = np.asarray(scale), np.asarray(zero) if zero is not None else 0.0
+    grouped = payload.astype(np.float32).reshape(*scale.shape, group) * scale[..., None]
+    return (grouped + (zero[..., None] if np.ndim(zero) else zero)).reshape(*payload.shape[:-1], -1)
+
+
 def _heads(seed=0, shape=(2, 3, 5, 64)):
     """Random rows with a few outlier channels, an all-zero row (an empty slot) and a constant row."""
     rng = np.random.default_rng(seed)
@@ -144,8 +156,11 @@ def test_prefill_and_write_token_store_quantized_rotated_keys(kind):
                 np.testing.assert_array_equal(np.asarray(getattr(source, f"{name}_scale")[b, :, at]), scale)
                 if kind == "int4":
                     np.testing.assert_array_equal(np.asarray(getattr(source, f"{name}_zero")[b, :, at]), zero)
+                if name == "v":  # the value's L1 norm, stored with it
+                    norm = np.abs(numpy_dequantize(payload, scale, zero, kind, group)).sum(-1, keepdims=True)
+                    np.testing.assert_allclose(np.asarray(source.v_norm[b, :, at]), norm, rtol=1e-6)
         others = np.arange(capacity) != slot
-        for name in ("k", "v", "k_scale", "v_scale"):  # the write touches only the evict slot
+        for name in ("k", "v", "k_scale", "v_scale", "v_norm"):  # the write touches only the evict slot
             np.testing.assert_array_equal(
                 np.asarray(getattr(new, name))[b, :, others].view(np.uint8),
                 np.asarray(getattr(layer, name))[b, :, others].view(np.uint8),
@@ -266,14 +281,7 @@ def test_kernel_reference_reads_quantized_payloads(kind):
     zero = quant.has_zero_point(kind)
 
     def deq(payload, s, z):
-        if kind in ("int4", "int2"):
-            bits = int(kind[3])
-            codes = np.stack(
-                [(payload >> np.uint8(bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)], -2
-            )
-            payload = codes.reshape(*payload.shape[:-1], -1)
-        x = payload.astype(np.float32).reshape(*s.shape, 32) * s[..., None] + z[..., None]
-        return x.reshape(*payload.shape[:-1], -1)
+        return numpy_dequantize(payload, s, z, kind, 32)
 
     norms = np.abs(deq(vp, vs, vz)).sum(-1, keepdims=True)
     scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz, norms)))
