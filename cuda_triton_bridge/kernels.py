@@ -77,9 +77,18 @@ def _plane_codes(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
 # (then 2, 3) over the two halves of a register, and a shift selects the plane. (For int8 the compiler's
 # own conversion already compiles to as many instructions as this scheme needs.)
 @triton.constexpr_function
+def _unpacks_in_ptx(dtype, codes_per_byte):
+    """Whether packed codes become dtype values through `_unpack_asm`: 16-bit floats only (two to a
+    register); float32 q (the reference-precision path) converts codes the compiler's way."""
+    return codes_per_byte > 1 and str(dtype) in ("bf16", "fp16")
+
+
+@triton.constexpr_function
 def _unpack_asm(dtype, plane, codes_per_byte):
     """The PTX of one call: four payload bytes' codes of `plane` as four dtype values (bf16 or fp16) in
     two registers."""
+    if not _unpacks_in_ptx(dtype, codes_per_byte):
+        raise ValueError(f"PTX unpacking takes bf16 or fp16 and packed codes, got {dtype}, {codes_per_byte}")
     bf16 = str(dtype) == "bf16"
     pair = "bf16x2" if bf16 else "f16x2"
     magic, one, minus_magic = (
@@ -101,8 +110,9 @@ def _unpack_asm(dtype, plane, codes_per_byte):
 def _codes_as(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr, DTYPE: tl.constexpr,
               NATIVE: tl.constexpr):  # fmt: skip
     """Plane `plane` of a payload tile (`_plane_codes`) as DTYPE values, exactly (codes of 8 bits or
-    fewer are exact in bf16 and fp16). Packed codes compiled for the GPU unpack in PTX."""
-    if NATIVE and CODES_PER_BYTE > 1:
+    fewer are exact in bf16 and fp16). Packed codes compiled for the GPU into 16-bit floats unpack in
+    PTX."""
+    if NATIVE and _unpacks_in_ptx(DTYPE, CODES_PER_BYTE):
         codes = tl.inline_asm_elementwise(
             _unpack_asm(DTYPE, plane, CODES_PER_BYTE), "=r,=r,r", [payload], DTYPE.value, True, 4
         )

@@ -817,6 +817,16 @@ def test_quantized_slot_loop_has_no_i2f(compile_plan, kind):
         assert loop.get("HFMA2.BF16_V2", 0) > 0, loop
 
 
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_packed_kernels_compile_for_float32_queries(compile_plan, kind):
+    """float32 q (ThinKV's tiers under a float32 model) takes the compiler's code conversion: the PTX
+    unpacking only makes 16-bit floats, and forcing it on f32 aborts the compile."""
+    reports = compile_plan(16, 4, 2, 64, 64, dtype="float32", kv_quant=kind, quant_group=16, with_ptx=True)
+    for name, report in reports.items():
+        assert "prmt.b32" not in report["ptx"], name
+        assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
+
+
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
 def test_kernels_compile_for_sm75_without_the_discard(compile_plan, epilogue):
     # Turing has no discard.global.L2: the plan leaves it out and the kernels still compile.
@@ -1451,7 +1461,7 @@ QUANT_MATCH_CASES = [
     for kind in quant.KV_QUANT_KINDS
     for dtype in ("bfloat16", "float16")
     for granularity in ("sequence", "kv_head")
-]
+] + [(kind, "float32", "sequence") for kind in ("int4", "int2")]  # no PTX unpacking for f32 q
 
 
 @pytest.mark.parametrize("kind, dtype, granularity", QUANT_MATCH_CASES)
