@@ -80,9 +80,10 @@ class DecodeShape:
         return min(self.quant_group or self.head_dim, self.head_dim // self.codes_per_byte)
 
     @property
-    def kv_row_bytes(self) -> int:
-        """Bytes of one slot's K (or V) row as the kernel reads it: payload + scales + zero points."""
-        return quant.row_bytes(self.head_dim, self.itemsize, self.kv_quant, self.quant_group)
+    def kv_slot_bytes(self) -> int:
+        """Bytes of one slot's K and V for one KV head as the kernel reads them: payloads + scales + zero
+        points + the value norm (quant.slot_bytes)."""
+        return quant.slot_bytes(self.head_dim, self.itemsize, self.kv_quant, self.quant_group)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,12 +186,14 @@ def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int) -> None:
 
 def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
     """Shared memory of the main kernel as Triton 3.6 lays it out: the cp.async ring of K and V tiles
-    (stages - 1 of them, at least one; a quantized cache's payload and scale rows), the query tile, and
-    the f32 logits tile (16-bit queries) or one more f32 [block_c, D] tile (float32 queries, and both with
-    a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles; an upper bound otherwise
-    (checked against compiled kernels)."""
+    (stages - 1 of them, at least one; a quantized cache's payload and scale rows, not its value norms),
+    the query tile, and the f32 logits tile (16-bit queries) or one more f32 [block_c, D] tile (float32
+    queries, and both with a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles; an
+    upper bound otherwise (checked against compiled kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
-    ring = max(num_stages - 1, 1) * 2 * block_c * shape.kv_row_bytes
+    # The value norm (one f32 a slot) is loaded straight into registers, outside the ring.
+    staged = shape.kv_slot_bytes - (4 if shape.kv_quant else 0)
+    ring = max(num_stages - 1, 1) * block_c * staged
     query = rows * shape.head_dim * shape.itemsize
     if shape.itemsize < 4:
         return ring + rows * block_c * 4 + query

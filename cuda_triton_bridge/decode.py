@@ -18,6 +18,7 @@ from cuda_triton_bridge import kernels
 from cuda_triton_bridge.config import kernel_state_shape
 from cuda_triton_bridge.launch import LOG2E, plan_launch
 from cuda_triton_bridge.xla_call import xla_triton_call
+from pallas_kernels import quant
 
 
 @functools.cache
@@ -42,10 +43,11 @@ def run(
         return_lse=return_lse,
     )
     qk_scale = np.float32(float(scale) * LOG2E)
-    # The main kernels take four scale buffers last among their inputs; what the launch does not read
-    # (all four without kv_quant, the zero points of int8 / fp8) is one f32 placeholder, a constant.
+    # The main kernels take KVScales' five buffers last among their inputs; what the launch does not read
+    # (all five without kv_quant, the zero points of int8 / fp8) is one f32 placeholder, a constant.
     placeholder = jnp.zeros((1,), jnp.float32)
-    scales = tuple(placeholder if x is None else x for x in (kv_scales or (None,) * 4))
+    absent = (None,) * len(quant.KVScales._fields)
+    scales = tuple(placeholder if x is None else x for x in (kv_scales or absent))
     if plan.one_kernel:
         if kernel_state is None:
             kernel_state = jnp.zeros(kernel_state_shape(shape.batch, shape.num_kv_heads), jnp.int32)

@@ -70,6 +70,57 @@ def _plane_codes(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
     return codes
 
 
+# Packed codes to 16-bit floats with integer ops (the FasterTransformer "magic number" trick): a code c
+# of at most 7 bits ORed into the mantissa of M = 2^7 (bf16 0x4300) or 2^10 (fp16 0x6400) is the float
+# M + c, exactly, and one packed fma takes M off two at a time: no I2F (a quarter-rate conversion, two
+# per code with the byte extraction before it). Four payload bytes per call: PRMT spreads bytes 0, 1
+# (then 2, 3) over the two halves of a register, and a shift selects the plane. (For int8 the compiler's
+# own conversion already compiles to as many instructions as this scheme needs.)
+@triton.constexpr_function
+def _unpacks_in_ptx(dtype, codes_per_byte):
+    """Whether packed codes become dtype values through `_unpack_asm`: 16-bit floats only (two to a
+    register); float32 q (the reference-precision path) converts codes the compiler's way."""
+    return codes_per_byte > 1 and str(dtype) in ("bf16", "fp16")
+
+
+@triton.constexpr_function
+def _unpack_asm(dtype, plane, codes_per_byte):
+    """The PTX of one call: four payload bytes' codes of `plane` as four dtype values (bf16 or fp16) in
+    two registers."""
+    if not _unpacks_in_ptx(dtype, codes_per_byte):
+        raise ValueError(f"PTX unpacking takes bf16 or fp16 and packed codes, got {dtype}, {codes_per_byte}")
+    bf16 = str(dtype) == "bf16"
+    pair = "bf16x2" if bf16 else "f16x2"
+    magic, one, minus_magic = (
+        (0x43004300, 0x3F803F80, 0xC300C300) if bf16 else (0x64006400, 0x3C003C00, 0xE400E400)
+    )
+    bits = 8 // codes_per_byte
+    mask = ((1 << bits) - 1) * 0x10001
+    shift = f"shr.u32 t0, t0, {plane * bits}; shr.u32 t1, t1, {plane * bits}; " if plane else ""
+    return (
+        "{ .reg .b32 t0, t1, one, neg; "
+        f"mov.b32 one, {one:#x}; mov.b32 neg, {minus_magic:#x}; "
+        f"prmt.b32 t0, $2, 0, 0x4140; prmt.b32 t1, $2, 0, 0x4342; {shift}"
+        f"lop3.b32 $0, t0, {mask:#x}, {magic:#x}, 0xea; lop3.b32 $1, t1, {mask:#x}, {magic:#x}, 0xea; "
+        f"fma.rn.{pair} $0, $0, one, neg; fma.rn.{pair} $1, $1, one, neg; }}"
+    )
+
+
+@triton.jit
+def _codes_as(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr, DTYPE: tl.constexpr,
+              NATIVE: tl.constexpr):  # fmt: skip
+    """Plane `plane` of a payload tile (`_plane_codes`) as DTYPE values, exactly (codes of 8 bits or
+    fewer are exact in bf16 and fp16). Packed codes compiled for the GPU into 16-bit floats unpack in
+    PTX."""
+    if NATIVE and _unpacks_in_ptx(DTYPE, CODES_PER_BYTE):
+        codes = tl.inline_asm_elementwise(
+            _unpack_asm(DTYPE, plane, CODES_PER_BYTE), "=r,=r,r", [payload], DTYPE.value, True, 4
+        )
+    else:
+        codes = _plane_codes(payload, plane, CODES_PER_BYTE).to(DTYPE)
+    return codes
+
+
 @triton.jit
 def _query_chunks(
     q_ptr, bh, row_ok, D: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_CHUNK: tl.constexpr
@@ -92,14 +143,42 @@ def _query_chunks(
 
 
 @triton.jit
+def _half(rows, upper: tl.constexpr):
+    """The odd (upper) or even columns of a tile whose last axis has 2 entries or more."""
+    N: tl.constexpr = rows.shape[1]
+    even, odd = tl.split(tl.reshape(rows, [rows.shape[0], N // 2, 2]))
+    if upper:
+        out = odd
+    else:
+        out = even
+    return out
+
+
+@triton.jit
+def _column(rows, g: tl.constexpr, N: tl.constexpr):
+    """Column g of a [BLOCK_C, N] tile (N a power of two up to 8) by halving splits of the last axis:
+    each thread holds a slot's N values, so these are register moves, not a reduction."""
+    if N == 1:
+        col = rows
+    elif N == 2:
+        col = _half(rows, g % 2 == 1)
+    elif N == 4:
+        col = _half(_half(rows, g % 2 == 1), g // 2 == 1)
+    else:
+        tl.static_assert(N == 8, "scale groups per head must be 1, 2, 4 or 8")
+        col = _half(_half(_half(rows, g % 2 == 1), (g // 2) % 2 == 1), g // 4 == 1)
+    return tl.reshape(col, [rows.shape[0]])
+
+
+@triton.jit
 def _quant_block(
     head, scale_head, zero_head, c, in_range,
     D: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_GROUP: tl.constexpr,
-    QUANT_CHUNK: tl.constexpr,
+    QUANT_CHUNK: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr,
 ):  # fmt: skip
     """A block of quantized keys or values by chunk (_query_chunks' order): (codes [BLOCK_C, QUANT_CHUNK]
-    in the payload's dtype, scales [BLOCK_C] f32, zero points [BLOCK_C] f32 (int4 / int2; else none)),
-    three tuples. Each payload byte is loaded once, for all its planes."""
+    as exact DTYPE values (q's dtype), scales [BLOCK_C] f32, zero points [BLOCK_C] f32 (int4 / int2;
+    else none)), three tuples. Each payload byte is loaded once, for all its planes."""
     PW: tl.constexpr = D // CODES_PER_BYTE
     NG: tl.constexpr = D // QUANT_GROUP
     w = tl.arange(0, QUANT_CHUNK)
@@ -118,11 +197,11 @@ def _quant_block(
             payload = _load_payload(
                 head, c[:, None] * PW + (column + w)[None, :], in_range[:, None], KV_QUANT
             )
-        codes = codes + (_plane_codes(payload, k % CODES_PER_BYTE, CODES_PER_BYTE),)
-        is_group = group[None, :] == ((k % CODES_PER_BYTE) * PW + column) // QUANT_GROUP
-        scales = scales + (tl.sum(tl.where(is_group, scale_rows, 0.0), axis=1),)
+        codes = codes + (_codes_as(payload, k % CODES_PER_BYTE, CODES_PER_BYTE, DTYPE, NATIVE),)
+        g = ((k % CODES_PER_BYTE) * PW + column) // QUANT_GROUP
+        scales = scales + (_column(scale_rows, g, NG),)
         if CODES_PER_BYTE > 1:
-            zeros = zeros + (tl.sum(tl.where(is_group, zero_rows, 0.0), axis=1),)
+            zeros = zeros + (_column(zero_rows, g, NG),)
     return codes, scales, zeros
 
 
@@ -136,24 +215,11 @@ def _quant_logits(
     result: the products stay exact, as with 16-bit keys. A zero point adds zero * sum(q's slice)."""
     s = tl.zeros([QROWS, BLOCK_C], tl.float32)
     for k in tl.static_range(len(codes)):
-        dot = tl.dot(q_chunks[k], tl.trans(codes[k].to(q_chunks[k].dtype)), input_precision=DOT_PRECISION)
+        dot = tl.dot(q_chunks[k], tl.trans(codes[k]), input_precision=DOT_PRECISION)
         s += dot * scales[k][None, :]
         if CODES_PER_BYTE > 1:
             s += q_sums[k][:, None] * zeros[k][None, :]
     return s
-
-
-@triton.jit
-def _quant_value_norms(codes, scales, zeros, BLOCK_C: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
-    """||v||_1 of a block of quantized values: [BLOCK_C] f32, over codes * scale (+ zero) in f32, the
-    values the reference dequantizes."""
-    vnorm = tl.zeros([BLOCK_C], tl.float32)
-    for k in tl.static_range(len(codes)):
-        x = codes[k].to(tl.float32) * scales[k][:, None]
-        if CODES_PER_BYTE > 1:
-            x += zeros[k][:, None]
-        vnorm += tl.sum(tl.abs(x), axis=1)
-    return vnorm
 
 
 @triton.jit
@@ -163,25 +229,29 @@ def _quant_accumulate(
 ):  # fmt: skip
     """acc * alpha + p @ v over a block of quantized values, acc a tuple of [QROWS, QUANT_CHUNK] f32 by
     chunk. A chunk's scale is folded into p (a [QROWS, BLOCK_C] product, not a [BLOCK_C, D] one), so
-    its codes go into the tensor-core dot in q's dtype (DTYPE) as they are, exactly; a zero point adds
-    p @ zero to its columns."""
+    its codes go into the tensor-core dot in q's dtype (DTYPE) as they are, exactly. A zero point's
+    share, p @ zero in every column of the chunk, is a second dot, (p * zero) @ ones: it lands in acc's
+    layout, where a sum over the slots would cross the warps (shared memory and a barrier) every block.
+    p * zero is rounded to DTYPE as p * scale is."""
     out = ()
     for k in tl.static_range(len(codes)):
         p_scaled = (p * scales[k][None, :]).to(DTYPE)
-        chunk = acc[k] * alpha[:, None] + tl.dot(p_scaled, codes[k].to(DTYPE), input_precision=DOT_PRECISION)
+        chunk = acc[k] * alpha[:, None] + tl.dot(p_scaled, codes[k], input_precision=DOT_PRECISION)
         if CODES_PER_BYTE > 1:
-            chunk += tl.sum(p * zeros[k][None, :], axis=1)[:, None]
+            ones = tl.full(codes[k].shape, 1.0, tl.float32).to(DTYPE)
+            chunk += tl.dot((p * zeros[k][None, :]).to(DTYPE), ones, input_precision=DOT_PRECISION)
         out = out + (chunk,)
     return out
 
 
 @triton.jit
 def _attend_split(
-    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+    q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+    kv_len_ptr, t_ptr,
     qk_scale, split, kvh, b,
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr, QROWS: tl.constexpr, EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
-    FAST_LOG2: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
+    NATIVE: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
     QUANT_GROUP: tl.constexpr, QUANT_CHUNK: tl.constexpr,
 ):  # fmt: skip
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding).
@@ -241,21 +311,21 @@ def _attend_split(
         else:
             k_codes, k_scales, k_zeros = _quant_block(
                 k_head, k_scale_ptr + scale_off, k_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
-                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE,
             )  # fmt: skip
             s = _quant_logits(
                 q_chunks, q_sums, k_codes, k_scales, k_zeros, BLOCK_C, QROWS, CODES_PER_BYTE, DOT_PRECISION
             )
             v_codes, v_scales, v_zeros = _quant_block(
                 v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
-                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE,
             )  # fmt: skip
-            if EVICT:
-                vnorm = _quant_value_norms(v_codes, v_scales, v_zeros, BLOCK_C, CODES_PER_BYTE)[None, :]
+            if EVICT:  # stored when the slot was written (quant.KVScales)
+                vnorm = tl.load(v_norm_ptr + head_row * C + c, mask=in_range, other=0.0)[None, :]
         s = s * qk_scale
         s = tl.where(valid[None, :], s, float("-inf"))
         if EVICT:
-            if FAST_LOG2:
+            if NATIVE:
                 # lg2.approx (one MUFU op, ~2^-22 relative error); tl.log2 is libdevice's polynomial.
                 t = s + libdevice.fast_log2f(vnorm)
             else:
@@ -368,6 +438,7 @@ def decode_split_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype (written when DIRECT_OUT)
     acc_ptr,  # [B, HQ, S, D] f32 unnormalised split outputs (when not DIRECT_OUT)
     m_ptr,  # [B, HQ, S] f32 running max (log2 domain)
@@ -390,7 +461,7 @@ def decode_split_kernel(
     EVICT: tl.constexpr,
     LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FAST_LOG2: tl.constexpr,  # lg2.approx (GPU) instead of tl.log2 (the CPU interpreter has no libdevice)
+    NATIVE: tl.constexpr,  # GPU compile: lg2.approx, PTX code unpacking (the interpreter runs neither)
     KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
     CODES_PER_BYTE: tl.constexpr,
     QUANT_GROUP: tl.constexpr,  # head elements per scale
@@ -401,9 +472,10 @@ def decode_split_kernel(
     b = tl.program_id(2)
 
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
     _store_split(
@@ -541,6 +613,7 @@ def decode_fused_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -568,7 +641,7 @@ def decode_fused_kernel(
     EVICT: tl.constexpr,
     LSE: tl.constexpr,
     DOT_PRECISION: tl.constexpr,
-    FAST_LOG2: tl.constexpr,
+    NATIVE: tl.constexpr,
     DISCARD_T: tl.constexpr,  # drop t (and imp) lines from L2 once the finisher has read them
     KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
     CODES_PER_BYTE: tl.constexpr,
@@ -583,9 +656,10 @@ def decode_fused_kernel(
     b = tl.program_id(2)
     G: tl.constexpr = HQ // HKV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
@@ -829,6 +903,7 @@ def decode_coop_kernel(
     k_zero_ptr,  # [B, HKV, C, D / QUANT_GROUP] f32 (int4 / int2; else unused)
     v_scale_ptr,
     v_zero_ptr,
+    v_norm_ptr,  # [B, HKV, C, 1] f32 ||v||_1 of each slot's dequantized value (with KV_QUANT; else unused)
     out_ptr,  # [B, HQ, D] q dtype
     acc_ptr,  # [B, HQ, S, D] f32 split outputs (when NUM_SPLITS > 1)
     m_ptr,  # [B, HQ, S] f32
@@ -859,7 +934,7 @@ def decode_coop_kernel(
     LSE: tl.constexpr,
     SPIN: tl.constexpr,  # GPU: every program waits at the barrier; interpreter: the last one does all
     DOT_PRECISION: tl.constexpr,
-    FAST_LOG2: tl.constexpr,
+    NATIVE: tl.constexpr,
     DISCARD_T: tl.constexpr,
     KV_QUANT: tl.constexpr,  # "none", or the payload kind of k_ptr / v_ptr (pallas_kernels/quant.py)
     CODES_PER_BYTE: tl.constexpr,
@@ -874,9 +949,10 @@ def decode_coop_kernel(
     b = tl.program_id(2)
     NG: tl.constexpr = HKV // BAR_KV
     m_i, l_i, acc = _attend_split(
-        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, valid_ptr, kv_len_ptr, t_ptr,
+        q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
+        kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        FAST_LOG2, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,

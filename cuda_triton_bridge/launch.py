@@ -69,7 +69,7 @@ def _buf(shape, dtype, used=True):
 
 def plan_launch(
     shape: DecodeShape, cfg: ResolvedLaunch, *, granularity: str, compute_evict: bool, is_f32: bool,
-    fast_log2: bool = True, capability: int = 90, spin: bool = True, return_lse: bool = False,
+    native: bool = True, capability: int = 90, spin: bool = True, return_lse: bool = False,
 ) -> LaunchPlan:  # fmt: skip
     """The launch of one checked call.
 
@@ -77,7 +77,8 @@ def plan_launch(
       the main kernel's where it has the final statistics (one split, or the fused / coop epilogue),
       else the combine kernel's. Without it that buffer is (1,) and its stores compile away.
     capability: the GPU's compute capability (90 = sm_90); below sm_80 discard_t is ignored.
-    fast_log2: lg2.approx in the main kernel; False for Triton's CPU interpreter (no libdevice).
+    native: compiled for the GPU (lg2.approx, PTX code unpacking); False for Triton's CPU interpreter,
+      which runs no libdevice and no PTX.
     spin: the coop programs wait at their barrier; False for the interpreter, which runs programs one
       after another (there the last program to arrive does every share).
     The fused and coop kernels take the caller's tickets (kernel_state, zero) and leave them zero."""
@@ -101,15 +102,15 @@ def plan_launch(
         QROWS=cfg.query_rows,
         EVICT=evict,
         DOT_PRECISION="ieee" if is_f32 else "tf32",
-        FAST_LOG2=fast_log2,
+        NATIVE=native,
         KV_QUANT=shape.kv_quant or "none",
         CODES_PER_BYTE=shape.codes_per_byte,
         QUANT_GROUP=shape.quant_group or d,
         QUANT_CHUNK=shape.quant_chunk,
     )
-    # discard.global.L2 needs sm_80, and the interpreter (fast_log2=False) runs no PTX; each plan also
+    # discard.global.L2 needs sm_80, and the interpreter (native=False) runs no PTX; each plan also
     # checks that its tiles hold whole 128-byte lines of t.
-    discard = evict and cfg.discard_t and fast_log2 and capability >= DISCARD_MIN_CAPABILITY
+    discard = evict and cfg.discard_t and native and capability >= DISCARD_MIN_CAPABILITY
     if one_kernel:
         # The fused or coop kernel's own buffers, then evict and its tickets (the caller's kernel state).
         own, own_meta, whole_lines = _one_kernel_epilogue(shape, cfg, num_groups, evict, spin)

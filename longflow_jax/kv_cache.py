@@ -15,8 +15,9 @@ Per layer, per sequence b:
               then hold the prompt and the segment being written, at the model's dtype
 With kv_quant set (a static field, with kv_quant_group), k and v hold each slot's quantized payload
 [B, Hkv, C, D / codes per byte], keys Hadamard-rotated, and k_scale, v_scale [B, Hkv, C, D / group] f32
-(k_zero, v_zero likewise for int4 / int2) their scales (pallas_kernels/quant.py). Everything that reads
-K/V reads `dequantized_kv`, with queries in the keys' basis (`queries_for_keys`).
+(k_zero, v_zero likewise for int4 / int2) their scales, and v_norm [B, Hkv, C, 1] f32 each value's
+||v||_1 (pallas_kernels/quant.py). Everything that reads K/V reads `dequantized_kv`, with queries in the
+keys' basis (`queries_for_keys`).
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0. ("rkv" keeps the prefix by
@@ -49,6 +50,7 @@ class LayerCache:
     k_zero: jax.Array | None = None
     v_scale: jax.Array | None = None
     v_zero: jax.Array | None = None
+    v_norm: jax.Array | None = None
     kv_quant: str | None = flax.struct.field(pytree_node=False, default=None)
     kv_quant_group: int = flax.struct.field(pytree_node=False, default=0)
 
@@ -73,11 +75,12 @@ def occupancy(layer: LayerCache):
     return jnp.sum(kv_valid(layer), axis=-1, dtype=jnp.int32)
 
 
-_QUANT_FIELDS = ("k_scale", "k_zero", "v_scale", "v_zero")
+_QUANT_FIELDS = quant.KVScales._fields
 
 
 def quantized_fields(layer: LayerCache) -> dict:
-    """The layer's scale and zero-point arrays by field name (none without kv_quant)."""
+    """The layer's per-slot side data (quant.KVScales: scales, zero points, value norms) by field name
+    (none without kv_quant)."""
     return {name: getattr(layer, name) for name in _QUANT_FIELDS if getattr(layer, name) is not None}
 
 
@@ -118,8 +121,8 @@ def kv_bytes_for(
     num_layers, batch, num_kv_heads, capacity, head_dim, dtype, kv_quant=None, kv_quant_group=32
 ) -> int:
     """`cache_bytes` of a cache of this shape, K/V in `dtype` or quantized by `kv_quant`."""
-    per_head_row = quant.row_bytes(head_dim, jnp.dtype(dtype).itemsize, kv_quant, kv_quant_group)
-    return 2 * num_layers * batch * num_kv_heads * capacity * per_head_row
+    per_slot = quant.slot_bytes(head_dim, jnp.dtype(dtype).itemsize, kv_quant, kv_quant_group)
+    return num_layers * batch * num_kv_heads * capacity * per_slot
 
 
 def _stored(k, v, kv_quant, group) -> dict:
@@ -127,9 +130,8 @@ def _stored(k, v, kv_quant, group) -> dict:
     (keys rotated) and scales."""
     if kv_quant is None:
         return dict(k=k, v=v)
-    k_payload, k_scale, k_zero = quant.quantize(quant.hadamard_rotate(k), kv_quant, group)
-    v_payload, v_scale, v_zero = quant.quantize(v, kv_quant, group)
-    fields = dict(k=k_payload, v=v_payload, k_scale=k_scale, k_zero=k_zero, v_scale=v_scale, v_zero=v_zero)
+    k_payload, v_payload, side = quant.quantize_kv(quant.hadamard_rotate(k), v, kv_quant, group)
+    fields = dict(k=k_payload, v=v_payload, **side._asdict())
     return {name: x for name, x in fields.items() if x is not None}
 
 
@@ -145,7 +147,7 @@ def kv_scales(layer: LayerCache) -> quant.KVScales | None:
     """The layer's scales and zero points as the kernels take them (None without kv_quant)."""
     if layer.kv_quant is None:
         return None
-    return quant.KVScales(layer.k_scale, layer.k_zero, layer.v_scale, layer.v_zero)
+    return quant.KVScales(*(getattr(layer, name) for name in quant.KVScales._fields))
 
 
 def queries_for_keys(layer: LayerCache, q):

@@ -994,7 +994,10 @@ def longflow_decode_attention(
         layout, scales = _Layout(None, head_dim, head_dim), ()
     else:
         layout = _Layout(kv_quant, head_dim, head_dim // kv_scales.k_scale.shape[-1])
-        scales = tuple(x for x in kv_scales if x is not None)
+        # The bodies take the scales and zero points. They dequantize every value to attend anyway and
+        # sum the norms from it, so they do not read kv_scales.v_norm (the Triton kernel does).
+        per_group = (kv_scales.k_scale, kv_scales.k_zero, kv_scales.v_scale, kv_scales.v_zero)
+        scales = tuple(x for x in per_group if x is not None)
     # The Mosaic body and the epilogue read kv_valid cut at kv_len; the Triton body applies the bound.
     bounded_valid = kv_valid
     if kv_len is not None:

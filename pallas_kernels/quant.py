@@ -48,13 +48,18 @@ def check_kv_quant(kind: str, group: int, head_dim: int) -> None:
 
 
 class KVScales(NamedTuple):
-    """A quantized buffer's float32 scales and zero points, [B, Hkv, C, D / group] each; the zero points
-    are None for the symmetric kinds (int8, fp8). The group is D / the scales' last dimension."""
+    """A quantized buffer's per-slot float32 side data, [B, Hkv, C, ...]: the scales and zero points,
+    [B, Hkv, C, D / group] each (the zero points None for the symmetric kinds, int8 and fp8; the group
+    is D / the scales' last dimension), and v_norm [B, Hkv, C, 1], ||v||_1 of each slot's dequantized
+    value (`value_norms`). The importance needs that norm for every slot at every step, and it changes
+    only when the slot is written: stored beside the scales, the Triton kernel reads 4 bytes a slot
+    instead of dequantizing every value in float32 and summing it."""
 
     k_scale: Any
     k_zero: Any
     v_scale: Any
     v_zero: Any
+    v_norm: Any
 
 
 def check_kv_scales(scales, kind: str, slots_shape: tuple, head_dim: int) -> int:
@@ -66,7 +71,6 @@ def check_kv_scales(scales, kind: str, slots_shape: tuple, head_dim: int) -> int
         raise ValueError(f"kv_scales.k_scale's last dimension ({width}) must divide head_dim {head_dim}")
     group = head_dim // width
     check_kv_quant(kind, group, head_dim)
-    want = tuple(slots_shape) + (width,)
     zeros = ("k_zero", "v_zero")
     for name, x in scales._asdict().items():
         absent = name in zeros and not has_zero_point(kind)
@@ -74,6 +78,7 @@ def check_kv_scales(scales, kind: str, slots_shape: tuple, head_dim: int) -> int
             raise ValueError(
                 f"kv_scales.{name} must be {'None' if absent else 'given'} for kv_quant={kind!r}"
             )
+        want = tuple(slots_shape) + ((1,) if name == "v_norm" else (width,))
         if x is not None and (tuple(x.shape) != want or x.dtype != jnp.float32):
             raise ValueError(f"kv_scales.{name} must be float32 {list(want)}, got {x.dtype} {list(x.shape)}")
     return group
@@ -83,12 +88,14 @@ def codes_per_byte(kind: str) -> int:
     return 8 // _PACKED_BITS.get(kind, 8)
 
 
-def row_bytes(head_dim: int, itemsize: int, kind: str | None = None, group: int = 32) -> int:
-    """Bytes of one slot's K (or V) row for one KV head: head_dim elements of `itemsize` bytes, or with
-    `kind` the packed payload plus its float32 scales (and zero points for int4 / int2)."""
+def slot_bytes(head_dim: int, itemsize: int, kind: str | None = None, group: int = 32) -> int:
+    """Bytes of one slot's K and V for one KV head: 2 * head_dim elements of `itemsize` bytes, or with
+    `kind` the packed payloads, their float32 scales (and zero points for int4 / int2) and the value's
+    float32 norm (KVScales)."""
     if kind is None:
-        return head_dim * itemsize
-    return head_dim // codes_per_byte(kind) + (2 if has_zero_point(kind) else 1) * 4 * (head_dim // group)
+        return 2 * head_dim * itemsize
+    per_row = head_dim // codes_per_byte(kind) + (2 if has_zero_point(kind) else 1) * 4 * (head_dim // group)
+    return 2 * per_row + 4
 
 
 def payload_dtype(kind: str):
@@ -153,6 +160,20 @@ def quantize(x, kind: str, group: int):
     scale = (jnp.max(grouped, axis=-1, keepdims=True) - zero) * np.float32(1.0 / levels)
     codes = jnp.clip(jnp.round((grouped - zero) / jnp.where(scale > 0, scale, 1.0)), 0.0, levels)
     return _pack(codes.astype(jnp.uint8).reshape(x.shape), bits), scale[..., 0], zero[..., 0]
+
+
+def quantize_kv(k, v, kind: str, group: int):
+    """Keys and values [..., D] as a quantized buffer stores them: (k payload, v payload, KVScales), each
+    side data [..., D / group] (v_norm [..., 1]). Keys are taken as given: the caller rotates them."""
+    k_payload, k_scale, k_zero = quantize(k, kind, group)
+    v_payload, v_scale, v_zero = quantize(v, kind, group)
+    v_norm = value_norms(v_payload, v_scale, v_zero, kind, group)
+    return k_payload, v_payload, KVScales(k_scale, k_zero, v_scale, v_zero, v_norm)
+
+
+def value_norms(payload, scale, zero, kind: str, group: int):
+    """||v||_1 of quantized values [..., D] as `dequantize` gives them: [..., 1] float32 (KVScales.v_norm)."""
+    return jnp.sum(jnp.abs(dequantize(payload, scale, zero, kind, group)), axis=-1, keepdims=True)
 
 
 def dequantize(payload, scale, zero, kind: str, group: int):

@@ -173,15 +173,16 @@ def make_sets(batch, slots, n_sets, seed=0, kv_quant=None):
         if kv_quant is None:
             sets.append((q, k, v, valid))
             continue
-        (kp, ks, kz), (vp, vs, vz) = (quant.quantize(x, kv_quant, QUANT_GROUP) for x in (k, v))
-        sets.append((q, kp, vp, valid, quant.KVScales(ks, kz, vs, vz)))
+        k_payload, v_payload, side = quant.quantize_kv(k, v, kv_quant, QUANT_GROUP)
+        sets.append((q, k_payload, v_payload, valid, side))
     return jax.block_until_ready(sets)
 
 
 def kv_bytes(batch, slots, kv_quant=None):
-    """Bytes of K and V a call reads: with kv_quant, the payloads and their f32 scales (and zero points)."""
-    per_slot = quant.row_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, QUANT_GROUP)
-    return 2 * batch * NUM_KV_HEADS * slots * per_slot
+    """Bytes of K and V a call reads: with kv_quant, the payloads, their f32 scales (and zero points) and
+    the value norms."""
+    per_slot = quant.slot_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, QUANT_GROUP)
+    return batch * NUM_KV_HEADS * slots * per_slot
 
 
 def check_column(name, fn, inputs, scale, granularity="sequence"):

@@ -112,7 +112,27 @@ def cubin_bytes_report(cubin_bytes: bytes) -> dict:
         "stack_bytes": int(resources.get("STACK", -1)),
         "local_bytes": int(resources.get("LOCAL", -1)),
         "sass_ops": dict(collections.Counter(_SASS_OPS.findall(sass)).most_common()),
+        "loop_ops": longest_loop_ops(sass),
     }
+
+
+def longest_loop_ops(sass: str) -> dict:
+    """Opcode counts (predicates dropped) of the longest backward branch's body: the main kernel's slot
+    loop, one block of slots per trip."""
+    code = [
+        (int(m.group(1), 16), m.group(2).strip())
+        for m in re.finditer(r"/\*([0-9a-f]{4,})\*/\s+([^;/]*);", sass)
+    ]
+    loops = [
+        (int(target.group(1), 16), at)
+        for at, text in code
+        if (target := re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)) and int(target.group(1), 16) < at
+    ]
+    if not loops:
+        return {}
+    first, last = max(loops, key=lambda loop: loop[1] - loop[0])
+    body = [re.sub(r"^@!?U?P\w+\s+", "", text).split()[0] for at, text in code if first <= at <= last]
+    return dict(collections.Counter(body).most_common())
 
 
 _POINTER = {"q": "*{q}", "f32": "*fp32", "i32": "*i32"}
@@ -187,7 +207,7 @@ def compile_plan(
     }
     if plan.one_kernel:
         main_inputs["tickets_in_ptr"] = "*i32"
-    main_inputs.update({f"{n}_ptr": "*fp32" for n in ("k_scale", "k_zero", "v_scale", "v_zero")})
+    main_inputs.update({f"{n}_ptr": "*fp32" for n in ("k_scale", "k_zero", "v_scale", "v_zero", "v_norm")})
     launches = [(getattr(kernels, plan.main_kernel), main_inputs, plan.split)]
     if plan.combine is not None:
         comb_inputs = {

@@ -97,7 +97,13 @@ def test_triton_columns_thread_one_kernel_state_as_generate_does():
     seen.clear()
     ones = jnp.ones((2, 4, 5, 1))
     quantized = [
-        (jnp.zeros((2, 3)), jnp.zeros((2, 4, 5, 3)), None, None, bk.quant.KVScales(ones, ones, ones, ones))
+        (
+            jnp.zeros((2, 3)),
+            jnp.zeros((2, 4, 5, 3)),
+            None,
+            None,
+            bk.quant.KVScales(ones, ones, ones, ones, ones),
+        )
     ]
     out, _ = bk.chain_program(cols["triton_int4"], quantized, min_calls=2)[0](quantized[0][0], quantized)
     assert np.asarray(out).tolist() == [[2 * (1 + 40)] * 3] * 2
@@ -167,13 +173,15 @@ def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output()
 
 @pytest.mark.parametrize("kind", [None, "int8", "int4", "fp8", "int2"])
 def test_kv_bytes_are_what_a_set_holds(kind):
-    # The bytes a column's TB/s counts: the K and V buffers of its sets, payloads + scales + zero points.
+    # The bytes a column's TB/s counts: the K and V buffers of its sets, payloads + scales + zero points
+    # + value norms.
     q, *buffers = bk.make_sets(2, 64, 1, kv_quant=kind)[0]
     held = sum(x.nbytes for x in jax.tree_util.tree_leaves(buffers) if x.dtype != jnp.bool_)
     assert bk.kv_bytes(2, 64, kind) == held
-    # Per slot and KV head at D 128, group 32: bf16 512 bytes; int8 2 x (128 + 16); int4 2 x (64 + 32).
-    assert bk.kv_bytes(1, 1, kind) // bk.NUM_KV_HEADS == {None: 512, "int8": 288, "fp8": 288, "int4": 192,
-                                                          "int2": 128}[kind]  # fmt: skip
+    # Per slot and KV head at D 128, group 32: bf16 512 bytes; int8 2 x (128 + 16) + 4; int4
+    # 2 x (64 + 32) + 4.
+    assert bk.kv_bytes(1, 1, kind) // bk.NUM_KV_HEADS == {None: 512, "int8": 292, "fp8": 292, "int4": 196,
+                                                          "int2": 132}[kind]  # fmt: skip
 
 
 def test_check_column_checks_a_quantized_column_against_the_quantized_reference():

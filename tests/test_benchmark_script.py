@@ -61,8 +61,9 @@ def test_max_batch_fills_the_memory_budget(bench):
     ]:
         comp = lf.CompressionConfig(policy=policy, budget=128, kv_quant=kv_quant)
         batch = lf.max_batch(config, comp, 4096, 64, memory)
-        per_slot = 2 * d if kv_quant is None else d // 2 + 2 * 4 * (d // 32)  # bf16, or int4 + f32 scale/zero
-        kv = 2 * layers * config.num_kv_heads * capacity * per_slot + layers * (2 * capacity + 1) * 4
+        # K and V of a slot and KV head: bf16, or int4 + f32 scales and zero points and the value's f32 norm.
+        per_slot = 2 * 2 * d if kv_quant is None else 2 * (d // 2 + 2 * 4 * (d // 32)) + 4
+        kv = layers * config.num_kv_heads * capacity * per_slot + layers * (2 * capacity + 1) * 4
         work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
         used = params + batch * (kv + work)
         assert used <= memory < used + kv + work

@@ -669,11 +669,8 @@ def quantized_inputs(seed, kind, dtype, **shape):
     KVScales), q in `dtype`."""
     q, k, v, kv_valid = make_inputs(seed, dtype=jnp.float32, **shape)
     group = QUANT_GROUP[kind]
-    (k_pay, k_scale, k_zero), (v_pay, v_scale, v_zero) = (
-        quant.quantize(k, kind, group),
-        quant.quantize(v, kind, group),
-    )
-    return q.astype(dtype), k_pay, v_pay, kv_valid, quant.KVScales(k_scale, k_zero, v_scale, v_zero)
+    k_pay, v_pay, scales = quant.quantize_kv(k, v, kind, group)
+    return q.astype(dtype), k_pay, v_pay, kv_valid, scales
 
 
 def assert_matches_quantized_reference(q, k, v, kv_valid, scales, kind, out, evict, *, scale, granularity):
@@ -759,7 +756,7 @@ def test_quantized_near_ties_resolve_in_float32(request, backend):
     q, k, v, kv_valid, scales = quantized_inputs(
         _seed(request), "int4", jnp.bfloat16, batch=1, num_q_heads=8, num_kv_heads=2, slots=64, head_dim=64
     )
-    k_scale, k_zero, v_scale, v_zero = scales
+    k_scale, k_zero, v_scale, v_zero, _ = scales
     tiny = (2.0**-13, -(2.0**-10))  # small values: the twins are each head's least important slots
     for head, (first, later) in enumerate([(5, 37), (9, 20)]):
         k, v = (x.at[:, head, later].set(x[:, head, first]) for x in (k, v))
@@ -774,7 +771,11 @@ def test_quantized_near_ties_resolve_in_float32(request, backend):
     v_scale, v_zero = v_scale.at[:, 0, 37].multiply(1 - 2.0**-10), v_zero.at[:, 0, 37].multiply(1 - 2.0**-10)
     for factor in (1 + 2.0**-10, 1 - 2.0**-10):
         twins = quant.KVScales(
-            k_scale.at[:, 1, 20].multiply(factor), k_zero.at[:, 1, 20].multiply(factor), v_scale, v_zero
+            k_scale.at[:, 1, 20].multiply(factor),
+            k_zero.at[:, 1, 20].multiply(factor),
+            v_scale,
+            v_zero,
+            quant.value_norms(v, v_scale, v_zero, "int4", QUANT_GROUP["int4"]),
         )
         _, ref_evict = longflow_decode_attention_reference(
             q, k, v, kv_valid, scale=0.125, granularity="kv_head", kv_quant="int4", kv_scales=twins
@@ -797,7 +798,7 @@ def test_bad_quantized_inputs_raise_value_error():
         0, "int4", jnp.bfloat16, batch=1, num_q_heads=4, num_kv_heads=2, slots=32, head_dim=64
     )
     # 8-element groups: the Triton body's slices would be narrower than tl.dot's 16 columns.
-    narrow = quant.KVScales(*(jnp.zeros((1, 2, 32, 8), jnp.float32) for _ in range(4)))
+    narrow = quant.KVScales(*(jnp.zeros((1, 2, 32, 8), jnp.float32) for _ in range(4)), scales.v_norm)
     cases = [
         (dict(kv_quant="int4"), "needs kv_scales=KVScales"),
         (dict(kv_quant="int4", kv_scales=scales._replace(k_zero=None)), "kv_scales.k_zero must be given"),
@@ -990,7 +991,15 @@ def test_quantized_buffer_lowers(platform, kind):
         )  # fmt: skip
 
     q, _, _, kv_valid = _abstract_inputs(**QWEN3_8B)
-    args = (q, payload, payload, kv_valid, quant.KVScales(scale, zero, scale, zero), sds((batch,), jnp.int32))
+    norm = sds((batch, num_kv_heads, slots, 1), jnp.float32)
+    args = (
+        q,
+        payload,
+        payload,
+        kv_valid,
+        quant.KVScales(scale, zero, scale, zero, norm),
+        sds((batch,), jnp.int32),
+    )
     checks = [jax.export.DisabledSafetyCheck.custom_call("__gpu$xla.gpu.triton")]
     text = jax.export.export(jax.jit(fn), platforms=[platform], disabled_checks=checks)(*args).mlir_module()
     assert ("xla.gpu.triton" if platform == "cuda" else "tpu_custom_call") in text

@@ -69,6 +69,18 @@ def numpy_quantize(x, kind, group):
     return payload.reshape(*lead, -1), scales.reshape(*lead, -1), zeros.reshape(*lead, -1)
 
 
+def numpy_dequantize(payload, scale, zero, kind, group):
+    """numpy_quantize's payload back to float32 [..., D]: codes (unpacked by plane) * scale + zero."""
+    payload = np.asarray(payload)
+    if kind in ("int4", "int2"):
+        bits = int(kind[3])
+        codes = np.stack([(payload >> np.uint8(bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)], -2)
+        payload = codes.reshape(*payload.shape[:-1], -1)
+    scale, zero = np.asarray(scale), np.asarray(zero) if zero is not None else 0.0
+    grouped = payload.astype(np.float32).reshape(*scale.shape, group) * scale[..., None]
+    return (grouped + (zero[..., None] if np.ndim(zero) else zero)).reshape(*payload.shape[:-1], -1)
+
+
 def _heads(seed=0, shape=(2, 3, 5, 64)):
     """Random rows with a few outlier channels, an all-zero row (an empty slot) and a constant row."""
     rng = np.random.default_rng(seed)
@@ -144,8 +156,11 @@ def test_prefill_and_write_token_store_quantized_rotated_keys(kind):
                 np.testing.assert_array_equal(np.asarray(getattr(source, f"{name}_scale")[b, :, at]), scale)
                 if kind == "int4":
                     np.testing.assert_array_equal(np.asarray(getattr(source, f"{name}_zero")[b, :, at]), zero)
+                if name == "v":  # the value's L1 norm, stored with it
+                    norm = np.abs(numpy_dequantize(payload, scale, zero, kind, group)).sum(-1, keepdims=True)
+                    np.testing.assert_allclose(np.asarray(source.v_norm[b, :, at]), norm, rtol=1e-6)
         others = np.arange(capacity) != slot
-        for name in ("k", "v", "k_scale", "v_scale"):  # the write touches only the evict slot
+        for name in ("k", "v", "k_scale", "v_scale", "v_norm"):  # the write touches only the evict slot
             np.testing.assert_array_equal(
                 np.asarray(getattr(new, name))[b, :, others].view(np.uint8),
                 np.asarray(getattr(layer, name))[b, :, others].view(np.uint8),
@@ -222,9 +237,9 @@ def test_int8_is_close_to_the_full_cache_and_int4_further(params):
         scores = lf.score_trajectory(
             params, CONFIG, ids, lengths, trajectory, np.full(2, steps), compression=comp, reference=full
         )
-        # The K/V bytes held: every prompt and fed token, at the quantized row size.
+        # The K/V bytes held: every prompt and fed token, at the quantized slot size.
         per_token = (
-            2 * CONFIG.num_layers * CONFIG.num_kv_heads * quant.row_bytes(CONFIG.head_dim, 4, kind, GROUP)
+            CONFIG.num_layers * CONFIG.num_kv_heads * quant.slot_bytes(CONFIG.head_dim, 4, kind, GROUP)
         )
         held = (lengths[:, None] + np.arange(steps)[None]) * per_token
         np.testing.assert_allclose(np.asarray(scores.kv_bytes), held, rtol=1e-6)
@@ -264,18 +279,16 @@ def test_kernel_reference_reads_quantized_payloads(kind):
     valid = np.arange(8)[None, :] < np.array([[8], [5]])
     (kp, ks, kz), (vp, vs, vz) = numpy_quantize(k, kind, 32), numpy_quantize(v, kind, 32)
     zero = quant.has_zero_point(kind)
-    scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz)))
-    scales = scales._replace(k_zero=scales.k_zero if zero else None, v_zero=scales.v_zero if zero else None)
 
     def deq(payload, s, z):
-        if kind in ("int4", "int2"):
-            bits = int(kind[3])
-            codes = np.stack(
-                [(payload >> np.uint8(bits * i)) & ((1 << bits) - 1) for i in range(8 // bits)], -2
-            )
-            payload = codes.reshape(*payload.shape[:-1], -1)
-        x = payload.astype(np.float32).reshape(*s.shape, 32) * s[..., None] + z[..., None]
-        return x.reshape(*payload.shape[:-1], -1)
+        return numpy_dequantize(payload, s, z, kind, 32)
+
+    norms = np.abs(deq(vp, vs, vz)).sum(-1, keepdims=True)
+    scales = quant.KVScales(*(jnp.asarray(x) for x in (ks, kz, vs, vz, norms)))
+    scales = scales._replace(k_zero=scales.k_zero if zero else None, v_zero=scales.v_zero if zero else None)
+    # The stored norm is ||v||_1 of the dequantized value, as quantize_kv computes it.
+    stored = quant.quantize_kv(jnp.asarray(k), jnp.asarray(v), kind, 32)[2].v_norm
+    np.testing.assert_allclose(np.asarray(stored), norms, rtol=1e-6)
 
     out, evict = reference(
         jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.125,
@@ -295,5 +308,9 @@ def test_kernel_reference_reads_quantized_payloads(kind):
         )
     bad = scales._replace(v_scale=scales.v_scale[..., :1])
     with pytest.raises(ValueError, match=r"kv_scales.v_scale must be float32 \[2, 2, 8, 2\]"):
+        reference(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1,
+                  kv_quant=kind, kv_scales=bad)  # fmt: skip
+    bad = scales._replace(v_norm=scales.v_norm[..., 0])
+    with pytest.raises(ValueError, match=r"kv_scales.v_norm must be float32 \[2, 2, 8, 1\]"):
         reference(jnp.asarray(q), jnp.asarray(kp), jnp.asarray(vp), jnp.asarray(valid), scale=0.1,
                   kv_quant=kind, kv_scales=bad)  # fmt: skip

@@ -88,13 +88,12 @@ def make_inputs(seed, batch, num_q_heads, num_kv_heads, num_slots, head_dim, dty
 
 
 # One compile per shape instead of one per op (the interpreter fixture quantizes 20 shapes).
-_quantize = jax.jit(quant.quantize, static_argnums=(1, 2))
+_quantize_kv = jax.jit(quant.quantize_kv, static_argnums=(2, 3))
 
 
 def quantize_kv(k, v, kind, group=32):
     """k, v quantized per slot as the cache stores them: (k payload, v payload, KVScales)."""
-    (kp, ks, kz), (vp, vs, vz) = (_quantize(x, kind, group) for x in (k, v))
-    return kp, vp, quant.KVScales(ks, kz, vs, vz)
+    return _quantize_kv(k, v, kind, group)
 
 
 def reference_importance(q, k, v, kv_valid, scale, granularity):
@@ -403,14 +402,15 @@ def test_quantized_launch_defaults():
 
 @pytest.mark.parametrize("kind", quant.KV_QUANT_KINDS)
 @pytest.mark.parametrize("head_dim, group", [(128, 32), (64, 16), (128, 128)])
-def test_a_quantized_slot_row_is_its_payload_and_scales(kind, head_dim, group):
-    # The bytes of one slot's K (or V) row, which the shared-memory estimate and the benchmark's bytes
-    # count: what quant.quantize stores for it.
+def test_a_quantized_slot_is_its_payloads_scales_and_value_norm(kind, head_dim, group):
+    # The bytes of one slot's K and V for one KV head, which the shared-memory estimate and the
+    # benchmark's bytes count: what quant.quantize stores for its key and its value, and the value's norm.
     payload, scale, zero = quant.quantize(jnp.ones((1, head_dim)), kind, group)
-    stored = payload.nbytes + scale.nbytes + (0 if zero is None else zero.nbytes)
+    norm = quant.value_norms(payload, scale, zero, kind, group)
+    stored = 2 * (payload.nbytes + scale.nbytes + (0 if zero is None else zero.nbytes)) + norm.nbytes
     shape = DecodeShape(1, 8, 2, 64, head_dim, 2, kind, group)
-    assert shape.kv_row_bytes == stored
-    assert DecodeShape(1, 8, 2, 64, head_dim).kv_row_bytes == 2 * head_dim
+    assert shape.kv_slot_bytes == stored
+    assert DecodeShape(1, 8, 2, 64, head_dim).kv_slot_bytes == 2 * 2 * head_dim
 
 
 def test_splits_round_to_whole_blocks():
@@ -442,7 +442,7 @@ def test_t_is_discarded_only_above_four_mib():
 
 @pytest.mark.parametrize("epilogue", ["separate", "fused", "coop"])
 def test_discard_needs_sm80_and_a_gpu(epilogue):
-    # discard.global.L2 is PTX for sm_80+; the interpreter (fast_log2=False) runs no PTX at all.
+    # discard.global.L2 is PTX for sm_80+; the interpreter (native=False) runs no PTX at all.
     shape = DecodeShape(8, 32, 8, 8192, 128)
     cfg = resolve_launch(shape, LaunchConfig(epilogue=epilogue, num_splits=2), sms=SMS, capability=90)
     assert cfg.discard_t
@@ -454,7 +454,7 @@ def test_discard_needs_sm80_and_a_gpu(epilogue):
 
     assert discard(capability=90) and discard(capability=80)
     assert not discard(capability=75)
-    assert not discard(capability=90, fast_log2=False)
+    assert not discard(capability=90, native=False)
     assert not discard(dataclasses.replace(cfg, discard_t=False), capability=90)
 
 
@@ -612,7 +612,7 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
     payload = jax.ShapeDtypeStruct((4, 8, 2048, 128 // quant.codes_per_byte(kind)), quant.payload_dtype(kind))
     rows = jax.ShapeDtypeStruct((4, 8, 2048, 4), jnp.float32)
     zero = rows if quant.has_zero_point(kind) else None
-    scales = quant.KVScales(rows, zero, rows, zero)
+    scales = quant.KVScales(rows, zero, rows, zero, jax.ShapeDtypeStruct((4, 8, 2048, 1), jnp.float32))
     launch = LaunchConfig(epilogue="coop", xla_launch=True)
 
     def fn(q, k, v, valid, scales):
@@ -625,10 +625,10 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
     ttir = re.search(r'ir = "(.*?)", name', text).group(1)
     params = re.search(r"tt\.func public @decode_coop_kernel\((.*?)\) attributes", ttir).group(1)
     types = re.findall(r"!tt\.ptr<(\w+)>", params)
-    # q, k, v, valid, kv_len, tickets, then the four scale rows, then the outputs
-    assert types[:10] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 4, types
+    # q, k, v, valid, kv_len, tickets, then the four scale rows and the value norms, then the outputs
+    assert types[:11] == ["bf16", payload_type, payload_type, "i1", "i32", "i32"] + ["f32"] * 5, types
     call = re.search(r"stablehlo\.custom_call @__gpu\$xla\.gpu\.triton\(([^)]*)\)", text).group(1)
-    assert len(call.split(", ")) == 10
+    assert len(call.split(", ")) == 11
     operands = re.search(r"@__gpu\$xla\.gpu\.triton\(.*\} : \(([^()]*)\) -> ", text).group(1)
     assert ("tensor<1xf32>" in operands) != quant.has_zero_point(kind)
     for dtype in ("bf16", "f32", "f16"):
@@ -803,6 +803,28 @@ def test_quantized_kernels_compile_for_sm90_without_spills(compile_plan, kind, b
     assert main["shared_bytes"] <= estimate, (main["shared_bytes"], estimate)
     if quant.codes_per_byte(kind) == 1:
         assert main["shared_bytes"] == estimate
+
+
+@pytest.mark.parametrize("kind", ["int8", "int4", "int2"])
+def test_quantized_slot_loop_has_no_i2f(compile_plan, kind):
+    """The slot loop turns codes into q's dtype with integer ops and packed FMAs (int4 / int2: the PTX
+    of `_unpack_asm`), never with I2F, a quarter-rate conversion; nor does it convert any value to f32
+    for its norm, which it reads (KVScales.v_norm)."""
+    loop = compile_plan(16, 32, 8, 2048, 128, kv_quant=kind)["decode_split_kernel"]["loop_ops"]
+    assert any(op.startswith("HMMA") for op in loop), loop  # the slot loop, with its dots
+    assert not [op for op in loop if op.startswith("I2F")], loop
+    if kind != "int8":
+        assert loop.get("HFMA2.BF16_V2", 0) > 0, loop
+
+
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_packed_kernels_compile_for_float32_queries(compile_plan, kind):
+    """float32 q (ThinKV's tiers under a float32 model) takes the compiler's code conversion: the PTX
+    unpacking only makes 16-bit floats, and forcing it on f32 aborts the compile."""
+    reports = compile_plan(16, 4, 2, 64, 64, dtype="float32", kv_quant=kind, quant_group=16, with_ptx=True)
+    for name, report in reports.items():
+        assert "prmt.b32" not in report["ptx"], name
+        assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
 
 
 @pytest.mark.parametrize("epilogue", ["separate", "fused"])
@@ -1003,6 +1025,102 @@ def test_interpreter_leaves_the_kernel_state_zero(interpreted, name):
     (q, k, *_), _, _, _, state, _ = interpreted[name]
     assert state.dtype == np.int32 and state.shape == kernel_state_shape(q.shape[0], k.shape[1])
     np.testing.assert_array_equal(state, 0)
+
+
+def _run_ptx(asm: str, word: int) -> tuple[int, int]:
+    """Execute the unpacking PTX (`kernels._unpack_asm`) on one input register, bit for bit: a simulator
+    of the instructions it uses (mov, prmt, shr, lop3, and fma.rn on packed 16-bit floats)."""
+    regs = {"$2": word}
+    val = lambda a: regs[a] if a in regs else int(a, 0)  # noqa: E731
+    for ins in asm.strip("{} ").split(";"):
+        if not ins.strip() or ins.strip().startswith(".reg"):
+            continue
+        op, rest = ins.split(None, 1)
+        dst, *args = (a.strip() for a in rest.split(","))
+        if op == "mov.b32":
+            regs[dst] = val(args[0])
+        elif op == "prmt.b32":  # byte i of the result is byte (selector nibble i) of {b, a}
+            pool, sel = val(args[0]) | val(args[1]) << 32, val(args[2])
+            regs[dst] = sum((pool >> 8 * (sel >> 4 * i & 7) & 0xFF) << 8 * i for i in range(4))
+        elif op == "shr.u32":
+            regs[dst] = val(args[0]) >> val(args[1])
+        elif op == "lop3.b32":  # bit i: the table's bit at index (a << 2 | b << 1 | c)
+            a, b, c, table = (val(x) for x in args)
+            regs[dst] = sum(
+                (table >> ((a >> i & 1) << 2 | (b >> i & 1) << 1 | (c >> i & 1)) & 1) << i for i in range(32)
+            )
+        elif op.startswith("fma.rn."):
+            dtype = jnp.bfloat16 if "bf16" in op else jnp.float16
+            a, b, c = (
+                np.array([val(x) & 0xFFFF, val(x) >> 16], np.uint16).view(dtype).astype(np.float64)
+                for x in args
+            )
+            r = (a * b + c).astype(dtype).view(np.uint16)  # the products here are exact: one rounding
+            regs[dst] = int(r[0]) | int(r[1]) << 16
+        else:
+            raise AssertionError(f"the simulator does not know {op}")
+    return regs["$0"], regs["$1"]
+
+
+@pytest.mark.parametrize("dtype", ["bf16", "fp16"])
+@pytest.mark.parametrize("kind", ["int4", "int2"])
+def test_ptx_unpacking_gives_each_plane_s_codes(dtype, kind):
+    """The GPU path's PTX (the interpreter runs none) turns four payload bytes into the four codes of a
+    plane as exact 16-bit floats, in element order: every byte value, at every byte position."""
+    kernels = pytest.importorskip("cuda_triton_bridge.kernels", reason="needs triton")
+    per_byte = quant.codes_per_byte(kind)
+    bits = 8 // per_byte
+    rng = np.random.default_rng(per_byte)
+    words = rng.integers(0, 256, (256, 4))
+    for position in range(4):
+        words[:, position] = np.roll(np.arange(256), 37 * position)
+    np_dtype = jnp.bfloat16 if dtype == "bf16" else jnp.float16
+    for plane in range(per_byte):
+        asm = kernels._unpack_asm(dtype, plane, per_byte)
+        for word in words:
+            lo, hi = _run_ptx(asm, int(sum(int(b) << 8 * i for i, b in enumerate(word))))
+            got = np.array([lo & 0xFFFF, lo >> 16, hi & 0xFFFF, hi >> 16], np.uint16).view(np_dtype)
+            want = (word >> plane * bits) & ((1 << bits) - 1)
+            np.testing.assert_array_equal(
+                got.astype(np.float64), want, err_msg=f"plane {plane}, bytes {word}"
+            )
+
+
+_COLUMN_SCRIPT = """
+import json, sys
+import numpy as np, torch, triton, triton.language as tl
+from cuda_triton_bridge.kernels import _column
+
+@triton.jit
+def column(x_ptr, o_ptr, B: tl.constexpr, N: tl.constexpr, G: tl.constexpr):
+    r, c = tl.arange(0, B), tl.arange(0, N)
+    tl.store(o_ptr + r, _column(tl.load(x_ptr + r[:, None] * N + c[None, :]), G, N))
+
+got = {}
+for n in (1, 2, 4, 8):
+    x = torch.from_numpy(np.random.default_rng(n).standard_normal((16, n)).astype(np.float32))
+    for g in range(n):
+        o = torch.zeros(16)
+        column[(1,)](x, o, 16, n, g)
+        got[f"{n},{g}"] = bool(torch.equal(o, x[:, g]))
+print(json.dumps(got))
+"""
+
+
+def test_scale_column_is_that_column_for_every_group_count():
+    """The kernel takes a chunk's scales out of the slots' scale rows [BLOCK_C, D / group] by splits of
+    the last axis (`_column`): for 1, 2, 4 and 8 groups a head, every column is the one asked for."""
+    pytest.importorskip("triton", reason="the interpreter tests need triton (no GPU)")
+    pytest.importorskip("torch", reason="the interpreter tests need torch (CPU)")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    path = os.pathsep.join(p for p in (root, os.environ.get("PYTHONPATH", "")) if p)
+    env = {**os.environ, "TRITON_INTERPRET": "1", "JAX_PLATFORMS": "cpu", "PYTHONPATH": path}
+    proc = subprocess.run(
+        [sys.executable, "-c", _COLUMN_SCRIPT], env=env, cwd=root, capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    got = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert len(got) == 1 + 2 + 4 + 8 and all(got.values()), got
 
 
 def test_interpreter_lse_matches_numpy(interpreted):
@@ -1343,7 +1461,7 @@ QUANT_MATCH_CASES = [
     for kind in quant.KV_QUANT_KINDS
     for dtype in ("bfloat16", "float16")
     for granularity in ("sequence", "kv_head")
-]
+] + [(kind, "float32", "sequence") for kind in ("int4", "int2")]  # no PTX unpacking for f32 q
 
 
 @pytest.mark.parametrize("kind, dtype, granularity", QUANT_MATCH_CASES)

@@ -147,7 +147,7 @@ def longflow_decode_attention_interpret(
         granularity=granularity,
         compute_evict=compute_evict,
         is_f32=dtype == "float32",
-        fast_log2=False,  # no libdevice in the interpreter; the GPU tests check lg2.approx
+        native=False,  # no libdevice or PTX in the interpreter; the GPU tests check the native path
         spin=False,  # interpreted programs run one after another: none may wait for another
         return_lse=return_lse,
     )
@@ -155,7 +155,7 @@ def longflow_decode_attention_interpret(
     tvalid = torch.from_numpy(np.asarray(kv_valid).copy())
     tlen = torch.from_numpy(np.asarray(kv_len).copy())
     # Without kv_quant (or zero points) the kernels never read these: a placeholder, as decode.py passes.
-    scales = kwargs.get("kv_scales") or quant.KVScales(None, None, None, None)
+    scales = kwargs.get("kv_scales") or quant.KVScales(*(None for _ in quant.KVScales._fields))
     tscales = [torch.zeros(1) if x is None else _to_torch(x) for x in scales]
     qk_scale = float(kwargs["scale"]) * LOG2E
     split_out = _alloc(plan.split, _TORCH[dtype])
