@@ -25,9 +25,15 @@
 #                        e.g. `git archive COMMIT | tar -x -C old`) and from this tree, as separate processes
 #                        taking turns for ROUNDS (2) rounds; then a table of both trees' per-call medians.
 #                        A round of both takes 3-5 minutes at all six sizes: pass --sizes to fit a call.
+#   profile [ARGS]       Nsight Compute over the Triton decode kernel, one scripts/bench_kernels.py process
+#                        per column of PROFILE_COLUMNS (triton,triton_int8,triton_int4) at SIZE (64x2048):
+#                        speed of light, occupancy, warp stall reasons, instruction mix, memory workload,
+#                        of COUNT (2) calls after the first SKIP (8); one report a column, the columns
+#                        sharing TIMEOUT_S. Needs ncu and hardware counters (Firecracker machines have
+#                        them, gVisor ones do not).
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
-stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE [ARGS...]}
+stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile [ARGS...]}
 shift
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -111,5 +117,22 @@ for (b, c, name), runs in us.items():
     print(f"| {b} | {c} | {name} | {fmt(old)} | {fmt(new)} | {ratio} |")
 EOF
     ;;
+  profile)
+    command -v ncu >/dev/null || { echo "no ncu on this machine" >&2; exit 2; }
+    columns=(${PROFILE_COLUMNS:-triton,triton_int8,triton_int4})
+    columns=(${columns[*]//,/ })
+    for column in "${columns[@]}"; do
+      # Kernel names: decode_{split,fused,coop}_kernel and the combine epilogue; the read kernel of the
+      # bandwidth ceiling (a child process, 256 MiB here) is not among them.
+      timeout "$((limit / ${#columns[@]}))" ncu --clock-control none --target-processes all --kernel-name "regex:^decode_" \
+        --launch-skip "${SKIP:-8}" --launch-count "${COUNT:-2}" --section SpeedOfLight --section Occupancy \
+        --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
+        --section MemoryWorkloadAnalysis --print-summary none \
+        python3 scripts/bench_kernels.py --columns "$column" --sizes "${SIZE:-64x2048}" --reps 2 --loops 1 \
+        --copy-mb 256 "$@" >"$OUT/ncu_$column.txt" 2>&1
+      echo "== $column (rc $?)"
+      grep -E "decode_|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Stall|Warp Cycles Per Issued" \
+        "$OUT/ncu_$column.txt" | head -40
+    done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
