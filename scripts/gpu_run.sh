@@ -3,7 +3,8 @@
 #   bash scripts/gpu_run.sh STAGE [ARGS...]   (on the GPU machine, in the repo root; output under $OUT)
 # Stages (ARGS go at the end of the stage's command; for the Python scripts a later flag wins):
 #   tests [PYTEST ARGS]  the GPU tests: both kernels against the jnp reference, generate through both
-#                        kernels against the reference path (default: the three GPU test files)
+#                        kernels against the reference path (default: the four GPU test files), in JOBS (8)
+#                        processes where pytest-xdist is installed
 #   kernels [ARGS]       scripts/bench_kernels.py --interleave: every column at the standard sizes, with
 #                        the copy ceiling
 #   generate [ARGS]      scripts/benchmark_generate.py, Qwen3-4B shape, batch 16, 8192 new tokens: the
@@ -49,8 +50,14 @@ date -u | tee -a "$OUT/gpu.txt"
 
 case "$stage" in
   tests)
-    [ $# -gt 0 ] || set -- tests/test_triton_kernel.py tests/test_pallas_kernel.py tests/test_kernel_generate.py
-    timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rs "$@" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
+    [ $# -gt 0 ] || set -- tests/test_triton_kernel.py tests/test_pallas_kernel.py tests/test_kernel_generate.py \
+      tests/test_thinkv_generate.py
+    # Compiling the kernels is most of the time: JOBS processes share the GPU, each allocating as it goes
+    # (preallocation would give the first process most of the memory and fail the others at collection).
+    workers=()
+    python3 -c "import xdist" 2>/dev/null && workers=(-n "${JOBS:-8}")
+    XLA_PYTHON_CLIENT_PREALLOCATE=false timeout "$limit" python3 -m pytest -q -p no:cacheprovider -rs \
+      "${workers[@]}" "$@" 2>&1 | tee "$OUT/tests.log" | tail -30 ;;
   kernels)
     timeout "$limit" python3 scripts/bench_kernels.py --interleave --out "$OUT/bench_kernels.md" "$@" 2>&1 \
       | tee "$OUT/bench_kernels.log" ;;
