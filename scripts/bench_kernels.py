@@ -7,8 +7,9 @@ Columns, at B in {1, 16, 64} x C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, ever
   triton          cuda_triton_bridge.longflow_decode_attention_triton, one kernel_state threaded through
                   its calls as generate does; omitted where triton, jax_triton or a CUDA device is missing
   *_noevict       the same kernel with compute_evict=False: the eviction overhead is the difference
-  *_int8, *_int4  the same call on a quantized buffer (kv_quant, group 32): payloads + f32 scales, and
-                  zero points for int4; the reference dequantizes in XLA, the kernels in registers
+  *_int8, *_int4  the same call on a quantized buffer (kv_quant, group 32 or --group): payloads + f32
+                  scales, and zero points for int4; the reference dequantizes in XLA, the kernels in
+                  registers
 Each column is checked against the jnp reference, then timed as a chain of dependent calls over K/V
 sets far larger than the L2, run --loops times in a lax.fori_loop as a decode loop runs its step, and
 set against a bandwidth ceiling measured in a child process (the method: docs/BENCHMARKS.md). A column's
@@ -160,9 +161,9 @@ def columns(scale, triton=None, granularity="sequence", launches=()):
     return cols
 
 
-def make_sets(batch, slots, n_sets, seed=0, kv_quant=None):
-    """n_sets input sets (q, k, v, kv_valid); with kv_quant, k and v quantized per slot, group
-    QUANT_GROUP, as the cache stores them: (q, k payload, v payload, kv_valid, KVScales)."""
+def make_sets(batch, slots, n_sets, seed=0, kv_quant=None, group=QUANT_GROUP):
+    """n_sets input sets (q, k, v, kv_valid); with kv_quant, k and v quantized per slot, `group`
+    elements a scale, as the cache stores them: (q, k payload, v payload, kv_valid, KVScales)."""
     sets, key = [], jax.random.PRNGKey(seed)
     for _ in range(n_sets):
         key, kq, kk, kv = jax.random.split(key, 4)
@@ -173,15 +174,15 @@ def make_sets(batch, slots, n_sets, seed=0, kv_quant=None):
         if kv_quant is None:
             sets.append((q, k, v, valid))
             continue
-        k_payload, v_payload, side = quant.quantize_kv(k, v, kv_quant, QUANT_GROUP)
+        k_payload, v_payload, side = quant.quantize_kv(k, v, kv_quant, group)
         sets.append((q, k_payload, v_payload, valid, side))
     return jax.block_until_ready(sets)
 
 
-def kv_bytes(batch, slots, kv_quant=None):
+def kv_bytes(batch, slots, kv_quant=None, group=QUANT_GROUP):
     """Bytes of K and V a call reads: with kv_quant, the payloads, their f32 scales (and zero points) and
     the value norms."""
-    per_slot = quant.slot_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, QUANT_GROUP)
+    per_slot = quant.slot_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, group)
     return batch * NUM_KV_HEADS * slots * per_slot
 
 
@@ -391,7 +392,7 @@ def _cell(seconds, nbytes, ceiling):
     return f"{seconds * 1e6:.1f} ({rate / 1e12:.2f}, {100 * rate / ceiling.bytes_per_s:.0f}%)"
 
 
-def format_table(header, ceiling, rows, names):
+def format_table(header, ceiling, rows, names, group=QUANT_GROUP):
     """Markdown: one row per size, each column as median us (TB/s, % of the bandwidth ceiling), the
     rates over the bytes that column reads; a quantized buffer's MB (payloads + scales) per kind shown."""
     kinds = list(dict.fromkeys(k for n in names if (k := column_kind(n))))
@@ -399,7 +400,7 @@ def format_table(header, ceiling, rows, names):
         f"{header}; bandwidth ceiling {ceiling.bytes_per_s / 1e12:.2f} TB/s ({ceiling.note})",
         "",
         "Hq/Hkv 32/8, D 128, bf16, all slots valid (*_int8 / *_int4: K/V quantized per slot in groups of "
-        f"{QUANT_GROUP}); median us per call (TB/s of the K/V bytes the column reads, % of the bandwidth "
+        f"{group}); median us per call (TB/s of the K/V bytes the column reads, % of the bandwidth "
         "ceiling); ceiling us = bf16 K+V bytes / ceiling; overhead = the kernel / the same kernel without "
         "scoring - 1",
         "",
@@ -409,12 +410,14 @@ def format_table(header, ceiling, rows, names):
     ]  # fmt: skip
     for r in rows:
         nbytes = kv_bytes(r["batch"], r["slots"])
-        cells = [_cell(r.get(n), kv_bytes(r["batch"], r["slots"], column_kind(n)), ceiling) for n in names]
+        cells = [
+            _cell(r.get(n), kv_bytes(r["batch"], r["slots"], column_kind(n), group), ceiling) for n in names
+        ]
         for kernel in ("pallas", "triton"):
             t, base = r.get(kernel), r.get(kernel + "_noevict")
             cells.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
         sizes = [r["batch"], r["slots"], f"{nbytes / 1e6:.0f}", f"{nbytes / ceiling.bytes_per_s * 1e6:.1f}"]
-        sizes += [f"{kv_bytes(r['batch'], r['slots'], k) / 1e6:.0f}" for k in kinds]
+        sizes += [f"{kv_bytes(r['batch'], r['slots'], k, group) / 1e6:.0f}" for k in kinds]
         lines.append("| " + " | ".join(map(str, sizes + cells)) + " |")
     return "\n".join(lines)
 
@@ -423,8 +426,9 @@ def time_size(batch, slots, cols, args, scale, ceiling, log):
     """{batch, slots, column: median seconds per call} for the columns that pass their check."""
     sets = {}  # per buffer kind (None: bf16), each kind's sets spanning ROTATE_BYTES of its own bytes
     for kind in dict.fromkeys(column_kind(name) for name in cols):
-        n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / kv_bytes(batch, slots, kind)))))
-        sets[kind] = make_sets(batch, slots, n_sets, kv_quant=kind)
+        nbytes = kv_bytes(batch, slots, kind, args.group)
+        n_sets = int(min(MAX_SETS, max(2, math.ceil(ROTATE_BYTES / nbytes))))
+        sets[kind] = make_sets(batch, slots, n_sets, kv_quant=kind, group=args.group)
     row, summaries, runs = dict(batch=batch, slots=slots), {}, {}
     for name, fn in cols.items():
         inputs = sets[column_kind(name)]
@@ -438,7 +442,7 @@ def time_size(batch, slots, cols, args, scale, ceiling, log):
     for group in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
         for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
             row[name] = t
-            rate = kv_bytes(batch, slots, column_kind(name)) / t
+            rate = kv_bytes(batch, slots, column_kind(name), args.group) / t
             log(
                 f"B={batch:3d} C={slots:5d} {name:17s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
                 f"{tmax * 1e6:.1f}) {rate / 1e12:5.2f} TB/s "
@@ -456,6 +460,9 @@ def main(argv=None):
     parser.add_argument("--loops", type=int, default=8, help="chains per program, in a lax.fori_loop")
     parser.add_argument("--interleave", action="store_true", help="repetitions round-robin over columns")
     parser.add_argument("--queued", type=int, default=0, help="executions queued per sync (0: latency)")
+    parser.add_argument(
+        "--group", type=int, default=QUANT_GROUP, help="head elements per scale of the quantized columns"
+    )
     parser.add_argument("--copy-mb", type=int, default=4096, help="buffer MiB for the bandwidth ceiling")
     parser.add_argument(
         "--launch", action="append", default=[], help="TRITON_COLUMN:FIELD=VALUE,... (docstring)"
@@ -497,7 +504,7 @@ def main(argv=None):
     sizes = [tuple(int(x) for x in s.split("x")) for s in args.sizes.split(",")]
     rows = [time_size(batch, slots, cols, args, scale, ceiling, log) for batch, slots in sizes]
     table = format_table(
-        header, ceiling, rows, [n for n in COLUMNS if n in cols] + [n for n in cols if "[" in n]
+        header, ceiling, rows, [n for n in COLUMNS if n in cols] + [n for n in cols if "[" in n], args.group
     )
     log("\n" + table)
     if args.out:

@@ -184,6 +184,17 @@ def test_kv_bytes_are_what_a_set_holds(kind):
                                                           "int2": 132}[kind]  # fmt: skip
 
 
+@pytest.mark.parametrize("group", [64, 128])
+def test_a_coarser_group_holds_and_counts_fewer_scale_bytes(group):
+    # --group: the sets are quantized at that group, and kv_bytes counts what they hold (int4 at D 128:
+    # 2 x (64 + 2 x 4 x 128 / group) + 4 a slot and KV head).
+    q, *buffers = bk.make_sets(2, 64, 1, kv_quant="int4", group=group)[0]
+    held = sum(x.nbytes for x in jax.tree_util.tree_leaves(buffers) if x.dtype != jnp.bool_)
+    assert bk.kv_bytes(2, 64, "int4", group) == held
+    assert held // (2 * 64 * bk.NUM_KV_HEADS) == 2 * (64 + 8 * 128 // group) + 4
+    assert buffers[-1].k_scale.shape[-1] == 128 // group
+
+
 def test_check_column_checks_a_quantized_column_against_the_quantized_reference():
     scale = bk.HEAD_DIM**-0.5
     inputs = bk.make_sets(2, 64, 1, kv_quant="int4")[0]
