@@ -906,7 +906,7 @@ INTERPRETER_CASES = [
     # A quantized cache (group 32 unless quant_group says otherwise): every kind with bf16 and f16 q
     # at both granularities, across the epilogues. Key chunks: int8 / fp8 at D 64 two of 32 elements;
     # int4 two planes of 32 (group 16: two payload chunks x two planes); int2 four planes of 16, each
-    # group spanning two planes (at D 128, four of 32).
+    # group spanning two planes (at D 128, four of 32); int4 with one scale a head (group = D).
     _case("int8-bf16", BF16, (4, 8, 2, 100, 64), kv_quant="int8", block_c=32, num_splits=2),
     _case("int8-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="int8", **FUSED, **KV_HEAD, block_c=16),
     _case("int8-f16", F16, (4, 8, 2, 100, 64), kv_quant="int8", **COOP, block_c=32, num_splits=3),
@@ -921,6 +921,7 @@ INTERPRETER_CASES = [
     _case("int4-f16", F16, (4, 8, 2, 100, 64), kv_quant="int4", quant_group=16, **COOP, block_c=32),
     _case("int4-f16-kvhead", F16, (4, 8, 2, 100, 64),
           kv_quant="int4", quant_group=16, **KV_HEAD, block_c=32, num_splits=3),
+    _case("int4-bf16-wholehead", BF16, (4, 8, 2, 100, 64), kv_quant="int4", quant_group=64, num_splits=2),
     _case("int2-bf16", BF16, (4, 8, 2, 100, 64), kv_quant="int2", **COOP, num_splits=2),
     _case("int2-bf16-kvhead", BF16, (4, 8, 2, 100, 64), kv_quant="int2", **KV_HEAD, block_c=32),
     _case("int2-f16", F16, (4, 8, 2, 100, 128), kv_quant="int2", block_c=32, num_splits=2),
