@@ -439,8 +439,8 @@ def time_size(batch, slots, cols, args, scale, ceiling, log):
             jax.block_until_ready(runs[name][0]())  # compiles here, so a failure is this column's
         except Exception as e:  # one broken column must not hide the rest
             log(f"B={batch} C={slots} {name}: FAILED {type(e).__name__}: {str(e)[:300]}")
-    for group in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
-        for name, (t, (tmin, tmax)) in time_interleaved(group, args.reps, args.queued).items():
+    for together in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
+        for name, (t, (tmin, tmax)) in time_interleaved(together, args.reps, args.queued).items():
             row[name] = t
             rate = kv_bytes(batch, slots, column_kind(name), args.group) / t
             log(
