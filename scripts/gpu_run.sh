@@ -140,6 +140,8 @@ EOF
       echo "== $column (rc $?)"
       grep -E "decode_|Duration|Memory Throughput|Compute \(SM\) Throughput|Achieved Occupancy|Registers Per|Issue Slots Busy|No Eligible|Stall|Warp Cycles Per Issued" \
         "$OUT/ncu_$column.txt" | head -40
+      # No metrics (on gVisor ncu cannot load its profiler library): show why.
+      grep -q "Duration" "$OUT/ncu_$column.txt" || tail -5 "$OUT/ncu_$column.txt"
     done ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
