@@ -192,7 +192,7 @@ def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> in
     upper bound otherwise (checked against compiled kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
     # The value norm (one f32 a slot) is loaded straight into registers, outside the ring.
-    staged = shape.kv_slot_bytes - (4 if shape.kv_quant else 0)
+    staged = shape.kv_slot_bytes - (quant.VALUE_NORM_BYTES if shape.kv_quant else 0)
     ring = max(num_stages - 1, 1) * block_c * staged
     query = rows * shape.head_dim * shape.itemsize
     if shape.itemsize < 4:

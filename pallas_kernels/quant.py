@@ -23,6 +23,7 @@ head, so they no longer set the per-token scale of 4- and 2-bit groups. Values a
 
 from __future__ import annotations
 
+import numbers
 from typing import Any, NamedTuple
 
 import jax
@@ -38,6 +39,8 @@ def check_kv_quant(kind: str, group: int, head_dim: int) -> None:
     """ValueError unless `kind` / `group` can quantize a head of `head_dim` elements."""
     if kind not in KV_QUANT_KINDS:
         raise ValueError(f"kv_quant must be one of {KV_QUANT_KINDS}, got {kind!r}")
+    if not isinstance(group, numbers.Integral) or group < 1:
+        raise ValueError(f"kv_quant_group must be a positive int, got {group!r}")
     if head_dim % group:
         raise ValueError(f"kv_quant_group {group} must divide head_dim {head_dim}")
     per_byte = codes_per_byte(kind)
@@ -88,6 +91,9 @@ def codes_per_byte(kind: str) -> int:
     return 8 // _PACKED_BITS.get(kind, 8)
 
 
+VALUE_NORM_BYTES = 4  # KVScales.v_norm: one float32 a slot and KV head
+
+
 def slot_bytes(head_dim: int, itemsize: int, kind: str | None = None, group: int = 32) -> int:
     """Bytes of one slot's K and V for one KV head: 2 * head_dim elements of `itemsize` bytes, or with
     `kind` the packed payloads, their float32 scales (and zero points for int4 / int2) and the value's
@@ -95,7 +101,7 @@ def slot_bytes(head_dim: int, itemsize: int, kind: str | None = None, group: int
     if kind is None:
         return 2 * head_dim * itemsize
     per_row = head_dim // codes_per_byte(kind) + (2 if has_zero_point(kind) else 1) * 4 * (head_dim // group)
-    return 2 * per_row + 4
+    return 2 * per_row + VALUE_NORM_BYTES
 
 
 def payload_dtype(kind: str):

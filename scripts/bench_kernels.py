@@ -471,6 +471,8 @@ def main(argv=None):
     args = parser.parse_args(argv)
     try:
         launches = [parse_launch(text) for text in args.launch]
+        for kind in QUANT_KINDS:
+            quant.check_kv_quant(kind, args.group, HEAD_DIM)
     except ValueError as e:
         parser.error(str(e))
     if args.ceiling_only:

@@ -286,6 +286,16 @@ def test_main_writes_a_table_with_the_timing_mode(tmp_path, capsys, queued, inte
         bk.main(["--sizes", "1x64", "--columns", "triton", "--copy-mb", "8"])
 
 
+@pytest.mark.parametrize("group, why", [(0, "must be a positive int"), (48, "must divide head_dim 128")])
+def test_main_rejects_a_group_the_head_cannot_take(capsys, group, why):
+    # Before any ceiling or column runs: the usage error names the value.
+    with pytest.raises(SystemExit):
+        bk.main(["--sizes", "1x64", "--group", str(group), "--copy-mb", "8"])
+    err = capsys.readouterr().err
+    assert f"kv_quant_group {group}" in err or f"got {group}" in err
+    assert why in err
+
+
 def test_main_times_a_quantized_column_on_its_own_sets(tmp_path):
     out = tmp_path / "table.md"
     argv = ["--sizes", "1x64", "--columns", "xla_longflow,xla_longflow_int8", "--reps", "1", "--loops", "1"]
