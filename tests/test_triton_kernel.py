@@ -1559,8 +1559,8 @@ def _decode_loop(attention, steps, scale):
 def test_decode_loop_under_jit_while_loop_with_donated_cache(launch):
     batch, hq, hkv, slots_, d, steps, prompt = 2, 8, 2, 256, 64, 6, 250
     dtype = jnp.float32  # exact argmin, so the two trajectories must agree step by step
+    q, k, v, _ = make_inputs(_seed("loop"), batch, hq, hkv, slots_, d, dtype)
     key = jax.random.key(_seed("loop"))
-    q, k, v, _ = make_inputs(key, batch, hq, hkv, slots_, d, dtype)
     valid = jnp.broadcast_to(jnp.arange(slots_) < prompt, (batch, slots_))
     ks = jax.random.split(jax.random.fold_in(key, 1), 3)
     q_seq = jax.random.normal(ks[0], (steps, batch, hq, d), dtype)
