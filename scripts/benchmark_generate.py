@@ -8,7 +8,8 @@ decodes every step.
   python scripts/benchmark_generate.py --model qwen3-4b --runs full:16:8192 longflow:16:8192:2048 \
       --out runs/gen.jsonl
 
-A run is POLICY[@KV_QUANT]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g. longflow@int4:16:8192:2048:pallas.
+A run is POLICY[@KV_QUANT[/GROUP]]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g.
+longflow@int4:16:8192:2048:pallas; GROUP is kv_quant_group (default 32), e.g. longflow@int8/128.
 BATCH=max is `lf.max_batch` in --memory-gib (default: 90% of the device's memory limit): full cache and
 LongFlow at equal memory.
 STEPS (default NEW_TOKENS) times only the first STEPS steps of a buffer sized for NEW_TOKENS: a
@@ -76,6 +77,8 @@ MODELS = {
 # fmt: on
 
 
+DEFAULT_GROUP = CompressionConfig().kv_quant_group
+
 # Policies whose step cost keeps changing: the full cache grows; ThinKV's tiers fill and thin out.
 UNPROJECTED = ("full", "thinkv")
 
@@ -84,18 +87,26 @@ def parse_run(spec: str):
     """(compression, batch or "max", new_tokens, impl, steps) from a --runs spec."""
     parts = spec.split(":")
     if not 3 <= len(parts) <= 6:
-        raise ValueError(f"run {spec!r}: expected POLICY[@KV_QUANT]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]")
+        raise ValueError(
+            f"run {spec!r}: expected POLICY[@KV_QUANT[/GROUP]]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]]"
+        )
     policy, batch, new, budget, impl, steps = parts + [""] * (6 - len(parts))
     batch, new, steps = batch if batch == "max" else int(batch), int(new), int(steps or new)
     if not 0 < steps <= new:
         raise ValueError(f"run {spec!r}: STEPS must be in [1, NEW_TOKENS={new}], got {steps}")
     policy, _, kv_quant = policy.partition("@")
+    kv_quant, slash, group = kv_quant.partition("/")
+    if slash and not (kv_quant and group.isdigit()):
+        raise ValueError(
+            f"run {spec!r}: a GROUP takes a KV_QUANT and a positive int, got {kv_quant!r}/{group!r}"
+        )
+    group = {"kv_quant_group": int(group)} if group else {}
     if steps < new and policy in UNPROJECTED:
         raise ValueError(
             f"run {spec!r}: STEPS < NEW_TOKENS projects the untimed steps at the buffer-full rate, and "
             f"policy {policy!r} has none (its per-step cost keeps changing): time every step"
         )
-    comp = CompressionConfig(policy=policy, budget=int(budget or 2048), kv_quant=kv_quant or None)
+    comp = CompressionConfig(policy=policy, budget=int(budget or 2048), kv_quant=kv_quant or None, **group)
     return comp, batch, new, impl or "reference", steps
 
 
@@ -161,6 +172,7 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
         whole = time_generate(params, config, comp, impl, ids, lengths, new_tokens, rows, args.mesh)
     return dict(
         policy=comp.policy, kv_quant=comp.kv_quant, impl=impl, batch=batch, new_tokens=new_tokens,
+        kv_quant_group=comp.kv_quant_group if comp.kv_quant else None,
         decoded_steps=decoded, budget=comp.budget if comp.policy != "full" else None, capacity=capacity,
         prompt_len=prompt_len, kv_cache_bytes=kv_bytes, peak_bytes=peak,
         decode_tokens_per_s=batch * decoded / sum(chunk_seconds),
@@ -213,7 +225,10 @@ def whole_run_tokens_per_s(r):
 
 def run_name(r):
     name = r["policy"] if r["policy"] == "full" else f"{r['policy']} C={r['budget']}"
-    return name + (f" {r['kv_quant']}" if r.get("kv_quant") else "")
+    if not r.get("kv_quant"):
+        return name
+    group = r.get("kv_quant_group")
+    return f"{name} {r['kv_quant']}" + (f"/{group}" if group and group != DEFAULT_GROUP else "")
 
 
 def plot(results, path):

@@ -89,6 +89,14 @@ def test_parse_run_fields_and_errors(bench):
     comp, *rest = bench.parse_run("longflow@int4:4:8192:1024:triton:2048")
     assert (comp.policy, comp.budget, comp.kv_quant) == ("longflow", 1024, "int4")
     assert rest == [4, 8192, "triton", 2048]
+    comp, *_ = bench.parse_run("longflow@int8/128:max:8192:2048:triton:3072")
+    assert (comp.kv_quant, comp.kv_quant_group) == ("int8", 128)
+    assert bench.parse_run("longflow@int8:4:128")[0].kv_quant_group == bench.DEFAULT_GROUP == 32
+    for bad in ["longflow@int8/:4:128", "longflow@int8/x:4:128", "longflow@/128:4:128"]:
+        with pytest.raises(ValueError, match="GROUP"):
+            bench.parse_run(bad)
+    with pytest.raises(ValueError, match="kv_quant_group"):
+        bench.parse_run("longflow@int8/0:4:128")
     bad_runs = ["full:4", "longflow:4:128:32:triton:256", "longflow:4:128:32:triton:0", "a:1:2:3:4:5:6"]
     bad_runs += ["full:4:128::triton:64", "thinkv:4:128:32:reference:64"]  # no buffer-full rate to project
     for bad in bad_runs:
