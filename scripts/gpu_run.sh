@@ -32,9 +32,11 @@
 #                        of COUNT (2) calls after the first SKIP (8); one report a column, the columns
 #                        sharing TIMEOUT_S. Needs ncu and hardware counters (Firecracker machines have
 #                        them, gVisor ones do not).
+#   drift [ARGS]         scripts/kernel_drift.py (default: Triton, fp8, kv_head, 6 prompt sets): where greedy
+#                        decoding through the kernel leaves the reference's, and why
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
-stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile [ARGS...]}
+stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile|drift [ARGS...]}
 shift
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -143,5 +145,8 @@ EOF
       # No metrics (on gVisor ncu cannot load its profiler library): show why.
       grep -q "Duration" "$OUT/ncu_$column.txt" || tail -5 "$OUT/ncu_$column.txt"
     done ;;
+  drift)
+    timeout "$limit" python3 scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head "$@" 2>&1 \
+      | grep -v Warning | tee "$OUT/kernel_drift.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac

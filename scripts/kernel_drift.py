@@ -1,0 +1,137 @@
+r"""Where a kernel path's greedy decoding leaves the reference path's (tiny random model, float32).
+
+Run free, `generate` through a kernel and through the reference can part even when each single step
+agrees. This finds where and why: it decodes greedily through IMPL in a Python loop, and at every step
+also runs the reference step from the same cache, comparing
+  - the logits (largest |difference|, and whether the argmax differs),
+  - each layer's next evict slot(s),
+  - the K/V each path stored for the new token (the payloads' bytes; their scales differ in the last
+    bits from layer 1 on, as the activations do): a quantizer may round a value the other way.
+Per prompt set it prints the first step of each kind of difference, and whether `generate` through
+IMPL gave the reference's tokens. Runs on CPU with the Pallas kernel (interpret mode) and on a GPU.
+
+  python scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head --seeds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import importlib
+import os
+import sys
+import tempfile
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
+
+import longflow_jax as lf  # noqa: E402
+from longflow_jax import sharding  # noqa: E402
+from longflow_jax.config import CompressionConfig  # noqa: E402
+from longflow_jax.convert import convert  # noqa: E402
+from longflow_jax.testing import make_tiny_hf_checkpoint  # noqa: E402
+
+gen = importlib.import_module("longflow_jax.generate")
+
+
+def stored_byte_differences(a, b) -> dict:
+    """{(layer, "k" or "v"): bytes that differ} between two caches' K/V buffers (payloads with kv_quant)."""
+    out = {}
+    for i, (x, y) in enumerate(zip(a.layers, b.layers)):
+        for name in ("k", "v"):
+            n = int(
+                np.sum(
+                    np.asarray(getattr(x, name)).view(np.uint8) != np.asarray(getattr(y, name)).view(np.uint8)
+                )
+            )
+            if n:
+                out[i, name] = n
+    return out
+
+
+def prompts(vocab_size, lengths, seed):
+    """Right-padded random prompts [B, max(lengths)] and their lengths."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1, vocab_size, n)
+    return ids, np.asarray(lengths, np.int32)
+
+
+def drift(params, config, comp, impl, ids, lengths, steps):
+    """One prompt set: {"generate_equal", "first_argmax", "first_evict", "first_stored", "stored",
+    "max_dlogits"}; a "first_*" is the step of the first difference of that kind, or None."""
+    with jax.default_matmul_precision("highest"):
+        run = functools.partial(
+            lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
+        )
+        want, got = np.asarray(run().tokens), np.asarray(run(attention_impl=impl).tokens)
+        comp = gen.effective_compression(comp, ids.shape[1], steps)
+        capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
+        cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
+        cache = gen.ready_to_decode(sharding.split_kv_heads(cache), comp, impl, steps)
+        step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        found = dict(first_argmax=None, first_evict=None, first_stored=None, stored={}, max_dlogits=0.0)
+        for t in range(1, steps):
+            positions = jnp.asarray(lengths) + t - 1
+            args = (params, config, cache, token, positions, jax.random.key(0))
+            want_logits, want_cache, _ = step(*args, compression=comp, attention_impl="reference")
+            got_logits, got_cache, _ = step(*args, compression=comp, attention_impl=impl)
+            found["max_dlogits"] = max(
+                found["max_dlogits"], float(jnp.max(jnp.abs(want_logits - got_logits)))
+            )
+            if found["first_argmax"] is None and bool(
+                jnp.any(jnp.argmax(want_logits, -1) != jnp.argmax(got_logits, -1))
+            ):
+                found["first_argmax"] = t
+            if found["first_evict"] is None and any(
+                not np.array_equal(np.asarray(x.evict_slot), np.asarray(y.evict_slot))
+                for x, y in zip(want_cache.layers, got_cache.layers)
+            ):
+                found["first_evict"] = t
+            differences = stored_byte_differences(want_cache, got_cache)
+            if differences and found["first_stored"] is None:
+                found["first_stored"], found["stored"] = t, differences
+            cache, token = got_cache, jnp.argmax(got_logits, -1).astype(jnp.int32)
+    return dict(generate_equal=bool(np.array_equal(want, got)), **found)
+
+
+def main(argv=None) -> list[dict]:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--impl", default="triton", choices=["pallas", "triton"])
+    ap.add_argument("--kv-quant", default=None, choices=[None, "int8", "fp8", "int4", "int2"])
+    ap.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
+    ap.add_argument("--budget", type=int, default=8)
+    ap.add_argument("--group", type=int, default=16, help="kv_quant_group (the tiny model's head dim is 16)")
+    ap.add_argument("--steps", type=int, default=24)
+    ap.add_argument("--seeds", type=int, default=6, help="prompt sets (3 rows of 5, 14 and 9 tokens each)")
+    args = ap.parse_args(argv)
+    root = tempfile.mkdtemp(prefix="kernel_drift_")
+    convert(make_tiny_hf_checkpoint(os.path.join(root, "hf"), "qwen3"), os.path.join(root, "lf"))
+    config, params = lf.load(os.path.join(root, "lf"))
+    comp = CompressionConfig(
+        policy="longflow", budget=args.budget, granularity=args.granularity, kv_quant=args.kv_quant,
+        kv_quant_group=args.group,
+    )  # fmt: skip
+    print(f"{args.impl} against the reference: {comp}", flush=True)
+    results = []
+    for seed in range(args.seeds):
+        ids, lengths = prompts(config.vocab_size, [5, 14, 9], seed)
+        r = drift(params, config, comp, args.impl, ids, lengths, args.steps)
+        results.append(r)
+        stored = f"{r['first_stored']} {r['stored']}" if r["stored"] else "None"
+        print(
+            f"prompt set {seed}: generate equal {r['generate_equal']}; stepping {args.impl}'s own cache, the "
+            f"first step with a different argmax {r['first_argmax']}, evict slot {r['first_evict']}, stored "
+            f"K/V {stored}; largest |logits difference| {r['max_dlogits']:.1e}",
+            flush=True,
+        )
+    return results
+
+
+if __name__ == "__main__":
+    main()
