@@ -131,9 +131,13 @@ EOF
     columns=(${PROFILE_COLUMNS:-triton,triton_int8,triton_int4})
     columns=(${columns[*]//,/ })
     for column in "${columns[@]}"; do
-      # Kernel names: decode_{split,fused,coop}_kernel and the combine epilogue; the read kernel of the
-      # bandwidth ceiling (a child process, 256 MiB here) is not among them.
-      timeout "$((limit / ${#columns[@]}))" ncu --clock-control none --target-processes all --kernel-name "regex:^decode_" \
+      # Kernel names: decode_{split,fused,coop}_kernel and the combine epilogue. The bandwidth ceiling's
+      # child process (256 MiB here) is not profiled. Under ncu, a JAX process holding 75% of the GPU
+      # left the child's allocation and ncu's kernel replay short of memory (RESOURCE_EXHAUSTED, then a
+      # segfault, on an H100): no preallocation, and no CUDA graphs around the kernels.
+      XLA_PYTHON_CLIENT_PREALLOCATE=false XLA_FLAGS="--xla_gpu_enable_command_buffer= ${XLA_FLAGS:-}" \
+        timeout "$((limit / ${#columns[@]}))" ncu --clock-control none --target-processes application-only \
+        --kernel-name "regex:^decode_" \
         --launch-skip "${SKIP:-8}" --launch-count "${COUNT:-2}" --section SpeedOfLight --section Occupancy \
         --section LaunchStats --section WarpStateStats --section SchedulerStats --section InstructionStats \
         --section MemoryWorkloadAnalysis --print-summary none \
