@@ -14,7 +14,9 @@ BATCH=max is `lf.max_batch` in --memory-gib (default: 90% of the device's memory
 LongFlow at equal memory.
 STEPS (default NEW_TOKENS) times only the first STEPS steps of a buffer sized for NEW_TOKENS: a
 compressed cache's per-step cost stops changing once its C slots are full, so the table projects the
-untimed steps at that buffer-full rate. --isolate runs each configuration in its own process: its own
+untimed steps at that buffer-full rate. ThinKV has no such step (its tiers fill and thin out): its rate
+counts as buffer-full once the last timed chunks agree within 1% (STEADY_TOLERANCE), else the row
+gets no projection. --isolate runs each configuration in its own process: its own
 memory peak, an empty allocator, and a BATCH=max run that runs out of memory retried at 90% of the batch
 (twice at most; the row records the scale). --generate also times each run's whole generation as
 `lf.compile_generate` compiles it (prefill and every step), compile time apart; with --mesh
@@ -79,8 +81,12 @@ MODELS = {
 
 DEFAULT_GROUP = CompressionConfig().kv_quant_group
 
-# Policies whose step cost keeps changing: the full cache grows; ThinKV's tiers fill and thin out.
-UNPROJECTED = ("full", "thinkv")
+# Policies whose step cost keeps changing: the full cache grows (every step is timed); ThinKV's tiers
+# fill and thin out, until its rate settles (STEADY_TOLERANCE).
+UNPROJECTED = ("full",)
+SETTLING = ("thinkv",)
+STEADY_TOLERANCE = 0.01  # the last chunks' rates agree this closely: the rate has settled
+STEADY_CHUNKS = 2  # and at least this many of them
 
 
 def parse_run(spec: str):
@@ -204,21 +210,36 @@ def time_generate(params, config, comp, impl, ids, lengths, new_tokens, prefill_
 
 def buffer_full_tokens_per_s(r):
     """Tokens/s over the timed chunks that start once a compressed buffer is full, when every step reads
-    the same C slots (None for UNPROJECTED policies)."""
+    the same C slots; for SETTLING policies over the last chunks whose rates lie within STEADY_TOLERANCE
+    of the last one's (at least STEADY_CHUNKS of them). None for UNPROJECTED policies, or a rate that
+    has not settled."""
+    rates = r["chunk_tokens_per_s"]
     if r["policy"] in UNPROJECTED:
         return None
-    fill = r["capacity"] - r["prompt_len"]  # decode steps until every slot holds a token
-    steady = [t for i, t in enumerate(r["chunk_tokens_per_s"]) if i * r["chunk"] >= fill]
+    if r["policy"] in SETTLING:
+        steady = []
+        for t in reversed(rates):
+            if abs(t - rates[-1]) > STEADY_TOLERANCE * rates[-1]:
+                break
+            steady.append(t)
+        if len(steady) < STEADY_CHUNKS:
+            return None
+    else:
+        fill = r["capacity"] - r["prompt_len"]  # decode steps until every slot holds a token
+        steady = [t for i, t in enumerate(rates) if i * r["chunk"] >= fill]
     return len(steady) / sum(1.0 / t for t in steady) if steady else None
 
 
 def whole_run_tokens_per_s(r):
     """(tokens/s over all NEW_TOKENS steps, projected): measured when every step was timed, else the
-    timed steps plus the untimed ones at the buffer-full rate."""
+    timed steps plus the untimed ones at the buffer-full rate; (None, False) when the untimed steps have
+    no rate to be projected at."""
     untimed = r["new_tokens"] - r["decoded_steps"]
     steady = buffer_full_tokens_per_s(r)
-    if untimed == 0 or steady is None:
+    if untimed == 0:
         return r["decode_tokens_per_s"], False
+    if steady is None:
+        return None, False
     seconds = r["batch"] * r["decoded_steps"] / r["decode_tokens_per_s"] + r["batch"] * untimed / steady
     return r["batch"] * r["new_tokens"] / seconds, True
 
@@ -345,7 +366,8 @@ def print_table(results):
             f"| {run_name(r)} | {r['impl']} | {r['batch']} | {r['new_tokens']} | {r['decoded_steps']} | "
             f"{r['kv_cache_bytes'] / 2**30:.2f} | {peak} | {r['ms_per_step']:.2f} | "
             f"{r['decode_tokens_per_s']:.0f} | {f'{steady:.0f}' if steady else '-'} | "
-            f"{whole:.0f}{' (projected)' if projected else ''} | {generate} |"
+            f"{'not settled' if whole is None else f'{whole:.0f}'}{' (projected)' if projected else ''} | "
+            f"{generate} |"
         )
 
 

@@ -98,7 +98,7 @@ def test_parse_run_fields_and_errors(bench):
     with pytest.raises(ValueError, match="kv_quant_group"):
         bench.parse_run("longflow@int8/0:4:128")
     bad_runs = ["full:4", "longflow:4:128:32:triton:256", "longflow:4:128:32:triton:0", "a:1:2:3:4:5:6"]
-    bad_runs += ["full:4:128::triton:64", "thinkv:4:128:32:reference:64"]  # no buffer-full rate to project
+    bad_runs += ["full:4:128::triton:64"]  # no buffer-full rate to project
     for bad in bad_runs:
         with pytest.raises(ValueError, match="run"):
             bench.parse_run(bad)
@@ -143,8 +143,23 @@ def test_buffer_full_rate_and_projection(bench, tmp_path, capsys):
     full = dict(row, policy="full", decoded_steps=128)
     assert bench.buffer_full_tokens_per_s(full) is None
     assert bench.whole_run_tokens_per_s(full) == (full["decode_tokens_per_s"], False)
+    # ThinKV: the last chunks within 1% of the last one's rate are its settled rate, if two or more.
+    assert bench.parse_run("thinkv:4:128:32:reference:64")[-1] == 64
+    settled = dict(row, policy="thinkv", chunk_tokens_per_s=[400.0, 300.0, 200.0, 199.0, 200.5])
+    assert bench.buffer_full_tokens_per_s(settled) == pytest.approx(3 / (1 / 200.0 + 1 / 199.0 + 1 / 200.5))
+    assert bench.whole_run_tokens_per_s(settled)[1]
+    unsettled = dict(row, policy="thinkv", chunk_tokens_per_s=[400.0, 300.0, 200.0, 150.0])
+    assert bench.buffer_full_tokens_per_s(unsettled) is None
+    assert bench.whole_run_tokens_per_s(unsettled) == (None, False)
+    assert (
+        bench.whole_run_tokens_per_s(dict(unsettled, decoded_steps=128))[0]
+        == unsettled["decode_tokens_per_s"]
+    )
     path = tmp_path / "rows.jsonl"
     path.write_text(json.dumps(dict(row, kv_cache_bytes=1, peak_bytes=None, ms_per_step=1.0, impl="x",
                                     budget=32, model="tiny", device="cpu", date="d")) + "\n")  # fmt: skip
+    with open(path, "a") as f:
+        f.write(json.dumps(dict(json.loads(path.read_text()), **unsettled)) + "\n")
     assert bench.main(["--from-jsonl", str(path), "--plot", str(tmp_path / "p.png")]) == 0
-    assert "(projected)" in capsys.readouterr().out and (tmp_path / "p.png").stat().st_size > 1000
+    out = capsys.readouterr().out
+    assert "(projected)" in out and "not settled" in out and (tmp_path / "p.png").stat().st_size > 1000
