@@ -130,18 +130,12 @@ def kv_cache_bytes(
     return kv + config.num_layers * per_layer
 
 
-def max_batch(
-    config: ModelConfig,
-    compression: CompressionConfig,
-    max_new_tokens: int,
-    prompt_len: int,
-    device_bytes: int,
+def step_working_set_bytes(
+    config: ModelConfig, compression: CompressionConfig, max_new_tokens: int, prompt_len: int
 ) -> int:
-    """The largest batch `generate` fits in device_bytes: the params once, and per row its cache
-    (`kv_cache_bytes`) plus a working set of float32 logits and activations for one step, and for
-    "thinkv" the float32 copies its L* layers attend over. Prefill's activations are not counted
-    (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
-    params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
+    """What `max_batch` budgets a row for one decode step beside its cache: float32 logits and
+    activations, and for "thinkv" the float32 copies its L* layers attend over. An estimate: the
+    compiled step's own working set (`memory_analysis().temp_size_in_bytes`) is what XLA asks for."""
     capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
                                max_new_tokens)  # fmt: skip
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
@@ -155,9 +149,26 @@ def max_batch(
         slots = capacity + len(thinkv.tier_kinds(cfg)) * thinkv.tier_capacity(compression, max_new_tokens)
         copies = len(cfg.calibrated(config.num_layers)[0])
         work += copies * 2 * config.num_kv_heads * slots * config.head_dim * 4
+    return work
+
+
+def max_batch(
+    config: ModelConfig,
+    compression: CompressionConfig,
+    max_new_tokens: int,
+    prompt_len: int,
+    device_bytes: int,
+) -> int:
+    """The largest batch `generate` fits in device_bytes: the params once, and per row its cache
+    (`kv_cache_bytes`) plus a decode step's working set (`step_working_set_bytes`). Prefill's
+    activations are not counted (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
+    params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
+    work = step_working_set_bytes(config, compression, max_new_tokens, prompt_len)
     row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work
     batch = (int(device_bytes) - params) // row
     if batch < 1:
+        capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
+                                   max_new_tokens)  # fmt: skip
         raise ValueError(
             f"not even one row fits in device_bytes={device_bytes}: the params take {params} bytes and a "
             f"row {row} ({compression.policy}, {capacity} slots)"

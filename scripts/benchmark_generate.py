@@ -57,6 +57,7 @@ from longflow_jax.generate import (  # noqa: E402
     effective_compression,
     prefill_in_slices,
     ready_to_decode,
+    step_working_set_bytes,
 )
 from longflow_jax.kv_cache import cache_bytes  # noqa: E402
 from longflow_jax.sharding import make_mesh, param_shardings, parse_mesh_shape  # noqa: E402
@@ -155,13 +156,17 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     compiled = jax.jit(chunk_body, donate_argnums=(1,)).lower(params, cache, token, jnp.int32(0)).compile()
     compile_s, chunk_seconds = time.perf_counter() - t0, []
     # What the step needs beside its arguments, printed before the first chunk so that a run that then
-    # runs out of memory still shows it (`max_batch` budgets a fixed per-row working set).
+    # runs out of memory still shows it, against what `max_batch` budgets a row for it.
     analysis = compiled.memory_analysis()
     temp_bytes = getattr(analysis, "temp_size_in_bytes", None)
+    budget = step_working_set_bytes(config, comp, new_tokens, prompt_len)
     if temp_bytes is not None:
-        per_row = temp_bytes / batch / 2**20
+        per_row = temp_bytes / batch
         print(
-            f"    decode chunk working set: {temp_bytes / 2**30:.2f} GiB, {per_row:.1f} MiB a row", flush=True
+            f"    decode chunk working set: {temp_bytes / 2**30:.2f} GiB, {per_row / 2**20:.1f} MiB a row "
+            f"(max_batch budgets {budget / 2**20:.1f})"
+            + (": over budget, a BATCH=max run may not fit" if per_row > budget else ""),
+            flush=True,
         )
     for c in range(num_chunks):
         t0 = time.perf_counter()
@@ -185,7 +190,8 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
         decode_tokens_per_s_after_first_chunk=batch * chunk * len(steady) / sum(steady),
         ms_per_step=1e3 * sum(chunk_seconds) / decoded, chunk=chunk,
         chunk_tokens_per_s=[batch * chunk / s for s in chunk_seconds],
-        compile_s=compile_s, prefill_s_incl_compile=prefill_s, step_temp_bytes=temp_bytes, **whole,
+        compile_s=compile_s, prefill_s_incl_compile=prefill_s, step_temp_bytes=temp_bytes,
+        step_temp_budget_bytes=budget * batch, **whole,
     )  # fmt: skip
 
 

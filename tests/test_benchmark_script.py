@@ -38,6 +38,7 @@ def test_runs_write_jsonl_and_plot(bench, tmp_path):
     for r in rows:
         assert r["decoded_steps"] == r["new_tokens"] == 32 * len(r["chunk_tokens_per_s"])
         assert r["step_temp_bytes"] > 0  # the compiled chunk's working set, as XLA's analysis gives it
+        assert r["step_temp_budget_bytes"] > 0  # what max_batch budgets for it
         assert r["decode_tokens_per_s"] > 0
     for r in (full, longflow):
         assert r["generate_compile_s"] > 0 and r["generate_tokens_per_s"] > 0
@@ -65,6 +66,7 @@ def test_max_batch_fills_the_memory_budget(bench):
         per_slot = 2 * 2 * d if kv_quant is None else 2 * (d // 2 + 2 * 4 * (d // 32)) + 4
         kv = layers * config.num_kv_heads * capacity * per_slot + layers * (2 * capacity + 1) * 4
         work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
+        assert bench.step_working_set_bytes(config, comp, 4096, 64) == work
         used = params + batch * (kv + work)
         assert used <= memory < used + kv + work
         sizes[policy, kv_quant] = batch
@@ -76,6 +78,7 @@ def test_max_batch_fills_the_memory_budget(bench):
     lstar = len(comp.thinkv.calibrated(layers)[0]) * 2 * config.num_kv_heads * (main + 2 * tier) * d * 4
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * main)
     row = lf.kv_cache_bytes(config, comp, 1, 64, 4096) + work + lstar
+    assert bench.step_working_set_bytes(config, comp, 4096, 64) == work + lstar
     assert params + batch * row <= memory < params + (batch + 1) * row
     assert sizes["longflow", None] > 10 * sizes["full", None]
     assert sizes["longflow", "int4"] > sizes["longflow", None]
