@@ -95,19 +95,23 @@ def test_pallas_step_matches_reference_fp8(qwen3, granularity):
     _same_steps(params, config, "pallas", comp)
 
 
-@pytest.mark.gpu
-@pytest.mark.parametrize("kv_quant", [None, "int8", "fp8"])
-@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
-def test_triton_step_matches_reference(qwen3, granularity, kv_quant):
+def _triton_longflow(granularity, kv_quant):
+    """LongFlow at budget 8 for the Triton tests (skipped where the kernel cannot run)."""
     from cuda_triton_bridge import triton_available
 
     if not triton_available():
         pytest.skip("needs triton and jax-triton")
-    config, params = qwen3
-    comp = CompressionConfig(
+    return CompressionConfig(
         policy="longflow", budget=8, granularity=granularity, kv_quant=kv_quant, kv_quant_group=16
     )
-    _same_steps(params, config, "triton", comp)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_quant", [None, "int8", "fp8"])
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+def test_triton_step_matches_reference(qwen3, granularity, kv_quant):
+    config, params = qwen3
+    _same_steps(params, config, "triton", _triton_longflow(granularity, kv_quant))
 
 
 # fp8 is checked step by step above. Run free, its greedy tokens through the Triton kernel left the
@@ -119,12 +123,5 @@ def test_triton_step_matches_reference(qwen3, granularity, kv_quant):
     "granularity, kv_quant", [("sequence", None), ("kv_head", None), ("sequence", "int8")]
 )
 def test_triton_generate_matches_reference(qwen3, granularity, kv_quant):
-    from cuda_triton_bridge import triton_available
-
-    if not triton_available():
-        pytest.skip("needs triton and jax-triton")
     config, params = qwen3
-    comp = CompressionConfig(
-        policy="longflow", budget=8, granularity=granularity, kv_quant=kv_quant, kv_quant_group=16
-    )
-    _same_tokens(params, config, "triton", comp)
+    _same_tokens(params, config, "triton", _triton_longflow(granularity, kv_quant))
