@@ -120,3 +120,13 @@ def make_tiny_tokenizer(out_dir: str, vocab_size: int = 128):
     os.makedirs(out_dir, exist_ok=True)
     fast.save_pretrained(out_dir)
     return fast
+
+
+def random_prompts(vocab_size: int, lengths, seed=None):
+    """Right-padded random prompts [B, max(lengths)] int32 (ids 1..vocab_size-1: no pad id inside a row)
+    and their lengths [B] int32."""
+    rng = np.random.default_rng(seed)
+    ids = np.zeros((len(lengths), max(lengths)), np.int32)
+    for row, n in enumerate(lengths):
+        ids[row, :n] = rng.integers(1, vocab_size, n)
+    return ids, np.asarray(lengths, np.int32)

@@ -32,7 +32,7 @@ import longflow_jax as lf  # noqa: E402
 from longflow_jax import sharding  # noqa: E402
 from longflow_jax.config import CompressionConfig  # noqa: E402
 from longflow_jax.convert import convert  # noqa: E402
-from longflow_jax.testing import make_tiny_hf_checkpoint  # noqa: E402
+from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts  # noqa: E402
 
 gen = importlib.import_module("longflow_jax.generate")
 
@@ -50,15 +50,6 @@ def stored_byte_differences(a, b) -> dict:
             if n:
                 out[i, name] = n
     return out
-
-
-def prompts(vocab_size, lengths, seed):
-    """Right-padded random prompts [B, max(lengths)] and their lengths."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, vocab_size, n)
-    return ids, np.asarray(lengths, np.int32)
 
 
 def drift(params, config, comp, impl, ids, lengths, steps):
@@ -120,7 +111,7 @@ def main(argv=None) -> list[dict]:
     print(f"{args.impl} against the reference: {comp}", flush=True)
     results = []
     for seed in range(args.seeds):
-        ids, lengths = prompts(config.vocab_size, [5, 14, 9], seed)
+        ids, lengths = random_prompts(config.vocab_size, [5, 14, 9], seed)
         r = drift(params, config, comp, args.impl, ids, lengths, args.steps)
         results.append(r)
         stored = f"{r['first_stored']} {r['stored']}" if r["stored"] else "None"

@@ -4,7 +4,7 @@ import functools
 import importlib
 import json
 
-import numpy as np
+from longflow_jax.testing import random_prompts
 
 # The package re-exports the function `generate`, which shadows the submodule as an attribute.
 generate_module = importlib.import_module("longflow_jax.generate")
@@ -12,11 +12,7 @@ generate_module = importlib.import_module("longflow_jax.generate")
 
 def make_prompts(config, lengths, seed=None):
     """Right-padded random prompts [B, max(lengths)] (no pad id inside a row) and their lengths."""
-    rng = np.random.default_rng(seed)
-    ids = np.zeros((len(lengths), max(lengths)), np.int32)
-    for row, n in enumerate(lengths):
-        ids[row, :n] = rng.integers(1, config.vocab_size, n)
-    return ids, np.asarray(lengths, np.int32)
+    return random_prompts(config.vocab_size, lengths, seed)
 
 
 def count_decode_step_traces(monkeypatch):

@@ -5,19 +5,15 @@ The Pallas kernel runs in interpret mode on CPU (so CI checks the wiring) and on
 GPU or TPU; the Triton kernel needs a CUDA GPU with triton and jax-triton.
 """
 
-import importlib
-
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from helpers import make_prompts
+from helpers import generate_module, make_prompts
 
 import longflow_jax as lf
 from longflow_jax import sharding
 from longflow_jax.config import CompressionConfig
-
-generate_module = importlib.import_module("longflow_jax.generate")
 
 
 @pytest.fixture(scope="module")
