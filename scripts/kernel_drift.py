@@ -9,6 +9,10 @@ also runs the reference step from the same cache, comparing
     bits from layer 1 on, as the activations do): a quantizer may round a value the other way.
 Per prompt set it prints the first step of each kind of difference, and whether `generate` through
 IMPL gave the reference's tokens. Runs on CPU with the Pallas kernel (interpret mode) and on a GPU.
+On an accelerator, the first step whose evict slots differ is replayed on the CPU from the same cache,
+through the reference and the Pallas kernel: if they side with the accelerator's reference, the kernel
+disagrees with three implementations (a kernel fault); if they side with the kernel, or split, the
+scores of the two slots tie within float32 rounding and the path a run takes depends on summation order.
 
   python scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head --seeds 6
 """
@@ -52,9 +56,28 @@ def stored_byte_differences(a, b) -> dict:
     return out
 
 
+def evict_slots(cache) -> list[np.ndarray]:
+    return [np.asarray(layer.evict_slot) for layer in cache.layers]
+
+
+def replay_on_cpu(step, args, comp) -> dict:
+    """The evict slots [per layer] of the reference and the Pallas step from the same inputs, on the CPU."""
+    cpu = jax.devices("cpu")[0]
+    params, config, *arrays = args  # config is static
+    args = (jax.device_put(params, cpu), config, *jax.device_put(arrays, cpu))
+    with jax.default_device(cpu):
+        return {
+            impl: evict_slots(step(*args, compression=comp, attention_impl=impl)[1])
+            for impl in ("reference", "pallas")
+        }
+
+
 def drift(params, config, comp, impl, ids, lengths, steps):
     """One prompt set: {"generate_equal", "first_argmax", "first_evict", "first_stored", "stored",
-    "max_dlogits"}; a "first_*" is the step of the first difference of that kind, or None."""
+    "max_dlogits", "cpu_sides_with"}; a "first_*" is the step of the first difference of that kind, or
+    None; "cpu_sides_with" (on an accelerator, at first_evict) says per CPU path ("reference", "pallas")
+    whether its evict slots equal the accelerator reference's ("reference"), IMPL's ("kernel") or
+    neither."""
     with jax.default_matmul_precision("highest"):
         run = functools.partial(
             lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
@@ -66,7 +89,14 @@ def drift(params, config, comp, impl, ids, lengths, steps):
         cache = gen.ready_to_decode(sharding.split_kv_heads(cache), comp, impl, steps)
         step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
         token = jnp.argmax(logits, -1).astype(jnp.int32)
-        found = dict(first_argmax=None, first_evict=None, first_stored=None, stored={}, max_dlogits=0.0)
+        found = dict(
+            first_argmax=None,
+            first_evict=None,
+            first_stored=None,
+            stored={},
+            max_dlogits=0.0,
+            cpu_sides_with={},
+        )
         for t in range(1, steps):
             positions = jnp.asarray(lengths) + t - 1
             args = (params, config, cache, token, positions, jax.random.key(0))
@@ -79,16 +109,27 @@ def drift(params, config, comp, impl, ids, lengths, steps):
                 jnp.any(jnp.argmax(want_logits, -1) != jnp.argmax(got_logits, -1))
             ):
                 found["first_argmax"] = t
-            if found["first_evict"] is None and any(
-                not np.array_equal(np.asarray(x.evict_slot), np.asarray(y.evict_slot))
-                for x, y in zip(want_cache.layers, got_cache.layers)
-            ):
+            want_evict, got_evict = evict_slots(want_cache), evict_slots(got_cache)
+            if found["first_evict"] is None and not _same(want_evict, got_evict):
                 found["first_evict"] = t
+                if jax.default_backend() != "cpu":
+                    found["cpu_sides_with"] = {
+                        path: "reference"
+                        if _same(e, want_evict)
+                        else "kernel"
+                        if _same(e, got_evict)
+                        else "neither"
+                        for path, e in replay_on_cpu(step, args, comp).items()
+                    }
             differences = stored_byte_differences(want_cache, got_cache)
             if differences and found["first_stored"] is None:
                 found["first_stored"], found["stored"] = t, differences
             cache, token = got_cache, jnp.argmax(got_logits, -1).astype(jnp.int32)
     return dict(generate_equal=bool(np.array_equal(want, got)), **found)
+
+
+def _same(a: list, b: list) -> bool:
+    return all(np.array_equal(x, y) for x, y in zip(a, b))
 
 
 def main(argv=None) -> list[dict]:
@@ -115,10 +156,13 @@ def main(argv=None) -> list[dict]:
         r = drift(params, config, comp, args.impl, ids, lengths, args.steps)
         results.append(r)
         stored = f"{r['first_stored']} {r['stored']}" if r["stored"] else "None"
+        cpu = "".join(
+            f"; on the CPU {path} sides with the {side}" for path, side in r["cpu_sides_with"].items()
+        )
         print(
             f"prompt set {seed}: generate equal {r['generate_equal']}; stepping {args.impl}'s own cache, the "
             f"first step with a different argmax {r['first_argmax']}, evict slot {r['first_evict']}, stored "
-            f"K/V {stored}; largest |logits difference| {r['max_dlogits']:.1e}",
+            f"K/V {stored}{cpu}; largest |logits difference| {r['max_dlogits']:.1e}",
             flush=True,
         )
     return results

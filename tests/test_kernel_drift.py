@@ -34,3 +34,44 @@ def test_pallas_follows_the_reference_step_for_step_at_fp8():
     assert r["generate_equal"]
     assert r["first_argmax"] is None and r["first_evict"] is None and r["stored"] == {}
     assert r["max_dlogits"] < 1e-4
+
+
+def test_replay_on_cpu_gives_each_paths_evict_slots_from_the_same_inputs():
+    import tempfile
+
+    import jax
+    import jax.numpy as jnp
+
+    import longflow_jax as lf
+    from longflow_jax import sharding
+    from longflow_jax.config import CompressionConfig
+    from longflow_jax.convert import convert
+    from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts
+
+    gen = kernel_drift.gen
+    root = tempfile.mkdtemp()
+    convert(make_tiny_hf_checkpoint(os.path.join(root, "hf"), "qwen3"), os.path.join(root, "lf"))
+    config, params = lf.load(os.path.join(root, "lf"))
+    comp = CompressionConfig(
+        policy="longflow", budget=8, granularity="kv_head", kv_quant="int8", kv_quant_group=16
+    )
+    ids, lengths = random_prompts(config.vocab_size, [5, 14, 9], 3)
+    cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, 8)
+    cache = gen.ready_to_decode(sharding.split_kv_heads(cache), comp, "pallas", 4)
+    step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
+    args = (
+        params,
+        config,
+        cache,
+        jnp.argmax(logits, -1).astype(jnp.int32),
+        jnp.asarray(lengths),
+        jax.random.key(0),
+    )
+    with jax.default_matmul_precision("highest"):
+        got = kernel_drift.replay_on_cpu(step, args, comp)
+        want = kernel_drift.evict_slots(step(*args, compression=comp, attention_impl="reference")[1])
+    assert set(got) == {"reference", "pallas"}
+    assert len(want) == config.num_layers and want[0].shape == (3, config.num_kv_heads)
+    assert kernel_drift._same(got["reference"], want) and kernel_drift._same(got["pallas"], want)
+    # Full slots and fresh evict choices: not every layer and head evicts slot 0 (the prefill's start).
+    assert any(np.any(e != 0) for e in want)
