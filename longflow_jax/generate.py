@@ -134,21 +134,20 @@ def step_working_set_bytes(
     config: ModelConfig, compression: CompressionConfig, max_new_tokens: int, prompt_len: int
 ) -> int:
     """What `max_batch` budgets a row for one decode step beside its cache: float32 logits and
-    activations, and for "thinkv" the float32 copies its L* layers attend over. An estimate: the
+    activations, and for "thinkv" the float32 copy an L* layer attends over. An estimate: the
     compiled step's own working set (`memory_analysis().temp_size_in_bytes`) is what XLA asks for."""
     capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
                                max_new_tokens)  # fmt: skip
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
     if compression.policy == "thinkv":
-        # The L* layers attend in jnp over float32 K and V of the main buffer and every tier, read in
-        # blocks (thinkv.JNP_BLOCK_SLOTS). Counted as whole copies for every L* layer at once: an upper
-        # bound, which also covers what a whole-buffer read asked for on an H100 (104-121 MiB a row on
-        # the Qwen3-4B shape at budget 2,048, against 136 counted; docs/BENCHMARKS.md). The blocked
-        # read's own working set on a GPU is not yet measured.
-        cfg = compression.thinkv
-        slots = capacity + len(thinkv.tier_kinds(cfg)) * thinkv.tier_capacity(compression, max_new_tokens)
-        copies = len(cfg.calibrated(config.num_layers)[0])
-        work += copies * 2 * config.num_kv_heads * slots * config.head_dim * 4
+        # The L* layers attend in jnp over the main buffer and every tier: XLA holds one L* layer's
+        # float32 K and V of all those slots at a time (the layers run in turn), and the layer's float32
+        # logits and weights over them for its sparsity. Measured on an H100 (Qwen3-4B shape, budget
+        # 2,048, 171 rows): 36.4 MiB a row, against 36.7 counted here (docs/BENCHMARKS.md).
+        slots = capacity + len(thinkv.tier_kinds(compression.thinkv)) * thinkv.tier_capacity(
+            compression, max_new_tokens
+        )
+        work += 4 * slots * (2 * config.num_kv_heads * config.head_dim + 2 * config.num_heads)
     return work
 
 

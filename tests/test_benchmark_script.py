@@ -70,12 +70,12 @@ def test_max_batch_fills_the_memory_budget(bench):
         used = params + batch * (kv + work)
         assert used <= memory < used + kv + work
         sizes[policy, kv_quant] = batch
-    # ThinKV: its cache as kv_cache_bytes counts it, and its L* layers' float32 K and V copies of the main
-    # buffer (prompt + one 128-token window) and both tiers, all L* layers at once.
+    # ThinKV: its cache as kv_cache_bytes counts it, and one L* layer's float32 K and V of the main buffer
+    # (prompt + one 128-token window) and both tiers, with its float32 logits and weights over them.
     comp = lf.CompressionConfig(policy="thinkv", budget=128)
     batch = lf.max_batch(config, comp, 4096, 64, memory)
     main, tier = 64 + 128, 128  # tier capacity: the budget (between 4 and 64 tokens a segment)
-    lstar = len(comp.thinkv.calibrated(layers)[0]) * 2 * config.num_kv_heads * (main + 2 * tier) * d * 4
+    lstar = (2 * config.num_kv_heads * d + 2 * config.num_heads) * (main + 2 * tier) * 4
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * main)
     row = lf.kv_cache_bytes(config, comp, 1, 64, 4096) + work + lstar
     assert bench.step_working_set_bytes(config, comp, 4096, 64) == work + lstar
