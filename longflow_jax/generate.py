@@ -157,14 +157,32 @@ def max_batch(
     max_new_tokens: int,
     prompt_len: int,
     device_bytes: int,
+    *,
+    attention_impl: str | None = None,
+    prefill_rows_per_chunk: int | None = None,
 ) -> int:
-    """The largest batch `generate` fits in device_bytes: the params once, and per row its cache
-    (`kv_cache_bytes`) plus a decode step's working set (`step_working_set_bytes`). Prefill's
-    activations are not counted (`prefill_rows_per_chunk` bounds them). ValueError if no row fits."""
+    """The largest batch `generate` fits in device_bytes.
+
+    Without attention_impl, an estimate with no compile: the params once, and per row its cache
+    (`kv_cache_bytes`) plus a decode step's working set (`step_working_set_bytes`); prefill's activations
+    are not counted (`prefill_rows_per_chunk` bounds them).
+    With attention_impl, the batch is fitted to `generate`'s own program for that impl (and
+    prefill_rows_per_chunk) compiled on the default backend: the largest batch whose arguments, outputs
+    and temporaries, as XLA counts them (`generate_program_bytes`), fit device_bytes. It starts at the
+    estimate and takes a few compiles. The estimate can be off either way: XLA's working set for a
+    decode step is its own choice (docs/BENCHMARKS.md has cases above and below it).
+    ValueError if no row fits."""
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
     work = step_working_set_bytes(config, compression, max_new_tokens, prompt_len)
     row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work
     batch = (int(device_bytes) - params) // row
+    if attention_impl is not None:
+        need = functools.partial(
+            generate_program_bytes, config, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
+            compression=compression, attention_impl=attention_impl,
+            prefill_rows_per_chunk=prefill_rows_per_chunk,
+        )  # fmt: skip
+        return _fit_batch(need, int(device_bytes), max(1, int(batch)))
     if batch < 1:
         capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
                                    max_new_tokens)  # fmt: skip
@@ -173,6 +191,82 @@ def max_batch(
             f"row {row} ({compression.policy}, {capacity} slots)"
         )
     return int(batch)
+
+
+# The most compiles `max_batch` makes to fit a batch to the compiled program.
+FIT_MAX_COMPILES = 12
+
+
+def _fit_batch(need, limit: int, guess: int) -> int:
+    """The largest batch b with need(b) <= limit, for need(b) rising with b, about linearly. It tries the
+    guess and half of it, then where the line through two measured batches (the bracket's ends once one
+    fits and one does not, else the last two) meets the limit, kept inside the bracket, and bisects
+    whenever a step fails to halve the bracket."""
+    seen = {}
+
+    def bytes_at(b):
+        if b not in seen:
+            if len(seen) == FIT_MAX_COMPILES:
+                raise RuntimeError(f"max_batch: no fit in {FIT_MAX_COMPILES} compiles; bytes by batch {seen}")
+            seen[b] = need(b)
+        return seen[b]
+
+    lo, hi = 0, None  # need(lo) fits (0 rows always do), need(hi) does not
+    tried, width = [], None  # width: the bracket's before the last step
+    b = guess
+    while True:
+        if bytes_at(b) <= limit:
+            lo = max(lo, b)
+        else:
+            hi = b if hi is None else min(hi, b)
+        tried.append(b)
+        if hi is not None and hi - lo <= 1:
+            break
+        if len(tried) == 1:
+            b = guess // 2 if guess > 1 else 2
+            continue
+        x0, x1 = (lo, hi) if lo and hi else sorted(tried[-2:])
+        per_row = max(1.0, (seen[x1] - seen[x0]) / (x1 - x0))
+        b = x0 + int((limit - seen[x0]) // per_row)
+        if hi is None:
+            b = max(b, lo + 1)
+        elif width is None or hi - lo <= width // 2:  # the line still halves the bracket
+            width, b = hi - lo, min(max(b, lo + 1), hi - 1)
+        else:
+            width, b = hi - lo, (lo + hi) // 2
+        if b in seen:
+            b = (lo + hi) // 2 if hi is not None else lo + 1
+    if lo == 0:
+        raise ValueError(
+            f"not even one row fits in device_bytes={limit}: the compiled program needs {seen[1]}B"
+        )
+    return lo
+
+
+def generate_program_bytes(
+    config: ModelConfig,
+    batch: int,
+    *,
+    prompt_len: int,
+    max_new_tokens: int,
+    compression: CompressionConfig | None = None,
+    attention_impl: str = "reference",
+    prefill_rows_per_chunk: int | None = None,
+) -> int:
+    """Device bytes `generate`'s compiled program needs for this shape on the default backend, as XLA
+    counts them (`memory_analysis`): its arguments (the params, the prompts) and outputs, and its
+    temporaries, the cache among them. Compiles the program, allocates nothing."""
+    options = _options(max_new_tokens, compression, None, attention_impl, False, 0, prefill_rows_per_chunk)
+    ids, lengths, key = _input_shapes(batch, prompt_len)
+    check_generate_inputs(config, ids, lengths, **options)
+    fn = jax.jit(functools.partial(_generate, **_static_options(config, False, **options)))
+    analysis = fn.lower(param_shapes(config), ids, lengths, key).compile().memory_analysis()
+    if analysis is None:
+        raise NotImplementedError(f"the {jax.default_backend()} backend gives no memory analysis")
+    return int(
+        analysis.argument_size_in_bytes + analysis.output_size_in_bytes - analysis.alias_size_in_bytes
+        + analysis.temp_size_in_bytes
+    )  # fmt: skip
 
 
 def build_layer_cache(q, k, v, lengths, compression: CompressionConfig, capacity: int) -> LayerCache:
@@ -521,6 +615,12 @@ def _options(
     )
 
 
+def _input_shapes(batch: int, prompt_len: int):
+    """generate's prompt_ids, prompt_lengths and key as shapes, for compiling ahead of time."""
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    return ids, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.eval_shape(jax.random.PRNGKey, 0)
+
+
 def _as_key(seed):
     return jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
 
@@ -571,12 +671,10 @@ def compile_generate(
         max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
         prefill_rows_per_chunk,
     )  # fmt: skip
-    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    ids, lengths, key = _input_shapes(batch, prompt_len)
     check_generate_inputs(config, ids, lengths, **options)
     check_params(params_or_shapes, config)
     static = _static_options(config, return_debug, **options)
-    key = jax.eval_shape(jax.random.PRNGKey, 0)
     if mesh is None:
         fn, placement = jax.jit(functools.partial(_generate, **static)), None
     else:

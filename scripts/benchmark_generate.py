@@ -11,7 +11,8 @@ decodes every step.
 A run is POLICY[@KV_QUANT[/GROUP]]:BATCH:NEW_TOKENS[:BUDGET[:IMPL[:STEPS]]], e.g.
 longflow@int4:16:8192:2048:pallas; GROUP is kv_quant_group (default 32), e.g. longflow@int8/128.
 BATCH=max is `lf.max_batch` in --memory-gib (default: 90% of the device's memory limit): full cache and
-LongFlow at equal memory.
+LongFlow at equal memory. With --fit-batch it is fitted to `generate`'s compiled program for the run's
+IMPL (`max_batch(attention_impl=...)`: a few compiles, each as long as the run's own), not estimated.
 STEPS (default NEW_TOKENS) times only the first STEPS steps of a buffer sized for NEW_TOKENS: a
 compressed cache's per-step cost stops changing once its C slots are full, so the table projects the
 untimed steps at that buffer-full rate. ThinKV has no such step (its tiers fill and thin out): its rate
@@ -334,11 +335,18 @@ def run_in_process(args, command):
             limit = args.memory_gib * 2**30 if args.memory_gib else 0.9 * (memory_stat("bytes_limit") or 0)
             if not limit:
                 raise ValueError("BATCH=max needs --memory-gib on a device that reports no memory limit")
-            fit = max_batch(config, comp, new, args.prompt_len, limit)
+            if args.fit_batch:
+                fit = max_batch(config, comp, new, args.prompt_len, limit, attention_impl=impl,
+                                prefill_rows_per_chunk=args.prefill_rows)  # fmt: skip
+            else:
+                fit = max_batch(config, comp, new, args.prompt_len, limit)
             batch = max(1, int(fit * args.batch_scale))
-            print(f"  {spec}: largest batch in {limit / 2**30:.1f} GiB (x{args.batch_scale:.2f}) is {batch}")
+            how = "fitted to the compiled program" if args.fit_batch else "estimated"
+            gib = limit / 2**30
+            print(f"  {spec}: largest batch in {gib:.1f} GiB ({how}, x{args.batch_scale:.2f}) is {batch}")
         row = run_one(params, config, args, comp, batch, new, impl, steps)
         row.update(memory_limit_bytes=limit, batch_scale=args.batch_scale if limit else None,
+                   batch_fitted=bool(limit and args.fit_batch),
                    model=args.model, device=device.device_kind, jax=jax.__version__,
                    date=datetime.date.today().isoformat(), command=command)  # fmt: skip
         print(
@@ -390,6 +398,7 @@ def main(argv=None) -> int:
     ap.add_argument("--isolate", action="store_true", help="one process per run (own peak memory)")
     ap.add_argument("--prefill-rows", type=int, help="rows per prefill slice (default: one pass)")
     ap.add_argument("--generate", action="store_true", help="also time lf.compile_generate's whole run")
+    ap.add_argument("--fit-batch", action="store_true", help="BATCH=max fitted to the compiled program")
     ap.add_argument("--mesh", type=parse_mesh_shape, help="data=D,model=M: --generate's run on that mesh")
     ap.add_argument("--batch-scale", type=float, default=1.0, help=argparse.SUPPRESS)  # isolate's retry
     argv = sys.argv[1:] if argv is None else list(argv)

@@ -1,5 +1,6 @@
 """scripts/benchmark_generate.py on CPU with the tiny model: runs, records, plots, sizes batches."""
 
+import importlib
 import importlib.util
 import json
 import os
@@ -86,6 +87,55 @@ def test_max_batch_fills_the_memory_budget(bench):
         lf.max_batch(config, lf.CompressionConfig(policy="full"), 4096, 64, params + 1)
 
 
+def test_fit_batch_finds_the_largest_batch_that_fits():
+    """The fitting search against brute force, for needs linear, convex and with steps (as XLA's buffer
+    assignment can give), from guesses below, at and above the answer."""
+    gen = importlib.import_module("longflow_jax.generate")
+
+    needs = {
+        "linear": lambda b: 1000 + 37 * b,
+        "convex": lambda b: 500 + 40 * b + b * b // 20,
+        "steps": lambda b: 2000 + 37 * b + 64 * (b // 8),
+    }
+    for name, need in needs.items():
+        for limit in (need(1), need(1) + 1, need(9) - 1, need(57), need(300) + 20):
+            want = max(b for b in range(1, 400) if need(b) <= limit)
+            for guess in (1, 2, want, want + 1, 3 * want + 5, max(1, want // 4)):  # max_batch's estimate
+                calls = []
+                got = gen._fit_batch(
+                    lambda b, calls=calls, need=need: calls.append(b) or need(b), limit, guess
+                )
+                assert got == want, (name, limit, guess)
+                assert len(calls) == len(set(calls)) <= gen.FIT_MAX_COMPILES
+    with pytest.raises(ValueError, match="not even one row fits"):
+        gen._fit_batch(needs["linear"], needs["linear"](1) - 1, 5)
+
+
+def test_max_batch_fitted_to_the_compiled_program(bench, monkeypatch):
+    """max_batch(attention_impl=...) against generate's compiled program: the batch it gives fits, one
+    more does not; and the program's bytes hold at least the params and the cache kv_cache_bytes counts."""
+    import longflow_jax as lf
+
+    gen = importlib.import_module("longflow_jax.generate")
+
+    config = bench.MODELS["tiny"]
+    comp = lf.CompressionConfig(policy="longflow", budget=128, kv_quant="int4")
+    shape = dict(prompt_len=64, max_new_tokens=512, compression=comp, attention_impl="reference")
+    need = {b: gen.generate_program_bytes(config, b, **shape) for b in (8, 9)}
+    params = sum(x.nbytes for x in jax.tree.leaves(bench.init_random_params(config)))
+    assert need[9] > need[8] >= params + lf.kv_cache_bytes(config, comp, 8, 64, 512)
+    compiles = []
+    original = gen.generate_program_bytes
+    monkeypatch.setattr(
+        gen, "generate_program_bytes", lambda *a, **k: compiles.append(a[1]) or original(*a, **k)
+    )
+    limit = (need[8] + need[9]) // 2
+    assert lf.max_batch(config, comp, 512, 64, limit, attention_impl="reference") == 8
+    assert len(compiles) == len(set(compiles)) <= gen.FIT_MAX_COMPILES
+    with pytest.raises(ValueError, match="not even one row fits"):
+        lf.max_batch(config, comp, 512, 64, params, attention_impl="reference")
+
+
 def test_parse_run_fields_and_errors(bench):
     comp, *rest = bench.parse_run("full:max:8192")
     assert comp.policy == "full" and rest == ["max", 8192, "reference", 8192]
@@ -132,6 +182,17 @@ def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
         bench.MODELS["tiny"], bench.CompressionConfig(policy="full"), 64, 8, 0.05 * 2**30
     )
     assert "--isolate" in full["command"] and "--isolate" not in full["run_command"]
+
+
+def test_fit_batch_sizes_batch_max_by_the_compiled_program(bench, tmp_path):
+    out = tmp_path / "fit.jsonl"
+    argv = ["--model", "tiny", "--chunk", "16", "--prompt-len", "8", "--out", str(out), "--fit-batch"]
+    assert bench.main(argv + ["--runs", "longflow:max:64:16", "--memory-gib", "0.02"]) == 0
+    (row,) = [json.loads(line) for line in out.read_text().splitlines()]
+    comp = bench.CompressionConfig(policy="longflow", budget=16)
+    fitted = bench.max_batch(bench.MODELS["tiny"], comp, 64, 8, 0.02 * 2**30, attention_impl="reference")
+    assert row["batch_fitted"] and row["batch"] == fitted
+    assert fitted != bench.max_batch(bench.MODELS["tiny"], comp, 64, 8, 0.02 * 2**30)  # the estimate's
 
 
 def test_buffer_full_rate_and_projection(bench, tmp_path, capsys):
