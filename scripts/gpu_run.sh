@@ -34,9 +34,11 @@
 #                        them, gVisor ones do not).
 #   drift [ARGS]         scripts/kernel_drift.py (default: Triton, fp8, kv_head, 6 prompt sets): where greedy
 #                        decoding through the kernel leaves the reference's, and why
+#   thinkv-layer [ARGS]  scripts/bench_thinkv_layer.py through Triton (default: B 64, budget 2048, Qwen3-4B's
+#                        36 layers with 4 in L*): one ThinKV layer of each kind against LongFlow's
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
-stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile|drift [ARGS...]}
+stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile|drift|thinkv-layer [ARGS...]}
 shift
 OUT=${OUT:-runs/gpu}
 mkdir -p "$OUT" && OUT=$(cd "$OUT" && pwd)
@@ -152,5 +154,8 @@ EOF
   drift)
     timeout "$limit" python3 scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head "$@" 2>&1 \
       | grep -v Warning | tee "$OUT/kernel_drift.log" ;;
+  thinkv-layer)
+    timeout "$limit" python3 scripts/bench_thinkv_layer.py --impl triton "$@" 2>&1 | grep -v Warning \
+      | tee "$OUT/thinkv_layer.log" ;;
   *) echo "unknown stage $stage" >&2; exit 2 ;;
 esac
