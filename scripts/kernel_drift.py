@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import longflow_jax as lf  # noqa: E402
-from longflow_jax import sharding  # noqa: E402
+from longflow_jax import policies, sharding  # noqa: E402
 from longflow_jax.config import CompressionConfig  # noqa: E402
 from longflow_jax.convert import convert  # noqa: E402
 from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts  # noqa: E402
@@ -72,12 +72,43 @@ def replay_on_cpu(step, args, comp) -> dict:
         }
 
 
+def importance_gap(step_args, comp, want_evict, got_evict) -> float | None:
+    """The largest relative importance gap (imp[kernel's slot] - imp[reference's]) / |imp[reference's]|,
+    by the reference step's own importance from step_args, over the layers, rows and groups whose evict
+    slots differ; None where none differ. Near 1e-7 the two slots tie within float32 rounding; the
+    tests' near-tie rule allows 1e-5."""
+    recorded = []
+    original = policies.longflow_importance
+
+    def recording(*a):
+        importance = original(*a)
+        jax.debug.callback(lambda x: recorded.append(np.asarray(x)), importance, ordered=True)
+        return importance
+
+    policies.longflow_importance = recording
+    try:  # a fresh jit, so the step is traced again with the recording importance
+        step = jax.jit(
+            functools.partial(gen.decode_step), static_argnames=("config", "compression", "attention_impl")
+        )
+        jax.block_until_ready(step(*step_args, compression=comp, attention_impl="reference"))
+        jax.effects_barrier()
+    finally:
+        policies.longflow_importance = original
+    gaps = []
+    for importance, want, got in zip(recorded, want_evict, got_evict):
+        want, got = (np.broadcast_to(x, importance.shape[:2])[..., None] for x in (want, got))
+        chosen, minimum = (np.take_along_axis(importance, x, -1)[..., 0] for x in (got, want))
+        differ = want[..., 0] != got[..., 0]
+        gaps += list(((chosen - minimum) / np.abs(minimum))[differ])
+    return float(max(gaps)) if gaps else None
+
+
 def drift(params, config, comp, impl, ids, lengths, steps):
     """One prompt set: {"generate_equal", "first_argmax", "first_evict", "first_stored", "stored",
-    "max_dlogits", "cpu_sides_with"}; a "first_*" is the step of the first difference of that kind, or
-    None; "cpu_sides_with" (on an accelerator, at first_evict) says per CPU path ("reference", "pallas")
-    whether its evict slots equal the accelerator reference's ("reference"), IMPL's ("kernel") or
-    neither."""
+    "max_dlogits", "evict_gap", "cpu_sides_with"}; a "first_*" is the step of the first difference of
+    that kind, or None; "evict_gap" is that step's `importance_gap`; "cpu_sides_with" (on an
+    accelerator, at first_evict) says per CPU path ("reference", "pallas") whether its evict slots equal
+    the accelerator reference's ("reference"), IMPL's ("kernel") or neither."""
     with jax.default_matmul_precision("highest"):
         run = functools.partial(
             lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
@@ -95,6 +126,7 @@ def drift(params, config, comp, impl, ids, lengths, steps):
             first_stored=None,
             stored={},
             max_dlogits=0.0,
+            evict_gap=None,
             cpu_sides_with={},
         )
         for t in range(1, steps):
@@ -112,6 +144,7 @@ def drift(params, config, comp, impl, ids, lengths, steps):
             want_evict, got_evict = evict_slots(want_cache), evict_slots(got_cache)
             if found["first_evict"] is None and not _same(want_evict, got_evict):
                 found["first_evict"] = t
+                found["evict_gap"] = importance_gap(args, comp, want_evict, got_evict)
                 if jax.default_backend() != "cpu":
                     found["cpu_sides_with"] = {
                         path: "reference"
@@ -159,10 +192,11 @@ def main(argv=None) -> list[dict]:
         cpu = "".join(
             f"; on the CPU {path} sides with the {side}" for path, side in r["cpu_sides_with"].items()
         )
+        gap = "" if r["evict_gap"] is None else f" (importance gap {r['evict_gap']:.1e})"
         print(
             f"prompt set {seed}: generate equal {r['generate_equal']}; stepping {args.impl}'s own cache, the "
-            f"first step with a different argmax {r['first_argmax']}, evict slot {r['first_evict']}, stored "
-            f"K/V {stored}{cpu}; largest |logits difference| {r['max_dlogits']:.1e}",
+            f"first step with a different argmax {r['first_argmax']}, evict slot {r['first_evict']}{gap}, "
+            f"stored K/V {stored}{cpu}; largest |logits difference| {r['max_dlogits']:.1e}",
             flush=True,
         )
     return results

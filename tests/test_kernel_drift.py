@@ -70,6 +70,16 @@ def test_replay_on_cpu_gives_each_paths_evict_slots_from_the_same_inputs():
     with jax.default_matmul_precision("highest"):
         got = kernel_drift.replay_on_cpu(step, args, comp)
         want = kernel_drift.evict_slots(step(*args, compression=comp, attention_impl="reference")[1])
+        # The importance gap: none where the slots agree. With layer 0's slot of row 0, KV head 0 moved off
+        # the reference's argmin to each other slot in turn: never negative, and not one value for all.
+        assert kernel_drift.importance_gap(args, comp, want, want) is None
+        gaps = []
+        for slot in range(8):
+            if slot != want[0][0, 0]:
+                moved = [want[0].copy(), *want[1:]]
+                moved[0][0, 0] = slot
+                gaps.append(kernel_drift.importance_gap(args, comp, want, moved))
+    assert min(gaps) >= 0 and max(gaps) > min(gaps) and len(gaps) == 7
     assert set(got) == {"reference", "pallas"}
     assert len(want) == config.num_layers and want[0].shape == (3, config.num_kv_heads)
     assert kernel_drift._same(got["reference"], want) and kernel_drift._same(got["pallas"], want)
