@@ -40,7 +40,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help='JSONL: {"id", "prompt"} or {"id", "messages"} per line')
     p.add_argument("--output", required=True, help="JSONL results, appended to (resumable)")
-    runner.add_generation_args(p)
+    runner.add_generation_args(p, auto_batch_size=True)
     p.add_argument(
         "--distributed",
         action="store_true",
@@ -170,7 +170,7 @@ def generate_into(out_path: str, process_index: int, process_count: int, args) -
     generator = runner.DataParallelGenerator(
         args.ckpt, num_devices=args.devices, dtype=args.dtype, mesh_shape=args.mesh
     )
-    plan = runner.make_plan(generator, todo, args, PROG)
+    plan = runner.make_plan(generator, todo, args, PROG, compression=compression)
     skipped += plan.skipped
     already_done = len(records) - len(todo)
     shapes = sorted({(b.rows, b.prompt_len) for b in plan.batches}, reverse=True)

@@ -159,18 +159,19 @@ def max_batch(
     device_bytes: int,
     *,
     attention_impl: str | None = None,
-    prefill_rows_per_chunk: int | None = None,
+    **generate_options,
 ) -> int:
     """The largest batch `generate` fits in device_bytes.
 
     Without attention_impl, an estimate with no compile: the params once, and per row its cache
     (`kv_cache_bytes`) plus a decode step's working set (`step_working_set_bytes`); prefill's activations
     are not counted (`prefill_rows_per_chunk` bounds them).
-    With attention_impl, the batch is fitted to `generate`'s own program for that impl (and
+    With attention_impl, the batch is fitted to `generate`'s own program for that impl and
+    generate_options (`generate_program_bytes`' sampling, return_logprobs, top_logprobs,
     prefill_rows_per_chunk) compiled on the default backend: the largest batch whose arguments, outputs
-    and temporaries, as XLA counts them (`generate_program_bytes`), fit device_bytes. It starts at the
-    estimate and takes a few compiles. The estimate can be off either way: XLA's working set for a
-    decode step is its own choice (docs/BENCHMARKS.md has cases above and below it).
+    and temporaries, as XLA counts them, fit device_bytes. It starts at the estimate and takes a few
+    compiles. The estimate can be off either way: XLA's working set for a decode step is its own choice
+    (docs/BENCHMARKS.md has cases above and below it).
     ValueError if no row fits."""
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
     work = step_working_set_bytes(config, compression, max_new_tokens, prompt_len)
@@ -179,10 +180,11 @@ def max_batch(
     if attention_impl is not None:
         need = functools.partial(
             generate_program_bytes, config, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
-            compression=compression, attention_impl=attention_impl,
-            prefill_rows_per_chunk=prefill_rows_per_chunk,
+            compression=compression, attention_impl=attention_impl, **generate_options,
         )  # fmt: skip
         return _fit_batch(need, int(device_bytes), max(1, int(batch)))
+    if generate_options:
+        raise TypeError(f"generate_options {sorted(generate_options)} need attention_impl (a compiled fit)")
     if batch < 1:
         capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
                                    max_new_tokens)  # fmt: skip
@@ -250,13 +252,20 @@ def generate_program_bytes(
     prompt_len: int,
     max_new_tokens: int,
     compression: CompressionConfig | None = None,
+    sampling: SamplingConfig | None = None,
     attention_impl: str = "reference",
+    return_logprobs: bool = False,
+    top_logprobs: int = 0,
     prefill_rows_per_chunk: int | None = None,
 ) -> int:
-    """Device bytes `generate`'s compiled program needs for this shape on the default backend, as XLA
-    counts them (`memory_analysis`): its arguments (the params, the prompts) and outputs, and its
-    temporaries, the cache among them. Compiles the program, allocates nothing."""
-    options = _options(max_new_tokens, compression, None, attention_impl, False, 0, prefill_rows_per_chunk)
+    """Device bytes `generate`'s compiled program needs for this shape and these options (as `generate`
+    takes them) on the default backend, as XLA counts them (`memory_analysis`): its arguments (the
+    params, the prompts) and outputs, and its temporaries, the cache among them. Compiles the program,
+    allocates nothing."""
+    options = _options(
+        max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
+        prefill_rows_per_chunk,
+    )  # fmt: skip
     ids, lengths, key = _input_shapes(batch, prompt_len)
     check_generate_inputs(config, ids, lengths, **options)
     fn = jax.jit(functools.partial(_generate, **_static_options(config, False, **options)))

@@ -25,7 +25,7 @@ import numpy as np
 
 from pallas_kernels.quant import KV_QUANT_KINDS
 
-from .bucketing import Batch, plan_batches, round_up
+from .bucketing import Batch, bucket_length, plan_batches, round_up
 from .config import THINKV_CALIBRATION_FILE, CompressionConfig, SamplingConfig, ThinKVConfig, dtype_from_name
 from .jsonl_io import Record, Skipped, id_key, read_jsonl_records
 from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
@@ -101,11 +101,34 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
-def add_model_input_args(p: argparse.ArgumentParser) -> None:
-    """The flags of every command that tokenizes JSONL prompts for a checkpoint and generates from them."""
+def batch_size_or_auto(text: str) -> int | str:
+    """--batch-size of longflow-batch: an int, or "auto" (`auto_batch_size`)."""
+    if text == AUTO:
+        return AUTO
+    try:
+        return int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
+
+
+AUTO = "auto"
+
+
+def add_model_input_args(p: argparse.ArgumentParser, auto_batch_size: bool = False) -> None:
+    """The flags of every command that tokenizes JSONL prompts for a checkpoint and generates from them.
+    auto_batch_size: --batch-size also takes "auto" (`auto_batch_size`)."""
     p.add_argument("--ckpt", required=True, help="a converted checkpoint directory (longflow-convert)")
     p.add_argument("--max-new-tokens", type=int, default=1024)
-    p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
+    if auto_batch_size:
+        p.add_argument(
+            "--batch-size",
+            type=batch_size_or_auto,
+            default=16,
+            help="prompts per generate call (per process), or 'auto': the most one device's memory holds "
+            "for the longest prompt (a few compiles first)",
+        )
+    else:
+        p.add_argument("--batch-size", type=int, default=16, help="prompts per generate call (per process)")
     p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--chat-template-kwargs",
@@ -117,9 +140,9 @@ def add_model_input_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
 
 
-def add_generation_args(p: argparse.ArgumentParser) -> None:
+def add_generation_args(p: argparse.ArgumentParser, auto_batch_size: bool = False) -> None:
     """The flags of the JSONL commands (longflow-batch, longflow-eval)."""
-    add_model_input_args(p)
+    add_model_input_args(p, auto_batch_size)
     add_decoding_args(p)
     p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
     p.add_argument(
@@ -168,7 +191,7 @@ def check_args(args) -> None:
     value and what is expected."""
     for name, least in MIN_VALUES.items():
         value = getattr(args, name, None)
-        if value is not None and value < least:
+        if isinstance(value, int) and value < least:
             raise ValueError(f"--{name.replace('_', '-')} must be >= {least}, got {value}")
     mesh, devices = getattr(args, "mesh", None), getattr(args, "devices", None)
     if mesh is not None and devices is not None and math.prod(mesh) != devices:
@@ -440,11 +463,12 @@ class Plan:
 
 
 def make_plan(
-    generator: DataParallelGenerator, records: list[Record], args, prog: str, prompt_of=None
+    generator: DataParallelGenerator, records: list[Record], args, prog: str, prompt_of=None, compression=None
 ) -> Plan:
     """Tokenise records and bucket them. A failing chat template, an empty prompt or one longer than
     the model allows drops the record, reported (and fatal with --strict). prompt_of(record) ->
-    ("prompt", text) or ("messages", list); default: the record's data."""
+    ("prompt", text) or ("messages", list); default: the record's data. --batch-size auto sizes the
+    batches for `compression` (`auto_batch_size`)."""
     prompt_of = prompt_of or (lambda r: r.data)
     tokenizer, chat_template = generator.tokenizer, not args.no_chat_template
     limit = generator.config.max_position_embeddings - args.max_new_tokens
@@ -484,9 +508,55 @@ def make_plan(
         )
     if (getattr(args, "logprobs", None) or 0) > vocab_size:
         raise ValueError(f"--logprobs must be <= the model's vocab_size {vocab_size}, got {args.logprobs}")
-    n = generator.data_size
-    batches = plan_batches([len(p) for p in prompts], round_up(args.batch_size, n), n, limit)
+    n, batch_size = generator.data_size, args.batch_size
+    if batch_size == AUTO and prompts:
+        prompt_len = bucket_length(max(map(len, prompts)), limit)
+        batch_size = auto_batch_size(generator, args, compression, prompt_len)
+        report(
+            f"--batch-size auto: {batch_size} rows ({generator.describe()}, prompts padded to {prompt_len})",
+            prog,
+        )
+    elif batch_size == AUTO:
+        batch_size = n  # nothing to generate
+    batches = plan_batches([len(p) for p in prompts], round_up(batch_size, n), n, limit)
     return Plan(kept, prompts, batches, skipped)
+
+
+# The share of a device's memory limit that --batch-size auto fills (as benchmark_generate's BATCH=max):
+# XLA's own count leaves out the allocator's fragmentation and what other programs hold.
+AUTO_BATCH_MEMORY_FRACTION = 0.9
+
+
+def device_memory_limit(device) -> int | None:
+    """The bytes JAX's allocator may use on device (memory_stats' bytes_limit), None where unknown."""
+    return (device.memory_stats() or {}).get("bytes_limit")
+
+
+def auto_batch_size(generator: DataParallelGenerator, args, compression, prompt_len: int) -> int:
+    """--batch-size auto: the rows a device fits (`max_batch` fitted to `generate`'s compiled program
+    for these options, in AUTO_BATCH_MEMORY_FRACTION of its memory limit) times the data shards. Needs
+    a "model" axis of 1 (each device then runs the whole model on its rows) and a device that reports
+    its memory limit."""
+    from .generate import max_batch
+
+    if generator.mesh.shape[MODEL] != 1:
+        mesh = dict(generator.mesh.shape)
+        raise ValueError(f"--batch-size auto needs a model axis of 1, got the mesh {mesh}: pass a number")
+    device = generator.mesh.devices.flat[0]
+    limit = device_memory_limit(device)
+    if not limit:
+        raise ValueError(
+            f"--batch-size auto needs a device that reports its memory limit; {device.platform} does not: "
+            "pass a number"
+        )
+    top = getattr(args, "logprobs", None)
+    with jax.default_device(device):
+        rows = max_batch(
+            generator.config, compression, args.max_new_tokens, prompt_len,
+            int(AUTO_BATCH_MEMORY_FRACTION * limit), attention_impl=args.attention_impl,
+            sampling=sampling_from(args), return_logprobs=top is not None, top_logprobs=top or 0,
+        )  # fmt: skip
+    return rows * generator.data_size
 
 
 def batch_seed(seed: int, first_id) -> int:

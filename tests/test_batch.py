@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import jax.numpy as jnp
 import pytest
@@ -281,6 +282,7 @@ def test_a_row_with_nan_logits_is_an_error_row_with_a_warning(chat_ckpt, tmp_pat
         (["--budget", "0"], GOOD, "--budget must be >= 2, got 0"),
         (["--budget", "-8"], GOOD, "--budget must be >= 2, got -8"),
         (["--batch-size", "0"], GOOD, "--batch-size must be >= 1, got 0"),
+        (["--batch-size", "auto"], GOOD, "--batch-size auto needs a device that reports its memory limit"),
         (["--max-new-tokens", "0"], GOOD, "--max-new-tokens must be >= 1, got 0"),
         (["--devices", "0"], GOOD, "--devices must be >= 1, got 0"),
         (["--seed", "-1"], GOOD, "--seed must be >= 0, got -1"),
@@ -307,3 +309,39 @@ def test_bad_arguments_and_inputs_are_one_clear_error(
     (last,) = [line for line in err.splitlines() if "error:" in line]
     assert last.startswith("longflow-batch: error: ") and message in last
     assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()
+
+
+def test_batch_size_auto_fills_one_devices_memory(chat_ckpt, tmp_path, monkeypatch, capsys):
+    """--batch-size auto: per device, the largest batch whose compiled generate fits 90% of the memory
+    limit (here a limit chosen for 3 rows), times the data devices; every prompt is answered. A mesh
+    with a model axis is refused."""
+    import jax
+
+    from longflow_jax import jsonl_io, runner
+    from longflow_jax.config import ModelConfig
+
+    gen = importlib.import_module("longflow_jax.generate")
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    argv = ["--ckpt", chat_ckpt, "--input", inp, "--output", "out.jsonl", "--max-new-tokens", "8"]
+    args = batch.build_parser().parse_args(argv + ["--budget", "32"])
+    records, _ = jsonl_io.read_jsonl_records(inp, jsonl_io.validate_prompt_record)
+    generator = runner.DataParallelGenerator(chat_ckpt)
+    prompt_len = runner.make_plan(generator, records, args, "test").batches[0].prompt_len  # the longest
+    config = ModelConfig.from_pretrained_dir(chat_ckpt)
+    options = dict(
+        prompt_len=prompt_len, max_new_tokens=8, compression=runner.compression_from(args),
+        sampling=runner.sampling_from(args),
+    )  # fmt: skip
+    need = {rows: gen.generate_program_bytes(config, rows, **options) for rows in (3, 4)}
+    limit = int((need[3] + need[4]) / 2 / runner.AUTO_BATCH_MEMORY_FRACTION)
+    monkeypatch.setattr(runner, "device_memory_limit", lambda device: limit)
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch(chat_ckpt, inp, out, "--batch-size", "auto") == 0
+    err = capsys.readouterr().err
+    n = jax.device_count()
+    assert f"--batch-size auto: {3 * n} rows (data parallel over {n} device(s)" in err
+    assert f"prompts padded to {prompt_len})" in err
+    assert sorted(str(r["id"]) for r in read_rows(out)) == sorted(str(g["id"]) for g in GOOD)
+    tensor_parallel = SimpleNamespace(mesh=SimpleNamespace(shape={"data": 1, "model": 2}))
+    with pytest.raises(ValueError, match="--batch-size auto needs a model axis of 1, got the mesh"):
+        runner.auto_batch_size(tensor_parallel, args, options["compression"], prompt_len)

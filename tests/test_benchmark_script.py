@@ -134,6 +134,8 @@ def test_max_batch_fitted_to_the_compiled_program(bench, monkeypatch):
     assert len(compiles) == len(set(compiles)) <= gen.FIT_MAX_COMPILES
     with pytest.raises(ValueError, match="not even one row fits"):
         lf.max_batch(config, comp, 512, 64, params, attention_impl="reference")
+    with pytest.raises(TypeError, match="need attention_impl"):  # options of a compiled fit, no compile
+        lf.max_batch(config, comp, 512, 64, limit, return_logprobs=True)
 
 
 def test_parse_run_fields_and_errors(bench):
