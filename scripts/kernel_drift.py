@@ -63,8 +63,10 @@ def evict_slots(cache) -> list[np.ndarray]:
 def replay_on_cpu(step, args, comp) -> dict:
     """The evict slots [per layer] of the reference and the Pallas step from the same inputs, on the CPU."""
     cpu = jax.devices("cpu")[0]
-    params, config, *arrays = args  # config is static
-    args = (jax.device_put(params, cpu), config, *jax.device_put(arrays, cpu))
+    params, config, cache, *arrays = args  # config is static
+    # The Triton kernel's state (its tickets) is not the other paths' to take.
+    cache = cache.replace(layers=[layer.replace(kernel_state=None) for layer in cache.layers])
+    args = (jax.device_put(params, cpu), config, *jax.device_put([cache, *arrays], cpu))
     with jax.default_device(cpu):
         return {
             impl: evict_slots(step(*args, compression=comp, attention_impl=impl)[1])
