@@ -266,10 +266,8 @@ def generate_program_bytes(
         max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
         prefill_rows_per_chunk,
     )  # fmt: skip
-    ids, lengths, key = _input_shapes(batch, prompt_len)
-    check_generate_inputs(config, ids, lengths, **options)
-    fn = jax.jit(functools.partial(_generate, **_static_options(config, False, **options)))
-    analysis = fn.lower(param_shapes(config), ids, lengths, key).compile().memory_analysis()
+    compiled, _, _ = _compiled_generate(param_shapes(config), config, batch, prompt_len, options)
+    analysis = compiled.memory_analysis()
     if analysis is None:
         raise NotImplementedError(f"the {jax.default_backend()} backend gives no memory analysis")
     return int(
@@ -624,12 +622,6 @@ def _options(
     )
 
 
-def _input_shapes(batch: int, prompt_len: int):
-    """generate's prompt_ids, prompt_lengths and key as shapes, for compiling ahead of time."""
-    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    return ids, jax.ShapeDtypeStruct((batch,), jnp.int32), jax.eval_shape(jax.random.PRNGKey, 0)
-
-
 def _as_key(seed):
     return jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
 
@@ -674,31 +666,13 @@ def compile_generate(
     """
     if config is None:
         params_or_shapes, config = params_and_config_of(params_or_shapes)
-    if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
-        raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
     options = _options(
         max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
         prefill_rows_per_chunk,
     )  # fmt: skip
-    ids, lengths, key = _input_shapes(batch, prompt_len)
-    check_generate_inputs(config, ids, lengths, **options)
-    check_params(params_or_shapes, config)
-    static = _static_options(config, return_debug, **options)
-    if mesh is None:
-        fn, placement = jax.jit(functools.partial(_generate, **static)), None
-    else:
-        check_mesh(mesh, batch, attention_impl)
-        fn, placement = _mesh_program(mesh, **static)
-        params_or_shapes = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
-        )
-        ids, lengths, key = (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-            for x, s in zip((ids, lengths, key), placement[1:])
-        )
-    start = time.perf_counter()
-    compiled = fn.lower(params_or_shapes, ids, lengths, key).compile()
-    seconds = time.perf_counter() - start
+    compiled, placement, seconds = _compiled_generate(
+        params_or_shapes, config, batch, prompt_len, options, return_debug, mesh
+    )
 
     def run(params, prompt_ids, prompt_lengths, seed=0) -> GenerationOutput:
         if hasattr(params, "params_and_config"):  # a model holding its weights
@@ -720,6 +694,34 @@ def compile_generate(
         return compiled(*(args if placement is None else jax.device_put(args, placement)))
 
     return run, seconds
+
+
+def _compiled_generate(params_or_shapes, config, batch, prompt_len, options, return_debug=False, mesh=None):
+    """`_generate` compiled for [batch, prompt_len] prompts and `_options`' options (on mesh, if given):
+    (the compiled program, the placement of its arguments or None, compile seconds)."""
+    if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
+        raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    key = jax.eval_shape(jax.random.PRNGKey, 0)
+    check_generate_inputs(config, ids, lengths, **options)
+    check_params(params_or_shapes, config)
+    static = _static_options(config, return_debug, **options)
+    if mesh is None:
+        fn, placement = jax.jit(functools.partial(_generate, **static)), None
+    else:
+        check_mesh(mesh, batch, options["attention_impl"])
+        fn, placement = _mesh_program(mesh, **static)
+        params_or_shapes = jax.tree.map(
+            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
+        )
+        ids, lengths, key = (
+            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
+            for x, s in zip((ids, lengths, key), placement[1:])
+        )
+    start = time.perf_counter()
+    compiled = fn.lower(params_or_shapes, ids, lengths, key).compile()
+    return compiled, placement, time.perf_counter() - start
 
 
 def check_mesh(mesh: Mesh, batch: int, attention_impl: str) -> None:

@@ -101,6 +101,9 @@ def add_sampling_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seed", type=int, default=0)
 
 
+AUTO = "auto"  # --batch-size of longflow-batch: sized from the device's memory (`auto_batch_size`)
+
+
 def batch_size_or_auto(text: str) -> int | str:
     """--batch-size of longflow-batch: an int, or "auto" (`auto_batch_size`)."""
     if text == AUTO:
@@ -109,9 +112,6 @@ def batch_size_or_auto(text: str) -> int | str:
         return int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an int or 'auto', got {text!r}") from None
-
-
-AUTO = "auto"
 
 
 def add_model_input_args(p: argparse.ArgumentParser, auto_batch_size: bool = False) -> None:
