@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import math
 
 import flax.struct
 import jax
@@ -45,6 +46,7 @@ from .kv_cache import (
 TRANSITION, EXECUTION, REASONING = 0, 1, 2
 DEFAULT_SCHEDULE = (64, 32, 16, 8, 4)  # tokens a segment keeps at each retention level
 SPARSITY_REL = 0.01  # a weight below this fraction of its row's largest counts as sparse
+KMEANS_TIE_RTOL = 1e-4  # kmeans_keep: squared distances this close (relative) to the nearest tie
 _HIGHEST = jax.lax.Precision.HIGHEST
 
 
@@ -61,6 +63,14 @@ def attention_sparsity(probs, valid, rel: float = SPARSITY_REL):
     p = probs.astype(jnp.float32)
     row_max = jnp.max(jnp.where(valid, p, -jnp.inf), axis=-1, keepdims=True)
     below = jnp.sum(valid & (p < rel * row_max), axis=-1)
+    return (below / jnp.maximum(jnp.sum(valid, axis=-1), 1)).astype(jnp.float32)
+
+
+def logit_sparsity(logits, valid, rel: float = SPARSITY_REL):
+    """`attention_sparsity` of softmax(logits) from the logits alone: a weight is below `rel` times
+    its row's largest exactly where its logit is below the row's largest plus log(rel)."""
+    row_max = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=-1, keepdims=True)
+    below = jnp.sum(valid & (logits < row_max + math.log(rel)), axis=-1)
     return (below / jnp.maximum(jnp.sum(valid, axis=-1), 1)).astype(jnp.float32)
 
 
@@ -153,7 +163,8 @@ def _kmeans_keep_row(keys, valid, k: int, iters: int, clusters):
 
     def take_nearest_free(i, taken):
         free = jnp.where(taken, jnp.inf, final[:, i])
-        t = jnp.argmin(free)
+        nearest = jnp.min(free)
+        t = jnp.argmax(free <= nearest * (1 + KMEANS_TIE_RTOL))  # the lowest index among the tied
         return taken.at[t].set(taken[t] | (free[t] < jnp.inf))
 
     taken = jax.lax.fori_loop(0, k, take_nearest_free, jnp.zeros(n, bool))
@@ -167,8 +178,12 @@ def kmeans_keep(keys, valid, k: int, iters: int = 10, clusters=None):
     Lloyd's algorithm with a fixed number of iterations over the valid tokens, starting from k evenly
     spaced valid tokens (rank floor(j * m / k) of the m valid ones for centroid j); a token joins its
     nearest centroid (ties: the lower centroid), a centroid with no member stays where it is. Then
-    centroid 0, 1, ... in turn takes its nearest valid token that no earlier centroid took (ties: the
-    lower token index), so the kept tokens are distinct. With m <= k every valid token is kept.
+    centroid 0, 1, ... in turn takes its nearest valid token that no earlier centroid took, so the kept
+    tokens are distinct. Squared distances within KMEANS_TIE_RTOL (relative) of the nearest tie, and the
+    tie goes to the lower token index: a two-member cluster's centroid is their midpoint, equally far
+    from both, and float32 rounding alone would pick one, so a last-bit difference in the keys (a
+    kernel's against the reference's) would change what the segment keeps. With m <= k every valid
+    token is kept.
 
     Args:
       keys: [..., n, D] post-RoPE keys of one segment per leading index.
@@ -359,35 +374,48 @@ def _blocked_weighted_values(p, buffer: LayerCache, head_dim: int):
     return jax.lax.scan(one, zero, jnp.arange(blocks))[0]
 
 
+def _all_logits(q, buffers, scale):
+    """q [B, Hq, D] against every slot of the buffers, each in its own key basis: ([B, Hkv, G, slots]
+    float32 logits, -inf at an empty slot; [B, slots] valid), read block by block."""
+    batch, _, head_dim = q.shape
+    num_kv_heads = buffers[0].k.shape[1]
+    logits = []
+    for buffer in buffers:
+        qg = queries_for_keys(buffer, q).astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim)
+        logits.append(_blocked_logits(qg, buffer, scale))
+    valid = jnp.concatenate([kv_valid(buffer) for buffer in buffers], axis=-1)
+    return jnp.where(valid[:, None, None, :], jnp.concatenate(logits, axis=-1), -jnp.inf), valid
+
+
 def attend(q, layer: LayerCache, scale, kernel=None):
     """Attention of q [B, Hq, D] (its token already written into the window) over the main buffer and
     every tier, each read at its own precision; returns (out [B, Hq, D] f32, the layer with the next
     window slot and, on L*, the step's sparsity added).
 
     kernel: None, or a decode kernel of pallas_kernels' contract taking return_lse (attention._kernel's),
-    which then serves the layers outside L* (`_attend_by_kernel`). Layers in L* read every buffer in
-    jnp: their sparsity needs the probabilities. The jnp path reads each buffer in blocks of
-    JNP_BLOCK_SLOTS slots inside a loop: a float32 copy of a whole buffer depends only on the cache, so
-    XLA could make every layer's at once and hold them together.
+    which then gives every layer's output (`_attend_by_kernel`); a layer in L* adds its sparsity from
+    the logits alone, in jnp (`logit_sparsity`): the values are not read twice. Without a kernel every
+    layer reads every buffer in jnp. The jnp reads go in blocks of JNP_BLOCK_SLOTS slots inside a loop:
+    a float32 copy of a whole buffer depends only on the cache, so XLA could make every layer's at once
+    and hold them together.
     """
-    if kernel is not None and layer.thinkv.sparsity_sum is None:
-        return _attend_by_kernel(q, layer, scale, kernel), layer.replace(evict_slot=layer.evict_slot + 1)
     batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = layer.k.shape[1]
     buffers = [layer, *layer.thinkv.tiers]
-    logits = []
-    for buffer in buffers:
-        qg = queries_for_keys(buffer, q).astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim)
-        logits.append(_blocked_logits(qg, buffer, scale))
-    valid = jnp.concatenate([kv_valid(buffer) for buffer in buffers], axis=-1)
-    logits = jnp.where(valid[:, None, None, :], jnp.concatenate(logits, axis=-1), -jnp.inf)
+    state = layer.thinkv
+    if kernel is not None:
+        out = _attend_by_kernel(q, layer, scale, kernel)
+        if state.sparsity_sum is not None:
+            logits, valid = _all_logits(q, buffers, scale)
+            step = logit_sparsity(logits, valid[:, None, None, :]).reshape(batch, num_q_heads).mean(axis=-1)
+            state = state.replace(sparsity_sum=state.sparsity_sum + step)
+        return out, layer.replace(evict_slot=layer.evict_slot + 1, thinkv=state)
+    logits, valid = _all_logits(q, buffers, scale)
     probs = jax.nn.softmax(logits, axis=-1)  # the new token's slot is always valid
     bounds = [0, *itertools.accumulate(buffer.capacity for buffer in buffers)]
     out = sum(
         _blocked_weighted_values(probs[..., lo:hi], buffer, head_dim)
         for lo, hi, buffer in zip(bounds, bounds[1:], buffers)
     )
-    state = layer.thinkv
     if state.sparsity_sum is not None:
         step = attention_sparsity(probs.reshape(batch, num_q_heads, -1), valid[:, None, :]).mean(axis=-1)
         state = state.replace(sparsity_sum=state.sparsity_sum + step)

@@ -1,15 +1,13 @@
 """Where ThinKV's decode step goes: one layer's attention of each kind against LongFlow's, on a GPU.
 
-ThinKV's step (docs/THINKV.md) attends in two ways. A layer outside L* calls the fused kernel once per
-buffer (the bf16 prompt and window, then each tier at its own precision) and merges the calls by
-log-sum-exp; a layer in L* reads every buffer in jnp, because its sparsity needs the probabilities.
-At one batch and the Qwen3-4B layer shape (Hq/Hkv 32/8, D 128, bf16), every buffer full, this times:
+ThinKV's step (docs/THINKV.md) calls the fused kernel once per buffer (the bf16 prompt and window, then
+each tier at its own precision) and merges the calls by log-sum-exp; a layer in L* also needs its
+sparsity, which it takes from the logits alone in jnp. At one batch and the Qwen3-4B layer shape (Hq/Hkv
+32/8, D 128, bf16), every buffer full, this times:
   thinkv_kernel   a layer outside L*: `thinkv.attend` with the kernel (the calls and their merge)
-  thinkv_lstar    a layer in L*: `thinkv.attend`'s jnp path, its sparsity included
-  lstar_logits    the alternative for a layer in L*: its output from the kernel calls as outside L*, and
-                  in jnp only the logits over the keys, for the sparsity (a weight under SPARSITY_REL
-                  of the row's largest is a logit under the largest + ln SPARSITY_REL): no values read
-                  in jnp, no p @ v (a prototype here, not yet the library's path)
+  thinkv_lstar    a layer in L*: the same, and the jnp logits over every key for its sparsity
+  lstar_jnp       a layer in L* read wholly in jnp (`thinkv.attend` without a kernel: logits, softmax,
+                  p @ v, the sparsity from the probabilities): the path L* took before
   one_call_int4   one kernel call over an int4 buffer holding all of ThinKV's slots: about what one
                   kernel over every buffer would cost at 4 bits (its int2 part would read less), with
                   no merge and no further launches; the issue's "one call per tier or one kernel over
@@ -43,10 +41,10 @@ import bench_kernels as bk  # noqa: E402
 from longflow_jax import thinkv  # noqa: E402
 from longflow_jax.attention import _kernel  # noqa: E402
 from longflow_jax.config import CompressionConfig, ThinKVConfig  # noqa: E402
-from longflow_jax.kv_cache import kv_valid, layer_from_kept, queries_for_keys  # noqa: E402
+from longflow_jax.kv_cache import layer_from_kept  # noqa: E402
 from pallas_kernels import reference  # noqa: E402
 
-COLUMNS = ("thinkv_kernel", "thinkv_lstar", "lstar_logits", "one_call_int4", "longflow")
+COLUMNS = ("thinkv_kernel", "thinkv_lstar", "lstar_jnp", "one_call_int4", "longflow")
 
 
 def full_buffer(key, batch, capacity, kind=None, group=bk.QUANT_GROUP):
@@ -86,35 +84,22 @@ def thinkv_column(kernel, scale):
     return fn
 
 
-def logits_sparsity(q, layer, scale, rel: float = thinkv.SPARSITY_REL):
-    """The step's sparsity of an L* layer (mean over its query heads, [B]) from the logits alone."""
-    batch, num_q_heads, head_dim = q.shape
-    num_kv_heads = layer.k.shape[1]
-    buffers = [layer, *layer.thinkv.tiers]
-    logits = jnp.concatenate(
-        [
-            thinkv._blocked_logits(
-                queries_for_keys(b, q).astype(jnp.float32).reshape(batch, num_kv_heads, -1, head_dim),
-                b,
-                scale,
-            )
-            for b in buffers
-        ],
-        axis=-1,
-    )  # [B, Hkv, G, slots]
-    valid = jnp.concatenate([kv_valid(b) for b in buffers], axis=-1)[:, None, None, :]
-    row_max = jnp.max(jnp.where(valid, logits, -jnp.inf), axis=-1, keepdims=True)
-    below = jnp.sum(valid & (logits < row_max + math.log(rel)), axis=-1)
-    per_head = below / jnp.maximum(jnp.sum(valid, axis=-1), 1)
-    return per_head.reshape(batch, num_q_heads).mean(axis=-1).astype(jnp.float32)
-
-
-def lstar_logits_column(kernel, scale):
-    """fn(q, layer) -> (out in q's dtype, the step's sparsity [B]): the kernels' output, jnp logits."""
+def lstar_jnp_column(scale):
+    """fn(q, layer) -> (out in q's dtype, the step's sparsity [B]) wholly in jnp."""
 
     def fn(q, layer):
-        out = thinkv._attend_by_kernel(q, layer, scale, kernel)
-        return out.astype(q.dtype), logits_sparsity(q, layer, scale)
+        out, after = thinkv.attend(q, layer, scale, None)
+        return out.astype(q.dtype), after.thinkv.sparsity_sum
+
+    return fn
+
+
+def thinkv_lstar_column(kernel, scale):
+    """fn(q, layer) -> (out in q's dtype, the step's sparsity [B]) through the kernels."""
+
+    def fn(q, layer):
+        out, after = thinkv.attend(q, layer, scale, kernel)
+        return out.astype(q.dtype), after.thinkv.sparsity_sum
 
     return fn
 
@@ -142,8 +127,8 @@ def make_columns(impl, batch, comp, prompt_len, max_new_tokens, n_sets):
 
     return {
         "thinkv_kernel": (thinkv_column(kernel, scale), [(q[i], outside[i]) for i in range(n_sets)]),
-        "thinkv_lstar": (thinkv_column(kernel, scale), [(q[i], inside[i]) for i in range(n_sets)]),
-        "lstar_logits": (lstar_logits_column(kernel, scale), [(q[i], inside[i]) for i in range(n_sets)]),
+        "thinkv_lstar": (thinkv_lstar_column(kernel, scale), [(q[i], inside[i]) for i in range(n_sets)]),
+        "lstar_jnp": (lstar_jnp_column(scale), [(q[i], inside[i]) for i in range(n_sets)]),
         "one_call_int4": (int4_call, one_call),
         # bench_kernels' column: the Triton kernel's state threaded through its calls, as generate does
         "longflow": (
@@ -156,12 +141,12 @@ def make_columns(impl, batch, comp, prompt_len, max_new_tokens, n_sets):
 def check(name, fn, inputs, scale):
     """Raise if the column's output leaves the jnp reference's (relative L2 error over 2e-2)."""
     q = inputs[0]
-    if name == "lstar_logits":  # its sparsity against the jnp path's, then its output as below
+    if name == "thinkv_lstar":  # its sparsity (from the logits) against the jnp path's (probabilities)
         _, layer = thinkv.attend(q, inputs[1], scale, None)
         gap = float(jnp.max(jnp.abs(jax.jit(fn)(*inputs)[1] - layer.thinkv.sparsity_sum)))
         if gap > 1e-3:
             raise AssertionError(f"{name}: sparsity off the jnp path's by {gap:.1e}")
-    if name in ("thinkv_kernel", "thinkv_lstar", "lstar_logits"):
+    if name in ("thinkv_kernel", "thinkv_lstar", "lstar_jnp"):
         # The jnp path over every buffer (an L* layer's own path: its check is the sparsity's range).
         want, layer = thinkv.attend(q, inputs[1], scale, None)
         sparsity = layer.thinkv.sparsity_sum
@@ -188,9 +173,9 @@ def step_model(seconds: dict, layers: int, lstar: int, batch: int) -> dict:
         longflow_ms_per_row=1e3 * layers * seconds["longflow"] / batch,
         lstar_share=lstar * seconds["thinkv_lstar"] / thinkv_s,
     )
-    if "lstar_logits" in seconds:  # the same step with L* layers by the kernels and jnp logits
-        alternative = (layers - lstar) * seconds["thinkv_kernel"] + lstar * seconds["lstar_logits"]
-        model["thinkv_lstar_logits_ms_per_row"] = 1e3 * alternative / batch
+    if "lstar_jnp" in seconds:  # the same step with the L* layers read wholly in jnp
+        alternative = (layers - lstar) * seconds["thinkv_kernel"] + lstar * seconds["lstar_jnp"]
+        model["thinkv_lstar_jnp_ms_per_row"] = 1e3 * alternative / batch
     return model
 
 
@@ -241,8 +226,8 @@ def main(argv=None) -> dict:
             f"{100 * result['lstar_share']:.0f}% of it), LongFlow {result['longflow_ms_per_row']:.3f} ms "
             f"({args.layers} layers)"
         )
-        if "thinkv_lstar_logits_ms_per_row" in result:
-            print(f"with L* by the kernels and jnp logits: {result['thinkv_lstar_logits_ms_per_row']:.3f} ms")
+        if "thinkv_lstar_jnp_ms_per_row" in result:
+            print(f"with the L* layers wholly in jnp: {result['thinkv_lstar_jnp_ms_per_row']:.3f} ms")
     return result
 
 

@@ -33,12 +33,13 @@ def test_columns_match_the_reference_on_full_buffers():
     broken = lambda q, layer: (jnp.zeros_like(q), None)  # noqa: E731
     with pytest.raises(AssertionError, match="rel err"):
         btl.check("thinkv_kernel", broken, (q, layer), scale)
-    # The logits-only sparsity is the jnp path's (probabilities) on the same L* layer; a wrong one is caught.
-    fn, ((q, inside),) = cols["lstar_logits"]
+    # The L* layer's sparsity on the kernels (from the logits) is the jnp path's (from the
+    # probabilities); a wrong one is caught.
+    fn, ((q, inside),) = cols["thinkv_lstar"]
     assert 0 < float(fn(q, inside)[1][0]) < 1
     no_sparsity = lambda q, layer: (fn(q, layer)[0], jnp.zeros(q.shape[:1]))  # noqa: E731
     with pytest.raises(AssertionError, match="sparsity off"):
-        btl.check("lstar_logits", no_sparsity, (q, inside), scale)
+        btl.check("thinkv_lstar", no_sparsity, (q, inside), scale)
 
 
 def test_step_model_weighs_the_layer_kinds():
@@ -47,6 +48,6 @@ def test_step_model_weighs_the_layer_kinds():
     assert got["thinkv_ms_per_row"] == pytest.approx(1e3 * (32 * 3e-4 + 4 * 9e-4) / 100)
     assert got["longflow_ms_per_row"] == pytest.approx(1e3 * 36 * 2e-4 / 100)
     assert got["lstar_share"] == pytest.approx(4 * 9e-4 / (32 * 3e-4 + 4 * 9e-4))
-    assert "thinkv_lstar_logits_ms_per_row" not in got
-    got = btl.step_model(dict(seconds, lstar_logits=4e-4), layers=36, lstar=4, batch=100)
-    assert got["thinkv_lstar_logits_ms_per_row"] == pytest.approx(1e3 * (32 * 3e-4 + 4 * 4e-4) / 100)
+    assert "thinkv_lstar_jnp_ms_per_row" not in got
+    got = btl.step_model(dict(seconds, lstar_jnp=4e-3), layers=36, lstar=4, batch=100)
+    assert got["thinkv_lstar_jnp_ms_per_row"] == pytest.approx(1e3 * (32 * 3e-4 + 4 * 4e-3) / 100)

@@ -51,6 +51,26 @@ def test_sparsity_hand_checked():
     np.testing.assert_allclose(attention_sparsity(probs, valid), [0.25])
 
 
+def test_logit_sparsity_is_the_sparsity_of_the_softmax():
+    """From the logits alone: numpy's count over the softmax's probabilities (rows away from the 1%
+    boundary), with invalid entries, larger than any valid one, ignored."""
+    rng = np.random.default_rng(2)
+    shape, c = (4, 3, 5), 40
+    logits = rng.standard_normal((*shape, c)) * rng.choice([0.5, 4.0, 12.0], size=(*shape, 1))
+    valid = rng.random((*shape, c)) < 0.8
+    valid[0, 0, 0] = False
+    masked = np.where(valid, logits, -np.inf)
+    probs = np.exp(masked - masked.max(-1, keepdims=True))
+    probs = np.where(valid, probs / probs.sum(-1, keepdims=True), 0.0)
+    gap = np.abs(probs / np.where(valid, probs, 0).max(-1, keepdims=True) - 0.01)
+    assert gap[valid].min() > 1e-5  # no weight sits on the boundary
+    got = np.asarray(
+        jax.jit(thinkv.logit_sparsity)(jnp.asarray(np.where(valid, logits, 50.0), jnp.float32), valid)
+    )
+    np.testing.assert_allclose(got, numpy_sparsity(probs, valid), atol=1e-6)
+    assert got[0, 0, 0] == 0.0
+
+
 def test_classify_matches_numpy():
     rng = np.random.default_rng(1)
     lo, hi = 0.3, 0.7
@@ -138,11 +158,13 @@ def test_plan_scripted_sequence_matches_numpy(script, budget):
         levels = got.tolist()
 
 
-def numpy_kmeans_keep(keys, valid, k, iters):
-    """Lloyd's loop in float64 with the same start and the same rules (kmeans_keep's docstring).
+def numpy_kmeans_keep(keys, valid, k, iters, tie_rtol=thinkv.KMEANS_TIE_RTOL):
+    """Lloyd's loop in float64 with the same start and the same rules (kmeans_keep's docstring): a
+    centroid's free tokens within tie_rtol (relative, squared distances) of its nearest are tied, and
+    the lowest index among them is kept.
 
-    Also returns the smallest gap between a centroid's nearest free token and the next one: a
-    two-member cluster's centroid is equally far from both, and float32 may break that tie either way.
+    Also returns the smallest relative distance of a free token's squared distance from that tie
+    bound: near 0, float32 may put the token on either side.
     """
     x = np.asarray(keys, np.float64)
     idx = np.flatnonzero(valid)
@@ -157,11 +179,11 @@ def numpy_kmeans_keep(keys, valid, k, iters):
     d = ((x[idx, None, :] - c[None]) ** 2).sum(-1)
     taken, gap = [], np.inf
     for j in range(k):
-        free = [t for t in np.argsort(d[:, j], kind="stable") if idx[t] not in taken]
+        free = [t for t in range(m) if idx[t] not in taken]
         if free:
-            taken.append(idx[free[0]])
-        if len(free) > 1:
-            gap = min(gap, d[free[1], j] - d[free[0], j])
+            bound = min(d[t, j] for t in free) * (1 + tie_rtol)
+            taken.append(idx[min(t for t in free if d[t, j] <= bound)])
+            gap = min([gap] + [abs(d[t, j] - bound) / bound for t in free if bound > 0])
     return np.array(sorted(taken) + [-1] * (k - len(taken))), gap
 
 
@@ -185,9 +207,23 @@ def test_kmeans_keep_matches_numpy_lloyd():
     assert got.shape == (*lead, k)
     for idx in np.ndindex(*lead):
         want, gap = numpy_kmeans_keep(keys[idx], valid[idx], k, iters)
-        assert gap > 1e-3, f"the data has a near-tie at {idx}: pick another seed"
+        assert gap > 1e-5, f"the data has a token on the tie bound at {idx}: pick another seed"
         np.testing.assert_array_equal(got[idx], want, err_msg=idx)
     np.testing.assert_array_equal(got[1, 2], [3, 10, 20] + [-1] * (k - 3))
+
+
+def test_kmeans_keep_breaks_a_midpoint_tie_by_the_lower_index():
+    """Two tokens and one centroid: their midpoint is equally far from both in exact arithmetic, and
+    the lower index is kept however float32 rounds, also with either token moved by 1e-6 (a kernel's
+    last bits); a token nearer than the tolerance is kept."""
+    rng = np.random.default_rng(5)
+    a, b = rng.standard_normal((2, 16))
+    for shift in (0.0, 1e-6, -1e-6):
+        for first, second in ((a + shift, b), (a, b + shift), (b + shift, a)):
+            keys = jnp.asarray(np.stack([first, second]), jnp.float32)
+            assert np.asarray(kmeans_keep(keys, jnp.ones(2, bool), k=1, iters=3)).tolist() == [0]
+    with_middle = jnp.asarray(np.stack([a, b, (a + b) / 2]), jnp.float32)  # the centroid: token 2
+    assert np.asarray(kmeans_keep(with_middle, jnp.ones(3, bool), k=1, iters=3)).tolist() == [2]
 
 
 def test_kmeans_keep_one_token_per_run():

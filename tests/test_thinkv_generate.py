@@ -294,6 +294,22 @@ def test_attend_through_the_kernel_matches_jnp():
     np.testing.assert_array_equal(after.evict_slot, want_layer.evict_slot)
 
 
+def test_lstar_layer_on_the_kernel_adds_the_jnp_paths_sparsity():
+    """A layer in L* with a kernel: the kernels' attention (as outside L*) and, from the logits alone,
+    the sparsity the jnp path takes from the probabilities. Scale 0.5 makes the rows sparse enough to
+    count (0.75 and 0.63 of their slots)."""
+    layer, q = scattered_layer(0)
+    assert layer.thinkv.sparsity_sum is not None
+    kernel = functools.partial(longflow_decode_attention, block_c=16)
+    attend = jax.jit(thinkv.attend, static_argnums=(2, 3))
+    out, after = attend(q, layer, 0.5, kernel)
+    want, want_layer = attend(q, layer, 0.5, None)
+    np.testing.assert_allclose(np.asarray(out), np.asarray(want), rtol=1e-5, atol=1e-5)
+    np.testing.assert_allclose(after.thinkv.sparsity_sum, want_layer.thinkv.sparsity_sum, rtol=1e-6)
+    assert float(jnp.min(after.thinkv.sparsity_sum)) > 0.5
+    np.testing.assert_array_equal(after.evict_slot, want_layer.evict_slot)
+
+
 @pytest.mark.parametrize("block_slots", [3, 256])
 def test_jnp_attend_in_blocks_is_attention_over_every_buffer(monkeypatch, block_slots):
     """A layer in L*, read in blocks of 3 slots (no buffer a multiple of it) and in one block: the
@@ -327,7 +343,8 @@ def test_jnp_attend_in_blocks_is_attention_over_every_buffer(monkeypatch, block_
 
 @pytest.mark.parametrize("impl", ["pallas", pytest.param("triton", marks=pytest.mark.gpu)])
 def test_generate_on_the_kernels_matches_reference(impl):
-    """generate with a kernel (layer 1 on the kernel, layer 0 in L* on jnp) gives the reference path's
+    """generate with a kernel (both layers on the kernel, layer 0 in L* adding its sparsity) gives the
+    reference path's
     tokens over 4 classified segments that fill the int4 and int2 tiers."""
     if impl == "triton":
         from cuda_triton_bridge import triton_available
