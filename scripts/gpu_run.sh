@@ -37,8 +37,9 @@
 #   thinkv-layer [ARGS]  scripts/bench_thinkv_layer.py through Triton (default: B 64, budget 2048, Qwen3-4B's
 #                        36 layers with 4 in L*): one ThinKV layer of each kind against LongFlow's
 #   step-memory [RUN...] XLA's memory report and buffer assignment of the compiled decode chunk, one short
-#                        benchmark_generate run each (MODEL, default qwen3-4b): which temporaries the step
-#                        holds (default: int8 at groups 32 and 128 side by side)
+#                        benchmark_generate run each (MODEL, default qwen3-4b; prompt pass in 64-row
+#                        slices): which temporaries the step holds (default: int8 group 128 at 400 rows,
+#                        where the merged-weight copies showed, docs/BENCHMARKS.md)
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
 stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile|drift|thinkv-layer|step-memory [ARGS...]}
@@ -161,16 +162,17 @@ EOF
     timeout "$limit" python3 scripts/bench_thinkv_layer.py --impl triton "$@" 2>&1 | grep -v Warning \
       | tee "$OUT/thinkv_layer.log" ;;
   step-memory)
-    # One short run per RUN (default: Qwen3-4B's int8 at groups 32 and 128, whose decode steps needed 0.7
-    # and 11.6 MiB a row of XLA's working memory at their equal-memory batches), with XLA's dump of the
-    # compiled decode chunk only: what each temporary buffer is, to set the two side by side.
-    [ $# -gt 0 ] || set -- longflow@int8:64:4096:2048:triton:512 longflow@int8/128:64:4096:2048:triton:512
+    # One short run per RUN (default: Qwen3-4B's int8 group 128 at its equal-memory batch, whose step
+    # needed 11.6 MiB a row of XLA's working memory before generate's COMPILER_OPTIONS; at 64 rows it
+    # needs 0.6), with XLA's dump of the compiled decode chunk only: what each temporary buffer is.
+    [ $# -gt 0 ] || set -- longflow@int8/128:400:16384:2048:triton:512
     for run in "$@"; do
       dir="$OUT/step_memory/${run//[^A-Za-z0-9]/_}"
       mkdir -p "$dir/dump"
-      XLA_FLAGS="--xla_dump_to=$dir/dump --xla_dump_hlo_module_re=jit_chunk_body --xla_dump_hlo_as_text ${XLA_FLAGS:-}" \
+      XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
+        XLA_FLAGS="--xla_dump_to=$dir/dump --xla_dump_hlo_module_re=jit_chunk_body --xla_dump_hlo_as_text ${XLA_FLAGS:-}" \
         timeout "$((limit / $#))" python3 scripts/benchmark_generate.py --model "${MODEL:-qwen3-4b}" \
-        --runs "$run" 2>&1 | grep -v Warning | grep -E "working set|tok/s, " | tee "$dir/run.log"
+        --prefill-rows 64 --runs "$run" 2>&1 | grep -v Warning | grep -E "working set|tok/s, " | tee "$dir/run.log"
       # The reports, not the HLO text: the largest allocations and every buffer's assignment.
       find "$dir/dump" \( -name "*memory-usage-report*" -o -name "*after_optimizations-buffer-assignment.txt" \) \
         -exec mv {} "$dir/" \;
