@@ -609,8 +609,8 @@ def generate(
     args = (params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
     static = _static_options(config, return_debug, **options)
     if mesh is None:
-        traced = any(isinstance(x, jax.core.Tracer) for x in jax.tree.leaves(args))
-        return (_generate if traced else _generate_top_level)(*args, **static)
+        concrete = all(_is_concrete(x) for x in jax.tree.leaves(args))
+        return (_generate_top_level if concrete else _generate)(*args, **static)
     check_mesh(mesh, _shape(prompt_ids)[0], attention_impl)
     fn, placement = _mesh_program(mesh, **static)
     return fn(*jax.device_put(args, placement))

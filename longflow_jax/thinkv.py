@@ -10,10 +10,10 @@ the model's dtype) holds the prompt in slots [0, P) and the segment being writte
 ThinKVConfig.precisions, each of `tier_capacity` slots, and each classified segment's slots there. The
 segment table (`SegmentTable`: types, levels, count) is shared by all layers. Each step `attend` reads
 every buffer (through the fused kernels when given, one call per buffer merged by log-sum-exp) and adds
-the step's attention sparsity on the layers L* (from jnp logits); once the window is full (every tau steps, all rows at once),
-`close_full_segment` types the segment, plans the levels, re-clusters the demoted segments (freeing the
-slots of the tokens k-means drops), moves the new segment's kept tokens into the lowest free slots of
-its tier, and empties the window. Shapes are fixed and no Python branches on traced values, so
+the step's attention sparsity on the layers L* (from jnp logits); once the window is full (every tau
+steps, all rows at once), `close_full_segment` types the segment, plans the levels, re-clusters the
+demoted segments (freeing the slots of the tokens k-means drops), moves the new segment's kept tokens
+into the lowest free slots of its tier, and empties the window. Shapes are fixed and no Python branches on traced values, so
 everything runs inside the jitted decode loop.
 """
 
