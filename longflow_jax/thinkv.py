@@ -13,8 +13,8 @@ every buffer (through the fused kernels when given, one call per buffer merged b
 the step's attention sparsity on the layers L* (from jnp logits); once the window is full (every tau
 steps, all rows at once), `close_full_segment` types the segment, plans the levels, re-clusters the
 demoted segments (freeing the slots of the tokens k-means drops), moves the new segment's kept tokens
-into the lowest free slots of its tier, and empties the window. Shapes are fixed and no Python branches on traced values, so
-everything runs inside the jitted decode loop.
+into the lowest free slots of its tier, and empties the window. Shapes are fixed and no Python branches
+on traced values, so everything runs inside the jitted decode loop.
 """
 
 from __future__ import annotations
