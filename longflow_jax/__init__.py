@@ -5,6 +5,7 @@ from pallas_kernels.reference import longflow_decode_attention_reference
 from .config import CompressionConfig, ModelConfig, SamplingConfig, ThinKVConfig
 from .convert import CheckpointError, convert, load
 from .generate import (
+    COMPILER_OPTIONS,
     GenerationOutput,
     compile_generate,
     decode_step,
@@ -18,6 +19,7 @@ from .model import init_random_params, param_shapes
 from .trajectory import TrajectoryScores, score_trajectory
 
 __all__ = [
+    "COMPILER_OPTIONS",
     "CheckpointError",
     "CompressionConfig",
     "GenerationOutput",

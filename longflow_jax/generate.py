@@ -245,6 +245,17 @@ def _fit_batch(need, limit: int, guess: int) -> int:
     return lo
 
 
+# XLA options for every program that runs the decode loop. XLA's GPU DotMerger turns the q / k / v
+# projections (and gate / up) into one matmul over a concatenation of their weights; the concatenation is
+# loop-invariant, so XLA hoists it out of the decode loop and keeps one copy of every layer's merged
+# weights for the whole loop. Where XLA runs that matmul through cuBLAS (at a few hundred rows), the
+# copies are real: 4.4 GiB on the Qwen3-4B shape at 400 rows, measured on an H100 in the compiled
+# chunk's buffer assignment (docs/BENCHMARKS.md). Threshold 0 merges nothing; the weights' bytes read a
+# step are the same. Options for other backends are ignored. Inside your own jax.jit, pass
+# compiler_options=COMPILER_OPTIONS to it.
+COMPILER_OPTIONS = {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
 def generate_program_bytes(
     config: ModelConfig,
     batch: int,
@@ -580,7 +591,8 @@ def generate(
     granularity all-reduces the shards' importance (B x C floats a layer and step) before its argmin,
     so every shard evicts the same slot; "triton" is single-GPU.
     Jit-friendly without mesh: call it inside your own `jax.jit` (configs and max_new_tokens must be
-    static there; a model's inside `nnx.jit`). `compile_generate` compiles it ahead of time for one shape.
+    static there; a model's inside `nnx.jit`), with compiler_options=`COMPILER_OPTIONS` (what they
+    save). `compile_generate` compiles it ahead of time for one shape.
     """
     if not isinstance(config, ModelConfig) and prompt_lengths is None:  # (model, prompt_ids, lengths)
         (params, config), prompt_ids, prompt_lengths = params_and_config_of(params), config, prompt_ids
@@ -595,7 +607,8 @@ def generate(
     args = (params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
     static = _static_options(config, return_debug, **options)
     if mesh is None:
-        return _generate(*args, **static)
+        concrete = all(_is_concrete(x) for x in jax.tree.leaves(args))
+        return (_generate_top_level if concrete else _generate)(*args, **static)
     check_mesh(mesh, _shape(prompt_ids)[0], attention_impl)
     fn, placement = _mesh_program(mesh, **static)
     return fn(*jax.device_put(args, placement))
@@ -708,17 +721,17 @@ def _compiled_generate(params_or_shapes, config, batch, prompt_len, options, ret
     check_params(params_or_shapes, config)
     static = _static_options(config, return_debug, **options)
     if mesh is None:
-        fn, placement = jax.jit(functools.partial(_generate, **static)), None
-    else:
-        check_mesh(mesh, batch, options["attention_impl"])
-        fn, placement = _mesh_program(mesh, **static)
-        params_or_shapes = jax.tree.map(
-            lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
-        )
-        ids, lengths, key = (
-            jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s)
-            for x, s in zip((ids, lengths, key), placement[1:])
-        )
+        start = time.perf_counter()
+        compiled = _generate_top_level.lower(params_or_shapes, ids, lengths, key, **static).compile()
+        return compiled, None, time.perf_counter() - start
+    check_mesh(mesh, batch, options["attention_impl"])
+    fn, placement = _mesh_program(mesh, **static)
+    params_or_shapes = jax.tree.map(
+        lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), params_or_shapes, placement[0]
+    )
+    ids, lengths, key = (
+        jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s) for x, s in zip((ids, lengths, key), placement[1:])
+    )
     start = time.perf_counter()
     compiled = fn.lower(params_or_shapes, ids, lengths, key).compile()
     return compiled, placement, time.perf_counter() - start
@@ -774,23 +787,23 @@ def _mesh_program(mesh: Mesh, **static):
         axis_names=set(mesh.axis_names) if model == 1 else {axis},
         check_vma=False,
     )
-    return jax.jit(fn, in_shardings=placement), placement
+    return jax.jit(fn, in_shardings=placement, compiler_options=COMPILER_OPTIONS), placement
 
 
-@functools.partial(
-    jax.jit,
-    static_argnames=(
-        "config",
-        "max_new_tokens",
-        "compression",
-        "sampling",
-        "attention_impl",
-        "return_debug",
-        "return_logprobs",
-        "top_logprobs",
-        "prefill_rows_per_chunk",
-    ),
+_GENERATE_STATIC = (
+    "config",
+    "max_new_tokens",
+    "compression",
+    "sampling",
+    "attention_impl",
+    "return_debug",
+    "return_logprobs",
+    "top_logprobs",
+    "prefill_rows_per_chunk",
 )
+
+
+@functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
 def _generate(
     params,
     prompt_ids,
@@ -891,3 +904,10 @@ def _generate(
         top_logprobs=best,
         top_token_ids=best_ids,
     )
+
+
+# `generate` called outside any trace: the same program, compiled with COMPILER_OPTIONS (JAX takes
+# compiler options only on the outermost jit, so the nested one above has none).
+_generate_top_level = jax.jit(
+    _generate.__wrapped__, static_argnames=_GENERATE_STATIC, compiler_options=COMPILER_OPTIONS
+)

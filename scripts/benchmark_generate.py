@@ -45,6 +45,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from longflow_jax import (  # noqa: E402
+    COMPILER_OPTIONS,
     CompressionConfig,
     ModelConfig,
     SamplingConfig,
@@ -154,7 +155,8 @@ def run_one(params, config, args, comp, batch, new_tokens, impl, steps):
     prefill_s = time.perf_counter() - t0  # includes compile: informational only
     token = jnp.argmax(logits, -1).astype(jnp.int32)
     t0 = time.perf_counter()
-    compiled = jax.jit(chunk_body, donate_argnums=(1,)).lower(params, cache, token, jnp.int32(0)).compile()
+    compiled = jax.jit(chunk_body, donate_argnums=(1,), compiler_options=COMPILER_OPTIONS)
+    compiled = compiled.lower(params, cache, token, jnp.int32(0)).compile()
     compile_s, chunk_seconds = time.perf_counter() - t0, []
     # What the step needs beside its arguments, printed before the first chunk so that a run that then
     # runs out of memory still shows it, against what `max_batch` budgets a row for it.

@@ -163,8 +163,8 @@ EOF
       | tee "$OUT/thinkv_layer.log" ;;
   step-memory)
     # One short run per RUN (default: Qwen3-4B's int8 group 128 at its equal-memory batch, whose step
-    # needs 11.6 MiB a row of XLA's working memory, mostly merged-weight copies; at 64 rows 0.6), with
-    # XLA's dump of the compiled decode chunk only: what each temporary buffer is.
+    # needed 11.6 MiB a row of XLA's working memory before generate's COMPILER_OPTIONS; at 64 rows it
+    # needs 0.6), with XLA's dump of the compiled decode chunk only: what each temporary buffer is.
     [ $# -gt 0 ] || set -- longflow@int8/128:400:16384:2048:triton:512
     for run in "$@"; do
       dir="$OUT/step_memory/${run//[^A-Za-z0-9]/_}"

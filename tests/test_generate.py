@@ -3,12 +3,14 @@ input errors; the generation controls (penalties against transformers, stop rule
 float reference), compile_generate, and the full cache's blocked reference attention."""
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 from helpers import count_decode_step_traces, make_prompts
+from helpers import generate_module as gen
 
 import longflow_jax as lf
 from longflow_jax.config import CompressionConfig, SamplingConfig
@@ -76,6 +78,53 @@ def test_generate_inside_user_jit(qwen3):
     tokens, _ = user_fn(params, jnp.asarray(ids), jnp.asarray(lengths))
     direct = lf.generate(params, config, ids, lengths, max_new_tokens=10, compression=comp)
     np.testing.assert_array_equal(np.asarray(tokens), np.asarray(direct.tokens))
+
+
+def test_generate_outside_a_trace_compiles_with_the_compiler_options(qwen3, monkeypatch):
+    """Called on arrays, generate runs the top-level program (COMPILER_OPTIONS); inside a user's jit
+    (above) the nested one, as JAX takes compiler options only on the outermost jit."""
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [5, 8])
+    calls = []
+    top_level = gen._generate_top_level
+    monkeypatch.setattr(gen, "_generate_top_level", lambda *a, **k: calls.append(1) or top_level(*a, **k))
+    out = lf.generate(params, config, ids, lengths, max_new_tokens=4)
+    assert calls == [1] and int(out.lengths.min()) == 4
+    assert lf.COMPILER_OPTIONS == {"xla_gpu_dot_merger_threshold_mb": 0}
+
+
+@pytest.mark.gpu
+def test_decode_loop_holds_no_merged_weight_copies():
+    """On a GPU, at a few hundred rows: without COMPILER_OPTIONS XLA merges the q / k / v and the
+    gate / up matmuls over concatenated weights (the precondition, checked), and with them (generate's
+    own program) no weight is concatenated. Two layers of the Qwen3-4B shape at 400 rows, compiled
+    only (no weights allocated)."""
+    config = lf.ModelConfig(
+        model_type="qwen3", vocab_size=1024, hidden_size=2560, intermediate_size=9728, num_layers=2,
+        num_heads=32, num_kv_heads=8, head_dim=128, rms_norm_eps=1e-6, rope_theta=1e6,
+        max_position_embeddings=4096, dtype="bfloat16",
+    )  # fmt: skip
+    options = gen._options(
+        64, CompressionConfig(policy="longflow", budget=32), None, "reference", False, 0, None
+    )
+    shapes = lf.param_shapes(config)
+    merged = ("bf16[2560,19456]", "bf16[2560,6144]")  # gate|up, q|k|v
+
+    def concatenated_weights(compiled):
+        return [
+            line
+            for line in compiled.as_text().splitlines()
+            if "concatenate(" in line and any(m in line for m in merged)
+        ]
+
+    compiled, _, _ = gen._compiled_generate(shapes, config, 400, 16, options)
+    assert concatenated_weights(compiled) == []
+    static = gen._static_options(config, False, **options)
+    ids = jax.ShapeDtypeStruct((400, 16), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((400,), jnp.int32)
+    key = jax.eval_shape(jax.random.PRNGKey, 0)
+    plain = jax.jit(functools.partial(gen._generate, **static)).lower(shapes, ids, lengths, key).compile()
+    assert concatenated_weights(plain), "XLA no longer merges these matmuls: the options may be moot"
 
 
 @pytest.mark.parametrize(
