@@ -53,10 +53,19 @@ COMBINE_MAX_CHUNK = 512
 COMBINE_NUM_WARPS = 4
 
 
+def default_platform() -> str:
+    """The platform a call runs on: `jax.default_device`'s where one is set (e.g. CPU inside
+    `with jax.default_device(cpu)` on a GPU host), else the default backend's."""
+    device = jax.config.jax_default_device
+    if device is None:
+        return jax.default_backend()
+    return device if isinstance(device, str) else device.platform
+
+
 def resolve_backend(backend: str | None) -> str:
     """ "triton" or "mosaic"; None picks from the default device (CPU runs the Triton body interpreted)."""
     if backend is None:
-        return "mosaic" if jax.default_backend() == "tpu" else "triton"
+        return "mosaic" if default_platform() == "tpu" else "triton"
     backend = _BACKEND_ALIASES.get(backend, backend)
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS} (or gpu/tpu), got {backend!r}")
@@ -981,7 +990,7 @@ def longflow_decode_attention(
         raise ValueError("return_importance=True needs compute_evict=True (the importance is the scoring)")
     backend = resolve_backend(backend)
     if interpret is None:
-        interpret = jax.default_backend() != ("gpu" if backend == "triton" else "tpu")
+        interpret = default_platform() != ("gpu" if backend == "triton" else "tpu")
     batch, num_q_heads, head_dim = q.shape
     num_kv_heads, num_slots = k_cache.shape[1], k_cache.shape[2]
     if kv_quant is None:

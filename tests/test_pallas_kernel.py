@@ -163,6 +163,18 @@ def test_matches_reference(request, dtype, head_dim, ratio):
     )
 
 
+def test_a_cpu_default_device_on_an_accelerator_host_runs_interpreted(request, monkeypatch):
+    """Inside `with jax.default_device(cpu)` on a GPU host the call runs on the CPU, so its Pallas body
+    must be interpreted: the default backend alone (here made to say "gpu") would compile it for
+    Triton, which the CPU refuses."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+    with jax.default_device(jax.devices("cpu")[0]):
+        run_and_check(
+            _seed(request), num_q_heads=4, num_kv_heads=2, slots=32, head_dim=64, dtype=jnp.float32,
+            granularities=("sequence",),
+        )  # fmt: skip
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("ratio", [1, 4, 8])
 def test_mosaic_body_matches_reference(request, dtype, ratio):
