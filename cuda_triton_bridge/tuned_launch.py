@@ -63,14 +63,17 @@ F32_NUM_STAGES = 2
 # in registers, so the tile is bounded by registers, not shared memory: at D 128, group 32 this is the
 # largest block with no spill for every kind and epilogue on sm_90 (ptxas).
 # Warps per program and, where the table's row splits by programs per SM, that target, by kind. Measured
-# on the H100 with scoring, C 2048 (docs/BENCHMARKS.md):
-# - int4: 4 warps, B 64: 262 us against 520 with 8; B 16, 2 splits: 87 us against 122 with 1 and 95
-#   with 4.
+# on the H100 with scoring, C 2048 (docs/BENCHMARKS.md, docs/KERNELS.md):
+# - int4: 2 warps. Fewer warps split a block's 64 slots fewer ways, so each slot costs fewer
+#   instructions (offline SASS, group 128: 41 warp instructions a slot against 51 at 4 warps), and the
+#   int4 loop is instruction-bound: group 128, B 64: 112 us against 129 at 4 warps (108 with 2 splits);
+#   B 16: 41.5 against 42.7. 8 warps: 520 us against 262 at 4 (group 32).
 # - int8: 4 warps, B 64: 233 us against 481 with 8; B 16, 4 splits: 74 us against 93 with 1 (4 warps)
-#   and 121 (8 warps, 1 split).
+#   and 121 (8 warps, 1 split). At B 64, group 128, 1 warp with 32-slot blocks takes 129 us against 138,
+#   but 146 with 3 splits (its programs fill 1.45 waves): not a default until timed at more batches.
 # fp8 and int2 are not timed: they keep 8 warps (from the register report) and the row's own target.
 QUANT_BLOCK_C = 64
-QUANT_NUM_WARPS = {"int8": 4, "fp8": 8, "int4": 4, "int2": 8}
+QUANT_NUM_WARPS = {"int8": 4, "fp8": 8, "int4": 2, "int2": 8}
 QUANT_PROGRAMS_PER_SM = {"int8": 4.0, "int4": 2.0}
 NUM_WARPS = 4
 NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
