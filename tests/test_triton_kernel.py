@@ -378,13 +378,13 @@ def test_default_launch_per_batch_and_cache_size():
 
 def test_quantized_launch_defaults():
     # A quantized cache keeps each batch's epilogue, with 64-slot blocks (its codes are unpacked in
-    # registers), 8 warps and the row's split rule, except where timed: int4 and int8 4 warps, and their
+    # registers), 8 warps and the row's split rule, except where timed: int4 2 warps, int8 4, and their
     # own programs-per-SM targets; float32 q keeps its own 32-slot blocks; a launch field wins.
     for kind in quant.KV_QUANT_KINDS:
         for batch, slots in ((1, 2048), (16, 2048), (64, 8192)):
             plain, cfg = resolved(batch, slots), resolved(batch, slots, kv_quant=kind)
             assert cfg.epilogue == plain.epilogue and cfg.xla_launch == plain.xla_launch, (kind, batch)
-            warps = 4 if kind in ("int4", "int8") else 8
+            warps = {"int4": 2, "int8": 4}.get(kind, 8)
             assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (64, warps, tuned_launch.NUM_STAGES)
     # B 16 x Hkv 8 = 128 programs on 132 SMs: the separate epilogue, split to about 2 (int4) and 4 (int8)
     # programs per SM; fp8 and int2 keep the row's one.
@@ -789,14 +789,18 @@ def test_shared_memory_estimate_matches_the_compiled_kernel(
 )
 def test_quantized_kernels_compile_for_sm90_without_spills(compile_plan, kind, batch, epilogue):
     """The default quantized launch at the benchmark's shape (Hq/Hkv 32/8, D 128, group 32): payloads
-    stream through 8- or 16-byte cp.async copies into tensor-core dots, nothing spills, and the
-    shared-memory estimate bounds the compiled kernel (exactly for one-byte codes)."""
+    stream through 8- or 16-byte cp.async copies into tensor-core dots, nothing spills in the slot
+    loop, and the shared-memory estimate bounds the compiled kernel (exactly for one-byte codes).
+    Outside the loop int4's 2-warp launch keeps a few registers on the stack (24 bytes, stored once a
+    program); every other kernel has none."""
     reports = compile_plan(batch, 32, 8, 2048, 128, kv_quant=kind, epilogue=epilogue)
     main = reports[MAIN_KERNEL[epilogue or "separate"]]
     assert {"LDGSTS.E.64", "LDGSTS.E.BYPASS.128"} & set(main["sass_ops"]), main["sass_ops"]
     assert any(op.startswith("HMMA") for op in main["sass_ops"]), main
+    assert not [op for op in main["loop_ops"] if op.startswith(("LDL", "STL"))], main["loop_ops"]
     for name, report in reports.items():
-        assert report["stack_bytes"] == 0 and report["local_bytes"] == 0, (name, report)
+        stack = 32 if kind == "int4" and report is main else 0
+        assert report["stack_bytes"] <= stack and report["local_bytes"] == 0, (name, report)
     cfg = resolved(batch, 2048, LaunchConfig(epilogue=epilogue), kv_quant=kind)
     shape = DecodeShape(batch, 32, 8, 2048, 128, 2, kind, 32)
     estimate = shared_memory_bytes(shape, cfg.block_c, cfg.num_stages)
