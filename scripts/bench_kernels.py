@@ -20,10 +20,6 @@ TB/s and % of the ceiling count the bytes it reads: a quantized column its paylo
 --launch COLUMN:FIELD=VALUE,... (repeatable) adds a Triton column run with those LaunchConfig fields
 (cuda_triton_bridge/config.py) beside the tuned defaults, named COLUMN[FIELD=VALUE,...]: how the launch
 table is tuned, e.g. --launch triton_int4:block_c=32,num_warps=4.
-
---maxnreg N compiles every Triton kernel of the process with PTX's register cap N (Triton's maxnreg
-option, which neither of the library's launch paths passes): what a cap would give, measured against a
-run without it.
 """
 
 from __future__ import annotations
@@ -128,15 +124,6 @@ def load_triton_bridge():
     if not triton_available():
         return None, "triton, jax_triton or a CUDA device is missing"
     return (longflow_decode_attention_triton, init_kernel_state), ""
-
-
-def cap_registers(maxnreg: int) -> None:
-    """Every Triton kernel this process compiles for CUDA from now on gets maxnreg: Triton's option
-    parser, through which jax-triton builds its compile options, is wrapped to add it."""
-    from triton.backends.nvidia.compiler import CUDABackend
-
-    parse = CUDABackend.parse_options
-    CUDABackend.parse_options = lambda self, opts: parse(self, {**opts, "maxnreg": maxnreg})
 
 
 def columns(scale, triton=None, granularity="sequence", launches=()):
@@ -480,7 +467,6 @@ def main(argv=None):
     parser.add_argument(
         "--launch", action="append", default=[], help="TRITON_COLUMN:FIELD=VALUE,... (docstring)"
     )
-    parser.add_argument("--maxnreg", type=int, help="register cap of every Triton kernel (docstring)")
     parser.add_argument("--ceiling-only", action="store_true", help=argparse.SUPPRESS)  # ceiling_in_child
     args = parser.parse_args(argv)
     try:
@@ -489,10 +475,6 @@ def main(argv=None):
             quant.check_kv_quant(kind, args.group, HEAD_DIM)
     except ValueError as e:
         parser.error(str(e))
-    if args.maxnreg is not None:
-        if not 24 <= args.maxnreg <= 255:
-            parser.error(f"--maxnreg must be in [24, 255] (PTX's register cap), got {args.maxnreg}")
-        cap_registers(args.maxnreg)
     if args.ceiling_only:
         measurers = ceiling_measurers(load_triton_bridge()[0] is not None, can_run_torch_cuda())
         print(json.dumps(dataclasses.asdict(measure_ceiling(measurers, args.copy_mb << 20))))
@@ -505,7 +487,6 @@ def main(argv=None):
     timing = f"throughput, {args.queued} executions queued per sync" if args.queued else "latency"
     timing += ", columns interleaved" if args.interleave else ""
     timing += f", the chain run {args.loops} times in a fori_loop" if args.loops > 1 else ""
-    timing += f", Triton kernels capped at {args.maxnreg} registers" if args.maxnreg else ""
     header = f"device: {dev.device_kind} ({dev.platform}), jax {jax.__version__}, {stamp}, timing: {timing}"
     log(header)
     log(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")

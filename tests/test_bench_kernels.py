@@ -304,19 +304,3 @@ def test_main_times_a_quantized_column_on_its_own_sets(tmp_path):
     cells = [c.strip() for c in row.strip("|").split("|")]
     assert cells[4] == f"{bk.kv_bytes(1, 64, 'int8') / 1e6:.0f}"  # the int8 MB column
     assert all(float(c.split(" ")[0]) > 0 and c.endswith("%)") for c in cells[5:7])
-
-
-def test_cap_registers_puts_maxnreg_in_every_cuda_compile_option(monkeypatch):
-    compiler = pytest.importorskip("triton.backends.nvidia.compiler")
-    monkeypatch.setattr(compiler.CUDABackend, "parse_options", compiler.CUDABackend.parse_options)
-    backend = compiler.CUDABackend(compiler.GPUTarget("cuda", 90, 32))
-    assert backend.parse_options({"num_warps": 4}).maxnreg is None
-    bk.cap_registers(128)
-    options = backend.parse_options({"num_warps": 8, "num_stages": 2})
-    assert (options.maxnreg, options.num_warps, options.num_stages) == (128, 8, 2)
-
-
-def test_main_rejects_a_register_cap_ptx_cannot_take(capsys):
-    with pytest.raises(SystemExit):
-        bk.main(["--maxnreg", "300", "--columns", "xla_attn", "--sizes", "1x64"])
-    assert "--maxnreg must be in [24, 255]" in capsys.readouterr().err
