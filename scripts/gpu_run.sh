@@ -36,10 +36,10 @@
 #                        decoding through the kernel leaves the reference's, and why
 #   thinkv-layer [ARGS]  scripts/bench_thinkv_layer.py through Triton (default: B 64, budget 2048, Qwen3-4B's
 #                        36 layers with 4 in L*): one ThinKV layer of each kind against LongFlow's
-#   step-memory [RUN...] XLA's memory report and buffer assignment of the compiled decode chunk, one short
-#                        benchmark_generate run each (MODEL, default qwen3-4b; prompt pass in 64-row
-#                        slices): which temporaries the step holds (default: int8 group 128 at 400 rows,
-#                        where the merged-weight copies showed, docs/BENCHMARKS.md)
+#   step-memory [RUN...] XLA's memory reports and buffer assignments of the compiled decode chunk and prompt
+#                        pass, one short benchmark_generate run each (MODEL, default qwen3-4b; prompt pass
+#                        in 64-row slices): which temporaries they hold (default: int8 group 128 at 400
+#                        rows, where the merged-weight copies showed, docs/BENCHMARKS.md)
 # The Triton kernel needs jax-triton: carry [".whl"] holding its wheel (docs/DEVICE.md).
 set -uo pipefail
 stage=${1:?usage: gpu_run.sh tests|kernels|generate|equal-memory|fidelity CKPT PROBLEMS|ab OLD_TREE|profile|drift|thinkv-layer|step-memory [ARGS...]}
@@ -164,13 +164,14 @@ EOF
   step-memory)
     # One short run per RUN (default: Qwen3-4B's int8 group 128 at its equal-memory batch, whose step
     # needed 11.6 MiB a row of XLA's working memory before generate's COMPILER_OPTIONS; at 64 rows it
-    # needs 0.6), with XLA's dump of the compiled decode chunk only: what each temporary buffer is.
+    # needs 0.6), with XLA's dump of the compiled decode chunk and prompt pass only: what each
+    # temporary buffer is.
     [ $# -gt 0 ] || set -- longflow@int8/128:400:16384:2048:triton:512
     for run in "$@"; do
       dir="$OUT/step_memory/${run//[^A-Za-z0-9]/_}"
       mkdir -p "$dir/dump"
       XLA_PYTHON_CLIENT_MEM_FRACTION=${XLA_PYTHON_CLIENT_MEM_FRACTION:-0.95} \
-        XLA_FLAGS="--xla_dump_to=$dir/dump --xla_dump_hlo_module_re=jit_chunk_body --xla_dump_hlo_as_text ${XLA_FLAGS:-}" \
+        XLA_FLAGS="--xla_dump_to=$dir/dump --xla_dump_hlo_module_re=jit_chunk_body|jit_prefill_fn --xla_dump_hlo_as_text ${XLA_FLAGS:-}" \
         timeout "$((limit / $#))" python3 scripts/benchmark_generate.py --model "${MODEL:-qwen3-4b}" \
         --prefill-rows 64 --runs "$run" 2>&1 | grep -v Warning | grep -E "working set|tok/s, " | tee "$dir/run.log"
       # The reports, not the HLO text: the largest allocations and every buffer's assignment.
