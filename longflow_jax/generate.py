@@ -803,7 +803,6 @@ _GENERATE_STATIC = (
 )
 
 
-@functools.partial(jax.jit, static_argnames=_GENERATE_STATIC)
 def _generate(
     params,
     prompt_ids,
@@ -906,8 +905,7 @@ def _generate(
     )
 
 
-# `generate` called outside any trace: the same program, compiled with COMPILER_OPTIONS (JAX takes
-# compiler options only on the outermost jit, so the nested one above has none).
-_generate_top_level = jax.jit(
-    _generate.__wrapped__, static_argnames=_GENERATE_STATIC, compiler_options=COMPILER_OPTIONS
-)
+# `generate` called outside any trace, and `compile_generate`: `_generate` as its own program, with
+# COMPILER_OPTIONS. Inside a caller's trace `generate` calls `_generate` itself, whose ops join the
+# caller's program (JAX takes compiler options only on the outermost jit).
+_generate_top_level = jax.jit(_generate, static_argnames=_GENERATE_STATIC, compiler_options=COMPILER_OPTIONS)

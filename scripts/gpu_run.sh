@@ -162,10 +162,9 @@ EOF
     timeout "$limit" python3 scripts/bench_thinkv_layer.py --impl triton "$@" 2>&1 | grep -v Warning \
       | tee "$OUT/thinkv_layer.log" ;;
   step-memory)
-    # One short run per RUN (default: Qwen3-4B's int8 group 128 at its equal-memory batch, whose step
-    # needed 11.6 MiB a row of XLA's working memory before generate's COMPILER_OPTIONS; at 64 rows it
-    # needs 0.6), with XLA's dump of the compiled decode chunk and prompt pass only: what each
-    # temporary buffer is.
+    # One short run per RUN (default: Qwen3-4B's int8 group 128 at its equal-memory batch, where XLA's
+    # merged-weight copies showed without COMPILER_OPTIONS; docs/BENCHMARKS.md), with XLA's dump of the
+    # compiled decode chunk and prompt pass only: what each temporary buffer is.
     [ $# -gt 0 ] || set -- longflow@int8/128:400:16384:2048:triton:512
     for run in "$@"; do
       dir="$OUT/step_memory/${run//[^A-Za-z0-9]/_}"

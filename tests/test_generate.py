@@ -82,7 +82,7 @@ def test_generate_inside_user_jit(qwen3):
 
 def test_generate_outside_a_trace_compiles_with_the_compiler_options(qwen3, monkeypatch):
     """Called on arrays, generate runs the top-level program (COMPILER_OPTIONS); inside a user's jit
-    (above) the nested one, as JAX takes compiler options only on the outermost jit."""
+    (above) its ops join the user's program, as JAX takes compiler options only on the outermost jit."""
     config, params = qwen3
     ids, lengths = make_prompts(config, [5, 8])
     calls = []
