@@ -17,6 +17,7 @@ from longflow_jax.kv_cache import (
     occupancy,
     write_token,
 )
+from pallas_kernels import quant
 
 BATCH, PROMPT, KV_HEADS, HEAD_DIM, CAPACITY = 2, 9, 2, 3, 7
 
@@ -57,6 +58,33 @@ def test_layer_from_kept_gathers_kept_positions_then_empty_slots(groups):
     np.testing.assert_array_equal(np.asarray(layer.evict_slot), (kept >= 0).sum(-1))  # first empty slot
     np.testing.assert_array_equal(np.asarray(layer.score), np.zeros((BATCH, groups, CAPACITY)))
     assert layer.capacity == CAPACITY and layer.slot_pos.dtype == jnp.int32
+
+
+@pytest.mark.parametrize("kv_quant", ["int8", "fp8", "int4", "int2"])
+@pytest.mark.parametrize("groups", [1, KV_HEADS])
+def test_layer_from_kept_quantized_equals_quantizing_the_gathered_slots(kv_quant, groups):
+    """The prompt is quantized before its tokens are gathered into slots: the buffer must equal the
+    slots gathered in numpy (empty ones zero), keys rotated, then quantized as a whole."""
+    head_dim, group = 32, 16
+    rng = np.random.default_rng(3)
+    shape = (BATCH, PROMPT, KV_HEADS, head_dim)
+    k_seq, v_seq = (jnp.asarray(rng.standard_normal(shape), jnp.bfloat16) for _ in "kv")
+    kept = _kept(groups)
+    layer = layer_from_kept(k_seq, v_seq, jnp.asarray(kept), CAPACITY, kv_quant, group)
+    slots = {name: np.zeros((BATCH, KV_HEADS, CAPACITY, head_dim), np.float32) for name in "kv"}
+    for b in range(BATCH):
+        for h in range(KV_HEADS):
+            for j, p in enumerate(kept[b, 0 if groups == 1 else h]):
+                if p >= 0:
+                    slots["k"][b, h, j] = np.asarray(k_seq, np.float32)[b, p, h]
+                    slots["v"][b, h, j] = np.asarray(v_seq, np.float32)[b, p, h]
+    k_slots, v_slots = (jnp.asarray(slots[name], jnp.bfloat16) for name in "kv")
+    k_payload, v_payload, side = quant.quantize_kv(quant.hadamard_rotate(k_slots), v_slots, kv_quant, group)
+    want = dict(k=k_payload, v=v_payload, **side._asdict())
+    for name, x in want.items():
+        if x is not None:
+            np.testing.assert_array_equal(np.asarray(getattr(layer, name)), np.asarray(x), err_msg=name)
+    assert layer.kv_quant == kv_quant and layer.kv_quant_group == group
 
 
 def test_layer_from_kept_needs_a_free_slot():
