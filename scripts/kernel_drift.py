@@ -34,6 +34,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."
 
 import longflow_jax as lf  # noqa: E402
 from longflow_jax import policies, sharding  # noqa: E402
+from longflow_jax.attention import with_kernel_state  # noqa: E402
 from longflow_jax.config import CompressionConfig  # noqa: E402
 from longflow_jax.convert import convert  # noqa: E402
 from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts  # noqa: E402
@@ -107,10 +108,15 @@ def importance_gap(step_args, comp, want_evict, got_evict) -> float | None:
 
 def drift(params, config, comp, impl, ids, lengths, steps):
     """One prompt set: {"generate_equal", "first_argmax", "first_evict", "first_stored", "stored",
-    "max_dlogits", "evict_gap", "cpu_sides_with"}; a "first_*" is the step of the first difference of
-    that kind, or None; "evict_gap" is that step's `importance_gap`; "cpu_sides_with" (on an
-    accelerator, at first_evict) says per CPU path ("reference", "pallas") whether its evict slots equal
-    the accelerator reference's ("reference"), IMPL's ("kernel") or neither."""
+    "max_dlogits", "evict_gap", "cpu_sides_with", "fresh_state_sides_with", "first_state_left"}; a
+    "first_*" is the step of the first difference of that kind, or None; "evict_gap" is that step's
+    `importance_gap`; "cpu_sides_with" (on an accelerator, at first_evict) says per CPU path
+    ("reference", "pallas") whether its evict slots equal the accelerator reference's ("reference"),
+    IMPL's ("kernel") or neither; "fresh_state_sides_with" says the same of IMPL's step rerun at
+    first_evict with a new kernel state (Triton's tickets; None for a path without one): the other
+    checks start every step from a new state, a free run carries the state the last step returned;
+    "first_state_left" is the first step whose returned kernel state is not all zero (every call must
+    hand its tickets back at zero)."""
     with jax.default_matmul_precision("highest"):
         run = functools.partial(
             lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
@@ -130,6 +136,8 @@ def drift(params, config, comp, impl, ids, lengths, steps):
             max_dlogits=0.0,
             evict_gap=None,
             cpu_sides_with={},
+            fresh_state_sides_with=None,
+            first_state_left=None,
         )
         for t in range(1, steps):
             positions = jnp.asarray(lengths) + t - 1
@@ -144,18 +152,21 @@ def drift(params, config, comp, impl, ids, lengths, steps):
             ):
                 found["first_argmax"] = t
             want_evict, got_evict = evict_slots(want_cache), evict_slots(got_cache)
+            states = [layer.kernel_state for layer in got_cache.layers if layer.kernel_state is not None]
+            if found["first_state_left"] is None and any(bool(jnp.any(x != 0)) for x in states):
+                found["first_state_left"] = t
             if found["first_evict"] is None and not _same(want_evict, got_evict):
                 found["first_evict"] = t
                 found["evict_gap"] = importance_gap(args, comp, want_evict, got_evict)
                 if jax.default_backend() != "cpu":
                     found["cpu_sides_with"] = {
-                        path: "reference"
-                        if _same(e, want_evict)
-                        else "kernel"
-                        if _same(e, got_evict)
-                        else "neither"
+                        path: _sides_with(e, want_evict, got_evict)
                         for path, e in replay_on_cpu(step, args, comp).items()
                     }
+                if states:
+                    fresh = (params, config, with_kernel_state(cache, impl), *args[3:])
+                    e = evict_slots(step(*fresh, compression=comp, attention_impl=impl)[1])
+                    found["fresh_state_sides_with"] = _sides_with(e, want_evict, got_evict)
             differences = stored_byte_differences(want_cache, got_cache)
             if differences and found["first_stored"] is None:
                 found["first_stored"], found["stored"] = t, differences
@@ -165,6 +176,10 @@ def drift(params, config, comp, impl, ids, lengths, steps):
 
 def _same(a: list, b: list) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
+
+
+def _sides_with(evict: list, reference: list, kernel: list) -> str:
+    return "reference" if _same(evict, reference) else "kernel" if _same(evict, kernel) else "neither"
 
 
 def main(argv=None) -> list[dict]:
@@ -195,6 +210,10 @@ def main(argv=None) -> list[dict]:
             f"; on the CPU {path} sides with the {side}" for path, side in r["cpu_sides_with"].items()
         )
         gap = "" if r["evict_gap"] is None else f" (importance gap {r['evict_gap']:.1e})"
+        if r["fresh_state_sides_with"] is not None:
+            cpu += f"; {args.impl} with a new kernel state sides with the {r['fresh_state_sides_with']}"
+        if r["first_state_left"] is not None:
+            cpu += f"; {args.impl}'s kernel state first left nonzero at step {r['first_state_left']}"
         print(
             f"prompt set {seed}: generate equal {r['generate_equal']}; stepping {args.impl}'s own cache, the "
             f"first step with a different argmax {r['first_argmax']}, evict slot {r['first_evict']}{gap}, "

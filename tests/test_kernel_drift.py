@@ -34,6 +34,7 @@ def test_pallas_follows_the_reference_step_for_step_at_fp8():
     assert r["generate_equal"]
     assert r["first_argmax"] is None and r["first_evict"] is None and r["stored"] == {}
     assert r["max_dlogits"] < 1e-4
+    assert r["fresh_state_sides_with"] is None and r["first_state_left"] is None  # Pallas keeps no state
 
 
 def test_replay_on_cpu_gives_each_paths_evict_slots_from_the_same_inputs():

@@ -47,20 +47,27 @@ def test_pallas_generate_matches_reference(qwen3, comp):
     _same_tokens(params, config, "pallas", comp)
 
 
-def _step(params, config, cache, tokens, positions, comp, impl, max_new_tokens):
-    """(logits, new cache) of one decode step through `impl` from a prefilled cache."""
+def _step(params, config, cache, tokens, positions, comp, impl, max_new_tokens, kernel_state=None):
+    """(logits, new cache) of one decode step through `impl` from a prefilled cache: with a new kernel
+    state, or with `kernel_state` (per layer) as a previous step returned it."""
     gen = generate_module
     cache = gen.ready_to_decode(cache, comp, impl, max_new_tokens)
+    if kernel_state is not None:
+        cache = cache.replace(
+            layers=[layer.replace(kernel_state=s) for layer, s in zip(cache.layers, kernel_state)]
+        )
     logits, cache, _ = gen.decode_step(
         params, config, cache, tokens, positions, jax.random.key(0), compression=comp, attention_impl=impl
     )
     return logits, cache
 
 
-def _same_steps(params, config, impl, comp, steps=12):
+def _same_steps(params, config, impl, comp, steps=12, carry_state=False):
     """Every step starts from the reference's own cache, fed the same random tokens: the kernel path's
     logits and next evict slots against the reference step's. Unlike a free-running comparison, a last-bit
-    difference cannot grow into a different cache (an fp8 code rounded the other way) over the steps."""
+    difference cannot grow into a different cache (an fp8 code rounded the other way) over the steps.
+    carry_state: the kernel path gets the kernel state its previous step returned, as `generate` runs
+    it, instead of a new one each step."""
     gen = generate_module
     ids, lengths = make_prompts(config, [5, 14, 9], seed=1)
     rng = np.random.default_rng(2)
@@ -69,17 +76,20 @@ def _same_steps(params, config, impl, comp, steps=12):
         capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
         cache, _ = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
         cache = sharding.split_kv_heads(cache)
+        state = None  # the kernel path's state for the next step: new unless carry_state
         for step in range(steps):
             tokens = jnp.asarray(rng.integers(1, config.vocab_size, len(lengths)), jnp.int32)
             positions = jnp.asarray(lengths) + step
             want_logits, want = _step(params, config, cache, tokens, positions, comp, "reference", steps)
-            got_logits, got = _step(params, config, cache, tokens, positions, comp, impl, steps)
+            got_logits, got = _step(params, config, cache, tokens, positions, comp, impl, steps, state)
             np.testing.assert_allclose(np.asarray(got_logits), np.asarray(want_logits), rtol=0, atol=1e-4)
             for layer, (a, b) in enumerate(zip(want.layers, got.layers)):
                 np.testing.assert_array_equal(
                     np.asarray(b.evict_slot), np.asarray(a.evict_slot), err_msg=f"step {step}, layer {layer}"
                 )
             cache = want
+            if carry_state:
+                state = [layer.kernel_state for layer in got.layers]
 
 
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
@@ -108,6 +118,15 @@ def _triton_longflow(granularity, kv_quant):
 def test_triton_step_matches_reference(qwen3, granularity, kv_quant):
     config, params = qwen3
     _same_steps(params, config, "triton", _triton_longflow(granularity, kv_quant))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("kv_quant", [None, "fp8"])
+@pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
+def test_triton_steps_match_reference_carrying_the_kernel_state(qwen3, granularity, kv_quant):
+    # As generate runs it: each step's kernel state is the one the step before returned.
+    config, params = qwen3
+    _same_steps(params, config, "triton", _triton_longflow(granularity, kv_quant), carry_state=True)
 
 
 # fp8 is checked step by step above. Run free, its greedy tokens through the Triton kernel left the

@@ -934,6 +934,7 @@ INTERPRETER_CASES = [
     # kernel state through a second call.
     _case("int8-f32", F32, (4, 8, 2, 100, 64), kv_quant="int8", block_c=32, num_splits=2),
     _case("int4-f32-kvhead", F32, (4, 8, 2, 100, 64), kv_quant="int4", **COOP, **KV_HEAD, num_splits=2),
+    _case("fp8-f32-kvhead", F32, (4, 8, 2, 100, 64), kv_quant="fp8", quant_group=16, **FUSED, **KV_HEAD),
     _case("int4-noevict", BF16, (3, 8, 2, 100, 64), kv_quant="int4", **NO_EVICT, **FUSED, num_splits=2),
     _case("int8-kvlen", F16, (4, 8, 2, 100, 64),
           "all", kv_quant="int8", block_c=32, num_splits=3, kv_len=[0, 1, 70, 100]),
@@ -1467,6 +1468,9 @@ QUANT_MATCH_CASES = [
     for dtype in ("bfloat16", "float16")
     for granularity in ("sequence", "kv_head")
 ] + [(kind, "float32", "sequence") for kind in ("int4", "int2")]  # no PTX unpacking for f32 q
+# float32 q at kv_head granularity: the setting in which `scripts/kernel_drift.py` (a float32 model,
+# fp8) found Triton's evict slot apart from the reference's on an H100.
+QUANT_MATCH_CASES += [(kind, "float32", "kv_head") for kind in quant.KV_QUANT_KINDS]
 
 
 @pytest.mark.parametrize("kind, dtype, granularity", QUANT_MATCH_CASES)
