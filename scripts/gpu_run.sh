@@ -156,7 +156,8 @@ EOF
       grep -q "Duration" "$OUT/ncu_$column.txt" || tail -5 "$OUT/ncu_$column.txt"
     done ;;
   drift)
-    timeout "$limit" python3 scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head "$@" 2>&1 \
+    timeout "$limit" python3 scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head \
+      --dump "$OUT/drift_inputs" "$@" 2>&1 \
       | grep -v Warning | tee "$OUT/kernel_drift.log" ;;
   thinkv-layer)
     timeout "$limit" python3 scripts/bench_thinkv_layer.py --impl triton "$@" 2>&1 | grep -v Warning \

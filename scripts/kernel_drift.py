@@ -33,11 +33,12 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 import longflow_jax as lf  # noqa: E402
-from longflow_jax import policies, sharding  # noqa: E402
+from longflow_jax import attention, policies, sharding  # noqa: E402
 from longflow_jax.attention import with_kernel_state  # noqa: E402
 from longflow_jax.config import CompressionConfig  # noqa: E402
 from longflow_jax.convert import convert  # noqa: E402
 from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts  # noqa: E402
+from pallas_kernels import reference  # noqa: E402
 
 gen = importlib.import_module("longflow_jax.generate")
 
@@ -106,7 +107,70 @@ def importance_gap(step_args, comp, want_evict, got_evict) -> float | None:
     return float(max(gaps)) if gaps else None
 
 
-def drift(params, config, comp, impl, ids, lengths, steps):
+def kernel_calls(step_args, comp, impl) -> list[tuple]:
+    """Each layer's kernel call of IMPL's step from step_args, run eagerly: [(args, kwargs, outputs)]."""
+    calls, original = [], attention._kernel
+
+    def recording_kernel(name):
+        kernel = original(name)
+
+        def call(*a, **kw):
+            out = kernel(*a, **kw)
+            calls.append((a, kw, out))
+            return out
+
+        return call
+
+    attention._kernel = recording_kernel
+    try:
+        with jax.disable_jit():
+            gen.decode_step(*step_args, compression=comp, attention_impl=impl)
+    finally:
+        attention._kernel = original
+    return calls
+
+
+def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
+    """The step's kernel calls one by one against the jnp reference on the same inputs (q in the keys'
+    basis, payloads, scales): per layer whose evict slots differ, a line with the kernel's and the
+    reference's slots, the kernel's again without its kv_len bound, and kv_len against the valid slots
+    (the kernel reads only below kv_len: filled slots must be a prefix). With dump_dir, each such call's
+    inputs go to layer_N.npz there, a reproducer for a kernel test."""
+    lines = []
+    for i, (a, kw, out) in enumerate(kernel_calls(step_args, comp, impl)):
+        q, k, v, valid = a[:4]
+        ref_kw = {name: kw[name] for name in ("scale", "granularity", "kv_quant", "kv_scales") if name in kw}
+        _, want = reference.longflow_decode_attention_reference(q, k, v, valid, **ref_kw)
+        got = np.asarray(out[1])
+        if np.array_equal(got, np.asarray(want)):
+            continue
+        unbounded = {name: x for name, x in kw.items() if name not in ("kv_len", "kernel_state")}
+        no_len = np.asarray(attention._kernel(impl)(q, k, v, valid, **unbounded)[1])
+        kv_len = np.asarray(kw.get("kv_len")) if kw.get("kv_len") is not None else None
+        last_valid = [int(np.max(np.nonzero(row)[0], initial=-1)) + 1 for row in np.asarray(valid)]
+        lines.append(
+            f"layer {i}: kernel evict {got.tolist()}, reference {np.asarray(want).tolist()}, kernel without "
+            f"kv_len {no_len.tolist()}; kv_len {None if kv_len is None else kv_len.tolist()}, one past the "
+            f"last valid slot {last_valid}, valid slots {np.asarray(valid).sum(-1).tolist()}"
+        )
+        if dump_dir:
+            scales = kw.get("kv_scales")
+            arrays = dict(q=q, k=k, v=v, valid=valid, kernel_evict=got, reference_evict=want)
+            if kv_len is not None:
+                arrays["kv_len"] = kv_len
+            if scales is not None:
+                arrays.update({f"scale_{n}": x for n, x in scales._asdict().items() if x is not None})
+            np.savez(
+                os.path.join(dump_dir, f"layer_{i}.npz"),
+                scale=kw["scale"],
+                granularity=kw["granularity"],
+                kv_quant=str(kw.get("kv_quant")),
+                **{n: np.asarray(x) for n, x in arrays.items()},
+            )
+    return lines
+
+
+def drift(params, config, comp, impl, ids, lengths, steps, dump_dir=None):
     """One prompt set: {"generate_equal", "first_argmax", "first_evict", "first_stored", "stored",
     "max_dlogits", "evict_gap", "cpu_sides_with", "fresh_state_sides_with", "first_state_left"}; a
     "first_*" is the step of the first difference of that kind, or None; "evict_gap" is that step's
@@ -116,7 +180,8 @@ def drift(params, config, comp, impl, ids, lengths, steps):
     first_evict with a new kernel state (Triton's tickets; None for a path without one): the other
     checks start every step from a new state, a free run carries the state the last step returned;
     "first_state_left" is the first step whose returned kernel state is not all zero (every call must
-    hand its tickets back at zero)."""
+    hand its tickets back at zero); "isolated" (on an accelerator, at first_evict) has `isolate`'s lines
+    for that step (dump_dir: where it saves the differing calls' inputs)."""
     with jax.default_matmul_precision("highest"):
         run = functools.partial(
             lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
@@ -138,6 +203,7 @@ def drift(params, config, comp, impl, ids, lengths, steps):
             cpu_sides_with={},
             fresh_state_sides_with=None,
             first_state_left=None,
+            isolated=[],
         )
         for t in range(1, steps):
             positions = jnp.asarray(lengths) + t - 1
@@ -163,6 +229,11 @@ def drift(params, config, comp, impl, ids, lengths, steps):
                         path: _sides_with(e, want_evict, got_evict)
                         for path, e in replay_on_cpu(step, args, comp).items()
                     }
+                if jax.default_backend() != "cpu":
+                    try:  # a diagnosis that fails must not take the rest of the run with it
+                        found["isolated"] = isolate(args, comp, impl, dump_dir)
+                    except Exception as e:  # noqa: BLE001
+                        found["isolated"] = [f"failed: {type(e).__name__}: {str(e)[:300]}"]
                 if states:
                     fresh = (params, config, with_kernel_state(cache, impl), *args[3:])
                     e = evict_slots(step(*fresh, compression=comp, attention_impl=impl)[1])
@@ -191,6 +262,9 @@ def main(argv=None) -> list[dict]:
     ap.add_argument("--group", type=int, default=16, help="kv_quant_group (the tiny model's head dim is 16)")
     ap.add_argument("--steps", type=int, default=24)
     ap.add_argument("--seeds", type=int, default=6, help="prompt sets (3 rows of 5, 14 and 9 tokens each)")
+    ap.add_argument(
+        "--dump", help="save the inputs of the kernel calls that disagree here (set_N/layer_M.npz)"
+    )
     args = ap.parse_args(argv)
     root = tempfile.mkdtemp(prefix="kernel_drift_")
     convert(make_tiny_hf_checkpoint(os.path.join(root, "hf"), "qwen3"), os.path.join(root, "lf"))
@@ -203,7 +277,11 @@ def main(argv=None) -> list[dict]:
     results = []
     for seed in range(args.seeds):
         ids, lengths = random_prompts(config.vocab_size, [5, 14, 9], seed)
-        r = drift(params, config, comp, args.impl, ids, lengths, args.steps)
+        dump_dir = None
+        if args.dump:
+            dump_dir = os.path.join(args.dump, f"set_{seed}")
+            os.makedirs(dump_dir, exist_ok=True)
+        r = drift(params, config, comp, args.impl, ids, lengths, args.steps, dump_dir)
         results.append(r)
         stored = f"{r['first_stored']} {r['stored']}" if r["stored"] else "None"
         cpu = "".join(
@@ -220,6 +298,8 @@ def main(argv=None) -> list[dict]:
             f"stored K/V {stored}{cpu}; largest |logits difference| {r['max_dlogits']:.1e}",
             flush=True,
         )
+        for line in r["isolated"]:
+            print(f"  that step's kernel calls alone: {line}", flush=True)
     return results
 
 

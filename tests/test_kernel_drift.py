@@ -87,3 +87,50 @@ def test_replay_on_cpu_gives_each_paths_evict_slots_from_the_same_inputs():
     assert kernel_drift._same(got["reference"], want) and kernel_drift._same(got["pallas"], want)
     # Full slots and fresh evict choices: not every layer and head evicts slot 0 (the prefill's start).
     assert any(np.any(e != 0) for e in want)
+
+
+def test_isolate_names_the_kernel_calls_that_disagree_and_saves_their_inputs(tmp_path, monkeypatch):
+    import jax
+    import jax.numpy as jnp
+
+    import longflow_jax as lf
+    from longflow_jax import attention, sharding
+    from longflow_jax.config import CompressionConfig
+    from longflow_jax.convert import convert
+    from longflow_jax.testing import make_tiny_hf_checkpoint, random_prompts
+
+    gen = kernel_drift.gen
+    convert(make_tiny_hf_checkpoint(str(tmp_path / "hf"), "qwen3"), str(tmp_path / "lf"))
+    config, params = lf.load(str(tmp_path / "lf"))
+    comp = CompressionConfig(
+        policy="longflow", budget=8, granularity="kv_head", kv_quant="fp8", kv_quant_group=16
+    )
+    ids, lengths = random_prompts(config.vocab_size, [5, 14, 9], 1)
+    cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, 8)
+    cache = sharding.split_kv_heads(cache)
+    token = jnp.argmax(logits, -1).astype(jnp.int32)
+    args = (params, config, cache, token, jnp.asarray(lengths), jax.random.key(0))
+    with jax.default_matmul_precision("highest"):
+        assert kernel_drift.isolate(args, comp, "pallas") == []  # the Pallas kernel agrees on every call
+
+        real = attention._kernel
+
+        def off_by_one(name):  # a kernel whose evict slot is the next slot over
+            kernel = real(name)
+
+            def call(q, k, v, valid, **kw):
+                out, evict = kernel(q, k, v, valid, **kw)
+                return out, (evict + 1) % k.shape[2]
+
+            return call
+
+        monkeypatch.setattr(attention, "_kernel", off_by_one)
+        dump = tmp_path / "dump"
+        dump.mkdir()
+        lines = kernel_drift.isolate(args, comp, "pallas", str(dump))
+    assert len(lines) == config.num_layers
+    assert lines[0].startswith("layer 0: kernel evict") and "kv_len [" in lines[0]
+    saved = np.load(dump / "layer_0.npz")
+    np.testing.assert_array_equal(saved["kernel_evict"], (saved["reference_evict"] + 1) % saved["k"].shape[2])
+    assert str(saved["kv_quant"]) == "fp8" and saved["q"].shape[1] == config.num_heads
+    assert {"scale_k_scale", "scale_v_scale", "scale_v_norm", "kv_len", "valid"} <= set(saved.files)
