@@ -232,7 +232,7 @@ def drift(params, config, comp, impl, ids, lengths, steps, dump_dir=None):
                 if jax.default_backend() != "cpu":
                     try:  # a diagnosis that fails must not take the rest of the run with it
                         found["isolated"] = isolate(args, comp, impl, dump_dir)
-                    except Exception as e:  # noqa: BLE001
+                    except Exception as e:
                         found["isolated"] = [f"failed: {type(e).__name__}: {str(e)[:300]}"]
                 if states:
                     fresh = (params, config, with_kernel_state(cache, impl), *args[3:])
