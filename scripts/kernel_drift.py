@@ -130,6 +130,28 @@ def kernel_calls(step_args, comp, impl) -> list[tuple]:
     return calls
 
 
+def launch_sides(impl, inputs, kw, want) -> str:
+    """For the Triton kernel: which launches (each epilogue, through jax-triton and XLA's own Triton
+    call) give the reference's evict slots on these inputs: "; launches agreeing: ..., not: ..."."""
+    if impl != "triton":
+        return ""
+    from cuda_triton_bridge import LaunchConfig
+    from cuda_triton_bridge.config import EPILOGUES
+
+    agree, disagree = [], []
+    for epilogue in EPILOGUES:
+        for xla_launch in (False, True):
+            name = f"{epilogue}{'/xla' if xla_launch else ''}"
+            try:
+                launch = LaunchConfig(epilogue=epilogue, xla_launch=xla_launch)
+                evict = attention._kernel(impl)(*inputs, launch=launch, **kw)[1]
+            except Exception as e:  # a launch this shape cannot take
+                disagree.append(f"{name} ({type(e).__name__})")
+                continue
+            (agree if np.array_equal(np.asarray(evict), np.asarray(want)) else disagree).append(name)
+    return f"; launches agreeing: {', '.join(agree) or 'none'}, not: {', '.join(disagree) or 'none'}"
+
+
 def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
     """The step's kernel calls one by one against the jnp reference on the same inputs (q in the keys'
     basis, payloads, scales): per layer whose evict slots differ, a line with the kernel's and the
@@ -152,6 +174,7 @@ def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
             f"layer {i}: kernel evict {got.tolist()}, reference {np.asarray(want).tolist()}, kernel without "
             f"kv_len {no_len.tolist()}; kv_len {None if kv_len is None else kv_len.tolist()}, one past the "
             f"last valid slot {last_valid}, valid slots {np.asarray(valid).sum(-1).tolist()}"
+            + launch_sides(impl, (q, k, v, valid), unbounded, want)
         )
         if dump_dir:
             scales = kw.get("kv_scales")

@@ -134,8 +134,11 @@ def test_triton_steps_match_reference_carrying_the_kernel_state(qwen3, granulari
 # (logits within 5e-6, the same evict slots, also when each step gets the kernel state the last one
 # returned). At the first differing step of a free run the kernel picks a slot whose importance is
 # 1e-4 to 1e-2 above the minimum, with a new kernel state too, where the CPU reference and Pallas side
-# with the GPU reference: a kernel fault on some inputs, not yet pinned down
-# (`scripts/kernel_drift.py --dump` saves that step's disagreeing kernel calls).
+# with the GPU reference: a kernel fault on some inputs, not yet pinned down. Triton's interpreter (the
+# same kernel code, numpy arithmetic) agrees with the reference at every call of that run's first 13
+# steps on the CPU, so the fault is in what only the GPU runs: the PTX paths, the epilogues' concurrency
+# or the compiled arithmetic (`scripts/kernel_drift.py --dump` saves the disagreeing calls and says which
+# launches agree).
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "granularity, kv_quant", [("sequence", None), ("kv_head", None), ("sequence", "int8")]
