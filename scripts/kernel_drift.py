@@ -166,7 +166,8 @@ def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
         got = np.asarray(out[1])
         if np.array_equal(got, np.asarray(want)):
             continue
-        unbounded = {name: x for name, x in kw.items() if name not in ("kv_len", "kernel_state")}
+        stateless = {name: x for name, x in kw.items() if name != "kernel_state"}
+        unbounded = {name: x for name, x in stateless.items() if name != "kv_len"}
         no_len = np.asarray(attention._kernel(impl)(q, k, v, valid, **unbounded)[1])
         kv_len = np.asarray(kw.get("kv_len")) if kw.get("kv_len") is not None else None
         last_valid = [int(np.max(np.nonzero(row)[0], initial=-1)) + 1 for row in np.asarray(valid)]
@@ -174,7 +175,7 @@ def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
             f"layer {i}: kernel evict {got.tolist()}, reference {np.asarray(want).tolist()}, kernel without "
             f"kv_len {no_len.tolist()}; kv_len {None if kv_len is None else kv_len.tolist()}, one past the "
             f"last valid slot {last_valid}, valid slots {np.asarray(valid).sum(-1).tolist()}"
-            + launch_sides(impl, (q, k, v, valid), unbounded, want)
+            + launch_sides(impl, (q, k, v, valid), stateless, want)
         )
         if dump_dir:
             scales = kw.get("kv_scales")
