@@ -15,6 +15,10 @@ disagrees with three implementations (a kernel fault); if they side with the ker
 scores of the two slots tie within float32 rounding and the path a run takes depends on summation order.
 
   python scripts/kernel_drift.py --impl triton --kv-quant fp8 --granularity kv_head --seeds 6
+
+--impl triton-interpreter runs no drift: on the CPU, Triton's interpreter (the kernels' own code in
+numpy) takes every kernel call of the reference's own run, and the first call whose evict slots differ
+from the reference's is printed (needs triton and torch).
 """
 
 from __future__ import annotations
@@ -269,6 +273,35 @@ def drift(params, config, comp, impl, ids, lengths, steps, dump_dir=None):
     return dict(generate_equal=bool(np.array_equal(want, got)), **found)
 
 
+def interpreter_replay(params, config, comp, ids, lengths, steps) -> dict | None:
+    """Triton's CPU interpreter (tests/triton_interpret.py: the kernels' own code in numpy, with the
+    launch plan of a 132-SM GPU) on every kernel call of the reference's own greedy run, against the
+    reference on the same inputs: the first {"step", "layer", "interpreter", "reference"} whose evict
+    slots differ, or None. TRITON_INTERPRET=1 must be set before triton is first imported (`main` does
+    it for --impl triton-interpreter); needs triton and torch."""
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests"))
+    import triton_interpret
+
+    with jax.default_matmul_precision("highest"):
+        comp = gen.effective_compression(comp, ids.shape[1], steps)
+        capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
+        cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
+        cache = sharding.split_kv_heads(cache)
+        step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        for t in range(1, steps):
+            args = (params, config, cache, token, jnp.asarray(lengths) + t - 1, jax.random.key(0))
+            for i, (a, kw, _) in enumerate(kernel_calls(args, comp, "pallas")):
+                ref_kw = {n: kw[n] for n in ("scale", "granularity", "kv_quant", "kv_scales") if n in kw}
+                _, want = reference.longflow_decode_attention_reference(*a[:4], **ref_kw)
+                got = triton_interpret.longflow_decode_attention_interpret(*a[:4], sms=132, **kw)[1]
+                if not np.array_equal(np.asarray(got), np.asarray(want)):
+                    return dict(step=t, layer=i, interpreter=np.asarray(got), reference=np.asarray(want))
+            logits, cache, _ = step(*args, compression=comp, attention_impl="reference")
+            token = jnp.argmax(logits, -1).astype(jnp.int32)
+    return None
+
+
 def _same(a: list, b: list) -> bool:
     return all(np.array_equal(x, y) for x, y in zip(a, b))
 
@@ -279,7 +312,12 @@ def _sides_with(evict: list, reference: list, kernel: list) -> str:
 
 def main(argv=None) -> list[dict]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--impl", default="triton", choices=["pallas", "triton"])
+    ap.add_argument(
+        "--impl",
+        default="triton",
+        choices=["pallas", "triton", "triton-interpreter"],
+        help="triton-interpreter: no drift run; Triton's CPU interpreter on the reference's own run",
+    )
     ap.add_argument("--kv-quant", default=None, choices=[None, "int8", "fp8", "int4", "int2"])
     ap.add_argument("--granularity", default="sequence", choices=["sequence", "kv_head"])
     ap.add_argument("--budget", type=int, default=8)
@@ -290,6 +328,10 @@ def main(argv=None) -> list[dict]:
         "--dump", help="save the inputs of the kernel calls that disagree here (set_N/layer_M.npz)"
     )
     args = ap.parse_args(argv)
+    if args.impl == "triton-interpreter":
+        if "triton" in sys.modules and not os.environ.get("TRITON_INTERPRET"):
+            raise SystemExit("--impl triton-interpreter needs TRITON_INTERPRET=1 before triton is imported")
+        os.environ["TRITON_INTERPRET"] = "1"  # read when triton is first imported
     root = tempfile.mkdtemp(prefix="kernel_drift_")
     convert(make_tiny_hf_checkpoint(os.path.join(root, "hf"), "qwen3"), os.path.join(root, "lf"))
     config, params = lf.load(os.path.join(root, "lf"))
@@ -305,6 +347,15 @@ def main(argv=None) -> list[dict]:
         if args.dump:
             dump_dir = os.path.join(args.dump, f"set_{seed}")
             os.makedirs(dump_dir, exist_ok=True)
+        if args.impl == "triton-interpreter":
+            found = interpreter_replay(params, config, comp, ids, lengths, args.steps)
+            results.append(found)
+            where = "none" if found is None else (
+                f"step {found['step']} layer {found['layer']}: interpreter {found['interpreter'].tolist()}, "
+                f"reference {found['reference'].tolist()}"
+            )  # fmt: skip
+            print(f"prompt set {seed}: the first call whose evict slots differ: {where}", flush=True)
+            continue
         r = drift(params, config, comp, args.impl, ids, lengths, args.steps, dump_dir)
         results.append(r)
         stored = f"{r['first_stored']} {r['stored']}" if r["stored"] else "None"

@@ -134,3 +134,20 @@ def test_isolate_names_the_kernel_calls_that_disagree_and_saves_their_inputs(tmp
     np.testing.assert_array_equal(saved["kernel_evict"], (saved["reference_evict"] + 1) % saved["k"].shape[2])
     assert str(saved["kv_quant"]) == "fp8" and saved["q"].shape[1] == config.num_heads
     assert {"scale_k_scale", "scale_v_scale", "scale_v_norm", "kv_len", "valid"} <= set(saved.files)
+
+
+def test_the_triton_interpreter_follows_the_reference_on_its_own_run():
+    # In its own process: TRITON_INTERPRET must be set before triton is first imported.
+    import subprocess
+
+    import pytest
+
+    pytest.importorskip("triton", reason="needs triton (no GPU)")
+    pytest.importorskip("torch", reason="needs torch (CPU)")
+    script = os.path.join(os.path.dirname(__file__), "..", "scripts", "kernel_drift.py")
+    argv = ["--impl", "triton-interpreter", "--kv-quant", "fp8", "--granularity", "kv_head", "--steps", "3"]
+    done = subprocess.run(
+        [sys.executable, script, *argv, "--seeds", "1"], capture_output=True, text=True, timeout=600
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert "prompt set 0: the first call whose evict slots differ: none" in done.stdout, done.stdout

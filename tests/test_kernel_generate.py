@@ -135,10 +135,11 @@ def test_triton_steps_match_reference_carrying_the_kernel_state(qwen3, granulari
 # returned). At the first differing step of a free run the kernel picks a slot whose importance is
 # 1e-4 to 1e-2 above the minimum, with a new kernel state too, where the CPU reference and Pallas side
 # with the GPU reference: a kernel fault on some inputs, not yet pinned down. Triton's interpreter (the
-# same kernel code, numpy arithmetic) agrees with the reference at every call on the CPU through the
-# step where the GPU kernel first differed (prompt sets 0, 3 and 5), so the fault is in what only the
-# GPU runs: the PTX paths, the epilogues' concurrency or the compiled arithmetic (`scripts/kernel_drift.py --dump` saves the disagreeing calls and says which
-# launches agree).
+# same kernel code, numpy arithmetic) agrees with the reference at every call through the step where
+# the GPU kernel first differed (prompt sets 0-5; `scripts/kernel_drift.py --impl
+# triton-interpreter --kv-quant fp8 --granularity kv_head --steps 14`), so the fault is in what only the
+# GPU runs: the PTX paths, the epilogues' concurrency or the compiled arithmetic (`kernel_drift.py
+# --dump` on the GPU saves the disagreeing calls and says which launches agree).
 @pytest.mark.gpu
 @pytest.mark.parametrize(
     "granularity, kv_quant", [("sequence", None), ("kv_head", None), ("sequence", "int8")]
