@@ -254,8 +254,9 @@ def resolve_launch(
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES} or None, got {epilogue!r}")
     many = tuned_launch.QUANT_MANY_PROGRAMS.get(shape.kv_quant)
-    if wide or epilogue != row.epilogue or many is None or programs < many.programs_per_sm * sms:
-        many = None  # measured with 16-bit q at the table's own epilogue only
+    measured = compute_evict and not wide and epilogue == row.epilogue  # where the rule was timed
+    if many is None or not measured or programs < many.programs_per_sm * sms:
+        many = None
     block_c = launch.block_c
     if block_c is None:
         # A forced epilogue takes the block size the table gives it at the nearest batch.

@@ -390,11 +390,13 @@ def test_quantized_launch_defaults():
             )
             assert (cfg.block_c, cfg.num_warps, cfg.num_stages) == (block_c, warps, tuned_launch.NUM_STAGES)
     # int8's many-programs launch: from 3.5 programs an SM (B 64 x Hkv 8 = 512 >= 462 on 132 SMs, B 48's
-    # 384 below), with the fused epilogue's own splits; not where the epilogue is forced or q is float32.
+    # 384 below), with the fused epilogue's own splits; not where the epilogue is forced, q is float32
+    # or nothing is scored.
     assert SMS == 132
     many = resolved(128, 2048, kv_quant="int8")
     assert (many.epilogue, many.block_c, many.num_warps, many.num_splits) == ("fused", 32, 1, 4)
     assert resolved(64, 2048, LaunchConfig(epilogue="separate"), kv_quant="int8").num_warps == 4
+    assert resolved(64, 2048, compute_evict=False, kv_quant="int8").num_warps == 4  # untimed without scoring
     assert resolved(64, 2048, itemsize=4, kv_quant="int8").num_warps == tuned_launch.F32_NUM_WARPS
     assert resolved(64, 2048, LaunchConfig(num_warps=4), kv_quant="int8").block_c == 32
     # B 16 x Hkv 8 = 128 programs on 132 SMs: the separate epilogue, split to about 2 (int4) and 4 (int8)
