@@ -7,7 +7,7 @@ sparsity, which it takes from the logits alone in jnp. At one batch and the Qwen
   thinkv_kernel   a layer outside L*: `thinkv.attend` with the kernel (the calls and their merge)
   thinkv_lstar    a layer in L*: the same, and the jnp logits over every key for its sparsity
   lstar_jnp       a layer in L* read wholly in jnp (`thinkv.attend` without a kernel: logits, softmax,
-                  p @ v, the sparsity from the probabilities): the path L* took before
+                  p @ v, the sparsity from the probabilities)
   one_call_int4   one kernel call over an int4 buffer holding all of ThinKV's slots: about what one
                   kernel over every buffer would cost at 4 bits (its int2 part would read less), with
                   no merge and no further launches; the issue's "one call per tier or one kernel over

@@ -111,6 +111,23 @@ def importance_gap(step_args, comp, want_evict, got_evict) -> float | None:
     return float(max(gaps)) if gaps else None
 
 
+def decode_start(params, config, comp, ids, lengths, steps, impl):
+    """What a greedy run of `steps` steps decodes from: (the compression it runs, the prefilled cache
+    with IMPL's kernel state, a jitted decode step, the first token)."""
+    comp = gen.effective_compression(comp, ids.shape[1], steps)
+    capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
+    cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
+    cache = gen.ready_to_decode(sharding.split_kv_heads(cache), comp, impl, steps)
+    step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
+    return comp, cache, step, jnp.argmax(logits, -1).astype(jnp.int32)
+
+
+def reference_evict(inputs, kw):
+    """The jnp reference's evict slots for one kernel call's inputs (q, k, v, valid) and keywords."""
+    ref_kw = {name: kw[name] for name in ("scale", "granularity", "kv_quant", "kv_scales") if name in kw}
+    return np.asarray(reference.longflow_decode_attention_reference(*inputs[:4], **ref_kw)[1])
+
+
 def kernel_calls(step_args, comp, impl) -> list[tuple]:
     """Each layer's kernel call of IMPL's step from step_args, run eagerly: [(args, kwargs, outputs)]."""
     calls, original = [], attention._kernel
@@ -152,7 +169,7 @@ def launch_sides(impl, inputs, kw, want) -> str:
             except Exception as e:  # a launch this shape cannot take
                 disagree.append(f"{name} ({type(e).__name__})")
                 continue
-            (agree if np.array_equal(np.asarray(evict), np.asarray(want)) else disagree).append(name)
+            (agree if np.array_equal(np.asarray(evict), want) else disagree).append(name)
     return f"; launches agreeing: {', '.join(agree) or 'none'}, not: {', '.join(disagree) or 'none'}"
 
 
@@ -165,10 +182,9 @@ def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
     lines = []
     for i, (a, kw, out) in enumerate(kernel_calls(step_args, comp, impl)):
         q, k, v, valid = a[:4]
-        ref_kw = {name: kw[name] for name in ("scale", "granularity", "kv_quant", "kv_scales") if name in kw}
-        _, want = reference.longflow_decode_attention_reference(q, k, v, valid, **ref_kw)
+        want = reference_evict(a, kw)
         got = np.asarray(out[1])
-        if np.array_equal(got, np.asarray(want)):
+        if np.array_equal(got, want):
             continue
         stateless = {name: x for name, x in kw.items() if name != "kernel_state"}
         unbounded = {name: x for name, x in stateless.items() if name != "kv_len"}
@@ -176,7 +192,7 @@ def isolate(step_args, comp, impl, dump_dir=None) -> list[str]:
         kv_len = np.asarray(kw.get("kv_len")) if kw.get("kv_len") is not None else None
         last_valid = [int(np.max(np.nonzero(row)[0], initial=-1)) + 1 for row in np.asarray(valid)]
         lines.append(
-            f"layer {i}: kernel evict {got.tolist()}, reference {np.asarray(want).tolist()}, kernel without "
+            f"layer {i}: kernel evict {got.tolist()}, reference {want.tolist()}, kernel without "
             f"kv_len {no_len.tolist()}; kv_len {None if kv_len is None else kv_len.tolist()}, one past the "
             f"last valid slot {last_valid}, valid slots {np.asarray(valid).sum(-1).tolist()}"
             + launch_sides(impl, (q, k, v, valid), stateless, want)
@@ -215,12 +231,7 @@ def drift(params, config, comp, impl, ids, lengths, steps, dump_dir=None):
             lf.generate, params, config, ids, lengths, max_new_tokens=steps, compression=comp
         )
         want, got = np.asarray(run().tokens), np.asarray(run(attention_impl=impl).tokens)
-        comp = gen.effective_compression(comp, ids.shape[1], steps)
-        capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
-        cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
-        cache = gen.ready_to_decode(sharding.split_kv_heads(cache), comp, impl, steps)
-        step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        comp, cache, step, token = decode_start(params, config, comp, ids, lengths, steps, impl)
         found = dict(
             first_argmax=None,
             first_evict=None,
@@ -283,20 +294,16 @@ def interpreter_replay(params, config, comp, ids, lengths, steps) -> dict | None
     import triton_interpret
 
     with jax.default_matmul_precision("highest"):
-        comp = gen.effective_compression(comp, ids.shape[1], steps)
-        capacity = gen.buffer_capacity(comp, ids.shape[1], steps)
-        cache, logits = gen.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
-        cache = sharding.split_kv_heads(cache)
-        step = jax.jit(gen.decode_step, static_argnames=("config", "compression", "attention_impl"))
-        token = jnp.argmax(logits, -1).astype(jnp.int32)
+        comp, cache, step, token = decode_start(params, config, comp, ids, lengths, steps, "pallas")
         for t in range(1, steps):
             args = (params, config, cache, token, jnp.asarray(lengths) + t - 1, jax.random.key(0))
             for i, (a, kw, _) in enumerate(kernel_calls(args, comp, "pallas")):
-                ref_kw = {n: kw[n] for n in ("scale", "granularity", "kv_quant", "kv_scales") if n in kw}
-                _, want = reference.longflow_decode_attention_reference(*a[:4], **ref_kw)
-                got = triton_interpret.longflow_decode_attention_interpret(*a[:4], sms=132, **kw)[1]
-                if not np.array_equal(np.asarray(got), np.asarray(want)):
-                    return dict(step=t, layer=i, interpreter=np.asarray(got), reference=np.asarray(want))
+                want = reference_evict(a, kw)
+                got = np.asarray(
+                    triton_interpret.longflow_decode_attention_interpret(*a[:4], sms=132, **kw)[1]
+                )
+                if not np.array_equal(got, want):
+                    return dict(step=t, layer=i, interpreter=got, reference=want)
             logits, cache, _ = step(*args, compression=comp, attention_impl="reference")
             token = jnp.argmax(logits, -1).astype(jnp.int32)
     return None
