@@ -188,8 +188,9 @@ def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> in
     """Shared memory of the main kernel as Triton 3.6 lays it out: the cp.async ring of K and V tiles
     (stages - 1 of them, at least one; a quantized cache's payload and scale rows, not its value norms),
     the query tile, and the f32 logits tile (16-bit queries) or one more f32 [block_c, D] tile (float32
-    queries, and both with a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles; an
-    upper bound otherwise (checked against compiled kernels)."""
+    queries, and both with a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles at 2+
+    warps; an upper bound otherwise (a 1-warp program keeps no query tile there; checked against
+    compiled kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
     # The value norm (one f32 a slot) is loaded straight into registers, outside the ring.
     staged = shape.kv_slot_bytes - (quant.VALUE_NORM_BYTES if shape.kv_quant else 0)
@@ -252,12 +253,17 @@ def resolve_launch(
     epilogue = row.epilogue if launch.epilogue is None else launch.epilogue
     if epilogue not in EPILOGUES:
         raise ValueError(f"epilogue must be one of {EPILOGUES} or None, got {epilogue!r}")
+    many = tuned_launch.QUANT_MANY_PROGRAMS.get(shape.kv_quant)
+    measured = compute_evict and not wide and epilogue == row.epilogue  # where the rule was timed
+    if many is None or not measured or programs < many.programs_per_sm * sms:
+        many = None
     block_c = launch.block_c
     if block_c is None:
         # A forced epilogue takes the block size the table gives it at the nearest batch.
         same = [r for r in rows if r.epilogue == epilogue]
         tuned_block = row.block_c if epilogue == row.epilogue else (same[0].block_c if same else 32)
         block_c = tuned_launch.QUANT_BLOCK_C if quantized else tuned_block
+        block_c = many.block_c if many else block_c
         block_c = tuned_launch.F32_BLOCK_C if wide else block_c
         block_c = max(MIN_DOT, min(block_c, next_pow2(shape.num_slots)))
     _check_int("block_c", block_c, MIN_DOT, MAX_BLOCK_C, pow2=True)
@@ -279,6 +285,7 @@ def resolve_launch(
     num_warps = launch.num_warps
     if num_warps is None:
         num_warps = tuned_launch.QUANT_NUM_WARPS[shape.kv_quant] if quantized else tuned_launch.NUM_WARPS
+        num_warps = many.num_warps if many else num_warps
         num_warps = tuned_launch.F32_NUM_WARPS if wide else num_warps
     _check_int("num_warps", num_warps, 1, 16, pow2=True)
     if launch.num_stages is not None:

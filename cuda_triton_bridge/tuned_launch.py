@@ -69,13 +69,26 @@ F32_NUM_STAGES = 2
 #   int4 loop is instruction-bound: group 128, B 64: 112 us against 129 at 4 warps (108 with 2 splits);
 #   B 16: 41.5 against 42.7. 8 warps: 520 us against 262 at 4 (group 32).
 # - int8: 4 warps, B 64: 233 us against 481 with 8; B 16, 4 splits: 74 us against 93 with 1 (4 warps)
-#   and 121 (8 warps, 1 split). 1 warp with 32-slot blocks (group 128, C 2048, the fused epilogue's own
-#   splits): B 64 131 us against 140, B 128 233 against 252, but slower below (B 32 77 against 72, B 48
-#   114 against 110): a candidate from about 3.5 programs an SM; not a default, no GPU test has run it.
+#   and 121 (8 warps, 1 split). With scoring, from about 3.5 programs an SM, 1 warp with 32-slot blocks
+#   (QUANT_MANY_PROGRAMS; group 128, C 2048, the fused epilogue's own splits): B 64 131 us against
+#   140, B 128 233 against 252; below it slower (B 32 77 against 72, B 48 114 against 110).
 # fp8 and int2 are not timed: they keep 8 warps (from the register report) and the row's own target.
 QUANT_BLOCK_C = 64
 QUANT_NUM_WARPS = {"int8": 4, "fp8": 8, "int4": 2, "int2": 8}
 QUANT_PROGRAMS_PER_SM = {"int8": 4.0, "int4": 2.0}
+
+
+@dataclasses.dataclass(frozen=True)
+class ManyProgramsLaunch:
+    """A quantized kind's warps and block from `programs_per_sm` B * Hkv programs an SM up, where the
+    batch alone fills the GPU: each warp then covers more slots of a block for its per-block work."""
+
+    programs_per_sm: float
+    num_warps: int
+    block_c: int
+
+
+QUANT_MANY_PROGRAMS = {"int8": ManyProgramsLaunch(programs_per_sm=3.5, num_warps=1, block_c=32)}
 NUM_WARPS = 4
 NUM_STAGES = 3  # the cp.async pipeline depth, lowered where shared memory does not hold it
 MIN_SLOTS_PER_SPLIT = 128
