@@ -5,7 +5,8 @@ A converted directory holds the HF config, generation config and tokenizer files
 written last to mark it complete, `longflow_checkpoint.json`. Every tensor is checked (offsets, shape,
 finite values) before anything is written; the new directory is assembled as OUT.partial-PID and swapped
 in atomically, so OUT always holds the old complete checkpoint or the new one. A killed conversion leaves
-at most OUT.partial-PID or OUT.old-PID, swept by the next conversion to OUT once that PID is dead.
+at most OUT.partial-PID or OUT.old-PID, each marked with STAGING_MARK, swept by the next conversion to OUT
+once that PID is dead; a directory of that name without the mark is someone else's and is left alone.
 Tensors stream one at a time from memory-mapped files: one copy of the model in memory, in the target dtype.
 """
 
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import math
 import os
@@ -31,6 +33,9 @@ from .model import param_shapes
 from .sharding import param_shardings
 
 MARKER = "longflow_checkpoint.json"
+# In OUT.partial-PID and OUT.old-PID, holding the PID: the sweep deletes only directories this tool made.
+STAGING_MARK = ".longflow_convert_staging"
+GGUF_MAGIC = b"GGUF"  # the first bytes of every GGUF file
 FORMAT_VERSION = 1
 TOKENIZER_FILES = (
     "generation_config.json tokenizer.json tokenizer_config.json special_tokens_map.json added_tokens.json "
@@ -134,9 +139,7 @@ def iter_safetensors(path: str):
 def safetensors_files(hf_dir: str) -> list[str]:
     index = os.path.join(hf_dir, "model.safetensors.index.json")
     if os.path.isfile(index):
-        with open(index) as f:
-            weight_map = json.load(f)["weight_map"]
-        files = sorted(set(weight_map.values()))
+        files = sorted(set(_weight_map(index).values()))
         missing = [fn for fn in files if not os.path.isfile(os.path.join(hf_dir, fn))]
         if missing:
             raise CheckpointError(f"shards listed in {index} are missing: {missing}")
@@ -150,6 +153,23 @@ def safetensors_files(hf_dir: str) -> list[str]:
             f"no *.safetensors files in {hf_dir!r} (only safetensors checkpoints are supported)"
         )
     return [os.path.join(hf_dir, fn) for fn in found]
+
+
+def _weight_map(index: str) -> dict:
+    """The {tensor name: shard file} map of a shard index, checked before any shard is opened."""
+    try:
+        with open(index) as f:
+            content = json.load(f)
+    except ValueError as e:  # UnicodeDecodeError included
+        raise CheckpointError(f"{index} is not valid JSON ({e})") from None
+    weight_map = content.get("weight_map") if isinstance(content, dict) else None
+    if not (isinstance(weight_map, dict) and all(isinstance(v, str) for v in weight_map.values())):
+        got = f"'weight_map' = {weight_map!r}" if isinstance(content, dict) else type(content).__name__
+        raise CheckpointError(
+            f"{index}: expected a JSON object whose 'weight_map' maps tensor names to shard file names "
+            f"(strings), got {got[:200]}"
+        )
+    return weight_map
 
 
 def _safetensors_tensors(hf_dir: str):
@@ -244,6 +264,28 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def _mark_ours(path: str) -> None:
+    """Mark a staging or set-aside directory as this process's, so that a later sweep may delete it."""
+    with open(os.path.join(path, STAGING_MARK), "w") as f:
+        f.write(str(os.getpid()))
+
+
+def _unmark(path: str) -> None:
+    with contextlib.suppress(OSError):
+        os.remove(os.path.join(path, STAGING_MARK))
+
+
+def _marked_by(path: str, pid: int) -> bool:
+    """Whether `path` is a directory (not a link) that this tool, running as process `pid`, marked."""
+    if os.path.islink(path) or not os.path.isdir(path):
+        return False
+    try:
+        with open(os.path.join(path, STAGING_MARK)) as f:
+            return f.read().strip() == str(pid)
+    except (OSError, UnicodeDecodeError):
+        return False
+
+
 def _remove_checkpoint(path: str) -> None:
     """Delete a checkpoint directory, its marker first, so a half-deleted one never reads as complete.
     A directory that cannot be deleted now is left for the next conversion's sweep."""
@@ -252,39 +294,66 @@ def _remove_checkpoint(path: str) -> None:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def _sweep_leftovers(out_dir: str, hf_dir: str) -> None:
-    """Delete OUT.partial-PID / OUT.old-PID left by killed conversions (their PID is not alive). An
-    OUT.old-PID that is still complete while OUT is missing is the old checkpoint caught between the
-    two renames of a non-atomic swap: it is put back instead."""
+def _dead_leftovers(out_dir: str, hf_dir: str):
+    """(kind, path) of each OUT.partial-PID / OUT.old-PID that a conversion, now dead, made and marked with
+    its PID. A directory of that name without the mark, or one holding the source, is not ours to touch."""
     parent, base = os.path.split(out_dir)
     for entry in sorted(os.listdir(parent)) if os.path.isdir(parent) else []:
         match = _LEFTOVER.match(entry[len(base) :]) if entry.startswith(base) else None
         path = os.path.join(parent, entry)
-        if not match or _pid_alive(int(match[2])) or os.path.commonpath([path, hf_dir]) == path:
+        if not match or os.path.commonpath([path, hf_dir]) == path:
             continue
-        if match[1] == "old" and not os.path.exists(out_dir) and incomplete_reason(path) is None:
+        pid = int(match[2])
+        if _marked_by(path, pid) and not _pid_alive(pid):
+            yield match[1], path
+
+
+def _restore_set_aside(out_dir: str, hf_dir: str) -> None:
+    """Put back a complete OUT.old-PID while OUT is missing: the old checkpoint, caught between the two
+    renames of a non-atomic swap."""
+    if os.path.lexists(out_dir):
+        return
+    for kind, path in _dead_leftovers(out_dir, hf_dir):
+        if kind == "old" and incomplete_reason(path) is None:
             os.rename(path, out_dir)
-        elif os.path.isdir(path) and not os.path.islink(path):
-            _remove_checkpoint(path)
+            _unmark(out_dir)
+            return
 
 
-def _exchange(a: str, b: str) -> bool:
-    """Atomically swap two paths (Linux renameat2 RENAME_EXCHANGE); False where the OS or the file
-    system does not offer it."""
+def _sweep_leftovers(out_dir: str, hf_dir: str) -> None:
+    """Delete the OUT.partial-PID / OUT.old-PID that killed conversions to OUT left."""
+    for _, path in _dead_leftovers(out_dir, hf_dir):
+        _remove_checkpoint(path)
+
+
+_RENAME_NOREPLACE, _RENAME_EXCHANGE = 1, 2
+
+
+def _renameat2(a: str, b: str, flags: int) -> bool:
+    """Linux renameat2(a, b, flags); False where the OS or the file system does not offer it."""
     import ctypes
-    import errno
 
     try:
         renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
     except (OSError, AttributeError):
         return False
-    at_fdcwd, rename_exchange = -100, 2
-    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+    at_fdcwd = -100
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), flags) == 0:
         return True
     err = ctypes.get_errno()
     if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP):
         return False
     raise OSError(err, os.strerror(err), a, None, b)
+
+
+def _exchange(a: str, b: str) -> bool:
+    """Atomically swap two paths (RENAME_EXCHANGE); False where not offered."""
+    return _renameat2(a, b, _RENAME_EXCHANGE)
+
+
+def _rename_noreplace(a: str, b: str) -> bool:
+    """Rename a to b, raising FileExistsError if b exists (RENAME_NOREPLACE); False where not offered."""
+    return _renameat2(a, b, _RENAME_NOREPLACE)
 
 
 def _fault_point(stage: str) -> None:
@@ -295,17 +364,35 @@ def _fault_point(stage: str) -> None:
         time.sleep(3600)
 
 
+def _is_gguf_source(source: str) -> bool:
+    """Whether the source is a GGUF file (else a HF checkpoint directory). Judged from the path as given,
+    before links are resolved: a Hugging Face cache links snapshots/REV/x.gguf to an extensionless blob.
+    A file without the .gguf name counts when it starts with the GGUF magic."""
+    if os.path.isdir(source):
+        return False
+    if not os.path.isfile(source):
+        raise ValueError(f"HF checkpoint directory or GGUF file {source!r} does not exist")
+    if source.endswith(".gguf"):
+        return True
+    with open(source, "rb") as f:
+        if f.read(len(GGUF_MAGIC)) == GGUF_MAGIC:
+            return True
+    raise ValueError(
+        f"source {source!r} is a file but not a GGUF file (no .gguf name, no GGUF magic); expected a HF "
+        f"checkpoint directory or a .gguf file"
+    )
+
+
 def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
-    """Refuse an output that overlaps the source or that --overwrite must not replace; sweep the
-    leftovers of killed conversions to the same output first (one may be the old OUT to restore)."""
-    if not (os.path.isfile(hf_dir) if hf_dir.endswith(".gguf") else os.path.isdir(hf_dir)):
-        raise ValueError(f"HF checkpoint directory or GGUF file {hf_dir!r} does not exist")
+    """Refuse an output that overlaps the source or that --overwrite must not replace, then sweep the
+    leftovers of killed conversions to the same output. An old checkpoint that a killed swap set aside is
+    put back first, so the checks judge it as OUT."""
     if os.path.commonpath([hf_dir, out_dir]) in (hf_dir, out_dir):
         raise ValueError(
             f"output {out_dir!r} must lie outside the source {hf_dir!r} and must not contain it "
             f"(replacing it would delete the source)"
         )
-    _sweep_leftovers(out_dir, hf_dir)
+    _restore_set_aside(out_dir, hf_dir)
     if os.path.lexists(out_dir):
         if not overwrite:
             raise ValueError(f"output {out_dir!r} already exists (pass overwrite=True / --overwrite)")
@@ -315,6 +402,58 @@ def _check_paths(hf_dir: str, out_dir: str, overwrite: bool) -> None:
                 f"refusing to overwrite {out_dir!r}: {reason}; --overwrite only replaces a complete "
                 f"converted checkpoint (delete it yourself if it is yours)"
             )
+    _sweep_leftovers(out_dir, hf_dir)
+
+
+def _install_new(staging: str, out_dir: str) -> None:
+    """Rename the finished staging directory to OUT, which must not exist. An OUT that appeared during the
+    conversion is left as it is, and so is the converted copy, handed over to the user."""
+    try:
+        if not _rename_noreplace(staging, out_dir):
+            if os.path.lexists(out_dir):
+                raise FileExistsError(errno.EEXIST, os.strerror(errno.EEXIST), out_dir)
+            os.rename(staging, out_dir)  # fails on a file or a non-empty directory created since the check
+    except OSError as e:
+        if e.errno not in (errno.EEXIST, errno.ENOTEMPTY, errno.ENOTDIR):
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
+        _unmark(staging)  # the user's now: no sweep may delete it
+        raise ValueError(
+            f"output {out_dir!r} appeared during the conversion and is left as it is; the converted "
+            f"checkpoint is at {staging!r} (move it where you want it)"
+        ) from None
+    _unmark(out_dir)
+
+
+def _replace(staging: str, out_dir: str, aside: str) -> None:
+    """Swap the finished staging directory in for OUT, a complete converted checkpoint (checked again: OUT
+    may have changed during the conversion). The old checkpoint goes to `aside`, then is deleted."""
+    reason = incomplete_reason(out_dir)
+    if reason:
+        _unmark(staging)  # the user's now: no sweep may delete it
+        raise ValueError(
+            f"refusing to overwrite {out_dir!r}, changed during the conversion: {reason}; the converted "
+            f"checkpoint is at {staging!r} (move it where you want it)"
+        )
+    try:
+        _mark_ours(out_dir)  # once set aside, the old checkpoint is this process's to delete
+        if _exchange(staging, out_dir):
+            os.rename(staging, aside)  # staging now holds the old checkpoint
+        else:
+            os.rename(out_dir, aside)
+            _fault_point("aside")
+            try:
+                os.rename(staging, out_dir)
+            except BaseException:
+                os.rename(aside, out_dir)
+                raise
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        _unmark(out_dir)
+        raise
+    _unmark(out_dir)
+    _fault_point("swapped")
+    _remove_checkpoint(aside)
 
 
 def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = False) -> ModelConfig:
@@ -323,15 +462,18 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
     converted checkpoint. Paths are compared after resolving symlinks."""
     import orbax.checkpoint as ocp
 
+    source = os.path.abspath(hf_dir)
+    is_gguf = _is_gguf_source(source)
     hf_dir, out_dir = os.path.realpath(hf_dir), os.path.realpath(out_dir)
     _check_paths(hf_dir, out_dir, overwrite)  # before reading: a wrong OUT fails fast
     tokenizer = None
-    if hf_dir.endswith(".gguf"):
+    if is_gguf:
         from .gguf_import import read_gguf
 
-        hf_config, gguf_tensors, tokenizer = read_gguf(hf_dir)
+        # By the name given: the tokenizer is read from the GGUF file by its directory and file name.
+        hf_config, gguf_tensors, tokenizer = read_gguf(source)
         config = ModelConfig.from_hf_dict(hf_config)
-        tensors = ((hf_dir, name, arr) for name, arr in gguf_tensors)
+        tensors = ((source, name, arr) for name, arr in gguf_tensors)
     else:
         config = ModelConfig.from_pretrained_dir(hf_dir)  # raises on a missing config or unknown model
         with open(os.path.join(hf_dir, "config.json")) as f:
@@ -344,10 +486,14 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
 
     params = read_params(tensors, config, dtype)  # every check that can fail happens before any write
 
-    staging, aside = f"{out_dir}.partial-{os.getpid()}", f"{out_dir}.old-{os.getpid()}"
-    shutil.rmtree(staging, ignore_errors=True)
+    pid = os.getpid()
+    staging, aside = f"{out_dir}.partial-{pid}", f"{out_dir}.old-{pid}"
+    for path in (staging, aside):  # left by a killed conversion whose PID this process now has
+        if _marked_by(path, pid):
+            _remove_checkpoint(path)
     os.makedirs(staging)
     try:
+        _mark_ours(staging)
         checkpointer = ocp.StandardCheckpointer()
         checkpointer.save(os.path.join(staging, "params"), params)
         checkpointer.wait_until_finished()
@@ -366,24 +512,13 @@ def convert(hf_dir: str, out_dir: str, dtype: str = "auto", overwrite: bool = Fa
         with open(os.path.join(staging, MARKER), "w") as f:
             json.dump({"format_version": FORMAT_VERSION, "dtype": dtype, "source": hf_dir}, f)
         _fault_point("staged")
-        if not os.path.lexists(out_dir):
-            os.rename(staging, out_dir)
-            return config
-        if _exchange(staging, out_dir):
-            os.rename(staging, aside)  # staging now holds the old checkpoint
-        else:
-            os.rename(out_dir, aside)
-            _fault_point("aside")
-            try:
-                os.rename(staging, out_dir)
-            except BaseException:
-                os.rename(aside, out_dir)
-                raise
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
-    _fault_point("swapped")
-    _remove_checkpoint(aside)
+    if overwrite and os.path.lexists(out_dir):
+        _replace(staging, out_dir, aside)
+    else:
+        _install_new(staging, out_dir)
     return config
 
 

@@ -3,6 +3,7 @@ nothing, the old complete checkpoint or the new one, a half checkpoint never loa
 conversion sweeps what the killed one left (but never what a live one is writing)."""
 
 import hashlib
+import importlib
 import os
 import shutil
 import signal
@@ -13,6 +14,8 @@ import threading
 import pytest
 
 import longflow_jax as lf
+
+convert = importlib.import_module("longflow_jax.convert")  # the package's `convert` is the function
 
 # The converter's CLI; with no_exchange, the fallback that swaps by two renames (no renameat2).
 _CLI = (
@@ -127,6 +130,64 @@ def test_a_live_conversion_is_not_swept(hf, tmp_path):
         _sigkill(proc)
     lf.convert(str(hf), str(out), overwrite=True)
     assert _leftovers(out) == []
+
+
+def _mine(path, checkpoint=None):
+    """A directory of the user's at `path` (a copy of `checkpoint` if given), with a file to keep."""
+    if checkpoint:
+        shutil.copytree(checkpoint, path)
+    else:
+        path.mkdir()
+    (path / "mine.txt").write_text("keep me")
+    return path
+
+
+def test_only_directories_the_converter_marked_are_swept(hf, tiny_checkpoints, tmp_path):
+    """OUT.old-DATE and OUT.partial-N of the user's (no live PID can be that large) look like leftovers
+    of killed conversions: neither a refused conversion nor a finished one touches them, even a complete
+    checkpoint while OUT is missing; a leftover that carries the converter's mark is swept."""
+    out = tmp_path / "out"
+    backup = _mine(tmp_path / "out.old-20240101", tiny_checkpoints["qwen3"][1])
+    _mine(tmp_path / "out.partial-20240102")
+    (tmp_path / "out.partial-20240103").mkdir()
+    (tmp_path / "out.partial-20240103" / convert.STAGING_MARK).write_text("20240103")
+    _mine(out)
+    with pytest.raises(ValueError, match="already exists"):
+        lf.convert(str(hf), str(out))
+    assert _leftovers(out) == ["out.old-20240101", "out.partial-20240102", "out.partial-20240103"]
+    shutil.rmtree(out)
+    lf.convert(str(hf), str(out))
+    assert _leftovers(out) == ["out.old-20240101", "out.partial-20240102"]
+    assert (backup / "mine.txt").read_text() == "keep me" and lf.load(str(backup))[0].dtype == "float32"
+    assert (tmp_path / "out.partial-20240102" / "mine.txt").read_text() == "keep me"
+
+
+@pytest.mark.parametrize("renameat2", [True, False], ids=["renameat2", "no renameat2"])
+@pytest.mark.parametrize("overwrite", [False, True], ids=["new", "overwrite"])
+def test_an_output_made_during_the_conversion_is_kept(hf, tmp_path, monkeypatch, renameat2, overwrite):
+    """Without overwrite, an OUT that appears while converting is never replaced (with overwrite, one that
+    is not a complete checkpoint neither): the converted copy is left beside it and the error says where."""
+    out, staged = tmp_path / "out", tmp_path / f"out.partial-{os.getpid()}"
+    monkeypatch.setattr(convert, "_fault_point", lambda stage: stage == "staged" and _mine(out))
+    if not renameat2:
+        monkeypatch.setattr(convert, "_renameat2", lambda a, b, flags: False)
+    match = "refusing to overwrite .*changed during" if overwrite else "appeared during the conversion"
+    with pytest.raises(ValueError, match=f"{match}.* the converted checkpoint is at '{staged}'"):
+        lf.convert(str(hf), str(out), overwrite=overwrite)
+    assert sorted(p.name for p in out.iterdir()) == ["mine.txt"]
+    assert lf.load(str(staged))[0].dtype == "float32"
+    assert not (staged / convert.STAGING_MARK).exists(), "handed to the user: no sweep may delete it"
+
+
+def test_overwrite_replaces_a_checkpoint_made_during_the_conversion(
+    hf, tiny_checkpoints, tmp_path, monkeypatch
+):
+    out = tmp_path / "out"
+    made = lambda stage: stage == "staged" and shutil.copytree(tiny_checkpoints["qwen3"][1], out)
+    monkeypatch.setattr(convert, "_fault_point", made)
+    lf.convert(str(hf), str(out), dtype="bfloat16", overwrite=True)
+    assert lf.load(str(out))[0].dtype == "bfloat16" and _leftovers(out) == []
+    assert not (out / convert.STAGING_MARK).exists()
 
 
 def test_python_dash_m_runs_the_converter(tmp_path):
