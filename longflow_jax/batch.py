@@ -11,13 +11,14 @@ counts what was generated. With --logprobs K: "token_ids" and their "logprobs" (
 return_logprobs), and for K > 0 "top_logprobs", per token [[id, log-prob], ...] best first.
 
 Rerunning resumes: ids already in the output are skipped. A rerun with other settings is refused, naming
-the fields that differ, unless --force-new (the old output is renamed to OUT.bak-TIMESTAMP). A lock on
-OUT.lock makes a second writer fail at once.
+the fields that differ, unless --force-new (the old output is renamed to OUT.bak-TIMESTAMP); a partial
+last line left by a crash is cut off only once the rows before it pass that check. An --output that is
+the --input file is refused. A lock on OUT.lock makes a second writer fail at once.
 
 --distributed: `jax.distributed.initialize()`, then process i of n takes the valid records k with
 k % n == i, runs them on its own devices with no cross-host communication (a slow or restarted host holds
 up nobody) and appends to OUT.i-of-n.jsonl. A run skips the ids done in OUT.jsonl and in every
-OUT.*-of-*.jsonl, so a resume with another number of hosts redoes nothing.
+OUT.i-of-n.jsonl (any n), so a resume with another number of hosts redoes nothing.
 """
 
 from __future__ import annotations
@@ -86,15 +87,16 @@ def run_settings(args, compression) -> dict:
 
 
 def done_ids(args, out_path: str, process_index: int, process_count: int, settings: dict) -> set[str]:
-    """Ids already in the outputs, after checking they were made with `settings`; with --force-new,
-    none: this process's output (and, for process 0, any left by another process count) is set aside."""
+    """Ids already in the outputs, after checking they were made with `settings` (only then is a partial
+    last line of out_path cut off: a refused output is left untouched); with --force-new, none: this
+    process's output (and, for process 0, any left by another process count) is set aside."""
     if args.force_new:
         layout = {jsonl_io.output_path(args.output, i, process_count) for i in range(process_count)}
-        for path in jsonl_io.sibling_outputs(out_path):
+        for path in jsonl_io.sibling_outputs(args.output):
             if path == out_path or (process_index == 0 and path not in layout):
                 runner.report(f"--force-new: {path} renamed to {jsonl_io.set_aside(path)}", PROG)
         return set()
-    state = jsonl_io.read_outputs_of_all_processes(out_path)
+    state = jsonl_io.read_outputs_of_all_processes(args.output, out_path)
     for note in state.notes:
         runner.report(note, PROG)
     differences = jsonl_io.settings_differences(state, settings)
@@ -105,7 +107,21 @@ def done_ids(args, out_path: str, process_index: int, process_count: int, settin
             + "\nrerun with the same settings, or pass --force-new to start a fresh output (the old "
             "one is kept as OUT.bak-TIMESTAMP)"
         )
+    for note in jsonl_io.cut_partial_lines(state):
+        runner.report(note, PROG)
     return state.ids
+
+
+def check_not_input(args, out_path: str) -> None:
+    """Refuse an output (this process's file, or any sibling a resume reads or --force-new renames) that
+    is the input file."""
+    for path in dict.fromkeys([out_path, *jsonl_io.sibling_outputs(args.output)]):
+        if jsonl_io.same_file(path, args.input):
+            which = "" if path == args.output else f" (its per-process output {path})"
+            raise ValueError(
+                f"--output {args.output}{which} is the same file as --input {args.input}: rows are "
+                "appended to the output (--force-new renames it), so pass an --output other than the input"
+            )
 
 
 def pause_for_fault_tests(out_path: str, batches_written: int) -> None:
@@ -130,6 +146,7 @@ def run(args) -> None:
     runner.check_args(args)
     process_index, process_count = start_processes(args)
     out_path = jsonl_io.output_path(args.output, process_index, process_count)
+    check_not_input(args, out_path)
     with jsonl_io.lock_output(out_path, PROG):
         generate_into(out_path, process_index, process_count, args)
 

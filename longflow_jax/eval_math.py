@@ -5,7 +5,8 @@ Input JSONL, one problem a line: {"id", "question" or "problem", "answer"} ("tru
 budget) run generates for every problem (the full cache runs once: budgets do not apply to it),
 extracts the model's final answer (`extract_answer`) and scores it against the reference
 (`reference_answer`) with `answers_match`. Prints one accuracy table (policy x budget) and writes a
-JSONL row per problem and run, run by run, each run's rows in input order.
+JSONL row per problem and run, run by run, each run's rows in input order. An existing --output is
+refused unless --overwrite; one that is the --input file always is.
 
 Each question becomes the user message through --prompt-template (default `DEFAULT_PROMPT`, its
 `{question}` field replaced), which the run prints and records under the table.
@@ -19,6 +20,7 @@ compare element by element with the same brackets.
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 import time
@@ -26,7 +28,7 @@ from fractions import Fraction
 
 from . import runner
 from .config import POLICIES, CompressionConfig
-from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records
+from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records, same_file
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -152,12 +154,14 @@ _PLAIN_NUMBER = re.compile(r"[-+]?(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d*)?|[-+]?\.\d
 
 def to_number(s: str) -> Fraction | None:
     """A normalised answer as an exact rational, or None: 1,000 / 2.50 / -3 / 1/2 / \\frac{-1}{2} /
-    -\\frac{3}{4} (no other expressions)."""
+    -\\frac{3}{4} (no other expressions); leading signs combine (--3 = 3)."""
     if _PLAIN_NUMBER.fullmatch(s):
         return Fraction(s.replace(",", "").rstrip(".") or "0")
-    if s[:1] in ("-", "+") and len(s) > 1:
-        value = to_number(s[1:])
-        return None if value is None else (-value if s[0] == "-" else value)
+    body = s.lstrip("-+")
+    if body != s:  # counted, not recursed on: a degenerate answer may hold thousands of signs
+        value = to_number(body) if body else None
+        negative = s[: len(s) - len(body)].count("-") % 2 == 1
+        return None if value is None else (-value if negative else value)
     m = re.fullmatch(r"\\frac\{([^{}]+)\}\{([^{}]+)\}", s) or re.fullmatch(r"([^/]+)/([^/]+)", s)
     if not m:
         return None
@@ -288,7 +292,8 @@ def score(problem: Record, c: runner.Completion) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.splitlines()[0])
     p.add_argument("--input", required=True, help='JSONL: {"id", "question"|"problem", "answer"} per line')
-    p.add_argument("--output", required=True, help="per-problem JSONL rows (overwritten; not resumed)")
+    p.add_argument("--output", required=True, help="per-problem JSONL rows (a new file; not resumed)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --output")
     p.add_argument("--table", default=None, help="also write the markdown accuracy table here")
     runner.add_generation_args(p)
     p.add_argument("--policies", default="full,longflow", help=f"comma-separated, from {POLICIES}")
@@ -306,6 +311,15 @@ def run(args) -> None:
     policies = parse_list("--policies", args.policies, str)
     budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
+    if same_file(args.output, args.input):
+        raise ValueError(
+            f"--output {args.output} is the same file as --input {args.input}: the rows would replace "
+            "the problems; pass another --output"
+        )
+    if os.path.exists(args.output) and not args.overwrite:
+        raise ValueError(
+            f"--output {args.output} exists: pass --overwrite to replace it, or another --output"
+        )
     with lock_output(args.output, PROG):
         evaluate(args, policies, budgets, runs)
 

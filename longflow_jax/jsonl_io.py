@@ -1,8 +1,9 @@
 """JSONL records in and rows out: validation with line numbers, per-process output paths, resume.
 
 Each batch's rows are written with one write, flush and fsync, so a crash loses at most the batch in
-flight; a partial last line left by a crash mid-write is cut off on the next run. One process writes an
-output at a time (`lock_output`).
+flight; a partial last line left by a crash mid-write is cut off on the next run, once the rows before it
+are known to be a resumable output (`cut_partial_lines`). One process writes an output at a time
+(`lock_output`).
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import glob
 import json
 import math
 import os
+import re
 import time
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -54,19 +56,47 @@ def _finite_float(text: str) -> float:
     return value
 
 
+def _unencodable_string(obj: Any) -> str | None:
+    """The first string (value or key) in obj that UTF-8 cannot encode (a lone surrogate such as
+    "\\ud800"), or None. Iterative: the depth is json's to limit."""
+    stack = [obj]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return item
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return None
+
+
 def parse_json_line(line: bytes) -> Any:
-    """Strict JSON of one line: UTF-8, no NaN/Infinity, no number that overflows to inf. Raises
+    """Strict JSON of one line: UTF-8, no NaN/Infinity, no number that overflows to inf, no string that
+    UTF-8 cannot encode (a lone surrogate escape: the row made from it could not be written). Raises
     ValueError with the reason."""
     try:
         text = line.decode("utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"not UTF-8 (byte 0x{line[e.start]:02x} at column {e.start + 1})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
+        obj = json.loads(text, parse_constant=_reject_constant, parse_float=_finite_float)
     except json.JSONDecodeError as e:
         raise ValueError(f"bad JSON ({e.msg} at column {e.colno})") from None
     except ValueError as e:
         raise ValueError(f"bad JSON ({e})") from None
+    bad = _unencodable_string(obj)
+    if bad is not None:
+        shown = bad if len(bad) <= 40 else bad[:37] + "..."
+        raise ValueError(
+            f"bad JSON (the string {shown!r} holds a lone surrogate escape, which UTF-8 cannot encode; "
+            "expected text made of whole characters)"
+        )
+    return obj
 
 
 def read_jsonl_records(
@@ -132,11 +162,29 @@ def output_path(path: str, process_index: int, process_count: int) -> str:
     return f"{stem}.{process_index}-of-{process_count}{ext}"
 
 
-def sibling_outputs(path: str) -> list[str]:
-    """The plain output and every per-process output of any process count, those that exist."""
-    stem, ext = os.path.splitext(path)
-    found = sorted(glob.glob(f"{glob.escape(stem)}.*-of-*{glob.escape(ext)}"))
-    return ([path] if os.path.isfile(path) else []) + [p for p in found if p != path]
+def sibling_outputs(output: str) -> list[str]:
+    """The files that `output_path` makes of `output` (the --output path) and that exist: output itself,
+    then OUT.i-of-n.jsonl (0 <= i < n, n >= 2, no leading zeros) for any process count n, sorted."""
+    stem, ext = os.path.splitext(output)
+    shard = re.compile(re.escape(stem) + r"\.([0-9]+)-of-([0-9]+)" + re.escape(ext))
+    found = []
+    for path in sorted(glob.glob(f"{glob.escape(stem)}.*-of-*{glob.escape(ext)}")):
+        m = shard.fullmatch(path)
+        if m and int(m[1]) < int(m[2]) and output_path(output, int(m[1]), int(m[2])) == path:
+            found.append(path)
+    return ([output] if os.path.isfile(output) else []) + found
+
+
+def same_file(a: str, b: str) -> bool:
+    """Whether a and b are one existing file (through a link or another spelling of the path)."""
+    try:
+        return os.path.samefile(a, b)
+    except OSError:  # one of them is missing (or its folder is a file): not one file
+        return False
+
+
+# Every row of a resumable output begins so (`append_lines` of rows whose first key is "id").
+ROW_START = b'{"id": '
 
 
 @dataclasses.dataclass
@@ -146,15 +194,20 @@ class OutputState:
     ids: set[str] = dataclasses.field(default_factory=set)  # id_key of every row
     # json text of a row's "settings" (null when it has none) -> "path:line" of its first row
     settings: dict[str, str] = dataclasses.field(default_factory=dict)
-    notes: list[str] = dataclasses.field(default_factory=list)  # what was repaired or ignored
+    notes: list[str] = dataclasses.field(default_factory=list)  # what was ignored
+    # path -> byte length of its whole lines, for this process's file when a partial last line follows
+    partial: dict[str, int] = dataclasses.field(default_factory=dict)
 
 
-def read_output(path: str, truncate: bool, state: OutputState | None = None) -> OutputState:
-    """Add the rows of `path` (if it exists) to state.
+def read_output(path: str, own: bool, state: OutputState | None = None) -> OutputState:
+    """Add the rows of `path` (if it exists) to state; the file is only read.
 
-    A last line without its newline is a write cut short by a crash: cut off the file with truncate=True
-    (this process's file), else ignored (another host's, maybe being written now). A line that is not
-    UTF-8 or not a JSON object with an id is ignored, named by its line number, and its prompt redone.
+    A last line without its newline is a write cut short by a crash. In this process's file (own=True) it
+    must begin like a row (ROW_START, else ValueError: the file is not an output to resume); if it is a
+    whole JSON object its settings are checked with the others; state.partial records where to cut it
+    (`cut_partial_lines`, once the caller has checked the settings). In another host's file (maybe being
+    written now) it is ignored. A line that is not UTF-8 or not a JSON object with an id is ignored,
+    named by its line number, and its prompt redone.
     """
     state = OutputState() if state is None else state
     if not os.path.isfile(path):
@@ -162,13 +215,8 @@ def read_output(path: str, truncate: bool, state: OutputState | None = None) -> 
     with open(path, "rb") as f:
         content = f.read()
     end = content.rfind(b"\n") + 1
-    if end < len(content) and truncate:
-        with open(path, "r+b") as f:
-            f.truncate(end)
-            f.flush()
-            os.fsync(f.fileno())
-        state.notes.append(f"{path}: truncated a partial last line ({len(content) - end} bytes)")
-    for number, line in enumerate(content[:end].splitlines(), 1):
+    lines = content[:end].splitlines()
+    for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
@@ -180,16 +228,46 @@ def read_output(path: str, truncate: bool, state: OutputState | None = None) -> 
             continue
         settings = json.dumps(row.get("settings"), sort_keys=True)
         state.settings.setdefault(settings, f"{path}:{number}")
+    piece = content[end:]
+    if own and piece.strip():
+        where = f"{path}:{len(lines) + 1}"
+        if not (piece.startswith(ROW_START) or ROW_START.startswith(piece)):
+            raise ValueError(
+                f"{where}: the last line has no newline and does not begin like a row ({ROW_START!r}), "
+                f"so {path} is not an output to resume (left as it is); pass another output path"
+            )
+        try:
+            row = parse_json_line(piece)
+        except ValueError:
+            row = None  # cut short: only its start is there
+        if isinstance(row, dict):
+            state.settings.setdefault(json.dumps(row.get("settings"), sort_keys=True), where)
+        state.partial[path] = end
     return state
 
 
-def read_outputs_of_all_processes(out_path: str) -> OutputState:
-    """read_output over every sibling output, so a resume with another process count redoes nothing;
-    only out_path (this process's file) is repaired."""
+def read_outputs_of_all_processes(output: str, out_path: str) -> OutputState:
+    """read_output over every sibling output of `output` (the --output path), so a resume with another
+    process count redoes nothing; out_path is this process's file."""
     state = OutputState()
-    for path in sibling_outputs(out_path):
-        read_output(path, truncate=path == out_path, state=state)
+    for path in sibling_outputs(output):
+        read_output(path, own=path == out_path, state=state)
     return state
+
+
+def cut_partial_lines(state: OutputState) -> list[str]:
+    """Cut off the partial last lines that `read_output` found (call it once the rows before them are
+    known to be resumable); returns a note per file cut."""
+    notes = []
+    for path, end in state.partial.items():
+        with open(path, "r+b") as f:
+            cut = f.seek(0, os.SEEK_END) - end
+            f.truncate(end)
+            f.flush()
+            os.fsync(f.fileno())
+        notes.append(f"{path}: truncated a partial last line ({cut} bytes)")
+    state.partial.clear()
+    return notes
 
 
 def settings_differences(state: OutputState, settings: dict) -> list[str]:

@@ -199,6 +199,76 @@ def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckp
     assert open(tmp_path / backup, "rb").read().count(b"\n") == 3  # the old rows, kept
 
 
+def test_an_output_that_is_the_input_is_refused_and_left_untouched(chat_ckpt, tmp_path, capsys):
+    inp = tmp_path / "in.jsonl"
+    content = "\n".join(json.dumps(g) for g in GOOD).encode()  # no final newline
+    inp.write_bytes(content)
+    os.symlink(inp, tmp_path / "link.jsonl")
+    for out in (str(inp), str(tmp_path / "link.jsonl")):
+        assert run_batch(chat_ckpt, str(inp), out) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out} is the same file as --input {inp}" in err
+        assert inp.read_bytes() == content
+    # a per-process output that is the input: read by a resume, renamed by --force-new
+    os.symlink(inp, tmp_path / "out.0-of-2.jsonl")
+    assert run_batch(chat_ckpt, str(inp), str(tmp_path / "out.jsonl"), "--force-new") == 2
+    assert (
+        f"(its per-process output {tmp_path / 'out.0-of-2.jsonl'}) is the same file"
+        in capsys.readouterr().err
+    )
+    assert inp.read_bytes() == content
+
+
+def test_a_partial_last_line_is_cut_only_after_the_settings_check_passes(chat_ckpt, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    out = tmp_path / "out.jsonl"
+    # someone's JSONL without a final newline: its rows record no settings, so it is refused as it is
+    content = "\n".join(json.dumps(g) for g in GOOD[1:]).encode()
+    out.write_bytes(content)
+    assert run_batch(chat_ckpt, inp, str(out)) == 2
+    assert f"{out}:1: the row records no settings" in capsys.readouterr().err
+    assert out.read_bytes() == content
+    # a crash's partial line after rows of other settings: refused, nothing cut; resumed with the same
+    out.unlink()
+    assert run_batch(chat_ckpt, inp, str(out)) == 0
+    with open(out, "ab") as f:
+        f.write(b'{"id": 9, "te')
+    content = out.read_bytes()
+    assert run_batch(chat_ckpt, inp, str(out), "--policy", "h2o") == 2
+    assert "cannot be resumed" in capsys.readouterr().err and out.read_bytes() == content
+    assert run_batch(chat_ckpt, inp, str(out)) == 0
+    assert f"{out}: truncated a partial last line (13 bytes)" in capsys.readouterr().err
+    assert out.read_bytes() == content[: -len(b'{"id": 9, "te')]
+
+
+def test_an_id_utf8_cannot_encode_is_a_skipped_line_and_the_others_are_written(chat_ckpt, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", [GOOD[0], '{"id": "a\\ud800", "prompt": "hi"}', GOOD[3]])
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch(chat_ckpt, inp, out) == 0
+    assert "line 2: bad JSON (the string 'a\\ud800' holds a lone surrogate" in capsys.readouterr().err
+    assert sorted(r["id"] for r in read_rows(out)) == [1, 5]
+
+
+def test_files_merely_named_like_shards_are_neither_read_nor_renamed(chat_ckpt, tmp_path, capsys):
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:1])
+    out = str(tmp_path / "out.jsonl")
+    mine = tmp_path / "out.top-of-list.jsonl"
+    mine.write_text(json.dumps({"id": 1, "note": "not an output"}) + "\n")
+    assert run_batch(chat_ckpt, inp, out) == 0
+    assert [r["id"] for r in read_rows(out)] == [1]
+    assert run_batch(chat_ckpt, inp, out, "--force-new") == 0
+    assert mine.read_text() == json.dumps({"id": 1, "note": "not an output"}) + "\n"
+
+
+def test_a_process_of_several_skips_the_ids_done_by_a_single_process_run(chat_ckpt, tmp_path, monkeypatch):
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD)
+    out = str(tmp_path / "out.jsonl")
+    assert run_batch(chat_ckpt, inp, out) == 0
+    monkeypatch.setattr(batch, "start_processes", lambda args: (1, 2))
+    assert run_batch(chat_ckpt, inp, out, "--distributed") == 0
+    assert read_rows(tmp_path / "out.1-of-2.jsonl") == []  # its share, "b" and 5, is in out.jsonl
+
+
 def test_rows_carry_logprobs_and_stop_strings_and_ignore_eos_runs_on(chat_ckpt, tmp_path, capsys):
     from transformers import AutoTokenizer
 
@@ -272,9 +342,21 @@ def test_a_row_with_nan_logits_is_an_error_row_with_a_warning(chat_ckpt, tmp_pat
 @pytest.mark.parametrize(
     "extra, lines, message",
     [
-        (["--temperature", "nan"], GOOD, "--temperature must be a finite number >= 0, got nan"),
-        (["--temperature", "inf"], GOOD, "--temperature must be a finite number >= 0, got inf"),
-        (["--temperature", "-0.5"], GOOD, "--temperature must be a finite number >= 0, got -0.5"),
+        (
+            ["--temperature", "nan"],
+            GOOD,
+            "--temperature must be 0 (greedy) or a finite number >= 1e-06, got nan",
+        ),
+        (
+            ["--temperature", "inf"],
+            GOOD,
+            "--temperature must be 0 (greedy) or a finite number >= 1e-06, got inf",
+        ),
+        (
+            ["--temperature", "-0.5"],
+            GOOD,
+            "--temperature must be 0 (greedy) or a finite number >= 1e-06, got -0.5",
+        ),
         (["--top-p", "0"], GOOD, "--top-p must be in (0, 1], got 0.0"),
         (["--top-p", "1.5"], GOOD, "--top-p must be in (0, 1], got 1.5"),
         (["--top-p", "nan"], GOOD, "--top-p must be in (0, 1], got nan"),

@@ -1,6 +1,7 @@
 """longflow-eval: answer extraction and scoring on hand-written cases, and the harness end to end."""
 
 import json
+import os
 from fractions import Fraction
 
 import pytest
@@ -164,6 +165,13 @@ def test_to_number():
     assert to_number(r"\sqrt{2}") is None and to_number("x") is None and to_number("1,23") is None
 
 
+def test_to_number_counts_any_number_of_leading_signs():
+    # a degenerate answer of a small-budget run: thousands of signs, no RecursionError
+    assert to_number("-" * 5001 + "3") == -3 and to_number("+-" * 5000 + r"\frac{1}{2}") == Fraction(1, 2)
+    assert to_number("-+" * 3000 + "-1/4") == Fraction(-1, 4) and to_number("-" * 3000) is None
+    assert answers_match("-" * 4000 + "7", "7") and not answers_match("-" * 4001 + "7", "7")
+
+
 def test_runs_and_table():
     runs = eval_math.runs_for(["full", "longflow", "h2o"], [64, 128])
     assert runs == [("full", None), ("longflow", 64), ("longflow", 128), ("h2o", 64), ("h2o", 128)]
@@ -249,6 +257,33 @@ def test_a_problem_with_nan_logits_is_an_error_row_scored_wrong(chat_ckpt, tmp_p
     assert rows["g1"]["finish_reason"] in ("stop", "length")
 
 
+def test_an_existing_output_is_refused_unless_overwrite(chat_ckpt, tmp_path, capsys):
+    inp = tmp_path / "problems.jsonl"
+    inp.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    out = tmp_path / "rows.jsonl"
+    out.write_text("someone's rows\n")
+    argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--policies", "longflow"]
+    argv += ["--budgets", "32", "--max-new-tokens", "4", "--quiet"]
+    assert eval_math.main(argv) == 2
+    err = capsys.readouterr().err
+    assert f"longflow-eval: error: --output {out} exists: pass --overwrite to replace it" in err
+    assert out.read_text() == "someone's rows\n"
+    assert eval_math.main(argv + ["--overwrite"]) == 0
+    assert [json.loads(line)["id"] for line in out.read_text().splitlines()] == ["g1"]
+
+
+def test_an_output_that_is_the_input_is_refused_even_with_overwrite(chat_ckpt, tmp_path, capsys):
+    inp = tmp_path / "problems.jsonl"
+    inp.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    os.symlink(inp, tmp_path / "link.jsonl")
+    for out in (str(inp), str(tmp_path / "link.jsonl")):
+        argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", out, "--overwrite", "--quiet"]
+        assert eval_math.main(argv + ["--budgets", "32", "--max-new-tokens", "4"]) == 2
+        err = capsys.readouterr().err
+        assert f"--output {out} is the same file as --input {inp}: the rows would replace the problems" in err
+        assert inp.read_text() == json.dumps(PROBLEMS[0]) + "\n"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
@@ -259,7 +294,7 @@ def test_a_problem_with_nan_logits_is_an_error_row_scored_wrong(chat_ckpt, tmp_p
         (["--policies", "snap"], "unknown policy 'snap'"),
         (["--limit", "-1"], "--limit must be >= 1, got -1"),
         (["--limit", "0"], "--limit must be >= 1, got 0"),
-        (["--temperature", "nan"], "--temperature must be a finite number >= 0, got nan"),
+        (["--temperature", "nan"], "--temperature must be 0 (greedy) or a finite number >= 1e-06, got nan"),
         (["--top-p", "-1"], "--top-p must be in (0, 1], got -1.0"),
         (["--batch-size", "0"], "--batch-size must be >= 1, got 0"),
         (["--max-new-tokens", "-1"], "--max-new-tokens must be >= 1, got -1"),

@@ -47,11 +47,60 @@ def test_malformed_lines_are_reported_with_line_numbers(tmp_path):
 def test_partial_last_line_is_truncated_only_in_our_own_file(tmp_path):
     path = tmp_path / "out.jsonl"
     path.write_bytes(b'{"id": 1, "text": "a"}\n{"id": "x", "text": "b"}\n{"id": 3, "te')
-    state = jsonl_io.read_output(str(path), truncate=False)
-    assert state.ids == {"1", '"x"'} and not state.notes and path.read_bytes().endswith(b'"te')
-    state = jsonl_io.read_output(str(path), truncate=True)
-    assert state.ids == {"1", '"x"'} and "truncated" in state.notes[0]
+    state = jsonl_io.read_output(str(path), own=False)
+    assert state.ids == {"1", '"x"'} and not state.notes and not state.partial
+    state = jsonl_io.read_output(str(path), own=True)
+    assert state.ids == {"1", '"x"'} and path.read_bytes().endswith(b'"te')  # reading cuts nothing
+    notes = jsonl_io.cut_partial_lines(state)
+    assert "truncated a partial last line (13 bytes)" in notes[0]
     assert path.read_bytes().endswith(b'"b"}\n')
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b'{"id": 1, "prompt": "a"}\n{"id": 2, "prompt": "no final newline"}',  # rows without settings
+        b'{"id": 1, "settings": {"budget": 64}}\n{"id": 2, "se',  # other settings
+        b'{"id": 1, "settings": {"budget": 32}}\n{"id": 2, "settings": {"budget": 64}}',  # a whole last row
+    ],
+)
+def test_a_partial_last_line_is_not_cut_while_the_settings_check_refuses(tmp_path, content):
+    path = tmp_path / "out.jsonl"
+    path.write_bytes(content)
+    state = jsonl_io.read_output(str(path), own=True)
+    assert jsonl_io.settings_differences(state, {"budget": 32})  # the caller refuses and cuts nothing
+    assert path.read_bytes() == content
+
+
+@pytest.mark.parametrize("tail", [b"last words", b"[1, 2]", b'{"text": "a", "id": 3}'])
+def test_a_last_line_that_does_not_begin_like_a_row_is_refused_untouched(tmp_path, tail):
+    path = tmp_path / "notes.jsonl"
+    content = b'{"id": 1, "settings": {"budget": 32}}\n' + tail
+    path.write_bytes(content)
+    with pytest.raises(ValueError, match=f"{path}:2: the last line has no newline and does not begin"):
+        jsonl_io.read_output(str(path), own=True)
+    assert path.read_bytes() == content
+    assert jsonl_io.read_output(str(path), own=False).ids == {"1"}  # another host's file: ignored
+
+
+def test_strings_utf8_cannot_encode_are_malformed_lines(tmp_path):
+    path = tmp_path / "in.jsonl"
+    lines = [
+        '{"id": 1, "prompt": "ok"}',
+        '{"id": "a\\ud800", "prompt": "lone high surrogate in the id"}',
+        '{"id": 3, "prompt": "lone low \\udc00"}',
+        '{"id": 4, "prompt": "x", "meta": [{"\\udfff": 1}]}',  # a key, nested
+        '{"id": 5, "prompt": "a pair is one character: \\ud83d\\ude00"}',
+    ]
+    path.write_text("\n".join(lines) + "\n")
+    records, skipped = jsonl_io.read_jsonl_records(str(path), jsonl_io.validate_prompt_record)
+    assert [(r.id, r.data) for r in records] == [
+        (1, ("prompt", "ok")),
+        (5, ("prompt", "a pair is one character: \U0001f600")),
+    ]
+    assert [s.line for s in skipped] == [2, 3, 4]
+    assert skipped[0].reason.startswith("bad JSON (the string 'a\\ud800' holds a lone surrogate escape")
+    assert all("UTF-8 cannot encode" in s.reason for s in skipped)
 
 
 def test_undecodable_input_lines_are_skipped_by_number(tmp_path):
@@ -85,7 +134,7 @@ def test_unreadable_output_lines_are_named_and_their_ids_redone(tmp_path):
         json.dumps({"id": 5}).encode(),
     ]
     path.write_bytes(b"\n".join(rows) + b"\n")
-    state = jsonl_io.read_output(str(path), truncate=True)
+    state = jsonl_io.read_output(str(path), own=True)
     assert state.ids == {"1", "4", "5"}
     assert [n.split(": ", 1)[0] for n in state.notes] == [f"{path}:2", f"{path}:3"]
     assert "not UTF-8" in state.notes[0]
@@ -122,3 +171,13 @@ def test_output_paths_per_process(tmp_path):
         "res.0-of-2.jsonl",
         "res.1-of-2.jsonl",
     ]
+
+
+def test_sibling_outputs_are_only_the_names_output_path_makes(tmp_path):
+    out = str(tmp_path / "res.jsonl")
+    made = ["res.1-of-2.jsonl", "res.10-of-12.jsonl"]
+    others = ["res.top-of-list.jsonl", "res.a-of-2.jsonl", "res.01-of-2.jsonl", "res.2-of-2.jsonl"]
+    others += ["res.0-of-1.jsonl", "res.x.0-of-2.jsonl", "res.0-of-2.jsonl.bak", "res.0-of-2-of-3.jsonl"]
+    for name in made + others:
+        (tmp_path / name).write_text("")
+    assert [os.path.basename(p) for p in jsonl_io.sibling_outputs(out)] == made  # res.jsonl itself: absent
