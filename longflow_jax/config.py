@@ -88,6 +88,10 @@ class ModelConfig:
                 f"num_key_value_heads ({self.num_kv_heads})"
             )
         _check(self.head_dim % 2 == 0, "head_dim", "even for RoPE", self.head_dim)
+        eos, pad, vocab = self.eos_token_ids, self.pad_token_id, self.vocab_size
+        ids_ok = isinstance(eos, tuple) and all(_is_int(i) and 0 <= i < vocab for i in eos)
+        _check(ids_ok, "eos_token_ids", f"a tuple of token ids in [0, {vocab})", eos)
+        _check(_is_int(pad) and 0 <= pad < vocab, "pad_token_id", f"a token id in [0, {vocab})", pad)
         dtype_from_name(self.dtype)
 
     @property
@@ -156,10 +160,17 @@ class ModelConfig:
             head_dim = hidden // num_heads
         attention_bias = bool(hf.get("attention_bias", False))
         gen = generation_config or {}
-        eos = _as_id_tuple(hf.get("eos_token_id")) + _as_id_tuple(gen.get("eos_token_id"))
-        eos = tuple(dict.fromkeys(eos))
+        eos = _as_id_tuple(hf.get("eos_token_id"), "eos_token_id")
+        eos = tuple(dict.fromkeys(eos + _as_id_tuple(gen.get("eos_token_id"), "generation eos_token_id")))
+        # A negative pad id (-1 in some Llama configs) means none, as an absent one does.
         pads = [p for p in (hf.get("pad_token_id"), gen.get("pad_token_id")) if p is not None]
+        for p in pads:
+            _check(_is_int(p), "config.json field 'pad_token_id'", "a token id (an int)", p)
+        pads = [p for p in pads if p >= 0]
         pad = pads[0] if pads else eos[0] if eos else 0
+        max_len = (
+            4096 if hf.get("max_position_embeddings") is None else _hf_size(hf, "max_position_embeddings")
+        )
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
         if dtype not in DTYPES:
             raise ValueError(f"unsupported checkpoint dtype {dtype!r}; expected one of {sorted(DTYPES)}")
@@ -172,9 +183,9 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=float(rope_theta),
-            max_position_embeddings=int(hf.get("max_position_embeddings", 4096)),
+            rms_norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6),
+            rope_theta=_hf_number(hf, "rope_theta", 10000.0, rope_theta),
+            max_position_embeddings=max_len,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
@@ -223,13 +234,25 @@ def _read_json(path: str):
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _as_id_tuple(value) -> tuple[int, ...]:
+def _hf_number(hf: dict, field: str, default: float, value=None) -> float:
+    """A finite float field of config.json (`value` where it was read elsewhere), `default` if absent."""
+    value = hf.get(field, default) if value is None else value
+    _check(_is_finite(value), f"config.json field {field!r}", "a finite number", value)
+    return float(value)
+
+
+def _as_id_tuple(value, field: str) -> tuple[int, ...]:
+    """config.json's eos ids: an int, a list of ints, or absent; strings and floats are refused (a
+    string "12" iterated would be the ids 1 and 2)."""
     if value is None:
         return ()
-    if isinstance(value, int):
-        return (value,)
-    return tuple(int(v) for v in value)
+    ids = [value] if not isinstance(value, (list, tuple)) else list(value)
+    _check(all(_is_int(i) and i >= 0 for i in ids), f"config.json field {field!r}",
+           "a token id or a list of them (ints >= 0)", value)  # fmt: skip
+    return tuple(int(i) for i in ids)
 
+
+MIN_TEMPERATURE = 1e-6  # the smallest temperature a sampling run takes (0 is greedy)
 
 POLICIES = ("full", "longflow", "streaming", "h2o", "tova", "random", "rkv", "thinkv")
 # R-KV's observation window (rkv.py): its budget must leave room for more than the window.
@@ -345,8 +368,11 @@ class CompressionConfig:
       rkv.py: compresses a full buffer back to the budget at once; budget > RKV_WINDOW).
     budget: slots per layer per sequence (C). Ignored for "full".
     granularity: "sequence" (one evict slot per sequence per layer, the paper's) or "kv_head".
-    snapkv_window / snapkv_pool: SnapKV prefill compression when a prompt exceeds budget - 1.
-    num_sinks: first positions "streaming" never evicts.
+    snapkv_window / snapkv_pool: SnapKV prefill compression when a prompt exceeds budget - 1 (every
+      policy but "rkv" and "thinkv", "streaming" included: the baselines differ only in what they
+      evict while decoding).
+    num_sinks: first positions "streaming" never evicts while decoding (of a prompt longer than budget -
+      1, SnapKV's prefill keeps them only where they score).
     recent_window: newest positions "h2o" never evicts (None: budget // 2, as in the H2O paper).
     rkv_buffer: slots "rkv" fills beyond the budget before it compresses back to the budget (the
       paper's 128).
@@ -447,7 +473,10 @@ class SamplingConfig:
 
     def __post_init__(self):
         t, k, p = self.temperature, self.top_k, self.top_p
-        _check(_is_finite(t) and t >= 0, "temperature", "a finite number >= 0", t)
+        # float32 logits divided by a temperature below about 1e-6 leave no other token a chance anyway,
+        # and one below float32's smallest normal number (1.2e-38) is flushed to 0 on some backends.
+        ok = _is_finite(t) and (t == 0 or t >= MIN_TEMPERATURE)
+        _check(ok, "temperature", f"0 (greedy) or a finite number >= {MIN_TEMPERATURE}", t)
         _check(_is_int(k) and k >= 0, "top_k", "an int >= 0", k)
         _check(_is_finite(p) and 0.0 < p <= 1.0, "top_p", "a number in (0, 1]", p)
         r = self.repetition_penalty

@@ -268,6 +268,24 @@ def _fingerprint(tokens) -> str:
     return hashlib.sha1(np.asarray(tokens, np.int64).tobytes()).hexdigest()
 
 
+def check_same_problems(done: list[dict], ids: list) -> None:
+    """Resumed runs must cover exactly this input's problems: a table would otherwise average one run
+    over other problems than the next (an input grown or cut since the rows were made)."""
+    want = {id_key(i): i for i in ids}
+    covered = {}
+    for r in done:
+        covered.setdefault(run_key(r), {})[id_key(r["id"])] = r["id"]
+    for run, have in covered.items():
+        missing = [want[k] for k in want if k not in have]
+        extra = [have[k] for k in have if k not in want]
+        if missing or extra:
+            raise ValueError(
+                f"--resume: --output's {run[0]} rows (budget {run[2]}) were made on other problems than "
+                f"--input holds now ({len(missing)} of its problems missing, e.g. {missing[:3]}; "
+                f"{len(extra)} not in it, e.g. {extra[:3]}): use another --output"
+            )
+
+
 def check_same_trajectories(done: list[dict], fingerprints: dict, lengths: dict) -> None:
     """Resumed rows must have been scored along the trajectories the full cache generates now: another
     device or jax can sample others, and a table mixing them compares runs on different text."""
@@ -348,6 +366,7 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
     full_answers = [extract_answer(c.text)[0] for c in full]
     fingerprints = [_fingerprint(c.tokens) for c in full]
     fingerprint_of = {id_key(r.id): f for r, f in zip(records, fingerprints)}
+    check_same_problems(done, [r.id for r in records])
     check_same_trajectories(
         done, fingerprint_of, {id_key(r.id): len(c.tokens) for r, c in zip(records, full)}
     )

@@ -99,11 +99,17 @@ def buffer_capacity(compression: CompressionConfig, prompt_len: int, max_new_tok
 
 
 def kv_cache_bytes(
-    config: ModelConfig, compression: CompressionConfig, batch: int, prompt_len: int, max_new_tokens: int
+    config: ModelConfig,
+    compression: CompressionConfig | None,
+    batch: int,
+    prompt_len: int,
+    max_new_tokens: int,
 ) -> int:
     """Bytes of the cache `generate` allocates for this shape: every layer's K/V buffers (quantized
     payloads and scales with kv_quant) and slot bookkeeping, "rkv"'s query ring, and "thinkv"'s tier
-    regions and segment tables. The Triton kernel's per-layer tickets (B * Hkv int32) come on top."""
+    regions and segment tables. The Triton kernel's per-layer tickets (B * Hkv int32) come on top.
+    compression None is the full cache; a job `generate` would refuse is refused here too."""
+    compression = _checked_plan(config, compression, batch, prompt_len, max_new_tokens)
     compression = effective_compression(compression, prompt_len, max_new_tokens)
     capacity = buffer_capacity(compression, prompt_len, max_new_tokens)
     groups = num_score_groups(config.num_kv_heads, compression.granularity)
@@ -130,6 +136,19 @@ def kv_cache_bytes(
     return kv + config.num_layers * per_layer
 
 
+def _checked_plan(config, compression, batch, prompt_len, max_new_tokens) -> CompressionConfig:
+    """compression (None: the full cache) for a job of this shape, checked as `generate` checks it."""
+    compression = FULL if compression is None else compression
+    if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
+        raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
+    ids, lengths = (
+        jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
+        jax.ShapeDtypeStruct((batch,), jnp.int32),
+    )
+    check_generate_inputs(config, ids, lengths, max_new_tokens, compression, SamplingConfig(), "reference")
+    return compression
+
+
 def step_working_set_bytes(
     config: ModelConfig, compression: CompressionConfig, max_new_tokens: int, prompt_len: int
 ) -> int:
@@ -153,7 +172,7 @@ def step_working_set_bytes(
 
 def max_batch(
     config: ModelConfig,
-    compression: CompressionConfig,
+    compression: CompressionConfig | None,
     max_new_tokens: int,
     prompt_len: int,
     device_bytes: int,
@@ -172,7 +191,8 @@ def max_batch(
     and temporaries, as XLA counts them, fit device_bytes. It starts at the estimate and takes a few
     compiles. The estimate can be off either way: XLA's working set for a decode step is its own choice
     (docs/BENCHMARKS.md has cases above and below it).
-    ValueError if no row fits."""
+    ValueError if no row fits, or for a job `generate` would refuse; compression None is the full cache."""
+    compression = _checked_plan(config, compression, 1, prompt_len, max_new_tokens)
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
     work = step_working_set_bytes(config, compression, max_new_tokens, prompt_len)
     row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work
@@ -636,7 +656,18 @@ def _options(
 
 
 def _as_key(seed):
-    return jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+    """seed as a PRNG key: an int (Python, numpy, or a scalar integer array, traced or not) is a seed,
+    a raw uint32[2] key or a typed key array is used as it is."""
+    if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        return jax.random.PRNGKey(seed)
+    dtype, shape = getattr(seed, "dtype", None), getattr(seed, "shape", None)
+    if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
+        return seed
+    if dtype == jnp.uint32 and shape == (2,):
+        return seed
+    if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_ and shape == ():
+        return jax.random.PRNGKey(seed)
+    raise ValueError(f"seed must be an int or a jax PRNG key (uint32[2] or a typed key), got {seed!r}")
 
 
 def _static_options(config, return_debug, *, max_new_tokens, top_logprobs, prefill_rows_per_chunk, **rest):

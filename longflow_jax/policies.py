@@ -6,7 +6,8 @@ evict the argmin (ties: lowest slot). One line each:
   tova      TOVA (Oren et al. 2024): current query's attention alone, summed over heads.
   h2o       H2O (Zhang et al. 2023): attention accumulated over all steps; the newest
             `recent_window` positions are protected.
-  streaming StreamingLLM (Xiao et al. 2023): keep `num_sinks` first positions, evict the oldest other.
+  streaming StreamingLLM (Xiao et al. 2023): keep `num_sinks` first positions, evict the oldest other
+            (while decoding; the prompt passes SnapKV's prefill as every policy's does).
   random    a uniformly random filled slot: the floor any scoring must beat.
 "rkv" (R-KV) picks no single slot: it compresses a full buffer at once (rkv.py).
 """

@@ -26,7 +26,14 @@ import numpy as np
 from pallas_kernels.quant import KV_QUANT_KINDS
 
 from .bucketing import Batch, bucket_length, plan_batches, round_up
-from .config import THINKV_CALIBRATION_FILE, CompressionConfig, SamplingConfig, ThinKVConfig, dtype_from_name
+from .config import (
+    MIN_TEMPERATURE,
+    THINKV_CALIBRATION_FILE,
+    CompressionConfig,
+    SamplingConfig,
+    ThinKVConfig,
+    dtype_from_name,
+)
 from .jsonl_io import Record, Skipped, id_key, read_jsonl_records
 from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
 
@@ -198,8 +205,9 @@ def check_args(args) -> None:
         raise ValueError(
             f"--mesh data={mesh[0]},model={mesh[1]} is {math.prod(mesh)} devices, not --devices {devices}"
         )
-    if not (math.isfinite(args.temperature) and args.temperature >= 0):
-        raise ValueError(f"--temperature must be a finite number >= 0, got {args.temperature}")
+    t = args.temperature
+    if not (math.isfinite(t) and (t == 0 or t >= MIN_TEMPERATURE)):
+        raise ValueError(f"--temperature must be 0 (greedy) or a finite number >= {MIN_TEMPERATURE}, got {t}")
     if not 0.0 < args.top_p <= 1.0:
         raise ValueError(f"--top-p must be in (0, 1], got {args.top_p}")
     try:

@@ -101,11 +101,19 @@ def process_logits(logits, sampling: SamplingConfig, stop_ids, num_generated, hi
     return logits
 
 
+def _tempered(logits, temperature: float):
+    """logits / temperature with each row's max taken off first: under a tiny temperature the best
+    logit then stays 0 and the others go to -inf, where dividing first would send the best to +inf (and
+    every positive one with it, a tie of infinities and NaN log-probs). Softmax is unchanged by it."""
+    top = jnp.max(logits, axis=-1, keepdims=True)
+    return (logits - jnp.where(jnp.isfinite(top), top, 0.0)) / temperature
+
+
 def sample_next(logits, key, sampling: SamplingConfig):
     """logits [B, V] float32 (processed) -> tokens [B] int32."""
     if sampling.temperature == 0.0:
         return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    logits = logits / sampling.temperature
+    logits = _tempered(logits, sampling.temperature)
     if sampling.top_k:
         kth = jax.lax.top_k(logits, min(sampling.top_k, logits.shape[-1]))[0][:, -1:]
         logits = jnp.where(logits < kth, -jnp.inf, logits)
@@ -126,7 +134,7 @@ def token_logprobs(logits, tokens, sampling: SamplingConfig, top_k: int):
     Returns (log-prob of tokens [B], and with top_k > 0 the k best [B, k] and their ids [B, k], best
     first; else None, None).
     """
-    scaled = logits / sampling.temperature if sampling.temperature else logits
+    scaled = _tempered(logits, sampling.temperature) if sampling.temperature else logits
     logp = jax.nn.log_softmax(scaled, axis=-1)
     chosen = jnp.take_along_axis(logp, tokens[:, None], axis=-1)[:, 0]
     if not top_k:

@@ -149,6 +149,23 @@ def test_resume_refuses_rows_scored_along_other_trajectories():
         check_same_trajectories(rows, {a: "1f", b: "2e"}, {a: 5, b: 6})
 
 
+def test_resume_refuses_runs_made_on_other_problems():
+    from longflow_jax.fidelity import check_same_problems
+
+    row = lambda i, policy: dict(id=i, policy=policy, granularity="sequence", budget=8, kv_quant=None)
+    done = [row("p1", "longflow"), row("p2", "longflow"), row(2, "h2o"), row("p2", "h2o")]
+    check_same_problems([], ["p1", "p2", "p3"])
+    check_same_problems(done[:2], ["p2", "p1"])
+    with pytest.raises(
+        ValueError, match=r"longflow rows \(budget 8\) .*\(1 of its problems missing, e.g. \['p3'\]"
+    ):
+        check_same_problems(done[:2], ["p1", "p2", "p3"])  # a problem added to the input since
+    with pytest.raises(ValueError, match=r"0 of its problems missing.*1 not in it, e.g. \['p1'\]"):
+        check_same_problems(done[:2], ["p2"])  # a problem dropped
+    with pytest.raises(ValueError, match=r"h2o rows .* 1 not in it, e.g. \[2\]"):
+        check_same_problems(done, ["p1", "p2"])  # the integer id 2 is not the string "p1"
+
+
 def test_saved_parts_fit_only_these_settings_and_trajectories(tmp_path):
     from longflow_jax.fidelity import _saved_parts
     from longflow_jax.jsonl_io import id_key

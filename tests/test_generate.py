@@ -149,6 +149,9 @@ def test_decode_loop_holds_no_merged_weight_copies():
         (dict(return_logprobs=True, top_logprobs=-1), "top_logprobs must be an int >= 0"),
         (dict(return_logprobs=True, top_logprobs=129), "top_logprobs must be <= vocab_size 128"),
         (dict(sampling=SamplingConfig(stop_token_ids=(128,))), "stop_token_ids must be < vocab_size 128"),
+        (dict(seed=1.5), r"seed must be an int or a jax PRNG key .*got 1.5"),
+        (dict(seed="3"), "seed must be an int or a jax PRNG key"),
+        (dict(seed=jnp.zeros(3, jnp.uint32)), "seed must be an int or a jax PRNG key"),
     ],
 )
 def test_bad_inputs_fail_clearly(qwen3, kwargs, match):
@@ -232,6 +235,79 @@ def test_rows_whose_logits_turn_nonfinite_stop_and_are_reported(qwen3):
 def test_bad_compression_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         CompressionConfig(**kwargs)
+
+
+def test_memory_planning_refuses_what_generate_refuses(qwen3):
+    # kv_cache_bytes and max_batch size jobs `generate` can run: the same checks, the same messages,
+    # and compression None is the full cache there as it is in generate.
+    config, params = qwen3
+    limit = config.max_position_embeddings
+    streaming = CompressionConfig(policy="streaming", budget=6, num_sinks=5)
+    for call, match in [
+        (
+            lambda: lf.max_batch(config, None, limit, 4, 1 << 30),
+            "exceeds the model's max_position_embeddings",
+        ),
+        (lambda: lf.kv_cache_bytes(config, None, -3, 4, 8), "batch and prompt_len must be positive ints"),
+        (lambda: lf.kv_cache_bytes(config, None, 2, 4, -8), "max_new_tokens must be a positive int"),
+        (lambda: lf.max_batch(config, None, -8, 4, 1 << 30), "max_new_tokens must be a positive int"),
+        (lambda: lf.max_batch(config, streaming, 8, 4, 1 << 30), "streaming needs num_sinks <= budget - 2"),
+        (
+            lambda: lf.max_batch(config, CompressionConfig(kv_quant="int8", kv_quant_group=7), 8, 4, 1 << 30),
+            "kv_quant_group",
+        ),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            call()
+    full = CompressionConfig(policy="full")
+    assert lf.kv_cache_bytes(config, None, 3, 4, 8) == lf.kv_cache_bytes(config, full, 3, 4, 8) > 0
+    assert lf.max_batch(config, None, 8, 4, 1 << 30) == lf.max_batch(config, full, 8, 4, 1 << 30) > 0
+    # generate refuses each of these as well (the planner is not stricter than the run)
+    with pytest.raises(ValueError, match="exceeds the model's max_position_embeddings"):
+        lf.generate(params, config, np.ones((1, 4), np.int32), [4], max_new_tokens=limit)
+
+
+HF_CONFIG = dict(
+    model_type="llama", vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+    num_attention_heads=4,
+)  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "fields, match",
+    [
+        (
+            dict(max_position_embeddings=4096.9),
+            "'max_position_embeddings' must be a positive int, got 4096.9",
+        ),
+        (dict(max_position_embeddings=True), "'max_position_embeddings' must be a positive int"),
+        (dict(pad_token_id=3.5), "'pad_token_id' must be a token id"),
+        # a string iterated would be the ids 1 and 2
+        (dict(eos_token_id="12"), "'eos_token_id' must be a token id or a list of them"),
+        (dict(eos_token_id=[2.7]), "'eos_token_id' must be a token id or a list of them"),
+        (dict(rms_norm_eps=None), "'rms_norm_eps' must be a finite number, got None"),
+        (dict(rope_theta="1e4"), "'rope_theta' must be a finite number"),
+        (dict(eos_token_id=[1, 200]), r"eos_token_ids must be a tuple of token ids in \[0, 128\)"),
+        (dict(pad_token_id=1000), r"pad_token_id must be a token id in \[0, 128\), got 1000"),
+    ],
+)
+def test_config_json_fields_are_checked(fields, match):
+    with pytest.raises(ValueError, match=match):
+        lf.ModelConfig.from_hf_dict({**HF_CONFIG, **fields})
+
+
+def test_config_json_ids():
+    # A negative pad id means none (some Llama configs): the first eos id pads, as when it is absent.
+    config = lf.ModelConfig.from_hf_dict({**HF_CONFIG, "eos_token_id": [2, 5], "pad_token_id": -1})
+    assert (config.eos_token_ids, config.pad_token_id) == ((2, 5), 2)
+    config = lf.ModelConfig.from_hf_dict({**HF_CONFIG, "eos_token_id": 7}, {"eos_token_id": [7, 9]})
+    assert config.eos_token_ids == (7, 9)
+    with pytest.raises(
+        ValueError, match=r"eos_token_ids must be a tuple of token ids in \[0, 128\), got \[5, 7\]"
+    ):
+        config.replace(eos_token_ids=[5, 7])  # a list would make the static config unhashable
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        config.replace(pad_token_id=128)
 
 
 @pytest.mark.parametrize(

@@ -7,7 +7,7 @@ import pytest
 from helpers import generate_module, make_prompts
 
 import longflow_jax as lf
-from longflow_jax.config import CompressionConfig
+from longflow_jax.config import CompressionConfig, SamplingConfig
 from longflow_jax.kv_cache import kv_valid, layer_from_kept
 from longflow_jax.policies import select_evict_slot
 from longflow_jax.testing import make_tiny_hf_checkpoint
@@ -151,16 +151,39 @@ def _run_steps(params, config, ids, lengths, comp, steps):
     return cache
 
 
+GREEDY_NO_EOS = SamplingConfig(ignore_eos=True)
+
+
 @pytest.mark.parametrize("granularity", ["sequence", "kv_head"])
 @pytest.mark.parametrize("policy", POLICIES)
 def test_budget_covering_everything_equals_full(qwen3, policy, granularity):
+    # The policy's own path (prefill and decode_step take the compression as given; `generate` runs a
+    # budget this large as the full cache) scores and picks slots every step, but while empty slots
+    # remain it fills them: greedy tokens equal the full cache's, and every prompt and generated
+    # position is still held.
     config, params = qwen3
     ids, lengths = make_prompts(config, [6, 13, 9])
-    new = 20
-    full = lf.generate(params, config, ids, lengths, max_new_tokens=new)
-    comp = CompressionConfig(policy=policy, budget=ids.shape[1] + new, granularity=granularity)
-    got = lf.generate(params, config, ids, lengths, max_new_tokens=new, compression=comp)
-    np.testing.assert_array_equal(np.asarray(got.tokens), np.asarray(full.tokens))
+    steps = 20
+    full = lf.generate(params, config, ids, lengths, max_new_tokens=steps + 1, sampling=GREEDY_NO_EOS)
+    comp = CompressionConfig(policy=policy, budget=ids.shape[1] + steps, granularity=granularity)
+    capacity = generate_module.buffer_capacity(comp, ids.shape[1], steps + 1)
+    cache, logits = lf.prefill(params, config, jnp.asarray(ids), jnp.asarray(lengths), comp, capacity)
+    step = jax.jit(
+        lambda c, t, p: lf.decode_step(params, config, c, t, p, jax.random.PRNGKey(0), compression=comp)
+    )
+    token, tokens = jnp.argmax(logits, -1).astype(jnp.int32), []
+    for i in range(steps):
+        tokens.append(token)
+        logits, cache, _ = step(cache, token, jnp.asarray(lengths) + i)
+        token = jnp.argmax(logits, -1).astype(jnp.int32)
+    tokens.append(token)
+    np.testing.assert_array_equal(np.stack(tokens, 1), np.asarray(full.tokens))
+    held = np.sort(np.asarray(cache.layers[0].slot_pos), -1)
+    for row, n in enumerate(lengths):  # positions 0 .. n + steps - 1, then empty slots (-1) first
+        want = np.arange(n + steps)
+        np.testing.assert_array_equal(
+            held[row, :, -(n + steps) :], np.broadcast_to(want, held[row, :, -(n + steps) :].shape)
+        )
 
 
 def _numpy_longflow_evict(q, k, v, valid, scale, granularity):

@@ -126,11 +126,25 @@ def test_sampling_is_seeded_and_respects_top_k(qwen3):
         (dict(ignore_eos=1), "ignore_eos must be a bool"),
         (dict(stop_token_ids=(3, -1)), "stop_token_ids must be a sequence of token ids >= 0"),
         (dict(stop_token_ids=5), "stop_token_ids"),
+        (dict(temperature=1e-9), r"temperature must be 0 \(greedy\) or a finite number >= 1e-06, got 1e-09"),
     ],
 )
 def test_bad_sampling_config(kwargs, match):
     with pytest.raises(ValueError, match=match):
         SamplingConfig(**kwargs)
+
+
+def test_smallest_temperature_samples_the_best_token():
+    # Logits whose best one divided by the temperature overflows float32: the row max comes off first,
+    # so the best token is drawn every time and its log-prob is 0 (finite), as the limit T -> 0 says.
+    logits = jnp.asarray([[0.5, 3.0, 1.0, -2.0], [-1.0, -4.0, 2.0, 2.5]], jnp.float32) * 1e33
+    sampling = SamplingConfig(temperature=1e-6)
+    for seed in range(5):
+        tokens = sample_next(logits, jax.random.PRNGKey(seed), sampling)
+        np.testing.assert_array_equal(np.asarray(tokens), [1, 3])
+    chosen, best, ids = token_logprobs(logits, jnp.asarray([1, 3]), sampling, 2)
+    np.testing.assert_array_equal(np.asarray(chosen), [0.0, 0.0])
+    assert np.isfinite(np.asarray(best)[:, 0]).all() and np.asarray(ids)[:, 0].tolist() == [1, 3]
 
 
 def test_stop_ids():
