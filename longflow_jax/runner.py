@@ -272,6 +272,19 @@ def compression_from(args) -> CompressionConfig:
     )  # fmt: skip
 
 
+def check_plot_available(flag: str, path: str | None) -> None:
+    """A plot asked for needs matplotlib (the "plot" extra): say so before the run, not after it."""
+    if path is None:
+        return
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        raise ValueError(
+            f"{flag} {path}: drawing needs matplotlib, which is not installed (pip install "
+            f"'longflow-jax[plot]', or leave out {flag})"
+        ) from None
+
+
 def report(message: str, prog: str) -> None:
     print(f"{prog}: {message}", file=sys.stderr, flush=True)
 

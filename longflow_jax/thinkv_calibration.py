@@ -331,6 +331,7 @@ def run(args) -> None:
     check_calibration_args(args)
     out = args.out or os.path.join(args.ckpt, THINKV_CALIBRATION_FILE)
     plot_path = args.plot or os.path.splitext(out)[0] + ".png"
+    runner.check_plot_available("--plot", plot_path)
     for path in (out, plot_path):
         if os.path.exists(path) and not args.overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --plot elsewhere")

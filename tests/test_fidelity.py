@@ -2,6 +2,7 @@
 that holds the whole trajectory."""
 
 import json
+import sys
 
 import jax.numpy as jnp
 import pytest
@@ -130,6 +131,13 @@ def test_resume_reruns_only_missing_or_failed_runs_and_refuses_other_settings(
 def test_bad_flags_are_named(tmp_path, chat_ckpt, capsys, flags, message):
     assert run_fidelity(tmp_path, chat_ckpt, *flags)[0] == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_plot_without_matplotlib_is_refused_before_any_run(tmp_path, chat_ckpt, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
+    code, out = run_fidelity(tmp_path, chat_ckpt, "--plot", str(tmp_path / "f.png"))
+    assert code == 2 and "drawing needs matplotlib" in capsys.readouterr().err
+    assert not out.exists()
 
 
 def test_resume_refuses_rows_scored_along_other_trajectories():
