@@ -254,8 +254,19 @@ def row_settings(settings: dict, policy: str, thinkv) -> dict:
 def _finished_rows(path: str, settings: dict, thinkv) -> list[dict]:
     if not os.path.exists(path):
         return []
+    rows = []
     with open(path, encoding="utf-8") as f:
-        rows = [json.loads(line) for line in f if line.strip()]
+        for number, line in enumerate(f, 1):
+            try:
+                row = json.loads(line) if line.strip() else None
+            except ValueError as e:
+                row = e
+            if row is not None and not (isinstance(row, dict) and "id" in row and "policy" in row):
+                raise ValueError(
+                    f"--resume: {path} line {number} is not one of this command's rows ({row}): a cut or "
+                    f"foreign line; use another --output, or mend that line"
+                )
+            rows += [row] if row is not None else []
     for r in rows:
         if r.get("settings") != json.loads(json.dumps(row_settings(settings, r.get("policy"), thinkv))):
             raise ValueError(

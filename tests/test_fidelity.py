@@ -140,6 +140,16 @@ def test_a_plot_without_matplotlib_is_refused_before_any_run(tmp_path, chat_ckpt
     assert not out.exists()
 
 
+@pytest.mark.parametrize("line", ['{"id": "a", "policy": "h2o", "gran', "[1, 2]"])
+def test_resume_names_a_line_that_is_no_row(tmp_path, line):
+    from longflow_jax.fidelity import _finished_rows
+
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": "a", "policy": "h2o", "settings": {}}\n' + line)
+    with pytest.raises(ValueError, match=f"--resume: {path} line 2 is not one of this command's rows"):
+        _finished_rows(str(path), {}, None)
+
+
 def test_resume_refuses_rows_scored_along_other_trajectories():
     from longflow_jax.fidelity import check_same_trajectories
     from longflow_jax.jsonl_io import id_key
