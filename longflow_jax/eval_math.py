@@ -311,6 +311,7 @@ def run(args) -> None:
     policies = parse_list("--policies", args.policies, str)
     budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
+    runner.check_table_path(args)
     if same_file(args.output, args.input):
         raise ValueError(
             f"--output {args.output} is the same file as --input {args.input}: the rows would replace "

@@ -190,6 +190,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args) -> None:
     runner.check_args(args)
     runner.check_plot_available("--plot", args.plot)
+    runner.check_table_path(args)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.time_limit is not None and not args.time_limit > 0:

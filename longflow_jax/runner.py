@@ -34,7 +34,7 @@ from .config import (
     ThinKVConfig,
     dtype_from_name,
 )
-from .jsonl_io import Record, Skipped, id_key, read_jsonl_records
+from .jsonl_io import Record, Skipped, id_key, read_jsonl_records, same_file
 from .sharding import DATA, MODEL, default_mesh_shape, make_mesh, parse_mesh_shape
 
 
@@ -270,6 +270,16 @@ def compression_from(args) -> CompressionConfig:
         policy=args.policy, budget=args.budget, granularity=args.granularity, kv_quant=args.kv_quant,
         kv_quant_group=args.kv_quant_group, thinkv=thinkv_from(args) if args.policy == "thinkv" else None,
     )  # fmt: skip
+
+
+def check_table_path(args) -> None:
+    """--table is rewritten at the end of a run: never the --input or --output file."""
+    for flag in ("input", "output"):
+        if args.table and same_file(args.table, getattr(args, flag)):
+            raise ValueError(
+                f"--table {args.table} is the same file as --{flag} {getattr(args, flag)}: the table would "
+                f"replace it; pass another --table"
+            )
 
 
 def check_plot_available(flag: str, path: str | None) -> None:

@@ -284,6 +284,18 @@ def test_an_output_that_is_the_input_is_refused_even_with_overwrite(chat_ckpt, t
         assert inp.read_text() == json.dumps(PROBLEMS[0]) + "\n"
 
 
+def test_a_table_that_is_the_input_or_output_is_refused(chat_ckpt, tmp_path, capsys):
+    inp, out = tmp_path / "problems.jsonl", tmp_path / "rows.jsonl"
+    inp.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    for table, flag in ((inp, "input"), (out, "output")):
+        out.write_text("mine\n")
+        argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--table", str(table)]
+        argv += ["--overwrite", "--quiet", "--budgets", "32", "--max-new-tokens", "4"]
+        assert eval_math.main(argv) == 2
+        assert f"--table {table} is the same file as --{flag}" in capsys.readouterr().err
+        assert inp.read_text() == json.dumps(PROBLEMS[0]) + "\n" and out.read_text() == "mine\n"
+
+
 @pytest.mark.parametrize(
     "extra, message",
     [
