@@ -437,7 +437,7 @@ BAD_INPUTS = {
     "NaN rope_theta": (
         _config(rope_parameters={"rope_type": "default", "rope_theta": float("nan")}),
         None,
-        "rope_theta.? must be a finite number",
+        "config.json field 'rope_theta' must be a finite number, got nan",
     ),
     # tensor values
     "NaN weight": (_weights(_set_value(UP, (0, 0), np.nan)), None, rf"'{UP}' .* has 1 NaN and 0 inf value"),
@@ -465,7 +465,7 @@ _CONFIGS = {
     "temperature nan": (
         SamplingConfig,
         dict(temperature=float("nan")),
-        "temperature must be .*a finite number",
+        r"temperature must be 0 \(greedy\) or a finite number >= 1e-06, got nan",
     ),
     "temperature inf": (SamplingConfig, dict(temperature=math.inf), "temperature"),
     "temperature str": (SamplingConfig, dict(temperature="0.7"), "temperature"),
