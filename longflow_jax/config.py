@@ -183,8 +183,8 @@ class ModelConfig:
             num_heads=num_heads,
             num_kv_heads=num_kv_heads,
             head_dim=head_dim,
-            rms_norm_eps=_hf_number(hf, "rms_norm_eps", 1e-6),
-            rope_theta=_hf_number(hf, "rope_theta", 10000.0, rope_theta),
+            rms_norm_eps=_hf_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=_hf_number("rope_theta", rope_theta),
             max_position_embeddings=max_len,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             qkv_bias=model_type == "qwen2" or attention_bias,
@@ -234,9 +234,8 @@ def _read_json(path: str):
             raise ValueError(f"{path} is not valid JSON: {e}") from None
 
 
-def _hf_number(hf: dict, field: str, default: float, value=None) -> float:
-    """A finite float field of config.json (`value` where it was read elsewhere), `default` if absent."""
-    value = hf.get(field, default) if value is None else value
+def _hf_number(field: str, value) -> float:
+    """config.json's `field`, read as `value`: a finite number."""
     _check(_is_finite(value), f"config.json field {field!r}", "a finite number", value)
     return float(value)
 

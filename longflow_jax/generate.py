@@ -139,14 +139,25 @@ def kv_cache_bytes(
 def _checked_plan(config, compression, batch, prompt_len, max_new_tokens) -> CompressionConfig:
     """compression (None: the full cache) for a job of this shape, checked as `generate` checks it."""
     compression = FULL if compression is None else compression
+    options = dict(
+        max_new_tokens=max_new_tokens,
+        compression=compression,
+        sampling=SamplingConfig(),
+        attention_impl="reference",
+    )
+    _checked_job_shapes(config, batch, prompt_len, options)
+    return compression
+
+
+def _checked_job_shapes(config, batch: int, prompt_len: int, options: dict):
+    """(prompt_ids, prompt_lengths) as ShapeDtypeStructs of a [batch, prompt_len] job, after
+    `check_generate_inputs` has checked it with `options`."""
     if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
         raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
-    ids, lengths = (
-        jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32),
-        jax.ShapeDtypeStruct((batch,), jnp.int32),
-    )
-    check_generate_inputs(config, ids, lengths, max_new_tokens, compression, SamplingConfig(), "reference")
-    return compression
+    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    check_generate_inputs(config, ids, lengths, **options)
+    return ids, lengths
 
 
 def step_working_set_bytes(
@@ -743,12 +754,8 @@ def compile_generate(
 def _compiled_generate(params_or_shapes, config, batch, prompt_len, options, return_debug=False, mesh=None):
     """`_generate` compiled for [batch, prompt_len] prompts and `_options`' options (on mesh, if given):
     (the compiled program, the placement of its arguments or None, compile seconds)."""
-    if not (_is_int_at_least(batch, 1) and _is_int_at_least(prompt_len, 1)):
-        raise ValueError(f"batch and prompt_len must be positive ints, got {batch!r} and {prompt_len!r}")
-    ids = jax.ShapeDtypeStruct((batch, prompt_len), jnp.int32)
-    lengths = jax.ShapeDtypeStruct((batch,), jnp.int32)
+    ids, lengths = _checked_job_shapes(config, batch, prompt_len, options)
     key = jax.eval_shape(jax.random.PRNGKey, 0)
-    check_generate_inputs(config, ids, lengths, **options)
     check_params(params_or_shapes, config)
     static = _static_options(config, return_debug, **options)
     if mesh is None:
