@@ -43,6 +43,9 @@ class LaunchConfig:
     xla_launch: launch the main kernel through XLA's own Triton custom call (it joins XLA's CUDA graphs)
       instead of jax-triton's. The combine kernel always goes through XLA's call.
     discard_t: drop t's lines from L2 once the epilogue has read them (no DRAM write-back).
+    convert_after_unpack: a quantized cache's codes reach the tensor-core dots' layout as 16-bit values
+      (shared memory and ldmatrix) after unpacking, not as payload bytes before it; off by default until
+      timed (docs/KERNELS.md, "Converting after unpacking").
     """
 
     epilogue: str | None = None
@@ -52,6 +55,7 @@ class LaunchConfig:
     num_stages: int | None = None
     xla_launch: bool | None = None
     discard_t: bool | None = None
+    convert_after_unpack: bool | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +104,7 @@ class ResolvedLaunch:
     discard_t: bool
     query_rows: int  # the GQA group padded to a tl.dot-able power of two
     combine_chunk: int
+    convert_after_unpack: bool = False
     combine_num_warps: int = COMBINE_NUM_WARPS
 
 
@@ -184,31 +189,40 @@ def check_coop_grid(shape: DecodeShape, num_splits: int, sms: int) -> None:
         )
 
 
-def shared_memory_bytes(shape: DecodeShape, block_c: int, num_stages: int) -> int:
+def shared_memory_bytes(
+    shape: DecodeShape, block_c: int, num_stages: int, convert_after_unpack: bool = False
+) -> int:
     """Shared memory of the main kernel as Triton 3.6 lays it out: the cp.async ring of K and V tiles
     (stages - 1 of them, at least one; a quantized cache's payload and scale rows, not its value norms),
-    the query tile, and the f32 logits tile (16-bit queries) or one more f32 [block_c, D] tile (float32
-    queries, and both with a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles at 2+
-    warps; an upper bound otherwise (a 1-warp program keeps no query tile there; checked against
-    compiled kernels)."""
+    the query tile, and the f32 logits tile (16-bit queries; with convert_after_unpack also one
+    [block_c, D] tile of codes in q's dtype) or one more f32 [block_c, D] tile (float32 queries, and both
+    with a quantized cache). Exact for 2+ stages with 16-bit or int8 / fp8 tiles at 2+ warps; an upper
+    bound otherwise, with convert_after_unpack within the logits tile (checked against compiled
+    kernels)."""
     rows = max(MIN_DOT, next_pow2(shape.group))
     # The value norm (one f32 a slot) is loaded straight into registers, outside the ring.
     staged = shape.kv_slot_bytes - (quant.VALUE_NORM_BYTES if shape.kv_quant else 0)
     ring = max(num_stages - 1, 1) * block_c * staged
     query = rows * shape.head_dim * shape.itemsize
     if shape.itemsize < 4:
-        return ring + rows * block_c * 4 + query
+        # Converted after unpacking, a quantized block's codes reach their dots through shared memory in
+        # q's dtype (kernels.py, `_codes_as`): one [block_c, D] tile of scratch.
+        codes = block_c * shape.head_dim * shape.itemsize if shape.kv_quant and convert_after_unpack else 0
+        return ring + rows * block_c * 4 + query + codes
     if shape.kv_quant is None:
         return ring + block_c * shape.head_dim * 4 + query
     # float32 queries on a quantized cache: both tiles, and 64-128 bytes of padding Triton adds there.
     return ring + (rows + shape.head_dim) * block_c * 4 + 128 + query
 
 
-def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> int:
+def _fit_stages(
+    shape: DecodeShape, block_c: int, num_stages, default: int, convert_after_unpack: bool
+) -> int:
     """An explicit stage count if it fits in shared memory, else the largest up to the default that does."""
     limit_kib = SHARED_MEMORY_LIMIT // 1024
+    need_for = lambda stages: shared_memory_bytes(shape, block_c, stages, convert_after_unpack)
     if num_stages is not None:
-        need = shared_memory_bytes(shape, block_c, num_stages)
+        need = need_for(num_stages)
         if need > SHARED_MEMORY_LIMIT:
             raise ValueError(
                 f"block_c={block_c} with num_stages={num_stages} at head_dim={shape.head_dim} "
@@ -217,11 +231,11 @@ def _fit_stages(shape: DecodeShape, block_c: int, num_stages, default: int) -> i
             )
         return num_stages
     for stages in range(default, 0, -1):
-        if shared_memory_bytes(shape, block_c, stages) <= SHARED_MEMORY_LIMIT:
+        if need_for(stages) <= SHARED_MEMORY_LIMIT:
             return stages
     raise ValueError(
         f"block_c={block_c} at head_dim={shape.head_dim} ({shape.itemsize}-byte elements) needs about "
-        f"{shared_memory_bytes(shape, block_c, 1) // 1024} KiB of shared memory per program even with "
+        f"{need_for(1) // 1024} KiB of shared memory per program even with "
         f"num_stages=1; the limit is {limit_kib} KiB: lower block_c"
     )
 
@@ -291,10 +305,11 @@ def resolve_launch(
     if launch.num_stages is not None:
         _check_int("num_stages", launch.num_stages, 1, 8)
     default_stages = tuned_launch.F32_NUM_STAGES if wide else tuned_launch.NUM_STAGES
-    num_stages = _fit_stages(shape, block_c, launch.num_stages, default_stages)
-    for name in ("xla_launch", "discard_t"):
+    for name in ("xla_launch", "discard_t", "convert_after_unpack"):
         if getattr(launch, name) is not None and not isinstance(getattr(launch, name), bool):
             raise ValueError(f"LaunchConfig.{name} must be a bool or None, got {getattr(launch, name)!r}")
+    convert_after_unpack = quantized and bool(launch.convert_after_unpack)  # None: off until timed
+    num_stages = _fit_stages(shape, block_c, launch.num_stages, default_stages, convert_after_unpack)
     large_t = 4 * shape.batch * shape.num_q_heads * shape.num_slots > tuned_launch.DISCARD_T_MIN_BYTES
     return ResolvedLaunch(
         epilogue=epilogue,
@@ -307,6 +322,7 @@ def resolve_launch(
         discard_t=large_t if launch.discard_t is None else launch.discard_t,
         query_rows=max(MIN_DOT, next_pow2(shape.group)),
         combine_chunk=min(COMBINE_CHUNK, max(MIN_DOT, next_pow2(shape.num_slots))),
+        convert_after_unpack=convert_after_unpack,
     )
 
 

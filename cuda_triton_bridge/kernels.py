@@ -80,7 +80,12 @@ def _plane_codes(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr):
 def _unpacks_in_ptx(dtype, codes_per_byte):
     """Whether packed codes become dtype values through `_unpack_asm`: 16-bit floats only (two to a
     register); float32 q (the reference-precision path) converts codes the compiler's way."""
-    return codes_per_byte > 1 and str(dtype) in ("bf16", "fp16")
+    return codes_per_byte > 1 and _is_16_bit(dtype)
+
+
+@triton.constexpr_function
+def _is_16_bit(dtype):
+    return str(dtype) in ("bf16", "fp16")
 
 
 @triton.constexpr_function
@@ -108,16 +113,23 @@ def _unpack_asm(dtype, plane, codes_per_byte):
 
 @triton.jit
 def _codes_as(payload, plane: tl.constexpr, CODES_PER_BYTE: tl.constexpr, DTYPE: tl.constexpr,
-              NATIVE: tl.constexpr):  # fmt: skip
+              NATIVE: tl.constexpr, CONVERT_AFTER_UNPACK: tl.constexpr):  # fmt: skip
     """Plane `plane` of a payload tile (`_plane_codes`) as DTYPE values, exactly (codes of 8 bits or
     fewer are exact in bf16 and fp16). Packed codes compiled for the GPU into 16-bit floats unpack in
-    PTX."""
+    PTX. CONVERT_AFTER_UNPACK: the dots' layout conversion takes the 16-bit codes, not the payload."""
     if NATIVE and _unpacks_in_ptx(DTYPE, CODES_PER_BYTE):
         codes = tl.inline_asm_elementwise(
             _unpack_asm(DTYPE, plane, CODES_PER_BYTE), "=r,=r,r", [payload], DTYPE.value, True, 4
         )
     else:
         codes = _plane_codes(payload, plane, CODES_PER_BYTE).to(DTYPE)
+    if CONVERT_AFTER_UNPACK and NATIVE and _is_16_bit(DTYPE):
+        # The codes are a dot operand. Triton moves an operand's layout conversion above elementwise
+        # ops onto the narrowest tensor, here the 8-bit payload, which has no ldmatrix path: it was
+        # gathered from shared memory a byte at a time (LDS.U8) and re-packed (PRMT), a fifth of the
+        # slot loop. An opaque identity (not pure, so not moved) keeps the conversion on the 16-bit
+        # codes: 16-byte shared stores and ldmatrix (docs/KERNELS.md, "Converting after unpacking").
+        codes = tl.inline_asm_elementwise("mov.b32 $0, $1;", "=r,r", [codes], DTYPE.value, False, 2)
     return codes
 
 
@@ -174,7 +186,7 @@ def _column(rows, g: tl.constexpr, N: tl.constexpr):
 def _quant_block(
     head, scale_head, zero_head, c, in_range,
     D: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr, QUANT_GROUP: tl.constexpr,
-    QUANT_CHUNK: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr,
+    QUANT_CHUNK: tl.constexpr, DTYPE: tl.constexpr, NATIVE: tl.constexpr, CONVERT_AFTER_UNPACK: tl.constexpr,
 ):  # fmt: skip
     """A block of quantized keys or values by chunk (_query_chunks' order): (codes [BLOCK_C, QUANT_CHUNK]
     as exact DTYPE values (q's dtype), scales [BLOCK_C] f32, zero points [BLOCK_C] f32 (int4 / int2;
@@ -197,7 +209,9 @@ def _quant_block(
             payload = _load_payload(
                 head, c[:, None] * PW + (column + w)[None, :], in_range[:, None], KV_QUANT
             )
-        codes = codes + (_codes_as(payload, k % CODES_PER_BYTE, CODES_PER_BYTE, DTYPE, NATIVE),)
+        codes = codes + (
+            _codes_as(payload, k % CODES_PER_BYTE, CODES_PER_BYTE, DTYPE, NATIVE, CONVERT_AFTER_UNPACK),
+        )
         g = ((k % CODES_PER_BYTE) * PW + column) // QUANT_GROUP
         scales = scales + (_column(scale_rows, g, NG),)
         if CODES_PER_BYTE > 1:
@@ -252,7 +266,7 @@ def _attend_split(
     HQ: tl.constexpr, HKV: tl.constexpr, C: tl.constexpr, D: tl.constexpr, BLOCKS_PER_SPLIT: tl.constexpr,
     BLOCK_C: tl.constexpr, QROWS: tl.constexpr, EVICT: tl.constexpr, DOT_PRECISION: tl.constexpr,
     NATIVE: tl.constexpr, KV_QUANT: tl.constexpr, CODES_PER_BYTE: tl.constexpr,
-    QUANT_GROUP: tl.constexpr, QUANT_CHUNK: tl.constexpr,
+    QUANT_GROUP: tl.constexpr, QUANT_CHUNK: tl.constexpr, CONVERT_AFTER_UNPACK: tl.constexpr,
 ):  # fmt: skip
     """One split of one KV head: (m, l, acc) of its query-head group, QROWS rows (rows >= G are padding).
     With KV_QUANT the K/V blocks are payloads + scales, dequantized in registers chunk by chunk
@@ -312,14 +326,16 @@ def _attend_split(
             k_codes, k_scales, k_zeros = _quant_block(
                 k_head, k_scale_ptr + scale_off, k_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
                 CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE,
+                CONVERT_AFTER_UNPACK,
             )  # fmt: skip
             s = _quant_logits(
                 q_chunks, q_sums, k_codes, k_scales, k_zeros, BLOCK_C, QROWS, CODES_PER_BYTE, DOT_PRECISION
             )
-            v_codes, v_scales, v_zeros = _quant_block(
-                v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
-                CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE,
-            )  # fmt: skip
+            if not CONVERT_AFTER_UNPACK:
+                v_codes, v_scales, v_zeros = _quant_block(
+                    v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
+                    CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE, False,
+                )  # fmt: skip
             if EVICT:  # stored when the slot was written (quant.KVScales)
                 vnorm = tl.load(v_norm_ptr + head_row * C + c, mask=in_range, other=0.0)[None, :]
         s = s * qk_scale
@@ -346,6 +362,13 @@ def _attend_split(
         if KV_QUANT == "none":
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=DOT_PRECISION)
         else:
+            if CONVERT_AFTER_UNPACK:
+                # Unpacked here, not beside the keys: the 16-bit value codes then live only up to their
+                # dot, and int4's 2-warp loop at group 32 (255 registers) does not spill.
+                v_codes, v_scales, v_zeros = _quant_block(
+                    v_head, v_scale_ptr + scale_off, v_zero_ptr + scale_off, c, in_range, D, KV_QUANT,
+                    CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, q_ptr.dtype.element_ty, NATIVE, True,
+                )  # fmt: skip
             acc = _quant_accumulate(
                 acc, alpha, p, v_codes, v_scales, v_zeros, q_ptr.dtype.element_ty, CODES_PER_BYTE,
                 DOT_PRECISION,
@@ -466,6 +489,7 @@ def decode_split_kernel(
     CODES_PER_BYTE: tl.constexpr,
     QUANT_GROUP: tl.constexpr,  # head elements per scale
     QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
+    CONVERT_AFTER_UNPACK: tl.constexpr,  # LaunchConfig.convert_after_unpack
 ):
     split = tl.program_id(0)
     kvh = tl.program_id(1)
@@ -475,7 +499,7 @@ def decode_split_kernel(
         q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
         kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, CONVERT_AFTER_UNPACK,
     )  # fmt: skip
     # DIRECT_OUT is NUM_SPLITS == 1 (launch.py): the only split normalises its own output.
     _store_split(
@@ -647,6 +671,7 @@ def decode_fused_kernel(
     CODES_PER_BYTE: tl.constexpr,
     QUANT_GROUP: tl.constexpr,  # head elements per scale
     QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
+    CONVERT_AFTER_UNPACK: tl.constexpr,  # LaunchConfig.convert_after_unpack
 ):
     """Everything in one launch. Each program streams its split; the last split of a (sequence, KV head)
     to finish merges the group's outputs and scores that KV head's slots; for "sequence" granularity
@@ -659,7 +684,7 @@ def decode_fused_kernel(
         q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
         kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, CONVERT_AFTER_UNPACK,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,
@@ -940,6 +965,7 @@ def decode_coop_kernel(
     CODES_PER_BYTE: tl.constexpr,
     QUANT_GROUP: tl.constexpr,  # head elements per scale
     QUANT_CHUNK: tl.constexpr,  # head elements per key dot: min(QUANT_GROUP, D // CODES_PER_BYTE)
+    CONVERT_AFTER_UNPACK: tl.constexpr,  # LaunchConfig.convert_after_unpack
 ):
     """One launch with a parallel epilogue: each program streams its split, waits at its group's barrier,
     then finishes one share; the last share reduces the shares' minima. The whole grid must be resident
@@ -952,7 +978,7 @@ def decode_coop_kernel(
         q_ptr, k_ptr, v_ptr, k_scale_ptr, k_zero_ptr, v_scale_ptr, v_zero_ptr, v_norm_ptr, valid_ptr,
         kv_len_ptr, t_ptr,
         qk_scale, split, kvh, b, HQ, HKV, C, D, BLOCKS_PER_SPLIT, BLOCK_C, QROWS, EVICT, DOT_PRECISION,
-        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK,
+        NATIVE, KV_QUANT, CODES_PER_BYTE, QUANT_GROUP, QUANT_CHUNK, CONVERT_AFTER_UNPACK,
     )  # fmt: skip
     _store_split(
         m_i, l_i, acc, out_ptr, acc_ptr, m_ptr, l_ptr, lse_ptr, split, kvh, b, HQ, HKV, D, NUM_SPLITS, QROWS,

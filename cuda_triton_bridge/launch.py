@@ -107,6 +107,7 @@ def plan_launch(
         CODES_PER_BYTE=shape.codes_per_byte,
         QUANT_GROUP=shape.quant_group or d,
         QUANT_CHUNK=shape.quant_chunk,
+        CONVERT_AFTER_UNPACK=cfg.convert_after_unpack,
     )
     # discard.global.L2 needs sm_80, and the interpreter (native=False) runs no PTX; each plan also
     # checks that its tiles hold whole 128-byte lines of t.

@@ -208,6 +208,7 @@ def _small(dtype=jnp.bfloat16, head_dim=64, num_slots=100):
         (dict(epilogue=3), "epilogue must be one of .*got 3"),
         (dict(xla_launch=1), "LaunchConfig.xla_launch must be a bool or None, got 1"),
         (dict(discard_t="yes"), "LaunchConfig.discard_t must be a bool or None, got 'yes'"),
+        (dict(convert_after_unpack=1), "LaunchConfig.convert_after_unpack must be a bool or None, got 1"),
     ],
 )
 def test_rejects_bad_launch_config_values_naming_them(launch, match):
@@ -842,6 +843,38 @@ def test_quantized_slot_loop_has_no_i2f(compile_plan, kind):
         assert loop.get("HFMA2.BF16_V2", 0) > 0, loop
 
 
+@pytest.mark.parametrize(
+    "kind, batch, group",
+    [("int8", 16, 32), ("int8", 64, 32), ("int8", 64, 128), ("int4", 16, 32), ("int4", 64, 32),
+     ("int4", 64, 128), ("fp8", 64, 32), ("int2", 16, 32)],
+)  # fmt: skip
+def test_converting_after_unpacking_compiles_to_fewer_instructions(compile_plan, kind, batch, group):
+    """LaunchConfig.convert_after_unpack at each kind's default launch: the codes reach the dots through
+    16-byte shared stores and ldmatrix instead of a byte-by-byte gather (LDS.U8: 64 a trip at int4, 128
+    at int8, before), the slot loop has fewer instructions than the default's and no spill, and the
+    shared-memory estimate (one more [block_c, D] tile of codes) bounds the compiled kernel."""
+    name = "decode_split_kernel" if batch == 16 else "decode_fused_kernel"
+    default = compile_plan(batch, 32, 8, 2048, 128, kv_quant=kind, quant_group=group)[name]
+    reports = compile_plan(
+        batch, 32, 8, 2048, 128, kv_quant=kind, quant_group=group, convert_after_unpack=True
+    )
+    after = reports[name]
+    loop = after["loop_ops"]
+    assert loop.get("LDSM.16.MT88.4", 0) > 0, loop  # the values' codes, transposed by ldmatrix
+    assert loop.get("LDS.U8", 0) <= 8 < default["loop_ops"].get("LDS.U8", 0), (loop, default["loop_ops"])
+    assert sum(loop.values()) < 0.9 * sum(default["loop_ops"].values()), (loop, default["loop_ops"])
+    assert not [op for op in loop if op.startswith(("LDL", "STL"))], loop
+    for kernel, report in reports.items():
+        stack = 32 if report is after and report["registers"] >= 254 else 0
+        assert report["stack_bytes"] <= stack and report["local_bytes"] == 0, (kernel, report)
+    cfg = resolved(batch, 2048, LaunchConfig(convert_after_unpack=True), kv_quant=kind, quant_group=group)
+    assert cfg.convert_after_unpack
+    shape = DecodeShape(batch, 32, 8, 2048, 128, 2, kind, group)
+    estimate = shared_memory_bytes(shape, cfg.block_c, cfg.num_stages, convert_after_unpack=True)
+    logits_tile = 16 * cfg.block_c * 4
+    assert estimate - logits_tile <= after["shared_bytes"] <= estimate, (after["shared_bytes"], estimate)
+
+
 @pytest.mark.parametrize("kind", ["int4", "int2"])
 def test_packed_kernels_compile_for_float32_queries(compile_plan, kind):
     """float32 q (ThinKV's tiers under a float32 model) takes the compiler's code conversion: the PTX
@@ -961,6 +994,14 @@ INTERPRETER_CASES = [
           "all", kv_quant="int8", block_c=32, num_splits=3, kv_len=[0, 1, 70, 100]),
     _case("int4-auto", BF16, (4, 8, 2, 256, 64), "all", kv_quant="int4", epilogue=None),
     _case("repeat-coop-int2", F16, (2, 8, 2, 100, 64), kv_quant="int2", **COOP, num_splits=2, repeat=True),
+    # LaunchConfig.convert_after_unpack: the values unpacked after the softmax (the interpreter runs no
+    # PTX, so this checks the loop's order, not the GPU's layout conversion).
+    _case("int4-bf16-after", BF16, (4, 8, 2, 100, 64),
+          kv_quant="int4", **FUSED, block_c=32, num_splits=2, convert_after_unpack=True),
+    _case("int8-f16-kvhead-after", F16, (4, 8, 2, 100, 64),
+          kv_quant="int8", **COOP, **KV_HEAD, num_splits=2, convert_after_unpack=True),
+    _case("int2-bf16-after", BF16, (3, 8, 2, 100, 64),
+          "all", kv_quant="int2", block_c=32, num_splits=3, kv_len=[0, 57, 100], convert_after_unpack=True),
     # The log-sum-exp output: split kernel + combine kernel, an empty row (kv_len 0) and a quantized cache.
     _case("lse-int8-kvlen", F16, (3, 8, 2, 100, 64),
           kv_quant="int8", block_c=32, num_splits=2, kv_len=[0, 70, 100], return_lse=True),
@@ -1512,6 +1553,30 @@ def test_quantized_matches_reference(kind, dtype, granularity):
     assert_matches_reference(q, kp, vp, bounded_mask(valid, kv_len), out, evict_slot, **kw)
     out, evict_slot = ctb.longflow_decode_attention_triton(q, kp, vp, valid, compute_evict=False, **kw)
     assert_attention_only(q, kp, vp, valid, out, evict_slot, **kw)
+
+
+AFTER_UNPACK_CASES = [
+    (kind, dtype, granularity, group)
+    for kind in quant.KV_QUANT_KINDS
+    for dtype, granularity, group in (("bfloat16", "sequence", 32), ("float16", "kv_head", 128))
+]
+
+
+@pytest.mark.parametrize("kind, dtype, granularity, group", AFTER_UNPACK_CASES)
+@gpu
+def test_converting_after_unpacking_matches_reference(kind, dtype, granularity, group):
+    # LaunchConfig.convert_after_unpack on the GPU (its layout conversion is GPU-only): every kind, both
+    # 16-bit q dtypes and granularities, a tuned and a 1-warp launch, a kv_len bound.
+    i = AFTER_UNPACK_CASES.index((kind, dtype, granularity, group))
+    launch = LaunchConfig(convert_after_unpack=True, **(dict(num_warps=1, block_c=32) if i % 2 else {}))
+    q, k, v, valid = make_inputs(_seed("after unpack", kind, dtype, granularity), 16, 32, 8, 1000, 128, dtype)
+    kp, vp, scales = quantize_kv(k, v, kind, group)
+    kv_len = jnp.asarray(np.random.default_rng(i).integers(0, 1001, 16), jnp.int32)
+    kw = dict(scale=128**-0.5, granularity=granularity, kv_quant=kind, kv_scales=scales)
+    out, evict_slot = ctb.longflow_decode_attention_triton(
+        q, kp, vp, valid, kv_len=kv_len, launch=launch, **kw
+    )
+    assert_matches_reference(q, kp, vp, bounded_mask(valid, kv_len), out, evict_slot, **kw)
 
 
 @pytest.mark.parametrize("dtype, granularity, group", [
