@@ -615,19 +615,23 @@ def test_decode_lowers_through_xlas_triton_call(lowered_for_cuda, batch, epilogu
     ]
 
 
-@pytest.mark.parametrize("kind, payload_type", [("int8", "i8"), ("fp8", "f8E4M3FN"), ("int4", "i8")])
+@pytest.mark.parametrize(
+    "kind, payload_type, convert_after_unpack",
+    [("int8", "i8", False), ("fp8", "f8E4M3FN", False), ("int4", "i8", False), ("int4", "i8", True)],
+)
 def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
-    lowered_for_cuda, kind, payload_type
+    lowered_for_cuda, kind, payload_type, convert_after_unpack
 ):
     """A quantized cache lowers to the same custom calls: the payloads go in as they are (u8 is i8 in
     TTIR), then the scale rows; the zero points of int8 / fp8 are the one f32 placeholder. No tensor of
-    the cache's float shape appears anywhere: nothing dequantizes outside the kernel."""
+    the cache's float shape appears anywhere: nothing dequantizes outside the kernel. Converting after
+    unpacking adds one opaque (not pure) `mov` a unpacked tile to the TTIR, and nothing else."""
     q, *_, valid = _sds(4)
     payload = jax.ShapeDtypeStruct((4, 8, 2048, 128 // quant.codes_per_byte(kind)), quant.payload_dtype(kind))
     rows = jax.ShapeDtypeStruct((4, 8, 2048, 4), jnp.float32)
     zero = rows if quant.has_zero_point(kind) else None
     scales = quant.KVScales(rows, zero, rows, zero, jax.ShapeDtypeStruct((4, 8, 2048, 1), jnp.float32))
-    launch = LaunchConfig(epilogue="coop", xla_launch=True)
+    launch = LaunchConfig(epilogue="coop", xla_launch=True, convert_after_unpack=convert_after_unpack)
 
     def fn(q, k, v, valid, scales):
         return ctb.longflow_decode_attention_triton(
@@ -635,6 +639,9 @@ def test_quantized_decode_lowers_with_payload_pointers_and_no_dequantized_cache(
         )
 
     text = lowered_for_cuda(fn, q, payload, payload, valid, scales)
+    pinned = re.findall(r"tt\.elementwise_inline_asm \\22mov\.b32 \$0, \$1;\\22 \{[^}]*pure = false", text)
+    # Per block: 4 key and 4 value chunks (group 32, two planes of 64), each unpacked once.
+    assert len(pinned) == (8 if convert_after_unpack else 0), pinned
     assert re.findall(r'name = "(\w+)", num_stages', text) == ["decode_coop_kernel"]
     ttir = re.search(r'ir = "(.*?)", name', text).group(1)
     params = re.search(r"tt\.func public @decode_coop_kernel\((.*?)\) attributes", ttir).group(1)
