@@ -86,10 +86,17 @@ def hf_config(reader: gguf.GGUFReader, path: str) -> dict:
             f"{path}: unsupported general.architecture {arch!r}; supported: {SUPPORTED_MODEL_TYPES}"
         )
     scaling = fields.get(f"{arch}.rope.scaling.type", "none")
-    if scaling != "none" or "rope_freqs.weight" in tensor_names:
-        what = (
-            f"{arch}.rope.scaling.type = {scaling!r}" if scaling != "none" else "tensor 'rope_freqs.weight'"
-        )
+    # llama.cpp scales positions by any factor other than 0 or 1, under either key (scale_linear is the
+    # older name), with or without a scaling type: so the factor alone is scaling too.
+    factors = [f"{arch}.rope.scaling.factor", f"{arch}.rope.scale_linear"]
+    factor_key = next((k for k in factors if fields.get(k) not in (None, 0, 1)), None)
+    if scaling != "none" or factor_key or "rope_freqs.weight" in tensor_names:
+        if scaling != "none":
+            what = f"{arch}.rope.scaling.type = {scaling!r}"
+        elif factor_key:
+            what = f"{factor_key} = {fields[factor_key]!r}"
+        else:
+            what = "tensor 'rope_freqs.weight'"
         raise CheckpointError(f"{path}: unsupported RoPE scaling ({what}): only plain RoPE is implemented")
     hidden, num_heads = required(f"{arch}.embedding_length"), required(f"{arch}.attention.head_count")
     head_dim = fields.get(f"{arch}.attention.key_length", hidden // num_heads)

@@ -45,7 +45,8 @@ def llama_cpp_permute(w, num_heads):
 
 def write_gguf(path, arch, hf, tensors, drop=(), extra=()):
     """A GGUF file as llama.cpp writes one: `hf` config fields as metadata (minus the keys in `drop`,
-    plus `extra` (key, str) pairs), the tiny chat vocabulary, and tensors {name: (stored array, type)}."""
+    plus `extra` (key, str or float) pairs), the tiny chat vocabulary, and tensors {name: (stored array,
+    type)}."""
     writer = gguf.GGUFWriter(str(path), arch)
     metadata = {
         "block_count": hf["num_hidden_layers"],
@@ -65,7 +66,7 @@ def write_gguf(path, arch, hf, tensors, drop=(), extra=()):
             add = writer.add_float32 if isinstance(value, float) else writer.add_uint32
             add(f"{arch}.{key}", value)
     for key, value in extra:
-        writer.add_string(key, value)
+        (writer.add_float32 if isinstance(value, float) else writer.add_string)(key, value)
     writer.add_tokenizer_model("gpt2")
     writer.add_token_list(TOKENS)
     writer.add_token_types([3 if t in TINY_SPECIAL_TOKENS else 1 for t in TOKENS])  # 3: control
@@ -147,8 +148,17 @@ def _metadata_only(tmp_path, arch="llama", drop=(), extra=(), tensors=None):
             lambda p: _metadata_only(p, tensors={"rope_freqs.weight": (np.ones(8, np.float32), Q.F32)}),
             r"'rope_freqs\.weight'",
         ),
+        # llama.cpp applies a factor with no scaling type as linear scaling, under either key.
+        (
+            lambda p: _metadata_only(p, extra=[("llama.rope.scaling.factor", 4.0)]),
+            r"llama\.rope\.scaling\.factor = 4\.0",
+        ),
+        (
+            lambda p: _metadata_only(p, extra=[("llama.rope.scale_linear", 2.0)]),
+            r"llama\.rope\.scale_linear = 2\.0",
+        ),
     ],
-    ids=["architecture", "missing field", "rope scaling", "rope factors"],
+    ids=["architecture", "missing field", "rope scaling", "rope factors", "rope factor", "old rope factor"],
 )
 def test_unsupported_metadata_is_named(tmp_path, make, match):
     with pytest.raises(ValueError, match=match):
