@@ -7,15 +7,20 @@ modules only hold scales: the core's `rms_norm` (Hugging Face's: cast back befor
 `nnx.RMSNorm.__call__`.
 
 Every weight carries a Megatron tensor-parallel annotation for a ("data", "model") mesh
-(`nnx.with_partitioning`): the q/k/v, gate and up projections split their output columns (heads,
-intermediate) over "model", the o and down projections their input rows, the embedding and the lm_head
-the vocabulary; norms and the o bias are replicated, and nothing is split over "data". Under a mesh
-(`jax.set_mesh`) the weights are sharded as they are created; `nnx.get_partition_spec` reads the specs.
+(`nnx.with_partitioning`, `sharding.param_spec`): the q/k/v, gate and up projections split their output
+columns (heads, intermediate) over "model", the o and down projections their input rows, the embedding
+and the lm_head the vocabulary; norms and the o bias are replicated, and nothing is split over "data".
+A dimension that does not divide by the "model" axis of the mesh the module is built under is
+replicated (KV heads included), as `sharding.param_partition_specs` has it; without a mesh every split
+is annotated. Under a mesh (`jax.set_mesh`) the weights are sharded as they are created;
+`nnx.get_partition_spec` reads the specs.
 """
 
 from __future__ import annotations
 
 import jax
+import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from pallas_kernels.quant import check_kv_quant
@@ -33,10 +38,17 @@ from .model import (
     project_out,
     project_qkv,
 )
+from .sharding import MODEL, param_spec
 
-COLUMNS = (None, "model")  # a [in, out] weight split over its outputs: heads, intermediate, vocab
-ROWS = ("model", None)  # split over its inputs; also the embedding [V, Dm] over the vocabulary
 REPLICATED = (None,)
+
+
+def _spec(name: str, config: ModelConfig) -> tuple:
+    """Weight `name`'s spec (`sharding.param_spec`) for the "model" axis of the mesh being built under;
+    without one, Megatron's split whole (nothing to fail to divide yet)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    model_size = 1 if mesh.empty or MODEL not in mesh.axis_names else mesh.shape[MODEL]
+    return tuple(param_spec(name, 2, config, model_size))
 
 
 def _annotated(init, spec):
@@ -46,7 +58,8 @@ def _annotated(init, spec):
     return nnx.with_partitioning(init, spec, **({"eager_sharding": False} if no_mesh else {}))
 
 
-def _linear(n_in: int, n_out: int, spec, use_bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+def _linear(n_in: int, n_out: int, name: str, use_bias: bool, config: ModelConfig, rngs: nnx.Rngs):
+    spec = _spec(name, config)
     return nnx.Linear(
         n_in,
         n_out,
@@ -75,6 +88,24 @@ def _is_variable(x) -> bool:
 def _values(variables):
     """A pytree of nnx Variables -> the same pytree of their arrays (no copy)."""
     return jax.tree.map(lambda v: v.get_value(), variables, is_leaf=_is_variable)
+
+
+def _check_lengths(lengths, batch: int, prompt_len: int) -> None:
+    """lengths: [batch] integer token counts in [1, prompt_len] (the values when they are concrete), as
+    `generate` checks its prompt_lengths: a row of 0 tokens, or more than the prompt holds, was built into
+    a cache of the wrong tokens without a word."""
+    shape = tuple(getattr(lengths, "shape", np.shape(lengths)))
+    dtype = jnp.result_type(lengths if hasattr(lengths, "dtype") else np.asarray(lengths))
+    if shape != (batch,) or not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"lengths must be [{batch}] integer token counts, got {dtype} {shape}")
+    if not isinstance(lengths, jax.core.Tracer):
+        values = np.asarray(lengths)
+        bad = np.flatnonzero((values < 1) | (values > prompt_len))
+        if bad.size:
+            raise ValueError(
+                f"lengths must be in [1, {prompt_len}] (the prompt's width); row {int(bad[0])} has "
+                f"{int(values[bad[0]])}"
+            )
 
 
 class KVCacheState(nnx.Variable):
@@ -112,10 +143,10 @@ class CompressedAttention(nnx.Module):
         self.cache_compression = None
         dm, d = config.hidden_size, config.head_dim
         hq, hkv = config.num_heads * d, config.num_kv_heads * d
-        self.wq = _linear(dm, hq, COLUMNS, config.qkv_bias, config, rngs)
-        self.wk = _linear(dm, hkv, COLUMNS, config.qkv_bias, config, rngs)
-        self.wv = _linear(dm, hkv, COLUMNS, config.qkv_bias, config, rngs)
-        self.wo = _linear(hq, dm, ROWS, config.o_bias, config, rngs)
+        self.wq = _linear(dm, hq, "wq", config.qkv_bias, config, rngs)
+        self.wk = _linear(dm, hkv, "wk", config.qkv_bias, config, rngs)
+        self.wv = _linear(dm, hkv, "wv", config.qkv_bias, config, rngs)
+        self.wo = _linear(hq, dm, "wo", config.o_bias, config, rngs)
         self.q_norm = _norm(d, config, rngs) if config.qk_norm else None
         self.k_norm = _norm(d, config, rngs) if config.qk_norm else None
         self.cache = KVCacheState(None)
@@ -142,6 +173,7 @@ class CompressedAttention(nnx.Module):
         """
         if not isinstance(max_new_tokens, int) or isinstance(max_new_tokens, bool) or max_new_tokens < 1:
             raise ValueError(f"max_new_tokens must be a positive int, got {max_new_tokens!r}")
+        _check_lengths(lengths, x.shape[0], x.shape[1])
         layer = _values(self.param_variables())
         q, k, v = project_qkv(layer, self.config, x, positions)
         compression = effective_compression(self.compression, x.shape[1], max_new_tokens)
@@ -182,9 +214,9 @@ class DecoderLayer(nnx.Module):
         self.input_norm = _norm(dm, config, rngs)
         self.attention = CompressedAttention(config, rngs=rngs)
         self.post_norm = _norm(dm, config, rngs)
-        self.w_gate = _linear(dm, f, COLUMNS, False, config, rngs)
-        self.w_up = _linear(dm, f, COLUMNS, False, config, rngs)
-        self.w_down = _linear(f, dm, ROWS, False, config, rngs)
+        self.w_gate = _linear(dm, f, "w_gate", False, config, rngs)
+        self.w_up = _linear(dm, f, "w_up", False, config, rngs)
+        self.w_down = _linear(f, dm, "w_down", False, config, rngs)
 
     def param_variables(self) -> dict:
         """`model.py`'s layer dict, with the nnx.Param objects as leaves."""
@@ -214,14 +246,14 @@ class Decoder(nnx.Module):
             config.vocab_size,
             config.hidden_size,
             param_dtype=config.param_dtype,
-            embedding_init=_annotated(nnx.initializers.normal(0.02), ROWS),
+            embedding_init=_annotated(nnx.initializers.normal(0.02), _spec("embed", config)),
             rngs=rngs,
         )
         self.layers = nnx.List([DecoderLayer(config, rngs=rngs) for _ in range(config.num_layers)])
         self.final_norm = _norm(config.hidden_size, config, rngs)
         tied = config.tie_word_embeddings
         self.lm_head = (
-            None if tied else _linear(config.hidden_size, config.vocab_size, COLUMNS, False, config, rngs)
+            None if tied else _linear(config.hidden_size, config.vocab_size, "lm_head", False, config, rngs)
         )
 
     @classmethod

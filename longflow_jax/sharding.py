@@ -44,6 +44,15 @@ _SPLIT = {
 }
 
 
+def param_spec(name: str, ndim: int, config: ModelConfig, model_size: int) -> P:
+    """The PartitionSpec of the weight `name` (a key of `model.py`'s params, `ndim` dimensions) for a
+    "model" axis of model_size devices: Megatron's split, replicated where it does not divide."""
+    split = _SPLIT.get(name)
+    if split is None or getattr(config, split[1]) % model_size:
+        return P(*(None,) * ndim)
+    return P(*(MODEL if i == split[0] else None for i in range(ndim)))
+
+
 def param_partition_specs(config: ModelConfig, model_size: int) -> dict:
     """The params pytree (`param_shapes`' layout) of PartitionSpecs for a "model" axis of model_size
     devices: Megatron's split, each dimension that does not divide by model_size replicated."""
@@ -51,10 +60,8 @@ def param_partition_specs(config: ModelConfig, model_size: int) -> dict:
         raise ValueError(f"model_size must be a positive int, got {model_size!r}")
 
     def spec(path, shape):
-        split = _SPLIT.get(path[-1].key)
-        if split is None or getattr(config, split[1]) % model_size:
-            return P()
-        return P(*(MODEL if i == split[0] else None for i in range(len(shape.shape))))
+        found = param_spec(path[-1].key, len(shape.shape), config, model_size)
+        return found if MODEL in found else P()
 
     return jax.tree_util.tree_map_with_path(spec, param_shapes(config))
 
@@ -88,18 +95,25 @@ def data_axis(mesh: Mesh, batch: int) -> str:
 
 
 def parse_mesh_shape(text: str) -> tuple[int, int]:
-    """ "data=2,model=4" -> (2, 4); a missing axis is 1."""
-    sizes = {DATA: 1, MODEL: 1}
+    """ "data=2,model=4" -> (2, 4); a missing axis is 1, a repeated one an error."""
+    sizes, seen = {DATA: 1, MODEL: 1}, set()
     for part in text.split(","):
         name, _, value = part.partition("=")
-        if name.strip() not in sizes or not value.strip().isdigit() or int(value) < 1:
-            raise ValueError(f"--mesh must look like data=2,model=4 (positive sizes), got {text!r}")
-        sizes[name.strip()] = int(value)
+        name = name.strip()
+        if name not in sizes or name in seen or not value.strip().isdigit() or int(value) < 1:
+            raise ValueError(
+                f"--mesh must look like data=2,model=4 (positive sizes, each axis once), got {text!r}"
+            )
+        seen.add(name)
+        sizes[name] = int(value)
     return sizes[DATA], sizes[MODEL]
 
 
 def make_mesh(data: int, model: int, devices=None) -> Mesh:
     """A ("data", "model") mesh over the first data * model of devices (default: this process's)."""
+    for name, size in ((DATA, data), (MODEL, model)):
+        if not (isinstance(size, int | np.integer) and not isinstance(size, bool) and size >= 1):
+            raise ValueError(f"make_mesh: {name} must be a positive int, got {size!r}")
     devices = jax.local_devices() if devices is None else list(devices)
     if data * model > len(devices):
         raise ValueError(

@@ -20,6 +20,7 @@ import numpy as np
 from .config import CompressionConfig, ModelConfig, SamplingConfig
 from .generate import (
     FULL,
+    _as_key,
     buffer_capacity,
     check_generate_inputs,
     check_params,
@@ -59,8 +60,10 @@ def score_trajectory(
     """Teacher-force `trajectory` [B, T] (tokens after each prompt; row b's first trajectory_lengths[b]
     count) through a `compression` cache and a `reference` cache (None: the full cache).
 
-    Prompts are right-padded [B, P] with lengths [B], as for `generate`; `seed` gives the same per-step
-    keys `generate` uses, so policy "random" evicts as it did while generating with that seed. The
+    Prompts are right-padded [B, P] with lengths [B], as for `generate`; `seed` (an int or a PRNG key,
+    as for `generate`) gives the same per-step keys `generate` uses without a mesh, so policy "random"
+    evicts as it did while generating with that seed. `generate(..., mesh=)` folds each data shard's
+    index into its key: for its shard i's rows pass `jax.random.fold_in(key, i)`. The
     distributions compared are the model's own (softmax of the logits, no temperature or filtering).
     A list of compressions is scored in one pass against one reference pass (the reference is
     usually the costliest cache), giving one TrajectoryScores each, in order.
@@ -95,11 +98,16 @@ def score_trajectory(
                 f"trajectory must hold token ids in [0, {config.vocab_size}), got dtype {ids.dtype}, "
                 f"range [{ids.min()}, {ids.max()}]"
             )
+    lengths_dtype = jnp.result_type(
+        trajectory_lengths if hasattr(trajectory_lengths, "dtype") else np.asarray(trajectory_lengths)
+    )
+    if not jnp.issubdtype(lengths_dtype, jnp.integer):
+        raise ValueError(f"trajectory_lengths must be integer token counts, got dtype {lengths_dtype}")
     if not isinstance(trajectory_lengths, jax.core.Tracer):
         lengths = np.asarray(trajectory_lengths)
         if lengths.min() < 0 or lengths.max() > steps:
             raise ValueError(f"trajectory_lengths must be in [0, {steps}], got {lengths.tolist()}")
-    key = jax.random.PRNGKey(seed) if isinstance(seed, int | np.integer) else seed
+    key = _as_key(seed)
     scores = _score(
         params,
         jnp.asarray(prompt_ids, jnp.int32),

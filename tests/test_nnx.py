@@ -8,6 +8,8 @@ import functools
 import json
 import os
 import re
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -262,6 +264,16 @@ def test_bad_calls_are_refused():
         att.prefill(jnp.zeros((1, 2, 32)), jnp.zeros((1, 2), jnp.int32), jnp.array([2]), 0)
     with pytest.raises(ValueError, match="config must be a longflow_jax.ModelConfig"):
         lnx.Decoder({"vocab_size": 64}, rngs=nnx.Rngs(0))
+    # A row of 0 tokens built an empty cache, one past the prompt's width a cache of the padding.
+    x2, pos2 = jnp.zeros((2, 6, 32)), jnp.tile(jnp.arange(6), (2, 1))
+    for lengths, match in (
+        ([6, 0], r"lengths must be in \[1, 6\] \(the prompt's width\); row 1 has 0"),
+        ([6, 9], r"row 1 has 9"),
+        ([6.0, 3.0], r"lengths must be \[2\] integer token counts, got float"),
+        ([6], r"lengths must be \[2\] integer token counts, got int\d+ \(1,\)"),
+    ):
+        with pytest.raises(ValueError, match=match):
+            att.prefill(x2, pos2, jnp.asarray(lengths), 4)
 
 
 # (module attribute, param name) -> its spec on a ("data", "model") mesh
@@ -288,6 +300,43 @@ def test_partition_specs_follow_the_megatron_layout():
         att = lnx.CompressedAttention(config, rngs=nnx.Rngs(0))
     assert att.wq.kernel[...].sharding.spec == P(None, "model")
     assert att.wo.kernel[...].sharding.spec == P("model", None)
+
+
+# Built under a (2, 4) mesh of 8 simulated devices: every annotation is `lf.param_partition_specs`' own.
+_MESH_SPECS = """
+import json, jax
+from flax import nnx
+import longflow_jax as lf, longflow_jax.nnx as lnx
+from longflow_jax.sharding import make_mesh, param_partition_specs
+config = lf.ModelConfig(
+    model_type="llama", vocab_size=130, hidden_size=32, intermediate_size=48, num_layers=1, num_heads=4,
+    num_kv_heads=2, head_dim=8, rms_norm_eps=1e-6, rope_theta=1e4, max_position_embeddings=128,
+)
+with jax.set_mesh(make_mesh(2, 4)):
+    decoder = lnx.Decoder(config, rngs=nnx.Rngs(0))
+got = jax.tree.map(lambda v: str(v.get_value().sharding.spec), decoder.param_variables(),
+                   is_leaf=lambda x: isinstance(x, nnx.Variable))
+want = jax.tree.map(str, param_partition_specs(config, 4), is_leaf=lambda x: isinstance(x, jax.P))
+print(json.dumps([got, want]))
+"""
+
+
+def test_weights_built_under_a_mesh_take_the_planners_specs():
+    # 2 KV heads and a vocabulary of 130 on a "model" axis of 4: wk, wv and the embedding replicated
+    # (a split inside a head, or a raw IndivisibleError, before), wq, wo and the MLP split.
+    env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=8")
+    run = subprocess.run(
+        [sys.executable, "-c", _MESH_SPECS], env=env, capture_output=True, text=True, timeout=300
+    )
+    assert run.returncode == 0, run.stderr[-3000:]
+    got, want = json.loads(run.stdout.strip().splitlines()[-1])
+    flat = lambda tree: {jax.tree_util.keystr(k): v for k, v in jax.tree_util.tree_leaves_with_path(tree)}
+    got, want = flat(got), flat(want)
+    assert got.keys() == want.keys()
+    for name, spec in got.items():  # split where the planner splits (replicated: P() or P(None, ...))
+        assert ("model" in spec) == ("model" in want[name]), (name, spec, want[name])
+    assert "model" not in got["['layers'][0]['wk']"] and "model" not in got["['embed']"]
+    assert "model" in got["['layers'][0]['wq']"] and "model" in got["['layers'][0]['w_down']"]
 
 
 def test_readme_flax_example_runs():

@@ -22,6 +22,7 @@ from longflow_jax.config import CompressionConfig, ModelConfig
 from longflow_jax.model import param_shapes
 from longflow_jax.sharding import (
     default_mesh_shape,
+    make_mesh,
     param_partition_specs,
     parse_mesh_shape,
     per_chip_bytes,
@@ -158,9 +159,13 @@ def test_per_chip_bytes():
 def test_mesh_flag_and_default_shape():
     assert parse_mesh_shape("data=2,model=4") == (2, 4)
     assert parse_mesh_shape("model=8") == (1, 8)
-    for bad in ("data=0", "rows=2", "data=2;model=4"):
+    for bad in ("data=0", "rows=2", "data=2;model=4", "data=2,data=4"):  # the repeat was read as (4, 1)
         with pytest.raises(ValueError, match="--mesh must look like"):
             parse_mesh_shape(bad)
+    # A zero axis gave an empty mesh (generate then divided by zero); negatives and floats numpy errors.
+    for data, model in ((0, 4), (-2, -4), (2.0, 4), (True, 1)):
+        with pytest.raises(ValueError, match="make_mesh: (data|model) must be a positive int"):
+            make_mesh(data, model)
     config = ModelConfig(**TINY)
     assert default_mesh_shape(config, 8, None) == (8, 1)
     assert default_mesh_shape(config, 8, per_chip_param_bytes(config, 1) + 1) == (8, 1)

@@ -121,3 +121,19 @@ def test_bad_trajectory_is_named(prompts):
         lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, [4, 5, 4], compression=comp)
     with pytest.raises(ValueError, match="batch"):
         lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj[:2], [4, 4], compression=comp)
+    # Fractional lengths were truncated (2.9 -> 2 tokens scored), as generate refuses them.
+    with pytest.raises(ValueError, match="trajectory_lengths must be integer token counts, got dtype float"):
+        lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, [2.9, 4.0, 1.5], compression=comp)
+    with pytest.raises(ValueError, match="seed must be an int or a jax PRNG key"):
+        lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, [4, 4, 4], compression=comp, seed=1.5)
+
+
+def test_seed_takes_generates_forms(prompts):
+    # An integer scalar array is a seed, as in generate (it crashed inside JAX as a raw key).
+    ids, lengths = prompts
+    comp = lf.CompressionConfig(policy="random", budget=8)
+    traj, traj_len = trajectory(ids, lengths, sampling=lf.SamplingConfig(temperature=1.0), seed=3)
+    kw = dict(compression=comp, reference=comp)
+    got = lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, traj_len, seed=jnp.int32(3), **kw)
+    want = lf.score_trajectory(PARAMS, CONFIG, ids, lengths, traj, traj_len, seed=3, **kw)
+    np.testing.assert_array_equal(np.asarray(got.nll), np.asarray(want.nll))
