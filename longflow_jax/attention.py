@@ -6,8 +6,9 @@ attention_impl:
   "pallas"     pallas_kernels.longflow_decode_attention (TPU Mosaic / GPU Triton / CPU interpret).
   "triton"     cuda_triton_bridge.longflow_decode_attention_triton (CUDA, native Triton kernels).
 The kernels fuse attention with LongFlow's scoring and argmin, so they serve "longflow" and "full"
-(scoring switched off), and "thinkv" outside its layers L* (one call per buffer, thinkv.attend); the
-baselines need the probabilities and run on the reference path. On a "model" axis the Pallas kernel runs
+(scoring switched off), and "thinkv" in every layer (one call per buffer, thinkv.attend; its layers L*
+also take the step's sparsity from jnp logits); the baselines need the probabilities and run on the
+reference path. On a "model" axis the Pallas kernel runs
 per KV-head shard (`_per_model_shard`); the Triton kernel is single-GPU.
 """
 

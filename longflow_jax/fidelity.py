@@ -189,7 +189,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def run(args) -> None:
     runner.check_args(args)
-    runner.check_plot_available("--plot", args.plot)
+    runner.check_plot_path("--plot", args.plot, **{"--input": args.input, "--output": args.output,
+                                                    "--table": args.table})  # fmt: skip
     runner.check_table_path(args)
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")

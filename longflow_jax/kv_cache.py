@@ -21,8 +21,10 @@ keys' basis (`queries_for_keys`).
 G = 1 ("sequence": one evict slot shared by all KV heads) or Hkv ("kv_head").
 Every policy fills empty slots first, lowest index first, so the filled slots of a row are always the
 prefix [0, n) and the same in every group: `kv_valid` reads it off group 0. ("rkv" keeps the prefix by
-compacting the tokens it keeps into slots [0, budget).) ThinKV's tiers are the exception: a freed slot
-is reused where it is (thinkv.py), so their filled slots are a set, not a prefix.
+compacting the tokens it keeps into slots [0, budget).) ThinKV is the exception: its main buffer holds
+a row's prompt in [0, length) and its window from the padded prompt width P on (a gap between them for
+a shorter prompt), and a tier reuses a freed slot where it is (thinkv.py), so their filled slots are a
+set, not a prefix; thinkv.py reads each buffer up to its highest filled slot.
 """
 
 from __future__ import annotations

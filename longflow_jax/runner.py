@@ -282,17 +282,31 @@ def check_table_path(args) -> None:
             )
 
 
-def check_plot_available(flag: str, path: str | None) -> None:
-    """A plot asked for needs matplotlib (the "plot" extra): say so before the run, not after it."""
+def check_plot_path(flag: str, path: str | None, **others: str | None) -> None:
+    """A plot asked for (drawn at the end of a run): matplotlib installed (the "plot" extra), a file
+    format it writes, and none of the run's other files (`others`: flag -> path), which the plot would
+    replace. Said before the run, not after it."""
     if path is None:
         return
     try:
-        import matplotlib  # noqa: F401
+        import matplotlib.figure
     except ImportError:
         raise ValueError(
             f"{flag} {path}: drawing needs matplotlib, which is not installed (pip install "
             f"'longflow-jax[plot]', or leave out {flag})"
         ) from None
+    for name, other in others.items():
+        if other and (os.path.abspath(other) == os.path.abspath(path) or same_file(other, path)):
+            raise ValueError(
+                f"{flag} {path} is the same file as {name} {other}: the plot would replace it; pass "
+                f"another {flag}"
+            )
+    ext = os.path.splitext(path)[1][1:].lower()  # none: matplotlib's default format (png)
+    formats = matplotlib.figure.Figure().canvas.get_supported_filetypes()
+    if ext and ext not in formats:
+        raise ValueError(
+            f"{flag} {path}: matplotlib cannot write .{ext} files; expected one of {sorted(formats)}"
+        )
 
 
 def report(message: str, prog: str) -> None:

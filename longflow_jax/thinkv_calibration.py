@@ -72,8 +72,14 @@ def step_sparsity(params, config: ModelConfig, prompt_ids, prompt_lengths, token
             f"{np.shape(prompt_ids)[0]}, got {np.shape(tokens)} and {np.shape(lengths)}"
         )
     lengths = np.asarray(lengths)
-    if lengths.min() < 0 or lengths.max() > steps:
-        raise ValueError(f"lengths must be in [0, {steps}], got {lengths.tolist()}")
+    if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 0 or lengths.max() > steps:
+        raise ValueError(f"lengths must be integer token counts in [0, {steps}], got {lengths.tolist()}")
+    ids = np.asarray(tokens)
+    if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= config.vocab_size:
+        raise ValueError(
+            f"tokens must hold token ids in [0, {config.vocab_size}), got dtype {ids.dtype}, "
+            f"range [{ids.min()}, {ids.max()}]"
+        )
     out = _replay(
         params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
         jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), config=config,
@@ -183,9 +189,8 @@ def layer_density(
     max_dip of the lower of the two peaks."""
     x = np.asarray(samples, np.float64).ravel()
     if x.size < 2 or not np.all((x >= 0.0) & (x <= 1.0)):
-        raise ValueError(
-            f"need at least 2 sparsity samples in [0, 1], got {x.size} in [{x.min()}, {x.max()}]"
-        )
+        span = f" in [{x.min()}, {x.max()}]" if x.size else ""
+        raise ValueError(f"need at least 2 sparsity samples in [0, 1], got {x.size}{span}")
     bandwidth = silverman_bandwidth(x)
     d = gaussian_kde(x, bandwidth)
     rising = np.concatenate([[True], d[1:] > d[:-1]])  # a plateau's first point counts, once
@@ -299,7 +304,14 @@ def collect(generator: runner.DataParallelGenerator, plan: runner.Plan, args) ->
             f"measured, {time.perf_counter() - start:.1f} s",
             PROG,
         )
-    return [np.concatenate(layer) for layer in per_layer]
+    samples = [np.concatenate(layer) for layer in per_layer]
+    if samples[0].size < 2:
+        raise ValueError(
+            f"only {samples[0].size} generated token(s) of {len(plan.records)} prompt(s) were fed back to "
+            f"be measured (a row's last token is only sampled): the rows stopped at once; check "
+            f"--prompt-template, the model's stop ids and --max-new-tokens"
+        )
+    return samples
 
 
 def _json_lines(result: dict) -> str:
@@ -331,7 +343,7 @@ def run(args) -> None:
     check_calibration_args(args)
     out = args.out or os.path.join(args.ckpt, THINKV_CALIBRATION_FILE)
     plot_path = args.plot or os.path.splitext(out)[0] + ".png"
-    runner.check_plot_available("--plot", plot_path)
+    runner.check_plot_path("--plot", plot_path, **{"--out": out, "--input": args.input})
     for path in (out, plot_path):
         if os.path.exists(path) and not args.overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --plot elsewhere")

@@ -140,6 +140,14 @@ def test_a_plot_without_matplotlib_is_refused_before_any_run(tmp_path, chat_ckpt
     assert not out.exists()
 
 
+@pytest.mark.parametrize("name, flag", [("rows.jsonl", "--output"), ("t.md", "--table")])
+def test_a_plot_onto_the_runs_own_file_is_refused(tmp_path, chat_ckpt, capsys, name, flag):
+    # The plot is drawn last: it replaced the rows (or the table) it was drawn from.
+    code, out = run_fidelity(tmp_path, chat_ckpt, "--plot", str(tmp_path / name))
+    assert code == 2 and f"is the same file as {flag}" in capsys.readouterr().err
+    assert not out.exists()
+
+
 @pytest.mark.parametrize("line", ['{"id": "a", "policy": "h2o", "gran', "[1, 2]"])
 def test_resume_names_a_line_that_is_no_row(tmp_path, line):
     from longflow_jax.fidelity import _finished_rows

@@ -4,6 +4,7 @@ its file."""
 
 import argparse
 import json
+import types
 import warnings
 
 import jax
@@ -98,6 +99,8 @@ def test_choose_layers_takes_the_four_most_pronounced_trimodal_layers():
 def test_layer_density_rejects_bad_samples():
     with pytest.raises(ValueError, match="at least 2 sparsity samples in"):
         cal.layer_density([0.5])
+    with pytest.raises(ValueError, match=r"at least 2 sparsity samples in \[0, 1\], got 0$"):
+        cal.layer_density([])  # was numpy's "zero-size array" error from the message itself
     with pytest.raises(ValueError, match="sparsity samples in"):
         cal.layer_density([0.2, 1.5])
 
@@ -135,6 +138,29 @@ def test_step_sparsity_equals_numpy_attention_over_the_full_cache():
                 want = np.mean(w < 0.01 * w.max(axis=1, keepdims=True))
                 assert got[layer, row, t] == pytest.approx(want, abs=1e-6), (layer, row, t)
     assert np.isnan(got[:, 1, 3:]).all() and not np.isnan(got[:, 0]).any()
+    # An id outside the vocabulary was clamped by the embedding lookup and measured as if valid.
+    for bad in (CONFIG.vocab_size + 500, -1):
+        with pytest.raises(ValueError, match=rf"tokens must hold token ids in \[0, {CONFIG.vocab_size}\)"):
+            bad_tokens = np.where(tokens == tokens[0, 0], bad, tokens)
+            cal.step_sparsity(params, CONFIG, ids, prompt_lengths, bad_tokens, lengths)
+
+
+def test_rows_that_stop_at_once_are_named(monkeypatch):
+    # Every row stopped at its first token (a wrong template, EOS first): nothing fed back, no samples;
+    # the run then failed in numpy ("zero-size array") with no word of why.
+    generator = types.SimpleNamespace(
+        config=CONFIG, params=None,
+        generate=lambda prompts, *a, **k: [types.SimpleNamespace(tokens=[7]) for _ in prompts],
+    )  # fmt: skip
+    plan = types.SimpleNamespace(
+        batches=[types.SimpleNamespace(indices=[0, 1], prompt_len=3, rows=2)],
+        prompts=[[1, 2, 3], [4, 5]],
+        records=[types.SimpleNamespace(id=0), types.SimpleNamespace(id=1)],
+    )
+    monkeypatch.setattr(runner, "sampling_from", lambda args: lf.SamplingConfig())
+    monkeypatch.setattr(cal, "step_sparsity", lambda *a: np.full((CONFIG.num_layers, 2, 3), np.nan))
+    with pytest.raises(ValueError, match="only 0 generated token.* of 2 prompt.* were fed back"):
+        cal.collect(generator, plan, argparse.Namespace(seed=0, max_new_tokens=4))
 
 
 # ---- the command ----
@@ -199,6 +225,9 @@ def test_without_a_trimodal_layer_the_thresholds_are_the_default_layers_tertiles
         (["--limit", "0"], "--limit must be >= 1, got 0"),
         (["--max-new-tokens", "1"], "--max-new-tokens must be >= 2"),
         (["--max-dip", "1.5"], "--max-dip must be in (0, 1), got 1.5"),
+        # The plot defaults to --out's name with .png: it replaced the calibration file, exit 0.
+        (["--out", "cal.png"], "--plot cal.png is the same file as --out cal.png"),
+        (["--plot", "d.txt"], "--plot d.txt: matplotlib cannot write .txt files"),
     ],
 )
 def test_calibration_cli_rejects_bad_input(chat_ckpt, tmp_path, capsys, extra, message):
