@@ -107,7 +107,7 @@ def kv_cache_bytes(
 ) -> int:
     """Bytes of the cache `generate` allocates for this shape: every layer's K/V buffers (quantized
     payloads and scales with kv_quant) and slot bookkeeping, "rkv"'s query ring, and "thinkv"'s tier
-    regions and segment tables. The Triton kernel's per-layer tickets (B * Hkv int32) come on top.
+    regions and segment tables. The Triton kernel's per-layer tickets (B x 2 Hkv int32) come on top.
     compression None is the full cache; a job `generate` would refuse is refused here too."""
     compression = _checked_plan(config, compression, batch, prompt_len, max_new_tokens)
     compression = effective_compression(compression, prompt_len, max_new_tokens)
@@ -166,10 +166,10 @@ def step_working_set_bytes(
     """What `max_batch` budgets a row for one decode step beside its cache: float32 logits and
     activations, and for "thinkv" the float32 copy an L* layer attends over. An estimate: the
     compiled step's own working set (`memory_analysis().temp_size_in_bytes`) is what XLA asks for."""
-    capacity = buffer_capacity(effective_compression(compression, prompt_len, max_new_tokens), prompt_len,
-                               max_new_tokens)  # fmt: skip
+    decoding = effective_compression(compression, prompt_len, max_new_tokens)  # what generate runs
+    capacity = buffer_capacity(decoding, prompt_len, max_new_tokens)
     work = 4 * (2 * config.vocab_size + 8 * config.intermediate_size + 4 * config.num_heads * capacity)
-    if compression.policy == "thinkv":
+    if decoding.policy == "thinkv":  # a job that completes no segment runs as the full cache
         # One L* layer's float32 K and V of the main buffer and every tier (the layers run in turn), and
         # its float32 logits and weights over them. Measured on an H100 (Qwen3-4B shape, budget 2,048):
         # 36.4 MiB a row with the L* layers wholly in jnp (171 rows) and the same on the kernels with

@@ -13,7 +13,9 @@ Columns, at B in {1, 16, 64} x C in {2048, 8192}, Hq/Hkv 32/8, D 128, bf16, ever
 Each column is checked against the jnp reference, then timed as a chain of dependent calls over K/V
 sets far larger than the L2, run --loops times in a lax.fori_loop as a decode loop runs its step, and
 set against a bandwidth ceiling measured in a child process (the method: docs/BENCHMARKS.md). A column's
-TB/s and % of the ceiling count the bytes it reads: a quantized column its payloads and scales.
+TB/s and % of the ceiling count the K/V bytes it reads: a quantized column its payloads and scales (and
+the Triton kernel the stored value norms); the side output t (B x Hq x C f32, written and read back by
+the scoring columns) is not counted.
 
   python3 scripts/bench_kernels.py [--interleave] [--columns a,b] [--sizes 1x2048,...] [--out FILE.md]
 
@@ -50,7 +52,9 @@ COLUMNS = (
     "pallas", "pallas_noevict", "pallas_int8", "pallas_int4",
     "triton", "triton_noevict", "triton_int8", "triton_int4",
 )  # fmt: skip
-ROTATE_BYTES = 8 * 50e6  # the input sets of a size span at least 8x a 50 MB L2
+# The input sets of a size span 8x a 50 MB L2, or MAX_SETS sets where those span less (B 1, C 2048:
+# bf16 5.4x, int8 3.1x, int4 2.1x).
+ROTATE_BYTES = 8 * 50e6
 MAX_SETS, MIN_CALLS_PER_PROGRAM = 32, 32
 
 
@@ -179,11 +183,19 @@ def make_sets(batch, slots, n_sets, seed=0, kv_quant=None, group=QUANT_GROUP):
     return jax.block_until_ready(sets)
 
 
-def kv_bytes(batch, slots, kv_quant=None, group=QUANT_GROUP):
-    """Bytes of K and V a call reads: with kv_quant, the payloads, their f32 scales (and zero points) and
-    the value norms."""
+def kv_bytes(batch, slots, kv_quant=None, group=QUANT_GROUP, value_norms=True):
+    """Bytes of K and V a call reads: with kv_quant, the payloads, their f32 scales (and zero points) and,
+    where the column reads them (value_norms: the Triton kernel; the Pallas kernel and the reference sum
+    their own), the stored value norms. The side output t is not counted."""
     per_slot = quant.slot_bytes(HEAD_DIM, jnp.dtype(DTYPE).itemsize, kv_quant, group)
+    if kv_quant is not None and not value_norms:
+        per_slot -= quant.VALUE_NORM_BYTES
     return batch * NUM_KV_HEADS * slots * per_slot
+
+
+def column_bytes(name, batch, slots, group=QUANT_GROUP):
+    """`kv_bytes` of the buffer the column reads, as it reads it."""
+    return kv_bytes(batch, slots, column_kind(name), group, value_norms=name.startswith("triton"))
 
 
 def check_column(name, fn, inputs, scale, granularity="sequence"):
@@ -200,7 +212,7 @@ def check_column(name, fn, inputs, scale, granularity="sequence"):
         raise AssertionError(f"{name}: out rel err {rel:.2e}")
     if evict is None:
         return f"out rel {rel:.1e}"
-    if name.endswith("noevict"):  # compute_evict=False: the contract's placeholder, -1 everywhere
+    if name.split("[")[0].endswith("noevict"):  # compute_evict=False: the contract's placeholder, -1
         if not np.all(np.asarray(evict) == -1):
             raise AssertionError(f"{name}: evict_slot should be all -1, got {evict}")
         return f"out rel {rel:.1e}, evict -1"
@@ -224,10 +236,17 @@ def chain_program(fn, sets, min_calls=MIN_CALLS_PER_PROGRAM, loops=1):
     each call's q the previous call's output (as layer l+1 waits for layer l), K/V rotating over the sets,
     a StatefulColumn's state made once and threaded through. loops > 1 runs the chain as the body of a
     lax.fori_loop; every iteration's evicts go into the carry, so no call is dead code, and the outputs
-    are the last iteration's."""
+    are the last iteration's. Each call's K/V pass an optimization barrier with its q: the sets repeat
+    over the calls and the loop, and XLA would otherwise do a column's K/V-only work (f32 conversions,
+    ||v||_1, unpacking codes) once per set outside the loop, which no decode step can (its cache changes
+    every step): it made the XLA columns up to 2x too fast (CPU)."""
     n_calls = max(min_calls, len(sets))
     stateful = isinstance(fn, StatefulColumn)
-    step = fn.call if stateful else lambda q, *inputs, kernel_state: (*fn(q, *inputs), kernel_state)
+    call = fn.call if stateful else lambda q, *inputs, kernel_state: (*fn(q, *inputs), kernel_state)
+
+    def step(q, *inputs, kernel_state):
+        q, inputs = jax.lax.optimization_barrier((q, inputs))
+        return call(q, *inputs, kernel_state=kernel_state)
 
     def chain(q, state, sets):
         evicts = []
@@ -410,9 +429,7 @@ def format_table(header, ceiling, rows, names, group=QUANT_GROUP):
     ]  # fmt: skip
     for r in rows:
         nbytes = kv_bytes(r["batch"], r["slots"])
-        cells = [
-            _cell(r.get(n), kv_bytes(r["batch"], r["slots"], column_kind(n), group), ceiling) for n in names
-        ]
+        cells = [_cell(r.get(n), column_bytes(n, r["batch"], r["slots"], group), ceiling) for n in names]
         for kernel in ("pallas", "triton"):
             t, base = r.get(kernel), r.get(kernel + "_noevict")
             cells.append("n/a" if t is None or base is None else f"{100 * (t / base - 1):.1f}%")
@@ -442,7 +459,7 @@ def time_size(batch, slots, cols, args, scale, ceiling, log):
     for together in [runs] if args.interleave else [{n: r} for n, r in runs.items()]:
         for name, (t, (tmin, tmax)) in time_interleaved(together, args.reps, args.queued).items():
             row[name] = t
-            rate = kv_bytes(batch, slots, column_kind(name), args.group) / t
+            rate = column_bytes(name, batch, slots, args.group) / t
             log(
                 f"B={batch:3d} C={slots:5d} {name:17s} {t * 1e6:9.1f} us (min {tmin * 1e6:.1f}, max "
                 f"{tmax * 1e6:.1f}) {rate / 1e12:5.2f} TB/s "

@@ -54,6 +54,7 @@ from longflow_jax import (  # noqa: E402
     init_random_params,
     max_batch,
 )
+from longflow_jax.attention import check_attention_impl  # noqa: E402
 from longflow_jax.generate import (  # noqa: E402
     buffer_capacity,
     effective_compression,
@@ -101,6 +102,8 @@ def parse_run(spec: str):
         )
     policy, batch, new, budget, impl, steps = parts + [""] * (6 - len(parts))
     batch, new, steps = batch if batch == "max" else int(batch), int(new), int(steps or new)
+    if batch != "max" and batch < 1:
+        raise ValueError(f"run {spec!r}: BATCH must be a positive int or 'max', got {batch}")
     if not 0 < steps <= new:
         raise ValueError(f"run {spec!r}: STEPS must be in [1, NEW_TOKENS={new}], got {steps}")
     policy, _, kv_quant = policy.partition("@")
@@ -116,7 +119,12 @@ def parse_run(spec: str):
             f"policy {policy!r} has none (its per-step cost keeps changing): time every step"
         )
     comp = CompressionConfig(policy=policy, budget=int(budget or 2048), kv_quant=kv_quant or None, **group)
-    return comp, batch, new, impl or "reference", steps
+    impl = impl or "reference"
+    try:  # generate's own check: a kernel runs only the policies it fuses
+        check_attention_impl(impl, comp)
+    except ValueError as e:
+        raise ValueError(f"run {spec!r}: {e}") from None
+    return comp, batch, new, impl, steps
 
 
 def memory_stat(name):
@@ -291,12 +299,17 @@ def append_rows(path, rows):
         f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
+def child_flags(args) -> list[str]:
+    """The flags every --isolate child runs with: all of the parent's but the runs and the output."""
+    shared = ("model", "prompt_len", "chunk", "memory_gib", "prefill_rows")
+    flags = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
+    flags += [f"--{flag.replace('_', '-')}" for flag in ("generate", "fit_batch") if getattr(args, flag)]
+    return flags + ([] if args.mesh is None else ["--mesh", "data={},model={}".format(*args.mesh)])
+
+
 def run_isolated(args, command, retries=2):
     """Each configuration in a child process (an out-of-memory BATCH=max retried at 90%)."""
-    shared = ("model", "prompt_len", "chunk", "memory_gib", "prefill_rows")
-    mesh = [] if args.mesh is None else ["--mesh", "data={},model={}".format(*args.mesh)]
-    base = [f"--{k.replace('_', '-')}={getattr(args, k)}" for k in shared if getattr(args, k) is not None]
-    base += (["--generate"] if args.generate else []) + mesh
+    base = child_flags(args)
     results = []
     for spec in args.runs:
         scale = 1.0
@@ -414,8 +427,10 @@ def main(argv=None) -> int:
     else:
         if not args.runs:
             ap.error("--runs is required (or --from-jsonl)")
-        for spec in args.runs:
-            parse_run(spec)  # bad specs fail before any work
+        for spec in args.runs:  # bad specs fail before any work
+            steps = parse_run(spec)[4]
+            if steps % args.chunk:  # only whole chunks are timed
+                ap.error(f"run {spec!r}: its {steps} timed steps are not a multiple of --chunk {args.chunk}")
         results = (run_isolated if args.isolate else run_in_process)(args, command)
     if args.plot:
         plot(results, args.plot)

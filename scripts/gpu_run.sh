@@ -100,6 +100,9 @@ case "$stage" in
     # Flags both trees' bench_kernels.py take: the decode-loop form, columns interleaved within each process.
     args=(--interleave --loops 8 --reps 15
       --columns "${AB_COLUMNS:-xla_attn,pallas,pallas_noevict,triton,triton_noevict}" "$@")
+    # This invocation's tables in a folder of their own: the table below reads every one there, and an
+    # earlier invocation's (more rounds, a round that failed now) must not join the medians.
+    abdir=$(mktemp -d "$OUT/ab.XXXXXX")
     for round in $(seq "${ROUNDS:-2}"); do
       order="old new"
       [ $((round % 2)) -eq 0 ] && order="new old"  # neither tree always runs first
@@ -108,10 +111,10 @@ case "$stage" in
         [ "$tree" = old ] && dir=$old
         echo "round $round: $tree ($dir)" | tee -a "$OUT/ab.log"
         (cd "$dir" && timeout "$limit" python3 scripts/bench_kernels.py "${args[@]}" \
-          --out "$OUT/ab_${tree}_$round.md") >>"$OUT/ab.log" 2>&1 || { echo FAILED; tail -5 "$OUT/ab.log"; }
+          --out "$abdir/ab_${tree}_$round.md") >>"$OUT/ab.log" 2>&1 || { echo FAILED; tail -5 "$OUT/ab.log"; }
       done
     done
-    python3 - "$OUT" <<'EOF' | tee "$OUT/ab_table.md"
+    python3 - "$abdir" <<'EOF' | tee "$OUT/ab_table.md"
 import glob, os, re, statistics, sys
 
 us = {}  # (B, C, column) -> {tree: [median us per call, one per round]}

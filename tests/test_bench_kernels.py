@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import os
+import re
 import sys
 
 import jax
@@ -41,6 +42,24 @@ def test_chain_in_a_loop_runs_every_call_and_returns_the_last_iteration():
     np.testing.assert_array_equal(np.asarray(out), [4 * 4] * 2)
     # The evicts are the last iteration's: q before each of its calls (12, 12, 13, 15, 15).
     assert [float(e) for e in evicts] == [12, 12, 13, 15, 15]
+
+
+@pytest.mark.parametrize("name", ["xla_longflow", "xla_longflow_int4"])
+def test_chain_leaves_no_kv_work_outside_the_timed_loop(name):
+    # The sets repeat over the calls and the loop: without a barrier tying each call's K/V to its q, XLA
+    # converted every set's K and V to f32 (and took ||v||_1, unpacked int4) once, before the loop, and
+    # the column was timed without that work (1.8-2x too fast on CPU).
+    batch, slots = 1, 64
+    sets = bk.make_sets(batch, slots, 2, kv_quant=bk.column_kind(name))
+    program, _ = bk.chain_program(bk.columns(bk.HEAD_DIM**-0.5)[name], sets, min_calls=4, loops=2)
+    hlo = program.lower(sets[0][0], sets).compile().as_text()
+    entry = hlo[hlo.index("\nENTRY") :]
+    entry = entry[: entry.index("\n}")]
+    assert "while(" in entry
+    # Nothing computed from K/V before the loop: no f32 [B, Hkv, C, ...] made in the entry computation
+    # (the dequantized or converted K/V, their norms).
+    made = re.findall(rf"= f32\[{batch},{bk.NUM_KV_HEADS},{slots}[,\]][^\n]*", entry)
+    assert not [line for line in made if "parameter(" not in line], made
 
 
 def test_stateful_column_threads_its_state_through_the_chain_and_the_loop():
@@ -167,6 +186,9 @@ def test_check_column_accepts_the_reference_and_rejects_a_wrong_slot_or_output()
         bk.check_column("wrong_out", lambda *a: (-reference(*a)[0], None), inputs, scale)
     with pytest.raises(AssertionError, match="should be all -1"):
         bk.check_column("wrong_noevict", reference, inputs, scale)
+    # A --launch column of a no-evict kernel is one too (it failed its check as a scoring column).
+    no_scoring = lambda *a: (reference(*a)[0], jnp.full((2,), -1, jnp.int32))
+    assert bk.check_column("triton_noevict[block_c=32]", no_scoring, inputs, scale).endswith("evict -1")
     noevict = functools.partial(bk.xla_attention, scale=scale)
     assert bk.check_column("xla_attn", noevict, inputs, scale).startswith("out rel")
 
@@ -262,6 +284,13 @@ def test_table_rates_a_quantized_column_by_the_bytes_it_reads():
     cells = [c.strip() for c in line.strip("|").split("|")]
     assert cells[4] == f"{int4 / 1e6:.0f}"
     assert cells[5].endswith("(2.00, 50%)") and cells[6] == f"{int4 / 3e6:.1f} (3.00, 75%)"
+    # The stored value norms (4 bytes a slot and KV head) count for the Triton kernel, which reads them;
+    # the Pallas kernel and the reference sum their own.
+    norms = 16 * bk.NUM_KV_HEADS * 2048 * 4
+    assert bk.column_bytes("pallas_int4", 16, 2048) == bk.column_bytes("xla_longflow_int4", 16, 2048)
+    assert bk.column_bytes("triton_int4[num_warps=1]", 16, 2048) == int4
+    assert bk.column_bytes("pallas_int4", 16, 2048) == int4 - norms
+    assert bk.column_bytes("pallas", 16, 2048) == bk.kv_bytes(16, 2048)
 
 
 @pytest.mark.parametrize("queued, interleave", [(0, False), (2, True)])

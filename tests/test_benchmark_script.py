@@ -1,5 +1,6 @@
 """scripts/benchmark_generate.py on CPU with the tiny model: runs, records, plots, sizes batches."""
 
+import argparse
 import importlib
 import importlib.util
 import json
@@ -81,6 +82,12 @@ def test_max_batch_fills_the_memory_budget(bench):
     row = lf.kv_cache_bytes(config, comp, 1, 64, 4096) + work + lstar
     assert bench.step_working_set_bytes(config, comp, 4096, 64) == work + lstar
     assert params + batch * row <= memory < params + (batch + 1) * row
+    # A ThinKV job that completes no segment (64 new tokens, a 128-token window) runs as the full cache:
+    # it is budgeted as that, not as the tiers it never allocates.
+    full = lf.CompressionConfig(policy="full")
+    assert bench.step_working_set_bytes(config, comp, 64, 64) == bench.step_working_set_bytes(
+        config, full, 64, 64
+    )
     assert sizes["longflow", None] > 10 * sizes["full", None]
     assert sizes["longflow", "int4"] > sizes["longflow", None]
     with pytest.raises(ValueError, match="not even one row fits"):
@@ -161,6 +168,29 @@ def test_parse_run_fields_and_errors(bench):
         bench.parse_run("longflow@int3:4:128")
     with pytest.raises(SystemExit):  # the mesh is --generate's
         bench.main(["--runs", "full:1:8", "--mesh", "data=1,model=1"])
+    # generate's own checks: a kernel runs only the policies it fuses (h2o through Pallas evicted nothing
+    # and kept overwriting one slot), an IMPL is one of generate's, a BATCH is positive.
+    for bad, match in [
+        ("h2o:1:40:16:pallas", "fuses only the policies"),
+        ("longflow:4:128:32:trtion", "attention_impl must be one of"),
+        ("full:0:64", "BATCH must be a positive int or 'max', got 0"),
+        ("full:-8:64", "BATCH must be a positive int or 'max', got -8"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            bench.parse_run(bad)
+    # Only whole chunks are timed: 100 steps in chunks of 64 timed 64 and called the full cache unsettled.
+    with pytest.raises(SystemExit):
+        bench.main(["--runs", "full:1:100", "--chunk", "64"])
+
+
+def test_isolated_children_get_every_flag_but_the_runs(bench):
+    # --fit-batch was dropped: every isolated BATCH=max run used the estimate.
+    args = argparse.Namespace(model="tiny", prompt_len=8, chunk=16, memory_gib=None, prefill_rows=4,
+                              generate=True, fit_batch=True, mesh=(1, 2))  # fmt: skip
+    assert bench.child_flags(args) == [
+        "--model=tiny", "--prompt-len=8", "--chunk=16", "--prefill-rows=4", "--generate", "--fit-batch",
+        "--mesh", "data=1,model=2",
+    ]  # fmt: skip
 
 
 def test_isolated_runs_time_only_the_requested_steps(bench, tmp_path):
