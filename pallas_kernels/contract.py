@@ -17,6 +17,11 @@ keys as the kernel reads them (dequantized with kv_quant), -inf for a row with n
 the buffers (a buffer with lse -inf weighs 0). It combines with any compute_evict and kv_quant, and on
 the Pallas kernel with `return_importance` (out, importance, lse): lse needs only the softmax statistics.
 
+With `kv_quant` the kernels multiply P by the values in q's dtype (the reference in float32): with
+float16 q, every value the buffer holds must lie in float16's range (|v| <= 65504), as it does when q
+and the cached values come from one float16 model; one value beyond it makes its row's out inf or NaN,
+even from a masked slot.
+
 Rules every kernel keeps:
   * invalid slots score EMPTY_SLOT_SCORE (-1), strictly below any valid slot's importance (>= 0), so
     empty slots are filled first even where a valid slot's probability underflows to 0;

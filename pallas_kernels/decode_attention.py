@@ -4,7 +4,9 @@ One program serves the whole GQA group of one (sequence, KV head, split) and sto
 softmax, t = logit + log ||v||_1 per slot and query head, so that head h's importance term is
 exp(t - m_h) / l_h once the split partials are merged: no second pass over K/V, no host sync. Bodies:
 "triton" (GPU, Pallas' Triton backend) and "mosaic" (TPU), both interpreted on CPU. Slots past kv_len
-are never read and their t never written: the epilogue masks them before any arithmetic.
+take no part: the Triton body never reads them, the Mosaic body copies no block past the bound and
+masks the slots past it inside the last live block (logits, and value rows zeroed), and the epilogue
+masks their t before any arithmetic.
 With kv_quant the bodies read the quantized payloads and their scales and dequantize in registers (no
 dequantized copy of the buffer exists): q dots the exact integer (or fp8) codes and the per-slot scales
 multiply the products, so the logits keep float32 accuracy; values are rebuilt in float32 per tile.
@@ -658,15 +660,16 @@ def _mosaic_kernel(
             v_parts = [v_ref[...]]
         else:
             s, v_parts = _mosaic_dequantized_block(layout, q_ref, k_ref, v_ref, quant_refs, m_sc.shape[0])
-        valid = valid_ref[...] != 0
-        if num_slots % block_c:
-            # The last block runs past C; Pallas pads it with whatever was in VMEM (possibly NaN), so mask
-            # the logits by slot index and zero the value rows.
-            start = (split * blocks_per_split + j) * block_c
-            lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
-            valid = valid & (lane_slot < num_slots)
-            row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, layout.width), 0)
-            v_parts = [jnp.where(row_slot < num_slots, v, jnp.zeros_like(v)) for v in v_parts]
+        # The block is copied whole, so it may hold slots past the row's bound (kv_len inside the last
+        # live block) and, in the last block of a C that is no multiple of it, whatever was in VMEM:
+        # possibly NaN, which p = 0 would still carry into P @ V. Mask the logits by slot index and zero
+        # those value rows.
+        bound = jnp.minimum(kv_len_ref[b], num_slots)
+        start = (split * blocks_per_split + j) * block_c
+        lane_slot = start + lax.broadcasted_iota(jnp.int32, (1, block_c), 1)
+        valid = (valid_ref[...] != 0) & (lane_slot < bound)
+        row_slot = start + lax.broadcasted_iota(jnp.int32, (block_c, layout.width), 0)
+        v_parts = [jnp.where(row_slot < bound, v, jnp.zeros_like(v)) for v in v_parts]
 
         s = jnp.where(valid, s * scale, MASK_VALUE)
         m_prev = m_sc[...]  # [G, 128], lane-replicated

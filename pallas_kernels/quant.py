@@ -7,9 +7,13 @@ own: its head_dim elements in groups of `group` consecutive elements, each group
   fp8   s = max|x| / 448, payload x / s rounded to float8_e4m3fn; x ~ payload * s.
   int4, int2  asymmetric: z = min x, s = (max x - z) / (2^bits - 1), payload round((x - z) / s) in
         [0, 2^bits - 1]; x ~ payload * s + z.
-A group of equal values (an empty slot's zeros) gets s = 0 and dequantizes exactly. "/ 127" etc. is a
-product with the float32 reciprocal (as XLA computes a division by a constant), so that the scales are
-reproducible bit for bit elsewhere.
+An all-zero group (an empty slot) gets s = 0 and dequantizes exactly, and so does any group of equal
+values at int4 / int2 (x ~ 0 * s + z); at int8 / fp8 such a group is within the scheme's rounding (a
+relative 1e-7). "/ 127" etc. is a product with the float32 reciprocal (as XLA computes a division by a
+constant), so that the scales are reproducible bit for bit on hardware that keeps float32 subnormals
+(a group whose largest magnitude is below about 1e-36 gets a subnormal s, which XLA on CPU flushes to 0:
+the group then dequantizes to 0), and a group whose range overflows float32 (|x| near 1.7e38) gets an
+infinite s and NaN values at int4 / int2.
 
 int4 and int2 pack 2 or 4 codes per uint8 in planes: byte j of a row holds elements
 j + i * (D / per_byte), i = 0 .. per_byte - 1, code i in bits [i * bits, (i + 1) * bits). Each plane is a

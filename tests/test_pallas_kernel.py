@@ -517,13 +517,14 @@ def test_kv_len_is_clamped_to_the_buffer(request):
     np.testing.assert_array_equal(np.asarray(got[1]), np.asarray(want[1]))
 
 
-# Where each body's garbage may start. The GPU body masks its K/V loads at kv_len itself; the TPU body
-# skips whole blocks from the first one that starts at or past kv_len (its pipeline copies none of them;
-# inside the last live block the bound acts through the mask). Mosaic: blocks skipped inside a live
-# split, and wholly skipped splits.
+# Garbage from kv_len on. The GPU body masks its K/V loads at kv_len itself; the TPU body skips whole
+# blocks from the first one that starts at or past kv_len (its pipeline copies none of them) and masks
+# the slots past the bound inside the last live block (logits, and value rows zeroed: NaN there reached
+# the output before). Mosaic: blocks skipped inside a live split, wholly skipped splits, and a bound
+# inside a block (130, 300).
 NAN_PAST_BOUND = {
-    "triton": dict(slots=128, block_c=16, num_splits=4, kv_len=[0, 1, 45, 80], whole_blocks=False),
-    "mosaic": dict(slots=512, block_c=128, num_splits=2, kv_len=[0, 1, 130, 256, 300], whole_blocks=True),
+    "triton": dict(slots=128, block_c=16, num_splits=4, kv_len=[0, 1, 45, 80]),
+    "mosaic": dict(slots=512, block_c=128, num_splits=2, kv_len=[0, 1, 130, 256, 300]),
 }
 
 
@@ -537,8 +538,7 @@ def test_bodies_read_nothing_past_kv_len(request, backend):
         _seed(request), batch=len(kv_len), num_q_heads=8, num_kv_heads=2, slots=slots, head_dim=64,
         dtype=jnp.float32,
     )  # fmt: skip
-    garbage_from = -(-kv_len // block_c) * block_c if case["whole_blocks"] else kv_len
-    garbage = (jnp.arange(slots)[None, :] >= garbage_from[:, None])[:, None, :, None]
+    garbage = (jnp.arange(slots)[None, :] >= kv_len[:, None])[:, None, :, None]
     out, evict = longflow_decode_attention(
         q,
         jnp.where(garbage, jnp.nan, k),
@@ -741,8 +741,7 @@ def test_quantized_buffer_with_kv_len(request, backend):
         _seed(request), "int4", jnp.bfloat16, batch=len(kv_len), num_q_heads=16, num_kv_heads=2,
         slots=case["slots"], head_dim=64,
     )  # fmt: skip
-    garbage_from = -(-kv_len // case["block_c"]) * case["block_c"] if case["whole_blocks"] else kv_len
-    garbage = (jnp.arange(case["slots"])[None, :] >= garbage_from[:, None])[:, None, :, None]
+    garbage = (jnp.arange(case["slots"])[None, :] >= kv_len[:, None])[:, None, :, None]
     nan_scales = quant.KVScales(*(jnp.where(garbage, jnp.nan, x) for x in scales))
     run = dict(kv_len=kv_len, scale=0.125, kv_quant="int4", kv_scales=nan_scales, backend=backend,
                block_c=case["block_c"], num_splits=case["num_splits"])  # fmt: skip
