@@ -65,7 +65,9 @@ def longflow_decode_attention_triton(
       granularity: "sequence" (one evict slot per sequence) or "kv_head" (one per KV head).
       compute_evict: False skips all importance work and returns evict_slot filled with -1.
       kv_len: optional int32 [B], clamped to [0, C]: slot c of row b takes part only if kv_valid[b, c]
-        and c < kv_len[b]; no K/V at or past the bound is read. None: C.
+        and c < kv_len[b]; no block past the bound is read. The last block the bound cuts is read
+        whole: its slots past the bound weigh 0, but a non-finite value there (never in `generate`'s
+        buffers) still reaches out as 0 x NaN. None: C.
       launch: a `LaunchConfig`; its None fields (all, by default) take the tuned defaults.
       kernel_state: the per-layer state from `init_kernel_state` or the previous call's return (never a
         buffer anything else wrote: a non-zero one hangs or corrupts the coop kernel's barrier). None:

@@ -349,6 +349,8 @@ def plan_inputs(
     # A static switch: it picks the kernels' outputs, so a traced or numpy value cannot stand in.
     if not isinstance(return_lse, bool):
         raise ValueError(f"return_lse must be a Python bool, got {return_lse!r}")
+    if not isinstance(compute_evict, bool):  # it picks the kernels too: "False" was read as True
+        raise ValueError(f"compute_evict must be a Python bool, got {compute_evict!r}")
     kv_len = resolve_kv_len(kv_len, shape.batch, shape.num_slots)
     return shape, kv_len, resolve_launch(shape, launch, compute_evict=compute_evict, sms=sms)
 

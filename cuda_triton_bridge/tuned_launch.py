@@ -28,9 +28,10 @@ class TunedLaunch:
 
 
 # With eviction scoring: coop while the batch gives under half an SM's worth of programs (one launch,
-# XLA's launch joins its CUDA graph), the separate epilogue with one 128-slot-block split per (sequence,
-# KV head) up to two programs per SM, and the fused epilogue with 512-slot splits above (its per-KV-head
-# finishers overlap later splits' streaming and find t in L2).
+# XLA's launch joins its CUDA graph), the separate epilogue with 128-slot blocks split to about one
+# program an SM (rounded: one split from 1.5 programs an SM) up to two programs per SM, and the fused
+# epilogue with 512-slot splits above (its per-KV-head finishers overlap later splits' streaming and find
+# t in L2).
 _SM90_EVICT = (
     TunedLaunch(0.5, "coop", 64, xla_launch=True),
     TunedLaunch(2.0, "separate", 128, xla_launch=False),

@@ -99,6 +99,10 @@ def check_decode_inputs(q, k, v, kv_valid, kv_quant=None, kv_scales=None) -> Non
             f"expected q [B, Hq, D] and k, v [B, Hkv, C, D]; got q {q.shape}, k {k.shape}, v {v.shape}"
         )
     batch, num_q_heads, head_dim = q.shape
+    if kv_quant is not None and kv_quant not in quant.KV_QUANT_KINDS:
+        raise ValueError(f"kv_quant must be None or one of {quant.KV_QUANT_KINDS}, got {kv_quant!r}")
+    if k.shape[1] < 1:
+        raise ValueError(f"k and v need at least one KV head, got k {k.shape}")
     row = head_dim if kv_quant is None else head_dim // quant.codes_per_byte(kv_quant)
     if k.shape != v.shape or k.shape[0] != batch or k.shape[3] != row:
         raise ValueError(f"k {k.shape} and v {v.shape} must both be [B={batch}, Hkv, C, {row}]")

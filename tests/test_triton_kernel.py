@@ -235,6 +235,13 @@ def test_rejects_return_lse_that_is_not_a_python_bool(return_lse):
         ctb.longflow_decode_attention_triton(*_small(), scale=0.125, return_lse=return_lse)
 
 
+@pytest.mark.parametrize("compute_evict", ["False", None, 0, np.bool_(True), jnp.asarray(True)])
+def test_rejects_compute_evict_that_is_not_a_python_bool(compute_evict):
+    # "False" scored (truthy), None did not, a traced one died in a TracerBoolConversionError.
+    with pytest.raises(ValueError, match="compute_evict must be a Python bool, got"):
+        ctb.longflow_decode_attention_triton(*_small(), scale=0.125, compute_evict=compute_evict)
+
+
 @pytest.mark.parametrize(
     "kv_len", [np.array([3.0], np.float32), np.array([1, 2], np.int32), np.array(4, np.int32), [4]]
 )
@@ -283,6 +290,12 @@ def test_rejects_quantized_inputs_outside_the_contract():
         )
     with pytest.raises(ValueError, match="kv_quant='fp8' needs an sm_89\\+ GPU"):
         resolved(16, 2048, kv_quant="fp8", capability=80)
+    # A misspelt kind was read as one code a byte and failed on the payload's shape or dtype instead.
+    for kind in ("INT4", "Int8"):
+        with pytest.raises(ValueError, match=f"kv_quant must be None or one of .*got '{kind}'"):
+            call(kv_quant=kind, kv_scales=scales)
+    with pytest.raises(ValueError, match="at least one KV head"):  # was a ZeroDivisionError
+        ctb.longflow_decode_attention_triton(q, k[:, :0], v[:, :0], valid, scale=0.125)
 
 
 def test_init_kernel_state_and_rejects_bad_state():
