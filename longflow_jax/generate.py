@@ -494,11 +494,7 @@ def check_generate_inputs(
     batch, prompt_len = _shape(prompt_ids)
     if _shape(prompt_lengths) != (batch,):
         raise ValueError(f"prompt_lengths must have shape ({batch},), got {_shape(prompt_lengths)}")
-    lengths_dtype = jnp.result_type(
-        prompt_lengths if hasattr(prompt_lengths, "dtype") else np.asarray(prompt_lengths)
-    )
-    if not jnp.issubdtype(lengths_dtype, jnp.integer):
-        raise ValueError(f"prompt_lengths must be integer token counts, got dtype {lengths_dtype}")
+    check_integer_counts("prompt_lengths", prompt_lengths)
     if batch < 1:
         raise ValueError("the batch is empty: prompt_ids has 0 rows")
     limit = config.max_position_embeddings
@@ -664,6 +660,23 @@ def _options(
         top_logprobs=top_logprobs,
         prefill_rows_per_chunk=prefill_rows_per_chunk,
     )
+
+
+def check_token_ids(name: str, ids, vocab_size: int) -> None:
+    """ids (concrete): integer token ids in [0, vocab_size); a traced array is left to the caller."""
+    if isinstance(ids, jax.core.Tracer):
+        return
+    ids = np.asarray(ids)
+    if not np.issubdtype(ids.dtype, np.integer) or ids.size and (ids.min() < 0 or ids.max() >= vocab_size):
+        span = f", range [{ids.min()}, {ids.max()}]" if ids.size else ""
+        raise ValueError(f"{name} must hold token ids in [0, {vocab_size}), got dtype {ids.dtype}{span}")
+
+
+def check_integer_counts(name: str, counts) -> None:
+    """counts (concrete or traced) has an integer dtype: a float count would be truncated silently."""
+    dtype = jnp.result_type(counts if hasattr(counts, "dtype") else np.asarray(counts))
+    if not jnp.issubdtype(dtype, jnp.integer):
+        raise ValueError(f"{name} must be integer token counts, got dtype {dtype}")
 
 
 def _as_key(seed):

@@ -31,7 +31,7 @@ from pallas_kernels.reference import decode_attention_probs
 from . import runner
 from .config import THINKV_CALIBRATION_FILE, ModelConfig, SamplingConfig, ThinKVConfig
 from .eval_math import DEFAULT_PROMPT, check_prompt_template
-from .generate import FULL, check_generate_inputs, check_params, prefill
+from .generate import FULL, check_generate_inputs, check_params, check_token_ids, prefill
 from .jsonl_io import validate_prompt_record
 from .kv_cache import KVCache, kv_valid, write_token
 from .model import attention_scale, decoder_layer
@@ -74,12 +74,7 @@ def step_sparsity(params, config: ModelConfig, prompt_ids, prompt_lengths, token
     lengths = np.asarray(lengths)
     if not np.issubdtype(lengths.dtype, np.integer) or lengths.min() < 0 or lengths.max() > steps:
         raise ValueError(f"lengths must be integer token counts in [0, {steps}], got {lengths.tolist()}")
-    ids = np.asarray(tokens)
-    if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= config.vocab_size:
-        raise ValueError(
-            f"tokens must hold token ids in [0, {config.vocab_size}), got dtype {ids.dtype}, "
-            f"range [{ids.min()}, {ids.max()}]"
-        )
+    check_token_ids("tokens", tokens, config.vocab_size)
     out = _replay(
         params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32),
         jnp.asarray(tokens, jnp.int32), jnp.asarray(lengths, jnp.int32), config=config,

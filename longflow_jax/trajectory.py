@@ -23,7 +23,9 @@ from .generate import (
     _as_key,
     buffer_capacity,
     check_generate_inputs,
+    check_integer_counts,
     check_params,
+    check_token_ids,
     decode_step,
     effective_compression,
     prefill,
@@ -91,18 +93,8 @@ def score_trajectory(
             f"trajectory {np.shape(trajectory)} and trajectory_lengths {np.shape(trajectory_lengths)} must "
             f"have the prompts' batch {np.shape(prompt_ids)[0]}"
         )
-    if not isinstance(trajectory, jax.core.Tracer):
-        ids = np.asarray(trajectory)
-        if not np.issubdtype(ids.dtype, np.integer) or ids.min() < 0 or ids.max() >= config.vocab_size:
-            raise ValueError(
-                f"trajectory must hold token ids in [0, {config.vocab_size}), got dtype {ids.dtype}, "
-                f"range [{ids.min()}, {ids.max()}]"
-            )
-    lengths_dtype = jnp.result_type(
-        trajectory_lengths if hasattr(trajectory_lengths, "dtype") else np.asarray(trajectory_lengths)
-    )
-    if not jnp.issubdtype(lengths_dtype, jnp.integer):
-        raise ValueError(f"trajectory_lengths must be integer token counts, got dtype {lengths_dtype}")
+    check_token_ids("trajectory", trajectory, config.vocab_size)
+    check_integer_counts("trajectory_lengths", trajectory_lengths)
     if not isinstance(trajectory_lengths, jax.core.Tracer):
         lengths = np.asarray(trajectory_lengths)
         if lengths.min() < 0 or lengths.max() > steps:
