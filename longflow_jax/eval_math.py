@@ -91,6 +91,11 @@ def extract_answer(text: str) -> tuple[str | None, str]:
     matches = list(_ANSWER_IS.finditer(text))
     if matches:
         sentence = re.split(r"\.\s|\n", matches[-1].group(1))[0].strip().rstrip(".").strip()
+        sentence = sentence.strip("*_").strip()  # markdown emphasis: "the answer is **42**"
+        # "the answer is 42, since ...": a number before a clause is the answer; "(1, 2)" stays whole.
+        head = re.split(r"[,;]\s", sentence, maxsplit=1)[0]
+        if _LAST_NUMBER.fullmatch(head):
+            sentence = head
         if sentence:
             return sentence, "answer_is"
     numbers = _LAST_NUMBER.findall(text)
@@ -345,18 +350,24 @@ def evaluate(args, policies: list[str], budgets: list[int], runs: list[tuple[str
         PROG,
     )
 
+    compressions = []
+    for policy, budget in runs:
+        # the full cache has no budget: CompressionConfig's default stands in, unused
+        sized = {} if budget is None else {"budget": budget}
+        compressions.append(CompressionConfig(
+            policy=policy, granularity=args.granularity, kv_quant=args.kv_quant,
+            kv_quant_group=args.kv_quant_group, **sized,
+            thinkv=runner.thinkv_from(args) if policy == "thinkv" else None,
+        ))  # fmt: skip
+    # Every run checked as `generate` checks it before the output is opened: a budget the model cannot
+    # take would otherwise fail in its run, after the earlier runs' rows were written.
+    runner.check_runs(generator, compressions, args, max(map(len, plan.prompts)))
+
     results = {}  # (policy, budget) -> problems answered correctly
     errors = 0
     start = time.perf_counter()
     with open(args.output, "wb") as f, tqdm(total=n * len(runs), unit="problem", disable=args.quiet) as bar:
-        for policy, budget in runs:
-            # the full cache has no budget: CompressionConfig's default stands in, unused
-            sized = {} if budget is None else {"budget": budget}
-            comp = CompressionConfig(
-                policy=policy, granularity=args.granularity, kv_quant=args.kv_quant,
-                kv_quant_group=args.kv_quant_group, **sized,
-                thinkv=runner.thinkv_from(args) if policy == "thinkv" else None,
-            )  # fmt: skip
+        for (policy, budget), comp in zip(runs, compressions):
             rows = []  # (input line, row): the batches come bucketed by length
             for _, _, outputs in runner.generate_batches(generator, plan, args, comp, PROG):
                 for p, c in outputs:

@@ -35,7 +35,7 @@ from .eval_math import (
     parse_list,
     validate_problem,
 )
-from .jsonl_io import append_lines, id_key, lock_output
+from .jsonl_io import append_lines, id_key, lock_output, same_file
 from .trajectory import score_trajectory
 
 PROG = "longflow-eval fidelity"
@@ -171,7 +171,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--output", required=True, help="per-problem JSONL rows, one per problem and run")
     p.add_argument("--table", help="also write the markdown table here")
     p.add_argument("--plot", help="also draw KL and top-1 agreement against budget into this PNG")
-    runner.add_generation_args(p)
+    # One device (the runs are compared on it), and granularity / kv_quant per run in --policies.
+    runner.add_model_input_args(p)
+    runner.add_decoding_args(p)
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.add_argument(
         "--policies",
         default="longflow,h2o,tova,streaming,random",
@@ -192,6 +195,12 @@ def run(args) -> None:
     runner.check_plot_path("--plot", args.plot, **{"--input": args.input, "--output": args.output,
                                                     "--table": args.table})  # fmt: skip
     runner.check_table_path(args)
+    for name, path in (("--output", args.output), ("--output's parts file", parts_path(args.output))):
+        if same_file(path, args.input):
+            raise ValueError(
+                f"{name} {path} is the same file as --input {args.input}: the rows would replace the "
+                "problems; pass another --output"
+            )
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.time_limit is not None and not args.time_limit > 0:
@@ -202,13 +211,19 @@ def run(args) -> None:
         raise ValueError(
             f"--kv-quant {args.kv_quant}: fidelity quantizes per run, as --policies POLICY@KV_QUANT"
         )
+    if args.granularity != "sequence":
+        raise ValueError(
+            f"--granularity {args.granularity}: fidelity takes it per run, as --policies POLICY:GRANULARITY"
+        )
     runs = parse_runs(args.policies, args.budgets, args.kv_quant_group)
     if os.path.exists(args.output) and not (args.resume or args.overwrite):
         raise ValueError(f"--output {args.output} exists: pass --resume to continue it or --overwrite")
     settings = {
         k: getattr(args, k)
         for k in ("ckpt", "input", "limit", "max_new_tokens", "temperature", "top_k", "top_p", "seed",
-                  "attention_impl", "dtype", "prompt_template", "kv_quant_group")
+                  "attention_impl", "dtype", "prompt_template", "kv_quant_group", "repetition_penalty",
+                  "presence_penalty", "frequency_penalty", "no_repeat_ngram_size", "min_new_tokens",
+                  "ignore_eos", "stop_token_ids", "stop")
     }  # fmt: skip
     # Free-running runs are separate programs: on GPUs, float32 matmuls at the default precision (TF32)
     # would differ between them by ~1e-3 and part sampled trajectories for that reason alone. The setting
@@ -357,6 +372,8 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
     records, prompts = plan.records, plan.prompts
     config, pad = generator.config, generator.config.pad_token_id
     width = -(-max(map(len, prompts)) // 16) * 16  # one prompt shape for every run
+    compressions = [compression_of(run, args.kv_quant_group, thinkv) for run in runs]
+    runner.check_runs(generator, compressions, args, width)  # before any run, not in the middle of them
     rows_per_batch = min(args.batch_size, len(prompts))
     batches = [
         list(range(i, min(i + rows_per_batch, len(prompts)))) for i in range(0, len(prompts), rows_per_batch)
@@ -372,7 +389,7 @@ def measure(args, runs, settings, thinkv, done=()) -> tuple[list[dict], list[str
         out = []
         for b, seed in zip(batches, seeds):
             out += generator.generate([prompts[i] for i in b], width, rows_per_batch, seed=seed,
-                                      compression=compression, **options)  # fmt: skip
+                                      compression=compression, stop_strings=args.stop, **options)  # fmt: skip
         return out
 
     began = start = time.perf_counter()

@@ -339,7 +339,10 @@ def build_layer_cache(q, k, v, lengths, compression: CompressionConfig, capacity
 def prefill(
     params, config: ModelConfig, prompt_ids, prompt_lengths, compression: CompressionConfig, capacity: int
 ):
-    """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32)."""
+    """Run the prompt; returns (KVCache, logits of each row's last prompt token [B, V] f32). `capacity`:
+    slots a layer's buffer holds (`buffer_capacity` gives what `generate` uses); a prompt longer than it
+    is compressed by SnapKV, which "full" never is."""
+    check_prefill_inputs(config, prompt_ids, prompt_lengths, compression, capacity)
 
     def build_layer(_, q, k, v):
         return build_layer_cache(q, k, v, prompt_lengths, compression, capacity)
@@ -411,6 +414,11 @@ def decode_step(
     Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]). "thinkv": the cache
     comes from `ready_to_decode` (as in `generate`), and a full segment is compressed after the layers.
     """
+    if compression.policy == "thinkv" and cache.segments is None:
+        raise ValueError(
+            "policy 'thinkv' decodes from the cache of generate.ready_to_decode(cache, compression, "
+            "attention_impl, max_new_tokens), which holds its tiers and segment table; this one has none"
+        )
     x = params["embed"][tokens][:, None]  # [B, 1, Dm]
     scale = attention_scale(config)
     new_layers, evicted = [], []
@@ -486,6 +494,29 @@ def check_generate_inputs(
         raise ValueError("top_logprobs needs return_logprobs=True")
     if top_logprobs > config.vocab_size:
         raise ValueError(f"top_logprobs must be <= vocab_size {config.vocab_size}, got {top_logprobs}")
+    batch, prompt_len = check_prompt(config, prompt_ids, prompt_lengths)
+    limit = config.max_position_embeddings
+    if prompt_len + max_new_tokens > limit:
+        raise ValueError(
+            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
+            f"exceeds the model's max_position_embeddings {limit}"
+        )
+    # ThinKV's budget counts the classified segments' tokens only: it compresses at any budget.
+    if compression.policy not in ("full", "thinkv") and compression.budget > limit:
+        raise ValueError(
+            f"budget {compression.budget} is larger than the model's max length {limit}: "
+            f"use policy='full' (no compression is needed)"
+        )
+    if compression.policy == "streaming" and compression.num_sinks > compression.budget - 2:
+        raise ValueError(
+            f"streaming needs num_sinks <= budget - 2 (room for a recent window), got "
+            f"num_sinks={compression.num_sinks}, budget={compression.budget}"
+        )
+
+
+def check_prompt(config: ModelConfig, prompt_ids, prompt_lengths) -> tuple[int, int]:
+    """(batch, prompt_len) of a right-padded prompt batch the model can take; its values are checked when
+    they are concrete."""
     if len(_shape(prompt_ids)) != 2:
         raise ValueError(f"prompt_ids must be [batch, prompt_len], got shape {_shape(prompt_ids)}")
     ids_dtype = jnp.result_type(prompt_ids if hasattr(prompt_ids, "dtype") else np.asarray(prompt_ids))
@@ -500,21 +531,6 @@ def check_generate_inputs(
     limit = config.max_position_embeddings
     if prompt_len > limit:
         raise ValueError(f"prompt length {prompt_len} exceeds the model's max_position_embeddings {limit}")
-    if prompt_len + max_new_tokens > limit:
-        raise ValueError(
-            f"prompt ({prompt_len}) + max_new_tokens ({max_new_tokens}) = {prompt_len + max_new_tokens} "
-            f"exceeds the model's max_position_embeddings {limit}"
-        )
-    if compression.policy != "full" and compression.budget > limit:
-        raise ValueError(
-            f"budget {compression.budget} is larger than the model's max length {limit}: "
-            f"use policy='full' (no compression is needed)"
-        )
-    if compression.policy == "streaming" and compression.num_sinks > compression.budget - 2:
-        raise ValueError(
-            f"streaming needs num_sinks <= budget - 2 (room for a recent window), got "
-            f"num_sinks={compression.num_sinks}, budget={compression.budget}"
-        )
     if _is_concrete(prompt_lengths):
         lengths = np.asarray(prompt_lengths)
         bad = np.flatnonzero((lengths < 1) | (lengths > prompt_len))
@@ -529,6 +545,29 @@ def check_generate_inputs(
             raise ValueError(
                 f"prompt_ids must be in [0, {config.vocab_size}), got range [{ids.min()}, {ids.max()}]"
             )
+    return batch, prompt_len
+
+
+def check_prefill_inputs(config, prompt_ids, prompt_lengths, compression, capacity) -> None:
+    """`prefill`'s own checks (public, for callers who drive the loop themselves): the prompt as
+    `generate` checks it, and a capacity the policy can fill."""
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
+    if not isinstance(compression, CompressionConfig):
+        raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
+    _, prompt_len = check_prompt(config, prompt_ids, prompt_lengths)
+    least = 2  # the compressing policies: a kept token and the new one
+    if compression.policy == "full":
+        least = prompt_len  # the whole prompt
+    elif compression.policy == "rkv":
+        least = compression.budget + 1  # its buffer of new tokens beyond the budget
+    elif compression.policy == "thinkv":
+        least = prompt_len + compression.thinkv.tau  # the prompt and one segment's window
+    if not _is_int_at_least(capacity, least):
+        raise ValueError(
+            f"capacity must be an int >= {least} for policy {compression.policy!r} with a prompt of "
+            f"{prompt_len} tokens (buffer_capacity gives generate's), got {capacity!r}"
+        )
 
 
 def check_thinkv(compression: CompressionConfig, config: ModelConfig) -> None:

@@ -176,7 +176,10 @@ def sibling_outputs(output: str) -> list[str]:
 
 
 def same_file(a: str, b: str) -> bool:
-    """Whether a and b are one existing file (through a link or another spelling of the path)."""
+    """Whether a and b name one file: one path once resolved (whether or not it exists yet: an output
+    a run will create), or one existing file through a link or another spelling of the path."""
+    if os.path.realpath(a) == os.path.realpath(b):
+        return True
     try:
         return os.path.samefile(a, b)
     except OSError:  # one of them is missing (or its folder is a file): not one file
@@ -207,7 +210,8 @@ def read_output(path: str, own: bool, state: OutputState | None = None) -> Outpu
     whole JSON object its settings are checked with the others; state.partial records where to cut it
     (`cut_partial_lines`, once the caller has checked the settings). In another host's file (maybe being
     written now) it is ignored. A line that is not UTF-8 or not a JSON object with an id is ignored,
-    named by its line number, and its prompt redone.
+    named by its line number, and its prompt redone; a file of such lines only is not an output
+    (ValueError).
     """
     state = OutputState() if state is None else state
     if not os.path.isfile(path):
@@ -216,18 +220,27 @@ def read_output(path: str, own: bool, state: OutputState | None = None) -> Outpu
         content = f.read()
     end = content.rfind(b"\n") + 1
     lines = content[:end].splitlines()
+    rows = unreadable = 0
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
         try:
             row = parse_json_line(line)
             state.ids.add(id_key(row["id"]))
+            rows += 1
         except (ValueError, KeyError, TypeError) as e:
             reason = str(e) if isinstance(e, ValueError) else "not an object with an 'id'"
             state.notes.append(f"{path}:{number}: unreadable output line ignored, {reason} (redone)")
+            unreadable += 1
             continue
         settings = json.dumps(row.get("settings"), sort_keys=True)
         state.settings.setdefault(settings, f"{path}:{number}")
+    if unreadable and not rows:
+        # Some other file (notes, a table): rows appended to it would mix into what the user wrote.
+        raise ValueError(
+            f"{path} holds no output rows ({unreadable} line(s), none a JSON object with an 'id'), so it "
+            "is not an output to resume (left as it is); pass another output path"
+        )
     piece = content[end:]
     if own and piece.strip():
         where = f"{path}:{len(lines) + 1}"

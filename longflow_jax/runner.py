@@ -251,6 +251,25 @@ def sampling_from(args) -> SamplingConfig:
     )
 
 
+def check_runs(generator, compressions, args, prompt_len: int) -> None:
+    """Each compression as `generate` checks it, for the longest prompt at the run's flags: before a
+    command writes anything, not in the middle of its runs."""
+    from .generate import check_generate_inputs
+
+    ids = jax.ShapeDtypeStruct((1, prompt_len), np.int32)
+    lengths = jax.ShapeDtypeStruct((1,), np.int32)
+    for compression in compressions:
+        check_generate_inputs(
+            generator.config,
+            ids,
+            lengths,
+            args.max_new_tokens,
+            compression,
+            sampling_from(args),
+            args.attention_impl,
+        )
+
+
 def thinkv_from(args) -> ThinKVConfig:
     """ThinKV's settings: layers and thresholds from --thinkv-calibration, else from the checkpoint's
     thinkv.json when it has one, else unset (`generate` then warns and uses the defaults)."""
@@ -296,7 +315,7 @@ def check_plot_path(flag: str, path: str | None, **others: str | None) -> None:
             f"'longflow-jax[plot]', or leave out {flag})"
         ) from None
     for name, other in others.items():
-        if other and (os.path.abspath(other) == os.path.abspath(path) or same_file(other, path)):
+        if other and same_file(other, path):
             raise ValueError(
                 f"{flag} {path} is the same file as {name} {other}: the plot would replace it; pass "
                 f"another {flag}"

@@ -26,6 +26,7 @@ import math
 import flax.struct
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from .config import CompressionConfig
 from .kv_cache import (
@@ -84,7 +85,7 @@ def classify(sparsity, thresholds):
       [...] int32 codes (TRANSITION, EXECUTION, REASONING).
     """
     lo, hi = thresholds
-    if isinstance(lo, (int, float)) and isinstance(hi, (int, float)) and lo > hi:
+    if not any(isinstance(t, jax.core.Tracer) for t in (lo, hi)) and np.any(np.asarray(lo) > np.asarray(hi)):
         raise ValueError(f"thresholds must be (lo, hi) with lo <= hi, got {thresholds!r}")
     code = jnp.where(sparsity < lo, EXECUTION, jnp.where(sparsity < hi, REASONING, TRANSITION))
     return code.astype(jnp.int32)
@@ -199,6 +200,10 @@ def kmeans_keep(keys, valid, k: int, iters: int = 10, clusters=None):
         raise ValueError(f"k must be a positive int, got {k!r}")
     if not isinstance(iters, int) or iters < 0:
         raise ValueError(f"iters must be an int >= 0, got {iters!r}")
+    if clusters is not None and not isinstance(clusters, jax.core.Tracer):
+        bad = np.asarray(clusters)[(np.asarray(clusters) < 1) | (np.asarray(clusters) > k)]
+        if bad.size:
+            raise ValueError(f"clusters must be in [1, k={k}], got {int(bad.flat[0])}")
     lead, (n, d) = keys.shape[:-2], keys.shape[-2:]
     clusters = jnp.broadcast_to(jnp.asarray(k if clusters is None else clusters, jnp.int32), lead)
     rows = jax.vmap(lambda x, m, c: _kmeans_keep_row(x, m, k, iters, c))

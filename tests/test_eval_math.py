@@ -287,6 +287,12 @@ def test_an_output_that_is_the_input_is_refused_even_with_overwrite(chat_ckpt, t
 def test_a_table_that_is_the_input_or_output_is_refused(chat_ckpt, tmp_path, capsys):
     inp, out = tmp_path / "problems.jsonl", tmp_path / "rows.jsonl"
     inp.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    # An output the run has not created yet is the table's path all the same: the table, written last,
+    # replaced the rows.
+    argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--table", str(out)]
+    assert eval_math.main(argv + ["--quiet", "--budgets", "32", "--max-new-tokens", "4"]) == 2
+    assert f"--table {out} is the same file as --output" in capsys.readouterr().err
+    assert not out.exists()
     for table, flag in ((inp, "input"), (out, "output")):
         out.write_text("mine\n")
         argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", str(out), "--table", str(table)]
@@ -331,3 +337,39 @@ def test_bad_arguments_and_inputs_are_one_clear_error(
     (line,) = [line for line in err.splitlines() if "error:" in line]
     assert line.startswith("longflow-eval: error: ") and message in line
     assert "Traceback" not in err and not (tmp_path / "rows.jsonl").exists()
+
+
+def test_every_runs_budget_is_checked_before_any_row_is_written(chat_ckpt, tmp_path, capsys):
+    # The full cache's rows were written, then the budget the model cannot take failed its run; the
+    # leftover output then refused the corrected command.
+    inp, out = tmp_path / "problems.jsonl", tmp_path / "rows.jsonl"
+    inp.write_text(json.dumps(PROBLEMS[0]) + "\n")
+    argv = [
+        "--ckpt",
+        chat_ckpt,
+        "--input",
+        str(inp),
+        "--output",
+        str(out),
+        "--quiet",
+        "--max-new-tokens",
+        "4",
+    ]
+    assert eval_math.main(argv + ["--policies", "full,longflow", "--budgets", "100000"]) == 2
+    assert "budget 100000 is larger than the model's max length" in capsys.readouterr().err
+    assert not out.exists()
+
+
+@pytest.mark.parametrize(
+    "text, answer",
+    [
+        ("The answer is **42**.", "42"),
+        ("So the answer is 42, since 6*7=42.", "42"),
+        ("The answer is __7__", "7"),
+        ("The answer is 3/4; so", "3/4"),
+        ("The answer is (1, 2).", "(1, 2)"),  # a pair keeps its comma
+        ("The answer is 1,000 apples.", "1,000 apples"),  # a thousands comma is no clause
+    ],
+)
+def test_answer_is_reads_emphasis_and_a_number_before_a_clause(text, answer):
+    assert eval_math.extract_answer(text) == (answer, "answer_is")

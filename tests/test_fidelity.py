@@ -133,6 +133,50 @@ def test_bad_flags_are_named(tmp_path, chat_ckpt, capsys, flags, message):
     assert message in capsys.readouterr().err
 
 
+def test_an_output_or_its_parts_file_that_is_the_input_is_refused_even_with_overwrite(
+    tmp_path, chat_ckpt, capsys
+):
+    # --overwrite emptied the problems file and wrote the rows into it.
+    flags = ["--quiet", "--overwrite", "--policies", "h2o", "--budgets", "8"]
+    for inp, out, name in (
+        ("p.jsonl", "p.jsonl", "--output"),
+        ("q.jsonl.parts", "q.jsonl", "--output's parts file"),
+    ):
+        inp = write_jsonl(tmp_path / inp, PROBLEMS)
+        before = open(inp).read()
+        argv = ["fidelity", "--ckpt", chat_ckpt, "--input", inp, "--output", str(tmp_path / out), *flags]
+        assert eval_math.main(argv) == 2
+        assert f"{name} " in capsys.readouterr().err.split("is the same file as --input")[0]
+        assert open(inp).read() == before
+
+
+def test_a_table_onto_an_output_not_yet_written_is_refused(tmp_path, chat_ckpt, capsys):
+    out = tmp_path / "rows.jsonl"
+    code, _ = run_fidelity(tmp_path, chat_ckpt, "--table", str(out), "--policies", "h2o", "--budgets", "8")
+    assert code == 2 and f"--table {out} is the same file as --output" in capsys.readouterr().err
+    assert not out.exists()
+
+
+def test_stop_strings_cut_the_free_runs_and_are_part_of_the_settings(tmp_path, chat_ckpt):
+    # --stop was accepted and ignored: answers came from the uncut text.
+    stops = [flag for d in "0123456789" for flag in ("--stop", d)]
+    code, out = run_fidelity(tmp_path, chat_ckpt, "--policies", "h2o", "--budgets", "8", *stops)
+    assert code == 0
+    rows = [json.loads(x) for x in out.read_text().splitlines()]
+    assert rows and all(r["settings"]["stop"] == list("0123456789") for r in rows)
+    # No digit survives a stop at every digit, so no answer is a number.
+    assert not any(any(ch.isdigit() for ch in str(r["answer"] or "")) for r in rows), rows
+    assert not any(any(ch.isdigit() for ch in str(r["full_answer"] or "")) for r in rows), rows
+
+
+def test_flags_fidelity_cannot_honour_are_refused(tmp_path, chat_ckpt, capsys):
+    # Granularity is per run (POLICY:GRANULARITY); fidelity runs on one device (no --devices / --mesh).
+    assert run_fidelity(tmp_path, chat_ckpt, "--granularity", "kv_head")[0] == 2
+    assert "POLICY:GRANULARITY" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        run_fidelity(tmp_path, chat_ckpt, "--mesh", "data=1,model=1")
+
+
 def test_a_plot_without_matplotlib_is_refused_before_any_run(tmp_path, chat_ckpt, capsys, monkeypatch):
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed: importing it raises
     code, out = run_fidelity(tmp_path, chat_ckpt, "--plot", str(tmp_path / "f.png"))

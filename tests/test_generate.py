@@ -542,3 +542,22 @@ def test_full_cache_blocked_and_single_pass_attention_decode_alike(qwen3, monkey
         blocked = lf.generate(params, config, ids, lengths, max_new_tokens=150)
     jax.clear_caches()
     np.testing.assert_array_equal(np.asarray(single.tokens), np.asarray(blocked.tokens))
+
+
+@pytest.mark.parametrize(
+    "lengths, policy, capacity, match",
+    [
+        ([0], "longflow", 6, r"prompt_lengths must be in \[1, 8\]; row 0 has 0"),  # read the last pad
+        ([20], "longflow", 6, r"prompt_lengths must be in \[1, 8\]; row 0 has 20"),  # NaN logits
+        ([8], "full", 4, "capacity must be an int >= 8 for policy 'full'"),  # SnapKV compressed "full"
+        ([8], "rkv", 9, "capacity must be an int >= 10 for policy 'rkv'"),
+        ([8], "longflow", 1, "capacity must be an int >= 2"),
+    ],
+)
+def test_prefill_checks_what_generate_checks(qwen3, lengths, policy, capacity, match):
+    # prefill is public (README: for callers who drive the loop) and checked nothing.
+    config, params = qwen3
+    ids, _ = make_prompts(config, [8])
+    comp = CompressionConfig(policy=policy, budget=9)  # R-KV needs more than its window of 8
+    with pytest.raises(ValueError, match=match):
+        lf.prefill(params, config, ids, jnp.asarray(lengths), comp, capacity)

@@ -181,3 +181,12 @@ def test_sibling_outputs_are_only_the_names_output_path_makes(tmp_path):
     for name in made + others:
         (tmp_path / name).write_text("")
     assert [os.path.basename(p) for p in jsonl_io.sibling_outputs(out)] == made  # res.jsonl itself: absent
+
+
+def test_a_file_of_no_rows_is_not_an_output_to_resume(tmp_path):
+    # Rows were appended to someone's notes (each line "ignored (redone)").
+    path = tmp_path / "notes.txt"
+    path.write_text("My lab notes\nimportant results: 0.93\n")
+    with pytest.raises(ValueError, match=r"holds no output rows \(2 line\(s\)"):
+        jsonl_io.read_output(str(path), own=True)
+    assert path.read_text() == "My lab notes\nimportant results: 0.93\n"

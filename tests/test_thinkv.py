@@ -84,6 +84,16 @@ def test_classify_matches_numpy():
 def test_classify_rejects_inverted_thresholds():
     with pytest.raises(ValueError, match="lo <= hi"):
         thinkv.classify(jnp.zeros(3), (0.7, 0.3))
+    with pytest.raises(ValueError, match="lo <= hi"):  # concrete arrays too (0.5 was typed EXECUTION)
+        thinkv.classify(jnp.zeros(3), (jnp.float32(0.9), jnp.float32(0.1)))
+
+
+@pytest.mark.parametrize("clusters", [0, 5, [1, 4]])
+def test_kmeans_keep_rejects_clusters_outside_one_to_k(clusters):
+    # 0 kept nothing, 5 > k gave k outputs seeded as if for 5 clusters.
+    keys = jnp.asarray(np.random.default_rng(0).standard_normal((2, 8, 4)), jnp.float32)
+    with pytest.raises(ValueError, match=r"clusters must be in \[1, k=3\]"):
+        thinkv.kmeans_keep(keys, jnp.ones((2, 8), bool), k=3, clusters=jnp.asarray(clusters))
 
 
 IMPORTANCE = {T: 0, E: 1, R: 2}  # evicted first to last

@@ -59,6 +59,24 @@ def test_thinkv_without_loss_equals_the_full_cache(params):
     scores = lf.score_trajectory(params, CONFIG, ids, lengths, full.tokens, full.lengths, compression=comp)
     assert np.asarray(scores.top1_agree)[np.asarray(scores.mask)].all()
     assert np.abs(np.asarray(scores.kl)).max() < 1e-5
+    # The budget counts the classified segments' tokens only, so one past the model's length still
+    # compresses (it was refused: "use policy='full'"); here it keeps the same tokens.
+    over = dataclasses.replace(comp, budget=CONFIG.max_position_embeddings + 1)
+    out = lf.generate(params, CONFIG, ids, lengths, max_new_tokens=40, compression=over)
+    np.testing.assert_array_equal(out.tokens, full.tokens)
+
+
+def test_decode_step_names_a_cache_that_skipped_ready_to_decode(params):
+    ids, lengths = make_prompts(CONFIG, [6], seed=2)
+    comp = lf.CompressionConfig(
+        policy="thinkv", budget=8, kv_quant_group=GROUP,
+        thinkv=ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.2, 0.5)),
+    )  # fmt: skip
+    cache, logits = lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 4)
+    with pytest.raises(ValueError, match="generate.ready_to_decode"):
+        lf.decode_step(
+            params, CONFIG, cache, jnp.argmax(logits, -1), lengths, jax.random.PRNGKey(0), compression=comp
+        )
 
 
 # ---- the bookkeeping against a simulation ----
