@@ -147,6 +147,9 @@ def run_checkpoint(args) -> None:
     tokenizer = generator.tokenizer
     use_template = bool(tokenizer.chat_template) and not args.no_chat_template
     prompts = [runner.encode(tokenizer, "prompt", text, use_template, {}) for text in args.prompt]
+    for text, ids in zip(args.prompt, prompts):
+        if not ids:
+            raise ValueError(f"--prompt {text!r} encodes to no tokens: nothing to generate from")
     compression = runner.compression_from(args)
     options = dict(
         max_new_tokens=args.max_new_tokens,

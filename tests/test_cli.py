@@ -44,6 +44,13 @@ def test_checkpoint_generates_a_text_per_prompt(chat_ckpt, capsys):
     assert cli.main(["--ckpt", chat_ckpt]) == 2  # --ckpt needs a --prompt
 
 
+def test_a_prompt_of_no_tokens_is_named(chat_ckpt, capsys):
+    # It failed as "batch and prompt_len must be positive ints, got 1 and 0".
+    argv = ["--ckpt", chat_ckpt, "--prompt", "", "--no-chat-template", "--max-new-tokens", "4"]
+    assert cli.main(argv) == 2
+    assert "--prompt '' encodes to no tokens" in capsys.readouterr().err
+
+
 def test_a_prompt_with_nan_logits_is_reported(chat_ckpt, monkeypatch, capsys):
     poison_embedding(chat_ckpt, "Z", monkeypatch)
     argv = [
