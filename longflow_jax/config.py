@@ -48,6 +48,34 @@ class Llama3RopeScaling:
     high_freq_factor: float
     original_max_position_embeddings: int
 
+    def __post_init__(self):
+        # transformers' validator's ranges: a factor of 0 or NaN made every logit NaN (pad tokens only).
+        name = "llama3 rope scaling field"
+        _check(
+            _is_finite(self.factor) and self.factor >= 1,
+            f"{name} 'factor'",
+            "a finite number >= 1",
+            self.factor,
+        )
+        low, high = self.low_freq_factor, self.high_freq_factor
+        _check(_is_finite(low) and low > 0, f"{name} 'low_freq_factor'", "a finite number > 0", low)
+        _check(
+            _is_finite(high) and high > low,
+            f"{name} 'high_freq_factor'",
+            f"a finite number > low_freq_factor {low}",
+            high,
+        )
+        original = self.original_max_position_embeddings
+        _check(
+            _is_int(original) and original >= 1,
+            f"{name} 'original_max_position_embeddings'",
+            "a positive int",
+            original,
+        )
+        for field in ("factor", "low_freq_factor", "high_freq_factor"):  # an int in JSON reads as a float
+            object.__setattr__(self, field, float(getattr(self, field)))
+        object.__setattr__(self, "original_max_position_embeddings", int(original))
+
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
@@ -115,30 +143,35 @@ class ModelConfig:
         act = hf.get("hidden_act", "silu")
         if act != "silu":
             raise ValueError(f"unsupported hidden_act {act!r}: only 'silu' (SwiGLU) is implemented")
-        if hf.get("use_sliding_window"):
+        if _hf_bool(hf, "use_sliding_window"):
             raise ValueError("unsupported option use_sliding_window=true: only full attention is implemented")
         layer_types = hf.get("layer_types") or []
         if any(t != "full_attention" for t in layer_types):
             raise ValueError(f"unsupported layer_types {sorted(set(layer_types))}: only full_attention")
-        if hf.get("mlp_bias"):
+        if _hf_bool(hf, "mlp_bias"):
             raise ValueError("unsupported option mlp_bias=true")
 
-        # transformers 5 nests rope settings in rope_parameters; 4.x has rope_theta + rope_scaling.
-        rope = hf.get("rope_parameters") or {}
-        rope_theta = rope.get("rope_theta", hf.get("rope_theta", 10000.0))
-        scaling = rope if rope.get("rope_type") else (hf.get("rope_scaling") or {})
+        # transformers 5 nests rope settings in rope_parameters; 4.x has rope_theta + rope_scaling. As in
+        # transformers, a rope_scaling beside rope_parameters wins (5.x saves a default rope_parameters in
+        # every config, and long-context instructions add a rope_scaling block to it).
+        for field in ("rope_parameters", "rope_scaling"):
+            value = hf.get(field)
+            _check(
+                value is None or isinstance(value, dict),
+                f"config.json field {field!r}",
+                "a JSON object",
+                value,
+            )
+        parameters = hf.get("rope_parameters") or {}
+        scaling = hf.get("rope_scaling") or parameters
+        rope_theta = scaling.get("rope_theta", parameters.get("rope_theta", hf.get("rope_theta", 10000.0)))
         rope_type = scaling.get("rope_type") or scaling.get("type")
         rope_scaling = None
         if rope_type == "llama3":
-            try:
-                rope_scaling = Llama3RopeScaling(
-                    factor=float(scaling["factor"]),
-                    low_freq_factor=float(scaling["low_freq_factor"]),
-                    high_freq_factor=float(scaling["high_freq_factor"]),
-                    original_max_position_embeddings=int(scaling["original_max_position_embeddings"]),
-                )
-            except KeyError as e:
-                raise ValueError(f"llama3 rope scaling is missing field {e.args[0]!r}") from None
+            missing = [f for f in _LLAMA3_FIELDS if f not in scaling]
+            if missing:
+                raise ValueError(f"llama3 rope scaling is missing field {missing[0]!r}")
+            rope_scaling = Llama3RopeScaling(**{f: scaling[f] for f in _LLAMA3_FIELDS})
         elif rope_type not in (None, "default"):
             raise ValueError(f"unsupported rope scaling type {rope_type!r}: only default and 'llama3'")
         if hf.get("partial_rotary_factor", 1.0) != 1.0:
@@ -158,7 +191,7 @@ class ModelConfig:
             )
         else:
             head_dim = hidden // num_heads
-        attention_bias = bool(hf.get("attention_bias", False))
+        attention_bias = _hf_bool(hf, "attention_bias")
         gen = generation_config or {}
         eos = _as_id_tuple(hf.get("eos_token_id"), "eos_token_id")
         eos = tuple(dict.fromkeys(eos + _as_id_tuple(gen.get("eos_token_id"), "generation eos_token_id")))
@@ -169,9 +202,12 @@ class ModelConfig:
         pads = [p for p in pads if p >= 0]
         pad = pads[0] if pads else eos[0] if eos else 0
         max_len = (
-            4096 if hf.get("max_position_embeddings") is None else _hf_size(hf, "max_position_embeddings")
+            _HF_DEFAULT_MAX_POSITIONS[model_type]
+            if hf.get("max_position_embeddings") is None
+            else _hf_size(hf, "max_position_embeddings")
         )
         dtype = hf.get("dtype") or hf.get("torch_dtype") or "float32"
+        dtype = "float32" if dtype == "float64" else dtype  # the decoder's widest; safetensors F64 reads
         if dtype not in DTYPES:
             raise ValueError(f"unsupported checkpoint dtype {dtype!r}; expected one of {sorted(DTYPES)}")
         return cls(
@@ -186,7 +222,7 @@ class ModelConfig:
             rms_norm_eps=_hf_number("rms_norm_eps", hf.get("rms_norm_eps", 1e-6)),
             rope_theta=_hf_number("rope_theta", rope_theta),
             max_position_embeddings=max_len,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            tie_word_embeddings=_hf_bool(hf, "tie_word_embeddings"),
             qkv_bias=model_type == "qwen2" or attention_bias,
             o_bias=model_type != "qwen2" and attention_bias,
             qk_norm=model_type == "qwen3",
@@ -232,6 +268,19 @@ def _read_json(path: str):
             return json.load(f)
         except ValueError as e:  # also UnicodeDecodeError
             raise ValueError(f"{path} is not valid JSON: {e}") from None
+
+
+_LLAMA3_FIELDS = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+# transformers' defaults where config.json leaves max_position_embeddings out (generate's hard limit).
+_HF_DEFAULT_MAX_POSITIONS = {"llama": 2048, "qwen2": 32768, "qwen3": 32768}
+
+
+def _hf_bool(hf: dict, field: str) -> bool:
+    """config.json's yes/no `field` (false when absent): a JSON boolean; the string "false" is refused, as
+    transformers refuses it (bool("false") is True)."""
+    value = hf.get(field, False)
+    _check(value is None or isinstance(value, bool), f"config.json field {field!r}", "true or false", value)
+    return bool(value)
 
 
 def _hf_number(field: str, value) -> float:

@@ -187,9 +187,15 @@ def read_params(tensors, config: ModelConfig, dtype: str) -> dict:
         name, transpose = hf_name_for(path)
         expected[name] = (i, transpose, leaf.shape[::-1] if transpose else leaf.shape)
     values = [None] * len(leaves)
+    tied_head = None
     for path, name, arr in tensors:
-        if _IGNORED.match(name) or (name == "lm_head.weight" and config.tie_word_embeddings):
-            continue  # tied: the embedding serves as the head; some exports still save a copy
+        if _IGNORED.match(name):
+            continue
+        if name == "lm_head.weight" and config.tie_word_embeddings:
+            # Tied: the embedding serves as the head. Some exports still save a copy, checked below
+            # (transformers unties a head that differs, so dropping it would compute another model).
+            tied_head = (path, arr)
+            continue
         if name not in expected:
             raise CheckpointError(
                 f"unexpected tensor {name!r} in {os.path.basename(path)}: it has no place in a "
@@ -207,6 +213,14 @@ def read_params(tensors, config: ModelConfig, dtype: str) -> dict:
     missing = [name for name, (i, _, _) in expected.items() if values[i] is None]
     if missing:
         raise CheckpointError(f"checkpoint is missing {len(missing)} tensor(s): {missing[:10]}")
+    if tied_head is not None:
+        path, arr = tied_head
+        embed = values[expected["model.embed_tokens.weight"][0]]
+        if arr.shape != embed.shape or not np.array_equal(_finite_cast(arr, dtype, path), embed):
+            raise CheckpointError(
+                f"tensor 'lm_head.weight' in {os.path.basename(path)} differs from model.embed_tokens.weight "
+                "while config.json has tie_word_embeddings=true: set it to false to convert the separate head"
+            )
     return jax.tree_util.tree_unflatten(treedef, values)
 
 

@@ -405,6 +405,53 @@ BAD_INPUTS = {
         "missing the required field 'hidden_size'",
     ),
     "config a list": (_raw("config.json", b"[1, 2]"), None, "must hold a JSON object, got a list"),
+    # transformers applies a rope_scaling beside 5.x's default rope_parameters (it was dropped: plain RoPE)
+    "yarn beside default rope_parameters": (
+        _config(rope_scaling={"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 128}),
+        None,
+        "rope scaling type 'yarn'",
+    ),
+    "rope_scaling a string": (
+        _config(rope_parameters=_DELETE, rope_scaling="llama3"),
+        None,
+        "'rope_scaling' must be a JSON object, got 'llama3'",
+    ),
+    "llama3 factor 0": (  # every logit was NaN
+        _config(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 0.0,
+                "low_freq_factor": 1.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),  # fmt: skip
+        None,
+        "'factor' must be a finite number >= 1, got 0.0",
+    ),
+    "llama3 high <= low": (
+        _config(
+            rope_scaling={
+                "rope_type": "llama3",
+                "factor": 8.0,
+                "low_freq_factor": 4.0,
+                "high_freq_factor": 4.0,
+                "original_max_position_embeddings": 64,
+            }
+        ),  # fmt: skip
+        None,
+        "'high_freq_factor' must be a finite number > low_freq_factor 4.0",
+    ),
+    "tie_word_embeddings a string": (  # bool("false") is True: the trained head was dropped
+        _config(tie_word_embeddings="false"),
+        None,
+        "'tie_word_embeddings' must be true or false, got 'false'",
+    ),
+    "tied with a different lm_head": (  # transformers unties it; dropping it computed another model
+        _config(tie_word_embeddings=True),
+        None,
+        "'lm_head.weight' in model.safetensors differs from model.embed_tokens.weight",
+    ),
     "config not JSON": (_raw("config.json", b"{model_type: qwen3"), None, r"config\.json is not valid JSON"),
     "0 attention heads": (
         _config(num_attention_heads=0),
@@ -509,3 +556,22 @@ def test_bad_input_gives_a_clear_error_and_touches_nothing(hf_copy, tmp_path, ca
     with pytest.raises(ValueError, match=match):
         (action or _convert)(hf_dir, tmp_path)
     assert _tree(tmp_path) == before
+
+
+def test_a_tied_checkpoint_that_saves_a_copy_of_the_embedding_converts(hf_copy, tmp_path):
+    hf_dir, tensors = hf_copy
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].copy()
+    _write_safetensors(hf_dir / "model.safetensors", tensors)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    (hf_dir / "config.json").write_text(json.dumps({**cfg, "tie_word_embeddings": True}))
+    config = _convert(hf_dir, tmp_path)
+    assert config.tie_word_embeddings
+    _, params = lf.load(str(tmp_path / "out"))
+    assert "lm_head" not in params
+
+
+@pytest.mark.parametrize("model_type, positions", [("llama", 2048), ("qwen2", 32768), ("qwen3", 32768)])
+def test_a_missing_max_position_embeddings_takes_transformers_default(model_type, positions):
+    hf = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
+    assert lf.ModelConfig.from_hf_dict(hf).max_position_embeddings == positions

@@ -70,3 +70,28 @@ def test_half_precision_params_track_float32(tiny_checkpoints, dtype, tolerance)
     assert cache.layers[0].k.dtype == jnp.dtype(dtype) and cache.layers[0].v.dtype == jnp.dtype(dtype)
     out = lf.generate(params, config, np.asarray(tokens), [32, 20], max_new_tokens=8, compression=comp)
     assert out.tokens.shape == (2, 8) and (np.asarray(out.cache_occupancy) == 12).all()
+
+
+def test_llama3_rope_scaling_beside_default_rope_parameters_matches_transformers(tiny_checkpoints, tmp_path):
+    # transformers 5 saves a default rope_parameters in every config; a rope_scaling block added to it
+    # wins there, and was ignored here (plain RoPE).
+    import json
+    import shutil
+
+    hf_dir = tmp_path / "hf"
+    shutil.copytree(tiny_checkpoints["llama"][0], hf_dir)
+    cfg = json.loads((hf_dir / "config.json").read_text())
+    cfg["rope_parameters"] = {"rope_type": "default", "rope_theta": cfg["rope_parameters"]["rope_theta"]}
+    cfg["rope_scaling"] = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                           "high_freq_factor": 4.0, "original_max_position_embeddings": 16}  # fmt: skip
+    (hf_dir / "config.json").write_text(json.dumps(cfg))
+    config = lf.convert(str(hf_dir), str(tmp_path / "ckpt"))
+    assert config.rope_scaling is not None
+    config, params = lf.load(str(tmp_path / "ckpt"))
+    tokens = np.random.default_rng(1).integers(0, config.vocab_size, (2, 64))
+    with torch.no_grad():
+        want = hf_model(str(hf_dir))(torch.tensor(tokens)).logits.numpy()
+    with jax.default_matmul_precision("highest"):
+        hidden, _ = forward(params, config, jnp.asarray(tokens, jnp.int32))
+        got = np.asarray(logits_from_hidden(params, config, hidden))
+    assert np.abs(got - want).max() <= 1e-4
