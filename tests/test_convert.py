@@ -575,3 +575,10 @@ def test_a_missing_max_position_embeddings_takes_transformers_default(model_type
     hf = dict(model_type=model_type, vocab_size=128, hidden_size=64, intermediate_size=96,
               num_hidden_layers=2, num_attention_heads=4)  # fmt: skip
     assert lf.ModelConfig.from_hf_dict(hf).max_position_embeddings == positions
+
+
+def test_a_float64_config_converts_at_float32():
+    # safetensors F64 tensors read; the dtype in config.json was refused even with --dtype float32.
+    hf = dict(model_type="qwen3", vocab_size=128, hidden_size=64, intermediate_size=96,
+              num_hidden_layers=2, num_attention_heads=4, dtype="float64")  # fmt: skip
+    assert lf.ModelConfig.from_hf_dict(hf).dtype == "float32"
