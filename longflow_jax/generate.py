@@ -53,12 +53,14 @@ FULL = CompressionConfig(policy="full")
 class GenerationOutput:
     tokens: jax.Array  # [B, max_new_tokens] int32; pad_token_id after a row stops
     lengths: jax.Array  # [B] int32: tokens generated per row, its EOS included
-    cache_occupancy: jax.Array  # [B] int32: tokens held per row at the end (layer 0)
-    # [B] bool: the row's logits became NaN or inf (bad weights, an overflow); the row stopped there,
-    # its tokens from that step on are pad, and `lengths` counts only the tokens before it.
+    cache_occupancy: jax.Array  # [B] int32: tokens held per row when it stopped (layer 0)
+    # [B] bool: the row's logits became NaN or inf (bad weights, an overflow), or the sampling controls
+    # banned every token (no_repeat_ngram_size over a used-up vocabulary); the row stopped there, its
+    # tokens from that step on are pad, and `lengths` counts only the tokens before it.
     nonfinite: jax.Array | None = None
-    # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that
-    # token t's write overwrote in each layer (-1: the slot was empty; row 0 is the prefill: all -1).
+    # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that the
+    # write of token t - 1 (the token fed at step t) overwrote in each layer (-1: the slot was empty;
+    # row 0, the prefill, is all -1; the last token is never written).
     evicted_positions: jax.Array | None = None
     # Only with return_logprobs, under the distribution tokens were drawn from before top-k / top-p
     # truncation (`sampling.token_logprobs`); 0 after a row stops.
@@ -669,6 +671,8 @@ def generate(
         prefill_rows_per_chunk,
     )  # fmt: skip
     check_generate_inputs(config, prompt_ids, prompt_lengths, **options)
+    if not isinstance(return_debug, bool):  # bool("no") is True
+        raise ValueError(f"return_debug must be a bool, got {return_debug!r}")
     check_params(params, config)
     args = (params, jnp.asarray(prompt_ids, jnp.int32), jnp.asarray(prompt_lengths, jnp.int32), _as_key(seed))
     static = _static_options(config, return_debug, **options)
@@ -722,10 +726,12 @@ def _as_key(seed):
     """seed as a PRNG key: an int (Python, numpy, or a scalar integer array, traced or not) is a seed,
     a raw uint32[2] key or a typed key array is used as it is."""
     if isinstance(seed, int | np.integer) and not isinstance(seed, bool):
+        if not -(2**63) <= int(seed) < 2**64:
+            raise ValueError(f"seed must be an int in [-2**63, 2**64) or a jax PRNG key, got {seed}")
         return jax.random.PRNGKey(seed)
     dtype, shape = getattr(seed, "dtype", None), getattr(seed, "shape", None)
     if dtype is not None and jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key) and shape == ():
-        return seed
+        return jax.random.key_data(seed)  # raw, as compile_generate's executables take it
     if dtype == jnp.uint32 and shape == (2,):
         return seed
     if dtype is not None and jnp.issubdtype(dtype, jnp.integer) and dtype != jnp.bool_ and shape == ():
@@ -777,6 +783,8 @@ def compile_generate(
         max_new_tokens, compression, sampling, attention_impl, return_logprobs, top_logprobs,
         prefill_rows_per_chunk,
     )  # fmt: skip
+    if not isinstance(return_debug, bool):
+        raise ValueError(f"return_debug must be a bool, got {return_debug!r}")
     compiled, placement, seconds = _compiled_generate(
         params_or_shapes, config, batch, prompt_len, options, return_debug, mesh
     )
@@ -917,10 +925,13 @@ def _generate(
     pad = jnp.int32(config.pad_token_id)
 
     def choose(logits, key, num_generated, history):
-        """One step's raw logits -> (next token [B], its log-probs or None)."""
+        """One step's raw logits -> (next token [B], its log-probs or None, [B] bool: no token to draw:
+        the logits are not finite, or the sampling controls banned every token)."""
+        bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
         logits = process_logits(logits, sampling, stop_ids, num_generated, history)
+        bad = bad | ~jnp.any(jnp.isfinite(logits), axis=-1)  # argmax / categorical would give id 0
         token = sample_next(logits, key, sampling)
-        return token, token_logprobs(logits, token, sampling, top_logprobs) if return_logprobs else None
+        return token, token_logprobs(logits, token, sampling, top_logprobs) if return_logprobs else None, bad
 
     def write_scores(buffers, scores, step, keep):
         """The log-prob buffers [B, max_new_tokens, ...] with column `step` set (0 where not keep)."""
@@ -935,9 +946,8 @@ def _generate(
         params, config, prompt_ids, prompt_lengths, compression, capacity, prefill_rows_per_chunk
     )
     cache = ready_to_decode(sharding.split_kv_heads(cache), compression, attention_impl, max_new_tokens)
-    bad = ~jnp.all(jnp.isfinite(logits), axis=-1)
     history = init_history(prompt_ids, prompt_lengths, config.vocab_size, max_new_tokens, sampling)
-    first, scores = choose(logits, jax.random.fold_in(key, 0), 0, history)
+    first, scores, bad = choose(logits, jax.random.fold_in(key, 0), 0, history)
     first = jnp.where(bad, pad, first)
     history = record_token(history, first)
     tokens = jnp.full((batch, max_new_tokens), pad, jnp.int32).at[:, 0].set(first)
@@ -948,14 +958,27 @@ def _generate(
         jnp.full((max_new_tokens, config.num_layers, batch, groups), -1, jnp.int32) if return_debug else None
     )
     done = jnp.isin(first, stop) | bad
-    state = (jnp.int32(1), tokens, first, done, (~bad).astype(jnp.int32), bad, cache, debug, history, scored)
+    held = tokens_held(cache.layers[0])
+    state = (
+        jnp.int32(1),
+        tokens,
+        first,
+        done,
+        (~bad).astype(jnp.int32),
+        bad,
+        cache,
+        debug,
+        history,
+        scored,
+        held,
+    )
 
     def cond(state):
         step, _, _, done, *_ = state
         return (step < max_new_tokens) & ~jnp.all(done)
 
     def body(state):
-        step, tokens, current, done, lengths, nonfinite, cache, debug, history, scored = state
+        step, tokens, current, done, lengths, nonfinite, cache, debug, history, scored, held = state
         step_key = jax.random.fold_in(key, step)
         positions = prompt_lengths + step - 1  # the position of `current`, whose KV is written now
         logits, cache, evicted = decode_step(
@@ -968,8 +991,9 @@ def _generate(
             compression=compression,
             attention_impl=attention_impl,
         )
-        bad = ~done & ~jnp.all(jnp.isfinite(logits), axis=-1)
-        nxt, scores = choose(logits, step_key, step, history)
+        held = jnp.where(done, held, tokens_held(cache.layers[0]))  # frozen once the row stopped
+        nxt, scores, bad = choose(logits, step_key, step, history)
+        bad = ~done & bad
         nxt = jnp.where(done | bad, pad, nxt)
         history = record_token(history, nxt)
         scored = write_scores(scored, scores, step, ~done & ~bad)
@@ -979,14 +1003,14 @@ def _generate(
         nonfinite = nonfinite | bad
         if debug is not None:
             debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
-        return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored
+        return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored, held
 
-    _, tokens, _, _, lengths, nonfinite, cache, debug, _, scored = jax.lax.while_loop(cond, body, state)
+    _, tokens, _, _, lengths, nonfinite, cache, debug, _, scored, held = jax.lax.while_loop(cond, body, state)
     logprobs, best, best_ids = (None, None, None) if scored is None else scored
     return GenerationOutput(
         tokens=tokens,
         lengths=lengths,
-        cache_occupancy=tokens_held(cache.layers[0]),
+        cache_occupancy=held,
         evicted_positions=debug,
         nonfinite=nonfinite,
         logprobs=logprobs,

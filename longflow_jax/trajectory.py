@@ -72,6 +72,8 @@ def score_trajectory(
     Jit-friendly like `generate` (configs static).
     """
     reference = FULL if reference is None else reference
+    if not isinstance(reference, CompressionConfig):
+        raise ValueError(f"reference must be a CompressionConfig or None, got {reference!r}")
     several = isinstance(compression, list | tuple)
     compressions = tuple(compression) if several else (compression,)
     if not compressions or not all(isinstance(c, CompressionConfig) for c in compressions):

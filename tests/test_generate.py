@@ -561,3 +561,67 @@ def test_prefill_checks_what_generate_checks(qwen3, lengths, policy, capacity, m
     comp = CompressionConfig(policy=policy, budget=9)  # R-KV needs more than its window of 8
     with pytest.raises(ValueError, match=match):
         lf.prefill(params, config, ids, jnp.asarray(lengths), comp, capacity)
+
+
+@pytest.mark.parametrize("budget", [None, 6])
+def test_cache_occupancy_is_what_a_row_held_when_it_stopped(qwen3, budget):
+    # A stopped row is fed pad tokens while others run: they were counted (full cache) or evicted real
+    # tokens (longflow), so the number depended on the rest of the batch.
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [7, 3, 5, 6], seed=1)
+    comp = None if budget is None else CompressionConfig(policy="longflow", budget=budget)
+    alone = lambda row, sampling: lf.generate(
+        params, config, ids[row : row + 1], lengths[row : row + 1], max_new_tokens=12, compression=comp,
+        sampling=sampling,
+    )  # fmt: skip
+    stop = int(alone(1, SamplingConfig(ignore_eos=True)).tokens[0, 1])  # row 1 stops after 2 tokens
+    sampling = SamplingConfig(stop_token_ids=(stop,))
+    out = lf.generate(params, config, ids, lengths, max_new_tokens=12, compression=comp, sampling=sampling)
+    assert int(out.lengths[1]) == 2 and int(out.lengths.max()) > 2
+    for row in range(4):
+        assert int(out.cache_occupancy[row]) == int(alone(row, sampling).cache_occupancy[0]), row
+    assert int(out.cache_occupancy[1]) == min(3 + 1, budget or 99)  # the prompt and the first new token
+
+
+def test_a_row_whose_every_token_is_banned_stops_and_is_reported(qwen3):
+    # no_repeat_ngram_size=1 uses the vocabulary up; argmax over all -inf gave id 0 with a NaN logprob.
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [2], seed=3)
+    sampling = SamplingConfig(no_repeat_ngram_size=1, ignore_eos=True)
+    new = config.vocab_size + 4
+    out = lf.generate(
+        params, config, ids, lengths, max_new_tokens=new, sampling=sampling, return_logprobs=True
+    )
+    n = int(out.lengths[0])
+    assert bool(out.nonfinite[0]) and n <= config.vocab_size - 2
+    assert np.isfinite(np.asarray(out.logprobs)).all()
+    assert len(set(np.asarray(out.tokens[0, :n]).tolist()) | set(np.asarray(ids[0]).tolist())) == n + 2
+    assert (np.asarray(out.tokens[0, n:]) == config.pad_token_id).all()
+
+
+def test_compiled_run_takes_a_typed_key_as_generate_does(qwen3):
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [5, 3], seed=4)
+    sampling = SamplingConfig(temperature=1.0)
+    want = lf.generate(
+        params, config, ids, lengths, max_new_tokens=4, sampling=sampling, seed=jax.random.key(1)
+    )
+    run, _ = lf.compile_generate(
+        lf.param_shapes(config), config, batch=2, prompt_len=ids.shape[1], max_new_tokens=4, sampling=sampling
+    )
+    np.testing.assert_array_equal(run(params, ids, lengths, seed=jax.random.key(1)).tokens, want.tokens)
+    np.testing.assert_array_equal(run(params, ids, lengths, seed=1).tokens, want.tokens)
+
+
+def test_generate_and_score_trajectory_name_more_bad_arguments(qwen3):
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [5, 3], seed=4)
+    with pytest.raises(ValueError, match="return_debug must be a bool, got 'no'"):
+        lf.generate(params, config, ids, lengths, max_new_tokens=3, return_debug="no")
+    with pytest.raises(ValueError, match=r"seed must be an int in \[-2\*\*63, 2\*\*64\)"):
+        lf.generate(params, config, ids, lengths, max_new_tokens=3, seed=2**64)
+    with pytest.raises(ValueError, match="reference must be a CompressionConfig or None, got 'full'"):
+        lf.score_trajectory(
+            params, config, ids, lengths, np.ones((2, 4), np.int32), [4, 2],
+            compression=CompressionConfig(policy="longflow", budget=4), reference="full",
+        )  # fmt: skip
