@@ -190,6 +190,7 @@ MIN_VALUES = {
     "batch": 1,
     "prompt_len": 1,
     "logprobs": 0,
+    "kv_quant_group": 1,
 }
 
 

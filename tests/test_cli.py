@@ -128,3 +128,10 @@ def test_eviction_summary_counts_rows_past_the_budget_and_rkv_past_its_buffer():
     assert "nothing was evicted" in eviction_summary(rkv, [10], [11])  # 20 slots: the buffer holds them
     assert "1 of 1 row(s)" in eviction_summary(rkv, [10], [12])  # 21 slots
     assert "1 of 1 row(s)" in eviction_summary(rkv, [17], [1])  # a prompt past the budget, at prefill
+
+
+def test_a_bad_kv_quant_group_is_named_as_its_flag_before_any_work(capsys):
+    # It failed as "kv_quant_group must be ..." after the demo model was built.
+    assert cli.main(["--demo", "--kv-quant-group", "0"]) == 2
+    captured = capsys.readouterr()
+    assert "--kv-quant-group must be >= 1, got 0" in captured.err and "demo model" not in captured.out
