@@ -28,7 +28,7 @@ from fractions import Fraction
 
 from . import runner
 from .config import POLICIES, CompressionConfig
-from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records, same_file
+from .jsonl_io import Record, append_lines, lock_output, read_jsonl_records
 
 PROG = "longflow-eval"
 DEFAULT_PROMPT = "{question}\nPlease reason step by step, and put your final answer within \\boxed{}."
@@ -317,11 +317,7 @@ def run(args) -> None:
     budgets = parse_budgets(args.budgets)
     runs = runs_for(policies, budgets)
     runner.check_table_path(args)
-    if same_file(args.output, args.input):
-        raise ValueError(
-            f"--output {args.output} is the same file as --input {args.input}: the rows would replace "
-            "the problems; pass another --output"
-        )
+    runner.check_outputs_not_input(args, {"--output": args.output})
     if os.path.exists(args.output) and not args.overwrite:
         raise ValueError(
             f"--output {args.output} exists: pass --overwrite to replace it, or another --output"

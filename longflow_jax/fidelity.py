@@ -35,7 +35,7 @@ from .eval_math import (
     parse_list,
     validate_problem,
 )
-from .jsonl_io import append_lines, id_key, lock_output, same_file
+from .jsonl_io import append_lines, id_key, lock_output
 from .trajectory import score_trajectory
 
 PROG = "longflow-eval fidelity"
@@ -195,12 +195,9 @@ def run(args) -> None:
     runner.check_plot_path("--plot", args.plot, **{"--input": args.input, "--output": args.output,
                                                     "--table": args.table})  # fmt: skip
     runner.check_table_path(args)
-    for name, path in (("--output", args.output), ("--output's parts file", parts_path(args.output))):
-        if same_file(path, args.input):
-            raise ValueError(
-                f"{name} {path} is the same file as --input {args.input}: the rows would replace the "
-                "problems; pass another --output"
-            )
+    runner.check_outputs_not_input(
+        args, {"--output": args.output, "--output's parts file": parts_path(args.output)}
+    )
     if args.jobs < 1:
         raise ValueError(f"--jobs must be >= 1, got {args.jobs}")
     if args.time_limit is not None and not args.time_limit > 0:

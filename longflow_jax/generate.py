@@ -468,10 +468,7 @@ def check_generate_inputs(
     prefill_rows_per_chunk=None,
 ):
     """Every user-facing check, before anything is traced. Values are checked when they are concrete."""
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
-    if not isinstance(compression, CompressionConfig):
-        raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
+    _check_config_types(config, compression)
     if not isinstance(sampling, SamplingConfig):
         raise ValueError(f"sampling must be a SamplingConfig, got {type(sampling).__name__}")
     check_attention_impl(attention_impl, compression)
@@ -516,6 +513,13 @@ def check_generate_inputs(
         )
 
 
+def _check_config_types(config, compression) -> None:
+    if not isinstance(config, ModelConfig):
+        raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
+    if not isinstance(compression, CompressionConfig):
+        raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
+
+
 def check_prompt(config: ModelConfig, prompt_ids, prompt_lengths) -> tuple[int, int]:
     """(batch, prompt_len) of a right-padded prompt batch the model can take; its values are checked when
     they are concrete."""
@@ -553,10 +557,7 @@ def check_prompt(config: ModelConfig, prompt_ids, prompt_lengths) -> tuple[int, 
 def check_prefill_inputs(config, prompt_ids, prompt_lengths, compression, capacity) -> None:
     """`prefill`'s own checks (public, for callers who drive the loop themselves): the prompt as
     `generate` checks it, and a capacity the policy can fill."""
-    if not isinstance(config, ModelConfig):
-        raise ValueError(f"config must be a longflow_jax.ModelConfig, got {type(config).__name__}")
-    if not isinstance(compression, CompressionConfig):
-        raise ValueError(f"compression must be a CompressionConfig, got {type(compression).__name__}")
+    _check_config_types(config, compression)
     _, prompt_len = check_prompt(config, prompt_ids, prompt_lengths)
     least = 2  # the compressing policies: a kept token and the new one
     if compression.policy == "full":

@@ -292,6 +292,17 @@ def compression_from(args) -> CompressionConfig:
     )  # fmt: skip
 
 
+def check_outputs_not_input(args, outputs: dict[str, str]) -> None:
+    """None of a run's outputs (`outputs`: what to call it -> path) is its --input: the rows would replace
+    the problems, even with --overwrite."""
+    for name, path in outputs.items():
+        if same_file(path, args.input):
+            raise ValueError(
+                f"{name} {path} is the same file as --input {args.input}: the rows would replace the "
+                "problems; pass another --output"
+            )
+
+
 def check_table_path(args) -> None:
     """--table is rewritten at the end of a run: never the --input or --output file."""
     for flag in ("input", "output"):
