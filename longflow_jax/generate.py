@@ -59,8 +59,9 @@ class GenerationOutput:
     # tokens from that step on are pad, and `lengths` counts only the tokens before it.
     nonfinite: jax.Array | None = None
     # [max_new_tokens, num_layers, B, G] int32, only with return_debug: at step t the position that the
-    # write of token t - 1 (the token fed at step t) overwrote in each layer (-1: the slot was empty;
-    # row 0, the prefill, is all -1; the last token is never written).
+    # write of token t - 1 (the token fed at step t) overwrote in each layer (-1: the slot was empty, or
+    # the row had stopped before step t; row 0, the prefill, is all -1; a row's last token is never
+    # written).
     evicted_positions: jax.Array | None = None
     # Only with return_logprobs, under the distribution tokens were drawn from before top-k / top-p
     # truncation (`sampling.token_logprobs`); 0 after a row stops.
@@ -1003,6 +1004,8 @@ def _generate(
         done = done | bad | jnp.isin(nxt, stop)
         nonfinite = nonfinite | bad
         if debug is not None:
+            # A stopped row's writes are pads (or its last token), not its own context.
+            evicted = jnp.where(done[None, :, None], -1, evicted)
             debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
         return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored, held
 

@@ -6,7 +6,7 @@ import pytest
 from helpers import count_decode_step_traces, generate_module, make_prompts
 
 import longflow_jax as lf
-from longflow_jax.config import CompressionConfig
+from longflow_jax.config import CompressionConfig, SamplingConfig
 from longflow_jax.kv_cache import (
     KVCache,
     cache_bytes,
@@ -186,6 +186,29 @@ def test_long_run_keeps_exactly_budget_slots(qwen3, monkeypatch, granularity):
     # An evicted position is always older than the token being written.
     steps = np.arange(ev.shape[0])[:, None, None, None]
     assert (ev < (np.asarray(lengths)[None, None, :, None] + steps - 1)).all()
+
+
+def test_a_stopped_rows_pad_writes_are_not_reported_as_evictions(qwen3):
+    config, params = qwen3
+    comp = CompressionConfig(policy="longflow", budget=8)
+    ids, lengths = make_prompts(config, [3, 10])
+    options = dict(max_new_tokens=20, compression=comp, return_debug=True)
+    free = lf.generate(params, config, ids, lengths, **options)
+    stop = int(free.tokens[0, 7])
+    stopped = lf.generate(
+        params, config, ids, lengths, sampling=SamplingConfig(stop_token_ids=(stop,)), **options
+    )
+    for row in range(2):
+        n = int(stopped.lengths[row])  # its last token, the stop id or the 20th, is index n - 1
+        ev_free, ev = (
+            np.asarray(free.evicted_positions)[:, :, row],
+            np.asarray(stopped.evicted_positions)[:, :, row],
+        )
+        np.testing.assert_array_equal(ev[:n], ev_free[:n])  # its own writes, as before
+        assert (ev[n:] == -1).all(), ev[n:]
+    n = int(stopped.lengths[0])
+    # The buffer was full by then: every write there evicted (a stopped row's pads did, before).
+    assert n <= 8 and (np.asarray(free.evicted_positions)[n:, :, 0] >= 0).any()
 
 
 def test_budget_beyond_the_generation_allocates_no_more_than_full(qwen3):
