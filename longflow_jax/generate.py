@@ -417,11 +417,18 @@ def decode_step(
     Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]). "thinkv": the cache
     comes from `ready_to_decode` (as in `generate`), and a full segment is compressed after the layers.
     """
-    if compression.policy == "thinkv" and cache.segments is None:
-        raise ValueError(
-            "policy 'thinkv' decodes from the cache of generate.ready_to_decode(cache, compression, "
-            "attention_impl, max_new_tokens), which holds its tiers and segment table; this one has none"
-        )
+    _check_config_types(config, compression)
+    check_attention_impl(attention_impl, compression)
+    check_token_ids("tokens", tokens, config.vocab_size)
+    if compression.policy == "thinkv":
+        if cache.segments is None:
+            raise ValueError(
+                "policy 'thinkv' decodes from the cache of generate.ready_to_decode(cache, compression, "
+                "attention_impl, max_new_tokens), which holds its tiers and segment table; this one has none"
+            )
+        thinkv.check_segment_room(cache)
+    elif compression.policy == "full":
+        _check_room(cache.layers[0])
     x = params["embed"][tokens][:, None]  # [B, 1, Dm]
     scale = attention_scale(config)
     new_layers, evicted = [], []
@@ -442,6 +449,16 @@ def decode_step(
     if compression.policy == "thinkv":
         cache = thinkv.close_full_segment(cache, compression)
     return logits_from_hidden(params, config, x), cache, jnp.stack(evicted)
+
+
+def _check_room(layer) -> None:
+    """A full cache (concrete) has a free slot for the next token: past its capacity a write is dropped."""
+    if _is_concrete(layer.evict_slot) and int(np.max(np.asarray(layer.evict_slot))) >= layer.capacity:
+        raise ValueError(
+            f"the 'full' cache holds {layer.capacity} tokens a row (prefill's capacity) and a row has them "
+            "all: make it with room for every new token (buffer_capacity(compression, prompt_len, "
+            "max_new_tokens))"
+        )
 
 
 def _is_concrete(x) -> bool:
@@ -562,11 +579,18 @@ def check_prefill_inputs(config, prompt_ids, prompt_lengths, compression, capaci
     _, prompt_len = check_prompt(config, prompt_ids, prompt_lengths)
     least = 2  # the compressing policies: a kept token and the new one
     if compression.policy == "full":
-        least = prompt_len  # the whole prompt
+        least = prompt_len + 1  # the whole prompt and a new token
     elif compression.policy == "rkv":
         least = compression.budget + 1  # its buffer of new tokens beyond the budget
     elif compression.policy == "thinkv":
-        least = prompt_len + compression.thinkv.tau  # the prompt and one segment's window
+        # The prompt and one segment's window, exactly: a segment closes when the buffer is full.
+        window = prompt_len + compression.thinkv.tau
+        if not (_is_int_at_least(capacity, window) and capacity == window):
+            raise ValueError(
+                f"capacity must be prompt_len + tau = {window} for policy 'thinkv' (a prompt of "
+                f"{prompt_len} tokens, tau {compression.thinkv.tau}: its window closes a segment when "
+                f"full), got {capacity!r}"
+            )
     if not _is_int_at_least(capacity, least):
         raise ValueError(
             f"capacity must be an int >= {least} for policy {compression.policy!r} with a prompt of "

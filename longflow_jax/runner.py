@@ -292,14 +292,14 @@ def compression_from(args) -> CompressionConfig:
     )  # fmt: skip
 
 
-def check_outputs_not_input(args, outputs: dict[str, str]) -> None:
-    """None of a run's outputs (`outputs`: what to call it -> path) is its --input: the rows would replace
-    the problems, even with --overwrite."""
+def check_outputs_not_input(args, outputs: dict[str, str], flag: str = "--output") -> None:
+    """None of a run's outputs (`outputs`: what to call it -> path) is its --input, which the run would
+    replace, even with --overwrite; `flag` is the option that moves them."""
     for name, path in outputs.items():
         if same_file(path, args.input):
             raise ValueError(
-                f"{name} {path} is the same file as --input {args.input}: the rows would replace the "
-                "problems; pass another --output"
+                f"{name} {path} is the same file as --input {args.input}: the run would replace the "
+                f"problems it reads; pass another {flag}"
             )
 
 

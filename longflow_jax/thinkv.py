@@ -205,6 +205,12 @@ def kmeans_keep(keys, valid, k: int, iters: int = 10, clusters=None):
         if bad.size:
             raise ValueError(f"clusters must be in [1, k={k}], got {int(bad.flat[0])}")
     lead, (n, d) = keys.shape[:-2], keys.shape[-2:]
+    if k > n:  # every valid token is kept (m <= n < k): k-means over n clusters at most, padded to k
+        kept = jnp.full((*lead, 0), -1, jnp.int32)
+        if n:
+            fewer = None if clusters is None else jnp.minimum(jnp.asarray(clusters, jnp.int32), n)
+            kept = kmeans_keep(keys, valid, n, iters, fewer)
+        return jnp.pad(kept, [(0, 0)] * len(lead) + [(0, k - n)], constant_values=-1)
     clusters = jnp.broadcast_to(jnp.asarray(k if clusters is None else clusters, jnp.int32), lead)
     rows = jax.vmap(lambda x, m, c: _kmeans_keep_row(x, m, k, iters, c))
     return rows(keys.reshape(-1, n, d), valid.reshape(-1, n), clusters.reshape(-1)).reshape(*lead, k)
@@ -427,6 +433,23 @@ def attend(q, layer: LayerCache, scale, kernel=None):
     return out.reshape(batch, num_q_heads, head_dim), layer.replace(
         evict_slot=layer.evict_slot + 1, thinkv=state
     )
+
+
+def check_segment_room(cache: KVCache) -> None:
+    """Before a decode step on a concrete cache: if the step fills the window, the segment table (sized by
+    `attach`'s max_new_tokens) has an entry for the segment it closes; past it the segment's tokens
+    would be dropped."""
+    first, table = cache.layers[0], cache.segments
+    if any(isinstance(x, jax.core.Tracer) for x in (first.evict_slot, table.count)):
+        return
+    closes = int(np.asarray(first.evict_slot)[0, 0]) + 1 >= first.capacity
+    segments = table.types.shape[1]
+    if closes and int(np.max(np.asarray(table.count))) >= segments:
+        raise ValueError(
+            f"the ThinKV cache's segment table holds {segments} segments, all closed, and this step would "
+            f"close another: attach (generate.ready_to_decode) sizes it for max_new_tokens; make the cache "
+            f"for more new tokens"
+        )
 
 
 def close_full_segment(cache: KVCache, compression: CompressionConfig) -> KVCache:

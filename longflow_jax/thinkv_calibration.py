@@ -339,9 +339,13 @@ def run(args) -> None:
     out = args.out or os.path.join(args.ckpt, THINKV_CALIBRATION_FILE)
     plot_path = args.plot or os.path.splitext(out)[0] + ".png"
     runner.check_plot_path("--plot", plot_path, **{"--out": out, "--input": args.input})
-    for path in (out, plot_path):
+    runner.check_outputs_not_input(args, {"--out": out}, flag="--out")
+    for flag, path in (("--out", out), ("--plot", plot_path)):
         if os.path.exists(path) and not args.overwrite:
             raise ValueError(f"{path} exists: pass --overwrite to replace it, or --out / --plot elsewhere")
+        folder = os.path.dirname(os.path.abspath(path))
+        if not os.path.isdir(folder):
+            raise ValueError(f"{flag} {path}: no directory {folder} to write it in")
     validate = functools.partial(prompt_of_record, template=args.prompt_template)
     generator, plan = runner.plan_on_one_device(args, validate, PROG)
     samples = collect(generator, plan, args)

@@ -280,7 +280,7 @@ def test_an_output_that_is_the_input_is_refused_even_with_overwrite(chat_ckpt, t
         argv = ["--ckpt", chat_ckpt, "--input", str(inp), "--output", out, "--overwrite", "--quiet"]
         assert eval_math.main(argv + ["--budgets", "32", "--max-new-tokens", "4"]) == 2
         err = capsys.readouterr().err
-        assert f"--output {out} is the same file as --input {inp}: the rows would replace the problems" in err
+        assert f"--output {out} is the same file as --input {inp}: the run would replace the problems" in err
         assert inp.read_text() == json.dumps(PROBLEMS[0]) + "\n"
 
 

@@ -549,7 +549,7 @@ def test_full_cache_blocked_and_single_pass_attention_decode_alike(qwen3, monkey
     [
         ([0], "longflow", 6, r"prompt_lengths must be in \[1, 8\]; row 0 has 0"),  # read the last pad
         ([20], "longflow", 6, r"prompt_lengths must be in \[1, 8\]; row 0 has 20"),  # NaN logits
-        ([8], "full", 4, "capacity must be an int >= 8 for policy 'full'"),  # SnapKV compressed "full"
+        ([8], "full", 8, "capacity must be an int >= 9 for policy 'full'"),  # SnapKV compressed "full"
         ([8], "rkv", 9, "capacity must be an int >= 10 for policy 'rkv'"),
         ([8], "longflow", 1, "capacity must be an int >= 2"),
     ],
@@ -561,6 +561,35 @@ def test_prefill_checks_what_generate_checks(qwen3, lengths, policy, capacity, m
     comp = CompressionConfig(policy=policy, budget=9)  # R-KV needs more than its window of 8
     with pytest.raises(ValueError, match=match):
         lf.prefill(params, config, ids, jnp.asarray(lengths), comp, capacity)
+
+
+def test_decode_step_checks_what_generate_checks(qwen3):
+    # decode_step is public (for callers who drive the loop) and ran a kernel without the policy's
+    # scoring (h2o's evict slot -1 wrapped to the last slot), embedded ids past the vocabulary as its
+    # last token, and wrote past a full cache's capacity (the writes were dropped).
+    config, params = qwen3
+    ids, lengths = make_prompts(config, [8])
+    key = jax.random.PRNGKey(0)
+    h2o = CompressionConfig(policy="h2o", budget=6)
+    cache, logits = lf.prefill(params, config, ids, lengths, h2o, 6)
+    nxt = jnp.argmax(logits, -1)
+    step = functools.partial(lf.decode_step, params, config, compression=h2o)
+    with pytest.raises(ValueError, match="policy 'h2o' needs attention_impl='reference'"):
+        step(cache, nxt, lengths, key, attention_impl="pallas")
+    with pytest.raises(ValueError, match="attention_impl must be one of"):
+        step(cache, nxt, lengths, key, attention_impl="refrence")
+    with pytest.raises(
+        ValueError, match=r"tokens must hold token ids in \[0, 128\), got dtype int32, range \[128"
+    ):
+        step(cache, jnp.full_like(nxt, config.vocab_size), lengths, key)
+    full = CompressionConfig(policy="full")
+    cache, logits = lf.prefill(params, config, ids, lengths, full, 9)
+    logits, cache, _ = lf.decode_step(
+        params, config, cache, jnp.argmax(logits, -1), lengths, key, compression=full
+    )
+    assert int(cache.layers[0].slot_pos[0, 0, 8]) == 8  # the one free slot took it
+    with pytest.raises(ValueError, match="the 'full' cache holds 9 tokens a row"):
+        lf.decode_step(params, config, cache, jnp.argmax(logits, -1), lengths + 1, key, compression=full)
 
 
 @pytest.mark.parametrize("budget", [None, 6])

@@ -261,6 +261,16 @@ def test_kmeans_keep_with_fewer_clusters_matches_a_smaller_k():
         np.testing.assert_array_equal(got[row], np.concatenate([want, np.full(k - c, -1)]))
 
 
+def test_kmeans_keep_with_k_past_the_tokens_keeps_every_valid_one():
+    """k above the segment's n tokens (it died in a reshape): every valid token, padded with -1 to k."""
+    keys = jnp.arange(12.0).reshape(2, 3, 2)
+    valid = jnp.asarray([[True, True, True], [True, False, True]])
+    got = np.asarray(kmeans_keep(keys, valid, k=5, clusters=jnp.asarray([5, 1])))
+    np.testing.assert_array_equal(got[0], [0, 1, 2, -1, -1])
+    assert got[1, 0] in (0, 2) and (got[1, 1:] == -1).all()  # one cluster: one of its two tokens
+    np.testing.assert_array_equal(kmeans_keep(keys[1], valid[1], k=4), [0, 2, -1, -1])
+
+
 def test_kmeans_keep_rejects_bad_k():
     with pytest.raises(ValueError, match="k must be a positive int"):
         thinkv.kmeans_keep(jnp.zeros((4, 2)), jnp.ones(4, bool), k=0)

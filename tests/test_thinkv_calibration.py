@@ -228,12 +228,19 @@ def test_without_a_trimodal_layer_the_thresholds_are_the_default_layers_tertiles
         # The plot defaults to --out's name with .png: it replaced the calibration file, exit 0.
         (["--out", "cal.png"], "--plot cal.png is the same file as --out cal.png"),
         (["--plot", "d.txt"], "--plot d.txt: matplotlib cannot write .txt files"),
+        # Even with --overwrite: the prompts were replaced by the calibration file.
+        (["--out", "IN", "--overwrite"], "--out IN is the same file as --input IN: the run would replace"),
+        (["--out", "no/cal.json"], "--out no/cal.json: no directory"),  # said after the whole run
+        (["--plot", "no/d.png"], "--plot no/d.png: no directory"),
     ],
 )
-def test_calibration_cli_rejects_bad_input(chat_ckpt, tmp_path, capsys, extra, message):
+def test_calibration_cli_rejects_bad_input(chat_ckpt, tmp_path, capsys, monkeypatch, extra, message):
+    monkeypatch.chdir(tmp_path)
     inp = write_jsonl(tmp_path / "in.jsonl", [{"question": "1 + 1?"}])
+    extra = [inp if x == "IN" else x for x in extra]
     assert cal.main(["--ckpt", chat_ckpt, "--input", inp, *extra]) == 2
-    assert message in capsys.readouterr().err
+    assert message.replace("IN", inp) in capsys.readouterr().err
+    assert open(inp).read() == '{"question": "1 + 1?"}\n'  # the prompts are untouched
 
 
 def test_thinkv_calibration_flag_and_the_checkpoints_file(tmp_path):

@@ -79,6 +79,27 @@ def test_decode_step_names_a_cache_that_skipped_ready_to_decode(params):
         )
 
 
+def test_decode_step_refuses_a_window_or_segment_table_it_would_lose_tokens_in(params):
+    # A larger capacity split the first segment wrongly (typed from tau of its steps, the rest left in
+    # the main buffer for good); a segment past the table that ready_to_decode sized was dropped.
+    ids, lengths = make_prompts(CONFIG, [6], seed=2)
+    comp = lf.CompressionConfig(
+        policy="thinkv", budget=8, kv_quant_group=GROUP,
+        thinkv=ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.2, 0.5)),
+    )  # fmt: skip
+    with pytest.raises(ValueError, match="capacity must be prompt_len \\+ tau = 10 for policy 'thinkv'"):
+        lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 5)
+    cache, logits = lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 4)
+    cache = generate_module.ready_to_decode(cache, comp, "reference", 5)  # one segment: 4 writes
+    key, token, positions = jax.random.PRNGKey(0), jnp.argmax(logits, -1), lengths
+    for _ in range(7):  # the first segment closes at the 4th; 3 more fill the window but for one token
+        _, cache, _ = lf.decode_step(params, CONFIG, cache, token, positions, key, compression=comp)
+        positions = positions + 1
+    assert int(cache.segments.count[0]) == 1
+    with pytest.raises(ValueError, match="segment table holds 1 segments, all closed"):
+        lf.decode_step(params, CONFIG, cache, token, positions, key, compression=comp)
+
+
 # ---- the bookkeeping against a simulation ----
 
 TAU, SCHEDULE, BUDGET = 6, (4, 2, 1), 12
