@@ -1017,7 +1017,8 @@ def _generate(
             compression=compression,
             attention_impl=attention_impl,
         )
-        held = jnp.where(done, held, tokens_held(cache.layers[0]))  # frozen once the row stopped
+        stopped = done
+        held = jnp.where(stopped, held, tokens_held(cache.layers[0]))  # frozen once the row stopped
         nxt, scores, bad = choose(logits, step_key, step, history)
         bad = ~done & bad
         nxt = jnp.where(done | bad, pad, nxt)
@@ -1028,8 +1029,8 @@ def _generate(
         done = done | bad | jnp.isin(nxt, stop)
         nonfinite = nonfinite | bad
         if debug is not None:
-            # A stopped row's writes are pads (or its last token), not its own context.
-            evicted = jnp.where(done[None, :, None], -1, evicted)
+            # A row that had stopped before this step wrote a pad (or its last token), not its context.
+            evicted = jnp.where(stopped[None, :, None], -1, evicted)
             debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
         return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored, held
 
