@@ -8,12 +8,14 @@ warning names the ids); "seconds" is the wall time of the prompt's batch, compil
 line gives both); "settings" is what the row was made with. With --stop, "stop_string" names the string
 the text was cut before (null: none); the device loop stops on token ids only, so completion_tokens
 counts what was generated. With --logprobs K: "token_ids" and their "logprobs" (`generate`'s
-return_logprobs), and for K > 0 "top_logprobs", per token [[id, log-prob], ...] best first.
+return_logprobs), and for K > 0 "top_logprobs", per token [[id, log-prob], ...] best first, without the
+tokens the sampling controls banned (log-prob -inf, which JSON cannot hold): fewer than K where they are.
 
 Rerunning resumes: ids already in the output are skipped. A rerun with other settings is refused, naming
 the fields that differ, unless --force-new (the old output is renamed to OUT.bak-TIMESTAMP); a partial
 last line left by a crash is cut off only once the rows before it pass that check. An --output that is
-the --input file is refused. A lock on OUT.lock makes a second writer fail at once.
+the --input file is refused. A lock on OUT.lock (OUT's real path: a link to it takes the same lock) makes a
+second writer fail at once.
 
 --distributed: `jax.distributed.initialize()`, then process i of n takes the valid records k with
 k % n == i, runs them on its own devices with no cross-host communication (a slow or restarted host holds
@@ -25,6 +27,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
 import os
 import sys
 import time
@@ -166,7 +169,7 @@ def output_row(record_id, c: runner.Completion, seconds: float, settings: dict, 
     if args.logprobs is not None:
         row.update(token_ids=c.tokens, logprobs=c.logprobs)
     if args.logprobs:
-        row["top_logprobs"] = c.top_logprobs
+        row["top_logprobs"] = [[pair for pair in step if math.isfinite(pair[1])] for step in c.top_logprobs]
     return row
 
 

@@ -428,7 +428,7 @@ def decode_step(
             )
         thinkv.check_segment_room(cache)
     elif compression.policy == "full":
-        _check_room(cache.layers[0])
+        check_free_slot(cache.layers[0])
     x = params["embed"][tokens][:, None]  # [B, 1, Dm]
     scale = attention_scale(config)
     new_layers, evicted = [], []
@@ -451,13 +451,14 @@ def decode_step(
     return logits_from_hidden(params, config, x), cache, jnp.stack(evicted)
 
 
-def _check_room(layer) -> None:
-    """A full cache (concrete) has a free slot for the next token: past its capacity a write is dropped."""
+def check_free_slot(layer) -> None:
+    """A full cache's layer (concrete) has a free slot for the next token: past its capacity a write
+    would be dropped."""
     if _is_concrete(layer.evict_slot) and int(np.max(np.asarray(layer.evict_slot))) >= layer.capacity:
         raise ValueError(
-            f"the 'full' cache holds {layer.capacity} tokens a row (prefill's capacity) and a row has them "
-            "all: make it with room for every new token (buffer_capacity(compression, prompt_len, "
-            "max_new_tokens))"
+            f"the 'full' cache holds {layer.capacity} tokens a row and a row has them all: it was made for "
+            "fewer new tokens (prefill's capacity, buffer_capacity(compression, prompt_len, max_new_tokens), "
+            "or its max_new_tokens)"
         )
 
 

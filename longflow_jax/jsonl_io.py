@@ -309,11 +309,12 @@ def set_aside(path: str) -> str:
 
 
 def lock_output(path: str, prog: str):
-    """An exclusive lock on path + ".lock" (its folder created), held while the returned file stays
-    open: a second writer of the same output fails at once. The lock file keeps the holder's pid and is
-    never removed (removing it would let a waiting process and a new one lock two different files)."""
+    """An exclusive lock on path + ".lock" (its folder created) at the path's real location, so a
+    symbolic link to the output takes the same lock, held while the returned file stays open: a second
+    writer of the same output fails at once. The lock file keeps the holder's pid and is never removed
+    (removing it would let a waiting process and a new one lock two different files)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    f = open(path + ".lock", "a+")
+    f = open(os.path.realpath(path) + ".lock", "a+")
     try:
         fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -329,7 +330,9 @@ def lock_output(path: str, prog: str):
 
 
 def append_lines(f, rows: Sequence[dict]) -> None:
-    """All of a batch's rows in one write, then flush and fsync: a crash leaves whole lines only."""
-    f.write("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+    """All of a batch's rows in one write, then flush and fsync: a crash leaves whole lines only. Strict
+    JSON: a NaN or infinity (which no JSON reader takes back) is an error, not a line resume redoes."""
+    text = "".join(json.dumps(row, ensure_ascii=False, allow_nan=False) + "\n" for row in rows)
+    f.write(text.encode("utf-8"))
     f.flush()
     os.fsync(f.fileno())

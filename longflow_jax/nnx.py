@@ -28,7 +28,14 @@ from pallas_kernels.quant import check_kv_quant
 from .attention import check_attention_impl, decode_attention, with_kernel_state
 from .config import CompressionConfig, ModelConfig
 from .convert import load
-from .generate import FULL, buffer_capacity, build_layer_cache, check_params, effective_compression
+from .generate import (
+    FULL,
+    buffer_capacity,
+    build_layer_cache,
+    check_free_slot,
+    check_params,
+    effective_compression,
+)
 from .kv_cache import KVCache, write_token
 from .model import (
     attention_scale,
@@ -195,6 +202,8 @@ class CompressedAttention(nnx.Module):
         cache = self.cache.get_value()
         if cache is None:
             raise ValueError("CompressedAttention.decode needs a cache: call prefill first")
+        if self.cache_compression.policy == "full":
+            check_free_slot(cache)
         layer = _values(self.param_variables())
         q, k, v = project_qkv(layer, self.config, x, positions[:, None])
         cache = write_token(cache, k[:, 0], v[:, 0], positions)

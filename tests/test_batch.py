@@ -269,6 +269,24 @@ def test_a_process_of_several_skips_the_ids_done_by_a_single_process_run(chat_ck
     assert read_rows(tmp_path / "out.1-of-2.jsonl") == []  # its share, "b" and 5, is in out.jsonl
 
 
+def test_top_logprobs_leave_out_banned_tokens_and_the_output_resumes(chat_ckpt, tmp_path, capsys):
+    # --min-new-tokens bans EOS (log-prob -inf): the rows held -Infinity, which is no JSON, so a rerun
+    # called them unreadable and generated those prompts again.
+    inp = write_jsonl(tmp_path / "in.jsonl", GOOD[:2])
+    out = str(tmp_path / "out.jsonl")
+    argv = ["--logprobs", "128", "--min-new-tokens", "8"]
+    assert run_batch(chat_ckpt, inp, out, *argv) == 0
+    with open(out) as f:
+        rows = [json.loads(line, parse_constant=lambda c: pytest.fail(f"{c} in a row")) for line in f]
+    for r in rows:
+        for token, logprob, top in zip(r["token_ids"], r["logprobs"], r["top_logprobs"]):
+            assert top[0] == [token, logprob] and all(lp <= 0 for _, lp in top)
+            assert 4 not in [t for t, _ in top] and len(top) < 128  # EOS (id 4), banned
+    assert run_batch(chat_ckpt, inp, out, *argv) == 0
+    assert "2 already done" in capsys.readouterr().out
+    assert [r["id"] for r in read_rows(out)] == [r["id"] for r in rows]
+
+
 def test_rows_carry_logprobs_and_stop_strings_and_ignore_eos_runs_on(chat_ckpt, tmp_path, capsys):
     from transformers import AutoTokenizer
 

@@ -151,6 +151,10 @@ def test_a_second_writer_fails_at_once_and_set_aside_keeps_the_old_file(tmp_path
             ValueError, match=f"another longflow-batch process is writing {out} \\(pid {os.getpid()}\\)"
         ):
             jsonl_io.lock_output(out, "longflow-batch")
+        link = tmp_path / "link.jsonl"  # the same output under another name: the same lock
+        link.symlink_to(tmp_path / "out.jsonl")
+        with pytest.raises(ValueError, match="another longflow-batch process is writing"):
+            jsonl_io.lock_output(str(link), "longflow-batch")
     jsonl_io.lock_output(out, "longflow-batch").close()  # free again once the holder closes it
     (tmp_path / "out.jsonl").write_text("old\n")
     first, second = jsonl_io.set_aside(out), None

@@ -250,6 +250,9 @@ def test_full_cache_decode_under_nnx_jit_equals_one_causal_pass():
         decode_of(copy, x[:, prompt][:, None], positions[:, prompt]), got[0], atol=1e-6
     )
     np.testing.assert_array_equal(occupancy(att.cache.get_value()), [prompt + steps] * 2)
+    # Its prefill made room for `steps` tokens: one more was dropped, and attended without.
+    with pytest.raises(ValueError, match=f"the 'full' cache holds {prompt + steps} tokens a row"):
+        att.decode(x[:, -1:], positions[:, -1] + 1)
 
 
 def test_bad_calls_are_refused():
