@@ -139,12 +139,27 @@ def add_model_input_args(p: argparse.ArgumentParser, auto_batch_size: bool = Fal
     p.add_argument("--dtype", default=None, help="cast the params on load, e.g. bfloat16")
     p.add_argument(
         "--chat-template-kwargs",
-        type=json.loads,
+        type=_flag_type(json.loads, "a JSON object"),
         default={},
         help="JSON object passed to apply_chat_template, e.g. '{\"enable_thinking\": false}'",
     )
     p.add_argument("--no-chat-template", action="store_true", help="tokenize plain prompts raw")
     p.add_argument("--strict", action="store_true", help="fail on any input record that would be skipped")
+
+
+def _flag_type(parse: Callable, expected: str | None = None) -> Callable:
+    """parse as an argparse type whose error says why: argparse shows a ValueError's type name only."""
+
+    def flag_type(text: str):
+        try:
+            return parse(text)
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(
+                str(e) if expected is None else f"{text!r}: {e} (expected {expected})"
+            ) from None
+
+    flag_type.__name__ = parse.__name__
+    return flag_type
 
 
 def add_generation_args(p: argparse.ArgumentParser, auto_batch_size: bool = False) -> None:
@@ -154,7 +169,7 @@ def add_generation_args(p: argparse.ArgumentParser, auto_batch_size: bool = Fals
     p.add_argument("--devices", type=int, default=None, help="use the first N local devices (default all)")
     p.add_argument(
         "--mesh",
-        type=parse_mesh_shape,
+        type=_flag_type(parse_mesh_shape),  # its message names the value and the form
         default=None,
         metavar="data=D,model=M",
         help="split the rows over D devices and the weights and KV heads over M (default: all devices on "

@@ -411,6 +411,20 @@ def test_bad_arguments_and_inputs_are_one_clear_error(
     assert "Traceback" not in err and not (tmp_path / "out.jsonl").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value, message",
+    [
+        ("--chat-template-kwargs", "{bad", "'{bad': Expecting property name enclosed in double quotes"),
+        ("--mesh", "data=0", "--mesh must look like data=2,model=4 (positive sizes, each axis once)"),
+    ],
+)
+def test_flag_parse_errors_say_why(capsys, flag, value, message):
+    # argparse kept only the parser's name: "invalid loads value", "invalid parse_mesh_shape value".
+    with pytest.raises(SystemExit) as exit_info:
+        batch.main(["--ckpt", "c", "--input", "i", flag, value])
+    assert exit_info.value.code == 2 and f"error: argument {flag}: {message}" in capsys.readouterr().err
+
+
 def test_batch_size_auto_fills_one_devices_memory(chat_ckpt, tmp_path, monkeypatch, capsys):
     """--batch-size auto: per device, the largest batch whose compiled generate fits 90% of the memory
     limit (here a limit chosen for 3 rows), times the data devices; every prompt is answered. A mesh
