@@ -189,6 +189,13 @@ def run(args) -> None:
     args.max_new_tokens = max_new_tokens if args.max_new_tokens is None else args.max_new_tokens
     if args.ckpt and not args.prompt:
         raise ValueError("--ckpt needs at least one --prompt")
+    if args.demo and args.prompt:
+        raise ValueError("--prompt is for --ckpt: the demo's random model generates from random prompt ids")
+    for flag, value in (("--batch", args.batch), ("--prompt-len", args.prompt_len)):
+        if args.ckpt and value is not None:
+            raise ValueError(f"{flag} is for --demo: with --ckpt the --prompt texts make the batch")
+    args.batch = 4 if args.batch is None else args.batch
+    args.prompt_len = 64 if args.prompt_len is None else args.prompt_len
     runner.check_args(args)
     if args.demo:
         run_demo(args)
@@ -201,14 +208,14 @@ def build_parser() -> argparse.ArgumentParser:
     src = p.add_mutually_exclusive_group(required=True)
     src.add_argument("--demo", action="store_true", help="build a tiny random model and generate with it")
     src.add_argument("--ckpt", help="a converted checkpoint directory (longflow-convert)")
-    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); with --ckpt")
+    p.add_argument("--prompt", action="append", help="prompt text (repeat for a batch); --ckpt only")
     p.add_argument("--no-chat-template", action="store_true")
     p.add_argument("--policy", default="longflow", choices=POLICIES)
     p.add_argument("--budget", type=int, help="KV slots per layer per sequence; demo 128, else 2048")
     p.add_argument("--max-new-tokens", type=int, help="demo 512, else 1024")
     runner.add_decoding_args(p)
-    p.add_argument("--batch", type=int, default=4, help="demo batch size")
-    p.add_argument("--prompt-len", type=int, default=64, help="demo prompt length")
+    p.add_argument("--batch", type=int, help="demo batch size (4)")
+    p.add_argument("--prompt-len", type=int, help="demo prompt length (64)")
     return p
 
 

@@ -103,6 +103,8 @@ DEMO = ["--demo", "--batch", "2", "--prompt-len", "16", "--max-new-tokens", "8",
         (["--ckpt", "/nope", "--prompt", "hi"], "--ckpt '/nope': it does not exist"),
         (["--ckpt", "/", "--prompt", "hi"], "is not a complete longflow-jax checkpoint"),
         (["--ckpt", "/nope"], "--ckpt needs at least one --prompt"),
+        ([*DEMO, "--prompt", "hi"], "--prompt is for --ckpt"),  # it ran the demo, exit 0
+        (["--ckpt", "/nope", "--prompt", "hi", "--batch", "2"], "--batch is for --demo"),
         ([*DEMO, "--repetition-penalty", "0"], "--repetition-penalty must be a finite number > 0, got 0.0"),
         ([*DEMO, "--presence-penalty", "nan"], "--presence-penalty must be a finite number, got nan"),
         ([*DEMO, "--no-repeat-ngram-size", "-1"], "--no-repeat-ngram-size must be an int >= 0, got -1"),
