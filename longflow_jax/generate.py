@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import time
 import warnings
 
@@ -207,6 +208,11 @@ def max_batch(
     (docs/BENCHMARKS.md has cases above and below it).
     ValueError if no row fits, or for a job `generate` would refuse; compression None is the full cache."""
     compression = _checked_plan(config, compression, 1, prompt_len, max_new_tokens)
+    real = isinstance(device_bytes, numbers.Real) and not isinstance(device_bytes, bool)
+    if not (real and math.isfinite(device_bytes) and device_bytes > 0):
+        raise ValueError(
+            f"device_bytes must be a finite number > 0 (bytes of device memory), got {device_bytes!r}"
+        )
     params = sum(math.prod(x.shape) * x.dtype.itemsize for x in jax.tree.leaves(param_shapes(config)))
     work = step_working_set_bytes(config, compression, max_new_tokens, prompt_len)
     row = kv_cache_bytes(config, compression, 1, prompt_len, max_new_tokens) + work

@@ -252,6 +252,14 @@ def test_memory_planning_refuses_what_generate_refuses(qwen3):
         (lambda: lf.kv_cache_bytes(config, None, 2, 4, -8), "max_new_tokens must be a positive int"),
         (lambda: lf.max_batch(config, None, -8, 4, 1 << 30), "max_new_tokens must be a positive int"),
         (lambda: lf.max_batch(config, streaming, 8, 4, 1 << 30), "streaming needs num_sinks <= budget - 2"),
+        # NaN and inf died in int() (inf an OverflowError), a string of digits was taken as a number
+        *[
+            (
+                lambda bad=bad: lf.max_batch(config, None, 8, 4, bad),
+                f"device_bytes must be a finite number > 0.*{bad!r}",
+            )
+            for bad in (float("nan"), float("inf"), "1000000", None, 0)
+        ],
         (
             lambda: lf.max_batch(config, CompressionConfig(kv_quant="int8", kv_quant_group=7), 8, 4, 1 << 30),
             "kv_quant_group",
