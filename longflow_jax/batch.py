@@ -184,12 +184,14 @@ def generate_into(out_path: str, process_index: int, process_count: int, args) -
     if not records:
         raise ValueError(f"no valid prompt records in {args.input} ({len(skipped)} line(s) skipped)")
     records = records[process_index::process_count]
-    done = done_ids(args, out_path, process_index, process_count, settings)
-    todo = [r for r in records if jsonl_io.id_key(r.id) not in done]
-
     generator = runner.DataParallelGenerator(
         args.ckpt, num_devices=args.devices, dtype=args.dtype, mesh_shape=args.mesh
     )
+    # The flags as generate checks them, before --force-new renames the output or a batch creates it.
+    runner.check_runs(generator, [compression], args, 1)
+    done = done_ids(args, out_path, process_index, process_count, settings)
+    todo = [r for r in records if jsonl_io.id_key(r.id) not in done]
+
     plan = runner.make_plan(generator, todo, args, PROG, compression=compression)
     skipped += plan.skipped
     already_done = len(records) - len(todo)

@@ -267,10 +267,22 @@ def sampling_from(args) -> SamplingConfig:
     )
 
 
+def check_vocab_flags(vocab_size: int, args) -> None:
+    """The flags that name token ids or counts, against the model's vocabulary, by their flag names."""
+    if any(i >= vocab_size for i in args.stop_token_ids):
+        raise ValueError(
+            f"--stop-token-ids must be < the model's vocab_size {vocab_size}, got {args.stop_token_ids}"
+        )
+    if (getattr(args, "logprobs", None) or 0) > vocab_size:
+        raise ValueError(f"--logprobs must be <= the model's vocab_size {vocab_size}, got {args.logprobs}")
+
+
 def check_runs(generator, compressions, args, prompt_len: int) -> None:
     """Each compression as `generate` checks it, for the longest prompt at the run's flags: before a
     command writes anything, not in the middle of its runs."""
     from .generate import check_generate_inputs
+
+    check_vocab_flags(generator.config.vocab_size, args)
 
     ids = jax.ShapeDtypeStruct((1, prompt_len), np.int32)
     lengths = jax.ShapeDtypeStruct((1,), np.int32)
@@ -283,6 +295,8 @@ def check_runs(generator, compressions, args, prompt_len: int) -> None:
             compression,
             sampling_from(args),
             args.attention_impl,
+            return_logprobs=getattr(args, "logprobs", None) is not None,
+            top_logprobs=getattr(args, "logprobs", None) or 0,
         )
 
 
@@ -592,13 +606,7 @@ def make_plan(
             kept.append(r)
             prompts.append(tokens)
     handle_skipped(skipped, args.input, args.strict, prog)
-    vocab_size = generator.config.vocab_size
-    if any(i >= vocab_size for i in args.stop_token_ids):
-        raise ValueError(
-            f"--stop-token-ids must be < the model's vocab_size {vocab_size}, got {args.stop_token_ids}"
-        )
-    if (getattr(args, "logprobs", None) or 0) > vocab_size:
-        raise ValueError(f"--logprobs must be <= the model's vocab_size {vocab_size}, got {args.logprobs}")
+    check_vocab_flags(generator.config.vocab_size, args)
     n, batch_size = generator.data_size, args.batch_size
     if batch_size == AUTO and prompts:
         prompt_len = bucket_length(max(map(len, prompts)), limit)

@@ -189,6 +189,9 @@ def test_rows_record_their_settings_and_a_resume_with_others_is_refused(chat_ckp
     assert "cannot be resumed" in err and "--force-new" in err
     assert f"{out}:1: max_new_tokens 8 (now 6), policy 'longflow' (now 'h2o')" in err
     assert open(out, "rb").read().count(b"\n") == 3  # untouched
+    # A flag generate refuses is said before --force-new moves the output (it was renamed, then refused).
+    assert run_batch(chat_ckpt, inp, out, "--force-new", "--attention-impl", "pallas", "--policy", "h2o") == 2
+    assert "renamed" not in capsys.readouterr().err and open(out, "rb").read().count(b"\n") == 3
 
     assert run_batch(chat_ckpt, inp, out, "--policy", "h2o", "--force-new") == 0
     assert "renamed to" in capsys.readouterr().err
@@ -390,6 +393,9 @@ def test_a_row_with_nan_logits_is_an_error_row_with_a_warning(chat_ckpt, tmp_pat
         (["--chat-template-kwargs", "[1]"], GOOD, "--chat-template-kwargs must be a JSON object, got [1]"),
         (["--logprobs", "-1"], GOOD, "--logprobs must be >= 0, got -1"),
         (["--logprobs", "129"], GOOD, "--logprobs must be <= the model's vocab_size 128, got 129"),
+        # Refused at the first batch's compile, after the output was created (empty)
+        (["--kv-quant", "int4", "--kv-quant-group", "5"], GOOD, "kv_quant_group 5 must divide head_dim"),
+        (["--attention-impl", "pallas", "--policy", "h2o"], GOOD, "policy 'h2o' needs attention_impl"),
         (["--frequency-penalty", "inf"], GOOD, "--frequency-penalty must be a finite number, got inf"),
         (["--ckpt", "/nope"], GOOD, "--ckpt '/nope': it does not exist"),
         (["--ckpt", "."], GOOD, "is not a complete longflow-jax checkpoint"),
