@@ -66,12 +66,16 @@ def test_thinkv_without_loss_equals_the_full_cache(params):
     np.testing.assert_array_equal(out.tokens, full.tokens)
 
 
+# The step-by-step API's cases: tau 4 over a 6-token prompt.
+STEP_BY_STEP = lf.CompressionConfig(
+    policy="thinkv", budget=8, kv_quant_group=GROUP,
+    thinkv=ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.2, 0.5)),
+)  # fmt: skip
+
+
 def test_decode_step_names_a_cache_that_skipped_ready_to_decode(params):
     ids, lengths = make_prompts(CONFIG, [6], seed=2)
-    comp = lf.CompressionConfig(
-        policy="thinkv", budget=8, kv_quant_group=GROUP,
-        thinkv=ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.2, 0.5)),
-    )  # fmt: skip
+    comp = STEP_BY_STEP
     cache, logits = lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 4)
     with pytest.raises(ValueError, match="generate.ready_to_decode"):
         lf.decode_step(
@@ -83,10 +87,7 @@ def test_decode_step_refuses_a_window_or_segment_table_it_would_lose_tokens_in(p
     # A larger capacity split the first segment wrongly (typed from tau of its steps, the rest left in
     # the main buffer for good); a segment past the table that ready_to_decode sized was dropped.
     ids, lengths = make_prompts(CONFIG, [6], seed=2)
-    comp = lf.CompressionConfig(
-        policy="thinkv", budget=8, kv_quant_group=GROUP,
-        thinkv=ThinKVConfig(tau=4, schedule=(2, 1), layers=(0,), thresholds=(0.2, 0.5)),
-    )  # fmt: skip
+    comp = STEP_BY_STEP
     with pytest.raises(ValueError, match="capacity must be prompt_len \\+ tau = 10 for policy 'thinkv'"):
         lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 5)
     cache, logits = lf.prefill(params, CONFIG, ids, lengths, comp, ids.shape[1] + 4)
