@@ -422,6 +422,9 @@ def decode_step(
 
     Returns (logits [B, V] f32, new cache, evicted positions [num_layers, B, G]). "thinkv": the cache
     comes from `ready_to_decode` (as in `generate`), and a full segment is compressed after the layers.
+    Called eagerly, it checks the token ids and the cache's room ("full": a free slot; "thinkv": a
+    segment table entry), reading them to the host; under jit (as in `generate`) those checks are skipped
+    at trace time and cost nothing.
     """
     _check_config_types(config, compression)
     check_attention_impl(attention_impl, compression)
@@ -1024,8 +1027,11 @@ def _generate(
             compression=compression,
             attention_impl=attention_impl,
         )
-        stopped = done
-        held = jnp.where(stopped, held, tokens_held(cache.layers[0]))  # frozen once the row stopped
+        held = jnp.where(done, held, tokens_held(cache.layers[0]))  # frozen once the row stopped
+        if debug is not None:
+            # A row that had stopped before this step wrote a pad (or its last token), not its context.
+            evicted = jnp.where(done[None, :, None], -1, evicted)
+            debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
         nxt, scores, bad = choose(logits, step_key, step, history)
         bad = ~done & bad
         nxt = jnp.where(done | bad, pad, nxt)
@@ -1035,10 +1041,6 @@ def _generate(
         lengths = lengths + (~done & ~bad).astype(jnp.int32)
         done = done | bad | jnp.isin(nxt, stop)
         nonfinite = nonfinite | bad
-        if debug is not None:
-            # A row that had stopped before this step wrote a pad (or its last token), not its context.
-            evicted = jnp.where(stopped[None, :, None], -1, evicted)
-            debug = jax.lax.dynamic_update_slice(debug, evicted[None], (step, 0, 0, 0))
         return step + 1, tokens, nxt, done, lengths, nonfinite, cache, debug, history, scored, held
 
     _, tokens, _, _, lengths, nonfinite, cache, debug, _, scored, held = jax.lax.while_loop(cond, body, state)
